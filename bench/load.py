@@ -1,0 +1,75 @@
+"""Drives h2load and reads its per-request log into the figures the tables print.
+
+h2load speaks HTTP/2, so with a gRPC-framed body and the gRPC headers it loads a
+gRPC server as ghz would; with --h1 it loads an HTTP/1.1 server like hey or wrk.
+Percentiles come from its per-request log, not from its summary (which has none).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+
+@dataclass
+class Figures:
+    requests: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+
+
+def require_h2load() -> str:
+    path = shutil.which("h2load")
+    if path is None:
+        raise SystemExit("h2load is not installed: apt-get install nghttp2-client (Debian) and run make bench again")
+    return path
+
+
+def grpc_frame(message: Message) -> bytes:
+    """The gRPC length-prefixed message: no compression flag, 4-byte big-endian length."""
+    body = message.SerializeToString()
+    return struct.pack(">BI", 0, len(body)) + body
+
+
+def run(url: str, *, requests: int, clients: int, streams: int, body: bytes | None = None, http1: bool = False) -> Figures:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "requests.log"
+        command = [require_h2load(), "-n", str(requests), "-c", str(clients), "-t", "1", f"--log-file={log}"]
+        if http1:
+            command.append("--h1")
+        else:
+            command += ["-m", str(streams)]
+        if body is not None:
+            data = Path(tmp) / "body.bin"
+            data.write_bytes(body)
+            command += ["-d", str(data), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        command.append(url)
+        output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+        return _figures(log.read_text().splitlines(), output, requests)
+
+
+def _figures(lines: list[str], summary: str, requested: int) -> Figures:
+    starts, ends, latencies, errors = [], [], [], 0
+    for line in lines:
+        start_us, status, elapsed_us = (int(x) for x in line.split("\t")[:3])
+        starts.append(start_us)
+        ends.append(start_us + elapsed_us)
+        latencies.append(elapsed_us / 1000)
+        if status != 200:
+            errors += 1
+    errors += requested - len(lines)  # requests h2load gave up on never reach the log
+    if not latencies:
+        raise RuntimeError(f"h2load logged no request:\n{summary}")
+    seconds = (max(ends) - min(starts)) / 1e6
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return Figures(len(latencies), len(latencies) / seconds, cuts[49], cuts[94], cuts[98], errors)

@@ -1,0 +1,59 @@
+"""`python -m gateway`: serve the gateway with uvicorn (uvloop, httptools) until
+SIGTERM or SIGINT, then drain in-flight requests, close the channels and exit 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from gateway.app import create_app
+from services.common.settings import Settings
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """Prints the address once the app is started and the socket listens, so scripts
+    and the launcher can wait for that line (it also gives the real port for port 0)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(f"gateway listening on http://{host}:{port}", flush=True)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    # uvicorn handles the signal while it serves (graceful shutdown) and re-raises it
+    # afterwards to the previous handler: this one, so the process ends with status 0
+    # instead of dying by the signal. Before serving starts it simply exits.
+    raise SystemExit(0)
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.shutdown_grace,
+        server_header=False,
+    )
+    _AnnouncingServer(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""gRPC status → HTTP: the one table, and the one error body every failure uses.
+
+Backends fail with a google.rpc.Status (AIP-193: code, message, details). The gateway
+renders that Status as JSON, with each detail decoded from the grpc-status-details-bin
+trailer, and picks the HTTP status from HTTP_STATUS. Failures the gateway detects
+itself (bad JSON, unknown path) are built as the same kind of Status, so a client parses
+exactly one error shape whoever found the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2, json_format
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.json_body import JSON_MEDIA_TYPE, encode
+from services.common.errors import InternalError, InvalidArgument, NotFound, ServiceError
+
+HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+_HTTP_BY_NUMBER = {code.value[0]: status for code, status in HTTP_STATUS.items()}
+# The reverse, for HTTP errors raised by Starlette itself: the first code listed wins.
+_CODE_BY_HTTP = {status: code for code, status in reversed(list(HTTP_STATUS.items()))}
+
+
+def http_status(code: int) -> int:
+    return _HTTP_BY_NUMBER.get(code, 500)
+
+
+class MethodNotAllowed(ServiceError):
+    """The path exists for other HTTP methods (HTTP 405, carried as UNIMPLEMENTED)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "METHOD_NOT_ALLOWED"
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body exceeds what a backend would accept (HTTP 413)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "PAYLOAD_TOO_LARGE"
+
+
+# HTTP statuses the table cannot produce, for failures that only exist in HTTP.
+_GATEWAY_ONLY: Mapping[int, type[ServiceError]] = {405: MethodNotAllowed, 413: PayloadTooLarge}
+
+
+class GatewayError(Exception):
+    """A failure found by the gateway before or instead of a backend call."""
+
+    def __init__(
+        self,
+        error: ServiceError,
+        *,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(error.message)
+        self.status = error.to_status()
+        self.status_code = status_code or http_status(self.status.code)
+        self.headers = headers
+
+    def response(self) -> Response:
+        return status_response(self.status, self.status_code, self.headers)
+
+
+def bad_request(message: str, *, field: str = "", description: str = "", reason: str = "INVALID_REQUEST") -> GatewayError:
+    """HTTP 400 with a BadRequest detail naming the field, when there is one."""
+    violations = [(field, description or message)] if field else []
+    return GatewayError(InvalidArgument(message, reason=reason, violations=violations))
+
+
+def route_not_found(http_method: str, path: str) -> GatewayError:
+    return GatewayError(NotFound(f"no route for {http_method} {path}", reason="ROUTE_NOT_FOUND"))
+
+
+def method_not_allowed(http_method: str, path: str, allowed: tuple[str, ...]) -> GatewayError:
+    return GatewayError(
+        MethodNotAllowed(f"{http_method} is not allowed on {path}; allowed: {', '.join(allowed)}"),
+        status_code=405,
+        headers={"Allow": ", ".join(allowed)},
+    )
+
+
+def payload_too_large(limit: int) -> GatewayError:
+    return GatewayError(PayloadTooLarge(f"request body exceeds {limit} bytes"), status_code=413)
+
+
+def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The backend's rich status from the trailer, or one built from code and message."""
+    try:
+        rich = rpc_status.from_call(error)
+    except ValueError:  # a trailer that contradicts the call's own status: trust the call
+        rich = None
+    if rich is not None:
+        return rich
+    return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
+
+
+def rpc_error_response(error: grpc.aio.AioRpcError) -> Response:
+    status = status_of(error)
+    return status_response(status, http_status(status.code))
+
+
+def status_body(status: status_pb2.Status) -> bytes:
+    """The JSON of google.rpc.Status; `details` is always present so clients need no guard."""
+    return encode({"code": status.code, "message": status.message, "details": [_detail(d) for d in status.details]})
+
+
+def status_response(status: status_pb2.Status, status_code: int, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status_body(status), status_code=status_code, headers=headers, media_type=JSON_MEDIA_TYPE)
+
+
+def _detail(packed: any_pb2.Any) -> dict:
+    try:
+        return json_format.MessageToDict(packed)
+    except (TypeError, KeyError, json_format.Error):
+        # A detail type this process has no descriptor for: pass it on undecoded.
+        return {"@type": packed.type_url, "value": base64.b64encode(packed.value).decode("ascii")}
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405s (e.g. POST /health) in the same body shape as the rest."""
+    assert isinstance(exc, HTTPException)
+    error_class = _GATEWAY_ONLY.get(exc.status_code)
+    if error_class is not None:
+        status = error_class(exc.detail).to_status()
+    else:
+        code = _CODE_BY_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+        status = status_pb2.Status(code=code.value[0], message=exc.detail)
+    return status_response(status, exc.status_code, exc.headers)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    """A bug in the gateway still answers in the error shape; the traceback goes to the log."""
+    return status_response(InternalError("internal gateway error").to_status(), 500)

@@ -1,0 +1,67 @@
+"""/health, /health/live and /health/ready: the gateway is only as ready as its backends
+(those its routes call).
+
+Each backend's grpc.health.v1 Check (overall status, service "") is called concurrently
+on the pooled channels with a short deadline, so one hung backend costs a second, not
+the probe's whole timeout, and the probe exercises the same connections requests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.backends import ChannelPool
+from gateway.json_body import JSON_MEDIA_TYPE, encode
+from gateway.metrics import NO_STORE
+
+CHECK_TIMEOUT = 1.0
+SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.SERVING)
+
+
+class HealthChecker:
+    def __init__(self, addresses: Mapping[str, str], *, timeout: float = CHECK_TIMEOUT) -> None:
+        self._addresses = dict(addresses)
+        self._timeout = timeout
+        self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
+
+    def bind(self, pool: ChannelPool) -> None:
+        """Called in the lifespan, once the pool's channels exist."""
+        self._stubs = {backend: health_pb2_grpc.HealthStub(pool.channel(backend)) for backend in self._addresses}
+
+    async def check(self) -> tuple[bool, dict]:
+        names = list(self._stubs)
+        results = await asyncio.gather(*(self._check_one(name) for name in names))
+        backends = dict(zip(names, results))
+        failing = [name for name, result in backends.items() if result["status"] != SERVING]
+        report: dict = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
+        if failing:
+            report["failing"] = failing
+        return not failing, report
+
+    async def _check_one(self, backend: str) -> dict:
+        result: dict = {"address": self._addresses[backend]}
+        try:
+            reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            result["status"] = exc.code().name
+            result["error"] = exc.details() or exc.code().name
+            return result
+        result["status"] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            result["error"] = f"backend reports {result['status']}"
+        return result
+
+    async def ready(self, request: Request) -> Response:
+        """/health and /health/ready: 200 only when every backend is SERVING, never cached."""
+        healthy, report = await self.check()
+        return Response(encode(report), status_code=200 if healthy else 503, media_type=JSON_MEDIA_TYPE, headers=NO_STORE)
+
+    async def live(self, request: Request) -> Response:
+        """/health/live: the process answers; restarting it would not fix a backend."""
+        return Response(encode({"status": SERVING}), media_type=JSON_MEDIA_TYPE, headers=NO_STORE)

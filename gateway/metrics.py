@@ -1,0 +1,94 @@
+"""Prometheus metrics for the HTTP side, in a registry the app owns.
+
+Routes are labelled by their template (`/api/agents/{id}`), never by the raw path:
+ids in a label would make one time series per agent and exhaust Prometheus. Latency
+runs to the last byte sent, so for a server-sent-events route it is the stream's life.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Set by whatever handled the request to the route template it matched.
+ROUTE_SCOPE_KEY = "devops_hub.route"
+UNMATCHED_ROUTE = "unmatched"
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+# Gateway work is sub-millisecond and backend calls are milliseconds: the default
+# buckets (from 5 ms) would put nearly every request in the first one.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._requests = Counter(
+            "http_requests_total",
+            "HTTP requests by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "http_request_duration_seconds",
+            "Time from request to the last byte of the response, by method and route template.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Label children by key: the label sets are few and fixed, and labels() takes a lock.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self._requests.labels(method, route, str(status)), self._latency.labels(method, route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
+
+
+class MetricsMiddleware:
+    """Counts and times every request, including errors raised past the routes."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "OTHER"
+            self.metrics.observe(method, route_label(scope), status, time.perf_counter() - started)
+
+
+def route_label(scope: Scope) -> str:
+    route = scope.get(ROUTE_SCOPE_KEY)
+    if route is not None:
+        return route
+    starlette_route = scope.get("route")
+    return getattr(starlette_route, "path", UNMATCHED_ROUTE)

@@ -1,0 +1,227 @@
+"""OpenAPI 3.0 from the same route table the gateway serves, so the two cannot disagree.
+
+Schemas follow the proto3 JSON mapping the gateway speaks: lowerCamelCase properties,
+enums as their value names, 64-bit integers as strings, maps as objects, and the
+well-known types in their JSON forms. The error body is the JSON of google.rpc.Status,
+generated from its own descriptor like everything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.rpc import status_pb2
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.json_body import JSON_MEDIA_TYPE, encode
+from gateway.routes import HttpRoute
+from gateway.templates import PathTemplate
+from gateway.transcode import is_map, is_scalar_like
+
+OPENAPI_VERSION = "3.0.3"
+_VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")
+_OPERATION_KEYS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+_T = FieldDescriptor
+_SCALARS: dict[int, dict] = {
+    _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    _T.TYPE_FLOAT: {"type": "number", "format": "float"},
+    _T.TYPE_INT32: {"type": "integer", "format": "int32"},
+    _T.TYPE_SINT32: {"type": "integer", "format": "int32"},
+    _T.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
+    _T.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    _T.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    # proto3 JSON writes 64-bit integers as strings: JavaScript numbers lose precision.
+    _T.TYPE_INT64: {"type": "string", "format": "int64"},
+    _T.TYPE_SINT64: {"type": "string", "format": "int64"},
+    _T.TYPE_SFIXED64: {"type": "string", "format": "int64"},
+    _T.TYPE_UINT64: {"type": "string", "format": "uint64"},
+    _T.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    _T.TYPE_BOOL: {"type": "boolean"},
+    _T.TYPE_STRING: {"type": "string"},
+    _T.TYPE_BYTES: {"type": "string", "format": "byte"},
+}
+
+_WELL_KNOWN: dict[str, dict] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "format": "duration", "example": "1.5s"},
+    "google.protobuf.FieldMask": {"type": "string", "description": "Comma-separated field paths.", "example": "name,domain"},
+    "google.protobuf.Empty": {"type": "object"},
+    "google.protobuf.Struct": {"type": "object", "additionalProperties": True},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array", "items": {}},
+    "google.protobuf.Any": {
+        "type": "object",
+        "properties": {"@type": {"type": "string"}},
+        "required": ["@type"],
+        "additionalProperties": True,
+    },
+}
+_WRAPPERS = frozenset(
+    f"google.protobuf.{name}Value"
+    for name in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+)
+
+
+class _Schemas:
+    """components/schemas, filled on demand as routes reference messages and enums."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, dict] = {}
+
+    def field(self, field: FieldDescriptor) -> dict:
+        if is_map(field):
+            return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"])}
+        schema = self._single(field)
+        if field.is_repeated:
+            schema = {"type": "array", "items": schema}
+        if _has_behavior(field, field_behavior_pb2.OUTPUT_ONLY) and "$ref" not in schema:
+            schema = {**schema, "readOnly": True}
+        return schema
+
+    def message(self, descriptor: Descriptor) -> dict:
+        name = descriptor.full_name
+        if name in _WELL_KNOWN:
+            return dict(_WELL_KNOWN[name])
+        if name in _WRAPPERS:
+            return {**self._single(descriptor.fields_by_name["value"]), "nullable": True}
+        if name not in self.components:
+            self.components[name] = {}  # claimed first: recursive messages refer to themselves
+            self.components[name] = {
+                "type": "object",
+                "properties": {field.json_name: self.field(field) for field in descriptor.fields},
+            }
+        return _ref(name)
+
+    def enum(self, descriptor: EnumDescriptor) -> dict:
+        name = descriptor.full_name
+        if name not in self.components:
+            self.components[name] = {"type": "string", "enum": [value.name for value in descriptor.values]}
+        return _ref(name)
+
+    def _single(self, field: FieldDescriptor) -> dict:
+        if field.enum_type is not None:
+            return self.enum(field.enum_type)
+        if field.message_type is not None:
+            return self.message(field.message_type)
+        return dict(_SCALARS[field.type])
+
+
+def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API") -> dict:
+    schemas = _Schemas()
+    error_response = {
+        "description": "An error: the JSON of google.rpc.Status (AIP-193).",
+        "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
+    }
+    paths: dict[str, dict] = {}
+    # OpenAPI forbids two paths differing only in parameter names (/agents/{id} and
+    # /agents/{agent.id}): templates that match the same URLs share one path, spelled
+    # as the first of them, and later ones name their parameters after it.
+    spelling: dict[tuple, PathTemplate] = {}
+    for route in routes:
+        template = route.template
+        key = (template.segments, template.verb, tuple((v.start, v.stop) for v in template.variables))
+        first = spelling.setdefault(key, template)
+        method = route.http_method.lower()
+        operation_key = method if method in _OPERATION_KEYS else f"x-{method}"
+        operation = _operation(route, schemas, error_response, [v.name for v in first.variables])
+        paths.setdefault(first.openapi_path, {})[operation_key] = operation
+    # API versions are package suffixes (devops_hub.v1): AIP-185.
+    packages = {route.method.containing_service.file.package.rsplit(".", 1)[-1] for route in routes}
+    versions = sorted(p for p in packages if _VERSION.fullmatch(p))
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": ", ".join(versions) or "v1"},
+        "paths": paths,
+        "components": {"schemas": dict(sorted(schemas.components.items()))},
+    }
+
+
+def _operation(route: HttpRoute, schemas: _Schemas, error_response: dict, path_names: list[str]) -> dict:
+    operation: dict = {
+        "operationId": route.operation_id,
+        "tags": [route.method.containing_service.name],
+        "parameters": _path_parameters(route, schemas, path_names) + _query_parameters(route, schemas),
+    }
+    if route.body == "*":
+        body_schema = schemas.message(route.method.input_type)
+    elif route.body_field is not None:
+        body_schema = schemas.field(route.body_field)
+    else:
+        body_schema = None
+    if body_schema is not None:
+        operation["requestBody"] = {"required": True, "content": {JSON_MEDIA_TYPE: {"schema": body_schema}}}
+    if route.response_field is not None:
+        reply_schema = schemas.field(route.response_field)
+    else:
+        reply_schema = schemas.message(route.method.output_type)
+    if route.server_streaming:
+        ok = {
+            "description": "Server-sent events: one `data:` line per message, JSON as below; "
+            "a failure mid-stream arrives as an `error` event holding the error body.",
+            "content": {"text/event-stream": {"schema": reply_schema}},
+        }
+    else:
+        ok = {"description": "OK", "content": {JSON_MEDIA_TYPE: {"schema": reply_schema}}}
+    operation["responses"] = {"200": ok, "default": error_response}
+    return operation
+
+
+def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> list[dict]:
+    parameters = []
+    for name, variable, chain in zip(names, route.template.variables, route.path_fields):
+        parameter = {"name": name, "in": "path", "required": True, "schema": schemas.field(chain[-1])}
+        if name != variable.name:
+            parameter["description"] = f"Sets the request field `{variable.name}`."
+        parameters.append(parameter)
+    return parameters
+
+
+def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[dict]:
+    """Every field the query string can set: what path and body leave, scalars only
+    (the gateway refuses the rest), nested messages flattened with dots."""
+    if route.body == "*":
+        return []
+    bound = route.bound_paths
+    parameters: list[dict] = []
+
+    def walk(descriptor: Descriptor, proto_prefix: tuple[str, ...], json_prefix: str, seen: frozenset[str]) -> None:
+        for field in descriptor.fields:
+            proto_path = (*proto_prefix, field.name)
+            if proto_path in bound:
+                continue
+            name = f"{json_prefix}{field.json_name}"
+            if is_scalar_like(field) and not is_map(field):
+                parameter = {"name": name, "in": "query", "required": False, "schema": schemas.field(field)}
+                if field.is_repeated:
+                    parameter.update(style="form", explode=True)
+                parameters.append(parameter)
+            elif not field.is_repeated and field.message_type.full_name not in seen:
+                walk(field.message_type, proto_path, f"{name}.", seen | {field.message_type.full_name})
+
+    walk(route.method.input_type, (), "", frozenset({route.method.input_type.full_name}))
+    return parameters
+
+
+def _has_behavior(field: FieldDescriptor, behavior: int) -> bool:
+    options = field.GetOptions()
+    return behavior in options.Extensions[field_behavior_pb2.field_behavior]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+class OpenApiDocument:
+    """The document, encoded once: it only changes when the protos do."""
+
+    def __init__(self, routes: Sequence[HttpRoute]) -> None:
+        self.document = build_openapi(routes)
+        self._body = encode(self.document)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(self._body, media_type=JSON_MEDIA_TYPE)

@@ -1,0 +1,203 @@
+"""The ASGI app behind every google.api.http route: match, transcode, one gRPC call, render.
+
+Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
+does only the work that depends on it. Unary calls carry the gateway's deadline.
+Server-streaming methods are served as server-sent events (one `data: <json>` per
+message); they carry no deadline, since a watch lives as long as its client listens,
+and the backend call is cancelled as soon as the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from google.protobuf.message import Message
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.backends import ChannelPool
+from gateway.errors import (
+    GatewayError,
+    bad_request,
+    method_not_allowed,
+    payload_too_large,
+    route_not_found,
+    rpc_error_response,
+    status_body,
+    status_of,
+)
+from gateway.json_body import JSON_MEDIA_TYPE
+from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
+from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
+from gateway.request_id import new_request_id
+from gateway.routes import HttpRoute
+from gateway.templates import NotAllowed, Router
+from gateway.transcode import FieldIndex, RequestBuilder, Renderer, renderer
+from services.common.grpc_host import MAX_MESSAGE_BYTES
+
+# Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
+FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
+# How long a stream may take to produce its first message before the response headers
+# go out anyway. Within it, a call that fails at once (NOT_FOUND) is still a proper
+# HTTP error; past it, an idle watch is not left without headers.
+FIRST_EVENT_GRACE = 0.5
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _Handler:
+    __slots__ = ("route", "template", "builder", "render", "call")
+
+    def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
+        self.route = route
+        self.template = route.template.text
+        self.builder = builder
+        self.render = render
+        # The gRPC multicallable; bound in the lifespan, when the channels exist.
+        self.call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.UnaryStreamMultiCallable | None = None
+
+
+class RestGateway:
+    def __init__(
+        self,
+        routes: Sequence[HttpRoute],
+        *,
+        timeout: float,
+        max_body_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        index = FieldIndex(route.method.input_type for route in routes)
+        self._handlers = [_Handler(route, RequestBuilder(route, index), renderer(route)) for route in routes]
+        self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
+        self._timeout = timeout
+        self._max_body_bytes = max_body_bytes
+
+    def bind(self, pool: ChannelPool) -> None:
+        """One multicallable per (backend, RPC), shared by every binding of that RPC."""
+        calls: dict[tuple[str, str], object] = {}
+        for handler in self._handlers:
+            route = handler.route
+            key = (route.backend, route.grpc_path)
+            if key not in calls:
+                channel = pool.channel(route.backend)
+                make = channel.unary_stream if route.server_streaming else channel.unary_unary
+                calls[key] = make(
+                    route.grpc_path,
+                    request_serializer=route.request_class.SerializeToString,
+                    response_deserializer=route.response_class.FromString,
+                )
+            handler.call = calls[key]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        http_method: str = scope["method"]
+        path = _raw_path(scope)
+        result = self.router.match(http_method, path)
+        if result is None or isinstance(result, NotAllowed):
+            scope[ROUTE_SCOPE_KEY] = UNMATCHED_ROUTE
+            error = (
+                route_not_found(http_method, path)
+                if result is None
+                else method_not_allowed(http_method, path, result.allowed)
+            )
+            await error.response()(scope, receive, send)
+            return
+        handler = result.target
+        scope[ROUTE_SCOPE_KEY] = handler.template
+        try:
+            body = await self._read_body(scope, receive) if handler.builder.reads_body else b""
+            if body is None:
+                return  # the client hung up before sending its body; nobody to answer
+            message = handler.builder.build(result.values, scope["query_string"], body)
+            metadata = _metadata(scope)
+        except GatewayError as error:
+            await error.response()(scope, receive, send)
+            return
+        if handler.route.server_streaming:
+            await self._stream(handler, message, metadata, scope, receive, send)
+            return
+        try:
+            reply = await handler.call(message, timeout=self._timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            response = rpc_error_response(error)
+        else:
+            response = Response(handler.render(reply), media_type=JSON_MEDIA_TYPE)
+        await response(scope, receive, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        limit = self._max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise payload_too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise payload_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _stream(
+        self,
+        handler: _Handler,
+        message: Message,
+        metadata: tuple[tuple[str, str], ...],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        call = handler.call(message, metadata=metadata)
+        first = asyncio.ensure_future(call.read())
+        try:
+            done, _ = await asyncio.wait((first,), timeout=FIRST_EVENT_GRACE)
+            if done and isinstance(first.exception(), grpc.aio.AioRpcError):
+                response: Response = rpc_error_response(first.exception())
+            else:
+                response = StreamingResponse(
+                    _events(call, first, handler.render), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            await response(scope, receive, send)
+        finally:
+            # Also reached when the client disconnects mid-stream: stop the backend's work.
+            first.cancel()
+            call.cancel()
+
+
+async def _events(call: grpc.aio.UnaryStreamCall, first: asyncio.Future, render: Renderer) -> AsyncIterator[bytes]:
+    try:
+        reply = await first
+        while reply is not grpc.aio.EOF:
+            yield b"data: " + render(reply) + b"\n\n"
+            reply = await call.read()
+    except grpc.aio.AioRpcError as error:
+        # Headers are gone: the status travels as a last, named event in the error shape.
+        yield b"event: error\ndata: " + status_body(status_of(error)) + b"\n\n"
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as sent, still percent-encoded, so an encoded '/' or ':' stays inside a value."""
+    raw = scope.get("raw_path")
+    path = raw.decode("utf-8", "replace") if raw else scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path
+
+
+def _metadata(scope: Scope) -> tuple[tuple[str, str], ...]:
+    metadata = [("x-request-id", scope.get(REQUEST_ID_SCOPE_KEY) or new_request_id())]
+    for name, value in scope["headers"]:
+        if name in FORWARDED_HEADERS:
+            text = value.decode("latin-1")
+            if not (text.isascii() and text.isprintable()):
+                header = name.decode("ascii")
+                raise bad_request(f"header {header!r} must be printable ASCII", field=header)
+            metadata.append((name.decode("ascii"), text))
+    return tuple(metadata)

@@ -1,0 +1,310 @@
+"""HTTP ↔ message for one route: path variables, JSON body and query string in; JSON out.
+
+Everything that depends only on the route (field chains, setters, which fields the
+query may set, how to render the response) is worked out when the gateway starts; a
+request pays for a dict walk per query parameter and at most two json_format calls.
+The JSON mapping is protobuf's own proto3 mapping (json_format), strict about unknown
+fields, so a typo in a field name is a 400 rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qsl
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from gateway.errors import bad_request
+from gateway.json_body import encode
+from gateway.routes import HttpRoute
+
+# Well-known types whose proto3 JSON form is a single string or number, so one query
+# parameter can carry them (?update_mask=name,domain, ?after=2024-01-01T00:00:00Z).
+SCALAR_WELL_KNOWN_TYPES = frozenset(
+    {
+        "google.protobuf.Timestamp",
+        "google.protobuf.Duration",
+        "google.protobuf.FieldMask",
+        "google.protobuf.DoubleValue",
+        "google.protobuf.FloatValue",
+        "google.protobuf.Int64Value",
+        "google.protobuf.UInt64Value",
+        "google.protobuf.Int32Value",
+        "google.protobuf.UInt32Value",
+        "google.protobuf.BoolValue",
+        "google.protobuf.StringValue",
+        "google.protobuf.BytesValue",
+    }
+)
+
+_RESOLVED_LIMIT = 256
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+_PARSE_PREFIX = re.compile(r"Failed to parse (\S+) field: ")
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+_AT_LOCATION = re.compile(r"\s+at\s+\"?[\w.\[\]]*\"?\s*$")
+
+PathSetter = Callable[[Message, str], None]
+Renderer = Callable[[Message], bytes]
+
+
+def is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def is_scalar_like(field: FieldDescriptor) -> bool:
+    """Whether one JSON string or number is the whole value (what a query parameter holds)."""
+    return field.message_type is None or field.message_type.full_name in SCALAR_WELL_KNOWN_TYPES
+
+
+class FieldIndex:
+    """Field lookup by proto name or JSON name for every message reachable from some roots,
+    built once so query parameters in either spelling resolve with one dict hit each."""
+
+    def __init__(self, roots: Iterable[Descriptor]) -> None:
+        self._fields: dict[str, dict[str, FieldDescriptor]] = {}
+        pending = list(roots)
+        while pending:
+            descriptor = pending.pop()
+            if descriptor.full_name in self._fields:
+                continue
+            names: dict[str, FieldDescriptor] = {}
+            for field in descriptor.fields:
+                names[field.name] = field
+                names[field.json_name] = field
+                if field.message_type is not None:
+                    pending.append(field.message_type)
+            self._fields[descriptor.full_name] = names
+
+    def field(self, descriptor: Descriptor, name: str) -> FieldDescriptor | None:
+        return self._fields[descriptor.full_name].get(name)
+
+
+class RequestBuilder:
+    """Builds one route's request message from path values, query string and body."""
+
+    def __init__(self, route: HttpRoute, index: FieldIndex) -> None:
+        self._route = route
+        self._index = index
+        self._new = route.request_class
+        self._descriptor = route.method.input_type
+        self._bound = route.bound_paths
+        self._reads_body = bool(route.body)
+        self._body_key = route.body_field.json_name if route.body_field is not None else None
+        self._body_needs_object = route.body == "*" or (
+            route.body_field is not None
+            and not route.body_field.is_repeated
+            and route.body_field.message_type is not None
+            and not is_scalar_like(route.body_field)
+        )
+        # Query names seen before → their resolution; bounded, since recursive messages
+        # make the set of valid names (a.parent.parent...) unbounded.
+        self._resolved: dict[str, tuple[tuple[str, ...], FieldDescriptor]] = {}
+        self._setters = tuple(
+            _path_setter(chain, variable.name) for chain, variable in zip(route.path_fields, route.template.variables)
+        )
+
+    @property
+    def reads_body(self) -> bool:
+        return self._reads_body
+
+    def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
+        message = self._new()
+        document: dict = {}
+        origins: dict[str, str] = {}
+        if self._reads_body and body:
+            document = self._body_document(body)
+        if query:
+            self._add_query(document, origins, query)
+        if document:
+            _parse_into(document, message, origins)
+        for setter, value in zip(self._setters, values):
+            setter(message, value)
+        return message
+
+    def _body_document(self, body: bytes) -> dict:
+        try:
+            value = json.loads(body)
+        except ValueError as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}", reason="MALFORMED_JSON") from None
+        if self._body_needs_object and not isinstance(value, dict):
+            where = "request body" if self._body_key is None else f"request body (field {self._route.body})"
+            raise bad_request(
+                f"{where} must be a JSON object, not {type(value).__name__}",
+                field=self._route.body if self._body_key else "",
+                reason="MALFORMED_JSON",
+            )
+        return value if self._body_key is None else {self._body_key: value}
+
+    def _add_query(self, document: dict, origins: dict[str, str], query: bytes) -> None:
+        grouped: dict[str, list[str]] = {}
+        for name, value in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
+            grouped.setdefault(name, []).append(value)
+        if grouped and self._route.body == "*":
+            name = next(iter(grouped))
+            raise bad_request(
+                f"query parameter {name!r} is not accepted: the request body carries every field",
+                field=name,
+                description="not accepted: the request body carries every field",
+                reason="UNKNOWN_FIELD",
+            )
+        for name, raw_values in grouped.items():
+            resolved = self._resolved.get(name)
+            if resolved is None:
+                resolved = self._resolve(name)
+                if len(self._resolved) < _RESOLVED_LIMIT:
+                    self._resolved[name] = resolved
+            json_path, field = resolved
+            if field.is_repeated:
+                value: object = [_scalar_json(field, raw, name) for raw in raw_values]
+            elif len(raw_values) > 1:
+                raise bad_request(
+                    f"query parameter {name!r} is given {len(raw_values)} times but is not repeated",
+                    field=name,
+                    description="given more than once but not repeated",
+                )
+            else:
+                value = _scalar_json(field, raw_values[0], name)
+            node = document
+            for key in json_path[:-1]:
+                node = node.setdefault(key, {})
+            if json_path[-1] in node:
+                raise bad_request(
+                    f"query parameter {name!r} sets a field that is already set",
+                    field=name,
+                    description="set more than once",
+                )
+            node[json_path[-1]] = value
+            origins[".".join(json_path)] = name
+
+    def _resolve(self, name: str) -> tuple[tuple[str, ...], FieldDescriptor]:
+        """`agent.create_time` or `agent.createTime` → JSON path and leaf field, or a 400."""
+        descriptor = self._descriptor
+        json_path: list[str] = []
+        proto_path: list[str] = []
+        parts = name.split(".")
+        for position, part in enumerate(parts, start=1):
+            field = self._index.field(descriptor, part)
+            if field is None:
+                raise bad_request(
+                    f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}",
+                    field=name,
+                    description="unknown field",
+                    reason="UNKNOWN_FIELD",
+                )
+            json_path.append(field.json_name)
+            proto_path.append(field.name)
+            if tuple(proto_path) in self._bound:
+                raise bad_request(
+                    f"query parameter {name!r} sets a field that the path or body of {self._route.template.text} sets",
+                    field=name,
+                    description="set by the path or the body",
+                )
+            last = position == len(parts)
+            if is_scalar_like(field) and not is_map(field):
+                if not last:
+                    raise bad_request(
+                        f"unknown query parameter {name!r}: {part!r} has no fields",
+                        field=name,
+                        description="unknown field",
+                        reason="UNKNOWN_FIELD",
+                    )
+                return tuple(json_path), field
+            if last or field.is_repeated:
+                raise bad_request(
+                    f"query parameter {name!r} cannot be set from the query string; send it in a request body",
+                    field=name,
+                    description="not settable from the query string",
+                )
+            descriptor = field.message_type
+        raise AssertionError("unreachable: the loop returns or raises on the last part")
+
+
+def _scalar_json(field: FieldDescriptor, raw: str, name: str) -> object:
+    """A query or path string as the JSON value json_format expects: only bools need help,
+    json_format already reads numbers, enums (name or number) and well-known types from strings."""
+    if field.type == FieldDescriptor.TYPE_BOOL or (
+        field.message_type is not None and field.message_type.full_name == "google.protobuf.BoolValue"
+    ):
+        parsed = _BOOLS.get(raw.lower())
+        if parsed is None:
+            raise bad_request(
+                f"invalid value for {name!r}: expected true or false, got {raw!r}",
+                field=name,
+                description=f"expected true or false, got {raw!r}",
+            )
+        return parsed
+    return raw
+
+
+def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
+    parents = tuple(field.name for field in chain[:-1])
+    leaf = chain[-1]
+
+    if leaf.type == FieldDescriptor.TYPE_STRING:
+        # The common case (ids) skips json_format entirely.
+        def set_string(message: Message, value: str) -> None:
+            for parent in parents:
+                message = getattr(message, parent)
+            setattr(message, leaf.name, value)
+
+        return set_string
+
+    def set_converted(message: Message, value: str) -> None:
+        for parent in parents:
+            message = getattr(message, parent)
+        try:
+            json_format.ParseDict({leaf.json_name: _scalar_json(leaf, value, name)}, message)
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            _, reason = explain(exc)
+            raise bad_request(f"invalid path parameter {name!r}: {reason}", field=name, description=reason) from None
+
+    return set_converted
+
+
+def _parse_into(document: dict, message: Message, origins: dict[str, str]) -> None:
+    try:
+        json_format.ParseDict(document, message, ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError, TypeError) as exc:
+        path, reason = explain(exc)
+        query_name = origins.get(path)
+        if query_name is not None:
+            raise bad_request(f"invalid query parameter {query_name!r}: {reason}", field=query_name, description=reason) from None
+        message = f"invalid field {path!r} in request body: {reason}" if path else f"invalid request body: {reason}"
+        raise bad_request(message, field=path, description=reason) from None
+
+
+def explain(exc: Exception) -> tuple[str, str]:
+    """json_format's nested message → (dotted field path, reason).
+
+    json_format reports `Failed to parse agent field: Failed to parse name field: ...`;
+    clients need `agent.name` and the innermost reason, for a BadRequest FieldViolation.
+    """
+    text = str(exc).split("\n", 1)[0]
+    path: list[str] = []
+    while (match := _PARSE_PREFIX.match(text)) is not None:
+        path.append(match.group(1))
+        text = text[match.end() :]
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is not None:
+        path.append(unknown.group(1))
+        return ".".join(path), "unknown field"
+    reason = _AT_LOCATION.sub("", text.rstrip(".")).rstrip(".")
+    return ".".join(path), reason or str(exc)
+
+
+def renderer(route: HttpRoute) -> Renderer:
+    """Proto3 JSON of the response, or of its response_body field."""
+    field = route.response_field
+    if field is None:
+        return lambda reply: encode(json_format.MessageToDict(reply))
+    if field.message_type is not None and not field.is_repeated:
+        return lambda reply: encode(json_format.MessageToDict(getattr(reply, field.name)))
+    key = field.json_name
+    return lambda reply: encode(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)[key])
+

@@ -1,0 +1,5 @@
+import asyncio
+
+from services.agents.server import main
+
+asyncio.run(main())

@@ -1,0 +1,219 @@
+"""The agents use cases: validation, caching and invalidation around the repository.
+
+Cache rules (DESIGN.md): a single agent is cached 300 s, a list page 60 s, a
+discovery 300 s. A write invalidates exactly what it made stale: that agent's key,
+and every list and discovery page (any of them may include it). Invalidation runs
+after the commit, so a read that follows the write cannot refill the old value from
+the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+from google.protobuf.message import Message
+
+from devops_hub.v1 import agents_pb2
+
+from services.agents import validation
+from services.agents.repository import AgentFilter, AgentRepository, revision_of
+from services.cache_sidecar.client import CacheClient
+from services.common import pagination
+from services.common.errors import Aborted, NotFound, invalid_fields
+from services.common.events import EventWriter
+
+Agent = agents_pb2.Agent
+
+TTL_AGENT = 300.0
+TTL_LIST = 60.0
+TTL_DISCOVER = 300.0
+
+
+def _agent_key(agent_id: str) -> str:
+    return f"agents:get:{agent_id}"
+
+
+def _request_key(kind: str, request: Message) -> str:
+    digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()[:32]
+    return f"agents:{kind}:{digest}"
+
+
+# Every list and discovery page may hold any agent: they go stale together.
+_COLLECTION_PATTERNS = ("agents:list:*", "agents:discover:*")
+
+
+class AgentRegistry:
+    def __init__(self, repository: AgentRepository, cache: CacheClient, events: EventWriter) -> None:
+        self._repository = repository
+        self._cache = cache
+        self._events = events
+
+    async def get(self, agent_id: str) -> Agent:
+        if not agent_id:
+            raise invalid_fields([("id", "is required")])
+
+        async def load() -> Agent:
+            agent = await self._repository.get(agent_id)
+            if agent is None:
+                raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+            return agent
+
+        return await self._cache.get_or_load(_agent_key(agent_id), TTL_AGENT, Agent, load)
+
+    async def list(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
+        size = pagination.page_size(request.page_size)
+        after = pagination.decode_token(request)
+        filters = AgentFilter(request.domain, request.status, request.type, [request.capability] if request.capability else [])
+        _check_filters(filters)
+
+        async def load() -> agents_pb2.ListAgentsResponse:
+            # One row more than the page tells whether another page follows.
+            agents = await self._repository.list(filters, after, size + 1)
+            response = agents_pb2.ListAgentsResponse(agents=agents[:size])
+            if len(agents) > size:
+                response.next_page_token = pagination.encode_token(agents[size - 1].id, request)
+            return response
+
+        return await self._cache.get_or_load(_request_key("list", request), TTL_LIST, agents_pb2.ListAgentsResponse, load)
+
+    async def discover(self, request: agents_pb2.DiscoverAgentsRequest) -> agents_pb2.DiscoverAgentsResponse:
+        size = pagination.page_size(request.page_size)
+        filters = AgentFilter(request.domain, request.status, request.type, list(request.capability))
+        _check_filters(filters)
+
+        async def load() -> agents_pb2.DiscoverAgentsResponse:
+            agents, facets = await asyncio.gather(
+                self._repository.list(filters, None, size), self._repository.facets(filters)
+            )
+            return agents_pb2.DiscoverAgentsResponse(
+                agents=agents, total_size=facets.total, facets=agents_pb2.Facets(**facets.counts)
+            )
+
+        return await self._cache.get_or_load(
+            _request_key("discover", request), TTL_DISCOVER, agents_pb2.DiscoverAgentsResponse, load
+        )
+
+    async def create(self, agent: Agent) -> Agent:
+        return (await self.create_many([agent], prefix="agent"))[0]
+
+    async def create_many(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> list[Agent]:
+        """Creates all of `agents` or none of them."""
+        if not agents:
+            raise invalid_fields([("requests", "must hold at least one agent")])
+        if len(agents) > validation.MAX_BATCH:
+            raise invalid_fields([("requests", f"at most {validation.MAX_BATCH} agents per call, got {len(agents)}")])
+        violations: validation.Violations = []
+        seen: dict[str, int] = {}
+        new_agents = []
+        for i, requested in enumerate(agents):
+            path = prefix.format(i=i)
+            agent = Agent()
+            agent.CopyFrom(requested)
+            agent.ClearField("create_time")
+            agent.ClearField("update_time")
+            agent.etag = ""
+            if not agent.id:
+                agent.id = str(uuid.uuid4())
+            validation.check_id(agent.id, f"{path}.id", violations)
+            validation.check_fields(agent, validation.WRITABLE_FIELDS, path, violations)
+            if agent.id in seen:
+                violations.append((f"{path}.id", f"repeats the id of {prefix.format(i=seen[agent.id])}"))
+            seen.setdefault(agent.id, i)
+            validation.normalise(agent)
+            new_agents.append(agent)
+        if violations:
+            raise invalid_fields(violations)
+        created = await self._repository.insert(new_agents, _now())
+        await self._invalidate(*(a.id for a in created))
+        for agent in created:
+            self._events.emit("agent.created", agent.id, {"agent_id": agent.id, "domain": agent.domain})
+        return created
+
+    async def update(self, agent: Agent, mask: Sequence[str]) -> Agent:
+        violations: validation.Violations = []
+        validation.check_id(agent.id, "agent.id", violations)
+        fields = _fields_to_update(agent, mask, violations)
+        changes = Agent()
+        changes.CopyFrom(agent)
+        validation.check_fields(changes, fields, "agent", violations)
+        if violations:
+            raise invalid_fields(violations)
+        validation.normalise(changes)
+        expected = _expected_revision(agent.etag)
+        updated = await self._repository.update(agent.id, changes, fields, expected, _now())
+        if updated is None:
+            await self._raise_missing_or_stale(agent.id, agent.etag)
+        await self._invalidate(agent.id)
+        self._events.emit("agent.updated", agent.id, {"agent_id": agent.id, "fields": list(fields)})
+        return updated
+
+    async def delete(self, agent_id: str, etag: str) -> None:
+        if not agent_id:
+            raise invalid_fields([("id", "is required")])
+        if not await self._repository.delete(agent_id, _expected_revision(etag)):
+            await self._raise_missing_or_stale(agent_id, etag)
+        await self._invalidate(agent_id)
+        self._events.emit("agent.deleted", agent_id, {"agent_id": agent_id})
+
+    async def _raise_missing_or_stale(self, agent_id: str, etag: str) -> None:
+        if etag and await self._repository.exists(agent_id):
+            raise Aborted(
+                f"agent {agent_id!r} was changed since etag {etag!r}; read it again and retry",
+                reason="ETAG_MISMATCH",
+                metadata={"id": agent_id},
+            )
+        raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+
+    async def _invalidate(self, *agent_ids: str) -> None:
+        await self._cache.invalidate(*(_agent_key(i) for i in agent_ids), *_COLLECTION_PATTERNS)
+
+
+def _fields_to_update(agent: Agent, mask: Sequence[str], violations: validation.Violations) -> list[str]:
+    """AIP-134: the mask's paths; "*" for every writable field; no mask for the fields set."""
+    if not mask:
+        fields = [name for name in validation.WRITABLE_FIELDS if _is_set(agent, name)]
+        if not fields:
+            violations.append(("update_mask", "nothing to update: set update_mask or some fields of agent"))
+        return fields
+    if list(mask) == ["*"]:
+        return list(validation.WRITABLE_FIELDS)
+    fields = []
+    for i, path in enumerate(mask):
+        if path not in validation.WRITABLE_FIELDS:
+            violations.append(
+                (f"update_mask.paths[{i}]", f"{path!r} is not a writable field; one of {', '.join(validation.WRITABLE_FIELDS)}")
+            )
+        elif path not in fields:
+            fields.append(path)
+    return fields
+
+
+def _is_set(agent: Agent, name: str) -> bool:
+    value = getattr(agent, name)
+    return bool(len(value)) if hasattr(value, "__len__") and not isinstance(value, str) else bool(value)
+
+
+def _expected_revision(etag: str) -> int | None:
+    if not etag:
+        return None
+    # An etag this service never issued matches no revision: the write is refused as stale.
+    revision = revision_of(etag)
+    return -1 if revision is None else revision
+
+
+def _check_filters(filters: AgentFilter) -> None:
+    violations: validation.Violations = []
+    if filters.status not in Agent.Status.values():
+        violations.append(("status", f"unknown value {filters.status}"))
+    if filters.type not in Agent.Type.values():
+        violations.append(("type", f"unknown value {filters.type}"))
+    if violations:
+        raise invalid_fields(violations)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,248 @@
+"""All SQL about agents. Reads are single queries; batch writes are single statements.
+
+Agents come back as Agent messages: the proto is the domain model, so no second
+field list has to be kept in step with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from devops_hub.v1 import agents_pb2
+
+from services.common.db import Database, UniqueViolation
+from services.common.db.database import Executor, Row
+from services.common.errors import AlreadyExists
+
+Agent = agents_pb2.Agent
+
+_COLUMNS = (
+    "id, name, version, description, domain, type, status, capabilities, metadata, endpoint,"
+    " revision, create_time, update_time"
+)
+_AGENT_COLUMN_TYPES = (
+    ("id", "text"),
+    ("name", "text"),
+    ("version", "text"),
+    ("description", "text"),
+    ("domain", "text"),
+    ("type", "text"),
+    ("status", "text"),
+    ("capabilities", "text"),
+    ("metadata", "text"),
+    ("endpoint", "text"),
+    ("revision", "bigint"),
+    ("create_time", "timestamptz"),
+    ("update_time", "timestamptz"),
+)
+_CAPABILITY_COLUMN_TYPES = (("agent_id", "text"), ("capability", "text"))
+
+
+@dataclass
+class AgentFilter:
+    """The AND of every filter that is set."""
+
+    domain: str = ""
+    status: int = 0
+    type: int = 0
+    capabilities: Sequence[str] = field(default_factory=tuple)
+
+    def where(self, args: list) -> str:
+        """A WHERE clause for these filters; appends its arguments to `args`."""
+        clauses = []
+        if self.domain:
+            args.append(self.domain)
+            clauses.append(f"domain = ${len(args)}")
+        if self.status:
+            args.append(Agent.Status.Name(self.status))
+            clauses.append(f"status = ${len(args)}")
+        if self.type:
+            args.append(Agent.Type.Name(self.type))
+            clauses.append(f"type = ${len(args)}")
+        for capability in dict.fromkeys(self.capabilities):
+            args.append(capability)
+            clauses.append(f"id IN (SELECT agent_id FROM agent_capabilities WHERE capability = ${len(args)})")
+        return " AND ".join(clauses) if clauses else "TRUE"
+
+
+@dataclass
+class Facets:
+    total: int
+    counts: dict[str, dict[str, int]]
+
+
+def etag_of(revision: int) -> str:
+    return str(revision)
+
+
+def revision_of(etag: str) -> int | None:
+    """The revision an etag names, or None for an etag this service never issued."""
+    return int(etag) if etag.isdigit() else None
+
+
+class AgentRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, agent_id: str) -> Agent | None:
+        row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM agents WHERE id = $1", agent_id)
+        return None if row is None else _to_agent(row)
+
+    async def list(self, filters: AgentFilter, after_id: str | None, limit: int) -> list[Agent]:
+        """Agents in id order after `after_id` (keyset pagination: no OFFSET scans)."""
+        args: list = []
+        where = filters.where(args)
+        if after_id is not None:
+            args.append(after_id)
+            where += f" AND id > ${len(args)}"
+        args.append(limit)
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM agents WHERE {where} ORDER BY id LIMIT ${len(args)}", *args
+        )
+        return [_to_agent(row) for row in rows]
+
+    async def facets(self, filters: AgentFilter) -> Facets:
+        """Counts of the matching agents per domain, status, type and capability: one query."""
+        args: list = []
+        where = filters.where(args)
+        rows = await self.db.fetch(
+            f"""
+            WITH matched AS (SELECT id, domain, status, type FROM agents WHERE {where})
+            SELECT 'total' AS facet, '' AS value, COUNT(*) AS n FROM matched
+            UNION ALL SELECT 'domain', domain, COUNT(*) FROM matched GROUP BY domain
+            UNION ALL SELECT 'status', status, COUNT(*) FROM matched GROUP BY status
+            UNION ALL SELECT 'type', type, COUNT(*) FROM matched GROUP BY type
+            UNION ALL SELECT 'capability', c.capability, COUNT(*)
+                FROM agent_capabilities c JOIN matched m ON m.id = c.agent_id GROUP BY c.capability
+            """,
+            *args,
+        )
+        counts: dict[str, dict[str, int]] = {"domain": {}, "status": {}, "type": {}, "capability": {}}
+        total = 0
+        for row in rows:
+            if row["facet"] == "total":
+                total = int(row["n"])
+            else:
+                counts[row["facet"]][row["value"]] = int(row["n"])
+        return Facets(total=total, counts=counts)
+
+    async def insert(self, agents: Sequence[Agent], now: dt.datetime) -> list[Agent]:
+        """Inserts every agent or none: one transaction, one statement per table."""
+        rows = [_to_row(agent, now) for agent in agents]
+        capability_rows = [(agent.id, capability) for agent in agents for capability in agent.capabilities]
+        try:
+            async with self.db.transaction() as tx:
+                await _refuse_existing(tx, [agent.id for agent in agents])
+                await self._bulk_insert(tx, "agents", _AGENT_COLUMN_TYPES, rows)
+                await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
+        except UniqueViolation:
+            # Lost a race with a concurrent create of the same id.
+            raise AlreadyExists("an agent with one of these ids was created concurrently", reason="AGENT_EXISTS") from None
+        return [_to_agent(dict(zip((c for c, _ in _AGENT_COLUMN_TYPES), row))) for row in rows]
+
+    async def update(
+        self,
+        agent_id: str,
+        changes: Agent,
+        fields: Sequence[str],
+        expected_revision: int | None,
+        now: dt.datetime,
+    ) -> Agent | None:
+        """Writes `fields` of `changes` if the revision still matches.
+
+        Returns the updated agent, or None when no row matched: the caller tells a
+        missing agent from a stale etag.
+        """
+        values = dict(zip((c for c, _ in _AGENT_COLUMN_TYPES), _to_row(changes, now)))
+        args: list = [agent_id, now]
+        sets = ["revision = revision + 1", "update_time = $2"]
+        for name in fields:
+            args.append(values[name])
+            sets.append(f"{name} = ${len(args)}")
+        where = "id = $1"
+        if expected_revision is not None:
+            args.append(expected_revision)
+            where += f" AND revision = ${len(args)}"
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow(
+                f"UPDATE agents SET {', '.join(sets)} WHERE {where} RETURNING {_COLUMNS}", *args
+            )
+            if row is None:
+                return None
+            if "capabilities" in fields:
+                await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent_id)
+                capability_rows = [(agent_id, capability) for capability in changes.capabilities]
+                await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
+        return _to_agent(row)
+
+    async def delete(self, agent_id: str, expected_revision: int | None) -> bool:
+        # agent_capabilities rows go with the agent (ON DELETE CASCADE).
+        if expected_revision is None:
+            return await self.db.execute("DELETE FROM agents WHERE id = $1", agent_id) > 0
+        return await self.db.execute("DELETE FROM agents WHERE id = $1 AND revision = $2", agent_id, expected_revision) > 0
+
+    async def _bulk_insert(self, tx: Executor, table: str, columns, rows: Sequence[Sequence]) -> None:
+        if rows:
+            sql, args = self.db.bulk_insert(table, columns, rows)
+            await tx.execute(sql, *args)
+
+    async def exists(self, agent_id: str) -> bool:
+        return bool(await self.db.fetchval("SELECT 1 FROM agents WHERE id = $1", agent_id))
+
+
+async def _refuse_existing(tx: Executor, ids: list[str]) -> None:
+    placeholders = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
+    rows = await tx.fetch(f"SELECT id FROM agents WHERE id IN ({placeholders})", *ids)
+    if rows:
+        taken = sorted(row["id"] for row in rows)
+        shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
+        raise AlreadyExists(
+            f"agent id already exists: {shown}",
+            reason="AGENT_EXISTS",
+            metadata={"ids": ",".join(taken[:100])},
+        )
+
+
+def _to_row(agent: Agent, now: dt.datetime) -> tuple:
+    return (
+        agent.id,
+        agent.name,
+        agent.version,
+        agent.description,
+        agent.domain,
+        Agent.Type.Name(agent.type),
+        Agent.Status.Name(agent.status),
+        json.dumps(list(agent.capabilities)),
+        json.dumps(dict(agent.metadata), sort_keys=True),
+        agent.endpoint,
+        1,
+        now,
+        now,
+    )
+
+
+def _to_agent(row: Row) -> Agent:
+    agent = Agent(
+        id=row["id"],
+        name=row["name"],
+        version=row["version"],
+        description=row["description"],
+        domain=row["domain"],
+        type=Agent.Type.Value(row["type"]),
+        status=Agent.Status.Value(row["status"]),
+        capabilities=json.loads(row["capabilities"]),
+        metadata=json.loads(row["metadata"]),
+        endpoint=row["endpoint"],
+        etag=etag_of(row["revision"]),
+    )
+    agent.create_time.FromDatetime(_as_datetime(row["create_time"]))
+    agent.update_time.FromDatetime(_as_datetime(row["update_time"]))
+    return agent
+
+
+def _as_datetime(value: dt.datetime | str) -> dt.datetime:
+    # asyncpg returns datetimes; SQLite keeps ISO-8601 text.
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)

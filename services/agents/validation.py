@@ -1,0 +1,148 @@
+"""What makes an agent valid: field rules shared by create, batch create and update.
+
+Every check adds a (field path, description) violation rather than raising at the
+first, so a client learns about every bad field of a request at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+from google.api import field_behavior_pb2
+
+from devops_hub.v1 import agents_pb2
+
+Agent = agents_pb2.Agent
+Violations = list[tuple[str, str]]
+
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DOMAIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+CAPABILITY = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
+METADATA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+# Agents that run inside the agents service (services/agents/builtins.py).
+BUILTIN_ENDPOINT = "builtin"
+ENDPOINT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
+
+MAX_NAME = 200
+MAX_VERSION = 64
+MAX_DESCRIPTION = 4096
+MAX_CAPABILITIES = 64
+MAX_METADATA = 64
+MAX_METADATA_VALUE = 1024
+MAX_BATCH = 1000
+
+
+
+def _writable_fields() -> tuple[str, ...]:
+    """The fields a client may write, read from the proto's field_behavior annotations.
+
+    id is the identity and etag the concurrency check: both travel with a write but
+    are not written by it.
+    """
+    skip = {field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER}
+    return tuple(
+        field.name
+        for field in Agent.DESCRIPTOR.fields
+        if field.name != "etag" and not skip & set(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+    )
+
+
+WRITABLE_FIELDS = _writable_fields()
+
+
+def check_id(value: str, field: str, violations: Violations) -> None:
+    if not value:
+        violations.append((field, "is required"))
+    elif not ID.match(value):
+        violations.append((field, "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"))
+
+
+def check_fields(agent: Agent, names: tuple[str, ...] | list[str], prefix: str, violations: Violations) -> None:
+    """Checks the named fields of `agent`; `prefix` makes the paths point into the request."""
+    for name in names:
+        _CHECKS[name](agent, f"{prefix}.{name}", violations)
+
+
+def _name(agent: Agent, field: str, violations: Violations) -> None:
+    if not agent.name.strip():
+        violations.append((field, "is required and must not be blank"))
+    elif len(agent.name) > MAX_NAME:
+        violations.append((field, f"must be at most {MAX_NAME} characters"))
+
+
+def _version(agent: Agent, field: str, violations: Violations) -> None:
+    if len(agent.version) > MAX_VERSION:
+        violations.append((field, f"must be at most {MAX_VERSION} characters"))
+
+
+def _description(agent: Agent, field: str, violations: Violations) -> None:
+    if len(agent.description) > MAX_DESCRIPTION:
+        violations.append((field, f"must be at most {MAX_DESCRIPTION} characters"))
+
+
+def _domain(agent: Agent, field: str, violations: Violations) -> None:
+    if not agent.domain:
+        violations.append((field, "is required"))
+    elif not DOMAIN.match(agent.domain):
+        violations.append((field, "must be 1-64 lower-case letters, digits, '.', '_' or '-'"))
+
+
+def _enum(enum_name: str):
+    enum = Agent.DESCRIPTOR.enum_types_by_name[enum_name]
+    known = ", ".join(v.name for v in enum.values if v.number != 0)
+
+    def check(agent: Agent, field: str, violations: Violations) -> None:
+        value = getattr(agent, field.rsplit(".", 1)[-1])
+        if value not in enum.values_by_number:
+            violations.append((field, f"unknown value {value}; one of {known}"))
+
+    return check
+
+
+def _capabilities(agent: Agent, field: str, violations: Violations) -> None:
+    if len(agent.capabilities) > MAX_CAPABILITIES:
+        violations.append((field, f"at most {MAX_CAPABILITIES} capabilities"))
+    for i, capability in enumerate(agent.capabilities):
+        if not CAPABILITY.match(capability):
+            violations.append((f"{field}[{i}]", "must be 1-128 lower-case letters, digits, '.', '_', ':' or '-'"))
+
+
+def _metadata(agent: Agent, field: str, violations: Violations) -> None:
+    if len(agent.metadata) > MAX_METADATA:
+        violations.append((field, f"at most {MAX_METADATA} entries"))
+    for key, value in agent.metadata.items():
+        if not METADATA_KEY.match(key):
+            violations.append((f"{field}[{key!r}]", "key must be 1-128 letters, digits, '.', '_', '/' or '-'"))
+        if len(value) > MAX_METADATA_VALUE:
+            violations.append((f"{field}[{key!r}]", f"value must be at most {MAX_METADATA_VALUE} characters"))
+
+
+def _endpoint(agent: Agent, field: str, violations: Violations) -> None:
+    if agent.endpoint and agent.endpoint != BUILTIN_ENDPOINT and not ENDPOINT.match(agent.endpoint):
+        violations.append((field, f'must be host:port, or "{BUILTIN_ENDPOINT}" for a built-in agent'))
+
+
+_CHECKS = {
+    "name": _name,
+    "version": _version,
+    "description": _description,
+    "domain": _domain,
+    "type": _enum("Type"),
+    "status": _enum("Status"),
+    "capabilities": _capabilities,
+    "metadata": _metadata,
+    "endpoint": _endpoint,
+}
+
+
+def normalise(agent: Agent) -> None:
+    """Defaults for unset enums and a duplicate-free capability list, in place."""
+    if agent.type == Agent.TYPE_UNSPECIFIED:
+        agent.type = Agent.TASK
+    if agent.status == Agent.STATUS_UNSPECIFIED:
+        agent.status = Agent.ACTIVE
+    unique = list(dict.fromkeys(agent.capabilities))
+    if len(unique) != len(agent.capabilities):
+        del agent.capabilities[:]
+        agent.capabilities.extend(unique)
+    agent.name = agent.name.strip()

@@ -1,0 +1,129 @@
+"""How cached values become bytes and back: protobuf or a declared codec, never pickle.
+
+Unpickling runs code chosen by whoever wrote the bytes, and the cache is shared by
+every service. Each codec names a content type, stored with the value, so a reader
+only decodes what it asked for: a content-type mismatch or a decoding error is a
+miss, never an exception to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import types
+import typing
+from typing import Any, Generic, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+class CodecError(ValueError):
+    """The bytes are not a value of this codec."""
+
+
+class Codec(Protocol[T]):
+    content_type: str
+
+    def encode(self, value: T) -> bytes: ...
+
+    def decode(self, data: bytes) -> T:
+        """Raises CodecError for bytes that are not a value of this codec."""
+        ...
+
+
+def protobuf_content_type(full_name: str) -> str:
+    """The content_type for a serialized message of this type."""
+    return f"application/x-protobuf; type={full_name}"
+
+
+class ProtobufCodec(Generic[M]):
+    def __init__(self, message_type: type[M]) -> None:
+        self.message_type = message_type
+        self.content_type = protobuf_content_type(message_type.DESCRIPTOR.full_name)
+
+    def encode(self, value: M) -> bytes:
+        if not isinstance(value, self.message_type):
+            raise TypeError(f"expected {self.message_type.DESCRIPTOR.full_name}, got {type(value).__name__}")
+        return value.SerializeToString()
+
+    def decode(self, data: bytes) -> M:
+        try:
+            return self.message_type.FromString(data)
+        except DecodeError as exc:
+            raise CodecError(str(exc)) from exc
+
+
+@functools.lru_cache(maxsize=256)
+def protobuf_codec(message_type: type[M]) -> ProtobufCodec[M]:
+    """One codec per message type, built once (the read path asks for it per call)."""
+    return ProtobufCodec(message_type)
+
+
+class JsonCodec:
+    """JSON values (dict, list, str, int, float, bool, None), written canonically."""
+
+    content_type = "application/json"
+
+    def encode(self, value: Any) -> bytes:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CodecError(str(exc)) from exc
+
+
+class BytesCodec:
+    content_type = "application/octet-stream"
+
+    def encode(self, value: bytes) -> bytes:
+        return bytes(value)
+
+    def decode(self, data: bytes) -> bytes:
+        return data
+
+
+class TextCodec:
+    content_type = "text/plain; charset=utf-8"
+
+    def encode(self, value: str) -> bytes:
+        return value.encode()
+
+    def decode(self, data: bytes) -> str:
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise CodecError(str(exc)) from exc
+
+
+JSON = JsonCodec()
+BYTES = BytesCodec()
+TEXT = TextCodec()
+
+
+def codec_for(annotation: Any) -> Codec[Any] | None:
+    """The codec a return annotation implies: a protobuf message type, bytes, str, or
+    a JSON-native type, each optionally "| None"; None when it implies none (declare
+    codec= then)."""
+    if isinstance(annotation, type):
+        if issubclass(annotation, Message):
+            return protobuf_codec(annotation)
+        if issubclass(annotation, (bytes, bytearray)):
+            return BYTES
+        if issubclass(annotation, str):
+            return TEXT
+        if annotation in (dict, list, int, float, bool):
+            return JSON
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list):
+        return JSON
+    if origin in (typing.Union, types.UnionType):
+        # T | None: None is cached as a negative entry, T picks the codec.
+        others = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(others) == 1:
+            return codec_for(others[0])
+    return None

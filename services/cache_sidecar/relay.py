@@ -1,0 +1,110 @@
+"""Invalidations made through other sidecars, relayed to this one's Watch streams.
+
+Several sidecars share one Redis (one per pod, or several worker processes). An
+invalidation reaches Redis through one of them, but every client's near-cache hangs
+off its own sidecar's Watch stream, so each sidecar must hear the others: the Redis
+store PUBLISHes each invalidation, and this relay SUBSCRIBEs and feeds the hub.
+
+The hub accepts watchers only while the subscription is live. When it drops (or
+stops answering pings) the hub is suspended, which ends every stream so the clients
+clear their near-caches: whatever was published meanwhile is lost to us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+
+from services.cache_sidecar.hub import InvalidationHub
+from services.cache_sidecar.stores.fallback import BACKEND_ERRORS
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 1.0
+# Silence for this many ping intervals means the connection is dead, even if TCP
+# has not said so (a partition sends no reset).
+SILENCE_LIMIT = 3
+RETRY_INITIAL = 0.1
+RETRY_MAX = 2.0
+
+
+class InvalidationRelay:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        channel: str,
+        origin: str,
+        hub: InvalidationHub,
+        *,
+        ping_interval: float = PING_INTERVAL,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._origin = origin
+        self._hub = hub
+        self._ping_interval = ping_interval
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._hub.suspend()
+            self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        delay = RETRY_INITIAL
+        while True:
+            try:
+                await self._relay()
+            except (*BACKEND_ERRORS, ConnectionError) as exc:
+                if self.subscribed.is_set():
+                    log.warning("cache relay lost its Redis subscription (%s); Watch streams end until it is back", exc)
+                    delay = RETRY_INITIAL
+            self.subscribed.clear()
+            self._hub.suspend()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _relay(self) -> None:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(self._channel)
+            loop = asyncio.get_running_loop()
+            heard = loop.time()
+            pinged = heard
+            while True:
+                message = await pubsub.get_message(timeout=self._ping_interval)
+                now = loop.time()
+                if message is not None:
+                    heard = now
+                    self._handle(message)
+                if now - heard > SILENCE_LIMIT * self._ping_interval:
+                    raise ConnectionError(f"no answer from Redis for {now - heard:.1f}s")
+                if now - pinged >= self._ping_interval:
+                    await pubsub.ping()
+                    pinged = now
+        finally:
+            with contextlib.suppress(*BACKEND_ERRORS):
+                await pubsub.aclose()
+
+    def _handle(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "subscribe":
+            self._hub.resume()
+            self.subscribed.set()
+            log.info("cache relay subscribed to %s", self._channel)
+        elif kind == "message":
+            origin, _, pattern = bytes(message["data"]).decode().partition("\n")
+            if origin != self._origin and pattern:
+                self._hub.publish(pattern)
+

@@ -1,0 +1,128 @@
+"""Wiring for the cache sidecar: stores, invalidation hub and relay, servicer, gRPC host.
+
+Without REDIS_URL the store is memory only. With it, the store is Redis with a
+memory fallback, and a relay brings other sidecars' invalidations to this one's
+Watch streams.
+
+Settings read with a default until they exist in Settings (see docs/cache.md):
+CACHE_NEGATIVE_TTL, CACHE_FALLBACK_TTL, REDIS_TIMEOUT, REDIS_KEY_PREFIX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from devops_hub.v1 import cache_pb2_grpc
+from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
+from services.cache_sidecar.keys import MAX_VALUE_BYTES
+from services.cache_sidecar.relay import InvalidationRelay
+from services.cache_sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
+from services.cache_sidecar.stores import redis as redis_store
+from services.cache_sidecar.stores.base import Store
+from services.cache_sidecar.stores.fallback import FallbackStore
+from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "devops_hub.v1.CacheService"
+DEFAULT_NEGATIVE_TTL = 30.0
+DEFAULT_FALLBACK_TTL = 5.0
+# Redis must answer well within the clients' deadline (CACHE_TIMEOUT, 250 ms), so a
+# failing Redis is replaced by memory inside the very call that found it failing.
+DEFAULT_REDIS_TIMEOUT = 0.1
+MAX_REDIS_TIMEOUT = 0.25
+DEFAULT_REDIS_PREFIX = "dh:"
+
+
+@dataclasses.dataclass
+class CacheSidecar:
+    """A built sidecar whose stores are running: `await host.start()` serves it."""
+
+    host: GrpcHost
+    store: Store
+    hub: InvalidationHub
+    # The memory store: the whole cache without Redis, the fallback with it.
+    memory: MemoryStore
+    relay: InvalidationRelay | None = None
+
+    async def end_streams(self) -> None:
+        """Ends the Watch streams (their clients clear and resubscribe elsewhere) and
+        refuses new ones: run before the server's grace period, which they would
+        otherwise hold open to the end."""
+        self.hub.close()
+
+    async def close(self) -> None:
+        self.hub.close()
+        if self.relay is not None:
+            await self.relay.close()
+        await self.store.close()
+
+
+def setting(settings: Settings, name: str, default):
+    """A setting that Settings may not define yet."""
+    return getattr(settings, name, default)
+
+
+async def build(
+    settings: Settings,
+    *,
+    watch_queue_size: int = DEFAULT_WATCH_QUEUE,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+    redis_key_prefix: str | None = None,
+    redis_timeout: float | None = None,
+) -> CacheSidecar:
+    """Builds the sidecar bound to settings.cache_addr (port 0 picks a free one) and
+    starts its stores' background work. The keywords override settings (tests and
+    benchmarks use a key prefix of their own)."""
+    hub = InvalidationHub(watch_queue_size)
+    negative_ttl = setting(settings, "cache_negative_ttl", DEFAULT_NEGATIVE_TTL)
+    memory = MemoryStore(
+        max_entries=settings.cache_max_size,
+        max_bytes=settings.cache_max_bytes,
+        default_ttl=settings.cache_default_ttl,
+        negative_ttl=min(negative_ttl, settings.cache_default_ttl),
+    )
+    memory_backend = MemoryBackend(memory)
+    relay = None
+    store: Store
+    if settings.redis_url:
+        timeout = min(redis_timeout or setting(settings, "redis_timeout", DEFAULT_REDIS_TIMEOUT), MAX_REDIS_TIMEOUT)
+        client = redis_store.connect(settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout)
+        primary = redis_store.RedisStore(
+            client,
+            default_ttl=settings.cache_default_ttl,
+            negative_ttl=min(negative_ttl, settings.cache_default_ttl),
+            layout=KeyLayout(redis_key_prefix or setting(settings, "redis_key_prefix", DEFAULT_REDIS_PREFIX)),
+            max_value_bytes=min(settings.cache_max_bytes, MAX_VALUE_BYTES),
+        )
+        fallback = FallbackStore(
+            primary, memory_backend, memory_ttl=setting(settings, "cache_fallback_ttl", DEFAULT_FALLBACK_TTL)
+        )
+        await fallback.start()
+        relay = InvalidationRelay(client, primary.layout.channel, primary.origin, hub)
+        relay.start()
+        store = fallback
+        log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
+                 settings.redis_max_connections, timeout * 1000)
+    else:
+        memory_backend.start()
+        store = memory_backend
+    host = GrpcHost(settings.cache_addr)
+    host.add(
+        cache_pb2_grpc.add_CacheServiceServicer_to_server,
+        CacheServiceServicer(store, hub, heartbeat_interval=heartbeat_interval),
+        SERVICE_NAME,
+    )
+    return CacheSidecar(host=host, store=store, hub=hub, memory=memory, relay=relay)
+
+
+async def main(settings: Settings | None = None) -> None:
+    settings = settings or Settings.from_env()
+    sidecar = await build(settings)
+    await run_until_stopped(
+        sidecar.host, "cache sidecar", settings.shutdown_grace, [sidecar.close], pre_stop=[sidecar.end_streams]
+    )

@@ -1,0 +1,200 @@
+"""CacheService over gRPC: validates requests, translates proto ↔ store, and tells
+the Watch streams about every invalidation once the store has applied it.
+
+The store does the work (memory, Redis, or Redis with fallback: this module cannot
+tell which); the hub fans invalidations out (hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import empty_pb2
+
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from services.cache_sidecar.hub import InvalidationHub
+from services.cache_sidecar.keys import escape_key, key_problem
+from services.cache_sidecar.stores.base import NewEntry, Store, StoreStats, Value
+from services.common.errors import Aborted, Unavailable, invalid_fields
+
+MAX_BATCH = 1000
+MAX_WATCH_PREFIXES = 100
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+
+
+class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
+    def __init__(
+        self,
+        store: Store,
+        hub: InvalidationHub,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._heartbeat_interval = heartbeat_interval
+
+    async def Get(self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheGetResponse:
+        key = request.key
+        problem = key_problem(key)
+        if problem:
+            raise invalid_fields([("key", problem)])
+        lookup = await self._store.get(key)
+        if lookup.entry is None:
+            return cache_pb2.CacheGetResponse(found=False, fill_token=lookup.fill_token)
+        return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), fill_token=lookup.fill_token)
+
+    async def GetMany(
+        self, request: cache_pb2.CacheGetManyRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheGetManyResponse:
+        keys = request.keys
+        if len(keys) > MAX_BATCH:
+            raise invalid_fields([("keys", f"at most {MAX_BATCH} keys per call, got {len(keys)}")])
+        violations = [(f"keys[{i}]", problem) for i, key in enumerate(keys) if (problem := key_problem(key))]
+        if violations:
+            raise invalid_fields(violations)
+        found = await self._store.get_many(list(dict.fromkeys(keys)))
+        return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
+
+    async def Set(self, request: cache_pb2.CacheSetRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSetResponse:
+        violations = _ttl_violations(request.ttl_seconds)
+        if not request.HasField("entry"):
+            violations.append(("entry", "is required"))
+        else:
+            violations += self._entry_violations("entry", request.entry)
+        if violations:
+            raise invalid_fields(violations)
+        entry = request.entry
+        stored = await self._store.set(
+            entry.key, entry.value, entry.content_type, request.ttl_seconds, request.fill_token, entry.negative
+        )
+        if not request.fill_token:
+            # An overwrite, not a fill: near-caches may hold the value it replaces.
+            self._hub.publish(escape_key(entry.key))
+        return cache_pb2.CacheSetResponse(stored=stored)
+
+    async def SetMany(
+        self, request: cache_pb2.CacheSetManyRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheSetManyResponse:
+        violations = _ttl_violations(request.ttl_seconds)
+        if len(request.entries) > MAX_BATCH:
+            violations.append(("entries", f"at most {MAX_BATCH} entries per call, got {len(request.entries)}"))
+        else:
+            for i, entry in enumerate(request.entries):
+                violations += self._entry_violations(f"entries[{i}]", entry)
+        if violations:
+            raise invalid_fields(violations)
+        # Validated as a whole first, so a bad entry never leaves the batch half-stored.
+        entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
+        stored = await self._store.set_many(entries, request.ttl_seconds)
+        for entry in entries:
+            self._hub.publish(escape_key(entry.key))
+        return cache_pb2.CacheSetManyResponse(stored=stored)
+
+    async def Delete(
+        self, request: cache_pb2.CacheDeleteRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheDeleteResponse:
+        problem = key_problem(request.key)
+        if problem:
+            raise invalid_fields([("key", problem)])
+        deleted = await self._store.delete(request.key)
+        self._hub.publish(escape_key(request.key))
+        return cache_pb2.CacheDeleteResponse(deleted=deleted)
+
+    async def Invalidate(
+        self, request: cache_pb2.CacheInvalidateRequest, context: grpc.aio.ServicerContext
+    ) -> cache_pb2.CacheInvalidateResponse:
+        # A pattern is bounded like a key: it is kept in the fill-token history.
+        problem = key_problem(request.pattern)
+        if problem:
+            raise invalid_fields([("pattern", problem)])
+        removed = await self._store.invalidate(request.pattern)
+        self._hub.publish(request.pattern)
+        return cache_pb2.CacheInvalidateResponse(removed=removed)
+
+    async def Clear(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheClearResponse:
+        removed = await self._store.clear()
+        self._hub.publish("*")
+        return cache_pb2.CacheClearResponse(removed=removed)
+
+    async def Stats(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheStats:
+        return stats_message(await self._store.stats())
+
+    async def Watch(
+        self, request: cache_pb2.CacheWatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cache_pb2.CacheInvalidation]:
+        """Streams invalidations, starting with a heartbeat that says "subscribed".
+
+        Heartbeats (pattern "") also flow whenever the stream is idle, so a client
+        can tell a quiet stream from a dead connection. The stream ends with ABORTED
+        when this watcher falls behind, and UNAVAILABLE when the sidecar shuts down or
+        cannot hear the other sidecars; either way the client must clear its
+        near-cache and resubscribe.
+        """
+        prefixes = request.prefixes
+        if len(prefixes) > MAX_WATCH_PREFIXES:
+            raise invalid_fields([("prefixes", f"at most {MAX_WATCH_PREFIXES} prefixes, got {len(prefixes)}")])
+        watcher = self._hub.subscribe(prefixes)
+        if watcher is None:
+            raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
+        try:
+            yield self._heartbeat()
+            while True:
+                if watcher.ended == "overflow":
+                    raise Aborted("watch stream fell behind; clear the near-cache and resubscribe", reason="WATCH_OVERFLOW")
+                if watcher.ended is not None:
+                    raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
+                try:
+                    async with asyncio.timeout(self._heartbeat_interval):
+                        message = await watcher.queue.get()
+                except TimeoutError:
+                    message = self._heartbeat()
+                if message is not None:
+                    yield message
+        finally:
+            self._hub.unsubscribe(watcher)
+
+    def _heartbeat(self) -> cache_pb2.CacheInvalidation:
+        return cache_pb2.CacheInvalidation(pattern="", sequence=self._hub.sequence)
+
+    def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
+        violations = [
+            (f"{path}.{field}", problem)
+            for field, problem in self._store.entry_violations(entry.key, entry.value, entry.content_type)
+        ]
+        if entry.negative and entry.value:
+            violations.append((f"{path}.value", "must be empty for a negative entry"))
+        return violations
+
+
+def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:
+    return cache_pb2.CacheStats(
+        hits=stats.hits,
+        misses=stats.misses,
+        hit_rate=stats.hit_rate,
+        entries=stats.entries,
+        bytes=stats.bytes,
+        sets=stats.sets,
+        invalidations=stats.invalidations,
+        evictions=stats.evictions,
+        namespaces={
+            name: cache_pb2.NamespaceStats(hits=counts.hits, misses=counts.misses, hit_rate=counts.hit_rate)
+            for name, counts in stats.namespaces.items()
+        },
+        backend=stats.backend,
+        backend_errors=stats.backend_errors,
+        backend_switches=stats.backend_switches,
+    )
+
+
+def _entry(key: str, value: Value) -> cache_pb2.CacheEntry:
+    return cache_pb2.CacheEntry(key=key, value=value.value, content_type=value.content_type, negative=value.negative)
+
+
+def _ttl_violations(ttl: float) -> list[tuple[str, str]]:
+    if not math.isfinite(ttl) or ttl < 0:
+        return [("ttl_seconds", "must be a finite number of seconds, 0 or more (0 = the default TTL)")]
+    return []

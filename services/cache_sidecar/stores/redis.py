@@ -1,0 +1,405 @@
+"""The Redis store: shared by every sidecar process, O(1) prefix invalidation by
+generation counters, lease tokens against stale fills.
+
+Key layout and record format: redis_layout.py and docs/cache.md.
+
+Why leases live in the entry's own key: a glob invalidation walks the keyspace with
+SCAN, which is only guaranteed to return keys that exist for the whole walk. A miss
+writes its lease into the very key its fill will overwrite, so from the miss to the
+fill that key exists without a gap, and an invalidation that ran in between has
+either removed the lease (the fill is refused) or the filled value (gone anyway).
+
+Every failure of Redis (refused, timed out, OOM, …) is raised to the caller: the
+fallback store decides what to do about it. Commands are never retried here, so a
+failure surfaces within one socket timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from services.cache_sidecar.keys import MAX_VALUE_BYTES, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.cache_sidecar.stores.base import (
+    REDIS_TOKEN_BIT,
+    Found,
+    HitCounter,
+    Lookup,
+    NewEntry,
+    StoreStats,
+    Value,
+    entry_violations,
+    jittered,
+)
+from services.cache_sidecar.stores.redis_layout import KeyLayout, parse_record, value_body
+from services.common.errors import invalid_fields
+
+# SCAN batch size: large enough that a walk of 1M keys is a few thousand round trips.
+SCAN_COUNT = 1000
+UNLINK_BATCH = 1000
+# A miss's lease outlives any sane loader; a fill arriving later is dropped.
+LEASE_SECONDS = 30.0
+# Fills of a hit are refused: this token is never issued as a lease (leases have
+# their lowest bit set).
+HIT_TOKEN = REDIS_TOKEN_BIT
+
+# Builds the current stamp of a key: KEYS[2] is the generation hash, ARGV[1] a fresh
+# incarnation id (used only when the hash has none), ARGV[first..] the prefix levels.
+_STAMP = """
+local function stamp(first)
+  local fields = {}
+  for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
+  local values = redis.call('HMGET', KEYS[2], '#', unpack(fields))
+  local id = values[1]
+  if not id then
+    id = ARGV[1]
+    redis.call('HSET', KEYS[2], '#', id)
+  end
+  local parts = {id}
+  for i = 2, #values do parts[i] = values[i] or '0' end
+  return table.concat(parts, '.')
+end
+local function split(record)
+  local bar = string.find(record, '|', 2, true)
+  return string.sub(record, 1, 1), string.sub(record, 2, bar - 1), string.sub(record, bar + 1)
+end
+"""
+
+# KEYS: entry, generations. ARGV: fresh id, lease token, lease ms, levels…
+# → {1, record} on a hit; {0, token} on a miss (an existing live lease is shared).
+_GET = _STAMP + """
+local current = stamp(4)
+local record = redis.call('GET', KEYS[1])
+if record then
+  local kind, recorded, rest = split(record)
+  if recorded == current then
+    if kind == 'L' then return {0, rest} end
+    return {1, record}
+  end
+end
+redis.call('SET', KEYS[1], 'L' .. current .. '|' .. ARGV[2], 'PX', ARGV[3])
+return {0, ARGV[2]}
+"""
+
+# KEYS: entry, generations. ARGV: fresh id, token ('' = unconditional), ttl ms, kind,
+# body, levels… → 1 stored, 0 refused (the lease is gone, replaced or outdated).
+_SET = _STAMP + """
+local current = stamp(6)
+if ARGV[2] ~= '' then
+  local record = redis.call('GET', KEYS[1])
+  if not record then return 0 end
+  local kind, recorded, rest = split(record)
+  if kind ~= 'L' or recorded ~= current or rest ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[4] .. current .. '|' .. ARGV[5], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: entry → 1 when it held a value or a negative entry, 0 for a lease or nothing.
+_DELETE = """
+local kind = redis.call('GETRANGE', KEYS[1], 0, 0)
+redis.call('UNLINK', KEYS[1])
+if kind == 'V' or kind == 'N' then return 1 end
+return 0
+"""
+
+_SCRIPTS = {"get": _GET, "set": _SET, "delete": _DELETE}
+
+
+def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis:
+    """A client over a bounded, blocking pool: at most max_connections sockets, and a
+    caller waits at most `timeout` for one, to connect, and for each reply."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        default_ttl: float,
+        negative_ttl: float | None = None,
+        layout: KeyLayout | None = None,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+        lease_seconds: float = LEASE_SECONDS,
+        origin: str | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.client = client
+        self.layout = layout or KeyLayout()
+        # Tells this sidecar's own Pub/Sub messages from other sidecars'.
+        self.origin = origin or secrets.token_hex(8)
+        self._default_ttl = default_ttl
+        self._negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
+        self._max_value_bytes = max_value_bytes
+        self._lease_ms = str(int(lease_seconds * 1000))
+        self._rand = rand
+        self._shas: dict[str, str] = {}
+        self._counter = HitCounter()
+        self._sets = 0
+        self._invalidations = 0
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def get(self, key: str) -> Lookup:
+        token = REDIS_TOKEN_BIT | secrets.randbits(62) | 1
+        levels = prefix_levels(key)
+        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+        hit, body = await self._eval("get", keys, [_fresh_id(), str(token), self._lease_ms, *levels])
+        if hit:
+            self._counter.count(namespace_of(key), hit=True)
+            record = parse_record(body)
+            content_type, value = record.content()
+            return Lookup(Found(value, content_type, record.kind == "N"), HIT_TOKEN)
+        self._counter.count(namespace_of(key), hit=False)
+        return Lookup(None, int(body))
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
+        """One MGET for the entries and, in the same round trip, one HMGET per
+        namespace for the stamps they must carry to be current."""
+        if not keys:
+            return {}
+        levels_of = {key: prefix_levels(key) for key in keys}
+        fields: dict[str, list[str]] = {}
+        for key, levels in levels_of.items():
+            wanted = fields.setdefault(namespace_of(key), [])
+            wanted.extend(level for level in levels if level not in wanted)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.mget([self.layout.data_key(key) for key in keys])
+            for namespace, wanted in fields.items():
+                pipe.hmget(self.layout.generations_key(namespace), ["#", *wanted])
+            records, *generations = await pipe.execute()
+        current: dict[str, dict[str, bytes] | None] = {}
+        for (namespace, wanted), values in zip(fields.items(), generations):
+            identity, *counters = values
+            current[namespace] = None if identity is None else {"#": identity, **dict(zip(wanted, counters))}
+        found: dict[str, Value] = {}
+        for key, raw in zip(keys, records):
+            namespace = namespace_of(key)
+            hit = False
+            if raw is not None and raw[:1] != b"L" and (gens := current[namespace]) is not None:
+                stamp = b".".join([gens["#"], *(gens[level] or b"0" for level in levels_of[key])])
+                record = parse_record(raw)
+                if record.stamp == stamp:
+                    content_type, value = record.content()
+                    found[key] = Found(value, content_type, record.kind == "N")
+                    hit = True
+            self._counter.count(namespace, hit=hit)
+        return found
+
+    # --- writes ----------------------------------------------------------------------
+
+    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
+        return entry_violations(key, value, content_type, self._max_value_bytes)
+
+    async def set(
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, fill_token: int = 0, negative: bool = False
+    ) -> bool:
+        """A fill (with a lease token) or an overwrite (without one). Overwrites are
+        published, since other sidecars' near-caches may hold the value replaced."""
+        keys, args = self._set_call(NewEntry(key, value, content_type, negative), ttl, fill_token)
+        if fill_token:
+            if not fill_token & REDIS_TOKEN_BIT:
+                return False  # issued by another store: cannot be checked here
+            stored = bool(await self._eval("set", keys, args))
+        else:
+            stored = bool((await self._pipeline_eval("set", [(keys, args)], publish=[escape_key(key)]))[0])
+        self._sets += stored
+        return stored
+
+    async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
+        """Unconditional sets, all in one pipeline (one round trip), published."""
+        calls = [self._set_call(entry, ttl, 0) for entry in entries]
+        if not calls:
+            return 0
+        results = await self._pipeline_eval("set", calls, publish=[escape_key(entry.key) for entry in entries])
+        stored = sum(bool(result) for result in results[: len(calls)])
+        self._sets += stored
+        return stored
+
+    async def delete(self, key: str) -> bool:
+        self._invalidations += 1
+        deleted, _ = await self._pipeline_eval("delete", [([self.layout.data_key(key)], [])], publish=[escape_key(key)])
+        return bool(deleted)
+
+    async def invalidate(self, pattern: str) -> int:
+        """Exact keys are deleted, prefix levels bumped (O(1): -1, the count is not
+        known), other globs removed by SCAN in batches; "*" is a clear."""
+        parsed = parse_pattern(pattern)
+        if parsed.kind == "exact":
+            return int(await self.delete(pattern))
+        if pattern == "*":
+            return await self.clear()
+        self._invalidations += 1
+        level = parsed.level
+        if level is not None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self.layout.generations_key(namespace_of(level)), level, 1)
+                pipe.publish(self.layout.channel, self._message(pattern))
+                await pipe.execute()
+            return -1
+        removed = await self._unlink_matching(self.layout.data_match(parsed.literal_prefix), parsed.matches)
+        await self.client.publish(self.layout.channel, self._message(pattern))
+        return removed
+
+    async def clear(self) -> int:
+        """Every namespace gets a new incarnation at once (its generation hash goes),
+        then the records themselves are reclaimed by SCAN."""
+        self._invalidations += 1
+        await self._unlink_matching(self.layout.generations_match(), None, command="delete")
+        removed = await self._unlink_matching(self.layout.data_match(""), None)
+        await self.client.publish(self.layout.channel, self._message("*"))
+        return removed
+
+    # --- stats and lifecycle ---------------------------------------------------------
+
+    def local_stats(self) -> StoreStats:
+        """What this process counted itself, with no Redis round trip (entries and
+        bytes are left at 0): the fallback store adds these up while Redis is away."""
+        return StoreStats(
+            hits=self._counter.hits,
+            misses=self._counter.misses,
+            entries=0,
+            bytes=0,
+            sets=self._sets,
+            invalidations=self._invalidations,
+            evictions={"size": 0, "bytes": 0, "ttl": 0},
+            namespaces=self._counter.namespaces(),
+            backend=self.backend,
+        )
+
+    async def stats(self) -> StoreStats:
+        """Entries and bytes are the Redis database's (DBSIZE, used_memory), and the
+        evictions are Redis's own (maxmemory and expiry): with generation counters,
+        invalidated records stay until their TTL, and only Redis knows what it holds."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.dbsize()
+            pipe.info("memory")
+            pipe.info("stats")
+            size, memory, counters = await pipe.execute()
+        return dataclasses.replace(
+            self.local_stats(),
+            entries=int(size),
+            bytes=int(memory.get("used_memory", 0)),
+            evictions={"size": 0, "bytes": int(counters.get("evicted_keys", 0)), "ttl": int(counters.get("expired_keys", 0))},
+        )
+
+    async def server_id(self) -> str:
+        """Redis's run_id: it changes when Redis restarts (and may have reloaded a
+        snapshot older than invalidations made since)."""
+        info = await self.client.info("server")
+        return str(info.get("run_id", ""))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _set_call(self, entry: NewEntry, ttl: float, fill_token: int) -> tuple[list[str], list[Any]]:
+        violations = self.entry_violations(entry.key, entry.value, entry.content_type)
+        if entry.negative and entry.value:
+            violations.append(("value", "must be empty for a negative entry"))
+        if violations:
+            raise invalid_fields(violations)
+        ttl = ttl if ttl > 0 else self._default_ttl
+        if entry.negative:
+            ttl = min(ttl, self._negative_ttl)
+        ttl_ms = max(1, int(jittered(ttl, self._rand()) * 1000))
+        keys = [self.layout.data_key(entry.key), self.layout.generations_key(namespace_of(entry.key))]
+        args = [
+            _fresh_id(),
+            str(fill_token) if fill_token else "",
+            ttl_ms,
+            "N" if entry.negative else "V",
+            value_body(entry.content_type, entry.value),
+            *prefix_levels(entry.key),
+        ]
+        return keys, args
+
+    def _message(self, pattern: str) -> str:
+        return f"{self.origin}\n{pattern}"
+
+    async def _load_scripts(self) -> None:
+        for name, source in _SCRIPTS.items():
+            self._shas[name] = await self.client.script_load(source)
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if not self._shas:
+            await self._load_scripts()
+        try:
+            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted (or flushed its scripts) since they were loaded.
+            await self._load_scripts()
+            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+
+    async def _pipeline_eval(
+        self, name: str, calls: list[tuple[list[str], list[Any]]], *, publish: Sequence[str] = ()
+    ) -> list[Any]:
+        """The scripts, then a PUBLISH of each pattern, in one round trip."""
+        if not self._shas:
+            await self._load_scripts()
+        for attempt in (1, 2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+                    for pattern in publish:
+                        pipe.publish(self.layout.channel, self._message(pattern))
+                    return await pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def _unlink_matching(
+        self, match: str, keep_if: Callable[[str], Any] | None, *, command: str = "unlink"
+    ) -> int:
+        """SCAN to the end (never KEYS), removing matches one batch per round trip.
+
+        keep_if filters by cache key (the MATCH pattern is only a superset); without it
+        every name the MATCH returns goes.
+        """
+        removed = 0
+        cursor = 0
+        while True:
+            cursor, names = await self.client.scan(cursor=cursor, match=match, count=SCAN_COUNT)
+            if keep_if is not None:
+                names = [name for name in names if (key := self.layout.logical_key(name)) is not None and keep_if(key)]
+            for start in range(0, len(names), UNLINK_BATCH):
+                batch = names[start : start + UNLINK_BATCH]
+                if command == "unlink":
+                    removed += await self.client.unlink(*batch)
+                else:
+                    removed += await self.client.delete(*batch)
+            if cursor == 0:
+                return removed
+
+
+def _fresh_id() -> str:
+    """A new incarnation id, used only if a namespace's generation hash is missing
+    (never created, cleared, or evicted by Redis): records stamped with the old id can
+    then never match again."""
+    return os.urandom(6).hex()

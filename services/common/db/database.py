@@ -1,0 +1,71 @@
+"""One interface over PostgreSQL (asyncpg pool) and SQLite (aiosqlite, WAL).
+
+Repositories write their SQL once, in PostgreSQL's `$1` placeholder style; the
+SQLite engine rewrites `$n` to SQLite's own `?n`, which binds the same way. Rows
+come back as mappings (asyncpg.Record or sqlite3.Row) read by column name.
+What truly differs between the engines (bulk inserts) is asked of `dialect`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Row = Mapping[str, Any]
+
+
+class UniqueViolation(Exception):
+    """A unique constraint refused a write; repositories turn it into ALREADY_EXISTS."""
+
+
+class Executor(abc.ABC):
+    """What a repository can do, on the pool or inside one transaction."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Runs a statement and returns the number of rows it changed."""
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+
+class Database(Executor):
+    dialect: str
+    #: Statements sent so far; tests read it to prove a read is one query, not N+1.
+    query_count: int
+
+    @abc.abstractmethod
+    def transaction(self) -> Any:
+        """An async context manager yielding an Executor bound to one transaction."""
+
+    @abc.abstractmethod
+    def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+        """One INSERT statement for many rows, whatever their number.
+
+        `columns` are (name, postgres type) pairs. Returns the SQL and its arguments.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+async def connect(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Database:
+    """Opens the engine that DATABASE_URL names: postgresql://… or sqlite:///path."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from services.common.db.postgres import PostgresDatabase
+
+        return await PostgresDatabase.open(url, min_size=pool_size, max_size=pool_size + max_overflow)
+    if url.startswith("sqlite://"):
+        from services.common.db.sqlite import SqliteDatabase
+
+        return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)))
+    raise ValueError(f"DATABASE_URL must start with postgresql:// or sqlite://, got {url.split('://')[0]!r}")

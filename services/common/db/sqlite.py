@@ -1,0 +1,131 @@
+"""SQLite through aiosqlite, the embedded default.
+
+WAL mode lets readers run beside the one writer, so reads go to a small set of
+reader connections (round robin) and every write or transaction goes through the
+single writer connection, serialised by a lock: SQLite allows one writer anyway,
+and queueing in-process is cheaper than SQLITE_BUSY retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import json
+import pathlib
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiosqlite
+
+from services.common.db.database import Database, Executor, Row, UniqueViolation
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=5000",
+)
+
+
+def _translate(sql: str) -> str:
+    # `$1` (PostgreSQL) and `?1` (SQLite) are both numbered parameters.
+    return _PLACEHOLDER.sub(r"?\1", sql)
+
+
+def _adapt(args: Sequence[Any]) -> list[Any]:
+    # Timestamps are stored as ISO-8601 text, which sorts like time.
+    return [a.isoformat(timespec="microseconds") if isinstance(a, dt.datetime) else a for a in args]
+
+
+class _SqliteExecutor(Executor):
+    def __init__(self, conn: aiosqlite.Connection, owner: "SqliteDatabase") -> None:
+        self._conn = conn
+        self._owner = owner
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        self._owner.query_count += 1
+        try:
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc) from exc
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        self._owner.query_count += 1
+        try:
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return cursor.rowcount
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc) from exc
+
+
+def _integrity(exc: sqlite3.IntegrityError) -> Exception:
+    return UniqueViolation(str(exc)) if "UNIQUE" in str(exc) else exc
+
+
+class SqliteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]) -> None:
+        self._writer = writer
+        self._readers = readers
+        self._next_reader = itertools.cycle(readers)
+        self._write_lock = asyncio.Lock()
+        self.query_count = 0
+
+    @classmethod
+    async def open(cls, url: str, *, readers: int) -> "SqliteDatabase":
+        path = url.removeprefix("sqlite://")
+        # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
+        path = path[1:] if path.startswith("/") else path
+        if path != ":memory:":
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        writer = await cls._open_connection(path)
+        reader_conns = [await cls._open_connection(path) for _ in range(readers)]
+        return cls(writer, reader_conns)
+
+    @staticmethod
+    async def _open_connection(path: str) -> aiosqlite.Connection:
+        # isolation_level=None: transactions are begun explicitly, never implicitly.
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        return conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return await _SqliteExecutor(next(self._next_reader), self).fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._write_lock:
+            return await _SqliteExecutor(self._writer, self).execute(sql, *args)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Executor]:
+        async with self._write_lock:
+            # IMMEDIATE takes the write lock up front, so a transaction never fails
+            # half-way on a lock it could not upgrade.
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteExecutor(self._writer, self)
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+        # One JSON argument read by json_each(): a single statement, however many rows,
+        # clear of SQLite's limit on bound parameters.
+        names = ", ".join(name for name, _ in columns)
+        picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
+        payload = json.dumps([_adapt(row) for row in rows])
+        return f"INSERT INTO {table} ({names}) SELECT {picks} FROM json_each($1)", [payload]
+
+    async def close(self) -> None:
+        for conn in [self._writer, *self._readers]:
+            await conn.close()

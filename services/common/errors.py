@@ -1,0 +1,96 @@
+"""Errors as gRPC status codes with AIP-193 details.
+
+Domain code raises a ServiceError; the ErrorInterceptor (grpc_host.py) turns it into
+a status whose details carry an ErrorInfo and, for bad fields, a BadRequest. The
+gateway maps that status to HTTP once; nothing else formats errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "devops-hub"
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.violations = list(violations)
+
+    def to_status(self) -> status_pb2.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
+        details = [_pack(info)]
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                    for field, description in self.violations
+                ]
+            )
+            details.append(_pack(bad_request))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class Aborted(ServiceError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class InternalError(ServiceError):
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+def invalid_fields(violations: list[tuple[str, str]]) -> InvalidArgument:
+    """One INVALID_ARGUMENT naming every bad field, so a client fixes them all at once."""
+    summary = "; ".join(f"{field}: {description}" for field, description in violations)
+    return InvalidArgument(f"invalid request: {summary}", reason="INVALID_FIELDS", violations=violations)
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+

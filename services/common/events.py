@@ -1,0 +1,119 @@
+"""The event log: written in batches, read by id.
+
+Services emit events on their hot paths (every agent change, every execution and
+step transition); EventWriter only appends them to a buffer, and one background
+task writes each buffer as a single INSERT. Nothing is dropped: a full buffer is
+flushed at once, and close() flushes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+from google.protobuf import json_format
+
+from devops_hub.v1 import events_pb2
+
+from services.common.db import Database
+from services.common.db.database import Row
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = (
+    ("type", "text"),
+    ("source", "text"),
+    ("subject", "text"),
+    ("data", "text"),
+    ("correlation_id", "text"),
+    ("time", "timestamptz"),
+)
+SELECT = "SELECT id, type, source, subject, data, correlation_id, time FROM events"
+
+
+def to_event(row: Row) -> events_pb2.Event:
+    event = events_pb2.Event(
+        id=str(row["id"]),
+        type=row["type"],
+        source=row["source"],
+        subject=row["subject"],
+        correlation_id=row["correlation_id"],
+    )
+    json_format.ParseDict(json.loads(row["data"]), event.data)
+    time = row["time"]
+    event.time.FromDatetime(time if isinstance(time, dt.datetime) else dt.datetime.fromisoformat(time))
+    return event
+
+
+class EventWriter:
+    def __init__(self, db: Database, source: str, *, flush_interval: float = 0.1, max_batch: int = 500) -> None:
+        self._db = db
+        self._source = source
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._buffer: list[tuple] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._flush_lock = asyncio.Lock()
+
+    def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "", *, source: str = "") -> None:
+        """Queues one event; returns at once."""
+        row = (type, source or self._source, subject, json.dumps(data or {}), correlation_id, dt.datetime.now(dt.timezone.utc))
+        self._buffer.append(row)
+        if len(self._buffer) >= self._max_batch:
+            self._wake.set()
+        self._ensure_running()
+
+    async def write_now(self, event: events_pb2.Event) -> events_pb2.Event:
+        """Writes one event at once (PublishEvent), flushing what was queued before it."""
+        data = json_format.MessageToDict(event.data) if event.HasField("data") else {}
+        self.emit(event.type, event.subject, data, event.correlation_id, source=event.source)
+        ids = await self.flush()
+        stored = events_pb2.Event()
+        stored.CopyFrom(event)
+        stored.id = str(ids[-1])
+        stored.time.GetCurrentTime()
+        return stored
+
+    async def flush(self) -> list[int]:
+        """Writes everything queued as one statement; returns the new ids."""
+        async with self._flush_lock:
+            if not self._buffer:
+                return []
+            batch, self._buffer = self._buffer, []
+            sql, args = self._db.bulk_insert("events", _COLUMNS, batch)
+            try:
+                async with self._db.transaction() as tx:
+                    rows = await tx.fetch(sql + " RETURNING id", *args)
+            except Exception:
+                # Keep the events for the next flush rather than lose them.
+                self._buffer[:0] = batch
+                raise
+            return sorted(int(row["id"]) for row in rows)
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-writer")
+
+    async def _run(self) -> None:
+        while self._buffer:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - the database may be away for a moment
+                log.exception("writing %d events failed; will retry", len(self._buffer))
+                await asyncio.sleep(min(5.0, self._flush_interval * 10))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+

@@ -1,0 +1,59 @@
+"""AIP-158 pagination: bounded page sizes and opaque, filter-bound page tokens.
+
+A token carries the last key of the page it ends and a fingerprint of the request's
+filters; a token replayed with other filters is refused instead of silently walking
+a different result set.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+
+from google.protobuf.message import Message
+
+from services.common.errors import invalid_fields
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int, field: str = "page_size") -> int:
+    if requested < 0:
+        raise invalid_fields([(field, f"must not be negative, got {requested}")])
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+def fingerprint(request: Message) -> str:
+    """A digest of everything in the request except where and how much to read."""
+    filters = type(request)()
+    filters.CopyFrom(request)
+    for name in ("page_size", "page_token"):
+        filters.ClearField(name)
+    return hashlib.sha256(filters.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def encode_token(after: str, request: Message) -> str:
+    raw = json.dumps({"a": after, "f": fingerprint(request)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(request: Message, field: str = "page_token") -> str | None:
+    """The key to read after, or None for the first page."""
+    token = getattr(request, field)
+    if not token:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, bound_to = data["a"], data["f"]
+        if not isinstance(after, str):
+            raise TypeError
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise invalid_fields([(field, "is not a token this service issued")]) from None
+    if bound_to != fingerprint(request):
+        raise invalid_fields([(field, "was issued for other filters; start again without a page_token")])
+    return after

@@ -1,0 +1,94 @@
+"""Settings read once from the environment and passed explicitly to what needs them.
+
+Every field's environment variable is its name in upper case (DATABASE_URL for
+database_url), so the table in the README and this class cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///var/devops_hub.db"
+    database_pool_size: int = 10
+    database_max_overflow: int = 20
+    redis_url: str = ""
+    redis_max_connections: int = 100
+    cache_default_ttl: float = 300.0
+    cache_max_size: int = 1000
+    cache_max_bytes: int = 64 * 1024 * 1024
+    # How long a service waits for the sidecar before it reads the database instead.
+    cache_timeout: float = 0.25
+    agents_addr: str = "127.0.0.1:50051"
+    workflows_addr: str = "127.0.0.1:50052"
+    cache_addr: str = "127.0.0.1:50053"
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8100
+    # Default deadline the gateway puts on every gRPC call it makes.
+    gateway_timeout: float = 10.0
+    # Steps one execution may run at once.
+    workflow_max_parallel: int = 8
+    # An execution whose runner has not renewed its lease for this long is failed.
+    workflow_lease_ttl: float = 15.0
+    # How many events the events table keeps; older ones are pruned in the background.
+    events_retention: int = 1_000_000
+    events_prune_interval: float = 60.0
+    # How often buffered events are written, and how often streams look for new ones.
+    events_flush_interval: float = 0.1
+    events_poll_interval: float = 0.2
+    workers: int = 1
+    auth_enabled: bool = True
+    allow_anonymous_read: bool = True
+    profiling_enabled: bool = False
+    # How long in-flight calls may run on after SIGTERM.
+    shutdown_grace: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def database_url_redacted(self) -> str:
+        """DATABASE_URL without its password, fit for a log line."""
+        scheme, sep, rest = self.database_url.partition("://")
+        credentials, at, location = rest.rpartition("@")
+        if not at:
+            return self.database_url
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{location}" if ":" in credentials else self.database_url
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {raw!r}")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{name.upper()}: {exc}") from None

@@ -1,0 +1,158 @@
+"""`make run`: starts every part of DevOps Hub as its own process and watches them.
+
+Each child is started in order (the cache first, the gateway last), and the launcher
+waits until its port accepts connections before starting the next, printing one line
+per process. Ctrl-C or SIGTERM stops them all, in reverse order, within
+STOP_TIMEOUT seconds; if one dies, the launcher names it and stops the rest. Children
+get SIGTERM if the launcher itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from services.common.db import connect
+from services.common.db.migrate import migrate
+from services.common.settings import Settings
+from services.seed import seed
+
+STOP_TIMEOUT = 8.0
+START_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Part:
+    name: str
+    module: str
+    address: str
+    scheme: str
+
+
+def parts(settings: Settings) -> list[Part]:
+    return [
+        Part("cache sidecar", "services.cache_sidecar", settings.cache_addr, "grpc"),
+        Part("agents service", "services.agents", settings.agents_addr, "grpc"),
+        Part("workflows service", "services.workflows", settings.workflows_addr, "grpc"),
+        Part("gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http"),
+    ]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_listening(address: str, proc: subprocess.Popen, timeout: float) -> bool:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class Launcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[tuple[Part, subprocess.Popen]] = []
+        self._stopping = False
+
+    def start(self) -> None:
+        for part in parts(self.settings):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", part.module],
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
+                start_new_session=True,
+            )
+            self.running.append((part, proc))
+            if not _wait_listening(part.address, proc, START_TIMEOUT):
+                code = proc.poll()
+                why = f"exited with code {code}" if code is not None else f"did not listen within {START_TIMEOUT:.0f}s"
+                raise RuntimeError(f"{part.name} {why}")
+            print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {proc.pid})", flush=True)
+
+    def watch(self) -> int:
+        """Blocks until a signal or a child's death; returns the exit code."""
+        while not self._stopping:
+            for part, proc in self.running:
+                code = proc.poll()
+                if code is not None:
+                    print(f"launcher: {part.name} (pid {proc.pid}) exited with code {code}; stopping the rest", flush=True)
+                    self.stop()
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def request_stop(self, signum: int, _frame) -> None:
+        self._stopping = True
+
+    def stop(self) -> None:
+        self._stopping = True
+        for _, proc in reversed(self.running):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for part, proc in reversed(self.running):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"launcher: {part.name} did not stop in time; killing it", flush=True)
+                proc.kill()
+                proc.wait()
+
+
+async def _migrate(settings: Settings) -> int:
+    db = await connect(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        return len(await migrate(db))
+    finally:
+        await db.close()
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    launcher = Launcher(settings)
+    signal.signal(signal.SIGTERM, launcher.request_stop)
+    signal.signal(signal.SIGINT, launcher.request_stop)
+    print(f"launcher: database {settings.database_url_redacted}, cache {'redis' if settings.redis_url else 'memory'}", flush=True)
+    # Migrate once up front, so services starting side by side never race on the schema.
+    applied = asyncio.run(_migrate(settings))
+    print(f"launcher: database migrated ({applied} new migration(s))", flush=True)
+    try:
+        launcher.start()
+    except RuntimeError as exc:
+        print(f"launcher: {exc}; stopping the rest", file=sys.stderr, flush=True)
+        launcher.stop()
+        return 1
+    try:
+        seeded = asyncio.run(seed(settings))
+        print(f"launcher: seeded {len(seeded)} built-in agent(s) and example workflow(s)" if seeded else "launcher: examples already seeded", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the system runs without its examples
+        print(f"launcher: seeding the examples failed ({exc}); the services run on", file=sys.stderr, flush=True)
+    gateway = f"http://{settings.gateway_host}:{settings.gateway_port}"
+    print(f"launcher: ready. Try: curl -s -X POST {gateway}/api/workflows/fan-out-greetings:execute "
+          "-H 'content-type: application/json' -d '{\"input\": {\"services\": [\"api\", \"web\"]}}'", flush=True)
+    code = launcher.watch()
+    if launcher.running and all(proc.poll() is None for _, proc in launcher.running):
+        print("launcher: stopping", flush=True)
+    launcher.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

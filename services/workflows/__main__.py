@@ -1,0 +1,5 @@
+import asyncio
+
+from services.workflows.server import main
+
+asyncio.run(main())

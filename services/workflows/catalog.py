@@ -1,0 +1,176 @@
+"""Workflow definitions: validation against the live agent registry, caching, invalidation.
+
+Cache rules (DESIGN.md): the workflow list is cached 60 s and a single workflow
+300 s; a write invalidates that workflow's key and every list page, after it commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.message import Message
+
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
+
+from services.cache_sidecar.client import CacheClient
+from services.common import pagination
+from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
+from services.common.events import EventWriter
+from services.workflows import validation
+from services.workflows.repository import WorkflowRepository
+
+Workflow = workflows_pb2.Workflow
+
+TTL_WORKFLOW = 300.0
+TTL_LIST = 60.0
+_LIST_PATTERN = "workflows:list:*"
+# The fields a client may write through UpdateWorkflow's mask.
+WRITABLE = ("name", "description", "steps", "timeout")
+
+
+def _key(workflow_id: str) -> str:
+    return f"workflows:get:{workflow_id}"
+
+
+def _list_key(request: Message) -> str:
+    return "workflows:list:" + hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()[:32]
+
+
+class WorkflowCatalog:
+    def __init__(
+        self,
+        repository: WorkflowRepository,
+        agents: agents_pb2_grpc.AgentsServiceStub,
+        cache: CacheClient,
+        events: EventWriter,
+    ) -> None:
+        self._repository = repository
+        self._agents = agents
+        self._cache = cache
+        self._events = events
+
+    async def get(self, workflow_id: str) -> Workflow:
+        if not workflow_id:
+            raise invalid_fields([("id", "is required")])
+
+        async def load() -> Workflow:
+            workflow = await self._repository.get(workflow_id)
+            if workflow is None:
+                raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
+            return workflow
+
+        return await self._cache.get_or_load(_key(workflow_id), TTL_WORKFLOW, Workflow, load)
+
+    async def list(self, request: workflows_pb2.ListWorkflowsRequest) -> workflows_pb2.ListWorkflowsResponse:
+        size = pagination.page_size(request.page_size)
+        after = pagination.decode_token(request)
+
+        async def load() -> workflows_pb2.ListWorkflowsResponse:
+            workflows = await self._repository.list(after, size + 1)
+            response = workflows_pb2.ListWorkflowsResponse(workflows=workflows[:size])
+            if len(workflows) > size:
+                response.next_page_token = pagination.encode_token(workflows[size - 1].id, request)
+            return response
+
+        return await self._cache.get_or_load(_list_key(request), TTL_LIST, workflows_pb2.ListWorkflowsResponse, load)
+
+    async def create(self, requested: Workflow) -> Workflow:
+        workflow = Workflow()
+        workflow.CopyFrom(requested)
+        for name in ("create_time", "update_time", "etag"):
+            workflow.ClearField(name)
+        if not workflow.id:
+            workflow.id = str(uuid.uuid4())
+        violations: validation.Violations = []
+        if not validation.ID.match(workflow.id):
+            violations.append(("workflow.id", "must be 1-128 letters, digits, '.', '_' or '-'"))
+        await self._validate(workflow, violations)
+        workflow.name = workflow.name.strip()
+        created = await self._repository.insert(workflow, _now())
+        await self._changed(created.id, "workflow.created")
+        return created
+
+    async def update(self, requested: Workflow, mask: Sequence[str]) -> Workflow:
+        if not requested.id:
+            raise invalid_fields([("workflow.id", "is required")])
+        paths = list(mask) or [name for name in WRITABLE if _is_set(requested, name)]
+        unknown = [(f"update_mask.paths[{i}]", f"{p!r} is not one of {', '.join(WRITABLE)}") for i, p in enumerate(paths) if p not in WRITABLE]
+        if unknown:
+            raise invalid_fields(unknown)
+        current = await self._repository.get(requested.id)
+        if current is None:
+            raise NotFound(f"workflow {requested.id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": requested.id})
+        merged = Workflow()
+        merged.CopyFrom(current)
+        for name in paths:
+            merged.ClearField(name)
+            if name == "steps":
+                merged.steps.extend(requested.steps)
+            elif name == "timeout":
+                if requested.HasField("timeout"):
+                    merged.timeout.CopyFrom(requested.timeout)
+            else:
+                setattr(merged, name, getattr(requested, name))
+        await self._validate(merged, [])
+        # Without an etag, the revision just read guards the read-modify-write.
+        expected = _revision(requested.etag) if requested.etag else int(current.etag)
+        updated = await self._repository.replace(merged, expected, _now())
+        if updated is None:
+            raise Aborted(
+                f"workflow {requested.id!r} was changed since it was read; read it again and retry",
+                reason="ETAG_MISMATCH",
+                metadata={"id": requested.id},
+            )
+        await self._changed(updated.id, "workflow.updated")
+        return updated
+
+    async def delete(self, workflow_id: str, etag: str) -> None:
+        if not workflow_id:
+            raise invalid_fields([("id", "is required")])
+        if not await self._repository.delete(workflow_id, _revision(etag) if etag else None):
+            if etag and await self._repository.exists(workflow_id):
+                raise Aborted(f"workflow {workflow_id!r} was changed since etag {etag!r}", reason="ETAG_MISMATCH", metadata={"id": workflow_id})
+            raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
+        await self._changed(workflow_id, "workflow.deleted")
+
+    async def _validate(self, workflow: Workflow, violations: validation.Violations) -> None:
+        validation.check_workflow(workflow, "workflow", violations)
+        agent_ids = sorted({s.agent_id for s in workflow.steps if s.agent_id})
+        agents = dict(zip(agent_ids, await asyncio.gather(*(self._agent(a) for a in agent_ids))))
+        validation.check_agents(workflow, "workflow", agents, violations)
+        if violations:
+            raise invalid_fields(violations)
+
+    async def _agent(self, agent_id: str) -> agents_pb2.Agent | None:
+        try:
+            return await self._agents.GetAgent(agents_pb2.GetAgentRequest(id=agent_id), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return None
+            raise Unavailable(f"cannot check agent {agent_id!r}: the agents service answered {exc.code().name}", reason="AGENTS_UNAVAILABLE") from None
+
+    async def _changed(self, workflow_id: str, event: str) -> None:
+        await self._cache.invalidate(_key(workflow_id), _LIST_PATTERN)
+        self._events.emit(event, workflow_id, {"workflow_id": workflow_id})
+
+
+def _is_set(workflow: Workflow, name: str) -> bool:
+    if name == "steps":
+        return len(workflow.steps) > 0
+    if name == "timeout":
+        return workflow.HasField("timeout")
+    return bool(getattr(workflow, name))
+
+
+def _revision(etag: str) -> int:
+    # An etag this service never issued matches no revision.
+    return int(etag) if etag.isdigit() else -1
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

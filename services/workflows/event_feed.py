@@ -1,0 +1,122 @@
+"""Live events for StreamEvents and WatchExecution, read from the shared events table.
+
+Events are written by every replica of every service, so a stream cannot be fed
+from one process's memory. One poller per process reads new rows by id and fans
+them out to the subscribers' bounded queues; it runs only while someone listens.
+
+PostgreSQL hands out ids before commit, so a transaction can commit a lower id after
+a higher one was read. The poller keeps such holes open for a few seconds and reads
+them again, so a late commit is still delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from devops_hub.v1 import events_pb2
+
+from services.common.db import Database
+from services.common.events import SELECT, to_event
+from services.common.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+HOLE_TTL = 5.0
+# A wider jump is a sequence skip (rolled-back batch), not commits in flight.
+MAX_HOLES = 1000
+BATCH = 1000
+
+
+class SubscriberTooSlow(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "STREAM_OVERFLOW"
+
+
+@dataclass(eq=False)
+class Subscription:
+    accepts: Callable[[events_pb2.Event], bool]
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
+    overflowed: bool = False
+
+
+class EventFeed:
+    def __init__(self, db: Database, *, poll_interval: float = 0.2) -> None:
+        self._db = db
+        self._poll_interval = poll_interval
+        self._subscribers: set[Subscription] = set()
+        self._task: asyncio.Task | None = None
+        self._last_id: int | None = None
+        self._holes: dict[int, float] = {}  # missing id -> when to give up on it
+
+    async def open(self, accepts: Callable[[events_pb2.Event], bool]) -> Subscription:
+        """Starts collecting the events stored from now on that `accepts` keeps."""
+        if self._last_id is None:
+            self._last_id = int(await self._db.fetchval("SELECT COALESCE(MAX(id), 0) FROM events"))
+        subscription = Subscription(accepts)
+        self._subscribers.add(subscription)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="event-feed")
+        return subscription
+
+    async def events(self, subscription: Subscription) -> AsyncIterator[events_pb2.Event]:
+        """The subscription's events, in order, until the caller stops reading."""
+        try:
+            while True:
+                event = await subscription.queue.get()
+                if event is None:
+                    raise SubscriberTooSlow("the stream fell too far behind and was closed; reconnect to resume")
+                yield event
+        finally:
+            self.release(subscription)
+
+    def release(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        while self._subscribers:
+            try:
+                await self._poll_once()
+            except Exception:  # noqa: BLE001 - the database may be away for a moment
+                log.exception("reading new events failed")
+            await asyncio.sleep(self._poll_interval)
+
+    async def _poll_once(self) -> None:
+        now = time.monotonic()
+        self._holes = {i: until for i, until in self._holes.items() if until > now}
+        low = min([self._last_id, *self._holes]) if self._holes else self._last_id
+        rows = await self._db.fetch(f"{SELECT} WHERE id > $1 ORDER BY id LIMIT {BATCH}", low)
+        for row in rows:
+            event_id = int(row["id"])
+            if event_id <= self._last_id and event_id not in self._holes:
+                continue  # delivered already
+            self._holes.pop(event_id, None)
+            if event_id - self._last_id <= MAX_HOLES:
+                for missing in range(self._last_id + 1, event_id):
+                    self._holes[missing] = now + HOLE_TTL
+            self._last_id = max(self._last_id, event_id)
+            self._deliver(to_event(row))
+
+    def _deliver(self, event: events_pb2.Event) -> None:
+        for subscription in list(self._subscribers):
+            if subscription.overflowed or not subscription.accepts(event):
+                continue
+            try:
+                subscription.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # Drop the subscriber, not events: it is told, and can resume from ListEvents.
+                subscription.overflowed = True
+                subscription.queue.get_nowait()
+                subscription.queue.put_nowait(None)

@@ -1,0 +1,96 @@
+"""Execution use cases: start, read, list, cancel and watch executions."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from devops_hub.v1 import events_pb2, workflows_pb2
+
+from services.common import pagination
+from services.common.errors import FailedPrecondition, NotFound, invalid_fields
+from services.workflows.catalog import WorkflowCatalog
+from services.workflows.engine import Engine
+from services.workflows.events_log import EventLog
+from services.workflows.repository import ExecutionRepository
+
+Execution = workflows_pb2.Execution
+MAX_IDEMPOTENCY_KEY = 128
+MAX_INPUT_BYTES = 1024 * 1024
+_TERMINAL_EVENTS = {f"execution.{name.lower()}" for name in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")}
+
+
+class Executions:
+    def __init__(self, catalog: WorkflowCatalog, repository: ExecutionRepository, engine: Engine, log: EventLog) -> None:
+        self._catalog = catalog
+        self._repository = repository
+        self._engine = engine
+        self._log = log
+
+    async def execute(self, workflow_id: str, input: dict[str, Any], idempotency_key: str) -> Execution:
+        violations = []
+        if not workflow_id:
+            violations.append(("id", "is required"))
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            violations.append(("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
+        if len(json.dumps(input)) > MAX_INPUT_BYTES:
+            violations.append(("input", f"must be at most {MAX_INPUT_BYTES} bytes of JSON"))
+        if violations:
+            raise invalid_fields(violations)
+        workflow = await self._catalog.get(workflow_id)
+        return await self._engine.submit(workflow, input, idempotency_key)
+
+    async def get(self, execution_id: str) -> Execution:
+        if not execution_id:
+            raise invalid_fields([("id", "is required")])
+        execution = await self._repository.get(execution_id)
+        if execution is None:
+            raise NotFound(f"execution {execution_id!r} not found", reason="EXECUTION_NOT_FOUND", metadata={"id": execution_id})
+        return execution
+
+    async def list(self, request: workflows_pb2.ListExecutionsRequest) -> workflows_pb2.ListExecutionsResponse:
+        size = pagination.page_size(request.page_size)
+        if request.status not in Execution.Status.values():
+            raise invalid_fields([("status", f"unknown value {request.status}")])
+        after = pagination.decode_token(request)
+        before = _decode_position(after) if after else None
+        executions = await self._repository.list(request.workflow_id, request.status, before, size + 1)
+        response = workflows_pb2.ListExecutionsResponse(executions=executions[:size])
+        if len(executions) > size:
+            last = executions[size - 1]
+            response.next_page_token = pagination.encode_token(_encode_position(last), request)
+        return response
+
+    async def cancel(self, execution_id: str) -> Execution:
+        current = await self.get(execution_id)
+        if current.status not in (Execution.PENDING, Execution.RUNNING):
+            raise FailedPrecondition(
+                f"execution {execution_id!r} has ended ({Execution.Status.Name(current.status)}); there is nothing to cancel",
+                reason="EXECUTION_ENDED",
+                metadata={"id": execution_id, "status": Execution.Status.Name(current.status)},
+            )
+        await self._engine.cancel(execution_id)
+        return await self.get(execution_id)
+
+    async def watch(self, execution_id: str) -> AsyncIterator[events_pb2.Event]:
+        """The execution's transitions so far, then live ones, until it ends."""
+        await self.get(execution_id)
+        async for event in self._log.follow(correlation_id=execution_id):
+            yield event
+            if event.type in _TERMINAL_EVENTS:
+                return
+
+
+def _encode_position(execution: Execution) -> str:
+    return base64.urlsafe_b64encode(json.dumps([execution.create_time.ToJsonString(), execution.id]).encode()).decode()
+
+
+def _decode_position(token: str) -> tuple[str, str]:
+    try:
+        created, execution_id = json.loads(base64.urlsafe_b64decode(token))
+        return created.replace("Z", "+00:00"), execution_id
+    except (binascii.Error, ValueError, TypeError):
+        raise invalid_fields([("page_token", "is not a token this service issued")]) from None

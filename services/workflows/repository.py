@@ -1,0 +1,263 @@
+"""All SQL about workflows and their executions.
+
+Definitions and step runs are stored as the JSON of their protos, so the proto stays
+the one description of their shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from devops_hub.v1 import workflows_pb2
+
+from services.common.db import Database, UniqueViolation
+from services.common.db.database import Row
+from services.common.errors import AlreadyExists
+
+Workflow = workflows_pb2.Workflow
+Execution = workflows_pb2.Execution
+StepRun = workflows_pb2.StepRun
+
+ACTIVE_STATUSES = ("PENDING", "RUNNING")
+_WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
+_EXECUTION_COLUMNS = (
+    "id, workflow_id, status, input, output, error, steps, definition, idempotency_key, create_time, start_time, end_time"
+)
+
+
+def _definition(workflow: Workflow) -> str:
+    body = Workflow(steps=workflow.steps)
+    if workflow.HasField("timeout"):
+        body.timeout.CopyFrom(workflow.timeout)
+    return json_format.MessageToJson(body, indent=None)
+
+
+def _ts(value: dt.datetime | str | None) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(value)
+
+
+def _to_workflow(row: Row) -> Workflow:
+    workflow = json_format.Parse(row["definition"], Workflow())
+    workflow.id = row["id"]
+    workflow.name = row["name"]
+    workflow.description = row["description"]
+    workflow.etag = str(row["revision"])
+    workflow.create_time.FromDatetime(_ts(row["create_time"]))
+    workflow.update_time.FromDatetime(_ts(row["update_time"]))
+    return workflow
+
+
+def to_execution(row: Row) -> Execution:
+    execution = Execution(
+        id=row["id"],
+        workflow_id=row["workflow_id"],
+        status=Execution.Status.Value(row["status"]),
+        error=row["error"],
+        idempotency_key=row["idempotency_key"] or "",
+    )
+    json_format.ParseDict(json.loads(row["input"]), execution.input)
+    json_format.ParseDict(json.loads(row["output"]), execution.output)
+    for step in json.loads(row["steps"]):
+        json_format.ParseDict(step, execution.steps.add())
+    for name in ("create_time", "start_time", "end_time"):
+        if row[name] is not None:
+            getattr(execution, name).FromDatetime(_ts(row[name]))
+    return execution
+
+
+def steps_json(steps: Sequence[StepRun]) -> str:
+    return json.dumps([json_format.MessageToDict(step, preserving_proto_field_name=True) for step in steps])
+
+
+class WorkflowRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, workflow_id: str) -> Workflow | None:
+        row = await self.db.fetchrow(f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = $1", workflow_id)
+        return None if row is None else _to_workflow(row)
+
+    async def list(self, after_id: str | None, limit: int) -> list[Workflow]:
+        if after_id is None:
+            rows = await self.db.fetch(f"SELECT {_WORKFLOW_COLUMNS} FROM workflows ORDER BY id LIMIT $1", limit)
+        else:
+            rows = await self.db.fetch(
+                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit
+            )
+        return [_to_workflow(row) for row in rows]
+
+    async def insert(self, workflow: Workflow, now: dt.datetime) -> Workflow:
+        try:
+            row = await self._write_returning(
+                f"INSERT INTO workflows (id, name, description, definition, revision, create_time, update_time)"
+                f" VALUES ($1, $2, $3, $4, 1, $5, $5) RETURNING {_WORKFLOW_COLUMNS}",
+                workflow.id, workflow.name, workflow.description, _definition(workflow), now,
+            )
+        except UniqueViolation:
+            raise AlreadyExists(f"workflow {workflow.id!r} already exists", reason="WORKFLOW_EXISTS", metadata={"id": workflow.id}) from None
+        return _to_workflow(row)
+
+    async def replace(self, workflow: Workflow, expected_revision: int | None, now: dt.datetime) -> Workflow | None:
+        """Writes the whole workflow if the revision still matches; None when nothing matched."""
+        args: list[Any] = [workflow.id, workflow.name, workflow.description, _definition(workflow), now]
+        where = "id = $1"
+        if expected_revision is not None:
+            args.append(expected_revision)
+            where += " AND revision = $6"
+        row = await self._write_returning(
+            f"UPDATE workflows SET name = $2, description = $3, definition = $4, update_time = $5,"
+            f" revision = revision + 1 WHERE {where} RETURNING {_WORKFLOW_COLUMNS}",
+            *args,
+        )
+        return None if row is None else _to_workflow(row)
+
+    async def delete(self, workflow_id: str, expected_revision: int | None) -> bool:
+        if expected_revision is None:
+            return await self.db.execute("DELETE FROM workflows WHERE id = $1", workflow_id) > 0
+        return await self.db.execute("DELETE FROM workflows WHERE id = $1 AND revision = $2", workflow_id, expected_revision) > 0
+
+    async def exists(self, workflow_id: str) -> bool:
+        return bool(await self.db.fetchval("SELECT 1 FROM workflows WHERE id = $1", workflow_id))
+
+    async def _write_returning(self, sql: str, *args: Any) -> Row | None:
+        async with self.db.transaction() as tx:
+            return await tx.fetchrow(sql, *args)
+
+
+class ExecutionRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self, execution: Execution, definition: Workflow, owner: str, lease_until: dt.datetime, now: dt.datetime
+    ) -> Execution | None:
+        """Inserts a PENDING execution; None when its idempotency key was used already."""
+        try:
+            async with self.db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO workflow_executions (id, workflow_id, status, input, steps, definition,"
+                    " idempotency_key, owner, lease_expires_at, create_time)"
+                    " VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $8, $9)",
+                    execution.id,
+                    execution.workflow_id,
+                    json_format.MessageToJson(execution.input, indent=None),
+                    steps_json(execution.steps),
+                    _definition(definition),
+                    execution.idempotency_key or None,
+                    owner,
+                    lease_until,
+                    now,
+                )
+        except UniqueViolation:
+            return None
+        return await self.get(execution.id)
+
+    async def get(self, execution_id: str) -> Execution | None:
+        row = await self.db.fetchrow(f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE id = $1", execution_id)
+        return None if row is None else to_execution(row)
+
+    async def by_idempotency_key(self, workflow_id: str, key: str) -> Execution | None:
+        row = await self.db.fetchrow(
+            f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE workflow_id = $1 AND idempotency_key = $2",
+            workflow_id,
+            key,
+        )
+        return None if row is None else to_execution(row)
+
+    async def definition(self, execution_id: str) -> Workflow | None:
+        value = await self.db.fetchval("SELECT definition FROM workflow_executions WHERE id = $1", execution_id)
+        return None if value is None else json_format.Parse(value, Workflow())
+
+    async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:
+        """Newest first; `before` is the (create_time, id) the previous page ended on."""
+        clauses, args = [], []
+        if workflow_id:
+            args.append(workflow_id)
+            clauses.append(f"workflow_id = ${len(args)}")
+        if status:
+            args.append(Execution.Status.Name(status))
+            clauses.append(f"status = ${len(args)}")
+        if before is not None:
+            args += [dt.datetime.fromisoformat(before[0]), before[1]]
+            n = len(args)
+            clauses.append(f"(create_time < ${n - 1} OR (create_time = ${n - 1} AND id < ${n}))")
+        args.append(limit)
+        where = " AND ".join(clauses) or "TRUE"
+        rows = await self.db.fetch(
+            f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE {where}"
+            f" ORDER BY create_time DESC, id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        return [to_execution(row) for row in rows]
+
+    async def save(self, execution: Execution) -> bool:
+        """Writes status, steps and output, unless the execution already ended otherwise.
+
+        The write goes through while the row is active, or when it already holds the
+        status being written (a runner recording its steps after a cancel that another
+        replica wrote). It returns False when refused: a runner never overwrites a
+        final status with another.
+        """
+        status = Execution.Status.Name(execution.status)
+        changed = await self.db.execute(
+            "UPDATE workflow_executions SET status = $2, steps = $3, output = $4, error = $5,"
+            " start_time = $6, end_time = $7 WHERE id = $1 AND (status IN ('PENDING', 'RUNNING') OR status = $2)",
+            execution.id,
+            status,
+            steps_json(execution.steps),
+            json_format.MessageToJson(execution.output, indent=None),
+            execution.error,
+            execution.start_time.ToDatetime(dt.timezone.utc) if execution.HasField("start_time") else None,
+            execution.end_time.ToDatetime(dt.timezone.utc) if execution.HasField("end_time") else None,
+        )
+        return changed > 0
+
+    async def finish_if_active(self, execution_id: str, status: str, error: str, now: dt.datetime) -> Execution | None:
+        """Ends an active execution (cancel, reap); None when it had ended already."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow(
+                "UPDATE workflow_executions SET status = $2, error = $3, end_time = $4"
+                f" WHERE id = $1 AND status IN ('PENDING', 'RUNNING') RETURNING {_EXECUTION_COLUMNS}",
+                execution_id,
+                status,
+                error,
+                now,
+            )
+        return None if row is None else to_execution(row)
+
+    async def renew_leases(self, owner: str, until: dt.datetime) -> None:
+        """Extends the leases of every active execution this owner runs: one statement."""
+        await self.db.execute(
+            "UPDATE workflow_executions SET lease_expires_at = $2 WHERE owner = $1 AND status IN ('PENDING', 'RUNNING')",
+            owner,
+            until,
+        )
+
+    async def reap_expired(self, now: dt.datetime, reason: str) -> list[Execution]:
+        """Fails the active executions whose runner stopped renewing its lease."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "UPDATE workflow_executions SET status = 'FAILED', error = $2, end_time = $1"
+                " WHERE status IN ('PENDING', 'RUNNING') AND lease_expires_at < $1"
+                f" RETURNING {_EXECUTION_COLUMNS}",
+                now,
+                reason,
+            )
+        return [to_execution(row) for row in rows]
+
+    async def cancelled_among(self, ids: Sequence[str]) -> list[str]:
+        """Which of these executions were cancelled through another replica."""
+        if not ids:
+            return []
+        placeholders = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
+        rows = await self.db.fetch(
+            f"SELECT id FROM workflow_executions WHERE status = 'CANCELLED' AND id IN ({placeholders})", *ids
+        )
+        return [row["id"] for row in rows]

@@ -1,0 +1,98 @@
+"""Wiring for the workflows service: database, event log, engine, servicers, host."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+
+from services.cache_sidecar.client import CacheClient
+from services.common.db import Database, connect
+from services.common.db.migrate import migrate
+from services.common.events import EventWriter
+from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.settings import Settings
+from services.workflows.catalog import WorkflowCatalog
+from services.workflows.engine import Engine
+from services.workflows.event_feed import EventFeed
+from services.workflows.events_log import EventLog
+from services.workflows.executions import Executions
+from services.workflows.repository import ExecutionRepository, WorkflowRepository
+from services.workflows.retention import Pruner
+from services.workflows.servicer import EventsServicer, WorkflowsServicer
+
+WORKFLOWS_SERVICE = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].full_name
+EVENTS_SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
+
+
+@dataclass
+class WorkflowsService:
+    host: GrpcHost
+    db: Database
+    engine: Engine
+    events: EventWriter
+    feed: EventFeed
+    pruner: Pruner
+    cache: CacheClient
+    agents_channel: grpc.aio.Channel
+
+    async def start(self) -> int:
+        port = await self.host.start()
+        await self.engine.start()
+        self.pruner.start()
+        return port
+
+    async def close(self) -> None:
+        """Fails what still runs (with the reason), then flushes events and closes."""
+        await self.engine.stop()
+        await self.pruner.stop()
+        await self.feed.close()
+        await self.events.close()
+        await self.agents_channel.close()
+        await self.cache.close()
+        await self.db.close()
+
+
+async def build(settings: Settings) -> WorkflowsService:
+    db = await connect(
+        settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+    )
+    await migrate(db)
+    cache = CacheClient(settings.cache_addr, timeout=settings.cache_timeout)
+    agents_channel = grpc.aio.insecure_channel(settings.agents_addr)
+    agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
+    events = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
+    feed = EventFeed(db, poll_interval=settings.events_poll_interval)
+    log = EventLog(db, events, feed)
+    executions_repository = ExecutionRepository(db)
+    engine = Engine(
+        executions_repository,
+        agents,
+        events,
+        max_parallel=settings.workflow_max_parallel,
+        lease_ttl=settings.workflow_lease_ttl,
+    )
+    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, events)
+    executions = Executions(catalog, executions_repository, engine, log)
+    host = GrpcHost(settings.workflows_addr)
+    host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
+    host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
+    pruner = Pruner(db, settings.events_retention, settings.events_prune_interval)
+    return WorkflowsService(host, db, engine, events, feed, pruner, cache, agents_channel)
+
+
+async def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = await build(settings)
+    await service.engine.start()
+    service.pruner.start()
+    await run_until_stopped(service.host, "workflows service", settings.shutdown_grace, [service.close])
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

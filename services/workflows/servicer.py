@@ -1,0 +1,64 @@
+"""WorkflowsService and EventsService over gRPC: translate, then delegate."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2, json_format
+
+from devops_hub.v1 import events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+
+from services.workflows.catalog import WorkflowCatalog
+from services.workflows.events_log import EventLog
+from services.workflows.executions import Executions
+
+
+class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
+    def __init__(self, catalog: WorkflowCatalog, executions: Executions) -> None:
+        self._catalog = catalog
+        self._executions = executions
+
+    async def ListWorkflows(self, request, context) -> workflows_pb2.ListWorkflowsResponse:
+        return await self._catalog.list(request)
+
+    async def GetWorkflow(self, request, context) -> workflows_pb2.Workflow:
+        return await self._catalog.get(request.id)
+
+    async def CreateWorkflow(self, request, context) -> workflows_pb2.Workflow:
+        return await self._catalog.create(request.workflow)
+
+    async def UpdateWorkflow(self, request, context) -> workflows_pb2.Workflow:
+        return await self._catalog.update(request.workflow, list(request.update_mask.paths))
+
+    async def DeleteWorkflow(self, request, context) -> empty_pb2.Empty:
+        await self._catalog.delete(request.id, request.etag)
+        return empty_pb2.Empty()
+
+    async def ExecuteWorkflow(self, request, context) -> workflows_pb2.Execution:
+        return await self._executions.execute(request.id, json_format.MessageToDict(request.input), request.idempotency_key)
+
+    async def ListExecutions(self, request, context) -> workflows_pb2.ListExecutionsResponse:
+        return await self._executions.list(request)
+
+    async def GetExecution(self, request, context) -> workflows_pb2.Execution:
+        return await self._executions.get(request.id)
+
+    async def CancelExecution(self, request, context) -> workflows_pb2.Execution:
+        return await self._executions.cancel(request.id)
+
+    async def WatchExecution(self, request, context):
+        async for event in self._executions.watch(request.id):
+            yield event
+
+
+class EventsServicer(events_pb2_grpc.EventsServiceServicer):
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+
+    async def ListEvents(self, request, context) -> events_pb2.ListEventsResponse:
+        return await self._log.list(request)
+
+    async def PublishEvent(self, request, context) -> events_pb2.Event:
+        return await self._log.publish(request.event)
+
+    async def StreamEvents(self, request, context):
+        async for event in self._log.stream(request):
+            yield event

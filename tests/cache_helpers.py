@@ -1,0 +1,134 @@
+"""What the cache tests share: real sidecars on ephemeral ports (memory, or Redis under
+a test prefix), loaders that count, and small helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from devops_hub.v1 import cache_pb2
+from services.cache_sidecar.codecs import protobuf_content_type
+from services.cache_sidecar.server import CacheSidecar, build
+from services.common.settings import Settings
+
+STRING_TYPE = protobuf_content_type("google.protobuf.StringValue")
+READ_TIMEOUT = 5.0
+# Redis timeouts for tests: the most the sidecar allows, so a loaded test machine does
+# not make Redis look failed.
+TEST_REDIS_TIMEOUT = 0.25
+
+StartSidecar = Callable[..., Awaitable[CacheSidecar]]
+
+
+@pytest.fixture
+async def start_sidecar() -> AsyncIterator[StartSidecar]:
+    """Starts real sidecars; settings overrides and build() keywords pass through."""
+    started: list[CacheSidecar] = []
+
+    async def start(
+        *,
+        watch_queue_size: int = 1024,
+        heartbeat_interval: float = 5.0,
+        redis_key_prefix: str | None = None,
+        redis_timeout: float | None = TEST_REDIS_TIMEOUT,
+        wait_for_relay: bool = True,
+        **overrides,
+    ) -> CacheSidecar:
+        settings = Settings(cache_addr="127.0.0.1:0").replace(**overrides)
+        sidecar = await build(
+            settings,
+            watch_queue_size=watch_queue_size,
+            heartbeat_interval=heartbeat_interval,
+            redis_key_prefix=redis_key_prefix,
+            redis_timeout=redis_timeout,
+        )
+        started.append(sidecar)
+        await sidecar.host.start()
+        if sidecar.relay is not None and wait_for_relay:
+            await asyncio.wait_for(sidecar.relay.subscribed.wait(), READ_TIMEOUT)
+        return sidecar
+
+    yield start
+    for sidecar in started:
+        await sidecar.host.stop(0, pre_stop=[sidecar.end_streams])
+        await sidecar.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """start_sidecar() overrides for each store: memory, and Redis under a test prefix."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_url"), "redis_key_prefix": request.getfixturevalue("redis_prefix")}
+
+
+def entry(key: str, value: bytes = b"v", content_type: str = "") -> cache_pb2.CacheEntry:
+    return cache_pb2.CacheEntry(key=key, value=value, content_type=content_type)
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The field names of the BadRequest detail of an error status."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no rich status"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            return [violation.field for violation in bad_request.field_violations]
+    raise AssertionError(f"no BadRequest detail in {status}")
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingLoader:
+    """A loader that counts its calls and can be held until released."""
+
+    def __init__(self, value: str = "loaded", *, hold: bool = False) -> None:
+        self.value = value
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.finished = False
+        if not hold:
+            self.release.set()
+
+    async def __call__(self) -> wrappers_pb2.StringValue:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        self.finished = True
+        return wrappers_pb2.StringValue(value=self.value)
+
+
+class Database:
+    """The source of truth in client tests: versioned values, reads counted."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.reads = 0
+
+    def loader(self, key: str) -> Callable[[], Awaitable[wrappers_pb2.StringValue]]:
+        async def load() -> wrappers_pb2.StringValue:
+            self.reads += 1
+            return wrappers_pb2.StringValue(value=self.values.get(key, ""))
+
+        return load

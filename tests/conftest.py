@@ -1,0 +1,187 @@
+"""Shared fixtures: real servers on ephemeral ports, real SQLite files, a real PostgreSQL.
+
+PostgreSQL and Redis are the machine's own (127.0.0.1:5432, 127.0.0.1:6379). Each
+test run works in a database of its own, dropped at the end. Without PostgreSQL the
+tests that need it skip with the reason, except under CI=true where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
+
+from services.agents.builtins import builtin_agent_records
+from services.agents.server import AgentsService
+from services.agents.server import build as build_agents
+from services.cache_sidecar.server import build as build_sidecar
+from services.common.settings import Settings
+from services.workflows.server import WorkflowsService
+from services.workflows.server import build as build_workflows
+
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _run_aside(make_coroutine) -> None:
+    """Runs a coroutine to completion on a loop of its own, even from inside a running loop."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(lambda: asyncio.run(make_coroutine())).result()
+
+
+def _unavailable(what: str, why: Exception) -> None:
+    message = f"{what} is not reachable ({why.__class__.__name__}: {why})"
+    if IN_CI:
+        pytest.fail(f"{message}; under CI=true it must run", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """A database of this test run's own on the machine's PostgreSQL."""
+    name = f"dh_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    try:
+        _run_aside(create)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        _unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    _run_aside(drop)
+
+
+async def _fresh_schema(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request, tmp_path) -> str:
+    """Each test once on a new SQLite file and once on an empty PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/hub.db"
+    url = request.getfixturevalue("pg_server_url")
+    await _fresh_schema(url)
+    return url
+
+
+@pytest.fixture
+async def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/hub.db"
+
+
+def make_settings(database_url: str, **overrides) -> Settings:
+    base = Settings(
+        database_url=database_url,
+        database_pool_size=2,
+        database_max_overflow=4,
+        agents_addr="127.0.0.1:0",
+        workflows_addr="127.0.0.1:0",
+        cache_addr="127.0.0.1:0",
+        gateway_port=0,
+        shutdown_grace=1.0,
+        workflow_lease_ttl=1.5,
+        events_flush_interval=0.02,
+        events_poll_interval=0.05,
+    )
+    return base.replace(**overrides)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    agents: AgentsService
+    channel: grpc.aio.Channel
+    stub: agents_pb2_grpc.AgentsServiceStub
+    cache_stub: cache_pb2_grpc.CacheServiceStub | None
+    workflows: WorkflowsService | None = None
+    workflows_stub: workflows_pb2_grpc.WorkflowsServiceStub | None = None
+    events_stub: events_pb2_grpc.EventsServiceStub | None = None
+
+
+@asynccontextmanager
+async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_workflows: bool = False) -> AsyncIterator[Stack]:
+    """The cache sidecar, the agents service and (optionally) the workflows service,
+    seeded with the built-in agents, on ephemeral ports, as real servers.
+
+    Whatever started is stopped again, also when a later part fails to start.
+    """
+    async with contextlib.AsyncExitStack() as started:
+        cache_stub = None
+        if with_sidecar:
+            sidecar = await build_sidecar(settings)
+            started.push_async_callback(sidecar.close)
+            cache_port = await sidecar.host.start()
+            started.push_async_callback(sidecar.host.stop, 0)
+            settings = settings.replace(cache_addr=f"127.0.0.1:{cache_port}")
+            cache_channel = grpc.aio.insecure_channel(settings.cache_addr)
+            started.push_async_callback(cache_channel.close)
+            cache_stub = cache_pb2_grpc.CacheServiceStub(cache_channel)
+        elif settings.cache_addr.endswith(":0"):
+            settings = settings.replace(cache_addr=f"127.0.0.1:{_closed_port()}")
+        agents = await build_agents(settings)
+        started.push_async_callback(agents.close)
+        port = await agents.host.start()
+        started.push_async_callback(agents.host.stop, 0)
+        settings = settings.replace(agents_addr=f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(settings.agents_addr)
+        started.push_async_callback(channel.close)
+        stack = Stack(settings, agents, channel, agents_pb2_grpc.AgentsServiceStub(channel), cache_stub)
+        if with_workflows:
+            for agent in builtin_agent_records():
+                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+            workflows = await build_workflows(settings)
+            started.push_async_callback(workflows.close)
+            port = await workflows.start()
+            started.push_async_callback(workflows.host.stop, 0)
+            stack.settings = settings = settings.replace(workflows_addr=f"127.0.0.1:{port}")
+            workflows_channel = grpc.aio.insecure_channel(settings.workflows_addr)
+            started.push_async_callback(workflows_channel.close)
+            stack.workflows = workflows
+            stack.workflows_stub = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)
+            stack.events_stub = events_pb2_grpc.EventsServiceStub(workflows_channel)
+        yield stack
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound, then released."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def stack(database_url) -> AsyncIterator[Stack]:
+    async with running_stack(make_settings(database_url)) as running:
+        yield running

@@ -1,0 +1,140 @@
+"""Real Redis for the cache tests: the machine's (127.0.0.1:6379, or TEST_REDIS_URL),
+each test under a key prefix of its own that is removed afterwards, or a private
+redis-server on a free port for the tests that kill, freeze or restart it.
+
+Without Redis those tests skip and say why, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import NoReturn
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(what: str, why: str) -> NoReturn:
+    message = f"{what} is not available ({why})"
+    if IN_CI:
+        pytest.fail(f"{message}; under CI=true it must run", pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unlink_prefix(url: str, prefix: str) -> int:
+    """Removes every key under prefix (SCAN, never KEYS)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+    removed = 0
+    try:
+        batch = []
+        for name in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(name)
+            if len(batch) >= 1000:
+                removed += client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += client.unlink(*batch)
+    finally:
+        client.close()
+    return removed
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis, once it has answered a PING."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        unavailable(f"Redis at {REDIS_URL}", f"{type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; everything under it is removed afterwards."""
+    prefix = f"dhtest:{uuid.uuid4().hex}:"
+    yield prefix
+    unlink_prefix(redis_url, prefix)
+
+
+class RedisServer:
+    """A redis-server of the test's own: no persistence, on its own port."""
+
+    def __init__(self, binary: str, port: int) -> None:
+        self.binary = binary
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+            try:
+                await client.ping()
+                return
+            except (RedisError, OSError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            finally:
+                await client.aclose()
+
+    def kill(self) -> None:
+        """SIGKILL: its data is gone, and it gets a new run_id when started again."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers; the data stays."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("redis-server", "not on PATH")
+    server = RedisServer(binary, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.thaw()
+        server.kill()

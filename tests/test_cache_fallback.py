@@ -1,0 +1,223 @@
+"""Redis failing under the sidecar: killed, frozen, restarted, down at start. A private
+redis-server per test (its own port, no persistence), started and signalled here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from services.cache_sidecar.stores.fallback import FallbackStore
+from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache_sidecar.stores.redis import RedisStore, connect
+from services.cache_sidecar.stores.redis_layout import KeyLayout
+from tests.cache_helpers import StartSidecar, entry, start_sidecar  # noqa: F401 - fixtures
+from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixtures
+
+CALL_TIMEOUT = 5.0
+RECOVERY_TIMEOUT = 20.0
+
+
+async def wait_backend(stub: cache_pb2_grpc.CacheServiceStub, backend: str) -> cache_pb2.CacheStats:
+    deadline = asyncio.get_running_loop().time() + RECOVERY_TIMEOUT
+    while True:
+        stats = await stub.Stats(empty_pb2.Empty(), timeout=CALL_TIMEOUT)
+        if stats.backend == backend:
+            return stats
+        assert asyncio.get_running_loop().time() < deadline, f"backend still {stats.backend}, expected {backend}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_state(store: FallbackStore, state: str) -> None:
+    deadline = asyncio.get_running_loop().time() + RECOVERY_TIMEOUT
+    while store.state != state:
+        assert asyncio.get_running_loop().time() < deadline, f"store still {store.state}, expected {state}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def sidecar_stub(start_sidecar: StartSidecar, redis_server: RedisServer):
+    await redis_server.wait_ready()
+    sidecar = await start_sidecar(redis_url=redis_server.url)
+    async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
+        yield sidecar, cache_pb2_grpc.CacheServiceStub(channel)
+
+
+@pytest.fixture
+async def fallback(redis_server: RedisServer):
+    """A FallbackStore on the private Redis, for what is easier to drive directly."""
+    await redis_server.wait_ready()
+    primary = RedisStore(connect(redis_server.url, max_connections=8, timeout=0.25), default_ttl=60,
+                         layout=KeyLayout("dh:"))
+    store = FallbackStore(
+        primary,
+        MemoryBackend(MemoryStore(max_entries=1000, max_bytes=1 << 20, default_ttl=60)),
+        memory_ttl=5,
+        journal_size=3,
+        probe_initial=0.05,
+        probe_max=0.2,
+    )
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def test_redis_killed_under_load_fails_no_call_and_serves_nothing_stale(
+    sidecar_stub, redis_server: RedisServer
+) -> None:
+    sidecar, stub = sidecar_stub
+    keys = [f"agents:get:{i}" for i in range(20)]
+    database = dict.fromkeys(keys, 0)  # the source of truth: a version per key
+    failures: list[str] = []
+    calls = 0
+    running = True
+
+    async def call(method: str, request):
+        nonlocal calls
+        calls += 1
+        try:
+            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            failures.append(f"{method}: {exc.code().name} {exc.details()}")
+            return None
+
+    async def reader() -> None:
+        while running:
+            key = random.choice(keys)
+            got = await call("Get", cache_pb2.CacheGetRequest(key=key))
+            if got is not None and not got.found:
+                loaded = str(database[key]).encode()  # the loader reads the database
+                await asyncio.sleep(0)
+                await call("Set", cache_pb2.CacheSetRequest(entry=entry(key, loaded), fill_token=got.fill_token))
+
+    async def writer() -> None:
+        while running:
+            key = random.choice(keys)
+            database[key] += 1  # the write commits, then invalidates
+            if random.random() < 0.2:
+                await call("Invalidate", cache_pb2.CacheInvalidateRequest(pattern="agents:*"))
+            else:
+                await call("Delete", cache_pb2.CacheDeleteRequest(key=key))
+            await asyncio.sleep(0.005)
+
+    load = [asyncio.create_task(reader()) for _ in range(8)] + [asyncio.create_task(writer()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.5)
+        redis_server.kill()
+        await wait_backend(stub, "memory")
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        await wait_backend(stub, "redis")
+        await asyncio.sleep(0.5)
+    finally:
+        running = False
+        await asyncio.gather(*load)
+
+    assert failures == [] and calls > 100
+    for key in keys:
+        got = await stub.Get(cache_pb2.CacheGetRequest(key=key), timeout=CALL_TIMEOUT)
+        assert not got.found or got.entry.value == str(database[key]).encode(), f"{key} is stale"
+    stats = await stub.Stats(empty_pb2.Empty(), timeout=CALL_TIMEOUT)
+    assert stats.backend == "redis" and stats.backend_switches >= 2 and stats.backend_errors >= 1
+
+
+async def test_what_was_invalidated_while_redis_was_away_is_never_served(
+    sidecar_stub, redis_server: RedisServer
+) -> None:
+    """SIGSTOP keeps Redis's data: when it answers again it still holds the entries
+    invalidated meanwhile, and the sidecar must replay those invalidations first."""
+    sidecar, stub = sidecar_stub
+    keys = ["agents:get:1", "agents:get:2", "agents:get:3", "agents:get:4", "agents:list:a", "agents:list:b", "workflows:get:1"]
+    await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry(key, b"old") for key in keys]), timeout=CALL_TIMEOUT)
+
+    redis_server.freeze()
+    try:
+        # Every call answers (from memory once Redis times out); none fails.
+        await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:1"), timeout=CALL_TIMEOUT)
+        await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:list:*"), timeout=CALL_TIMEOUT)
+        await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:get:[23]"), timeout=CALL_TIMEOUT)
+        during = await stub.Stats(empty_pb2.Empty(), timeout=CALL_TIMEOUT)
+        assert (during.backend, during.backend_switches) == ("memory", 1)
+        assert sidecar.store.journal == ("agents:get:1", "agents:list:*", "agents:get:[23]")
+        missed = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:4"), timeout=CALL_TIMEOUT)
+        assert not missed.found  # memory starts empty: nothing it could serve is stale
+    finally:
+        redis_server.thaw()
+
+    after = await wait_backend(stub, "redis")
+    assert after.backend_switches == 2 and sidecar.store.journal == ()
+    found = await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=keys), timeout=CALL_TIMEOUT)
+    # Only what was never invalidated is still there: the replay was exact, not a clear.
+    assert sorted(e.key for e in found.entries) == ["agents:get:4", "workflows:get:1"]
+
+
+async def test_a_fill_token_from_redis_is_refused_once_memory_serves(fallback: FallbackStore,
+                                                                   redis_server: RedisServer) -> None:
+    miss = await fallback.get("agents:get:1")
+    assert fallback.backend == "redis"
+    redis_server.freeze()
+    try:
+        assert await fallback.set("agents:get:1", b"loaded before", "", fill_token=miss.fill_token) is False
+        assert fallback.backend == "memory"
+        assert (await fallback.get("agents:get:1")).entry is None
+    finally:
+        redis_server.thaw()
+
+
+async def test_too_many_invalidations_while_away_clear_redis_on_return(
+    fallback: FallbackStore, redis_server: RedisServer
+) -> None:
+    await fallback.set("agents:get:1", b"v", "")
+    await fallback.set("workflows:get:1", b"v", "")
+    redis_server.freeze()
+    try:
+        for i in range(4):  # the journal holds 3
+            await fallback.invalidate(f"other:{i}:*")
+        assert fallback.journal == ()
+    finally:
+        redis_server.thaw()
+    await wait_state(fallback, "up")
+    # Nothing journaled could be replayed, so everything went, untouched keys included.
+    assert await fallback.get_many(["agents:get:1", "workflows:get:1"]) == {}
+
+
+async def test_a_restarted_redis_is_cleared_before_use(
+    fallback: FallbackStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="services.cache_sidecar.stores.fallback")
+    await fallback.set("agents:get:1", b"v", "")
+    redis_server.kill()
+    assert (await fallback.get("agents:get:1")).entry is None  # served by memory, no error
+    assert fallback.backend == "memory"
+    redis_server.start()
+    await wait_state(fallback, "up")
+    assert any("restarted" in record.message for record in caplog.records)
+    miss = await fallback.get("agents:get:1")
+    assert miss.entry is None
+    assert await fallback.set("agents:get:1", b"v2", "", fill_token=miss.fill_token) is True
+    assert (await fallback.get("agents:get:1")).entry.value == b"v2"
+
+
+async def test_a_sidecar_started_while_redis_is_down_uses_it_once_it_is_up(
+    start_sidecar: StartSidecar, redis_server: RedisServer
+) -> None:
+    redis_server.kill()
+    sidecar = await start_sidecar(redis_url=redis_server.url, wait_for_relay=False)
+    assert sidecar.relay is not None and not sidecar.relay.subscribed.is_set()
+    async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        assert (await stub.Stats(empty_pb2.Empty(), timeout=CALL_TIMEOUT)).backend == "memory"
+        await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"in memory")), timeout=CALL_TIMEOUT)
+        redis_server.start()
+        await wait_backend(stub, "redis")
+        await asyncio.wait_for(sidecar.relay.subscribed.wait(), RECOVERY_TIMEOUT)
+        got = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"), timeout=CALL_TIMEOUT)
+        assert not got.found  # memory was given back on the switch
+        await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"in redis")), timeout=CALL_TIMEOUT)
+        got = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"), timeout=CALL_TIMEOUT)
+        assert got.entry.value == b"in redis"

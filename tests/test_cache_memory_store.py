@@ -1,0 +1,382 @@
+"""The memory store, with an injected clock and random source: unit tests, and a
+hypothesis state machine run against a plain model of what a cache must do."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+
+from services.cache_sidecar.keys import MAX_PREFIX_DEPTH, escape_key
+from services.cache_sidecar.stores.memory import MemoryStore
+from services.common.errors import InvalidArgument
+from tests.cache_helpers import FakeClock
+
+
+def store(clock: FakeClock | None = None, **overrides) -> MemoryStore:
+    options = dict(max_entries=1000, max_bytes=1 << 20, default_ttl=60.0, clock=clock or FakeClock(), rand=lambda: 0.5)
+    options.update(overrides)
+    return MemoryStore(**options)
+
+
+def test_ttl_expires_on_the_injected_clock_and_counts_as_ttl_eviction() -> None:
+    clock = FakeClock()
+    memory = store(clock)
+    memory.set("agents:get:1", b"x", "", ttl=10)
+    clock.now += 9.99
+    assert memory.get("agents:get:1") is not None
+    clock.now += 0.02
+    assert memory.get("agents:get:1") is None
+    stats = memory.stats()
+    assert stats.evictions["ttl"] == 1
+    assert stats.entries == 0 and stats.bytes == 0
+
+
+def test_ttl_jitter_stays_within_ten_percent() -> None:
+    clock = FakeClock()
+    start = clock.now
+    shortest = store(clock, rand=lambda: 0.0)
+    longest = store(clock, rand=lambda: 1.0)
+    shortest.set("k:1", b"x", "", ttl=100)
+    longest.set("k:1", b"x", "", ttl=100)
+    for elapsed, short_alive, long_alive in [(89.9, True, True), (90.1, False, True), (109.9, False, True), (110.1, False, False)]:
+        clock.now = start + elapsed
+        assert (shortest.get("k:1") is not None, longest.get("k:1") is not None) == (short_alive, long_alive), elapsed
+
+
+def test_zero_ttl_means_the_default_ttl() -> None:
+    clock = FakeClock()
+    memory = store(clock, default_ttl=30.0)
+    memory.set("k:1", b"x", "", ttl=0)
+    clock.now += 29.0
+    assert memory.get("k:1") is not None
+    clock.now += 2.0
+    assert memory.get("k:1") is None
+
+
+def test_expired_entries_are_reclaimed_without_being_read() -> None:
+    clock = FakeClock()
+    memory = store(clock)
+    for i in range(500):
+        memory.set(f"short:{i}", b"x" * 10, "", ttl=1)
+    memory.set("long:1", b"y", "", ttl=100)
+    clock.now += 5
+    stats = memory.stats()
+    assert stats.entries == 1
+    assert stats.bytes == len(b"y") + len("long:1")
+    assert stats.evictions["ttl"] == 500
+
+
+def test_expired_entries_make_room_before_live_ones_are_evicted() -> None:
+    clock = FakeClock()
+    memory = store(clock, max_entries=3)
+    for key in ("old:1", "old:2", "old:3"):
+        memory.set(key, b"x", "", ttl=1)
+    clock.now += 5
+    memory.set("new:1", b"x", "")
+    evictions = memory.stats().evictions
+    assert (evictions["ttl"], evictions["size"]) == (3, 0)
+
+
+def test_overwrites_keep_the_expiry_heap_bounded() -> None:
+    memory = store()
+    for i in range(20_000):
+        memory.set("hot:1", str(i).encode(), "")
+    assert memory.stats().entries == 1
+    assert len(memory._expiry) <= 2 * 1 + 1024 + 1
+    assert memory.get("hot:1").value == b"19999"
+
+
+def test_fill_tokens_older_than_the_history_are_refused() -> None:
+    memory = store(history=2)
+    token = memory.sequence
+    memory.invalidate("other:*")
+    assert memory.set("agents:1", b"x", "", fill_token=token) is True  # unrelated record: fine
+    memory.invalidate("other:*")
+    memory.invalidate("other:*")  # the record after `token` has now been forgotten
+    assert memory.set("agents:2", b"x", "", fill_token=token) is False
+    assert memory.set("agents:3", b"x", "", fill_token=memory.sequence) is True
+    assert memory.set("agents:4", b"x", "", fill_token=memory.sequence + 1) is False  # never issued
+    assert memory.set("agents:5", b"x", "", fill_token=0) is True  # unconditional
+
+
+def test_tokens_from_an_earlier_sidecar_process_are_refused() -> None:
+    earlier = MemoryStore(max_entries=10, max_bytes=1000, default_ttl=60)
+    token = earlier.sequence
+    later = MemoryStore(max_entries=10, max_bytes=1000, default_ttl=60)
+    assert later.set("agents:1", b"x", "", fill_token=token) is False
+    assert later.get("agents:1") is None
+
+
+def test_prefix_invalidation_never_looks_at_a_key() -> None:
+    class Tripwire(str):
+        """A key that fails the test if a prefix check is ever run against it."""
+
+        def startswith(self, *args, **kwargs):  # type: ignore[override]
+            raise AssertionError(f"prefix invalidation scanned {self!r}")
+
+    memory = store()
+    for i in range(200):
+        memory.set(Tripwire(f"workflows:get:{i}"), b"x", "")
+        memory.set(Tripwire(f"agents:list:{i}"), b"x", "")
+    memory.set("agents:get:1", b"x", "")
+    assert memory.invalidate("agents:list:*") == 200
+    assert memory.invalidate("agents:*") == 1
+    assert memory.get("agents:list:7") is None and memory.get("agents:get:1") is None
+    assert memory.get("workflows:get:7") is not None
+    assert memory.stats().entries == 200
+
+
+def test_prefix_without_colon_covers_every_namespace_it_prefixes() -> None:
+    memory = store()
+    for key in ("agents:1", "agentsX:2", "agent", "ag:3", "workflows:4"):
+        memory.set(key, b"x", "")
+    assert memory.invalidate("agent*") == 3
+    assert [key for key in ("agents:1", "agentsX:2", "agent", "ag:3", "workflows:4") if memory.get(key)] == [
+        "ag:3",
+        "workflows:4",
+    ]
+
+
+def test_glob_classes_and_escaped_keys_follow_fnmatch() -> None:
+    memory = store()
+    for key in ("agents:get:a1", "agents:get:b1", "agents:get:a22", "odd:[x]*?"):
+        memory.set(key, b"x", "")
+    assert memory.invalidate("agents:get:[a]?") == 1
+    assert memory.get("agents:get:a22") is not None and memory.get("agents:get:b1") is not None
+    assert memory.delete("odd:[x]*?") is True
+    assert memory.get("odd:[x]*?") is None
+
+
+def test_store_refuses_unusable_entries_with_field_violations() -> None:
+    memory = store(max_bytes=100)
+    with pytest.raises(InvalidArgument) as empty:
+        memory.set("", b"x", "")
+    assert [field for field, _ in empty.value.violations] == ["key"]
+    with pytest.raises(InvalidArgument) as too_big:
+        memory.set("k:1", b"x" * 101, "")
+    assert [field for field, _ in too_big.value.violations] == ["value"]
+    with pytest.raises(InvalidArgument):
+        memory.set("k" * 1025, b"x", "")
+    assert memory.stats().entries == 0
+
+
+
+def test_namespaces_must_be_usable_as_redis_hash_tags() -> None:
+    memory = store()
+    for key in (":get:1", "{agents}:get:1", "ag}ents:1", "agents"):
+        if key == "agents":
+            assert memory.set(key, b"x", "") is True  # a key without ':' is its own namespace
+            continue
+        with pytest.raises(InvalidArgument) as refused:
+            memory.set(key, b"x", "")
+        assert [field for field, _ in refused.value.violations] == ["key"], key
+    assert memory.set("agents:{json}:1", b"x", "") is True  # braces after the namespace are fine
+
+
+def test_invalidated_entries_are_reclaimed_by_later_writes_and_maintenance() -> None:
+    memory = store(max_entries=2000)
+    for i in range(1000):
+        memory.set(f"agents:list:{i}", b"x" * 10, "")
+    memory.set("agents:get:1", b"y", "")
+    assert memory.invalidate("agents:list:*") == 1000
+    stats = memory.stats()
+    assert (stats.entries, stats.bytes) == (1, 1 + len("agents:get:1"))
+    assert memory.held[0] == 1001  # dead entries still hold memory until reclaimed...
+    memory.set("agents:get:2", b"z", "")
+    assert memory.held[0] < 1002  # ...each write reclaims a few...
+    assert memory.maintain(budget=10_000) == 0  # ...and maintenance the rest
+    assert memory.held == (2, stats.bytes + 1 + len("agents:get:2"))
+    assert memory.stats().evictions == {"size": 0, "bytes": 0, "ttl": 0}  # reclaiming is not evicting
+
+
+def test_dead_entries_count_against_the_bounds_but_never_as_evictions() -> None:
+    memory = store(max_entries=10)
+    for i in range(10):
+        memory.set(f"old:list:{i}", b"x", "")
+    memory.invalidate("old:list:*")
+    for i in range(10):
+        memory.set(f"new:get:{i}", b"x", "")
+    assert memory.held[0] <= 10
+    assert [memory.get(f"new:get:{i}") is not None for i in range(10)] == [True] * 10
+    assert memory.stats().evictions["size"] == 0
+
+
+def test_a_key_written_again_after_its_prefix_was_invalidated_is_live() -> None:
+    memory = store()
+    memory.set("agents:list:p1", b"old", "")
+    memory.invalidate("agents:list:*")
+    memory.set("agents:list:p1", b"new", "")
+    assert memory.get("agents:list:p1").value == b"new"
+    memory.maintain()
+    assert memory.get("agents:list:p1").value == b"new"
+    assert memory.stats().entries == 1
+
+
+def test_prefix_levels_deeper_than_the_tree_fall_back_to_a_glob() -> None:
+    deep = ":".join(["d"] * (MAX_PREFIX_DEPTH + 2))
+    memory = store()
+    memory.set(f"{deep}:1", b"x", "")
+    memory.set(f"{deep}x:2", b"x", "")
+    assert memory.invalidate(f"{deep}:*") == 1
+    assert memory.get(f"{deep}:1") is None and memory.get(f"{deep}x:2") is not None
+
+
+def test_negative_entries_live_at_most_the_negative_ttl() -> None:
+    clock = FakeClock()
+    memory = store(clock, default_ttl=300, negative_ttl=5)
+    memory.set("agents:get:gone", b"", "ct", ttl=300, negative=True)
+    memory.set("agents:get:here", b"v", "ct", ttl=300)
+    hit = memory.get("agents:get:gone")
+    assert hit is not None and hit.negative and hit.value == b""
+    clock.now += 5.1
+    assert memory.get("agents:get:gone") is None
+    assert memory.get("agents:get:here") is not None
+    with pytest.raises(InvalidArgument):
+        memory.set("agents:get:x", b"not empty", "ct", negative=True)
+
+
+# --- the state machine -------------------------------------------------------------------
+
+KEYS = ["a:1", "a:2", "a:x:1", "a:x:2", "a:y:1", "b:1", "b:x:1", "c", "a:x:y:z:w:1", "a:x:y:z:w:2"]
+PATTERNS = ["a:*", "a:x:*", "a:y:*", "b:*", "a:?", "*:1", "a:x:[12]", "*", "a:x:y:z:w:*", "c", "a*", "b:x:1", "*x*"]
+TTLS = [0, 1, 10, 100]
+DEFAULT_TTL = 50.0
+NEGATIVE_TTL = 5.0
+
+
+class Model:
+    """What a cache must answer: the last value set for a key, until its TTL passes or an
+    invalidation matching it runs. Entries keep their expiry and leave when invalidated."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[bytes, float, bool]] = {}
+        # Every invalidation pattern, in order: a fill token is the length at its miss.
+        self.invalidations: list[str] = []
+
+    def live(self, key: str, now: float) -> tuple[bytes, bool] | None:
+        found = self.entries.get(key)
+        if found is None or found[1] <= now:
+            return None
+        return found[0], found[2]
+
+
+class MemoryStoreMachine(RuleBasedStateMachine):
+    """Large bounds: nothing is evicted, so the store must match the model exactly."""
+
+    max_entries = 1000
+    max_bytes = 1 << 20
+    exact = True
+
+    tokens = Bundle("tokens")
+
+    @initialize()
+    def start(self) -> None:
+        self.clock = FakeClock()
+        self.store = MemoryStore(
+            max_entries=self.max_entries,
+            max_bytes=self.max_bytes,
+            default_ttl=DEFAULT_TTL,
+            negative_ttl=NEGATIVE_TTL,
+            clock=self.clock,
+            rand=lambda: 0.5,  # no jitter: expiry instants are exact
+            history=10_000,
+        )
+        self.model = Model()
+
+    def _expiry(self, ttl: float, negative: bool) -> float:
+        ttl = ttl if ttl > 0 else DEFAULT_TTL
+        return self.clock.now + (min(ttl, NEGATIVE_TTL) if negative else ttl)
+
+    @rule(key=st.sampled_from(KEYS), value=st.binary(max_size=40), ttl=st.sampled_from(TTLS), negative=st.booleans())
+    def set(self, key: str, value: bytes, ttl: float, negative: bool) -> None:
+        value = b"" if negative else value
+        assert self.store.set(key, value, "ct", ttl, 0, negative) is True
+        self.model.entries[key] = (value, self._expiry(ttl, negative), negative)
+
+    @rule(key=st.sampled_from(KEYS))
+    def get(self, key: str) -> None:
+        found = self.store.get(key)
+        expected = self.model.live(key, self.clock.now)
+        if found is None and not self.exact:
+            self.model.entries.pop(key, None)  # evicted: allowed when bounds are small
+            return
+        assert (None if found is None else (found.value, found.negative)) == expected
+
+    @rule(target=tokens, key=st.sampled_from(KEYS))
+    def miss(self, key: str) -> tuple[str, int, int]:
+        """A Get's fill token, as a client holds it while it loads."""
+        return key, self.store.sequence, len(self.model.invalidations)
+
+    @rule(token=tokens, value=st.binary(max_size=40))
+    def fill(self, token: tuple[str, int, int], value: bytes) -> None:
+        key, fill_token, seen = token
+        raced = any(fnmatch.fnmatchcase(key, pattern) for pattern in self.model.invalidations[seen:])
+        stored = self.store.set(key, value, "ct", 10, fill_token)
+        assert stored == (not raced), "a fill landed after an invalidation it raced" if stored else "a fill was refused"
+        if stored:
+            self.model.entries[key] = (value, self._expiry(10, False), False)
+
+    @rule(key=st.sampled_from(KEYS))
+    def delete(self, key: str) -> None:
+        self._invalidate(escape_key(key), self.store.delete(key))
+
+    @rule(pattern=st.sampled_from(PATTERNS))
+    def invalidate(self, pattern: str) -> None:
+        self._invalidate(pattern, self.store.invalidate(pattern))
+
+    def _invalidate(self, pattern: str, removed: int) -> None:
+        matched = [key for key in self.model.entries if fnmatch.fnmatchcase(key, pattern)]
+        live = [key for key in matched if self.model.live(key, self.clock.now) is not None]
+        # Entries past their TTL but not yet reclaimed may be counted, or not; with
+        # small bounds, live ones may have been evicted already.
+        assert removed <= len(matched)
+        if self.exact:
+            assert removed >= len(live)
+        for key in matched:
+            del self.model.entries[key]
+        self.model.invalidations.append(pattern)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 4.9, 5, 20, 60]))
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule(budget=st.integers(min_value=1, max_value=20))
+    def maintain(self, budget: int) -> None:
+        self.store.maintain(budget)
+
+    @invariant()
+    def bounds_hold(self) -> None:
+        entries, size = self.store.held
+        assert entries <= self.max_entries and size <= self.max_bytes
+
+    @invariant()
+    def stats_count_the_live_entries(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        stats = self.store.stats()
+        live = [key for key in self.model.entries if self.model.live(key, self.clock.now) is not None]
+        if self.exact:
+            assert stats.entries == len(live)
+            assert stats.bytes == sum(len(self.model.entries[key][0]) + len(key) + len("ct") for key in live)
+        else:
+            assert stats.entries <= len(live)
+
+
+class SmallMemoryStoreMachine(MemoryStoreMachine):
+    """Bounds of a few entries: evictions happen, so the store may miss what the model
+    holds, but must never answer a value the model does not."""
+
+    max_entries = 3
+    max_bytes = 120
+    exact = False
+
+
+HYPOTHESIS = settings(max_examples=100, stateful_step_count=60, deadline=None,
+                      suppress_health_check=[HealthCheck.too_slow])
+TestMemoryStoreAgainstModel = MemoryStoreMachine.TestCase
+TestMemoryStoreAgainstModel.settings = HYPOTHESIS
+TestSmallMemoryStoreAgainstModel = SmallMemoryStoreMachine.TestCase
+TestSmallMemoryStoreAgainstModel.settings = HYPOTHESIS

@@ -1,0 +1,211 @@
+"""The gateway's pure parts, without sockets: path templates and the router, the error
+table, json_format error explanations, and the body limit."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from devops_hub.v1 import agents_pb2
+from gateway.backends import BACKEND_OF_SERVICE, ChannelPool
+from gateway.errors import HTTP_STATUS, http_status
+from gateway.rest import RestGateway
+from gateway.routes import RouteError, build_routes, discover_services
+from gateway.templates import Found, NotAllowed, PathTemplate, Router, TemplateError
+from gateway.transcode import explain
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_parse_simple_variable_and_verb():
+    template = PathTemplate.parse("/api/agents/{id}:execute")
+
+    assert template.segments == ("api", "agents", "*")
+    assert template.verb == "execute"
+    assert [(v.field_path, v.start, v.stop) for v in template.variables] == [(("id",), 2, 3)]
+    assert template.openapi_path == "/api/agents/{id}:execute"
+
+
+def test_parse_verb_on_a_literal_segment():
+    template = PathTemplate.parse("/api/agents:batchCreate")
+
+    assert template.segments == ("api", "agents")
+    assert template.verb == "batchCreate"
+    assert template.variables == ()
+
+
+def test_parse_nested_field_and_multi_segment_variables():
+    nested = PathTemplate.parse("/api/agents/{agent.id}")
+    spanning = PathTemplate.parse("/v1/{name=projects/*/agents/*}:run")
+    rest = PathTemplate.parse("/files/{path=**}")
+
+    assert nested.variables[0].field_path == ("agent", "id")
+    assert spanning.segments == ("v1", "projects", "*", "agents", "*")
+    assert (spanning.variables[0].start, spanning.variables[0].stop) == (1, 5)
+    assert spanning.openapi_path == "/v1/{name}:run"
+    assert rest.variables[0].stop is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["api/agents", "/api/{id", "/api/{1d}", "/api//agents", "/api/agents/", "/a/**/b", "/a/{x}/{x}", "/a:", "/a/b{c}"],
+)
+def test_invalid_templates_are_refused(text):
+    with pytest.raises(TemplateError):
+        PathTemplate.parse(text)
+
+
+def router(*bindings: tuple[str, str]) -> Router[str]:
+    return Router((method, PathTemplate.parse(path), f"{method} {path}") for method, path in bindings)
+
+
+AGENT_ROUTES = router(
+    ("GET", "/api/agents"),
+    ("GET", "/api/agents/{id}"),
+    ("PATCH", "/api/agents/{agent.id}"),
+    ("POST", "/api/agents:batchCreate"),
+    ("POST", "/api/agents/{id}:execute"),
+    ("GET", "/api/agents/stats"),
+)
+
+
+def test_router_keeps_the_verb_out_of_the_variable():
+    get = AGENT_ROUTES.match("GET", "/api/agents/x")
+    execute = AGENT_ROUTES.match("POST", "/api/agents/x:execute")
+    wrong = AGENT_ROUTES.match("GET", "/api/agents/x:execute")
+
+    assert get == Found("GET /api/agents/{id}", ("x",))
+    assert execute == Found("POST /api/agents/{id}:execute", ("x",))
+    assert wrong == NotAllowed(("POST",))
+
+
+def test_router_shares_shapes_across_variable_names():
+    assert AGENT_ROUTES.match("PATCH", "/api/agents/x") == Found("PATCH /api/agents/{agent.id}", ("x",))
+    assert AGENT_ROUTES.match("DELETE", "/api/agents/x") == NotAllowed(("GET", "PATCH"))
+
+
+def test_router_prefers_literals_but_falls_back_by_method():
+    assert AGENT_ROUTES.match("GET", "/api/agents/stats") == Found("GET /api/agents/stats", ())
+    # No PATCH on the literal: the variable route still takes it.
+    assert AGENT_ROUTES.match("PATCH", "/api/agents/stats") == Found("PATCH /api/agents/{agent.id}", ("stats",))
+
+
+def test_router_unknown_verbs_and_encoded_characters_stay_in_values():
+    assert AGENT_ROUTES.match("GET", "/api/agents/a:b") == Found("GET /api/agents/{id}", ("a:b",))
+    assert AGENT_ROUTES.match("GET", "/api/agents/a%2Fb%3Aexecute") == Found("GET /api/agents/{id}", ("a/b:execute",))
+
+
+def test_router_not_found_cases():
+    for path in ("/", "/api", "/api/agents/", "/api/agents//", "/api/agents/x/y", "/api/agents/:execute", "/other"):
+        assert AGENT_ROUTES.match("GET", path) is None, path
+
+
+def test_router_multi_segment_captures():
+    routes = router(("GET", "/v1/{name=projects/*/agents/*}"), ("GET", "/files/{path=**}"))
+
+    assert routes.match("GET", "/v1/projects/p1/agents/a1") == Found("GET /v1/{name=projects/*/agents/*}", ("projects/p1/agents/a1",))
+    assert routes.match("GET", "/v1/projects/p1/other/a1") is None
+    assert routes.match("GET", "/files/a/b/c.txt") == Found("GET /files/{path=**}", ("a/b/c.txt",))
+
+
+def test_router_refuses_two_bindings_of_one_method_and_shape():
+    with pytest.raises(TemplateError, match="ambiguous"):
+        router(("GET", "/api/agents/{id}"), ("GET", "/api/agents/{name}"))
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def test_every_generated_service_with_http_rules_has_a_backend():
+    routes = build_routes(discover_services(), BACKEND_OF_SERVICE)
+
+    assert {route.service for route in routes} <= set(BACKEND_OF_SERVICE)
+    update = next(r for r in routes if r.method.name == "UpdateAgent")
+    assert [f.name for f in update.path_fields[0]] == ["agent", "id"]
+    assert update.body_field.name == "agent"
+
+
+def test_a_service_without_a_backend_is_refused_at_start_up():
+    with pytest.raises(RouteError, match="AgentsService has http rules but no backend"):
+        build_routes(discover_services(), {})
+
+
+async def test_channel_pool_opens_one_channel_per_address():
+    pool = ChannelPool({"agents": "127.0.0.1:1", "workflows": "127.0.0.1:1", "cache": "127.0.0.1:2"})
+    pool.open()
+    try:
+        assert pool.channel("agents") is pool.channel("workflows")
+        assert pool.channel("cache") is not pool.channel("agents")
+    finally:
+        await pool.close()
+
+
+def test_discovery_scans_the_generated_package():
+    names = {service.full_name for service in discover_services()}
+
+    assert {"devops_hub.v1.AgentsService", "devops_hub.v1.CacheService"} <= names
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_http_status_table_covers_every_grpc_code():
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    assert http_status(grpc.StatusCode.NOT_FOUND.value[0]) == 404
+    assert http_status(grpc.StatusCode.ABORTED.value[0]) == 409
+    assert http_status(99) == 500
+
+
+@pytest.mark.parametrize(
+    ("document", "path", "reason"),
+    [
+        ({"agent": {"name": 5}}, "agent.name", "expected string"),
+        ({"agent": {"nam": "x"}}, "agent.nam", "unknown field"),
+        ({"agent": {"status": "BOGUS"}}, "agent.status", "Invalid enum value BOGUS"),
+        ({"agent": {"capabilities": "x"}}, "agent.capabilities", "must be in []"),
+    ],
+)
+def test_explain_turns_json_format_errors_into_field_paths(document, path, reason):
+    with pytest.raises(json_format.ParseError) as caught:
+        json_format.ParseDict(document, agents_pb2.CreateAgentRequest())
+
+    explained_path, explained_reason = explain(caught.value)
+
+    assert explained_path == path
+    assert reason in explained_reason
+    assert not explained_reason.endswith(".")
+
+
+# --------------------------------------------------------------------------- body limit
+
+
+async def test_body_over_the_limit_is_413_before_any_backend_call():
+    gateway = RestGateway(build_routes(discover_services(), BACKEND_OF_SERVICE), timeout=1.0, max_body_bytes=16)
+    body = json.dumps({"name": "x" * 64}).encode()
+    chunks = [{"type": "http.request", "body": body[:10], "more_body": True}, {"type": "http.request", "body": body[10:]}]
+    sent: list[dict] = []
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/agents",
+        "raw_path": b"/api/agents",
+        "query_string": b"",
+        "headers": [],
+    }
+    await gateway(scope, receive, send)
+
+    assert sent[0]["status"] == 413
+    error = json.loads(sent[1]["body"])
+    assert error["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "16 bytes" in error["message"]

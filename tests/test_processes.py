@@ -1,0 +1,134 @@
+"""The processes as `make run` starts them: signals, launcher supervision, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
+        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
+        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
+        CACHE_ADDR=f"127.0.0.1:{free_port()}",
+        GATEWAY_PORT=str(free_port()),
+        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}; output so far: {lines}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    env = process_env(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = read_until(proc, "launcher: gateway")
+    yield proc, env, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def child_pids(lines: list[str]) -> dict[str, int]:
+    pids = {}
+    for line in lines:
+        if line.startswith("launcher: ") and "(pid " in line:
+            name = line.removeprefix("launcher: ").split("  ")[0].strip()
+            pids[name] = int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+    return pids
+
+
+def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
+    proc, env, lines = launcher
+    pids = child_pids(lines)
+    assert set(pids) == {"cache sidecar", "agents service", "workflows service", "gateway"}
+    assert any(f"grpc://{env['AGENTS_ADDR']}" in line for line in lines)
+    assert any(f"http://127.0.0.1:{env['GATEWAY_PORT']}" in line for line in lines)
+
+    response = httpx.post(
+        f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/agents",
+        json={"id": "from-launcher", "name": "Launcher test", "domain": "ci"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    health = httpx.get(f"http://127.0.0.1:{env['GATEWAY_PORT']}/health", timeout=10)
+    assert health.status_code == 200, health.text
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert not any(alive(pid) for pid in pids.values())
+
+
+def test_launcher_names_a_dead_child_and_stops_the_rest(launcher):
+    proc, _, lines = launcher
+    pids = child_pids(lines)
+    os.kill(pids["cache sidecar"], signal.SIGKILL)
+    assert proc.wait(timeout=15) == 1
+    output = proc.stdout.read()
+    assert "cache sidecar" in output and "exited" in output
+    time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids.values())
+
+
+def test_a_service_exits_zero_on_sigterm(tmp_path):
+    env = process_env(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.agents"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        read_until(proc, "listening on grpc://")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
