@@ -25,6 +25,7 @@ from services.common.errors import FailedPrecondition, Unavailable, invalid_fiel
 Agent = agents_pb2.Agent
 AgentResult = runtime_pb2.AgentResult
 DEFAULT_TIMEOUT = 30.0
+RESULT_MARGIN = 0.1
 MAX_RUNTIME_CHANNELS = 256
 
 
@@ -71,7 +72,8 @@ class AgentExecutor:
         _check_can_run(agent, request.capability)
         timeout = request.timeout.ToTimedelta().total_seconds() or DEFAULT_TIMEOUT
         if time_remaining is not None:
-            timeout = min(timeout, time_remaining)
+            # Keep a little of the caller's deadline to send the TIMED_OUT result back in.
+            timeout = min(timeout, max(0.0, time_remaining - min(RESULT_MARGIN, time_remaining / 10)))
         started = time.monotonic()
         if agent.endpoint == builtins.BUILTIN_ENDPOINT:
             result = await self._run_builtin(agent, request, timeout)

@@ -199,6 +199,8 @@ class Engine:
         try:
             async with asyncio.timeout(seconds(workflow.timeout, DEFAULT_WORKFLOW_TIMEOUT)):
                 outcome = await self._schedule(execution, workflow, runs, context)
+            # After a failure, the steps that never started will not run.
+            self._end_unfinished(execution, runs, StepRun.CANCELLED)
         except TimeoutError:
             outcome = (Execution.TIMED_OUT, f"the workflow ran past its timeout of {seconds(workflow.timeout, DEFAULT_WORKFLOW_TIMEOUT):g}s")
             self._end_unfinished(execution, runs, StepRun.TIMED_OUT)
@@ -306,31 +308,42 @@ class Engine:
 
     async def _attempt(self, step: Step, context: dict, attempt: int, correlation_id: str, timeout: float) -> Any:
         try:
+            if step.type == Step.CONDITIONAL:
+                return {"value": bool(references.lookup(references.parse(step.condition), context))}
+            if step.type == Step.PARALLEL:
+                return await self._fan_out(step, context, attempt, correlation_id, timeout)
             input = references.resolve(json_format.MessageToDict(step.input), context)
             if step.type == Step.TRANSFORM:
                 return input
             if step.type == Step.WAIT:
                 await asyncio.sleep(seconds(step.duration, 0))
                 return input
-            if step.type == Step.CONDITIONAL:
-                return {"value": bool(references.lookup(references.parse(step.condition), context))}
-            if step.type == Step.PARALLEL:
-                items = references.lookup(references.parse(step.for_each), context)
-                if not isinstance(items, list):
-                    raise StepFailed(f"for_each {step.for_each} is not a list", retryable=False)
-                if len(items) > MAX_PARALLEL_ITEMS:
-                    raise StepFailed(f"for_each yields {len(items)} items; at most {MAX_PARALLEL_ITEMS}", retryable=False)
-                gate = asyncio.Semaphore(self._max_parallel)
-
-                async def one(item: Any) -> Any:
-                    async with gate:
-                        item_input = references.resolve(json_format.MessageToDict(step.input), {**context, "item": item})
-                        return await self._call_agent(step, item_input, attempt, correlation_id, timeout)
-
-                return {"items": list(await asyncio.gather(*(one(item) for item in items)))}
             return await self._call_agent(step, input, attempt, correlation_id, timeout)
         except references.UnresolvedReference as exc:
             raise StepFailed(str(exc), retryable=False) from None
+
+    async def _fan_out(self, step: Step, context: dict, attempt: int, correlation_id: str, timeout: float) -> dict:
+        """Runs the agent once per item, concurrently and bounded; outputs keep the items' order."""
+        items = references.lookup(references.parse(step.for_each), context)
+        if not isinstance(items, list):
+            raise StepFailed(f"for_each {step.for_each} is not a list", retryable=False)
+        if len(items) > MAX_PARALLEL_ITEMS:
+            raise StepFailed(f"for_each yields {len(items)} items; at most {MAX_PARALLEL_ITEMS}", retryable=False)
+        template = json_format.MessageToDict(step.input)
+        gate = asyncio.Semaphore(self._max_parallel)
+
+        async def one(item: Any) -> dict:
+            async with gate:
+                item_input = references.resolve(template, {**context, "item": item})
+                return await self._call_agent(step, item_input, attempt, correlation_id, timeout)
+
+        try:
+            # A failed item cancels its siblings: the step has failed already.
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(item)) for item in items]
+        except BaseExceptionGroup as failures:
+            raise failures.exceptions[0] from None
+        return {"items": [task.result() for task in tasks]}
 
     async def _call_agent(self, step: Step, input: dict, attempt: int, correlation_id: str, timeout: float) -> dict:
         request = agents_pb2.ExecuteAgentRequest(
