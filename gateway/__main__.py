@@ -51,8 +51,22 @@ def main() -> int:
         timeout_graceful_shutdown=settings.shutdown_grace,
         server_header=False,
     )
-    _AnnouncingServer(config).run()
+    _AnnouncingServer(config).run(sockets=[_listening_socket(settings.gateway_host, settings.gateway_port)])
     return 0
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound with SO_REUSEPORT so that WORKERS processes share
+    one port and the kernel spreads connections across them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -35,14 +35,19 @@ class Part:
     module: str
     address: str
     scheme: str
+    processes: int = 1
 
 
 def parts(settings: Settings) -> list[Part]:
+    """What runs, in start order. Stateless parts run WORKERS processes on one port
+    (SO_REUSEPORT); the sidecar's memory store is state, so it stays single unless
+    the cache lives in Redis."""
+    workers = max(1, settings.workers)
     return [
-        Part("cache sidecar", "services.cache_sidecar", settings.cache_addr, "grpc"),
-        Part("agents service", "services.agents", settings.agents_addr, "grpc"),
-        Part("workflows service", "services.workflows", settings.workflows_addr, "grpc"),
-        Part("gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http"),
+        Part("cache sidecar", "services.cache_sidecar", settings.cache_addr, "grpc", workers if settings.redis_url else 1),
+        Part("agents service", "services.agents", settings.agents_addr, "grpc", workers),
+        Part("workflows service", "services.workflows", settings.workflows_addr, "grpc", workers),
+        Part("gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http", workers),
     ]
 
 
@@ -73,18 +78,22 @@ class Launcher:
 
     def start(self) -> None:
         for part in parts(self.settings):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", part.module],
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
-                start_new_session=True,
-            )
-            self.running.append((part, proc))
-            if not _wait_listening(part.address, proc, START_TIMEOUT):
-                code = proc.poll()
-                why = f"exited with code {code}" if code is not None else f"did not listen within {START_TIMEOUT:.0f}s"
-                raise RuntimeError(f"{part.name} {why}")
-            print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {proc.pid})", flush=True)
+            for _ in range(part.processes):
+                self._start_one(part)
+
+    def _start_one(self, part: Part) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", part.module],
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
+            start_new_session=True,
+        )
+        self.running.append((part, proc))
+        if not _wait_listening(part.address, proc, START_TIMEOUT):
+            code = proc.poll()
+            why = f"exited with code {code}" if code is not None else f"did not listen within {START_TIMEOUT:.0f}s"
+            raise RuntimeError(f"{part.name} {why}")
+        print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {proc.pid})", flush=True)
 
     def watch(self) -> int:
         """Blocks until a signal or a child's death; returns the exit code."""

@@ -132,3 +132,27 @@ def test_a_service_exits_zero_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
 
+
+
+def test_workers_share_each_port(tmp_path):
+    env = process_env(tmp_path)
+    env["WORKERS"] = "2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = read_until(proc, "launcher: ready")
+        started = [line for line in lines if "(pid " in line]
+        names = [line.removeprefix("launcher: ").split("  ")[0].strip() for line in started]
+        # The memory cache is state: one sidecar. The rest run two processes each, on one port.
+        assert sorted(names) == sorted(["cache sidecar"] + ["agents service", "workflows service", "gateway"] * 2)
+        pids = [int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in started]
+        for _ in range(20):
+            response = httpx.get(f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/agents", timeout=10)
+            assert response.status_code == 200, response.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
