@@ -101,6 +101,19 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     health = httpx.get(f"http://127.0.0.1:{env['GATEWAY_PORT']}/health", timeout=10)
     assert health.status_code == 200, health.text
 
+    # The examples are seeded, and one runs to the end in the first minute.
+    gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    examples = httpx.get(f"{gateway}/api/workflows", timeout=10).json()["workflows"]
+    assert {"deploy-gate", "fan-out-greetings"} <= {w["id"] for w in examples}
+    started = httpx.post(f"{gateway}/api/workflows/fan-out-greetings:execute", json={"input": {"services": ["api", "web"]}}, timeout=10)
+    assert started.status_code == 200, started.text
+    deadline = time.monotonic() + 20
+    while (execution := httpx.get(f"{gateway}/api/executions/{started.json()['id']}", timeout=10).json())["status"] in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, execution
+        time.sleep(0.1)
+    assert execution["status"] == "SUCCEEDED", execution
+    assert execution["output"]["collect"]["messages"] == [{"text": "Hello from api"}, {"text": "Hello from web"}]
+
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0

@@ -21,8 +21,9 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
 @pytest.fixture
-async def hub(database_url):
-    async with running_stack(make_settings(database_url), with_workflows=True) as stack:
+async def hub(database_url, request):
+    overrides = getattr(request, "param", {})
+    async with running_stack(make_settings(database_url, **overrides), with_workflows=True) as stack:
         async with running_gateway(stack.settings) as base_url:
             async with httpx.AsyncClient(base_url=base_url, timeout=20) as client:
                 yield client
@@ -329,3 +330,14 @@ async def test_publish_and_list_events(hub):
         await asyncio.sleep(0.05)
     else:
         raise AssertionError("agent.created was never stored")
+
+
+@pytest.mark.parametrize("hub", [{"workflow_max_parallel": 1}], indirect=True)
+async def test_max_parallel_bounds_the_steps_of_one_execution(hub):
+    steps = [{"id": f"nap{i}", "type": "WAIT", "duration": "0.15s", "input": {}} for i in range(3)]
+    await create(hub, {"id": "naps", "name": "Naps", "steps": steps})
+    done = await wait_for(hub, (await execute(hub, "naps"))["id"])
+    assert done["status"] == "SUCCEEDED"
+    spans = sorted((s["startTime"], s["endTime"]) for s in done["steps"])
+    # One at a time: each starts after the one before it ended.
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1)), spans
