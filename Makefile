@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos run test bench lint clean
+.PHONY: setup protos run test bench lint clean key ghz loadtest
 
 setup: $(VENV)/.installed protos
 
@@ -31,8 +31,36 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
+# Prints a new admin API key for DATABASE_URL's database, once (see README).
+key: setup
+	@$(PY) -m services.agents.new_key
+
 bench: setup
 	$(PY) -m bench.run
+
+# ghz, from its docker image, against a running stack (`make run`, or the compose
+# stack): every deploy/ghz/*.json config, resolved by server reflection, each JSON
+# report kept in $(GHZ_REPORTS). GHZ_API_KEY=<admin key> sends it with every call
+# (ExecuteWorkflow needs one); raise the target's RATE_LIMIT_REQUESTS for a load test.
+GHZ_IMAGE   ?= ghcr.io/bojand/ghz:0.120.0
+GHZ_REPORTS ?= var/ghz
+ghz: setup
+	@command -v docker >/dev/null || { echo "make ghz needs docker; make loadtest drives the same calls with h2load"; exit 1; }
+	mkdir -p $(GHZ_REPORTS)
+	@set -e; for config in deploy/ghz/*.json; do \
+	    name=$$(basename $$config .json); \
+	    echo "ghz: $$name"; \
+	    docker run --rm --network host --user $$(id -u):$$(id -g) \
+	        -v $(CURDIR)/deploy/ghz:/ghz:ro -v $(CURDIR)/$(GHZ_REPORTS):/reports \
+	        $(GHZ_IMAGE) --config /ghz/$$name.json --format json --output /reports/$$name.json \
+	        $(if $(GHZ_API_KEY),--metadata '{"x-api-key": "$(GHZ_API_KEY)"}'); \
+	done
+	$(PY) -m bench.loadtest --summarize $(GHZ_REPORTS)/*.json
+
+# The same calls without docker: h2load with gRPC framing, ghz-like figures. Starts a
+# stack of its own; LOADTEST_ARGS="--running --api-key KEY" loads `make run`'s instead.
+loadtest: setup
+	$(PY) -m bench.loadtest $(LOADTEST_ARGS)
 
 lint: setup
 	$(PY) -m compileall -q services gateway tests bench

@@ -12,6 +12,7 @@ import statistics
 import struct
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,17 @@ def grpc_frame(message: Message) -> bytes:
     return struct.pack(">BI", 0, len(body)) + body
 
 
-def run(url: str, *, requests: int, clients: int, streams: int, body: bytes | None = None, http1: bool = False) -> Figures:
+def run(
+    url: str,
+    *,
+    requests: int,
+    clients: int,
+    streams: int,
+    body: bytes | None = None,
+    http1: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Figures:
+    """`headers` go on every request (an API key, say)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "requests.log"
         command = [require_h2load(), "-n", str(requests), "-c", str(clients), "-t", "1", f"--log-file={log}"]
@@ -53,6 +64,8 @@ def run(url: str, *, requests: int, clients: int, streams: int, body: bytes | No
             data = Path(tmp) / "body.bin"
             data.write_bytes(body)
             command += ["-d", str(data), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        for name, value in (headers or {}).items():
+            command += ["-H", f"{name}: {value}"]
         command.append(url)
         output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
         return _figures(log.read_text().splitlines(), output, requests)

@@ -23,9 +23,11 @@ import httpx
 from devops_hub.v1 import agents_pb2
 
 from bench import load
+from services.common.auth import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ID = "bench-agent"
+ADMIN_KEY = keys.new_key()
 
 
 def free_port() -> int:
@@ -83,6 +85,11 @@ def main() -> int:
         CACHE_ADDR=f"127.0.0.1:{ports['cache']}",
         GATEWAY_PORT=str(ports["gateway"]),
         LOG_LEVEL="WARNING",
+        # The default access rules run (anonymous reads, key checks, token buckets),
+        # with limits far above what the load can reach.
+        BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        RATE_LIMIT_REQUESTS="1000000000",
+        RATE_LIMIT_EXECUTE_REQUESTS="1000000000",
     )
     env.pop("REDIS_URL", None)
     processes = [
@@ -101,6 +108,7 @@ def main() -> int:
         created = httpx.post(
             f"{gateway}/api/agents",
             json={"id": AGENT_ID, "name": "Bench agent", "domain": "bench", "capabilities": ["lint", "test"]},
+            headers={"x-api-key": ADMIN_KEY},
             timeout=10,
         )
         created.raise_for_status()

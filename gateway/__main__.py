@@ -3,7 +3,6 @@ SIGTERM or SIGINT, then drain in-flight requests, close the channels and exit 0.
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import sys
@@ -13,6 +12,7 @@ import uvicorn
 
 from gateway.app import create_app
 from services.common.settings import Settings
+from services.common.telemetry import Telemetry
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -35,7 +35,8 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def main() -> int:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Before the app is built: its middleware and channels pick up tracing from here.
+    telemetry = Telemetry.start(settings, "gateway")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
     config = uvicorn.Config(
@@ -51,7 +52,10 @@ def main() -> int:
         timeout_graceful_shutdown=settings.shutdown_grace,
         server_header=False,
     )
-    _AnnouncingServer(config).run(sockets=[_listening_socket(settings.gateway_host, settings.gateway_port)])
+    try:
+        _AnnouncingServer(config).run(sockets=[_listening_socket(settings.gateway_host, settings.gateway_port)])
+    finally:
+        telemetry.shutdown()
     return 0
 
 

@@ -15,17 +15,23 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
+from starlette.types import Scope
 
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
 from gateway.errors import http_exception_handler, unhandled_error_handler
+from gateway.hardening import SecurityHeadersMiddleware, cors_options
 from gateway.health import HealthChecker
-from gateway.metrics import HttpMetrics, MetricsMiddleware
+from gateway.metrics import HttpMetrics, MetricsMiddleware, route_label
 from gateway.openapi import OpenApiDocument
+from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import RequestIdMiddleware
 from gateway.rest import RestGateway
-from gateway.routes import RouteError, build_routes, discover_services
+from gateway.routes import RouteError, build_routes
+from services.common.api import discover_services
 from services.common.settings import Settings
+from services.common.telemetry.asgi import HttpTelemetryMiddleware
 
 
 def create_app(
@@ -48,7 +54,12 @@ def create_app(
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
     pool = ChannelPool(addresses)
-    rest = RestGateway(routes, timeout=settings.gateway_timeout)
+    rest = RestGateway(
+        routes,
+        timeout=settings.gateway_timeout,
+        max_json_depth=settings.max_json_depth,
+        trusted_proxies=settings.trusted_proxies,
+    )
     health = HealthChecker(addresses)
     metrics = HttpMetrics(registry)
     openapi = OpenApiDocument(routes)
@@ -74,9 +85,17 @@ def create_app(
         finally:
             await pool.close(grace=settings.shutdown_grace)
 
+    cors = cors_options(settings.cors_origins)
     app = Starlette(
         routes=fixed_routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics), Middleware(RequestIdMiddleware)],
+        middleware=[
+            Middleware(SecurityHeadersMiddleware),
+            *([Middleware(CORSMiddleware, **cors)] if cors else []),
+            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(RequestIdMiddleware),
+            # Inside RequestIdMiddleware, so the request's id is known to its logs and span.
+            Middleware(HttpTelemetryMiddleware, route_of=route_label, request_id_of=_request_id_of),
+        ],
         exception_handlers={HTTPException: http_exception_handler, Exception: unhandled_error_handler},
         lifespan=lifespan,
     )
@@ -90,3 +109,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.openapi = openapi.document
     return app
+
+
+def _request_id_of(scope: Scope) -> str | None:
+    return scope.get(REQUEST_ID_SCOPE_KEY)

@@ -66,8 +66,19 @@ class PayloadTooLarge(ServiceError):
     default_reason = "PAYLOAD_TOO_LARGE"
 
 
+class UnsupportedMediaType(ServiceError):
+    """A request body that is not JSON (HTTP 415)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "UNSUPPORTED_MEDIA_TYPE"
+
+
 # HTTP statuses the table cannot produce, for failures that only exist in HTTP.
-_GATEWAY_ONLY: Mapping[int, type[ServiceError]] = {405: MethodNotAllowed, 413: PayloadTooLarge}
+_GATEWAY_ONLY: Mapping[int, type[ServiceError]] = {
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+}
 
 
 class GatewayError(Exception):

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.telemetry.metrics import LATENCY_BUCKETS, multiprocess_dir
 
 # Set by whatever handled the request to the route template it matched.
 ROUTE_SCOPE_KEY = "devops_hub.route"
 UNMATCHED_ROUTE = "unmatched"
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-# Gateway work is sub-millisecond and backend calls are milliseconds: the default
-# buckets (from 5 ms) would put nearly every request in the first one.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -56,6 +54,12 @@ class HttpMetrics:
         children[1].observe(seconds)
 
     async def endpoint(self, request: Request) -> Response:
+        directory = multiprocess_dir()
+        if directory:
+            # Several gateway processes: every one's files, summed (docs/observability.md).
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
 

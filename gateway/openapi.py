@@ -48,7 +48,9 @@ _SCALARS: dict[int, dict] = {
 
 _WELL_KNOWN: dict[str, dict] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
-    "google.protobuf.Duration": {"type": "string", "format": "duration", "example": "1.5s"},
+    # Proto3 JSON durations are seconds with an "s" ("1.5s"), not the ISO 8601 that
+    # OpenAPI's "duration" format means, so the pattern says what is accepted.
+    "google.protobuf.Duration": {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$", "example": "1.5s"},
     "google.protobuf.FieldMask": {"type": "string", "description": "Comma-separated field paths.", "example": "name,domain"},
     "google.protobuf.Empty": {"type": "object"},
     "google.protobuf.Struct": {"type": "object", "additionalProperties": True},

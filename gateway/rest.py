@@ -28,13 +28,15 @@ from gateway.errors import (
     status_body,
     status_of,
 )
+from gateway.hardening import add_rate_limit_headers, client_address, refuse_query_credentials, require_json
 from gateway.json_body import JSON_MEDIA_TYPE
 from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
-from gateway.transcode import FieldIndex, RequestBuilder, Renderer, renderer
+from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Renderer, renderer
+from services.common.auth.guard import parse_networks
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
@@ -67,9 +69,14 @@ class RestGateway:
         *,
         timeout: float,
         max_body_bytes: int = MAX_MESSAGE_BYTES,
+        max_json_depth: int = DEFAULT_MAX_DEPTH,
+        trusted_proxies: str = "",
     ) -> None:
         index = FieldIndex(route.method.input_type for route in routes)
-        self._handlers = [_Handler(route, RequestBuilder(route, index), renderer(route)) for route in routes]
+        self._handlers = [
+            _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
+        ]
+        self._proxies = parse_networks(trusted_proxies)
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
@@ -106,23 +113,30 @@ class RestGateway:
         handler = result.target
         scope[ROUTE_SCOPE_KEY] = handler.template
         try:
+            refuse_query_credentials(scope["query_string"])
             body = await self._read_body(scope, receive) if handler.builder.reads_body else b""
             if body is None:
                 return  # the client hung up before sending its body; nobody to answer
+            if body:
+                require_json(scope)
             message = handler.builder.build(result.values, scope["query_string"], body)
-            metadata = _metadata(scope)
+            metadata = (*_metadata(scope), ("x-forwarded-for", client_address(scope, self._proxies)))
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
         if handler.route.server_streaming:
             await self._stream(handler, message, metadata, scope, receive, send)
             return
+        call = handler.call(message, timeout=self._timeout, metadata=metadata)
         try:
-            reply = await handler.call(message, timeout=self._timeout, metadata=metadata)
+            reply = await call
         except grpc.aio.AioRpcError as error:
             response = rpc_error_response(error)
+            trailers = error.trailing_metadata()
         else:
             response = Response(handler.render(reply), media_type=JSON_MEDIA_TYPE)
+            trailers = await call.trailing_metadata()
+        add_rate_limit_headers(response, trailers)
         await response(scope, receive, send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:

@@ -8,8 +8,6 @@ rule the gateway could not serve, so a broken proto never becomes a half-working
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Iterable, Mapping, Sequence
 
 from google.api import annotations_pb2, http_pb2
@@ -19,7 +17,6 @@ from google.protobuf.message import Message
 
 from gateway.templates import PathTemplate, TemplateError
 
-API_PACKAGE = "devops_hub.v1"
 
 
 class RouteError(ValueError):
@@ -68,18 +65,6 @@ class HttpRoute:
         if self.body_field is not None:
             paths.add((self.body_field.name,))
         return frozenset(paths)
-
-
-def discover_services(package: str = API_PACKAGE) -> list[ServiceDescriptor]:
-    """Every service in every *_pb2 module of the generated package, found by scanning it,
-    so a new .proto file needs no gateway change beyond its backend address."""
-    root = importlib.import_module(package)
-    services: list[ServiceDescriptor] = []
-    for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda i: i.name):
-        if info.name.endswith("_pb2"):
-            module = importlib.import_module(f"{package}.{info.name}")
-            services.extend(module.DESCRIPTOR.services_by_name.values())
-    return services
 
 
 def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapping[str, str]) -> list[HttpRoute]:

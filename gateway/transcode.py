@@ -85,12 +85,33 @@ class FieldIndex:
         return self._fields[descriptor.full_name].get(name)
 
 
+DEFAULT_MAX_DEPTH = 32
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` deep (iterative: no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, dict):
+            children = current.values()
+        elif isinstance(current, list):
+            children = current
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 class RequestBuilder:
     """Builds one route's request message from path values, query string and body."""
 
-    def __init__(self, route: HttpRoute, index: FieldIndex) -> None:
+    def __init__(self, route: HttpRoute, index: FieldIndex, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._route = route
         self._index = index
+        self._max_depth = max_depth
         self._new = route.request_class
         self._descriptor = route.method.input_type
         self._bound = route.bound_paths
@@ -132,6 +153,10 @@ class RequestBuilder:
             value = json.loads(body)
         except ValueError as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", reason="MALFORMED_JSON") from None
+        except RecursionError:
+            raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP") from None
+        if _depth_exceeds(value, self._max_depth):
+            raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP")
         if self._body_needs_object and not isinstance(value, dict):
             where = "request body" if self._body_key is None else f"request body (field {self._route.body})"
             raise bad_request(

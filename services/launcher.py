@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -19,12 +20,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+from services.common.auth import keys
 from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.settings import Settings
 from services.seed import seed
 
 STOP_TIMEOUT = 8.0
+SERVICE_KEY_FILE = "var/service.key"
 START_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 
@@ -125,6 +128,19 @@ class Launcher:
                 proc.wait()
 
 
+def _local_service_key() -> str:
+    path = pathlib.Path(SERVICE_KEY_FILE)
+    if path.exists():
+        key = path.read_text().strip()
+        if keys.well_formed(key):
+            return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = keys.new_key()
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
 async def _migrate(settings: Settings) -> int:
     db = await connect(settings.database_url, pool_size=1, max_overflow=0)
     try:
@@ -135,6 +151,11 @@ async def _migrate(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
+    if settings.auth_enabled and not settings.service_api_key:
+        # The services' key for calling each other, handed to the children through
+        # their environment; kept in var/ so every run uses the same one.
+        os.environ["SERVICE_API_KEY"] = _local_service_key()
+        settings = Settings.from_env()
     launcher = Launcher(settings)
     signal.signal(signal.SIGTERM, launcher.request_stop)
     signal.signal(signal.SIGINT, launcher.request_stop)

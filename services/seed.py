@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.agents.builtins import builtin_agent_records
+from services.common.auth.wiring import service_channel
 from services.common.settings import Settings
 
 EXAMPLE_WORKFLOWS = [
@@ -87,8 +88,8 @@ EXAMPLE_WORKFLOWS = [
 async def seed(settings: Settings) -> list[str]:
     """Creates what is missing; returns the ids it created."""
     created = []
-    async with grpc.aio.insecure_channel(settings.agents_addr) as agents_channel, grpc.aio.insecure_channel(
-        settings.workflows_addr
+    async with service_channel(settings.agents_addr, settings) as agents_channel, service_channel(
+        settings.workflows_addr, settings
     ) as workflows_channel:
         agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
         workflows = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)

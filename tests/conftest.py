@@ -112,6 +112,10 @@ def make_settings(database_url: str, **overrides) -> Settings:
         workflow_lease_ttl=1.5,
         events_flush_interval=0.02,
         events_poll_interval=0.05,
+        # Access rules have tests of their own (test_auth.py); the rest test behaviour.
+        auth_enabled=False,
+        rate_limit_requests=0,
+        rate_limit_execute_requests=0,
     )
     return base.replace(**overrides)
 
@@ -157,8 +161,10 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
         started.push_async_callback(channel.close)
         stack = Stack(settings, agents, channel, agents_pb2_grpc.AgentsServiceStub(channel), cache_stub)
         if with_workflows:
+            key = settings.service_api_key or settings.bootstrap_admin_key
+            metadata = (("x-api-key", key),) if key else ()
             for agent in builtin_agent_records():
-                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent), metadata=metadata)
             workflows = await build_workflows(settings)
             started.push_async_callback(workflows.close)
             port = await workflows.start()

@@ -421,6 +421,9 @@ async def test_an_unreachable_sidecar_never_fails_a_decorated_call() -> None:
         assert calls == 3
         assert await update_agent("a") == "a"
         assert await unreachable.stats() is None
+        # A failed overwrite leaves the old value to be invalidated, never served.
+        assert await unreachable.set("reports:today", {"ok": 1}) is False
+        assert {"agents:get:a", "reports:today"} <= unreachable.client.pending_invalidations
         assert not unreachable.client.near.live
 
 

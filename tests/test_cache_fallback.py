@@ -139,11 +139,12 @@ async def test_what_was_invalidated_while_redis_was_away_is_never_served(
     try:
         # Every call answers (from memory once Redis times out); none fails.
         await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:1"), timeout=CALL_TIMEOUT)
+        await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:?"), timeout=CALL_TIMEOUT)  # a key, not a glob
         await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:list:*"), timeout=CALL_TIMEOUT)
         await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:get:[23]"), timeout=CALL_TIMEOUT)
         during = await stub.Stats(empty_pb2.Empty(), timeout=CALL_TIMEOUT)
         assert (during.backend, during.backend_switches) == ("memory", 1)
-        assert sidecar.store.journal == ("agents:get:1", "agents:list:*", "agents:get:[23]")
+        assert sidecar.store.journal == ("agents:get:1", "agents:get:[?]", "agents:list:*", "agents:get:[23]")
         missed = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:4"), timeout=CALL_TIMEOUT)
         assert not missed.found  # memory starts empty: nothing it could serve is stale
     finally:

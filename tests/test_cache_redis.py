@@ -17,11 +17,9 @@ from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from tests.cache_helpers import (  # noqa: F401 - fixtures
-    READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
     StartSidecar,
-    entry,
     eventually,
     start_sidecar,
 )
@@ -174,9 +172,9 @@ async def test_get_many_checks_every_stamp(store: RedisStore) -> None:
 
 
 async def test_a_lost_generation_hash_never_revives_old_entries(store: RedisStore, redis_url: str) -> None:
-    """Redis may evict the generation hash (maxmemory allkeys-*): counters restarting
-    from zero would make entries invalidated before valid again. The hash's
-    incarnation id, part of every stamp, is what prevents it."""
+    """The generation hash may expire (a day after its namespace's last write) or be
+    evicted: counters restarting from zero would make entries invalidated before valid
+    again. The hash's incarnation id, part of every stamp, is what prevents it."""
     await store.set("agents:list:1", b"old", "")
     await store.invalidate("agents:list:*")  # generation 1: the entry is stale
     inspector = aioredis.Redis.from_url(redis_url)
@@ -192,7 +190,7 @@ async def test_a_lost_generation_hash_never_revives_old_entries(store: RedisStor
 
 
 @pytest.mark.parametrize("size", [100, 10_000])
-async def test_prefix_invalidation_is_two_commands_whatever_the_size(private_store, size: int) -> None:
+async def test_prefix_invalidation_is_three_commands_whatever_the_size(private_store, size: int) -> None:
     redis_store, inspector = private_store
     for start in range(0, size, 1000):
         await redis_store.set_many([NewEntry(f"agents:list:{i}", b"x", "") for i in range(start, min(size, start + 1000))])
@@ -200,20 +198,21 @@ async def test_prefix_invalidation_is_two_commands_whatever_the_size(private_sto
     before = await command_calls(inspector)
     assert await redis_store.invalidate("agents:list:*") == -1
     after = await command_calls(inspector)
-    assert calls_between(before, after) == {"hincrby": 1, "publish": 1}
+    assert calls_between(before, after) == {"hincrby": 1, "pexpire": 1, "publish": 1}
     found = await redis_store.get_many([f"agents:list:{i}" for i in range(0, size, max(1, size // 100))] + ["agents:get:1"])
     assert list(found) == ["agents:get:1"]
 
 
-async def test_get_many_is_one_mget_and_set_many_no_more_scripts_than_entries(private_store) -> None:
+async def test_get_many_is_one_mget_and_set_many_one_script_per_namespace(private_store) -> None:
     redis_store, inspector = private_store
     await redis_store.set("warm:up", b"x", "")  # connect and load the scripts first
     before = await command_calls(inspector)
-    assert await redis_store.set_many([NewEntry(f"agents:get:{i}", b"x", "") for i in range(100)]) == 100
+    entries = [NewEntry(f"agents:get:{i}", b"x", "") for i in range(100)] + [NewEntry("workflows:get:1", b"w", "")]
+    assert await redis_store.set_many(entries) == 101
     between = await command_calls(inspector)
     ran = calls_between(before, between)
-    # One script per entry (commands run inside scripts count too: an HMGET and a SET).
-    assert (ran["evalsha"], ran["publish"], ran["set"]) == (100, 100, 100)
+    # Commands run inside the scripts count too: one HMGET and one SET per entry.
+    assert (ran["evalsha"], ran["publish"], ran["set"]) == (2, 1, 101)
     found = await redis_store.get_many([f"agents:get:{i}" for i in range(100)])
     assert len(found) == 100
     after = await command_calls(inspector)
@@ -246,7 +245,7 @@ async def test_connections_are_pooled_and_bounded_with_short_timeouts(
         clients = (await inspector.info("clients"))["connected_clients"]
     await inspector.aclose()
     assert stats.backend == "redis" and stats.misses == 300 and stats.backend_errors == 0
-    assert clients <= 7 + 1  # the pool (Pub/Sub relay included), and the inspector
+    assert clients <= 7 + 2  # the pool, the relay's own connection, and the inspector
 
 
 # --- several sidecars sharing Redis ------------------------------------------------------

@@ -180,6 +180,22 @@ async def test_ten_thousand_keys_invalidated_by_one_glob(start_sidecar: StartSid
             assert stats.entries == 0 and stats.bytes == 0
 
 
+async def test_one_call_invalidates_many_patterns(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    """What one write made stale travels in one call, and each pattern is streamed."""
+    stub = either_stub
+    keys = [f"agents:get:{i}" for i in range(5)] + ["agents:list:p1", "workflows:get:1"]
+    await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry(key) for key in keys]))
+    watch = stub.Watch(cache_pb2.CacheWatchRequest(prefixes=["agents:"]))
+    assert (await asyncio.wait_for(watch.read(), READ_TIMEOUT)).pattern == ""
+    patterns = ["agents:get:0", "agents:get:1", "agents:list:*"]
+    await stub.Invalidate(cache_pb2.CacheInvalidateRequest(patterns=patterns))
+    streamed = await asyncio.wait_for(watch.read(), READ_TIMEOUT)
+    assert [streamed.pattern, *streamed.patterns] == patterns  # one message for the lot
+    watch.cancel()
+    left = await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=keys))
+    assert sorted(e.key for e in left.entries) == ["agents:get:2", "agents:get:3", "agents:get:4", "workflows:get:1"]
+
+
 async def test_stats_count_what_happened(stub: cache_pb2_grpc.CacheServiceStub) -> None:
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"12345", "ct")))
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("workflows:get:1", b"1")))
@@ -249,6 +265,8 @@ BAD_REQUESTS = [
     ("SetMany", lambda: cache_pb2.CacheSetManyRequest(entries=[entry("k:1"), entry("")]), ["entries[1].key"]),
     ("Delete", lambda: cache_pb2.CacheDeleteRequest(key=""), ["key"]),
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(pattern=""), ["pattern"]),
+    ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=["a:*", "", ":x"]), ["patterns[1]", "patterns[2]"]),
+    ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=[f"p:{i}" for i in range(1001)]), ["patterns"]),
 ]
 
 

@@ -29,7 +29,8 @@ from google.protobuf.message import Message
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2, cache_pb2_grpc, runtime_pb2
 from gateway.backends import BACKEND_OF_SERVICE
-from gateway.routes import build_routes, discover_services
+from gateway.routes import build_routes
+from services.common.api import discover_services
 from gateway.testing import running_gateway
 from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
 from services.common.grpc_host import GrpcHost

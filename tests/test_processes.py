@@ -13,7 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.common.auth import keys
+
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = keys.new_key()
+AS_ADMIN = {"x-api-key": ADMIN_KEY}
 
 
 def free_port() -> int:
@@ -32,8 +36,11 @@ def process_env(tmp_path: Path) -> dict[str, str]:
         GATEWAY_PORT=str(free_port()),
         PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
         PYTHONUNBUFFERED="1",
+        # The defaults otherwise: auth on, anonymous reads allowed; this is the first key.
+        BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
     )
-    env.pop("REDIS_URL", None)
+    for name in ("REDIS_URL", "AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
+        env.pop(name, None)
     return env
 
 
@@ -92,9 +99,14 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     assert any(f"grpc://{env['AGENTS_ADDR']}" in line for line in lines)
     assert any(f"http://127.0.0.1:{env['GATEWAY_PORT']}" in line for line in lines)
 
+    anonymous = httpx.post(
+        f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/agents", json={"id": "x", "name": "X", "domain": "ci"}, timeout=10
+    )
+    assert anonymous.status_code == 401, anonymous.text
     response = httpx.post(
         f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/agents",
         json={"id": "from-launcher", "name": "Launcher test", "domain": "ci"},
+        headers=AS_ADMIN,
         timeout=10,
     )
     assert response.status_code == 200, response.text
@@ -105,7 +117,9 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
     examples = httpx.get(f"{gateway}/api/workflows", timeout=10).json()["workflows"]
     assert {"deploy-gate", "fan-out-greetings"} <= {w["id"] for w in examples}
-    started = httpx.post(f"{gateway}/api/workflows/fan-out-greetings:execute", json={"input": {"services": ["api", "web"]}}, timeout=10)
+    started = httpx.post(
+        f"{gateway}/api/workflows/fan-out-greetings:execute", json={"input": {"services": ["api", "web"]}}, headers=AS_ADMIN, timeout=10
+    )
     assert started.status_code == 200, started.text
     deadline = time.monotonic() + 20
     while (execution := httpx.get(f"{gateway}/api/executions/{started.json()['id']}", timeout=10).json())["status"] in ("PENDING", "RUNNING"):

@@ -6,20 +6,28 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
 
+from services.agents.api_keys import ApiKeys
+from services.agents.api_keys_servicer import ApiKeysServicer
 from services.agents.execution import AgentExecutor, RuntimeChannels
 from services.agents.registry import AgentRegistry
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
 from services.cache_sidecar.client import CacheClient
+from services.common.auth.rate_limit import RateLimiter
+from services.common.auth.repository import ApiKeyRepository
+from services.common.auth.verifier import DatabaseVerifier
+from services.common.auth.wiring import build_guard, build_limiter
 from services.common.db import Database, connect
 from services.common.db.migrate import migrate
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
+from services.common.telemetry import Telemetry
 
 SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].full_name
+KEYS_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["ApiKeysService"].full_name
 
 
 @dataclass
@@ -29,8 +37,12 @@ class AgentsService:
     cache: CacheClient
     events: EventWriter
     runtimes: RuntimeChannels
+    verifier: DatabaseVerifier
+    limiter: RateLimiter
 
     async def close(self) -> None:
+        await self.verifier.close()
+        await self.limiter.close()
         await self.runtimes.close()
         await self.events.close()
         await self.cache.close()
@@ -46,20 +58,36 @@ async def build(settings: Settings) -> AgentsService:
     events = EventWriter(db, "agents", flush_interval=settings.events_flush_interval)
     registry = AgentRegistry(AgentRepository(db), cache, events)
     runtimes = RuntimeChannels()
-    host = GrpcHost(settings.agents_addr)
+    verifier = DatabaseVerifier(ApiKeyRepository(db))
+    api_keys = ApiKeys(ApiKeyRepository(db), verifier)
+    await _ensure_configured_keys(api_keys, settings)
+    limiter = build_limiter(settings)
+    host = GrpcHost(settings.agents_addr, guard=build_guard(settings, verifier, limiter))
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,
         AgentsServicer(registry, AgentExecutor(registry, runtimes)),
         SERVICE_NAME,
     )
-    return AgentsService(host=host, db=db, cache=cache, events=events, runtimes=runtimes)
+    host.add(auth_pb2_grpc.add_ApiKeysServiceServicer_to_server, ApiKeysServicer(api_keys), KEYS_SERVICE_NAME)
+    return AgentsService(
+        host=host, db=db, cache=cache, events=events, runtimes=runtimes, verifier=verifier, limiter=limiter
+    )
+
+
+async def _ensure_configured_keys(api_keys: ApiKeys, settings: Settings) -> None:
+    """BOOTSTRAP_ADMIN_KEY (an install's first key) and SERVICE_API_KEY (what the
+    services present to each other) exist as admin keys once the agents service runs."""
+    for key, name in ((settings.bootstrap_admin_key, "bootstrap admin"), (settings.service_api_key, "services")):
+        if key and await api_keys.ensure(key, name, [options_pb2.SCOPE_ADMIN]):
+            logging.getLogger(__name__).info("created the %s key from the environment", name)
 
 
 async def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry = Telemetry.start(settings, "agents")
     service = await build(settings)
-    await run_until_stopped(service.host, "agents service", settings.shutdown_grace, [service.close])
+    await telemetry.serve_metrics("agents service", settings.agents_addr, settings.agents_metrics_port)
+    await run_until_stopped(service.host, "agents service", settings.shutdown_grace, [service.close, telemetry.close])
 
 
 if __name__ == "__main__":

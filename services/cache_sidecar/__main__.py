@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from services.cache_sidecar.server import main
 from services.common.settings import Settings
+from services.common.telemetry import Telemetry
 
 if __name__ == "__main__":
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(main(settings))
+    telemetry = Telemetry.start(settings, "cache")
+    try:
+        asyncio.run(main(settings, telemetry))
+    finally:
+        telemetry.shutdown()

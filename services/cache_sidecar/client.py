@@ -59,6 +59,8 @@ _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 # An invalidation refused for these reasons will never succeed; retrying is pointless.
 _NOT_RETRYABLE = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 MAX_RETRY_DELAY = 5.0
+# The sidecar's bound on patterns per Invalidate call.
+MAX_PATTERNS_PER_CALL = 1000
 # The sidecar heartbeats idle Watch streams every 5 s; three missed means dead.
 DEFAULT_WATCH_LIVENESS = 15.0
 WATCH_RETRY_INITIAL = 0.05
@@ -317,16 +319,21 @@ class CacheClient:
 
     async def set(self, key: str, value: T, codec: Codec[T], ttl: float = 0.0) -> bool:
         """Stores a value unconditionally (the sidecar tells every near-cache to drop
-        its copy). False when the sidecar could not be reached; never raises for that."""
+        its copy). False when the sidecar could not store it; never raises for that.
+        The value it replaces is then invalidated instead (retried like invalidate),
+        since the caller meant it to be gone."""
         if not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
         self._invalidate_near(escape_key(key))
         entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None)
         if value is not None:
             entry.value = codec.encode(value)
-        response, _ = await self._call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl))
+        response, _ = await self._call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl), respect_backoff=False)
         self._invalidate_near(escape_key(key))
-        return response is not None and response.stored
+        if response is None:
+            self._queue_retry([escape_key(key)])
+            return False
+        return response.stored
 
     async def invalidate(self, *patterns: str) -> bool:
         """Removes every key matching any of the glob patterns ("*" clears everything).
@@ -347,10 +354,13 @@ class CacheClient:
             # the rest rather than make this write wait for a timeout.
             self._queue_retry(patterns)
             return False
-        results = await asyncio.gather(*(self._send_invalidation(pattern) for pattern in patterns))
+        # One call per batch: everything a write made stale travels together.
+        batches = [list(patterns[start : start + MAX_PATTERNS_PER_CALL])
+                   for start in range(0, len(patterns), MAX_PATTERNS_PER_CALL)]
+        results = await asyncio.gather(*(self._send_invalidations(batch) for batch in batches))
         for pattern in patterns:
             self._invalidate_near(pattern)
-        failed = [pattern for pattern, ok in zip(patterns, results) if not ok]
+        failed = [pattern for batch, ok in zip(batches, results) if not ok for pattern in batch]
         if failed:
             self._queue_retry(failed)
         return not failed
@@ -384,9 +394,10 @@ class CacheClient:
         if self.near is not None:
             self.near.invalidate(pattern)
 
-    async def _send_invalidation(self, pattern: str) -> bool:
-        """True when done with the pattern: applied, or refused for good (logged)."""
-        _, code = await self._call("Invalidate", cache_pb2.CacheInvalidateRequest(pattern=pattern), respect_backoff=False)
+    async def _send_invalidations(self, patterns: list[str]) -> bool:
+        """True when done with the patterns: applied, or refused for good (logged)."""
+        request = cache_pb2.CacheInvalidateRequest(patterns=patterns)
+        _, code = await self._call("Invalidate", request, respect_backoff=False)
         return code is None or code in _NOT_RETRYABLE
 
     def _queue_retry(self, patterns: list[str] | tuple[str, ...]) -> None:
@@ -404,11 +415,12 @@ class CacheClient:
         delay = max(self._retry_after, 0.05)
         while self._pending and not self._closed:
             await asyncio.sleep(delay)
-            for pattern in sorted(self._pending):
-                if await self._send_invalidation(pattern):
-                    self._pending.discard(pattern)
-                else:
+            pending = sorted(self._pending)
+            for start in range(0, len(pending), MAX_PATTERNS_PER_CALL):
+                batch = pending[start : start + MAX_PATTERNS_PER_CALL]
+                if not await self._send_invalidations(batch):
                     break
+                self._pending.difference_update(batch)
             delay = min(delay * 2, MAX_RETRY_DELAY)
         if not self._pending:
             log.info("cache client: pending invalidations applied")
@@ -433,6 +445,8 @@ class CacheClient:
                         delay = WATCH_RETRY_INITIAL
                     if message.pattern:
                         near.invalidate(message.pattern)
+                    for pattern in message.patterns:
+                        near.invalidate(pattern)
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "no heartbeat"
                 log.debug("cache watch stream ended (%s); near-cache cleared", detail)

@@ -30,10 +30,13 @@ class Watcher:
         # Why the stream must end ("overflow", "suspended" or "shutdown"); None while healthy.
         self.ended: str | None = None
 
-    def wants(self, pattern: str) -> bool:
+    def wants(self, patterns: Sequence[str]) -> bool:
+        return not self.prefixes or any(self._wants(pattern) for pattern in patterns)
+
+    def _wants(self, pattern: str) -> bool:
         """Could the pattern remove a key under one of our prefixes? Over-approximates:
         an extra invalidation costs a near-cache a miss, a missing one serves stale data."""
-        if not self.prefixes or pattern == "*":
+        if pattern == "*":
             return True
         parsed = parse_pattern(pattern)
         literal = parsed.literal_prefix
@@ -79,13 +82,15 @@ class InvalidationHub:
     def accepting(self) -> bool:
         return self._accepting and not self._closed
 
-    def publish(self, pattern: str) -> int:
+    def publish(self, *patterns: str) -> int:
+        """Streams the patterns as one message (what one call invalidated goes
+        together, so a burst of keys costs a watcher one queue slot)."""
         self._sequence += 1
-        if not self._watchers:
+        if not self._watchers or not patterns:
             return self._sequence
-        message = cache_pb2.CacheInvalidation(pattern=pattern, sequence=self._sequence)
+        message = cache_pb2.CacheInvalidation(pattern=patterns[0], patterns=patterns[1:], sequence=self._sequence)
         for watcher in list(self._watchers):
-            if not watcher.wants(pattern):
+            if not watcher.wants(patterns):
                 continue
             try:
                 watcher.queue.put_nowait(message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 import redis.asyncio as aioredis
@@ -34,7 +35,7 @@ RETRY_MAX = 2.0
 class InvalidationRelay:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis,  # owned: closed with the relay
         channel: str,
         origin: str,
         hub: InvalidationHub,
@@ -60,16 +61,20 @@ class InvalidationRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._client.aclose()
+        await self._client.connection_pool.disconnect()
 
     async def _run(self) -> None:
         delay = RETRY_INITIAL
         while True:
             try:
                 await self._relay()
-            except (*BACKEND_ERRORS, ConnectionError) as exc:
+            except BACKEND_ERRORS as exc:
                 if self.subscribed.is_set():
                     log.warning("cache relay lost its Redis subscription (%s); Watch streams end until it is back", exc)
                     delay = RETRY_INITIAL
+            except Exception:  # noqa: BLE001 - the relay must outlive any one failure
+                log.exception("cache relay failed unexpectedly; starting it again")
             self.subscribed.clear()
             self._hub.suspend()
             await asyncio.sleep(delay)
@@ -104,7 +109,11 @@ class InvalidationRelay:
             self.subscribed.set()
             log.info("cache relay subscribed to %s", self._channel)
         elif kind == "message":
-            origin, _, pattern = bytes(message["data"]).decode().partition("\n")
-            if origin != self._origin and pattern:
-                self._hub.publish(pattern)
+            try:
+                origin, patterns = json.loads(message["data"])
+            except (ValueError, TypeError):
+                log.warning("cache relay: ignoring a malformed message on %s", self._channel)
+                return
+            if origin != self._origin and patterns:
+                self._hub.publish(*patterns)
 

@@ -5,7 +5,7 @@ memory fallback, and a relay brings other sidecars' invalidations to this one's
 Watch streams.
 
 Settings read with a default until they exist in Settings (see docs/cache.md):
-CACHE_NEGATIVE_TTL, CACHE_FALLBACK_TTL, REDIS_TIMEOUT, REDIS_KEY_PREFIX.
+CACHE_NEGATIVE_TTL, CACHE_FALLBACK_TTL, REDIS_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
+from services.common.telemetry import Telemetry
+from services.common.telemetry.metrics import CacheStatsRefresher, service_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ DEFAULT_FALLBACK_TTL = 5.0
 # failing Redis is replaced by memory inside the very call that found it failing.
 DEFAULT_REDIS_TIMEOUT = 0.1
 MAX_REDIS_TIMEOUT = 0.25
-DEFAULT_REDIS_PREFIX = "dh:"
 
 
 @dataclasses.dataclass
@@ -96,14 +97,17 @@ async def build(
             client,
             default_ttl=settings.cache_default_ttl,
             negative_ttl=min(negative_ttl, settings.cache_default_ttl),
-            layout=KeyLayout(redis_key_prefix or setting(settings, "redis_key_prefix", DEFAULT_REDIS_PREFIX)),
+            layout=KeyLayout(redis_key_prefix or settings.redis_key_prefix),
             max_value_bytes=min(settings.cache_max_bytes, MAX_VALUE_BYTES),
         )
         fallback = FallbackStore(
             primary, memory_backend, memory_ttl=setting(settings, "cache_fallback_ttl", DEFAULT_FALLBACK_TTL)
         )
         await fallback.start()
-        relay = InvalidationRelay(client, primary.layout.channel, primary.origin, hub)
+        # A connection of its own: the store's pool is reset after an outage, and
+        # that must not cut the subscription (which would end every Watch stream).
+        relay_client = redis_store.connect(settings.redis_url, max_connections=1, timeout=timeout)
+        relay = InvalidationRelay(relay_client, primary.layout.channel, primary.origin, hub)
         relay.start()
         store = fallback
         log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
@@ -120,9 +124,15 @@ async def build(
     return CacheSidecar(host=host, store=store, hub=hub, memory=memory, relay=relay)
 
 
-async def main(settings: Settings | None = None) -> None:
+async def main(settings: Settings | None = None, telemetry: Telemetry | None = None) -> None:
     settings = settings or Settings.from_env()
+    telemetry = telemetry or Telemetry.start(settings, "cache")
     sidecar = await build(settings)
+    await telemetry.serve_metrics(
+        "cache sidecar", settings.cache_addr, settings.cache_metrics_port,
+        refreshers=[CacheStatsRefresher(sidecar.store, service_metrics().cache)],
+    )
     await run_until_stopped(
-        sidecar.host, "cache sidecar", settings.shutdown_grace, [sidecar.close], pre_stop=[sidecar.end_streams]
+        sidecar.host, "cache sidecar", settings.shutdown_grace, [sidecar.close, telemetry.close],
+        pre_stop=[sidecar.end_streams],
     )

@@ -90,8 +90,8 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         # Validated as a whole first, so a bad entry never leaves the batch half-stored.
         entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
         stored = await self._store.set_many(entries, request.ttl_seconds)
-        for entry in entries:
-            self._hub.publish(escape_key(entry.key))
+        if entries:
+            self._hub.publish(*(escape_key(entry.key) for entry in entries))
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
     async def Delete(
@@ -107,12 +107,23 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Invalidate(
         self, request: cache_pb2.CacheInvalidateRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.CacheInvalidateResponse:
+        named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
+        named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
+        if len(named) > MAX_BATCH:
+            raise invalid_fields([("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")])
         # A pattern is bounded like a key: it is kept in the fill-token history.
-        problem = key_problem(request.pattern)
-        if problem:
-            raise invalid_fields([("pattern", problem)])
-        removed = await self._store.invalidate(request.pattern)
-        self._hub.publish(request.pattern)
+        violations = [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]
+        if violations:
+            raise invalid_fields(violations)
+        removed = 0
+        try:
+            for _, pattern in named:
+                count = await self._store.invalidate(pattern)
+                removed = -1 if count < 0 or removed < 0 else removed + count
+        finally:
+            # Even if a store failure cut the list short: an extra invalidation only
+            # costs near-caches a miss.
+            self._hub.publish(*(pattern for _, pattern in named))
         return cache_pb2.CacheInvalidateResponse(removed=removed)
 
     async def Clear(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheClearResponse:

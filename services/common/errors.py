@@ -27,12 +27,17 @@ class ServiceError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         violations: Iterable[tuple[str, str]] = (),
+        retry_after: float | None = None,
+        trailing_metadata: Iterable[tuple[str, str]] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
         self.violations = list(violations)
+        self.retry_after = retry_after
+        # Sent beside the status, e.g. the rate-limit figures the gateway turns into headers.
+        self.trailing_metadata = tuple(trailing_metadata)
 
     def to_status(self) -> status_pb2.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
@@ -45,6 +50,10 @@ class ServiceError(Exception):
                 ]
             )
             details.append(_pack(bad_request))
+        if self.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
+            details.append(_pack(retry))
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
 
 
@@ -71,6 +80,21 @@ class Aborted(ServiceError):
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class RateLimited(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RATE_LIMITED"
 
 
 class Unavailable(ServiceError):

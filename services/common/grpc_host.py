@@ -1,5 +1,6 @@
 """The bootstrap every gRPC service shares: one grpc.aio server with health,
-reflection and error translation, started on an address and stopped gracefully.
+reflection, telemetry and error translation, started on an address and stopped
+gracefully.
 
 A service's server.py builds its servicers, registers them on a GrpcHost and calls
 run_until_stopped(); nothing else about serving is written twice.
@@ -8,6 +9,7 @@ run_until_stopped(); nothing else about serving is written twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import signal
@@ -19,8 +21,12 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.common.errors import InternalError, ServiceError
+from services.common.telemetry.grpc_server import ServerTelemetry
 
 log = logging.getLogger(__name__)
+
+# Runs before every handler: raises a ServiceError to refuse the call (auth, rate limits).
+Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[None]]
 
 # Messages up to 16 MiB: a full batch of 1000 agents fits with room to spare.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -32,7 +38,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     Handlers are wrapped once per method and memoised: the wrapping is not paid per call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Guard | None = None) -> None:
+        self._guard = guard
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -40,17 +47,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method) if handler is not None else None
+        wrapped = _wrap_handler(handler, method, self._guard) if handler is not None else None
         self._wrapped[method] = wrapped
         return wrapped
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> grpc.RpcMethodHandler:
+    async def admit(context) -> None:
+        if guard is not None:
+            await guard(method, context)
+
     if handler.unary_unary:
         behavior = handler.unary_unary
 
         async def unary_unary(request, context):
             try:
+                await admit(context)
                 return await behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                 await _abort(context, exc, method)
@@ -64,6 +76,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
 
             async def unary_stream(request, context):
                 try:
+                    await admit(context)
                     async for item in stream_behavior(request, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
@@ -73,6 +86,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
             # Handlers that write with context.write() (grpc.health.v1 Watch) are coroutines.
             async def unary_stream(request, context):
                 try:
+                    await admit(context)
                     return await stream_behavior(request, context)
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method)
@@ -90,7 +104,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error in %s", method)
         exc = InternalError("internal error; the service log has the details", reason="INTERNAL")
-    await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+    status = rpc_status.to_status(exc.to_status())
+    if exc.trailing_metadata:
+        status = _Status(status.code, status.details, (*status.trailing_metadata, *exc.trailing_metadata))
+    await context.abort_with_status(status)
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A status with trailing metadata beside its details (grpc.Status is abstract)."""
 
 
 class GrpcHost:
@@ -101,10 +122,13 @@ class GrpcHost:
         address: str,
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        guard: Guard | None = None,
     ) -> None:
         self.address = address
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), *interceptors],
+            # Telemetry first, so it sees every call as the client will: after errors
+            # are translated, with the status they were translated to.
+            interceptors=[ServerTelemetry(), ErrorInterceptor(guard), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -19,6 +19,8 @@ class Settings:
     database_max_overflow: int = 20
     redis_url: str = ""
     redis_max_connections: int = 100
+    # Every Redis key DevOps Hub writes starts with this, so installs can share a Redis.
+    redis_key_prefix: str = "dh:"
     cache_default_ttl: float = 300.0
     cache_max_size: int = 1000
     cache_max_bytes: int = 64 * 1024 * 1024
@@ -44,10 +46,38 @@ class Settings:
     workers: int = 1
     auth_enabled: bool = True
     allow_anonymous_read: bool = True
+    # An admin key to create at start if it does not exist (the first key of an install).
+    bootstrap_admin_key: str = dataclasses.field(default="", repr=False)
+    # The key the services present to each other; `make run` makes one when unset.
+    service_api_key: str = dataclasses.field(default="", repr=False)
+    # Token buckets per key (per client address for anonymous reads); 0 turns one off.
+    rate_limit_requests: int = 1000
+    rate_limit_window: float = 60.0
+    rate_limit_execute_requests: int = 100
+    rate_limit_execute_window: float = 60.0
+    # Peers whose X-Forwarded-For (HTTP) or x-forwarded-for (gRPC) is believed.
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    # Origins allowed by CORS, comma separated; empty: no cross-origin access.
+    cors_origins: str = ""
+    # How deeply a JSON request body may nest.
+    max_json_depth: int = 32
     profiling_enabled: bool = False
     # How long in-flight calls may run on after SIGTERM.
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
+    # Observability (docs/observability.md). Each gRPC service serves Prometheus
+    # /metrics on a port of its own, on its *_ADDR host (0: no endpoint); the gateway
+    # serves /metrics on GATEWAY_PORT.
+    agents_metrics_port: int = 9101
+    workflows_metrics_port: int = 9102
+    cache_metrics_port: int = 9103
+    # "text" for people, "json" for log collectors (one object a line, with ids).
+    log_format: str = "text"
+    # With PROFILING_ENABLED, requests slower than this many seconds log their profile.
+    profiling_threshold: float = 0.5
+    # Traces are exported over OTLP to this endpoint; unset, nothing is traced.
+    otel_exporter_otlp_endpoint: str = ""
+    otel_exporter_otlp_protocol: str = "grpc"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

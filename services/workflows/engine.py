@@ -28,7 +28,9 @@ from google.protobuf import duration_pb2, json_format
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
 
+from services.common.errors import Aborted
 from services.common.events import EventWriter
+from services.common.telemetry.metrics import service_metrics
 from services.workflows import references
 from services.workflows.repository import ExecutionRepository
 
@@ -134,7 +136,8 @@ class Engine:
         if created is None:
             # The same key raced in through another request: that one is the execution.
             existing = await self._executions.by_idempotency_key(workflow.id, idempotency_key)
-            assert existing is not None
+            if existing is None:
+                raise Aborted("another request with this idempotency key is being stored; retry", reason="IDEMPOTENCY_RACE")
             return existing
         self._emit(created, "execution.pending", {"workflow_id": workflow.id})
         definition = Workflow()
@@ -184,6 +187,7 @@ class Engine:
     async def _reap(self) -> None:
         reason = "the service running this execution stopped (its lease expired)"
         for execution in await self._executions.reap_expired(now(), reason):
+            service_metrics().workflows.execution_ended(execution)
             self._emit(execution, "execution.failed", {"error": reason})
 
     # -- running -------------------------------------------------------------------------
@@ -212,6 +216,11 @@ class Engine:
         for step_id, output in context["steps"].items():
             execution.output.get_or_create_struct(step_id).update(output if isinstance(output, dict) else {"value": output})
         execution.end_time.GetCurrentTime()
+        # Every step is final now too (_end_unfinished): count them all, once.
+        metrics = service_metrics().workflows
+        metrics.execution_ended(execution)
+        for step in workflow.steps:
+            metrics.step_ended(step, runs[step.id])
         kind = Execution.Status.Name(execution.status).lower()
         await self._save(execution, f"execution.{kind}", {"error": execution.error} if execution.error else {})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 
 import grpc
@@ -11,11 +10,16 @@ import grpc
 from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.cache_sidecar.client import CacheClient
+from services.common.auth.rate_limit import RateLimiter
+from services.common.auth.repository import ApiKeyRepository
+from services.common.auth.verifier import DatabaseVerifier
+from services.common.auth.wiring import build_guard, build_limiter, service_channel
 from services.common.db import Database, connect
 from services.common.db.migrate import migrate
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
+from services.common.telemetry import Telemetry
 from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
@@ -39,6 +43,8 @@ class WorkflowsService:
     pruner: Pruner
     cache: CacheClient
     agents_channel: grpc.aio.Channel
+    verifier: DatabaseVerifier
+    limiter: RateLimiter
 
     async def start(self) -> int:
         port = await self.host.start()
@@ -53,6 +59,8 @@ class WorkflowsService:
         await self.feed.close()
         await self.events.close()
         await self.agents_channel.close()
+        await self.verifier.close()
+        await self.limiter.close()
         await self.cache.close()
         await self.db.close()
 
@@ -63,7 +71,8 @@ async def build(settings: Settings) -> WorkflowsService:
     )
     await migrate(db)
     cache = CacheClient(settings.cache_addr, timeout=settings.cache_timeout)
-    agents_channel = grpc.aio.insecure_channel(settings.agents_addr)
+    # Calls to the agents service carry this service's own key.
+    agents_channel = service_channel(settings.agents_addr, settings)
     agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
     events = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
@@ -78,20 +87,25 @@ async def build(settings: Settings) -> WorkflowsService:
     )
     catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, events)
     executions = Executions(catalog, executions_repository, engine, log)
-    host = GrpcHost(settings.workflows_addr)
+    verifier = DatabaseVerifier(ApiKeyRepository(db))
+    limiter = build_limiter(settings)
+    host = GrpcHost(settings.workflows_addr, guard=build_guard(settings, verifier, limiter))
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
     pruner = Pruner(db, settings.events_retention, settings.events_prune_interval)
-    return WorkflowsService(host, db, engine, events, feed, pruner, cache, agents_channel)
+    return WorkflowsService(host, db, engine, events, feed, pruner, cache, agents_channel, verifier, limiter)
 
 
 async def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry = Telemetry.start(settings, "workflows")
     service = await build(settings)
     await service.engine.start()
     service.pruner.start()
-    await run_until_stopped(service.host, "workflows service", settings.shutdown_grace, [service.close])
+    await telemetry.serve_metrics("workflows service", settings.workflows_addr, settings.workflows_metrics_port)
+    await run_until_stopped(
+        service.host, "workflows service", settings.shutdown_grace, [service.close, telemetry.close]
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Literal, TypeVar
 
 from redis.exceptions import RedisError
 
+from services.cache_sidecar.keys import escape_key
 from services.cache_sidecar.stores.base import (
     REDIS_TOKEN_BIT,
     Lookup,
@@ -133,7 +134,7 @@ class FallbackStore:
 
     async def delete(self, key: str) -> bool:
         async def on_memory() -> bool:
-            self._append(key)
+            self._append(escape_key(key))  # replayed as a pattern: it must match only this key
             return await self.memory.delete(key)
 
         return await self._route(lambda: self.primary.delete(key), on_memory, invalidation=True)
@@ -256,6 +257,7 @@ class FallbackStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._probe_max)
             try:
+                await self.primary.reset_connections()
                 server_id = await self.primary.server_id()
                 self._state = "recovering"
                 if self._server_id is not None and server_id != self._server_id:

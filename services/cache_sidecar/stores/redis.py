@@ -17,6 +17,8 @@ failure surfaces within one socket timeout.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import secrets
@@ -53,21 +55,33 @@ LEASE_SECONDS = 30.0
 # their lowest bit set).
 HIT_TOKEN = REDIS_TOKEN_BIT
 
-# Builds the current stamp of a key: KEYS[2] is the generation hash, ARGV[1] a fresh
-# incarnation id (used only when the hash has none), ARGV[first..] the prefix levels.
+# A generation hash lives this long after the last write to its namespace, so the
+# hashes of namespaces no longer used go away. Expiring is safe: it comes back with a
+# new incarnation id, and records stamped with the old one never match again.
+GENERATIONS_TTL_MS = 24 * 3600 * 1000
+
+# The current stamp of a key: its namespace's incarnation id and the counters of its
+# prefix levels. `fresh` becomes the id only if the generation hash has none.
 _STAMP = """
-local function stamp(first)
-  local fields = {}
-  for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
-  local values = redis.call('HMGET', KEYS[2], '#', unpack(fields))
+local function keep(generations)
+  redis.call('PEXPIRE', generations, GENERATIONS_TTL_MS)
+end
+local function stamp(generations, fresh, levels)
+  local values = redis.call('HMGET', generations, '#', unpack(levels))
   local id = values[1]
   if not id then
-    id = ARGV[1]
-    redis.call('HSET', KEYS[2], '#', id)
+    id = fresh
+    redis.call('HSET', generations, '#', id)
+    keep(generations)
   end
   local parts = {id}
   for i = 2, #values do parts[i] = values[i] or '0' end
   return table.concat(parts, '.')
+end
+local function argv_from(first)
+  local rest = {}
+  for i = first, #ARGV do rest[#rest + 1] = ARGV[i] end
+  return rest
 end
 local function split(record)
   local bar = string.find(record, '|', 2, true)
@@ -78,7 +92,7 @@ end
 # KEYS: entry, generations. ARGV: fresh id, lease token, lease ms, levels…
 # → {1, record} on a hit; {0, token} on a miss (an existing live lease is shared).
 _GET = _STAMP + """
-local current = stamp(4)
+local current = stamp(KEYS[2], ARGV[1], argv_from(4))
 local record = redis.call('GET', KEYS[1])
 if record then
   local kind, recorded, rest = split(record)
@@ -94,7 +108,8 @@ return {0, ARGV[2]}
 # KEYS: entry, generations. ARGV: fresh id, token ('' = unconditional), ttl ms, kind,
 # body, levels… → 1 stored, 0 refused (the lease is gone, replaced or outdated).
 _SET = _STAMP + """
-local current = stamp(6)
+local current = stamp(KEYS[2], ARGV[1], argv_from(6))
+keep(KEYS[2])
 if ARGV[2] ~= '' then
   local record = redis.call('GET', KEYS[1])
   if not record then return 0 end
@@ -105,6 +120,28 @@ redis.call('SET', KEYS[1], ARGV[4] .. current .. '|' .. ARGV[5], 'PX', ARGV[3])
 return 1
 """
 
+# Unconditional sets of one namespace. KEYS: generations, entries…. ARGV: fresh id,
+# then per entry: ttl ms, kind, body, level count, levels… → how many were stored.
+_SET_MANY = _STAMP + """
+local at = 2
+local stamps = {}
+for k = 2, #KEYS do
+  local ttl, kind, body, count = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+  local levels = {}
+  for j = 1, count do levels[j] = ARGV[at + 3 + j] end
+  at = at + 4 + count
+  local levels_key = table.concat(levels, '\0')
+  local current = stamps[levels_key]
+  if not current then
+    current = stamp(KEYS[1], ARGV[1], levels)
+    stamps[levels_key] = current
+  end
+  redis.call('SET', KEYS[k], kind .. current .. '|' .. body, 'PX', ttl)
+end
+keep(KEYS[1])
+return #KEYS - 1
+"""
+
 # KEYS: entry → 1 when it held a value or a negative entry, 0 for a lease or nothing.
 _DELETE = """
 local kind = redis.call('GETRANGE', KEYS[1], 0, 0)
@@ -113,7 +150,14 @@ if kind == 'V' or kind == 'N' then return 1 end
 return 0
 """
 
-_SCRIPTS = {"get": _GET, "set": _SET, "delete": _DELETE}
+_SCRIPTS = {
+    name: source.replace("GENERATIONS_TTL_MS", str(GENERATIONS_TTL_MS))
+    for name, source in {"get": _GET, "set": _SET, "set_many": _SET_MANY, "delete": _DELETE}.items()
+}
+# EVALSHA names a script by the SHA-1 of its source, known without asking Redis; a
+# Redis that does not have it yet (first use, restart) answers NOSCRIPT, and the
+# scripts are loaded then.
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SCRIPTS.items()}
 
 
 def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis:
@@ -154,7 +198,6 @@ class RedisStore:
         self._max_value_bytes = max_value_bytes
         self._lease_ms = str(int(lease_seconds * 1000))
         self._rand = rand
-        self._shas: dict[str, str] = {}
         self._counter = HitCounter()
         self._sets = 0
         self._invalidations = 0
@@ -217,29 +260,43 @@ class RedisStore:
     ) -> bool:
         """A fill (with a lease token) or an overwrite (without one). Overwrites are
         published, since other sidecars' near-caches may hold the value replaced."""
-        keys, args = self._set_call(NewEntry(key, value, content_type, negative), ttl, fill_token)
+        entry = NewEntry(key, value, content_type, negative)
+        self._check(entry)
+        if fill_token and not fill_token & REDIS_TOKEN_BIT:
+            return False  # issued by another store: cannot be checked here
+        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+        ttl_ms, kind, body = self._record_parts(entry, ttl)
+        args = [_fresh_id(), str(fill_token) if fill_token else "", ttl_ms, kind, body, *prefix_levels(key)]
         if fill_token:
-            if not fill_token & REDIS_TOKEN_BIT:
-                return False  # issued by another store: cannot be checked here
             stored = bool(await self._eval("set", keys, args))
         else:
-            stored = bool((await self._pipeline_eval("set", [(keys, args)], publish=[escape_key(key)]))[0])
+            stored = bool((await self._pipeline_eval([("set", keys, args)], publish=[escape_key(key)]))[0])
         self._sets += stored
         return stored
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
-        """Unconditional sets, all in one pipeline (one round trip), published."""
-        calls = [self._set_call(entry, ttl, 0) for entry in entries]
-        if not calls:
+        """Unconditional sets in one round trip: one script per namespace, and one
+        message telling the other sidecars."""
+        for entry in entries:
+            self._check(entry)
+        if not entries:
             return 0
-        results = await self._pipeline_eval("set", calls, publish=[escape_key(entry.key) for entry in entries])
-        stored = sum(bool(result) for result in results[: len(calls)])
+        by_namespace: dict[str, tuple[list[str], list[Any]]] = {}
+        for entry in entries:
+            namespace = namespace_of(entry.key)
+            keys, args = by_namespace.setdefault(namespace, ([self.layout.generations_key(namespace)], [_fresh_id()]))
+            keys.append(self.layout.data_key(entry.key))
+            levels = prefix_levels(entry.key)
+            args.extend([*self._record_parts(entry, ttl), len(levels), *levels])
+        calls = [("set_many", keys, args) for keys, args in by_namespace.values()]
+        results = await self._pipeline_eval(calls, publish=[escape_key(entry.key) for entry in entries])
+        stored = sum(int(result) for result in results[: len(calls)])
         self._sets += stored
         return stored
 
     async def delete(self, key: str) -> bool:
         self._invalidations += 1
-        deleted, _ = await self._pipeline_eval("delete", [([self.layout.data_key(key)], [])], publish=[escape_key(key)])
+        deleted, _ = await self._pipeline_eval([("delete", [self.layout.data_key(key)], [])], publish=[escape_key(key)])
         return bool(deleted)
 
     async def invalidate(self, pattern: str) -> int:
@@ -254,7 +311,9 @@ class RedisStore:
         level = parsed.level
         if level is not None:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self.layout.generations_key(namespace_of(level)), level, 1)
+                generations = self.layout.generations_key(namespace_of(level))
+                pipe.hincrby(generations, level, 1)
+                pipe.pexpire(generations, GENERATIONS_TTL_MS)
                 pipe.publish(self.layout.channel, self._message(pattern))
                 await pipe.execute()
             return -1
@@ -310,63 +369,58 @@ class RedisStore:
         info = await self.client.info("server")
         return str(info.get("run_id", ""))
 
+    async def reset_connections(self) -> None:
+        """Drops every pooled connection, so the next commands connect afresh: after
+        an outage the pool is full of sockets to a Redis that is gone, and each would
+        fail once more (each failure a switch to memory) before being replaced."""
+        await self.client.connection_pool.disconnect(inuse_connections=True)
+
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
     # --- internals -------------------------------------------------------------------
 
-    def _set_call(self, entry: NewEntry, ttl: float, fill_token: int) -> tuple[list[str], list[Any]]:
+    def _check(self, entry: NewEntry) -> None:
         violations = self.entry_violations(entry.key, entry.value, entry.content_type)
         if entry.negative and entry.value:
             violations.append(("value", "must be empty for a negative entry"))
         if violations:
             raise invalid_fields(violations)
+
+    def _record_parts(self, entry: NewEntry, ttl: float) -> tuple[int, str, bytes]:
+        """(ttl in ms, jittered; record kind; record body) of an entry to store."""
         ttl = ttl if ttl > 0 else self._default_ttl
         if entry.negative:
             ttl = min(ttl, self._negative_ttl)
         ttl_ms = max(1, int(jittered(ttl, self._rand()) * 1000))
-        keys = [self.layout.data_key(entry.key), self.layout.generations_key(namespace_of(entry.key))]
-        args = [
-            _fresh_id(),
-            str(fill_token) if fill_token else "",
-            ttl_ms,
-            "N" if entry.negative else "V",
-            value_body(entry.content_type, entry.value),
-            *prefix_levels(entry.key),
-        ]
-        return keys, args
+        return ttl_ms, "N" if entry.negative else "V", value_body(entry.content_type, entry.value)
 
-    def _message(self, pattern: str) -> str:
-        return f"{self.origin}\n{pattern}"
+    def _message(self, *patterns: str) -> str:
+        """A Pub/Sub message: which sidecar sent it, and the patterns (JSON, since
+        a key may hold any character)."""
+        return json.dumps([self.origin, list(patterns)])
 
     async def _load_scripts(self) -> None:
-        for name, source in _SCRIPTS.items():
-            self._shas[name] = await self.client.script_load(source)
+        for source in _SCRIPTS.values():
+            await self.client.script_load(source)
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if not self._shas:
-            await self._load_scripts()
         try:
-            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
         except NoScriptError:
-            # Redis restarted (or flushed its scripts) since they were loaded.
             await self._load_scripts()
-            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
 
-    async def _pipeline_eval(
-        self, name: str, calls: list[tuple[list[str], list[Any]]], *, publish: Sequence[str] = ()
-    ) -> list[Any]:
-        """The scripts, then a PUBLISH of each pattern, in one round trip."""
-        if not self._shas:
-            await self._load_scripts()
+    async def _pipeline_eval(self, calls: list[tuple[str, list[str], list[Any]]], *, publish: Sequence[str] = ()) -> list[Any]:
+        """The scripts, then one PUBLISH of the patterns, in one round trip."""
         for attempt in (1, 2):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for keys, args in calls:
-                        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
-                    for pattern in publish:
-                        pipe.publish(self.layout.channel, self._message(pattern))
+                    for name, keys, args in calls:
+                        pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
+                    if publish:
+                        pipe.publish(self.layout.channel, self._message(*publish))
                     return await pipe.execute()
             except NoScriptError:
                 if attempt == 2:

@@ -1,7 +1,9 @@
 """PostgreSQL through an asyncpg pool.
 
 The pool holds DATABASE_POOL_SIZE connections open and grows to
-DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load.
+DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load. Its size, use and waiters
+are exported as metrics (telemetry/metrics.py); each statement is a span when
+tracing is on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import asyncpg
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.telemetry import tracing
+from services.common.telemetry.metrics import PoolStats, service_metrics
 
 
 class _PgExecutor(Executor):
@@ -23,14 +27,16 @@ class _PgExecutor(Executor):
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
         try:
-            return await self._conn.fetch(sql, *args)
+            with tracing.db_span("postgresql", sql):
+                return await self._conn.fetch(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise UniqueViolation(str(exc)) from exc
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
         try:
-            status = await self._conn.execute(sql, *args)
+            with tracing.db_span("postgresql", sql):
+                status = await self._conn.execute(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise UniqueViolation(str(exc)) from exc
         return _rows_changed(status)
@@ -42,6 +48,9 @@ class PostgresDatabase(Database):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.query_count = 0
+        # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
+        self._acquiring = 0
+        service_metrics().pools.track(self)
 
     @classmethod
     async def open(cls, url: str, *, min_size: int, max_size: int) -> "PostgresDatabase":
@@ -56,16 +65,16 @@ class PostgresDatabase(Database):
         return cls(pool)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        async with self._pool.acquire() as conn:
+        async with _Connection(self) as conn:
             return await _PgExecutor(conn, self).fetch(sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._pool.acquire() as conn:
+        async with _Connection(self) as conn:
             return await _PgExecutor(conn, self).execute(sql, *args)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with _Connection(self) as conn, conn.transaction():
             yield _PgExecutor(conn, self)
 
     def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
@@ -76,15 +85,42 @@ class PostgresDatabase(Database):
         args = [[row[i] for row in rows] for i in range(len(columns))]
         return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})", args
 
-    def pool_stats(self) -> dict[str, int]:
-        return {
-            "size": self._pool.get_size(),
-            "idle": self._pool.get_idle_size(),
-            "max": self._pool.get_max_size(),
-        }
+    def pool_stats(self) -> PoolStats:
+        size = self._pool.get_size()
+        return PoolStats(
+            size=size,
+            max=self._pool.get_max_size(),
+            in_use=size - self._pool.get_idle_size(),
+            # Only a caller that found no free connection is still inside acquire()
+            # when anything else gets to run and look.
+            waiters=self._acquiring,
+        )
 
     async def close(self) -> None:
+        service_metrics().pools.untrack(self)
         await self._pool.close()
+
+
+class _Connection:
+    """pool.acquire() as a context manager that counts the callers inside it."""
+
+    __slots__ = ("_db", "_conn")
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        db = self._db
+        db._acquiring += 1
+        try:
+            self._conn = await db._pool.acquire()
+        finally:
+            db._acquiring -= 1
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._db._pool.release(self._conn)
 
 
 def _rows_changed(status: str) -> int:

@@ -4,6 +4,9 @@ WAL mode lets readers run beside the one writer, so reads go to a small set of
 reader connections (round robin) and every write or transaction goes through the
 single writer connection, serialised by a lock: SQLite allows one writer anyway,
 and queueing in-process is cheaper than SQLITE_BUSY retries.
+
+As a pool, for the metrics: the writer and the readers are its connections; a
+writer queued on the lock, or a read beyond one per reader, is a waiter.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 import aiosqlite
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.telemetry import tracing
+from services.common.telemetry.metrics import PoolStats, service_metrics
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _PRAGMAS = (
@@ -50,16 +55,18 @@ class _SqliteExecutor(Executor):
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
         try:
-            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                return list(await cursor.fetchall())
+            with tracing.db_span("sqlite", sql):
+                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                    return list(await cursor.fetchall())
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc) from exc
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
         try:
-            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                return cursor.rowcount
+            with tracing.db_span("sqlite", sql):
+                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                    return cursor.rowcount
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc) from exc
 
@@ -77,6 +84,10 @@ class SqliteDatabase(Database):
         self._next_reader = itertools.cycle(readers)
         self._write_lock = asyncio.Lock()
         self.query_count = 0
+        # For pool_stats(): reads running, and writers queued for the lock.
+        self._reads = 0
+        self._writers_waiting = 0
+        service_metrics().pools.track(self)
 
     @classmethod
     async def open(cls, url: str, *, readers: int) -> "SqliteDatabase":
@@ -99,15 +110,19 @@ class SqliteDatabase(Database):
         return conn
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return await _SqliteExecutor(next(self._next_reader), self).fetch(sql, *args)
+        self._reads += 1
+        try:
+            return await _SqliteExecutor(next(self._next_reader), self).fetch(sql, *args)
+        finally:
+            self._reads -= 1
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._write_lock:
+        async with _WriterTurn(self):
             return await _SqliteExecutor(self._writer, self).execute(sql, *args)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with self._write_lock:
+        async with _WriterTurn(self):
             # IMMEDIATE takes the write lock up front, so a transaction never fails
             # half-way on a lock it could not upgrade.
             await self._writer.execute("BEGIN IMMEDIATE")
@@ -126,6 +141,37 @@ class SqliteDatabase(Database):
         payload = json.dumps([_adapt(row) for row in rows])
         return f"INSERT INTO {table} ({names}) SELECT {picks} FROM json_each($1)", [payload]
 
+    def pool_stats(self) -> PoolStats:
+        readers = len(self._readers)
+        writing = 1 if self._write_lock.locked() else 0
+        return PoolStats(
+            size=1 + readers,
+            max=1 + readers,
+            in_use=writing + min(self._reads, readers),
+            waiters=self._writers_waiting + max(0, self._reads - readers),
+        )
+
     async def close(self) -> None:
+        service_metrics().pools.untrack(self)
         for conn in [self._writer, *self._readers]:
             await conn.close()
+
+
+class _WriterTurn:
+    """The write lock, counting the writers that queue for it."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def __aenter__(self) -> None:
+        db = self._db
+        db._writers_waiting += 1
+        try:
+            await db._write_lock.acquire()
+        finally:
+            db._writers_waiting -= 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._db._write_lock.release()

@@ -1,0 +1,118 @@
+"""What the gateway refuses or adds for safety, in one place.
+
+- Credentials in the query string are refused: URLs end up in logs and histories.
+- A request body must be JSON (415 otherwise).
+- The client's address goes to the services as x-forwarded-for, for their per-address
+  rate limits; an incoming X-Forwarded-For is believed only from TRUSTED_PROXIES.
+- The services' rate-limit figures come back as X-RateLimit-* and Retry-After headers.
+- Every response carries the usual security headers; CORS only for CORS_ORIGINS, and
+  never a wildcard together with credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
+from services.common.auth.guard import trusted
+
+CREDENTIAL_PARAMETERS = frozenset({"api_key", "apikey", "api-key", "x-api-key", "key", "token", "access_token", "authorization"})
+RATE_LIMIT_TRAILERS = {
+    "x-ratelimit-limit": "X-RateLimit-Limit",
+    "x-ratelimit-remaining": "X-RateLimit-Remaining",
+    "x-ratelimit-reset": "X-RateLimit-Reset",
+    "retry-after": "Retry-After",
+}
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+
+
+def refuse_query_credentials(query: bytes) -> None:
+    if not query:
+        return
+    for name, _ in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
+        if name.lower() in CREDENTIAL_PARAMETERS:
+            raise bad_request(
+                f"credentials are not accepted in the query string ({name!r}): send them in the x-api-key "
+                "or authorization header",
+                field=name,
+                reason="CREDENTIALS_IN_QUERY",
+            )
+
+
+def require_json(scope: Scope) -> None:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            if media_type == b"application/json" or media_type.endswith(b"+json"):
+                return
+            shown = value.decode("latin-1")
+            break
+    else:
+        shown = "none"
+    raise GatewayError(
+        UnsupportedMediaType(f"request bodies must be application/json, not {shown}"), status_code=415
+    )
+
+
+def client_address(scope: Scope, proxies: Iterable) -> str:
+    peer = scope["client"][0] if scope.get("client") else ""
+    if trusted(peer, proxies):
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                first = value.decode("latin-1").split(",", 1)[0].strip()
+                if first:
+                    return first
+    return peer
+
+
+def add_rate_limit_headers(response: Response, trailers) -> None:
+    for key, value in trailers or ():
+        header = RATE_LIMIT_TRAILERS.get(key)
+        if header is not None and isinstance(value, str):
+            response.headers[header] = value
+
+
+class SecurityHeadersMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def cors_options(origins_setting: str) -> dict | None:
+    """CORSMiddleware options for CORS_ORIGINS, or None when it is empty."""
+    origins = [o.strip() for o in origins_setting.split(",") if o.strip()]
+    if not origins:
+        return None
+    return {
+        "allow_origins": origins,
+        # A wildcard origin must not be combined with credentials.
+        "allow_credentials": "*" not in origins,
+        "allow_methods": ["GET", "POST", "PATCH", "DELETE"],
+        "allow_headers": ["authorization", "x-api-key", "content-type", "x-request-id"],
+        "expose_headers": ["x-request-id", *RATE_LIMIT_TRAILERS.values()],
+        "max_age": 600,
+    }
+
+
+

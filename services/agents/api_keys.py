@@ -1,0 +1,86 @@
+"""API key use cases: create (shown once), list, revoke, who-am-I, and bootstrap keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from collections.abc import Sequence
+
+from devops_hub.v1 import auth_pb2, options_pb2
+
+from services.common import pagination
+from services.common.auth import keys
+from services.common.auth.repository import ApiKeyRepository
+from services.common.auth.verifier import KeyVerifier
+from services.common.errors import InternalError, NotFound, Unauthenticated, invalid_fields
+
+ApiKey = auth_pb2.ApiKey
+Scope = options_pb2.Scope
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+GRANTABLE = (Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN)
+
+
+class ApiKeys:
+    def __init__(self, repository: ApiKeyRepository, verifier: KeyVerifier) -> None:
+        self._repository = repository
+        self._verifier = verifier
+
+    async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
+        now = _now()
+        violations = []
+        if not NAME.match(requested.name):
+            violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
+        if not requested.scopes:
+            violations.append(("api_key.scopes", "at least one of SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE, SCOPE_ADMIN"))
+        for i, scope in enumerate(requested.scopes):
+            if scope not in GRANTABLE:
+                violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
+        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.timezone.utc) <= now:
+            violations.append(("api_key.expire_time", "must be in the future"))
+        if violations:
+            raise invalid_fields(violations)
+        key = keys.new_key()
+        stored = await self._store(requested, key, now)
+        if stored is None:
+            raise InternalError("could not store the new key; try again", reason="KEY_COLLISION")
+        return auth_pb2.CreateApiKeyResponse(api_key=stored, key=key)
+
+    async def ensure(self, key: str, name: str, scopes: Sequence[int]) -> bool:
+        """Creates `key` if it is not stored yet (bootstrap and service keys); True if it created it."""
+        if not keys.well_formed(key):
+            raise ValueError(f"{name}: not a DevOps Hub key (dh_ and 43 url-safe characters); make one with `make key`")
+        return await self._store(ApiKey(name=name, scopes=scopes), key, _now()) is not None
+
+    async def _store(self, requested: ApiKey, key: str, now: dt.datetime) -> ApiKey | None:
+        record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
+        if requested.HasField("expire_time"):
+            record.expire_time.CopyFrom(requested.expire_time)
+        return await self._repository.insert(record, keys.hash_key(key), now)
+
+    async def list(self, request: auth_pb2.ListApiKeysRequest) -> auth_pb2.ListApiKeysResponse:
+        size = pagination.page_size(request.page_size)
+        after = pagination.decode_token(request)
+        found = await self._repository.list(request.show_revoked, after, size + 1)
+        response = auth_pb2.ListApiKeysResponse(api_keys=found[:size])
+        if len(found) > size:
+            response.next_page_token = pagination.encode_token(found[size - 1].id, request)
+        return response
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        if not key_id:
+            raise invalid_fields([("id", "is required")])
+        revoked = await self._repository.revoke(key_id, _now())
+        if revoked is None:
+            raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
+        return revoked
+
+    async def who_am_i(self, key: str | None) -> ApiKey:
+        api_key = await self._verifier.verify(key) if key else None
+        if api_key is None:
+            raise Unauthenticated("no valid API key was presented", reason="API_KEY_INVALID" if key else "API_KEY_MISSING")
+        return api_key
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

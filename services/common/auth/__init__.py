@@ -1,0 +1,1 @@
+"""Who may call what: API keys, the scope table read from the protos, rate limits."""

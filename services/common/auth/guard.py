@@ -1,0 +1,143 @@
+"""The check every call of every service passes before its handler runs.
+
+It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks it
+against the scope the method declares in the protos, then takes a token from the
+caller's rate-limit bucket: per key, or per client address for anonymous reads.
+The client address is the peer's, or the x-forwarded-for it sends when the peer is a
+trusted proxy (the gateway). Keys never appear in errors or logs: a key is named by
+its id or its first characters only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping
+
+import grpc
+
+from devops_hub.v1 import options_pb2
+
+from services.common.auth.keys import same_key
+from services.common.auth.rate_limit import Decision, RateLimiter
+from services.common.auth.scopes import allows, scope_name
+from services.common.auth.verifier import KeyVerifier
+from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
+
+Scope = options_pb2.Scope
+
+
+def presented_key(metadata: Mapping[str, str]) -> str | None:
+    key = metadata.get("x-api-key")
+    if key:
+        return key.strip()
+    authorization = metadata.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def peer_address(peer: str) -> str:
+    """'ipv4:127.0.0.1:5000' or 'ipv6:[::1]:5000' -> the address alone."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rsplit("]", 1)[0].lstrip("[")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return rest or peer
+
+
+def parse_networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
+
+
+def trusted(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def rate_limit_metadata(decision: Decision) -> tuple[tuple[str, str], ...]:
+    return (
+        ("x-ratelimit-limit", str(decision.limit)),
+        ("x-ratelimit-remaining", str(decision.remaining)),
+        ("x-ratelimit-reset", str(max(1, round(decision.reset_after)))),
+    )
+
+
+class AccessGuard:
+    def __init__(
+        self,
+        required: Mapping[str, int],
+        verifier: KeyVerifier,
+        limiter: RateLimiter,
+        *,
+        auth_enabled: bool,
+        allow_anonymous_read: bool,
+        trusted_proxies: str,
+        service_key: str = "",
+    ) -> None:
+        self._required = dict(required)
+        self._verifier = verifier
+        self._limiter = limiter
+        self._auth_enabled = auth_enabled
+        self._anonymous_read = allow_anonymous_read
+        self._proxies = parse_networks(trusted_proxies)
+        self._service_key = service_key
+
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        required = self._required.get(method)
+        if required is None:
+            return  # health and reflection: open to probes and tools
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        bucket = await self._authorise(method, required, metadata, context)
+        if bucket is None:
+            return
+        kind = "execute" if required == Scope.SCOPE_EXECUTE else "default"
+        decision = await self._limiter.take(bucket, kind)
+        if decision is None:
+            return
+        limits = rate_limit_metadata(decision)
+        if not decision.allowed:
+            raise RateLimited(
+                f"rate limit of {decision.limit} requests reached; retry in {decision.retry_after:.1f}s",
+                reason="RATE_LIMITED",
+                metadata={"limit": str(decision.limit)},
+                retry_after=decision.retry_after,
+                trailing_metadata=(*limits, ("retry-after", str(max(1, math.ceil(decision.retry_after))))),
+            )
+        context.set_trailing_metadata(limits)
+
+    async def _authorise(self, method: str, required: int, metadata: Mapping[str, str], context) -> str | None:
+        """The caller's rate-limit bucket once it may make this call; None for the
+        services' own key, whose traffic (cache reads, agent calls) is not a client's."""
+        key = presented_key(metadata)
+        if not self._auth_enabled or (key is None and required == Scope.SCOPE_READ and self._anonymous_read):
+            return f"addr:{self._client_address(metadata, context)}"
+        if key is None:
+            raise Unauthenticated(
+                f"{method} needs an API key with the {scope_name(required)} scope: send it as x-api-key or authorization: Bearer",
+                reason="API_KEY_MISSING",
+            )
+        api_key = await self._verifier.verify(key)
+        if api_key is None:
+            raise Unauthenticated("the API key is not valid: unknown, expired or revoked", reason="API_KEY_INVALID")
+        if not allows(api_key.scopes, required):
+            raise PermissionDenied(
+                f"key {api_key.id} ({api_key.name}) lacks the {scope_name(required)} scope that {method} needs",
+                reason="SCOPE_MISSING",
+                metadata={"key_id": api_key.id, "required_scope": scope_name(required)},
+            )
+        if self._service_key and same_key(key, self._service_key):
+            return None
+        return f"key:{api_key.id}"
+
+    def _client_address(self, metadata: Mapping[str, str], context) -> str:
+        peer = peer_address(context.peer())
+        forwarded = metadata.get("x-forwarded-for", "")
+        if forwarded and trusted(peer, self._proxies):
+            return forwarded.split(",")[0].strip()
+        return peer

@@ -1,0 +1,90 @@
+"""All SQL about API keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+
+from devops_hub.v1 import auth_pb2, options_pb2
+
+from services.common.db import Database, UniqueViolation
+from services.common.db.database import Row
+
+ApiKey = auth_pb2.ApiKey
+_COLUMNS = "id, name, prefix, scopes, create_time, expire_time, revoke_time, last_used_time"
+
+
+def _ts(value: dt.datetime | str | None) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(value)
+
+
+def to_api_key(row: Row) -> ApiKey:
+    api_key = ApiKey(
+        id=row["id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        scopes=[options_pb2.Scope.Value(name) for name in json.loads(row["scopes"])],
+    )
+    for name in ("create_time", "expire_time", "revoke_time", "last_used_time"):
+        if row[name] is not None:
+            getattr(api_key, name).FromDatetime(_ts(row[name]))
+    return api_key
+
+
+class ApiKeyRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, api_key: ApiKey, key_hash: str, now: dt.datetime) -> ApiKey | None:
+        """Stores a key; None when a key with this hash exists already."""
+        expire = api_key.expire_time.ToDatetime(dt.timezone.utc) if api_key.HasField("expire_time") else None
+        try:
+            async with self.db.transaction() as tx:
+                row = await tx.fetchrow(
+                    "INSERT INTO api_keys (id, name, key_hash, prefix, scopes, create_time, expire_time)"
+                    f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+                    api_key.id,
+                    api_key.name,
+                    key_hash,
+                    api_key.prefix,
+                    json.dumps([options_pb2.Scope.Name(s) for s in sorted(set(api_key.scopes))]),
+                    now,
+                    expire,
+                )
+        except UniqueViolation:
+            return None
+        return to_api_key(row)
+
+    async def by_hash(self, key_hash: str) -> ApiKey | None:
+        row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash)
+        return None if row is None else to_api_key(row)
+
+    async def list(self, show_revoked: bool, after_id: str | None, limit: int) -> list[ApiKey]:
+        clauses, args = [], []
+        if not show_revoked:
+            clauses.append("revoke_time IS NULL")
+        if after_id is not None:
+            args.append(after_id)
+            clauses.append(f"id > ${len(args)}")
+        args.append(limit)
+        where = " AND ".join(clauses) or "TRUE"
+        rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM api_keys WHERE {where} ORDER BY id LIMIT ${len(args)}", *args)
+        return [to_api_key(row) for row in rows]
+
+    async def revoke(self, key_id: str, now: dt.datetime) -> ApiKey | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow(
+                "UPDATE api_keys SET revoke_time = COALESCE(revoke_time, $2) WHERE id = $1" f" RETURNING {_COLUMNS}",
+                key_id,
+                now,
+            )
+        return None if row is None else to_api_key(row)
+
+    async def touch(self, key_ids: Sequence[str], now: dt.datetime) -> None:
+        """Records use of these keys: one statement for all of them."""
+        if key_ids:
+            placeholders = ", ".join(f"${i}" for i in range(2, len(key_ids) + 2))
+            await self.db.execute(f"UPDATE api_keys SET last_used_time = $1 WHERE id IN ({placeholders})", now, *key_ids)

@@ -1,0 +1,41 @@
+"""The scope table, read once from the `required_scope` option of every RPC.
+
+Nothing here lists methods: a new RPC declares its scope in its .proto, and a method
+that declares none requires ADMIN, so forgetting is closed, not open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from devops_hub.v1 import options_pb2
+
+from services.common.api import discover_services
+
+Scope = options_pb2.Scope
+
+# What holding a scope grants besides itself.
+_IMPLIES = {Scope.SCOPE_ADMIN: {Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE}}
+
+
+def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
+    """'/pkg.Service/Method' -> the scope it requires, for every service of the API."""
+    table = {}
+    for service in discover_services() if services is None else services:
+        for method in service.methods:
+            scope = method.GetOptions().Extensions[options_pb2.required_scope]
+            table[f"/{service.full_name}/{method.name}"] = scope or Scope.SCOPE_ADMIN
+    return table
+
+
+def allows(granted: Iterable[int], required: int) -> bool:
+    granted = set(granted)
+    if required == Scope.SCOPE_AUTHENTICATED:
+        return True
+    return required in granted or any(required in _IMPLIES.get(g, ()) for g in granted)
+
+
+def scope_name(scope: int) -> str:
+    return Scope.Name(scope).removeprefix("SCOPE_").lower()

@@ -1,0 +1,144 @@
+"""Turning a presented key into the ApiKey it stands for, fast and never stale for long.
+
+Look-ups are cached for at most CACHE_TTL (one second), misses and refusals included,
+so a revoked key stops working within a second in every process, and a flood of
+made-up keys costs one query per key per second at most. Expiry is checked on every
+call against the cached record, so it is exact. Use is recorded (last_used_time) at
+most once a minute per key, in one background statement for all keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+from google.protobuf import empty_pb2
+
+from devops_hub.v1 import auth_pb2, auth_pb2_grpc
+
+from services.common.auth import keys
+from services.common.auth.repository import ApiKeyRepository
+from services.common.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+ApiKey = auth_pb2.ApiKey
+CACHE_TTL = 1.0
+CACHE_ENTRIES = 10_000
+TOUCH_INTERVAL = 60.0
+
+
+class KeyVerifier(Protocol):
+    async def verify(self, key: str) -> ApiKey | None:
+        """The key's record if it may be used now; None if it is unknown, revoked or expired."""
+
+    async def close(self) -> None: ...
+
+
+def usable(api_key: ApiKey | None, now: dt.datetime) -> ApiKey | None:
+    if api_key is None or api_key.HasField("revoke_time"):
+        return None
+    if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.timezone.utc) <= now:
+        return None
+    return api_key
+
+
+class _Cache:
+    """key hash -> (record or None, monotonic expiry), bounded, oldest evicted first."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
+
+    def get(self, key_hash: str) -> tuple[bool, ApiKey | None]:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] <= self._clock():
+            return False, None
+        return True, entry[0]
+
+    def put(self, key_hash: str, api_key: ApiKey | None) -> None:
+        self._entries[key_hash] = (api_key, self._clock() + CACHE_TTL)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > CACHE_ENTRIES:
+            self._entries.popitem(last=False)
+
+
+class DatabaseVerifier:
+    """For the services that hold the database (agents, workflows)."""
+
+    def __init__(self, repository: ApiKeyRepository, clock: Callable[[], float] = time.monotonic) -> None:
+        self._repository = repository
+        self._clock = clock
+        self._cache = _Cache(clock)
+        self._touched: dict[str, float] = {}
+        self._to_touch: set[str] = set()
+        self._toucher: asyncio.Task | None = None
+
+    async def verify(self, key: str) -> ApiKey | None:
+        if not keys.well_formed(key):
+            return None
+        key_hash = keys.hash_key(key)
+        found, api_key = self._cache.get(key_hash)
+        if not found:
+            api_key = await self._repository.by_hash(key_hash)
+            self._cache.put(key_hash, api_key)
+        api_key = usable(api_key, dt.datetime.now(dt.timezone.utc))
+        if api_key is not None:
+            self._note_use(api_key.id)
+        return api_key
+
+    def _note_use(self, key_id: str) -> None:
+        now = self._clock()
+        if now - self._touched.get(key_id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+            return
+        self._touched[key_id] = now
+        self._to_touch.add(key_id)
+        if self._toucher is None or self._toucher.done():
+            self._toucher = asyncio.get_running_loop().create_task(self._touch_soon())
+
+    async def _touch_soon(self) -> None:
+        await asyncio.sleep(1.0)  # gather the keys used in the same second into one write
+        batch, self._to_touch = sorted(self._to_touch), set()
+        try:
+            await self._repository.touch(batch, dt.datetime.now(dt.timezone.utc))
+        except Exception:  # noqa: BLE001 - last_used_time is informative; a miss is tolerable
+            log.warning("could not record the use of %d API key(s)", len(batch), exc_info=True)
+
+    async def close(self) -> None:
+        if self._toucher is not None and not self._toucher.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._toucher
+
+
+class RemoteVerifier:
+    """For services without the database (the cache sidecar): asks ApiKeysService.WhoAmI."""
+
+    def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._channel = grpc.aio.insecure_channel(agents_addr)
+        self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
+        self._cache = _Cache(clock)
+
+    async def verify(self, key: str) -> ApiKey | None:
+        if not keys.well_formed(key):
+            return None
+        key_hash = keys.hash_key(key)
+        found, api_key = self._cache.get(key_hash)
+        if not found:
+            try:
+                api_key = await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise Unavailable("API keys cannot be checked right now: the agents service is unreachable", reason="KEYS_UNAVAILABLE") from None
+                api_key = None
+            self._cache.put(key_hash, api_key)
+        return usable(api_key, dt.datetime.now(dt.timezone.utc))
+
+    async def close(self) -> None:
+        await self._channel.close()

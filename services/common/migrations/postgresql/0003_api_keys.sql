@@ -1,0 +1,13 @@
+-- API keys. Only the SHA-256 of a key is stored; the key itself is shown once.
+CREATE TABLE api_keys (
+    id             TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    key_hash       TEXT NOT NULL,
+    prefix         TEXT NOT NULL,
+    scopes         TEXT NOT NULL,
+    create_time    TIMESTAMPTZ NOT NULL,
+    expire_time    TIMESTAMPTZ,
+    revoke_time    TIMESTAMPTZ,
+    last_used_time TIMESTAMPTZ
+);
+CREATE UNIQUE INDEX api_keys_key_hash ON api_keys (key_hash);

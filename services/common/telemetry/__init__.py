@@ -1,0 +1,70 @@
+"""Observability shared by every process: metrics, traces, logs and profiles.
+
+A process's main() calls Telemetry.start() before it builds anything (logging,
+tracing and profiling are then in place for what it builds), serves its metrics,
+and closes the Telemetry last. docs/observability.md is the operator's side.
+
+    metrics.py      the Prometheus metrics and how they are grouped
+    endpoint.py     GET /metrics of a gRPC service, on its own port
+    grpc_server.py  the interceptor every GrpcHost puts first
+    grpc_client.py  trace context on outgoing gRPC calls
+    asgi.py         the gateway's middleware
+    tracing.py      OpenTelemetry set-up and database spans
+    logs.py         text or JSON logs with request and trace ids
+    profiling.py    profiles of slow requests
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import TextIO
+
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import disable_created_metrics, multiprocess
+
+from services.common.settings import Settings
+from services.common.telemetry import logs, profiling, tracing
+from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
+from services.common.telemetry.metrics import multiprocess_dir, prepare_multiprocess
+
+__all__ = ["Telemetry"]
+
+
+@dataclasses.dataclass
+class Telemetry:
+    service: str
+    provider: TracerProvider | None = None
+    endpoint: MetricsEndpoint | None = None
+
+    @classmethod
+    def start(cls, settings: Settings, service: str, *, log_stream: TextIO | None = None) -> "Telemetry":
+        """Logging, tracing and profiling for this process, as settings say."""
+        logs.configure(settings, service, log_stream)
+        # No `_created` series beside every counter and histogram: they double what a
+        # scrape carries, and rate() does not need them.
+        disable_created_metrics()
+        prepare_multiprocess(service)
+        profiling.configure(settings)
+        return cls(service, provider=tracing.configure(settings, service))
+
+    async def serve_metrics(self, name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()) -> None:
+        """GET /metrics on `port` (0: none) of the host the service listens on."""
+        self.endpoint = await serve_metrics(name, address, port, refreshers)
+
+    async def close(self) -> None:
+        if self.endpoint is not None:
+            await self.endpoint.close()
+            self.endpoint = None
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Flushes the spans still buffered and, in multiprocess mode, retires this
+        process's live gauges so the survivors' sums no longer count it."""
+        if self.provider is not None:
+            tracing.shutdown()
+            self.provider = None
+        directory = multiprocess_dir()
+        if directory:
+            multiprocess.mark_process_dead(os.getpid(), directory)

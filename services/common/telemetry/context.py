@@ -1,0 +1,44 @@
+"""Which request the running code serves, for the log formatter.
+
+The gRPC interceptor binds the call's context (its x-request-id is read from the
+metadata only when something actually logs) and the gateway's middleware binds the
+id itself. Every RPC and every HTTP request runs in a task of its own, so a binding
+never outlives the request that made it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Protocol
+
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+
+class _CallContext(Protocol):
+    def invocation_metadata(self): ...
+
+
+_current: contextvars.ContextVar[str | _CallContext | None] = contextvars.ContextVar("devops_hub_request", default=None)
+
+
+def bind_call(context: _CallContext) -> contextvars.Token:
+    return _current.set(context)
+
+
+def bind_request_id(request_id: str) -> contextvars.Token:
+    return _current.set(request_id)
+
+
+def unbind(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+def request_id() -> str | None:
+    """The id of the request being served, or None outside of one."""
+    bound = _current.get()
+    if bound is None or isinstance(bound, str):
+        return bound
+    for key, value in bound.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA_KEY:
+            return value if isinstance(value, str) else None
+    return None

@@ -1,0 +1,159 @@
+"""The Prometheus endpoint of a gRPC service: `GET /metrics` on a port of its own.
+
+It is served by the service's own event loop (asyncio streams, no thread), so the
+gauges read from live state (pools, the cache's statistics) are brought up to date by
+awaiting them right before each scrape is answered. In multiprocess mode the same
+refresh also runs every REFRESH_INTERVAL in every worker, since a scrape reaches only
+one of them, and the answer sums every worker's files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, service_metrics
+
+log = logging.getLogger(__name__)
+
+Refresher = Callable[[], Awaitable[None]]
+
+REFRESH_INTERVAL = 5.0
+# A scraper gets this long to send its request; the endpoint is not a web server.
+REQUEST_TIMEOUT = 5.0
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+def host_of(address: str) -> str:
+    """The host part of a listen address ("0.0.0.0:50051" → "0.0.0.0", "[::]:1" → "::")."""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+class MetricsEndpoint:
+    def __init__(
+        self,
+        *,
+        metrics: ServiceMetrics | None = None,
+        refreshers: Sequence[Refresher] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._metrics = metrics or service_metrics()
+        self._refreshers = list(refreshers)
+        self._registry = registry or self._metrics.registry
+        self._multiprocess = multiprocess_dir()
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # One refresh at a time: two interleaved snapshots could apply out of order.
+        self._refreshing = asyncio.Lock()
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> int | None:
+        """Listens on host:port and returns the port; None (with the reason logged) when
+        the port is taken. Metrics are worth a log line, not the service."""
+        try:
+            self._server = await asyncio.start_server(
+                self._serve,
+                host or None,
+                port,
+                # Workers of one service share the port only in multiprocess mode, where
+                # any of them gives the whole answer; otherwise a taken port is an error.
+                reuse_port=bool(self._multiprocess),
+            )
+        except OSError as exc:
+            log.error(
+                "metrics endpoint not started: cannot listen on %s:%d (%s); several workers of a service "
+                "share its metrics port only with PROMETHEUS_MULTIPROC_DIR set",
+                host, port, exc,
+            )
+            return None
+        self.port = self._server.sockets[0].getsockname()[1]
+        await self.refresh()
+        if self._multiprocess:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="metrics-refresh")
+        return self.port
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def refresh(self) -> None:
+        async with self._refreshing:
+            self._metrics.refresh()
+            for refresher in self._refreshers:
+                try:
+                    await refresher()
+                except Exception:  # noqa: BLE001 - a failed source leaves its last values
+                    log.warning("metrics refresh failed", exc_info=True)
+
+    async def render(self) -> bytes:
+        await self.refresh()
+        if self._multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self._multiprocess)
+            return generate_latest(registry)
+        return generate_latest(self._registry)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)
+            await self.refresh()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, target = _request_line(head)
+            if target.split(b"?", 1)[0] != b"/metrics":
+                status, body, kind = b"404 Not Found", b"only /metrics is served here\n", b"text/plain"
+            elif method not in (b"GET", b"HEAD"):
+                status, body, kind = b"405 Method Not Allowed", b"GET /metrics\n", b"text/plain"
+            else:
+                status, body, kind = b"200 OK", await self.render(), CONTENT_TYPE_LATEST.encode()
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
+                + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+                + (b"" if method == b"HEAD" else body)
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError) as exc:
+            # A client that sent no usable request (or left) gets no answer.
+            log.debug("metrics request dropped: %r", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def _request_line(head: bytes) -> tuple[bytes, bytes]:
+    if len(head) > MAX_REQUEST_BYTES:
+        raise ValueError("request too large")
+    method, target, _version = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    return method, target
+
+
+async def serve_metrics(
+    name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()
+) -> MetricsEndpoint | None:
+    """Starts this process's endpoint on the host of the service's `address` and says
+    where, like the service's own listening line; None when `port` is 0 (metrics
+    turned off) or taken."""
+    if port == 0:
+        return None
+    endpoint = MetricsEndpoint(refreshers=refreshers, registry=REGISTRY)
+    bound = await endpoint.start(host_of(address), port)
+    if bound is None:
+        return None
+    print(f"{name} metrics on http://{host_of(address) or '0.0.0.0'}:{bound}/metrics", flush=True)
+    return endpoint

@@ -1,0 +1,367 @@
+"""Prometheus metrics of the gRPC services: calls, database pools, the cache, workflows.
+
+A process keeps its metrics in prometheus_client's default registry (which also holds
+the standard process_* metrics) and serves them on its metrics port (endpoint.py).
+Several worker processes of one service add up through prometheus_client's
+multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set before the process starts,
+values live in per-process files in that directory and whichever worker answers a
+scrape sums them. Gauges say how they combine (`multiprocess_mode`).
+
+Hot paths touch only label children bound once and kept: no label lookup, no string
+building per call. docs/observability.md lists every metric with its meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import weakref
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Request latencies: sub-millisecond to seconds, with edges at the performance
+# targets (100 ms) and alert thresholds (500 ms) so quantiles near them are exact.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Workflow executions run from milliseconds (transforms) to their one-hour default limit.
+WORKFLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+# The codes that mean the server failed (OpenTelemetry's rule for gRPC server spans);
+# the others are the caller's mistakes or answers (NOT_FOUND, INVALID_ARGUMENT, ...).
+# The error-rate alerts count exactly these.
+SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when this process runs in that mode."""
+    return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def prepare_multiprocess(service: str) -> str | None:
+    """In multiprocess mode, gives this process the service's own subdirectory of
+    PROMETHEUS_MULTIPROC_DIR, so one variable serves every part of the system and no
+    endpoint adds up another part's metrics; and retires the live gauges of processes
+    that are gone (a restarted worker or container finds its predecessors' files).
+
+    Runs at start, before any metric holds a value: values open their files in the
+    directory the variable names when they are made.
+    """
+    base = multiprocess_dir()
+    if base is None:
+        return None
+    directory = base if os.path.basename(os.path.normpath(base)) == service else os.path.join(base, service)
+    os.makedirs(directory, exist_ok=True)
+    os.environ[MULTIPROCESS_ENV] = directory
+    for pid in _pids_with_files(directory):
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid, directory)
+    return directory
+
+
+def _pids_with_files(directory: str) -> set[int]:
+    # prometheus_client names its files <kind>[_<mode>]_<pid>.db.
+    pids = set()
+    for name in os.listdir(directory):
+        stem, _, pid = name.removesuffix(".db").rpartition("_")
+        if stem and pid.isdigit():
+            pids.add(int(pid))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- gRPC server calls --------------------------------------------------------------
+
+
+class GrpcServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._handled = Counter(
+            "grpc_server_handled",
+            "gRPC calls completed by the server, by service, method, type and status code.",
+            ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+            registry=registry,
+        )
+        self._latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time the server took to complete a call (a stream's whole life for streaming types).",
+            ["grpc_service", "grpc_method", "grpc_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def method(self, service: str, method: str, kind: str) -> "MethodMetrics":
+        return MethodMetrics(self._handled, self._latency.labels(service, method, kind), (service, method, kind))
+
+
+class MethodMetrics:
+    """One method's children: the histogram bound up front, a counter child per code as met."""
+
+    __slots__ = ("_handled", "_latency", "_labels", "_by_code")
+
+    def __init__(self, handled: Counter, latency: Histogram, labels: tuple[str, str, str]) -> None:
+        self._handled = handled
+        self._latency = latency
+        self._labels = labels
+        self._by_code: dict[grpc.StatusCode, Counter] = {}
+
+    def observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+        counter.inc()
+        self._latency.observe(seconds)
+
+
+# --- database pools -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A connection pool right now. `waiters` are callers waiting for a connection."""
+
+    size: int
+    max: int
+    in_use: int
+    waiters: int
+
+
+class HasPool(Protocol):
+    def pool_stats(self) -> PoolStats: ...
+
+
+class PoolMetrics:
+    """The database pools open in this process, summed (one per service in production).
+
+    Pools register themselves when they open and leave when they close; the gauges are
+    set from them whenever metrics are collected, never on the query path.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, registry=registry, multiprocess_mode="livesum")
+
+        self._size = gauge("devops_hub_db_pool_size", "Database connections open.")
+        self._max = gauge("devops_hub_db_pool_max", "Database connections the pool may open (DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW).")
+        self._in_use = gauge("devops_hub_db_pool_in_use", "Database connections running a query or transaction.")
+        self._idle = gauge("devops_hub_db_pool_idle", "Database connections open and free.")
+        self._waiters = gauge("devops_hub_db_pool_waiters", "Queries waiting for a free database connection.")
+        self._pools: weakref.WeakSet[HasPool] = weakref.WeakSet()
+
+    def track(self, pool: HasPool) -> None:
+        self._pools.add(pool)
+
+    def untrack(self, pool: HasPool) -> None:
+        self._pools.discard(pool)
+
+    def refresh(self) -> None:
+        stats = [pool.pool_stats() for pool in list(self._pools)]
+        size = sum(s.size for s in stats)
+        in_use = sum(s.in_use for s in stats)
+        self._size.set(size)
+        self._max.set(sum(s.max for s in stats))
+        self._in_use.set(in_use)
+        self._idle.set(max(0, size - in_use))
+        self._waiters.set(sum(s.waiters for s in stats))
+
+
+# --- the cache --------------------------------------------------------------------------
+
+
+class CacheMetrics:
+    """The cache sidecar's statistics (CacheService.Stats) as Prometheus metrics.
+
+    The store counts; this class turns its running totals into counter increments
+    each time it is given a snapshot, so counters stay counters in multiprocess mode.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._hits = Counter("devops_hub_cache_hits", "Cache reads that found an entry, by namespace.", ["namespace"], registry=registry)
+        self._misses = Counter("devops_hub_cache_misses", "Cache reads that found nothing, by namespace.", ["namespace"], registry=registry)
+        self._hit_ratio = Gauge(
+            "devops_hub_cache_hit_ratio",
+            "Hits / (hits + misses) since the sidecar started, by namespace.",
+            ["namespace"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self._evictions = Counter("devops_hub_cache_evictions", "Entries evicted, by reason (size, bytes, ttl).", ["reason"], registry=registry)
+        self._sets = Counter("devops_hub_cache_sets", "Entries stored.", registry=registry)
+        self._invalidations = Counter("devops_hub_cache_invalidations", "Delete, Invalidate and Clear calls applied.", registry=registry)
+        self._entries = Gauge("devops_hub_cache_entries", "Live entries in the active backend.", registry=registry, multiprocess_mode="liveall")
+        self._bytes = Gauge("devops_hub_cache_bytes", "Bytes held by the active backend.", registry=registry, multiprocess_mode="liveall")
+        self._backend = Gauge(
+            "devops_hub_cache_backend",
+            "1 for the backend serving now (memory or redis), 0 for the others.",
+            ["backend"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._backend_errors = Counter("devops_hub_cache_backend_errors", "Redis calls that failed and were served from memory.", registry=registry)
+        self._backend_switches = Counter("devops_hub_cache_backend_switches", "Switches between Redis and memory, either way.", registry=registry)
+        # Last totals seen, by counter and label: what the next snapshot is compared with.
+        self._seen: dict[tuple[str, str], int] = {}
+        self._backends: set[str] = set()
+
+    def update(self, stats: Any) -> None:
+        """Applies a snapshot shaped like services.cache_sidecar.stores.base.StoreStats."""
+        for namespace, counts in stats.namespaces.items():
+            self._advance(self._hits.labels(namespace), ("hits", namespace), counts.hits)
+            self._advance(self._misses.labels(namespace), ("misses", namespace), counts.misses)
+            self._hit_ratio.labels(namespace).set(counts.hit_rate)
+        for reason, count in stats.evictions.items():
+            self._advance(self._evictions.labels(reason), ("evictions", reason), count)
+        self._advance(self._sets, ("sets", ""), stats.sets)
+        self._advance(self._invalidations, ("invalidations", ""), stats.invalidations)
+        self._advance(self._backend_errors, ("backend_errors", ""), stats.backend_errors)
+        self._advance(self._backend_switches, ("backend_switches", ""), stats.backend_switches)
+        self._entries.set(stats.entries)
+        self._bytes.set(stats.bytes)
+        self._backends.add(stats.backend)
+        for backend in self._backends:
+            self._backend.labels(backend).set(1 if backend == stats.backend else 0)
+
+    def _advance(self, counter: Counter, key: tuple[str, str], total: int) -> None:
+        last = self._seen.get(key, 0)
+        if total > last:
+            counter.inc(total - last)
+            self._seen[key] = total
+        elif total < last:
+            # The store started counting again (a new store object): what it counted is new.
+            counter.inc(total)
+            self._seen[key] = total
+
+
+class CacheStatsSource(Protocol):
+    async def stats(self) -> Any: ...
+
+
+class CacheStatsRefresher:
+    """Reads a store's statistics into CacheMetrics; the metrics endpoint awaits it."""
+
+    def __init__(self, store: CacheStatsSource, metrics: CacheMetrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    async def __call__(self) -> None:
+        self._metrics.update(await self._store.stats())
+
+
+# --- workflows ------------------------------------------------------------------------------
+
+
+def _enum_label(message: Any, field: str) -> str:
+    """The enum value's name in lower case, from the message's own descriptor."""
+    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
+    value = enum.values_by_number.get(getattr(message, field))
+    return value.name.lower() if value is not None else "unknown"
+
+
+def _seconds_between(start: Any, end: Any) -> float | None:
+    if not start.seconds and not start.nanos:
+        return None
+    return max(0.0, (end.ToNanoseconds() - start.ToNanoseconds()) / 1e9)
+
+
+class WorkflowMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._executions = Counter(
+            "devops_hub_workflow_executions", "Workflow executions that ended, by final status.", ["status"], registry=registry
+        )
+        self._execution_seconds = Histogram(
+            "devops_hub_workflow_execution_duration_seconds",
+            "Time from an execution's start to its end, by final status.",
+            ["status"],
+            buckets=WORKFLOW_BUCKETS,
+            registry=registry,
+        )
+        self._steps = Counter(
+            "devops_hub_workflow_steps", "Workflow steps that ended, by step type and final status.", ["type", "status"], registry=registry
+        )
+        self._step_seconds = Histogram(
+            "devops_hub_workflow_step_duration_seconds",
+            "Time from a step's start to its end (all attempts), by step type and final status.",
+            ["type", "status"],
+            buckets=WORKFLOW_BUCKETS,
+            registry=registry,
+        )
+
+    def execution_ended(self, execution: Any) -> None:
+        """Counts an Execution that reached its final status (and times it, if it started)."""
+        status = _enum_label(execution, "status")
+        self._executions.labels(status).inc()
+        seconds = _seconds_between(execution.start_time, execution.end_time)
+        if seconds is not None:
+            self._execution_seconds.labels(status).observe(seconds)
+
+    def step_ended(self, step: Any, run: Any) -> None:
+        """Counts a StepRun of `step` that reached its final status (and times it, if it started)."""
+        kind, status = _enum_label(step, "type"), _enum_label(run, "status")
+        self._steps.labels(kind, status).inc()
+        seconds = _seconds_between(run.start_time, run.end_time)
+        if seconds is not None:
+            self._step_seconds.labels(kind, status).observe(seconds)
+
+
+# --- the process's set ----------------------------------------------------------------------
+
+
+class ServiceMetrics:
+    """A process's metrics, each group created on first use, so a process exports only
+    the groups it has (no cache gauges reading 0 in the agents service)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+
+    @functools.cached_property
+    def grpc(self) -> GrpcServerMetrics:
+        return GrpcServerMetrics(self.registry)
+
+    @functools.cached_property
+    def pools(self) -> PoolMetrics:
+        return PoolMetrics(self.registry)
+
+    @functools.cached_property
+    def cache(self) -> CacheMetrics:
+        return CacheMetrics(self.registry)
+
+    @functools.cached_property
+    def workflows(self) -> WorkflowMetrics:
+        return WorkflowMetrics(self.registry)
+
+    def refresh(self) -> None:
+        """Sets the gauges that are read from state rather than counted as things happen."""
+        if "pools" in self.__dict__:
+            self.pools.refresh()
+
+
+_process_metrics: ServiceMetrics | None = None
+
+
+def service_metrics() -> ServiceMetrics:
+    """This process's metrics in the default registry, made on first use."""
+    global _process_metrics
+    if _process_metrics is None:
+        _process_metrics = ServiceMetrics()
+    return _process_metrics
+

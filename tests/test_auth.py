@@ -1,0 +1,350 @@
+"""API keys, the scope table, rate limits and the gateway's hardening, through the
+real gRPC and HTTP interfaces."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import empty_pb2, message_factory, timestamp_pb2
+
+from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
+
+from gateway.testing import running_gateway
+from services.common.api import discover_services
+from services.common.auth import keys
+from services.common.auth.scopes import required_scopes
+from tests.conftest import make_settings, running_stack
+from tests.grpc_errors import failure_of
+
+Scope = options_pb2.Scope
+READ, WRITE, EXECUTE, ADMIN = Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN
+ADMIN_KEY = keys.new_key()
+# For each required scope, a key that has everything but it (ADMIN implies all).
+WEAKER = {READ: [WRITE, EXECUTE], WRITE: [READ, EXECUTE], EXECUTE: [READ, WRITE], ADMIN: [READ, WRITE, EXECUTE]}
+SERVED = {"devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService", "devops_hub.v1.WorkflowsService", "devops_hub.v1.EventsService"}
+
+
+SERVICE_KEY = keys.new_key()
+
+
+def auth_settings(url: str, **overrides):
+    return make_settings(url, auth_enabled=True, bootstrap_admin_key=ADMIN_KEY, service_api_key=SERVICE_KEY, **overrides)
+
+
+@pytest.fixture
+async def secured(sqlite_url):
+    async with running_stack(auth_settings(sqlite_url), with_workflows=True) as stack:
+        channel = grpc.aio.insecure_channel(stack.settings.agents_addr)
+        keys_stub = auth_pb2_grpc.ApiKeysServiceStub(channel)
+        yield stack, keys_stub
+        await channel.close()
+
+
+async def new_key(keys_stub, *scopes: int, **fields) -> str:
+    created = await keys_stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name=f"k-{uuid.uuid4().hex[:6]}", scopes=scopes, **fields)),
+        metadata=(("x-api-key", ADMIN_KEY),),
+    )
+    return created.key
+
+
+def test_every_rpc_declares_its_scope():
+    table = required_scopes()
+    for service in discover_services():
+        for method in service.methods:
+            declared = method.GetOptions().Extensions[options_pb2.required_scope]
+            assert declared != Scope.SCOPE_UNSPECIFIED, f"{service.full_name}/{method.name} declares no required_scope"
+            assert table[f"/{service.full_name}/{method.name}"] == declared
+
+
+def served_methods():
+    for service in discover_services():
+        if service.full_name in SERVED:
+            for method in service.methods:
+                yield service, method
+
+
+async def call(stack, service, method, key: str | None):
+    """Calls a method with an empty request; returns the status code it ended with."""
+    address = stack.settings.agents_addr if service.full_name in ("devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService") else stack.settings.workflows_addr
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    path = f"/{service.full_name}/{method.name}"
+    metadata = (("x-api-key", key),) if key else ()
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            if method.server_streaming:
+                stream = channel.unary_stream(path, request_class.SerializeToString, response_class.FromString)(
+                    request_class(), metadata=metadata, timeout=0.5
+                )
+                await stream.read()
+            else:
+                await channel.unary_unary(path, request_class.SerializeToString, response_class.FromString)(
+                    request_class(), metadata=metadata, timeout=5
+                )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_the_scope_table_over_grpc(secured):
+    stack, keys_stub = secured
+    table = required_scopes()
+    weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}
+    exact_keys = {scope: await new_key(keys_stub, scope) for scope in (READ, WRITE, EXECUTE, ADMIN)}
+    denied = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+    for service, method in served_methods():
+        required = table[f"/{service.full_name}/{method.name}"]
+        name = f"{service.name}.{method.name}"
+        anonymous = await call(stack, service, method, None)
+        if required == READ:
+            assert anonymous not in denied, f"{name}: anonymous reads are allowed by default"
+        else:
+            assert anonymous == grpc.StatusCode.UNAUTHENTICATED, name
+        if required in WEAKER:
+            assert await call(stack, service, method, weaker_keys[required]) == grpc.StatusCode.PERMISSION_DENIED, name
+            assert await call(stack, service, method, exact_keys[required]) not in denied, name
+        assert await call(stack, service, method, ADMIN_KEY) not in denied, name
+        assert await call(stack, service, method, "dh_" + "x" * 43) == grpc.StatusCode.UNAUTHENTICATED, name
+
+
+async def test_the_scope_table_over_http(secured):
+    stack, keys_stub = secured
+    weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}
+    exact_keys = {scope: await new_key(keys_stub, scope) for scope in (READ, WRITE, EXECUTE, ADMIN)}
+    async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        from gateway.routes import build_routes
+        from gateway.backends import BACKEND_OF_SERVICE
+
+        table = required_scopes()
+        routes = [r for r in build_routes(discover_services(), BACKEND_OF_SERVICE) if r.method.containing_service.full_name in SERVED]
+        assert routes
+        for route in routes:
+            required = table[route.grpc_path]
+            path = route.template.text.replace("{agent.id}", "x").replace("{workflow.id}", "x").replace("{id}", "x")
+            method = route.http_method
+
+            async def send(headers):
+                if route.server_streaming:
+                    async with http.stream(method, path, headers=headers, timeout=3) as response:
+                        return response.status_code
+                body = {} if method in ("POST", "PATCH") else None
+                response = await http.request(method, path, json=body, headers=headers)
+                return response.status_code
+
+            name = f"{method} {route.template.text}"
+            if required == READ:
+                assert await send({}) not in (401, 403), name
+            else:
+                assert await send({}) == 401, name
+            if required in WEAKER:
+                assert await send({"x-api-key": weaker_keys[required]}) == 403, name
+                assert await send({"authorization": f"Bearer {exact_keys[required]}"}) not in (401, 403), name
+            assert await send({"x-api-key": ADMIN_KEY}) not in (401, 403), name
+
+
+async def test_anonymous_reads_can_be_turned_off(sqlite_url):
+    async with running_stack(auth_settings(sqlite_url, allow_anonymous_read=False)) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            from devops_hub.v1 import agents_pb2
+
+            await stack.stub.ListAgents(agents_pb2.ListAgentsRequest())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert failure_of(info.value).reason == "API_KEY_MISSING"
+
+
+async def test_keys_are_shown_once_and_listed_without_secrets(secured):
+    stack, keys_stub = secured
+    admin = (("x-api-key", ADMIN_KEY),)
+    created = await keys_stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="ci", scopes=[READ, EXECUTE])), metadata=admin
+    )
+    assert keys.well_formed(created.key) and len(created.key) >= 3 + 43
+    assert created.api_key.prefix == created.key[:10]
+    me = await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=(("authorization", f"Bearer {created.key}"),))
+    assert me.id == created.api_key.id and list(me.scopes) == [READ, EXECUTE]
+    listed = await keys_stub.ListApiKeys(auth_pb2.ListApiKeysRequest(), metadata=admin)
+    assert created.api_key.id in {k.id for k in listed.api_keys}
+    assert created.key not in str(listed)
+    bad = await _error(keys_stub.CreateApiKey(auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="", scopes=[])), metadata=admin))
+    assert {"api_key.name", "api_key.scopes"} <= set(failure_of(bad).fields)
+
+
+async def _error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+async def test_revoked_keys_stop_within_a_second_everywhere(secured):
+    stack, keys_stub = secured
+    key = await new_key(keys_stub, READ, WRITE)
+    from devops_hub.v1 import workflows_pb2
+
+    as_key = (("x-api-key", key),)
+    await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_key)
+    await stack.workflows_stub.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=as_key)
+    me = await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_key)
+    await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=me.id), metadata=(("x-api-key", ADMIN_KEY),))
+    revoked_at = time.monotonic()
+    for stub_call in (
+        lambda: keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_key),
+        lambda: stack.workflows_stub.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(), metadata=as_key),
+    ):
+        while True:
+            try:
+                await stub_call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    break
+            assert time.monotonic() - revoked_at < 1.5, "a revoked key still works after a second"
+            await asyncio.sleep(0.05)
+
+
+async def test_expired_keys_stop_working(secured):
+    stack, keys_stub = secured
+    expiry = timestamp_pb2.Timestamp()
+    expiry.FromNanoseconds(time.time_ns() + 1_000_000_000)
+    key = await new_key(keys_stub, READ, expire_time=expiry)
+    await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),))
+    await asyncio.sleep(1.2)
+    error = await _error(keys_stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    past = timestamp_pb2.Timestamp(seconds=int(time.time()) - 10)
+    error = await _error(keys_stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="old", scopes=[READ], expire_time=past)),
+        metadata=(("x-api-key", ADMIN_KEY),),
+    ))
+    assert "api_key.expire_time" in failure_of(error).fields
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_rate_limits_answer_429_with_retry_after(sqlite_url, backend):
+    redis_url = ""
+    if backend == "redis":
+        redis_url = "redis://127.0.0.1:6379/0"
+        import redis.asyncio as redis
+
+        try:
+            client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+            await client.ping()
+            await client.aclose()
+        except Exception as exc:  # noqa: BLE001
+            from tests.conftest import _unavailable
+
+            _unavailable("Redis at 127.0.0.1:6379", exc)
+    settings = auth_settings(
+        sqlite_url, rate_limit_requests=5, rate_limit_window=60, redis_url=redis_url, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
+    )
+    async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            answers = [await http.get("/api/agents", headers={"x-api-key": ADMIN_KEY}) for _ in range(6)]
+            assert [a.status_code for a in answers] == [200] * 5 + [429]
+            assert answers[0].headers["x-ratelimit-limit"] == "5" and answers[0].headers["x-ratelimit-remaining"] == "4"
+            limited = answers[-1]
+            assert limited.headers["x-ratelimit-remaining"] == "0"
+            # One token comes back every 60/5 = 12 seconds.
+            assert 10 <= int(limited.headers["retry-after"]) <= 12
+            assert limited.json()["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert any(d["@type"].endswith("RetryInfo") for d in limited.json()["details"])
+            # Anonymous reads have a bucket per client address, apart from the key's.
+            assert (await http.get("/api/agents")).status_code == 200
+
+
+async def test_keys_never_reach_logs_or_errors(secured, caplog):
+    stack, keys_stub = secured
+    caplog.set_level(logging.DEBUG)
+    key = await new_key(keys_stub, READ)
+    fake = keys.new_key()
+    async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        denied = await http.post("/api/agents", json={"name": "x", "domain": "ci"}, headers={"x-api-key": key})
+        unknown = await http.get("/api/auth/me", headers={"authorization": f"Bearer {fake}"})
+    assert denied.status_code == 403 and unknown.status_code == 401
+    for secret in (key, fake, ADMIN_KEY):
+        assert secret not in caplog.text
+        assert secret not in denied.text and secret not in unknown.text
+
+
+async def test_gateway_hardening(secured):
+    stack, _ = secured
+    settings = stack.settings.replace(cors_origins="https://ops.example", max_json_depth=8)
+    async with running_gateway(settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        headers = {"x-api-key": ADMIN_KEY}
+        in_query = await http.get("/api/agents", params={"api_key": ADMIN_KEY})
+        assert in_query.status_code == 400 and "query string" in in_query.json()["message"]
+        wrong_type = await http.post("/api/agents", content=b"name=x", headers={**headers, "content-type": "application/x-www-form-urlencoded"})
+        assert wrong_type.status_code == 415
+        deep: dict = {"name": "x", "domain": "ci"}
+        nested = deep.setdefault("metadata", {})
+        for _ in range(10):
+            nested = nested.setdefault("n", {})
+        too_deep = await http.post("/api/agents", json=deep, headers=headers)
+        assert too_deep.status_code == 400 and "deeper than 8" in too_deep.json()["message"]
+        ok = await http.get("/api/agents", headers={**headers, "x-request-id": "req-123"})
+        assert ok.headers["x-request-id"] == "req-123"
+        assert ok.headers["x-content-type-options"] == "nosniff" and ok.headers["x-frame-options"] == "DENY"
+        preflight = await http.options(
+            "/api/agents", headers={"origin": "https://ops.example", "access-control-request-method": "POST"}
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://ops.example"
+        assert preflight.headers.get("access-control-allow-credentials") == "true"
+        foreign = await http.get("/api/agents", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in foreign.headers
+    async with running_gateway(stack.settings.replace(cors_origins="*")) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+        preflight = await http.options("/api/agents", headers={"origin": "https://any.example", "access-control-request-method": "GET"})
+        assert preflight.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in preflight.headers
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(sqlite_url):
+    """With limit 1 per address: two addresses through a trusted proxy get a request each;
+    from an untrusted peer the header is ignored and both share the peer's bucket."""
+    for trusted_proxies, expected in (("127.0.0.1/32", [200, 200]), ("10.9.9.9/32", [200, 429])):
+        settings = auth_settings(sqlite_url, rate_limit_requests=1, trusted_proxies=trusted_proxies, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
+        async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                answers = [
+                    (await http.get("/api/agents", headers={"x-forwarded-for": address})).status_code
+                    for address in ("203.0.113.1", "203.0.113.2")
+                ]
+        assert answers == expected, trusted_proxies
+
+
+async def test_last_use_is_written_at_most_once_a_minute(secured):
+    stack, keys_stub = secured
+    key = await new_key(keys_stub, READ)
+    as_key = (("x-api-key", key),)
+    me = await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_key)
+    assert not me.HasField("last_used_time")
+
+    async def last_used():
+        listed = await keys_stub.ListApiKeys(auth_pb2.ListApiKeysRequest(page_size=1000), metadata=(("x-api-key", ADMIN_KEY),))
+        return next(k for k in listed.api_keys if k.id == me.id).last_used_time
+
+    deadline = time.monotonic() + 5
+    while not (first := await last_used()).seconds:
+        assert time.monotonic() < deadline, "last_used_time was never written"
+        await asyncio.sleep(0.1)
+    for _ in range(5):
+        await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_key)
+    await asyncio.sleep(1.5)
+    assert await last_used() == first
+
+
+async def test_the_services_own_key_is_not_rate_limited(sqlite_url):
+    settings = auth_settings(sqlite_url, rate_limit_requests=2, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
+    async with running_stack(settings) as stack:
+        from devops_hub.v1 import agents_pb2
+
+        for _ in range(5):
+            await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", SERVICE_KEY),))
+        await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", ADMIN_KEY),))
+        await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", ADMIN_KEY),))
+        error = await _error(stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", ADMIN_KEY),)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
