@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos run test bench lint clean key ghz loadtest
+.PHONY: setup protos run test bench bench-cache lint clean key ghz loadtest
 
 setup: $(VENV)/.installed protos
 
@@ -37,6 +37,9 @@ key: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+bench-cache: setup
+	$(PY) -m bench.cache_bench
 
 # ghz, from its docker image, against a running stack (`make run`, or the compose
 # stack): every deploy/ghz/*.json config, resolved by server reflection, each JSON

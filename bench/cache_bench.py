@@ -203,7 +203,11 @@ def main() -> int:
     load.require_h2load()
 
     ports = {"sidecar": free_port(), "bare": free_port()}
-    env = dict(os.environ, CACHE_ADDR=f"127.0.0.1:{ports['sidecar']}", CACHE_MAX_SIZE="100000", LOG_LEVEL="WARNING")
+    # The sidecar alone, without the agents service that checks keys: access rules off.
+    env = dict(
+        os.environ, CACHE_ADDR=f"127.0.0.1:{ports['sidecar']}", CACHE_MAX_SIZE="100000", LOG_LEVEL="WARNING",
+        AUTH_ENABLED="false", RATE_LIMIT_REQUESTS="0", CACHE_METRICS_PORT="0",
+    )
     env.pop("REDIS_URL", None)
     processes = [
         start([sys.executable, "-m", "services.cache_sidecar"], env),

@@ -90,6 +90,9 @@ def main() -> int:
         BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
         RATE_LIMIT_REQUESTS="1000000000",
         RATE_LIMIT_EXECUTE_REQUESTS="1000000000",
+        AGENTS_METRICS_PORT="0",
+        WORKFLOWS_METRICS_PORT="0",
+        CACHE_METRICS_PORT="0",
     )
     env.pop("REDIS_URL", None)
     processes = [

@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from services.common.auth import keys
 from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.settings import Settings
+from services.common.telemetry.metrics import MULTIPROCESS_ENV
 from services.seed import seed
 
 STOP_TIMEOUT = 8.0
@@ -151,6 +153,13 @@ async def _migrate(settings: Settings) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
+    if settings.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
+        # Workers sharing a port must share their metrics too (prometheus_client's
+        # multiprocess mode): an empty directory for this run's files.
+        metrics_dir = pathlib.Path("var/metrics")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ[MULTIPROCESS_ENV] = str(metrics_dir.resolve())
     if settings.auth_enabled and not settings.service_api_key:
         # The services' key for calling each other, handed to the children through
         # their environment; kept in var/ so every run uses the same one.

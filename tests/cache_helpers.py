@@ -40,7 +40,8 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         wait_for_relay: bool = True,
         **overrides,
     ) -> CacheSidecar:
-        settings = Settings(cache_addr="127.0.0.1:0").replace(**overrides)
+        # Access rules are test_auth.py's subject; here the sidecar's behaviour is.
+        settings = Settings(cache_addr="127.0.0.1:0", auth_enabled=False).replace(**overrides)
         sidecar = await build(
             settings,
             watch_queue_size=watch_queue_size,

@@ -139,6 +139,10 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
 
     Whatever started is stopped again, also when a later part fails to start.
     """
+    if settings.auth_enabled and settings.agents_addr.endswith(":0"):
+        # The sidecar checks keys with the agents service, so it must know its address
+        # before either starts: reserve one now.
+        settings = settings.replace(agents_addr=f"127.0.0.1:{_closed_port()}")
     async with contextlib.AsyncExitStack() as started:
         cache_stub = None
         if with_sidecar:

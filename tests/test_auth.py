@@ -348,3 +348,25 @@ async def test_the_services_own_key_is_not_rate_limited(sqlite_url):
         await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", ADMIN_KEY),))
         error = await _error(stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-api-key", ADMIN_KEY),)))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_cache_sidecar_serves_the_services_key_only(secured):
+    """The services cache through the sidecar with their own key; a client key, even
+    one that may write, can neither read nor fill what the services trust."""
+    stack, keys_stub = secured
+    from devops_hub.v1 import agents_pb2, cache_pb2
+
+    created = await stack.stub.CreateAgent(
+        agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="cached", name="C", domain="ci")), metadata=(("x-api-key", ADMIN_KEY),)
+    )
+    for _ in range(3):
+        assert (await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="cached"))).etag == created.etag
+    stats = await stack.cache_stub.Stats(empty_pb2.Empty(), metadata=(("x-api-key", ADMIN_KEY),))
+    assert stats.sets >= 1, "the agents service filled the cache with its key"
+
+    writer = await new_key(keys_stub, READ, WRITE)
+    anonymous = await _error(stack.cache_stub.Get(cache_pb2.CacheGetRequest(key="agents:get:cached")))
+    assert anonymous.code() == grpc.StatusCode.UNAUTHENTICATED
+    poison = cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key="agents:get:cached", value=b"forged"))
+    denied = await _error(stack.cache_stub.Set(poison, metadata=(("x-api-key", writer),)))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -382,7 +382,7 @@ def test_cached_refuses_what_it_cannot_encode() -> None:
 async def test_get_cache_manager_prefers_the_context_then_the_process_default(sidecar: CacheSidecar) -> None:
     previous = set_cache_manager(None)
     try:
-        settings = Settings(cache_addr=sidecar.host.bound_address, cache_default_ttl=42)
+        settings = Settings(cache_addr=sidecar.host.bound_address, cache_default_ttl=42, auth_enabled=False)
         default = configure(settings)
         assert get_cache_manager() is default and default.default_ttl == 42
         mine = CacheManager(CacheClient(sidecar.host.bound_address, timeout=1.0))
@@ -429,7 +429,8 @@ async def test_an_unreachable_sidecar_never_fails_a_decorated_call() -> None:
 
 async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_period() -> None:
     port = free_port()
-    env = dict(os.environ, CACHE_ADDR=f"127.0.0.1:{port}", SHUTDOWN_GRACE="60", LOG_LEVEL="WARNING")
+    env = dict(os.environ, CACHE_ADDR=f"127.0.0.1:{port}", SHUTDOWN_GRACE="60", LOG_LEVEL="WARNING",
+               AUTH_ENABLED="false", CACHE_METRICS_PORT="0")
     env.pop("REDIS_URL", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")])
     process = subprocess.Popen([sys.executable, "-m", "services.cache_sidecar"], cwd=ROOT, env=env,

@@ -38,6 +38,10 @@ def process_env(tmp_path: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         # The defaults otherwise: auth on, anonymous reads allowed; this is the first key.
         BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        # No metrics endpoints: their fixed ports would collide with a running stack.
+        AGENTS_METRICS_PORT="0",
+        WORKFLOWS_METRICS_PORT="0",
+        CACHE_METRICS_PORT="0",
     )
     for name in ("REDIS_URL", "AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
         env.pop(name, None)

@@ -55,14 +55,13 @@ class AgentRegistry:
     async def get(self, agent_id: str) -> Agent:
         if not agent_id:
             raise invalid_fields([("id", "is required")])
-
-        async def load() -> Agent:
-            agent = await self._repository.get(agent_id)
-            if agent is None:
-                raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
-            return agent
-
-        return await self._cache.get_or_load(_agent_key(agent_id), TTL_AGENT, Agent, load)
+        # A "not found" is cached too (shortly): a create invalidates it like any write.
+        agent = await self._cache.get_or_load_optional(
+            _agent_key(agent_id), TTL_AGENT, Agent, lambda: self._repository.get(agent_id)
+        )
+        if agent is None:
+            raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+        return agent
 
     async def list(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
         size = pagination.page_size(request.page_size)

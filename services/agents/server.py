@@ -54,7 +54,8 @@ async def build(settings: Settings) -> AgentsService:
         settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
     )
     await migrate(db)
-    cache = CacheClient(settings.cache_addr, timeout=settings.cache_timeout)
+    # With its near-cache (fed by the sidecar's Watch) and the services' key.
+    cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
     events = EventWriter(db, "agents", flush_interval=settings.events_flush_interval)
     registry = AgentRegistry(AgentRepository(db), cache, events)
     runtimes = RuntimeChannels()

@@ -45,6 +45,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.cache_sidecar.keys import escape_key, parse_pattern
 from services.cache_sidecar.near_cache import NearCache
+from services.common.auth.wiring import key_interceptors
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 
@@ -98,8 +99,11 @@ class CacheClient:
         watch_prefixes: Sequence[str] = (),
         watch_liveness: float = DEFAULT_WATCH_LIVENESS,
         clock: Callable[[], float] = time.monotonic,
+        api_key: str = "",
     ) -> None:
         self._address = address
+        # Every call carries this key: the sidecar serves the services' admin key only.
+        self._interceptors = key_interceptors(api_key)
         self._timeout = timeout
         self._retry_after = retry_after
         self._log_interval = log_interval
@@ -132,6 +136,7 @@ class CacheClient:
         near_size = getattr(settings, "cache_near_size", 1024)
         if near_size > 0 and "near_cache" not in options:
             options["near_cache"] = NearCache(max_entries=near_size, max_ttl=getattr(settings, "cache_near_ttl", 10.0))
+        options.setdefault("api_key", settings.service_api_key)
         return cls(settings.cache_addr, timeout=settings.cache_timeout, **options)
 
     @property
@@ -460,7 +465,7 @@ class CacheClient:
 
     def _ensure_stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
             self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         if self.near is not None and self._watch_task is None and not self._closed:
             self._watch_task = asyncio.create_task(self._watch())

@@ -23,6 +23,9 @@ from services.cache_sidecar.stores.base import Store
 from services.cache_sidecar.stores.fallback import FallbackStore
 from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
 from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.common.auth.rate_limit import RateLimiter
+from services.common.auth.verifier import RemoteVerifier
+from services.common.auth.wiring import build_guard
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
@@ -31,11 +34,8 @@ from services.common.telemetry.metrics import CacheStatsRefresher, service_metri
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "devops_hub.v1.CacheService"
-DEFAULT_NEGATIVE_TTL = 30.0
-DEFAULT_FALLBACK_TTL = 5.0
 # Redis must answer well within the clients' deadline (CACHE_TIMEOUT, 250 ms), so a
 # failing Redis is replaced by memory inside the very call that found it failing.
-DEFAULT_REDIS_TIMEOUT = 0.1
 MAX_REDIS_TIMEOUT = 0.25
 
 
@@ -49,6 +49,8 @@ class CacheSidecar:
     # The memory store: the whole cache without Redis, the fallback with it.
     memory: MemoryStore
     relay: InvalidationRelay | None = None
+    verifier: RemoteVerifier | None = None
+    limiter: RateLimiter | None = None
 
     async def end_streams(self) -> None:
         """Ends the Watch streams (their clients clear and resubscribe elsewhere) and
@@ -58,14 +60,13 @@ class CacheSidecar:
 
     async def close(self) -> None:
         self.hub.close()
+        if self.verifier is not None:
+            await self.verifier.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         if self.relay is not None:
             await self.relay.close()
         await self.store.close()
-
-
-def setting(settings: Settings, name: str, default):
-    """A setting that Settings may not define yet."""
-    return getattr(settings, name, default)
 
 
 async def build(
@@ -80,7 +81,7 @@ async def build(
     starts its stores' background work. The keywords override settings (tests and
     benchmarks use a key prefix of their own)."""
     hub = InvalidationHub(watch_queue_size)
-    negative_ttl = setting(settings, "cache_negative_ttl", DEFAULT_NEGATIVE_TTL)
+    negative_ttl = settings.cache_negative_ttl
     memory = MemoryStore(
         max_entries=settings.cache_max_size,
         max_bytes=settings.cache_max_bytes,
@@ -91,7 +92,7 @@ async def build(
     relay = None
     store: Store
     if settings.redis_url:
-        timeout = min(redis_timeout or setting(settings, "redis_timeout", DEFAULT_REDIS_TIMEOUT), MAX_REDIS_TIMEOUT)
+        timeout = min(redis_timeout or settings.redis_timeout, MAX_REDIS_TIMEOUT)
         client = redis_store.connect(settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout)
         primary = redis_store.RedisStore(
             client,
@@ -101,7 +102,7 @@ async def build(
             max_value_bytes=min(settings.cache_max_bytes, MAX_VALUE_BYTES),
         )
         fallback = FallbackStore(
-            primary, memory_backend, memory_ttl=setting(settings, "cache_fallback_ttl", DEFAULT_FALLBACK_TTL)
+            primary, memory_backend, memory_ttl=settings.cache_fallback_ttl
         )
         await fallback.start()
         # A connection of its own: the store's pool is reset after an outage, and
@@ -115,13 +116,17 @@ async def build(
     else:
         memory_backend.start()
         store = memory_backend
-    host = GrpcHost(settings.cache_addr)
+    # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
+    # No rate limits: its callers are the services, whose clients were limited already.
+    verifier = RemoteVerifier(settings.agents_addr)
+    limiter = RateLimiter({})
+    host = GrpcHost(settings.cache_addr, guard=build_guard(settings, verifier, limiter))
     host.add(
         cache_pb2_grpc.add_CacheServiceServicer_to_server,
         CacheServiceServicer(store, hub, heartbeat_interval=heartbeat_interval),
         SERVICE_NAME,
     )
-    return CacheSidecar(host=host, store=store, hub=hub, memory=memory, relay=relay)
+    return CacheSidecar(host=host, store=store, hub=hub, memory=memory, relay=relay, verifier=verifier, limiter=limiter)
 
 
 async def main(settings: Settings | None = None, telemetry: Telemetry | None = None) -> None:

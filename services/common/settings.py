@@ -26,6 +26,15 @@ class Settings:
     cache_max_bytes: int = 64 * 1024 * 1024
     # How long a service waits for the sidecar before it reads the database instead.
     cache_timeout: float = 0.25
+    # How long a cached "not found" lives.
+    cache_negative_ttl: float = 30.0
+    # The longest an entry cached in memory while Redis is away may live.
+    cache_fallback_ttl: float = 5.0
+    # How long the sidecar waits for Redis before it answers from memory (at most 0.25).
+    redis_timeout: float = 0.1
+    # Each service's in-process near-cache, fed by the sidecar's Watch (0 turns it off).
+    cache_near_size: int = 1024
+    cache_near_ttl: float = 10.0
     agents_addr: str = "127.0.0.1:50051"
     workflows_addr: str = "127.0.0.1:50052"
     cache_addr: str = "127.0.0.1:50053"

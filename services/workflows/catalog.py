@@ -57,14 +57,12 @@ class WorkflowCatalog:
     async def get(self, workflow_id: str) -> Workflow:
         if not workflow_id:
             raise invalid_fields([("id", "is required")])
-
-        async def load() -> Workflow:
-            workflow = await self._repository.get(workflow_id)
-            if workflow is None:
-                raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
-            return workflow
-
-        return await self._cache.get_or_load(_key(workflow_id), TTL_WORKFLOW, Workflow, load)
+        workflow = await self._cache.get_or_load_optional(
+            _key(workflow_id), TTL_WORKFLOW, Workflow, lambda: self._repository.get(workflow_id)
+        )
+        if workflow is None:
+            raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
+        return workflow
 
     async def list(self, request: workflows_pb2.ListWorkflowsRequest) -> workflows_pb2.ListWorkflowsResponse:
         size = pagination.page_size(request.page_size)

@@ -70,7 +70,7 @@ async def build(settings: Settings) -> WorkflowsService:
         settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
     )
     await migrate(db)
-    cache = CacheClient(settings.cache_addr, timeout=settings.cache_timeout)
+    cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service carry this service's own key.
     agents_channel = service_channel(settings.agents_addr, settings)
     agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)

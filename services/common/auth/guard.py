@@ -115,6 +115,8 @@ class AccessGuard:
         """The caller's rate-limit bucket once it may make this call; None for the
         services' own key, whose traffic (cache reads, agent calls) is not a client's."""
         key = presented_key(metadata)
+        if key is not None and self._service_key and same_key(key, self._service_key):
+            return None
         if not self._auth_enabled or (key is None and required == Scope.SCOPE_READ and self._anonymous_read):
             return f"addr:{self._client_address(metadata, context)}"
         if key is None:
@@ -131,8 +133,6 @@ class AccessGuard:
                 reason="SCOPE_MISSING",
                 metadata={"key_id": api_key.id, "required_scope": scope_name(required)},
             )
-        if self._service_key and same_key(key, self._service_key):
-            return None
         return f"key:{api_key.id}"
 
     def _client_address(self, metadata: Mapping[str, str], context) -> str:

@@ -54,7 +54,11 @@ class _WithKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientI
         return await continuation(self._details(client_call_details), request)
 
 
+def key_interceptors(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that present `key` on every call (none for no key)."""
+    return [_WithKey(key)] if key else []
+
+
 def service_channel(address: str, settings: Settings) -> grpc.aio.Channel:
     """A channel to a peer service that presents SERVICE_API_KEY on every call."""
-    interceptors = [_WithKey(settings.service_api_key)] if settings.service_api_key else []
-    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, interceptors=key_interceptors(settings.service_api_key))
