@@ -53,6 +53,15 @@ async def build(settings: Settings) -> AgentsService:
     db = await connect(
         settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
     )
+    try:
+        return await _assemble(settings, db)
+    except BaseException:
+        # A service that cannot start must exit: open connections would keep it alive.
+        await db.close()
+        raise
+
+
+async def _assemble(settings: Settings, db: Database) -> AgentsService:
     await migrate(db)
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])

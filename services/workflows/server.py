@@ -69,6 +69,15 @@ async def build(settings: Settings) -> WorkflowsService:
     db = await connect(
         settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
     )
+    try:
+        return await _assemble(settings, db)
+    except BaseException:
+        # A service that cannot start must exit: open connections would keep it alive.
+        await db.close()
+        raise
+
+
+async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     await migrate(db)
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service carry this service's own key.

@@ -43,13 +43,20 @@ def _statements(sql: str) -> list[str]:
 
 
 async def migrate(db: Database) -> list[int]:
-    """Applies the missing migrations and returns the versions it applied."""
+    """Applies the missing migrations and returns the versions it applied.
+
+    A schema that is up to date is found with reads alone, so the services starting
+    beside each other (or beside a running one) take no write lock for nothing.
+    """
+    wanted = available(db.dialect)
+    if {version for version, _ in wanted} <= await _applied(db):
+        return []
     await db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
     applied_now = []
-    for version, path in available(db.dialect):
+    for version, path in wanted:
         async with db.transaction() as tx:
             await _lock(db, tx)
             if await tx.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", version):
@@ -64,6 +71,13 @@ async def migrate(db: Database) -> list[int]:
             applied_now.append(version)
             log.info("applied migration %s", path.name)
     return applied_now
+
+
+async def _applied(db: Database) -> set[int]:
+    try:
+        return {int(row["version"]) for row in await db.fetch("SELECT version FROM schema_migrations")}
+    except Exception:  # noqa: BLE001 - no table yet: nothing is applied
+        return set()
 
 
 async def _lock(db: Database, tx: Executor) -> None:

@@ -125,13 +125,19 @@ class SqliteDatabase(Database):
         async with _WriterTurn(self):
             # IMMEDIATE takes the write lock up front, so a transaction never fails
             # half-way on a lock it could not upgrade.
-            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
+            except asyncio.CancelledError:
+                # BEGIN ran all the same (in aiosqlite's thread): undo it, or the
+                # connection would hold the write lock for good.
+                await _to_the_end(self._writer.execute("ROLLBACK"))
+                raise
             try:
                 yield _SqliteExecutor(self._writer, self)
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await _to_the_end(self._writer.execute("ROLLBACK"))
                 raise
-            await self._writer.execute("COMMIT")
+            await _to_the_end(self._writer.execute("COMMIT"))
 
     def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
         # One JSON argument read by json_each(): a single statement, however many rows,
@@ -155,6 +161,20 @@ class SqliteDatabase(Database):
         service_metrics().pools.untrack(self)
         for conn in [self._writer, *self._readers]:
             await conn.close()
+
+
+async def _to_the_end(operation) -> None:
+    """Awaits a statement that must complete even if the caller is cancelled meanwhile.
+
+    The statement runs in aiosqlite's thread whatever happens to the awaiting task, so
+    the task waits for it and only then lets its cancellation through.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 class _WriterTurn:
