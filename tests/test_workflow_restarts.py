@@ -91,7 +91,9 @@ async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
         doomed = subprocess.Popen([sys.executable, "-m", "services.workflows"], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            read_until(doomed, "listening on grpc://")
+            # In a thread: a blocking read here would stall this loop, and with it
+            # the in-process agents service, in the middle of a write transaction.
+            await asyncio.to_thread(read_until, doomed, "listening on grpc://")
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = workflows_pb2_grpc.WorkflowsServiceStub(channel)
                 await stub.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=LONG))

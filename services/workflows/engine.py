@@ -102,7 +102,10 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._reap()
+        try:
+            await self._reap()
+        except Exception:  # noqa: BLE001 - the maintenance loop tries again shortly
+            logging.getLogger(__name__).exception("failing executions left by a stopped process failed; will retry")
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="engine-maintenance")
 
     async def stop(self) -> None:

@@ -109,9 +109,13 @@ async def main() -> None:
     settings = Settings.from_env()
     telemetry = Telemetry.start(settings, "workflows")
     service = await build(settings)
-    await service.engine.start()
-    service.pruner.start()
-    await telemetry.serve_metrics("workflows service", settings.workflows_addr, settings.workflows_metrics_port)
+    try:
+        await service.engine.start()
+        service.pruner.start()
+        await telemetry.serve_metrics("workflows service", settings.workflows_addr, settings.workflows_metrics_port)
+    except BaseException:
+        await service.close()
+        raise
     await run_until_stopped(
         service.host, "workflows service", settings.shutdown_grace, [service.close, telemetry.close]
     )
