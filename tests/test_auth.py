@@ -370,3 +370,26 @@ async def test_the_cache_sidecar_serves_the_services_key_only(secured):
     poison = cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key="agents:get:cached", value=b"forged"))
     denied = await _error(stack.cache_stub.Set(poison, metadata=(("x-api-key", writer),)))
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_services_near_caches_go_live_with_the_services_key(secured):
+    """The Watch stream that feeds a service's near-cache carries the services' key
+    too, so hot reads are answered in-process."""
+    stack, _ = secured
+    from devops_hub.v1 import agents_pb2
+
+    await stack.stub.CreateAgent(
+        agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="hot", name="H", domain="ci")), metadata=(("x-api-key", ADMIN_KEY),)
+    )
+    near = stack.agents.cache.near
+    deadline = time.monotonic() + 5
+    while not near.live:
+        await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="hot"))
+        assert time.monotonic() < deadline, "the near-cache never went live"
+        await asyncio.sleep(0.05)
+    await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="hot"))
+    before = (await stack.cache_stub.Stats(empty_pb2.Empty(), metadata=(("x-api-key", ADMIN_KEY),))).hits
+    for _ in range(5):
+        await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="hot"))
+    after = (await stack.cache_stub.Stats(empty_pb2.Empty(), metadata=(("x-api-key", ADMIN_KEY),))).hits
+    assert after == before, "hot reads are served by the near-cache, not the sidecar"
