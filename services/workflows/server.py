@@ -14,8 +14,8 @@ from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter, service_channel
-from services.common.db import Database, connect
-from services.common.db.migrate import migrate
+from services.common.db import Database
+from services.common.db.startup import build_on_database
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
@@ -66,19 +66,10 @@ class WorkflowsService:
 
 
 async def build(settings: Settings) -> WorkflowsService:
-    db = await connect(
-        settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
-    )
-    try:
-        return await _assemble(settings, db)
-    except BaseException:
-        # A service that cannot start must exit: open connections would keep it alive.
-        await db.close()
-        raise
+    return await build_on_database(settings, lambda db: _assemble(settings, db))
 
 
 async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
-    await migrate(db)
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service carry this service's own key.
     agents_channel = service_channel(settings.agents_addr, settings)
