@@ -228,8 +228,9 @@ async def test_expired_keys_stop_working(secured):
 async def test_rate_limits_answer_429_with_retry_after(sqlite_url, backend):
     redis_url = ""
     if backend == "redis":
-        redis_url = "redis://127.0.0.1:6379/0"
         import redis.asyncio as redis
+
+        from tests.redis_fixtures import REDIS_URL as redis_url
 
         try:
             client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
@@ -238,7 +239,7 @@ async def test_rate_limits_answer_429_with_retry_after(sqlite_url, backend):
         except Exception as exc:  # noqa: BLE001
             from tests.conftest import _unavailable
 
-            _unavailable("Redis at 127.0.0.1:6379", exc)
+            _unavailable(f"Redis at {redis_url}", exc)
     settings = auth_settings(
         sqlite_url, rate_limit_requests=5, rate_limit_window=60, redis_url=redis_url, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
     )
