@@ -9,6 +9,7 @@ most once a minute per key, in one background statement for all keys.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import datetime as dt
@@ -70,16 +71,12 @@ class _Cache:
             self._entries.popitem(last=False)
 
 
-class DatabaseVerifier:
-    """For the services that hold the database (agents, workflows)."""
+class _CachedVerifier(abc.ABC):
+    """The shared part: format check, the one-second cache, expiry and revocation."""
 
-    def __init__(self, repository: ApiKeyRepository, clock: Callable[[], float] = time.monotonic) -> None:
-        self._repository = repository
+    def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._cache = _Cache(clock)
-        self._touched: dict[str, float] = {}
-        self._to_touch: set[str] = set()
-        self._toucher: asyncio.Task | None = None
 
     async def verify(self, key: str) -> ApiKey | None:
         if not keys.well_formed(key):
@@ -87,19 +84,40 @@ class DatabaseVerifier:
         key_hash = keys.hash_key(key)
         found, api_key = self._cache.get(key_hash)
         if not found:
-            api_key = await self._repository.by_hash(key_hash)
+            api_key = await self._fetch(key, key_hash)
             self._cache.put(key_hash, api_key)
         api_key = usable(api_key, dt.datetime.now(dt.timezone.utc))
         if api_key is not None:
-            self._note_use(api_key.id)
+            self._used(api_key)
         return api_key
 
-    def _note_use(self, key_id: str) -> None:
+    @abc.abstractmethod
+    async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
+        """The key's record from where it is kept, or None when it is unknown."""
+
+    def _used(self, api_key: ApiKey) -> None:
+        """Called for every call a valid key makes."""
+
+
+class DatabaseVerifier(_CachedVerifier):
+    """For the services that hold the database (agents, workflows)."""
+
+    def __init__(self, repository: ApiKeyRepository, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self._repository = repository
+        self._touched: dict[str, float] = {}
+        self._to_touch: set[str] = set()
+        self._toucher: asyncio.Task | None = None
+
+    async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
+        return await self._repository.by_hash(key_hash)
+
+    def _used(self, api_key: ApiKey) -> None:
         now = self._clock()
-        if now - self._touched.get(key_id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+        if now - self._touched.get(api_key.id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
             return
-        self._touched[key_id] = now
-        self._to_touch.add(key_id)
+        self._touched[api_key.id] = now
+        self._to_touch.add(api_key.id)
         if self._toucher is None or self._toucher.done():
             self._toucher = asyncio.get_running_loop().create_task(self._touch_soon())
 
@@ -117,28 +135,21 @@ class DatabaseVerifier:
                 await self._toucher
 
 
-class RemoteVerifier:
+class RemoteVerifier(_CachedVerifier):
     """For services without the database (the cache sidecar): asks ApiKeysService.WhoAmI."""
 
     def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
         self._channel = grpc.aio.insecure_channel(agents_addr)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
-        self._cache = _Cache(clock)
 
-    async def verify(self, key: str) -> ApiKey | None:
-        if not keys.well_formed(key):
-            return None
-        key_hash = keys.hash_key(key)
-        found, api_key = self._cache.get(key_hash)
-        if not found:
-            try:
-                api_key = await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                    raise Unavailable("API keys cannot be checked right now: the agents service is unreachable", reason="KEYS_UNAVAILABLE") from None
-                api_key = None
-            self._cache.put(key_hash, api_key)
-        return usable(api_key, dt.datetime.now(dt.timezone.utc))
+    async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
+        try:
+            return await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return None
+            raise Unavailable("API keys cannot be checked right now: the agents service is unreachable", reason="KEYS_UNAVAILABLE") from None
 
     async def close(self) -> None:
         await self._channel.close()
