@@ -35,8 +35,8 @@ from google.protobuf import wrappers_pb2
 from bench import load
 from bench.run import free_port, wait_port
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.client import CacheClient
-from services.cache_sidecar.near_cache import NearCache
+from services.common.cache.client import CacheClient
+from services.common.cache.near_cache import NearCache
 from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from devops_hub.v1 import cache_pb2
-from services.cache_sidecar.codecs import protobuf_content_type
+from services.common.cache.codecs import protobuf_content_type
 from services.cache_sidecar.server import CacheSidecar, build
 from services.common.settings import Settings
 

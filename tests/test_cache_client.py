@@ -20,18 +20,18 @@ import pytest
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.client import CacheClient
-from services.cache_sidecar.codecs import JSON, TEXT, ProtobufCodec
-from services.cache_sidecar.decorators import cached, invalidate_cache
-from services.cache_sidecar.key_builder import KeyBuilder, encode_part
-from services.cache_sidecar.manager import (
+from services.common.cache.client import CacheClient
+from services.common.cache.codecs import JSON, TEXT, ProtobufCodec
+from services.common.cache.decorators import cached, invalidate_cache
+from services.common.cache.key_builder import KeyBuilder, encode_part
+from services.common.cache.manager import (
     CacheManager,
     configure,
     get_cache_manager,
     set_cache_manager,
     use_cache_manager,
 )
-from services.cache_sidecar.near_cache import NearCache
+from services.common.cache.near_cache import NearCache
 from services.cache_sidecar.server import CacheSidecar
 from services.common.settings import Settings
 from tests.cache_helpers import (  # noqa: F401 - fixtures

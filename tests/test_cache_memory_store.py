@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from services.cache_sidecar.keys import MAX_PREFIX_DEPTH, escape_key
+from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.common.errors import InvalidArgument
 from tests.cache_helpers import FakeClock

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.client import CacheClient
-from services.cache_sidecar.near_cache import NearCache
+from services.common.cache.client import CacheClient
+from services.common.cache.near_cache import NearCache
 from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.client import CacheClient, protobuf_content_type
+from services.common.cache.client import CacheClient, protobuf_content_type
 from services.cache_sidecar.server import CacheSidecar
 from tests.cache_helpers import (  # noqa: F401 - fixtures
     READ_TIMEOUT,
@@ -463,7 +463,7 @@ async def test_loader_errors_reach_every_waiter_and_are_not_cached(client: Cache
 
 
 async def test_client_serves_from_the_loader_when_the_sidecar_is_down(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="services.cache_sidecar.client")
+    caplog.set_level(logging.WARNING, logger="services.common.cache.client")
     async with CacheClient(f"127.0.0.1:{free_port()}", timeout=0.5, retry_after=0.0) as down:
         loader = CountingLoader("from the database")
         results = [await down.get_or_load("agents:get:1", 60, wrappers_pb2.StringValue, loader) for _ in range(5)]

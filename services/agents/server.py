@@ -14,7 +14,7 @@ from services.agents.execution import AgentExecutor, RuntimeChannels
 from services.agents.registry import AgentRegistry
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
-from services.cache_sidecar.client import CacheClient
+from services.common.cache.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier

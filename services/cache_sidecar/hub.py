@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from devops_hub.v1 import cache_pb2
-from services.cache_sidecar.keys import parse_pattern
+from services.common.cache.keys import parse_pattern
 
 log = logging.getLogger(__name__)
 

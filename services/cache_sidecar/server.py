@@ -15,7 +15,7 @@ import logging
 
 from devops_hub.v1 import cache_pb2_grpc
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
-from services.cache_sidecar.keys import MAX_VALUE_BYTES
+from services.common.cache.keys import MAX_VALUE_BYTES
 from services.cache_sidecar.relay import InvalidationRelay
 from services.cache_sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
 from services.cache_sidecar.stores import redis as redis_store

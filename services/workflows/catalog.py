@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
-from services.cache_sidecar.client import CacheClient
+from services.common.cache.client import CacheClient
 from services.common import pagination
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.events import EventWriter

@@ -9,7 +9,7 @@ import grpc
 
 from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
-from services.cache_sidecar.client import CacheClient
+from services.common.cache.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from services.cache_sidecar.keys import MAX_CONTENT_TYPE_CHARS, key_problem
+from services.common.cache.keys import MAX_CONTENT_TYPE_CHARS, key_problem
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
 # Per-namespace statistics are kept for this many namespaces; the rest are pooled so a

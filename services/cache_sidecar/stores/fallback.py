@@ -33,7 +33,7 @@ from typing import Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from services.cache_sidecar.keys import escape_key
+from services.common.cache.keys import escape_key
 from services.cache_sidecar.stores.base import (
     REDIS_TOKEN_BIT,
     Lookup,

@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from services.cache_sidecar.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
+from services.common.cache.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
 from services.cache_sidecar.stores.base import (
     EVICTION_REASONS,
     HitCounter,

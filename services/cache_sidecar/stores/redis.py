@@ -31,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from services.cache_sidecar.keys import MAX_VALUE_BYTES, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.common.cache.keys import MAX_VALUE_BYTES, escape_key, namespace_of, parse_pattern, prefix_levels
 from services.cache_sidecar.stores.base import (
     REDIS_TOKEN_BIT,
     Found,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.cache_sidecar.keys import namespace_of
+from services.common.cache.keys import namespace_of
 
 _REDIS_GLOB_SPECIALS = frozenset("*?[]\\")
 

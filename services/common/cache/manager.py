@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from devops_hub.v1 import cache_pb2
-from services.cache_sidecar.client import CacheClient
-from services.cache_sidecar.codecs import JSON, Codec
+from services.common.cache.client import CacheClient
+from services.common.cache.codecs import JSON, Codec
 from services.common.settings import Settings
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from services.cache_sidecar.keys import parse_pattern
+from services.common.cache.keys import parse_pattern
 
 DEFAULT_MAX_ENTRIES = 1024
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024

@@ -25,9 +25,9 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from services.cache_sidecar.codecs import Codec, codec_for
-from services.cache_sidecar.key_builder import KeyBuilder
-from services.cache_sidecar.manager import CacheManager, get_cache_manager
+from services.common.cache.codecs import Codec, codec_for
+from services.common.cache.key_builder import KeyBuilder
+from services.common.cache.manager import CacheManager, get_cache_manager
 
 P = ParamSpec("P")
 R = TypeVar("R")

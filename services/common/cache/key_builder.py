@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 from google.protobuf.message import Message
 
-from services.cache_sidecar.keys import MAX_KEY_BYTES, escape_key, key_problem
+from services.common.cache.keys import MAX_KEY_BYTES, escape_key, key_problem
 
 _DIGEST_CHARS = 32
 

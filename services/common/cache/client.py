@@ -42,9 +42,9 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
-from services.cache_sidecar.keys import escape_key, parse_pattern
-from services.cache_sidecar.near_cache import NearCache
+from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
+from services.common.cache.keys import escape_key, parse_pattern
+from services.common.cache.near_cache import NearCache
 from services.common.auth.wiring import key_interceptors
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
