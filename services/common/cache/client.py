@@ -340,11 +340,13 @@ class CacheClient:
             return False
         return response.stored
 
-    async def invalidate(self, *patterns: str) -> bool:
+    async def invalidate(self, *patterns: str, sequence: int = 0) -> bool:
         """Removes every key matching any of the glob patterns ("*" clears everything).
 
-        True when the sidecar applied them all; False when some are queued for retry
-        (see the module docstring). Never raises for sidecar failures.
+        `sequence` is the patterns' entry in the invalidation log, if they come from
+        one: the sidecar records it as applied. True when the sidecar applied them all;
+        False when some are queued for retry (see the module docstring). Never raises
+        for sidecar failures.
         """
         if any(not pattern for pattern in patterns):
             raise ValueError("invalidation patterns must not be empty")
@@ -362,7 +364,9 @@ class CacheClient:
         # One call per batch: everything a write made stale travels together.
         batches = [list(patterns[start : start + MAX_PATTERNS_PER_CALL])
                    for start in range(0, len(patterns), MAX_PATTERNS_PER_CALL)]
-        results = await asyncio.gather(*(self._send_invalidations(batch) for batch in batches))
+        # The log entry counts as applied only with its last batch.
+        sequences = [0] * (len(batches) - 1) + [sequence]
+        results = await asyncio.gather(*(self._send_invalidations(b, s) for b, s in zip(batches, sequences)))
         for pattern in patterns:
             self._invalidate_near(pattern)
         failed = [pattern for batch, ok in zip(batches, results) if not ok for pattern in batch]
@@ -395,13 +399,28 @@ class CacheClient:
         response, _ = await self._call("Stats", empty_pb2.Empty(), respect_backoff=False)
         return response
 
+    async def sync_state(self) -> cache_pb2.CacheSyncState | None:
+        """The sidecar's position in the invalidation log, or None when it cannot be reached."""
+        response, _ = await self._call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
+        return response
+
+    async def sync(
+        self, after: int, through: int, patterns: Sequence[str], *, clear: bool = False
+    ) -> tuple[cache_pb2.CacheSyncState | None, grpc.StatusCode | None]:
+        """Applies the log entries in (after, through] (see CacheService.Sync): the new
+        state, or (None, the failure's code)."""
+        for pattern in patterns:
+            self._invalidate_near(pattern)
+        request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
+        return await self._call("Sync", request, respect_backoff=False)
+
     def _invalidate_near(self, pattern: str) -> None:
         if self.near is not None:
             self.near.invalidate(pattern)
 
-    async def _send_invalidations(self, patterns: list[str]) -> bool:
+    async def _send_invalidations(self, patterns: list[str], sequence: int = 0) -> bool:
         """True when done with the patterns: applied, or refused for good (logged)."""
-        request = cache_pb2.CacheInvalidateRequest(patterns=patterns)
+        request = cache_pb2.CacheInvalidateRequest(patterns=patterns, sequence=sequence)
         _, code = await self._call("Invalidate", request, respect_backoff=False)
         return code is None or code in _NOT_RETRYABLE
 
