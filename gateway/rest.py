@@ -39,8 +39,9 @@ from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Ren
 from services.common.auth.guard import parse_networks
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
-# Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
-FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key"})
+# Headers a backend needs to authenticate and trace the caller, forwarded as metadata;
+# cache-control, so that `no-cache` makes the services read past every cache layer.
+FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key", b"cache-control"})
 
 # How long a stream may take to produce its first message before the response headers
 # go out anyway. Within it, a call that fails at once (NOT_FOUND) is still a proper

@@ -151,8 +151,9 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         watcher = self._hub.subscribe(prefixes)
         if watcher is None:
             raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
+        sent = 1
         try:
-            yield self._heartbeat()
+            yield cache_pb2.CacheInvalidation(pattern="", sequence=sent)
             while True:
                 if watcher.ended == "overflow":
                     raise Aborted("watch stream fell behind; clear the near-cache and resubscribe", reason="WATCH_OVERFLOW")
@@ -162,14 +163,13 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
                     async with asyncio.timeout(self._heartbeat_interval):
                         message = await watcher.queue.get()
                 except TimeoutError:
-                    message = self._heartbeat()
+                    message = cache_pb2.CacheInvalidation(pattern="")
                 if message is not None:
-                    yield message
+                    # Numbered per stream, so the client can tell that none was skipped.
+                    sent += 1
+                    yield cache_pb2.CacheInvalidation(pattern=message.pattern, patterns=message.patterns, sequence=sent)
         finally:
             self._hub.unsubscribe(watcher)
-
-    def _heartbeat(self) -> cache_pb2.CacheInvalidation:
-        return cache_pb2.CacheInvalidation(pattern="", sequence=self._hub.sequence)
 
     def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
         violations = [

@@ -126,9 +126,10 @@ class GrpcHost:
     ) -> None:
         self.address = address
         self.server = grpc.aio.server(
-            # Telemetry first, so it sees every call as the client will: after errors
-            # are translated, with the status they were translated to.
-            interceptors=[ServerTelemetry(), ErrorInterceptor(guard), *interceptors],
+            # The service's own interceptors first: they run on every call (the error
+            # interceptor answers from its memo without calling on). Then telemetry, so
+            # it sees every call as the client will: after errors are translated.
+            interceptors=[*interceptors, ServerTelemetry(), ErrorInterceptor(guard)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -9,7 +9,8 @@ on any staleness nobody anticipated.
 A fill must not land after an invalidation that it raced (the reader fetched the old
 value just before a write elsewhere was invalidated): every fill carries the
 snapshot() taken before its sidecar read, and is refused if an invalidation matching
-its key (or a clear) came after that snapshot. Values are kept as bytes and decoded
+its key (or a clear) came after that snapshot (history.py; the client shares one
+history between its near-cache and its single-flight loads). Values are kept as bytes and decoded
 per hit, so callers never share a mutable object through the cache.
 """
 
@@ -20,13 +21,12 @@ import dataclasses
 import time
 from collections.abc import Callable
 
+from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import parse_pattern
 
 DEFAULT_MAX_ENTRIES = 1024
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_TTL = 10.0
-# Invalidations remembered for checking fills; a fill older than that is refused.
-HISTORY = 256
 
 
 @dataclasses.dataclass(slots=True)
@@ -45,6 +45,7 @@ class NearCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_ttl: float = DEFAULT_MAX_TTL,
         clock: Callable[[], float] = time.monotonic,
+        history: InvalidationHistory | None = None,
     ) -> None:
         if max_entries < 1 or max_bytes < 1 or max_ttl <= 0:
             raise ValueError("max_entries, max_bytes and max_ttl must be positive")
@@ -55,10 +56,7 @@ class NearCache:
         self._entries: collections.OrderedDict[str, NearEntry] = collections.OrderedDict()
         self._bytes = 0
         self._live = False
-        self._version = 0
-        # Snapshots below the floor cannot be checked (history dropped, or a clear).
-        self._floor = 0
-        self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
+        self.history = history or InvalidationHistory()
         self.hits = 0
         self.misses = 0
 
@@ -93,11 +91,11 @@ class NearCache:
         return entry
 
     def snapshot(self) -> int:
-        return self._version
+        return self.history.snapshot()
 
     def put(self, key: str, content_type: str, value: bytes, negative: bool, ttl: float, since: int) -> bool:
         """Stores unless not live, too big, or raced by an invalidation after `since`."""
-        if not self._live or self._raced(key, since) or len(value) > self.max_bytes // 16:
+        if not self._live or self.history.raced(key, since) or len(value) > self.max_bytes // 16:
             return False
         ttl = min(ttl, self.max_ttl) if ttl > 0 else self.max_ttl
         if key in self._entries:
@@ -113,11 +111,8 @@ class NearCache:
         if pattern == "*":
             self.clear()
             return
+        self.history.record(pattern)
         parsed = parse_pattern(pattern)
-        self._version += 1
-        self._history.append((self._version, parsed.matches))
-        if len(self._history) > HISTORY:
-            self._floor = self._history.popleft()[0]
         if parsed.kind == "exact":
             if pattern in self._entries:
                 self._remove(pattern)
@@ -127,21 +122,9 @@ class NearCache:
             self._remove(key)
 
     def clear(self) -> None:
-        self._version += 1
-        self._floor = self._version
-        self._history.clear()
+        self.history.forget()
         self._entries.clear()
         self._bytes = 0
-
-    def _raced(self, key: str, since: int) -> bool:
-        if since < self._floor:
-            return True
-        for version, matches in reversed(self._history):
-            if version <= since:
-                return False
-            if matches(key):
-                return True
-        return False
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)

@@ -1,0 +1,96 @@
+"""Feeds the near-cache from the sidecar's Watch stream, for as long as the client lives.
+
+The near-cache is live exactly while the stream is, and only while the stream is
+provably complete: messages are numbered per stream (1 for the opening heartbeat,
+then one more per message), so a number out of step means something was missed and
+the near-cache is cleared, as it is when the stream ends or goes quiet for longer
+than `liveness` (the sidecar heartbeats every 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from services.common.cache.near_cache import NearCache
+from services.common.cache.transport import SidecarTransport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WATCH_LIVENESS = 15.0
+WATCH_RETRY_INITIAL = 0.05
+WATCH_RETRY_MAX = 2.0
+
+
+class StreamGap(Exception):
+    """A Watch message arrived out of step: the stream cannot vouch for completeness."""
+
+
+class NearCacheFeed:
+    def __init__(
+        self,
+        transport: SidecarTransport,
+        near: NearCache,
+        on_invalidation: Callable[[str], None],
+        *,
+        prefixes: Sequence[str] = (),
+        liveness: float = DEFAULT_WATCH_LIVENESS,
+    ) -> None:
+        self._transport = transport
+        self._near = near
+        # Applies one streamed pattern to this process's layers (history and near-cache).
+        self._on_invalidation = on_invalidation
+        self._prefixes = list(prefixes)
+        self._liveness = liveness
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None and not self._transport.closed:
+            self._task = asyncio.create_task(self._run(), name="cache-watch")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._near.set_live(False)
+
+    async def _run(self) -> None:
+        delay = WATCH_RETRY_INITIAL
+        while not self._transport.closed:
+            call = self._transport.watch(self._prefixes)
+            try:
+                await self._follow(call)
+                log.debug("cache watch stream ended by the sidecar; near-cache cleared")
+            except grpc.aio.AioRpcError as exc:
+                log.debug("cache watch stream ended (%s); near-cache cleared", exc.code().name)
+            except TimeoutError:
+                log.debug("cache watch stream sent no heartbeat; near-cache cleared")
+            except StreamGap as exc:
+                log.warning("cache watch stream: %s; near-cache cleared", exc)
+            finally:
+                went_live = self._near.live
+                self._near.set_live(False)
+                call.cancel()
+            delay = WATCH_RETRY_INITIAL if went_live else min(delay * 2, WATCH_RETRY_MAX)
+            await asyncio.sleep(delay)
+
+    async def _follow(self, call: grpc.aio.UnaryStreamCall) -> None:
+        expected = 1
+        while True:
+            message = await asyncio.wait_for(call.read(), self._liveness)
+            if message is grpc.aio.EOF:
+                return
+            if message.sequence != expected:
+                raise StreamGap(f"message {message.sequence} arrived where {expected} was due")
+            expected += 1
+            for pattern in (message.pattern, *message.patterns):
+                if pattern:
+                    self._on_invalidation(pattern)
+            if not self._near.live:
+                self._near.set_live(True)  # the stream opens with a heartbeat

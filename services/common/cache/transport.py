@@ -1,0 +1,124 @@
+"""The gRPC channel to the cache sidecar and the one way every call goes through it.
+
+A failed call never raises: it answers (None, status code) and is logged at most
+once per log_interval, because the cache is an optimisation and its failures must
+not flood the log of a service that is busy serving from the database instead.
+Once the sidecar looks unreachable, reads skip it for retry_after seconds rather
+than add a timeout to every request; invalidations always try.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from services.common.auth.wiring import key_interceptors
+from services.common.grpc_host import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# Codes after which the sidecar is presumed unreachable.
+UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # The sidecar is local: reconnect quickly after it restarts, since every request
+    # goes to the database while it is away.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class SidecarTransport:
+    """One channel per client; every unary call carries `timeout` as its deadline and
+    the services' key (the sidecar serves the admin key only)."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        *,
+        retry_after: float = 1.0,
+        log_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        api_key: str = "",
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._log_interval = log_interval
+        self.clock = clock
+        self._interceptors = key_interceptors(api_key)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: cache_pb2_grpc.CacheServiceStub | None = None
+        self.closed = False
+        # While the sidecar looks unreachable, reads skip it until this instant.
+        self._skip_until = -math.inf
+        self._last_logged = -math.inf
+        self._suppressed = 0
+
+    @property
+    def skipping(self) -> bool:
+        """True while the sidecar just proved unreachable."""
+        return self.clock() < self._skip_until
+
+    def stub(self) -> cache_pb2_grpc.CacheServiceStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
+            self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
+        return self._stub
+
+    def watch(self, prefixes: list[str]) -> Any:
+        """A new Watch stream (a grpc.aio call: read() it, cancel() it)."""
+        return self.stub().Watch(cache_pb2.CacheWatchRequest(prefixes=prefixes))
+
+    async def call(self, method: str, request: Message, *, respect_backoff: bool = True) -> tuple[Any, grpc.StatusCode | None]:
+        """(response, None) on success, (None, code) on any failure."""
+        if self.closed:
+            return None, grpc.StatusCode.CANCELLED
+        if respect_backoff and self.skipping:
+            return None, grpc.StatusCode.UNAVAILABLE
+        try:
+            response = await getattr(self.stub(), method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in UNREACHABLE:
+                self._skip_until = self.clock() + self.retry_after
+            self.note_failure(method, f"{code.name}: {exc.details()}")
+            return None, code
+        except Exception as exc:  # noqa: BLE001 - the cache must never fail a request
+            self._skip_until = self.clock() + self.retry_after
+            self.note_failure(method, repr(exc))
+            return None, grpc.StatusCode.UNKNOWN
+        return response, None
+
+    def note_failure(self, what: str, detail: str) -> None:
+        now = self.clock()
+        if now - self._last_logged < self._log_interval:
+            self._suppressed += 1
+            return
+        suppressed = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
+        log.warning(
+            "cache sidecar %s: %s failed (%s); serving from the source of truth%s",
+            self.address,
+            what,
+            detail,
+            suppressed,
+        )
+        self._last_logged = now
+        self._suppressed = 0
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None

@@ -1,0 +1,147 @@
+"""The cache never hides an acknowledged write (the client's side of it): loads shared
+only within one invalidation epoch, near-caches that clear on any gap in their feed,
+and reads that ask for freshness (`Cache-Control: no-cache`) bypassing every layer.
+Real sidecars, services and gateway on ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import wrappers_pb2
+
+from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
+from gateway.testing import running_gateway
+from services.cache_sidecar.server import CacheSidecar
+from services.common.cache.client import CacheClient
+from services.common.cache.near_cache import NearCache
+from tests.cache_helpers import (  # noqa: F401 - fixtures
+    READ_TIMEOUT,
+    STRING_TYPE,
+    CountingLoader,
+    StartSidecar,
+    eventually,
+    start_sidecar,
+)
+from tests.conftest import make_settings, running_stack
+
+String = wrappers_pb2.StringValue
+
+
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
+    return await start_sidecar()
+
+
+async def test_a_caller_after_this_process_invalidated_never_joins_an_earlier_load(sidecar: CacheSidecar) -> None:
+    async with CacheClient(sidecar.host.bound_address, timeout=2.0, near_cache=NearCache()) as client:
+        await eventually(lambda: client.near.live)
+        old = CountingLoader("old", hold=True)
+        before = asyncio.create_task(client.get_or_load("agents:get:1", 60, String, old))
+        await asyncio.wait_for(old.started.wait(), READ_TIMEOUT)
+        joined = asyncio.create_task(client.get_or_load("agents:get:1", 60, String, CountingLoader("unused")))
+        await asyncio.sleep(0.05)
+
+        await client.invalidate("agents:get:1")  # the write this process acknowledges
+        new = CountingLoader("new")
+        after = await client.get_or_load("agents:get:1", 60, String, new)
+        assert after.value == "new" and new.calls == 1, "a read after the write must not share the earlier load"
+
+        old.release.set()
+        # Callers that arrived before the write may see the value from before it.
+        assert (await before).value == "old" and (await joined).value == "old" and old.calls == 1
+        # ... but it never lands in any layer: the next read still sees the new value.
+        assert (await client.get_or_load("agents:get:1", 60, String, CountingLoader("other"))).value == "new"
+
+
+async def test_a_caller_after_another_process_invalidated_never_joins_an_earlier_load(sidecar: CacheSidecar) -> None:
+    address = sidecar.host.bound_address
+    async with CacheClient(address, timeout=2.0, near_cache=NearCache()) as reader, CacheClient(address, timeout=2.0) as writer:
+        await eventually(lambda: reader.near.live)
+        old = CountingLoader("old", hold=True)
+        before = asyncio.create_task(reader.get_or_load("agents:get:2", 60, String, old))
+        await asyncio.wait_for(old.started.wait(), READ_TIMEOUT)
+
+        heard = reader.near.snapshot()
+        await writer.invalidate("agents:get:2")
+        await eventually(lambda: reader.near.snapshot() > heard)  # the Watch stream brought it
+
+        new = CountingLoader("new")
+        assert (await reader.get_or_load("agents:get:2", 60, String, new)).value == "new" and new.calls == 1
+        old.release.set()
+        assert (await before).value == "old"
+
+
+class _GappyCache(cache_pb2_grpc.CacheServiceServicer):
+    """A CacheService whose Watch stream skips a message number on demand: every Get
+    is a hit, so the only thing that can empty the near-cache is the gap."""
+
+    def __init__(self) -> None:
+        self.skip = asyncio.Event()
+        self.streams = 0
+
+    async def Get(self, request, context):
+        entry = cache_pb2.CacheEntry(key=request.key, value=String(value="cached").SerializeToString(), content_type=STRING_TYPE)
+        return cache_pb2.CacheGetResponse(found=True, entry=entry)
+
+    async def Watch(self, request, context):
+        self.streams += 1
+        yield cache_pb2.CacheInvalidation(sequence=1)
+        if self.streams == 1:
+            await self.skip.wait()
+            yield cache_pb2.CacheInvalidation(pattern="workflows:get:9", sequence=3)  # 2 never came
+        await asyncio.Event().wait()
+
+
+async def test_a_gap_in_the_watch_stream_clears_the_near_cache() -> None:
+    fake = _GappyCache()
+    server = grpc.aio.server()
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with CacheClient(f"127.0.0.1:{port}", timeout=2.0, near_cache=NearCache()) as client:
+            await eventually(lambda: client.near.live)
+            await client.get_or_load("agents:get:1", 60, String, CountingLoader())
+            assert len(client.near) == 1
+
+            fake.skip.set()
+            await eventually(lambda: fake.streams == 2)  # dropped the stream and resubscribed
+            assert len(client.near) == 0, "an entry from a stream with a gap was kept"
+            await eventually(lambda: client.near.live)
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def stack_and_http(database_url) -> AsyncIterator[tuple]:
+    async with running_stack(make_settings(database_url)) as stack:
+        async with running_gateway(stack.settings) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                yield stack, http
+
+
+async def test_no_cache_reads_past_every_layer_and_refills_them(stack_and_http) -> None:
+    stack, http = stack_and_http
+    assert (await http.post("/api/agents", json={"id": "a1", "name": "First", "domain": "ci"})).status_code == 200
+    for _ in range(2):
+        assert (await http.get("/api/agents/a1")).json()["name"] == "First"
+        listed = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="ci"))
+    # A change the cache cannot know of (made behind the service's back).
+    await stack.agents.db.execute("UPDATE agents SET name = 'Behind' WHERE id = 'a1'")
+    assert (await http.get("/api/agents/a1")).json()["name"] == "First", "the read is cached"
+    assert [a.name for a in listed.agents] == ["First"]
+
+    fresh = await http.get("/api/agents/a1", headers={"Cache-Control": "no-cache"})
+    assert fresh.json()["name"] == "Behind"
+    assert (await http.get("/api/agents/a1")).json()["name"] == "Behind", "the fresh read refilled the cache"
+
+    fresh_list = await stack.stub.ListAgents(
+        agents_pb2.ListAgentsRequest(domain="ci"), metadata=(("cache-control", "no-cache"),)
+    )
+    assert [a.name for a in fresh_list.agents] == ["Behind"]
+    cached_list = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="ci"))
+    assert [a.name for a in cached_list.agents] == ["Behind"]
