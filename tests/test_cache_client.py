@@ -353,7 +353,7 @@ async def test_the_manager_api(manager: CacheManager) -> None:
     assert await manager.get("reports:title", codec=JSON, default="other type") == "other type"
     assert await manager.delete("reports:today") is True
     assert await manager.get("reports:today") is None
-    stats = await manager.stats()
+    stats = await manager.sidecar_stats()
     assert stats is not None and stats.sets == 2
     assert await manager.clear() is True
     assert await manager.get("reports:title", codec=TEXT) is None
@@ -420,7 +420,7 @@ async def test_an_unreachable_sidecar_never_fails_a_decorated_call() -> None:
         assert [(await get_agent("a")).value for _ in range(3)] == ["a"] * 3
         assert calls == 3
         assert await update_agent("a") == "a"
-        assert await unreachable.stats() is None
+        assert await unreachable.sidecar_stats() is None
         # A failed overwrite leaves the old value to be invalidated, never served.
         assert await unreachable.set("reports:today", {"ok": 1}) is False
         assert {"agents:get:a", "reports:today"} <= unreachable.client.pending_invalidations

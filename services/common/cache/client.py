@@ -75,6 +75,9 @@ class CacheClient:
             address, timeout, retry_after=retry_after, log_interval=log_interval, clock=clock, api_key=api_key
         )
         self.near = near_cache
+        # This process's reads: served by a cache layer, or by the loader.
+        self.hits = 0
+        self.misses = 0
         self._history = near_cache.history if near_cache is not None else InvalidationHistory()
         self._flights = SingleFlight(self._history)
         self._delivery = InvalidationDelivery(self._transport, self._apply_locally, max_pending=max_pending_invalidations)
@@ -151,6 +154,7 @@ class CacheClient:
         if not fresh and not self._delivery.bypassed(key):
             found, value = self._near_hit(key, codec)
             if found and (value is not None or cache_none):
+                self.hits += 1
                 return value  # type: ignore[return-value]
 
         async def load_through(since: int) -> T:
@@ -199,7 +203,9 @@ class CacheClient:
         if response is not None and response.found and not fresh:
             found, value = self._decode_hit(key, ttl, codec, response.entry, since)
             if found and (value is not None or cache_none):
+                self.hits += 1
                 return value  # type: ignore[return-value]
+        self.misses += 1
         value = await loader()
         # No fill without a token (the Get failed, or the store cannot vouch for one),
         # and none for a key whose invalidation is still pending: either could plant
@@ -287,8 +293,13 @@ class CacheClient:
 
     async def stats(self) -> cache_pb2.CacheStats | None:
         """The sidecar's statistics, or None when it cannot be reached."""
-        response, _ = await self._transport.call("Stats", empty_pb2.Empty(), respect_backoff=False)
+        response, _ = await self.probe()
         return response
+
+    async def probe(self) -> tuple[cache_pb2.CacheStats | None, grpc.StatusCode | None]:
+        """One Stats call: (stats, None), or (None, why it failed) - e.g. to tell an
+        unreachable sidecar (the cache is optional) from a refused key (a mistake)."""
+        return await self._transport.call("Stats", empty_pb2.Empty(), respect_backoff=False)
 
     # --- the invalidation log's relay ------------------------------------------------
 

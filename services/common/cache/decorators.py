@@ -1,19 +1,36 @@
-"""The decorator API of the performance guide:
+"""The decorator API of the performance guide, as the guide writes it:
+
+    @cached(ttl=300)
+    async def get_agents(): ...                        # key "agents:<module>.get_agents:…"
+
+    @cached(ttl=60, key_prefix="agent")
+    async def get_agent(agent_id): ...                 # key "agent:<agent_id>"
+
+    @invalidate_cache(key_pattern="agents")            # everything under "agents:"
+    async def create_agent(agent_data): ...
+
+and with the precision the services need:
 
     @cached(ttl=300, key_prefix="agents:get")
-    async def get_agent(agent_id: str) -> Agent | None: ...
+    async def get_agent(self, agent_id: str) -> Agent | None: ...
 
     @invalidate_cache(key_pattern=["agents:get:{agent_id}", "agents:list:*"])
-    async def update_agent(agent_id: str, changes: Agent) -> Agent: ...
+    async def update_agent(self, agent_id: str, changes: Agent) -> Agent: ...
 
 Keys come from the arguments (key_builder.py): get_agent("a1") is "agents:get:a1",
 which is exactly what "agents:get:{agent_id}" names for update_agent("a1", …).
-Values are encoded by the codec the return annotation implies (a protobuf message
-type, str, bytes, JSON types) or the one given as codec=; None is cached as a
-negative entry (for the sidecar's shorter negative TTL).
+Without key_prefix, a key's namespace is the function's name less a leading read
+verb (get_agents → "agents"), so a bare key_pattern such as "agents" (no ':', no
+glob) invalidates it: a bare name means every key under "name:", an O(1) prefix
+invalidation in both stores.
 
-The manager is looked up at call time with get_cache_manager() (unless one is
-passed), so tests and services choose it without re-decorating anything.
+Values are encoded by the codec the return annotation implies (a protobuf message
+type, str, bytes, JSON types), by codec=, or as JSON when there is no annotation;
+None is cached as a negative entry (for the sidecar's shorter negative TTL).
+
+Which manager: manager= if given; else, for a method, its object's `cache` when that
+is a CacheManager (each service object brings its own); else get_cache_manager() at
+call time, so tests and processes choose it without re-decorating anything.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-from services.common.cache.codecs import Codec, codec_for
+from services.common.cache.codecs import JSON, Codec, codec_for
 from services.common.cache.key_builder import KeyBuilder
 from services.common.cache.manager import CacheManager, get_cache_manager
 
@@ -44,25 +61,20 @@ def cached(
     """Caches an async function's results by its arguments.
 
     ttl: seconds (None: the manager's default). key_prefix: the keys' start, which
-    should begin with a namespace ("agents:get"); by default the function's module
-    and qualified name. The wrapper gains .cache_key(*args, **kwargs).
+    should begin with a namespace ("agents:get"); by default see default_key_prefix().
+    The wrapper gains .cache_key(*args, **kwargs).
     """
 
     def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         if not inspect.iscoroutinefunction(function):
             raise TypeError(f"@cached needs an async function, got {function!r}")
-        chosen = codec or codec_for(_return_annotation(function))
-        if chosen is None:
-            raise TypeError(
-                f"@cached cannot tell how to encode what {function.__qualname__} returns: "
-                "annotate it with a protobuf message type, str, bytes or a JSON type, or pass codec="
-            )
-        keys = KeyBuilder(key_prefix or f"{function.__module__}.{function.__qualname__}", inspect.signature(function))
+        chosen = codec or _codec_of(function)
+        keys = KeyBuilder(key_prefix or default_key_prefix(function), inspect.signature(function))
 
         @functools.wraps(function)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             key = keys.key(args, kwargs)
-            return await (manager or get_cache_manager()).get_or_load(
+            return await _manager(manager, args).get_or_load(
                 key, lambda: function(*args, **kwargs), ttl=ttl, codec=chosen, cache_none=cache_none
             )
 
@@ -72,6 +84,42 @@ def cached(
     return decorate
 
 
+# Leading verbs that name a read, not the thing read: get_agents caches "agents".
+_READ_VERBS = ("get_", "list_", "fetch_", "load_", "find_", "read_", "search_", "discover_", "lookup_")
+
+
+def default_key_prefix(function: Callable[..., Any]) -> str:
+    """"<namespace>:<module>.<qualified name>": the namespace is the function's name
+    less a leading read verb, so that invalidate_cache(key_pattern="agents") reaches
+    what get_agents cached; module and qualified name keep two functions apart."""
+    name = function.__name__
+    for verb in _READ_VERBS:
+        if name.startswith(verb) and len(name) > len(verb):
+            name = name[len(verb) :]
+            break
+    return f"{name}:{function.__module__}.{function.__qualname__}"
+
+
+def _codec_of(function: Callable[..., Any]) -> Codec[Any]:
+    if "return" not in getattr(function, "__annotations__", {}):
+        return JSON  # unannotated: any JSON-serialisable value, as the guide uses it
+    annotation = _return_annotation(function)
+    chosen = codec_for(annotation)
+    if chosen is None:
+        raise TypeError(
+            f"@cached cannot tell how to encode {annotation!r}, what {function.__qualname__} returns: "
+            "annotate it with a protobuf message type, str, bytes or a JSON type, or pass codec="
+        )
+    return chosen
+
+
+def _manager(explicit: CacheManager | None, args: tuple[Any, ...]) -> CacheManager:
+    if explicit is not None:
+        return explicit
+    owner = getattr(args[0], "cache", None) if args else None
+    return owner if isinstance(owner, CacheManager) else get_cache_manager()
+
+
 def invalidate_cache(
     key_pattern: str | Sequence[str],
     *,
@@ -79,14 +127,16 @@ def invalidate_cache(
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Invalidates glob patterns once the decorated async function has run.
 
-    A pattern may name the function's arguments, "agents:get:{agent_id}": each is
-    encoded as in a @cached key, with glob characters escaped. The invalidation also
+    A bare name ("agents": no ':', no glob, no field) stands for "agents:*". A pattern
+    may name the function's arguments, "agents:get:{agent_id}": each is encoded as in
+    a @cached key, with glob characters escaped. The invalidation also
     runs when the function raises, since a write that failed half-way may still have
     changed something; it never raises itself (see CacheClient.invalidate).
     """
     templates = [key_pattern] if isinstance(key_pattern, str) else list(key_pattern)
     if not templates or any(not template for template in templates):
         raise ValueError("key_pattern must be one or more non-empty patterns")
+    templates = [_widen_bare_name(template) for template in templates]
 
     def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         if not inspect.iscoroutinefunction(function):
@@ -104,11 +154,17 @@ def invalidate_cache(
             try:
                 return await function(*args, **kwargs)
             finally:
-                await (manager or get_cache_manager()).invalidate(*patterns)
+                await _manager(manager, args).invalidate(*patterns)
 
         return wrapper
 
     return decorate
+
+
+def _widen_bare_name(template: str) -> str:
+    if any(char in template for char in ":*?[{"):
+        return template
+    return f"{template}:*"
 
 
 def _fields(template: str) -> list[tuple[str, str | None, str | None, str | None]]:

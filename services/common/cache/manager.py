@@ -1,9 +1,13 @@
 """The cache manager services import, and how a process (or a test) chooses it.
 
-    manager = get_cache_manager()
-    await manager.set("reports:today", {"ok": 3}, ttl=60)
-    await manager.get("reports:today")            # {"ok": 3}, or None on a miss
-    await manager.delete("reports:today"); await manager.clear(); await manager.stats()
+    cache = await get_cache_manager()             # connected, its key checked
+    await cache.set("reports:today", {"ok": 3}, ttl=60)
+    await cache.get("reports:today")              # {"ok": 3}, or None on a miss
+    await cache.delete("reports:today"); await cache.clear()
+    cache.stats                                   # {"hits": …, "hit_rate": "87.5%", …}
+
+get_cache_manager() may also be called without await (the decorators do): the
+manager then connects on first use.
 
 Which manager get_cache_manager() returns, first match wins:
 
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, TypeVar
+
+import grpc
 
 from devops_hub.v1 import cache_pb2
 from services.common.cache.client import CacheClient
@@ -32,6 +38,13 @@ from services.common.cache.codecs import JSON, Codec
 from services.common.settings import Settings
 
 T = TypeVar("T")
+
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+class CacheCredentialsError(RuntimeError):
+    """The sidecar serves the services' admin key only, and this process has none
+    that it accepts: every read would silently miss and every write be lost."""
 
 
 class CacheManager:
@@ -48,7 +61,26 @@ class CacheManager:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "CacheManager":
+        """Refuses, at once, settings with access control on and no SERVICE_API_KEY."""
+        if settings.auth_enabled and not settings.service_api_key:
+            raise CacheCredentialsError(
+                "the cache sidecar serves the services' admin key only: set SERVICE_API_KEY "
+                "(`make run` keeps one in var/service.key) or AUTH_ENABLED=false"
+            )
         return cls(CacheClient.from_settings(settings), default_ttl=settings.cache_default_ttl)
+
+    def __await__(self) -> Generator[Any, None, "CacheManager"]:
+        """`cache = await get_cache_manager()`: connected, with its key checked."""
+        return self._ready().__await__()
+
+    async def _ready(self) -> "CacheManager":
+        await self.client.connect()
+        _, code = await self.client.probe()
+        if code in _REFUSED:
+            raise CacheCredentialsError(
+                f"the cache sidecar refused this process's key ({code.name}): SERVICE_API_KEY must be an admin key"
+            )
+        return self
 
     async def get(self, key: str, *, codec: Codec[Any] | None = None, default: Any = None) -> Any:
         """The cached value, None for a cached "not found", default on a miss."""
@@ -79,7 +111,25 @@ class CacheManager:
     async def clear(self) -> bool:
         return await self.client.clear()
 
-    async def stats(self) -> cache_pb2.CacheStats | None:
+    @property
+    def stats(self) -> dict[str, Any]:
+        """This process's reads through the cache, as the guide reads them: served by
+        a cache layer ("hits") or by the loader ("misses"). The sidecar's own figures
+        (every process's) come from `await sidecar_stats()`."""
+        client = self.client
+        total = client.hits + client.misses
+        near = client.near
+        return {
+            "type": "sidecar" if near is None else "near+sidecar",
+            "size": len(near) if near is not None else 0,
+            "max_size": near.max_entries if near is not None else 0,
+            "hits": client.hits,
+            "misses": client.misses,
+            "hit_rate": f"{(client.hits / total * 100) if total else 0.0:.1f}%",
+        }
+
+    async def sidecar_stats(self) -> cache_pb2.CacheStats | None:
+        """The sidecar's statistics, or None when it cannot be reached."""
         return await self.client.stats()
 
     async def close(self) -> None:
