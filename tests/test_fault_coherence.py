@@ -1,0 +1,72 @@
+"""Faults under load: each part killed while writer/reader pairs run (bench/coherence.py,
+the staleness checker), then restarted. Nothing acknowledged may be lost, and once
+the fault has healed and SETTLE seconds have passed, no read may return a value
+older than the last acknowledged write, through any process.
+
+Each run has a PostgreSQL, a Redis and services of its own (bench/cluster.py), never
+the machine's shared servers. Without redis-server or PostgreSQL's binaries these
+tests skip, except under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.cluster import Cluster, Unavailable
+from bench.coherence import FAULTS, Outcome, check
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+SETUPS = {
+    "sqlite+memory": ("sqlite", False),
+    "postgresql+redis": ("postgresql", True),
+}
+RUNS = [
+    ("sqlite+memory", None),
+    ("sqlite+memory", "sidecar"),
+    ("sqlite+memory", "agents"),
+    ("postgresql+redis", None),
+    ("postgresql+redis", "sidecar"),
+    ("postgresql+redis", "redis"),
+    ("postgresql+redis", "agents"),
+    ("postgresql+redis", "postgresql"),
+]
+
+
+def start_cluster(setup: str) -> Cluster:
+    database, redis = SETUPS[setup]
+    # The relay polls often so that a run of a few seconds shows what it mends.
+    cluster = Cluster(database, redis, agents_processes=2, settings={"CACHE_RELAY_INTERVAL": "0.2"})
+    try:
+        return cluster.start()
+    except Unavailable as exc:
+        if IN_CI:
+            pytest.fail(f"{exc}; under CI=true it must run", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize(("setup", "fault"), RUNS, ids=[f"{s}-{f or 'no-fault'}" for s, f in RUNS])
+async def test_nothing_lost_and_nothing_stale_once_healed(setup: str, fault: str | None) -> None:
+    cluster = start_cluster(setup)
+    try:
+        outcome: Outcome = await check(
+            cluster, pairs=4, warmup=1.5, after=4.5, fault=FAULTS[fault]() if fault else None, pause=0.02
+        )
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()
+    report = "\n\n".join(outcome.table(path) for path in ("same", "cross"))
+    history = outcome.history
+    assert history.reads and history.acks, report
+    assert outcome.lost == [], report
+    if fault is None:
+        # The process that acknowledged a write never reads the old value back.
+        assert outcome.stale("same", "whole run") == 0, report
+    else:
+        assert outcome.stale("same", "before the fault") == 0, report
+        for path in ("same", "cross"):
+            assert outcome.stale(path, "settled") == 0, report
