@@ -4,11 +4,14 @@ redis-server per test (its own port, no persistence), started and signalled here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.protobuf import empty_pb2
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
@@ -17,7 +20,7 @@ from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from tests.cache_helpers import StartSidecar, entry, start_sidecar  # noqa: F401 - fixtures
-from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401 - fixtures
+from tests.redis_fixtures import RedisServer, persistent_redis_server, redis_server  # noqa: F401 - fixtures
 
 CALL_TIMEOUT = 5.0
 RECOVERY_TIMEOUT = 20.0
@@ -40,6 +43,22 @@ async def wait_state(store: FallbackStore, state: str) -> None:
         await asyncio.sleep(0.05)
 
 
+class Calls:
+    """The gRPC calls of a load test: counted, and failures recorded, not raised."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.failures: list[str] = []
+
+    async def __call__(self, stub: cache_pb2_grpc.CacheServiceStub, method: str, request):
+        self.count += 1
+        try:
+            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            self.failures.append(f"{method}: {exc.code().name} {exc.details()}")
+            return None
+
+
 @pytest.fixture
 async def sidecar_stub(start_sidecar: StartSidecar, redis_server: RedisServer):
     await redis_server.wait_ready()
@@ -51,6 +70,13 @@ async def sidecar_stub(start_sidecar: StartSidecar, redis_server: RedisServer):
 @pytest.fixture
 async def fallback(redis_server: RedisServer):
     """A FallbackStore on the private Redis, for what is easier to drive directly."""
+    async with fallback_on(redis_server) as store:
+        yield store
+
+
+@contextlib.asynccontextmanager
+async def fallback_on(redis_server: RedisServer) -> AsyncIterator[FallbackStore]:
+    """A started FallbackStore on a private Redis, with a position in the log."""
     await redis_server.wait_ready()
     primary = RedisStore(connect(redis_server.url, max_connections=8, timeout=0.25), default_ttl=60,
                          layout=KeyLayout("dh:"))
@@ -64,8 +90,10 @@ async def fallback(redis_server: RedisServer):
     )
     await store.start()
     await store.sync(0, 0, (), False)  # a position, so Redis hands out fill tokens
-    yield store
-    await store.close()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def test_redis_killed_under_load_fails_no_call_and_serves_nothing_stale(
@@ -74,36 +102,26 @@ async def test_redis_killed_under_load_fails_no_call_and_serves_nothing_stale(
     sidecar, stub = sidecar_stub
     keys = [f"agents:get:{i}" for i in range(20)]
     database = dict.fromkeys(keys, 0)  # the source of truth: a version per key
-    failures: list[str] = []
-    calls = 0
+    call = Calls()
     running = True
-
-    async def call(method: str, request):
-        nonlocal calls
-        calls += 1
-        try:
-            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            failures.append(f"{method}: {exc.code().name} {exc.details()}")
-            return None
 
     async def reader() -> None:
         while running:
             key = random.choice(keys)
-            got = await call("Get", cache_pb2.CacheGetRequest(key=key))
+            got = await call(stub, "Get", cache_pb2.CacheGetRequest(key=key))
             if got is not None and not got.found and got.fill_token:  # no token: no fill
                 loaded = str(database[key]).encode()  # the loader reads the database
                 await asyncio.sleep(0)
-                await call("Set", cache_pb2.CacheSetRequest(entry=entry(key, loaded), fill_token=got.fill_token))
+                await call(stub, "Set", cache_pb2.CacheSetRequest(entry=entry(key, loaded), fill_token=got.fill_token))
 
     async def writer() -> None:
         while running:
             key = random.choice(keys)
             database[key] += 1  # the write commits, then invalidates
             if random.random() < 0.2:
-                await call("Invalidate", cache_pb2.CacheInvalidateRequest(pattern="agents:*"))
+                await call(stub, "Invalidate", cache_pb2.CacheInvalidateRequest(pattern="agents:*"))
             else:
-                await call("Delete", cache_pb2.CacheDeleteRequest(key=key))
+                await call(stub, "Delete", cache_pb2.CacheDeleteRequest(key=key))
             await asyncio.sleep(0.005)
 
     load = [asyncio.create_task(reader()) for _ in range(8)] + [asyncio.create_task(writer()) for _ in range(2)]
@@ -119,7 +137,7 @@ async def test_redis_killed_under_load_fails_no_call_and_serves_nothing_stale(
         running = False
         await asyncio.gather(*load)
 
-    assert failures == [] and calls > 100
+    assert call.failures == [] and call.count > 100
     for key in keys:
         got = await stub.Get(cache_pb2.CacheGetRequest(key=key), timeout=CALL_TIMEOUT)
         assert not got.found or got.entry.value == str(database[key]).encode(), f"{key} is stale"
@@ -247,6 +265,32 @@ async def test_a_restarted_redis_is_cleared_before_use(
     assert (await fallback.get("agents:get:1")).entry.value == b"v2"
 
 
+async def test_a_restarted_redis_that_reloaded_its_data_is_cleared_and_fresh(persistent_redis_server: RedisServer) -> None:
+    """A Redis that comes back with its data (here from its append-only file) may hold
+    entries invalidated while it was away, and a position that says otherwise: it is
+    emptied, and made fresh, so it takes no fill until the relays Sync it again."""
+    async with fallback_on(persistent_redis_server) as store:
+        await store.sync(0, 10, (), False)
+        await store.set("agents:get:1", b"old", "")
+        inspector = aioredis.Redis.from_url(persistent_redis_server.url)
+        await inspector.set("outside:marker", b"1")  # nobody clears it: shows the reload
+        await inspector.aclose()
+        persistent_redis_server.kill()
+        await store.invalidate("agents:get:1")  # on memory: Redis is away
+        assert store.backend == "memory"
+        persistent_redis_server.start()
+        await persistent_redis_server.wait_ready()
+        await wait_state(store, "up")
+        inspector = aioredis.Redis.from_url(persistent_redis_server.url)
+        try:
+            assert await inspector.get("outside:marker") == b"1"
+        finally:
+            await inspector.aclose()
+        assert (await store.sync_state()).fresh
+        miss = await store.get("agents:get:1")
+        assert miss.entry is None and miss.fill_token == 0
+
+
 async def test_a_sidecar_started_while_redis_is_down_uses_it_once_it_is_up(
     start_sidecar: StartSidecar, redis_server: RedisServer
 ) -> None:
@@ -324,16 +368,9 @@ async def test_back_on_redis_within_two_seconds_under_continuous_invalidations(
     database = dict.fromkeys(keys, 0)  # the source of truth: a version per key
     acked = dict.fromkeys(keys, 0)  # the version whose invalidation was acknowledged
     stale: list[str] = []
-    failures: list[str] = []
+    call = Calls()
     checking = sidecars == 1
     stop = asyncio.Event()
-
-    async def call(stub: cache_pb2_grpc.CacheServiceStub, method: str, request):
-        try:
-            return await getattr(stub, method)(request, timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            failures.append(f"{method}: {exc.code().name} {exc.details()}")
-            return None
 
     async def writer() -> None:
         while not stop.is_set():
@@ -387,7 +424,7 @@ async def test_back_on_redis_within_two_seconds_under_continuous_invalidations(
         await asyncio.gather(*load)
 
     assert recovered_in <= 2.0, f"back on Redis {recovered_in:.2f}s after it answered"
-    assert failures == []
+    assert call.failures == []
     assert stale == []
     for key in keys:
         answers = [await stub.Get(cache_pb2.CacheGetRequest(key=key), timeout=CALL_TIMEOUT) for stub in stubs]
