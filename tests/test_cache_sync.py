@@ -1,6 +1,7 @@
 """The cache's position in the services' invalidation log, over gRPC on real sidecars:
 GetSyncState, Sync and Invalidate.sequence, on memory and on Redis (under a test
-prefix), and the Redis position shared by every sidecar on that Redis."""
+prefix), and the Redis position shared by every sidecar on that Redis. (The fallback
+store's position, which follows the serving store, is in test_cache_fallback.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from google.protobuf import empty_pb2
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.cache_sidecar.stores.position import MAX_AHEAD
+from services.cache_sidecar.stores.position import MAX_AHEAD, SyncState
+from services.cache_sidecar.stores.redis import RedisStore, connect
+from services.cache_sidecar.stores.redis_layout import KeyLayout
 from tests.cache_helpers import StartSidecar, backend, entry, start_sidecar  # noqa: F401 - fixtures
 from tests.redis_fixtures import redis_prefix, redis_url  # noqa: F401 - fixtures
 
@@ -119,8 +122,8 @@ async def test_entries_ahead_are_bounded_lowest_dropped(fresh_stub) -> None:
     await stub.Sync(cache_pb2.CacheSyncRequest(after=0, through=1))
     sequences = list(range(3, 3 + MAX_AHEAD + 2))
     random.Random(9).shuffle(sequences)
-    for start in range(0, len(sequences), 10):
-        await asyncio.gather(*(invalidate(stub, sequence) for sequence in sequences[start : start + 10]))
+    for sequence in sequences:  # one at a time: the order is what matters here
+        await invalidate(stub, sequence)
     applied, ahead, fresh = await state(stub)
     assert (applied, fresh) == (1, False)
     assert ahead == list(range(5, 3 + MAX_AHEAD + 2))  # the two lowest were forgotten
@@ -131,21 +134,39 @@ async def test_entries_ahead_are_bounded_lowest_dropped(fresh_stub) -> None:
 async def test_sidecars_on_one_redis_share_one_position(
     start_sidecar: StartSidecar, redis_url: str, redis_prefix: str
 ) -> None:
-    """Invalidations with sequences 1..N through two sidecars, concurrently and out of
-    order: the position Redis keeps (one Lua script per update) ends at N."""
     options = dict(redis_url=redis_url, redis_key_prefix=redis_prefix, synced=False)
     sidecars = [await start_sidecar(**options), await start_sidecar(**options)]
     async with (
         grpc.aio.insecure_channel(sidecars[0].host.bound_address) as first,
         grpc.aio.insecure_channel(sidecars[1].host.bound_address) as second,
     ):
-        stubs = [cache_pb2_grpc.CacheServiceStub(first), cache_pb2_grpc.CacheServiceStub(second)]
-        assert await state(stubs[1]) == (0, [], True)
-        await stubs[0].Sync(cache_pb2.CacheSyncRequest(after=0, through=0))
-        assert await state(stubs[1]) == (0, [], False)
-        sequences = list(range(1, 301))
+        one, other = cache_pb2_grpc.CacheServiceStub(first), cache_pb2_grpc.CacheServiceStub(second)
+        assert await state(other) == (0, [], True)
+        await one.Sync(cache_pb2.CacheSyncRequest(after=0, through=5))
+        assert await state(other) == (5, [], False)
+        await invalidate(other, 7)
+        assert await state(one) == (5, [7], False)
+        await invalidate(one, 6)
+        assert await state(other) == (7, [], False)
+
+
+async def test_concurrent_updates_of_the_redis_position_are_never_lost(redis_url: str, redis_prefix: str) -> None:
+    """Sequences 1..N recorded through two stores (two sidecars' connections) at once
+    and out of order: the position, changed by one script per update, ends at N.
+    Driven on the stores with long timeouts, so a loaded machine cannot turn a slow
+    reply into a switch to memory."""
+    stores = [
+        RedisStore(connect(redis_url, max_connections=8, timeout=5.0), default_ttl=60, layout=KeyLayout(redis_prefix))
+        for _ in range(2)
+    ]
+    try:
+        await stores[0].sync(0, 0, (), False)
+        sequences = list(range(1, 601))
         random.Random(7).shuffle(sequences)
-        for start in range(0, len(sequences), 10):
-            batch = sequences[start : start + 10]
-            await asyncio.gather(*(invalidate(stubs[s % 2], s) for s in batch))
-        assert await state(stubs[0]) == await state(stubs[1]) == (300, [], False)
+        for start in range(0, len(sequences), 40):
+            batch = sequences[start : start + 40]
+            await asyncio.gather(*(stores[s % 2].record_applied(s) for s in batch))
+        assert await stores[0].sync_state() == await stores[1].sync_state() == SyncState(600, (), False)
+    finally:
+        for store in stores:
+            await store.close()
