@@ -3,12 +3,12 @@
 A store is async because the Redis store talks to a network; the memory store is
 synchronous underneath (see memory.py for why) and wrapped to fit.
 
-Fill tokens: a Get that misses hands out a token (none while the store is fresh:
-see position.py); a Set carrying it is dropped when
-the key was invalidated in between, so a value loaded before a write never lands
-after that write's invalidation. Each store issues its own kind, told apart by the
-top bit, so a token can never be honoured by a store that did not issue it (the
-fallback store relies on this when it switches backends between a Get and its Set).
+Fill tokens: a Get that misses hands out a token (none while the store is fresh, see
+position.py); a Set carrying it is dropped when the key was invalidated in between,
+so a value loaded before a write never lands after that write's invalidation. Each
+store issues its own kind, told apart by the top bit, so a token can never be
+honoured by a store that did not issue it (the fallback store relies on this when it
+switches backends between a Get and its Set).
 """
 
 from __future__ import annotations

@@ -319,10 +319,11 @@ class RedisStore:
         order among them does not matter; a "*" is a clear, which covers the rest."""
         if "*" in patterns:
             return await self.clear()
+        patterns = list(dict.fromkeys(patterns))
         removed = 0
         calls: list[tuple[str, list[str], list[Any]]] = []
         levels: list[str] = []
-        for pattern in dict.fromkeys(patterns):
+        for pattern in patterns:
             parsed = parse_pattern(pattern)
             if parsed.kind == "exact":
                 calls.append(("delete", [self.layout.data_key(pattern)], []))
