@@ -12,7 +12,7 @@ from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from devops_hub.v1 import cache_pb2
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.common.cache.codecs import protobuf_content_type
 from services.cache_sidecar.server import CacheSidecar, build
 from services.common.settings import Settings
@@ -38,6 +38,7 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         redis_key_prefix: str | None = None,
         redis_timeout: float | None = TEST_REDIS_TIMEOUT,
         wait_for_relay: bool = True,
+        synced: bool = True,
         **overrides,
     ) -> CacheSidecar:
         # Access rules are test_auth.py's subject; here the sidecar's behaviour is.
@@ -53,12 +54,22 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         await sidecar.host.start()
         if sidecar.relay is not None and wait_for_relay:
             await asyncio.wait_for(sidecar.relay.subscribed.wait(), READ_TIMEOUT)
+        if synced:
+            await sync_empty_log(sidecar.host.bound_address)
         return sidecar
 
     yield start
     for sidecar in started:
         await sidecar.host.stop(0, pre_stop=[sidecar.end_streams])
         await sidecar.close()
+
+
+async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:
+    """What a services' relay does for a new cache when their invalidation log is
+    empty: gives it a position (0), so it hands out fill tokens."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        return await stub.Sync(cache_pb2.CacheSyncRequest(after=0, through=0), timeout=READ_TIMEOUT)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -148,6 +148,9 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
         if with_sidecar:
             sidecar = await build_sidecar(settings)
             started.push_async_callback(sidecar.close)
+            # What the services' relay does for a new cache: a position in their
+            # invalidation log (empty when a test stack starts), so it takes fills.
+            await sidecar.store.sync(0, 0, (), False)
             cache_port = await sidecar.host.start()
             started.push_async_callback(sidecar.host.stop, 0)
             settings = settings.replace(cache_addr=f"127.0.0.1:{cache_port}")

@@ -14,7 +14,8 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -79,18 +80,23 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     unlink_prefix(redis_url, prefix)
 
 
-class RedisServer:
-    """A redis-server of the test's own: no persistence, on its own port."""
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
 
-    def __init__(self, binary: str, port: int) -> None:
+
+class RedisServer:
+    """A redis-server of the test's own, on its own port: no persistence unless
+    `options` ask for it."""
+
+    def __init__(self, binary: str, port: int, options: Sequence[str] = NO_PERSISTENCE) -> None:
         self.binary = binary
         self.port = port
+        self.options = tuple(options)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *self.options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -125,12 +131,11 @@ class RedisServer:
         self.process.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def _own_server(options: Sequence[str] = NO_PERSISTENCE) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
     if binary is None:
         unavailable("redis-server", "not on PATH")
-    server = RedisServer(binary, free_port())
+    server = RedisServer(binary, free_port(), options)
     server.start()
     try:
         yield server
@@ -138,3 +143,15 @@ def redis_server() -> Iterator[RedisServer]:
         if server.process is not None and server.process.poll() is None:
             server.thaw()
         server.kill()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    yield from _own_server()
+
+
+@pytest.fixture
+def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Writes every command to an append-only file before answering, so a SIGKILL
+    loses nothing: started again, it comes back with its data (and a new run_id)."""
+    yield from _own_server(("--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)))

@@ -16,9 +16,12 @@ from tests.cache_helpers import FakeClock
 
 
 def store(clock: FakeClock | None = None, **overrides) -> MemoryStore:
+    """A store with a position in the invalidation log, so it hands out fill tokens."""
     options = dict(max_entries=1000, max_bytes=1 << 20, default_ttl=60.0, clock=clock or FakeClock(), rand=lambda: 0.5)
     options.update(overrides)
-    return MemoryStore(**options)
+    memory = MemoryStore(**options)
+    memory.sync(0, 0, (), False)
+    return memory
 
 
 def test_ttl_expires_on_the_injected_clock_and_counts_as_ttl_eviction() -> None:
@@ -91,21 +94,21 @@ def test_overwrites_keep_the_expiry_heap_bounded() -> None:
 
 def test_fill_tokens_older_than_the_history_are_refused() -> None:
     memory = store(history=2)
-    token = memory.sequence
+    token = memory.fill_token
     memory.invalidate("other:*")
     assert memory.set("agents:1", b"x", "", fill_token=token) is True  # unrelated record: fine
     memory.invalidate("other:*")
     memory.invalidate("other:*")  # the record after `token` has now been forgotten
     assert memory.set("agents:2", b"x", "", fill_token=token) is False
-    assert memory.set("agents:3", b"x", "", fill_token=memory.sequence) is True
-    assert memory.set("agents:4", b"x", "", fill_token=memory.sequence + 1) is False  # never issued
+    assert memory.set("agents:3", b"x", "", fill_token=memory.fill_token) is True
+    assert memory.set("agents:4", b"x", "", fill_token=memory.fill_token + 1) is False  # never issued
     assert memory.set("agents:5", b"x", "", fill_token=0) is True  # unconditional
 
 
 def test_tokens_from_an_earlier_sidecar_process_are_refused() -> None:
-    earlier = MemoryStore(max_entries=10, max_bytes=1000, default_ttl=60)
-    token = earlier.sequence
-    later = MemoryStore(max_entries=10, max_bytes=1000, default_ttl=60)
+    earlier = store()
+    token = earlier.fill_token
+    later = store()
     assert later.set("agents:1", b"x", "", fill_token=token) is False
     assert later.get("agents:1") is None
 
@@ -284,6 +287,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
             rand=lambda: 0.5,  # no jitter: expiry instants are exact
             history=10_000,
         )
+        self.store.sync(0, 0, (), False)
         self.model = Model()
 
     def _expiry(self, ttl: float, negative: bool) -> float:
@@ -308,7 +312,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
     @rule(target=tokens, key=st.sampled_from(KEYS))
     def miss(self, key: str) -> tuple[str, int, int]:
         """A Get's fill token, as a client holds it while it loads."""
-        return key, self.store.sequence, len(self.model.invalidations)
+        return key, self.store.fill_token, len(self.model.invalidations)
 
     @rule(token=tokens, value=st.binary(max_size=40))
     def fill(self, token: tuple[str, int, int], value: bytes) -> None:

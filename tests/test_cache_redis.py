@@ -30,6 +30,7 @@ from tests.redis_fixtures import RedisServer, redis_prefix, redis_server, redis_
 async def store(redis_url: str, redis_prefix: str):
     client = connect(redis_url, max_connections=8, timeout=0.25)
     redis_store = RedisStore(client, default_ttl=60, negative_ttl=5, layout=KeyLayout(redis_prefix))
+    await redis_store.sync(0, 0, (), False)  # a position, so it hands out fill tokens
     yield redis_store
     await redis_store.close()
 

@@ -267,6 +267,11 @@ BAD_REQUESTS = [
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(pattern=""), ["pattern"]),
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=["a:*", "", ":x"]), ["patterns[1]", "patterns[2]"]),
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=[f"p:{i}" for i in range(1001)]), ["patterns"]),
+    ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(pattern="a:*", sequence=2**53), ["sequence"]),
+    ("Sync", lambda: cache_pb2.CacheSyncRequest(after=5, through=4), ["through"]),
+    ("Sync", lambda: cache_pb2.CacheSyncRequest(through=1, patterns=["a:*", ""]), ["patterns[1]"]),
+    ("Sync", lambda: cache_pb2.CacheSyncRequest(through=1, patterns=[f"p:{i}" for i in range(1001)]), ["patterns"]),
+    ("Sync", lambda: cache_pb2.CacheSyncRequest(after=2**60, through=2**60), ["after", "through"]),
 ]
 
 
@@ -311,7 +316,7 @@ async def test_watch_streams_matching_invalidations_in_order(stub: cache_pb2_grp
 
     received = [await asyncio.wait_for(call.read(), READ_TIMEOUT) for _ in range(4)]
     assert [message.pattern for message in received] == ["agents:list:*", "agents:get:7", "*:get:*", "*"]
-    # Numbered per stream (filtered messages leave no hole), so a client can tell a gap.
+    # The stream's own message count: the filtered-out invalidations leave no gap.
     assert [subscribed.sequence] + [message.sequence for message in received] == [1, 2, 3, 4, 5]
     call.cancel()
 

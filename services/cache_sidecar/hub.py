@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 
-from devops_hub.v1 import cache_pb2
 from services.common.cache.keys import parse_pattern
 
 log = logging.getLogger(__name__)
@@ -22,11 +20,12 @@ DEFAULT_WATCH_QUEUE = 1024
 
 
 class Watcher:
-    """One Watch stream's queue and filter."""
+    """One Watch stream's queue and filter. The queue holds what one call
+    invalidated together; None only wakes the stream to look at `ended`."""
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
-        self.queue: asyncio.Queue[cache_pb2.CacheInvalidation | None] = asyncio.Queue(queue_size)
+        self.queue: asyncio.Queue[tuple[str, ...] | None] = asyncio.Queue(queue_size)
         # Why the stream must end ("overflow", "suspended" or "shutdown"); None while healthy.
         self.ended: str | None = None
 
@@ -71,34 +70,25 @@ class InvalidationHub:
         self._watchers: set[Watcher] = set()
         self._accepting = accepting
         self._closed = False
-        # Starts at the wall clock so a restarted sidecar never reuses a sequence.
-        self._sequence = time.time_ns()
-
-    @property
-    def sequence(self) -> int:
-        return self._sequence
 
     @property
     def accepting(self) -> bool:
         return self._accepting and not self._closed
 
-    def publish(self, *patterns: str) -> int:
+    def publish(self, *patterns: str) -> None:
         """Streams the patterns as one message (what one call invalidated goes
         together, so a burst of keys costs a watcher one queue slot)."""
-        self._sequence += 1
         if not self._watchers or not patterns:
-            return self._sequence
-        message = cache_pb2.CacheInvalidation(pattern=patterns[0], patterns=patterns[1:], sequence=self._sequence)
+            return
         for watcher in list(self._watchers):
             if not watcher.wants(patterns):
                 continue
             try:
-                watcher.queue.put_nowait(message)
+                watcher.queue.put_nowait(patterns)
             except asyncio.QueueFull:
                 log.warning("cache watcher fell %d invalidations behind; ending its stream", self._queue_size)
                 self._watchers.discard(watcher)
                 watcher.end("overflow")
-        return self._sequence
 
     def subscribe(self, prefixes: Sequence[str]) -> Watcher | None:
         """A new watcher, or None while the hub is not accepting any."""

@@ -29,7 +29,7 @@ PING_INTERVAL = 1.0
 # has not said so (a partition sends no reset).
 SILENCE_LIMIT = 3
 RETRY_INITIAL = 0.1
-RETRY_MAX = 2.0
+RETRY_MAX = 0.5
 
 
 class InvalidationRelay:

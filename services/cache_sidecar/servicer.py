@@ -18,9 +18,12 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.hub import InvalidationHub
 from services.common.cache.keys import escape_key, key_problem
 from services.cache_sidecar.stores.base import NewEntry, Store, StoreStats, Value
+from services.cache_sidecar.stores.position import SyncState
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
 MAX_BATCH = 1000
+# Log sequences must be exact in a double (the Redis store's Lua numbers).
+MAX_SEQUENCE = 2**53 - 1
 MAX_WATCH_PREFIXES = 100
 DEFAULT_HEARTBEAT_SECONDS = 5.0
 
@@ -109,10 +112,7 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.CacheInvalidateResponse:
         named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
         named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
-        if len(named) > MAX_BATCH:
-            raise invalid_fields([("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")])
-        # A pattern is bounded like a key: it is kept in the fill-token history.
-        violations = [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]
+        violations = _pattern_violations(named) + _sequence_violations(("sequence", request.sequence))
         if violations:
             raise invalid_fields(violations)
         removed = 0
@@ -120,6 +120,10 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
             for _, pattern in named:
                 count = await self._store.invalidate(pattern)
                 removed = -1 if count < 0 or removed < 0 else removed + count
+            if request.sequence:
+                # Only once every pattern is applied: a position that runs ahead of
+                # its patterns would tell the relays not to send them again.
+                await self._store.record_applied(request.sequence)
         finally:
             # Even if a store failure cut the list short: an extra invalidation only
             # costs near-caches a miss.
@@ -130,6 +134,28 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         removed = await self._store.clear()
         self._hub.publish("*")
         return cache_pb2.CacheClearResponse(removed=removed)
+
+    async def GetSyncState(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSyncState:
+        return _sync_state(await self._store.sync_state())
+
+    async def Sync(self, request: cache_pb2.CacheSyncRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSyncState:
+        violations = _pattern_violations([(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)])
+        violations += _sequence_violations(("after", request.after), ("through", request.through))
+        if request.through < request.after:
+            violations.append(("through", f"must not be below after ({request.after}), got {request.through}"))
+        if violations:
+            raise invalid_fields(violations)
+        patterns = list(request.patterns)
+        try:
+            state = await self._store.sync(request.after, request.through, patterns, request.clear)
+        finally:
+            # Published even when the position check refused the Sync: the store may
+            # have applied some patterns already, and an extra one costs a miss.
+            if request.clear:
+                self._hub.publish("*")
+            elif patterns:
+                self._hub.publish(*patterns)
+        return _sync_state(state)
 
     async def Stats(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheStats:
         return stats_message(await self._store.stats())
@@ -151,6 +177,8 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         watcher = self._hub.subscribe(prefixes)
         if watcher is None:
             raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
+        # The stream's own message count: a client that sees a gap in it missed a
+        # message (cache.proto, CacheInvalidation.sequence).
         sent = 1
         try:
             yield cache_pb2.CacheInvalidation(pattern="", sequence=sent)
@@ -161,13 +189,12 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
                     raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
                 try:
                     async with asyncio.timeout(self._heartbeat_interval):
-                        message = await watcher.queue.get()
+                        patterns = await watcher.queue.get()
                 except TimeoutError:
-                    message = cache_pb2.CacheInvalidation(pattern="")
-                if message is not None:
-                    # Numbered per stream, so the client can tell that none was skipped.
+                    patterns = ("",)
+                if patterns is not None:
                     sent += 1
-                    yield cache_pb2.CacheInvalidation(pattern=message.pattern, patterns=message.patterns, sequence=sent)
+                    yield cache_pb2.CacheInvalidation(pattern=patterns[0], patterns=patterns[1:], sequence=sent)
         finally:
             self._hub.unsubscribe(watcher)
 
@@ -199,6 +226,24 @@ def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:
         backend_errors=stats.backend_errors,
         backend_switches=stats.backend_switches,
     )
+
+
+def _sync_state(state: SyncState) -> cache_pb2.CacheSyncState:
+    return cache_pb2.CacheSyncState(applied=state.applied, ahead=state.ahead, fresh=state.fresh)
+
+
+def _pattern_violations(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Problems with (field, pattern) pairs: their number, and each one as a key (a
+    pattern is bounded like a key: it is kept in the fill-token history)."""
+    if len(named) > MAX_BATCH:
+        return [("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")]
+    return [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]
+
+
+def _sequence_violations(*named: tuple[str, int]) -> list[tuple[str, str]]:
+    return [
+        (field, f"must be at most {MAX_SEQUENCE}, got {value}") for field, value in named if value > MAX_SEQUENCE
+    ]
 
 
 def _entry(key: str, value: Value) -> cache_pb2.CacheEntry:

@@ -3,11 +3,12 @@
 A store is async because the Redis store talks to a network; the memory store is
 synchronous underneath (see memory.py for why) and wrapped to fit.
 
-Fill tokens: a Get that misses hands out a token; a Set carrying it is dropped when
-the key was invalidated in between, so a value loaded before a write never lands
-after that write's invalidation. Each store issues its own kind, told apart by the
-top bit, so a token can never be honoured by a store that did not issue it (the
-fallback store relies on this when it switches backends between a Get and its Set).
+Fill tokens: a Get that misses hands out a token (none while the store is fresh, see
+position.py); a Set carrying it is dropped when the key was invalidated in between,
+so a value loaded before a write never lands after that write's invalidation. Each
+store issues its own kind, told apart by the top bit, so a token can never be
+honoured by a store that did not issue it (the fallback store relies on this when it
+switches backends between a Get and its Set).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from services.cache_sidecar.stores.position import SyncState
 from services.common.cache.keys import MAX_CONTENT_TYPE_CHARS, key_problem
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
@@ -170,6 +172,19 @@ class Store(Protocol):
     async def invalidate(self, pattern: str) -> int: ...
 
     async def clear(self) -> int: ...
+
+    # The position in the services' invalidation log (position.py).
+
+    async def sync_state(self) -> SyncState: ...
+
+    async def record_applied(self, sequence: int) -> None:
+        """Log entry `sequence` was applied: called once its patterns are invalidated."""
+        ...
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Applies the patterns (or clears) and moves the position to `through`;
+        FailedPrecondition when the position is below `after`."""
+        ...
 
     async def stats(self) -> StoreStats: ...
 

@@ -8,8 +8,11 @@ States:
                 pings Redis with backoff.
     recovering  the probe got an answer: the journal is replayed into Redis (or, if
                 Redis restarted or the journal overflowed, everything under our prefix
-                is cleared), then the store switches back to up in the same step that
-                sees the journal empty, so no invalidation can slip between the two.
+                is cleared), while new invalidations keep going to memory and the
+                journal. Once the journal is short (or after RECOVERY_SPAN of trying),
+                the switch lock is taken: invalidations wait for it, the rest of the
+                journal is replayed and the store switches back to up, so none can
+                slip between the last replay and the switch, however many arrive.
 
 Why replay: while Redis was away it kept entries that this sidecar invalidated (in
 memory) meanwhile; serving them again after the switch back would be a stale read.
@@ -18,8 +21,16 @@ whose invalidation happened after the snapshot was taken.
 
 Memory is cleared whenever the store comes back up, so it is empty whenever the store
 goes down: it never serves an entry that was invalidated through Redis meanwhile, and
-the memory goes back while Redis serves. Its entries live at most `memory_ttl`: other sidecars cannot tell this one about
-their invalidations while Redis is down, so that bounds how stale they can get.
+the memory goes back while Redis serves. Its entries live at most `memory_ttl`: other
+sidecars cannot tell this one about their invalidations while Redis is down, so that
+bounds how stale they can get.
+
+The position in the invalidation log (position.py) is the serving store's: Redis's
+own (shared by every sidecar on it) while up; memory's while not, which is fresh at
+each switch since memory is empty then. The journal replay applies patterns to Redis
+but never moves Redis's position: the relays send what lies after it again, and
+applying an invalidation twice is harmless while skipping one is not. A Redis that
+restarted loses its position along with its data (it is fresh).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
@@ -43,6 +55,7 @@ from services.cache_sidecar.stores.base import (
     merge_namespaces,
 )
 from services.cache_sidecar.stores.memory import MemoryBackend
+from services.cache_sidecar.stores.position import SyncState
 from services.cache_sidecar.stores.redis import RedisStore
 
 log = logging.getLogger(__name__)
@@ -55,7 +68,16 @@ State = Literal["up", "down", "recovering"]
 BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 DEFAULT_JOURNAL = 10_000
 PROBE_INITIAL = 0.1
-PROBE_MAX = 2.0
+# Short, so a Redis that answers again is in use within a second even after a long
+# outage: a probe is one connection attempt.
+PROBE_MAX = 0.5
+# Journaled patterns replayed per round trip (exact keys and prefix levels are
+# pipelined; see RedisStore.invalidate_many). The switch lock is taken once the
+# journal is down to one batch: invalidations wait while it is replayed.
+REPLAY_BATCH = 1000
+# Replaying while new invalidations keep arriving stops after this long; the lock is
+# taken then whatever the journal holds, so the switch happens under any write load.
+RECOVERY_SPAN = 0.5
 
 
 class FallbackStore:
@@ -75,9 +97,16 @@ class FallbackStore:
         self.memory = memory
         self._memory_ttl = memory_ttl
         self._journal: collections.deque[str] = collections.deque()
+        # Bumped whenever the journal is emptied for a clear, so a replay that was
+        # awaiting Redis meanwhile does not drop entries it did not apply.
+        self._journal_epoch = 0
         self._journal_size = journal_size
         # Set when the journal overflowed or Redis restarted: replaying is not enough.
         self._must_clear = False
+        # Set when Redis restarted: its position (if any survived) cannot vouch.
+        self._must_forget = False
+        # Held for the last replay and the switch to up; invalidations wait for it.
+        self._switching = asyncio.Lock()
         self._probe_initial = probe_initial
         self._probe_max = probe_max
         self._state: State = "up"
@@ -137,22 +166,41 @@ class FallbackStore:
             self._append(escape_key(key))  # replayed as a pattern: it must match only this key
             return await self.memory.delete(key)
 
-        return await self._route(lambda: self.primary.delete(key), on_memory, invalidation=True)
+        return await self._route(lambda: self.primary.delete(key), on_memory, also_on_memory=on_memory)
 
     async def invalidate(self, pattern: str) -> int:
         async def on_memory() -> int:
             self._append(pattern)
             return await self.memory.invalidate(pattern)
 
-        return await self._route(lambda: self.primary.invalidate(pattern), on_memory, invalidation=True)
+        return await self._route(lambda: self.primary.invalidate(pattern), on_memory, also_on_memory=on_memory)
 
     async def clear(self) -> int:
-        async def on_memory() -> int:
-            self._journal.clear()
-            self._must_clear = True
-            return await self.memory.clear()
+        return await self._route(self.primary.clear, self._clear_memory, also_on_memory=self._clear_memory)
 
-        return await self._route(self.primary.clear, on_memory, invalidation=True)
+    async def sync_state(self) -> SyncState:
+        return await self._route(self.primary.sync_state, self.memory.sync_state)
+
+    async def record_applied(self, sequence: int) -> None:
+        await self._route(lambda: self.primary.record_applied(sequence), lambda: self.memory.record_applied(sequence))
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        async def apply_on_memory() -> None:
+            if clear:
+                await self._clear_memory()
+                return
+            for pattern in patterns:
+                self._append(pattern)
+                await self.memory.invalidate(pattern)
+
+        async def on_memory() -> SyncState:
+            # Journaled even if memory's position refuses the Sync: Redis missed them.
+            await apply_on_memory()
+            return await self.memory.sync(after, through, (), False)
+
+        return await self._route(
+            lambda: self.primary.sync(after, through, patterns, clear), on_memory, also_on_memory=apply_on_memory
+        )
 
     async def stats(self) -> StoreStats:
         memory = await self.memory.stats()
@@ -207,23 +255,38 @@ class FallbackStore:
         on_primary: Callable[[], Awaitable[T]],
         on_memory: Callable[[], Awaitable[T]],
         *,
-        invalidation: bool = False,
+        also_on_memory: Callable[[], Awaitable[object]] | None = None,
     ) -> T:
         """Runs on Redis while it is up; on memory otherwise, including right after a
-        Redis failure in this very call. An invalidation that failed on Redis may or
-        may not have reached it: on_memory journals it, and replaying is harmless."""
+        Redis failure in this very call. An invalidation (also_on_memory given) that
+        failed on Redis may or may not have reached it: on_memory journals it, and
+        replaying is harmless. During the switch back to Redis, invalidations wait
+        for it, and go to Redis then."""
+        if also_on_memory is not None and self._state == "recovering" and self._switching.locked():
+            async with self._switching:
+                pass
         if self._state == "up":
             try:
                 result = await on_primary()
             except BACKEND_ERRORS as exc:
                 self._go_down(exc)
             else:
-                if invalidation and self._state != "up":
+                if also_on_memory is not None and self._state != "up":
                     # Redis went away while this was in flight, and memory (cleared
                     # then) may since have taken a fill this invalidation covers.
-                    await on_memory()
+                    await also_on_memory()
                 return result
         return await on_memory()
+
+    async def _clear_memory(self) -> int:
+        self._owe_clear()
+        return await self.memory.clear()
+
+    def _owe_clear(self) -> None:
+        """Redis is to be cleared on return: the journal is no longer needed."""
+        self._journal.clear()
+        self._journal_epoch += 1
+        self._must_clear = True
 
     def _append(self, pattern: str) -> None:
         if self._must_clear:
@@ -234,8 +297,7 @@ class FallbackStore:
                 "cache: more than %d invalidations while Redis is away; it will be cleared on return",
                 self._journal_size,
             )
-            self._journal.clear()
-            self._must_clear = True
+            self._owe_clear()
 
     def _capped(self, ttl: float) -> float:
         return min(ttl, self._memory_ttl) if ttl > 0 else self._memory_ttl
@@ -262,8 +324,8 @@ class FallbackStore:
                 self._state = "recovering"
                 if self._server_id is not None and server_id != self._server_id:
                     log.warning("cache: Redis restarted while away; clearing it before use")
-                    self._journal.clear()
-                    self._must_clear = True
+                    self._owe_clear()
+                    self._must_forget = True
                 self._server_id = server_id
                 await self._replay()
             except BACKEND_ERRORS as exc:
@@ -275,28 +337,41 @@ class FallbackStore:
 
     async def _replay(self) -> None:
         """Applies what Redis missed, then switches back. Invalidations arriving while
-        this awaits Redis are journaled (the state is not up yet) and replayed by a
-        later turn of the loop."""
-        while True:
-            if self._must_clear:
-                # Reset first: patterns arriving during the clear must be journaled,
-                # since the clear may already have passed the keys they concern.
-                self._must_clear = False
-                try:
-                    await self.primary.clear()
-                except BaseException:
-                    self._must_clear = True
-                    raise
-            elif self._journal:
-                pattern = self._journal[0]
-                await self.primary.invalidate(pattern)
-                # Only once applied: if Redis failed above, it stays for the next try.
-                if self._journal and self._journal[0] == pattern:
-                    self._journal.popleft()
-            else:
+        the first part awaits Redis are journaled (the state is not up yet) and
+        replayed too; the last part holds the switch lock, so none arrive then."""
+        deadline = asyncio.get_running_loop().time() + RECOVERY_SPAN
+        while self._must_clear or len(self._journal) > REPLAY_BATCH:
+            if asyncio.get_running_loop().time() > deadline:
                 break
-        # No await between seeing the journal empty and the switch: nothing slips in.
-        self._state = "up"
-        self.switches += 1
-        self.memory.store.clear()
+            await self._replay_step()
+        async with self._switching:
+            while self._must_clear or self._journal:
+                await self._replay_step()
+            self._state = "up"
+            self.switches += 1
+            self.memory.store.reset()
         log.warning("cache: Redis answers again; serving from it")
+
+    async def _replay_step(self) -> None:
+        """Applies the owed clear, or the oldest batch of the journal, to Redis."""
+        if self._must_clear:
+            # Reset first: patterns arriving during the clear must be journaled,
+            # since the clear may already have passed the keys they concern.
+            self._must_clear = False
+            try:
+                if self._must_forget:
+                    # Before the clear: leases taken meanwhile are cleared with the rest.
+                    await self.primary.forget_position()
+                    self._must_forget = False
+                await self.primary.clear()
+            except BaseException:
+                self._must_clear = True
+                raise
+        elif self._journal:
+            batch = list(itertools.islice(self._journal, REPLAY_BATCH))
+            epoch = self._journal_epoch
+            await self.primary.invalidate_many(batch)
+            # Only once applied: if Redis failed above, it stays for the next try.
+            if epoch == self._journal_epoch:
+                for _ in batch:
+                    self._journal.popleft()

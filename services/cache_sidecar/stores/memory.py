@@ -37,6 +37,7 @@ from services.cache_sidecar.stores.base import (
     entry_violations,
     jittered,
 )
+from services.cache_sidecar.stores.position import SyncPosition, SyncState
 from services.common.errors import invalid_fields
 
 # Invalidation records kept for fill-token checks; older tokens are refused.
@@ -91,6 +92,8 @@ class MemoryStore:
     when a later record matches its key. Tokens older than the history (or from
     another sidecar process: sequences start at the wall clock in nanoseconds, so an
     earlier process's tokens are always smaller) cannot be checked and are refused.
+    While the store is fresh (no position in the invalidation log, see position.py)
+    it hands out no tokens and refuses every fill that carries one.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class MemoryStore:
         self._floor = start
         self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
         self._history_limit = history
+        self.position = SyncPosition()
 
         self._counter = HitCounter()
         self._sets = 0
@@ -140,9 +144,10 @@ class MemoryStore:
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
 
     @property
-    def sequence(self) -> int:
-        """The current invalidation sequence: the fill token a Get hands out."""
-        return self._sequence
+    def fill_token(self) -> int:
+        """What a Get that misses hands out: the current invalidation sequence, or 0
+        (no fill) while the store is fresh."""
+        return 0 if self.position.fresh else self._sequence
 
     @property
     def held(self) -> tuple[int, int]:
@@ -197,7 +202,7 @@ class MemoryStore:
             violations.append(("value", "must be empty for a negative entry"))
         if violations:
             raise invalid_fields(violations)
-        if fill_token and self._is_stale(key, fill_token):
+        if fill_token and (self.position.fresh or self._is_stale(key, fill_token)):
             return False
         now = self._clock()
         self._expire_due(now)
@@ -269,6 +274,29 @@ class MemoryStore:
         self._expiry.clear()
         self._bytes = 0
         return removed
+
+    def reset(self) -> None:
+        """Empties the store and forgets its position: it starts over as new."""
+        self.clear()
+        self.position.forget()
+
+    # --- the invalidation log ----------------------------------------------------------
+
+    def record_applied(self, sequence: int) -> None:
+        """The patterns of log entry `sequence` have just been invalidated."""
+        self.position.record(sequence)
+
+    def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Applies the log's entries in (after, through]: their patterns, or a clear
+        when the log no longer holds them. FailedPrecondition when the position is
+        below `after` (the patterns would not cover what lies between)."""
+        self.position.check(after)
+        if clear:
+            self.clear()
+        else:
+            for pattern in patterns:
+                self.invalidate(pattern)
+        return self.position.sync(through)
 
     def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
         """Reclaims expired and invalidated entries (at most `budget` of the latter);
@@ -476,7 +504,7 @@ class MemoryBackend:
 
     async def get(self, key: str) -> Lookup:
         # The token is read first: a fill is checked against everything after it.
-        token = self.store.sequence
+        token = self.store.fill_token
         return Lookup(self.store.get(key), token)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
@@ -506,6 +534,15 @@ class MemoryBackend:
 
     async def stats(self) -> StoreStats:
         return self.store.stats()
+
+    async def sync_state(self) -> SyncState:
+        return self.store.position.state()
+
+    async def record_applied(self, sequence: int) -> None:
+        self.store.record_applied(sequence)
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        return self.store.sync(after, through, patterns, clear)
 
     def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
         return self.store.entry_violations(key, value, content_type)

@@ -43,6 +43,8 @@ from services.cache_sidecar.stores.base import (
     entry_violations,
     jittered,
 )
+from services.cache_sidecar.stores import redis_position as position_scripts
+from services.cache_sidecar.stores.position import FRESH, SyncState, position_behind
 from services.cache_sidecar.stores.redis_layout import KeyLayout, parse_record, value_body
 from services.common.errors import invalid_fields
 
@@ -89,28 +91,31 @@ local function split(record)
 end
 """
 
-# KEYS: entry, generations. ARGV: fresh id, lease token, lease ms, levels…
-# → {1, record} on a hit; {0, token} on a miss (an existing live lease is shared).
+# KEYS: entry, generations, position. ARGV: fresh id, lease token, lease ms, levels…
+# → {1, record} on a hit; {0, token} on a miss (an existing live lease is shared), and
+# {0, '0'} (no lease) while the store is fresh: it has no position in the log.
 _GET = _STAMP + """
 local current = stamp(KEYS[2], ARGV[1], argv_from(4))
 local record = redis.call('GET', KEYS[1])
+local kind, recorded, rest
 if record then
-  local kind, recorded, rest = split(record)
-  if recorded == current then
-    if kind == 'L' then return {0, rest} end
-    return {1, record}
-  end
+  kind, recorded, rest = split(record)
+  if recorded == current and kind ~= 'L' then return {1, record} end
 end
+if redis.call('EXISTS', KEYS[3]) == 0 then return {0, '0'} end
+if record and recorded == current then return {0, rest} end
 redis.call('SET', KEYS[1], 'L' .. current .. '|' .. ARGV[2], 'PX', ARGV[3])
 return {0, ARGV[2]}
 """
 
-# KEYS: entry, generations. ARGV: fresh id, token ('' = unconditional), ttl ms, kind,
-# body, levels… → 1 stored, 0 refused (the lease is gone, replaced or outdated).
+# KEYS: entry, generations, position. ARGV: fresh id, token ('' = unconditional), ttl
+# ms, kind, body, levels… → 1 stored, 0 refused (the lease is gone, replaced or
+# outdated, or the store is fresh).
 _SET = _STAMP + """
 local current = stamp(KEYS[2], ARGV[1], argv_from(6))
 keep(KEYS[2])
 if ARGV[2] ~= '' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
   local record = redis.call('GET', KEYS[1])
   if not record then return 0 end
   local kind, recorded, rest = split(record)
@@ -151,8 +156,11 @@ return 0
 """
 
 _SCRIPTS = {
-    name: source.replace("GENERATIONS_TTL_MS", str(GENERATIONS_TTL_MS))
-    for name, source in {"get": _GET, "set": _SET, "set_many": _SET_MANY, "delete": _DELETE}.items()
+    **{
+        name: source.replace("GENERATIONS_TTL_MS", str(GENERATIONS_TTL_MS))
+        for name, source in {"get": _GET, "set": _SET, "set_many": _SET_MANY, "delete": _DELETE}.items()
+    },
+    **position_scripts.SCRIPTS,
 }
 # EVALSHA names a script by the SHA-1 of its source, known without asking Redis; a
 # Redis that does not have it yet (first use, restart) answers NOSCRIPT, and the
@@ -207,7 +215,7 @@ class RedisStore:
     async def get(self, key: str) -> Lookup:
         token = REDIS_TOKEN_BIT | secrets.randbits(62) | 1
         levels = prefix_levels(key)
-        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key)), self.layout.position]
         hit, body = await self._eval("get", keys, [_fresh_id(), str(token), self._lease_ms, *levels])
         if hit:
             self._counter.count(namespace_of(key), hit=True)
@@ -264,7 +272,7 @@ class RedisStore:
         self._check(entry)
         if fill_token and not fill_token & REDIS_TOKEN_BIT:
             return False  # issued by another store: cannot be checked here
-        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+        keys = [self.layout.data_key(key), self.layout.generations_key(namespace_of(key)), self.layout.position]
         ttl_ms, kind, body = self._record_parts(entry, ttl)
         args = [_fresh_id(), str(fill_token) if fill_token else "", ttl_ms, kind, body, *prefix_levels(key)]
         if fill_token:
@@ -302,24 +310,34 @@ class RedisStore:
     async def invalidate(self, pattern: str) -> int:
         """Exact keys are deleted, prefix levels bumped (O(1): -1, the count is not
         known), other globs removed by SCAN in batches; "*" is a clear."""
-        parsed = parse_pattern(pattern)
-        if parsed.kind == "exact":
-            return int(await self.delete(pattern))
-        if pattern == "*":
+        return await self.invalidate_many([pattern])
+
+    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+        """Several patterns: the globs scanned one after another, then every exact
+        key and prefix level, and one message to the other sidecars, in one round
+        trip (a journal replay or a Sync sends hundreds). Removals commute, so the
+        order among them does not matter; a "*" is a clear, which covers the rest."""
+        if "*" in patterns:
             return await self.clear()
-        self._invalidations += 1
-        level = parsed.level
-        if level is not None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                generations = self.layout.generations_key(namespace_of(level))
-                pipe.hincrby(generations, level, 1)
-                pipe.pexpire(generations, GENERATIONS_TTL_MS)
-                pipe.publish(self.layout.channel, self._message(pattern))
-                await pipe.execute()
-            return -1
-        removed = await self._unlink_matching(self.layout.data_match(parsed.literal_prefix), parsed.matches)
-        await self.client.publish(self.layout.channel, self._message(pattern))
-        return removed
+        patterns = list(dict.fromkeys(patterns))
+        removed = 0
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        levels: list[str] = []
+        for pattern in patterns:
+            parsed = parse_pattern(pattern)
+            if parsed.kind == "exact":
+                calls.append(("delete", [self.layout.data_key(pattern)], []))
+            elif parsed.level is not None:
+                levels.append(parsed.level)
+            else:
+                removed += await self._unlink_matching(self.layout.data_match(parsed.literal_prefix), parsed.matches)
+        self._invalidations += len(patterns)
+        if not calls and not levels:
+            await self.client.publish(self.layout.channel, self._message(*patterns))
+            return removed
+        results = await self._pipeline_eval(calls, levels=levels, publish=patterns)
+        removed += sum(int(deleted) for deleted in results[: len(calls)])
+        return -1 if levels else removed
 
     async def clear(self) -> int:
         """Every namespace gets a new incarnation at once (its generation hash goes),
@@ -329,6 +347,34 @@ class RedisStore:
         removed = await self._unlink_matching(self.layout.data_match(""), None)
         await self.client.publish(self.layout.channel, self._message("*"))
         return removed
+
+    # --- the invalidation log ---------------------------------------------------------
+
+    async def sync_state(self) -> SyncState:
+        return _state(await self._eval("position_state", self._position_keys(), []))
+
+    async def record_applied(self, sequence: int) -> None:
+        await self._eval("position_record", self._position_keys(), [sequence])
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Applies the patterns (or clears), then moves the shared position in one
+        script, which also makes the check: patterns applied for a Sync it refuses
+        cost nothing but misses."""
+        if clear:
+            await self.clear()
+        elif patterns:
+            await self.invalidate_many(patterns)
+        reply = await self._eval("position_sync", self._position_keys(), [after, through])
+        if not reply[0]:
+            raise position_behind(int(reply[1]), after)
+        return _state(reply)
+
+    async def forget_position(self) -> None:
+        """Makes the store fresh: it hands out no fill tokens until a Sync."""
+        await self.client.delete(*self._position_keys())
+
+    def _position_keys(self) -> list[str]:
+        return [self.layout.position, self.layout.position_ahead]
 
     # --- stats and lifecycle ---------------------------------------------------------
 
@@ -412,13 +458,20 @@ class RedisStore:
             await self._load_scripts()
             return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
 
-    async def _pipeline_eval(self, calls: list[tuple[str, list[str], list[Any]]], *, publish: Sequence[str] = ()) -> list[Any]:
-        """The scripts, then one PUBLISH of the patterns, in one round trip."""
+    async def _pipeline_eval(
+        self, calls: list[tuple[str, list[str], list[Any]]], *, levels: Sequence[str] = (), publish: Sequence[str] = ()
+    ) -> list[Any]:
+        """The scripts, then the prefix levels' counter bumps, then one PUBLISH of the
+        patterns, in one round trip; the scripts' results come first."""
         for attempt in (1, 2):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for name, keys, args in calls:
                         pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
+                    for level in levels:
+                        generations = self.layout.generations_key(namespace_of(level))
+                        pipe.hincrby(generations, level, 1)
+                        pipe.pexpire(generations, GENERATIONS_TTL_MS)
                     if publish:
                         pipe.publish(self.layout.channel, self._message(*publish))
                     return await pipe.execute()
@@ -450,6 +503,13 @@ class RedisStore:
                     removed += await self.client.delete(*batch)
             if cursor == 0:
                 return removed
+
+
+def _state(reply: list[Any]) -> SyncState:
+    """A position script's reply: {status, applied or nil, ahead…}."""
+    if reply[1] is None:
+        return FRESH
+    return SyncState(int(reply[1]), tuple(int(sequence) for sequence in reply[2:]), False)
 
 
 def _fresh_id() -> str:

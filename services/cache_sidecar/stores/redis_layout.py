@@ -5,6 +5,8 @@ Names, with the default prefix "dh:" and the logical key "agents:get:42":
     dh:{agents}:get:42      the entry: a string record (see below), with a TTL
     dh:gen:{agents}         the namespace's generation hash, no TTL
     dh:invalidations        the Pub/Sub channel that tells other sidecars
+    dh:sync:{log}           the position in the invalidation log (redis_position.py),
+    dh:sync:{log}:ahead     no TTL
 
 The namespace sits in a Redis Cluster hash tag, so an entry and its generation
 hash always share a slot: the Lua scripts that touch both stay single-slot, and a
@@ -68,6 +70,9 @@ class KeyLayout:
             raise ValueError("the Redis key prefix must not contain '{' or '}': it would break the hash tags")
         self.prefix = prefix
         self.channel = f"{prefix}invalidations"
+        # Outside the data and generation names, so no clear or glob ever matches them.
+        self.position = f"{prefix}sync:{{log}}"
+        self.position_ahead = f"{prefix}sync:{{log}}:ahead"
         self._data_start = f"{prefix}{{"
 
     def data_key(self, key: str) -> str:
