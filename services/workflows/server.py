@@ -16,6 +16,7 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter, service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database
+from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
@@ -92,7 +93,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     host = GrpcHost(settings.workflows_addr, guard=build_guard(settings, verifier, limiter))
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
-    pruner = Pruner(db, settings.events_retention, settings.events_prune_interval)
+    pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
     return WorkflowsService(host, db, engine, events, feed, pruner, cache, agents_channel, verifier, limiter)
 
 
