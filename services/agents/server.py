@@ -21,8 +21,8 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter
 from services.common.db import Database
 from services.common.db.startup import build_on_database
-from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -35,7 +35,6 @@ class AgentsService:
     host: GrpcHost
     db: Database
     cache: CacheClient
-    events: EventWriter
     runtimes: RuntimeChannels
     verifier: DatabaseVerifier
     limiter: RateLimiter
@@ -44,7 +43,6 @@ class AgentsService:
         await self.verifier.close()
         await self.limiter.close()
         await self.runtimes.close()
-        await self.events.close()
         await self.cache.close()
         await self.db.close()
 
@@ -56,8 +54,7 @@ async def build(settings: Settings) -> AgentsService:
 async def _assemble(settings: Settings, db: Database) -> AgentsService:
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
-    events = EventWriter(db, "agents", flush_interval=settings.events_flush_interval)
-    registry = AgentRegistry(AgentRepository(db), cache, events)
+    registry = AgentRegistry(AgentRepository(db), cache, Outbox(db, cache, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     api_keys = ApiKeys(ApiKeyRepository(db), verifier)
@@ -71,7 +68,7 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     )
     host.add(auth_pb2_grpc.add_ApiKeysServiceServicer_to_server, ApiKeysServicer(api_keys), KEYS_SERVICE_NAME)
     return AgentsService(
-        host=host, db=db, cache=cache, events=events, runtimes=runtimes, verifier=verifier, limiter=limiter
+        host=host, db=db, cache=cache, runtimes=runtimes, verifier=verifier, limiter=limiter
     )
 
 

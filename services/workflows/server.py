@@ -19,6 +19,7 @@ from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.workflows.catalog import WorkflowCatalog
@@ -86,7 +87,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )
-    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, events)
+    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
     executions = Executions(catalog, executions_repository, engine, log)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
