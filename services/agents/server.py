@@ -23,6 +23,7 @@ from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.outbox import Outbox
+from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -35,11 +36,18 @@ class AgentsService:
     host: GrpcHost
     db: Database
     cache: CacheClient
+    relay: InvalidationRelay
     runtimes: RuntimeChannels
     verifier: DatabaseVerifier
     limiter: RateLimiter
 
+    async def start(self) -> int:
+        port = await self.host.start()
+        self.relay.start()
+        return port
+
     async def close(self) -> None:
+        await self.relay.stop()
         await self.verifier.close()
         await self.limiter.close()
         await self.runtimes.close()
@@ -68,7 +76,13 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     )
     host.add(auth_pb2_grpc.add_ApiKeysServiceServicer_to_server, ApiKeysServicer(api_keys), KEYS_SERVICE_NAME)
     return AgentsService(
-        host=host, db=db, cache=cache, runtimes=runtimes, verifier=verifier, limiter=limiter
+        host=host,
+        db=db,
+        cache=cache,
+        relay=build_relay(settings, db, cache),
+        runtimes=runtimes,
+        verifier=verifier,
+        limiter=limiter,
     )
 
 
@@ -84,6 +98,7 @@ async def main() -> None:
     settings = Settings.from_env()
     telemetry = Telemetry.start(settings, "agents")
     service = await build(settings)
+    service.relay.start()
     await telemetry.serve_metrics("agents service", settings.agents_addr, settings.agents_metrics_port)
     await run_until_stopped(service.host, "agents service", settings.shutdown_grace, [service.close, telemetry.close])
 

@@ -6,7 +6,7 @@ causes. They are appended in the same transaction (the invalidation log entry
 last, see invalidation_log.py), so a write that commits always has its event and
 its log entry, and one that rolls back has neither. After the commit the patterns
 go to the cache at once (the fast path); if that fails, or the process dies first,
-the relay (relay.py) delivers the log entry later.
+the relay (invalidation_relay.py) delivers the log entry later.
 """
 
 from __future__ import annotations
