@@ -120,6 +120,16 @@ async def cache_server(cache: PositionedCache, *, running: bool = True) -> Async
         await server.stop()
 
 
+@contextlib.asynccontextmanager
+async def positioned_stack(database_url: str) -> AsyncIterator[tuple[PositionedCache, CacheServer, Stack]]:
+    """The agents service on a cache that its relay has given a position already."""
+    cache = PositionedCache()
+    async with cache_server(cache) as server:
+        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
+            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
+            yield cache, server, stack
+
+
 def settings_for(database_url: str, server: CacheServer, **overrides):
     return make_settings(database_url, cache_addr=server.address, relay_interval=0.05, **overrides)
 
@@ -197,10 +207,11 @@ async def test_a_cache_behind_pruned_entries_is_cleared(database_url):
                 await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
             head = await head_of(stack)
             log = InvalidationLog(stack.agents.db)
-            # The relay prunes at most once a second: all but the newest entry go.
+
             async def pruned() -> bool:
                 return await log.oldest() == head
 
+            # The relay prunes once a second here: every entry but the newest goes.
             await eventually(pruned, "the relay prunes the log")
 
             await server.start()
@@ -211,38 +222,32 @@ async def test_a_cache_behind_pruned_entries_is_cleared(database_url):
 
 
 async def test_entries_the_cache_applied_out_of_order_are_not_sent_again(database_url):
-    cache = PositionedCache()
-    async with cache_server(cache) as server:
-        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
-            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
-            start = cache.applied
-            await server.stop()
-            for i in (1, 2):
-                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
-            # The second entry reached the cache out of order (it is "ahead"), the first did not.
-            cache.ahead = [start + 2]
-            await server.start()
-            await eventually(lambda: cache.applied == start + 2, "the relay closes the gap")
-            sent = [p for s in cache.syncs for p in s.patterns]
-            assert "agents:get:agent-1" in sent and "agents:get:agent-2" not in sent
-            assert cache.ahead == []
+    async with positioned_stack(database_url) as (cache, server, stack):
+        start = cache.applied
+        await server.stop()
+        for i in (1, 2):
+            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
+        # The second entry reached the cache out of order (it is "ahead"), the first did not.
+        cache.ahead = [start + 2]
+        await server.start()
+        await eventually(lambda: cache.applied == start + 2, "the relay closes the gap")
+        sent = [p for s in cache.syncs for p in s.patterns]
+        assert "agents:get:agent-1" in sent and "agents:get:agent-2" not in sent
+        assert cache.ahead == []
 
 
 async def test_a_write_of_many_patterns_is_relayed_in_syncs_of_at_most_1000(database_url):
-    cache = PositionedCache()
-    async with cache_server(cache) as server:
-        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
-            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
-            start = cache.applied
-            await server.stop()
-            batch = [agents_pb2.CreateAgentRequest(agent=new_agent(f"m{i:04d}")) for i in range(1000)]
-            await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
-            await server.start()
-            await eventually(lambda: cache.applied == start + 1, "the batch's entry is relayed")
-            calls = [s for s in cache.syncs if s.patterns]
-            assert [len(s.patterns) for s in calls] == [1000, 2]
-            assert [(s.after, s.through) for s in calls] == [(start, start), (start, start + 1)]
-            assert {p for s in calls for p in s.patterns} >= {f"agents:get:m{i:04d}" for i in range(1000)}
+    async with positioned_stack(database_url) as (cache, server, stack):
+        start = cache.applied
+        await server.stop()
+        batch = [agents_pb2.CreateAgentRequest(agent=new_agent(f"m{i:04d}")) for i in range(1000)]
+        await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
+        await server.start()
+        await eventually(lambda: cache.applied == start + 1, "the batch's entry is relayed")
+        calls = [s for s in cache.syncs if s.patterns]
+        assert [len(s.patterns) for s in calls] == [1000, 2]
+        assert [(s.after, s.through) for s in calls] == [(start, start), (start, start + 1)]
+        assert {p for s in calls for p in s.patterns} >= {f"agents:get:m{i:04d}" for i in range(1000)}
 
 
 async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, caplog):
