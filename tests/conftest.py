@@ -161,7 +161,7 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             settings = settings.replace(cache_addr=f"127.0.0.1:{_closed_port()}")
         agents = await build_agents(settings)
         started.push_async_callback(agents.close)
-        port = await agents.host.start()
+        port = await agents.start()
         started.push_async_callback(agents.host.stop, 0)
         settings = settings.replace(agents_addr=f"127.0.0.1:{port}")
         channel = grpc.aio.insecure_channel(settings.agents_addr)

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
 
-from services.workflows.retention import prune_once
+from services.common.event_repository import EventRepository
 from services.workflows.server import build as build_workflows
 from tests.conftest import make_settings, running_stack
 from tests.test_processes import free_port, read_until
@@ -121,11 +121,11 @@ async def test_retention_keeps_the_newest_events(sqlite_url):
     async with running_stack(make_settings(sqlite_url, events_retention=50), with_workflows=True) as stack:
         for i in range(120):
             await stack.events_stub.PublishEvent(events_pb2.PublishEventRequest(event=events_pb2.Event(type="tick", source="test", subject=str(i))))
-        deleted = await prune_once(stack.workflows.db, keep=50)
+        deleted = await EventRepository(stack.workflows.db).prune(keep=50)
         assert deleted >= 70
         remaining = await stack.events_stub.ListEvents(events_pb2.ListEventsRequest(type="tick", page_size=1000))
         assert [e.subject for e in remaining.events] == [str(i) for i in range(119, 69, -1)]
-        assert await prune_once(stack.workflows.db, keep=50) == 0
+        assert await EventRepository(stack.workflows.db).prune(keep=50) == 0
 
 
 @pytest.mark.parametrize("page_size", [7])

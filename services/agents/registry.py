@@ -2,15 +2,15 @@
 
 Cache rules (DESIGN.md): a single agent is cached 300 s, a list page 60 s, a
 discovery 300 s. A write invalidates exactly what it made stale: that agent's key,
-and every list and discovery page (any of them may include it). Invalidation runs
-after the commit, so a read that follows the write cannot refill the old value from
-the database.
+and every list and discovery page (any of them may include it). A write records its invalidations
+and its events in its own transaction (common/outbox.py); the cache is told after
+the commit, so a read that follows the write cannot refill the old value from the
+database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Sequence
@@ -24,7 +24,7 @@ from services.agents.repository import AgentFilter, AgentRepository, revision_of
 from services.common.cache.client import CacheClient
 from services.common import pagination
 from services.common.errors import Aborted, NotFound, invalid_fields
-from services.common.events import EventWriter
+from services.common.outbox import Outbox
 
 Agent = agents_pb2.Agent
 
@@ -46,11 +46,16 @@ def _request_key(kind: str, request: Message) -> str:
 _COLLECTION_PATTERNS = ("agents:list:*", "agents:discover:*")
 
 
+def _made_stale(*agent_ids: str) -> tuple[str, ...]:
+    """What a write to these agents makes stale."""
+    return (*(_agent_key(i) for i in agent_ids), *_COLLECTION_PATTERNS)
+
+
 class AgentRegistry:
-    def __init__(self, repository: AgentRepository, cache: CacheClient, events: EventWriter) -> None:
+    def __init__(self, repository: AgentRepository, cache: CacheClient, outbox: Outbox) -> None:
         self._repository = repository
         self._cache = cache
-        self._events = events
+        self._outbox = outbox
 
     async def get(self, agent_id: str) -> Agent:
         if not agent_id:
@@ -126,10 +131,11 @@ class AgentRegistry:
             new_agents.append(agent)
         if violations:
             raise invalid_fields(violations)
-        created = await self._repository.insert(new_agents, _now())
-        await self._invalidate(*(a.id for a in created))
-        for agent in created:
-            self._events.emit("agent.created", agent.id, {"agent_id": agent.id, "domain": agent.domain})
+        async with self._outbox.write() as write:
+            created = await self._repository.insert(write.tx, new_agents, write.time)
+            write.invalidate(*_made_stale(*(a.id for a in created)))
+            for agent in created:
+                write.emit("agent.created", agent.id, {"agent_id": agent.id, "domain": agent.domain})
         return created
 
     async def update(self, agent: Agent, mask: Sequence[str]) -> Agent:
@@ -143,20 +149,25 @@ class AgentRegistry:
             raise invalid_fields(violations)
         validation.normalise(changes)
         expected = _expected_revision(agent.etag)
-        updated = await self._repository.update(agent.id, changes, fields, expected, _now())
+        async with self._outbox.write() as write:
+            updated = await self._repository.update(write.tx, agent.id, changes, fields, expected, write.time)
+            if updated is not None:
+                write.invalidate(*_made_stale(agent.id))
+                write.emit("agent.updated", agent.id, {"agent_id": agent.id, "fields": list(fields)})
         if updated is None:
             await self._raise_missing_or_stale(agent.id, agent.etag)
-        await self._invalidate(agent.id)
-        self._events.emit("agent.updated", agent.id, {"agent_id": agent.id, "fields": list(fields)})
         return updated
 
     async def delete(self, agent_id: str, etag: str) -> None:
         if not agent_id:
             raise invalid_fields([("id", "is required")])
-        if not await self._repository.delete(agent_id, _expected_revision(etag)):
+        async with self._outbox.write() as write:
+            deleted = await self._repository.delete(write.tx, agent_id, _expected_revision(etag))
+            if deleted:
+                write.invalidate(*_made_stale(agent_id))
+                write.emit("agent.deleted", agent_id, {"agent_id": agent_id})
+        if not deleted:
             await self._raise_missing_or_stale(agent_id, etag)
-        await self._invalidate(agent_id)
-        self._events.emit("agent.deleted", agent_id, {"agent_id": agent_id})
 
     async def _raise_missing_or_stale(self, agent_id: str, etag: str) -> None:
         if etag and await self._repository.exists(agent_id):
@@ -166,9 +177,6 @@ class AgentRegistry:
                 metadata={"id": agent_id},
             )
         raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
-
-    async def _invalidate(self, *agent_ids: str) -> None:
-        await self._cache.invalidate(*(_agent_key(i) for i in agent_ids), *_COLLECTION_PATTERNS)
 
 
 def _fields_to_update(agent: Agent, mask: Sequence[str], violations: validation.Violations) -> list[str]:
@@ -212,7 +220,3 @@ def _check_filters(filters: AgentFilter) -> None:
         violations.append(("type", f"unknown value {filters.type}"))
     if violations:
         raise invalid_fields(violations)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -1,5 +1,6 @@
 """All SQL about agents. Reads are single queries; batch writes are single statements.
 
+Writes run in the transaction they are given (the use case's, see common/outbox.py).
 Agents come back as Agent messages: the proto is the domain model, so no second
 field list has to be kept in step with it.
 """
@@ -129,15 +130,14 @@ class AgentRepository:
                 counts[row["facet"]][row["value"]] = int(row["n"])
         return Facets(total=total, counts=counts)
 
-    async def insert(self, agents: Sequence[Agent], now: dt.datetime) -> list[Agent]:
-        """Inserts every agent or none: one transaction, one statement per table."""
+    async def insert(self, tx: Executor, agents: Sequence[Agent], now: dt.datetime) -> list[Agent]:
+        """Inserts every agent or none (in the caller's transaction): one statement per table."""
         rows = [_to_row(agent, now) for agent in agents]
         capability_rows = [(agent.id, capability) for agent in agents for capability in agent.capabilities]
         try:
-            async with self.db.transaction() as tx:
-                await _refuse_existing(tx, [agent.id for agent in agents])
-                await self._bulk_insert(tx, "agents", _AGENT_COLUMN_TYPES, rows)
-                await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
+            await _refuse_existing(tx, [agent.id for agent in agents])
+            await self._bulk_insert(tx, "agents", _AGENT_COLUMN_TYPES, rows)
+            await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
         except UniqueViolation:
             # Lost a race with a concurrent create of the same id.
             raise AlreadyExists("an agent with one of these ids was created concurrently", reason="AGENT_EXISTS") from None
@@ -145,6 +145,7 @@ class AgentRepository:
 
     async def update(
         self,
+        tx: Executor,
         agent_id: str,
         changes: Agent,
         fields: Sequence[str],
@@ -166,23 +167,20 @@ class AgentRepository:
         if expected_revision is not None:
             args.append(expected_revision)
             where += f" AND revision = ${len(args)}"
-        async with self.db.transaction() as tx:
-            row = await tx.fetchrow(
-                f"UPDATE agents SET {', '.join(sets)} WHERE {where} RETURNING {_COLUMNS}", *args
-            )
-            if row is None:
-                return None
-            if "capabilities" in fields:
-                await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent_id)
-                capability_rows = [(agent_id, capability) for capability in changes.capabilities]
-                await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
+        row = await tx.fetchrow(f"UPDATE agents SET {', '.join(sets)} WHERE {where} RETURNING {_COLUMNS}", *args)
+        if row is None:
+            return None
+        if "capabilities" in fields:
+            await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent_id)
+            capability_rows = [(agent_id, capability) for capability in changes.capabilities]
+            await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
         return _to_agent(row)
 
-    async def delete(self, agent_id: str, expected_revision: int | None) -> bool:
+    async def delete(self, tx: Executor, agent_id: str, expected_revision: int | None) -> bool:
         # agent_capabilities rows go with the agent (ON DELETE CASCADE).
         if expected_revision is None:
-            return await self.db.execute("DELETE FROM agents WHERE id = $1", agent_id) > 0
-        return await self.db.execute("DELETE FROM agents WHERE id = $1 AND revision = $2", agent_id, expected_revision) > 0
+            return await tx.execute("DELETE FROM agents WHERE id = $1", agent_id) > 0
+        return await tx.execute("DELETE FROM agents WHERE id = $1 AND revision = $2", agent_id, expected_revision) > 0
 
     async def _bulk_insert(self, tx: Executor, table: str, columns, rows: Sequence[Sequence]) -> None:
         if rows:

@@ -22,8 +22,9 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter
 from services.common.db import Database
 from services.common.db.startup import build_on_database
-from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.outbox import Outbox
+from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -36,16 +37,21 @@ class AgentsService:
     host: GrpcHost
     db: Database
     cache: CacheClient
-    events: EventWriter
+    relay: InvalidationRelay
     runtimes: RuntimeChannels
     verifier: DatabaseVerifier
     limiter: RateLimiter
 
+    async def start(self) -> int:
+        port = await self.host.start()
+        self.relay.start()
+        return port
+
     async def close(self) -> None:
+        await self.relay.stop()
         await self.verifier.close()
         await self.limiter.close()
         await self.runtimes.close()
-        await self.events.close()
         await self.cache.close()
         await self.db.close()
 
@@ -57,8 +63,7 @@ async def build(settings: Settings) -> AgentsService:
 async def _assemble(settings: Settings, db: Database) -> AgentsService:
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
-    events = EventWriter(db, "agents", flush_interval=settings.events_flush_interval)
-    registry = AgentRegistry(AgentRepository(db), cache, events)
+    registry = AgentRegistry(AgentRepository(db), cache, Outbox(db, cache, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     api_keys = ApiKeys(ApiKeyRepository(db), verifier)
@@ -75,7 +80,13 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     )
     host.add(auth_pb2_grpc.add_ApiKeysServiceServicer_to_server, ApiKeysServicer(api_keys), KEYS_SERVICE_NAME)
     return AgentsService(
-        host=host, db=db, cache=cache, events=events, runtimes=runtimes, verifier=verifier, limiter=limiter
+        host=host,
+        db=db,
+        cache=cache,
+        relay=build_relay(settings, db, cache),
+        runtimes=runtimes,
+        verifier=verifier,
+        limiter=limiter,
     )
 
 
@@ -91,6 +102,7 @@ async def main() -> None:
     settings = Settings.from_env()
     telemetry = Telemetry.start(settings, "agents")
     service = await build(settings)
+    service.relay.start()
     await telemetry.serve_metrics("agents service", settings.agents_addr, settings.agents_metrics_port)
     await run_until_stopped(service.host, "agents service", settings.shutdown_grace, [service.close, telemetry.close])
 

@@ -1,9 +1,10 @@
-"""The event log: written in batches, read by id.
+"""Events written in batches, off the request path.
 
-Services emit events on their hot paths (every agent change, every execution and
-step transition); EventWriter only appends them to a buffer, and one background
-task writes each buffer as a single INSERT. Nothing is dropped: a full buffer is
-flushed at once, and close() flushes what is left.
+The workflow engine emits events on its hot path (every execution and step
+transition); EventWriter only appends them to a buffer, and one background task
+writes each buffer as a single INSERT. Nothing is dropped: a full buffer is flushed
+at once, and close() flushes what is left. (Writes that change data record their
+events in their own transaction instead: services/common/outbox.py.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 from typing import Any
 
@@ -20,50 +20,27 @@ from google.protobuf import json_format
 from devops_hub.v1 import events_pb2
 
 from services.common.db import Database
-from services.common.db.database import Row
+from services.common.event_repository import EventRepository, NewEvent
 
 log = logging.getLogger(__name__)
-
-_COLUMNS = (
-    ("type", "text"),
-    ("source", "text"),
-    ("subject", "text"),
-    ("data", "text"),
-    ("correlation_id", "text"),
-    ("time", "timestamptz"),
-)
-SELECT = "SELECT id, type, source, subject, data, correlation_id, time FROM events"
-
-
-def to_event(row: Row) -> events_pb2.Event:
-    event = events_pb2.Event(
-        id=str(row["id"]),
-        type=row["type"],
-        source=row["source"],
-        subject=row["subject"],
-        correlation_id=row["correlation_id"],
-    )
-    json_format.ParseDict(json.loads(row["data"]), event.data)
-    time = row["time"]
-    event.time.FromDatetime(time if isinstance(time, dt.datetime) else dt.datetime.fromisoformat(time))
-    return event
 
 
 class EventWriter:
     def __init__(self, db: Database, source: str, *, flush_interval: float = 0.1, max_batch: int = 500) -> None:
         self._db = db
+        self._repository = EventRepository(db)
         self._source = source
         self._flush_interval = flush_interval
         self._max_batch = max_batch
-        self._buffer: list[tuple] = []
+        self._buffer: list[NewEvent] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
 
     def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "", *, source: str = "") -> None:
         """Queues one event; returns at once."""
-        row = (type, source or self._source, subject, json.dumps(data or {}), correlation_id, dt.datetime.now(dt.timezone.utc))
-        self._buffer.append(row)
+        event = NewEvent(type, source or self._source, subject, data, correlation_id, dt.datetime.now(dt.timezone.utc))
+        self._buffer.append(event)
         if len(self._buffer) >= self._max_batch:
             self._wake.set()
         self._ensure_running()
@@ -85,15 +62,13 @@ class EventWriter:
             if not self._buffer:
                 return []
             batch, self._buffer = self._buffer, []
-            sql, args = self._db.bulk_insert("events", _COLUMNS, batch)
             try:
                 async with self._db.transaction() as tx:
-                    rows = await tx.fetch(sql + " RETURNING id", *args)
+                    return await self._repository.insert(tx, batch)
             except Exception:
                 # Keep the events for the next flush rather than lose them.
                 self._buffer[:0] = batch
                 raise
-            return sorted(int(row["id"]) for row in rows)
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():

@@ -35,6 +35,12 @@ class Settings:
     # Each service's in-process near-cache, fed by the sidecar's Watch (0 turns it off).
     cache_near_size: int = 1024
     cache_near_ttl: float = 10.0
+    # How often each writing process's relay compares the cache's position with the
+    # invalidation log and sends what the cache missed (docs/cache.md).
+    relay_interval: float = 0.25
+    # How long the invalidation log keeps its entries (seconds); a cache further
+    # behind than that is cleared instead.
+    invalidation_log_retention: float = 3600.0
     agents_addr: str = "127.0.0.1:50051"
     workflows_addr: str = "127.0.0.1:50052"
     cache_addr: str = "127.0.0.1:50053"

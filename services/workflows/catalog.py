@@ -1,13 +1,14 @@
 """Workflow definitions: validation against the live agent registry, caching, invalidation.
 
 Cache rules (DESIGN.md): the workflow list is cached 60 s and a single workflow
-300 s; a write invalidates that workflow's key and every list page, after it commits.
+300 s; a write invalidates that workflow's key and every list page. The invalidations
+and the event are recorded in the write's own transaction (common/outbox.py) and sent
+to the cache after it commits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 from services.common.cache.client import CacheClient
 from services.common import pagination
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
-from services.common.events import EventWriter
+from services.common.outbox import Outbox, Write
 from services.workflows import validation
 from services.workflows.repository import WorkflowRepository
 
@@ -47,12 +48,12 @@ class WorkflowCatalog:
         repository: WorkflowRepository,
         agents: agents_pb2_grpc.AgentsServiceStub,
         cache: CacheClient,
-        events: EventWriter,
+        outbox: Outbox,
     ) -> None:
         self._repository = repository
         self._agents = agents
         self._cache = cache
-        self._events = events
+        self._outbox = outbox
 
     async def get(self, workflow_id: str) -> Workflow:
         if not workflow_id:
@@ -89,8 +90,9 @@ class WorkflowCatalog:
             violations.append(("workflow.id", "must be 1-128 letters, digits, '.', '_' or '-'"))
         await self._validate(workflow, violations)
         workflow.name = workflow.name.strip()
-        created = await self._repository.insert(workflow, _now())
-        await self._changed(created.id, "workflow.created")
+        async with self._outbox.write() as write:
+            created = await self._repository.insert(write.tx, workflow, write.time)
+            _record(write, created.id, "workflow.created")
         return created
 
     async def update(self, requested: Workflow, mask: Sequence[str]) -> Workflow:
@@ -117,24 +119,29 @@ class WorkflowCatalog:
         await self._validate(merged, [])
         # Without an etag, the revision just read guards the read-modify-write.
         expected = _revision(requested.etag) if requested.etag else int(current.etag)
-        updated = await self._repository.replace(merged, expected, _now())
+        async with self._outbox.write() as write:
+            updated = await self._repository.replace(write.tx, merged, expected, write.time)
+            if updated is not None:
+                _record(write, updated.id, "workflow.updated")
         if updated is None:
             raise Aborted(
                 f"workflow {requested.id!r} was changed since it was read; read it again and retry",
                 reason="ETAG_MISMATCH",
                 metadata={"id": requested.id},
             )
-        await self._changed(updated.id, "workflow.updated")
         return updated
 
     async def delete(self, workflow_id: str, etag: str) -> None:
         if not workflow_id:
             raise invalid_fields([("id", "is required")])
-        if not await self._repository.delete(workflow_id, _revision(etag) if etag else None):
+        async with self._outbox.write() as write:
+            deleted = await self._repository.delete(write.tx, workflow_id, _revision(etag) if etag else None)
+            if deleted:
+                _record(write, workflow_id, "workflow.deleted")
+        if not deleted:
             if etag and await self._repository.exists(workflow_id):
                 raise Aborted(f"workflow {workflow_id!r} was changed since etag {etag!r}", reason="ETAG_MISMATCH", metadata={"id": workflow_id})
             raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
-        await self._changed(workflow_id, "workflow.deleted")
 
     async def _validate(self, workflow: Workflow, violations: validation.Violations) -> None:
         validation.check_workflow(workflow, "workflow", violations)
@@ -152,9 +159,11 @@ class WorkflowCatalog:
                 return None
             raise Unavailable(f"cannot check agent {agent_id!r}: the agents service answered {exc.code().name}", reason="AGENTS_UNAVAILABLE") from None
 
-    async def _changed(self, workflow_id: str, event: str) -> None:
-        await self._cache.invalidate(_key(workflow_id), _LIST_PATTERN)
-        self._events.emit(event, workflow_id, {"workflow_id": workflow_id})
+
+def _record(write: Write, workflow_id: str, event: str) -> None:
+    """What a write to one workflow makes stale, and its event."""
+    write.invalidate(_key(workflow_id), _LIST_PATTERN)
+    write.emit(event, workflow_id, {"workflow_id": workflow_id})
 
 
 def _is_set(workflow: Workflow, name: str) -> bool:
@@ -168,7 +177,3 @@ def _is_set(workflow: Workflow, name: str) -> bool:
 def _revision(etag: str) -> int:
     # An etag this service never issued matches no revision.
     return int(etag) if etag.isdigit() else -1
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -23,8 +23,8 @@ import grpc
 from devops_hub.v1 import events_pb2
 
 from services.common.db import Database
-from services.common.events import SELECT, to_event
 from services.common.errors import ServiceError
+from services.common.event_repository import EventRepository
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Subscription:
 
 class EventFeed:
     def __init__(self, db: Database, *, poll_interval: float = 0.2) -> None:
-        self._db = db
+        self._events = EventRepository(db)
         self._poll_interval = poll_interval
         self._subscribers: set[Subscription] = set()
         self._task: asyncio.Task | None = None
@@ -58,7 +58,7 @@ class EventFeed:
     async def open(self, accepts: Callable[[events_pb2.Event], bool]) -> Subscription:
         """Starts collecting the events stored from now on that `accepts` keeps."""
         if self._last_id is None:
-            self._last_id = int(await self._db.fetchval("SELECT COALESCE(MAX(id), 0) FROM events"))
+            self._last_id = await self._events.newest_id()
         subscription = Subscription(accepts)
         self._subscribers.add(subscription)
         if self._task is None or self._task.done():
@@ -97,9 +97,8 @@ class EventFeed:
         now = time.monotonic()
         self._holes = {i: until for i, until in self._holes.items() if until > now}
         low = min([self._last_id, *self._holes]) if self._holes else self._last_id
-        rows = await self._db.fetch(f"{SELECT} WHERE id > $1 ORDER BY id LIMIT {BATCH}", low)
-        for row in rows:
-            event_id = int(row["id"])
+        for event in await self._events.after(low, BATCH):
+            event_id = int(event.id)
             if event_id <= self._last_id and event_id not in self._holes:
                 continue  # delivered already
             self._holes.pop(event_id, None)
@@ -107,7 +106,7 @@ class EventFeed:
                 for missing in range(self._last_id + 1, event_id):
                     self._holes[missing] = now + HOLE_TTL
             self._last_id = max(self._last_id, event_id)
-            self._deliver(to_event(row))
+            self._deliver(event)
 
     def _deliver(self, event: events_pb2.Event) -> None:
         for subscription in list(self._subscribers):

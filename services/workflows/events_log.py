@@ -11,7 +11,8 @@ from devops_hub.v1 import events_pb2
 from services.common import pagination
 from services.common.db import Database
 from services.common.errors import invalid_fields
-from services.common.events import SELECT, EventWriter, to_event
+from services.common.event_repository import EventFilter, EventRepository
+from services.common.events import EventWriter
 from services.workflows.event_feed import EventFeed
 
 Event = events_pb2.Event
@@ -22,30 +23,22 @@ MAX_REPLAY = 10_000
 
 class EventLog:
     def __init__(self, db: Database, writer: EventWriter, feed: EventFeed) -> None:
-        self._db = db
+        self._events = EventRepository(db)
         self._writer = writer
         self._feed = feed
 
     async def list(self, request: events_pb2.ListEventsRequest) -> events_pb2.ListEventsResponse:
         size = pagination.page_size(request.page_size)
         after = pagination.decode_token(request)
-        clauses, args = [], []
-        for name in ("type", "source", "correlation_id"):
-            if getattr(request, name):
-                args.append(getattr(request, name))
-                clauses.append(f"{name} = ${len(args)}")
-        if request.HasField("since"):
-            args.append(request.since.ToDatetime(dt.timezone.utc))
-            clauses.append(f"time >= ${len(args)}")
-        if after is not None:
-            if not after.isdigit():
-                raise invalid_fields([("page_token", "is not a token this service issued")])
-            args.append(int(after))
-            clauses.append(f"id < ${len(args)}")
-        args.append(size + 1)
-        where = " AND ".join(clauses) or "TRUE"
-        rows = await self._db.fetch(f"{SELECT} WHERE {where} ORDER BY id DESC LIMIT ${len(args)}", *args)
-        events = [to_event(row) for row in rows]
+        if after is not None and not after.isdigit():
+            raise invalid_fields([("page_token", "is not a token this service issued")])
+        filters = EventFilter(
+            request.type,
+            request.source,
+            request.correlation_id,
+            request.since.ToDatetime(dt.timezone.utc) if request.HasField("since") else None,
+        )
+        events = await self._events.page(filters, None if after is None else int(after), size + 1)
         response = events_pb2.ListEventsResponse(events=events[:size])
         if len(events) > size:
             response.next_page_token = pagination.encode_token(events[size - 1].id, request)
@@ -80,11 +73,10 @@ class EventLog:
         subscription = await self._feed.open(lambda e: e.correlation_id == correlation_id)
         live = self._feed.events(subscription)
         try:
-            rows = await self._db.fetch(f"{SELECT} WHERE correlation_id = $1 ORDER BY id LIMIT {MAX_REPLAY}", correlation_id)
             last = 0
-            for row in rows:
-                last = int(row["id"])
-                yield to_event(row)
+            for event in await self._events.of_correlation(correlation_id, MAX_REPLAY):
+                last = int(event.id)
+                yield event
             async for event in live:
                 if int(event.id) > last:
                     yield event

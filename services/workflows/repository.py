@@ -1,6 +1,7 @@
 """All SQL about workflows and their executions.
 
-Definitions and step runs are stored as the JSON of their protos, so the proto stays
+Definition writes run in the transaction they are given (the use case's, see
+common/outbox.py). Definitions and step runs are stored as the JSON of their protos, so the proto stays
 the one description of their shape.
 """
 
@@ -16,7 +17,7 @@ from google.protobuf import json_format
 from devops_hub.v1 import workflows_pb2
 
 from services.common.db import Database, UniqueViolation
-from services.common.db.database import Row
+from services.common.db.database import Executor, Row
 from services.common.errors import AlreadyExists
 
 Workflow = workflows_pb2.Workflow
@@ -93,9 +94,9 @@ class WorkflowRepository:
             )
         return [_to_workflow(row) for row in rows]
 
-    async def insert(self, workflow: Workflow, now: dt.datetime) -> Workflow:
+    async def insert(self, tx: Executor, workflow: Workflow, now: dt.datetime) -> Workflow:
         try:
-            row = await self._write_returning(
+            row = await tx.fetchrow(
                 f"INSERT INTO workflows (id, name, description, definition, revision, create_time, update_time)"
                 f" VALUES ($1, $2, $3, $4, 1, $5, $5) RETURNING {_WORKFLOW_COLUMNS}",
                 workflow.id, workflow.name, workflow.description, _definition(workflow), now,
@@ -104,31 +105,27 @@ class WorkflowRepository:
             raise AlreadyExists(f"workflow {workflow.id!r} already exists", reason="WORKFLOW_EXISTS", metadata={"id": workflow.id}) from None
         return _to_workflow(row)
 
-    async def replace(self, workflow: Workflow, expected_revision: int | None, now: dt.datetime) -> Workflow | None:
+    async def replace(self, tx: Executor, workflow: Workflow, expected_revision: int | None, now: dt.datetime) -> Workflow | None:
         """Writes the whole workflow if the revision still matches; None when nothing matched."""
         args: list[Any] = [workflow.id, workflow.name, workflow.description, _definition(workflow), now]
         where = "id = $1"
         if expected_revision is not None:
             args.append(expected_revision)
             where += " AND revision = $6"
-        row = await self._write_returning(
+        row = await tx.fetchrow(
             f"UPDATE workflows SET name = $2, description = $3, definition = $4, update_time = $5,"
             f" revision = revision + 1 WHERE {where} RETURNING {_WORKFLOW_COLUMNS}",
             *args,
         )
         return None if row is None else _to_workflow(row)
 
-    async def delete(self, workflow_id: str, expected_revision: int | None) -> bool:
+    async def delete(self, tx: Executor, workflow_id: str, expected_revision: int | None) -> bool:
         if expected_revision is None:
-            return await self.db.execute("DELETE FROM workflows WHERE id = $1", workflow_id) > 0
-        return await self.db.execute("DELETE FROM workflows WHERE id = $1 AND revision = $2", workflow_id, expected_revision) > 0
+            return await tx.execute("DELETE FROM workflows WHERE id = $1", workflow_id) > 0
+        return await tx.execute("DELETE FROM workflows WHERE id = $1 AND revision = $2", workflow_id, expected_revision) > 0
 
     async def exists(self, workflow_id: str) -> bool:
         return bool(await self.db.fetchval("SELECT 1 FROM workflows WHERE id = $1", workflow_id))
-
-    async def _write_returning(self, sql: str, *args: Any) -> Row | None:
-        async with self.db.transaction() as tx:
-            return await tx.fetchrow(sql, *args)
 
 
 class ExecutionRepository:

@@ -17,8 +17,11 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter, service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database
+from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.outbox import Outbox
+from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.workflows.catalog import WorkflowCatalog
@@ -43,6 +46,7 @@ class WorkflowsService:
     feed: EventFeed
     pruner: Pruner
     cache: CacheClient
+    relay: InvalidationRelay
     agents_channel: grpc.aio.Channel
     verifier: DatabaseVerifier
     limiter: RateLimiter
@@ -51,12 +55,14 @@ class WorkflowsService:
         port = await self.host.start()
         await self.engine.start()
         self.pruner.start()
+        self.relay.start()
         return port
 
     async def close(self) -> None:
         """Fails what still runs (with the reason), then flushes events and closes."""
         await self.engine.stop()
         await self.pruner.stop()
+        await self.relay.stop()
         await self.feed.close()
         await self.events.close()
         await self.agents_channel.close()
@@ -86,7 +92,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )
-    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, events)
+    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
     executions = Executions(catalog, executions_repository, engine, log)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
@@ -96,8 +102,10 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
-    pruner = Pruner(db, settings.events_retention, settings.events_prune_interval)
-    return WorkflowsService(host, db, engine, events, feed, pruner, cache, agents_channel, verifier, limiter)
+    pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
+    return WorkflowsService(
+        host, db, engine, events, feed, pruner, cache, build_relay(settings, db, cache), agents_channel, verifier, limiter
+    )
 
 
 async def main() -> None:
@@ -107,6 +115,7 @@ async def main() -> None:
     try:
         await service.engine.start()
         service.pruner.start()
+        service.relay.start()
         await telemetry.serve_metrics("workflows service", settings.workflows_addr, settings.workflows_metrics_port)
     except BaseException:
         await service.close()

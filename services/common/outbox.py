@@ -1,0 +1,65 @@
+"""A write's unit of work: its data, its events and its invalidations commit together.
+
+A use case opens `Outbox.write()`, runs its repositories' statements on the
+transaction it is given, and records the events and cache patterns the write
+causes. They are appended in the same transaction (the invalidation log entry
+last, see invalidation_log.py), so a write that commits always has its event and
+its log entry, and one that rolls back has neither. After the commit the patterns
+go to the cache at once (the fast path); if that fails, or the process dies first,
+the relay (invalidation_relay.py) delivers the log entry later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.cache.client import CacheClient
+from services.common.db import Database
+from services.common.db.database import Executor
+from services.common.event_repository import EventRepository, NewEvent
+from services.common.invalidation_log import InvalidationLog
+
+
+@dataclass
+class Write:
+    """One write in progress: its transaction, and what it causes."""
+
+    tx: Executor
+    source: str
+    time: dt.datetime
+    patterns: list[str] = field(default_factory=list)
+    events: list[NewEvent] = field(default_factory=list)
+
+    def invalidate(self, *patterns: str) -> None:
+        """Cache patterns this write makes stale (glob patterns, as CacheClient.invalidate)."""
+        self.patterns.extend(p for p in patterns if p not in self.patterns)
+
+    def emit(self, type: str, subject: str, data: dict[str, Any]) -> None:
+        self.events.append(NewEvent(type, self.source, subject, data, time=self.time))
+
+
+class Outbox:
+    def __init__(self, db: Database, cache: CacheClient, source: str) -> None:
+        self._db = db
+        self._cache = cache
+        self._source = source
+        self._events = EventRepository(db)
+        self._log = InvalidationLog(db)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Write]:
+        """A transaction for one write; an exception out of the block rolls it all back.
+
+        A block that records nothing (no row matched, say) commits without a log entry.
+        """
+        async with self._db.transaction() as tx:
+            write = Write(tx, self._source, dt.datetime.now(dt.timezone.utc))
+            yield write
+            await self._events.insert(tx, write.events)
+            sequence = await self._log.append(tx, write.patterns, write.time) if write.patterns else 0
+        if write.patterns:
+            await self._cache.invalidate(*write.patterns, sequence=sequence)

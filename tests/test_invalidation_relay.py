@@ -1,0 +1,274 @@
+"""The relay delivers the invalidation log to the cache, whatever the fast path lost.
+
+The services run for real (SQLite and PostgreSQL); the cache they talk to is a real
+gRPC server on an ephemeral port whose CacheService keeps a position in the log as
+CacheService's GetSyncState, Sync and Invalidate define it, over a plain dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
+
+from services.common.grpc_host import GrpcHost
+from services.common.invalidation_log import InvalidationLog
+from tests.conftest import Stack, _closed_port, make_settings, running_stack
+from tests.test_agents import new_agent
+
+Agent = agents_pb2.Agent
+MAX_AHEAD = 1000
+
+
+class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
+    """A cache that knows how far it has applied the log, and records every Sync."""
+
+    def __init__(self, *, fresh: bool = True, applied: int = 0) -> None:
+        self.entries: dict[str, bytes] = {}
+        self.fresh = fresh
+        self.applied = applied
+        self.ahead: list[int] = []
+        self.syncs: list[cache_pb2.CacheSyncRequest] = []
+
+    def state(self) -> cache_pb2.CacheSyncState:
+        return cache_pb2.CacheSyncState(applied=self.applied, ahead=self.ahead, fresh=self.fresh)
+
+    def _apply(self, patterns) -> int:
+        doomed = [key for key in self.entries if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
+        for key in doomed:
+            del self.entries[key]
+        return len(doomed)
+
+    def _absorb(self) -> None:
+        while self.applied + 1 in self.ahead:
+            self.applied += 1
+            self.ahead.remove(self.applied)
+        self.ahead = [s for s in self.ahead if s > self.applied]
+
+    async def Invalidate(self, request, context):
+        removed = self._apply([p for p in (request.pattern, *request.patterns) if p])
+        s = request.sequence
+        if s and not self.fresh:
+            if s == self.applied + 1:
+                self.applied = s
+                self._absorb()
+            elif s > self.applied + 1 and s not in self.ahead:
+                self.ahead = sorted([*self.ahead, s])[-MAX_AHEAD:]
+        return cache_pb2.CacheInvalidateResponse(removed=removed)
+
+    async def GetSyncState(self, request, context):
+        return self.state()
+
+    async def Sync(self, request, context):
+        if len(request.patterns) > 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at most 1000 patterns")
+        self.syncs.append(request)
+        if not self.fresh and request.after > self.applied:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the position went backwards")
+        if request.clear:
+            self.entries.clear()
+        self._apply(request.patterns)
+        if self.fresh:
+            self.applied, self.ahead, self.fresh = request.through, [], False
+        else:
+            self.applied = max(self.applied, request.through)
+        self._absorb()
+        return self.state()
+
+
+class CacheServer:
+    """The cache above on a fixed port, stopped and started again at will."""
+
+    def __init__(self, cache: PositionedCache) -> None:
+        self.cache = cache
+        self.port = _closed_port()
+        self._host: GrpcHost | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._host = GrpcHost(self.address)
+        self._host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, self.cache, "devops_hub.v1.CacheService")
+        await self._host.start()
+
+    async def stop(self) -> None:
+        if self._host is not None:
+            await self._host.stop(0)
+            self._host = None
+
+
+@contextlib.asynccontextmanager
+async def cache_server(cache: PositionedCache, *, running: bool = True) -> AsyncIterator[CacheServer]:
+    server = CacheServer(cache)
+    if running:
+        await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def positioned_stack(database_url: str) -> AsyncIterator[tuple[PositionedCache, CacheServer, Stack]]:
+    """The agents service on a cache that its relay has given a position already."""
+    cache = PositionedCache()
+    async with cache_server(cache) as server:
+        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
+            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
+            yield cache, server, stack
+
+
+def settings_for(database_url: str, server: CacheServer, **overrides):
+    return make_settings(database_url, cache_addr=server.address, relay_interval=0.05, **overrides)
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        met = condition()
+        if await met if inspect.isawaitable(met) else met:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def head_of(stack: Stack) -> int:
+    return await InvalidationLog(stack.agents.db).head()
+
+
+async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_returns(database_url):
+    cache = PositionedCache()
+    async with cache_server(cache) as server:
+        settings = settings_for(database_url, server)
+        async with running_stack(settings, with_sidecar=False) as stack:
+            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
+            created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+            head = await head_of(stack)
+            assert cache.applied == head, "the fast path applied the create and recorded its entry"
+            cache.entries["agents:get:agent-1"] = b"the agent before the update"
+
+            await server.stop()
+            await stack.stub.UpdateAgent(
+                agents_pb2.UpdateAgentRequest(
+                    agent=Agent(id="agent-1", description="new", etag=created.etag),
+                    update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+                )
+            )
+        # The writer is gone with the invalidation it could not send.
+        await server.start()
+        assert "agents:get:agent-1" in cache.entries and cache.applied == head
+
+        async with running_stack(settings, with_sidecar=False) as restarted:
+            await eventually(lambda: "agents:get:agent-1" not in cache.entries, "the relay delivers the update's entry")
+            assert cache.applied == await head_of(restarted) == head + 1
+            assert [list(s.patterns) for s in cache.syncs if s.patterns] == [
+                ["agents:get:agent-1", "agents:list:*", "agents:discover:*"]
+            ]
+
+
+async def test_a_fresh_cache_is_synced_to_the_head_without_patterns(database_url):
+    cache = PositionedCache()
+    async with cache_server(cache, running=False) as server:
+        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
+            batch = [agents_pb2.CreateAgentRequest(agent=new_agent(i)) for i in range(3)]
+            await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
+            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(9)))
+            head = await head_of(stack)
+            assert head >= 2
+
+            await server.start()
+            await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
+            assert cache.applied == head
+            assert [(s.after, s.through, list(s.patterns), s.clear) for s in cache.syncs] == [(0, head, [], False)]
+
+
+async def test_a_cache_behind_pruned_entries_is_cleared(database_url):
+    """Entries older than the log's retention are pruned; a cache that missed them is
+    told to clear itself rather than keep what they invalidated."""
+    cache = PositionedCache(fresh=False, applied=0)
+    cache.entries["workflows:get:unrelated"] = b"cached before the entries it missed"
+    async with cache_server(cache, running=False) as server:
+        settings = settings_for(database_url, server, invalidation_log_retention=0.2)
+        async with running_stack(settings, with_sidecar=False) as stack:
+            for i in range(3):
+                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
+            head = await head_of(stack)
+            log = InvalidationLog(stack.agents.db)
+
+            async def pruned() -> bool:
+                return await log.oldest() == head
+
+            # The relay prunes once a second here: every entry but the newest goes.
+            await eventually(pruned, "the relay prunes the log")
+
+            await server.start()
+            await eventually(lambda: cache.applied == head, "the relay moves the cache to the head")
+            assert cache.entries == {}
+            [sync] = cache.syncs
+            assert (sync.after, sync.through, sync.clear) == (0, head, True)
+
+
+async def test_entries_the_cache_applied_out_of_order_are_not_sent_again(database_url):
+    async with positioned_stack(database_url) as (cache, server, stack):
+        start = cache.applied
+        await server.stop()
+        for i in (1, 2):
+            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
+        # The second entry reached the cache out of order (it is "ahead"), the first did not.
+        cache.ahead = [start + 2]
+        await server.start()
+        await eventually(lambda: cache.applied == start + 2, "the relay closes the gap")
+        sent = [p for s in cache.syncs for p in s.patterns]
+        assert "agents:get:agent-1" in sent and "agents:get:agent-2" not in sent
+        assert cache.ahead == []
+
+
+async def test_a_write_of_many_patterns_is_relayed_in_syncs_of_at_most_1000(database_url):
+    async with positioned_stack(database_url) as (cache, server, stack):
+        start = cache.applied
+        await server.stop()
+        batch = [agents_pb2.CreateAgentRequest(agent=new_agent(f"m{i:04d}")) for i in range(1000)]
+        await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
+        await server.start()
+        await eventually(lambda: cache.applied == start + 1, "the batch's entry is relayed")
+        calls = [s for s in cache.syncs if s.patterns]
+        assert [len(s.patterns) for s in calls] == [1000, 2]
+        assert [(s.after, s.through) for s in calls] == [(start, start), (start, start + 1)]
+        assert {p for s in calls for p in s.patterns} >= {f"agents:get:m{i:04d}" for i in range(1000)}
+
+
+async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, caplog):
+    """A sidecar that answers UNIMPLEMENTED (one without GetSyncState) is treated as
+    one that cannot be reached: logged once, polled on, and writes go on."""
+
+    class WithoutTheLog(cache_pb2_grpc.CacheServiceServicer):
+        async def Invalidate(self, request, context):
+            return cache_pb2.CacheInvalidateResponse()
+
+    host = GrpcHost("127.0.0.1:0")
+    host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, WithoutTheLog(), "devops_hub.v1.CacheService")
+    port = await host.start()
+    try:
+        caplog.set_level(logging.INFO, logger="services.common.invalidation_relay")
+        settings = make_settings(database_url, cache_addr=f"127.0.0.1:{port}", relay_interval=0.02)
+        async with running_stack(settings, with_sidecar=False) as stack:
+            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+            await asyncio.sleep(0.5)
+            assert (await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))).name == "Agent 1"
+    finally:
+        await host.stop(0)
+    relay_lines = [r for r in caplog.records if r.name == "services.common.invalidation_relay"]
+    assert len(relay_lines) == 1 and "cannot be reached" in relay_lines[0].getMessage()
