@@ -38,7 +38,7 @@ RUNS = [
 def start_cluster(setup: str) -> Cluster:
     database, redis = SETUPS[setup]
     # The relay polls often so that a run of a few seconds shows what it mends.
-    cluster = Cluster(database, redis, agents_processes=2, settings={"CACHE_RELAY_INTERVAL": "0.2"})
+    cluster = Cluster(database, redis, agents_processes=2, settings={"RELAY_INTERVAL": "0.2"})
     try:
         return cluster.start()
     except Unavailable as exc:
