@@ -502,12 +502,12 @@ async def test_keys_with_a_pending_invalidation_bypass_the_cache(
     stale = wrappers_pb2.StringValue(value="stale").SerializeToString()
     sidecar.memory.set("agents:get:1", stale, STRING_TYPE)
     sidecar.memory.set("workflows:get:1", stale, STRING_TYPE)
-    apply_invalidation = sidecar.store.invalidate
+    apply_invalidation = sidecar.store.invalidate_many
 
-    async def broken(pattern: str) -> int:
+    async def broken(patterns: list[str], sequence: int = 0) -> int:
         raise RuntimeError("store failure")
 
-    monkeypatch.setattr(sidecar.store, "invalidate", broken)
+    monkeypatch.setattr(sidecar.store, "invalidate_many", broken)
     assert await client.invalidate("agents:*") is False  # INTERNAL: queued for retry
 
     # The sidecar still answers reads and still holds the stale entry, but this
@@ -520,7 +520,7 @@ async def test_keys_with_a_pending_invalidation_bypass_the_cache(
     unrelated = await client.get_or_load("workflows:get:1", 60, wrappers_pb2.StringValue, CountingLoader())
     assert unrelated.value == "stale"
 
-    monkeypatch.setattr(sidecar.store, "invalidate", apply_invalidation)
+    monkeypatch.setattr(sidecar.store, "invalidate_many", apply_invalidation)
     await eventually(lambda: not client.pending_invalidations)
     assert sidecar.memory.get("agents:get:1") is None
 

@@ -165,7 +165,7 @@ async def test_concurrent_updates_of_the_redis_position_are_never_lost(redis_url
         random.Random(7).shuffle(sequences)
         for start in range(0, len(sequences), 40):
             batch = sequences[start : start + 40]
-            await asyncio.gather(*(stores[s % 2].record_applied(s) for s in batch))
+            await asyncio.gather(*(stores[s % 2].invalidate_many([f"seq:{s}"], s) for s in batch))
         assert await stores[0].sync_state() == await stores[1].sync_state() == SyncState(600, (), False)
     finally:
         for store in stores:

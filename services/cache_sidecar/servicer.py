@@ -115,15 +115,8 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         violations = _pattern_violations(named) + _sequence_violations(("sequence", request.sequence))
         if violations:
             raise invalid_fields(violations)
-        removed = 0
         try:
-            for _, pattern in named:
-                count = await self._store.invalidate(pattern)
-                removed = -1 if count < 0 or removed < 0 else removed + count
-            if request.sequence:
-                # Only once every pattern is applied: a position that runs ahead of
-                # its patterns would tell the relays not to send them again.
-                await self._store.record_applied(request.sequence)
+            removed = await self._store.invalidate_many([pattern for _, pattern in named], request.sequence)
         finally:
             # Even if a store failure cut the list short: an extra invalidation only
             # costs near-caches a miss.

@@ -169,17 +169,17 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> bool: ...
 
-    async def invalidate(self, pattern: str) -> int: ...
+    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
+        """Removes what the patterns match, then records log entry `sequence` (0:
+        none) as applied: only once every pattern is applied, since a position that
+        ran ahead of its patterns would tell the relays not to send them again."""
+        ...
 
     async def clear(self) -> int: ...
 
     # The position in the services' invalidation log (position.py).
 
     async def sync_state(self) -> SyncState: ...
-
-    async def record_applied(self, sequence: int) -> None:
-        """Log entry `sequence` was applied: called once its patterns are invalidated."""
-        ...
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         """Applies the patterns (or clears) and moves the position to `through`;

@@ -169,20 +169,23 @@ class FallbackStore:
         return await self._route(lambda: self.primary.delete(key), on_memory, also_on_memory=on_memory)
 
     async def invalidate(self, pattern: str) -> int:
-        async def on_memory() -> int:
-            self._append(pattern)
-            return await self.memory.invalidate(pattern)
+        return await self.invalidate_many([pattern])
 
-        return await self._route(lambda: self.primary.invalidate(pattern), on_memory, also_on_memory=on_memory)
+    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
+        async def on_memory() -> int:
+            for pattern in patterns:
+                self._append(pattern)
+            return await self.memory.invalidate_many(patterns, sequence)
+
+        return await self._route(
+            lambda: self.primary.invalidate_many(patterns, sequence), on_memory, also_on_memory=on_memory
+        )
 
     async def clear(self) -> int:
         return await self._route(self.primary.clear, self._clear_memory, also_on_memory=self._clear_memory)
 
     async def sync_state(self) -> SyncState:
         return await self._route(self.primary.sync_state, self.memory.sync_state)
-
-    async def record_applied(self, sequence: int) -> None:
-        await self._route(lambda: self.primary.record_applied(sequence), lambda: self.memory.record_applied(sequence))
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         async def apply_on_memory() -> None:
@@ -191,7 +194,7 @@ class FallbackStore:
                 return
             for pattern in patterns:
                 self._append(pattern)
-                await self.memory.invalidate(pattern)
+            await self.memory.invalidate_many(patterns)
 
         async def on_memory() -> SyncState:
             # Journaled even if memory's position refuses the Sync: Redis missed them.

@@ -282,10 +282,6 @@ class MemoryStore:
 
     # --- the invalidation log ----------------------------------------------------------
 
-    def record_applied(self, sequence: int) -> None:
-        """The patterns of log entry `sequence` have just been invalidated."""
-        self.position.record(sequence)
-
     def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         """Applies the log's entries in (after, through]: their patterns, or a clear
         when the log no longer holds them. FailedPrecondition when the position is
@@ -529,6 +525,13 @@ class MemoryBackend:
     async def invalidate(self, pattern: str) -> int:
         return self.store.invalidate(pattern)
 
+    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
+        # No await in between: the position moves in the same step as the patterns.
+        removed = sum(self.store.invalidate(pattern) for pattern in patterns)
+        if sequence:
+            self.store.position.record(sequence)
+        return removed
+
     async def clear(self) -> int:
         return self.store.clear()
 
@@ -537,9 +540,6 @@ class MemoryBackend:
 
     async def sync_state(self) -> SyncState:
         return self.store.position.state()
-
-    async def record_applied(self, sequence: int) -> None:
-        self.store.record_applied(sequence)
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         return self.store.sync(after, through, patterns, clear)

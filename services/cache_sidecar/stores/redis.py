@@ -304,7 +304,7 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         self._invalidations += 1
-        deleted, _ = await self._pipeline_eval([("delete", [self.layout.data_key(key)], [])], publish=[escape_key(key)])
+        (deleted,) = await self._pipeline_eval([("delete", [self.layout.data_key(key)], [])], publish=[escape_key(key)])
         return bool(deleted)
 
     async def invalidate(self, pattern: str) -> int:
@@ -312,17 +312,18 @@ class RedisStore:
         known), other globs removed by SCAN in batches; "*" is a clear."""
         return await self.invalidate_many([pattern])
 
-    async def invalidate_many(self, patterns: Sequence[str]) -> int:
-        """Several patterns: the globs scanned one after another, then every exact
-        key and prefix level, and one message to the other sidecars, in one round
-        trip (a journal replay or a Sync sends hundreds). Removals commute, so the
-        order among them does not matter; a "*" is a clear, which covers the rest."""
-        if "*" in patterns:
-            return await self.clear()
+    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
+        """Several patterns: the globs scanned one after another, then in one round
+        trip every prefix level's bump, every exact key's delete, the script that
+        records log entry `sequence` as applied (last, so it runs only after the
+        rest), and one message to the other sidecars. Removals commute, so their
+        order does not matter; a "*" is a clear, which covers the rest."""
         patterns = list(dict.fromkeys(patterns))
         removed = 0
         calls: list[tuple[str, list[str], list[Any]]] = []
         levels: list[str] = []
+        if "*" in patterns:
+            removed, patterns = await self.clear(), []
         for pattern in patterns:
             parsed = parse_pattern(pattern)
             if parsed.kind == "exact":
@@ -332,11 +333,12 @@ class RedisStore:
             else:
                 removed += await self._unlink_matching(self.layout.data_match(parsed.literal_prefix), parsed.matches)
         self._invalidations += len(patterns)
-        if not calls and not levels:
-            await self.client.publish(self.layout.channel, self._message(*patterns))
-            return removed
-        results = await self._pipeline_eval(calls, levels=levels, publish=patterns)
-        removed += sum(int(deleted) for deleted in results[: len(calls)])
+        deletes = len(calls)
+        if sequence:
+            calls.append(("position_record", self._position_keys(), [sequence]))
+        if calls or levels or patterns:
+            results = await self._pipeline_eval(calls, levels=levels, publish=patterns)
+            removed += sum(int(deleted) for deleted in results[:deletes])
         return -1 if levels else removed
 
     async def clear(self) -> int:
@@ -352,9 +354,6 @@ class RedisStore:
 
     async def sync_state(self) -> SyncState:
         return _state(await self._eval("position_state", self._position_keys(), []))
-
-    async def record_applied(self, sequence: int) -> None:
-        await self._eval("position_record", self._position_keys(), [sequence])
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         """Applies the patterns (or clears), then moves the shared position in one
@@ -461,20 +460,23 @@ class RedisStore:
     async def _pipeline_eval(
         self, calls: list[tuple[str, list[str], list[Any]]], *, levels: Sequence[str] = (), publish: Sequence[str] = ()
     ) -> list[Any]:
-        """The scripts, then the prefix levels' counter bumps, then one PUBLISH of the
-        patterns, in one round trip; the scripts' results come first."""
+        """The prefix levels' counter bumps, then the scripts (in order), then one
+        PUBLISH of the patterns, in one round trip; returns the scripts' results.
+        A retry after NOSCRIPT runs everything again: all of it is idempotent but the
+        bumps, and a bump too many only costs misses."""
         for attempt in (1, 2):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for name, keys, args in calls:
-                        pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
                     for level in levels:
                         generations = self.layout.generations_key(namespace_of(level))
                         pipe.hincrby(generations, level, 1)
                         pipe.pexpire(generations, GENERATIONS_TTL_MS)
+                    for name, keys, args in calls:
+                        pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
                     if publish:
                         pipe.publish(self.layout.channel, self._message(*publish))
-                    return await pipe.execute()
+                    results = await pipe.execute()
+                    return results[2 * len(levels) : 2 * len(levels) + len(calls)]
             except NoScriptError:
                 if attempt == 2:
                     raise
