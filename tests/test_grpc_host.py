@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -22,6 +23,8 @@ def _register_slow(release: asyncio.Event):
             raise NotFound("no such thing", reason="THING_NOT_FOUND")
         if request == b"crash":
             raise RuntimeError("secret internals")
+        if request == b"not yet":
+            raise NotImplementedError("what a generated servicer raises for a method it lacks")
         await release.wait()
         return b"done:" + request
 
@@ -74,6 +77,15 @@ async def test_service_errors_carry_details_and_internals_do_not_leak(host):
         await call(b"crash")
     failure = failure_of(info.value)
     assert failure.code == grpc.StatusCode.INTERNAL and "secret" not in failure.message
+
+
+async def test_a_method_the_servicer_lacks_is_unimplemented_not_an_error(host, caplog):
+    _, channel, _ = host
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await channel.unary_unary(SLOW_METHOD)(b"not yet")
+    failure = failure_of(info.value)
+    assert failure.code == grpc.StatusCode.UNIMPLEMENTED and SLOW_METHOD in failure.message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_graceful_stop_finishes_in_flight_calls(host):

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 
@@ -262,6 +262,11 @@ async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, 
     host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, WithoutTheLog(), "devops_hub.v1.CacheService")
     port = await host.start()
     try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await cache_pb2_grpc.CacheServiceStub(channel).GetSyncState(empty_pb2.Empty())
+        await channel.close()
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         caplog.set_level(logging.INFO, logger="services.common.invalidation_relay")
         settings = make_settings(database_url, cache_addr=f"127.0.0.1:{port}", relay_interval=0.02)
         async with running_stack(settings, with_sidecar=False) as stack:

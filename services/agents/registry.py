@@ -2,10 +2,10 @@
 
 Cache rules (DESIGN.md): a single agent is cached 300 s, a list page 60 s, a
 discovery 300 s. A write invalidates exactly what it made stale: that agent's key,
-and every list and discovery page (any of them may include it). A write records its invalidations
-and its events in its own transaction (common/outbox.py); the cache is told after
-the commit, so a read that follows the write cannot refill the old value from the
-database.
+and every list and discovery page (any of them may include it). A write records
+these invalidations and its events in its own transaction (common/outbox.py); the
+cache is told after the commit, so a read that follows the write cannot refill the
+old value from the database.
 """
 
 from __future__ import annotations

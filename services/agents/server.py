@@ -23,8 +23,8 @@ from services.common.auth.wiring import build_guard, build_limiter
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost, run_until_stopped
-from services.common.outbox import Outbox
 from services.common.invalidation_relay import InvalidationRelay, build_relay
+from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 

@@ -102,6 +102,11 @@ class Unavailable(ServiceError):
     default_reason = "UNAVAILABLE"
 
 
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
 class InternalError(ServiceError):
     code = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from services.common.errors import InternalError, ServiceError
+from services.common.errors import InternalError, ServiceError, Unimplemented
 from services.common.telemetry.grpc_server import ServerTelemetry
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | No
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
+    if isinstance(exc, NotImplementedError):
+        # A generated servicer's method this server does not implement (a client
+        # newer than the server): UNIMPLEMENTED, as grpc answers, and no error logged.
+        exc = Unimplemented(f"{method} is not implemented by this server")
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error in %s", method)
         exc = InternalError("internal error; the service log has the details", reason="INTERNAL")

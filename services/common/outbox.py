@@ -31,12 +31,13 @@ class Write:
     tx: Executor
     source: str
     time: dt.datetime
-    patterns: list[str] = field(default_factory=list)
+    # In the order recorded, without repeats.
+    patterns: dict[str, None] = field(default_factory=dict)
     events: list[NewEvent] = field(default_factory=list)
 
     def invalidate(self, *patterns: str) -> None:
         """Cache patterns this write makes stale (glob patterns, as CacheClient.invalidate)."""
-        self.patterns.extend(p for p in patterns if p not in self.patterns)
+        self.patterns.update(dict.fromkeys(patterns))
 
     def emit(self, type: str, subject: str, data: dict[str, Any]) -> None:
         self.events.append(NewEvent(type, self.source, subject, data, time=self.time))
@@ -60,6 +61,7 @@ class Outbox:
             write = Write(tx, self._source, dt.datetime.now(dt.timezone.utc))
             yield write
             await self._events.insert(tx, write.events)
-            sequence = await self._log.append(tx, write.patterns, write.time) if write.patterns else 0
-        if write.patterns:
-            await self._cache.invalidate(*write.patterns, sequence=sequence)
+            patterns = list(write.patterns)
+            sequence = await self._log.append(tx, patterns, write.time) if patterns else 0
+        if patterns:
+            await self._cache.invalidate(*patterns, sequence=sequence)

@@ -20,8 +20,8 @@ from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost, run_until_stopped
-from services.common.outbox import Outbox
 from services.common.invalidation_relay import InvalidationRelay, build_relay
+from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.workflows.catalog import WorkflowCatalog
