@@ -11,17 +11,18 @@ old value from the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from collections.abc import Sequence
-
-from google.protobuf.message import Message
 
 from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository, revision_of
 from services.common.cache.client import CacheClient
+from services.common.cache.decorators import cached
+from services.common.cache.key_builder import encode_part
+from services.common.cache.keys import escape_key
+from services.common.cache.manager import CacheManager
 from services.common import pagination
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.outbox import Outbox
@@ -34,12 +35,8 @@ TTL_DISCOVER = 300.0
 
 
 def _agent_key(agent_id: str) -> str:
-    return f"agents:get:{agent_id}"
-
-
-def _request_key(kind: str, request: Message) -> str:
-    digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()[:32]
-    return f"agents:{kind}:{digest}"
+    """The pattern naming exactly the key AgentRegistry._stored(agent_id) fills."""
+    return f"agents:get:{escape_key(encode_part(agent_id))}"
 
 
 # Every list and discovery page may hold any agent: they go stale together.
@@ -54,52 +51,53 @@ def _made_stale(*agent_ids: str) -> tuple[str, ...]:
 class AgentRegistry:
     def __init__(self, repository: AgentRepository, cache: CacheClient, outbox: Outbox) -> None:
         self._repository = repository
-        self._cache = cache
+        # The @cached reads below find their manager here.
+        self.cache = CacheManager(cache)
         self._outbox = outbox
 
     async def get(self, agent_id: str) -> Agent:
         if not agent_id:
             raise invalid_fields([("id", "is required")])
-        # A "not found" is cached too (shortly): a create invalidates it like any write.
-        agent = await self._cache.get_or_load_optional(
-            _agent_key(agent_id), TTL_AGENT, Agent, lambda: self._repository.get(agent_id)
-        )
+        agent = await self._stored(agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
         return agent
 
     async def list(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
-        size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request)
-        filters = AgentFilter(request.domain, request.status, request.type, [request.capability] if request.capability else [])
-        _check_filters(filters)
-
-        async def load() -> agents_pb2.ListAgentsResponse:
-            # One row more than the page tells whether another page follows.
-            agents = await self._repository.list(filters, after, size + 1)
-            response = agents_pb2.ListAgentsResponse(agents=agents[:size])
-            if len(agents) > size:
-                response.next_page_token = pagination.encode_token(agents[size - 1].id, request)
-            return response
-
-        return await self._cache.get_or_load(_request_key("list", request), TTL_LIST, agents_pb2.ListAgentsResponse, load)
+        pagination.page_size(request.page_size)
+        pagination.decode_token(request)
+        _check_filters(_list_filter(request))
+        return await self._page(request)
 
     async def discover(self, request: agents_pb2.DiscoverAgentsRequest) -> agents_pb2.DiscoverAgentsResponse:
+        pagination.page_size(request.page_size)
+        _check_filters(_discover_filter(request))
+        return await self._discovery(request)
+
+    # The cached reads: keys from their arguments, invalidated by _made_stale().
+
+    @cached(ttl=TTL_AGENT, key_prefix="agents:get")
+    async def _stored(self, agent_id: str) -> Agent | None:
+        # A "not found" is cached too (shortly): a create invalidates it like any write.
+        return await self._repository.get(agent_id)
+
+    @cached(ttl=TTL_LIST, key_prefix="agents:list")
+    async def _page(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
         size = pagination.page_size(request.page_size)
-        filters = AgentFilter(request.domain, request.status, request.type, list(request.capability))
-        _check_filters(filters)
+        # One row more than the page tells whether another page follows.
+        agents = await self._repository.list(_list_filter(request), pagination.decode_token(request), size + 1)
+        response = agents_pb2.ListAgentsResponse(agents=agents[:size])
+        if len(agents) > size:
+            response.next_page_token = pagination.encode_token(agents[size - 1].id, request)
+        return response
 
-        async def load() -> agents_pb2.DiscoverAgentsResponse:
-            agents, facets = await asyncio.gather(
-                self._repository.list(filters, None, size), self._repository.facets(filters)
-            )
-            return agents_pb2.DiscoverAgentsResponse(
-                agents=agents, total_size=facets.total, facets=agents_pb2.Facets(**facets.counts)
-            )
-
-        return await self._cache.get_or_load(
-            _request_key("discover", request), TTL_DISCOVER, agents_pb2.DiscoverAgentsResponse, load
+    @cached(ttl=TTL_DISCOVER, key_prefix="agents:discover")
+    async def _discovery(self, request: agents_pb2.DiscoverAgentsRequest) -> agents_pb2.DiscoverAgentsResponse:
+        filters = _discover_filter(request)
+        agents, facets = await asyncio.gather(
+            self._repository.list(filters, None, pagination.page_size(request.page_size)), self._repository.facets(filters)
         )
+        return agents_pb2.DiscoverAgentsResponse(agents=agents, total_size=facets.total, facets=agents_pb2.Facets(**facets.counts))
 
     async def create(self, agent: Agent) -> Agent:
         return (await self.create_many([agent], prefix="agent"))[0]
@@ -210,6 +208,14 @@ def _expected_revision(etag: str) -> int | None:
     # An etag this service never issued matches no revision: the write is refused as stale.
     revision = revision_of(etag)
     return -1 if revision is None else revision
+
+
+def _list_filter(request: agents_pb2.ListAgentsRequest) -> AgentFilter:
+    return AgentFilter(request.domain, request.status, request.type, [request.capability] if request.capability else [])
+
+
+def _discover_filter(request: agents_pb2.DiscoverAgentsRequest) -> AgentFilter:
+    return AgentFilter(request.domain, request.status, request.type, list(request.capability))
 
 
 def _check_filters(filters: AgentFilter) -> None:

@@ -9,16 +9,18 @@ to the cache after it commits.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf.message import Message
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
 from services.common.cache.client import CacheClient
+from services.common.cache.decorators import cached
+from services.common.cache.key_builder import encode_part
+from services.common.cache.keys import escape_key
+from services.common.cache.manager import CacheManager
 from services.common import pagination
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.outbox import Outbox, Write
@@ -35,11 +37,8 @@ WRITABLE = ("name", "description", "steps", "timeout")
 
 
 def _key(workflow_id: str) -> str:
-    return f"workflows:get:{workflow_id}"
-
-
-def _list_key(request: Message) -> str:
-    return "workflows:list:" + hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()[:32]
+    """The pattern naming exactly the key WorkflowCatalog._stored(workflow_id) fills."""
+    return f"workflows:get:{escape_key(encode_part(workflow_id))}"
 
 
 class WorkflowCatalog:
@@ -52,31 +51,37 @@ class WorkflowCatalog:
     ) -> None:
         self._repository = repository
         self._agents = agents
-        self._cache = cache
+        # The @cached reads below find their manager here.
+        self.cache = CacheManager(cache)
         self._outbox = outbox
 
     async def get(self, workflow_id: str) -> Workflow:
         if not workflow_id:
             raise invalid_fields([("id", "is required")])
-        workflow = await self._cache.get_or_load_optional(
-            _key(workflow_id), TTL_WORKFLOW, Workflow, lambda: self._repository.get(workflow_id)
-        )
+        workflow = await self._stored(workflow_id)
         if workflow is None:
             raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
         return workflow
 
     async def list(self, request: workflows_pb2.ListWorkflowsRequest) -> workflows_pb2.ListWorkflowsResponse:
+        pagination.page_size(request.page_size)
+        pagination.decode_token(request)
+        return await self._page(request)
+
+    # The cached reads: keys from their arguments, invalidated by _record().
+
+    @cached(ttl=TTL_WORKFLOW, key_prefix="workflows:get")
+    async def _stored(self, workflow_id: str) -> Workflow | None:
+        return await self._repository.get(workflow_id)
+
+    @cached(ttl=TTL_LIST, key_prefix="workflows:list")
+    async def _page(self, request: workflows_pb2.ListWorkflowsRequest) -> workflows_pb2.ListWorkflowsResponse:
         size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request)
-
-        async def load() -> workflows_pb2.ListWorkflowsResponse:
-            workflows = await self._repository.list(after, size + 1)
-            response = workflows_pb2.ListWorkflowsResponse(workflows=workflows[:size])
-            if len(workflows) > size:
-                response.next_page_token = pagination.encode_token(workflows[size - 1].id, request)
-            return response
-
-        return await self._cache.get_or_load(_list_key(request), TTL_LIST, workflows_pb2.ListWorkflowsResponse, load)
+        workflows = await self._repository.list(pagination.decode_token(request), size + 1)
+        response = workflows_pb2.ListWorkflowsResponse(workflows=workflows[:size])
+        if len(workflows) > size:
+            response.next_page_token = pagination.encode_token(workflows[size - 1].id, request)
+        return response
 
     async def create(self, requested: Workflow) -> Workflow:
         workflow = Workflow()
