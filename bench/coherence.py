@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import bisect
 import dataclasses
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -111,10 +112,13 @@ def windows(history: History, path: str, fault_at: float | None, healed_at: floa
 class Load:
     """The writer/reader pairs: bounded (a pause between calls), stopped by stop()."""
 
-    def __init__(self, cluster: Cluster, pairs: int, *, pause: float = 0.01, timeout: float = 2.0) -> None:
+    def __init__(self, cluster: Cluster, pairs: int, *, pause: float = 0.01, timeout: float = 2.0, seed: int = 0) -> None:
         self.cluster = cluster
         self.pairs = pairs
         self.pause = pause
+        # Pauses are drawn from a seeded generator: each seed is another schedule of
+        # interleavings, and the same seed asks for the same schedule again.
+        self._random = random.Random(seed)
         self.timeout = timeout
         self.history = History()
         self._stopping = asyncio.Event()
@@ -171,7 +175,7 @@ class Load:
             else:
                 self.history.ack(agent_id, value, time.monotonic())
                 value += 1
-            await asyncio.sleep(self.pause)
+            await asyncio.sleep(self._random.uniform(0, 2 * self.pause))
 
     async def _read(self, pair: int, process: int, path: str) -> None:
         agent_id, domain = self.agent_id(pair), f"coherence-{pair}"
@@ -189,7 +193,7 @@ class Load:
                 self.history.read_errors += 1
             else:
                 self.history.reads.append(Read(agent_id, path, start, int(agent.description)))
-            await asyncio.sleep(self.pause / 2)
+            await asyncio.sleep(self._random.uniform(0, self.pause))
 
     async def lost_writes(self) -> list[str]:
         """Agents whose stored number is below the last acknowledged one (read past
@@ -260,10 +264,12 @@ class Outcome:
         return next(w.stale for w in windows(self.history, path, self.fault_at, self.healed_at) if w.name == window)
 
 
-async def check(cluster: Cluster, *, pairs: int, warmup: float, after: float, fault: Fault | None = None, pause: float = 0.01) -> Outcome:
+async def check(
+    cluster: Cluster, *, pairs: int, warmup: float, after: float, fault: Fault | None = None, pause: float = 0.01, seed: int = 0
+) -> Outcome:
     """Runs the load for warmup seconds, then the fault (if any), then `after` more
     seconds; returns the history, the fault's times and the lost writes."""
-    load = Load(cluster, pairs, pause=pause)
+    load = Load(cluster, pairs, pause=pause, seed=seed)
     try:
         await load.create_agents()
         running = asyncio.create_task(load.run())
@@ -292,16 +298,17 @@ def main() -> None:
     parser.add_argument("--fault", choices=sorted(FAULTS))
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--after", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0, help="the schedule of pauses between calls")
     args = parser.parse_args()
     cluster = Cluster(args.database, args.redis, args.processes).start()
     try:
         fault = FAULTS[args.fault]() if args.fault else None
-        outcome = asyncio.run(check(cluster, pairs=args.pairs, warmup=args.warmup, after=args.after, fault=fault))
+        outcome = asyncio.run(check(cluster, pairs=args.pairs, warmup=args.warmup, after=args.after, fault=fault, seed=args.seed))
     finally:
         cluster.close()
     history = outcome.history
     setup = f"{args.database} + {'redis' if args.redis else 'memory'}, {args.processes} agents processes, {args.pairs} pairs"
-    print(f"# {setup}; fault: {args.fault or 'none'}\n")
+    print(f"# {setup}; fault: {args.fault or 'none'}; seed {args.seed}\n")
     print(f"writes acknowledged: {sum(len(a) for a in history.acks.values())}, failed: {history.write_errors}; "
           f"reads: {len(history.reads)}, failed: {history.read_errors}; lost writes: {len(outcome.lost)}\n")
     for path in ("same", "cross") if args.processes > 1 else ("same",):

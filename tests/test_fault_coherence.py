@@ -50,16 +50,17 @@ def start_cluster(setup: str) -> Cluster:
 @pytest.mark.parametrize(("setup", "fault"), RUNS, ids=[f"{s}-{f or 'no-fault'}" for s, f in RUNS])
 async def test_nothing_lost_and_nothing_stale_once_healed(setup: str, fault: str | None) -> None:
     cluster = start_cluster(setup)
+    seed = RUNS.index((setup, fault))
     try:
         outcome: Outcome = await check(
-            cluster, pairs=4, warmup=1.5, after=4.5, fault=FAULTS[fault]() if fault else None, pause=0.02
+            cluster, pairs=4, warmup=1.5, after=4.5, fault=FAULTS[fault]() if fault else None, pause=0.02, seed=seed
         )
     except BaseException:
         print(cluster.logs())
         raise
     finally:
         cluster.close()
-    report = "\n\n".join(outcome.table(path) for path in ("same", "cross"))
+    report = f"seed {seed}\n\n" + "\n\n".join(outcome.table(path) for path in ("same", "cross"))
     history = outcome.history
     assert history.reads and history.acks, report
     assert outcome.lost == [], report
