@@ -168,3 +168,11 @@ async def test_watching_an_execution_resumes_after_the_last_event_seen(hub):
     # Resumed after its last event, an ended execution's watch ends at once, empty.
     last_id = everything[-1][0]
     assert await asyncio.wait_for(sse_events(hub.http, path, 10, headers={"Last-Event-ID": last_id}), WAIT) == []
+
+
+async def test_openapi_documents_the_resume_header_of_resumable_streams(hub):
+    paths = (await hub.http.get("/openapi.json")).json()["paths"]
+    for path in ("/api/events:stream", "/api/executions/{id}:watch"):
+        headers = [p["name"] for p in paths[path]["get"]["parameters"] if p["in"] == "header"]
+        assert headers == ["Last-Event-ID"], path
+    assert not any(p["in"] == "header" for p in paths["/api/events"]["get"]["parameters"])
