@@ -106,6 +106,16 @@ async def test_a_grpc_stream_resumes_after_the_given_event_then_goes_live(hub):
         assert (await next_event(call)).id == four.id
 
 
+async def test_a_resume_position_ahead_of_the_log_delivers_only_what_comes_after_it(hub):
+    source = "streams-ahead"
+    newest = await publish(hub, source, "now")
+    ahead = str(int(newest.id) + 2)
+    async with grpc_stream(hub, source, after=ahead) as call:
+        published = [await publish(hub, source, f"next.{n}") for n in range(4)]
+        later = [event for event in published if int(event.id) > int(ahead)]
+        assert [(await next_event(call)).id for _ in later] == [event.id for event in later]
+
+
 async def test_a_resume_position_that_is_not_an_event_id_is_invalid(hub):
     async with grpc_stream(hub, "x", after="yesterday") as call:
         with pytest.raises(grpc.aio.AioRpcError) as caught:

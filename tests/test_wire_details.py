@@ -52,7 +52,7 @@ async def test_integral_numbers_in_structs_come_back_as_integers(sqlite_url):
             async with http.stream("GET", f"/api/executions/{execution['id']}:watch") as response:
                 data = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: ")]
             succeeded = [event["data"] for event in data if event["type"] == "step.succeeded"]
-            assert succeeded and all(_types(d) == _types({**d, "attempts": 1}) for d in succeeded if "attempts" in d)
+            assert succeeded and all(isinstance(d["attempts"], int) for d in succeeded)
 
 
 async def _ended(http: httpx.AsyncClient, execution_id: str) -> dict:

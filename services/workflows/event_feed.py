@@ -78,7 +78,9 @@ class EventFeed:
             while True:
                 event = await subscription.queue.get()
                 if event is None:
-                    raise SubscriberTooSlow("the stream fell too far behind and was closed; reconnect to resume")
+                    raise SubscriberTooSlow(
+                        "the stream fell too far behind and was closed; reconnect after the last event received to resume"
+                    )
                 yield event
         finally:
             self.release(subscription)

@@ -90,6 +90,8 @@ class EventLog:
         then the live ones. Subscribing first and replaying up to where the
         subscription starts leaves no gap and no repeat between the two."""
         subscription = await self._feed.open(lambda e: all(getattr(e, name) == value for name, value in wanted.items()))
+        if after is not None and after > subscription.start:
+            subscription.start = after  # a position ahead of the log: nothing before it is new
         live = self._feed.events(subscription)
         try:
             if after is not None:
