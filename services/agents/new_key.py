@@ -24,8 +24,8 @@ import grpc
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 
 from services.agents.api_keys import ApiKeys
-from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.keys import well_formed
+from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import service_channel
 from services.common.db import connect
@@ -75,6 +75,8 @@ async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -
                 auth_pb2.CreateApiKeyRequest(api_key=api_key), timeout=10
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise ServiceError(exc.details() or exc.code().name) from None
             print(f"the stack at {settings.agents_addr} refused the services' key ({exc.details()}); "
                   "writing to the database instead", file=sys.stderr)
             return None
