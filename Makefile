@@ -31,8 +31,10 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
-# Prints a new admin API key for DATABASE_URL's database, once (see README).
-key: setup
+# Prints a new admin API key, once, where the stack finds it (see README). Set-up
+# talks on stderr, so that KEY=$$(make -s key) holds the key alone.
+key:
+	@$(MAKE) --no-print-directory setup >&2
 	@$(PY) -m services.agents.new_key
 
 bench: setup

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 
+import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -20,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
-from gateway.errors import http_exception_handler, unhandled_error_handler
+from gateway.errors import HTTP_STATUS, http_exception_handler, unhandled_error_handler
 from gateway.hardening import SecurityHeadersMiddleware, cors_options
 from gateway.health import HealthChecker
 from gateway.metrics import HttpMetrics, MetricsMiddleware, route_label
@@ -32,6 +33,7 @@ from gateway.routes import RouteError, build_routes
 from services.common.api import discover_services
 from services.common.settings import Settings
 from services.common.telemetry.asgi import HttpTelemetryMiddleware
+from services.common.telemetry.metrics import SERVER_ERROR_CODES
 
 
 def create_app(
@@ -62,6 +64,11 @@ def create_app(
     )
     health = HealthChecker(addresses)
     metrics = HttpMetrics(registry)
+    # Success and the statuses of the server's failures, which the error-rate alerts divide.
+    metrics.declare(
+        ((route.http_method, route.template.text) for route in routes),
+        sorted({HTTP_STATUS[code] for code in (grpc.StatusCode.OK, *SERVER_ERROR_CODES)}),
+    )
     openapi = OpenApiDocument(routes)
 
     fixed_routes = [

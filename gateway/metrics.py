@@ -8,6 +8,7 @@ runs to the last byte sent, so for a server-sent-events route it is the stream's
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from starlette.requests import Request
@@ -43,6 +44,17 @@ class HttpMetrics:
         )
         # Label children by key: the label sets are few and fixed, and labels() takes a lock.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def declare(self, routes: Iterable[tuple[str, str]], statuses: Iterable[int]) -> None:
+        """Exports these (method, route) pairs at zero, with these statuses, before
+        their first request: dashboards and alerts have series from the start."""
+        statuses = list(statuses)
+        for method, route in routes:
+            for status in statuses:
+                self._children[(method, route, status)] = (
+                    self._requests.labels(method, route, str(status)),
+                    self._latency.labels(method, route),
+                )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)

@@ -162,11 +162,23 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: dict, path_n
     else:
         reply_schema = schemas.message(route.method.output_type)
     if route.server_streaming:
-        ok = {
-            "description": "Server-sent events: one `data:` line per message, JSON as below; "
-            "a failure mid-stream arrives as an `error` event holding the error body.",
-            "content": {"text/event-stream": {"schema": reply_schema}},
-        }
+        description = (
+            "Server-sent events: one `data:` line per message, JSON as below; "
+            "a failure mid-stream arrives as an `error` event holding the error body."
+        )
+        if route.resume is not None:
+            request_field, event_field = route.resume
+            description += f" Each event's `id:` is the message's `{event_field.json_name}`."
+            operation["parameters"].append(
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": f"Resumes after that event: sets `{request_field.json_name}` unless the query does.",
+                }
+            )
+        ok = {"description": description, "content": {"text/event-stream": {"schema": reply_schema}}}
     else:
         ok = {"description": "OK", "content": {JSON_MEDIA_TYPE: {"schema": reply_schema}}}
     operation["responses"] = {"200": ok, "default": error_response}

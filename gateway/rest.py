@@ -3,8 +3,10 @@
 Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
 does only the work that depends on it. Unary calls carry the gateway's deadline.
 Server-streaming methods are served as server-sent events (one `data: <json>` per
-message); they carry no deadline, since a watch lives as long as its client listens,
-and the backend call is cancelled as soon as the client goes away.
+message, with an `id:` when the method can resume: a reconnecting client's
+Last-Event-ID sets its resume field); they carry no deadline, since a watch lives as
+long as its client listens, and the backend call is cancelled as soon as the client
+goes away.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -121,6 +124,8 @@ class RestGateway:
             if body:
                 require_json(scope)
             message = handler.builder.build(result.values, scope["query_string"], body)
+            if handler.route.resume is not None:
+                _resume_from_last_event_id(message, handler.route.resume[0], scope)
             metadata = (*_metadata(scope), ("x-forwarded-for", client_address(scope, self._proxies)))
         except GatewayError as error:
             await error.response()(scope, receive, send)
@@ -175,8 +180,9 @@ class RestGateway:
             if done and isinstance(first.exception(), grpc.aio.AioRpcError):
                 response: Response = rpc_error_response(first.exception())
             else:
+                event_id = handler.route.resume[1].name if handler.route.resume is not None else None
                 response = StreamingResponse(
-                    _events(call, first, handler.render), media_type="text/event-stream", headers=SSE_HEADERS
+                    _events(call, first, handler.render, event_id), media_type="text/event-stream", headers=SSE_HEADERS
                 )
             await response(scope, receive, send)
         finally:
@@ -185,15 +191,32 @@ class RestGateway:
             call.cancel()
 
 
-async def _events(call: grpc.aio.UnaryStreamCall, first: asyncio.Future, render: Renderer) -> AsyncIterator[bytes]:
+async def _events(
+    call: grpc.aio.UnaryStreamCall, first: asyncio.Future, render: Renderer, event_id: str | None
+) -> AsyncIterator[bytes]:
     try:
         reply = await first
         while reply is not grpc.aio.EOF:
-            yield b"data: " + render(reply) + b"\n\n"
+            head = b"id: " + getattr(reply, event_id).encode() + b"\n" if event_id else b""
+            yield head + b"data: " + render(reply) + b"\n\n"
             reply = await call.read()
     except grpc.aio.AioRpcError as error:
         # Headers are gone: the status travels as a last, named event in the error shape.
         yield b"event: error\ndata: " + status_body(status_of(error)) + b"\n\n"
+
+
+def _resume_from_last_event_id(message: Message, field: FieldDescriptor, scope: Scope) -> None:
+    """An EventSource reconnecting sends the last id it saw; the query, if it sets the
+    resume field, wins."""
+    if getattr(message, field.name):
+        return
+    for name, value in scope["headers"]:
+        if name == b"last-event-id":
+            text = value.decode("latin-1").strip()
+            if not (text.isascii() and text.isprintable()):
+                raise bad_request("header 'last-event-id' must be printable ASCII", field="last-event-id")
+            setattr(message, field.name, text)
+            return
 
 
 def _raw_path(scope: Scope) -> str:

@@ -15,8 +15,9 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from gateway.templates import PathTemplate, TemplateError
+from devops_hub.v1 import options_pb2
 
+from gateway.templates import PathTemplate, TemplateError
 
 
 class RouteError(ValueError):
@@ -40,6 +41,9 @@ class HttpRoute:
     response_class: type[Message]
     # 0 for the rule itself, n for its n-th additional binding.
     binding: int
+    # A server stream's resume position, (request field, streamed message's field), from
+    # the `resumes_after` option: the SSE Last-Event-ID and each event's id.
+    resume: tuple[FieldDescriptor, FieldDescriptor] | None = None
 
     @property
     def service(self) -> str:
@@ -117,6 +121,8 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
         if response_field is None:
             raise RouteError(f"{where}: response_body {rule.response_body!r} is not a field of {response_type.full_name}")
 
+    resume = _resume_fields(method, where) if method.server_streaming else None
+
     return HttpRoute(
         http_method=http_method,
         template=template,
@@ -129,7 +135,20 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
         request_class=message_factory.GetMessageClass(request_type),
         response_class=message_factory.GetMessageClass(response_type),
         binding=index,
+        resume=resume,
     )
+
+
+def _resume_fields(method: MethodDescriptor, where: str) -> tuple[FieldDescriptor, FieldDescriptor] | None:
+    for field in method.input_type.fields:
+        position = field.GetOptions().Extensions[options_pb2.resumes_after]
+        if not position:
+            continue
+        event_field = method.output_type.fields_by_name.get(position)
+        if event_field is None or field.type != FieldDescriptor.TYPE_STRING or event_field.type != FieldDescriptor.TYPE_STRING:
+            raise RouteError(f"{where}: {field.name} resumes after {position!r}, which must name a string field of both messages")
+        return field, event_field
+    return None
 
 
 def _path_field(message: Descriptor, field_path: tuple[str, ...], where: str) -> tuple[FieldDescriptor, ...]:

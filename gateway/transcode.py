@@ -327,9 +327,46 @@ def renderer(route: HttpRoute) -> Renderer:
     """Proto3 JSON of the response, or of its response_body field."""
     field = route.response_field
     if field is None:
-        return lambda reply: encode(json_format.MessageToDict(reply))
-    if field.message_type is not None and not field.is_repeated:
-        return lambda reply: encode(json_format.MessageToDict(getattr(reply, field.name)))
-    key = field.json_name
-    return lambda reply: encode(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)[key])
+        to_json = json_format.MessageToDict
+    elif field.message_type is not None and not field.is_repeated:
+        to_json = lambda reply: json_format.MessageToDict(getattr(reply, field.name))  # noqa: E731
+    else:
+        key = field.json_name
+        to_json = lambda reply: json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)[key]  # noqa: E731
+    reaches = field.message_type if field is not None else route.method.output_type
+    if reaches is None or not _reaches_struct(reaches):
+        return lambda reply: encode(to_json(reply))
+    return lambda reply: encode(_integral_numbers(to_json(reply)))
 
+
+# Struct and Value hold every JSON number as a double, so json_format prints 1 as 1.0.
+STRUCT_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+# Integers a double holds exactly: larger ones stay as json_format prints them.
+_EXACT_INTEGERS = 2**53
+
+
+def _reaches_struct(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold a Struct, Value or ListValue anywhere."""
+    seen: set[str] = set()
+    pending = [descriptor]
+    while pending:
+        current = pending.pop()
+        if current.full_name in STRUCT_TYPES:
+            return True
+        if current.full_name in seen:
+            continue
+        seen.add(current.full_name)
+        pending.extend(f.message_type for f in current.fields if f.message_type is not None)
+    return False
+
+
+def _integral_numbers(value: object) -> object:
+    """The JSON value with every integral number as an integer, so a client's
+    `"attempts": 1` comes back as it was sent, not as 1.0."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_INTEGERS else value
+    if isinstance(value, dict):
+        return {key: _integral_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_numbers(item) for item in value]
+    return value

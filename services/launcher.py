@@ -130,6 +130,20 @@ class Launcher:
                 proc.wait()
 
 
+def try_command(settings: Settings) -> str:
+    """A first call to paste, with the key it needs: `make key` reaches this stack at
+    AGENTS_ADDR (named when it is not the default) and creates the key there."""
+    gateway = f"http://{settings.gateway_host}:{settings.gateway_port}"
+    execute = (
+        f"curl -s -X POST {gateway}/api/workflows/fan-out-greetings:execute -H 'content-type: application/json' "
+        "-d '{\"input\": {\"services\": [\"api\", \"web\"]}}'"
+    )
+    if not settings.auth_enabled:
+        return execute
+    where = "" if settings.agents_addr == Settings().agents_addr else f"AGENTS_ADDR={settings.agents_addr} "
+    return f'KEY=$({where}make -s key) && {execute} -H "x-api-key: $KEY"'
+
+
 def _local_service_key() -> str:
     path = pathlib.Path(SERVICE_KEY_FILE)
     if path.exists():
@@ -183,9 +197,7 @@ def main() -> int:
         print(f"launcher: seeded {len(seeded)} built-in agent(s) and example workflow(s)" if seeded else "launcher: examples already seeded", flush=True)
     except Exception as exc:  # noqa: BLE001 - the system runs without its examples
         print(f"launcher: seeding the examples failed ({exc}); the services run on", file=sys.stderr, flush=True)
-    gateway = f"http://{settings.gateway_host}:{settings.gateway_port}"
-    print(f"launcher: ready. Try: curl -s -X POST {gateway}/api/workflows/fan-out-greetings:execute "
-          "-H 'content-type: application/json' -d '{\"input\": {\"services\": [\"api\", \"web\"]}}'", flush=True)
+    print(f"launcher: ready. Try, in another terminal here: {try_command(settings)}", flush=True)
     code = launcher.watch()
     if launcher.running and all(proc.poll() is None for _, proc in launcher.running):
         print("launcher: stopping", flush=True)

@@ -85,9 +85,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched_stack(tmp_path: Path, **env_overrides: str) -> Iterator[dict[str, str]]:
+def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overrides: str) -> Iterator[dict[str, str]]:
     """`python -m services.launcher` on free ports and a fresh SQLite file; yields its
-    environment once it says it is ready, and checks it stops cleanly on SIGTERM."""
+    environment once it says it is ready (its lines so far go to `output`), and checks
+    it stops cleanly on SIGTERM."""
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -108,7 +109,7 @@ def launched_stack(tmp_path: Path, **env_overrides: str) -> Iterator[dict[str, s
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    lines: list[str] = []
+    lines: list[str] = [] if output is None else output
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -1,36 +1,91 @@
-"""`make key`: creates an API key in DATABASE_URL's database and prints it, once.
+"""`make key`: creates an API key and prints it, once.
 
     python -m services.agents.new_key                       # an admin key
     python -m services.agents.new_key --name ci --scopes read,execute
 
-Only the key's hash is stored: the printed line is the only copy.
+Where the key goes follows the stack, so that the key works against it:
+DATABASE_URL's database when that variable is set; otherwise, when a stack answers
+at AGENTS_ADDR, through that stack's ApiKeysService with the services' key
+(SERVICE_API_KEY, or the one `make run` keeps in var/service.key), so it lands in
+whatever database that stack runs on; otherwise the default database. The line on
+stderr says which. Only the key's hash is stored: the printed line is the only copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import pathlib
 import sys
 
-from devops_hub.v1 import auth_pb2, options_pb2
+import grpc
+
+from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 
 from services.agents.api_keys import ApiKeys
+from services.common.auth.keys import well_formed
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
+from services.common.auth.wiring import service_channel
 from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.errors import ServiceError
 from services.common.settings import Settings
+from services.launcher import SERVICE_KEY_FILE
+
+# How long a stack at AGENTS_ADDR has to answer before the key goes to the database.
+STACK_TIMEOUT = 1.0
 
 
-async def create(settings: Settings, name: str, scopes: list[int]) -> auth_pb2.CreateApiKeyResponse:
+async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth_pb2.CreateApiKeyResponse, str]:
+    """The new key, and where it was created (for the user)."""
+    request = auth_pb2.ApiKey(name=name, scopes=scopes)
+    if "DATABASE_URL" not in os.environ:
+        created = await _through_running_stack(settings, request)
+        if created is not None:
+            return created, f"through the stack running at {settings.agents_addr}, in its database"
     db = await connect(settings.database_url, pool_size=1, max_overflow=0)
     try:
-        await migrate(db)
+        # The first migration applied now: nothing had ever run on this database.
+        fresh = 1 in await migrate(db)
         repository = ApiKeyRepository(db)
-        return await ApiKeys(repository, DatabaseVerifier(repository)).create(auth_pb2.ApiKey(name=name, scopes=scopes))
+        created = await ApiKeys(repository, DatabaseVerifier(repository)).create(request)
     finally:
         await db.close()
+    where = f"in {settings.database_url_redacted}"
+    if fresh:
+        where += " (a database no stack had used yet: start the stack with the same DATABASE_URL)"
+    return created, where
+
+
+async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -> auth_pb2.CreateApiKeyResponse | None:
+    """The key created by the stack answering at AGENTS_ADDR, or None when none answers
+    or it does not take the services' key."""
+    service_key = settings.service_api_key or _kept_service_key()
+    if not service_key:
+        return None
+    async with service_channel(settings.agents_addr, settings.replace(service_api_key=service_key)) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), STACK_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        try:
+            return await auth_pb2_grpc.ApiKeysServiceStub(channel).CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(api_key=api_key), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise ServiceError(exc.details() or exc.code().name) from None
+            print(f"the stack at {settings.agents_addr} refused the services' key ({exc.details()}); "
+                  "writing to the database instead", file=sys.stderr)
+            return None
+
+
+def _kept_service_key() -> str:
+    path = pathlib.Path(SERVICE_KEY_FILE)
+    key = path.read_text().strip() if path.exists() else ""
+    return key if well_formed(key) else ""
 
 
 def main() -> int:
@@ -43,12 +98,12 @@ def main() -> int:
     except ValueError:
         parser.error("--scopes takes read, write, execute and admin, comma separated")
     try:
-        created = asyncio.run(create(Settings.from_env(), args.name, scopes))
+        created, where = asyncio.run(create(Settings.from_env(), args.name, scopes))
     except ServiceError as exc:
         print(f"could not create the key: {exc.message}", file=sys.stderr)
         return 1
     print(created.key)
-    print(f"key {created.api_key.id} ({created.api_key.name}); store it now, it is not shown again", file=sys.stderr)
+    print(f"key {created.api_key.id} ({created.api_key.name}) created {where}; store it now, it is not shown again", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ import logging
 
 from devops_hub.v1 import cache_pb2_grpc
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
-from services.common.cache.keys import MAX_VALUE_BYTES
+from services.common.cache.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
 from services.cache_sidecar.relay import InvalidationRelay
 from services.cache_sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
 from services.cache_sidecar.stores import redis as redis_store
@@ -133,6 +133,7 @@ async def main(settings: Settings | None = None, telemetry: Telemetry | None = N
     settings = settings or Settings.from_env()
     telemetry = telemetry or Telemetry.start(settings, "cache")
     sidecar = await build(settings)
+    service_metrics().cache.declare(SERVICE_NAMESPACES)
     await telemetry.serve_metrics(
         "cache sidecar", settings.cache_addr, settings.cache_metrics_port,
         refreshers=[CacheStatsRefresher(sidecar.store, service_metrics().cache)],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +99,14 @@ class EventRepository:
         rows = await self._db.fetch(f"{_SELECT} WHERE {where} ORDER BY id DESC LIMIT ${len(args)}", *args)
         return [_to_event(row) for row in rows]
 
-    async def of_correlation(self, correlation_id: str, limit: int) -> list[Event]:
-        """One correlation id's events, oldest first."""
-        rows = await self._db.fetch(f"{_SELECT} WHERE correlation_id = $1 ORDER BY id LIMIT {int(limit)}", correlation_id)
+    async def between(self, after_id: int, through_id: int, matching: Mapping[str, str], limit: int) -> list[Event]:
+        """The events with ids in (after_id, through_id] whose fields equal `matching`
+        (exact matches on columns of the events table), oldest first."""
+        clauses = [f"{name} = ${i}" for i, name in enumerate(matching, start=3)]
+        where = " AND ".join(["id > $1", "id <= $2", *clauses])
+        rows = await self._db.fetch(
+            f"{_SELECT} WHERE {where} ORDER BY id LIMIT {int(limit)}", after_id, through_id, *matching.values()
+        )
         return [_to_event(row) for row in rows]
 
     async def after(self, after_id: int, limit: int) -> list[Event]:

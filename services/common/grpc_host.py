@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.common.errors import InternalError, ServiceError, Unimplemented
 from services.common.telemetry.grpc_server import ServerTelemetry
+from services.common.telemetry.metrics import service_metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,15 @@ class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_me
     """A status with trailing metadata beside its details (grpc.Status is abstract)."""
 
 
+def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
+    pool = descriptor_pool.Default()
+    found = []
+    for name in names:
+        with contextlib.suppress(KeyError):
+            found.append(pool.FindServiceByName(name))
+    return found
+
+
 class GrpcHost:
     """One grpc.aio server: the service's servicers plus health and reflection."""
 
@@ -151,9 +164,9 @@ class GrpcHost:
 
     async def start(self) -> int:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        service_metrics().grpc.declare(_descriptors(names))
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")

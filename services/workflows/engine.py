@@ -30,7 +30,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb
 
 from services.common.errors import Aborted
 from services.common.events import EventWriter
-from services.common.telemetry.metrics import service_metrics
+from services.common.telemetry.metrics import enum_label, service_metrics
 from services.workflows import references
 from services.workflows.repository import ExecutionRepository
 
@@ -50,6 +50,7 @@ MAX_PARALLEL_ITEMS = 1000
 # gRPC codes after which another attempt may succeed.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL}
 _FINAL_STEP = {StepRun.SUCCEEDED, StepRun.FAILED, StepRun.SKIPPED, StepRun.CANCELLED, StepRun.TIMED_OUT}
+_FINAL_EXECUTION = {Execution.SUCCEEDED, Execution.FAILED, Execution.CANCELLED, Execution.TIMED_OUT}
 
 
 class StepFailed(Exception):
@@ -102,6 +103,11 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        service_metrics().workflows.declare(
+            [enum_label(Execution.Status.DESCRIPTOR, status) for status in _FINAL_EXECUTION],
+            [enum_label(Step.Type.DESCRIPTOR, kind) for kind in Step.Type.values() if kind != Step.TYPE_UNSPECIFIED],
+            [enum_label(StepRun.Status.DESCRIPTOR, status) for status in _FINAL_STEP],
+        )
         try:
             await self._reap()
         except Exception:  # noqa: BLE001 - the maintenance loop tries again shortly

@@ -3,6 +3,9 @@
 Events are written by every replica of every service, so a stream cannot be fed
 from one process's memory. One poller per process reads new rows by id and fans
 them out to the subscribers' bounded queues; it runs only while someone listens.
+Each subscription starts at the newest event stored when it opened: one that joins a
+running poller skips what the poller has yet to deliver from before, and a poller
+that starts again starts from now, not from where the last one stopped.
 
 PostgreSQL hands out ids before commit, so a transaction can commit a lower id after
 a higher one was read. The poller keeps such holes open for a few seconds and reads
@@ -42,6 +45,8 @@ class SubscriberTooSlow(ServiceError):
 @dataclass(eq=False)
 class Subscription:
     accepts: Callable[[events_pb2.Event], bool]
+    # The newest event id stored when it opened: it receives only later ones.
+    start: int = 0
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
     overflowed: bool = False
 
@@ -57,12 +62,14 @@ class EventFeed:
 
     async def open(self, accepts: Callable[[events_pb2.Event], bool]) -> Subscription:
         """Starts collecting the events stored from now on that `accepts` keeps."""
-        if self._last_id is None:
-            self._last_id = await self._events.newest_id()
-        subscription = Subscription(accepts)
-        self._subscribers.add(subscription)
+        newest = await self._events.newest_id()
+        subscription = Subscription(accepts, start=newest)
+        # No await from here on: the poller cannot stop between the check and the add.
         if self._task is None or self._task.done():
+            self._last_id = newest
+            self._holes = {}
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="event-feed")
+        self._subscribers.add(subscription)
         return subscription
 
     async def events(self, subscription: Subscription) -> AsyncIterator[events_pb2.Event]:
@@ -71,7 +78,9 @@ class EventFeed:
             while True:
                 event = await subscription.queue.get()
                 if event is None:
-                    raise SubscriberTooSlow("the stream fell too far behind and was closed; reconnect to resume")
+                    raise SubscriberTooSlow(
+                        "the stream fell too far behind and was closed; reconnect after the last event received to resume"
+                    )
                 yield event
         finally:
             self.release(subscription)
@@ -106,11 +115,11 @@ class EventFeed:
                 for missing in range(self._last_id + 1, event_id):
                     self._holes[missing] = now + HOLE_TTL
             self._last_id = max(self._last_id, event_id)
-            self._deliver(event)
+            self._deliver(event_id, event)
 
-    def _deliver(self, event: events_pb2.Event) -> None:
+    def _deliver(self, event_id: int, event: events_pb2.Event) -> None:
         for subscription in list(self._subscribers):
-            if subscription.overflowed or not subscription.accepts(event):
+            if subscription.overflowed or event_id <= subscription.start or not subscription.accepts(event):
                 continue
             try:
                 subscription.queue.put_nowait(event)

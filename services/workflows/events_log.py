@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from devops_hub.v1 import events_pb2
 
@@ -18,7 +18,11 @@ from services.workflows.event_feed import EventFeed
 Event = events_pb2.Event
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 MAX_DATA_BYTES = 64 * 1024
-MAX_REPLAY = 10_000
+# Stored events read per query while a stream catches up from a resume position.
+REPLAY_BATCH = 1000
+# The filters StreamEvents may set, each an exact match on the event's field.
+FILTERS = ("type", "source", "subject", "correlation_id")
+MAX_EVENT_ID = 2**63 - 1
 
 
 class EventLog:
@@ -63,28 +67,45 @@ class EventLog:
         return await self._writer.write_now(event)
 
     async def stream(self, request: events_pb2.StreamEventsRequest) -> AsyncIterator[Event]:
-        subscription = await self._feed.open(_matcher(request))
-        async for event in self._feed.events(subscription):
+        """Matching events from now on, or from just after `request.after`."""
+        wanted = {name: getattr(request, name) for name in FILTERS if getattr(request, name)}
+        async for event in self._replay_then_live(wanted, resume_position(request.after)):
             yield event
 
-    async def follow(self, correlation_id: str) -> AsyncIterator[Event]:
-        """Every event of one correlation id: those stored already, then live ones, each once."""
-        # Subscribe first, then read history: nothing stored in between is missed.
-        subscription = await self._feed.open(lambda e: e.correlation_id == correlation_id)
+    async def follow(self, correlation_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """Every event of one correlation id after the event `after` (0: all): those
+        stored already, then live ones, each once."""
+        async for event in self._replay_then_live({"correlation_id": correlation_id}, after):
+            yield event
+
+    async def _replay_then_live(self, wanted: dict[str, str], after: int | None) -> AsyncIterator[Event]:
+        """The stored events after `after` that match `wanted` (none when it is None),
+        then the live ones. Subscribing first and replaying up to where the
+        subscription starts leaves no gap and no repeat between the two."""
+        subscription = await self._feed.open(lambda e: all(getattr(e, name) == value for name, value in wanted.items()))
+        if after is not None and after > subscription.start:
+            subscription.start = after  # a position ahead of the log: nothing before it is new
         live = self._feed.events(subscription)
         try:
-            last = 0
-            for event in await self._events.of_correlation(correlation_id, MAX_REPLAY):
-                last = int(event.id)
-                yield event
+            if after is not None:
+                while after < subscription.start:
+                    events = await self._events.between(after, subscription.start, wanted, REPLAY_BATCH)
+                    for event in events:
+                        yield event
+                    if len(events) < REPLAY_BATCH:
+                        break
+                    after = int(events[-1].id)
             async for event in live:
-                if int(event.id) > last:
-                    yield event
+                yield event
         finally:
             await live.aclose()
             self._feed.release(subscription)
 
 
-def _matcher(request: events_pb2.StreamEventsRequest) -> Callable[[Event], bool]:
-    wanted = {name: getattr(request, name) for name in ("type", "source", "subject", "correlation_id") if getattr(request, name)}
-    return lambda event: all(getattr(event, name) == value for name, value in wanted.items())
+def resume_position(after: str) -> int | None:
+    """A resume position: an event id, or None when there is none."""
+    if not after:
+        return None
+    if not after.isdigit() or int(after) > MAX_EVENT_ID:
+        raise invalid_fields([("after", "must be an event id, as received in Event.id")])
+    return int(after)

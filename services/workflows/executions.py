@@ -14,7 +14,7 @@ from services.common import pagination
 from services.common.errors import FailedPrecondition, NotFound, invalid_fields
 from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
-from services.workflows.events_log import EventLog
+from services.workflows.events_log import EventLog, resume_position
 from services.workflows.repository import ExecutionRepository
 
 Execution = workflows_pb2.Execution
@@ -75,10 +75,17 @@ class Executions:
         await self._engine.cancel(execution_id)
         return await self.get(execution_id)
 
-    async def watch(self, execution_id: str) -> AsyncIterator[events_pb2.Event]:
-        """The execution's transitions so far, then live ones, until it ends."""
-        await self.get(execution_id)
-        async for event in self._log.follow(correlation_id=execution_id):
+    async def watch(self, execution_id: str, after: str = "") -> AsyncIterator[events_pb2.Event]:
+        """The execution's transitions so far (after `after`, if given), then live
+        ones, until it ends."""
+        execution = await self.get(execution_id)
+        position = resume_position(after)
+        if position is not None and execution.status not in (Execution.PENDING, Execution.RUNNING):
+            # Resumed past its end, the stream would wait for an end that has come.
+            newest = (await self._log.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
+            if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:
+                return
+        async for event in self._log.follow(execution_id, position or 0):
             yield event
             if event.type in _TERMINAL_EVENTS:
                 return

@@ -45,7 +45,7 @@ class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
         return await self._executions.cancel(request.id)
 
     async def WatchExecution(self, request, context):
-        async for event in self._executions.watch(request.id):
+        async for event in self._executions.watch(request.id, request.after):
             yield event
 
 

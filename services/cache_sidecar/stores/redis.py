@@ -16,12 +16,14 @@ failure surfaces within one socket timeout.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import os
 import random
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +50,8 @@ from services.cache_sidecar.stores.position import FRESH, SyncState, position_be
 from services.cache_sidecar.stores.redis_layout import KeyLayout, parse_record, value_body
 from services.common.errors import invalid_fields
 
+# How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
+CENSUS_MAX_AGE = 5.0
 # SCAN batch size: large enough that a walk of 1M keys is a few thousand round trips.
 SCAN_COUNT = 1000
 UNLINK_BATCH = 1000
@@ -196,6 +200,7 @@ class RedisStore:
         lease_seconds: float = LEASE_SECONDS,
         origin: str | None = None,
         rand: Callable[[], float] = random.random,
+        census_max_age: float = CENSUS_MAX_AGE,
     ) -> None:
         self.client = client
         self.layout = layout or KeyLayout()
@@ -209,6 +214,10 @@ class RedisStore:
         self._counter = HitCounter()
         self._sets = 0
         self._invalidations = 0
+        self._census_max_age = census_max_age
+        self._census_lock = asyncio.Lock()
+        self._census_value: tuple[int, int] | None = None
+        self._census_at = 0.0
 
     # --- reads -----------------------------------------------------------------------
 
@@ -393,20 +402,38 @@ class RedisStore:
         )
 
     async def stats(self) -> StoreStats:
-        """Entries and bytes are the Redis database's (DBSIZE, used_memory), and the
-        evictions are Redis's own (maxmemory and expiry): with generation counters,
-        invalidated records stay until their TTL, and only Redis knows what it holds."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.dbsize()
-            pipe.info("memory")
-            pipe.info("stats")
-            size, memory, counters = await pipe.execute()
-        return dataclasses.replace(
-            self.local_stats(),
-            entries=int(size),
-            bytes=int(memory.get("used_memory", 0)),
-            evictions={"size": 0, "bytes": int(counters.get("evicted_keys", 0)), "ttl": int(counters.get("expired_keys", 0))},
-        )
+        """Entries and bytes are this deployment's cache records only, counted under
+        its key prefix: the Redis server may hold other applications' keys (and DevOps
+        Hub's rate-limit buckets). Records invalidated by a generation bump count until
+        their TTL removes them. Redis's eviction and expiry counters are the whole
+        server's, so the store reports none of its own (see docs/cache.md)."""
+        entries, size = await self._census()
+        return dataclasses.replace(self.local_stats(), entries=entries, bytes=size)
+
+    async def _census(self) -> tuple[int, int]:
+        """(records, bytes) by SCAN and MEMORY USAGE, one batch per round trip; kept for
+        census_max_age seconds, since a walk is O(keyspace) and scrapes come often."""
+        now = time.monotonic()
+        if self._census_value is not None and now - self._census_at < self._census_max_age:
+            return self._census_value
+        async with self._census_lock:
+            if self._census_value is not None and time.monotonic() - self._census_at < self._census_max_age:
+                return self._census_value
+            entries = size = 0
+            cursor = 0
+            while True:
+                cursor, names = await self.client.scan(cursor=cursor, match=self.layout.data_match(""), count=SCAN_COUNT)
+                if names:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for name in names:
+                            pipe.memory_usage(name)
+                        usages = [usage for usage in await pipe.execute() if usage is not None]
+                    entries += len(usages)
+                    size += sum(int(usage) for usage in usages)
+                if cursor == 0:
+                    break
+            self._census_value, self._census_at = (entries, size), time.monotonic()
+            return self._census_value
 
     async def server_id(self) -> str:
         """Redis's run_id: it changes when Redis restarts (and may have reloaded a

@@ -102,12 +102,15 @@ class AccessGuard:
             return
         limits = rate_limit_metadata(decision)
         if not decision.allowed:
+            # Whole seconds, as Retry-After has them: the message, the RetryInfo and the
+            # header all say the same wait.
+            wait = max(1, math.ceil(decision.retry_after))
             raise RateLimited(
-                f"rate limit of {decision.limit} requests reached; retry in {decision.retry_after:.1f}s",
+                f"rate limit of {decision.limit} requests reached; retry in {wait}s",
                 reason="RATE_LIMITED",
                 metadata={"limit": str(decision.limit)},
-                retry_after=decision.retry_after,
-                trailing_metadata=(*limits, ("retry-after", str(max(1, math.ceil(decision.retry_after))))),
+                retry_after=wait,
+                trailing_metadata=(*limits, ("retry-after", str(wait))),
             )
         context.set_trailing_metadata(limits)
 

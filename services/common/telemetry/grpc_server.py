@@ -21,17 +21,17 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Status, StatusCode
 
 from services.common.telemetry import context, profiling, tracing
-from services.common.telemetry.metrics import SERVER_ERROR_CODES, GrpcServerMetrics, MethodMetrics, service_metrics
+from services.common.telemetry.metrics import GRPC_TYPES, SERVER_ERROR_CODES, GrpcServerMetrics, MethodMetrics, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 
 _UNSET: Any = object()
 
-# (request streaming, response streaming) → the grpc_type label and the handler factory.
-_KINDS = {
-    (False, False): ("unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("server_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("client_stream", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("bidi_stream", grpc.stream_stream_rpc_method_handler),
+# (request streaming, response streaming) → the handler factory.
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
 }
 
 
@@ -89,7 +89,8 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         path = method.lstrip("/")
         service, _, name = path.rpartition("/")
-        kind, factory = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        shape = (bool(handler.request_streaming), bool(handler.response_streaming))
+        kind, factory = GRPC_TYPES[shape], _FACTORIES[shape]
         behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         stats = self._metrics.method(service, name, kind)
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}

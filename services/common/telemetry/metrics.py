@@ -17,9 +17,11 @@ import dataclasses
 import functools
 import os
 import weakref
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -93,6 +95,17 @@ def _alive(pid: int) -> bool:
 
 # --- gRPC server calls --------------------------------------------------------------
 
+# (request streaming, response streaming) → the grpc_type label.
+GRPC_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+# Codes every method exports from start, at zero: success and the server's failures,
+# which the error-rate alerts divide. A caller's error code appears when it happens.
+CODES_FROM_START = (grpc.StatusCode.OK, *sorted(SERVER_ERROR_CODES, key=lambda code: code.value[0]))
+
 
 class GrpcServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -109,13 +122,25 @@ class GrpcServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
 
     def method(self, service: str, method: str, kind: str) -> "MethodMetrics":
-        return MethodMetrics(self._handled, self._latency.labels(service, method, kind), (service, method, kind))
+        labels = (service, method, kind)
+        metrics = self._methods.get(labels)
+        if metrics is None:
+            metrics = self._methods[labels] = MethodMetrics(self._handled, self._latency.labels(*labels), labels)
+        return metrics
+
+    def declare(self, services: Iterable[ServiceDescriptor]) -> None:
+        """Exports every method of these services at zero before its first call, so
+        dashboards and alerts have series to read from the start."""
+        for service in services:
+            for method in service.methods:
+                self.method(service.full_name, method.name, GRPC_TYPES[(method.client_streaming, method.server_streaming)])
 
 
 class MethodMetrics:
-    """One method's children: the histogram bound up front, a counter child per code as met."""
+    """One method's children: the histogram bound up front, a counter child per code."""
 
     __slots__ = ("_handled", "_latency", "_labels", "_by_code")
 
@@ -123,7 +148,7 @@ class MethodMetrics:
         self._handled = handled
         self._latency = latency
         self._labels = labels
-        self._by_code: dict[grpc.StatusCode, Counter] = {}
+        self._by_code: dict[grpc.StatusCode, Counter] = {code: handled.labels(*labels, code.name) for code in CODES_FROM_START}
 
     def observe(self, code: grpc.StatusCode, seconds: float) -> None:
         counter = self._by_code.get(code)
@@ -223,6 +248,12 @@ class CacheMetrics:
         self._seen: dict[tuple[str, str], int] = {}
         self._backends: set[str] = set()
 
+    def declare(self, namespaces: Iterable[str]) -> None:
+        """Exports these namespaces' hits and misses at zero before their first read."""
+        for namespace in namespaces:
+            self._hits.labels(namespace)
+            self._misses.labels(namespace)
+
     def update(self, stats: Any) -> None:
         """Applies a snapshot shaped like services.cache_sidecar.stores.base.StoreStats."""
         for namespace, counts in stats.namespaces.items():
@@ -272,8 +303,11 @@ class CacheStatsRefresher:
 
 def _enum_label(message: Any, field: str) -> str:
     """The enum value's name in lower case, from the message's own descriptor."""
-    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
-    value = enum.values_by_number.get(getattr(message, field))
+    return enum_label(message.DESCRIPTOR.fields_by_name[field].enum_type, getattr(message, field))
+
+
+def enum_label(enum: EnumDescriptor, number: int) -> str:
+    value = enum.values_by_number.get(number)
     return value.name.lower() if value is not None else "unknown"
 
 
@@ -305,6 +339,18 @@ class WorkflowMetrics:
             buckets=WORKFLOW_BUCKETS,
             registry=registry,
         )
+
+    def declare(self, execution_statuses: Iterable[str], step_types: Iterable[str], step_statuses: Iterable[str]) -> None:
+        """Exports every final status (and step type) at zero before the first
+        execution ends, so the dashboard's panels have series from the start."""
+        step_statuses = list(step_statuses)
+        for status in execution_statuses:
+            self._executions.labels(status)
+            self._execution_seconds.labels(status)
+        for kind in step_types:
+            for status in step_statuses:
+                self._steps.labels(kind, status)
+                self._step_seconds.labels(kind, status)
 
     def execution_ended(self, execution: Any) -> None:
         """Counts an Execution that reached its final status (and times it, if it started)."""

@@ -1,0 +1,62 @@
+"""README.md and docs/ point at what exists: links stay inside the repository and
+resolve (anchors included), and the files the design guides name are there."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE_PATH = re.compile(r"`((?:services|gateway|protos|deploy|tests|bench|docs|scripts)/[^`\s]*)`")
+# The guides' worked examples name files that do not exist yet, by design.
+GUIDE_EXAMPLES = ("reports",)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(document: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.DOTALL)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+def expand(path: str) -> list[str]:
+    """`a/{b,c}/d` → `a/b/d`, `a/c/d`."""
+    parts = re.split(r"\{([^}]*)\}", path)
+    choices = [[part] if i % 2 == 0 else part.split(",") for i, part in enumerate(parts)]
+    return ["".join(combination) for combination in itertools.product(*choices)]
+
+
+def test_links_stay_in_the_repository_and_resolve():
+    broken = []
+    for document in DOCUMENTS:
+        for target in LINK.findall(document.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            if ROOT not in resolved.parents and resolved != ROOT:
+                broken.append(f"{document.name}: {target} leaves the repository")
+            elif not resolved.exists():
+                broken.append(f"{document.name}: {target} does not exist")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+                broken.append(f"{document.name}: {target} names no heading")
+    assert not broken, broken
+
+
+def test_the_files_the_design_names_exist():
+    text = (ROOT / "docs" / "design.md").read_text()
+    named = {path for match in CODE_PATH.findall(text) for path in expand(match.rstrip(".,"))}
+    missing = sorted(p for p in named if not any(e in p for e in GUIDE_EXAMPLES) and not (ROOT / p).exists())
+    assert named and not missing, missing
+
+
+def test_the_slugs_and_brace_expansion():
+    assert slug("Adding an RPC") == "adding-an-rpc" and slug("Caching (the heart of it)") == "caching-the-heart-of-it"
+    assert expand("m/{postgresql,sqlite}/") == ["m/postgresql/", "m/sqlite/"]
