@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import collections
 import dataclasses
 import random
 import statistics
@@ -55,8 +56,15 @@ class Read:
 class History:
     acks: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
     reads: list[Read] = dataclasses.field(default_factory=list)
-    write_errors: int = 0
-    read_errors: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def write_errors(self) -> int:
+        return sum(n for what, n in self.errors.items() if what.startswith("write"))
+
+    @property
+    def read_errors(self) -> int:
+        return sum(n for what, n in self.errors.items() if what.startswith("read"))
 
     def ack(self, agent: str, value: int, at: float) -> None:
         self.acks.setdefault(agent, []).append((value, at))
@@ -170,8 +178,8 @@ class Load:
             request = agents_pb2.UpdateAgentRequest(agent=Agent(id=agent_id, description=str(value)), update_mask=mask)
             try:
                 await self.stub(process).UpdateAgent(request, timeout=self.timeout)
-            except grpc.aio.AioRpcError:
-                self.history.write_errors += 1
+            except grpc.aio.AioRpcError as exc:
+                self.history.errors[f"write {exc.code().name}"] += 1
             else:
                 self.history.ack(agent_id, value, time.monotonic())
                 value += 1
@@ -189,8 +197,10 @@ class Load:
                 else:
                     listed = await self.stub(process).ListAgents(agents_pb2.ListAgentsRequest(domain=domain), timeout=self.timeout)
                     agent = listed.agents[0]
-            except (grpc.aio.AioRpcError, IndexError):
-                self.history.read_errors += 1
+            except grpc.aio.AioRpcError as exc:
+                self.history.errors[f"read {exc.code().name}"] += 1
+            except IndexError:
+                self.history.errors["read: the list lost the agent"] += 1
             else:
                 self.history.reads.append(Read(agent_id, path, start, int(agent.description)))
             await asyncio.sleep(self._random.uniform(0, self.pause))
@@ -310,7 +320,8 @@ def main() -> None:
     setup = f"{args.database} + {'redis' if args.redis else 'memory'}, {args.processes} agents processes, {args.pairs} pairs"
     print(f"# {setup}; fault: {args.fault or 'none'}; seed {args.seed}\n")
     print(f"writes acknowledged: {sum(len(a) for a in history.acks.values())}, failed: {history.write_errors}; "
-          f"reads: {len(history.reads)}, failed: {history.read_errors}; lost writes: {len(outcome.lost)}\n")
+          f"reads: {len(history.reads)}, failed: {history.read_errors}; lost writes: {len(outcome.lost)}")
+    print(f"failures: {dict(history.errors) or 'none'}\n")
     for path in ("same", "cross") if args.processes > 1 else ("same",):
         print(outcome.table(path) + "\n")
     for line in outcome.lost:
