@@ -10,9 +10,9 @@ table, transcoding or middleware.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
+import uvloop
 from google.protobuf import json_format
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--grpc-target", default="")
     args = parser.parse_args()
     if args.kind == "grpc":
-        asyncio.run(serve_grpc(args.port))
+        uvloop.run(serve_grpc(args.port))
     else:
         serve_http(args.port, args.grpc_target)
 

@@ -1,7 +1,7 @@
 """Workflow definitions: validation against the live agent registry, caching, invalidation.
 
-Cache rules (DESIGN.md): the workflow list is cached 60 s and a single workflow
-300 s; a write invalidates that workflow's key and every list page, after it commits.
+Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
+single workflow 300 s); a write invalidates that workflow's key and every list page, after it commits.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
 from services.cache_sidecar.client import CacheClient
-from services.common import pagination
+from services.common import freshness, pagination
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.events import EventWriter
 from services.workflows import validation
@@ -26,8 +26,9 @@ from services.workflows.repository import WorkflowRepository
 
 Workflow = workflows_pb2.Workflow
 
-TTL_WORKFLOW = 300.0
-TTL_LIST = 60.0
+_METHODS = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].methods_by_name
+TTL_WORKFLOW = float(freshness.max_age(_METHODS["GetWorkflow"]))
+TTL_LIST = float(freshness.max_age(_METHODS["ListWorkflows"]))
 _LIST_PATTERN = "workflows:list:*"
 # The fields a client may write through UpdateWorkflow's mask.
 WRITABLE = ("name", "description", "steps", "timeout")

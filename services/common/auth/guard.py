@@ -88,18 +88,20 @@ class AccessGuard:
         self._proxies = parse_networks(trusted_proxies)
         self._service_key = service_key
 
-    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+        """Refuses the call with a ServiceError, or admits it and returns the trailing
+        metadata its answer carries (the caller's rate-limit figures)."""
         required = self._required.get(method)
         if required is None:
-            return  # health and reflection: open to probes and tools
+            return ()  # health and reflection: open to probes and tools
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         bucket = await self._authorise(method, required, metadata, context)
         if bucket is None:
-            return
+            return ()
         kind = "execute" if required == Scope.SCOPE_EXECUTE else "default"
         decision = await self._limiter.take(bucket, kind)
         if decision is None:
-            return
+            return ()
         limits = rate_limit_metadata(decision)
         if not decision.allowed:
             raise RateLimited(
@@ -109,7 +111,7 @@ class AccessGuard:
                 retry_after=decision.retry_after,
                 trailing_metadata=(*limits, ("retry-after", str(max(1, math.ceil(decision.retry_after))))),
             )
-        context.set_trailing_metadata(limits)
+        return limits
 
     async def _authorise(self, method: str, required: int, metadata: Mapping[str, str], context) -> str | None:
         """The caller's rate-limit bucket once it may make this call; None for the
