@@ -17,21 +17,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
-from starlette.types import Scope
 
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
 from gateway.errors import http_exception_handler, unhandled_error_handler
-from gateway.hardening import SecurityHeadersMiddleware, cors_options
+from gateway.front import GatewayFront
+from gateway.hardening import cors_options
 from gateway.health import HealthChecker
-from gateway.metrics import HttpMetrics, MetricsMiddleware, route_label
+from gateway.metrics import HttpMetrics
 from gateway.openapi import OpenApiDocument
-from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
-from gateway.request_id import RequestIdMiddleware
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from services.common.api import discover_services
 from services.common.settings import Settings
-from services.common.telemetry.asgi import HttpTelemetryMiddleware
 
 
 def create_app(
@@ -89,12 +86,9 @@ def create_app(
     app = Starlette(
         routes=fixed_routes,
         middleware=[
-            Middleware(SecurityHeadersMiddleware),
+            # Request id, logs, metrics, tracing, profiles and security headers in one pass.
+            Middleware(GatewayFront, metrics=metrics),
             *([Middleware(CORSMiddleware, **cors)] if cors else []),
-            Middleware(MetricsMiddleware, metrics=metrics),
-            Middleware(RequestIdMiddleware),
-            # Inside RequestIdMiddleware, so the request's id is known to its logs and span.
-            Middleware(HttpTelemetryMiddleware, route_of=route_label, request_id_of=_request_id_of),
         ],
         exception_handlers={HTTPException: http_exception_handler, Exception: unhandled_error_handler},
         lifespan=lifespan,
@@ -110,6 +104,3 @@ def create_app(
     app.state.openapi = openapi.document
     return app
 
-
-def _request_id_of(scope: Scope) -> str | None:
-    return scope.get(REQUEST_ID_SCOPE_KEY)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
 from services.common.auth.guard import trusted
@@ -80,23 +80,6 @@ def add_rate_limit_headers(response: Response, trailers) -> None:
         header = RATE_LIMIT_TRAILERS.get(key)
         if header is not None and isinstance(value, str):
             response.headers[header] = value
-
-
-class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 def cors_options(origins_setting: str) -> dict | None:
