@@ -1,7 +1,8 @@
 """The ASGI app behind every google.api.http route: match, transcode, one gRPC call, render.
 
 Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
-does only the work that depends on it. Unary calls carry the gateway's deadline.
+does only the work that depends on it. Unary calls carry the gateway's deadline, and
+their answers follow HTTP caching (ETag, If-None-Match, Cache-Control: conditional.py).
 Server-streaming methods are served as server-sent events (one `data: <json>` per
 message); they carry no deadline, since a watch lives as long as its client listens,
 and the backend call is cancelled as soon as the client goes away.
@@ -18,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.backends import ChannelPool
+from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
 from gateway.errors import (
     GatewayError,
     bad_request,
@@ -29,7 +31,6 @@ from gateway.errors import (
     status_of,
 )
 from gateway.hardening import add_rate_limit_headers, client_address, refuse_query_credentials, require_json
-from gateway.json_body import JSON_MEDIA_TYPE
 from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
@@ -51,13 +52,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "call")
+    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "call")
 
     def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
         self.route = route
         self.template = route.template.text
         self.builder = builder
         self.render = render
+        # The response may depend on the credentials forwarded: a cacheable one varies with them.
+        self.answer = Answer(route, render, (name.decode("ascii") for name in sorted(FORWARDED_HEADERS)))
+        self.conditional = route.http_method == "GET"
         # The gRPC multicallable; bound in the lifespan, when the channels exist.
         self.call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.UnaryStreamMultiCallable | None = None
 
@@ -120,7 +124,8 @@ class RestGateway:
             if body:
                 require_json(scope)
             message = handler.builder.build(result.values, scope["query_string"], body)
-            metadata = (*_metadata(scope), ("x-forwarded-for", client_address(scope, self._proxies)))
+            metadata, if_none_match = _metadata(scope)
+            metadata = (*metadata, ("x-forwarded-for", client_address(scope, self._proxies)))
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
@@ -134,8 +139,8 @@ class RestGateway:
             response = rpc_error_response(error)
             trailers = error.trailing_metadata()
         else:
-            response = Response(handler.render(reply), media_type=JSON_MEDIA_TYPE)
             trailers = await call.trailing_metadata()
+            response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
         add_rate_limit_headers(response, trailers)
         await response(scope, receive, send)
 
@@ -205,8 +210,10 @@ def _raw_path(scope: Scope) -> str:
     return path
 
 
-def _metadata(scope: Scope) -> tuple[tuple[str, str], ...]:
+def _metadata(scope: Scope) -> tuple[tuple[tuple[str, str], ...], bytes | None]:
+    """What the backend call carries, and the request's If-None-Match, in one look at the headers."""
     metadata = [("x-request-id", scope.get(REQUEST_ID_SCOPE_KEY) or new_request_id())]
+    if_none_match = None
     for name, value in scope["headers"]:
         if name in FORWARDED_HEADERS:
             text = value.decode("latin-1")
@@ -214,4 +221,9 @@ def _metadata(scope: Scope) -> tuple[tuple[str, str], ...]:
                 header = name.decode("ascii")
                 raise bad_request(f"header {header!r} must be printable ASCII", field=header)
             metadata.append((name.decode("ascii"), text))
-    return tuple(metadata)
+        elif name == b"cache-control":
+            if requests_no_cache(value):
+                metadata.append(NO_CACHE_METADATA)
+        elif name == b"if-none-match":
+            if_none_match = value
+    return tuple(metadata), if_none_match
