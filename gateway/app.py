@@ -1,4 +1,4 @@
-"""create_app: the HTTP gateway as a Starlette app, built entirely at start-up.
+"""create_app: the HTTP gateway as one ASGI app, built entirely at start-up.
 
 Route table, request builders, renderers and the OpenAPI document are derived from
 the proto descriptors here, before the first request; the gRPC channels are opened in
@@ -37,7 +37,7 @@ def create_app(
     services: Iterable[ServiceDescriptor] | None = None,
     backend_of_service: Mapping[str, str] | None = None,
     registry: CollectorRegistry | None = None,
-) -> Starlette:
+) -> GatewayFront:
     """The gateway for `settings`.
 
     `services` defaults to every service of the generated devops_hub.v1 package and
@@ -83,24 +83,18 @@ def create_app(
             await pool.close(grace=settings.shutdown_grace)
 
     cors = cors_options(settings.cors_origins)
-    app = Starlette(
+    own = Starlette(
         routes=fixed_routes,
-        middleware=[
-            # Request id, logs, metrics, tracing, profiles and security headers in one pass.
-            Middleware(GatewayFront, metrics=metrics),
-            *([Middleware(CORSMiddleware, **cors)] if cors else []),
-        ],
+        middleware=[Middleware(CORSMiddleware, **cors)] if cors else [],
         exception_handlers={HTTPException: http_exception_handler, Exception: unhandled_error_handler},
         lifespan=lifespan,
     )
+    own.router.redirect_slashes = False
     # Whatever the fixed routes do not claim is a REST call: the proto-derived router
     # decides between route, 404 and 405 in one pass.
-    app.router.default = rest
-    # Otherwise every REST request would be matched against the fixed routes twice
-    # (once more with its trailing slash toggled) before reaching the router above.
-    app.router.redirect_slashes = False
-    app.state.routes = routes
-    app.state.metrics = metrics
-    app.state.openapi = openapi.document
-    return app
-
+    return GatewayFront(
+        own,
+        [route.path for route in fixed_routes],
+        CORSMiddleware(rest, **cors) if cors else rest,
+        metrics=metrics,
+    )

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
-from services.common.auth.guard import trusted
+from services.common.auth.guard import TrustedProxies
 
 CREDENTIAL_PARAMETERS = frozenset({"api_key", "apikey", "api-key", "x-api-key", "key", "token", "access_token", "authorization"})
 RATE_LIMIT_TRAILERS = {
@@ -64,9 +63,9 @@ def require_json(scope: Scope) -> None:
     )
 
 
-def client_address(scope: Scope, proxies: Iterable) -> str:
+def client_address(scope: Scope, proxies: TrustedProxies) -> str:
     peer = scope["client"][0] if scope.get("client") else ""
-    if trusted(peer, proxies):
+    if peer in proxies:
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
                 first = value.decode("latin-1").split(",", 1)[0].strip()

@@ -4,7 +4,7 @@ response and forwarded to the backend, so one id follows a request through every
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 
 HEADER = b"x-request-id"
 SCOPE_KEY = "devops_hub.request_id"
@@ -15,7 +15,8 @@ _USABLE = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits, as a uuid4's hex, without building a UUID (a visible share of a hot request).
+    return secrets.token_hex(16)
 
 
 def request_id_of(headers) -> str:

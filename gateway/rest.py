@@ -37,7 +37,7 @@ from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Renderer, renderer
-from services.common.auth.guard import parse_networks
+from services.common.auth.guard import TrustedProxies
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
@@ -80,7 +80,7 @@ class RestGateway:
         self._handlers = [
             _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
         ]
-        self._proxies = parse_networks(trusted_proxies)
+        self._proxies = TrustedProxies(trusted_proxies)
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
