@@ -75,8 +75,13 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+def start(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+    """Each process in a session of its own, as the launcher starts the services: with
+    the kernel's autogroup scheduling, a session is a share of the CPU, and every side
+    must get the same kind of share for throughputs taken side by side to compare."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 @dataclass
