@@ -97,8 +97,7 @@ def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard 
             reply = await behavior(request, context_)
         except BaseException as exc:
             failure = exc
-            if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
-                await context_.abort_with_status(grpc_status(exc, method, trailers))
+            await _abort_if_translatable(context_, exc, method, trailers)
             raise
         else:
             trailers = (*trailers, *fresh) if fresh else trailers
@@ -128,13 +127,19 @@ def _streaming(behavior: Callable, method: str, stats: MethodMetrics, guard: Gua
                 yield item
         except BaseException as exc:
             failure = exc
-            if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
-                await context_.abort_with_status(grpc_status(exc, method, trailers))
+            await _abort_if_translatable(context_, exc, method, trailers)
             raise
         finally:
             stats.observe(outcome(failure, context_), time.perf_counter() - started)
 
     return handle
+
+
+async def _abort_if_translatable(context_: grpc.aio.ServicerContext, exc: BaseException, method: str, trailers: Metadata) -> None:
+    """Ends the call with the status errors.py gives `exc`; cancellation, and a handler's
+    own abort, pass through as they are."""
+    if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+        await context_.abort_with_status(grpc_status(exc, method, trailers))
 
 
 class _WrappedGeneric(grpc.GenericRpcHandler):
