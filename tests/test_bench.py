@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from bench import cpu, load
 from bench.run import module_of, own_time
@@ -47,6 +48,10 @@ def test_cpu_time_is_read_for_a_process_and_its_descendants():
 def test_a_process_is_named_by_the_module_it_runs():
     child = subprocess.Popen([sys.executable, "-m", "code"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # Until the child has exec'd, /proc shows the parent's command line.
+        deadline = time.monotonic() + 30
+        while module_of(child.pid) != "code" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert module_of(child.pid) == "code"
     finally:
         child.kill()
