@@ -1,12 +1,14 @@
-"""Drives h2load and reads its per-request log into the figures the tables print.
+"""Drives the load tools and reads their output into the figures the tables print.
 
 h2load speaks HTTP/2, so with a gRPC-framed body and the gRPC headers it loads a
-gRPC server as ghz would; with --h1 it loads an HTTP/1.1 server like hey or wrk.
-Percentiles come from its per-request log, not from its summary (which has none).
+gRPC server as ghz would; its percentiles come from its per-request log, not from its
+summary (which has none). hey is the performance guide's own HTTP/1.1 test
+(`hey -n 10000 -c 100`), run exactly so; its summary has the percentiles.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import statistics
 import struct
@@ -29,10 +31,21 @@ class Figures:
     errors: int
 
 
+# The Debian package each tool comes in.
+PACKAGES = {"h2load": "nghttp2-client", "hey": "hey"}
+
+
+def missing(tool: str) -> str | None:
+    """Why `tool` cannot run here, or None when it can."""
+    if shutil.which(tool) is None:
+        return f"{tool} is not installed (apt-get install {PACKAGES[tool]})"
+    return None
+
+
 def require_h2load() -> str:
     path = shutil.which("h2load")
     if path is None:
-        raise SystemExit("h2load is not installed: apt-get install nghttp2-client (Debian) and run make bench again")
+        raise SystemExit(f"{missing('h2load')}; install it and run again")
     return path
 
 
@@ -86,3 +99,29 @@ def _figures(lines: list[str], summary: str, requested: int) -> Figures:
     seconds = (max(ends) - min(starts)) / 1e6
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
     return Figures(len(latencies), len(latencies) / seconds, cuts[49], cuts[94], cuts[98], errors)
+
+
+_HEY_RATE = re.compile(r"Requests/sec:\s+([\d.]+)")
+_HEY_PERCENTILE = re.compile(r"(\d+)% in ([\d.]+) secs")
+_HEY_STATUS = re.compile(r"\[(\d+)\]\s+(\d+) responses")
+
+
+def hey(url: str, *, requests: int, clients: int, headers: Mapping[str, str] | None = None) -> Figures:
+    """`hey -n requests -c clients url`; every answer other than a 200 is an error."""
+    command = ["hey", "-n", str(requests), "-c", str(clients)]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True, timeout=600).stdout
+    return hey_figures(output, requests)
+
+
+def hey_figures(output: str, requested: int) -> Figures:
+    rate = _HEY_RATE.search(output)
+    if rate is None:
+        raise RuntimeError(f"hey printed no summary:\n{output}")
+    percentiles = {int(p): float(seconds) * 1000 for p, seconds in _HEY_PERCENTILE.findall(output)}
+    statuses = {int(code): int(count) for code, count in _HEY_STATUS.findall(output)}
+    answered = sum(statuses.values())
+    return Figures(
+        answered, float(rate.group(1)), percentiles[50], percentiles[95], percentiles[99], requested - statuses.get(200, 0)
+    )

@@ -51,6 +51,9 @@ def main() -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.shutdown_grace,
         server_header=False,
+        # X-Forwarded-For is the gateway's own business (TRUSTED_PROXIES, hardening.py):
+        # uvicorn's middleware would believe it from its own list, and costs a pass.
+        proxy_headers=False,
     )
     try:
         _AnnouncingServer(config).run(sockets=[_listening_socket(settings.gateway_host, settings.gateway_port)])

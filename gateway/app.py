@@ -1,4 +1,4 @@
-"""create_app: the HTTP gateway as a Starlette app, built entirely at start-up.
+"""create_app: the HTTP gateway as one ASGI app, built entirely at start-up.
 
 Route table, request builders, renderers and the OpenAPI document are derived from
 the proto descriptors here, before the first request; the gRPC channels are opened in
@@ -18,21 +18,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
-from starlette.types import Scope
 
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
 from gateway.errors import HTTP_STATUS, http_exception_handler, unhandled_error_handler
-from gateway.hardening import SecurityHeadersMiddleware, cors_options
+from gateway.front import GatewayFront
+from gateway.hardening import cors_options
 from gateway.health import HealthChecker
-from gateway.metrics import HttpMetrics, MetricsMiddleware, route_label
+from gateway.metrics import HttpMetrics
 from gateway.openapi import OpenApiDocument
-from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
-from gateway.request_id import RequestIdMiddleware
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from services.common.api import discover_services
 from services.common.settings import Settings
-from services.common.telemetry.asgi import HttpTelemetryMiddleware
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 
 
@@ -42,7 +39,7 @@ def create_app(
     services: Iterable[ServiceDescriptor] | None = None,
     backend_of_service: Mapping[str, str] | None = None,
     registry: CollectorRegistry | None = None,
-) -> Starlette:
+) -> GatewayFront:
     """The gateway for `settings`.
 
     `services` defaults to every service of the generated devops_hub.v1 package and
@@ -93,30 +90,18 @@ def create_app(
             await pool.close(grace=settings.shutdown_grace)
 
     cors = cors_options(settings.cors_origins)
-    app = Starlette(
+    own = Starlette(
         routes=fixed_routes,
-        middleware=[
-            Middleware(SecurityHeadersMiddleware),
-            *([Middleware(CORSMiddleware, **cors)] if cors else []),
-            Middleware(MetricsMiddleware, metrics=metrics),
-            Middleware(RequestIdMiddleware),
-            # Inside RequestIdMiddleware, so the request's id is known to its logs and span.
-            Middleware(HttpTelemetryMiddleware, route_of=route_label, request_id_of=_request_id_of),
-        ],
+        middleware=[Middleware(CORSMiddleware, **cors)] if cors else [],
         exception_handlers={HTTPException: http_exception_handler, Exception: unhandled_error_handler},
         lifespan=lifespan,
     )
+    own.router.redirect_slashes = False
     # Whatever the fixed routes do not claim is a REST call: the proto-derived router
     # decides between route, 404 and 405 in one pass.
-    app.router.default = rest
-    # Otherwise every REST request would be matched against the fixed routes twice
-    # (once more with its trailing slash toggled) before reaching the router above.
-    app.router.redirect_slashes = False
-    app.state.routes = routes
-    app.state.metrics = metrics
-    app.state.openapi = openapi.document
-    return app
-
-
-def _request_id_of(scope: Scope) -> str | None:
-    return scope.get(REQUEST_ID_SCOPE_KEY)
+    return GatewayFront(
+        own,
+        [route.path for route in fixed_routes],
+        CORSMiddleware(rest, **cors) if cors else rest,
+        metrics=metrics,
+    )

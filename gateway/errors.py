@@ -167,6 +167,10 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return status_response(status, exc.status_code, exc.headers)
 
 
-async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+def internal_error_response() -> Response:
     """A bug in the gateway still answers in the error shape; the traceback goes to the log."""
     return status_response(InternalError("internal gateway error").to_status(), 500)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    return internal_error_response()

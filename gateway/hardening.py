@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
-from services.common.auth.guard import trusted
+from services.common.auth.guard import TrustedProxies
 
 CREDENTIAL_PARAMETERS = frozenset({"api_key", "apikey", "api-key", "x-api-key", "key", "token", "access_token", "authorization"})
 RATE_LIMIT_TRAILERS = {
@@ -64,9 +63,9 @@ def require_json(scope: Scope) -> None:
     )
 
 
-def client_address(scope: Scope, proxies: Iterable) -> str:
+def client_address(scope: Scope, proxies: TrustedProxies) -> str:
     peer = scope["client"][0] if scope.get("client") else ""
-    if trusted(peer, proxies):
+    if peer in proxies:
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
                 first = value.decode("latin-1").split(",", 1)[0].strip()
@@ -82,23 +81,6 @@ def add_rate_limit_headers(response: Response, trailers) -> None:
             response.headers[header] = value
 
 
-class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 def cors_options(origins_setting: str) -> dict | None:
     """CORSMiddleware options for CORS_ORIGINS, or None when it is empty."""
     origins = [o.strip() for o in origins_setting.split(",") if o.strip()]
@@ -109,8 +91,8 @@ def cors_options(origins_setting: str) -> dict | None:
         # A wildcard origin must not be combined with credentials.
         "allow_credentials": "*" not in origins,
         "allow_methods": ["GET", "POST", "PATCH", "DELETE"],
-        "allow_headers": ["authorization", "x-api-key", "content-type", "x-request-id"],
-        "expose_headers": ["x-request-id", *RATE_LIMIT_TRAILERS.values()],
+        "allow_headers": ["authorization", "x-api-key", "content-type", "x-request-id", "if-none-match", "cache-control"],
+        "expose_headers": ["x-request-id", "etag", *RATE_LIMIT_TRAILERS.values()],
         "max_age": 600,
     }
 

@@ -7,13 +7,12 @@ runs to the last byte sent, so for a server-sent-events route it is the stream's
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from services.common.telemetry.metrics import LATENCY_BUCKETS, multiprocess_dir
 
@@ -21,7 +20,7 @@ from services.common.telemetry.metrics import LATENCY_BUCKETS, multiprocess_dir
 ROUTE_SCOPE_KEY = "devops_hub.route"
 UNMATCHED_ROUTE = "unmatched"
 
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -73,33 +72,6 @@ class HttpMetrics:
             multiprocess.MultiProcessCollector(registry, path=directory)
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
-
-
-class MetricsMiddleware:
-    """Counts and times every request, including errors raised past the routes."""
-
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_observed)
-        finally:
-            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "OTHER"
-            self.metrics.observe(method, route_label(scope), status, time.perf_counter() - started)
 
 
 def route_label(scope: Scope) -> str:

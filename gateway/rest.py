@@ -1,7 +1,8 @@
 """The ASGI app behind every google.api.http route: match, transcode, one gRPC call, render.
 
 Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
-does only the work that depends on it. Unary calls carry the gateway's deadline.
+does only the work that depends on it. Unary calls carry the gateway's deadline, and
+their answers follow HTTP caching (ETag, If-None-Match, Cache-Control: conditional.py).
 Server-streaming methods are served as server-sent events (one `data: <json>` per
 message, with an `id:` when the method can resume: a reconnecting client's
 Last-Event-ID sets its resume field); they carry no deadline, since a watch lives as
@@ -21,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.backends import ChannelPool
+from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
 from gateway.errors import (
     GatewayError,
     bad_request,
@@ -32,19 +34,17 @@ from gateway.errors import (
     status_of,
 )
 from gateway.hardening import add_rate_limit_headers, client_address, refuse_query_credentials, require_json
-from gateway.json_body import JSON_MEDIA_TYPE
 from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Renderer, renderer
-from services.common.auth.guard import parse_networks
+from services.common.auth.guard import TrustedProxies
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
-# Headers a backend needs to authenticate and trace the caller, forwarded as metadata;
-# cache-control, so that `no-cache` makes the services read past every cache layer.
-FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key", b"cache-control"})
+# Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
+FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 # How long a stream may take to produce its first message before the response headers
 # go out anyway. Within it, a call that fails at once (NOT_FOUND) is still a proper
@@ -55,13 +55,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "call")
+    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "call")
 
     def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
         self.route = route
         self.template = route.template.text
         self.builder = builder
         self.render = render
+        # The response may depend on the credentials forwarded: a cacheable one varies with them.
+        self.answer = Answer(route, render, (name.decode("ascii") for name in sorted(FORWARDED_HEADERS)))
+        self.conditional = route.http_method == "GET"
         # The gRPC multicallable; bound in the lifespan, when the channels exist.
         self.call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.UnaryStreamMultiCallable | None = None
 
@@ -80,7 +83,7 @@ class RestGateway:
         self._handlers = [
             _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
         ]
-        self._proxies = parse_networks(trusted_proxies)
+        self._proxies = TrustedProxies(trusted_proxies)
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
@@ -126,7 +129,8 @@ class RestGateway:
             message = handler.builder.build(result.values, scope["query_string"], body)
             if handler.route.resume is not None:
                 _resume_from_last_event_id(message, handler.route.resume[0], scope)
-            metadata = (*_metadata(scope), ("x-forwarded-for", client_address(scope, self._proxies)))
+            metadata, if_none_match = _metadata(scope)
+            metadata = (*metadata, ("x-forwarded-for", client_address(scope, self._proxies)))
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
@@ -140,8 +144,8 @@ class RestGateway:
             response = rpc_error_response(error)
             trailers = error.trailing_metadata()
         else:
-            response = Response(handler.render(reply), media_type=JSON_MEDIA_TYPE)
             trailers = await call.trailing_metadata()
+            response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
         add_rate_limit_headers(response, trailers)
         await response(scope, receive, send)
 
@@ -229,8 +233,10 @@ def _raw_path(scope: Scope) -> str:
     return path
 
 
-def _metadata(scope: Scope) -> tuple[tuple[str, str], ...]:
+def _metadata(scope: Scope) -> tuple[tuple[tuple[str, str], ...], bytes | None]:
+    """What the backend call carries, and the request's If-None-Match, in one look at the headers."""
     metadata = [("x-request-id", scope.get(REQUEST_ID_SCOPE_KEY) or new_request_id())]
+    if_none_match = None
     for name, value in scope["headers"]:
         if name in FORWARDED_HEADERS:
             text = value.decode("latin-1")
@@ -238,4 +244,9 @@ def _metadata(scope: Scope) -> tuple[tuple[str, str], ...]:
                 header = name.decode("ascii")
                 raise bad_request(f"header {header!r} must be printable ASCII", field=header)
             metadata.append((name.decode("ascii"), text))
-    return tuple(metadata)
+        elif name == b"cache-control":
+            if requests_no_cache(value):
+                metadata.append(NO_CACHE_METADATA)
+        elif name == b"if-none-match":
+            if_none_match = value
+    return tuple(metadata), if_none_match

@@ -57,7 +57,7 @@ async def running_gateway(settings: Settings, host: str = "127.0.0.1", **app_opt
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, log_level="warning")
+    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, log_level="warning", proxy_headers=False)
     server = _InProcessServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

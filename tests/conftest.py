@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
 
@@ -167,6 +168,8 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
         channel = grpc.aio.insecure_channel(settings.agents_addr)
         started.push_async_callback(channel.close)
         stack = Stack(settings, agents, channel, agents_pb2_grpc.AgentsServiceStub(channel), cache_stub)
+        if cache_stub is not None:
+            await _positioned(cache_stub, settings)
         if with_workflows:
             key = settings.service_api_key or settings.bootstrap_admin_key
             metadata = (("x-api-key", key),) if key else ()
@@ -183,6 +186,18 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             stack.workflows_stub = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)
             stack.events_stub = events_pb2_grpc.EventsServiceStub(workflows_channel)
         yield stack
+
+
+async def _positioned(cache_stub: cache_pb2_grpc.CacheServiceStub, settings: Settings, timeout: float = 20.0) -> None:
+    """Waits for the agents service's relay to give the new sidecar its position in the
+    invalidation log: until then the sidecar takes no fills, and a test that counts
+    cache hits would depend on how loaded the machine is."""
+    key = settings.service_api_key or settings.bootstrap_admin_key
+    metadata = (("x-api-key", key),) if key else ()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (await cache_stub.GetSyncState(empty_pb2.Empty(), metadata=metadata, timeout=timeout)).fresh:
+        assert asyncio.get_running_loop().time() < deadline, "the relay never gave the sidecar a position"
+        await asyncio.sleep(0.02)
 
 
 def _closed_port() -> int:

@@ -342,3 +342,22 @@ async def test_reads_and_writes_work_without_the_sidecar(database_url):
         )
         assert (await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))).name == "New"
         assert len((await stack.stub.ListAgents(agents_pb2.ListAgentsRequest())).agents) == 1
+
+
+async def test_cacheable_reads_say_how_long_they_stay_fresh(stack):
+    """The max-age each read declares in the protos travels with its answer; writes and
+    errors carry none."""
+
+    async def trailers(call) -> dict[str, str]:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            return dict(error.trailing_metadata() or ())
+        return dict(await call.trailing_metadata())
+
+    created = await trailers(stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1))))
+    assert "cache-control" not in created
+    assert (await trailers(stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))))["cache-control"] == "max-age=300"
+    assert (await trailers(stack.stub.ListAgents(agents_pb2.ListAgentsRequest())))["cache-control"] == "max-age=60"
+    assert (await trailers(stack.stub.DiscoverAgents(agents_pb2.DiscoverAgentsRequest())))["cache-control"] == "max-age=300"
+    assert "cache-control" not in await trailers(stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="missing")))

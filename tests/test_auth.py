@@ -18,7 +18,9 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 from gateway.testing import running_gateway
 from services.common.api import discover_services
 from services.common.auth import keys
+from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
+from services.common.settings import Settings
 from tests.conftest import make_settings, running_stack
 from tests.grpc_errors import failure_of
 
@@ -307,7 +309,7 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(sqlite_url):
     """With limit 1 per address: two addresses through a trusted proxy get a request each;
     from an untrusted peer the header is ignored and both share the peer's bucket."""
     for trusted_proxies, expected in (("127.0.0.1/32", [200, 200]), ("10.9.9.9/32", [200, 429])):
-        settings = auth_settings(sqlite_url, rate_limit_requests=1, trusted_proxies=trusted_proxies, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
+        settings = auth_settings(sqlite_url, rate_limit_requests=1, rate_limit_window=60, trusted_proxies=trusted_proxies, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
         async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
             async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
                 answers = [
@@ -339,7 +341,7 @@ async def test_last_use_is_written_at_most_once_a_minute(secured):
 
 
 async def test_the_services_own_key_is_not_rate_limited(sqlite_url):
-    settings = auth_settings(sqlite_url, rate_limit_requests=2, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
+    settings = auth_settings(sqlite_url, rate_limit_requests=2, rate_limit_window=60, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
     async with running_stack(settings) as stack:
         from devops_hub.v1 import agents_pb2
 
@@ -394,3 +396,23 @@ async def test_services_near_caches_go_live_with_the_services_key(secured):
         await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="hot"))
     after = (await stack.cache_stub.Stats(empty_pb2.Empty(), metadata=(("x-api-key", ADMIN_KEY),))).hits
     assert after == before, "hot reads are served by the near-cache, not the sidecar"
+
+
+@pytest.mark.parametrize("requests_per_second", [1_000, 3_000, 6_000])
+async def test_the_default_limits_answer_the_guides_load_test(requests_per_second):
+    """hey -n 10000 -c 100 from one address meets only 200s under the default read
+    limit, at any pace two cores can serve (6,000 a second is 0.33 ms of CPU a request
+    for every process together); the limiter's clock is the requests' own."""
+    defaults = Settings()
+    now = [0.0]
+    limiter = RateLimiter({"default": Policy(defaults.rate_limit_requests, defaults.rate_limit_window)}, clock=lambda: now[0])
+    refused = 0
+    for _ in range(10_000):
+        decision = await limiter.take("addr:127.0.0.1", "default")
+        refused += not decision.allowed
+        now[0] += 1 / requests_per_second
+    assert refused == 0
+    # The limit still holds against a caller that keeps going faster than it.
+    for _ in range(defaults.rate_limit_requests):
+        await limiter.take("addr:127.0.0.1", "default")
+    assert not (await limiter.take("addr:127.0.0.1", "default")).allowed

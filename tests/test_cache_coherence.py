@@ -127,9 +127,19 @@ async def stack_and_http(database_url) -> AsyncIterator[tuple]:
 async def test_no_cache_reads_past_every_layer_and_refills_them(stack_and_http) -> None:
     stack, http = stack_and_http
     assert (await http.post("/api/agents", json={"id": "a1", "name": "First", "domain": "ci"})).status_code == 200
-    for _ in range(2):
+
+    async def read_both() -> agents_pb2.ListAgentsResponse:
         assert (await http.get("/api/agents/a1")).json()["name"] == "First"
-        listed = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="ci"))
+        return await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="ci"))
+
+    # Until both reads come from the cache (no query): right after start, a loaded
+    # machine may keep the service off the sidecar for a moment.
+    for _ in range(100):
+        queries = stack.agents.db.query_count
+        listed = await read_both()
+        if stack.agents.db.query_count == queries:
+            break
+        await asyncio.sleep(0.05)
     # A change the cache cannot know of (made behind the service's back).
     await stack.agents.db.execute("UPDATE agents SET name = 'Behind' WHERE id = 'a1'")
     assert (await http.get("/api/agents/a1")).json()["name"] == "First", "the read is cached"

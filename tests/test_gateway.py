@@ -894,3 +894,13 @@ async def test_python_dash_m_gateway_serves_and_exits_cleanly_on_sigterm(backend
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_no_cache_request_reaches_the_service_as_no_cache_metadata(client, backends):
+    await create(client, id="fresh", name="fresh")
+    for header, forwarded in (("no-cache", True), ("max-age=0, No-Cache", True), ('no-cache="x-api-key"', True),
+                              ("max-age=60", False), (None, False)):
+        headers = {"cache-control": header} if header else {}
+        assert (await client.get("/api/agents/fresh", headers=headers)).status_code == 200
+        sent = backends.agents.metadata["GetAgent"].get("cache-control")
+        assert sent == ("no-cache" if forwarded else None), header

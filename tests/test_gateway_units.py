@@ -12,6 +12,8 @@ from google.protobuf import json_format
 from devops_hub.v1 import agents_pb2
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool
 from gateway.errors import HTTP_STATUS, http_status
+from gateway.front import GatewayFront
+from gateway.metrics import HttpMetrics
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from services.common.api import discover_services
@@ -210,3 +212,30 @@ async def test_body_over_the_limit_is_413_before_any_backend_call():
     error = json.loads(sent[1]["body"])
     assert error["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert "16 bytes" in error["message"]
+
+
+async def test_a_gateway_bug_still_answers_500_in_the_error_shape_with_the_usual_headers():
+    async def broken(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    metrics = HttpMetrics()
+    front = GatewayFront(broken, ["/health"], broken, metrics=metrics, tracer=None, profiler=None)
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/api/agents", "query_string": b"", "headers": [(b"x-request-id", b"bug-1")]}
+    await front(scope, receive, send)
+
+    assert sent[0]["status"] == 500
+    headers = dict(sent[0]["headers"])
+    assert headers[b"x-request-id"] == b"bug-1" and headers[b"x-content-type-options"] == b"nosniff"
+    error = json.loads(sent[1]["body"])
+    assert error["code"] == grpc.StatusCode.INTERNAL.value[0] and error["message"] == "internal gateway error"
+    assert metrics.registry.get_sample_value(
+        "http_requests_total", {"method": "GET", "route": "unmatched", "status": "500"}
+    ) == 1

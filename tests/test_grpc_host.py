@@ -7,9 +7,11 @@ import logging
 
 import grpc
 import pytest
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.common import event_loop
 from services.common.errors import NotFound
 from services.common.grpc_host import GrpcHost
 from tests.grpc_errors import failure_of
@@ -102,3 +104,10 @@ async def test_graceful_stop_finishes_in_flight_calls(host):
     release.set()
     assert await in_flight == b"done:x"
     await stopping
+
+
+def test_services_run_their_loop_on_uvloop():
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert event_loop.run(loop_type()) is uvloop.Loop

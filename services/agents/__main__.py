@@ -1,5 +1,4 @@
-import asyncio
-
 from services.agents.server import main
+from services.common import event_loop
 
-asyncio.run(main())
+event_loop.run(main())

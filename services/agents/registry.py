@@ -1,7 +1,7 @@
 """The agents use cases: validation, caching and invalidation around the repository.
 
-Cache rules (DESIGN.md): a single agent is cached 300 s, a list page 60 s, a
-discovery 300 s. A write invalidates exactly what it made stale: that agent's key,
+Cache rules: as long as the protos' cache_max_age says (a single agent 300 s, a
+list page 60 s, a discovery 300 s). A write invalidates exactly what it made stale: that agent's key,
 and every list and discovery page (any of them may include it). A write records
 these invalidations and its events in its own transaction (common/outbox.py); the
 cache is told after the commit, so a read that follows the write cannot refill the
@@ -23,15 +23,17 @@ from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
-from services.common import pagination
+from services.common import freshness, pagination
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.outbox import Outbox
 
 Agent = agents_pb2.Agent
 
-TTL_AGENT = 300.0
-TTL_LIST = 60.0
-TTL_DISCOVER = 300.0
+# As long as the protos' cache_max_age says the answers stay fresh.
+_METHODS = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name
+TTL_AGENT = float(freshness.max_age(_METHODS["GetAgent"]))
+TTL_LIST = float(freshness.max_age(_METHODS["ListAgents"]))
+TTL_DISCOVER = float(freshness.max_age(_METHODS["DiscoverAgents"]))
 
 
 def _agent_key(agent_id: str) -> str:

@@ -15,7 +15,6 @@ from services.agents.registry import AgentRegistry
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
 from services.common.cache.client import CacheClient
-from services.common.cache.freshness import FreshReadsInterceptor
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
@@ -69,10 +68,7 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     api_keys = ApiKeys(ApiKeyRepository(db), verifier)
     await _ensure_configured_keys(api_keys, settings)
     limiter = build_limiter(settings)
-    # A caller's `cache-control: no-cache` reaches every cached read of its call.
-    host = GrpcHost(
-        settings.agents_addr, interceptors=[FreshReadsInterceptor()], guard=build_guard(settings, verifier, limiter)
-    )
+    host = GrpcHost(settings.agents_addr, guard=build_guard(settings, verifier, limiter))
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,
         AgentsServicer(registry, AgentExecutor(registry, runtimes)),

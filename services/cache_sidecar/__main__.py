@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.cache_sidecar.server import main
+from services.common import event_loop
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -12,6 +11,6 @@ if __name__ == "__main__":
     settings = Settings.from_env()
     telemetry = Telemetry.start(settings, "cache")
     try:
-        asyncio.run(main(settings, telemetry))
+        event_loop.run(main(settings, telemetry))
     finally:
         telemetry.shutdown()

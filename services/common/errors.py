@@ -1,17 +1,23 @@
 """Errors as gRPC status codes with AIP-193 details.
 
-Domain code raises a ServiceError; the ErrorInterceptor (grpc_host.py) turns it into
-a status whose details carry an ErrorInfo and, for bad fields, a BadRequest. The
-gateway maps that status to HTTP once; nothing else formats errors.
+Domain code raises a ServiceError; every call's wrapper (grpc_host.py) hands whatever
+a handler raised to grpc_status(), which turns it into a status whose details carry an
+ErrorInfo and, for bad fields, a BadRequest. The gateway maps that status to HTTP
+once; nothing else formats errors.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "devops-hub"
 
@@ -116,6 +122,28 @@ def invalid_fields(violations: list[tuple[str, str]]) -> InvalidArgument:
     """One INVALID_ARGUMENT naming every bad field, so a client fixes them all at once."""
     summary = "; ".join(f"{field}: {description}" for field, description in violations)
     return InvalidArgument(f"invalid request: {summary}", reason="INVALID_FIELDS", violations=violations)
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A status with trailing metadata beside its details (grpc.Status is abstract)."""
+
+
+def grpc_status(exc: Exception, method: str, trailing_metadata: Iterable[tuple[str, str]] = ()) -> grpc.Status:
+    """The status a call that raised `exc` ends with: a ServiceError's own, anything
+    else INTERNAL (logged here, never shown to the caller). `trailing_metadata` (the
+    rate-limit figures of an admitted call) goes out beside the error's own."""
+    if isinstance(exc, NotImplementedError):
+        # A generated servicer's method this server does not implement (a client
+        # newer than the server): UNIMPLEMENTED, as grpc answers, and no error logged.
+        exc = Unimplemented(f"{method} is not implemented by this server")
+    if not isinstance(exc, ServiceError):
+        log.error("unexpected error in %s", method, exc_info=exc)
+        exc = InternalError("internal error; the service log has the details", reason="INTERNAL")
+    status = rpc_status.to_status(exc.to_status())
+    extra = (*trailing_metadata, *exc.trailing_metadata)
+    if extra:
+        status = _Status(status.code, status.details, (*status.trailing_metadata, *extra))
+    return status
 
 
 def _pack(message) -> any_pb2.Any:

@@ -1,6 +1,6 @@
-"""The bootstrap every gRPC service shares: one grpc.aio server with health,
-reflection, telemetry and error translation, started on an address and stopped
-gracefully.
+"""The bootstrap every gRPC service shares: one grpc.aio server with health and
+reflection, every handler inside the call wrapper (telemetry, guard, freshness, error
+translation: grpc_calls.py), started on an address and stopped gracefully.
 
 A service's server.py builds its servicers, registers them on a GrpcHost and calls
 run_until_stopped(); nothing else about serving is written twice.
@@ -9,117 +9,24 @@ run_until_stopped(); nothing else about serving is written twice.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from services.common.errors import InternalError, ServiceError, Unimplemented
-from services.common.telemetry.grpc_server import ServerTelemetry
+from services.common.grpc_calls import CallWrapper, Guard, Registrar
 from services.common.telemetry.metrics import service_metrics
 
 log = logging.getLogger(__name__)
 
-# Runs before every handler: raises a ServiceError to refuse the call (auth, rate limits).
-Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[None]]
-
 # Messages up to 16 MiB: a full batch of 1000 agents fits with room to spare.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError (and any unexpected exception) into a status with details.
-
-    Handlers are wrapped once per method and memoised: the wrapping is not paid per call.
-    """
-
-    def __init__(self, guard: Guard | None = None) -> None:
-        self._guard = guard
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
-        handler = await continuation(handler_call_details)
-        wrapped = _wrap_handler(handler, method, self._guard) if handler is not None else None
-        self._wrapped[method] = wrapped
-        return wrapped
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> grpc.RpcMethodHandler:
-    async def admit(context) -> None:
-        if guard is not None:
-            await guard(method, context)
-
-    if handler.unary_unary:
-        behavior = handler.unary_unary
-
-        async def unary_unary(request, context):
-            try:
-                await admit(context)
-                return await behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-                await _abort(context, exc, method)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        stream_behavior = handler.unary_stream
-        if inspect.isasyncgenfunction(stream_behavior):
-
-            async def unary_stream(request, context):
-                try:
-                    await admit(context)
-                    async for item in stream_behavior(request, context):
-                        yield item
-                except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
-
-        else:
-            # Handlers that write with context.write() (grpc.health.v1 Watch) are coroutines.
-            async def unary_stream(request, context):
-                try:
-                    await admit(context)
-                    return await stream_behavior(request, context)
-                except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
-    # Client-streaming methods are not part of the API; pass them through untouched.
-    return handler
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc
-    if isinstance(exc, NotImplementedError):
-        # A generated servicer's method this server does not implement (a client
-        # newer than the server): UNIMPLEMENTED, as grpc answers, and no error logged.
-        exc = Unimplemented(f"{method} is not implemented by this server")
-    if not isinstance(exc, ServiceError):
-        log.exception("unexpected error in %s", method)
-        exc = InternalError("internal error; the service log has the details", reason="INTERNAL")
-    status = rpc_status.to_status(exc.to_status())
-    if exc.trailing_metadata:
-        status = _Status(status.code, status.details, (*status.trailing_metadata, *exc.trailing_metadata))
-    await context.abort_with_status(status)
-
-
-class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
-    """A status with trailing metadata beside its details (grpc.Status is abstract)."""
 
 
 def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
@@ -134,38 +41,31 @@ def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
 class GrpcHost:
     """One grpc.aio server: the service's servicers plus health and reflection."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-        guard: Guard | None = None,
-    ) -> None:
+    def __init__(self, address: str, *, guard: Guard | None = None) -> None:
         self.address = address
+        # No interceptors: handlers are wrapped once, as they are registered, so a call
+        # runs no interceptor chain before its handler.
         self.server = grpc.aio.server(
-            # The service's own interceptors first: they run on every call (the error
-            # interceptor answers from its memo without calling on). Then telemetry, so
-            # it sees every call as the client will: after errors are translated.
-            interceptors=[*interceptors, ServerTelemetry(), ErrorInterceptor(guard)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 1),
             ],
         )
+        self._registrar = Registrar(self.server, CallWrapper(guard))
         self.health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self.port: int | None = None
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
         """Registers a servicer, e.g. add(add_AgentsServiceServicer_to_server, servicer, name)."""
-        register(servicer, self.server)
+        register(servicer, self._registrar)
         self._service_names.append(service_name)
 
     async def start(self) -> int:
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._registrar)
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), self._registrar)
         service_metrics().grpc.declare(_descriptors(names))
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:

@@ -66,8 +66,12 @@ class Settings:
     # The key the services present to each other; `make run` makes one when unset.
     service_api_key: str = dataclasses.field(default="", repr=False)
     # Token buckets per key (per client address for anonymous reads); 0 turns one off.
-    rate_limit_requests: int = 1000
-    rate_limit_window: float = 60.0
+    # A bucket holds `requests` tokens and refills them over `window` seconds. Per
+    # second, and above what one gateway process serves (README "Rate limits"): one
+    # caller cannot take more than a server's worth, and a load test from one address
+    # (hey -n 10000 -c 100) is answered, not refused.
+    rate_limit_requests: int = 5000
+    rate_limit_window: float = 1.0
     rate_limit_execute_requests: int = 100
     rate_limit_execute_window: float = 60.0
     # Peers whose X-Forwarded-For (HTTP) or x-forwarded-for (gRPC) is believed.

@@ -1,9 +1,9 @@
 """Workflow definitions: validation against the live agent registry, caching, invalidation.
 
-Cache rules (DESIGN.md): the workflow list is cached 60 s and a single workflow
-300 s; a write invalidates that workflow's key and every list page. The invalidations
-and the event are recorded in the write's own transaction (common/outbox.py) and sent
-to the cache after it commits.
+Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
+single workflow 300 s); a write invalidates that workflow's key and every list page.
+The invalidations and the event are recorded in the write's own transaction
+(common/outbox.py) and sent to the cache after it commits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
-from services.common import pagination
+from services.common import freshness, pagination
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.outbox import Outbox, Write
 from services.workflows import validation
@@ -29,8 +29,9 @@ from services.workflows.repository import WorkflowRepository
 
 Workflow = workflows_pb2.Workflow
 
-TTL_WORKFLOW = 300.0
-TTL_LIST = 60.0
+_METHODS = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].methods_by_name
+TTL_WORKFLOW = float(freshness.max_age(_METHODS["GetWorkflow"]))
+TTL_LIST = float(freshness.max_age(_METHODS["ListWorkflows"]))
 _LIST_PATTERN = "workflows:list:*"
 # The fields a client may write through UpdateWorkflow's mask.
 WRITABLE = ("name", "description", "steps", "timeout")

@@ -10,7 +10,6 @@ import grpc
 from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.common.cache.client import CacheClient
-from services.common.cache.freshness import FreshReadsInterceptor
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
@@ -96,10 +95,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     executions = Executions(catalog, executions_repository, engine, log)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
-    # A caller's `cache-control: no-cache` reaches every cached read of its call.
-    host = GrpcHost(
-        settings.workflows_addr, interceptors=[FreshReadsInterceptor()], guard=build_guard(settings, verifier, limiter)
-    )
+    host = GrpcHost(settings.workflows_addr, guard=build_guard(settings, verifier, limiter))
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
     pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)

@@ -16,6 +16,9 @@ its own:
   this process bypasses meanwhile;
 * near_feed.py: the Watch stream that keeps the near-cache live.
 
+A call under fresh_reads() (services/common/freshness.py: the caller sent
+`cache-control: no-cache`) reads past every layer and refills them.
+
 Fills carry the fill token of the Get that missed, so a value loaded before a write
 never lands after that write's invalidation; the near-cache and single-flight check
 the same invalidation history (history.py). Values are protobuf bytes or a declared
@@ -38,7 +41,7 @@ from google.protobuf.message import Message
 from devops_hub.v1 import cache_pb2
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.common.cache.delivery import InvalidationDelivery
-from services.common.cache.freshness import fresh_reads_requested
+from services.common.freshness import fresh_reads_requested
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache

@@ -6,9 +6,9 @@ and closes the Telemetry last. docs/observability.md is the operator's side.
 
     metrics.py      the Prometheus metrics and how they are grouped
     endpoint.py     GET /metrics of a gRPC service, on its own port
-    grpc_server.py  the interceptor every GrpcHost puts first
+    grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
     grpc_client.py  trace context on outgoing gRPC calls
-    asgi.py         the gateway's middleware
+    asgi.py         the gateway's SERVER span, for its front pass
     tracing.py      OpenTelemetry set-up and database spans
     logs.py         text or JSON logs with request and trace ids
     profiling.py    profiles of slow requests

@@ -1,7 +1,7 @@
 """Which request the running code serves, for the log formatter.
 
-The gRPC interceptor binds the call's context (its x-request-id is read from the
-metadata only when something actually logs) and the gateway's middleware binds the
+The gRPC call wrapper binds the call's context (its x-request-id is read from the
+metadata only when something actually logs) and the gateway's front pass binds the
 id itself. Every RPC and every HTTP request runs in a task of its own, so a binding
 never outlives the request that made it.
 """

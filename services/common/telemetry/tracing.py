@@ -4,11 +4,11 @@ configure() builds a TracerProvider that exports over OTLP (gRPC, or HTTP with
 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf; the exporter reads the other OTEL_EXPORTER_*
 variables itself, the provider OTEL_TRACES_SAMPLER and OTEL_RESOURCE_ATTRIBUTES) and
 installs it here. Without an endpoint nothing is installed: tracer() is None, the
-interceptors and middleware are built without a tracing layer, db_span() hands back
+servers' call wrappers and the gateway's front pass are built without a tracing layer, db_span() hands back
 one shared no-op context, and channels are left as gRPC makes them.
 
 Spans cross processes as W3C trace context (`traceparent`, `tracestate`) in the gRPC
-metadata: the server interceptor extracts it, and every grpc.aio channel opened
+metadata: the servers' call wrapper extracts it, and every grpc.aio channel opened
 while tracing is installed injects it (grpc_client.py).
 """
 

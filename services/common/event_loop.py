@@ -1,0 +1,21 @@
+"""Every process of DevOps Hub runs its event loop on uvloop.
+
+uvloop's loop (libuv, in C) schedules callbacks and moves socket bytes for less CPU
+than asyncio's pure-Python one, and the hot path of a service is exactly that: many
+small calls. grpc.aio and uvicorn both run on it; the gateway gets it from uvicorn
+(`loop="uvloop"`), the gRPC services from run() here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), on a uvloop event loop."""
+    return uvloop.run(main)

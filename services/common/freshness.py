@@ -1,0 +1,78 @@
+"""Freshness, both ways: how long an answer stays fresh, and a caller asking for a
+fresh one.
+
+The freshness table is read once from the `cache_max_age` option of every RPC. A read
+RPC declares in its .proto how long its answer may be reused. The service's own
+caches keep it that long, and every successful response says it as
+`cache-control: max-age=N` metadata, which the gateway passes on as the HTTP header:
+so whoever caches an answer downstream learns its lifetime from the service, never
+from a table of its own.
+
+A caller that sends `cache-control: no-cache` (the gateway forwards the HTTP header)
+asks for an answer from the source of truth: the call wrapper (grpc_calls.py) sets
+fresh_reads() for that call, and every cached read it makes (the cache client's
+load) bypasses every cache layer and refills them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from devops_hub.v1 import options_pb2
+
+from services.common.api import discover_services
+
+CACHE_CONTROL = "cache-control"
+
+
+def max_age(method: MethodDescriptor) -> int:
+    """Seconds the method's answers may be reused; 0 when it is not cacheable."""
+    return method.GetOptions().Extensions[options_pb2.cache_max_age]
+
+
+def max_ages(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
+    """'/pkg.Service/Method' -> seconds, for every cacheable method of the API."""
+    table = {}
+    for service in discover_services() if services is None else services:
+        for method in service.methods:
+            seconds = max_age(method)
+            if seconds:
+                table[f"/{service.full_name}/{method.name}"] = seconds
+    return table
+
+
+def cache_control(seconds: int) -> tuple[str, str]:
+    """The metadata entry a response carries to say how long it stays fresh."""
+    return (CACHE_CONTROL, f"max-age={seconds}")
+
+
+_FRESH: contextvars.ContextVar[bool] = contextvars.ContextVar("fresh_reads", default=False)
+
+
+def fresh_reads_requested() -> bool:
+    return _FRESH.get()
+
+
+@contextlib.contextmanager
+def fresh_reads(fresh: bool = True) -> Iterator[None]:
+    """Within the block, cached reads bypass the cache (and refill it)."""
+    token = _FRESH.set(fresh)
+    try:
+        yield
+    finally:
+        _FRESH.reset(token)
+
+
+def asks_for_fresh(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """True when request metadata carries a cache-control with no-cache or no-store
+    (RFC 9111 §5.2.1)."""
+    for name, value in metadata:
+        if name == CACHE_CONTROL:
+            text = value if isinstance(value, str) else value.decode("latin-1")
+            if {part.strip().split("=", 1)[0].lower() for part in text.split(",")} & {"no-cache", "no-store"}:
+                return True
+    return False

@@ -1,0 +1,187 @@
+"""The one wrapper every call of every service runs in, built once per method.
+
+Around a handler sit telemetry (metrics, the request context for the logs, and when
+on a SERVER span and a slow-call profile), the access guard, the method's freshness
+(`cache-control` metadata, services/common/freshness.py) and the translation of
+errors into statuses (services/common/errors.py). They used to be separate
+interceptors, each one more coroutine and one more lookup per call; here the layers
+a method needs are chosen when its handler is registered, and a call pays for one
+function around its handler and nothing else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+
+from services.common import freshness
+from services.common.errors import grpc_status
+from services.common.telemetry import context, profiling, tracing
+from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
+from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics, service_metrics
+
+Metadata = tuple[tuple[str, str], ...]
+
+# Runs before every handler: raises a ServiceError to refuse the call (auth, rate
+# limits), or returns the trailing metadata an admitted call carries (its limits).
+Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[Metadata]]
+
+_UNSET: Any = object()
+
+
+class CallWrapper:
+    """Wraps method handlers; tracer and profiler default to the process's (None when
+    off), and the freshness table to the one the protos declare."""
+
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        metrics: GrpcServerMetrics | None = None,
+        tracer=_UNSET,
+        profiler=_UNSET,
+        max_ages: Mapping[str, int] | None = None,
+    ) -> None:
+        self._guard = guard
+        self._metrics = metrics or service_metrics().grpc
+        self._tracer = tracing.tracer() if tracer is _UNSET else tracer
+        self._profiler = profiling.profiler() if profiler is _UNSET else profiler
+        self._max_ages = freshness.max_ages() if max_ages is None else max_ages
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of '/pkg.Service/Method' inside every layer, made once per method."""
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._build(method, handler)
+        return wrapped
+
+    def _build(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        path = method.lstrip("/")
+        service, _, name = path.rpartition("/")
+        kind, factory = KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        stats = self._metrics.method(service, name, kind)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+            wrapped = _streaming(behavior, method, stats, self._guard)
+            if self._tracer is not None:
+                wrapped = traced_stream(wrapped, self._tracer, path, attributes)
+        else:
+            # Handlers that write with context.write() (grpc.health.v1 Watch) are coroutines too.
+            max_age = self._max_ages.get(method)
+            cacheable = bool(max_age) and not handler.response_streaming
+            fresh = (freshness.cache_control(max_age),) if cacheable else ()
+            if cacheable:
+                behavior = _honouring_no_cache(behavior)
+            wrapped = _single(behavior, method, stats, self._guard, fresh)
+            if self._profiler is not None and not handler.response_streaming:
+                wrapped = profiled(wrapped, self._profiler, path)
+            if self._tracer is not None:
+                wrapped = traced(wrapped, self._tracer, path, attributes)
+        return factory(wrapped, handler.request_deserializer, handler.response_serializer)
+
+
+def _honouring_no_cache(behavior: Callable) -> Callable:
+    """A cacheable read whose caller sent `cache-control: no-cache` reads past every
+    cache layer (freshness.py); other methods never pay for looking."""
+
+    async def handle(request, context_: grpc.aio.ServicerContext):
+        with freshness.fresh_reads(freshness.asks_for_fresh(context_.invocation_metadata() or ())):
+            return await behavior(request, context_)
+
+    return handle
+
+
+def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata) -> Callable:
+    """A handler that returns (or writes) its answer: `fresh` goes out with a success."""
+
+    async def handle(request, context_: grpc.aio.ServicerContext):
+        context.bind_call(context_)
+        started = time.perf_counter()
+        failure = None
+        trailers: Metadata = ()
+        try:
+            if guard is not None:
+                trailers = await guard(method, context_)
+            reply = await behavior(request, context_)
+        except BaseException as exc:
+            failure = exc
+            await _abort_if_translatable(context_, exc, method, trailers)
+            raise
+        else:
+            trailers = (*trailers, *fresh) if fresh else trailers
+            if trailers:
+                context_.set_trailing_metadata(trailers)
+            return reply
+        finally:
+            stats.observe(outcome(failure, context_), time.perf_counter() - started)
+
+    return handle
+
+
+def _streaming(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard | None) -> Callable:
+    """A handler that yields its answers: the guard's metadata is set before the first."""
+
+    async def handle(request, context_: grpc.aio.ServicerContext):
+        context.bind_call(context_)
+        started = time.perf_counter()
+        failure = None
+        trailers: Metadata = ()
+        try:
+            if guard is not None:
+                trailers = await guard(method, context_)
+                if trailers:
+                    context_.set_trailing_metadata(trailers)
+            async for item in behavior(request, context_):
+                yield item
+        except BaseException as exc:
+            failure = exc
+            await _abort_if_translatable(context_, exc, method, trailers)
+            raise
+        finally:
+            stats.observe(outcome(failure, context_), time.perf_counter() - started)
+
+    return handle
+
+
+async def _abort_if_translatable(context_: grpc.aio.ServicerContext, exc: BaseException, method: str, trailers: Metadata) -> None:
+    """Ends the call with the status errors.py gives `exc`; cancellation, and a handler's
+    own abort, pass through as they are."""
+    if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+        await context_.abort_with_status(grpc_status(exc, method, trailers))
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come out wrapped (once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrapper: CallWrapper) -> None:
+        self._inner = inner
+        self._wrapper = wrapper
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._wrapper.wrap(handler_call_details.method, handler)
+
+
+class Registrar:
+    """What a generated add_*_to_server is given instead of the server, so every
+    handler it registers is wrapped before the server ever sees it."""
+
+    def __init__(self, server: grpc.aio.Server, wrapper: CallWrapper) -> None:
+        self._server = server
+        self._wrapper = wrapper
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrapper) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrapper.wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        )
