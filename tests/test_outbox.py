@@ -11,9 +11,9 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import field_mask_pb2
 
-from devops_hub.v1 import agents_pb2, events_pb2, workflows_pb2
+from devops_hub.v1 import agents_pb2, cache_pb2, events_pb2, workflows_pb2
 
 from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry
@@ -100,7 +100,8 @@ async def test_a_write_that_fails_after_its_statements_rolls_everything_back(sta
     then the use case failed: none of them is stored, and the cache is not told."""
     db = stack.agents.db
     head = await InvalidationLog(db).head()
-    before = await stack.cache_stub.Stats(empty_pb2.Empty())
+    cached = cache_pb2.CacheEntry(key="agents:get:agent-doomed", value=b"cached before", content_type="text/plain")
+    await stack.cache_stub.Set(cache_pb2.CacheSetRequest(entry=cached))
     with pytest.raises(RuntimeError):
         async with Outbox(db, stack.agents.cache, "agents").write() as write:
             await AgentRepository(db).insert(write.tx, [new_agent("doomed")], write.time)
@@ -110,7 +111,8 @@ async def test_a_write_that_fails_after_its_statements_rolls_everything_back(sta
     assert await AgentRepository(db).get("agent-doomed") is None
     assert [e for e in await events(stack, "agent.created") if e.subject == "agent-doomed"] == []
     assert await new_entries(stack, head) == []
-    assert (await stack.cache_stub.Stats(empty_pb2.Empty())).invalidations == before.invalidations
+    still = await stack.cache_stub.Get(cache_pb2.CacheGetRequest(key="agents:get:agent-doomed"))
+    assert still.found and still.entry.value == b"cached before"
 
 
 async def test_workflow_definition_writes_commit_their_event_and_log_entry(stack):

@@ -79,7 +79,7 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
         host=host,
         db=db,
         cache=cache,
-        relay=build_relay(settings, db, cache),
+        relay=build_relay(settings, db),
         runtimes=runtimes,
         verifier=verifier,
         limiter=limiter,

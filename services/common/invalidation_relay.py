@@ -69,11 +69,13 @@ class InvalidationRelay:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="invalidation-relay")
 
     async def stop(self) -> None:
+        """Stops the rounds for good and closes the relay's cache client."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._cache.close()
 
     async def _run(self) -> None:
         while True:
@@ -175,8 +177,13 @@ class InvalidationRelay:
             self._condition = condition
 
 
-def build_relay(settings: Settings, db: Database, cache: CacheClient) -> InvalidationRelay:
-    """The relay of a service that writes to `db`, as the settings configure it."""
+def build_relay(settings: Settings, db: Database) -> InvalidationRelay:
+    """The relay of a service that writes to `db`, as the settings configure it.
+
+    It has a cache client of its own, without a near-cache: its polls neither open a
+    Watch stream nor mix their failures into the request path's backoff and logs.
+    """
+    cache = CacheClient.from_settings(settings.replace(cache_near_size=0))
     return InvalidationRelay(
         InvalidationLog(db), cache, interval=settings.relay_interval, retention=settings.invalidation_log_retention
     )

@@ -100,7 +100,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
     pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
     return WorkflowsService(
-        host, db, engine, events, feed, pruner, cache, build_relay(settings, db, cache), agents_channel, verifier, limiter
+        host, db, engine, events, feed, pruner, cache, build_relay(settings, db), agents_channel, verifier, limiter
     )
 
 
