@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WATCH_LIVENESS = 15.0
 WATCH_RETRY_INITIAL = 0.05
 WATCH_RETRY_MAX = 2.0
+# How long close() waits for the stream's task to end.
+CLOSE_TIMEOUT = 2.0
 
 
 class StreamGap(Exception):
@@ -47,6 +49,7 @@ class NearCacheFeed:
         self._prefixes = list(prefixes)
         self._liveness = liveness
         self._task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.UnaryStreamCall | None = None
 
     def start(self) -> None:
         if self._task is None and not self._transport.closed:
@@ -54,16 +57,21 @@ class NearCacheFeed:
 
     async def close(self) -> None:
         task, self._task = self._task, None
+        # The call first: a read() of an intercepted stream call (the services' key)
+        # that is cancelled from outside may never finish cancelling, while a
+        # cancelled call ends its pending read at once.
+        if self._call is not None:
+            self._call.cancel()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
         self._near.set_live(False)
 
     async def _run(self) -> None:
         delay = WATCH_RETRY_INITIAL
         while not self._transport.closed:
-            call = self._transport.watch(self._prefixes)
+            call = self._call = self._transport.watch(self._prefixes)
             try:
                 await self._follow(call)
                 log.debug("cache watch stream ended by the sidecar; near-cache cleared")
