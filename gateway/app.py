@@ -53,7 +53,7 @@ def create_app(
     # a backend whose protos are not there yet, so it is ready as soon as they are.
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
-    pool = ChannelPool(addresses)
+    pool = ChannelPool(addresses, settings.grpc_connections)
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -184,6 +185,52 @@ def test_workers_share_each_port(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert not any(alive(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def calls_served_per_pid(metrics_dir: Path, method: str) -> dict[int, float]:
+    """grpc_server_handled_total of `method`, per process, from the multiprocess
+    metric files each worker writes (agents/counter_<pid>.db)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    served: dict[int, float] = {}
+    for path in metrics_dir.glob("agents/counter_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            name, _, labels, _ = json.loads(key)
+            if name == "grpc_server_handled" and labels.get("grpc_method") == method:
+                served[pid] = served.get(pid, 0) + value
+    return served
+
+
+def test_one_keep_alive_client_reaches_every_worker(tmp_path):
+    """With WORKERS=2 the gateway spreads calls over several connections per backend,
+    so both agents processes serve one keep-alive client's calls."""
+    env = process_env(tmp_path)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    # 16 connections: the kernel hashes each to one of the two workers, so all 16
+    # landing on one worker has a chance of 2**-15.
+    env.update(WORKERS="2", GRPC_CONNECTIONS="16", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = read_until(proc, "launcher: ready")
+        agents_pids = {int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "agents service" in line and "(pid " in line}
+        assert len(agents_pids) == 2
+        before = calls_served_per_pid(metrics_dir, "GetAgent")
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+            for _ in range(64):
+                assert client.get("/api/agents/builtin-json").status_code == 200
+        after = calls_served_per_pid(metrics_dir, "GetAgent")
+        share = {pid: after.get(pid, 0) - before.get(pid, 0) for pid in agents_pids}
+        assert sum(share.values()) == 64
+        assert all(count > 0 for count in share.values()), share
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

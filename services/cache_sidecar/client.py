@@ -46,6 +46,7 @@ from services.cache_sidecar.codecs import Codec, CodecError, protobuf_codec, pro
 from services.cache_sidecar.keys import escape_key, parse_pattern
 from services.cache_sidecar.near_cache import NearCache
 from services.common.auth.wiring import key_interceptors
+from services.common.channels import open_channel
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 
@@ -465,7 +466,7 @@ class CacheClient:
 
     def _ensure_stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
+            self._channel = open_channel(self._address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
             self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         if self.near is not None and self._watch_task is None and not self._closed:
             self._watch_task = asyncio.create_task(self._watch())

@@ -53,6 +53,9 @@ class Settings:
     events_flush_interval: float = 0.1
     events_poll_interval: float = 0.2
     workers: int = 1
+    # Connections each client keeps to each gRPC backend address; calls are spread
+    # over them one by one, so WORKERS processes sharing a port all take a share.
+    grpc_connections: int = 4
     auth_enabled: bool = True
     allow_anonymous_read: bool = True
     # An admin key to create at start if it does not exist (the first key of an install).

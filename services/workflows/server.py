@@ -13,7 +13,8 @@ from services.cache_sidecar.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
-from services.common.auth.wiring import build_guard, build_limiter, service_channel
+from services.common.auth.wiring import build_guard, build_limiter
+from services.common.channels import service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.events import EventWriter

@@ -27,6 +27,7 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
 from services.common.errors import Unavailable
+from services.common.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class RemoteVerifier(_CachedVerifier):
 
     def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
-        self._channel = grpc.aio.insecure_channel(agents_addr)
+        self._channel = open_channel(agents_addr)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
