@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from gateway.app import create_app
+from gateway.connections import connection_options
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -44,7 +45,7 @@ def main() -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http="httptools",
+        **connection_options(settings),
         lifespan="on",
         access_log=False,
         log_config=None,

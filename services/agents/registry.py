@@ -20,9 +20,10 @@ from google.protobuf.message import Message
 from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
-from services.agents.repository import AgentFilter, AgentRepository, revision_of
+from services.agents.repository import AgentFilter, AgentRepository
 from services.cache_sidecar.client import CacheClient
 from services.common import pagination
+from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.events import EventWriter
 

@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.common.errors import InternalError, ServiceError
+from services.common.outages import PROCESS as OUTAGES
+from services.common.request_checks import check_request, tolerant
 from services.common.telemetry.grpc_server import ServerTelemetry
 
 log = logging.getLogger(__name__)
@@ -53,22 +55,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> grpc.RpcMethodHandler:
-    async def admit(context) -> None:
+    async def admit(request, context) -> None:
         if guard is not None:
             await guard(method, context)
+        check_request(request)
 
     if handler.unary_unary:
         behavior = handler.unary_unary
 
         async def unary_unary(request, context):
             try:
-                await admit(context)
+                await admit(request, context)
                 return await behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                 await _abort(context, exc, method)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
+            unary_unary, tolerant(handler.request_deserializer), handler.response_serializer
         )
     if handler.unary_stream:
         stream_behavior = handler.unary_stream
@@ -76,7 +79,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | No
 
             async def unary_stream(request, context):
                 try:
-                    await admit(context)
+                    await admit(request, context)
                     async for item in stream_behavior(request, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
@@ -86,13 +89,13 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | No
             # Handlers that write with context.write() (grpc.health.v1 Watch) are coroutines.
             async def unary_stream(request, context):
                 try:
-                    await admit(context)
+                    await admit(request, context)
                     return await stream_behavior(request, context)
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method)
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            unary_stream, tolerant(handler.request_deserializer), handler.response_serializer
         )
     # Client-streaming methods are not part of the API; pass them through untouched.
     return handler
@@ -101,6 +104,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, guard: Guard | No
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
+    if not isinstance(exc, ServiceError):
+        # A dependency that is down (and logged once for it), not a bug.
+        exc = OUTAGES.unavailable(exc) or exc
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error in %s", method)
         exc = InternalError("internal error; the service log has the details", reason="INTERNAL")

@@ -42,6 +42,11 @@ class Settings:
     gateway_port: int = 8100
     # Default deadline the gateway puts on every gRPC call it makes.
     gateway_timeout: float = 10.0
+    # What one client connection may hold (gateway/connections.py): bytes of request
+    # line and headers, seconds to send a whole request, seconds idle between requests.
+    gateway_max_header_bytes: int = 8192
+    gateway_read_timeout: float = 10.0
+    gateway_keepalive_timeout: float = 5.0
     # Steps one execution may run at once.
     workflow_max_parallel: int = 8
     # An execution whose runner has not renewed its lease for this long is failed.

@@ -19,6 +19,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
 from services.cache_sidecar.client import CacheClient
 from services.common import pagination
+from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.events import EventWriter
 from services.workflows import validation
@@ -167,7 +168,8 @@ def _is_set(workflow: Workflow, name: str) -> bool:
 
 def _revision(etag: str) -> int:
     # An etag this service never issued matches no revision.
-    return int(etag) if etag.isdigit() else -1
+    revision = revision_of(etag)
+    return -1 if revision is None else revision
 
 
 def _now() -> dt.datetime:

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolStats, service_metrics
 
@@ -115,12 +116,22 @@ class _Connection:
         db._acquiring += 1
         try:
             self._conn = await db._pool.acquire()
+        except Exception as exc:
+            if is_database_outage(exc, raised_by_database=True):
+                raise PROCESS.database.failed(exc) from exc
+            raise
         finally:
             db._acquiring -= 1
         return self._conn
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # Whatever the statements inside raised passes here: a lost server becomes
+        # UNAVAILABLE (and one log line per outage), a success ends an outage.
         await self._db._pool.release(self._conn)
+        if exc is None:
+            PROCESS.database.succeeded()
+        elif isinstance(exc, Exception) and is_database_outage(exc, raised_by_database=True):
+            raise PROCESS.database.failed(exc) from exc
 
 
 def _rows_changed(status: str) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolStats, service_metrics
 
@@ -57,18 +58,30 @@ class _SqliteExecutor(Executor):
         try:
             with tracing.db_span("sqlite", sql):
                 async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    return list(await cursor.fetchall())
+                    rows = list(await cursor.fetchall())
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc) from exc
+        except sqlite3.OperationalError as exc:
+            if is_database_outage(exc, raised_by_database=True):
+                raise PROCESS.database.failed(exc) from exc
+            raise
+        PROCESS.database.succeeded()
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
         try:
             with tracing.db_span("sqlite", sql):
                 async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    return cursor.rowcount
+                    changed = cursor.rowcount
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc) from exc
+        except sqlite3.OperationalError as exc:
+            if is_database_outage(exc, raised_by_database=True):
+                raise PROCESS.database.failed(exc) from exc
+            raise
+        PROCESS.database.succeeded()
+        return changed
 
 
 def _integrity(exc: sqlite3.IntegrityError) -> Exception:
