@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 
+from services.common.background import spawn
+from services.common.errors import Unavailable
 from services.common.db import Database
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class Pruner:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="events-retention")
+        self._task = spawn(self._run(), name="events-retention", essential=True)
 
     async def _run(self) -> None:
         while True:
@@ -48,6 +50,8 @@ class Pruner:
                 deleted = await prune_once(self._db, self._keep)
                 if deleted:
                     log.info("pruned %d old events (keeping %d)", deleted, self._keep)
+            except Unavailable:
+                pass  # the database is away, and services.common.outages said so once
             except Exception:  # noqa: BLE001 - try again next round
                 log.exception("pruning events failed")
             await asyncio.sleep(self._interval)

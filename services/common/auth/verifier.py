@@ -26,6 +26,7 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc
 
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
+from services.common.background import spawn
 from services.common.errors import Unavailable
 from services.common.channels import open_channel
 
@@ -120,7 +121,7 @@ class DatabaseVerifier(_CachedVerifier):
         self._touched[api_key.id] = now
         self._to_touch.add(api_key.id)
         if self._toucher is None or self._toucher.done():
-            self._toucher = asyncio.get_running_loop().create_task(self._touch_soon())
+            self._toucher = spawn(self._touch_soon(), name="api-key-touch")
 
     async def _touch_soon(self) -> None:
         await asyncio.sleep(1.0)  # gather the keys used in the same second into one write
