@@ -58,7 +58,7 @@ def create_app(
         routes,
         timeout=settings.gateway_timeout,
         max_json_depth=settings.max_json_depth,
-        trusted_proxies=settings.trusted_proxies,
+        trusted_proxies=settings.gateway_trusted_proxies,
     )
     health = HealthChecker(addresses)
     metrics = HttpMetrics(registry)

@@ -1,4 +1,5 @@
 """What one HTTP connection may hold of the gateway: bytes of request head, time.
+(And uvicorn's own X-Forwarded-For handling, which is turned off.)
 
 uvicorn's httptools protocol enforces none of it: a request head may grow without
 bound, a connection that never sends a byte stays open for good (its keep-alive
@@ -127,4 +128,10 @@ def connection_options(settings: Settings) -> dict[str, Any]:
         (BoundedHttpToolsProtocol,),
         {"max_header_bytes": settings.gateway_max_header_bytes, "read_timeout": settings.gateway_read_timeout},
     )
-    return {"http": protocol, "timeout_keep_alive": settings.gateway_keepalive_timeout}
+    return {
+        "http": protocol,
+        "timeout_keep_alive": settings.gateway_keepalive_timeout,
+        # uvicorn would otherwise rewrite the client's address from X-Forwarded-For
+        # for any peer on 127.0.0.1; gateway.hardening.client_address decides instead.
+        "proxy_headers": False,
+    }

@@ -321,7 +321,8 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
     (secret,) = by_kind(objects, "Secret").values()
     settings_everywhere = {**config["data"], **secret["stringData"]}
     assert all(is_known_variable(name) for name in settings_everywhere), settings_everywhere
-    Settings.from_env(settings_everywhere)
+    in_cluster = Settings.from_env(settings_everywhere)
+    assert not in_cluster.grpc_reflection, "reflection is off in the cluster"
 
     grpc_parts = {
         "agents": ("services.agents", "AGENTS_ADDR", DEFAULTS.agents_addr, DEFAULTS.agents_metrics_port),

@@ -90,3 +90,16 @@ async def test_graceful_stop_finishes_in_flight_calls(host):
     release.set()
     assert await in_flight == b"done:x"
     await stopping
+
+
+async def test_reflection_can_be_turned_off(sqlite_url):
+    """GRPC_REFLECTION=false (as in the Kubernetes manifests): nothing lists the methods."""
+    from tests.conftest import make_settings, running_stack
+
+    async with running_stack(make_settings(sqlite_url, grpc_reflection=False), with_sidecar=False) as stack:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in responses:
+                pass
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -129,8 +129,12 @@ class GrpcHost:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         guard: Guard | None = None,
+        reflection: bool = True,
     ) -> None:
         self.address = address
+        # Server reflection lists every method to anyone who asks, key or not: handy
+        # for grpcurl and ghz, off where nobody should browse (GRPC_REFLECTION=false).
+        self.reflection = reflection
         self.server = grpc.aio.server(
             # Telemetry first, so it sees every call as the client will: after errors
             # are translated, with the status they were translated to.
@@ -152,9 +156,10 @@ class GrpcHost:
 
     async def start(self) -> int:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        if self.reflection:
+            reflection.enable_server_reflection(
+                [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")

@@ -58,6 +58,8 @@ class Settings:
     events_flush_interval: float = 0.1
     events_poll_interval: float = 0.2
     workers: int = 1
+    # gRPC server reflection (grpcurl, ghz without proto files); off in Kubernetes.
+    grpc_reflection: bool = True
     # Connections each client keeps to each gRPC backend address; calls are spread
     # over them one by one, so WORKERS processes sharing a port all take a share.
     grpc_connections: int = 4
@@ -72,8 +74,12 @@ class Settings:
     rate_limit_window: float = 60.0
     rate_limit_execute_requests: int = 100
     rate_limit_execute_window: float = 60.0
-    # Peers whose X-Forwarded-For (HTTP) or x-forwarded-for (gRPC) is believed.
-    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    # Peers whose x-forwarded-for the services believe (networks, comma separated);
+    # empty: the gateway's own address (GATEWAY_HOST) and nothing else.
+    trusted_proxies: str = ""
+    # Proxies in front of the gateway whose X-Forwarded-For it believes; empty: none,
+    # and the client is the connection's peer.
+    gateway_trusted_proxies: str = ""
     # Origins allowed by CORS, comma separated; empty: no cross-origin access.
     cors_origins: str = ""
     # How deeply a JSON request body may nest.

@@ -90,7 +90,9 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     executions = Executions(catalog, executions_repository, engine, log)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
-    host = GrpcHost(settings.workflows_addr, guard=build_guard(settings, verifier, limiter))
+    host = GrpcHost(
+        settings.workflows_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
+    )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
     pruner = Pruner(db, settings.events_retention, settings.events_prune_interval)

@@ -4,15 +4,14 @@ It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks 
 against the scope the method declares in the protos, then takes a token from the
 caller's rate-limit bucket: per key, or per client address for anonymous reads.
 The client address is the peer's, or the x-forwarded-for it sends when the peer is a
-trusted proxy (the gateway). Keys never appear in errors or logs: a key is named by
+trusted proxy (the gateway; services.common.forwarded). Keys never appear in errors or logs: a key is named by
 its id or its first characters only.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import grpc
 
@@ -23,6 +22,7 @@ from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
 from services.common.auth.verifier import KeyVerifier
 from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
+from services.common.forwarded import client_address, parse_networks
 
 Scope = options_pb2.Scope
 
@@ -46,18 +46,6 @@ def peer_address(peer: str) -> str:
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     return rest or peer
-
-
-def parse_networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
-
-
-def trusted(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
 
 
 def rate_limit_metadata(decision: Decision) -> tuple[tuple[str, str], ...]:
@@ -136,8 +124,5 @@ class AccessGuard:
         return f"key:{api_key.id}"
 
     def _client_address(self, metadata: Mapping[str, str], context) -> str:
-        peer = peer_address(context.peer())
         forwarded = metadata.get("x-forwarded-for", "")
-        if forwarded and trusted(peer, self._proxies):
-            return forwarded.split(",")[0].strip()
-        return peer
+        return client_address(peer_address(context.peer()), [forwarded] if forwarded else [], self._proxies)

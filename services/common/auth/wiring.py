@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from services.common.auth.call_keys import key_interceptors
 from services.common.auth.guard import AccessGuard
 from services.common.auth.rate_limit import Policy, RateLimiter
@@ -9,7 +11,7 @@ from services.common.auth.scopes import required_scopes
 from services.common.auth.verifier import KeyVerifier
 from services.common.settings import Settings
 
-__all__ = ["build_guard", "build_limiter", "key_interceptors"]
+__all__ = ["build_guard", "build_limiter", "gateway_address", "key_interceptors"]
 
 
 def build_limiter(settings: Settings) -> RateLimiter:
@@ -31,6 +33,19 @@ def build_guard(settings: Settings, verifier: KeyVerifier, limiter: RateLimiter)
         limiter,
         auth_enabled=settings.auth_enabled,
         allow_anonymous_read=settings.allow_anonymous_read,
-        trusted_proxies=settings.trusted_proxies,
+        trusted_proxies=settings.trusted_proxies or gateway_address(settings),
         service_key=settings.service_api_key,
     )
+
+
+def gateway_address(settings: Settings) -> str:
+    """The gateway's own address, the services' default trusted proxy; none when it
+    listens on every address or under a name (then TRUSTED_PROXIES says where it is)."""
+    host = settings.gateway_host.strip("[]")
+    if host == "localhost":
+        return "127.0.0.1,::1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    return "" if address.is_unspecified else str(address)
