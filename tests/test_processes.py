@@ -140,13 +140,47 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     assert not any(alive(pid) for pid in pids.values())
 
 
-def test_launcher_names_a_dead_child_and_stops_the_rest(launcher):
-    proc, _, lines = launcher
+def restarted_pid(proc: subprocess.Popen, name: str) -> int:
+    """Reads the launcher's output up to `name`'s restart; the new pid."""
+    line = read_until(proc, f"launcher: {name}", timeout=60)[-1]
+    while "restarted" not in line:
+        line = read_until(proc, f"launcher: {name}", timeout=60)[-1]
+    return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+
+
+def test_a_dead_child_is_restarted_and_the_stack_serves_again(launcher):
+    proc, env, lines = launcher
     pids = child_pids(lines)
+    read_until(proc, "launcher: ready")
     os.kill(pids["cache sidecar"], signal.SIGKILL)
-    assert proc.wait(timeout=15) == 1
+    new_pid = restarted_pid(proc, "cache sidecar")
+    assert new_pid != pids["cache sidecar"] and alive(new_pid)
+    gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gateway}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the stack never became healthy again"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert not any(alive(pid) for pid in [*pids.values(), new_pid])
+
+
+def test_a_crash_loop_gives_up_with_a_clear_message_and_stops_the_rest(launcher, tmp_path):
+    """The agents service is killed and its database file replaced by one that is not a
+    database (the others keep the old file open): each restart dies at once, and after
+    a few the launcher gives up."""
+    proc, env, lines = launcher
+    pids = child_pids(lines)
+    read_until(proc, "launcher: ready")
+    os.kill(pids["agents service"], signal.SIGKILL)
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    os.rename(broken, tmp_path / "hub.db")
+    # Read as it comes: each failed start writes a traceback, and a full pipe would stall.
     output = proc.stdout.read()
-    assert "cache sidecar" in output and "exited" in output
+    assert proc.wait(timeout=120) == 1
+    gave_up = [line for line in output.splitlines() if "crash loop" in line]
+    assert gave_up and "agents service" in gave_up[0], output[-5000:]
     time.sleep(0.2)
     assert not any(alive(pid) for pid in pids.values())
 
@@ -205,9 +239,10 @@ def calls_served_per_pid(metrics_dir: Path, method: str) -> dict[int, float]:
     return served
 
 
-def test_one_keep_alive_client_reaches_every_worker(tmp_path):
+def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(tmp_path):
     """With WORKERS=2 the gateway spreads calls over several connections per backend,
-    so both agents processes serve one keep-alive client's calls."""
+    so both agents processes serve one keep-alive client's calls; when one stops, the
+    other serves them all until the launcher has restarted it."""
     env = process_env(tmp_path)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -229,6 +264,15 @@ def test_one_keep_alive_client_reaches_every_worker(tmp_path):
         share = {pid: after.get(pid, 0) - before.get(pid, 0) for pid in agents_pids}
         assert sum(share.values()) == 64
         assert all(count > 0 for count in share.values()), share
+
+        # One worker stops: the other serves every call while the launcher restarts it.
+        stopped = min(agents_pids)
+        os.kill(stopped, signal.SIGTERM)
+        read_until(proc, f"agents service (pid {stopped}) exited")
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+            answers = [client.get("/api/agents/builtin-json").status_code for _ in range(30)]
+        assert answers == [200] * 30
+        assert alive(restarted_pid(proc, "agents service"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

@@ -109,17 +109,28 @@ class SqliteDatabase(Database):
         path = path[1:] if path.startswith("/") else path
         if path != ":memory:":
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await cls._open_connection(path)
-        reader_conns = [await cls._open_connection(path) for _ in range(readers)]
-        return cls(writer, reader_conns)
+        opened: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(readers + 1):
+                opened.append(await cls._open_connection(path))
+        except BaseException:
+            for conn in opened:
+                await conn.close()
+            raise
+        return cls(opened[0], opened[1:])
 
     @staticmethod
     async def _open_connection(path: str) -> aiosqlite.Connection:
         # isolation_level=None: transactions are begun explicitly, never implicitly.
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
-            await conn.execute(pragma)
+        try:
+            for pragma in _PRAGMAS:
+                await conn.execute(pragma)
+        except BaseException:
+            # Its thread would otherwise keep a process that cannot start from exiting.
+            await conn.close()
+            raise
         return conn
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
