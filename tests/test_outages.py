@@ -4,6 +4,7 @@ with Retry-After and a reason, the log says so once each way, and no traceback."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -61,3 +62,19 @@ async def test_a_database_outage_is_503_with_retry_after_logged_once_each_way(ow
     assert len([m for m in messages if "database unavailable" in m]) == 1, messages
     assert len([m for m in messages if "database available again" in m]) == 1, messages
     assert not [record for record in caplog.records if record.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_a_call_cut_short_by_a_stopping_backend_is_503_not_499(sqlite_url):
+    """The backend stops with no grace while a call runs: the client did nothing
+    wrong and should retry (503), it did not go away (499)."""
+    async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
+        async with running_gateway(stack.settings) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+                request = {"capability": "control.wait", "input": {"seconds": 20}}
+                running = asyncio.ensure_future(http.post("/api/agents/builtin-control:execute", json=request))
+                await asyncio.sleep(1.0)
+                assert not running.done()
+                await stack.agents.host.stop(0.5)
+                response = await running
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
