@@ -100,6 +100,5 @@ async def test_reflection_can_be_turned_off(sqlite_url):
         reflection = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
         responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in responses:
-                pass
+            [reply async for reply in responses]
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -186,10 +186,10 @@ class Engine:
                 for execution_id in await self._executions.cancelled_among(list(self._tasks)):
                     await self._cancel_local(execution_id, _Stop(Execution.CANCELLED, "cancelled by request"))
                 await self._reap()
-            except Unavailable:
-                pass  # the database is away, and services.common.outages said so once
-            except Exception:  # noqa: BLE001 - try again next round
-                logging.getLogger(__name__).exception("execution maintenance failed")
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                # A database that is away was logged once, by services.common.outages.
+                if not isinstance(exc, Unavailable):
+                    logging.getLogger(__name__).exception("execution maintenance failed")
 
     async def _reap(self) -> None:
         reason = "the service running this execution stopped (its lease expired)"

@@ -50,10 +50,10 @@ class Pruner:
                 deleted = await prune_once(self._db, self._keep)
                 if deleted:
                     log.info("pruned %d old events (keeping %d)", deleted, self._keep)
-            except Unavailable:
-                pass  # the database is away, and services.common.outages said so once
-            except Exception:  # noqa: BLE001 - try again next round
-                log.exception("pruning events failed")
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                # A database that is away was logged once, by services.common.outages.
+                if not isinstance(exc, Unavailable):
+                    log.exception("pruning events failed")
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:

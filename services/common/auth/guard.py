@@ -4,8 +4,8 @@ It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks 
 against the scope the method declares in the protos, then takes a token from the
 caller's rate-limit bucket: per key, or per client address for anonymous reads.
 The client address is the peer's, or the x-forwarded-for it sends when the peer is a
-trusted proxy (the gateway; services.common.forwarded). Keys never appear in errors or logs: a key is named by
-its id or its first characters only.
+trusted proxy (the gateway; services.common.forwarded). Keys never appear in errors
+or logs: a key is named by its id or its first characters only.
 """
 
 from __future__ import annotations

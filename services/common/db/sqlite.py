@@ -18,8 +18,8 @@ import json
 import pathlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiosqlite
@@ -55,33 +55,30 @@ class _SqliteExecutor(Executor):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
-        try:
-            with tracing.db_span("sqlite", sql):
-                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    rows = list(await cursor.fetchall())
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from exc
-        except sqlite3.OperationalError as exc:
-            if is_database_outage(exc, raised_by_database=True):
-                raise PROCESS.database.failed(exc) from exc
-            raise
-        PROCESS.database.succeeded()
-        return rows
+        with _errors_translated(), tracing.db_span("sqlite", sql):
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return list(await cursor.fetchall())
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
-        try:
-            with tracing.db_span("sqlite", sql):
-                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    changed = cursor.rowcount
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from exc
-        except sqlite3.OperationalError as exc:
-            if is_database_outage(exc, raised_by_database=True):
-                raise PROCESS.database.failed(exc) from exc
-            raise
-        PROCESS.database.succeeded()
-        return changed
+        with _errors_translated(), tracing.db_span("sqlite", sql):
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return cursor.rowcount
+
+
+@contextmanager
+def _errors_translated() -> Iterator[None]:
+    """UNIQUE violations for the repositories; a file that cannot be used now is an
+    outage (UNAVAILABLE, logged once); a statement that works ends one."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise _integrity(exc) from exc
+    except sqlite3.OperationalError as exc:
+        if is_database_outage(exc, raised_by_database=True):
+            raise PROCESS.database.failed(exc) from exc
+        raise
+    PROCESS.database.succeeded()
 
 
 def _integrity(exc: sqlite3.IntegrityError) -> Exception:
