@@ -4,6 +4,8 @@ both engines, over HTTP and over gRPC."""
 
 from __future__ import annotations
 
+import struct
+
 import grpc
 import httpx
 import pytest
@@ -78,3 +80,19 @@ async def test_oversized_ids_and_headers_are_never_429(stack_and_http):
     long_header = await http.get("/api/agents", headers={"x-request-id": "r" * 20000})
     assert long_header.status_code == 431, long_header.text
     assert error_reason(long_header.json()) == "HEADERS_TOO_LARGE"
+
+
+async def test_a_nan_without_a_zero_byte_is_refused_too(stack_and_http):
+    """A NaN's payload bits are the sender's to choose: one with no zero byte on the
+    wire must not slip past the check."""
+    stack, _ = stack_and_http
+    request = agents_pb2.ExecuteAgentRequest(id="builtin-control", capability="control.echo")
+    request.input["n"] = float("nan")
+    canonical = struct.pack("<d", float("nan"))
+    crafted = request.SerializeToString().replace(canonical, b"\x01\x01\x01\x01\x01\x01\xf8\x7f")
+    assert b"\x00" not in crafted
+    call = stack.channel.unary_unary("/devops_hub.v1.AgentsService/ExecuteAgent")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(crafted, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input.n" in caught.value.details()

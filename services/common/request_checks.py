@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from services.common.errors import InvalidArgument, invalid_fields
@@ -35,19 +35,40 @@ class Malformed:
     __slots__ = ()
 
 
+class Refused:
+    """What a request holding values no engine can store is replaced by."""
+
+    __slots__ = ("violations",)
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+
+
 MALFORMED = Malformed()
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """The method's deserializer, returning MALFORMED instead of raising."""
+    """The method's deserializer, returning MALFORMED or Refused instead of raising,
+    for check_request to answer once the caller is known to be allowed to ask.
+
+    A NUL in a string is a zero byte on the wire, so a request without one, of a
+    message that cannot hold a floating-point number (a NaN needs no zero byte), has
+    nothing to find: most requests skip the walk.
+    """
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            request = deserializer(data)
         except (DecodeError, ValueError, TypeError, RuntimeError):
             return MALFORMED
+        if isinstance(request, Message) and (b"\x00" in data or _holds_floats(request.DESCRIPTOR)):
+            violations: list[tuple[str, str]] = []
+            _walk(request, "", violations)
+            if violations:
+                return Refused(violations[:MAX_VIOLATIONS])
+        return request
 
     return deserialize
 
@@ -59,11 +80,8 @@ def check_request(request: Any) -> None:
         raise InvalidArgument(
             "the request is not a valid encoding of the method's request message", reason="MALFORMED_REQUEST"
         )
-    if isinstance(request, Message):
-        violations: list[tuple[str, str]] = []
-        _walk(request, "", violations)
-        if violations:
-            raise invalid_fields(violations[:MAX_VIOLATIONS])
+    if isinstance(request, Refused):
+        raise invalid_fields(request.violations)
 
 
 def _walk(message: Message, path: str, violations: list[tuple[str, str]]) -> None:
@@ -122,6 +140,25 @@ def _walk_json(message: Message, path: str, violations: list[tuple[str, str]]) -
             violations.append((path, "must be a finite number"))
         elif which in ("struct_value", "list_value"):
             _walk_json(getattr(message, which), path, violations)
+
+
+def _holds_floats(descriptor: Descriptor, _seen: frozenset[str] = frozenset()) -> bool:
+    """Whether a message of this type can hold a double or float, at any depth."""
+    cached = _FLOATS_BY_TYPE.get(descriptor.full_name)
+    if cached is not None:
+        return cached
+    seen = _seen | {descriptor.full_name}
+    holds = any(
+        field.type in _FLOATS
+        or (field.type == _MESSAGE and field.message_type.full_name not in seen and _holds_floats(field.message_type, seen))
+        for field in descriptor.fields
+    )
+    if not _seen:
+        _FLOATS_BY_TYPE[descriptor.full_name] = holds
+    return holds
+
+
+_FLOATS_BY_TYPE: dict[str, bool] = {}
 
 
 def _join(path: str, name: str) -> str:
