@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from gateway.app import create_app
+from gateway.connections import connection_options
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 
@@ -44,16 +45,13 @@ def main() -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http="httptools",
+        **connection_options(settings),
         lifespan="on",
         access_log=False,
         log_config=None,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.shutdown_grace,
         server_header=False,
-        # X-Forwarded-For is the gateway's own business (TRUSTED_PROXIES, hardening.py):
-        # uvicorn's middleware would believe it from its own list, and costs a pass.
-        proxy_headers=False,
     )
     try:
         _AnnouncingServer(config).run(sockets=[_listening_socket(settings.gateway_host, settings.gateway_port)])

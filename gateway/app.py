@@ -52,12 +52,12 @@ def create_app(
     # a backend whose protos are not there yet, so it is ready as soon as they are.
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
-    pool = ChannelPool(addresses)
+    pool = ChannelPool(addresses, settings.grpc_connections)
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,
         max_json_depth=settings.max_json_depth,
-        trusted_proxies=settings.trusted_proxies,
+        trusted_proxies=settings.gateway_trusted_proxies,
     )
     health = HealthChecker(addresses)
     metrics = HttpMetrics(registry)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
 
 BACKEND_OF_SERVICE: Mapping[str, str] = {
@@ -21,14 +21,6 @@ BACKEND_OF_SERVICE: Mapping[str, str] = {
     "devops_hub.v1.EventsService": "workflows",
     "devops_hub.v1.CacheService": "cache",
 }
-
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # A restarted backend is found again within seconds instead of gRPC's default
-    # back-off of up to two minutes, during which every call would fail fast.
-    ("grpc.max_reconnect_backoff_ms", 5000),
-)
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
@@ -43,20 +35,23 @@ def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, 
 
 
 class ChannelPool:
-    """One grpc.aio channel per distinct address, shared by every call to it.
+    """One channel per distinct address, shared by every call to it.
 
-    A channel multiplexes any number of concurrent calls over one HTTP/2 connection and
-    reconnects on its own, so per-request channels would only add handshakes. Channels
-    are opened in the app's lifespan (they belong to its event loop) and closed there.
+    A channel multiplexes any number of concurrent calls and reconnects on its own, so
+    per-request channels would only add handshakes; it spreads calls over `connections`
+    connections (services.common.channels), so every worker behind the address takes a
+    share. Channels are opened in the app's lifespan (they belong to its event loop)
+    and closed there.
     """
 
-    def __init__(self, addresses: Mapping[str, str]) -> None:
+    def __init__(self, addresses: Mapping[str, str], connections: int = DEFAULT_CONNECTIONS) -> None:
         self.addresses = dict(addresses)
+        self.connections = connections
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def open(self) -> None:
         for address in dict.fromkeys(self.addresses.values()):
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = open_channel(address, connections=self.connections)
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         return self._channels[self.addresses[backend]]

@@ -10,11 +10,12 @@ exactly one error shape whoever found the problem.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2, json_format
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,12 +35,15 @@ HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.ABORTED: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNKNOWN: 500,
     grpc.StatusCode.DATA_LOSS: 500,
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
+    # The gateway only ever reads a CANCELLED its backend chose (a stop cut the call
+    # short): when its own client hangs up, nobody is left to answer. So not 499,
+    # which would blame the client, but 503: retry, another process will serve it.
+    grpc.StatusCode.CANCELLED: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
@@ -135,7 +139,19 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
 
 def rpc_error_response(error: grpc.aio.AioRpcError) -> Response:
     status = status_of(error)
-    return status_response(status, http_status(status.code))
+    code = http_status(status.code)
+    return status_response(status, code, retry_after(status, code))
+
+
+def retry_after(status: status_pb2.Status, http_code: int) -> dict[str, str] | None:
+    """Retry-After from the status's RetryInfo; one second for any other 503, which
+    is by definition worth retrying (a dependency or a process briefly away)."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return {"Retry-After": str(max(1, math.ceil(info.retry_delay.ToTimedelta().total_seconds())))}
+    return {"Retry-After": "1"} if http_code == 503 else None
 
 
 def status_body(status: status_pb2.Status) -> bytes:

@@ -3,7 +3,8 @@
 - Credentials in the query string are refused: URLs end up in logs and histories.
 - A request body must be JSON (415 otherwise).
 - The client's address goes to the services as x-forwarded-for, for their per-address
-  rate limits; an incoming X-Forwarded-For is believed only from TRUSTED_PROXIES.
+  rate limits; an incoming X-Forwarded-For is believed only from GATEWAY_TRUSTED_PROXIES
+  (none by default), and then only up to its rightmost untrusted hop.
 - The services' rate-limit figures come back as X-RateLimit-* and Retry-After headers.
 - Every response carries the usual security headers; CORS only for CORS_ORIGINS, and
   never a wildcard together with credentials.
@@ -17,7 +18,8 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
-from services.common.auth.guard import TrustedProxies
+from services.common.forwarded import TrustedProxies
+from services.common.forwarded import client_address as forwarded_client
 
 CREDENTIAL_PARAMETERS = frozenset({"api_key", "apikey", "api-key", "x-api-key", "key", "token", "access_token", "authorization"})
 RATE_LIMIT_TRAILERS = {
@@ -64,14 +66,10 @@ def require_json(scope: Scope) -> None:
 
 
 def client_address(scope: Scope, proxies: TrustedProxies) -> str:
+    """The client's address, sent on to the services as the only x-forwarded-for hop."""
     peer = scope["client"][0] if scope.get("client") else ""
-    if peer in proxies:
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                first = value.decode("latin-1").split(",", 1)[0].strip()
-                if first:
-                    return first
-    return peer
+    forwarded = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
+    return forwarded_client(peer, forwarded, proxies)
 
 
 def add_rate_limit_headers(response: Response, trailers) -> None:

@@ -40,7 +40,7 @@ from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Renderer, renderer
-from services.common.auth.guard import TrustedProxies
+from services.common.forwarded import TrustedProxies
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.

@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from gateway.app import create_app
+from gateway.connections import connection_options
 from services.common.settings import Settings
 
 
@@ -57,7 +58,9 @@ async def running_gateway(settings: Settings, host: str = "127.0.0.1", **app_opt
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, log_level="warning", proxy_headers=False)
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, access_log=False, log_level="warning", **connection_options(settings)
+    )
     server = _InProcessServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -285,7 +285,7 @@ def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
             message = getattr(message, parent)
         try:
             json_format.ParseDict({leaf.json_name: _scalar_json(leaf, value, name)}, message)
-        except (json_format.ParseError, ValueError, TypeError) as exc:
+        except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
             _, reason = explain(exc)
             raise bad_request(f"invalid path parameter {name!r}: {reason}", field=name, description=reason) from None
 
@@ -295,7 +295,7 @@ def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
 def _parse_into(document: dict, message: Message, origins: dict[str, str]) -> None:
     try:
         json_format.ParseDict(document, message, ignore_unknown_fields=False)
-    except (json_format.ParseError, ValueError, TypeError) as exc:
+    except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
         path, reason = explain(exc)
         query_name = origins.get(path)
         if query_name is not None:

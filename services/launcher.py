@@ -2,9 +2,12 @@
 
 Each child is started in order (the cache first, the gateway last), and the launcher
 waits until its port accepts connections before starting the next, printing one line
-per process. Ctrl-C or SIGTERM stops them all, in reverse order, within
-STOP_TIMEOUT seconds; if one dies, the launcher names it and stops the rest. Children
-get SIGTERM if the launcher itself is killed (PR_SET_PDEATHSIG), so none is orphaned.
+per process. Then it supervises: a child that dies is named and restarted with an
+exponential back-off, the others serving meanwhile; a crash loop stops everything
+with a message that says so. Ctrl-C or SIGTERM stops them all, in reverse order,
+within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
+(PR_SET_PDEATHSIG), so none is orphaned. In Kubernetes none of this runs: one
+process per container, and the kubelet restarts containers (README "Supervision").
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from services.seed import seed
 STOP_TIMEOUT = 8.0
 SERVICE_KEY_FILE = "var/service.key"
 START_TIMEOUT = 30.0
+POLL_INTERVAL = 0.2
+# Restart back-off: 0.5 s, 1 s, 2 s ... up to 10 s, for deaths in a row. A process that
+# ran STABLE_AFTER seconds starts the count again; more than MAX_QUICK_DEATHS deaths
+# in a row is a crash loop that restarting will not fix.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+STABLE_AFTER = 30.0
+MAX_QUICK_DEATHS = 5
 _PR_SET_PDEATHSIG = 1
 
 
@@ -75,59 +86,103 @@ def _wait_listening(address: str, proc: subprocess.Popen, timeout: float) -> boo
     return False
 
 
+@dataclass
+class Child:
+    """One process of a part, and what the supervisor knows of its past."""
+
+    part: Part
+    proc: subprocess.Popen
+    started: float
+    # Deaths in a row, each soon after its start; reset once a process runs STABLE_AFTER.
+    quick_deaths: int = 0
+    restart_at: float | None = None
+
+
 class Launcher:
+    """Starts the parts in order, then supervises them like gunicorn's arbiter: a child
+    that dies is restarted after an exponential back-off, while the others (with
+    WORKERS >= 2, its siblings on the same port) keep serving. A child that keeps dying
+    soon after it starts is a crash loop: the launcher says so and stops the rest."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.running: list[tuple[Part, subprocess.Popen]] = []
+        self.running: list[Child] = []
         self._stopping = False
 
     def start(self) -> None:
         for part in parts(self.settings):
             for _ in range(part.processes):
-                self._start_one(part)
+                child = Child(part, self._spawn(part), time.monotonic())
+                self.running.append(child)
+                if not _wait_listening(part.address, child.proc, START_TIMEOUT):
+                    code = child.proc.poll()
+                    why = f"exited with code {code}" if code is not None else f"did not listen within {START_TIMEOUT:.0f}s"
+                    raise RuntimeError(f"{part.name} {why}")
+                print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {child.proc.pid})", flush=True)
 
-    def _start_one(self, part: Part) -> None:
-        proc = subprocess.Popen(
+    @staticmethod
+    def _spawn(part: Part) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", part.module],
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
             start_new_session=True,
         )
-        self.running.append((part, proc))
-        if not _wait_listening(part.address, proc, START_TIMEOUT):
-            code = proc.poll()
-            why = f"exited with code {code}" if code is not None else f"did not listen within {START_TIMEOUT:.0f}s"
-            raise RuntimeError(f"{part.name} {why}")
-        print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {proc.pid})", flush=True)
 
     def watch(self) -> int:
-        """Blocks until a signal or a child's death; returns the exit code."""
+        """Supervises until a signal (0) or a crash loop (1); returns the exit code."""
         while not self._stopping:
-            for part, proc in self.running:
-                code = proc.poll()
-                if code is not None:
-                    print(f"launcher: {part.name} (pid {proc.pid}) exited with code {code}; stopping the rest", flush=True)
+            now = time.monotonic()
+            for child in self.running:
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._restart(child, now)
+                    continue
+                code = child.proc.poll()
+                if code is None:
+                    if child.quick_deaths and now - child.started >= STABLE_AFTER:
+                        child.quick_deaths = 0
+                    continue
+                if self._stopping:
+                    break
+                ran = now - child.started
+                child.quick_deaths = child.quick_deaths + 1 if ran < STABLE_AFTER else 1
+                name = f"{child.part.name} (pid {child.proc.pid})"
+                if child.quick_deaths > MAX_QUICK_DEATHS:
+                    print(
+                        f"launcher: {name} exited with code {code}, its {child.quick_deaths}th death in a row within "
+                        f"{STABLE_AFTER:.0f}s of starting: a crash loop; giving up and stopping the rest",
+                        flush=True,
+                    )
                     self.stop()
                     return 1
-            time.sleep(0.2)
+                delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (child.quick_deaths - 1))
+                print(f"launcher: {name} exited with code {code} after {ran:.1f}s; restarting it in {delay:.1f}s", flush=True)
+                child.restart_at = now + delay
+            time.sleep(POLL_INTERVAL)
         return 0
+
+    def _restart(self, child: Child, now: float) -> None:
+        child.proc = self._spawn(child.part)
+        child.started, child.restart_at = now, None
+        print(f"launcher: {child.part.name:<18} restarted (pid {child.proc.pid})", flush=True)
 
     def request_stop(self, signum: int, _frame) -> None:
         self._stopping = True
 
     def stop(self) -> None:
         self._stopping = True
-        for _, proc in reversed(self.running):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for child in reversed(self.running):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        for part, proc in reversed(self.running):
+        for child in reversed(self.running):
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"launcher: {part.name} did not stop in time; killing it", flush=True)
-                proc.kill()
-                proc.wait()
+                print(f"launcher: {child.part.name} did not stop in time; killing it", flush=True)
+                child.proc.kill()
+                child.proc.wait()
 
 
 def try_command(settings: Settings) -> str:
@@ -199,7 +254,7 @@ def main() -> int:
         print(f"launcher: seeding the examples failed ({exc}); the services run on", file=sys.stderr, flush=True)
     print(f"launcher: ready. Try, in another terminal here: {try_command(settings)}", flush=True)
     code = launcher.watch()
-    if launcher.running and all(proc.poll() is None for _, proc in launcher.running):
+    if code == 0:
         print("launcher: stopping", flush=True)
     launcher.stop()
     return code

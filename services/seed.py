@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.agents.builtins import builtin_agent_records
-from services.common.auth.wiring import service_channel
+from services.common.channels import service_channel
 from services.common.settings import Settings
 
 EXAMPLE_WORKFLOWS = [

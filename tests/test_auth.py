@@ -4,6 +4,7 @@ real gRPC and HTTP interfaces."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import uuid
@@ -305,18 +306,56 @@ async def test_gateway_hardening(secured):
         assert "access-control-allow-credentials" not in preflight.headers
 
 
-async def test_forwarded_for_is_believed_only_from_trusted_proxies(sqlite_url):
-    """With limit 1 per address: two addresses through a trusted proxy get a request each;
-    from an untrusted peer the header is ignored and both share the peer's bucket."""
-    for trusted_proxies, expected in (("127.0.0.1/32", [200, 200]), ("10.9.9.9/32", [200, 429])):
-        settings = auth_settings(sqlite_url, rate_limit_requests=1, rate_limit_window=60, trusted_proxies=trusted_proxies, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
-        async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                answers = [
-                    (await http.get("/api/agents", headers={"x-forwarded-for": address})).status_code
-                    for address in ("203.0.113.1", "203.0.113.2")
-                ]
-        assert answers == expected, trusted_proxies
+@pytest.mark.parametrize(
+    ("gateway_proxies", "forwarded", "expected"),
+    [
+        # By default the gateway trusts no proxy: the header is ignored, one bucket.
+        ("", ["203.0.113.1", "203.0.113.2"], [200, 429]),
+        # From a trusted proxy, each client has a bucket of its own.
+        ("127.0.0.1/32", ["203.0.113.1", "203.0.113.2"], [200, 200]),
+        # What a client writes left of the last untrusted hop changes nothing.
+        ("127.0.0.1/32", ["203.0.113.1, 198.51.100.7", "203.0.113.2, 198.51.100.7"], [200, 429]),
+        # Trusted hops on the right are skipped to reach the client.
+        ("127.0.0.1/32,10.0.0.0/8", ["203.0.113.1, 10.1.1.1", "203.0.113.2, 10.1.1.1"], [200, 200]),
+    ],
+)
+async def test_forwarded_for_is_believed_only_from_trusted_proxies_up_to_the_rightmost_untrusted_hop(
+    sqlite_url, gateway_proxies, forwarded, expected
+):
+    """With a limit of 1 per address, two anonymous reads through the gateway."""
+    settings = auth_settings(
+        sqlite_url,
+        rate_limit_requests=1,
+        rate_limit_window=60,
+        gateway_trusted_proxies=gateway_proxies,
+        redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:",
+    )
+    async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            answers = [(await http.get("/api/agents", headers={"x-forwarded-for": value})).status_code for value in forwarded]
+    assert answers == expected
+
+
+async def test_services_believe_forwarded_for_only_from_the_gateways_address(sqlite_url):
+    """The gateway listens on 127.0.0.1 here, so loopback is trusted; told the gateway
+    is elsewhere, a caller cannot pick its bucket with the header."""
+    for gateway_host, expected in (("127.0.0.1", [True, True]), ("10.9.9.9", [True, False])):
+        settings = auth_settings(
+            sqlite_url, rate_limit_requests=1, rate_limit_window=60, gateway_host=gateway_host, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
+        )
+        async with running_stack(settings) as stack:
+            from devops_hub.v1 import agents_pb2
+
+            answers = []
+            for address in ("203.0.113.1", "203.0.113.2"):
+                call = stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-forwarded-for", address),))
+                try:
+                    await call
+                    answers.append(True)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    answers.append(False)
+        assert answers == expected, gateway_host
 
 
 async def test_last_use_is_written_at_most_once_a_minute(secured):
@@ -416,3 +455,32 @@ async def test_the_default_limits_answer_the_guides_load_test(requests_per_secon
     for _ in range(defaults.rate_limit_requests):
         await limiter.take("addr:127.0.0.1", "default")
     assert not (await limiter.take("addr:127.0.0.1", "default")).allowed
+async def test_the_services_key_is_not_a_database_key(sqlite_url):
+    """It can be neither listed nor revoked through the API, WhoAmI names it, and a
+    copy an earlier version stored is deleted at start, so nothing the API shows or
+    revokes disagrees with what the guard honours."""
+    from services.common.auth.repository import ApiKeyRepository
+    from services.common.db import connect
+    from services.common.db.migrate import migrate
+
+    db = await connect(sqlite_url)
+    await migrate(db)
+    stored = auth_pb2.ApiKey(id="key_old_services", name="services", scopes=[ADMIN], prefix=keys.display_prefix(SERVICE_KEY))
+    await ApiKeyRepository(db).insert(stored, keys.hash_key(SERVICE_KEY), dt.datetime.now(dt.timezone.utc))
+    await db.close()
+
+    async with running_stack(auth_settings(sqlite_url)) as stack:
+        keys_stub = auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
+        as_admin, as_services = (("x-api-key", ADMIN_KEY),), (("x-api-key", SERVICE_KEY),)
+        listed = await keys_stub.ListApiKeys(auth_pb2.ListApiKeysRequest(show_revoked=True), metadata=as_admin)
+        assert [k.name for k in listed.api_keys] == ["bootstrap admin"]
+        me = await keys_stub.WhoAmI(empty_pb2.Empty(), metadata=as_services)
+        assert (me.id, list(me.scopes)) == ("services", [ADMIN])
+        for key_id in ("services", "key_old_services"):
+            refused = await _error(keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=key_id), metadata=as_admin))
+            assert refused.code() == grpc.StatusCode.NOT_FOUND
+        # The services go on calling each other with it, as admins.
+        created = await keys_stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="by-services", scopes=[READ])), metadata=as_services
+        )
+        assert created.key

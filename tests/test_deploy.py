@@ -321,7 +321,8 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
     (secret,) = by_kind(objects, "Secret").values()
     settings_everywhere = {**config["data"], **secret["stringData"]}
     assert all(is_known_variable(name) for name in settings_everywhere), settings_everywhere
-    Settings.from_env(settings_everywhere)
+    in_cluster = Settings.from_env(settings_everywhere)
+    assert not in_cluster.grpc_reflection, "reflection is off in the cluster"
 
     grpc_parts = {
         "agents": ("services.agents", "AGENTS_ADDR", DEFAULTS.agents_addr, DEFAULTS.agents_metrics_port),
@@ -339,9 +340,13 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
         # Native gRPC probes on the port it serves grpc.health.v1 on.
         assert container["readinessProbe"]["grpc"]["port"] == grpc_port
         assert container["livenessProbe"]["grpc"]["port"] == grpc_port
-        # Others reach it through its Service, at the address the ConfigMap gives.
-        service_name, service_port = config["data"][addr_var].rsplit(":", 1)
+        # Others reach it through its headless Service, at the dns:/// address the
+        # ConfigMap gives, and spread their calls over its pods.
+        target = config["data"][addr_var]
+        assert target.startswith("dns:///"), target
+        service_name, service_port = target.removeprefix("dns:///").rsplit(":", 1)
         service = services[service_name]
+        assert service["spec"]["clusterIP"] == "None"
         (service_port_spec,) = service["spec"]["ports"]
         assert service_port_spec["port"] == int(service_port) and service_port_spec["targetPort"] == "grpc"
 

@@ -98,6 +98,9 @@ class InMemoryAgents(agents_pb2_grpc.AgentsServiceServicer):
         self._record("GetAgent", request, context)
         if request.id == "slow":
             await asyncio.sleep(5)
+        if request.id == "stopping":
+            # What a backend's own stop does to a call it has not finished.
+            await context.abort(grpc.StatusCode.CANCELLED, "the server is stopping")
         return self._get(request.id)
 
     async def CreateAgent(self, request, context):
@@ -626,6 +629,16 @@ async def test_deadline_exceeded_is_504(backends):
 
     assert response.status_code == 504
     assert_error_shape(response.json(), 4)
+
+
+async def test_a_call_the_backend_cancels_is_503_with_retry_after_not_499(backends):
+    async with running_gateway(backends.settings(), **BACKEND_OPTIONS) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            response = await http.get("/api/agents/stopping")
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert_error_shape(response.json(), 1)
 
 
 async def test_unreachable_backend_is_503(backends, dead_address):

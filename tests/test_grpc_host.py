@@ -111,3 +111,15 @@ def test_services_run_their_loop_on_uvloop():
         return type(asyncio.get_running_loop())
 
     assert event_loop.run(loop_type()) is uvloop.Loop
+
+
+async def test_reflection_can_be_turned_off(sqlite_url):
+    """GRPC_REFLECTION=false (as in the Kubernetes manifests): nothing lists the methods."""
+    from tests.conftest import make_settings, running_stack
+
+    async with running_stack(make_settings(sqlite_url, grpc_reflection=False), with_sidecar=False) as stack:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [reply async for reply in responses]
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

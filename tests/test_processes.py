@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -139,13 +140,47 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     assert not any(alive(pid) for pid in pids.values())
 
 
-def test_launcher_names_a_dead_child_and_stops_the_rest(launcher):
-    proc, _, lines = launcher
+def restarted_pid(proc: subprocess.Popen, name: str) -> int:
+    """Reads the launcher's output up to `name`'s restart; the new pid."""
+    line = read_until(proc, f"launcher: {name}", timeout=60)[-1]
+    while "restarted" not in line:
+        line = read_until(proc, f"launcher: {name}", timeout=60)[-1]
+    return int(line.rsplit("(pid ", 1)[1].rstrip(")"))
+
+
+def test_a_dead_child_is_restarted_and_the_stack_serves_again(launcher):
+    proc, env, lines = launcher
     pids = child_pids(lines)
+    read_until(proc, "launcher: ready")
     os.kill(pids["cache sidecar"], signal.SIGKILL)
-    assert proc.wait(timeout=15) == 1
+    new_pid = restarted_pid(proc, "cache sidecar")
+    assert new_pid != pids["cache sidecar"] and alive(new_pid)
+    gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gateway}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the stack never became healthy again"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert not any(alive(pid) for pid in [*pids.values(), new_pid])
+
+
+def test_a_crash_loop_gives_up_with_a_clear_message_and_stops_the_rest(launcher, tmp_path):
+    """The agents service is killed and its database file replaced by one that is not a
+    database (the others keep the old file open): each restart dies at once, and after
+    a few the launcher gives up."""
+    proc, env, lines = launcher
+    pids = child_pids(lines)
+    read_until(proc, "launcher: ready")
+    os.kill(pids["agents service"], signal.SIGKILL)
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    os.rename(broken, tmp_path / "hub.db")
+    # Read as it comes: each failed start writes a traceback, and a full pipe would stall.
     output = proc.stdout.read()
-    assert "cache sidecar" in output and "exited" in output
+    assert proc.wait(timeout=120) == 1
+    gave_up = [line for line in output.splitlines() if "crash loop" in line]
+    assert gave_up and "agents service" in gave_up[0], output[-5000:]
     time.sleep(0.2)
     assert not any(alive(pid) for pid in pids.values())
 
@@ -184,6 +219,62 @@ def test_workers_share_each_port(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert not any(alive(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def calls_served_per_pid(metrics_dir: Path, method: str) -> dict[int, float]:
+    """grpc_server_handled_total of `method`, per process, from the multiprocess
+    metric files each worker writes (agents/counter_<pid>.db)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    served: dict[int, float] = {}
+    for path in metrics_dir.glob("agents/counter_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            name, _, labels, _ = json.loads(key)
+            if name == "grpc_server_handled" and labels.get("grpc_method") == method:
+                served[pid] = served.get(pid, 0) + value
+    return served
+
+
+def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(tmp_path):
+    """With WORKERS=2 the gateway spreads calls over several connections per backend,
+    so both agents processes serve one keep-alive client's calls; when one stops, the
+    other serves them all until the launcher has restarted it."""
+    env = process_env(tmp_path)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    # 16 connections: the kernel hashes each to one of the two workers, so all 16
+    # landing on one worker has a chance of 2**-15.
+    env.update(WORKERS="2", GRPC_CONNECTIONS="16", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        lines = read_until(proc, "launcher: ready")
+        agents_pids = {int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "agents service" in line and "(pid " in line}
+        assert len(agents_pids) == 2
+        before = calls_served_per_pid(metrics_dir, "GetAgent")
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+            for _ in range(64):
+                assert client.get("/api/agents/builtin-json").status_code == 200
+        after = calls_served_per_pid(metrics_dir, "GetAgent")
+        share = {pid: after.get(pid, 0) - before.get(pid, 0) for pid in agents_pids}
+        assert sum(share.values()) == 64
+        assert all(count > 0 for count in share.values()), share
+
+        # One worker stops: the other serves every call while the launcher restarts it.
+        stopped = min(agents_pids)
+        os.kill(stopped, signal.SIGTERM)
+        read_until(proc, f"agents service (pid {stopped}) exited")
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+            answers = [client.get("/api/agents/builtin-json").status_code for _ in range(30)]
+        assert answers == [200] * 30
+        assert alive(restarted_pid(proc, "agents service"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

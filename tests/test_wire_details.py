@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 
 from gateway.testing import running_gateway
-from services.cache_sidecar.keys import SERVICE_NAMESPACES
+from services.common.cache.keys import SERVICE_NAMESPACES
 from tests.cache_helpers import READ_TIMEOUT, StartSidecar, entry, start_sidecar  # noqa: F401 - fixtures
 from tests.conftest import make_settings, running_stack
 from tests.redis_fixtures import redis_prefix, redis_url  # noqa: F401 - fixtures

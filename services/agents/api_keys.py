@@ -1,4 +1,11 @@
-"""API key use cases: create (shown once), list, revoke, who-am-I, and bootstrap keys."""
+"""API key use cases: create (shown once), list, revoke, who-am-I, and bootstrap keys.
+
+The services' own key (SERVICE_API_KEY) is not one of them: it is a secret of the
+deployment, compared by the guard, never stored, so it can be neither listed nor
+revoked through the API (an admin key could otherwise cut the services off from each
+other, or seem to revoke a key that the guard still honours). It is rotated by
+changing SERVICE_API_KEY and restarting. WhoAmI names it for what it is.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from devops_hub.v1 import auth_pb2, options_pb2
 
 from services.common import pagination
 from services.common.auth import keys
+from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
 from services.common.errors import InternalError, NotFound, Unauthenticated, invalid_fields
@@ -18,13 +26,16 @@ from services.common.errors import InternalError, NotFound, Unauthenticated, inv
 ApiKey = auth_pb2.ApiKey
 Scope = options_pb2.Scope
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+# What WhoAmI calls the services' key: not a key id the API knows (see above).
+SERVICES_KEY_ID = "services"
 GRANTABLE = (Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN)
 
 
 class ApiKeys:
-    def __init__(self, repository: ApiKeyRepository, verifier: KeyVerifier) -> None:
+    def __init__(self, repository: ApiKeyRepository, verifier: KeyVerifier, service_key: str = "") -> None:
         self._repository = repository
         self._verifier = verifier
+        self._service_key = service_key
 
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
         now = _now()
@@ -75,7 +86,14 @@ class ApiKeys:
             raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
         return revoked
 
+    async def forget(self, key: str) -> bool:
+        """Deletes a stored copy of `key` (the services' key, stored by earlier
+        versions); True if there was one."""
+        return await self._repository.forget(keys.hash_key(key)) > 0
+
     async def who_am_i(self, key: str | None) -> ApiKey:
+        if key and self._service_key and same_key(key, self._service_key):
+            return ApiKey(id=SERVICES_KEY_ID, name="services", scopes=[Scope.SCOPE_ADMIN], prefix=keys.display_prefix(key))
         api_key = await self._verifier.verify(key) if key else None
         if api_key is None:
             raise Unauthenticated("no valid API key was presented", reason="API_KEY_INVALID" if key else "API_KEY_MISSING")

@@ -20,6 +20,8 @@ from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 
 from services.agents import builtins
 from services.agents.registry import AgentRegistry
+from services.common.background import spawn
+from services.common.channels import open_channel
 from services.common.errors import FailedPrecondition, Unavailable, invalid_fields
 
 Agent = agents_pb2.Agent
@@ -40,11 +42,11 @@ class RuntimeChannels:
         if endpoint in self._stubs:
             self._stubs.move_to_end(endpoint)
             return self._stubs[endpoint][1]
-        channel = grpc.aio.insecure_channel(endpoint)
+        channel = open_channel(endpoint)
         self._stubs[endpoint] = (channel, runtime_pb2_grpc.AgentRuntimeStub(channel))
         if len(self._stubs) > self._limit:
             _, (old, _) = self._stubs.popitem(last=False)
-            asyncio.get_running_loop().create_task(old.close(grace=5))
+            spawn(old.close(grace=5), name="runtime-channel-close")
         return self._stubs[endpoint][1]
 
     async def close(self) -> None:

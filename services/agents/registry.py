@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
-from services.agents.repository import AgentFilter, AgentRepository, revision_of
+from services.agents.repository import AgentFilter, AgentRepository
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
 from services.common import freshness, pagination
+from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.outbox import Outbox
 

@@ -79,11 +79,6 @@ def etag_of(revision: int) -> str:
     return str(revision)
 
 
-def revision_of(etag: str) -> int | None:
-    """The revision an etag names, or None for an etag this service never issued."""
-    return int(etag) if etag.isdigit() else None
-
-
 class AgentRepository:
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -65,10 +65,12 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     registry = AgentRegistry(AgentRepository(db), cache, Outbox(db, cache, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
-    api_keys = ApiKeys(ApiKeyRepository(db), verifier)
+    api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)
     await _ensure_configured_keys(api_keys, settings)
     limiter = build_limiter(settings)
-    host = GrpcHost(settings.agents_addr, guard=build_guard(settings, verifier, limiter))
+    host = GrpcHost(
+        settings.agents_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
+    )
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,
         AgentsServicer(registry, AgentExecutor(registry, runtimes)),
@@ -87,11 +89,14 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
 
 
 async def _ensure_configured_keys(api_keys: ApiKeys, settings: Settings) -> None:
-    """BOOTSTRAP_ADMIN_KEY (an install's first key) and SERVICE_API_KEY (what the
-    services present to each other) exist as admin keys once the agents service runs."""
-    for key, name in ((settings.bootstrap_admin_key, "bootstrap admin"), (settings.service_api_key, "services")):
-        if key and await api_keys.ensure(key, name, [options_pb2.SCOPE_ADMIN]):
-            logging.getLogger(__name__).info("created the %s key from the environment", name)
+    """BOOTSTRAP_ADMIN_KEY (an install's first key) exists as an admin key once the
+    agents service runs. SERVICE_API_KEY is never stored (services/agents/api_keys.py):
+    a copy an earlier version stored is deleted, so the API cannot list or revoke it."""
+    log = logging.getLogger(__name__)
+    if settings.bootstrap_admin_key and await api_keys.ensure(settings.bootstrap_admin_key, "bootstrap admin", [options_pb2.SCOPE_ADMIN]):
+        log.info("created the bootstrap admin key from the environment")
+    if settings.service_api_key and await api_keys.forget(settings.service_api_key):
+        log.info("deleted the stored copy of the services' key: it is not a database key")
 
 
 async def main() -> None:

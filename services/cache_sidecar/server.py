@@ -120,7 +120,9 @@ async def build(
     # No rate limits: its callers are the services, whose clients were limited already.
     verifier = RemoteVerifier(settings.agents_addr)
     limiter = RateLimiter({})
-    host = GrpcHost(settings.cache_addr, guard=build_guard(settings, verifier, limiter))
+    host = GrpcHost(
+        settings.cache_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
+    )
     host.add(
         cache_pb2_grpc.add_CacheServiceServicer_to_server,
         CacheServiceServicer(store, hub, heartbeat_interval=heartbeat_interval),

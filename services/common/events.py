@@ -19,6 +19,8 @@ from google.protobuf import json_format
 
 from devops_hub.v1 import events_pb2
 
+from services.common.background import spawn
+from services.common.errors import Unavailable
 from services.common.db import Database
 from services.common.event_repository import EventRepository, NewEvent
 
@@ -72,7 +74,7 @@ class EventWriter:
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-writer")
+            self._task = spawn(self._run(), name="event-writer")
 
     async def _run(self) -> None:
         while self._buffer:
@@ -81,8 +83,10 @@ class EventWriter:
             self._wake.clear()
             try:
                 await self.flush()
-            except Exception:  # noqa: BLE001 - the database may be away for a moment
-                log.exception("writing %d events failed; will retry", len(self._buffer))
+            except Exception as exc:  # noqa: BLE001 - kept for the next round, not lost
+                # A database that is away was logged once, by services.common.outages.
+                if not isinstance(exc, Unavailable):
+                    log.exception("writing %d events failed; will retry", len(self._buffer))
                 await asyncio.sleep(min(5.0, self._flush_interval * 10))
 
     async def close(self) -> None:

@@ -20,6 +20,8 @@ import grpc
 
 from services.common import freshness
 from services.common.errors import grpc_status
+from services.common.outages import PROCESS as OUTAGES
+from services.common.request_checks import check_request, tolerant
 from services.common.telemetry import context, profiling, tracing
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
 from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics, service_metrics
@@ -83,7 +85,9 @@ class CallWrapper:
                 wrapped = profiled(wrapped, self._profiler, path)
             if self._tracer is not None:
                 wrapped = traced(wrapped, self._tracer, path, attributes)
-        return factory(wrapped, handler.request_deserializer, handler.response_serializer)
+        # Bytes that do not decode, or hold what no engine stores, are answered as
+        # INVALID_ARGUMENT once the guard has admitted the call (request_checks.py).
+        return factory(wrapped, tolerant(handler.request_deserializer), handler.response_serializer)
 
 
 def _honouring_no_cache(behavior: Callable) -> Callable:
@@ -108,6 +112,7 @@ def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard 
         try:
             if guard is not None:
                 trailers = await guard(method, context_)
+            check_request(request)
             reply = await behavior(request, context_)
         except BaseException as exc:
             failure = exc
@@ -137,6 +142,7 @@ def _streaming(behavior: Callable, method: str, stats: MethodMetrics, guard: Gua
                 trailers = await guard(method, context_)
                 if trailers:
                     context_.set_trailing_metadata(trailers)
+            check_request(request)
             async for item in behavior(request, context_):
                 yield item
         except BaseException as exc:
@@ -153,6 +159,8 @@ async def _abort_if_translatable(context_: grpc.aio.ServicerContext, exc: BaseEx
     """Ends the call with the status errors.py gives `exc`; cancellation, and a handler's
     own abort, pass through as they are."""
     if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+        # A dependency that is down (and logged once for it, outages.py), not a bug.
+        exc = OUTAGES.unavailable(exc) or exc
         await context_.abort_with_status(grpc_status(exc, method, trailers))
 
 

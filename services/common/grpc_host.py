@@ -41,8 +41,11 @@ def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
 class GrpcHost:
     """One grpc.aio server: the service's servicers plus health and reflection."""
 
-    def __init__(self, address: str, *, guard: Guard | None = None) -> None:
+    def __init__(self, address: str, *, guard: Guard | None = None, reflection: bool = True) -> None:
         self.address = address
+        # Server reflection lists every method to anyone who asks, key or not: handy
+        # for grpcurl and ghz, off where nobody should browse (GRPC_REFLECTION=false).
+        self.reflection = reflection
         # No interceptors: handlers are wrapped once, as they are registered, so a call
         # runs no interceptor chain before its handler.
         self.server = grpc.aio.server(
@@ -65,7 +68,8 @@ class GrpcHost:
     async def start(self) -> int:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._registrar)
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), self._registrar)
+        if self.reflection:
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), self._registrar)
         service_metrics().grpc.declare(_descriptors(names))
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:

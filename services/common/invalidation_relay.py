@@ -29,7 +29,9 @@ import time
 
 from devops_hub.v1 import cache_pb2
 
+from services.common.background import spawn
 from services.common.cache.client import CacheClient
+from services.common.errors import Unavailable
 from services.common.db import Database
 from services.common.invalidation_log import InvalidationLog
 from services.common.settings import Settings
@@ -66,7 +68,7 @@ class InvalidationRelay:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="invalidation-relay")
+            self._task = spawn(self._run(), name="invalidation-relay", essential=True)
 
     async def stop(self) -> None:
         """Stops the rounds for good and closes the relay's cache client."""
@@ -82,7 +84,10 @@ class InvalidationRelay:
             try:
                 again = await self._relay()
                 await self._prune_when_due()
-            except Exception:  # noqa: BLE001 - the database may be away for a moment
+            except Unavailable:
+                # The database is away: services.common.outages logged it, once.
+                again = False
+            except Exception:  # noqa: BLE001 - a round that fails is tried again
                 self._note("failing", logging.WARNING, "invalidation relay: a round failed; retrying", exc_info=True)
                 again = False
             if not again:

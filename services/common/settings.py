@@ -48,6 +48,11 @@ class Settings:
     gateway_port: int = 8100
     # Default deadline the gateway puts on every gRPC call it makes.
     gateway_timeout: float = 10.0
+    # What one client connection may hold (gateway/connections.py): bytes of request
+    # line and headers, seconds to send a whole request, seconds idle between requests.
+    gateway_max_header_bytes: int = 8192
+    gateway_read_timeout: float = 10.0
+    gateway_keepalive_timeout: float = 5.0
     # Steps one execution may run at once.
     workflow_max_parallel: int = 8
     # An execution whose runner has not renewed its lease for this long is failed.
@@ -59,6 +64,11 @@ class Settings:
     events_flush_interval: float = 0.1
     events_poll_interval: float = 0.2
     workers: int = 1
+    # gRPC server reflection (grpcurl, ghz without proto files); off in Kubernetes.
+    grpc_reflection: bool = True
+    # Connections each client keeps to each gRPC backend address; calls are spread
+    # over them one by one, so WORKERS processes sharing a port all take a share.
+    grpc_connections: int = 4
     auth_enabled: bool = True
     allow_anonymous_read: bool = True
     # An admin key to create at start if it does not exist (the first key of an install).
@@ -74,8 +84,12 @@ class Settings:
     rate_limit_window: float = 1.0
     rate_limit_execute_requests: int = 100
     rate_limit_execute_window: float = 60.0
-    # Peers whose X-Forwarded-For (HTTP) or x-forwarded-for (gRPC) is believed.
-    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    # Peers whose x-forwarded-for the services believe (networks, comma separated);
+    # empty: the gateway's own address (GATEWAY_HOST) and nothing else.
+    trusted_proxies: str = ""
+    # Proxies in front of the gateway whose X-Forwarded-For it believes; empty: none,
+    # and the client is the connection's peer.
+    gateway_trusted_proxies: str = ""
     # Origins allowed by CORS, comma separated; empty: no cross-origin access.
     cors_origins: str = ""
     # How deeply a JSON request body may nest.

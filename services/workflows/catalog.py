@@ -22,6 +22,7 @@ from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
 from services.common import freshness, pagination
+from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.outbox import Outbox, Write
 from services.workflows import validation
@@ -182,4 +183,5 @@ def _is_set(workflow: Workflow, name: str) -> bool:
 
 def _revision(etag: str) -> int:
     # An etag this service never issued matches no revision.
-    return int(etag) if etag.isdigit() else -1
+    revision = revision_of(etag)
+    return -1 if revision is None else revision

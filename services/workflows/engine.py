@@ -28,7 +28,8 @@ from google.protobuf import duration_pb2, json_format
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
 
-from services.common.errors import Aborted
+from services.common.background import spawn
+from services.common.errors import Aborted, Unavailable
 from services.common.events import EventWriter
 from services.common.telemetry.metrics import enum_label, service_metrics
 from services.workflows import references
@@ -112,7 +113,7 @@ class Engine:
             await self._reap()
         except Exception:  # noqa: BLE001 - the maintenance loop tries again shortly
             logging.getLogger(__name__).exception("failing executions left by a stopped process failed; will retry")
-        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="engine-maintenance")
+        self._maintenance = spawn(self._maintain(), name="engine-maintenance", essential=True)
 
     async def stop(self) -> None:
         """Fails what this process still runs, with the reason, before it exits."""
@@ -151,7 +152,8 @@ class Engine:
         self._emit(created, "execution.pending", {"workflow_id": workflow.id})
         definition = Workflow()
         definition.CopyFrom(workflow)
-        task = asyncio.get_running_loop().create_task(self._run(created, definition), name=f"execution-{created.id}")
+        # Runs on after the request that submitted it: not in its context.
+        task = spawn(self._run(created, definition), name=f"execution-{created.id}")
         self._tasks[created.id] = task
         task.add_done_callback(lambda _t, eid=created.id: self._tasks.pop(eid, None))
         return created
@@ -190,8 +192,10 @@ class Engine:
                 for execution_id in await self._executions.cancelled_among(list(self._tasks)):
                     await self._cancel_local(execution_id, _Stop(Execution.CANCELLED, "cancelled by request"))
                 await self._reap()
-            except Exception:  # noqa: BLE001 - try again next round
-                logging.getLogger(__name__).exception("execution maintenance failed")
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                # A database that is away was logged once, by services.common.outages.
+                if not isinstance(exc, Unavailable):
+                    logging.getLogger(__name__).exception("execution maintenance failed")
 
     async def _reap(self) -> None:
         reason = "the service running this execution stopped (its lease expired)"

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import logging
 
+from services.common.background import spawn
+from services.common.errors import Unavailable
 from services.common.event_repository import EventRepository
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ class Pruner:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="events-retention")
+        self._task = spawn(self._run(), name="events-retention", essential=True)
 
     async def _run(self) -> None:
         while True:
@@ -30,8 +32,10 @@ class Pruner:
                 deleted = await self._events.prune(self._keep)
                 if deleted:
                     log.info("pruned %d old events (keeping %d)", deleted, self._keep)
-            except Exception:  # noqa: BLE001 - try again next round
-                log.exception("pruning events failed")
+            except Exception as exc:  # noqa: BLE001 - try again next round
+                # A database that is away was logged once, by services.common.outages.
+                if not isinstance(exc, Unavailable):
+                    log.exception("pruning events failed")
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:

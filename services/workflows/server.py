@@ -13,7 +13,8 @@ from services.common.cache.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
-from services.common.auth.wiring import build_guard, build_limiter, service_channel
+from services.common.auth.wiring import build_guard, build_limiter
+from services.common.channels import service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
@@ -95,7 +96,9 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     executions = Executions(catalog, executions_repository, engine, log)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
-    host = GrpcHost(settings.workflows_addr, guard=build_guard(settings, verifier, limiter))
+    host = GrpcHost(
+        settings.workflows_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
+    )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
     pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)

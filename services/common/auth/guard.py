@@ -4,13 +4,12 @@ It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks 
 against the scope the method declares in the protos, then takes a token from the
 caller's rate-limit bucket: per key, or per client address for anonymous reads.
 The client address is the peer's, or the x-forwarded-for it sends when the peer is a
-trusted proxy (the gateway). Keys never appear in errors or logs: a key is named by
-its id or its first characters only.
+trusted proxy (the gateway; services.common.forwarded). Keys never appear in errors
+or logs: a key is named by its id or its first characters only.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Mapping
 
@@ -23,6 +22,7 @@ from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
 from services.common.auth.verifier import KeyVerifier
 from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
+from services.common.forwarded import TrustedProxies, client_address
 
 Scope = options_pb2.Scope
 
@@ -46,32 +46,6 @@ def peer_address(peer: str) -> str:
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     return rest or peer
-
-
-class TrustedProxies:
-    """The peers whose forwarded-for is believed (TRUSTED_PROXIES, comma-separated
-    networks). The verdict per address is remembered: a process sees few distinct
-    peers, and parsing an address costs more than the rest of a hot call's checks."""
-
-    _REMEMBERED = 4096
-
-    def __init__(self, spec: str) -> None:
-        self._networks = [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
-        self._verdicts: dict[str, bool] = {}
-
-    def __contains__(self, address: str) -> bool:
-        verdict = self._verdicts.get(address)
-        if verdict is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                verdict = False
-            else:
-                verdict = any(ip in network for network in self._networks)
-            if len(self._verdicts) >= self._REMEMBERED:
-                self._verdicts.clear()
-            self._verdicts[address] = verdict
-        return verdict
 
 
 def rate_limit_metadata(decision: Decision) -> tuple[tuple[str, str], ...]:
@@ -155,8 +129,5 @@ class AccessGuard:
         return f"key:{api_key.id}"
 
     def _client_address(self, metadata: Mapping[str, str], context) -> str:
-        peer = peer_address(context.peer())
         forwarded = metadata.get("x-forwarded-for", "")
-        if forwarded and peer in self._proxies:
-            return forwarded.split(",")[0].strip()
-        return peer
+        return client_address(peer_address(context.peer()), [forwarded] if forwarded else [], self._proxies)

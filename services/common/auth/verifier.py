@@ -26,7 +26,9 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc
 
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
+from services.common.background import spawn
 from services.common.errors import Unavailable
+from services.common.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class DatabaseVerifier(_CachedVerifier):
         self._touched[api_key.id] = now
         self._to_touch.add(api_key.id)
         if self._toucher is None or self._toucher.done():
-            self._toucher = asyncio.get_running_loop().create_task(self._touch_soon())
+            self._toucher = spawn(self._touch_soon(), name="api-key-touch")
 
     async def _touch_soon(self) -> None:
         await asyncio.sleep(1.0)  # gather the keys used in the same second into one write
@@ -140,7 +142,7 @@ class RemoteVerifier(_CachedVerifier):
 
     def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
-        self._channel = grpc.aio.insecure_channel(agents_addr)
+        self._channel = open_channel(agents_addr)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from devops_hub.v1 import cache_pb2
+from services.common.background import spawn
 from services.common.cache.keys import parse_pattern
 from services.common.cache.transport import SidecarTransport
 
@@ -120,7 +121,7 @@ class InvalidationDelivery:
             log.warning("cache client: %d invalidations pending; will clear the whole cache instead", len(self._pending))
             self._pending = {"*"}
         if not self._transport.closed and (self._retry_task is None or self._retry_task.done()):
-            self._retry_task = asyncio.create_task(self._retry(), name="cache-invalidation-retry")
+            self._retry_task = spawn(self._retry(), name="cache-invalidation-retry")
 
     async def _retry(self) -> None:
         delay = max(self._transport.retry_after, 0.05)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from services.common.background import spawn
 from services.common.cache.near_cache import NearCache
 from services.common.cache.transport import SidecarTransport
 
@@ -53,7 +54,7 @@ class NearCacheFeed:
 
     def start(self) -> None:
         if self._task is None and not self._transport.closed:
-            self._task = asyncio.create_task(self._run(), name="cache-watch")
+            self._task = spawn(self._run(), name="cache-watch")
 
     async def close(self) -> None:
         task, self._task = self._task, None

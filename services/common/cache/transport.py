@@ -19,22 +19,12 @@ import grpc
 from google.protobuf.message import Message
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.common.auth.wiring import key_interceptors
-from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.channels import open_channel
 
 log = logging.getLogger(__name__)
 
 # Codes after which the sidecar is presumed unreachable.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # The sidecar is local: reconnect quickly after it restarts, since every request
-    # goes to the database while it is away.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 class SidecarTransport:
@@ -56,7 +46,7 @@ class SidecarTransport:
         self.retry_after = retry_after
         self._log_interval = log_interval
         self.clock = clock
-        self._interceptors = key_interceptors(api_key)
+        self._api_key = api_key
         self._channel: grpc.aio.Channel | None = None
         self._stub: cache_pb2_grpc.CacheServiceStub | None = None
         self.closed = False
@@ -72,7 +62,9 @@ class SidecarTransport:
 
     def stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors)
+            # The one channel factory: the services' key on every call, quick reconnects
+            # (every request goes to the database while the sidecar is away).
+            self._channel = open_channel(self.address, api_key=self._api_key)
             self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         return self._stub
 

@@ -8,6 +8,7 @@ tracing is on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,8 +16,21 @@ from typing import Any
 import asyncpg
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolStats, service_metrics
+
+
+
+class _PoolRefillNoise(logging.Filter):
+    """asyncpg logs a traceback each time it fails to refill the pool, several a
+    second while the server is away; the outage has its one line (services.common.outages)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to restore the pool connection floor")
+
+
+logging.getLogger("asyncpg.pool").addFilter(_PoolRefillNoise())
 
 
 class _PgExecutor(Executor):
@@ -115,12 +129,32 @@ class _Connection:
         db._acquiring += 1
         try:
             self._conn = await db._pool.acquire()
+        except Exception as exc:
+            # No connection to be had, whatever the reason the server gives: refused,
+            # shutting down, not accepting connections, too many clients.
+            raise PROCESS.database.failed(exc) from exc
         finally:
             db._acquiring -= 1
         return self._conn
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._db._pool.release(self._conn)
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # Whatever the statements inside raised passes here: a lost server becomes
+        # UNAVAILABLE (and one log line per outage), a success ends an outage. A
+        # connection the server ended fails in odd ways too (InternalClientError:
+        # "another operation is in progress"): what matters is that it is gone.
+        lost = isinstance(exc, Exception) and (
+            is_database_outage(exc, raised_by_database=True)
+            or isinstance(exc, asyncpg.exceptions.InternalClientError)
+            or self._conn.is_closed()
+        )
+        try:
+            await self._db._pool.release(self._conn)
+        except Exception as release_failure:  # resetting a connection the server ended
+            exc, lost = exc or release_failure, True
+        if exc is None:
+            PROCESS.database.succeeded()
+        elif lost:
+            raise PROCESS.database.failed(exc) from exc
 
 
 def _rows_changed(status: str) -> int:

@@ -18,13 +18,14 @@ import json
 import pathlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiosqlite
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolStats, service_metrics
 
@@ -54,21 +55,30 @@ class _SqliteExecutor(Executor):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
-        try:
-            with tracing.db_span("sqlite", sql):
-                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    return list(await cursor.fetchall())
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from exc
+        with _errors_translated(), tracing.db_span("sqlite", sql):
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return list(await cursor.fetchall())
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
-        try:
-            with tracing.db_span("sqlite", sql):
-                async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                    return cursor.rowcount
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc) from exc
+        with _errors_translated(), tracing.db_span("sqlite", sql):
+            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
+                return cursor.rowcount
+
+
+@contextmanager
+def _errors_translated() -> Iterator[None]:
+    """UNIQUE violations for the repositories; a file that cannot be used now is an
+    outage (UNAVAILABLE, logged once); a statement that works ends one."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise _integrity(exc) from exc
+    except sqlite3.OperationalError as exc:
+        if is_database_outage(exc, raised_by_database=True):
+            raise PROCESS.database.failed(exc) from exc
+        raise
+    PROCESS.database.succeeded()
 
 
 def _integrity(exc: sqlite3.IntegrityError) -> Exception:
@@ -96,17 +106,28 @@ class SqliteDatabase(Database):
         path = path[1:] if path.startswith("/") else path
         if path != ":memory:":
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await cls._open_connection(path)
-        reader_conns = [await cls._open_connection(path) for _ in range(readers)]
-        return cls(writer, reader_conns)
+        opened: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(readers + 1):
+                opened.append(await cls._open_connection(path))
+        except BaseException:
+            for conn in opened:
+                await conn.close()
+            raise
+        return cls(opened[0], opened[1:])
 
     @staticmethod
     async def _open_connection(path: str) -> aiosqlite.Connection:
         # isolation_level=None: transactions are begun explicitly, never implicitly.
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
-            await conn.execute(pragma)
+        try:
+            for pragma in _PRAGMAS:
+                await conn.execute(pragma)
+        except BaseException:
+            # Its thread would otherwise keep a process that cannot start from exiting.
+            await conn.close()
+            raise
         return conn
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:

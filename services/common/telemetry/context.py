@@ -2,8 +2,9 @@
 
 The gRPC call wrapper binds the call's context (its x-request-id is read from the
 metadata only when something actually logs) and the gateway's front pass binds the
-id itself. Every RPC and every HTTP request runs in a task of its own, so a binding
-never outlives the request that made it.
+id itself. Every RPC and every HTTP request runs in a task of its own, and work that
+outlives a request runs in tasks started by services.common.background.spawn, in an
+empty context, so a binding never outlives the request that made it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def request_id() -> str | None:
     bound = _current.get()
     if bound is None or isinstance(bound, str):
         return bound
-    for key, value in bound.invocation_metadata() or ():
+    try:
+        metadata = bound.invocation_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that has ended may no longer answer
+        return None
+    for key, value in metadata:
         if key == REQUEST_ID_METADATA_KEY:
             return value if isinstance(value, str) else None
     return None

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
+from services.common.background import spawn
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, service_metrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class MetricsEndpoint:
         self.port = self._server.sockets[0].getsockname()[1]
         await self.refresh()
         if self._multiprocess:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="metrics-refresh")
+            self._ticker = spawn(self._tick(), name="metrics-refresh", essential=True)
         return self.port
 
     async def close(self) -> None:

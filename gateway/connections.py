@@ -1,0 +1,137 @@
+"""What one HTTP connection may hold of the gateway: bytes of request head, time.
+(And uvicorn's own X-Forwarded-For handling, which is turned off.)
+
+uvicorn's httptools protocol enforces none of it: a request head may grow without
+bound, a connection that never sends a byte stays open for good (its keep-alive
+timer only starts after a first response), and a request that declares a body and
+sends part of it waits forever. So the gateway serves with this subclass:
+
+- the request line and headers together are at most GATEWAY_MAX_HEADER_BYTES
+  (431 otherwise; also the bound on what is forwarded as gRPC metadata, which gRPC
+  itself would refuse as RESOURCE_EXHAUSTED, a misleading 429);
+- a connection idle for GATEWAY_KEEPALIVE_TIMEOUT, before its first request or
+  between two, is closed;
+- a request whose head and body have not fully arrived GATEWAY_READ_TIMEOUT after its
+  first byte is answered 408 and its connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import GatewayError, status_body
+from services.common.errors import InvalidArgument, ServiceError
+from services.common.settings import Settings
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head past the limit."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    max_header_bytes = 8192
+    read_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._refusal: tuple[int, bytes, bytes] | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Idle from the start: the same timer uvicorn arms between requests.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._stop_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_message_complete(self) -> None:
+        self._stop_read_timer()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error; the head limit's error is one of those."""
+        if self._refusal is None:
+            super().send_400_response(msg)
+            return
+        self._send_refusal(*self._refusal)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_header_bytes:
+            self._refusal = _refusal(
+                431,
+                b"Request Header Fields Too Large",
+                InvalidArgument(
+                    f"the request line and headers exceed {self.max_header_bytes} bytes", reason="HEADERS_TOO_LARGE"
+                ),
+            )
+            raise _HeadTooLarge
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            error = InvalidArgument(
+                f"the request did not arrive within {self.read_timeout:g}s", reason="REQUEST_TIMEOUT"
+            )
+            self._send_refusal(*_refusal(408, b"Request Timeout", error))
+        else:
+            self.transport.close()
+        if self.cycle is not None:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+
+    def _send_refusal(self, status: int, phrase: bytes, body: bytes) -> None:
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+
+def _refusal(status: int, phrase: bytes, error: ServiceError) -> tuple[int, bytes, bytes]:
+    return status, phrase, status_body(GatewayError(error, status_code=status).status)
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn.Config options that bound connections, for `python -m gateway` and
+    the in-process test server alike."""
+    protocol = type(
+        "GatewayHttpProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_header_bytes": settings.gateway_max_header_bytes, "read_timeout": settings.gateway_read_timeout},
+    )
+    return {
+        "http": protocol,
+        "timeout_keep_alive": settings.gateway_keepalive_timeout,
+        # uvicorn would otherwise rewrite the client's address from X-Forwarded-For
+        # for any peer on 127.0.0.1; gateway.hardening.client_address decides instead.
+        "proxy_headers": False,
+    }

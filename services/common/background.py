@@ -1,0 +1,49 @@
+"""Tasks that outlive the request that happened to start them.
+
+asyncio copies the creating task's context into a new task, so a task started while
+serving a call would carry that call's request binding (telemetry.context) and trace
+for its whole life, long after the call ended: its log lines would name a finished
+request, and reading that request's metadata then fails. spawn() starts every
+background task in an empty context instead, and makes sure none dies silently: a
+failure is logged with its traceback, and when the task is essential to the process
+(a maintenance loop), the process stops, so that its supervisor (the launcher, or
+the kubelet) starts a healthy one rather than leaving a process half alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def spawn(coroutine: Coroutine[Any, Any, T], *, name: str, essential: bool = False) -> asyncio.Task[T]:
+    task = asyncio.get_running_loop().create_task(coroutine, name=name, context=contextvars.Context())
+    task.add_done_callback(_on_essential_done if essential else _on_done)
+    return task
+
+
+def _failure(task: asyncio.Task) -> BaseException | None:
+    return None if task.cancelled() else task.exception()
+
+
+def _on_done(task: asyncio.Task) -> None:
+    failure = _failure(task)
+    if failure is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=failure)
+
+
+def _on_essential_done(task: asyncio.Task) -> None:
+    failure = _failure(task)
+    if failure is not None:
+        log.critical("background task %s failed; stopping the process so that it is restarted",
+                     task.get_name(), exc_info=failure)
+        os.kill(os.getpid(), signal.SIGTERM)

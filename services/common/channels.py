@@ -1,0 +1,127 @@
+"""The one way any part of DevOps Hub opens a gRPC channel to another part.
+
+Calls are spread per call, not per connection. A single grpc.aio channel holds one
+HTTP/2 connection per resolved address, and with WORKERS processes sharing a port
+(SO_REUSEPORT) the kernel hands that one connection to one process: every call of a
+client would land on the same worker. So open_channel() keeps `connections`
+channels to the address, each with its own connection (a channel-local subchannel
+pool), and hands each call to the next one that is not failing. Each of those
+channels also balances with round_robin over whatever its address resolves to, so
+`dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
+
+Tracing rides along because grpc.aio.insecure_channel is looked up at call time
+(telemetry.grpc_client instruments it); the services' key is added by interceptors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from services.common.auth.call_keys import key_interceptors
+from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.settings import Settings
+
+DEFAULT_CONNECTIONS = 4
+
+BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.lb_policy_name", "round_robin"),
+    # Each channel its own connections: with the process-wide pool, channels to one
+    # address would share a single connection and so a single worker.
+    ("grpc.use_local_subchannel_pool", 1),
+    # A restarted backend is found again within seconds instead of gRPC's default
+    # back-off of up to two minutes, during which every call would fail fast.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
+def open_channel(
+    address: str,
+    *,
+    api_key: str = "",
+    connections: int = DEFAULT_CONNECTIONS,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """A channel to `address` whose calls are spread over `connections` connections,
+    presenting `api_key` on every call that does not carry a key of its own."""
+    chosen = [*key_interceptors(api_key), *interceptors]
+    merged = [*dict([*BASE_OPTIONS, *options]).items()]
+    channels = [
+        grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
+        for _ in range(max(1, connections))
+    ]
+    return channels[0] if len(channels) == 1 else SpreadChannel(channels)
+
+
+def service_channel(address: str, settings: Settings) -> grpc.aio.Channel:
+    """A channel to a peer service that presents SERVICE_API_KEY on every call."""
+    return open_channel(address, api_key=settings.service_api_key, connections=settings.grpc_connections)
+
+
+class _Spread:
+    """A multicallable that gives each call to the next channel not in TRANSIENT_FAILURE,
+    so a worker that just died costs no calls once its connection is known to be gone."""
+
+    def __init__(self, channels: Sequence[grpc.aio.Channel], callables: Sequence[Any]) -> None:
+        self._pairs = list(zip(channels, callables))
+        self._turn = itertools.cycle(range(len(self._pairs)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        first = next(self._turn)
+        for step in range(len(self._pairs)):
+            channel, call = self._pairs[(first + step) % len(self._pairs)]
+            if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return call(*args, **kwargs)
+        return self._pairs[first][1](*args, **kwargs)
+
+
+class SpreadChannel(grpc.aio.Channel):
+    """Several channels to one address behind the grpc.aio.Channel interface, so stubs
+    and the gateway's multicallables use it unchanged."""
+
+    def __init__(self, channels: Sequence[grpc.aio.Channel]) -> None:
+        self.channels = list(channels)
+
+    def _spread(self, kind: str, method: str, *args: Any, **kwargs: Any) -> _Spread:
+        return _Spread(self.channels, [getattr(c, kind)(method, *args, **kwargs) for c in self.channels])
+
+    def unary_unary(self, method, *args, **kwargs):
+        return self._spread("unary_unary", method, *args, **kwargs)
+
+    def unary_stream(self, method, *args, **kwargs):
+        return self._spread("unary_stream", method, *args, **kwargs)
+
+    def stream_unary(self, method, *args, **kwargs):
+        return self._spread("stream_unary", method, *args, **kwargs)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return self._spread("stream_stream", method, *args, **kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """READY if any connection is; otherwise the first one's state."""
+        states = [c.get_state(try_to_connect) for c in self.channels]
+        return grpc.ChannelConnectivity.READY if grpc.ChannelConnectivity.READY in states else states[0]
+
+    async def wait_for_state_change(self, last_observed_state) -> None:
+        await self.channels[0].wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        for channel in self.channels:
+            await channel.channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        for channel in self.channels:
+            await channel.close(grace)
+
+    async def __aenter__(self) -> "SpreadChannel":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(None)

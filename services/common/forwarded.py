@@ -1,0 +1,55 @@
+"""Who the client is, when a proxy stands between: X-Forwarded-For, believed only so far.
+
+Each proxy appends the address it received the request from, so the header reads
+`client, proxy1, proxy2` and the peer is the last proxy. Anything left of an
+untrusted hop may have been written by the client itself; so the client is the
+rightmost address that is not a trusted proxy, read from the right, and the header
+is read at all only when the peer itself is a trusted proxy. (The leftmost entry,
+which the client chooses freely, is never believed on its own.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+
+class TrustedProxies:
+    """The peers whose X-Forwarded-For is read (comma-separated networks). The verdict
+    per address is remembered: a process sees few distinct peers, and parsing an
+    address costs more than the rest of a hot call's checks."""
+
+    _REMEMBERED = 4096
+
+    def __init__(self, spec: str) -> None:
+        self._networks = [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
+        self._verdicts: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, address: str) -> bool:
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                verdict = False
+            else:
+                verdict = any(ip in network for network in self._networks)
+            if len(self._verdicts) >= self._REMEMBERED:
+                self._verdicts.clear()
+            self._verdicts[address] = verdict
+        return verdict
+
+
+def client_address(peer: str, forwarded: Sequence[str], proxies: TrustedProxies) -> str:
+    """The client's address: `peer` unless it is a trusted proxy, else the rightmost
+    untrusted hop of the X-Forwarded-For values (all of them, in order)."""
+    if not proxies or not forwarded or peer not in proxies:
+        return peer
+    hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if hop not in proxies:
+            return hop
+    return hops[0] if hops else peer

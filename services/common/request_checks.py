@@ -1,0 +1,165 @@
+"""What every request must be before any handler sees it, whatever the method.
+
+- Its bytes decode as the method's request message. grpc would otherwise answer
+  garbage with UNKNOWN and a Python class name; the error wrapper answers
+  INVALID_ARGUMENT, naming nothing internal.
+- Every value the schema admits can also be stored: no string (map keys included,
+  inside google.protobuf.Struct too) holds a NUL character, which PostgreSQL's text
+  and jsonb refuse and SQLite would keep only to break comparisons, and no
+  floating-point number is infinite or NaN, which JSON cannot carry back out.
+  Checked once here, from the descriptors, so no field of any message is forgotten
+  and both engines refuse the same values with the same 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from services.common.errors import InvalidArgument, invalid_fields
+
+_STRING = FieldDescriptor.TYPE_STRING
+_FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+# The first few are enough to fix a request; a hostile one could hold thousands.
+MAX_VIOLATIONS = 20
+
+
+class Malformed:
+    """What a request that did not decode is replaced by, so the wrapper can refuse it."""
+
+    __slots__ = ()
+
+
+class Refused:
+    """What a request holding values no engine can store is replaced by."""
+
+    __slots__ = ("violations",)
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+
+
+MALFORMED = Malformed()
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning MALFORMED or Refused instead of raising,
+    for check_request to answer once the caller is known to be allowed to ask.
+
+    A NUL in a string is a zero byte on the wire, so a request without one, of a
+    message that cannot hold a floating-point number (a NaN needs no zero byte), has
+    nothing to find: most requests skip the walk.
+    """
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            request = deserializer(data)
+        except (DecodeError, ValueError, TypeError, RuntimeError):
+            return MALFORMED
+        if isinstance(request, Message) and (b"\x00" in data or _holds_floats(request.DESCRIPTOR)):
+            violations: list[tuple[str, str]] = []
+            _walk(request, "", violations)
+            if violations:
+                return Refused(violations[:MAX_VIOLATIONS])
+        return request
+
+    return deserialize
+
+
+def check_request(request: Any) -> None:
+    """Raises INVALID_ARGUMENT for a request that did not decode or holds values no
+    engine can store; returns at once for anything else."""
+    if request is MALFORMED:
+        raise InvalidArgument(
+            "the request is not a valid encoding of the method's request message", reason="MALFORMED_REQUEST"
+        )
+    if isinstance(request, Refused):
+        raise invalid_fields(request.violations)
+
+
+def _walk(message: Message, path: str, violations: list[tuple[str, str]]) -> None:
+    if message.DESCRIPTOR.full_name in _JSON_TYPES:
+        _walk_json(message, path, violations)
+        return
+    for field, value in message.ListFields():
+        if len(violations) >= MAX_VIOLATIONS:
+            return
+        here = _join(path, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            for key in value:
+                if key_field.type == _STRING and "\x00" in key:
+                    violations.append((here, "keys must not contain NUL characters"))
+                _check_value(value_field, value[key], f"{here}[{key!r}]", violations)
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                _check_value(field, item, f"{here}[{index}]", violations)
+        else:
+            _check_value(field, value, here, violations)
+
+
+def _check_value(field: FieldDescriptor, value: Any, path: str, violations: list[tuple[str, str]]) -> None:
+    kind = field.type
+    if kind == _STRING:
+        if "\x00" in value:
+            violations.append((path, "must not contain NUL characters"))
+    elif kind in _FLOATS:
+        if not math.isfinite(value):
+            violations.append((path, "must be a finite number"))
+    elif kind == _MESSAGE:
+        _walk(value, path, violations)
+
+
+# google.protobuf.Struct and its parts are JSON: their paths read as JSON paths
+# (input.services[0]), not as the wrapper messages' own fields.
+_JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+
+
+def _walk_json(message: Message, path: str, violations: list[tuple[str, str]]) -> None:
+    kind = message.DESCRIPTOR.full_name
+    if kind == "google.protobuf.Struct":
+        for key, item in message.fields.items():
+            if "\x00" in key:
+                violations.append((path, "keys must not contain NUL characters"))
+            _walk_json(item, _join(path, key), violations)
+    elif kind == "google.protobuf.ListValue":
+        for index, item in enumerate(message.values):
+            _walk_json(item, f"{path}[{index}]", violations)
+    else:
+        which = message.WhichOneof("kind")
+        if which == "string_value" and "\x00" in message.string_value:
+            violations.append((path, "must not contain NUL characters"))
+        elif which == "number_value" and not math.isfinite(message.number_value):
+            violations.append((path, "must be a finite number"))
+        elif which in ("struct_value", "list_value"):
+            _walk_json(getattr(message, which), path, violations)
+
+
+def _holds_floats(descriptor: Descriptor, _seen: frozenset[str] = frozenset()) -> bool:
+    """Whether a message of this type can hold a double or float, at any depth."""
+    cached = _FLOATS_BY_TYPE.get(descriptor.full_name)
+    if cached is not None:
+        return cached
+    seen = _seen | {descriptor.full_name}
+    holds = any(
+        field.type in _FLOATS
+        or (field.type == _MESSAGE and field.message_type.full_name not in seen and _holds_floats(field.message_type, seen))
+        for field in descriptor.fields
+    )
+    if not _seen:
+        _FLOATS_BY_TYPE[descriptor.full_name] = holds
+    return holds
+
+
+_FLOATS_BY_TYPE: dict[str, bool] = {}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
