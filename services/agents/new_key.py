@@ -27,7 +27,7 @@ from services.agents.api_keys import ApiKeys
 from services.common.auth.keys import well_formed
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
-from services.common.auth.wiring import service_channel
+from services.common.channels import service_channel
 from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.errors import ServiceError
