@@ -202,7 +202,7 @@ class Cluster:
     settings: dict[str, str] = field(default_factory=dict)
     parts: dict[str, Part] = field(default_factory=dict)
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="dh-cluster-"))
         env = {
             "AUTH_ENABLED": "false",

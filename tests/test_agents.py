@@ -6,9 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2, field_mask_pb2
-
 from devops_hub.v1 import agents_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 
 from tests.conftest import make_settings, running_stack
 from tests.grpc_errors import failure_of

@@ -22,6 +22,7 @@ from threading import Thread
 import grpc
 import httpx
 import pytest
+from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc, workflows_pb2
 from google.protobuf import empty_pb2
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -30,8 +31,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-
-from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc, workflows_pb2
 
 from gateway.testing import running_gateway
 from services.cache_sidecar.server import build as build_sidecar
@@ -172,7 +171,7 @@ class Captured:
         self.handler.setFormatter(formatter)
         self.logger = logging.getLogger(logger_name)
 
-    def __enter__(self) -> "Captured":
+    def __enter__(self) -> Captured:
         self.logger.addHandler(self.handler)
         return self
 

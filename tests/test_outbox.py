@@ -11,9 +11,8 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
-
 from devops_hub.v1 import agents_pb2, cache_pb2, events_pb2, workflows_pb2
+from google.protobuf import field_mask_pb2
 
 from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry

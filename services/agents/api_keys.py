@@ -47,7 +47,7 @@ class ApiKeys:
         for i, scope in enumerate(requested.scopes):
             if scope not in GRANTABLE:
                 violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
-        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.timezone.utc) <= now:
+        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.UTC) <= now:
             violations.append(("api_key.expire_time", "must be in the future"))
         if violations:
             raise invalid_fields(violations)
@@ -61,7 +61,7 @@ class ApiKeys:
         """Creates `key` if it is not stored yet (bootstrap and service keys); True if it created it."""
         if not keys.well_formed(key):
             raise ValueError(f"{name}: not a DevOps Hub key (dh_ and 43 url-safe characters); make one with `make key`")
-        return await self._store(ApiKey(name=name, scopes=scopes), key, _now()) is not None
+        return await self._store(ApiKey(name=name, scopes=scopes), key, _now()) is not None  # type: ignore[arg-type]  # protoc's .pyi types an enum's numbers as int, its fields as the enum class
 
     async def _store(self, requested: ApiKey, key: str, now: dt.datetime) -> ApiKey | None:
         record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
@@ -101,4 +101,4 @@ class ApiKeys:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)

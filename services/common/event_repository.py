@@ -14,12 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import events_pb2
-
 from services.common.db import Database
-from services.common.db.database import Executor, Row
+from services.common.db.database import Executor, Row, as_datetime
 
 Event = events_pb2.Event
 
@@ -54,7 +53,7 @@ class NewEvent:
             self.subject,
             json.dumps(self.data or {}),
             self.correlation_id,
-            self.time or dt.datetime.now(dt.timezone.utc),
+            self.time or dt.datetime.now(dt.UTC),
         )
 
 
@@ -147,6 +146,5 @@ def _to_event(row: Row) -> Event:
         correlation_id=row["correlation_id"],
     )
     json_format.ParseDict(json.loads(row["data"]), event.data)
-    time = row["time"]
-    event.time.FromDatetime(time if isinstance(time, dt.datetime) else dt.datetime.fromisoformat(time))
+    event.time.FromDatetime(as_datetime(row["time"]))
     return event

@@ -15,13 +15,12 @@ import datetime as dt
 import logging
 from typing import Any
 
+from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import events_pb2
-
 from services.common.background import spawn
-from services.common.errors import Unavailable
 from services.common.db import Database
+from services.common.errors import Unavailable
 from services.common.event_repository import EventRepository, NewEvent
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ class EventWriter:
 
     def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "", *, source: str = "") -> None:
         """Queues one event; returns at once."""
-        event = NewEvent(type, source or self._source, subject, data, correlation_id, dt.datetime.now(dt.timezone.utc))
+        event = NewEvent(type, source or self._source, subject, data, correlation_id, dt.datetime.now(dt.UTC))
         self._buffer.append(event)
         if len(self._buffer) >= self._max_batch:
             self._wake.set()

@@ -58,7 +58,7 @@ class Outbox:
         A block that records nothing (no row matched, say) commits without a log entry.
         """
         async with self._db.transaction() as tx:
-            write = Write(tx, self._source, dt.datetime.now(dt.timezone.utc))
+            write = Write(tx, self._source, dt.datetime.now(dt.UTC))
             yield write
             await self._events.insert(tx, write.events)
             patterns = list(write.patterns)

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format
-
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
+from google.protobuf import duration_pb2, json_format
 
 from services.common.background import spawn
 from services.common.errors import Aborted, Unavailable
@@ -68,7 +67,7 @@ class StepTimedOut(Exception):
 class _Stop:
     """Why a running execution is being cancelled: its final status and error."""
 
-    status: int
+    status: Execution.Status
     error: str
 
 
@@ -78,7 +77,7 @@ def seconds(duration: duration_pb2.Duration, default: float) -> float:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Engine:
@@ -155,7 +154,8 @@ class Engine:
         # Runs on after the request that submitted it: not in its context.
         task = spawn(self._run(created, definition), name=f"execution-{created.id}")
         self._tasks[created.id] = task
-        task.add_done_callback(lambda _t, eid=created.id: self._tasks.pop(eid, None))
+        execution_id = created.id
+        task.add_done_callback(lambda _task: self._tasks.pop(execution_id, None))
         return created
 
     async def cancel(self, execution_id: str) -> Execution | None:
@@ -212,7 +212,7 @@ class Engine:
             return
         runs = {run.step_id: run for run in execution.steps}
         context: dict[str, Any] = {"input": json_format.MessageToDict(execution.input), "steps": {}}
-        outcome: tuple[int, str]
+        outcome: tuple[Execution.Status, str]
         try:
             async with asyncio.timeout(seconds(workflow.timeout, DEFAULT_WORKFLOW_TIMEOUT)):
                 outcome = await self._schedule(execution, workflow, runs, context)
@@ -237,7 +237,7 @@ class Engine:
         kind = Execution.Status.Name(execution.status).lower()
         await self._save(execution, f"execution.{kind}", {"error": execution.error} if execution.error else {})
 
-    async def _schedule(self, execution: Execution, workflow: Workflow, runs: dict[str, StepRun], context: dict) -> tuple[int, str]:
+    async def _schedule(self, execution: Execution, workflow: Workflow, runs: dict[str, StepRun], context: dict) -> tuple[Execution.Status, str]:
         steps = {step.id: step for step in workflow.steps}
         pending = [step.id for step in workflow.steps]
         running: dict[asyncio.Task, str] = {}
@@ -385,7 +385,7 @@ class Engine:
             raise StepTimedOut()
         raise StepFailed(result.error or "the agent failed", retryable=True)
 
-    def _end_unfinished(self, execution: Execution, runs: Mapping[str, StepRun], status: int) -> None:
+    def _end_unfinished(self, execution: Execution, runs: Mapping[str, StepRun], status: StepRun.Status) -> None:
         for run in runs.values():
             if run.status not in _FINAL_STEP:
                 was_running = run.status == StepRun.RUNNING

@@ -7,17 +7,17 @@ so the proto stays the one description of their shape.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import Any
 
+from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import workflows_pb2
-
 from services.common.db import Database, UniqueViolation
-from services.common.db.database import Executor, Row
+from services.common.db.database import Executor, Row, as_datetime
 from services.common.errors import AlreadyExists
 
 Workflow = workflows_pb2.Workflow
@@ -38,20 +38,14 @@ def _definition(workflow: Workflow) -> str:
     return json_format.MessageToJson(body, indent=None)
 
 
-def _ts(value: dt.datetime | str | None) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    return dt.datetime.fromisoformat(value)
-
-
 def _to_workflow(row: Row) -> Workflow:
     workflow = json_format.Parse(row["definition"], Workflow())
     workflow.id = row["id"]
     workflow.name = row["name"]
     workflow.description = row["description"]
     workflow.etag = str(row["revision"])
-    workflow.create_time.FromDatetime(_ts(row["create_time"]))
-    workflow.update_time.FromDatetime(_ts(row["update_time"]))
+    workflow.create_time.FromDatetime(as_datetime(row["create_time"]))
+    workflow.update_time.FromDatetime(as_datetime(row["update_time"]))
     return workflow
 
 
@@ -59,7 +53,7 @@ def to_execution(row: Row) -> Execution:
     execution = Execution(
         id=row["id"],
         workflow_id=row["workflow_id"],
-        status=Execution.Status.Value(row["status"]),
+        status=row["status"],
         error=row["error"],
         idempotency_key=row["idempotency_key"] or "",
     )
@@ -69,7 +63,7 @@ def to_execution(row: Row) -> Execution:
         json_format.ParseDict(step, execution.steps.add())
     for name in ("create_time", "start_time", "end_time"):
         if row[name] is not None:
-            getattr(execution, name).FromDatetime(_ts(row[name]))
+            getattr(execution, name).FromDatetime(as_datetime(row[name]))
     return execution
 
 
@@ -174,7 +168,8 @@ class ExecutionRepository:
 
     async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:
         """Newest first; `before` is the (create_time, id) the previous page ended on."""
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if workflow_id:
             args.append(workflow_id)
             clauses.append(f"workflow_id = ${len(args)}")
@@ -211,8 +206,8 @@ class ExecutionRepository:
             steps_json(execution.steps),
             json_format.MessageToJson(execution.output, indent=None),
             execution.error,
-            execution.start_time.ToDatetime(dt.timezone.utc) if execution.HasField("start_time") else None,
-            execution.end_time.ToDatetime(dt.timezone.utc) if execution.HasField("end_time") else None,
+            execution.start_time.ToDatetime(dt.UTC) if execution.HasField("start_time") else None,
+            execution.end_time.ToDatetime(dt.UTC) if execution.HasField("end_time") else None,
         )
         return changed > 0
 
@@ -237,7 +232,7 @@ class ExecutionRepository:
             until,
         )
 
-    async def reap_expired(self, now: dt.datetime, reason: str) -> list[Execution]:
+    async def reap_expired(self, now: dt.datetime, reason: str) -> builtins.list[Execution]:
         """Fails the active executions whose runner stopped renewing its lease."""
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
@@ -249,7 +244,7 @@ class ExecutionRepository:
             )
         return [to_execution(row) for row in rows]
 
-    async def cancelled_among(self, ids: Sequence[str]) -> list[str]:
+    async def cancelled_among(self, ids: Sequence[str]) -> builtins.list[str]:
         """Which of these executions were cancelled through another replica."""
         if not ids:
             return []
