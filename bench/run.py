@@ -58,6 +58,7 @@ GRPC_RATIO_TARGET = 0.8
 
 
 def free_port() -> int:
+    """A port nothing listens on (bound, then released); the tests use it too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

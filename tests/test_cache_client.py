@@ -20,6 +20,7 @@ import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
+from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.codecs import JSON, TEXT, ProtobufCodec
@@ -42,7 +43,6 @@ from tests.cache_helpers import (
     StartSidecar,
     eventually,
 )
-from tests.redis_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 StringValue = wrappers_pb2.StringValue

@@ -14,6 +14,7 @@ import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
+from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient, protobuf_content_type
 from tests.cache_helpers import (
@@ -25,7 +26,6 @@ from tests.cache_helpers import (
     entry,
     eventually,
 )
-from tests.redis_fixtures import free_port
 
 
 @pytest.fixture

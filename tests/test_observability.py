@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.run import free_port
 from gateway.testing import running_gateway
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.db import connect
@@ -76,11 +76,6 @@ async def eventually(check, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, "the condition never held"
         await asyncio.sleep(0.01)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

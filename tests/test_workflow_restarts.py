@@ -15,10 +15,11 @@ import pytest
 from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import json_format
 
+from bench.run import free_port
 from services.common.event_repository import EventRepository
 from services.workflows.server import build as build_workflows
 from tests.conftest import make_settings, running_stack
-from tests.test_processes import free_port, read_until
+from tests.test_processes import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Execution = workflows_pb2.Execution

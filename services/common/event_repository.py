@@ -17,6 +17,7 @@ from typing import Any
 from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
+from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.db.database import Executor, Row, as_datetime
 
@@ -46,14 +47,14 @@ class NewEvent:
     correlation_id: str = ""
     time: dt.datetime | None = None
 
-    def row(self) -> tuple:
+    def row(self) -> tuple[Any, ...]:
         return (
             self.type,
             self.source,
             self.subject,
             json.dumps(self.data or {}),
             self.correlation_id,
-            self.time or dt.datetime.now(dt.UTC),
+            self.time or utc_now(),
         )
 
 

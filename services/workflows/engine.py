@@ -28,6 +28,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb
 from google.protobuf import duration_pb2, json_format
 
 from services.common.background import spawn
+from services.common.clock import utc_now
 from services.common.errors import Aborted, Unavailable
 from services.common.events import EventWriter
 from services.common.telemetry.metrics import enum_label, service_metrics
@@ -74,10 +75,6 @@ class _Stop:
 def seconds(duration: duration_pb2.Duration, default: float) -> float:
     value = duration.seconds + duration.nanos / 1e9
     return value if value > 0 else default
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class Engine:
@@ -140,7 +137,7 @@ class Engine:
         )
         json_format.ParseDict(dict(input), execution.input)
         created = await self._executions.create(
-            execution, workflow, self.owner, now() + dt.timedelta(seconds=self._lease_ttl), now()
+            execution, workflow, self.owner, utc_now() + dt.timedelta(seconds=self._lease_ttl), utc_now()
         )
         if created is None:
             # The same key raced in through another request: that one is the execution.
@@ -165,7 +162,7 @@ class Engine:
             await self._cancel_local(execution_id, stop)
             return await self._executions.get(execution_id)
         # Not ours: end it in the database; its runner (if any) sees it within lease_ttl/3.
-        ended = await self._executions.finish_if_active(execution_id, "CANCELLED", stop.error, now())
+        ended = await self._executions.finish_if_active(execution_id, "CANCELLED", stop.error, utc_now())
         if ended is not None:
             self._emit(ended, "execution.cancelled", {"error": stop.error})
         return ended
@@ -179,16 +176,13 @@ class Engine:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    def running(self) -> int:
-        return len(self._tasks)
-
     # -- maintenance -------------------------------------------------------------------
 
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self._lease_ttl / 3)
             try:
-                await self._executions.renew_leases(self.owner, now() + dt.timedelta(seconds=self._lease_ttl))
+                await self._executions.renew_leases(self.owner, utc_now() + dt.timedelta(seconds=self._lease_ttl))
                 for execution_id in await self._executions.cancelled_among(list(self._tasks)):
                     await self._cancel_local(execution_id, _Stop(Execution.CANCELLED, "cancelled by request"))
                 await self._reap()
@@ -199,7 +193,7 @@ class Engine:
 
     async def _reap(self) -> None:
         reason = "the service running this execution stopped (its lease expired)"
-        for execution in await self._executions.reap_expired(now(), reason):
+        for execution in await self._executions.reap_expired(utc_now(), reason):
             service_metrics().workflows.execution_ended(execution)
             self._emit(execution, "execution.failed", {"error": reason})
 

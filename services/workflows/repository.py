@@ -24,7 +24,8 @@ Workflow = workflows_pb2.Workflow
 Execution = workflows_pb2.Execution
 StepRun = workflows_pb2.StepRun
 
-ACTIVE_STATUSES = ("PENDING", "RUNNING")
+# The statuses an execution still leaves, as SQL: an active execution.
+_ACTIVE = "status IN ('PENDING', 'RUNNING')"
 _WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
 _EXECUTION_COLUMNS = (
     "id, workflow_id, status, input, output, error, steps, definition, idempotency_key, create_time, start_time, end_time"
@@ -162,10 +163,6 @@ class ExecutionRepository:
         )
         return None if row is None else to_execution(row)
 
-    async def definition(self, execution_id: str) -> Workflow | None:
-        value = await self.db.fetchval("SELECT definition FROM workflow_executions WHERE id = $1", execution_id)
-        return None if value is None else json_format.Parse(value, Workflow())
-
     async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:
         """Newest first; `before` is the (create_time, id) the previous page ended on."""
         clauses: list[str] = []
@@ -200,7 +197,7 @@ class ExecutionRepository:
         status = Execution.Status.Name(execution.status)
         changed = await self.db.execute(
             "UPDATE workflow_executions SET status = $2, steps = $3, output = $4, error = $5,"
-            " start_time = $6, end_time = $7 WHERE id = $1 AND (status IN ('PENDING', 'RUNNING') OR status = $2)",
+            f" start_time = $6, end_time = $7 WHERE id = $1 AND ({_ACTIVE} OR status = $2)",
             execution.id,
             status,
             steps_json(execution.steps),
@@ -216,7 +213,7 @@ class ExecutionRepository:
         async with self.db.transaction() as tx:
             row = await tx.fetchrow(
                 "UPDATE workflow_executions SET status = $2, error = $3, end_time = $4"
-                f" WHERE id = $1 AND status IN ('PENDING', 'RUNNING') RETURNING {_EXECUTION_COLUMNS}",
+                f" WHERE id = $1 AND {_ACTIVE} RETURNING {_EXECUTION_COLUMNS}",
                 execution_id,
                 status,
                 error,
@@ -227,7 +224,7 @@ class ExecutionRepository:
     async def renew_leases(self, owner: str, until: dt.datetime) -> None:
         """Extends the leases of every active execution this owner runs: one statement."""
         await self.db.execute(
-            "UPDATE workflow_executions SET lease_expires_at = $2 WHERE owner = $1 AND status IN ('PENDING', 'RUNNING')",
+            f"UPDATE workflow_executions SET lease_expires_at = $2 WHERE owner = $1 AND {_ACTIVE}",
             owner,
             until,
         )
@@ -237,7 +234,7 @@ class ExecutionRepository:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 "UPDATE workflow_executions SET status = 'FAILED', error = $2, end_time = $1"
-                " WHERE status IN ('PENDING', 'RUNNING') AND lease_expires_at < $1"
+                f" WHERE {_ACTIVE} AND lease_expires_at < $1"
                 f" RETURNING {_EXECUTION_COLUMNS}",
                 now,
                 reason,

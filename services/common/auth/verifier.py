@@ -27,6 +27,7 @@ from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
 from services.common.background import spawn
 from services.common.channels import open_channel
+from services.common.clock import utc_now
 from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class _CachedVerifier(abc.ABC):
         if not found:
             api_key = await self._fetch(key, key_hash)
             self._cache.put(key_hash, api_key)
-        api_key = usable(api_key, dt.datetime.now(dt.UTC))
+        api_key = usable(api_key, utc_now())
         if api_key is not None:
             self._used(api_key)
         return api_key
@@ -108,7 +109,7 @@ class DatabaseVerifier(_CachedVerifier):
         self._repository = repository
         self._touched: dict[str, float] = {}
         self._to_touch: set[str] = set()
-        self._toucher: asyncio.Task | None = None
+        self._toucher: asyncio.Task[None] | None = None
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         return await self._repository.by_hash(key_hash)
@@ -126,7 +127,7 @@ class DatabaseVerifier(_CachedVerifier):
         await asyncio.sleep(1.0)  # gather the keys used in the same second into one write
         batch, self._to_touch = sorted(self._to_touch), set()
         try:
-            await self._repository.touch(batch, dt.datetime.now(dt.UTC))
+            await self._repository.touch(batch, utc_now())
         except Exception:  # noqa: BLE001 - last_used_time is informative; a miss is tolerable
             log.warning("could not record the use of %d API key(s)", len(batch), exc_info=True)
 
@@ -146,7 +147,8 @@ class RemoteVerifier(_CachedVerifier):
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         try:
-            return await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            api_key: ApiKey = await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            return api_key
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 return None

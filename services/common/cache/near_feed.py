@@ -52,7 +52,7 @@ class NearCacheFeed:
         self._prefixes = list(prefixes)
         self._liveness = liveness
         self._task: asyncio.Task[None] | None = None
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._call: grpc.aio.UnaryStreamCall[cache_pb2.CacheWatchRequest, cache_pb2.CacheInvalidation] | None = None
 
     def start(self) -> None:
         if self._task is None and not self._transport.closed:

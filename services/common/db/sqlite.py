@@ -18,7 +18,7 @@ import json
 import pathlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -184,7 +184,7 @@ class SqliteDatabase(Database):
             await conn.close()
 
 
-async def _to_the_end(operation) -> None:
+async def _to_the_end(operation: Awaitable[Any]) -> None:
     """Awaits a statement that must complete even if the caller is cancelled meanwhile.
 
     The statement runs in aiosqlite's thread whatever happens to the awaiting task, so
