@@ -214,6 +214,21 @@ async def stack(database_url) -> AsyncIterator[Stack]:
         yield running
 
 
+def new_agent(i: int | str, **fields) -> agents_pb2.Agent:
+    values = dict(
+        id=f"agent-{i}" if isinstance(i, int) else i,
+        name=f"Agent {i}",
+        version="1.0.0",
+        domain="ci",
+        type=agents_pb2.Agent.TASK,
+        status=agents_pb2.Agent.ACTIVE,
+        capabilities=["lint", "test"],
+        metadata={"team": "platform"},
+    )
+    values.update(fields)
+    return agents_pb2.Agent(**values)
+
+
 # Fixtures several test modules use: pytest finds them through this module. Imported
 # last, because tests.auth_helpers builds on the helpers above.
 from tests.auth_helpers import secured  # noqa: E402, F401

@@ -17,8 +17,8 @@ from google.protobuf import field_mask_pb2
 from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry
 from services.common.outbox import Outbox
-from tests.conftest import make_settings, running_stack
-from tests.test_agents import expect_error, new_agent
+from tests.conftest import make_settings, new_agent, running_stack
+from tests.grpc_errors import expect_error
 
 Agent = agents_pb2.Agent
 
