@@ -67,8 +67,10 @@ ghz: setup
 loadtest: setup
 	$(PY) -m bench.loadtest $(LOADTEST_ARGS)
 
+# ruff (rules in pyproject.toml) everywhere; mypy on what [tool.mypy] lists.
 lint: setup
-	$(PY) -m compileall -q services gateway tests bench
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) gen var .pytest_cache

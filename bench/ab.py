@@ -92,7 +92,10 @@ def main() -> int:
         base = start([sys.executable, "-m", module], env, cwd=base_tree)
         try:
             wait_port(port)
-            sides = {"this tree": (ours_url, process_named(stack.pids, module)), f"base {args.base}": (base_url, base.pid)}
+            ours_pid = process_named(stack.pids, module)
+            if ours_pid is None:
+                raise SystemExit(f"no {module} process in the stack started")
+            sides = {"this tree": (ours_url, ours_pid), f"base {args.base}": (base_url, base.pid)}
             print(f"# {args.part} A/B: {args.rounds} alternating rounds of {args.requests} requests\n")
             print(f"| load | {args.part} | req/s | p95 ms | {args.part} CPU ms / request |")
             print("|---|---|---|---|---|")

@@ -18,9 +18,8 @@ from pathlib import Path
 import grpc
 import uvicorn
 import uvloop
-from google.protobuf import json_format
-
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
+from google.protobuf import json_format
 
 # The answers, as bench/run.py writes them into the --answers directory.
 AGENT_PB, LIST_PB = "agent.pb", "list.pb"

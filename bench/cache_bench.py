@@ -30,17 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 
 from bench import load
 from bench.run import free_port, wait_port
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.common.cache.client import CacheClient
-from services.common.cache.near_cache import NearCache
 from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.common.cache.client import CacheClient
+from services.common.cache.near_cache import NearCache
 
 ROOT = Path(__file__).resolve().parent.parent
 GET_PATH = "/devops_hub.v1.CacheService/Get"
@@ -123,8 +123,9 @@ async def near_cache_figures(address: str, iterations: int) -> tuple[float, floa
         table[HOT_KEY]
     dict_ns = (time.perf_counter_ns() - started) / iterations
 
-    async with CacheClient(address, timeout=2.0, near_cache=NearCache()) as near, CacheClient(address, timeout=2.0) as far:
-        while not near.near.live:
+    near_cache = NearCache()
+    async with CacheClient(address, timeout=2.0, near_cache=near_cache) as near, CacheClient(address, timeout=2.0) as far:
+        while not near_cache.live:
             await asyncio.sleep(0.01)
         key = "bench:near:1"
         await near.get_or_load(key, 3600, wrappers_pb2.BytesValue, loader)

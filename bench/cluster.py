@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.run import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
 
@@ -30,11 +32,6 @@ START_TIMEOUT = 30.0
 class Unavailable(RuntimeError):
     """A part this machine cannot run (no redis-server, no PostgreSQL binaries, not root)."""
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = START_TIMEOUT, *, process: subprocess.Popen | None = None) -> None:
@@ -202,7 +199,7 @@ class Cluster:
     settings: dict[str, str] = field(default_factory=dict)
     parts: dict[str, Part] = field(default_factory=dict)
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="dh-cluster-"))
         env = {
             "AUTH_ENABLED": "false",

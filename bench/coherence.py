@@ -34,10 +34,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 from google.protobuf import field_mask_pb2
 
 from bench.cluster import Cluster
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 Agent = agents_pb2.Agent
 SETTLE = 2.0  # after a fault heals, reads must be fresh once this has passed
@@ -267,7 +267,10 @@ class Outcome:
 
     def table(self, path: str) -> str:
         rows = [w.row() for w in windows(self.history, path, self.fault_at, self.healed_at)]
-        header = f"reads through the {'writing' if path == 'same' else 'other'} process\n\n| window | reads | stale | lag p50 ms | lag p95 ms | lag max ms |\n|---|---|---|---|---|---|"
+        header = (
+            f"reads through the {'writing' if path == 'same' else 'other'} process\n\n"
+            "| window | reads | stale | lag p50 ms | lag p95 ms | lag max ms |\n|---|---|---|---|---|---|"
+        )
         return "\n".join([header, *rows])
 
     def stale(self, path: str, window: str) -> int:

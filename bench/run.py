@@ -37,7 +37,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 from bench import baselines, cpu, load
@@ -59,6 +58,7 @@ GRPC_RATIO_TARGET = 0.8
 
 
 def free_port() -> int:
+    """A port nothing listens on (bound, then released); the tests use it too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -246,7 +246,7 @@ def profile(hub_pids: list[int], url: str, args: argparse.Namespace) -> None:
     """py-spy on the gateway and the agents service while one more hey round runs."""
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     why = load.missing("hey") or (None if py_spy else "py-spy is not installed (pip install py-spy)")
-    if why:
+    if why or py_spy is None:
         print(f"\nNo profile: {why}.")
         return
     targets = {name: process_named(hub_pids, module) for name, module in (("gateway", "gateway"), ("agents service", "services.agents"))}

@@ -249,7 +249,8 @@ def main() -> int:
         return 1
     try:
         seeded = asyncio.run(seed(settings))
-        print(f"launcher: seeded {len(seeded)} built-in agent(s) and example workflow(s)" if seeded else "launcher: examples already seeded", flush=True)
+        seeded_note = f"seeded {len(seeded)} built-in agent(s) and example workflow(s)" if seeded else "examples already seeded"
+        print(f"launcher: {seeded_note}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the system runs without its examples
         print(f"launcher: seeding the examples failed ({exc}); the services run on", file=sys.stderr, flush=True)
     print(f"launcher: ready. Try, in another terminal here: {try_command(settings)}", flush=True)

@@ -6,16 +6,17 @@ first minute. It is idempotent: what exists already is left as it is.
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf import json_format
+from typing import Any
 
+import grpc
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+from google.protobuf import json_format
 
 from services.agents.builtins import builtin_agent_records
 from services.common.channels import service_channel
 from services.common.settings import Settings
 
-EXAMPLE_WORKFLOWS = [
+EXAMPLE_WORKFLOWS: list[dict[str, Any]] = [
     {
         "id": "deploy-gate",
         "name": "Deploy gate",

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.common.cache.codecs import protobuf_content_type
 from services.cache_sidecar.server import CacheSidecar, build
+from services.common.cache.codecs import protobuf_content_type
 from services.common.settings import Settings
 
 STRING_TYPE = protobuf_content_type("google.protobuf.StringValue")

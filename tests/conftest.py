@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import empty_pb2
-
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
+from google.protobuf import empty_pb2
 
 from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
@@ -62,7 +61,7 @@ def pg_server_url() -> str:
 
     try:
         _run_aside(create)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         _unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
@@ -213,3 +212,25 @@ def _closed_port() -> int:
 async def stack(database_url) -> AsyncIterator[Stack]:
     async with running_stack(make_settings(database_url)) as running:
         yield running
+
+
+def new_agent(i: int | str, **fields) -> agents_pb2.Agent:
+    values = dict(
+        id=f"agent-{i}" if isinstance(i, int) else i,
+        name=f"Agent {i}",
+        version="1.0.0",
+        domain="ci",
+        type=agents_pb2.Agent.TASK,
+        status=agents_pb2.Agent.ACTIVE,
+        capabilities=["lint", "test"],
+        metadata={"team": "platform"},
+    )
+    values.update(fields)
+    return agents_pb2.Agent(**values)
+
+
+# Fixtures several test modules use: pytest finds them through this module. Imported
+# last, because tests.auth_helpers builds on the helpers above.
+from tests.auth_helpers import secured  # noqa: E402, F401
+from tests.cache_helpers import backend, start_sidecar  # noqa: E402, F401
+from tests.redis_fixtures import persistent_redis_server, redis_prefix, redis_server, redis_url  # noqa: E402, F401

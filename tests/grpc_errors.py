@@ -1,10 +1,11 @@
-"""Reading AIP-193 details back out of a failed call, for assertions."""
+"""Reading AIP-193 details back out of a failed call or an HTTP error body, for assertions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -34,3 +35,23 @@ def failure_of(error: grpc.aio.AioRpcError) -> Failure:
             fields.update({v.field: v.description for v in bad.field_violations})
     assert reason, "every error carries an ErrorInfo"
     return Failure(error.code(), error.details(), reason, fields)
+
+
+async def expect_error(call, code: grpc.StatusCode):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return failure_of(info.value)
+
+
+# The gateway's HTTP error bodies: a JSON google.rpc.Status.
+def field_violations(body: dict) -> dict[str, str]:
+    fields = {}
+    for detail in body["details"]:
+        if detail["@type"].endswith("google.rpc.BadRequest"):
+            fields.update({v["field"]: v["description"] for v in detail["fieldViolations"]})
+    return fields
+
+
+def error_reason(body: dict) -> str:
+    return next(d["reason"] for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))

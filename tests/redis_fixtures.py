@@ -11,7 +11,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from bench.run import free_port
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -33,12 +34,6 @@ def unavailable(what: str, why: str) -> NoReturn:
         pytest.fail(f"{message}; under CI=true it must run", pytrace=False)
     pytest.skip(message)
 
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unlink_prefix(url: str, prefix: str) -> int:

@@ -6,9 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
-
 from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
 
 from services.common.grpc_host import GrpcHost
 from tests.conftest import make_settings, running_stack

@@ -6,36 +6,13 @@ import asyncio
 
 import grpc
 import pytest
+from devops_hub.v1 import agents_pb2
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from devops_hub.v1 import agents_pb2
-
-from tests.conftest import make_settings, running_stack
-from tests.grpc_errors import failure_of
+from tests.conftest import make_settings, new_agent, running_stack
+from tests.grpc_errors import expect_error
 
 Agent = agents_pb2.Agent
-
-
-def new_agent(i: int | str, **fields) -> Agent:
-    values = dict(
-        id=f"agent-{i}" if isinstance(i, int) else i,
-        name=f"Agent {i}",
-        version="1.0.0",
-        domain="ci",
-        type=Agent.TASK,
-        status=Agent.ACTIVE,
-        capabilities=["lint", "test"],
-        metadata={"team": "platform"},
-    )
-    values.update(fields)
-    return Agent(**values)
-
-
-async def expect_error(call, code: grpc.StatusCode):
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return failure_of(info.value)
 
 
 async def test_create_get_update_delete(stack):

@@ -12,9 +12,8 @@ import uuid
 import grpc
 import httpx
 import pytest
-from google.protobuf import empty_pb2, message_factory, timestamp_pb2
-
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
+from google.protobuf import empty_pb2, message_factory, timestamp_pb2
 
 from gateway.testing import running_gateway
 from services.common.api import discover_services
@@ -22,39 +21,23 @@ from services.common.auth import keys
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
 from services.common.settings import Settings
-from tests.conftest import make_settings, running_stack
+from tests.auth_helpers import (
+    ADMIN,
+    ADMIN_KEY,
+    EXECUTE,
+    READ,
+    SERVICE_KEY,
+    WRITE,
+    Scope,
+    auth_settings,
+    new_key,
+)
+from tests.conftest import running_stack
 from tests.grpc_errors import failure_of
 
-Scope = options_pb2.Scope
-READ, WRITE, EXECUTE, ADMIN = Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN
-ADMIN_KEY = keys.new_key()
 # For each required scope, a key that has everything but it (ADMIN implies all).
 WEAKER = {READ: [WRITE, EXECUTE], WRITE: [READ, EXECUTE], EXECUTE: [READ, WRITE], ADMIN: [READ, WRITE, EXECUTE]}
 SERVED = {"devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService", "devops_hub.v1.WorkflowsService", "devops_hub.v1.EventsService"}
-
-
-SERVICE_KEY = keys.new_key()
-
-
-def auth_settings(url: str, **overrides):
-    return make_settings(url, auth_enabled=True, bootstrap_admin_key=ADMIN_KEY, service_api_key=SERVICE_KEY, **overrides)
-
-
-@pytest.fixture
-async def secured(sqlite_url):
-    async with running_stack(auth_settings(sqlite_url), with_workflows=True) as stack:
-        channel = grpc.aio.insecure_channel(stack.settings.agents_addr)
-        keys_stub = auth_pb2_grpc.ApiKeysServiceStub(channel)
-        yield stack, keys_stub
-        await channel.close()
-
-
-async def new_key(keys_stub, *scopes: int, **fields) -> str:
-    created = await keys_stub.CreateApiKey(
-        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name=f"k-{uuid.uuid4().hex[:6]}", scopes=scopes, **fields)),
-        metadata=(("x-api-key", ADMIN_KEY),),
-    )
-    return created.key
 
 
 def test_every_rpc_declares_its_scope():
@@ -75,7 +58,8 @@ def served_methods():
 
 async def call(stack, service, method, key: str | None):
     """Calls a method with an empty request; returns the status code it ended with."""
-    address = stack.settings.agents_addr if service.full_name in ("devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService") else stack.settings.workflows_addr
+    on_agents = service.full_name in ("devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService")
+    address = stack.settings.agents_addr if on_agents else stack.settings.workflows_addr
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     path = f"/{service.full_name}/{method.name}"
@@ -122,8 +106,8 @@ async def test_the_scope_table_over_http(secured):
     weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}
     exact_keys = {scope: await new_key(keys_stub, scope) for scope in (READ, WRITE, EXECUTE, ADMIN)}
     async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        from gateway.routes import build_routes
         from gateway.backends import BACKEND_OF_SERVICE
+        from gateway.routes import build_routes
 
         table = required_scopes()
         routes = [r for r in build_routes(discover_services(), BACKEND_OF_SERVICE) if r.method.containing_service.full_name in SERVED]
@@ -133,7 +117,7 @@ async def test_the_scope_table_over_http(secured):
             path = route.template.text.replace("{agent.id}", "x").replace("{workflow.id}", "x").replace("{id}", "x")
             method = route.http_method
 
-            async def send(headers):
+            async def send(headers, route=route, method=method, path=path):
                 if route.server_streaming:
                     async with http.stream(method, path, headers=headers, timeout=3) as response:
                         return response.status_code
@@ -466,7 +450,7 @@ async def test_the_services_key_is_not_a_database_key(sqlite_url):
     db = await connect(sqlite_url)
     await migrate(db)
     stored = auth_pb2.ApiKey(id="key_old_services", name="services", scopes=[ADMIN], prefix=keys.display_prefix(SERVICE_KEY))
-    await ApiKeyRepository(db).insert(stored, keys.hash_key(SERVICE_KEY), dt.datetime.now(dt.timezone.utc))
+    await ApiKeyRepository(db).insert(stored, keys.hash_key(SERVICE_KEY), dt.datetime.now(dt.UTC))
     await db.close()
 
     async with running_stack(auth_settings(sqlite_url)) as stack:

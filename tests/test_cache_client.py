@@ -17,9 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from bench.run import free_port
+from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.codecs import JSON, TEXT, ProtobufCodec
 from services.common.cache.decorators import cached, invalidate_cache
@@ -32,19 +34,15 @@ from services.common.cache.manager import (
     use_cache_manager,
 )
 from services.common.cache.near_cache import NearCache
-from services.cache_sidecar.server import CacheSidecar
 from services.common.settings import Settings
-from tests.cache_helpers import (  # noqa: F401 - fixtures
+from tests.cache_helpers import (
     READ_TIMEOUT,
     CountingLoader,
     Database,
     FakeClock,
     StartSidecar,
-    backend,
     eventually,
-    start_sidecar,
 )
-from tests.redis_fixtures import free_port, redis_prefix, redis_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 StringValue = wrappers_pb2.StringValue

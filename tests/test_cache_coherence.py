@@ -11,20 +11,19 @@ from collections.abc import AsyncIterator
 import grpc
 import httpx
 import pytest
+from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 
-from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from gateway.testing import running_gateway
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.cache_helpers import (  # noqa: F401 - fixtures
+from tests.cache_helpers import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
     StartSidecar,
     eventually,
-    start_sidecar,
 )
 from tests.conftest import make_settings, running_stack
 

@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.stores.fallback import FallbackStore
 from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
-from tests.cache_helpers import StartSidecar, entry, start_sidecar  # noqa: F401 - fixtures
-from tests.redis_fixtures import RedisServer, persistent_redis_server, redis_server  # noqa: F401 - fixtures
+from tests.cache_helpers import StartSidecar, entry
+from tests.redis_fixtures import RedisServer
 
 CALL_TIMEOUT = 5.0
 RECOVERY_TIMEOUT = 20.0

@@ -19,8 +19,8 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
-from tests.cache_helpers import StartSidecar, start_sidecar  # noqa: F401 - fixtures
-from tests.test_auth import ADMIN_KEY, new_key, READ, WRITE, secured  # noqa: F401 - fixtures
+from tests.auth_helpers import READ, WRITE, new_key
+from tests.cache_helpers import StartSidecar
 
 
 @pytest.fixture

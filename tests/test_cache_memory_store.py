@@ -6,11 +6,12 @@ from __future__ import annotations
 import fnmatch
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
 from services.cache_sidecar.stores.memory import MemoryStore
+from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
 from services.common.errors import InvalidArgument
 from tests.cache_helpers import FakeClock
 

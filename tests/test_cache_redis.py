@@ -8,22 +8,16 @@ import asyncio
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.common.cache.client import CacheClient
-from services.common.cache.near_cache import NearCache
 from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
-from tests.cache_helpers import (  # noqa: F401 - fixtures
-    STRING_TYPE,
-    CountingLoader,
-    StartSidecar,
-    eventually,
-    start_sidecar,
-)
-from tests.redis_fixtures import RedisServer, redis_prefix, redis_server, redis_url  # noqa: F401 - fixtures
+from services.common.cache.client import CacheClient
+from services.common.cache.near_cache import NearCache
+from tests.cache_helpers import STRING_TYPE, CountingLoader, StartSidecar, eventually
+from tests.redis_fixtures import RedisServer
 
 
 @pytest.fixture

@@ -11,23 +11,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from services.common.cache.client import CacheClient, protobuf_content_type
+from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
-from tests.cache_helpers import (  # noqa: F401 - fixtures
+from services.common.cache.client import CacheClient, protobuf_content_type
+from tests.cache_helpers import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
     StartSidecar,
-    backend,
     bad_fields,
     entry,
     eventually,
-    start_sidecar,
 )
-from tests.redis_fixtures import free_port, redis_prefix, redis_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture

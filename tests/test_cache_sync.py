@@ -11,14 +11,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.stores.position import MAX_AHEAD, SyncState
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
-from tests.cache_helpers import StartSidecar, backend, entry, start_sidecar  # noqa: F401 - fixtures
-from tests.redis_fixtures import redis_prefix, redis_url  # noqa: F401 - fixtures
+from tests.cache_helpers import StartSidecar, entry
 
 
 @pytest.fixture

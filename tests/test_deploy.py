@@ -26,6 +26,7 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from bench import loadtest
+from bench.run import free_port
 from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
 from services.common.api import discover_services
@@ -35,7 +36,7 @@ from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 from services.seed import seed
 from tests.conftest import make_settings, running_stack
-from tests.test_observability import free_port, launched_stack, parse_samples
+from tests.test_observability import launched_stack, parse_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -7,6 +7,7 @@ import pytest
 
 from gateway.testing import running_gateway
 from tests.conftest import make_settings, running_stack
+from tests.grpc_errors import error_reason, field_violations
 
 
 @pytest.fixture
@@ -15,18 +16,6 @@ async def http(database_url):
         async with running_gateway(stack.settings) as base_url:
             async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
                 yield client
-
-
-def field_violations(body: dict) -> dict[str, str]:
-    fields = {}
-    for detail in body["details"]:
-        if detail["@type"].endswith("google.rpc.BadRequest"):
-            fields.update({v["field"]: v["description"] for v in detail["fieldViolations"]})
-    return fields
-
-
-def error_reason(body: dict) -> str:
-    return next(d["reason"] for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))
 
 
 async def test_read_after_write_through_the_gateway(http):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import pytest
-
 from devops_hub.v1 import events_pb2, events_pb2_grpc
 
 from gateway.testing import running_gateway

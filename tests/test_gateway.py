@@ -22,16 +22,16 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2, cache_pb2_grpc, runtime_pb2
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2, cache_pb2_grpc, runtime_pb2
 from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
-from services.common.api import discover_services
 from gateway.testing import running_gateway
+from services.common.api import discover_services
 from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings

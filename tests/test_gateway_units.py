@@ -7,19 +7,18 @@ import json
 
 import grpc
 import pytest
+from devops_hub.v1 import agents_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import agents_pb2
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool
 from gateway.errors import HTTP_STATUS, http_status
 from gateway.front import GatewayFront
 from gateway.metrics import HttpMetrics
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
-from services.common.api import discover_services
 from gateway.templates import Found, NotAllowed, PathTemplate, Router, TemplateError
 from gateway.transcode import explain
-
+from services.common.api import discover_services
 
 # --------------------------------------------------------------------------- templates
 

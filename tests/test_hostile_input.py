@@ -9,11 +9,11 @@ import struct
 import grpc
 import httpx
 import pytest
-
 from devops_hub.v1 import agents_pb2
+
 from gateway.testing import running_gateway
 from tests.conftest import make_settings, running_stack
-from tests.test_e2e_gateway import error_reason, field_violations
+from tests.grpc_errors import error_reason, field_violations
 
 
 @pytest.fixture

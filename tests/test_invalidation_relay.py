@@ -17,14 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2, field_mask_pb2
-
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
+from google.protobuf import empty_pb2, field_mask_pb2
 
 from services.common.grpc_host import GrpcHost
 from services.common.invalidation_log import InvalidationLog
-from tests.conftest import Stack, _closed_port, make_settings, running_stack
-from tests.test_agents import new_agent
+from tests.conftest import Stack, _closed_port, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
 MAX_AHEAD = 1000

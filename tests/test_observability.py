@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from threading import Thread
 import grpc
 import httpx
 import pytest
+from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc, workflows_pb2
 from google.protobuf import empty_pb2
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -31,8 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc, workflows_pb2
-
+from bench.run import free_port
 from gateway.testing import running_gateway
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.db import connect
@@ -77,11 +76,6 @@ async def eventually(check, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, "the condition never held"
         await asyncio.sleep(0.01)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -172,7 +166,7 @@ class Captured:
         self.handler.setFormatter(formatter)
         self.logger = logging.getLogger(logger_name)
 
-    def __enter__(self) -> "Captured":
+    def __enter__(self) -> Captured:
         self.logger.addHandler(self.handler)
         return self
 

@@ -11,15 +11,14 @@ import asyncio
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
-
 from devops_hub.v1 import agents_pb2, cache_pb2, events_pb2, workflows_pb2
+from google.protobuf import field_mask_pb2
 
 from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry
 from services.common.outbox import Outbox
-from tests.conftest import make_settings, running_stack
-from tests.test_agents import expect_error, new_agent
+from tests.conftest import make_settings, new_agent, running_stack
+from tests.grpc_errors import expect_error
 
 Agent = agents_pb2.Agent
 

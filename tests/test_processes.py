@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.run import free_port
 from services.common.auth import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = keys.new_key()
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_env(tmp_path: Path) -> dict[str, str]:

@@ -14,20 +14,17 @@ import re
 
 import grpc
 import httpx
-import pytest
 import redis.asyncio as aioredis
-from google.protobuf import empty_pb2
-
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from google.protobuf import empty_pb2
 
 from gateway.testing import running_gateway
 from services.common.cache.keys import SERVICE_NAMESPACES
-from tests.cache_helpers import READ_TIMEOUT, StartSidecar, entry, start_sidecar  # noqa: F401 - fixtures
+from tests.auth_helpers import ADMIN_KEY, auth_settings
+from tests.cache_helpers import READ_TIMEOUT, StartSidecar, entry
 from tests.conftest import make_settings, running_stack
-from tests.redis_fixtures import redis_prefix, redis_url  # noqa: F401 - fixtures
-from tests.test_auth import ADMIN_KEY, auth_settings
 from tests.test_deploy import PROMQL_WORDS, alert_rules, dashboard_exprs, metric_names
-from tests.test_observability import launched_stack, parse_samples, scrape
+from tests.test_observability import launched_stack, scrape
 
 # --------------------------------------------------------------------------- integral numbers
 

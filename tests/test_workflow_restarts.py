@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import json_format
 
-from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
-
+from bench.run import free_port
 from services.common.event_repository import EventRepository
 from services.workflows.server import build as build_workflows
 from tests.conftest import make_settings, running_stack
-from tests.test_processes import free_port, read_until
+from tests.test_processes import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Execution = workflows_pb2.Execution
@@ -71,8 +71,9 @@ async def test_a_graceful_stop_fails_what_runs_with_the_reason(database_url):
 
 async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
     async with running_stack(make_settings(database_url), with_workflows=False) as stack:
-        from services.agents.builtins import builtin_agent_records
         from devops_hub.v1 import agents_pb2
+
+        from services.agents.builtins import builtin_agent_records
 
         for agent in builtin_agent_records():
             await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))

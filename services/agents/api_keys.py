@@ -21,6 +21,7 @@ from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
+from services.common.clock import utc_now
 from services.common.errors import InternalError, NotFound, Unauthenticated, invalid_fields
 
 ApiKey = auth_pb2.ApiKey
@@ -38,7 +39,7 @@ class ApiKeys:
         self._service_key = service_key
 
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
-        now = _now()
+        now = utc_now()
         violations = []
         if not NAME.match(requested.name):
             violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
@@ -47,7 +48,7 @@ class ApiKeys:
         for i, scope in enumerate(requested.scopes):
             if scope not in GRANTABLE:
                 violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
-        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.timezone.utc) <= now:
+        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.UTC) <= now:
             violations.append(("api_key.expire_time", "must be in the future"))
         if violations:
             raise invalid_fields(violations)
@@ -61,7 +62,7 @@ class ApiKeys:
         """Creates `key` if it is not stored yet (bootstrap and service keys); True if it created it."""
         if not keys.well_formed(key):
             raise ValueError(f"{name}: not a DevOps Hub key (dh_ and 43 url-safe characters); make one with `make key`")
-        return await self._store(ApiKey(name=name, scopes=scopes), key, _now()) is not None
+        return await self._store(ApiKey(name=name, scopes=scopes), key, utc_now()) is not None  # type: ignore[arg-type]  # protoc's .pyi types an enum's numbers as int, its fields as the enum class
 
     async def _store(self, requested: ApiKey, key: str, now: dt.datetime) -> ApiKey | None:
         record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
@@ -81,7 +82,7 @@ class ApiKeys:
     async def revoke(self, key_id: str) -> ApiKey:
         if not key_id:
             raise invalid_fields([("id", "is required")])
-        revoked = await self._repository.revoke(key_id, _now())
+        revoked = await self._repository.revoke(key_id, utc_now())
         if revoked is None:
             raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
         return revoked
@@ -98,7 +99,3 @@ class ApiKeys:
         if api_key is None:
             raise Unauthenticated("no valid API key was presented", reason="API_KEY_INVALID" if key else "API_KEY_MISSING")
         return api_key
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
-
 from devops_hub.v1 import agents_pb2
 
 from services.agents.validation import BUILTIN_ENDPOINT

@@ -14,9 +14,8 @@ import time
 from collections import OrderedDict
 
 import grpc
-from google.protobuf import json_format
-
 from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
+from google.protobuf import json_format
 
 from services.agents import builtins
 from services.agents.registry import AgentRegistry

@@ -20,7 +20,6 @@ import pathlib
 import sys
 
 import grpc
-
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 
 from services.agents.api_keys import ApiKeys
@@ -40,7 +39,7 @@ STACK_TIMEOUT = 1.0
 
 async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth_pb2.CreateApiKeyResponse, str]:
     """The new key, and where it was created (for the user)."""
-    request = auth_pb2.ApiKey(name=name, scopes=scopes)
+    request = auth_pb2.ApiKey(name=name, scopes=scopes)  # type: ignore[arg-type]  # protoc's .pyi types an enum's numbers as int, its fields as the enum class
     if "DATABASE_URL" not in os.environ:
         created = await _through_running_stack(settings, request)
         if created is not None:
@@ -68,7 +67,7 @@ async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -
     async with service_channel(settings.agents_addr, settings.replace(service_api_key=service_key)) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), STACK_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         try:
             return await auth_pb2_grpc.ApiKeysServiceStub(channel).CreateApiKey(

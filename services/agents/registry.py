@@ -11,21 +11,23 @@ old value from the database.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import uuid
 from collections.abc import Sequence
+from typing import NoReturn
 
 from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
+from services.common import freshness, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
-from services.common import freshness, pagination
-from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, invalid_fields
+from services.common.etags import revision_of
 from services.common.outbox import Outbox
 
 Agent = agents_pb2.Agent
@@ -105,7 +107,7 @@ class AgentRegistry:
     async def create(self, agent: Agent) -> Agent:
         return (await self.create_many([agent], prefix="agent"))[0]
 
-    async def create_many(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> list[Agent]:
+    async def create_many(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> builtins.list[Agent]:
         """Creates all of `agents` or none of them."""
         if not agents:
             raise invalid_fields([("requests", "must hold at least one agent")])
@@ -170,7 +172,7 @@ class AgentRegistry:
         if not deleted:
             await self._raise_missing_or_stale(agent_id, etag)
 
-    async def _raise_missing_or_stale(self, agent_id: str, etag: str) -> None:
+    async def _raise_missing_or_stale(self, agent_id: str, etag: str) -> NoReturn:
         if etag and await self._repository.exists(agent_id):
             raise Aborted(
                 f"agent {agent_id!r} was changed since etag {etag!r}; read it again and retry",

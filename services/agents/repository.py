@@ -7,6 +7,7 @@ field list has to be kept in step with it.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from devops_hub.v1 import agents_pb2
 
 from services.common.db import Database, UniqueViolation
-from services.common.db.database import Executor, Row
+from services.common.db.database import Executor, Row, as_datetime
 from services.common.errors import AlreadyExists
 
 Agent = agents_pb2.Agent
@@ -125,7 +126,7 @@ class AgentRepository:
                 counts[row["facet"]][row["value"]] = int(row["n"])
         return Facets(total=total, counts=counts)
 
-    async def insert(self, tx: Executor, agents: Sequence[Agent], now: dt.datetime) -> list[Agent]:
+    async def insert(self, tx: Executor, agents: Sequence[Agent], now: dt.datetime) -> builtins.list[Agent]:
         """Inserts every agent or none (in the caller's transaction): one statement per table."""
         rows = [_to_row(agent, now) for agent in agents]
         capability_rows = [(agent.id, capability) for agent in agents for capability in agent.capabilities]
@@ -224,18 +225,13 @@ def _to_agent(row: Row) -> Agent:
         version=row["version"],
         description=row["description"],
         domain=row["domain"],
-        type=Agent.Type.Value(row["type"]),
-        status=Agent.Status.Value(row["status"]),
+        type=row["type"],
+        status=row["status"],
         capabilities=json.loads(row["capabilities"]),
         metadata=json.loads(row["metadata"]),
         endpoint=row["endpoint"],
         etag=etag_of(row["revision"]),
     )
-    agent.create_time.FromDatetime(_as_datetime(row["create_time"]))
-    agent.update_time.FromDatetime(_as_datetime(row["update_time"]))
+    agent.create_time.FromDatetime(as_datetime(row["create_time"]))
+    agent.update_time.FromDatetime(as_datetime(row["update_time"]))
     return agent
-
-
-def _as_datetime(value: dt.datetime | str) -> dt.datetime:
-    # asyncpg returns datetimes; SQLite keeps ISO-8601 text.
-    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)

@@ -14,11 +14,11 @@ from services.agents.execution import AgentExecutor, RuntimeChannels
 from services.agents.registry import AgentRegistry
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
-from services.common.cache.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter
+from services.common.cache.client import CacheClient
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost, run_until_stopped

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 
-from google.api import field_behavior_pb2
-
 from devops_hub.v1 import agents_pb2
+from google.api import field_behavior_pb2
 
 Agent = agents_pb2.Agent
 Violations = list[tuple[str, str]]

@@ -14,8 +14,8 @@ import dataclasses
 import logging
 
 from devops_hub.v1 import cache_pb2_grpc
+
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
-from services.common.cache.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
 from services.cache_sidecar.relay import InvalidationRelay
 from services.cache_sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
 from services.cache_sidecar.stores import redis as redis_store
@@ -26,6 +26,7 @@ from services.cache_sidecar.stores.redis_layout import KeyLayout
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import build_guard
+from services.common.cache.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry

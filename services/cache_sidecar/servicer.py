@@ -12,13 +12,13 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.hub import InvalidationHub
-from services.common.cache.keys import escape_key, key_problem
 from services.cache_sidecar.stores.base import NewEntry, Store, StoreStats, Value
 from services.cache_sidecar.stores.position import SyncState
+from services.common.cache.keys import escape_key, key_problem
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
 MAX_BATCH = 1000

@@ -31,17 +31,17 @@ def spawn(coroutine: Coroutine[Any, Any, T], *, name: str, essential: bool = Fal
     return task
 
 
-def _failure(task: asyncio.Task) -> BaseException | None:
+def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     return None if task.cancelled() else task.exception()
 
 
-def _on_done(task: asyncio.Task) -> None:
+def _on_done(task: asyncio.Task[Any]) -> None:
     failure = _failure(task)
     if failure is not None:
         log.error("background task %s failed", task.get_name(), exc_info=failure)
 
 
-def _on_essential_done(task: asyncio.Task) -> None:
+def _on_essential_done(task: asyncio.Task[Any]) -> None:
     failure = _failure(task)
     if failure is not None:
         log.critical("background task %s failed; stopping the process so that it is restarted",

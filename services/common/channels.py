@@ -120,7 +120,7 @@ class SpreadChannel(grpc.aio.Channel):
         for channel in self.channels:
             await channel.close(grace)
 
-    async def __aenter__(self) -> "SpreadChannel":
+    async def __aenter__(self) -> SpreadChannel:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

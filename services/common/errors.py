@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -139,14 +140,14 @@ def grpc_status(exc: Exception, method: str, trailing_metadata: Iterable[tuple[s
     if not isinstance(exc, ServiceError):
         log.error("unexpected error in %s", method, exc_info=exc)
         exc = InternalError("internal error; the service log has the details", reason="INTERNAL")
-    status = rpc_status.to_status(exc.to_status())
+    status: grpc.Status = rpc_status.to_status(exc.to_status())
     extra = (*trailing_metadata, *exc.trailing_metadata)
     if extra:
         status = _Status(status.code, status.details, (*status.trailing_metadata, *extra))
     return status
 
 
-def _pack(message) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

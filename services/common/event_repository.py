@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import events_pb2
-
+from services.common.clock import utc_now
 from services.common.db import Database
-from services.common.db.database import Executor, Row
+from services.common.db.database import Executor, Row, as_datetime
 
 Event = events_pb2.Event
 
@@ -47,14 +47,14 @@ class NewEvent:
     correlation_id: str = ""
     time: dt.datetime | None = None
 
-    def row(self) -> tuple:
+    def row(self) -> tuple[Any, ...]:
         return (
             self.type,
             self.source,
             self.subject,
             json.dumps(self.data or {}),
             self.correlation_id,
-            self.time or dt.datetime.now(dt.timezone.utc),
+            self.time or utc_now(),
         )
 
 
@@ -147,6 +147,5 @@ def _to_event(row: Row) -> Event:
         correlation_id=row["correlation_id"],
     )
     json_format.ParseDict(json.loads(row["data"]), event.data)
-    time = row["time"]
-    event.time.FromDatetime(time if isinstance(time, dt.datetime) else dt.datetime.fromisoformat(time))
+    event.time.FromDatetime(as_datetime(row["time"]))
     return event

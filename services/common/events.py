@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from typing import Any
 
+from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import events_pb2
-
 from services.common.background import spawn
-from services.common.errors import Unavailable
+from services.common.clock import utc_now
 from services.common.db import Database
+from services.common.errors import Unavailable
 from services.common.event_repository import EventRepository, NewEvent
 
 log = logging.getLogger(__name__)
@@ -36,12 +35,12 @@ class EventWriter:
         self._max_batch = max_batch
         self._buffer: list[NewEvent] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
     def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "", *, source: str = "") -> None:
         """Queues one event; returns at once."""
-        event = NewEvent(type, source or self._source, subject, data, correlation_id, dt.datetime.now(dt.timezone.utc))
+        event = NewEvent(type, source or self._source, subject, data, correlation_id, utc_now())
         self._buffer.append(event)
         if len(self._buffer) >= self._max_batch:
             self._wake.set()

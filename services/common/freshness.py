@@ -20,9 +20,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterable, Iterator
 
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-
 from devops_hub.v1 import options_pb2
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from services.common.api import discover_services
 
@@ -31,7 +30,8 @@ CACHE_CONTROL = "cache-control"
 
 def max_age(method: MethodDescriptor) -> int:
     """Seconds the method's answers may be reused; 0 when it is not cacheable."""
-    return method.GetOptions().Extensions[options_pb2.cache_max_age]
+    max_age: int = method.GetOptions().Extensions[options_pb2.cache_max_age]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
+    return max_age
 
 
 def max_ages(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -60,7 +61,7 @@ class GrpcHost:
         self._service_names: list[str] = []
         self.port: int | None = None
 
-    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str) -> None:
+    def add(self, register: Callable[[object, Any], None], servicer: object, service_name: str) -> None:
         """Registers a servicer, e.g. add(add_AgentsServiceServicer_to_server, servicer, name)."""
         register(servicer, self._registrar)
         self._service_names.append(service_name)

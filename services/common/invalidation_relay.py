@@ -31,8 +31,9 @@ from devops_hub.v1 import cache_pb2
 
 from services.common.background import spawn
 from services.common.cache.client import CacheClient
-from services.common.errors import Unavailable
+from services.common.clock import utc_now
 from services.common.db import Database
+from services.common.errors import Unavailable
 from services.common.invalidation_log import InvalidationLog
 from services.common.settings import Settings
 
@@ -64,7 +65,7 @@ class InvalidationRelay:
         # applied by the fast path.
         self._previous_head = 0
         self._condition = ""
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -168,7 +169,7 @@ class InvalidationRelay:
         if now < self._next_prune:
             return
         self._next_prune = now + self._prune_every
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self._retention)
+        cutoff = utc_now() - dt.timedelta(seconds=self._retention)
         deleted = await self._log.prune(cutoff)
         if deleted:
             log.info("invalidation relay: pruned %d log entries older than %.0f s", deleted, self._retention)

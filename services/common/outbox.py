@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.cache.client import CacheClient
+from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.db.database import Executor
 from services.common.event_repository import EventRepository, NewEvent
@@ -58,7 +59,7 @@ class Outbox:
         A block that records nothing (no row matched, say) commits without a log entry.
         """
         async with self._db.transaction() as tx:
-            write = Write(tx, self._source, dt.datetime.now(dt.timezone.utc))
+            write = Write(tx, self._source, utc_now())
             yield write
             await self._events.insert(tx, write.events)
             patterns = list(write.patterns)

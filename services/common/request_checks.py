@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from services.common.errors import InvalidArgument, invalid_fields
@@ -122,7 +122,8 @@ def _check_value(field: FieldDescriptor, value: Any, path: str, violations: list
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 
 
-def _walk_json(message: Message, path: str, violations: list[tuple[str, str]]) -> None:
+def _walk_json(message: Any, path: str, violations: list[tuple[str, str]]) -> None:
+    """message is a Struct, a Value or a ListValue; which one, its descriptor says."""
     kind = message.DESCRIPTOR.full_name
     if kind == "google.protobuf.Struct":
         for key, item in message.fields.items():
@@ -142,7 +143,7 @@ def _walk_json(message: Message, path: str, violations: list[tuple[str, str]]) -
             _walk_json(getattr(message, which), path, violations)
 
 
-def _holds_floats(descriptor: Descriptor, _seen: frozenset[str] = frozenset()) -> bool:
+def _holds_floats(descriptor: Any, _seen: frozenset[str] = frozenset()) -> bool:
     """Whether a message of this type can hold a double or float, at any depth."""
     cached = _FLOATS_BY_TYPE.get(descriptor.full_name)
     if cached is not None:

@@ -1,4 +1,4 @@
-from services.workflows.server import main
 from services.common import event_loop
+from services.workflows.server import main
 
 event_loop.run(main())

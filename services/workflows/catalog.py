@@ -13,17 +13,16 @@ import uuid
 from collections.abc import Sequence
 
 import grpc
-
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
+from services.common import freshness, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
 from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager
-from services.common import freshness, pagination
-from services.common.etags import revision_of
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
+from services.common.etags import revision_of
 from services.common.outbox import Outbox, Write
 from services.workflows import validation
 from services.workflows.repository import WorkflowRepository
@@ -164,7 +163,9 @@ class WorkflowCatalog:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return None
-            raise Unavailable(f"cannot check agent {agent_id!r}: the agents service answered {exc.code().name}", reason="AGENTS_UNAVAILABLE") from None
+            raise Unavailable(
+                f"cannot check agent {agent_id!r}: the agents service answered {exc.code().name}", reason="AGENTS_UNAVAILABLE"
+            ) from None
 
 
 def _record(write: Write, workflow_id: str, event: str) -> None:

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
 from google.protobuf import duration_pb2, json_format
 
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
-
 from services.common.background import spawn
+from services.common.clock import utc_now
 from services.common.errors import Aborted, Unavailable
 from services.common.events import EventWriter
 from services.common.telemetry.metrics import enum_label, service_metrics
@@ -68,17 +68,13 @@ class StepTimedOut(Exception):
 class _Stop:
     """Why a running execution is being cancelled: its final status and error."""
 
-    status: int
+    status: Execution.Status
     error: str
 
 
 def seconds(duration: duration_pb2.Duration, default: float) -> float:
     value = duration.seconds + duration.nanos / 1e9
     return value if value > 0 else default
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 class Engine:
@@ -141,7 +137,7 @@ class Engine:
         )
         json_format.ParseDict(dict(input), execution.input)
         created = await self._executions.create(
-            execution, workflow, self.owner, now() + dt.timedelta(seconds=self._lease_ttl), now()
+            execution, workflow, self.owner, utc_now() + dt.timedelta(seconds=self._lease_ttl), utc_now()
         )
         if created is None:
             # The same key raced in through another request: that one is the execution.
@@ -155,7 +151,8 @@ class Engine:
         # Runs on after the request that submitted it: not in its context.
         task = spawn(self._run(created, definition), name=f"execution-{created.id}")
         self._tasks[created.id] = task
-        task.add_done_callback(lambda _t, eid=created.id: self._tasks.pop(eid, None))
+        execution_id = created.id
+        task.add_done_callback(lambda _task: self._tasks.pop(execution_id, None))
         return created
 
     async def cancel(self, execution_id: str) -> Execution | None:
@@ -165,7 +162,7 @@ class Engine:
             await self._cancel_local(execution_id, stop)
             return await self._executions.get(execution_id)
         # Not ours: end it in the database; its runner (if any) sees it within lease_ttl/3.
-        ended = await self._executions.finish_if_active(execution_id, "CANCELLED", stop.error, now())
+        ended = await self._executions.finish_if_active(execution_id, "CANCELLED", stop.error, utc_now())
         if ended is not None:
             self._emit(ended, "execution.cancelled", {"error": stop.error})
         return ended
@@ -179,16 +176,13 @@ class Engine:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    def running(self) -> int:
-        return len(self._tasks)
-
     # -- maintenance -------------------------------------------------------------------
 
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self._lease_ttl / 3)
             try:
-                await self._executions.renew_leases(self.owner, now() + dt.timedelta(seconds=self._lease_ttl))
+                await self._executions.renew_leases(self.owner, utc_now() + dt.timedelta(seconds=self._lease_ttl))
                 for execution_id in await self._executions.cancelled_among(list(self._tasks)):
                     await self._cancel_local(execution_id, _Stop(Execution.CANCELLED, "cancelled by request"))
                 await self._reap()
@@ -199,7 +193,7 @@ class Engine:
 
     async def _reap(self) -> None:
         reason = "the service running this execution stopped (its lease expired)"
-        for execution in await self._executions.reap_expired(now(), reason):
+        for execution in await self._executions.reap_expired(utc_now(), reason):
             service_metrics().workflows.execution_ended(execution)
             self._emit(execution, "execution.failed", {"error": reason})
 
@@ -212,7 +206,7 @@ class Engine:
             return
         runs = {run.step_id: run for run in execution.steps}
         context: dict[str, Any] = {"input": json_format.MessageToDict(execution.input), "steps": {}}
-        outcome: tuple[int, str]
+        outcome: tuple[Execution.Status, str]
         try:
             async with asyncio.timeout(seconds(workflow.timeout, DEFAULT_WORKFLOW_TIMEOUT)):
                 outcome = await self._schedule(execution, workflow, runs, context)
@@ -237,7 +231,7 @@ class Engine:
         kind = Execution.Status.Name(execution.status).lower()
         await self._save(execution, f"execution.{kind}", {"error": execution.error} if execution.error else {})
 
-    async def _schedule(self, execution: Execution, workflow: Workflow, runs: dict[str, StepRun], context: dict) -> tuple[int, str]:
+    async def _schedule(self, execution: Execution, workflow: Workflow, runs: dict[str, StepRun], context: dict) -> tuple[Execution.Status, str]:
         steps = {step.id: step for step in workflow.steps}
         pending = [step.id for step in workflow.steps]
         running: dict[asyncio.Task, str] = {}
@@ -385,7 +379,7 @@ class Engine:
             raise StepTimedOut()
         raise StepFailed(result.error or "the agent failed", retryable=True)
 
-    def _end_unfinished(self, execution: Execution, runs: Mapping[str, StepRun], status: int) -> None:
+    def _end_unfinished(self, execution: Execution, runs: Mapping[str, StepRun], status: StepRun.Status) -> None:
         for run in runs.values():
             if run.status not in _FINAL_STEP:
                 was_running = run.status == StepRun.RUNNING

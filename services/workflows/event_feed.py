@@ -18,11 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import grpc
-
 from devops_hub.v1 import events_pb2
 
 from services.common.db import Database
@@ -57,7 +56,7 @@ class EventFeed:
         self._poll_interval = poll_interval
         self._subscribers: set[Subscription] = set()
         self._task: asyncio.Task | None = None
-        self._last_id: int | None = None
+        self._last_id = 0  # open() sets it before it starts the poller
         self._holes: dict[int, float] = {}  # missing id -> when to give up on it
 
     async def open(self, accepts: Callable[[events_pb2.Event], bool]) -> Subscription:
@@ -72,7 +71,7 @@ class EventFeed:
         self._subscribers.add(subscription)
         return subscription
 
-    async def events(self, subscription: Subscription) -> AsyncIterator[events_pb2.Event]:
+    async def events(self, subscription: Subscription) -> AsyncGenerator[events_pb2.Event, None]:
         """The subscription's events, in order, until the caller stops reading."""
         try:
             while True:

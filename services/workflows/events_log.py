@@ -40,7 +40,7 @@ class EventLog:
             request.type,
             request.source,
             request.correlation_id,
-            request.since.ToDatetime(dt.timezone.utc) if request.HasField("since") else None,
+            request.since.ToDatetime(dt.UTC) if request.HasField("since") else None,
         )
         events = await self._events.page(filters, None if after is None else int(after), size + 1)
         response = events_pb2.ListEventsResponse(events=events[:size])

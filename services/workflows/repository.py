@@ -7,24 +7,25 @@ so the proto stays the one description of their shape.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import Any
 
+from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
-from devops_hub.v1 import workflows_pb2
-
 from services.common.db import Database, UniqueViolation
-from services.common.db.database import Executor, Row
+from services.common.db.database import Executor, Row, as_datetime
 from services.common.errors import AlreadyExists
 
 Workflow = workflows_pb2.Workflow
 Execution = workflows_pb2.Execution
 StepRun = workflows_pb2.StepRun
 
-ACTIVE_STATUSES = ("PENDING", "RUNNING")
+# The statuses an execution still leaves, as SQL: an active execution.
+_ACTIVE = "status IN ('PENDING', 'RUNNING')"
 _WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
 _EXECUTION_COLUMNS = (
     "id, workflow_id, status, input, output, error, steps, definition, idempotency_key, create_time, start_time, end_time"
@@ -38,20 +39,14 @@ def _definition(workflow: Workflow) -> str:
     return json_format.MessageToJson(body, indent=None)
 
 
-def _ts(value: dt.datetime | str | None) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    return dt.datetime.fromisoformat(value)
-
-
 def _to_workflow(row: Row) -> Workflow:
     workflow = json_format.Parse(row["definition"], Workflow())
     workflow.id = row["id"]
     workflow.name = row["name"]
     workflow.description = row["description"]
     workflow.etag = str(row["revision"])
-    workflow.create_time.FromDatetime(_ts(row["create_time"]))
-    workflow.update_time.FromDatetime(_ts(row["update_time"]))
+    workflow.create_time.FromDatetime(as_datetime(row["create_time"]))
+    workflow.update_time.FromDatetime(as_datetime(row["update_time"]))
     return workflow
 
 
@@ -59,7 +54,7 @@ def to_execution(row: Row) -> Execution:
     execution = Execution(
         id=row["id"],
         workflow_id=row["workflow_id"],
-        status=Execution.Status.Value(row["status"]),
+        status=row["status"],
         error=row["error"],
         idempotency_key=row["idempotency_key"] or "",
     )
@@ -69,7 +64,7 @@ def to_execution(row: Row) -> Execution:
         json_format.ParseDict(step, execution.steps.add())
     for name in ("create_time", "start_time", "end_time"):
         if row[name] is not None:
-            getattr(execution, name).FromDatetime(_ts(row[name]))
+            getattr(execution, name).FromDatetime(as_datetime(row[name]))
     return execution
 
 
@@ -168,13 +163,10 @@ class ExecutionRepository:
         )
         return None if row is None else to_execution(row)
 
-    async def definition(self, execution_id: str) -> Workflow | None:
-        value = await self.db.fetchval("SELECT definition FROM workflow_executions WHERE id = $1", execution_id)
-        return None if value is None else json_format.Parse(value, Workflow())
-
     async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:
         """Newest first; `before` is the (create_time, id) the previous page ended on."""
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if workflow_id:
             args.append(workflow_id)
             clauses.append(f"workflow_id = ${len(args)}")
@@ -205,14 +197,14 @@ class ExecutionRepository:
         status = Execution.Status.Name(execution.status)
         changed = await self.db.execute(
             "UPDATE workflow_executions SET status = $2, steps = $3, output = $4, error = $5,"
-            " start_time = $6, end_time = $7 WHERE id = $1 AND (status IN ('PENDING', 'RUNNING') OR status = $2)",
+            f" start_time = $6, end_time = $7 WHERE id = $1 AND ({_ACTIVE} OR status = $2)",
             execution.id,
             status,
             steps_json(execution.steps),
             json_format.MessageToJson(execution.output, indent=None),
             execution.error,
-            execution.start_time.ToDatetime(dt.timezone.utc) if execution.HasField("start_time") else None,
-            execution.end_time.ToDatetime(dt.timezone.utc) if execution.HasField("end_time") else None,
+            execution.start_time.ToDatetime(dt.UTC) if execution.HasField("start_time") else None,
+            execution.end_time.ToDatetime(dt.UTC) if execution.HasField("end_time") else None,
         )
         return changed > 0
 
@@ -221,7 +213,7 @@ class ExecutionRepository:
         async with self.db.transaction() as tx:
             row = await tx.fetchrow(
                 "UPDATE workflow_executions SET status = $2, error = $3, end_time = $4"
-                f" WHERE id = $1 AND status IN ('PENDING', 'RUNNING') RETURNING {_EXECUTION_COLUMNS}",
+                f" WHERE id = $1 AND {_ACTIVE} RETURNING {_EXECUTION_COLUMNS}",
                 execution_id,
                 status,
                 error,
@@ -232,24 +224,24 @@ class ExecutionRepository:
     async def renew_leases(self, owner: str, until: dt.datetime) -> None:
         """Extends the leases of every active execution this owner runs: one statement."""
         await self.db.execute(
-            "UPDATE workflow_executions SET lease_expires_at = $2 WHERE owner = $1 AND status IN ('PENDING', 'RUNNING')",
+            f"UPDATE workflow_executions SET lease_expires_at = $2 WHERE owner = $1 AND {_ACTIVE}",
             owner,
             until,
         )
 
-    async def reap_expired(self, now: dt.datetime, reason: str) -> list[Execution]:
+    async def reap_expired(self, now: dt.datetime, reason: str) -> builtins.list[Execution]:
         """Fails the active executions whose runner stopped renewing its lease."""
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 "UPDATE workflow_executions SET status = 'FAILED', error = $2, end_time = $1"
-                " WHERE status IN ('PENDING', 'RUNNING') AND lease_expires_at < $1"
+                f" WHERE {_ACTIVE} AND lease_expires_at < $1"
                 f" RETURNING {_EXECUTION_COLUMNS}",
                 now,
                 reason,
             )
         return [to_execution(row) for row in rows]
 
-    async def cancelled_among(self, ids: Sequence[str]) -> list[str]:
+    async def cancelled_among(self, ids: Sequence[str]) -> builtins.list[str]:
         """Which of these executions were cancelled through another replica."""
         if not ids:
             return []

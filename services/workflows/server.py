@@ -6,14 +6,13 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-
 from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
-from services.common.cache.client import CacheClient
 from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import build_guard, build_limiter
+from services.common.cache.client import CacheClient
 from services.common.channels import service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database

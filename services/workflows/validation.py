@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from google.protobuf import json_format
-
 from devops_hub.v1 import agents_pb2, workflows_pb2
+from google.protobuf import json_format
 
 from services.workflows import references
 

@@ -55,9 +55,14 @@ def entry_violations(key: str, value: bytes, content_type: str, max_value_bytes:
 class Value(Protocol):
     """What a hit carries. A negative entry is a cached "not found" (empty value)."""
 
-    value: bytes
-    content_type: str
-    negative: bool
+    @property
+    def value(self) -> bytes: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+    @property
+    def negative(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

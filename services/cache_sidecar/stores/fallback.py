@@ -45,7 +45,6 @@ from typing import Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from services.common.cache.keys import escape_key
 from services.cache_sidecar.stores.base import (
     REDIS_TOKEN_BIT,
     Lookup,
@@ -57,6 +56,7 @@ from services.cache_sidecar.stores.base import (
 from services.cache_sidecar.stores.memory import MemoryBackend
 from services.cache_sidecar.stores.position import SyncState
 from services.cache_sidecar.stores.redis import RedisStore
+from services.common.cache.keys import escape_key
 
 log = logging.getLogger(__name__)
 

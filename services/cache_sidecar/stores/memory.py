@@ -26,7 +26,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from services.common.cache.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
 from services.cache_sidecar.stores.base import (
     EVICTION_REASONS,
     HitCounter,
@@ -38,6 +37,7 @@ from services.cache_sidecar.stores.base import (
     jittered,
 )
 from services.cache_sidecar.stores.position import SyncPosition, SyncState
+from services.common.cache.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
 from services.common.errors import invalid_fields
 
 # Invalidation records kept for fill-token checks; older tokens are refused.

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from services.common.cache.keys import MAX_VALUE_BYTES, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.cache_sidecar.stores import redis_position as position_scripts
 from services.cache_sidecar.stores.base import (
     REDIS_TOKEN_BIT,
     Found,
@@ -45,9 +45,9 @@ from services.cache_sidecar.stores.base import (
     entry_violations,
     jittered,
 )
-from services.cache_sidecar.stores import redis_position as position_scripts
 from services.cache_sidecar.stores.position import FRESH, SyncState, position_behind
 from services.cache_sidecar.stores.redis_layout import KeyLayout, parse_record, value_body
+from services.common.cache.keys import MAX_VALUE_BYTES, escape_key, namespace_of, parse_pattern, prefix_levels
 from services.common.errors import invalid_fields
 
 # How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.

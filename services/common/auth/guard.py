@@ -14,7 +14,6 @@ import math
 from collections.abc import Mapping
 
 import grpc
-
 from devops_hub.v1 import options_pb2
 
 from services.common.auth.keys import same_key
@@ -82,7 +81,7 @@ class AccessGuard:
         required = self._required.get(method)
         if required is None:
             return ()  # health and reflection: open to probes and tools
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         bucket = await self._authorise(method, required, metadata, context)
         if bucket is None:
             return ()

@@ -103,9 +103,6 @@ class RateLimiter:
             )
             self._script = self._redis.register_script(_SCRIPT)
 
-    def enabled(self, kind: str) -> bool:
-        return kind in self._policies
-
     async def take(self, bucket: str, kind: str) -> Decision | None:
         """Takes one token from `bucket` under the `kind` policy; None when unlimited."""
         policy = self._policies.get(kind)

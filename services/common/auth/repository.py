@@ -5,20 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
 from services.common.db import Database, UniqueViolation
-from services.common.db.database import Row
+from services.common.db.database import Row, as_datetime
 
 ApiKey = auth_pb2.ApiKey
 _COLUMNS = "id, name, prefix, scopes, create_time, expire_time, revoke_time, last_used_time"
-
-
-def _ts(value: dt.datetime | str | None) -> dt.datetime | None:
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    return dt.datetime.fromisoformat(value)
 
 
 def to_api_key(row: Row) -> ApiKey:
@@ -26,11 +21,11 @@ def to_api_key(row: Row) -> ApiKey:
         id=row["id"],
         name=row["name"],
         prefix=row["prefix"],
-        scopes=[options_pb2.Scope.Value(name) for name in json.loads(row["scopes"])],
+        scopes=json.loads(row["scopes"]),
     )
     for name in ("create_time", "expire_time", "revoke_time", "last_used_time"):
         if row[name] is not None:
-            getattr(api_key, name).FromDatetime(_ts(row[name]))
+            getattr(api_key, name).FromDatetime(as_datetime(row[name]))
     return api_key
 
 
@@ -40,7 +35,7 @@ class ApiKeyRepository:
 
     async def insert(self, api_key: ApiKey, key_hash: str, now: dt.datetime) -> ApiKey | None:
         """Stores a key; None when a key with this hash exists already."""
-        expire = api_key.expire_time.ToDatetime(dt.timezone.utc) if api_key.HasField("expire_time") else None
+        expire = api_key.expire_time.ToDatetime(dt.UTC) if api_key.HasField("expire_time") else None
         try:
             async with self.db.transaction() as tx:
                 row = await tx.fetchrow(
@@ -63,7 +58,8 @@ class ApiKeyRepository:
         return None if row is None else to_api_key(row)
 
     async def list(self, show_revoked: bool, after_id: str | None, limit: int) -> list[ApiKey]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if not show_revoked:
             clauses.append("revoke_time IS NULL")
         if after_id is not None:

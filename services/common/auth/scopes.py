@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from google.protobuf.descriptor import ServiceDescriptor
-
 from devops_hub.v1 import options_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 
 from services.common.api import discover_services
 
 Scope = options_pb2.Scope
 
 # What holding a scope grants besides itself.
-_IMPLIES = {Scope.SCOPE_ADMIN: {Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE}}
+_IMPLIES: dict[int, set[int]] = {Scope.SCOPE_ADMIN: {Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE}}
 
 
 def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
@@ -25,7 +24,7 @@ def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict
     table = {}
     for service in discover_services() if services is None else services:
         for method in service.methods:
-            scope = method.GetOptions().Extensions[options_pb2.required_scope]
+            scope: int = method.GetOptions().Extensions[options_pb2.required_scope]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
             table[f"/{service.full_name}/{method.name}"] = scope or Scope.SCOPE_ADMIN
     return table
 

@@ -20,15 +20,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 import grpc
-from google.protobuf import empty_pb2
-
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc
+from google.protobuf import empty_pb2
 
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
 from services.common.background import spawn
-from services.common.errors import Unavailable
 from services.common.channels import open_channel
+from services.common.clock import utc_now
+from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class KeyVerifier(Protocol):
 def usable(api_key: ApiKey | None, now: dt.datetime) -> ApiKey | None:
     if api_key is None or api_key.HasField("revoke_time"):
         return None
-    if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.timezone.utc) <= now:
+    if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= now:
         return None
     return api_key
 
@@ -88,7 +88,7 @@ class _CachedVerifier(abc.ABC):
         if not found:
             api_key = await self._fetch(key, key_hash)
             self._cache.put(key_hash, api_key)
-        api_key = usable(api_key, dt.datetime.now(dt.timezone.utc))
+        api_key = usable(api_key, utc_now())
         if api_key is not None:
             self._used(api_key)
         return api_key
@@ -97,7 +97,7 @@ class _CachedVerifier(abc.ABC):
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         """The key's record from where it is kept, or None when it is unknown."""
 
-    def _used(self, api_key: ApiKey) -> None:
+    def _used(self, api_key: ApiKey) -> None:  # noqa: B027 - a hook that subclasses may leave as it is
         """Called for every call a valid key makes."""
 
 
@@ -109,7 +109,7 @@ class DatabaseVerifier(_CachedVerifier):
         self._repository = repository
         self._touched: dict[str, float] = {}
         self._to_touch: set[str] = set()
-        self._toucher: asyncio.Task | None = None
+        self._toucher: asyncio.Task[None] | None = None
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         return await self._repository.by_hash(key_hash)
@@ -127,7 +127,7 @@ class DatabaseVerifier(_CachedVerifier):
         await asyncio.sleep(1.0)  # gather the keys used in the same second into one write
         batch, self._to_touch = sorted(self._to_touch), set()
         try:
-            await self._repository.touch(batch, dt.datetime.now(dt.timezone.utc))
+            await self._repository.touch(batch, utc_now())
         except Exception:  # noqa: BLE001 - last_used_time is informative; a miss is tolerable
             log.warning("could not record the use of %d API key(s)", len(batch), exc_info=True)
 
@@ -147,7 +147,8 @@ class RemoteVerifier(_CachedVerifier):
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         try:
-            return await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            api_key: ApiKey = await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            return api_key
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 return None

@@ -111,7 +111,7 @@ def codec_for(annotation: Any) -> Codec[Any] | None:
     codec= then)."""
     if isinstance(annotation, type):
         if issubclass(annotation, Message):
-            return protobuf_codec(annotation)
+            return protobuf_codec(annotation)  # type: ignore[arg-type]  # message classes hash; the stub says Message.__hash__ is None
         if issubclass(annotation, (bytes, bytearray)):
             return BYTES
         if issubclass(annotation, str):

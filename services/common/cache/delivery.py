@@ -18,8 +18,8 @@ import logging
 from collections.abc import Callable, Sequence
 
 import grpc
-
 from devops_hub.v1 import cache_pb2
+
 from services.common.background import spawn
 from services.common.cache.keys import parse_pattern
 from services.common.cache.transport import SidecarTransport

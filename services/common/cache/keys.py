@@ -42,7 +42,7 @@ def namespace_of(key: str) -> str:
 def prefix_levels(key: str) -> list[str]:
     """The O(1)-invalidatable prefixes of a key, shortest first:
     "agents:get:1" → ["agents:", "agents:get:"]."""
-    levels = []
+    levels: list[str] = []
     position = key.find(":")
     while position >= 0 and len(levels) < MAX_PREFIX_DEPTH:
         levels.append(key[: position + 1])
@@ -107,10 +107,11 @@ def parse_pattern(pattern: str) -> GlobPattern:
     """Parses once per distinct pattern: services invalidate the same few patterns."""
     positions = [i for i in (pattern.find(c) for c in _GLOB_CHARS) if i >= 0]
     if not positions:
-        return GlobPattern(pattern, "exact", pattern, pattern.__eq__)
+        return GlobPattern(pattern, "exact", pattern, lambda key: key == pattern)
     first = min(positions)
     literal = pattern[:first]
     if first == len(pattern) - 1 and pattern[first] == "*":
         return GlobPattern(pattern, "prefix", literal, lambda key: key.startswith(literal))
     # fnmatchcase semantics: no case folding, '*' crosses ':' like any other character.
-    return GlobPattern(pattern, "glob", literal, re.compile(fnmatch.translate(pattern)).match)
+    search = re.compile(fnmatch.translate(pattern)).match
+    return GlobPattern(pattern, "glob", literal, lambda key: search(key) is not None)

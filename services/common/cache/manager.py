@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 import grpc
-
 from devops_hub.v1 import cache_pb2
+
 from services.common.cache.client import CacheClient
 from services.common.cache.codecs import JSON, Codec
 from services.common.settings import Settings
@@ -60,7 +60,7 @@ class CacheManager:
         self.codec = codec
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "CacheManager":
+    def from_settings(cls, settings: Settings) -> CacheManager:
         """Refuses, at once, settings with access control on and no SERVICE_API_KEY."""
         if settings.auth_enabled and not settings.service_api_key:
             raise CacheCredentialsError(
@@ -69,11 +69,11 @@ class CacheManager:
             )
         return cls(CacheClient.from_settings(settings), default_ttl=settings.cache_default_ttl)
 
-    def __await__(self) -> Generator[Any, None, "CacheManager"]:
+    def __await__(self) -> Generator[Any, None, CacheManager]:
         """`cache = await get_cache_manager()`: connected, with its key checked."""
         return self._ready().__await__()
 
-    async def _ready(self) -> "CacheManager":
+    async def _ready(self) -> CacheManager:
         await self.client.connect()
         _, code = await self.client.probe()
         if code in _REFUSED:
@@ -135,7 +135,7 @@ class CacheManager:
     async def close(self) -> None:
         await self.client.close()
 
-    async def __aenter__(self) -> "CacheManager":
+    async def __aenter__(self) -> CacheManager:
         await self.client.connect()
         return self
 

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import grpc
+from devops_hub.v1 import cache_pb2
 
 from services.common.background import spawn
 from services.common.cache.near_cache import NearCache
@@ -50,7 +52,7 @@ class NearCacheFeed:
         self._prefixes = list(prefixes)
         self._liveness = liveness
         self._task: asyncio.Task[None] | None = None
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._call: grpc.aio.UnaryStreamCall[cache_pb2.CacheWatchRequest, cache_pb2.CacheInvalidation] | None = None
 
     def start(self) -> None:
         if self._task is None and not self._transport.closed:
@@ -89,12 +91,13 @@ class NearCacheFeed:
             delay = WATCH_RETRY_INITIAL if went_live else min(delay * 2, WATCH_RETRY_MAX)
             await asyncio.sleep(delay)
 
-    async def _follow(self, call: grpc.aio.UnaryStreamCall) -> None:
+    async def _follow(self, call: grpc.aio.UnaryStreamCall[cache_pb2.CacheWatchRequest, cache_pb2.CacheInvalidation]) -> None:
         expected = 1
         while True:
-            message = await asyncio.wait_for(call.read(), self._liveness)
-            if message is grpc.aio.EOF:
+            read = await asyncio.wait_for(call.read(), self._liveness)
+            if read is grpc.aio.EOF:
                 return
+            message = cast(cache_pb2.CacheInvalidation, read)
             if message.sequence != expected:
                 raise StreamGap(f"message {message.sequence} arrived where {expected} was due")
             expected += 1

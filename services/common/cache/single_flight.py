@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Hashable
+import functools
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, TypeVar
 
 from services.common.cache.history import InvalidationHistory
@@ -35,7 +36,7 @@ class SingleFlight:
         return len(self._flights)
 
     async def run(
-        self, flight: Hashable, key: str, load: Callable[[int], Awaitable[T]], *, join: bool = True
+        self, flight: Hashable, key: str, load: Callable[[int], Coroutine[Any, Any, T]], *, join: bool = True
     ) -> T:
         """load(since)'s result, shared with the callers of the same flight; `since`
         is the history snapshot taken when the load began. join=False always starts a
@@ -48,10 +49,10 @@ class SingleFlight:
             task = asyncio.create_task(load(since))
             current = _Flight(task, since)
             self._flights[flight] = current
-            task.add_done_callback(lambda done, flight=flight, mine=current: self._landed(flight, mine))
+            task.add_done_callback(functools.partial(self._landed, flight, current))
         return await asyncio.shield(task)
 
-    def _landed(self, flight: Hashable, mine: _Flight) -> None:
+    def _landed(self, flight: Hashable, mine: _Flight, _done: asyncio.Task[Any]) -> None:
         if self._flights.get(flight) is mine:
             del self._flights[flight]
         # Mark the exception retrieved: if every waiter was cancelled, nobody else will.

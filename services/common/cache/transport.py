@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf.message import Message
 
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.common.channels import open_channel
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,17 @@ What truly differs between the engines (bulk inserts) is asked of `dialect`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
-Row = Mapping[str, Any]
+# An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
+Row = Any
+
+
+def as_datetime(value: dt.datetime | str) -> dt.datetime:
+    """A timestamp column's value: asyncpg returns datetimes, SQLite keeps ISO-8601 text."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
 
 
 class UniqueViolation(Exception):

@@ -21,7 +21,6 @@ from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolStats, service_metrics
 
 
-
 class _PoolRefillNoise(logging.Filter):
     """asyncpg logs a traceback each time it fails to refill the pool, several a
     second while the server is away; the outage has its one line (services.common.outages)."""
@@ -34,7 +33,7 @@ logging.getLogger("asyncpg.pool").addFilter(_PoolRefillNoise())
 
 
 class _PgExecutor(Executor):
-    def __init__(self, conn: asyncpg.Connection, owner: "PostgresDatabase") -> None:
+    def __init__(self, conn: asyncpg.Connection, owner: PostgresDatabase) -> None:
         self._conn = conn
         self._owner = owner
 
@@ -67,7 +66,7 @@ class PostgresDatabase(Database):
         service_metrics().pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int, max_size: int) -> "PostgresDatabase":
+    async def open(cls, url: str, *, min_size: int, max_size: int) -> PostgresDatabase:
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
@@ -122,9 +121,9 @@ class _Connection:
 
     def __init__(self, db: PostgresDatabase) -> None:
         self._db = db
-        self._conn: asyncpg.Connection | None = None
+        self._conn: Any = None  # the pool's proxy for the connection, while it is held
 
-    async def __aenter__(self) -> asyncpg.Connection:
+    async def __aenter__(self) -> Any:
         db = self._db
         db._acquiring += 1
         try:

@@ -18,7 +18,7 @@ import json
 import pathlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -49,7 +49,7 @@ def _adapt(args: Sequence[Any]) -> list[Any]:
 
 
 class _SqliteExecutor(Executor):
-    def __init__(self, conn: aiosqlite.Connection, owner: "SqliteDatabase") -> None:
+    def __init__(self, conn: aiosqlite.Connection, owner: SqliteDatabase) -> None:
         self._conn = conn
         self._owner = owner
 
@@ -100,7 +100,7 @@ class SqliteDatabase(Database):
         service_metrics().pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, readers: int) -> "SqliteDatabase":
+    async def open(cls, url: str, *, readers: int) -> SqliteDatabase:
         path = url.removeprefix("sqlite://")
         # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
         path = path[1:] if path.startswith("/") else path
@@ -184,7 +184,7 @@ class SqliteDatabase(Database):
             await conn.close()
 
 
-async def _to_the_end(operation) -> None:
+async def _to_the_end(operation: Awaitable[Any]) -> None:
     """Awaits a statement that must complete even if the caller is cancelled meanwhile.
 
     The statement runs in aiosqlite's thread whatever happens to the awaiting task, so

@@ -39,7 +39,7 @@ class Telemetry:
     endpoint: MetricsEndpoint | None = None
 
     @classmethod
-    def start(cls, settings: Settings, service: str, *, log_stream: TextIO | None = None) -> "Telemetry":
+    def start(cls, settings: Settings, service: str, *, log_stream: TextIO | None = None) -> Telemetry:
         """Logging, tracing and profiling for this process, as settings say."""
         logs.configure(settings, service, log_stream)
         # No `_created` series beside every counter and histogram: they double what a

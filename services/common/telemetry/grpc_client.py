@@ -28,7 +28,7 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
     def __init__(self, tracer: trace.Tracer, target: str) -> None:
         self._tracer = tracer
         host, _, port = target.rpartition(":")
-        self._address = {"server.address": host.strip("[]") or target}
+        self._address: dict[str, str | int] = {"server.address": host.strip("[]") or target}
         if port.isdigit():
             self._address["server.port"] = int(port)
 
@@ -77,7 +77,7 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *carrier.items())
-        return details._replace(metadata=metadata)
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple at run time
 
 
 def _end(span: trace.Span, code: grpc.StatusCode) -> None:

@@ -35,8 +35,9 @@ class RequestContextFilter(logging.Filter):
     """Puts request_id, trace_id and span_id on every record (None outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = context.request_id()
-        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
+        request_id = context.request_id()
+        record.request_id = request_id  # type: ignore[attr-defined]  # the formatter reads it
+        record.request_tag = f" [{request_id}]" if request_id else ""  # type: ignore[attr-defined]
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             record.trace_id = format(span.trace_id, "032x")
@@ -53,7 +54,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -124,7 +124,7 @@ class GrpcServerMetrics:
         )
         self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
 
-    def method(self, service: str, method: str, kind: str) -> "MethodMetrics":
+    def method(self, service: str, method: str, kind: str) -> MethodMetrics:
         labels = (service, method, kind)
         metrics = self._methods.get(labels)
         if metrics is None:

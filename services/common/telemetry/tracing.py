@@ -20,7 +20,8 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 INSTRUMENTATION_NAME = "devops_hub"
 PROTOCOLS = ("grpc", "http/protobuf")
 
-_NO_SPAN: ContextManager[None] = contextlib.nullcontext()
+_NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
 _tracer: trace.Tracer | None = None
 _provider: TracerProvider | None = None
 
@@ -116,7 +117,7 @@ def _db_span_name(sql: str) -> str:
     return f"{operation} {target.group(1)}" if target else operation
 
 
-def db_span(system: str, sql: str) -> ContextManager[Any]:
+def db_span(system: str, sql: str) -> AbstractContextManager[Any]:
     """A CLIENT span around one statement (its SQL, never its arguments); a shared no-op
     when tracing is off."""
     current = _tracer
