@@ -42,6 +42,7 @@ from devops_hub.v1 import cache_pb2
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.common.cache.delivery import InvalidationDelivery
 from services.common.freshness import fresh_reads_requested
+from services.common.surrogate_keys import note_read
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
@@ -154,7 +155,9 @@ class CacheClient:
             raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
         self._start()
         fresh = fresh_reads_requested()
-        if not fresh and not self._delivery.bypassed(key):
+        bypassed = self._delivery.bypassed(key)
+        note_read(key, cached=not (fresh or bypassed))
+        if not fresh and not bypassed:
             found, value = self._near_hit(key, codec)
             if found and (value is not None or cache_none):
                 self.hits += 1
