@@ -4,9 +4,10 @@ While a cacheable call runs (the call wrapper start()s it), every read through
 the cache client (CacheClient.load) notes its key here. The answer then carries them
 as `surrogate-key` trailing metadata beside its `cache-control`, so a cache
 downstream (the gateway's edge cache) knows which invalidations must drop it, as CDNs
-purge by Surrogate-Key. A read that bypassed the cache (no-cache, or a key whose
-invalidation is still pending) spoils the call: its answer says no keys, and nobody
-downstream may cache it.
+purge by Surrogate-Key. A read under no-cache counts (it refills the cache, and
+the key's invalidations follow); a read that bypassed the cache because the key's
+invalidation is still pending spoils the call: its answer says no keys, and nobody
+downstream may keep it.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ class CacheClient:
         self._start()
         fresh = fresh_reads_requested()
         bypassed = self._delivery.bypassed(key)
-        note_read(key, cached=not (fresh or bypassed))
+        note_read(key, cached=not bypassed)
         if not fresh and not bypassed:
             found, value = self._near_hit(key, codec)
             if found and (value is not None or cache_none):
