@@ -241,17 +241,22 @@ def same_refusal(edge: httpx.Response, service: httpx.Response) -> None:
     assert reasons[0] == reasons[1]
 
 
+async def held_for_a_reader(http: httpx.AsyncClient, keys_stub, agent_id: str):
+    """A new agent, a new read key, and the agent's answer held by the edge for it."""
+    created = await http.post("/api/agents", json={"id": agent_id, "name": "E", "domain": "ci"}, headers={"x-api-key": ADMIN_KEY})
+    assert created.status_code == 200, created.text
+    reader = await new_key(keys_stub, READ)
+    as_reader = {"x-api-key": reader.key}
+    return reader, as_reader, await hot(http, f"/api/agents/{agent_id}", headers=as_reader)
+
+
 async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url):
     async with secured_stack(sqlite_url, 10_000) as (stack, http, keys_stub):
         await _keys_get_what_the_service_answers(http, keys_stub)
 
 
 async def _keys_get_what_the_service_answers(http: httpx.AsyncClient, keys_stub) -> None:
-    admin = {"x-api-key": ADMIN_KEY}
-    await http.post("/api/agents", json={"id": "e5", "name": "Five", "domain": "ci"}, headers=admin)
-    reader = await new_key(keys_stub, READ)
-    as_reader = {"x-api-key": reader.key}
-    held = await hot(http, "/api/agents/e5", headers=as_reader)
+    reader, as_reader, held = await held_for_a_reader(http, keys_stub, "e5")
     assert held.status_code == 200 and held.headers["x-ratelimit-limit"] == "10000"
 
     calls = handled("GetAgent")
@@ -280,11 +285,7 @@ async def test_the_edge_takes_from_the_same_rate_limit_bucket_as_the_service(sql
 
 
 async def _over_the_limit(http: httpx.AsyncClient, keys_stub) -> None:
-    admin = {"x-api-key": ADMIN_KEY}
-    await http.post("/api/agents", json={"id": "e6", "name": "Six", "domain": "ci"}, headers=admin)
-    reader = await new_key(keys_stub, READ)
-    as_reader = {"x-api-key": reader.key}
-    held = await hot(http, "/api/agents/e6", headers=as_reader)
+    _, as_reader, held = await held_for_a_reader(http, keys_stub, "e6")
     left = int(held.headers["x-ratelimit-remaining"])
     calls = handled("GetAgent")
     answers = [await http.get("/api/agents/e6", headers=as_reader) for _ in range(left + 1)]
