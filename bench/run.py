@@ -6,8 +6,10 @@ serve the very answers the stack gave. Then, in alternating rounds so that machi
 noise hits every side alike:
 
 - the performance guide's test, `hey -n 10000 -c 100`, on GET /api/agents and
-  GET /api/agents/{id}: the hub's gateway, a bare HTTP -> gRPC hop, and a bare
-  uvicorn handler returning constant bytes (the floor of any HTTP front);
+  GET /api/agents/{id}: the hub through a second gateway with the edge cache on (its
+  limits in Redis, BENCH_REDIS_URL), the hub through the launcher's gateway (edge
+  cache off: limits in memory), a bare HTTP -> gRPC hop, and a bare uvicorn handler
+  returning constant bytes (the floor of any HTTP front);
 - a hot gRPC GetAgent, straight to the agents service, against a bare grpc.aio
   servicer (h2load with gRPC framing; both on uvloop).
 

@@ -22,8 +22,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.backends import ChannelPool
-from gateway.edge import Edge
 from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
+from gateway.edge import Edge
 from gateway.errors import (
     GatewayError,
     bad_request,

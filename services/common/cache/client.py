@@ -42,13 +42,13 @@ from devops_hub.v1 import cache_pb2
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.common.cache.delivery import InvalidationDelivery
 from services.common.freshness import fresh_reads_requested
-from services.common.surrogate_keys import note_read
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
 from services.common.cache.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
 from services.common.cache.single_flight import SingleFlight
 from services.common.cache.transport import SidecarTransport
+from services.common.surrogate_keys import note_read
 from services.common.settings import Settings
 
 M = TypeVar("M", bound=Message)
