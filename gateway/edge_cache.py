@@ -16,6 +16,11 @@ the stream is live). A fill takes a snapshot of the invalidation history before 
 backend call and is refused if one of its keys was invalidated since (history.py).
 A write through this gateway clears it, so that whoever wrote reads what they wrote
 without waiting for the stream's message.
+
+It mirrors the near-cache's life cycle (live while fed, cleared on either change, an
+LRU bounded by entries and bytes) but not its keys: a near-cache entry is dropped by
+patterns matching its own key, an edge entry by patterns matching any of its
+surrogate keys, hence an index from surrogate key to entries.
 """
 
 from __future__ import annotations
