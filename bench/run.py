@@ -6,8 +6,10 @@ serve the very answers the stack gave. Then, in alternating rounds so that machi
 noise hits every side alike:
 
 - the performance guide's test, `hey -n 10000 -c 100`, on GET /api/agents and
-  GET /api/agents/{id}: the hub's gateway, a bare HTTP -> gRPC hop, and a bare
-  uvicorn handler returning constant bytes (the floor of any HTTP front);
+  GET /api/agents/{id}: the hub through a second gateway with the edge cache on (its
+  limits in Redis, BENCH_REDIS_URL), the hub through the launcher's gateway (edge
+  cache off: limits in memory), a bare HTTP -> gRPC hop, and a bare uvicorn handler
+  returning constant bytes (the floor of any HTTP front);
 - a hot gRPC GetAgent, straight to the agents service, against a bare grpc.aio
   servicer (h2load with gRPC framing; both on uvloop).
 
@@ -107,6 +109,8 @@ def started_stack(directory: Path) -> Iterator[Stack]:
         LOG_LEVEL="WARNING",
         # Otherwise as `make run`: anonymous reads, key checks and the default limits.
         BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        # Set here (the launcher would make one) so the bench's own gateway has it too.
+        SERVICE_API_KEY=keys.new_key(),
         AGENTS_METRICS_PORT="0",
         WORKFLOWS_METRICS_PORT="0",
         CACHE_METRICS_PORT="0",
@@ -202,6 +206,23 @@ def row(name: str, m: Measured) -> str:
 
 def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
+
+
+def edge_gateway(env: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    """A second gateway on the stack's services with the edge cache on: its rate
+    limits shared in Redis (BENCH_REDIS_URL, default the local one) as the edge cache
+    requires, or, without a Redis, its limits off (the services keep theirs)."""
+    port = free_port()
+    edge_env = dict(env, GATEWAY_PORT=str(port), GATEWAY_EDGE_CACHE_SIZE="1024")
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    host, _, rest = redis_url.removeprefix("redis://").partition(":")
+    try:
+        socket.create_connection((host, int(rest.partition("/")[0] or 6379)), timeout=1).close()
+    except OSError:
+        edge_env.update(RATE_LIMIT_REQUESTS="0", RATE_LIMIT_EXECUTE_REQUESTS="0")
+        return port, edge_env, "the gateway's limits off: no Redis"
+    edge_env.update(REDIS_URL=redis_url, REDIS_KEY_PREFIX=f"dhbench:{os.getpid()}:")
+    return port, edge_env, "limits in Redis"
 
 
 def write_answers(gateway: str, agents_addr: str, directory: Path) -> None:
@@ -325,6 +346,15 @@ def run_bench(
         processes.append(started[name])
         wait_port(ports[name])
     hub_pids = stack.pids
+    edge_port, edge_env, edge_label = edge_gateway(env)
+    started["edge"] = start([sys.executable, "-m", "gateway"], edge_env)
+    processes.append(started["edge"])
+    wait_port(edge_port, timeout=120)
+    edge_url = f"http://127.0.0.1:{edge_port}"
+    # The launcher's gateway has the edge cache off (limits kept in memory, no
+    # REDIS_URL); the other side swaps it for the gateway that has it on.
+    launched_gateway = process_named(hub_pids, "gateway")
+    edge_pids = [pid for pid in hub_pids if pid != launched_gateway] + [started["edge"].pid]
 
     def hub() -> list[int]:
         return hub_pids
@@ -339,7 +369,8 @@ def run_bench(
     else:
         for path in ("/api/agents", f"/api/agents/{AGENT_ID}"):
             sides = [
-                Side("DevOps Hub", f"{gateway}{path}", hub),
+                Side(f"DevOps Hub, edge cache ({edge_label})", f"{edge_url}{path}", lambda: edge_pids),
+                Side("DevOps Hub, edge cache off", f"{gateway}{path}", hub),
                 Side("bare HTTP -> gRPC hop", f"http://127.0.0.1:{ports['bare_http']}{path}",
                      lambda: [started["bare_http"].pid, started["bare_grpc"].pid]),
                 Side("bare uvicorn constant JSON", f"http://127.0.0.1:{ports['bare_json']}{path}",
@@ -355,7 +386,7 @@ def run_bench(
             for side, result in zip(sides, results):
                 print(row(f"{title}: {side.name}", result))
             http_results[path] = results
-            breakdowns.append((title, results[0]))
+            breakdowns.extend((f"{title}: {side.name}", result) for side, result in zip(sides[:2], results))
     grpc_results: list[Measured] = []
     if no_h2load:
         print(f"| gRPC rows skipped: {no_h2load} | | | | | | | |")
@@ -386,7 +417,7 @@ def run_bench(
 
     print("\n| target | measured | target | |")
     print("|---|---|---|---|")
-    for path, (ours, hop, floor) in http_results.items():
+    for path, (ours, _, hop, floor) in http_results.items():
         print(f"| GET {path}: CPU per request, every hub process | {ours.cpu_ms:.3f} ms | ≤ {CPU_TARGET_MS:.2f} ms "
               f"| {verdict(ours.cpu_ms <= CPU_TARGET_MS)} |")
         ratio = ours.figures.rps / floor.figures.rps

@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
+from gateway.edge import Edge
 from gateway.errors import HTTP_STATUS, http_exception_handler, unhandled_error_handler
 from gateway.front import GatewayFront
 from gateway.hardening import cors_options
@@ -53,11 +54,13 @@ def create_app(
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
     pool = ChannelPool(addresses, settings.grpc_connections)
+    edge = Edge.from_settings(settings)
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,
         max_json_depth=settings.max_json_depth,
         trusted_proxies=settings.gateway_trusted_proxies,
+        edge=edge,
     )
     health = HealthChecker(addresses)
     metrics = HttpMetrics(registry)
@@ -84,9 +87,13 @@ def create_app(
         pool.open()
         rest.bind(pool)
         health.bind(pool)
+        if edge is not None:
+            edge.open()
         try:
             yield
         finally:
+            if edge is not None:
+                await edge.close()
             await pool.close(grace=settings.shutdown_grace)
 
     cors = cors_options(settings.cors_origins)

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.backends import ChannelPool
 from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
+from gateway.edge import Edge
 from gateway.errors import (
     GatewayError,
     bad_request,
@@ -78,6 +79,7 @@ class RestGateway:
         max_body_bytes: int = MAX_MESSAGE_BYTES,
         max_json_depth: int = DEFAULT_MAX_DEPTH,
         trusted_proxies: str = "",
+        edge: Edge | None = None,
     ) -> None:
         index = FieldIndex(route.method.input_type for route in routes)
         self._handlers = [
@@ -87,6 +89,7 @@ class RestGateway:
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
+        self._edge = edge
 
     def bind(self, pool: ChannelPool) -> None:
         """One multicallable per (backend, RPC), shared by every binding of that RPC."""
@@ -130,13 +133,23 @@ class RestGateway:
             if handler.route.resume is not None:
                 _resume_from_last_event_id(message, handler.route.resume[0], scope)
             metadata, if_none_match = _metadata(scope)
-            metadata = (*metadata, ("x-forwarded-for", client_address(scope, self._proxies)))
+            client = client_address(scope, self._proxies)
+            metadata = (*metadata, ("x-forwarded-for", client))
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
         if handler.route.server_streaming:
             await self._stream(handler, message, metadata, scope, receive, send)
             return
+        edge = self._edge
+        if edge is not None and handler.conditional:
+            edge_key = (path, scope["query_string"])
+            if NO_CACHE_METADATA not in metadata:
+                held = await edge.serve(handler.route.grpc_path, edge_key, dict(metadata), client, if_none_match)
+                if held is not None:
+                    await held(scope, receive, send)
+                    return
+            since = edge.cache.snapshot()
         call = handler.call(message, timeout=self._timeout, metadata=metadata)
         try:
             reply = await call
@@ -146,6 +159,13 @@ class RestGateway:
         else:
             trailers = await call.trailing_metadata()
             response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
+            if edge is not None and handler.conditional:
+                edge.fill(edge_key, response, trailers, since)
+        if edge is not None and not handler.conditional:
+            # Whoever wrote through this gateway reads their write at once, without
+            # waiting for the stream's message (whether or not the call succeeded:
+            # one that timed out may still have written).
+            edge.cache.clear()
         add_rate_limit_headers(response, trailers)
         await response(scope, receive, send)
 

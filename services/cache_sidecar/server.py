@@ -119,7 +119,7 @@ async def build(
         store = memory_backend
     # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
     # No rate limits: its callers are the services, whose clients were limited already.
-    verifier = RemoteVerifier(settings.agents_addr)
+    verifier = RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key)
     limiter = RateLimiter({})
     host = GrpcHost(
         settings.cache_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from services.common import freshness
+from services.common import freshness, surrogate_keys
 from services.common.errors import grpc_status
 from services.common.outages import PROCESS as OUTAGES
 from services.common.request_checks import check_request, tolerant
@@ -102,13 +102,16 @@ def _honouring_no_cache(behavior: Callable) -> Callable:
 
 
 def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata) -> Callable:
-    """A handler that returns (or writes) its answer: `fresh` goes out with a success."""
+    """A handler that returns (or writes) its answer: `fresh` (a cacheable method's
+    max-age) goes out with a success, with the surrogate keys of its cached reads."""
 
     async def handle(request, context_: grpc.aio.ServicerContext):
         context.bind_call(context_)
         started = time.perf_counter()
         failure = None
         trailers: Metadata = ()
+        # A cacheable answer names the cache keys it was read from (surrogate_keys.py).
+        reads = surrogate_keys.start() if fresh else None
         try:
             if guard is not None:
                 trailers = await guard(method, context_)
@@ -119,11 +122,14 @@ def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard 
             await _abort_if_translatable(context_, exc, method, trailers)
             raise
         else:
-            trailers = (*trailers, *fresh) if fresh else trailers
+            if reads is not None:
+                trailers = (*trailers, *fresh, *surrogate_keys.metadata(reads))
             if trailers:
                 context_.set_trailing_metadata(trailers)
             return reply
         finally:
+            if reads is not None:
+                surrogate_keys.stop(reads)
             stats.observe(outcome(failure, context_), time.perf_counter() - started)
 
     return handle

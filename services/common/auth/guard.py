@@ -11,7 +11,7 @@ or logs: a key is named by its id or its first characters only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from devops_hub.v1 import options_pb2
@@ -19,7 +19,7 @@ from devops_hub.v1 import options_pb2
 from services.common.auth.keys import same_key
 from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
-from services.common.auth.verifier import KeyVerifier
+from services.common.auth.verifier import VOUCHING_HEADER, KeyVerifier
 from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
 from services.common.forwarded import TrustedProxies, client_address
 
@@ -78,11 +78,19 @@ class AccessGuard:
     async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
         """Refuses the call with a ServiceError, or admits it and returns the trailing
         metadata its answer carries (the caller's rate-limit figures)."""
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return await self.admit(method, metadata, lambda: self._client_address(metadata, context))
+
+    async def admit(
+        self, method: str, metadata: Mapping[str, str], client: Callable[[], str]
+    ) -> tuple[tuple[str, str], ...]:
+        """The check itself, for a call described by its metadata and its client's
+        address (asked for only when the bucket is the address's): the gateway's edge
+        cache admits the answers it holds through here, by the same rules."""
         required = self._required.get(method)
         if required is None:
             return ()  # health and reflection: open to probes and tools
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        bucket = await self._authorise(method, required, metadata, context)
+        bucket = await self._authorise(method, required, metadata, client)
         if bucket is None:
             return ()
         kind = "execute" if required == Scope.SCOPE_EXECUTE else "default"
@@ -103,14 +111,14 @@ class AccessGuard:
             )
         return limits
 
-    async def _authorise(self, method: str, required: int, metadata: Mapping[str, str], context) -> str | None:
+    async def _authorise(self, method: str, required: int, metadata: Mapping[str, str], client: Callable[[], str]) -> str | None:
         """The caller's rate-limit bucket once it may make this call; None for the
         services' own key, whose traffic (cache reads, agent calls) is not a client's."""
         key = presented_key(metadata)
         if key is not None and self._service_key and same_key(key, self._service_key):
             return None
         if not self._auth_enabled or (key is None and required == Scope.SCOPE_READ and self._anonymous_read):
-            return f"addr:{self._client_address(metadata, context)}"
+            return f"addr:{client()}"
         if key is None:
             raise Unauthenticated(
                 f"{method} needs an API key with the {scope_name(required)} scope: send it as x-api-key or authorization: Bearer",
@@ -125,6 +133,8 @@ class AccessGuard:
                 reason="SCOPE_MISSING",
                 metadata={"key_id": api_key.id, "required_scope": scope_name(required)},
             )
+        if self._service_key and same_key(metadata.get(VOUCHING_HEADER, ""), self._service_key):
+            return None  # a process checking this key for its own guard (RemoteVerifier)
         return f"key:{api_key.id}"
 
     def _client_address(self, metadata: Mapping[str, str], context) -> str:

@@ -38,6 +38,10 @@ CACHE_ENTRIES = 10_000
 TOUCH_INTERVAL = 60.0
 
 
+# Metadata carrying the services' key on a WhoAmI made to check someone else's key.
+VOUCHING_HEADER = "x-service-key"
+
+
 class KeyVerifier(Protocol):
     async def verify(self, key: str) -> ApiKey | None:
         """The key's record if it may be used now; None if it is unknown, revoked or expired."""
@@ -138,16 +142,22 @@ class DatabaseVerifier(_CachedVerifier):
 
 
 class RemoteVerifier(_CachedVerifier):
-    """For services without the database (the cache sidecar): asks ApiKeysService.WhoAmI."""
+    """For processes without the database (the cache sidecar, the gateway's edge
+    cache): asks ApiKeysService.WhoAmI. With the services' key beside the caller's
+    (VOUCHING_HEADER), the check itself takes nothing from the caller's rate-limit
+    bucket: the call it is made for is counted where it is admitted."""
 
-    def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic, *, service_key: str = "") -> None:
         super().__init__(clock)
         self._channel = open_channel(agents_addr)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
+        self._vouching = ((VOUCHING_HEADER, service_key),) if service_key else ()
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         try:
-            api_key: ApiKey = await self._stub.WhoAmI(empty_pb2.Empty(), metadata=(("x-api-key", key),), timeout=2)
+            api_key: ApiKey = await self._stub.WhoAmI(
+                empty_pb2.Empty(), metadata=(("x-api-key", key), *self._vouching), timeout=2
+            )
             return api_key
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

@@ -48,6 +48,7 @@ from services.common.cache.near_cache import NearCache
 from services.common.cache.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
 from services.common.cache.single_flight import SingleFlight
 from services.common.cache.transport import SidecarTransport
+from services.common.surrogate_keys import note_read
 from services.common.settings import Settings
 
 M = TypeVar("M", bound=Message)
@@ -154,7 +155,9 @@ class CacheClient:
             raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
         self._start()
         fresh = fresh_reads_requested()
-        if not fresh and not self._delivery.bypassed(key):
+        bypassed = self._delivery.bypassed(key)
+        note_read(key, cached=not bypassed)
+        if not fresh and not bypassed:
             found, value = self._near_hit(key, codec)
             if found and (value is not None or cache_none):
                 self.hits += 1

@@ -1,0 +1,117 @@
+"""The edge layer around the edge cache: its invalidation feed and its access check.
+
+A held answer is served only to a request the services' own guard admits
+(services/common/auth/guard.py, built by the same wiring as theirs): the scope the
+proto requires, the key verified with the agents service's WhoAmI (RemoteVerifier,
+as the sidecar does: cached a second, so revocation holds within it), and one token
+from the caller's bucket in the shared rate limiter, with the same X-RateLimit-*
+headers. A refusal is the error the service would have answered. Everything else
+(misses, `Cache-Control: no-cache`, a stream that is not live) goes to the service.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from starlette.responses import Response
+
+from gateway.conditional import none_match
+from gateway.edge_cache import EdgeCache, EdgeKey, cacheable
+from gateway.errors import GatewayError
+from gateway.hardening import add_rate_limit_headers
+from gateway.json_body import JSON_MEDIA_TYPE
+from services.common.auth.guard import AccessGuard
+from services.common.auth.rate_limit import RateLimiter
+from services.common.auth.verifier import RemoteVerifier
+from services.common.auth.wiring import build_guard, build_limiter
+from services.common.cache.near_feed import NearCacheFeed
+from services.common.cache.transport import SidecarTransport
+from services.common.errors import ServiceError
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The answer's own headers an edge hit repeats (rate limits and request ids are per request).
+KEPT_HEADERS = ("etag", "cache-control", "vary")
+
+
+class Edge:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = EdgeCache(
+            max_entries=settings.gateway_edge_cache_size,
+            max_bytes=settings.gateway_edge_cache_bytes,
+            max_ttl=settings.gateway_edge_cache_ttl,
+        )
+        self._transport: SidecarTransport | None = None
+        self._feed: NearCacheFeed | None = None
+        self._verifier: RemoteVerifier | None = None
+        self._limiter: RateLimiter | None = None
+        self._guard: AccessGuard | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Edge | None":
+        """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when the rate limits
+        are on but kept in each process's memory (no REDIS_URL): a hit would then take
+        its token from another bucket than a miss, and a caller would get more than
+        the service allows."""
+        if settings.gateway_edge_cache_size <= 0 or settings.gateway_edge_cache_bytes <= 0:
+            return None
+        if not settings.redis_url and (settings.rate_limit_requests > 0 or settings.rate_limit_execute_requests > 0):
+            log.info("edge cache off: rate limits are on and not shared (set REDIS_URL, or turn them off)")
+            return None
+        return cls(settings)
+
+    def open(self) -> None:
+        """Starts following the sidecar's Watch (with the services' key, which it
+        requires) and opens the guard's channels; on the server's event loop."""
+        settings = self.settings
+        self._verifier = RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key)
+        self._limiter = build_limiter(settings)
+        self._guard = build_guard(settings, self._verifier, self._limiter)
+        self._transport = SidecarTransport(settings.cache_addr, settings.cache_timeout, api_key=settings.service_api_key)
+        self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)  # type: ignore[arg-type]
+        self._feed.start()
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.closed = True
+        if self._feed is not None:
+            await self._feed.close()
+        if self._transport is not None:
+            await self._transport.close()
+        if self._verifier is not None:
+            await self._verifier.close()
+        if self._limiter is not None:
+            await self._limiter.close()
+
+    async def serve(
+        self, method: str, key: EdgeKey, metadata: Mapping[str, str], client: str, if_none_match: bytes | None
+    ) -> Response | None:
+        """The held answer to this request, or the guard's refusal; None on a miss."""
+        entry = self.cache.get(key)
+        if entry is None or self._guard is None:
+            return None
+        try:
+            limits = await self._guard.admit(method, metadata, lambda: client)
+        except ServiceError as refused:
+            response = GatewayError(refused).response()
+            add_rate_limit_headers(response, refused.trailing_metadata)
+            return response
+        headers = {**entry.headers, "Age": str(self.cache.age(entry))}
+        if if_none_match is not None and none_match(if_none_match, entry.headers["etag"]):
+            response = Response(status_code=304, headers=headers)
+        else:
+            response = Response(entry.body, media_type=JSON_MEDIA_TYPE, headers=headers)
+        add_rate_limit_headers(response, limits)
+        return response
+
+    def fill(self, key: EdgeKey, response: Response, trailers, since: int) -> None:
+        """Keeps a 200 answer the service said may be kept (see edge_cache.py)."""
+        said = cacheable(trailers)
+        if said is None or response.status_code != 200:
+            return
+        headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
+        if "etag" in headers:
+            self.cache.put(key, response.body, headers, said, since)

@@ -1,0 +1,172 @@
+"""The edge cache: ready GET answers (status line, headers, body bytes) kept in the
+gateway's memory, so a hot read never becomes a gRPC call.
+
+What it may keep, for how long and until which invalidation is said by the service
+with each answer, never by a table here: an answer is kept only when it carries
+`cache-control: max-age=N` (the method is declared cacheable in the protos, and so
+does not depend on its caller) and `surrogate-key` metadata naming the cache keys it
+was read from (services/common/surrogate_keys.py). It is kept min(N, GATEWAY_EDGE_CACHE_TTL)
+seconds, bounded by entries and bytes, and dropped by any invalidation pattern that
+matches one of its surrogate keys.
+
+Invalidations come from the same ordered stream as every other layer's: the
+sidecar's Watch, followed by the cache client's NearCacheFeed (numbered messages; a
+gap, a silent stream or a dropped one clears this cache, and it answers only while
+the stream is live). A fill takes a snapshot of the invalidation history before its
+backend call and is refused if one of its keys was invalidated since (history.py).
+A write through this gateway clears it, so that whoever wrote reads what they wrote
+without waiting for the stream's message.
+
+It mirrors the near-cache's life cycle (live while fed, cleared on either change, an
+LRU bounded by entries and bytes) but not its keys: a near-cache entry is dropped by
+patterns matching its own key, an edge entry by patterns matching any of its
+surrogate keys, hence an index from surrogate key to entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+
+from services.common.cache.history import InvalidationHistory
+from services.common.cache.keys import parse_pattern
+from services.common.freshness import CACHE_CONTROL
+from services.common.surrogate_keys import SURROGATE_KEY
+
+EdgeKey = tuple[str, bytes]
+
+
+@dataclasses.dataclass(slots=True)
+class EdgeEntry:
+    body: bytes
+    # The answer's own headers (ETag, Cache-Control, Vary), as the service path made them.
+    headers: dict[str, str]
+    surrogate_keys: tuple[str, ...]
+    stored_at: float
+    expires_at: float
+
+
+def cacheable(trailers: Iterable[tuple[str, object]]) -> tuple[int, tuple[str, ...]] | None:
+    """(max-age, surrogate keys) when the service said both with its answer, else None."""
+    max_age = 0
+    keys: tuple[str, ...] = ()
+    for name, value in trailers or ():
+        if not isinstance(value, str):
+            continue
+        if name == CACHE_CONTROL:
+            for directive in value.split(","):
+                field, _, seconds = directive.strip().partition("=")
+                if field.lower() == "max-age" and seconds.isdigit():
+                    max_age = int(seconds)
+        elif name == SURROGATE_KEY:
+            keys = tuple(value.split())
+    return (max_age, keys) if max_age > 0 and keys else None
+
+
+class EdgeCache:
+    def __init__(
+        self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_entries < 1 or max_bytes < 1 or max_ttl <= 0:
+            raise ValueError("max_entries, max_bytes and max_ttl must be positive")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_ttl = max_ttl
+        self._clock = clock
+        self._entries: collections.OrderedDict[EdgeKey, EdgeEntry] = collections.OrderedDict()
+        # surrogate key -> the entries it names, so an exact invalidation is one lookup.
+        self._by_key: dict[str, set[EdgeKey]] = {}
+        self._bytes = 0
+        self._live = False
+        self.history = InvalidationHistory()
+        self.hits = 0
+        self.misses = 0
+
+    # NearCacheFeed drives these two, as it does a near-cache's.
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def set_live(self, live: bool) -> None:
+        """Either change clears it: going dark, invalidations may be missed; going
+        live, no fill whose backend call began in the dark may land."""
+        if live != self._live:
+            self.clear()
+        self._live = live
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: EdgeKey) -> EdgeEntry | None:
+        if not self._live:
+            return None
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at <= self._clock():
+            self._remove(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def age(self, entry: EdgeEntry) -> int:
+        """Whole seconds since the answer was stored (the Age header)."""
+        return int(self._clock() - entry.stored_at)
+
+    def snapshot(self) -> int:
+        return self.history.snapshot()
+
+    def put(
+        self, key: EdgeKey, body: bytes, headers: dict[str, str], said: tuple[int, tuple[str, ...]], since: int
+    ) -> bool:
+        """Stores unless not live, too big, or raced by an invalidation of one of its keys after `since`."""
+        max_age, surrogate_keys = said
+        if not self._live or len(body) > self.max_bytes // 16:
+            return False
+        if any(self.history.raced(surrogate, since) for surrogate in surrogate_keys):
+            return False
+        if key in self._entries:
+            self._remove(key)
+        now = self._clock()
+        self._entries[key] = EdgeEntry(body, headers, surrogate_keys, now, now + min(max_age, self.max_ttl))
+        for surrogate in surrogate_keys:
+            self._by_key.setdefault(surrogate, set()).add(key)
+        self._bytes += len(body)
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+        return True
+
+    def invalidate(self, pattern: str) -> None:
+        """One streamed pattern: every entry with a surrogate key it matches goes."""
+        if pattern == "*":
+            self.clear()
+            return
+        self.history.record(pattern)
+        parsed = parse_pattern(pattern)
+        if parsed.kind == "exact":
+            gone = self._by_key.get(pattern, ())
+        else:
+            # Bounded by max_entries' distinct keys: the cache is small by design.
+            gone = {key for surrogate, keys in self._by_key.items() if parsed.matches(surrogate) for key in keys}
+        for key in list(gone):
+            self._remove(key)
+
+    def clear(self) -> None:
+        self.history.forget()
+        self._entries.clear()
+        self._by_key.clear()
+        self._bytes = 0
+
+    def _remove(self, key: EdgeKey) -> None:
+        entry = self._entries.pop(key)
+        self._bytes -= len(entry.body)
+        for surrogate in entry.surrogate_keys:
+            keys = self._by_key.get(surrogate)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_key[surrogate]

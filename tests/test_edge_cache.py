@@ -1,0 +1,330 @@
+"""The gateway's edge cache through the real stack: hot GETs answered from the
+gateway's memory, invalidated from the sidecar's ordered Watch stream by the
+surrogate keys the service said, and admitted by the services' own guard."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import grpc
+import httpx
+import pytest
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
+from prometheus_client import REGISTRY
+
+from gateway.edge_cache import EdgeCache, cacheable
+from gateway.testing import running_gateway
+from services.agents.server import build as build_agents
+from services.cache_sidecar.server import build as build_sidecar
+from services.common.auth import keys
+from tests.conftest import make_settings, running_stack
+from tests.redis_fixtures import REDIS_URL
+
+ADMIN_KEY = keys.new_key()
+SERVICE_KEY = keys.new_key()
+NO_CACHE = {"cache-control": "no-cache"}
+READ = options_pb2.Scope.SCOPE_READ
+
+
+def handled(method: str) -> float:
+    """How many AgentsService calls of `method` this process's servers have answered."""
+    labels = {"grpc_service": "devops_hub.v1.AgentsService", "grpc_method": method, "grpc_type": "unary"}
+    return sum(
+        REGISTRY.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0.0
+        for code in (status.name for status in grpc.StatusCode)
+    )
+
+
+async def hot(http: httpx.AsyncClient, path: str, timeout: float = 20.0, **options) -> httpx.Response:
+    """GETs `path` until the edge cache answers it (its answers carry an Age): the
+    cache is used only once the gateway's Watch stream is live."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        answer = await http.get(path, **options)
+        if "age" in answer.headers:
+            return answer
+        assert asyncio.get_running_loop().time() < deadline, f"{path} never came from the edge cache"
+        await asyncio.sleep(0.05)
+
+
+async def fresh_within(http: httpx.AsyncClient, path: str, name: str, timeout: float = 10.0) -> httpx.Response:
+    """GETs until the answer shows `name` (a write elsewhere reaches the gateway in one Watch message)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        answer = await http.get(path)
+        if answer.json()["name"] == name:
+            return answer
+        assert asyncio.get_running_loop().time() < deadline, f"{path} stayed stale: {answer.json()}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def open_stack(sqlite_url):
+    async with running_stack(make_settings(sqlite_url)) as stack:
+        async with running_gateway(stack.settings) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                yield stack, http
+
+
+async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_keys(open_stack):
+    stack, http = open_stack
+    assert (await http.post("/api/agents", json={"id": "e1", "name": "One", "domain": "ci"})).status_code == 200
+    first = await hot(http, "/api/agents/e1")
+    calls = handled("GetAgent")
+    for _ in range(5):
+        again = await http.get("/api/agents/e1")
+        assert again.status_code == 200 and again.content == first.content and "age" in again.headers
+        assert again.headers["etag"] == first.headers["etag"] and again.headers["cache-control"] == "max-age=300"
+        assert "x-request-id" in again.headers
+    assert handled("GetAgent") == calls
+    listed = await hot(http, "/api/agents", params={"domain": "ci"})
+    calls = handled("ListAgents")
+    assert (await http.get("/api/agents", params={"domain": "ci"})).content == listed.content
+    assert handled("ListAgents") == calls
+
+    # What the gateway keeps by: the service says it with the answer.
+    call = stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e1"))
+    await call
+    said = dict(await call.trailing_metadata())
+    assert said["surrogate-key"] == "agents:get:e1" and said["cache-control"] == "max-age=300"
+    # A no-cache read refills the cache, and is kept by the same key.
+    call = stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e1"), metadata=(("cache-control", "no-cache"),))
+    await call
+    assert dict(await call.trailing_metadata())["surrogate-key"] == "agents:get:e1"
+    # A write is not cacheable and says nothing either.
+    call = stack.stub.UpdateAgent(
+        agents_pb2.UpdateAgentRequest(agent=agents_pb2.Agent(id="e1", name="One"), update_mask={"paths": ["name"]})
+    )
+    await call
+    assert "surrogate-key" not in dict(await call.trailing_metadata())
+
+
+async def test_no_cache_and_conditional_requests(open_stack):
+    stack, http = open_stack
+    await http.post("/api/agents", json={"id": "e2", "name": "Two", "domain": "ci"})
+    held = await hot(http, "/api/agents/e2")
+    etag = held.headers["etag"]
+    calls = handled("GetAgent")
+    unchanged = await http.get("/api/agents/e2", headers={"if-none-match": etag})
+    assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["etag"] == etag
+    assert "age" in unchanged.headers and handled("GetAgent") == calls
+    other = await http.get("/api/agents/e2", headers={"if-none-match": '"other"'})
+    assert other.status_code == 200 and other.content == held.content and handled("GetAgent") == calls
+
+    bypassed = await http.get("/api/agents/e2", headers=NO_CACHE)
+    assert bypassed.status_code == 200 and "age" not in bypassed.headers
+    assert handled("GetAgent") == calls + 1
+    # Its own refill of the service's caches (a Delete, then a fill) races a keep of
+    # its answer, which the edge refuses; the next read keeps what it reads.
+    refilled = await hot(http, "/api/agents/e2")
+    assert refilled.content == bypassed.content
+
+
+async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_the_edge(open_stack):
+    stack, http = open_stack
+    await http.post("/api/agents", json={"id": "e3", "name": "Zero", "domain": "ci"})
+    await hot(http, "/api/agents/e3")
+    await hot(http, "/api/agents", params={"domain": "ci"})
+
+    # Through the gateway: the very next read sees it.
+    patched = await http.patch("/api/agents/e3", params={"updateMask": "name"}, json={"name": "Gateway"})
+    assert patched.status_code == 200
+    after = await http.get("/api/agents/e3")
+    assert after.json()["name"] == "Gateway" and after.headers["etag"] == patched.headers["etag"]
+
+    # Through gRPC directly: within one Watch message.
+    await hot(http, "/api/agents/e3")
+    await stack.stub.UpdateAgent(
+        agents_pb2.UpdateAgentRequest(agent=agents_pb2.Agent(id="e3", name="Direct"), update_mask={"paths": ["name"]})
+    )
+    await fresh_within(http, "/api/agents/e3", "Direct")
+
+    # Through another agents process on the same database and sidecar.
+    await hot(http, "/api/agents/e3")
+    listed = await hot(http, "/api/agents", params={"domain": "ci"})
+    other = await build_agents(stack.settings.replace(agents_addr="127.0.0.1:0"))
+    try:
+        port = await other.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = agents_pb2_grpc.AgentsServiceStub(channel)
+            await stub.UpdateAgent(
+                agents_pb2.UpdateAgentRequest(agent=agents_pb2.Agent(id="e3", name="Other"), update_mask={"paths": ["name"]})
+            )
+        await fresh_within(http, "/api/agents/e3", "Other")
+        relisted = await http.get("/api/agents", params={"domain": "ci"})
+        assert relisted.content != listed.content and b"Other" in relisted.content
+    finally:
+        await other.host.stop(0)
+        await other.close()
+
+
+async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_url):
+    settings = make_settings(sqlite_url)
+    sidecar = await build_sidecar(settings)
+    await sidecar.store.sync(0, 0, (), False)
+    port = await sidecar.host.start()
+    stopped = False
+    try:
+        async with running_stack(settings.replace(cache_addr=f"127.0.0.1:{port}"), with_sidecar=False) as stack:
+            async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                await http.post("/api/agents", json={"id": "e4", "name": "Four", "domain": "ci"})
+                await hot(http, "/api/agents/e4")
+                await sidecar.host.stop(0)
+                stopped = True
+                # The stream ends with the sidecar: from then on every read goes to the service.
+                deadline = asyncio.get_running_loop().time() + 20
+                while "age" in (await http.get("/api/agents/e4")).headers:
+                    assert asyncio.get_running_loop().time() < deadline, "the edge kept answering without its stream"
+                    await asyncio.sleep(0.05)
+                calls = handled("GetAgent")
+                for _ in range(3):
+                    answer = await http.get("/api/agents/e4")
+                    assert answer.status_code == 200 and "age" not in answer.headers
+                assert handled("GetAgent") == calls + 3
+    finally:
+        if not stopped:
+            await sidecar.host.stop(0)
+        await sidecar.close()
+
+
+# --------------------------------------------------------------------------- access
+
+
+async def _redis_or_skip() -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        await client.ping()
+    except Exception as exc:  # noqa: BLE001
+        from tests.conftest import _unavailable
+
+        _unavailable(f"Redis at {REDIS_URL}", exc)
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def secured_stack(sqlite_url: str, limit: int):
+    """Keys on, anonymous reads on, `limit` requests an hour per caller, shared in Redis."""
+    await _redis_or_skip()
+    settings = make_settings(
+        sqlite_url,
+        auth_enabled=True,
+        bootstrap_admin_key=ADMIN_KEY,
+        service_api_key=SERVICE_KEY,
+        rate_limit_requests=limit,
+        rate_limit_window=3600,
+        redis_url=REDIS_URL,
+        redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:",
+    )
+    async with running_stack(settings) as stack:
+        async with running_gateway(stack.settings) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+                yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
+
+
+async def new_key(keys_stub, *scopes: int) -> auth_pb2.CreateApiKeyResponse:
+    return await keys_stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name=f"k-{uuid.uuid4().hex[:6]}", scopes=scopes)),
+        metadata=(("x-api-key", ADMIN_KEY),),
+    )
+
+
+def same_refusal(edge: httpx.Response, service: httpx.Response) -> None:
+    assert edge.status_code == service.status_code
+    a, b = edge.json(), service.json()
+    assert a["code"] == b["code"] and [d["@type"] for d in a["details"]] == [d["@type"] for d in b["details"]]
+    reasons = [d.get("reason") for d in a["details"]], [d.get("reason") for d in b["details"]]
+    assert reasons[0] == reasons[1]
+
+
+async def held_for_a_reader(http: httpx.AsyncClient, keys_stub, agent_id: str):
+    """A new agent, a new read key, and the agent's answer held by the edge for it."""
+    created = await http.post("/api/agents", json={"id": agent_id, "name": "E", "domain": "ci"}, headers={"x-api-key": ADMIN_KEY})
+    assert created.status_code == 200, created.text
+    reader = await new_key(keys_stub, READ)
+    as_reader = {"x-api-key": reader.key}
+    return reader, as_reader, await hot(http, f"/api/agents/{agent_id}", headers=as_reader)
+
+
+async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url):
+    async with secured_stack(sqlite_url, 10_000) as (stack, http, keys_stub):
+        await _keys_get_what_the_service_answers(http, keys_stub)
+
+
+async def _keys_get_what_the_service_answers(http: httpx.AsyncClient, keys_stub) -> None:
+    reader, as_reader, held = await held_for_a_reader(http, keys_stub, "e5")
+    assert held.status_code == 200 and held.headers["x-ratelimit-limit"] == "10000"
+
+    calls = handled("GetAgent")
+    # A key the service does not know: 401, from the edge, as from the service.
+    unknown = {"x-api-key": keys.new_key()}
+    same_refusal(await http.get("/api/agents/e5", headers=unknown), await http.get("/api/agents/e5", headers={**unknown, **NO_CACHE}))
+    assert (await http.get("/api/agents/e5", headers=unknown)).status_code == 401
+    # No key, with anonymous reads on: served, from the client address's bucket.
+    anonymous = await http.get("/api/agents/e5")
+    assert anonymous.status_code == 200 and "age" in anonymous.headers and anonymous.headers["x-ratelimit-limit"] == "10000"
+    assert handled("GetAgent") == calls + 1  # only the no-cache request reached the service
+
+    # Revoked: refused within a second, as by the service's own guard.
+    await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=reader.api_key.id), metadata=(("x-api-key", ADMIN_KEY),))
+    deadline = asyncio.get_running_loop().time() + 5
+    while (refused := await http.get("/api/agents/e5", headers=as_reader)).status_code == 200:
+        assert asyncio.get_running_loop().time() < deadline, "a revoked key was still served from the edge"
+        await asyncio.sleep(0.05)
+    same_refusal(refused, await http.get("/api/agents/e5", headers={**as_reader, **NO_CACHE}))
+    assert refused.status_code == 401
+
+
+async def test_the_edge_takes_from_the_same_rate_limit_bucket_as_the_service(sqlite_url):
+    async with secured_stack(sqlite_url, 50) as (stack, http, keys_stub):
+        await _over_the_limit(http, keys_stub)
+
+
+async def _over_the_limit(http: httpx.AsyncClient, keys_stub) -> None:
+    _, as_reader, held = await held_for_a_reader(http, keys_stub, "e6")
+    left = int(held.headers["x-ratelimit-remaining"])
+    calls = handled("GetAgent")
+    answers = [await http.get("/api/agents/e6", headers=as_reader) for _ in range(left + 1)]
+    assert [a.status_code for a in answers] == [200] * left + [429]
+    assert [int(a.headers["x-ratelimit-remaining"]) for a in answers[:left]] == list(range(left - 1, -1, -1))
+    assert handled("GetAgent") == calls, "the edge answered every one of them"
+    limited = answers[-1]
+    assert 1 <= int(limited.headers["retry-after"]) <= 3600 // 50 and limited.headers["x-ratelimit-remaining"] == "0"
+    # The service, asked past the edge, refuses from the same bucket, in the same words.
+    same_refusal(limited, await http.get("/api/agents/e6", headers={**as_reader, **NO_CACHE}))
+
+
+# --------------------------------------------------------------------------- the cache itself
+
+
+def test_entries_are_bounded_and_dropped_by_any_pattern_matching_a_surrogate_key():
+    now = [0.0]
+    cache = EdgeCache(max_entries=3, max_bytes=1 << 20, max_ttl=10, clock=lambda: now[0])
+    assert cacheable([("cache-control", "max-age=60")]) is None
+    assert cacheable([("surrogate-key", "agents:get:a")]) is None
+    said = cacheable([("cache-control", "max-age=60"), ("surrogate-key", "agents:get:a agents:list:h=1")])
+    assert said == (60, ("agents:get:a", "agents:list:h=1"))
+    headers = {"etag": '"1"'}
+    cache.put(("/a", b""), b"x", headers, said, cache.snapshot())
+    assert cache.get(("/a", b"")) is None, "not live: nothing is kept"
+    cache.set_live(True)
+    since = cache.snapshot()
+    assert cache.put(("/a", b""), b"a", headers, said, since)
+    assert cache.put(("/l", b""), b"l", headers, (60, ("agents:list:h=1",)), since)
+    cache.invalidate("agents:list:*")
+    assert cache.get(("/a", b"")) is None and cache.get(("/l", b"")) is None
+    # A fill that raced an invalidation of one of its keys is refused.
+    assert not cache.put(("/a", b""), b"a", headers, said, since)
+    for n in range(4):
+        assert cache.put((f"/{n}", b""), b"n", headers, (60, (f"agents:get:{n}",)), cache.snapshot())
+    assert len(cache) == 3 and cache.get(("/0", b"")) is None
+    now[0] += 10  # the cap, below the max-age
+    assert cache.get(("/3", b"")) is None
+    cache.put(("/x", b""), b"x", headers, said, cache.snapshot())
+    cache.set_live(False)
+    cache.set_live(True)
+    assert len(cache) == 0
