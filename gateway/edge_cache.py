@@ -25,12 +25,11 @@ surrogate keys, hence an index from surrogate key to entries.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
-from services.common.cache.history import InvalidationHistory
+from services.common.cache.fed_cache import FedCache
 from services.common.cache.keys import parse_pattern
 from services.common.freshness import CACHE_CONTROL
 from services.common.surrogate_keys import SURROGATE_KEY
@@ -65,79 +64,33 @@ def cacheable(trailers: Iterable[tuple[str, object]]) -> tuple[int, tuple[str, .
     return (max_age, keys) if max_age > 0 and keys else None
 
 
-class EdgeCache:
+class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
+    """Live while NearCacheFeed says so, as a near-cache is (fed_cache.py)."""
+
     def __init__(
         self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        if max_entries < 1 or max_bytes < 1 or max_ttl <= 0:
-            raise ValueError("max_entries, max_bytes and max_ttl must be positive")
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.max_ttl = max_ttl
-        self._clock = clock
-        self._entries: collections.OrderedDict[EdgeKey, EdgeEntry] = collections.OrderedDict()
+        super().__init__(max_entries=max_entries, max_bytes=max_bytes, max_ttl=max_ttl, clock=clock)
         # surrogate key -> the entries it names, so an exact invalidation is one lookup.
         self._by_key: dict[str, set[EdgeKey]] = {}
-        self._bytes = 0
-        self._live = False
-        self.history = InvalidationHistory()
-        self.hits = 0
-        self.misses = 0
-
-    # NearCacheFeed drives these two, as it does a near-cache's.
-    @property
-    def live(self) -> bool:
-        return self._live
-
-    def set_live(self, live: bool) -> None:
-        """Either change clears it: going dark, invalidations may be missed; going
-        live, no fill whose backend call began in the dark may land."""
-        if live != self._live:
-            self.clear()
-        self._live = live
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: EdgeKey) -> EdgeEntry | None:
-        if not self._live:
-            return None
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires_at <= self._clock():
-            self._remove(key)
-            entry = None
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry
 
     def age(self, entry: EdgeEntry) -> int:
         """Whole seconds since the answer was stored (the Age header)."""
         return int(self._clock() - entry.stored_at)
-
-    def snapshot(self) -> int:
-        return self.history.snapshot()
 
     def put(
         self, key: EdgeKey, body: bytes, headers: dict[str, str], said: tuple[int, tuple[str, ...]], since: int
     ) -> bool:
         """Stores unless not live, too big, or raced by an invalidation of one of its keys after `since`."""
         max_age, surrogate_keys = said
-        if not self._live or len(body) > self.max_bytes // 16:
+        if not self._fits(len(body)):
             return False
         if any(self.history.raced(surrogate, since) for surrogate in surrogate_keys):
             return False
-        if key in self._entries:
-            self._remove(key)
         now = self._clock()
-        self._entries[key] = EdgeEntry(body, headers, surrogate_keys, now, now + min(max_age, self.max_ttl))
+        self._store(key, EdgeEntry(body, headers, surrogate_keys, now, now + min(max_age, self.max_ttl)))
         for surrogate in surrogate_keys:
             self._by_key.setdefault(surrogate, set()).add(key)
-        self._bytes += len(body)
-        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-            self._remove(next(iter(self._entries)))
         return True
 
     def invalidate(self, pattern: str) -> None:
@@ -156,17 +109,18 @@ class EdgeCache:
             self._remove(key)
 
     def clear(self) -> None:
-        self.history.forget()
-        self._entries.clear()
+        super().clear()
         self._by_key.clear()
-        self._bytes = 0
 
-    def _remove(self, key: EdgeKey) -> None:
-        entry = self._entries.pop(key)
-        self._bytes -= len(entry.body)
+    def _weight(self, entry: EdgeEntry) -> int:
+        return len(entry.body)
+
+    def _remove(self, key: EdgeKey) -> EdgeEntry:
+        entry = super()._remove(key)
         for surrogate in entry.surrogate_keys:
             keys = self._by_key.get(surrogate)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
                     del self._by_key[surrogate]
+        return entry
