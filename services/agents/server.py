@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
 
+from services.agents.agent_executions import AgentExecutor, RuntimeChannels
+from services.agents.agents import AgentRegistry
 from services.agents.api_keys import ApiKeys
 from services.agents.api_keys_servicer import ApiKeysServicer
-from services.agents.execution import AgentExecutor, RuntimeChannels
-from services.agents.registry import AgentRegistry
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
 from services.common.auth.rate_limit import RateLimiter

@@ -5,8 +5,8 @@ from __future__ import annotations
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2
 from google.protobuf import empty_pb2
 
-from services.agents.execution import AgentExecutor
-from services.agents.registry import AgentRegistry
+from services.agents.agent_executions import AgentExecutor
+from services.agents.agents import AgentRegistry
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):

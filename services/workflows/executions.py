@@ -12,10 +12,10 @@ from devops_hub.v1 import events_pb2, workflows_pb2
 
 from services.common import pagination
 from services.common.errors import FailedPrecondition, NotFound, invalid_fields
-from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
-from services.workflows.events_log import EventLog, resume_position
+from services.workflows.events import EventLog, resume_position
 from services.workflows.repository import ExecutionRepository
+from services.workflows.workflows import WorkflowCatalog
 
 Execution = workflows_pb2.Execution
 MAX_IDEMPOTENCY_KEY = 128

@@ -23,14 +23,14 @@ from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
-from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
-from services.workflows.events_log import EventLog
+from services.workflows.events import EventLog
 from services.workflows.executions import Executions
 from services.workflows.repository import ExecutionRepository, WorkflowRepository
 from services.workflows.retention import Pruner
 from services.workflows.servicer import EventsServicer, WorkflowsServicer
+from services.workflows.workflows import WorkflowCatalog
 
 WORKFLOWS_SERVICE = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].full_name
 EVENTS_SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name

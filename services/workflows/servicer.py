@@ -5,9 +5,9 @@ from __future__ import annotations
 from devops_hub.v1 import events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import empty_pb2, json_format
 
-from services.workflows.catalog import WorkflowCatalog
-from services.workflows.events_log import EventLog
+from services.workflows.events import EventLog
 from services.workflows.executions import Executions
+from services.workflows.workflows import WorkflowCatalog
 
 
 class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):

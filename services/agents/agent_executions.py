@@ -18,7 +18,7 @@ from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 from google.protobuf import json_format
 
 from services.agents import builtins
-from services.agents.registry import AgentRegistry
+from services.agents.agents import AgentRegistry
 from services.common.background import spawn
 from services.common.channels import open_channel
 from services.common.errors import FailedPrecondition, Unavailable, invalid_fields
