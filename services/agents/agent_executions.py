@@ -18,7 +18,7 @@ from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 from google.protobuf import json_format
 
 from services.agents import builtins
-from services.agents.agents import AgentRegistry
+from services.agents.agents import Agents
 from services.common.background import spawn
 from services.common.channels import open_channel
 from services.common.errors import FailedPrecondition, Unavailable, invalid_fields
@@ -54,9 +54,9 @@ class RuntimeChannels:
         self._stubs.clear()
 
 
-class AgentExecutor:
-    def __init__(self, registry: AgentRegistry, channels: RuntimeChannels) -> None:
-        self._registry = registry
+class AgentExecutions:
+    def __init__(self, agents: Agents, channels: RuntimeChannels) -> None:
+        self._agents = agents
         self._channels = channels
 
     async def execute(self, request: agents_pb2.ExecuteAgentRequest, time_remaining: float | None) -> AgentResult:
@@ -69,7 +69,7 @@ class AgentExecutor:
             violations.append(("timeout", "must not be negative"))
         if violations:
             raise invalid_fields(violations)
-        agent = await self._registry.get(request.id)
+        agent = await self._agents.get(request.id)
         _check_can_run(agent, request.capability)
         timeout = request.timeout.ToTimedelta().total_seconds() or DEFAULT_TIMEOUT
         if time_remaining is not None:

@@ -40,7 +40,7 @@ TTL_DISCOVER = float(freshness.max_age(_METHODS["DiscoverAgents"]))
 
 
 def _agent_key(agent_id: str) -> str:
-    """The pattern naming exactly the key AgentRegistry._stored(agent_id) fills."""
+    """The pattern naming exactly the key Agents._stored(agent_id) fills."""
     return f"agents:get:{escape_key(encode_part(agent_id))}"
 
 
@@ -53,7 +53,7 @@ def _made_stale(*agent_ids: str) -> tuple[str, ...]:
     return (*(_agent_key(i) for i in agent_ids), *_COLLECTION_PATTERNS)
 
 
-class AgentRegistry:
+class Agents:
     def __init__(self, repository: AgentRepository, cache: CacheClient, outbox: Outbox) -> None:
         self._repository = repository
         # The @cached reads below find their manager here.
@@ -105,9 +105,9 @@ class AgentRegistry:
         return agents_pb2.DiscoverAgentsResponse(agents=agents, total_size=facets.total, facets=agents_pb2.Facets(**facets.counts))
 
     async def create(self, agent: Agent) -> Agent:
-        return (await self.create_many([agent], prefix="agent"))[0]
+        return (await self.batch_create([agent], prefix="agent"))[0]
 
-    async def create_many(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> builtins.list[Agent]:
+    async def batch_create(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> builtins.list[Agent]:
         """Creates all of `agents` or none of them."""
         if not agents:
             raise invalid_fields([("requests", "must hold at least one agent")])

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
 
-from services.agents.agent_executions import AgentExecutor, RuntimeChannels
-from services.agents.agents import AgentRegistry
+from services.agents.agent_executions import AgentExecutions, RuntimeChannels
+from services.agents.agents import Agents
 from services.agents.api_keys import ApiKeys
 from services.agents.api_keys_servicer import ApiKeysServicer
 from services.agents.repository import AgentRepository
@@ -62,7 +62,7 @@ async def build(settings: Settings) -> AgentsService:
 async def _assemble(settings: Settings, db: Database) -> AgentsService:
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
-    registry = AgentRegistry(AgentRepository(db), cache, Outbox(db, cache, "agents"))
+    agents = Agents(AgentRepository(db), cache, Outbox(db, cache, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)
@@ -73,7 +73,7 @@ async def _assemble(settings: Settings, db: Database) -> AgentsService:
     )
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,
-        AgentsServicer(registry, AgentExecutor(registry, runtimes)),
+        AgentsServicer(agents, AgentExecutions(agents, runtimes)),
         SERVICE_NAME,
     )
     host.add(auth_pb2_grpc.add_ApiKeysServiceServicer_to_server, ApiKeysServicer(api_keys), KEYS_SERVICE_NAME)

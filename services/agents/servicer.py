@@ -1,45 +1,45 @@
-"""AgentsService over gRPC: each method translates the request and delegates to the registry."""
+"""AgentsService over gRPC: each method translates the request and delegates to a use case (Agents, AgentExecutions)."""
 
 from __future__ import annotations
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2
 from google.protobuf import empty_pb2
 
-from services.agents.agent_executions import AgentExecutor
-from services.agents.agents import AgentRegistry
+from services.agents.agent_executions import AgentExecutions
+from services.agents.agents import Agents
 
 
 class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
-    def __init__(self, registry: AgentRegistry, executor: AgentExecutor) -> None:
-        self._registry = registry
-        self._executor = executor
+    def __init__(self, agents: Agents, agent_executions: AgentExecutions) -> None:
+        self._agents = agents
+        self._agent_executions = agent_executions
 
     async def ListAgents(self, request: agents_pb2.ListAgentsRequest, context) -> agents_pb2.ListAgentsResponse:
-        return await self._registry.list(request)
+        return await self._agents.list(request)
 
     async def GetAgent(self, request: agents_pb2.GetAgentRequest, context) -> agents_pb2.Agent:
-        return await self._registry.get(request.id)
+        return await self._agents.get(request.id)
 
     async def CreateAgent(self, request: agents_pb2.CreateAgentRequest, context) -> agents_pb2.Agent:
-        return await self._registry.create(request.agent)
+        return await self._agents.create(request.agent)
 
     async def BatchCreateAgents(
         self, request: agents_pb2.BatchCreateAgentsRequest, context
     ) -> agents_pb2.BatchCreateAgentsResponse:
-        agents = await self._registry.create_many([r.agent for r in request.requests])
+        agents = await self._agents.batch_create([r.agent for r in request.requests])
         return agents_pb2.BatchCreateAgentsResponse(agents=agents)
 
     async def UpdateAgent(self, request: agents_pb2.UpdateAgentRequest, context) -> agents_pb2.Agent:
-        return await self._registry.update(request.agent, list(request.update_mask.paths))
+        return await self._agents.update(request.agent, list(request.update_mask.paths))
 
     async def DeleteAgent(self, request: agents_pb2.DeleteAgentRequest, context) -> empty_pb2.Empty:
-        await self._registry.delete(request.id, request.etag)
+        await self._agents.delete(request.id, request.etag)
         return empty_pb2.Empty()
 
     async def DiscoverAgents(
         self, request: agents_pb2.DiscoverAgentsRequest, context
     ) -> agents_pb2.DiscoverAgentsResponse:
-        return await self._registry.discover(request)
+        return await self._agents.discover(request)
 
     async def ExecuteAgent(self, request: agents_pb2.ExecuteAgentRequest, context) -> runtime_pb2.AgentResult:
-        return await self._executor.execute(request, context.time_remaining())
+        return await self._agent_executions.execute(request, context.time_remaining())

@@ -25,9 +25,9 @@ FILTERS = ("type", "source", "subject", "correlation_id")
 MAX_EVENT_ID = 2**63 - 1
 
 
-class EventLog:
+class Events:
     def __init__(self, db: Database, writer: EventWriter, feed: EventFeed) -> None:
-        self._events = EventRepository(db)
+        self._repository = EventRepository(db)
         self._writer = writer
         self._feed = feed
 
@@ -42,7 +42,7 @@ class EventLog:
             request.correlation_id,
             request.since.ToDatetime(dt.UTC) if request.HasField("since") else None,
         )
-        events = await self._events.page(filters, None if after is None else int(after), size + 1)
+        events = await self._repository.page(filters, None if after is None else int(after), size + 1)
         response = events_pb2.ListEventsResponse(events=events[:size])
         if len(events) > size:
             response.next_page_token = pagination.encode_token(events[size - 1].id, request)
@@ -89,7 +89,7 @@ class EventLog:
         try:
             if after is not None:
                 while after < subscription.start:
-                    events = await self._events.between(after, subscription.start, wanted, REPLAY_BATCH)
+                    events = await self._repository.between(after, subscription.start, wanted, REPLAY_BATCH)
                     for event in events:
                         yield event
                     if len(events) < REPLAY_BATCH:

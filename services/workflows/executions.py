@@ -13,9 +13,9 @@ from devops_hub.v1 import events_pb2, workflows_pb2
 from services.common import pagination
 from services.common.errors import FailedPrecondition, NotFound, invalid_fields
 from services.workflows.engine import Engine
-from services.workflows.events import EventLog, resume_position
+from services.workflows.events import Events, resume_position
 from services.workflows.repository import ExecutionRepository
-from services.workflows.workflows import WorkflowCatalog
+from services.workflows.workflows import Workflows
 
 Execution = workflows_pb2.Execution
 MAX_IDEMPOTENCY_KEY = 128
@@ -24,11 +24,11 @@ _TERMINAL_EVENTS = {f"execution.{name.lower()}" for name in ("SUCCEEDED", "FAILE
 
 
 class Executions:
-    def __init__(self, catalog: WorkflowCatalog, repository: ExecutionRepository, engine: Engine, log: EventLog) -> None:
-        self._catalog = catalog
+    def __init__(self, workflows: Workflows, repository: ExecutionRepository, engine: Engine, events: Events) -> None:
+        self._workflows = workflows
         self._repository = repository
         self._engine = engine
-        self._log = log
+        self._events = events
 
     async def execute(self, workflow_id: str, input: dict[str, Any], idempotency_key: str) -> Execution:
         violations = []
@@ -40,7 +40,7 @@ class Executions:
             violations.append(("input", f"must be at most {MAX_INPUT_BYTES} bytes of JSON"))
         if violations:
             raise invalid_fields(violations)
-        workflow = await self._catalog.get(workflow_id)
+        workflow = await self._workflows.get(workflow_id)
         return await self._engine.submit(workflow, input, idempotency_key)
 
     async def get(self, execution_id: str) -> Execution:
@@ -82,10 +82,10 @@ class Executions:
         position = resume_position(after)
         if position is not None and execution.status not in (Execution.PENDING, Execution.RUNNING):
             # Resumed past its end, the stream would wait for an end that has come.
-            newest = (await self._log.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
+            newest = (await self._events.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
             if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:
                 return
-        async for event in self._log.follow(execution_id, position or 0):
+        async for event in self._events.follow(execution_id, position or 0):
             yield event
             if event.type in _TERMINAL_EVENTS:
                 return

@@ -25,12 +25,12 @@ from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
-from services.workflows.events import EventLog
+from services.workflows.events import Events
 from services.workflows.executions import Executions
 from services.workflows.repository import ExecutionRepository, WorkflowRepository
 from services.workflows.retention import Pruner
 from services.workflows.servicer import EventsServicer, WorkflowsServicer
-from services.workflows.workflows import WorkflowCatalog
+from services.workflows.workflows import Workflows
 
 WORKFLOWS_SERVICE = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].full_name
 EVENTS_SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
@@ -80,29 +80,29 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
     # Calls to the agents service carry this service's own key.
     agents_channel = service_channel(settings.agents_addr, settings)
     agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
-    events = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
+    writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
-    log = EventLog(db, events, feed)
+    events = Events(db, writer, feed)
     executions_repository = ExecutionRepository(db)
     engine = Engine(
         executions_repository,
         agents,
-        events,
+        writer,
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )
-    catalog = WorkflowCatalog(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
-    executions = Executions(catalog, executions_repository, engine, log)
+    workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
+    executions = Executions(workflows, executions_repository, engine, events)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     limiter = build_limiter(settings)
     host = GrpcHost(
         settings.workflows_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
     )
-    host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(catalog, executions), WORKFLOWS_SERVICE)
-    host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(log), EVENTS_SERVICE)
+    host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
+    host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)
     pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
     return WorkflowsService(
-        host, db, engine, events, feed, pruner, cache, build_relay(settings, db), agents_channel, verifier, limiter
+        host, db, engine, writer, feed, pruner, cache, build_relay(settings, db), agents_channel, verifier, limiter
     )
 
 

@@ -5,30 +5,30 @@ from __future__ import annotations
 from devops_hub.v1 import events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import empty_pb2, json_format
 
-from services.workflows.events import EventLog
+from services.workflows.events import Events
 from services.workflows.executions import Executions
-from services.workflows.workflows import WorkflowCatalog
+from services.workflows.workflows import Workflows
 
 
 class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
-    def __init__(self, catalog: WorkflowCatalog, executions: Executions) -> None:
-        self._catalog = catalog
+    def __init__(self, workflows: Workflows, executions: Executions) -> None:
+        self._workflows = workflows
         self._executions = executions
 
     async def ListWorkflows(self, request, context) -> workflows_pb2.ListWorkflowsResponse:
-        return await self._catalog.list(request)
+        return await self._workflows.list(request)
 
     async def GetWorkflow(self, request, context) -> workflows_pb2.Workflow:
-        return await self._catalog.get(request.id)
+        return await self._workflows.get(request.id)
 
     async def CreateWorkflow(self, request, context) -> workflows_pb2.Workflow:
-        return await self._catalog.create(request.workflow)
+        return await self._workflows.create(request.workflow)
 
     async def UpdateWorkflow(self, request, context) -> workflows_pb2.Workflow:
-        return await self._catalog.update(request.workflow, list(request.update_mask.paths))
+        return await self._workflows.update(request.workflow, list(request.update_mask.paths))
 
     async def DeleteWorkflow(self, request, context) -> empty_pb2.Empty:
-        await self._catalog.delete(request.id, request.etag)
+        await self._workflows.delete(request.id, request.etag)
         return empty_pb2.Empty()
 
     async def ExecuteWorkflow(self, request, context) -> workflows_pb2.Execution:
@@ -49,15 +49,15 @@ class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
 
 
 class EventsServicer(events_pb2_grpc.EventsServiceServicer):
-    def __init__(self, log: EventLog) -> None:
-        self._log = log
+    def __init__(self, events: Events) -> None:
+        self._events = events
 
     async def ListEvents(self, request, context) -> events_pb2.ListEventsResponse:
-        return await self._log.list(request)
+        return await self._events.list(request)
 
     async def PublishEvent(self, request, context) -> events_pb2.Event:
-        return await self._log.publish(request.event)
+        return await self._events.publish(request.event)
 
     async def StreamEvents(self, request, context):
-        async for event in self._log.stream(request):
+        async for event in self._events.stream(request):
             yield event

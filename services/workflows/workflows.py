@@ -1,4 +1,4 @@
-"""Workflow definitions: validation against the live agent registry, caching, invalidation.
+"""Workflow definitions: validation against the live agents service, caching, invalidation.
 
 Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
 single workflow 300 s); a write invalidates that workflow's key and every list page.
@@ -38,11 +38,11 @@ WRITABLE = ("name", "description", "steps", "timeout")
 
 
 def _key(workflow_id: str) -> str:
-    """The pattern naming exactly the key WorkflowCatalog._stored(workflow_id) fills."""
+    """The pattern naming exactly the key Workflows._stored(workflow_id) fills."""
     return f"workflows:get:{escape_key(encode_part(workflow_id))}"
 
 
-class WorkflowCatalog:
+class Workflows:
     def __init__(
         self,
         repository: WorkflowRepository,

@@ -25,8 +25,8 @@ MAX_CONTENT_TYPE_CHARS = 256
 # Prefix levels that get O(1) invalidation; deeper ':' are ordinary characters.
 # Bounded so that checking an entry's freshness costs at most this many lookups.
 MAX_PREFIX_DEPTH = 4
-# The namespaces DevOps Hub's own services cache under (services/agents/registry.py,
-# services/workflows/catalog.py): the sidecar exports their hits and misses from start.
+# The namespaces DevOps Hub's own services cache under (services/agents/agents.py,
+# services/workflows/workflows.py): the sidecar exports their hits and misses from start.
 SERVICE_NAMESPACES = ("agents", "workflows")
 
 _GLOB_CHARS = "*?["
