@@ -230,7 +230,7 @@ def new_agent(i: int | str, **fields) -> agents_pb2.Agent:
 
 
 # Fixtures several test modules use: pytest finds them through this module. Imported
-# last, because tests.auth_helpers builds on the helpers above.
-from tests.auth_helpers import secured  # noqa: E402, F401
-from tests.cache_helpers import backend, start_sidecar  # noqa: E402, F401
-from tests.redis_fixtures import persistent_redis_server, redis_prefix, redis_server, redis_url  # noqa: E402, F401
+# last, because tests.support.auth builds on the helpers above.
+from tests.support.auth import secured  # noqa: E402, F401
+from tests.support.cache import backend, start_sidecar  # noqa: E402, F401
+from tests.support.redis_servers import persistent_redis_server, redis_prefix, redis_server, redis_url  # noqa: E402, F401

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb
 
 from services.common.grpc_host import GrpcHost
 from tests.conftest import make_settings, running_stack
-from tests.grpc_errors import failure_of
+from tests.support.grpc_errors import failure_of
 
 Agent = agents_pb2.Agent
 AgentResult = runtime_pb2.AgentResult

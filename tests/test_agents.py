@@ -10,7 +10,7 @@ from devops_hub.v1 import agents_pb2
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from tests.conftest import make_settings, new_agent, running_stack
-from tests.grpc_errors import expect_error
+from tests.support.grpc_errors import expect_error
 
 Agent = agents_pb2.Agent
 

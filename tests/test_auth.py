@@ -21,7 +21,8 @@ from services.common.auth import keys
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
 from services.common.settings import Settings
-from tests.auth_helpers import (
+from tests.conftest import running_stack
+from tests.support.auth import (
     ADMIN,
     ADMIN_KEY,
     EXECUTE,
@@ -32,8 +33,7 @@ from tests.auth_helpers import (
     auth_settings,
     new_key,
 )
-from tests.conftest import running_stack
-from tests.grpc_errors import failure_of
+from tests.support.grpc_errors import failure_of
 
 # For each required scope, a key that has everything but it (ADMIN implies all).
 WEAKER = {READ: [WRITE, EXECUTE], WRITE: [READ, EXECUTE], EXECUTE: [READ, WRITE], ADMIN: [READ, WRITE, EXECUTE]}
@@ -217,7 +217,7 @@ async def test_rate_limits_answer_429_with_retry_after(sqlite_url, backend):
     if backend == "redis":
         import redis.asyncio as redis
 
-        from tests.redis_fixtures import REDIS_URL as redis_url
+        from tests.support.redis_servers import REDIS_URL as redis_url
 
         try:
             client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)

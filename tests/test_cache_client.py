@@ -35,7 +35,7 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
-from tests.cache_helpers import (
+from tests.support.cache import (
     READ_TIMEOUT,
     CountingLoader,
     Database,

@@ -18,14 +18,14 @@ from gateway.testing import running_gateway
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.cache_helpers import (
+from tests.conftest import make_settings, running_stack
+from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
     StartSidecar,
     eventually,
 )
-from tests.conftest import make_settings, running_stack
 
 String = wrappers_pb2.StringValue
 

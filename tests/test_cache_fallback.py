@@ -19,8 +19,8 @@ from services.cache_sidecar.stores.fallback import FallbackStore
 from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
-from tests.cache_helpers import StartSidecar, entry
-from tests.redis_fixtures import RedisServer
+from tests.support.cache import StartSidecar, entry
+from tests.support.redis_servers import RedisServer
 
 CALL_TIMEOUT = 5.0
 RECOVERY_TIMEOUT = 20.0

@@ -19,8 +19,8 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
-from tests.auth_helpers import READ, WRITE, new_key
-from tests.cache_helpers import StartSidecar
+from tests.support.auth import READ, WRITE, new_key
+from tests.support.cache import StartSidecar
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
 from services.common.errors import InvalidArgument
-from tests.cache_helpers import FakeClock
+from tests.support.cache import FakeClock
 
 
 def store(clock: FakeClock | None = None, **overrides) -> MemoryStore:

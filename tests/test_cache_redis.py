@@ -16,8 +16,8 @@ from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.cache_helpers import STRING_TYPE, CountingLoader, StartSidecar, eventually
-from tests.redis_fixtures import RedisServer
+from tests.support.cache import STRING_TYPE, CountingLoader, StartSidecar, eventually
+from tests.support.redis_servers import RedisServer
 
 
 @pytest.fixture

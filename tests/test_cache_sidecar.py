@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient, protobuf_content_type
-from tests.cache_helpers import (
+from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,

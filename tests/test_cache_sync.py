@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2
 from services.cache_sidecar.stores.position import MAX_AHEAD, SyncState
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
-from tests.cache_helpers import StartSidecar, entry
+from tests.support.cache import StartSidecar, entry
 
 
 @pytest.fixture

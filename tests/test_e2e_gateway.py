@@ -7,7 +7,7 @@ import pytest
 
 from gateway.testing import running_gateway
 from tests.conftest import make_settings, running_stack
-from tests.grpc_errors import error_reason, field_violations
+from tests.support.grpc_errors import error_reason, field_violations
 
 
 @pytest.fixture

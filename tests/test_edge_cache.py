@@ -20,7 +20,7 @@ from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
 from tests.conftest import make_settings, running_stack
-from tests.redis_fixtures import REDIS_URL
+from tests.support.redis_servers import REDIS_URL
 
 ADMIN_KEY = keys.new_key()
 SERVICE_KEY = keys.new_key()

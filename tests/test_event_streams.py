@@ -21,7 +21,7 @@ from devops_hub.v1 import events_pb2, events_pb2_grpc
 
 from gateway.testing import running_gateway
 from tests.conftest import make_settings, running_stack
-from tests.grpc_errors import failure_of
+from tests.support.grpc_errors import failure_of
 
 WAIT = 20.0
 

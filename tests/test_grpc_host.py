@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common import event_loop
 from services.common.errors import NotFound
 from services.common.grpc_host import GrpcHost
-from tests.grpc_errors import failure_of
+from tests.support.grpc_errors import failure_of
 
 SLOW_METHOD = "/test.Slow/Sleep"
 

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.testing import running_gateway
 from tests.conftest import PG_ADMIN_URL, _unavailable, make_settings, running_stack
-from tests.grpc_errors import error_reason
+from tests.support.grpc_errors import error_reason
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry
 from services.common.outbox import Outbox
 from tests.conftest import make_settings, new_agent, running_stack
-from tests.grpc_errors import expect_error
+from tests.support.grpc_errors import expect_error
 
 Agent = agents_pb2.Agent
 

@@ -20,9 +20,9 @@ from google.protobuf import empty_pb2
 
 from gateway.testing import running_gateway
 from services.common.cache.keys import SERVICE_NAMESPACES
-from tests.auth_helpers import ADMIN_KEY, auth_settings
-from tests.cache_helpers import READ_TIMEOUT, StartSidecar, entry
 from tests.conftest import make_settings, running_stack
+from tests.support.auth import ADMIN_KEY, auth_settings
+from tests.support.cache import READ_TIMEOUT, StartSidecar, entry
 from tests.test_deploy import PROMQL_WORDS, alert_rules, dashboard_exprs, metric_names
 from tests.test_observability import launched_stack, scrape
 
