@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
@@ -35,6 +34,7 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
+from tests.support import ROOT
 from tests.support.cache import (
     READ_TIMEOUT,
     CountingLoader,
@@ -44,7 +44,6 @@ from tests.support.cache import (
     eventually,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 StringValue = wrappers_pb2.StringValue
 
 

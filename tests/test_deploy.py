@@ -36,20 +36,15 @@ from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 from services.seed import seed
 from tests.conftest import make_settings, running_stack
-from tests.test_observability import launched_stack, parse_samples
+from tests.support import ROOT
+from tests.support.deploy import DEPLOY, alert_rules, dashboard, dashboard_exprs, metric_names
+from tests.support.metrics import parse_samples
+from tests.support.processes import launched_stack
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 DEFAULTS = Settings()
 SETTING_NAMES = {field.name.upper() for field in dataclasses.fields(Settings)}
 # Read by libraries rather than Settings: prometheus_client's and OpenTelemetry's own.
 LIBRARY_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR"}
-
-# PromQL words that are not metric names.
-PROMQL_WORDS = {
-    "sum", "min", "max", "avg", "count", "topk", "bottomk", "rate", "irate", "increase", "histogram_quantile",
-    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-}
 
 
 def port_of(address: str) -> int:
@@ -58,34 +53,6 @@ def port_of(address: str) -> int:
 
 def is_known_variable(name: str) -> bool:
     return name in SETTING_NAMES or name in LIBRARY_VARIABLES or name.startswith("OTEL_")
-
-
-def alert_rules() -> list[dict]:
-    document = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    return [rule for group in document["groups"] for rule in group["rules"]]
-
-
-def dashboard() -> dict:
-    return json.loads((DEPLOY / "grafana" / "dashboards" / "devops-hub.json").read_text())
-
-
-def dashboard_exprs() -> list[str]:
-    return [t["expr"] for panel in dashboard()["panels"] for t in panel.get("targets", [])]
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression reads."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
-    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
-        word = match.group(0)
-        following = text[match.end():].lstrip()[:1]
-        if word not in PROMQL_WORDS and following != "(":
-            names.add(word)
-    return names
 
 
 def label_regexes(exprs: list[str], label: str, operator: str) -> set[str]:

@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -35,8 +34,8 @@ from services.common.api import discover_services
 from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 WATCH_SERVICE = "devops_hub.testing.AgentWatchService"

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from threading import Thread
 
 import grpc
@@ -29,9 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.run import free_port
 from gateway.testing import running_gateway
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.db import connect
@@ -41,9 +34,8 @@ from services.common.telemetry import grpc_client, logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
 from services.common.telemetry.metrics import CacheStatsRefresher, ServiceMetrics
 from tests.conftest import make_settings, running_stack
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from tests.support.metrics import parse_samples, scrape
+from tests.support.processes import launched_stack
 
 # --------------------------------------------------------------------------- helpers
 
@@ -51,14 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def sample(name: str, **labels: str) -> float:
     """A sample of this process's default registry (0 when it does not exist yet)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -75,62 +59,6 @@ async def eventually(check, timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "the condition never held"
         await asyncio.sleep(0.01)
-
-
-
-@contextlib.contextmanager
-def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overrides: str) -> Iterator[dict[str, str]]:
-    """`python -m services.launcher` on free ports and a fresh SQLite file; yields its
-    environment once it says it is ready (its lines so far go to `output`), and checks
-    it stops cleanly on SIGTERM."""
-    env = dict(os.environ)
-    env.pop("REDIS_URL", None)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update(
-        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
-        AGENTS_METRICS_PORT=str(free_port()),
-        WORKFLOWS_METRICS_PORT=str(free_port()),
-        CACHE_METRICS_PORT=str(free_port()),
-        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
-        PYTHONUNBUFFERED="1",
-        LOG_LEVEL="WARNING",
-    )
-    env.update(env_overrides)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = [] if output is None else output
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            if line.startswith("launcher: ready"):
-                break
-        else:
-            raise AssertionError(f"the stack never got ready: {lines}")
-        assert lines and lines[-1].startswith("launcher: ready"), lines
-        yield env
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def scrape(port: int | str, path: str = "/metrics") -> dict[tuple[str, frozenset], float]:
-    # A new connection each time: with several workers, any of them may answer.
-    response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10, headers={"connection": "close"})
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain")
-    return parse_samples(response.text)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import shutil
 import subprocess
 import sys
 
-from tests.test_processes import ADMIN_KEY, ROOT, process_env, read_until
+from tests.support import ROOT
+from tests.support.processes import ADMIN_KEY, process_env, read_until
 
 EXCLUDED_OPERATIONS = r"^(ApiKeysService_RevokeApiKey|EventsService_StreamEvents|WorkflowsService_WatchExecution)$"
 

@@ -13,48 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.run import free_port
-from services.common.auth import keys
+from tests.support import ROOT
+from tests.support.processes import ADMIN_KEY, process_env, read_until
 
-ROOT = Path(__file__).resolve().parent.parent
-ADMIN_KEY = keys.new_key()
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
-
-
-
-def process_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
-        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
-        PYTHONUNBUFFERED="1",
-        # The defaults otherwise: auth on, anonymous reads allowed; this is the first key.
-        BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
-        # No metrics endpoints: their fixed ports would collide with a running stack.
-        AGENTS_METRICS_PORT="0",
-        WORKFLOWS_METRICS_PORT="0",
-        CACHE_METRICS_PORT="0",
-    )
-    for name in ("REDIS_URL", "AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
-        env.pop(name, None)
-    return env
-
-
-def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip())
-        if needle in line:
-            return lines
-    raise AssertionError(f"never saw {needle!r}; output so far: {lines}")
 
 
 def alive(pid: int) -> bool:

@@ -19,15 +19,14 @@ import re
 import shutil
 import subprocess
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
 from gateway.errors import HTTP_STATUS
 from services.common.settings import Settings
-from tests.test_observability import launched_stack
+from tests.support import ROOT
+from tests.support.processes import launched_stack
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DEFAULTS = Settings()
 SKIP_MARK = "<!-- not part of the walkthrough test"

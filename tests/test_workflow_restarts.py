@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,9 +18,9 @@ from bench.run import free_port
 from services.common.event_repository import EventRepository
 from services.workflows.server import build as build_workflows
 from tests.conftest import make_settings, running_stack
-from tests.test_processes import read_until
+from tests.support import ROOT
+from tests.support.processes import read_until
 
-ROOT = Path(__file__).resolve().parent.parent
 Execution = workflows_pb2.Execution
 
 LONG = json_format.ParseDict(

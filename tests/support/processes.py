@@ -1,0 +1,99 @@
+"""The stack as separate processes, as `make run` starts them: its environment on
+free ports, reading its output, and a launched stack that must stop cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.run import free_port
+from tests.support import ROOT
+from tests.support.auth import ADMIN_KEY
+
+
+def process_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
+        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
+        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
+        CACHE_ADDR=f"127.0.0.1:{free_port()}",
+        GATEWAY_PORT=str(free_port()),
+        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        PYTHONUNBUFFERED="1",
+        # The defaults otherwise: auth on, anonymous reads allowed; this is the first key.
+        BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
+        # No metrics endpoints: their fixed ports would collide with a running stack.
+        AGENTS_METRICS_PORT="0",
+        WORKFLOWS_METRICS_PORT="0",
+        CACHE_METRICS_PORT="0",
+    )
+    for name in ("REDIS_URL", "AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
+        env.pop(name, None)
+    return env
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}; output so far: {lines}")
+
+
+@contextlib.contextmanager
+def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overrides: str) -> Iterator[dict[str, str]]:
+    """`python -m services.launcher` on free ports and a fresh SQLite file; yields its
+    environment once it says it is ready (its lines so far go to `output`), and checks
+    it stops cleanly on SIGTERM."""
+    env = dict(os.environ)
+    env.pop("REDIS_URL", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
+        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
+        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
+        CACHE_ADDR=f"127.0.0.1:{free_port()}",
+        GATEWAY_PORT=str(free_port()),
+        AGENTS_METRICS_PORT=str(free_port()),
+        WORKFLOWS_METRICS_PORT=str(free_port()),
+        CACHE_METRICS_PORT=str(free_port()),
+        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        PYTHONUNBUFFERED="1",
+        LOG_LEVEL="WARNING",
+    )
+    env.update(env_overrides)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = [] if output is None else output
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            if line.startswith("launcher: ready"):
+                break
+        else:
+            raise AssertionError(f"the stack never got ready: {lines}")
+        assert lines and lines[-1].startswith("launcher: ready"), lines
+        yield env
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
