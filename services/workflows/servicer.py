@@ -1,7 +1,11 @@
-"""WorkflowsService and EventsService over gRPC: translate, then delegate."""
+"""WorkflowsService and EventsService over gRPC: translate, then delegate to a use case
+(Workflows, Executions, Events)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import grpc
 from devops_hub.v1 import events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import empty_pb2, json_format
 
@@ -15,35 +19,55 @@ class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
         self._workflows = workflows
         self._executions = executions
 
-    async def ListWorkflows(self, request, context) -> workflows_pb2.ListWorkflowsResponse:
+    async def ListWorkflows(
+        self, request: workflows_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.ListWorkflowsResponse:
         return await self._workflows.list(request)
 
-    async def GetWorkflow(self, request, context) -> workflows_pb2.Workflow:
+    async def GetWorkflow(
+        self, request: workflows_pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Workflow:
         return await self._workflows.get(request.id)
 
-    async def CreateWorkflow(self, request, context) -> workflows_pb2.Workflow:
+    async def CreateWorkflow(
+        self, request: workflows_pb2.CreateWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Workflow:
         return await self._workflows.create(request.workflow)
 
-    async def UpdateWorkflow(self, request, context) -> workflows_pb2.Workflow:
+    async def UpdateWorkflow(
+        self, request: workflows_pb2.UpdateWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Workflow:
         return await self._workflows.update(request.workflow, list(request.update_mask.paths))
 
-    async def DeleteWorkflow(self, request, context) -> empty_pb2.Empty:
+    async def DeleteWorkflow(
+        self, request: workflows_pb2.DeleteWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         await self._workflows.delete(request.id, request.etag)
         return empty_pb2.Empty()
 
-    async def ExecuteWorkflow(self, request, context) -> workflows_pb2.Execution:
+    async def ExecuteWorkflow(
+        self, request: workflows_pb2.ExecuteWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Execution:
         return await self._executions.execute(request.id, json_format.MessageToDict(request.input), request.idempotency_key)
 
-    async def ListExecutions(self, request, context) -> workflows_pb2.ListExecutionsResponse:
+    async def ListExecutions(
+        self, request: workflows_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.ListExecutionsResponse:
         return await self._executions.list(request)
 
-    async def GetExecution(self, request, context) -> workflows_pb2.Execution:
+    async def GetExecution(
+        self, request: workflows_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Execution:
         return await self._executions.get(request.id)
 
-    async def CancelExecution(self, request, context) -> workflows_pb2.Execution:
+    async def CancelExecution(
+        self, request: workflows_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> workflows_pb2.Execution:
         return await self._executions.cancel(request.id)
 
-    async def WatchExecution(self, request, context):
+    async def WatchExecution(
+        self, request: workflows_pb2.WatchExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.Event]:
         async for event in self._executions.watch(request.id, request.after):
             yield event
 
@@ -52,12 +76,16 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
     def __init__(self, events: Events) -> None:
         self._events = events
 
-    async def ListEvents(self, request, context) -> events_pb2.ListEventsResponse:
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> events_pb2.ListEventsResponse:
         return await self._events.list(request)
 
-    async def PublishEvent(self, request, context) -> events_pb2.Event:
+    async def PublishEvent(self, request: events_pb2.PublishEventRequest, context: grpc.aio.ServicerContext) -> events_pb2.Event:
         return await self._events.publish(request.event)
 
-    async def StreamEvents(self, request, context):
+    async def StreamEvents(
+        self, request: events_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.Event]:
         async for event in self._events.stream(request):
             yield event
