@@ -15,9 +15,9 @@ import logging
 
 from devops_hub.v1 import cache_pb2_grpc
 
+from services.cache_sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
 from services.cache_sidecar.relay import InvalidationRelay
-from services.cache_sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
 from services.cache_sidecar.stores import redis as redis_store
 from services.cache_sidecar.stores.base import Store
 from services.cache_sidecar.stores.fallback import FallbackStore
