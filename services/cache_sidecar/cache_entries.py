@@ -1,5 +1,6 @@
-"""CacheService over gRPC: validates requests, translates proto ↔ store, and tells
-the Watch streams about every invalidation once the store has applied it.
+"""The cache sidecar's use case: validates what CacheService is asked, has the store
+do it, and tells the Watch streams about every invalidation once the store has
+applied it.
 
 The store does the work (memory, Redis, or Redis with fallback: this module cannot
 tell which); the hub fans invalidations out (hub.py).
@@ -9,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-import grpc
-from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from google.protobuf import empty_pb2
+from devops_hub.v1 import cache_pb2
 
 from services.cache_sidecar.hub import InvalidationHub
 from services.cache_sidecar.stores.base import NewEntry, Store, StoreStats, Value
@@ -28,7 +27,7 @@ MAX_WATCH_PREFIXES = 100
 DEFAULT_HEARTBEAT_SECONDS = 5.0
 
 
-class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
+class CacheEntries:
     def __init__(
         self,
         store: Store,
@@ -40,8 +39,7 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         self._hub = hub
         self._heartbeat_interval = heartbeat_interval
 
-    async def Get(self, request: cache_pb2.CacheGetRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheGetResponse:
-        key = request.key
+    async def get(self, key: str) -> cache_pb2.CacheGetResponse:
         problem = key_problem(key)
         if problem:
             raise invalid_fields([("key", problem)])
@@ -50,10 +48,7 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
             return cache_pb2.CacheGetResponse(found=False, fill_token=lookup.fill_token)
         return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), fill_token=lookup.fill_token)
 
-    async def GetMany(
-        self, request: cache_pb2.CacheGetManyRequest, context: grpc.aio.ServicerContext
-    ) -> cache_pb2.CacheGetManyResponse:
-        keys = request.keys
+    async def get_many(self, keys: Sequence[str]) -> cache_pb2.CacheGetManyResponse:
         if len(keys) > MAX_BATCH:
             raise invalid_fields([("keys", f"at most {MAX_BATCH} keys per call, got {len(keys)}")])
         violations = [(f"keys[{i}]", problem) for i, key in enumerate(keys) if (problem := key_problem(key))]
@@ -62,7 +57,7 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         found = await self._store.get_many(list(dict.fromkeys(keys)))
         return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
 
-    async def Set(self, request: cache_pb2.CacheSetRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSetResponse:
+    async def set(self, request: cache_pb2.CacheSetRequest) -> cache_pb2.CacheSetResponse:
         violations = _ttl_violations(request.ttl_seconds)
         if not request.HasField("entry"):
             violations.append(("entry", "is required"))
@@ -79,9 +74,7 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
             self._hub.publish(escape_key(entry.key))
         return cache_pb2.CacheSetResponse(stored=stored)
 
-    async def SetMany(
-        self, request: cache_pb2.CacheSetManyRequest, context: grpc.aio.ServicerContext
-    ) -> cache_pb2.CacheSetManyResponse:
+    async def set_many(self, request: cache_pb2.CacheSetManyRequest) -> cache_pb2.CacheSetManyResponse:
         violations = _ttl_violations(request.ttl_seconds)
         if len(request.entries) > MAX_BATCH:
             violations.append(("entries", f"at most {MAX_BATCH} entries per call, got {len(request.entries)}"))
@@ -97,19 +90,15 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
             self._hub.publish(*(escape_key(entry.key) for entry in entries))
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
-    async def Delete(
-        self, request: cache_pb2.CacheDeleteRequest, context: grpc.aio.ServicerContext
-    ) -> cache_pb2.CacheDeleteResponse:
-        problem = key_problem(request.key)
+    async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
+        problem = key_problem(key)
         if problem:
             raise invalid_fields([("key", problem)])
-        deleted = await self._store.delete(request.key)
-        self._hub.publish(escape_key(request.key))
+        deleted = await self._store.delete(key)
+        self._hub.publish(escape_key(key))
         return cache_pb2.CacheDeleteResponse(deleted=deleted)
 
-    async def Invalidate(
-        self, request: cache_pb2.CacheInvalidateRequest, context: grpc.aio.ServicerContext
-    ) -> cache_pb2.CacheInvalidateResponse:
+    async def invalidate(self, request: cache_pb2.CacheInvalidateRequest) -> cache_pb2.CacheInvalidateResponse:
         named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
         named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
         violations = _pattern_violations(named) + _sequence_violations(("sequence", request.sequence))
@@ -123,15 +112,15 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
             self._hub.publish(*(pattern for _, pattern in named))
         return cache_pb2.CacheInvalidateResponse(removed=removed)
 
-    async def Clear(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheClearResponse:
+    async def clear(self) -> cache_pb2.CacheClearResponse:
         removed = await self._store.clear()
         self._hub.publish("*")
         return cache_pb2.CacheClearResponse(removed=removed)
 
-    async def GetSyncState(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSyncState:
+    async def get_sync_state(self) -> cache_pb2.CacheSyncState:
         return _sync_state(await self._store.sync_state())
 
-    async def Sync(self, request: cache_pb2.CacheSyncRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSyncState:
+    async def sync(self, request: cache_pb2.CacheSyncRequest) -> cache_pb2.CacheSyncState:
         violations = _pattern_violations([(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)])
         violations += _sequence_violations(("after", request.after), ("through", request.through))
         if request.through < request.after:
@@ -150,12 +139,10 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
                 self._hub.publish(*patterns)
         return _sync_state(state)
 
-    async def Stats(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> cache_pb2.CacheStats:
+    async def stats(self) -> cache_pb2.CacheStats:
         return stats_message(await self._store.stats())
 
-    async def Watch(
-        self, request: cache_pb2.CacheWatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[cache_pb2.CacheInvalidation]:
+    async def watch(self, prefixes: Sequence[str]) -> AsyncIterator[cache_pb2.CacheInvalidation]:
         """Streams invalidations, starting with a heartbeat that says "subscribed".
 
         Heartbeats (pattern "") also flow whenever the stream is idle, so a client
@@ -164,7 +151,6 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         cannot hear the other sidecars; either way the client must clear its
         near-cache and resubscribe.
         """
-        prefixes = request.prefixes
         if len(prefixes) > MAX_WATCH_PREFIXES:
             raise invalid_fields([("prefixes", f"at most {MAX_WATCH_PREFIXES} prefixes, got {len(prefixes)}")])
         watcher = self._hub.subscribe(prefixes)

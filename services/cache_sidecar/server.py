@@ -15,9 +15,10 @@ import logging
 
 from devops_hub.v1 import cache_pb2_grpc
 
-from services.cache_sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheServiceServicer
+from services.cache_sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
 from services.cache_sidecar.relay import InvalidationRelay
+from services.cache_sidecar.servicer import CacheServicer
 from services.cache_sidecar.stores import redis as redis_store
 from services.cache_sidecar.stores.base import Store
 from services.cache_sidecar.stores.fallback import FallbackStore
@@ -126,7 +127,7 @@ async def build(
     )
     host.add(
         cache_pb2_grpc.add_CacheServiceServicer_to_server,
-        CacheServiceServicer(store, hub, heartbeat_interval=heartbeat_interval),
+        CacheServicer(CacheEntries(store, hub, heartbeat_interval=heartbeat_interval)),
         SERVICE_NAME,
     )
     return CacheSidecar(host=host, store=store, hub=hub, memory=memory, relay=relay, verifier=verifier, limiter=limiter)
