@@ -16,11 +16,12 @@ from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
 from services.workflows.events_log import EventLog, resume_position
 from services.workflows.repository import ExecutionRepository
+from services.workflows.statuses import ACTIVE_EXECUTION, FINAL_EXECUTION, execution_event
 
 Execution = workflows_pb2.Execution
 MAX_IDEMPOTENCY_KEY = 128
 MAX_INPUT_BYTES = 1024 * 1024
-_TERMINAL_EVENTS = {f"execution.{name.lower()}" for name in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")}
+_TERMINAL_EVENTS = frozenset(execution_event(status) for status in FINAL_EXECUTION)
 
 
 class Executions:
@@ -66,7 +67,7 @@ class Executions:
 
     async def cancel(self, execution_id: str) -> Execution:
         current = await self.get(execution_id)
-        if current.status not in (Execution.PENDING, Execution.RUNNING):
+        if current.status not in ACTIVE_EXECUTION:
             raise FailedPrecondition(
                 f"execution {execution_id!r} has ended ({Execution.Status.Name(current.status)}); there is nothing to cancel",
                 reason="EXECUTION_ENDED",
@@ -80,7 +81,7 @@ class Executions:
         ones, until it ends."""
         execution = await self.get(execution_id)
         position = resume_position(after)
-        if position is not None and execution.status not in (Execution.PENDING, Execution.RUNNING):
+        if position is not None and execution.status not in ACTIVE_EXECUTION:
             # Resumed past its end, the stream would wait for an end that has come.
             newest = (await self._log.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
             if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:

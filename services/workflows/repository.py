@@ -19,13 +19,14 @@ from google.protobuf import json_format
 from services.common.db import Database, UniqueViolation
 from services.common.db.database import Executor, Row, as_datetime
 from services.common.errors import AlreadyExists
+from services.workflows.statuses import ACTIVE_EXECUTION
 
 Workflow = workflows_pb2.Workflow
 Execution = workflows_pb2.Execution
 StepRun = workflows_pb2.StepRun
 
-# The statuses an execution still leaves, as SQL: an active execution.
-_ACTIVE = "status IN ('PENDING', 'RUNNING')"
+# An active execution, as SQL: one whose status is still to change.
+_ACTIVE = "status IN ({})".format(", ".join(sorted(f"'{Execution.Status.Name(status)}'" for status in ACTIVE_EXECUTION)))
 _WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
 _EXECUTION_COLUMNS = (
     "id, workflow_id, status, input, output, error, steps, definition, idempotency_key, create_time, start_time, end_time"

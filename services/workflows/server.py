@@ -23,11 +23,13 @@ from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
+from services.common.telemetry.metrics import service_metrics
 from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
 from services.workflows.events_log import EventLog
 from services.workflows.executions import Executions
+from services.workflows.metrics import WorkflowMetrics
 from services.workflows.repository import ExecutionRepository, WorkflowRepository
 from services.workflows.retention import Pruner
 from services.workflows.servicer import EventsServicer, WorkflowsServicer
@@ -88,6 +90,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
         executions_repository,
         agents,
         events,
+        service_metrics().group(WorkflowMetrics),
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )

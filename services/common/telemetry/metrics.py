@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gRPC services: calls, database pools, the cache, workflows.
+"""Prometheus metrics of the gRPC services: calls, database pools, the cache.
 
 A process keeps its metrics in prometheus_client's default registry (which also holds
 the standard process_* metrics) and serves them on its metrics port (endpoint.py).
@@ -17,20 +17,19 @@ import dataclasses
 import functools
 import os
 import weakref
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
-from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+G = TypeVar("G")
 
 # Request latencies: sub-millisecond to seconds, with edges at the performance
 # targets (100 ms) and alert thresholds (500 ms) so quantiles near them are exact.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Workflow executions run from milliseconds (transforms) to their one-hour default limit.
-WORKFLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 # The codes that mean the server failed (OpenTelemetry's rule for gRPC server spans);
 # the others are the caller's mistakes or answers (NOT_FOUND, INVALID_ARGUMENT, ...).
@@ -298,77 +297,6 @@ class CacheStatsRefresher:
         self._metrics.update(await self._store.stats())
 
 
-# --- workflows ------------------------------------------------------------------------------
-
-
-def _enum_label(message: Any, field: str) -> str:
-    """The enum value's name in lower case, from the message's own descriptor."""
-    return enum_label(message.DESCRIPTOR.fields_by_name[field].enum_type, getattr(message, field))
-
-
-def enum_label(enum: EnumDescriptor, number: int) -> str:
-    value = enum.values_by_number.get(number)
-    return value.name.lower() if value is not None else "unknown"
-
-
-def _seconds_between(start: Any, end: Any) -> float | None:
-    if not start.seconds and not start.nanos:
-        return None
-    return max(0.0, (end.ToNanoseconds() - start.ToNanoseconds()) / 1e9)
-
-
-class WorkflowMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._executions = Counter(
-            "devops_hub_workflow_executions", "Workflow executions that ended, by final status.", ["status"], registry=registry
-        )
-        self._execution_seconds = Histogram(
-            "devops_hub_workflow_execution_duration_seconds",
-            "Time from an execution's start to its end, by final status.",
-            ["status"],
-            buckets=WORKFLOW_BUCKETS,
-            registry=registry,
-        )
-        self._steps = Counter(
-            "devops_hub_workflow_steps", "Workflow steps that ended, by step type and final status.", ["type", "status"], registry=registry
-        )
-        self._step_seconds = Histogram(
-            "devops_hub_workflow_step_duration_seconds",
-            "Time from a step's start to its end (all attempts), by step type and final status.",
-            ["type", "status"],
-            buckets=WORKFLOW_BUCKETS,
-            registry=registry,
-        )
-
-    def declare(self, execution_statuses: Iterable[str], step_types: Iterable[str], step_statuses: Iterable[str]) -> None:
-        """Exports every final status (and step type) at zero before the first
-        execution ends, so the dashboard's panels have series from the start."""
-        step_statuses = list(step_statuses)
-        for status in execution_statuses:
-            self._executions.labels(status)
-            self._execution_seconds.labels(status)
-        for kind in step_types:
-            for status in step_statuses:
-                self._steps.labels(kind, status)
-                self._step_seconds.labels(kind, status)
-
-    def execution_ended(self, execution: Any) -> None:
-        """Counts an Execution that reached its final status (and times it, if it started)."""
-        status = _enum_label(execution, "status")
-        self._executions.labels(status).inc()
-        seconds = _seconds_between(execution.start_time, execution.end_time)
-        if seconds is not None:
-            self._execution_seconds.labels(status).observe(seconds)
-
-    def step_ended(self, step: Any, run: Any) -> None:
-        """Counts a StepRun of `step` that reached its final status (and times it, if it started)."""
-        kind, status = _enum_label(step, "type"), _enum_label(run, "status")
-        self._steps.labels(kind, status).inc()
-        seconds = _seconds_between(run.start_time, run.end_time)
-        if seconds is not None:
-            self._step_seconds.labels(kind, status).observe(seconds)
-
-
 # --- the process's set ----------------------------------------------------------------------
 
 
@@ -378,6 +306,7 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        self._groups: dict[Callable[[CollectorRegistry], object], object] = {}
 
     @functools.cached_property
     def grpc(self) -> GrpcServerMetrics:
@@ -391,9 +320,14 @@ class ServiceMetrics:
     def cache(self) -> CacheMetrics:
         return CacheMetrics(self.registry)
 
-    @functools.cached_property
-    def workflows(self) -> WorkflowMetrics:
-        return WorkflowMetrics(self.registry)
+    def group(self, make: Callable[[CollectorRegistry], G]) -> G:
+        """A domain's own metrics (the workflows'), made on this registry the first time
+        they are asked for: a registry takes each metric name once, however many times
+        the process builds its service."""
+        group = self._groups.get(make)
+        if group is None:
+            group = self._groups[make] = make(self.registry)
+        return cast(G, group)
 
     def refresh(self) -> None:
         """Sets the gauges that are read from state rather than counted as things happen."""
