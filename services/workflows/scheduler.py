@@ -29,7 +29,7 @@ class DagScheduler:
     def __init__(self, steps: StepRunner, progress: ExecutionProgress, *, max_parallel: int) -> None:
         self._steps = steps
         self._progress = progress
-        self._max_parallel = max(1, max_parallel)
+        self._max_parallel = max_parallel
 
     async def schedule(
         self, execution: Execution, workflow: Workflow, runs: Mapping[str, StepRun], context: Context

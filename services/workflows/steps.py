@@ -55,7 +55,7 @@ class StepActions:
 
     def __init__(self, agents: agents_pb2_grpc.AgentsServiceStub, *, max_parallel: int) -> None:
         self._agents = agents
-        self._max_parallel = max(1, max_parallel)
+        self._max_parallel = max_parallel
 
     async def attempt(self, step: Step, context: Context, attempt: int, correlation_id: str, timeout: float) -> Any:
         try:
