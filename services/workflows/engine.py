@@ -52,6 +52,8 @@ class Engine:
         max_parallel: int,
         lease_ttl: float,
     ) -> None:
+        # The parts are built here, not in server.py: they share one LocalExecutions
+        # and one ExecutionProgress, and nothing outside the engine calls them.
         # At least one: a gate of zero would let no step (and no item) run.
         max_parallel = max(1, max_parallel)
         self._executions = executions
