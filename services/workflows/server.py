@@ -23,6 +23,7 @@ from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.workflows.catalog import WorkflowCatalog
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
@@ -71,8 +72,10 @@ class WorkflowsService:
         await self.db.close()
 
 
-async def build(settings: Settings) -> WorkflowsService:
-    return await build_on_database(settings, lambda db: _assemble(settings, db))
+async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> WorkflowsService:
+    """The service on `metrics` (by default the process's, in the default registry)."""
+    metrics = metrics or service_metrics()
+    return await build_on_database(settings, lambda db: _assemble(settings, db), pools=metrics.pools)
 
 
 async def _assemble(settings: Settings, db: Database) -> WorkflowsService:

@@ -27,7 +27,7 @@ from prometheus_client import disable_created_metrics, multiprocess
 from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
-from services.common.telemetry.metrics import multiprocess_dir, prepare_multiprocess
+from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, prepare_multiprocess, service_metrics
 
 __all__ = ["Telemetry"]
 
@@ -35,6 +35,8 @@ __all__ = ["Telemetry"]
 @dataclasses.dataclass
 class Telemetry:
     service: str
+    # The process's metrics (the default registry): what serve_metrics() serves.
+    metrics: ServiceMetrics
     provider: TracerProvider | None = None
     endpoint: MetricsEndpoint | None = None
 
@@ -47,11 +49,11 @@ class Telemetry:
         disable_created_metrics()
         prepare_multiprocess(service)
         profiling.configure(settings)
-        return cls(service, provider=tracing.configure(settings, service))
+        return cls(service, service_metrics(), provider=tracing.configure(settings, service))
 
     async def serve_metrics(self, name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()) -> None:
         """GET /metrics on `port` (0: none) of the host the service listens on."""
-        self.endpoint = await serve_metrics(name, address, port, refreshers)
+        self.endpoint = await serve_metrics(name, address, port, self.metrics, refreshers)
 
     async def close(self) -> None:
         if self.endpoint is not None:
