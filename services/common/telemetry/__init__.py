@@ -4,10 +4,10 @@ A process's main() calls Telemetry.start() before it builds anything (logging,
 tracing and profiling are then in place for what it builds), serves its metrics,
 and closes the Telemetry last. docs/observability.md is the operator's side.
 
-    metrics.py      the Prometheus metrics and how they are grouped
+    metrics.py      the Prometheus metrics every service has, and the process's set
     endpoint.py     GET /metrics of a gRPC service, on its own port
     grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
-    grpc_client.py  trace context on outgoing gRPC calls
+    grpc_client.py  trace context on outgoing gRPC calls (services/common/channels.py adds it)
     asgi.py         the gateway's SERVER span, for its front pass
     tracing.py      OpenTelemetry set-up and database spans
     logs.py         text or JSON logs with request and trace ids
