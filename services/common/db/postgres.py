@@ -2,9 +2,8 @@
 
 The pool holds DATABASE_POOL_SIZE connections open and grows to
 DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load. Its size, use and waiters
-are exported as metrics when the wiring passes the process's PoolMetrics
-(telemetry/metrics.py); each statement is a span when
-tracing is on.
+are exported as metrics through the PoolMetrics the wiring hands it
+(telemetry/metrics.py); each statement is a span when tracing is on.
 """
 
 from __future__ import annotations

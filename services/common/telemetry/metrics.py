@@ -292,7 +292,7 @@ class ServiceMetrics:
     """A process's metrics, each group created on first use, so a process exports only
     the groups it has (no pool gauges reading 0 in the cache sidecar)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
 
     @functools.cached_property
@@ -327,6 +327,6 @@ def service_metrics() -> ServiceMetrics:
     """
     global _process_metrics
     if _process_metrics is None:
-        _process_metrics = ServiceMetrics()
+        _process_metrics = ServiceMetrics(REGISTRY)
     return _process_metrics
 
