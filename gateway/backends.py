@@ -1,8 +1,9 @@
 """Which backend serves each gRPC service, and the pooled channels the gateway calls them on.
 
-BACKEND_OF_SERVICE is the only hand-written table the gateway needs when a proto file
-is added: its services' backend. A backend named "agents" is reached at
-settings.agents_addr, so deployments move a backend by changing one variable.
+Each service declares its backend in its .proto (`option (backend) = "agents";`,
+options.proto); BACKEND_OF_SERVICE is read from those declarations. A backend named
+"agents" is reached at settings.agents_addr, so deployments move a backend by
+changing one variable.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
+from services.common.api import backends
 from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
 
-BACKEND_OF_SERVICE: Mapping[str, str] = {
-    "devops_hub.v1.AgentsService": "agents",
-    "devops_hub.v1.ApiKeysService": "agents",
-    "devops_hub.v1.WorkflowsService": "workflows",
-    "devops_hub.v1.EventsService": "workflows",
-    "devops_hub.v1.CacheService": "cache",
-}
+# Service full name → backend, for every service of the API that declares one.
+BACKEND_OF_SERVICE: Mapping[str, str] = backends()
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
