@@ -63,19 +63,22 @@ def missing(message: Message, names: Iterable[str] | None = None) -> list[str]:
     return [
         field.name
         for field in required_fields(message)
-        if (wanted is None or field.name in wanted) and not is_set(message, field.name)
+        if (wanted is None or field.name in wanted) and not _holds_value(message, field)
     ]
 
 
 def is_set(message: Message, name: str) -> bool:
     """Whether a field holds a value: present for a field with presence, non-empty for
     a list or map, other than its zero value for a plain proto3 scalar."""
-    field = message.DESCRIPTOR.fields_by_name[name]
-    value = getattr(message, name)
+    return _holds_value(message, message.DESCRIPTOR.fields_by_name[name])
+
+
+def _holds_value(message: Message, field: Field) -> bool:
+    value = getattr(message, field.name)
     if field.is_repeated:
         return len(value) > 0
     if field.has_presence:
-        return message.HasField(name)
+        return message.HasField(field.name)
     return bool(value != field.default_value)
 
 
