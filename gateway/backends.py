@@ -12,12 +12,14 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from services.common.api import backends
+from services.common.api import backend_of, discover_services
 from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
 
 # Service full name → backend, for every service of the API that declares one.
-BACKEND_OF_SERVICE: Mapping[str, str] = backends()
+BACKEND_OF_SERVICE: Mapping[str, str] = {
+    service.full_name: backend for service in discover_services() if (backend := backend_of(service))
+}
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:

@@ -29,12 +29,6 @@ def backend_of(service: ServiceDescriptor) -> str:
     return str(service.GetOptions().Extensions[options_pb2.backend])  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
 
 
-def backends(services: list[ServiceDescriptor] | None = None) -> dict[str, str]:
-    """Service full name → backend, for every service (of the API by default) that declares one."""
-    found = discover_services() if services is None else services
-    return {service.full_name: backend for service in found if (backend := backend_of(service))}
-
-
 def method_path(method: MethodDescriptor) -> str:
     """'/package.Service/Method': the method's HTTP/2 path, the key of every per-method table."""
     return f"/{method.containing_service.full_name}/{method.name}"
