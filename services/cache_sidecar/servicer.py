@@ -63,11 +63,8 @@ class CacheServiceServicer(cache_pb2_grpc.CacheServiceServicer):
         return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
 
     async def Set(self, request: cache_pb2.CacheSetRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheSetResponse:
-        violations = _ttl_violations(request.ttl_seconds)
-        if not request.HasField("entry"):
-            violations.append(("entry", "is required"))
-        else:
-            violations += self._entry_violations("entry", request.entry)
+        # The entry is REQUIRED: the request path refused a Set without one.
+        violations = _ttl_violations(request.ttl_seconds) + self._entry_violations("entry", request.entry)
         if violations:
             raise invalid_fields(violations)
         entry = request.entry

@@ -33,8 +33,6 @@ class Executions:
 
     async def execute(self, workflow_id: str, input: dict[str, Any], idempotency_key: str) -> Execution:
         violations = []
-        if not workflow_id:
-            violations.append(("id", "is required"))
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             violations.append(("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
         if len(json.dumps(input)) > MAX_INPUT_BYTES:
@@ -45,8 +43,6 @@ class Executions:
         return await self._engine.submit(workflow, input, idempotency_key)
 
     async def get(self, execution_id: str) -> Execution:
-        if not execution_id:
-            raise invalid_fields([("id", "is required")])
         execution = await self._repository.get(execution_id)
         if execution is None:
             raise NotFound(f"execution {execution_id!r} not found", reason="EXECUTION_NOT_FOUND", metadata={"id": execution_id})
