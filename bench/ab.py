@@ -31,8 +31,9 @@ from devops_hub.v1 import agents_pb2
 
 from bench import cpu, load
 from bench.run import AGENT_ID, ROOT, free_port, process_named, start, started_stack, wait_port
+from services.common.api import method_path
 
-GET_AGENT = "/devops_hub.v1.AgentsService/GetAgent"
+GET_AGENT = method_path(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name["GetAgent"])
 
 
 def archive(revision: str, into: Path) -> None:

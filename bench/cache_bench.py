@@ -39,12 +39,14 @@ from services.cache_sidecar.stores.base import NewEntry
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.common.api import method_path
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
 
 ROOT = Path(__file__).resolve().parent.parent
-GET_PATH = "/devops_hub.v1.CacheService/Get"
-GET_MANY_PATH = "/devops_hub.v1.CacheService/GetMany"
+_CACHE_METHODS = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].methods_by_name
+GET_PATH = method_path(_CACHE_METHODS["Get"])
+GET_MANY_PATH = method_path(_CACHE_METHODS["GetMany"])
 HOT_KEY = "bench:get:1"
 VALUE = b"x" * 200  # about the size of a serialized Agent
 CONSTANT = cache_pb2.CacheGetResponse(

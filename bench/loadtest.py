@@ -44,8 +44,7 @@ from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load
-from gateway.backends import BACKEND_OF_SERVICE
-from services.common.api import discover_services
+from services.common.api import backend_of, discover_services, method_path
 from services.common.auth import keys
 from services.common.settings import Settings
 from services.common.telemetry.endpoint import host_of
@@ -72,11 +71,11 @@ class GhzCall:
 
     @property
     def path(self) -> str:
-        return f"/{self.service}/{self.method.name}"
+        return method_path(self.method)
 
     @property
     def backend(self) -> str:
-        return BACKEND_OF_SERVICE[self.service]
+        return backend_of(self.method.containing_service)
 
 
 def find_method(call: str) -> MethodDescriptor:

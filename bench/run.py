@@ -42,6 +42,7 @@ import httpx
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 from bench import baselines, cpu, load
+from services.common.api import method_path
 from services.common.auth import keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -392,7 +393,7 @@ def run_bench(
         print(f"| gRPC rows skipped: {no_h2load} | | | | | | | |")
     else:
         body = load.grpc_frame(agents_pb2.GetAgentRequest(id=AGENT_ID))
-        method = "/devops_hub.v1.AgentsService/GetAgent"
+        method = method_path(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name["GetAgent"])
         sides = [
             Side("DevOps Hub agents service", f"http://{env['AGENTS_ADDR']}{method}", hub),
             Side("bare grpc.aio servicer", f"http://127.0.0.1:{ports['bare_grpc']}{method}",

@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
+from gateway.backends import ChannelPool, backend_addresses
 from gateway.edge import Edge
 from gateway.errors import HTTP_STATUS, http_exception_handler, unhandled_error_handler
 from gateway.front import GatewayFront
@@ -43,11 +43,11 @@ def create_app(
 ) -> GatewayFront:
     """The gateway for `settings`.
 
-    `services` defaults to every service of the generated devops_hub.v1 package and
-    `backend_of_service` to BACKEND_OF_SERVICE; tests pass their own to serve extra
-    services. `registry` defaults to a fresh one owned by this app.
+    `services` defaults to every service of the generated devops_hub.v1 package, and
+    each is served by the backend its proto declares unless `backend_of_service` says
+    otherwise; tests pass their own to serve extra services. `registry` defaults to a
+    fresh one owned by this app.
     """
-    backend_of_service = BACKEND_OF_SERVICE if backend_of_service is None else backend_of_service
     routes = build_routes(discover_services() if services is None else services, backend_of_service)
     # Only the backends some route calls: the gateway neither connects to nor waits on
     # a backend whose protos are not there yet, so it is ready as soon as they are.

@@ -1,8 +1,9 @@
 """Which backend serves each gRPC service, and the pooled channels the gateway calls them on.
 
-BACKEND_OF_SERVICE is the only hand-written table the gateway needs when a proto file
-is added: its services' backend. A backend named "agents" is reached at
-settings.agents_addr, so deployments move a backend by changing one variable.
+Each service declares its backend in its .proto (`option (backend) = "agents";`,
+options.proto); BACKEND_OF_SERVICE is read from those declarations. A backend named
+"agents" is reached at settings.agents_addr, so deployments move a backend by
+changing one variable.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
+from services.common.api import backend_of, discover_services
 from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
 
+# Service full name → backend, for every service of the API that declares one.
 BACKEND_OF_SERVICE: Mapping[str, str] = {
-    "devops_hub.v1.AgentsService": "agents",
-    "devops_hub.v1.ApiKeysService": "agents",
-    "devops_hub.v1.WorkflowsService": "workflows",
-    "devops_hub.v1.EventsService": "workflows",
-    "devops_hub.v1.CacheService": "cache",
+    service.full_name: backend for service in discover_services() if (backend := backend_of(service))
 }
 
 

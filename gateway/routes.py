@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from devops_hub.v1 import options_pb2
 
 from gateway.templates import PathTemplate, TemplateError
+from services.common.api import backend_of
 
 
 class RouteError(ValueError):
@@ -71,7 +72,9 @@ class HttpRoute:
         return frozenset(paths)
 
 
-def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapping[str, str]) -> list[HttpRoute]:
+def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapping[str, str] | None = None) -> list[HttpRoute]:
+    """Every http rule of `services`, each calling the backend its service declares
+    (`option (backend)`) unless `backend_of_service` says otherwise (tests' own services)."""
     routes: list[HttpRoute] = []
     for service in services:
         for method in service.methods:
@@ -79,10 +82,12 @@ def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapp
             if not options.HasExtension(annotations_pb2.http):
                 continue
             rule = options.Extensions[annotations_pb2.http]
-            backend = backend_of_service.get(service.full_name)
-            if backend is None:
+            backend = backend_of(service) if backend_of_service is None else backend_of_service.get(service.full_name)
+            if not backend:
                 raise RouteError(
-                    f"{service.full_name} has http rules but no backend: add it to gateway.backends.BACKEND_OF_SERVICE"
+                    f"{service.full_name} has http rules but no backend: declare the part that serves it in its"
+                    f' service block, option (backend) = "<name>"; (protos/devops_hub/v1/options.proto), and give'
+                    " Settings a <name>_addr"
                 )
             if method.client_streaming:
                 raise RouteError(f"{service.full_name}.{method.name}: client streaming cannot be mapped to HTTP")

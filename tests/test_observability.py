@@ -26,13 +26,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.testing import running_gateway
+from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache_sidecar.server import build as build_sidecar
+from services.common.channels import call_tracing, open_channel
 from services.common.db import connect
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
-from services.common.telemetry import grpc_client, logs, profiling, tracing
+from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
-from services.common.telemetry.metrics import CacheStatsRefresher, ServiceMetrics
+from services.common.telemetry.metrics import ServiceMetrics
 from tests.conftest import make_settings, running_stack
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
@@ -195,7 +197,8 @@ async def test_streams_deadlines_and_crashes_get_the_code_the_client_sees():
 
 
 async def test_pool_metrics_show_connections_in_use_and_waiters(database_url):
-    db = await connect(database_url, pool_size=1, max_overflow=0)
+    metrics = ServiceMetrics(CollectorRegistry())
+    db = await connect(database_url, pool_size=1, max_overflow=0, pools=metrics.pools)
     try:
         await db.fetch("SELECT 1")
         idle = db.pool_stats()
@@ -210,8 +213,6 @@ async def test_pool_metrics_show_connections_in_use_and_waiters(database_url):
                 await asyncio.sleep(0.01)
             busy = db.pool_stats()
             assert busy.waiters == 1 and busy.in_use >= 1
-            metrics = ServiceMetrics(CollectorRegistry())
-            metrics.pools.track(db)
             metrics.refresh()
             assert metrics.registry.get_sample_value("devops_hub_db_pool_waiters") == 1
             assert metrics.registry.get_sample_value("devops_hub_db_pool_in_use") == busy.in_use
@@ -230,7 +231,7 @@ async def test_cache_metrics_follow_the_sidecar_stats_and_are_served_on_metrics(
     sidecar = await build_sidecar(settings)
     port = await sidecar.host.start()
     metrics = ServiceMetrics(CollectorRegistry())
-    endpoint = MetricsEndpoint(metrics=metrics, refreshers=[CacheStatsRefresher(sidecar.store, metrics.cache)])
+    endpoint = MetricsEndpoint(metrics=metrics, refreshers=[CacheStatsRefresher(sidecar.store, CacheMetrics(metrics.registry))])
     try:
         metrics_port = await endpoint.start("127.0.0.1", 0)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -407,10 +408,47 @@ async def test_a_callers_trace_context_is_continued(spans, sqlite_url):
     assert format(root.parent.span_id, "016x") == "00f067aa0ba902b7" and root.parent.is_remote
 
 
+async def test_the_channel_factory_traces_unary_calls_and_streams(spans):
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    async def ticks(request: bytes, context):
+        for n in range(3):
+            yield bytes([n])
+
+    host = _echo_host(
+        {"Echo": grpc.unary_unary_rpc_method_handler(echo), "Ticks": grpc.unary_stream_rpc_method_handler(ticks)}
+    )
+    port = await host.start()
+    try:
+        async with open_channel(f"127.0.0.1:{port}", connections=1) as channel:
+            assert await channel.unary_unary("/test.Echo/Echo")(b"abc") == b"abc"
+            assert [tick async for tick in channel.unary_stream("/test.Echo/Ticks")(b"")] == [b"\x00", b"\x01", b"\x02"]
+        called = {
+            name: await _wait_for_span(spans, lambda s, name=name: s.name == name and s.kind == trace.SpanKind.CLIENT)
+            for name in ("test.Echo/Echo", "test.Echo/Ticks")
+        }
+        served = {
+            name: await _wait_for_span(spans, lambda s, name=name: s.name == name and s.kind == trace.SpanKind.SERVER)
+            for name in called
+        }
+        # A channel told not to trace adds no span of its own.
+        async with open_channel(f"127.0.0.1:{port}", connections=1, tracer=None) as channel:
+            spans.clear()
+            assert await channel.unary_unary("/test.Echo/Echo")(b"x") == b"x"
+            await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER)
+            assert not [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    finally:
+        await host.stop(0)
+    for name, span in called.items():
+        assert span.attributes["rpc.grpc.status_code"] == 0 and span.attributes["server.port"] == port
+        assert served[name].parent.span_id == span.context.span_id and served[name].parent.is_remote
+
+
 async def test_without_an_endpoint_nothing_is_traced_or_exported():
     assert tracing.configure(Settings(), "agents") is None
     assert tracing.tracer() is None
-    assert not grpc_client.instrumented()
+    assert not call_tracing("127.0.0.1:50051")
     # One shared no-op context: nothing is allocated per statement.
     assert tracing.db_span("sqlite", "SELECT 1") is tracing.db_span("postgresql", "SELECT 2")
 
@@ -444,7 +482,7 @@ def test_spans_are_exported_over_otlp_grpc_when_an_endpoint_is_set():
     try:
         settings = Settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{port}")
         assert tracing.configure(settings, "agents", env={}) is not None
-        assert grpc_client.instrumented()
+        assert call_tracing("127.0.0.1:50051")
         with tracing.db_span("postgresql", "SELECT id FROM agents WHERE id = $1"):
             assert trace.get_current_span().is_recording()
         tracing.shutdown()

@@ -60,15 +60,8 @@ class AgentExecutions:
         self._channels = channels
 
     async def execute(self, request: agents_pb2.ExecuteAgentRequest, time_remaining: float | None) -> AgentResult:
-        violations = []
-        if not request.id:
-            violations.append(("id", "is required"))
-        if not request.capability:
-            violations.append(("capability", "is required"))
         if request.timeout.seconds < 0 or request.timeout.nanos < 0:
-            violations.append(("timeout", "must not be negative"))
-        if violations:
-            raise invalid_fields(violations)
+            raise invalid_fields([("timeout", "must not be negative")])
         agent = await self._agents.get(request.id)
         _check_can_run(agent, request.capability)
         timeout = request.timeout.ToTimedelta().total_seconds() or DEFAULT_TIMEOUT

@@ -20,7 +20,7 @@ from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
-from services.common import freshness, pagination
+from services.common import field_behavior, freshness, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
@@ -61,8 +61,6 @@ class Agents:
         self._outbox = outbox
 
     async def get(self, agent_id: str) -> Agent:
-        if not agent_id:
-            raise invalid_fields([("id", "is required")])
         agent = await self._stored(agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
@@ -109,8 +107,6 @@ class Agents:
 
     async def batch_create(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> builtins.list[Agent]:
         """Creates all of `agents` or none of them."""
-        if not agents:
-            raise invalid_fields([("requests", "must hold at least one agent")])
         if len(agents) > validation.MAX_BATCH:
             raise invalid_fields([("requests", f"at most {validation.MAX_BATCH} agents per call, got {len(agents)}")])
         violations: validation.Violations = []
@@ -162,8 +158,6 @@ class Agents:
         return updated
 
     async def delete(self, agent_id: str, etag: str) -> None:
-        if not agent_id:
-            raise invalid_fields([("id", "is required")])
         async with self._outbox.write() as write:
             deleted = await self._repository.delete(write.tx, agent_id, _expected_revision(etag))
             if deleted:
@@ -185,7 +179,7 @@ class Agents:
 def _fields_to_update(agent: Agent, mask: Sequence[str], violations: validation.Violations) -> list[str]:
     """AIP-134: the mask's paths; "*" for every writable field; no mask for the fields set."""
     if not mask:
-        fields = [name for name in validation.WRITABLE_FIELDS if _is_set(agent, name)]
+        fields = [name for name in validation.WRITABLE_FIELDS if field_behavior.is_set(agent, name)]
         if not fields:
             violations.append(("update_mask", "nothing to update: set update_mask or some fields of agent"))
         return fields
@@ -200,11 +194,6 @@ def _fields_to_update(agent: Agent, mask: Sequence[str], violations: validation.
         elif path not in fields:
             fields.append(path)
     return fields
-
-
-def _is_set(agent: Agent, name: str) -> bool:
-    value = getattr(agent, name)
-    return bool(len(value)) if hasattr(value, "__len__") and not isinstance(value, str) else bool(value)
 
 
 def _expected_revision(etag: str) -> int | None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common import pagination
+from services.common import field_behavior, pagination
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
@@ -40,11 +40,10 @@ class ApiKeys:
 
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
         now = utc_now()
-        violations = []
-        if not NAME.match(requested.name):
+        # Its REQUIRED fields (the name, at least one scope) are set, and well formed.
+        violations = field_behavior.violations(field_behavior.missing(requested), "api_key")
+        if requested.name and not NAME.match(requested.name):
             violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
-        if not requested.scopes:
-            violations.append(("api_key.scopes", "at least one of SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE, SCOPE_ADMIN"))
         for i, scope in enumerate(requested.scopes):
             if scope not in GRANTABLE:
                 violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
@@ -80,8 +79,6 @@ class ApiKeys:
         return response
 
     async def revoke(self, key_id: str) -> ApiKey:
-        if not key_id:
-            raise invalid_fields([("id", "is required")])
         revoked = await self._repository.revoke(key_id, utc_now())
         if revoked is None:
             raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})

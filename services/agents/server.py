@@ -26,6 +26,7 @@ from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 
 SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].full_name
 KEYS_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["ApiKeysService"].full_name
@@ -55,8 +56,10 @@ class AgentsService:
         await self.db.close()
 
 
-async def build(settings: Settings) -> AgentsService:
-    return await build_on_database(settings, lambda db: _assemble(settings, db))
+async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> AgentsService:
+    """The service on `metrics` (by default the process's, in the default registry)."""
+    metrics = metrics or service_metrics()
+    return await build_on_database(settings, lambda db: _assemble(settings, db), pools=metrics.pools)
 
 
 async def _assemble(settings: Settings, db: Database) -> AgentsService:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 from devops_hub.v1 import agents_pb2
-from google.api import field_behavior_pb2
+
+from services.common import field_behavior
 
 Agent = agents_pb2.Agent
 Violations = list[tuple[str, str]]
@@ -30,23 +31,8 @@ MAX_METADATA = 64
 MAX_METADATA_VALUE = 1024
 MAX_BATCH = 1000
 
-
-
-def _writable_fields() -> tuple[str, ...]:
-    """The fields a client may write, read from the proto's field_behavior annotations.
-
-    id is the identity and etag the concurrency check: both travel with a write but
-    are not written by it.
-    """
-    skip = {field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER}
-    return tuple(
-        field.name
-        for field in Agent.DESCRIPTOR.fields
-        if field.name != "etag" and not skip & set(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])
-    )
-
-
-WRITABLE_FIELDS = _writable_fields()
+# What an update_mask may name, read from the proto's field_behavior annotations.
+WRITABLE_FIELDS = field_behavior.writable_fields(Agent)
 
 
 def check_id(value: str, field: str, violations: Violations) -> None:
@@ -57,9 +43,14 @@ def check_id(value: str, field: str, violations: Violations) -> None:
 
 
 def check_fields(agent: Agent, names: tuple[str, ...] | list[str], prefix: str, violations: Violations) -> None:
-    """Checks the named fields of `agent`; `prefix` makes the paths point into the request."""
+    """Checks the named fields of `agent` (all writable ones on create, the mask's on
+    update): those the proto marks REQUIRED must be set, and set ones must be well
+    formed. `prefix` makes the paths point into the request."""
+    missing = field_behavior.missing(agent, names)
+    violations.extend(field_behavior.violations(missing, prefix))
     for name in names:
-        _CHECKS[name](agent, f"{prefix}.{name}", violations)
+        if name not in missing:
+            _CHECKS[name](agent, f"{prefix}.{name}", violations)
 
 
 def _name(agent: Agent, field: str, violations: Violations) -> None:
@@ -80,9 +71,7 @@ def _description(agent: Agent, field: str, violations: Violations) -> None:
 
 
 def _domain(agent: Agent, field: str, violations: Violations) -> None:
-    if not agent.domain:
-        violations.append((field, "is required"))
-    elif not DOMAIN.match(agent.domain):
+    if not DOMAIN.match(agent.domain):
         violations.append((field, "must be 1-64 lower-case letters, digits, '.', '_' or '-'"))
 
 

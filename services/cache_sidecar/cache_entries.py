@@ -58,11 +58,8 @@ class CacheEntries:
         return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
 
     async def set(self, request: cache_pb2.CacheSetRequest) -> cache_pb2.CacheSetResponse:
-        violations = _ttl_violations(request.ttl_seconds)
-        if not request.HasField("entry"):
-            violations.append(("entry", "is required"))
-        else:
-            violations += self._entry_violations("entry", request.entry)
+        # The entry is REQUIRED: the request path refused a Set without one.
+        violations = _ttl_violations(request.ttl_seconds) + self._entry_violations("entry", request.entry)
         if violations:
             raise invalid_fields(violations)
         entry = request.entry

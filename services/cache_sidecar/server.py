@@ -17,6 +17,7 @@ from devops_hub.v1 import cache_pb2_grpc
 
 from services.cache_sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
+from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache_sidecar.relay import InvalidationRelay
 from services.cache_sidecar.servicer import CacheServicer
 from services.cache_sidecar.stores import redis as redis_store
@@ -31,7 +32,6 @@ from services.common.cache.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
 from services.common.grpc_host import GrpcHost, run_until_stopped
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
-from services.common.telemetry.metrics import CacheStatsRefresher, service_metrics
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,11 @@ async def main(settings: Settings | None = None, telemetry: Telemetry | None = N
     settings = settings or Settings.from_env()
     telemetry = telemetry or Telemetry.start(settings, "cache")
     sidecar = await build(settings)
-    service_metrics().cache.declare(SERVICE_NAMESPACES)
+    cache_metrics = telemetry.metrics.group(CacheMetrics)
+    cache_metrics.declare(SERVICE_NAMESPACES)
     await telemetry.serve_metrics(
         "cache sidecar", settings.cache_addr, settings.cache_metrics_port,
-        refreshers=[CacheStatsRefresher(sidecar.store, service_metrics().cache)],
+        refreshers=[CacheStatsRefresher(sidecar.store, cache_metrics)],
     )
     await run_until_stopped(
         sidecar.host, "cache sidecar", settings.shutdown_grace, [sidecar.close, telemetry.close],

@@ -9,21 +9,29 @@ pool), and hands each call to the next one that is not failing. Each of those
 channels also balances with round_robin over whatever its address resolves to, so
 `dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
 
-Tracing rides along because grpc.aio.insecure_channel is looked up at call time
-(telemetry.grpc_client instruments it); the services' key is added by interceptors.
+Every channel in the system is opened here, so what a call carries is decided here
+and nowhere else: the services' key when asked for (auth/call_keys.py), and, while
+tracing is on, the interceptors that give each call a CLIENT span and pass its trace
+context on (telemetry/grpc_client.py). The tracer is the one tracing installed when
+the channel is opened, unless the caller passes its own (or None); gRPC itself is never
+patched, so a channel opened with grpc.aio directly carries nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from services.common.auth.call_keys import key_interceptors
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
+from services.common.telemetry import tracing
+from services.common.telemetry.grpc_client import tracing_interceptors
 
 DEFAULT_CONNECTIONS = 4
 
@@ -40,6 +48,9 @@ BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+# "Whatever tracing has installed": tracing.tracer() read when the channel is opened.
+_INSTALLED: Any = object()
+
 
 def open_channel(
     address: str,
@@ -48,10 +59,12 @@ def open_channel(
     connections: int = DEFAULT_CONNECTIONS,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    tracer: trace.Tracer | None = _INSTALLED,
 ) -> grpc.aio.Channel:
     """A channel to `address` whose calls are spread over `connections` connections,
-    presenting `api_key` on every call that does not carry a key of its own."""
-    chosen = [*key_interceptors(api_key), *interceptors]
+    presenting `api_key` on every call that does not carry a key of its own, and traced
+    into `tracer` (by default the installed one; None: not traced)."""
+    chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
     merged = [*dict([*BASE_OPTIONS, *options]).items()]
     channels = [
         grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
@@ -60,14 +73,26 @@ def open_channel(
     return channels[0] if len(channels) == 1 else SpreadChannel(channels)
 
 
+def call_tracing(address: str, tracer: trace.Tracer | None = _INSTALLED) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that trace calls to `address`: none while tracing is off."""
+    tracer = tracing.tracer() if tracer is _INSTALLED else tracer
+    return tracing_interceptors(tracer, address) if tracer is not None else []
+
+
 def service_channel(address: str, settings: Settings) -> grpc.aio.Channel:
     """A channel to a peer service that presents SERVICE_API_KEY on every call."""
     return open_channel(address, api_key=settings.service_api_key, connections=settings.grpc_connections)
 
 
-class _Spread:
-    """A multicallable that gives each call to the next channel not in TRANSIENT_FAILURE,
-    so a worker that just died costs no calls once its connection is known to be gone."""
+class _Spread(
+    grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+    grpc.aio.UnaryStreamMultiCallable[Any, Any],
+    grpc.aio.StreamUnaryMultiCallable[Any, Any],
+    grpc.aio.StreamStreamMultiCallable[Any, Any],
+):
+    """A multicallable (of any call type: it only forwards the call) that gives each call
+    to the next channel not in TRANSIENT_FAILURE, so a worker that just died costs no
+    calls once its connection is known to be gone."""
 
     def __init__(self, channels: Sequence[grpc.aio.Channel], callables: Sequence[Any]) -> None:
         self._pairs = list(zip(channels, callables))
@@ -89,19 +114,21 @@ class SpreadChannel(grpc.aio.Channel):
     def __init__(self, channels: Sequence[grpc.aio.Channel]) -> None:
         self.channels = list(channels)
 
+    # The generated stubs pass keywords of their own (_registered_method), so every
+    # argument is forwarded as given.
     def _spread(self, kind: str, method: str, *args: Any, **kwargs: Any) -> _Spread:
         return _Spread(self.channels, [getattr(c, kind)(method, *args, **kwargs) for c in self.channels])
 
-    def unary_unary(self, method, *args, **kwargs):
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
         return self._spread("unary_unary", method, *args, **kwargs)
 
-    def unary_stream(self, method, *args, **kwargs):
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
         return self._spread("unary_stream", method, *args, **kwargs)
 
-    def stream_unary(self, method, *args, **kwargs):
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
         return self._spread("stream_unary", method, *args, **kwargs)
 
-    def stream_stream(self, method, *args, **kwargs):
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
         return self._spread("stream_stream", method, *args, **kwargs)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
@@ -109,7 +136,7 @@ class SpreadChannel(grpc.aio.Channel):
         states = [c.get_state(try_to_connect) for c in self.channels]
         return grpc.ChannelConnectivity.READY if grpc.ChannelConnectivity.READY in states else states[0]
 
-    async def wait_for_state_change(self, last_observed_state) -> None:
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
         await self.channels[0].wait_for_state_change(last_observed_state)
 
     async def channel_ready(self) -> None:
@@ -123,5 +150,7 @@ class SpreadChannel(grpc.aio.Channel):
     async def __aenter__(self) -> SpreadChannel:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
         await self.close(None)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from devops_hub.v1 import options_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from services.common.api import discover_services
+from services.common.api import discover_services, method_path
 
 CACHE_CONTROL = "cache-control"
 
@@ -41,7 +41,7 @@ def max_ages(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, i
         for method in service.methods:
             seconds = max_age(method)
             if seconds:
-                table[f"/{service.full_name}/{method.name}"] = seconds
+                table[method_path(method)] = seconds
     return table
 
 

@@ -9,6 +9,11 @@
   floating-point number is infinite or NaN, which JSON cannot carry back out.
   Checked once here, from the descriptors, so no field of any message is forgotten
   and both engines refuse the same values with the same 400 naming the field.
+- It carries every field its message marks `(google.api.field_behavior) = REQUIRED`
+  (services/common/field_behavior.py), so no handler restates the annotations. The
+  fields of a resource inside a create or an update are the use case's to check:
+  which of them are required depends on the write (AIP-134: an update only needs
+  those its mask names), and a batch names every bad entry at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from services.common import field_behavior
 from services.common.errors import InvalidArgument, invalid_fields
 
 _STRING = FieldDescriptor.TYPE_STRING
@@ -74,14 +80,18 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def check_request(request: Any) -> None:
-    """Raises INVALID_ARGUMENT for a request that did not decode or holds values no
-    engine can store; returns at once for anything else."""
+    """Raises INVALID_ARGUMENT for a request that did not decode, holds values no
+    engine can store or leaves a REQUIRED field unset; returns for anything else."""
     if request is MALFORMED:
         raise InvalidArgument(
             "the request is not a valid encoding of the method's request message", reason="MALFORMED_REQUEST"
         )
     if isinstance(request, Refused):
         raise invalid_fields(request.violations)
+    if isinstance(request, Message):
+        missing = field_behavior.missing(request)
+        if missing:
+            raise invalid_fields(field_behavior.violations(missing))
 
 
 def _walk(message: Message, path: str, violations: list[tuple[str, str]]) -> None:

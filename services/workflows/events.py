@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from devops_hub.v1 import events_pb2
 
-from services.common import pagination
+from services.common import field_behavior, pagination
 from services.common.db import Database
 from services.common.errors import invalid_fields
 from services.common.event_repository import EventFilter, EventRepository
@@ -49,12 +49,10 @@ class Events:
         return response
 
     async def publish(self, event: Event) -> Event:
-        violations = []
+        violations = field_behavior.violations(field_behavior.missing(event), "event")
         for name in ("type", "source"):
             value = getattr(event, name)
-            if not value:
-                violations.append((f"event.{name}", "is required"))
-            elif not NAME.match(value):
+            if value and not NAME.match(value):
                 violations.append((f"event.{name}", "must be 1-128 lower-case letters, digits, '.', '_' or '-'"))
         if len(event.subject) > 256:
             violations.append(("event.subject", "must be at most 256 characters"))

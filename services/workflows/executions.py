@@ -15,12 +15,13 @@ from services.common.errors import FailedPrecondition, NotFound, invalid_fields
 from services.workflows.engine import Engine
 from services.workflows.events import Events, resume_position
 from services.workflows.repository import ExecutionRepository
+from services.workflows.statuses import ACTIVE_EXECUTION, FINAL_EXECUTION, execution_event
 from services.workflows.workflows import Workflows
 
 Execution = workflows_pb2.Execution
 MAX_IDEMPOTENCY_KEY = 128
 MAX_INPUT_BYTES = 1024 * 1024
-_TERMINAL_EVENTS = {f"execution.{name.lower()}" for name in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")}
+_TERMINAL_EVENTS = frozenset(execution_event(status) for status in FINAL_EXECUTION)
 
 
 class Executions:
@@ -32,8 +33,6 @@ class Executions:
 
     async def execute(self, workflow_id: str, input: dict[str, Any], idempotency_key: str) -> Execution:
         violations = []
-        if not workflow_id:
-            violations.append(("id", "is required"))
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             violations.append(("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
         if len(json.dumps(input)) > MAX_INPUT_BYTES:
@@ -44,8 +43,6 @@ class Executions:
         return await self._engine.submit(workflow, input, idempotency_key)
 
     async def get(self, execution_id: str) -> Execution:
-        if not execution_id:
-            raise invalid_fields([("id", "is required")])
         execution = await self._repository.get(execution_id)
         if execution is None:
             raise NotFound(f"execution {execution_id!r} not found", reason="EXECUTION_NOT_FOUND", metadata={"id": execution_id})
@@ -66,7 +63,7 @@ class Executions:
 
     async def cancel(self, execution_id: str) -> Execution:
         current = await self.get(execution_id)
-        if current.status not in (Execution.PENDING, Execution.RUNNING):
+        if current.status not in ACTIVE_EXECUTION:
             raise FailedPrecondition(
                 f"execution {execution_id!r} has ended ({Execution.Status.Name(current.status)}); there is nothing to cancel",
                 reason="EXECUTION_ENDED",
@@ -80,7 +77,7 @@ class Executions:
         ones, until it ends."""
         execution = await self.get(execution_id)
         position = resume_position(after)
-        if position is not None and execution.status not in (Execution.PENDING, Execution.RUNNING):
+        if position is not None and execution.status not in ACTIVE_EXECUTION:
             # Resumed past its end, the stream would wait for an end that has come.
             newest = (await self._events.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
             if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:

@@ -19,16 +19,17 @@ from google.protobuf import json_format
 from services.common.db import Database, UniqueViolation
 from services.common.db.database import Executor, Row, as_datetime
 from services.common.errors import AlreadyExists
+from services.workflows.statuses import ACTIVE_EXECUTION
 
 Workflow = workflows_pb2.Workflow
 Execution = workflows_pb2.Execution
 StepRun = workflows_pb2.StepRun
 
-# The statuses an execution still leaves, as SQL: an active execution.
-_ACTIVE = "status IN ('PENDING', 'RUNNING')"
+# An active execution, as SQL: one whose status is still to change.
+_ACTIVE = "status IN ({})".format(", ".join(sorted(f"'{Execution.Status.Name(status)}'" for status in ACTIVE_EXECUTION)))
 _WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
 _EXECUTION_COLUMNS = (
-    "id, workflow_id, status, input, output, error, steps, definition, idempotency_key, create_time, start_time, end_time"
+    "id, workflow_id, status, input, output, error, steps, idempotency_key, create_time, start_time, end_time"
 )
 
 
@@ -50,7 +51,7 @@ def _to_workflow(row: Row) -> Workflow:
     return workflow
 
 
-def to_execution(row: Row) -> Execution:
+def _to_execution(row: Row) -> Execution:
     execution = Execution(
         id=row["id"],
         workflow_id=row["workflow_id"],
@@ -68,7 +69,7 @@ def to_execution(row: Row) -> Execution:
     return execution
 
 
-def steps_json(steps: Sequence[StepRun]) -> str:
+def _steps_json(steps: Sequence[StepRun]) -> str:
     return json.dumps([json_format.MessageToDict(step, preserving_proto_field_name=True) for step in steps])
 
 
@@ -140,7 +141,7 @@ class ExecutionRepository:
                     execution.id,
                     execution.workflow_id,
                     json_format.MessageToJson(execution.input, indent=None),
-                    steps_json(execution.steps),
+                    _steps_json(execution.steps),
                     _definition(definition),
                     execution.idempotency_key or None,
                     owner,
@@ -153,7 +154,7 @@ class ExecutionRepository:
 
     async def get(self, execution_id: str) -> Execution | None:
         row = await self.db.fetchrow(f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE id = $1", execution_id)
-        return None if row is None else to_execution(row)
+        return None if row is None else _to_execution(row)
 
     async def by_idempotency_key(self, workflow_id: str, key: str) -> Execution | None:
         row = await self.db.fetchrow(
@@ -161,7 +162,7 @@ class ExecutionRepository:
             workflow_id,
             key,
         )
-        return None if row is None else to_execution(row)
+        return None if row is None else _to_execution(row)
 
     async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:
         """Newest first; `before` is the (create_time, id) the previous page ended on."""
@@ -184,7 +185,7 @@ class ExecutionRepository:
             f" ORDER BY create_time DESC, id DESC LIMIT ${len(args)}",
             *args,
         )
-        return [to_execution(row) for row in rows]
+        return [_to_execution(row) for row in rows]
 
     async def save(self, execution: Execution) -> bool:
         """Writes status, steps and output, unless the execution already ended otherwise.
@@ -200,7 +201,7 @@ class ExecutionRepository:
             f" start_time = $6, end_time = $7 WHERE id = $1 AND ({_ACTIVE} OR status = $2)",
             execution.id,
             status,
-            steps_json(execution.steps),
+            _steps_json(execution.steps),
             json_format.MessageToJson(execution.output, indent=None),
             execution.error,
             execution.start_time.ToDatetime(dt.UTC) if execution.HasField("start_time") else None,
@@ -219,7 +220,7 @@ class ExecutionRepository:
                 error,
                 now,
             )
-        return None if row is None else to_execution(row)
+        return None if row is None else _to_execution(row)
 
     async def renew_leases(self, owner: str, until: dt.datetime) -> None:
         """Extends the leases of every active execution this owner runs: one statement."""
@@ -239,7 +240,7 @@ class ExecutionRepository:
                 now,
                 reason,
             )
-        return [to_execution(row) for row in rows]
+        return [_to_execution(row) for row in rows]
 
     async def cancelled_among(self, ids: Sequence[str]) -> builtins.list[str]:
         """Which of these executions were cancelled through another replica."""

@@ -23,10 +23,12 @@ from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
 from services.workflows.events import Events
 from services.workflows.executions import Executions
+from services.workflows.metrics import WorkflowMetrics
 from services.workflows.repository import ExecutionRepository, WorkflowRepository
 from services.workflows.retention import Pruner
 from services.workflows.servicer import EventsServicer, WorkflowsServicer
@@ -71,11 +73,13 @@ class WorkflowsService:
         await self.db.close()
 
 
-async def build(settings: Settings) -> WorkflowsService:
-    return await build_on_database(settings, lambda db: _assemble(settings, db))
+async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> WorkflowsService:
+    """The service on `metrics` (by default the process's, in the default registry)."""
+    metrics = metrics or service_metrics()
+    return await build_on_database(settings, lambda db: _assemble(settings, db, metrics), pools=metrics.pools)
 
 
-async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
+async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service carry this service's own key.
     agents_channel = service_channel(settings.agents_addr, settings)
@@ -88,6 +92,7 @@ async def _assemble(settings: Settings, db: Database) -> WorkflowsService:
         executions_repository,
         agents,
         writer,
+        metrics.group(WorkflowMetrics),
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )

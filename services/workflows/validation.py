@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
+from services.common import field_behavior
 from services.workflows import references
 
 Workflow = workflows_pb2.Workflow
@@ -29,15 +30,15 @@ _NEEDS_AGENT = (Step.AGENT, Step.PARALLEL)
 
 
 def check_workflow(workflow: Workflow, prefix: str, violations: Violations) -> None:
-    """Shape checks that need nothing but the workflow itself."""
-    if not workflow.name.strip():
+    """Shape checks that need nothing but the workflow itself, whole (as created, or
+    as an update leaves it): its REQUIRED fields set, and each field well formed."""
+    violations.extend(field_behavior.violations(field_behavior.missing(workflow), prefix))
+    if workflow.name and not workflow.name.strip():
         violations.append((f"{prefix}.name", "is required and must not be blank"))
     elif len(workflow.name) > 200:
         violations.append((f"{prefix}.name", "must be at most 200 characters"))
     if len(workflow.description) > 4096:
         violations.append((f"{prefix}.description", "must be at most 4096 characters"))
-    if not workflow.steps:
-        violations.append((f"{prefix}.steps", "a workflow needs at least one step"))
     if len(workflow.steps) > MAX_STEPS:
         violations.append((f"{prefix}.steps", f"at most {MAX_STEPS} steps"))
     if workflow.timeout.seconds < 0 or workflow.timeout.nanos < 0:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import grpc
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
-from services.common import freshness, pagination
+from services.common import field_behavior, freshness, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
@@ -33,8 +33,8 @@ _METHODS = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].methods
 TTL_WORKFLOW = float(freshness.max_age(_METHODS["GetWorkflow"]))
 TTL_LIST = float(freshness.max_age(_METHODS["ListWorkflows"]))
 _LIST_PATTERN = "workflows:list:*"
-# The fields a client may write through UpdateWorkflow's mask.
-WRITABLE = ("name", "description", "steps", "timeout")
+# The fields a client may write through UpdateWorkflow's mask, read from the proto.
+WRITABLE = field_behavior.writable_fields(Workflow)
 
 
 def _key(workflow_id: str) -> str:
@@ -57,8 +57,6 @@ class Workflows:
         self._outbox = outbox
 
     async def get(self, workflow_id: str) -> Workflow:
-        if not workflow_id:
-            raise invalid_fields([("id", "is required")])
         workflow = await self._stored(workflow_id)
         if workflow is None:
             raise NotFound(f"workflow {workflow_id!r} not found", reason="WORKFLOW_NOT_FOUND", metadata={"id": workflow_id})
@@ -104,7 +102,7 @@ class Workflows:
     async def update(self, requested: Workflow, mask: Sequence[str]) -> Workflow:
         if not requested.id:
             raise invalid_fields([("workflow.id", "is required")])
-        paths = list(mask) or [name for name in WRITABLE if _is_set(requested, name)]
+        paths = list(mask) or [name for name in WRITABLE if field_behavior.is_set(requested, name)]
         unknown = [(f"update_mask.paths[{i}]", f"{p!r} is not one of {', '.join(WRITABLE)}") for i, p in enumerate(paths) if p not in WRITABLE]
         if unknown:
             raise invalid_fields(unknown)
@@ -138,8 +136,6 @@ class Workflows:
         return updated
 
     async def delete(self, workflow_id: str, etag: str) -> None:
-        if not workflow_id:
-            raise invalid_fields([("id", "is required")])
         async with self._outbox.write() as write:
             deleted = await self._repository.delete(write.tx, workflow_id, _revision(etag) if etag else None)
             if deleted:
@@ -172,14 +168,6 @@ def _record(write: Write, workflow_id: str, event: str) -> None:
     """What a write to one workflow makes stale, and its event."""
     write.invalidate(_key(workflow_id), _LIST_PATTERN)
     write.emit(event, workflow_id, {"workflow_id": workflow_id})
-
-
-def _is_set(workflow: Workflow, name: str) -> bool:
-    if name == "steps":
-        return len(workflow.steps) > 0
-    if name == "timeout":
-        return workflow.HasField("timeout")
-    return bool(getattr(workflow, name))
 
 
 def _revision(etag: str) -> int:

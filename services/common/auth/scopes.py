@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from devops_hub.v1 import options_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 
-from services.common.api import discover_services
+from services.common.api import discover_services, method_path
 
 Scope = options_pb2.Scope
 
@@ -25,7 +25,7 @@ def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict
     for service in discover_services() if services is None else services:
         for method in service.methods:
             scope: int = method.GetOptions().Extensions[options_pb2.required_scope]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
-            table[f"/{service.full_name}/{method.name}"] = scope or Scope.SCOPE_ADMIN
+            table[method_path(method)] = scope or Scope.SCOPE_ADMIN
     return table
 
 

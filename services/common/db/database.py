@@ -13,6 +13,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from services.common.telemetry.metrics import PoolMetrics
+
 # An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
 Row = Any
 
@@ -65,14 +67,16 @@ class Database(Executor):
     async def close(self) -> None: ...
 
 
-async def connect(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Database:
-    """Opens the engine that DATABASE_URL names: postgresql://… or sqlite:///path."""
+async def connect(url: str, *, pool_size: int = 10, max_overflow: int = 20, pools: PoolMetrics | None = None) -> Database:
+    """Opens the engine that DATABASE_URL names: postgresql://… or sqlite:///path. A
+    service's database joins `pools`, its process's pool metrics; a short-lived
+    connection (migrations, `make key`) is left out of them."""
     if url.startswith(("postgresql://", "postgres://")):
         from services.common.db.postgres import PostgresDatabase
 
-        return await PostgresDatabase.open(url, min_size=pool_size, max_size=pool_size + max_overflow)
+        return await PostgresDatabase.open(url, min_size=pool_size, max_size=pool_size + max_overflow, pools=pools)
     if url.startswith("sqlite://"):
         from services.common.db.sqlite import SqliteDatabase
 
-        return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)))
+        return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)), pools=pools)
     raise ValueError(f"DATABASE_URL must start with postgresql:// or sqlite://, got {url.split('://')[0]!r}")

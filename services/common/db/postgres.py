@@ -2,8 +2,8 @@
 
 The pool holds DATABASE_POOL_SIZE connections open and grows to
 DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load. Its size, use and waiters
-are exported as metrics (telemetry/metrics.py); each statement is a span when
-tracing is on.
+are exported as metrics through the PoolMetrics the wiring hands it
+(telemetry/metrics.py); each statement is a span when tracing is on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncpg
 from services.common.db.database import Database, Executor, Row, UniqueViolation
 from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
-from services.common.telemetry.metrics import PoolStats, service_metrics
+from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
 
 class _PoolRefillNoise(logging.Filter):
@@ -58,15 +58,17 @@ class _PgExecutor(Executor):
 class PostgresDatabase(Database):
     dialect = "postgresql"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, pools: PoolMetrics | None = None) -> None:
         self._pool = pool
         self.query_count = 0
         # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
         self._acquiring = 0
-        service_metrics().pools.track(self)
+        self._pools = pools
+        if pools is not None:
+            pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int, max_size: int) -> PostgresDatabase:
+    async def open(cls, url: str, *, min_size: int, max_size: int, pools: PoolMetrics | None = None) -> PostgresDatabase:
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
@@ -75,7 +77,7 @@ class PostgresDatabase(Database):
             # Statements are prepared once per connection and reused.
             statement_cache_size=256,
         )
-        return cls(pool)
+        return cls(pool, pools)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         async with _Connection(self) as conn:
@@ -110,7 +112,8 @@ class PostgresDatabase(Database):
         )
 
     async def close(self) -> None:
-        service_metrics().pools.untrack(self)
+        if self._pools is not None:
+            self._pools.untrack(self)
         await self._pool.close()
 
 

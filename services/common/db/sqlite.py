@@ -27,7 +27,7 @@ import aiosqlite
 from services.common.db.database import Database, Executor, Row, UniqueViolation
 from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
-from services.common.telemetry.metrics import PoolStats, service_metrics
+from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _PRAGMAS = (
@@ -88,7 +88,9 @@ def _integrity(exc: sqlite3.IntegrityError) -> Exception:
 class SqliteDatabase(Database):
     dialect = "sqlite"
 
-    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]) -> None:
+    def __init__(
+        self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection], pools: PoolMetrics | None = None
+    ) -> None:
         self._writer = writer
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
@@ -97,10 +99,12 @@ class SqliteDatabase(Database):
         # For pool_stats(): reads running, and writers queued for the lock.
         self._reads = 0
         self._writers_waiting = 0
-        service_metrics().pools.track(self)
+        self._pools = pools
+        if pools is not None:
+            pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, readers: int) -> SqliteDatabase:
+    async def open(cls, url: str, *, readers: int, pools: PoolMetrics | None = None) -> SqliteDatabase:
         path = url.removeprefix("sqlite://")
         # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
         path = path[1:] if path.startswith("/") else path
@@ -114,7 +118,7 @@ class SqliteDatabase(Database):
             for conn in opened:
                 await conn.close()
             raise
-        return cls(opened[0], opened[1:])
+        return cls(opened[0], opened[1:], pools)
 
     @staticmethod
     async def _open_connection(path: str) -> aiosqlite.Connection:
@@ -179,7 +183,8 @@ class SqliteDatabase(Database):
         )
 
     async def close(self) -> None:
-        service_metrics().pools.untrack(self)
+        if self._pools is not None:
+            self._pools.untrack(self)
         for conn in [self._writer, *self._readers]:
             await conn.close()
 

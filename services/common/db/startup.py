@@ -8,17 +8,21 @@ from typing import TypeVar
 from services.common.db.database import Database, connect
 from services.common.db.migrate import migrate
 from services.common.settings import Settings
+from services.common.telemetry.metrics import PoolMetrics
 
 T = TypeVar("T")
 
 
-async def build_on_database(settings: Settings, assemble: Callable[[Database], Awaitable[T]]) -> T:
-    """Connects to DATABASE_URL, migrates, then builds the service on the database.
+async def build_on_database(settings: Settings, assemble: Callable[[Database], Awaitable[T]], *, pools: PoolMetrics) -> T:
+    """Connects to DATABASE_URL (its pool reported in `pools`), migrates, then builds
+    the service on the database.
 
     A build that fails closes the database: its open connections (aiosqlite's threads)
     would otherwise keep a process that cannot start from ever exiting.
     """
-    db = await connect(settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow)
+    db = await connect(
+        settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow, pools=pools
+    )
     try:
         await migrate(db)
         return await assemble(db)

@@ -4,10 +4,10 @@ A process's main() calls Telemetry.start() before it builds anything (logging,
 tracing and profiling are then in place for what it builds), serves its metrics,
 and closes the Telemetry last. docs/observability.md is the operator's side.
 
-    metrics.py      the Prometheus metrics and how they are grouped
+    metrics.py      the Prometheus metrics every service has, and the process's set
     endpoint.py     GET /metrics of a gRPC service, on its own port
     grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
-    grpc_client.py  trace context on outgoing gRPC calls
+    grpc_client.py  trace context on outgoing gRPC calls (services/common/channels.py adds it)
     asgi.py         the gateway's SERVER span, for its front pass
     tracing.py      OpenTelemetry set-up and database spans
     logs.py         text or JSON logs with request and trace ids
@@ -27,7 +27,7 @@ from prometheus_client import disable_created_metrics, multiprocess
 from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
-from services.common.telemetry.metrics import multiprocess_dir, prepare_multiprocess
+from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, prepare_multiprocess, service_metrics
 
 __all__ = ["Telemetry"]
 
@@ -35,6 +35,8 @@ __all__ = ["Telemetry"]
 @dataclasses.dataclass
 class Telemetry:
     service: str
+    # The process's metrics (the default registry): what serve_metrics() serves.
+    metrics: ServiceMetrics
     provider: TracerProvider | None = None
     endpoint: MetricsEndpoint | None = None
 
@@ -47,11 +49,11 @@ class Telemetry:
         disable_created_metrics()
         prepare_multiprocess(service)
         profiling.configure(settings)
-        return cls(service, provider=tracing.configure(settings, service))
+        return cls(service, service_metrics(), provider=tracing.configure(settings, service))
 
     async def serve_metrics(self, name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()) -> None:
         """GET /metrics on `port` (0: none) of the host the service listens on."""
-        self.endpoint = await serve_metrics(name, address, port, refreshers)
+        self.endpoint = await serve_metrics(name, address, port, self.metrics, refreshers)
 
     async def close(self) -> None:
         if self.endpoint is not None:

@@ -8,28 +8,32 @@ The gateway's one pass over every request (gateway/front.py) opens and closes it
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Status, StatusCode
 from starlette.types import Scope
 
+# An ASGI scope's headers: (name, value) pairs of bytes.
+Headers = Iterable[tuple[bytes, bytes]]
 
-class _HeaderGetter(Getter):
-    def get(self, carrier: Any, key: str) -> list[str] | None:
+
+class _HeaderGetter(Getter[Headers]):
+    def get(self, carrier: Headers, key: str) -> list[str] | None:
         name = key.encode("latin-1")
         values = [value.decode("latin-1") for header, value in carrier if header == name]
         return values or None
 
-    def keys(self, carrier: Any) -> list[str]:
+    def keys(self, carrier: Headers) -> list[str]:
         return [header.decode("latin-1") for header, _ in carrier]
 
 
 _GETTER = _HeaderGetter()
 
 
-def server_span(tracer: trace.Tracer, scope: Scope, request_id: str):
+def server_span(tracer: trace.Tracer, scope: Scope, request_id: str) -> AbstractContextManager[trace.Span]:
     """The request's span, as a context manager that makes it current."""
     method = scope["method"]
     return tracer.start_as_current_span(

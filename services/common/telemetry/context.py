@@ -12,25 +12,29 @@ from __future__ import annotations
 import contextvars
 from typing import Protocol
 
+import grpc
+
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
 
 class _CallContext(Protocol):
-    def invocation_metadata(self): ...
+    def invocation_metadata(self) -> grpc.aio.Metadata | None: ...
 
 
 _current: contextvars.ContextVar[str | _CallContext | None] = contextvars.ContextVar("devops_hub_request", default=None)
+# What bind_call() and bind_request_id() return, for unbind().
+Binding = contextvars.Token[str | _CallContext | None]
 
 
-def bind_call(context: _CallContext) -> contextvars.Token:
+def bind_call(context: _CallContext) -> Binding:
     return _current.set(context)
 
 
-def bind_request_id(request_id: str) -> contextvars.Token:
+def bind_request_id(request_id: str) -> Binding:
     return _current.set(request_id)
 
 
-def unbind(token: contextvars.Token) -> None:
+def unbind(token: Binding) -> None:
     _current.reset(token)
 
 

@@ -14,10 +14,10 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from services.common.background import spawn
-from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, service_metrics
+from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,12 @@ def host_of(address: str) -> str:
 
 
 class MetricsEndpoint:
-    def __init__(
-        self,
-        *,
-        metrics: ServiceMetrics | None = None,
-        refreshers: Sequence[Refresher] = (),
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        self._metrics = metrics or service_metrics()
+    def __init__(self, *, metrics: ServiceMetrics, refreshers: Sequence[Refresher] = ()) -> None:
+        """Serves `metrics.registry`, after refreshing the gauges of `metrics` and running
+        `refreshers` (which read other state into metrics of that registry)."""
+        self._metrics = metrics
         self._refreshers = list(refreshers)
-        self._registry = registry or self._metrics.registry
+        self._registry: CollectorRegistry = metrics.registry
         self._multiprocess = multiprocess_dir()
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -145,14 +141,14 @@ def _request_line(head: bytes) -> tuple[bytes, bytes]:
 
 
 async def serve_metrics(
-    name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()
+    name: str, address: str, port: int, metrics: ServiceMetrics, refreshers: Sequence[Refresher] = ()
 ) -> MetricsEndpoint | None:
     """Starts this process's endpoint on the host of the service's `address` and says
     where, like the service's own listening line; None when `port` is 0 (metrics
     turned off) or taken."""
     if port == 0:
         return None
-    endpoint = MetricsEndpoint(refreshers=refreshers, registry=REGISTRY)
+    endpoint = MetricsEndpoint(metrics=metrics, refreshers=refreshers)
     bound = await endpoint.start(host_of(address), port)
     if bound is None:
         return None

@@ -1,29 +1,31 @@
 """Trace context on outgoing gRPC calls: a CLIENT span per call, and its W3C context
 (`traceparent`, `tracestate`) in the call's metadata for the server to continue.
 
-While tracing is installed, grpc.aio.insecure_channel and grpc.aio.secure_channel add
-this interceptor to every channel they open. So every stub in the system (the
-gateway's, the workflows service's, the cache client's) carries the context without
-knowing about tracing, and when tracing is off channels are exactly what gRPC makes.
+The channel factory (services/common/channels.py) puts these interceptors on every
+channel it opens while tracing is on; with tracing off it adds none, and channels are
+exactly what gRPC makes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
-_originals: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
 # Span-ending tasks of finished streams, kept referenced until they run.
 _pending: set[asyncio.Task[None]] = set()
 
 
-class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """One per channel, so spans name the server the channel talks to."""
+class _Tracing:
+    """What both call types share; one pair per channel, so spans name the server the
+    channel talks to."""
 
     def __init__(self, tracer: trace.Tracer, target: str) -> None:
         self._tracer = tracer
@@ -32,7 +34,33 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         if port.isdigit():
             self._address["server.port"] = int(port)
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    def _start(self, details: grpc.aio.ClientCallDetails) -> trace.Span:
+        method: str | bytes = details.method
+        path = (method.decode() if isinstance(method, bytes) else method).lstrip("/")
+        service, _, name = path.rpartition("/")
+        return self._tracer.start_span(
+            path,
+            kind=trace.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, **self._address},
+        )
+
+    @staticmethod
+    def _carrying(details: grpc.aio.ClientCallDetails, span: trace.Span) -> grpc.aio.ClientCallDetails:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *carrier.items())
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+
+
+# grpc.aio files an interceptor under one call type only (the first of its bases it
+# matches), so each call type has its own class. The system has no client-streaming RPC.
+class _TracingUnaryUnary(_Tracing, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, _Request], Awaitable[grpc.aio.UnaryUnaryCall[_Request, _Response]]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> _Response | grpc.aio.UnaryUnaryCall[_Request, _Response]:
         span = self._start(client_call_details)
         try:
             call = await continuation(self._carrying(client_call_details, span), request)
@@ -51,7 +79,14 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         _end(span, grpc.StatusCode.OK)
         return call
 
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
+
+class _TracingUnaryStream(_Tracing, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, _Request], Awaitable[grpc.aio.UnaryStreamCall[_Request, _Response]]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> AsyncIterator[_Response] | grpc.aio.UnaryStreamCall[_Request, _Response]:
         span = self._start(client_call_details)
         try:
             call = await continuation(self._carrying(client_call_details, span), request)
@@ -62,22 +97,10 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Un
         call.add_done_callback(lambda done: _end_later(span, done))
         return call
 
-    def _start(self, details: grpc.aio.ClientCallDetails) -> trace.Span:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        path = method.lstrip("/")
-        service, _, name = path.rpartition("/")
-        return self._tracer.start_span(
-            path,
-            kind=trace.SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, **self._address},
-        )
 
-    @staticmethod
-    def _carrying(details: grpc.aio.ClientCallDetails, span: trace.Span) -> grpc.aio.ClientCallDetails:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
-        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *carrier.items())
-        return details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple at run time
+def tracing_interceptors(tracer: trace.Tracer, target: str) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that trace a channel's calls to `target` into `tracer`."""
+    return [_TracingUnaryUnary(tracer, target), _TracingUnaryStream(tracer, target)]
 
 
 def _end(span: trace.Span, code: grpc.StatusCode) -> None:
@@ -88,39 +111,10 @@ def _end(span: trace.Span, code: grpc.StatusCode) -> None:
 
 
 def _end_later(span: trace.Span, call: Any) -> None:
+    # `call` is whatever grpc.aio hands a done callback (a call object with code()).
     async def read_code() -> None:
         _end(span, await call.code())
 
     task = asyncio.get_running_loop().create_task(read_code())
     _pending.add(task)
     task.add_done_callback(_pending.discard)
-
-
-def instrument_channels(tracer: trace.Tracer) -> None:
-    """Makes every grpc.aio channel opened from now on trace its calls into `tracer`."""
-    global _originals
-    uninstrument_channels()
-    insecure, secure = grpc.aio.insecure_channel, grpc.aio.secure_channel
-
-    def insecure_channel(target, options=None, compression=None, interceptors=None):
-        return insecure(target, options, compression, [*(interceptors or ()), TracingClientInterceptor(tracer, target)])
-
-    def secure_channel(target, credentials, options=None, compression=None, interceptors=None):
-        return secure(
-            target, credentials, options, compression, [*(interceptors or ()), TracingClientInterceptor(tracer, target)]
-        )
-
-    _originals = (insecure, secure)
-    grpc.aio.insecure_channel, grpc.aio.secure_channel = insecure_channel, secure_channel
-
-
-def uninstrument_channels() -> None:
-    """Channels opened from now on are plain again (open ones keep tracing)."""
-    global _originals
-    if _originals is not None:
-        grpc.aio.insecure_channel, grpc.aio.secure_channel = _originals
-        _originals = None
-
-
-def instrumented() -> bool:
-    return _originals is not None

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -33,21 +34,28 @@ KINDS = {
 }
 
 
-class _MetadataGetter(Getter):
+class _MetadataGetter(Getter[grpc.aio.Metadata]):
     """Reads W3C trace context from a call's invocation metadata."""
 
-    def get(self, carrier: Any, key: str) -> list[str] | None:
+    def get(self, carrier: grpc.aio.Metadata, key: str) -> list[str] | None:
         values = [value for name, value in carrier if name == key and isinstance(value, str)]
         return values or None
 
-    def keys(self, carrier: Any) -> list[str]:
+    def keys(self, carrier: grpc.aio.Metadata) -> list[str]:
         return [name for name, _ in carrier]
 
 
 _GETTER = _MetadataGetter()
 
+Context = grpc.aio.ServicerContext[Any, Any]
+# A method's behaviour as the call wrapper holds it: a coroutine for a unary response,
+# an async generator for a streamed one.
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+Attributes = dict[str, str]
 
-def outcome(exc: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+
+def outcome(exc: BaseException | None, context: Context) -> grpc.StatusCode:
     """The status a call ended with, as its client will see it."""
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining()
@@ -59,8 +67,8 @@ def outcome(exc: BaseException | None, context: grpc.aio.ServicerContext) -> grp
     return grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
 
 
-def profiled(behavior: Callable, profiler: SlowRequestProfiler, path: str) -> Callable:
-    async def handle(request, context_):
+def profiled(behavior: Behavior, profiler: SlowRequestProfiler, path: str) -> Behavior:
+    async def handle(request: Any, context_: Context) -> Any:
         profile = profiler.begin()
         started = time.perf_counter()
         try:
@@ -71,8 +79,8 @@ def profiled(behavior: Callable, profiler: SlowRequestProfiler, path: str) -> Ca
     return handle
 
 
-def _server_span(tracer: trace.Tracer, path: str, attributes: dict, context_: grpc.aio.ServicerContext):
-    parent = propagate.extract(context_.invocation_metadata() or (), getter=_GETTER)
+def _server_span(tracer: trace.Tracer, path: str, attributes: Attributes, context_: Context) -> AbstractContextManager[trace.Span]:
+    parent = propagate.extract(context_.invocation_metadata() or grpc.aio.Metadata(), getter=_GETTER)
     return tracer.start_as_current_span(
         path,
         context=parent,
@@ -89,8 +97,8 @@ def _close_span(span: trace.Span, code: grpc.StatusCode) -> None:
         span.set_status(Status(StatusCode.ERROR, code.name))
 
 
-def traced(behavior: Callable, tracer: trace.Tracer, path: str, attributes: dict) -> Callable:
-    async def handle(request, context_):
+def traced(behavior: Behavior, tracer: trace.Tracer, path: str, attributes: Attributes) -> Behavior:
+    async def handle(request: Any, context_: Context) -> Any:
         with _server_span(tracer, path, attributes, context_) as span:
             failure = None
             try:
@@ -104,8 +112,8 @@ def traced(behavior: Callable, tracer: trace.Tracer, path: str, attributes: dict
     return handle
 
 
-def traced_stream(behavior: Callable, tracer: trace.Tracer, path: str, attributes: dict) -> Callable:
-    async def handle(request, context_):
+def traced_stream(behavior: StreamBehavior, tracer: trace.Tracer, path: str, attributes: Attributes) -> StreamBehavior:
+    async def handle(request: Any, context_: Context) -> AsyncIterator[Any]:
         with _server_span(tracer, path, attributes, context_) as span:
             failure = None
             try:

@@ -36,8 +36,9 @@ class RequestContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = context.request_id()
-        record.request_id = request_id  # type: ignore[attr-defined]  # the formatter reads it
-        record.request_tag = f" [{request_id}]" if request_id else ""  # type: ignore[attr-defined]
+        # Attributes of the record's own, which the formatters read.
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             record.trace_id = format(span.trace_id, "032x")

@@ -1,5 +1,8 @@
-"""Prometheus metrics of the gRPC services: calls, database pools, the cache, workflows.
+"""Prometheus metrics every gRPC service has: its calls and its database pools.
 
+Metrics that belong to one part live with it (the cache's in
+services/cache_sidecar/metrics.py). Each group is made on a registry it is given,
+and what records into it is handed the group by the wiring, so a test can give its own.
 A process keeps its metrics in prometheus_client's default registry (which also holds
 the standard process_* metrics) and serves them on its metrics port (endpoint.py).
 Several worker processes of one service add up through prometheus_client's
@@ -17,20 +20,19 @@ import dataclasses
 import functools
 import os
 import weakref
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar, cast
 
 import grpc
-from google.protobuf.descriptor import EnumDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+G = TypeVar("G")
 
 # Request latencies: sub-millisecond to seconds, with edges at the performance
 # targets (100 ms) and alert thresholds (500 ms) so quantiles near them are exact.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Workflow executions run from milliseconds (transforms) to their one-hour default limit.
-WORKFLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 # The codes that mean the server failed (OpenTelemetry's rule for gRPC server spans);
 # the others are the caller's mistakes or answers (NOT_FOUND, INVALID_ARGUMENT, ...).
@@ -210,174 +212,16 @@ class PoolMetrics:
         self._waiters.set(sum(s.waiters for s in stats))
 
 
-# --- the cache --------------------------------------------------------------------------
-
-
-class CacheMetrics:
-    """The cache sidecar's statistics (CacheService.Stats) as Prometheus metrics.
-
-    The store counts; this class turns its running totals into counter increments
-    each time it is given a snapshot, so counters stay counters in multiprocess mode.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._hits = Counter("devops_hub_cache_hits", "Cache reads that found an entry, by namespace.", ["namespace"], registry=registry)
-        self._misses = Counter("devops_hub_cache_misses", "Cache reads that found nothing, by namespace.", ["namespace"], registry=registry)
-        self._hit_ratio = Gauge(
-            "devops_hub_cache_hit_ratio",
-            "Hits / (hits + misses) since the sidecar started, by namespace.",
-            ["namespace"],
-            registry=registry,
-            multiprocess_mode="liveall",
-        )
-        self._evictions = Counter("devops_hub_cache_evictions", "Entries evicted, by reason (size, bytes, ttl).", ["reason"], registry=registry)
-        self._sets = Counter("devops_hub_cache_sets", "Entries stored.", registry=registry)
-        self._invalidations = Counter("devops_hub_cache_invalidations", "Delete, Invalidate and Clear calls applied.", registry=registry)
-        self._entries = Gauge("devops_hub_cache_entries", "Live entries in the active backend.", registry=registry, multiprocess_mode="liveall")
-        self._bytes = Gauge("devops_hub_cache_bytes", "Bytes held by the active backend.", registry=registry, multiprocess_mode="liveall")
-        self._backend = Gauge(
-            "devops_hub_cache_backend",
-            "1 for the backend serving now (memory or redis), 0 for the others.",
-            ["backend"],
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self._backend_errors = Counter("devops_hub_cache_backend_errors", "Redis calls that failed and were served from memory.", registry=registry)
-        self._backend_switches = Counter("devops_hub_cache_backend_switches", "Switches between Redis and memory, either way.", registry=registry)
-        # Last totals seen, by counter and label: what the next snapshot is compared with.
-        self._seen: dict[tuple[str, str], int] = {}
-        self._backends: set[str] = set()
-
-    def declare(self, namespaces: Iterable[str]) -> None:
-        """Exports these namespaces' hits and misses at zero before their first read."""
-        for namespace in namespaces:
-            self._hits.labels(namespace)
-            self._misses.labels(namespace)
-
-    def update(self, stats: Any) -> None:
-        """Applies a snapshot shaped like services.cache_sidecar.stores.base.StoreStats."""
-        for namespace, counts in stats.namespaces.items():
-            self._advance(self._hits.labels(namespace), ("hits", namespace), counts.hits)
-            self._advance(self._misses.labels(namespace), ("misses", namespace), counts.misses)
-            self._hit_ratio.labels(namespace).set(counts.hit_rate)
-        for reason, count in stats.evictions.items():
-            self._advance(self._evictions.labels(reason), ("evictions", reason), count)
-        self._advance(self._sets, ("sets", ""), stats.sets)
-        self._advance(self._invalidations, ("invalidations", ""), stats.invalidations)
-        self._advance(self._backend_errors, ("backend_errors", ""), stats.backend_errors)
-        self._advance(self._backend_switches, ("backend_switches", ""), stats.backend_switches)
-        self._entries.set(stats.entries)
-        self._bytes.set(stats.bytes)
-        self._backends.add(stats.backend)
-        for backend in self._backends:
-            self._backend.labels(backend).set(1 if backend == stats.backend else 0)
-
-    def _advance(self, counter: Counter, key: tuple[str, str], total: int) -> None:
-        last = self._seen.get(key, 0)
-        if total > last:
-            counter.inc(total - last)
-            self._seen[key] = total
-        elif total < last:
-            # The store started counting again (a new store object): what it counted is new.
-            counter.inc(total)
-            self._seen[key] = total
-
-
-class CacheStatsSource(Protocol):
-    async def stats(self) -> Any: ...
-
-
-class CacheStatsRefresher:
-    """Reads a store's statistics into CacheMetrics; the metrics endpoint awaits it."""
-
-    def __init__(self, store: CacheStatsSource, metrics: CacheMetrics) -> None:
-        self._store = store
-        self._metrics = metrics
-
-    async def __call__(self) -> None:
-        self._metrics.update(await self._store.stats())
-
-
-# --- workflows ------------------------------------------------------------------------------
-
-
-def _enum_label(message: Any, field: str) -> str:
-    """The enum value's name in lower case, from the message's own descriptor."""
-    return enum_label(message.DESCRIPTOR.fields_by_name[field].enum_type, getattr(message, field))
-
-
-def enum_label(enum: EnumDescriptor, number: int) -> str:
-    value = enum.values_by_number.get(number)
-    return value.name.lower() if value is not None else "unknown"
-
-
-def _seconds_between(start: Any, end: Any) -> float | None:
-    if not start.seconds and not start.nanos:
-        return None
-    return max(0.0, (end.ToNanoseconds() - start.ToNanoseconds()) / 1e9)
-
-
-class WorkflowMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._executions = Counter(
-            "devops_hub_workflow_executions", "Workflow executions that ended, by final status.", ["status"], registry=registry
-        )
-        self._execution_seconds = Histogram(
-            "devops_hub_workflow_execution_duration_seconds",
-            "Time from an execution's start to its end, by final status.",
-            ["status"],
-            buckets=WORKFLOW_BUCKETS,
-            registry=registry,
-        )
-        self._steps = Counter(
-            "devops_hub_workflow_steps", "Workflow steps that ended, by step type and final status.", ["type", "status"], registry=registry
-        )
-        self._step_seconds = Histogram(
-            "devops_hub_workflow_step_duration_seconds",
-            "Time from a step's start to its end (all attempts), by step type and final status.",
-            ["type", "status"],
-            buckets=WORKFLOW_BUCKETS,
-            registry=registry,
-        )
-
-    def declare(self, execution_statuses: Iterable[str], step_types: Iterable[str], step_statuses: Iterable[str]) -> None:
-        """Exports every final status (and step type) at zero before the first
-        execution ends, so the dashboard's panels have series from the start."""
-        step_statuses = list(step_statuses)
-        for status in execution_statuses:
-            self._executions.labels(status)
-            self._execution_seconds.labels(status)
-        for kind in step_types:
-            for status in step_statuses:
-                self._steps.labels(kind, status)
-                self._step_seconds.labels(kind, status)
-
-    def execution_ended(self, execution: Any) -> None:
-        """Counts an Execution that reached its final status (and times it, if it started)."""
-        status = _enum_label(execution, "status")
-        self._executions.labels(status).inc()
-        seconds = _seconds_between(execution.start_time, execution.end_time)
-        if seconds is not None:
-            self._execution_seconds.labels(status).observe(seconds)
-
-    def step_ended(self, step: Any, run: Any) -> None:
-        """Counts a StepRun of `step` that reached its final status (and times it, if it started)."""
-        kind, status = _enum_label(step, "type"), _enum_label(run, "status")
-        self._steps.labels(kind, status).inc()
-        seconds = _seconds_between(run.start_time, run.end_time)
-        if seconds is not None:
-            self._step_seconds.labels(kind, status).observe(seconds)
-
-
 # --- the process's set ----------------------------------------------------------------------
 
 
 class ServiceMetrics:
     """A process's metrics, each group created on first use, so a process exports only
-    the groups it has (no cache gauges reading 0 in the agents service)."""
+    the groups it has (no pool gauges reading 0 in the cache sidecar)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._groups: dict[Callable[[CollectorRegistry], object], object] = {}
 
     @functools.cached_property
     def grpc(self) -> GrpcServerMetrics:
@@ -387,13 +231,14 @@ class ServiceMetrics:
     def pools(self) -> PoolMetrics:
         return PoolMetrics(self.registry)
 
-    @functools.cached_property
-    def cache(self) -> CacheMetrics:
-        return CacheMetrics(self.registry)
-
-    @functools.cached_property
-    def workflows(self) -> WorkflowMetrics:
-        return WorkflowMetrics(self.registry)
+    def group(self, make: Callable[[CollectorRegistry], G]) -> G:
+        """A domain's own metrics (the workflows', the cache's), made on this registry the first time
+        they are asked for: a registry takes each metric name once, however many times
+        the process builds its service."""
+        group = self._groups.get(make)
+        if group is None:
+            group = self._groups[make] = make(self.registry)
+        return cast(G, group)
 
     def refresh(self) -> None:
         """Sets the gauges that are read from state rather than counted as things happen."""
@@ -405,9 +250,16 @@ _process_metrics: ServiceMetrics | None = None
 
 
 def service_metrics() -> ServiceMetrics:
-    """This process's metrics in the default registry, made on first use."""
+    """This process's metrics, in the default registry: the one place they are made.
+
+    Process-wide because that registry is: it is what multiprocess mode writes to
+    files and the metrics endpoint serves, and it takes each metric name once, so the
+    services built in one process (the tests build several) share one set. Only
+    wiring calls this (a server.py's build(), Telemetry.start()); what it builds is
+    handed its group, and a test passes a ServiceMetrics of its own registry instead.
+    """
     global _process_metrics
     if _process_metrics is None:
-        _process_metrics = ServiceMetrics()
+        _process_metrics = ServiceMetrics(REGISTRY)
     return _process_metrics
 

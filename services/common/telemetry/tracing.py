@@ -5,11 +5,12 @@ OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf; the exporter reads the other OTEL_EXP
 variables itself, the provider OTEL_TRACES_SAMPLER and OTEL_RESOURCE_ATTRIBUTES) and
 installs it here. Without an endpoint nothing is installed: tracer() is None, the
 servers' call wrappers and the gateway's front pass are built without a tracing layer, db_span() hands back
-one shared no-op context, and channels are left as gRPC makes them.
+one shared no-op context, and the channel factory adds no interceptor.
 
 Spans cross processes as W3C trace context (`traceparent`, `tracestate`) in the gRPC
-metadata: the servers' call wrapper extracts it, and every grpc.aio channel opened
-while tracing is installed injects it (grpc_client.py).
+metadata: the servers' call wrapper extracts it, and every channel the channel factory
+(services/common/channels.py) opens while tracing is installed injects it
+(grpc_client.py). The tracer is read when a part is built, never patched into gRPC.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from services.common.settings import Settings
-from services.common.telemetry import grpc_client
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,11 @@ def install(provider: TracerProvider) -> None:
     global _tracer, _provider
     _provider = provider
     _tracer = provider.get_tracer(INSTRUMENTATION_NAME)
-    grpc_client.instrument_channels(_tracer)
 
 
 def uninstall() -> None:
     """Stops tracing; channels opened from now on are plain again."""
     global _tracer, _provider
-    grpc_client.uninstrument_channels()
     _tracer = None
     _provider = None
 

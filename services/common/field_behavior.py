@@ -1,0 +1,87 @@
+"""What the protos' google.api.field_behavior annotations say about a message's fields.
+
+Which fields a call must carry (REQUIRED) and which a client may write (all but
+OUTPUT_ONLY, IDENTIFIER and IMMUTABLE) are declared once, in the .proto files; every
+check reads them from the descriptors here, so adding an annotation is the whole change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    # What a message's DESCRIPTOR hands out at run time, as the protobuf stubs type it.
+    from google._upb._message import FieldDescriptor as _UpbFieldDescriptor
+
+    Field = FieldDescriptor | _UpbFieldDescriptor
+
+# The description every missing REQUIRED field is reported with (AIP-193 BadRequest).
+IS_REQUIRED = "is required"
+# Set by the service, or naming the resource: never written by a client's update.
+_NOT_WRITABLE = frozenset({field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER, field_behavior_pb2.IMMUTABLE})
+# AIP-154: the etag travels with a write as its concurrency check, it is not written by it.
+_ETAG = "etag"
+
+
+def behaviors(field: Field) -> frozenset[int]:
+    return frozenset(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+
+
+def writable_fields(resource: type[Message]) -> tuple[str, ...]:
+    """The fields of a resource a client may write, in declaration order: what an
+    update_mask may name."""
+    fields = resource.DESCRIPTOR.fields
+    return tuple(field.name for field in fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE)
+
+
+def required_fields(message: Message) -> tuple[Field, ...]:
+    """The fields of `message`'s type annotated REQUIRED, read once per type."""
+    descriptor = message.DESCRIPTOR
+    found = _REQUIRED.get(descriptor.full_name)
+    if found is None:
+        found = _REQUIRED[descriptor.full_name] = tuple(
+            field for field in descriptor.fields if field_behavior_pb2.REQUIRED in behaviors(field)
+        )
+    return found
+
+
+_REQUIRED: dict[str, tuple[Field, ...]] = {}
+
+
+def missing(message: Message, names: Iterable[str] | None = None) -> list[str]:
+    """The REQUIRED fields of `message` (only those among `names`, when given) it leaves unset.
+
+    A request carries all of its own; a resource being created all of its own; a
+    resource being updated those its update_mask names (AIP-134), which `names` says.
+    """
+    wanted = None if names is None else set(names)
+    return [
+        field.name
+        for field in required_fields(message)
+        if (wanted is None or field.name in wanted) and not _holds_value(message, field)
+    ]
+
+
+def is_set(message: Message, name: str) -> bool:
+    """Whether a field holds a value: present for a field with presence, non-empty for
+    a list or map, other than its zero value for a plain proto3 scalar."""
+    return _holds_value(message, message.DESCRIPTOR.fields_by_name[name])
+
+
+def _holds_value(message: Message, field: Field) -> bool:
+    value = getattr(message, field.name)
+    if field.is_repeated:
+        return len(value) > 0
+    if field.has_presence:
+        return message.HasField(field.name)
+    return bool(value != field.default_value)
+
+
+def violations(names: Iterable[str], prefix: str = "") -> list[tuple[str, str]]:
+    """(path, "is required") for each missing field, its path under `prefix`."""
+    return [(f"{prefix}.{name}" if prefix else name, IS_REQUIRED) for name in names]
