@@ -141,7 +141,8 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
 
 def _resume_fields(method: MethodDescriptor, where: str) -> tuple[FieldDescriptor, FieldDescriptor] | None:
     for field in method.input_type.fields:
-        position = field.GetOptions().Extensions[options_pb2.resumes_after]
+        # protoc's .pyi types extensions as plain FieldDescriptors.
+        position: str = field.GetOptions().Extensions[options_pb2.resumes_after]  # type: ignore[index]
         if not position:
             continue
         event_field = method.output_type.fields_by_name.get(position)
