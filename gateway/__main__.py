@@ -50,7 +50,8 @@ def main() -> int:
         access_log=False,
         log_config=None,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.shutdown_grace,
+        # uvicorn annotates an int but hands it to asyncio.timeout(), which takes any seconds.
+        timeout_graceful_shutdown=settings.shutdown_grace,  # type: ignore[arg-type]
         server_header=False,
     )
     try:

@@ -59,16 +59,21 @@ def none_match(if_none_match: bytes, etag: str) -> bool:
 def _etag_reader(route: HttpRoute) -> Callable[[Message], str] | None:
     """The resource's own etag, if the message the route renders has one."""
     field = route.response_field
-    if field is not None and (field.message_type is None or field.is_repeated):
+    if field is None:
+        rendered = route.method.output_type
+    elif field.message_type is None or field.is_repeated:
         return None
-    rendered = route.method.output_type if field is None else field.message_type
+    else:
+        rendered = field.message_type
     etag_field = rendered.fields_by_name.get("etag")
     if etag_field is None or etag_field.type != FieldDescriptor.TYPE_STRING or etag_field.is_repeated:
         return None
+    # Messages of any type: their fields are read by the names the descriptors give.
+    etag = etag_field.name
     if field is None:
-        return lambda reply: reply.etag
+        return lambda reply: getattr(reply, etag)
     name = field.name
-    return lambda reply: getattr(reply, name).etag
+    return lambda reply: getattr(getattr(reply, name), etag)
 
 
 def _quoted(etag: str) -> str | None:

@@ -12,7 +12,7 @@ headers. A refusal is the error the service would have answered. Everything else
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from starlette.responses import Response
 
@@ -51,7 +51,7 @@ class Edge:
         self._guard: AccessGuard | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Edge | None":
+    def from_settings(cls, settings: Settings) -> Edge | None:
         """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when the rate limits
         are on but kept in each process's memory (no REDIS_URL): a hit would then take
         its token from another bucket than a miss, and a caller would get more than
@@ -71,7 +71,7 @@ class Edge:
         self._limiter = build_limiter(settings)
         self._guard = build_guard(settings, self._verifier, self._limiter)
         self._transport = SidecarTransport(settings.cache_addr, settings.cache_timeout, api_key=settings.service_api_key)
-        self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)  # type: ignore[arg-type]
+        self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)
         self._feed.start()
 
     async def close(self) -> None:
@@ -107,11 +107,12 @@ class Edge:
         add_rate_limit_headers(response, limits)
         return response
 
-    def fill(self, key: EdgeKey, response: Response, trailers, since: int) -> None:
+    def fill(self, key: EdgeKey, response: Response, trailers: Iterable[tuple[str, object]], since: int) -> None:
         """Keeps a 200 answer the service said may be kept (see edge_cache.py)."""
         said = cacheable(trailers)
         if said is None or response.status_code != 200:
             return
         headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
         if "etag" in headers:
-            self.cache.put(key, response.body, headers, said, since)
+            # Starlette types a body bytes | memoryview; an Answer's is bytes, which bytes() returns as is.
+            self.cache.put(key, bytes(response.body), headers, said, since)

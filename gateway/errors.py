@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, json_format
@@ -163,7 +164,7 @@ def status_response(status: status_pb2.Status, status_code: int, headers: Mappin
     return Response(status_body(status), status_code=status_code, headers=headers, media_type=JSON_MEDIA_TYPE)
 
 
-def _detail(packed: any_pb2.Any) -> dict:
+def _detail(packed: any_pb2.Any) -> dict[str, Any]:
     try:
         return json_format.MessageToDict(packed)
     except (TypeError, KeyError, json_format.Error):

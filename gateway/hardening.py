@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
@@ -72,14 +74,14 @@ def client_address(scope: Scope, proxies: TrustedProxies) -> str:
     return forwarded_client(peer, forwarded, proxies)
 
 
-def add_rate_limit_headers(response: Response, trailers) -> None:
+def add_rate_limit_headers(response: Response, trailers: Iterable[tuple[str, object]] | None) -> None:
     for key, value in trailers or ():
         header = RATE_LIMIT_TRAILERS.get(key)
         if header is not None and isinstance(value, str):
             response.headers[header] = value
 
 
-def cors_options(origins_setting: str) -> dict | None:
+def cors_options(origins_setting: str) -> dict[str, Any] | None:
     """CORSMiddleware options for CORS_ORIGINS, or None when it is empty."""
     origins = [o.strip() for o in origins_setting.split(",") if o.strip()]
     if not origins:

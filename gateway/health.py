@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,18 +35,18 @@ class HealthChecker:
         """Called in the lifespan, once the pool's channels exist."""
         self._stubs = {backend: health_pb2_grpc.HealthStub(pool.channel(backend)) for backend in self._addresses}
 
-    async def check(self) -> tuple[bool, dict]:
+    async def check(self) -> tuple[bool, dict[str, Any]]:
         names = list(self._stubs)
         results = await asyncio.gather(*(self._check_one(name) for name in names))
         backends = dict(zip(names, results))
         failing = [name for name, result in backends.items() if result["status"] != SERVING]
-        report: dict = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
+        report: dict[str, Any] = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
         if failing:
             report["failing"] = failing
         return not failing, report
 
-    async def _check_one(self, backend: str) -> dict:
-        result: dict = {"address": self._addresses[backend]}
+    async def _check_one(self, backend: str) -> dict[str, str]:
+        result = {"address": self._addresses[backend]}
         try:
             reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:

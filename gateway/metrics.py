@@ -75,7 +75,7 @@ class HttpMetrics:
 
 
 def route_label(scope: Scope) -> str:
-    route = scope.get(ROUTE_SCOPE_KEY)
+    route: str | None = scope.get(ROUTE_SCOPE_KEY)
     if route is not None:
         return route
     starlette_route = scope.get("route")

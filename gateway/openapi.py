@@ -17,17 +17,17 @@ from google.rpc import status_pb2
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.json_body import JSON_MEDIA_TYPE, encode
+from gateway.json_body import JSON_MEDIA_TYPE, JsonObject, encode
 from gateway.routes import HttpRoute
 from gateway.templates import PathTemplate
-from gateway.transcode import is_map, is_scalar_like
+from gateway.transcode import is_map, is_scalar_like, map_entry
 
 OPENAPI_VERSION = "3.0.3"
 _VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")
 _OPERATION_KEYS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 _T = FieldDescriptor
-_SCALARS: dict[int, dict] = {
+_SCALARS: dict[int, JsonObject] = {
     _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
     _T.TYPE_FLOAT: {"type": "number", "format": "float"},
     _T.TYPE_INT32: {"type": "integer", "format": "int32"},
@@ -46,7 +46,7 @@ _SCALARS: dict[int, dict] = {
     _T.TYPE_BYTES: {"type": "string", "format": "byte"},
 }
 
-_WELL_KNOWN: dict[str, dict] = {
+_WELL_KNOWN: dict[str, JsonObject] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     # Proto3 JSON durations are seconds with an "s" ("1.5s"), not the ISO 8601 that
     # OpenAPI's "duration" format means, so the pattern says what is accepted.
@@ -73,11 +73,12 @@ class _Schemas:
     """components/schemas, filled on demand as routes reference messages and enums."""
 
     def __init__(self) -> None:
-        self.components: dict[str, dict] = {}
+        self.components: dict[str, JsonObject] = {}
 
-    def field(self, field: FieldDescriptor) -> dict:
-        if is_map(field):
-            return {"type": "object", "additionalProperties": self.field(field.message_type.fields_by_name["value"])}
+    def field(self, field: FieldDescriptor) -> JsonObject:
+        entry = map_entry(field)
+        if entry is not None:
+            return {"type": "object", "additionalProperties": self.field(entry.fields_by_name["value"])}
         schema = self._single(field)
         if field.is_repeated:
             schema = {"type": "array", "items": schema}
@@ -85,7 +86,7 @@ class _Schemas:
             schema = {**schema, "readOnly": True}
         return schema
 
-    def message(self, descriptor: Descriptor) -> dict:
+    def message(self, descriptor: Descriptor) -> JsonObject:
         name = descriptor.full_name
         if name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[name])
@@ -99,13 +100,13 @@ class _Schemas:
             }
         return _ref(name)
 
-    def enum(self, descriptor: EnumDescriptor) -> dict:
+    def enum(self, descriptor: EnumDescriptor) -> JsonObject:
         name = descriptor.full_name
         if name not in self.components:
             self.components[name] = {"type": "string", "enum": [value.name for value in descriptor.values]}
         return _ref(name)
 
-    def _single(self, field: FieldDescriptor) -> dict:
+    def _single(self, field: FieldDescriptor) -> JsonObject:
         if field.enum_type is not None:
             return self.enum(field.enum_type)
         if field.message_type is not None:
@@ -113,17 +114,17 @@ class _Schemas:
         return dict(_SCALARS[field.type])
 
 
-def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API") -> dict:
+def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API") -> JsonObject:
     schemas = _Schemas()
     error_response = {
         "description": "An error: the JSON of google.rpc.Status (AIP-193).",
         "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
     }
-    paths: dict[str, dict] = {}
+    paths: dict[str, JsonObject] = {}
     # OpenAPI forbids two paths differing only in parameter names (/agents/{id} and
     # /agents/{agent.id}): templates that match the same URLs share one path, spelled
     # as the first of them, and later ones name their parameters after it.
-    spelling: dict[tuple, PathTemplate] = {}
+    spelling: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int | None], ...]], PathTemplate] = {}
     for route in routes:
         template = route.template
         key = (template.segments, template.verb, tuple((v.start, v.stop) for v in template.variables))
@@ -143,8 +144,8 @@ def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API")
     }
 
 
-def _operation(route: HttpRoute, schemas: _Schemas, error_response: dict, path_names: list[str]) -> dict:
-    operation: dict = {
+def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, path_names: list[str]) -> JsonObject:
+    operation: JsonObject = {
         "operationId": route.operation_id,
         "tags": [route.method.containing_service.name],
         "parameters": _path_parameters(route, schemas, path_names) + _query_parameters(route, schemas),
@@ -185,7 +186,7 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: dict, path_n
     return operation
 
 
-def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> list[dict]:
+def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> list[JsonObject]:
     parameters = []
     for name, variable, chain in zip(names, route.template.variables, route.path_fields):
         parameter = {"name": name, "in": "path", "required": True, "schema": schemas.field(chain[-1])}
@@ -195,13 +196,13 @@ def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> l
     return parameters
 
 
-def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[dict]:
+def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[JsonObject]:
     """Every field the query string can set: what path and body leave, scalars only
     (the gateway refuses the rest), nested messages flattened with dots."""
     if route.body == "*":
         return []
     bound = route.bound_paths
-    parameters: list[dict] = []
+    parameters: list[JsonObject] = []
 
     def walk(descriptor: Descriptor, proto_prefix: tuple[str, ...], json_prefix: str, seen: frozenset[str]) -> None:
         for field in descriptor.fields:
@@ -214,7 +215,7 @@ def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[dict]:
                 if field.is_repeated:
                     parameter.update(style="form", explode=True)
                 parameters.append(parameter)
-            elif not field.is_repeated and field.message_type.full_name not in seen:
+            elif not field.is_repeated and field.message_type is not None and field.message_type.full_name not in seen:
                 walk(field.message_type, proto_path, f"{name}.", seen | {field.message_type.full_name})
 
     walk(route.method.input_type, (), "", frozenset({route.method.input_type.full_name}))
@@ -226,7 +227,7 @@ def _has_behavior(field: FieldDescriptor, behavior: int) -> bool:
     return behavior in options.Extensions[field_behavior_pb2.field_behavior]
 
 
-def _ref(name: str) -> dict:
+def _ref(name: str) -> JsonObject:
     return {"$ref": f"#/components/schemas/{name}"}
 
 

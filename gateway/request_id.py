@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 
 HEADER = b"x-request-id"
 SCOPE_KEY = "devops_hub.request_id"
@@ -19,7 +20,7 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
-def request_id_of(headers) -> str:
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The client's x-request-id when it is usable, a new one otherwise."""
     for name, value in headers:
         if name == HEADER:

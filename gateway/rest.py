@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -40,7 +41,7 @@ from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
-from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, RequestBuilder, Renderer, renderer
+from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
 from services.common.forwarded import TrustedProxies
 from services.common.grpc_host import MAX_MESSAGE_BYTES
 
@@ -56,7 +57,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "call")
+    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "unary", "stream")
+
+    # The gRPC multicallable of the route's kind; bound in the lifespan, when the channels exist.
+    unary: grpc.aio.UnaryUnaryMultiCallable[Message, Message]
+    stream: grpc.aio.UnaryStreamMultiCallable[Message, Message]
 
     def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
         self.route = route
@@ -66,8 +71,6 @@ class _Handler:
         # The response may depend on the credentials forwarded: a cacheable one varies with them.
         self.answer = Answer(route, render, (name.decode("ascii") for name in sorted(FORWARDED_HEADERS)))
         self.conditional = route.http_method == "GET"
-        # The gRPC multicallable; bound in the lifespan, when the channels exist.
-        self.call: grpc.aio.UnaryUnaryMultiCallable | grpc.aio.UnaryStreamMultiCallable | None = None
 
 
 class RestGateway:
@@ -93,19 +96,21 @@ class RestGateway:
 
     def bind(self, pool: ChannelPool) -> None:
         """One multicallable per (backend, RPC), shared by every binding of that RPC."""
-        calls: dict[tuple[str, str], object] = {}
+        unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = {}
+        streams: dict[tuple[str, str], grpc.aio.UnaryStreamMultiCallable[Message, Message]] = {}
         for handler in self._handlers:
             route = handler.route
             key = (route.backend, route.grpc_path)
-            if key not in calls:
-                channel = pool.channel(route.backend)
-                make = channel.unary_stream if route.server_streaming else channel.unary_unary
-                calls[key] = make(
-                    route.grpc_path,
-                    request_serializer=route.request_class.SerializeToString,
-                    response_deserializer=route.response_class.FromString,
-                )
-            handler.call = calls[key]
+            channel = pool.channel(route.backend)
+            serialize, deserialize = route.request_class.SerializeToString, route.response_class.FromString
+            if route.server_streaming:
+                if key not in streams:
+                    streams[key] = channel.unary_stream(route.grpc_path, serialize, deserialize)
+                handler.stream = streams[key]
+            else:
+                if key not in unary:
+                    unary[key] = channel.unary_unary(route.grpc_path, serialize, deserialize)
+                handler.unary = unary[key]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         http_method: str = scope["method"]
@@ -150,7 +155,7 @@ class RestGateway:
                     await held(scope, receive, send)
                     return
             since = edge.cache.snapshot()
-        call = handler.call(message, timeout=self._timeout, metadata=metadata)
+        call = handler.unary(message, timeout=self._timeout, metadata=metadata)
         try:
             reply = await call
         except grpc.aio.AioRpcError as error:
@@ -197,12 +202,13 @@ class RestGateway:
         receive: Receive,
         send: Send,
     ) -> None:
-        call = handler.call(message, metadata=metadata)
+        call = handler.stream(message, metadata=metadata)
         first = asyncio.ensure_future(call.read())
         try:
             done, _ = await asyncio.wait((first,), timeout=FIRST_EVENT_GRACE)
-            if done and isinstance(first.exception(), grpc.aio.AioRpcError):
-                response: Response = rpc_error_response(first.exception())
+            failure = first.exception() if done else None
+            if isinstance(failure, grpc.aio.AioRpcError):
+                response: Response = rpc_error_response(failure)
             else:
                 event_id = handler.route.resume[1].name if handler.route.resume is not None else None
                 response = StreamingResponse(
@@ -216,13 +222,15 @@ class RestGateway:
 
 
 async def _events(
-    call: grpc.aio.UnaryStreamCall, first: asyncio.Future, render: Renderer, event_id: str | None
+    call: grpc.aio.UnaryStreamCall[Message, Message], first: asyncio.Future[object], render: Renderer, event_id: str | None
 ) -> AsyncIterator[bytes]:
     try:
         reply = await first
         while reply is not grpc.aio.EOF:
-            head = b"id: " + getattr(reply, event_id).encode() + b"\n" if event_id else b""
-            yield head + b"data: " + render(reply) + b"\n\n"
+            # read() is typed as returning object, EOF's type; anything else is a message.
+            message = cast(Message, reply)
+            head = b"id: " + getattr(message, event_id).encode() + b"\n" if event_id else b""
+            yield head + b"data: " + render(message) + b"\n\n"
             reply = await call.read()
     except grpc.aio.AioRpcError as error:
         # Headers are gone: the status travels as a last, named event in the error shape.
@@ -246,7 +254,7 @@ def _resume_from_last_event_id(message: Message, field: FieldDescriptor, scope: 
 def _raw_path(scope: Scope) -> str:
     """The path as sent, still percent-encoded, so an encoded '/' or ':' stays inside a value."""
     raw = scope.get("raw_path")
-    path = raw.decode("utf-8", "replace") if raw else scope["path"]
+    path: str = raw.decode("utf-8", "replace") if raw else scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]

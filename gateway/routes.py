@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
+from devops_hub.v1 import options_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
-
-from devops_hub.v1 import options_pb2
 
 from gateway.templates import PathTemplate, TemplateError
 from services.common.api import backend_of
@@ -146,7 +145,8 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
 
 def _resume_fields(method: MethodDescriptor, where: str) -> tuple[FieldDescriptor, FieldDescriptor] | None:
     for field in method.input_type.fields:
-        position = field.GetOptions().Extensions[options_pb2.resumes_after]
+        # protoc's .pyi types extensions as plain FieldDescriptors.
+        position: str = field.GetOptions().Extensions[options_pb2.resumes_after]  # type: ignore[index]
         if not position:
             continue
         event_field = method.output_type.fields_by_name.get(position)

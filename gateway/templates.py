@@ -60,7 +60,7 @@ class PathTemplate:
     variables: tuple[Variable, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "PathTemplate":
+    def parse(cls, text: str) -> PathTemplate:
         if not text.startswith("/"):
             raise TemplateError(f"path template {text!r} must start with '/'")
         tail = max(text.rfind("/"), text.rfind("}"))

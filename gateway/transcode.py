@@ -19,7 +19,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import bad_request
-from gateway.json_body import encode
+from gateway.json_body import JsonObject, encode
 from gateway.routes import HttpRoute
 
 # Well-known types whose proto3 JSON form is a single string or number, so one query
@@ -53,8 +53,14 @@ PathSetter = Callable[[Message, str], None]
 Renderer = Callable[[Message], bytes]
 
 
+def map_entry(field: FieldDescriptor) -> Descriptor | None:
+    """The entry message of a map field (its key and value), None for any other field."""
+    entry = field.message_type
+    return entry if entry is not None and entry.GetOptions().map_entry else None
+
+
 def is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and field.message_type.GetOptions().map_entry
+    return map_entry(field) is not None
 
 
 def is_scalar_like(field: FieldDescriptor) -> bool:
@@ -90,9 +96,10 @@ DEFAULT_MAX_DEPTH = 32
 
 def _depth_exceeds(value: object, limit: int) -> bool:
     """Whether objects and arrays nest more than `limit` deep (iterative: no recursion)."""
-    pending = [(value, 1)]
+    pending: list[tuple[object, int]] = [(value, 1)]
     while pending:
         current, depth = pending.pop()
+        children: Iterable[object]
         if isinstance(current, dict):
             children = current.values()
         elif isinstance(current, list):
@@ -136,7 +143,7 @@ class RequestBuilder:
 
     def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
         message = self._new()
-        document: dict = {}
+        document: JsonObject = {}
         origins: dict[str, str] = {}
         if self._reads_body and body:
             document = self._body_document(body)
@@ -148,7 +155,7 @@ class RequestBuilder:
             setter(message, value)
         return message
 
-    def _body_document(self, body: bytes) -> dict:
+    def _body_document(self, body: bytes) -> JsonObject:
         try:
             value = json.loads(body)
         except ValueError as exc:
@@ -166,10 +173,10 @@ class RequestBuilder:
             )
         return value if self._body_key is None else {self._body_key: value}
 
-    def _add_query(self, document: dict, origins: dict[str, str], query: bytes) -> None:
+    def _add_query(self, document: JsonObject, origins: dict[str, str], query: bytes) -> None:
         grouped: dict[str, list[str]] = {}
-        for name, value in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
-            grouped.setdefault(name, []).append(value)
+        for name, raw in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True):
+            grouped.setdefault(name, []).append(raw)
         if grouped and self._route.body == "*":
             name = next(iter(grouped))
             raise bad_request(
@@ -246,6 +253,8 @@ class RequestBuilder:
                     field=name,
                     description="not settable from the query string",
                 )
+            # A message field: is_scalar_like() holds for every field without a message type.
+            assert field.message_type is not None
             descriptor = field.message_type
         raise AssertionError("unreachable: the loop returns or raises on the last part")
 
@@ -292,7 +301,7 @@ def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
     return set_converted
 
 
-def _parse_into(document: dict, message: Message, origins: dict[str, str]) -> None:
+def _parse_into(document: JsonObject, message: Message, origins: dict[str, str]) -> None:
     try:
         json_format.ParseDict(document, message, ignore_unknown_fields=False)
     except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
@@ -300,8 +309,8 @@ def _parse_into(document: dict, message: Message, origins: dict[str, str]) -> No
         query_name = origins.get(path)
         if query_name is not None:
             raise bad_request(f"invalid query parameter {query_name!r}: {reason}", field=query_name, description=reason) from None
-        message = f"invalid field {path!r} in request body: {reason}" if path else f"invalid request body: {reason}"
-        raise bad_request(message, field=path, description=reason) from None
+        text = f"invalid field {path!r} in request body: {reason}" if path else f"invalid request body: {reason}"
+        raise bad_request(text, field=path, description=reason) from None
 
 
 def explain(exc: Exception) -> tuple[str, str]:
@@ -326,6 +335,7 @@ def explain(exc: Exception) -> tuple[str, str]:
 def renderer(route: HttpRoute) -> Renderer:
     """Proto3 JSON of the response, or of its response_body field."""
     field = route.response_field
+    to_json: Callable[[Message], object]
     if field is None:
         to_json = json_format.MessageToDict
     elif field.message_type is not None and not field.is_repeated:

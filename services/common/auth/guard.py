@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 from devops_hub.v1 import options_pb2
@@ -75,7 +76,8 @@ class AccessGuard:
         self._proxies = TrustedProxies(trusted_proxies)
         self._service_key = service_key
 
-    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    # Any: one guard stands before every method, whatever its request and response messages.
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
         """Refuses the call with a ServiceError, or admits it and returns the trailing
         metadata its answer carries (the caller's rate-limit figures)."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -137,6 +139,6 @@ class AccessGuard:
             return None  # a process checking this key for its own guard (RemoteVerifier)
         return f"key:{api_key.id}"
 
-    def _client_address(self, metadata: Mapping[str, str], context) -> str:
+    def _client_address(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> str:
         forwarded = metadata.get("x-forwarded-for", "")
         return client_address(peer_address(context.peer()), [forwarded] if forwarded else [], self._proxies)

@@ -32,24 +32,24 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import grpc
+from devops_hub.v1 import cache_pb2
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from devops_hub.v1 import cache_pb2
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.common.cache.delivery import InvalidationDelivery
-from services.common.freshness import fresh_reads_requested
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
 from services.common.cache.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
 from services.common.cache.single_flight import SingleFlight
 from services.common.cache.transport import SidecarTransport
-from services.common.surrogate_keys import note_read
+from services.common.freshness import fresh_reads_requested
 from services.common.settings import Settings
+from services.common.surrogate_keys import note_read
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -92,7 +92,7 @@ class CacheClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, **options: Any) -> "CacheClient":
+    def from_settings(cls, settings: Settings, **options: Any) -> CacheClient:
         """A client for settings.cache_addr; with a near-cache unless CACHE_NEAR_SIZE=0."""
         if settings.cache_near_size > 0 and "near_cache" not in options:
             options["near_cache"] = NearCache(max_entries=settings.cache_near_size, max_ttl=settings.cache_near_ttl)
@@ -117,7 +117,7 @@ class CacheClient:
         await self._delivery.close()
         await self._transport.close()
 
-    async def __aenter__(self) -> "CacheClient":
+    async def __aenter__(self) -> CacheClient:
         await self.connect()
         return self
 
@@ -139,15 +139,27 @@ class CacheClient:
         cached too, as a negative entry, for at most the sidecar's negative TTL."""
         return await self.load(key, ttl, protobuf_codec(message_type), loader, cache_none=True)
 
+    # The codec encodes values, never None; a loader that may return None gets its
+    # result as T | None (cached as a negative entry with cache_none).
+    @overload
+    async def load(
+        self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T]], *, cache_none: bool = False
+    ) -> T: ...
+
+    @overload
+    async def load(
+        self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], *, cache_none: bool = False
+    ) -> T | None: ...
+
     async def load(
         self,
         key: str,
         ttl: float,
         codec: Codec[T],
-        loader: Callable[[], Awaitable[T]],
+        loader: Callable[[], Awaitable[T | None]],
         *,
         cache_none: bool = False,
-    ) -> T:
+    ) -> T | None:
         """get_or_load for any codec. With cache_none, a None from loader is cached
         as a negative entry and returned as None on later reads. Under fresh_reads()
         (a request's `cache-control: no-cache`) every layer is bypassed and refilled."""
@@ -158,12 +170,15 @@ class CacheClient:
         bypassed = self._delivery.bypassed(key)
         note_read(key, cached=not bypassed)
         if not fresh and not bypassed:
-            found, value = self._near_hit(key, codec)
+            # Bound, then unpacked: unpacking the call makes mypy infer T | None for the
+            # codec's T (python/mypy#20219); likewise below.
+            near = self._near_hit(key, codec)
+            found, value = near
             if found and (value is not None or cache_none):
                 self.hits += 1
-                return value  # type: ignore[return-value]
+                return value
 
-        async def load_through(since: int) -> T:
+        async def load_through(since: int) -> T | None:
             return await self._load_through(key, ttl, codec, loader, cache_none, since, fresh)
 
         return await self._flights.run((key, codec.content_type, cache_none), key, load_through, join=not fresh)
@@ -174,9 +189,9 @@ class CacheClient:
         self._start()
         if self._delivery.bypassed(key) or fresh_reads_requested():
             return False, None
-        found, value = self._near_hit(key, codec)
-        if found:
-            return found, value
+        near = self._near_hit(key, codec)
+        if near[0]:
+            return near
         since = self._history.snapshot()
         response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key))
         if response is None or not response.found:
@@ -197,8 +212,8 @@ class CacheClient:
         return False, None
 
     async def _load_through(
-        self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T]], cache_none: bool, since: int, fresh: bool
-    ) -> T:
+        self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], cache_none: bool, since: int, fresh: bool
+    ) -> T | None:
         if self._delivery.bypassed(key):
             return await loader()
         if fresh:
@@ -207,10 +222,11 @@ class CacheClient:
             await self._transport.call("Delete", cache_pb2.CacheDeleteRequest(key=key))
         response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key))
         if response is not None and response.found and not fresh:
-            found, value = self._decode_hit(key, ttl, codec, response.entry, since)
+            hit = self._decode_hit(key, ttl, codec, response.entry, since)
+            found, value = hit
             if found and (value is not None or cache_none):
                 self.hits += 1
-                return value  # type: ignore[return-value]
+                return value
         self.misses += 1
         value = await loader()
         # No fill without a token (the Get failed, or the store cannot vouch for one),
@@ -264,6 +280,7 @@ class CacheClient:
         entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None)
         if value is not None:
             entry.value = codec.encode(value)
+        response: cache_pb2.CacheSetResponse | None
         response, _ = await self._transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl), respect_backoff=False)
         self._apply_locally(pattern)
         if response is None:
@@ -311,6 +328,7 @@ class CacheClient:
 
     async def sync_state(self) -> cache_pb2.CacheSyncState | None:
         """The sidecar's position in the invalidation log, or None when it cannot be reached."""
+        response: cache_pb2.CacheSyncState | None
         response, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
         return response
 

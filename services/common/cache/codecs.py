@@ -56,9 +56,14 @@ class ProtobufCodec(Generic[M]):
             raise CodecError(str(exc)) from exc
 
 
-@functools.lru_cache(maxsize=256)
 def protobuf_codec(message_type: type[M]) -> ProtobufCodec[M]:
     """One codec per message type, built once (the read path asks for it per call)."""
+    # mypy takes a class for unhashable when its instances are (python/mypy#11470).
+    return _protobuf_codec(message_type)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
+def _protobuf_codec(message_type: type[Message]) -> ProtobufCodec[Any]:
     return ProtobufCodec(message_type)
 
 
@@ -111,7 +116,7 @@ def codec_for(annotation: Any) -> Codec[Any] | None:
     codec= then)."""
     if isinstance(annotation, type):
         if issubclass(annotation, Message):
-            return protobuf_codec(annotation)  # type: ignore[arg-type]  # message classes hash; the stub says Message.__hash__ is None
+            return protobuf_codec(annotation)
         if issubclass(annotation, (bytes, bytearray)):
             return BYTES
         if issubclass(annotation, str):
