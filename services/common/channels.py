@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from services.common.auth.call_keys import key_interceptors
-from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.limits import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 
 DEFAULT_CONNECTIONS = 4
