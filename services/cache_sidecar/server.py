@@ -42,6 +42,8 @@ MAX_REDIS_TIMEOUT = 0.25
 
 @dataclasses.dataclass
 class CacheSidecar(GrpcProcess):
+    """A built sidecar: start() starts its stores and relay, then serves."""
+
     host: GrpcHost
     metrics_port: int
     # A FallbackStore (Redis, and memory while it fails) or a MemoryBackend.
