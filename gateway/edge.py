@@ -21,10 +21,8 @@ from gateway.edge_cache import EdgeCache, EdgeKey, cacheable
 from gateway.errors import GatewayError
 from gateway.hardening import add_rate_limit_headers
 from gateway.json_body import JSON_MEDIA_TYPE
-from services.common.auth.guard import AccessGuard
-from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.verifier import RemoteVerifier
-from services.common.auth.wiring import build_guard, build_limiter
+from services.common.auth.wiring import Access
 from services.common.cache.near_feed import NearCacheFeed
 from services.common.cache.transport import SidecarTransport
 from services.common.errors import ServiceError
@@ -46,9 +44,7 @@ class Edge:
         )
         self._transport: SidecarTransport | None = None
         self._feed: NearCacheFeed | None = None
-        self._verifier: RemoteVerifier | None = None
-        self._limiter: RateLimiter | None = None
-        self._guard: AccessGuard | None = None
+        self._access: Access | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Edge | None:
@@ -67,9 +63,7 @@ class Edge:
         """Starts following the sidecar's Watch (with the services' key, which it
         requires) and opens the guard's channels; on the server's event loop."""
         settings = self.settings
-        self._verifier = RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key)
-        self._limiter = build_limiter(settings)
-        self._guard = build_guard(settings, self._verifier, self._limiter)
+        self._access = Access.build(settings, RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key))
         self._transport = SidecarTransport(settings.cache_addr, settings.cache_timeout, api_key=settings.service_api_key)
         self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)
         self._feed.start()
@@ -81,20 +75,18 @@ class Edge:
             await self._feed.close()
         if self._transport is not None:
             await self._transport.close()
-        if self._verifier is not None:
-            await self._verifier.close()
-        if self._limiter is not None:
-            await self._limiter.close()
+        if self._access is not None:
+            await self._access.close()
 
     async def serve(
         self, method: str, key: EdgeKey, metadata: Mapping[str, str], client: str, if_none_match: bytes | None
     ) -> Response | None:
         """The held answer to this request, or the guard's refusal; None on a miss."""
         entry = self.cache.get(key)
-        if entry is None or self._guard is None:
+        if entry is None or self._access is None:
             return None
         try:
-            limits = await self._guard.admit(method, metadata, lambda: client)
+            limits = await self._access.guard.admit(method, metadata, lambda: client)
         except ServiceError as refused:
             response = GatewayError(refused).response()
             add_rate_limit_headers(response, refused.trailing_metadata)

@@ -43,7 +43,7 @@ from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
 from services.common.forwarded import TrustedProxies
-from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.limits import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
 FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key"})

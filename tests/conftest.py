@@ -26,6 +26,7 @@ from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
+from services.common.process import running
 from services.common.settings import Settings
 from services.workflows.server import WorkflowsService
 from services.workflows.server import build as build_workflows
@@ -135,7 +136,8 @@ class Stack:
 @asynccontextmanager
 async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_workflows: bool = False) -> AsyncIterator[Stack]:
     """The cache sidecar, the agents service and (optionally) the workflows service,
-    seeded with the built-in agents, on ephemeral ports, as real servers.
+    seeded with the built-in agents, on ephemeral ports, as real servers, each
+    started and closed as production does it (services/common/process.py).
 
     Whatever started is stopped again, also when a later part fails to start.
     """
@@ -146,24 +148,18 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
     async with contextlib.AsyncExitStack() as started:
         cache_stub = None
         if with_sidecar:
-            sidecar = await build_sidecar(settings)
-            started.push_async_callback(sidecar.close)
+            sidecar = await started.enter_async_context(running(await build_sidecar(settings)))
             # What the services' relay does for a new cache: a position in their
             # invalidation log (empty when a test stack starts), so it takes fills.
             await sidecar.store.sync(0, 0, (), False)
-            cache_port = await sidecar.host.start()
-            started.push_async_callback(sidecar.host.stop, 0)
-            settings = settings.replace(cache_addr=f"127.0.0.1:{cache_port}")
+            settings = settings.replace(cache_addr=sidecar.address)
             cache_channel = grpc.aio.insecure_channel(settings.cache_addr)
             started.push_async_callback(cache_channel.close)
             cache_stub = cache_pb2_grpc.CacheServiceStub(cache_channel)
         elif settings.cache_addr.endswith(":0"):
             settings = settings.replace(cache_addr=f"127.0.0.1:{_closed_port()}")
-        agents = await build_agents(settings)
-        started.push_async_callback(agents.close)
-        port = await agents.start()
-        started.push_async_callback(agents.host.stop, 0)
-        settings = settings.replace(agents_addr=f"127.0.0.1:{port}")
+        agents = await started.enter_async_context(running(await build_agents(settings)))
+        settings = settings.replace(agents_addr=agents.address)
         channel = grpc.aio.insecure_channel(settings.agents_addr)
         started.push_async_callback(channel.close)
         stack = Stack(settings, agents, channel, agents_pb2_grpc.AgentsServiceStub(channel), cache_stub)
@@ -174,11 +170,8 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             metadata = (("x-api-key", key),) if key else ()
             for agent in builtin_agent_records():
                 await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent), metadata=metadata)
-            workflows = await build_workflows(settings)
-            started.push_async_callback(workflows.close)
-            port = await workflows.start()
-            started.push_async_callback(workflows.host.stop, 0)
-            stack.settings = settings = settings.replace(workflows_addr=f"127.0.0.1:{port}")
+            workflows = await started.enter_async_context(running(await build_workflows(settings)))
+            stack.settings = settings = settings.replace(workflows_addr=workflows.address)
             workflows_channel = grpc.aio.insecure_channel(settings.workflows_addr)
             started.push_async_callback(workflows_channel.close)
             stack.workflows = workflows

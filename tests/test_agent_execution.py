@@ -10,6 +10,7 @@ from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
 
 from services.common.grpc_host import GrpcHost
+from services.common.telemetry.metrics import service_metrics
 from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import failure_of
 
@@ -131,7 +132,7 @@ class EchoRuntime(runtime_pb2_grpc.AgentRuntimeServicer):
 
 
 async def test_remote_runtime_at_the_agent_endpoint(stack):
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     host.add(runtime_pb2_grpc.add_AgentRuntimeServicer_to_server, EchoRuntime(), "devops_hub.v1.AgentRuntime")
     port = await host.start()
     try:

@@ -11,6 +11,7 @@ import grpc
 from services.common.background import spawn
 from services.common.grpc_host import GrpcHost
 from services.common.telemetry.logs import RequestContextFilter
+from services.common.telemetry.metrics import service_metrics
 
 METHOD = "/test.Spawner/Start"
 
@@ -46,7 +47,7 @@ async def test_a_task_started_by_a_call_logs_without_the_calls_request_id():
         return b"started"
 
     handler = grpc.method_handlers_generic_handler("test.Spawner", {"Start": grpc.unary_unary_rpc_method_handler(start)})
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     host.add(lambda _servicer, server: server.add_generic_rpc_handlers((handler,)), None, "test.Spawner")
     port = await host.start()
     try:

@@ -111,7 +111,7 @@ async def test_the_near_cache_is_cleared_when_the_stream_drops(start_sidecar: St
         await eventually(lambda: client.near.live)
         await client.get_or_load("agents:get:1", 60, StringValue, CountingLoader("v1"))
         assert len(client.near) == 1
-        await sidecar.host.stop(0, pre_stop=[sidecar.end_streams])
+        await sidecar.stop(0)
         await eventually(lambda: not client.near.live)
         assert len(client.near) == 0
         # With the sidecar gone, reads go to the loader and nothing is kept near.

@@ -33,7 +33,7 @@ from services.common.api import discover_services
 from services.common.auth import keys
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
-from services.common.telemetry.metrics import SERVER_ERROR_CODES
+from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
 from services.seed import seed
 from tests.conftest import make_settings, running_stack
 from tests.support import ROOT
@@ -238,7 +238,7 @@ def test_the_dockerfile_is_multi_stage_non_root_and_copies_what_exists():
 
 
 async def test_the_container_health_check_asks_grpc_health_and_http():
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     port = await host.start()
     script = str(DEPLOY / "healthcheck.py")
 

@@ -19,6 +19,7 @@ from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
+from services.common.process import running
 from tests.conftest import make_settings, running_stack
 from tests.support.redis_servers import REDIS_URL
 
@@ -144,10 +145,8 @@ async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_th
     # Through another agents process on the same database and sidecar.
     await hot(http, "/api/agents/e3")
     listed = await hot(http, "/api/agents", params={"domain": "ci"})
-    other = await build_agents(stack.settings.replace(agents_addr="127.0.0.1:0"))
-    try:
-        port = await other.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with running(await build_agents(stack.settings.replace(agents_addr="127.0.0.1:0"))) as other:
+        async with grpc.aio.insecure_channel(other.address) as channel:
             stub = agents_pb2_grpc.AgentsServiceStub(channel)
             await stub.UpdateAgent(
                 agents_pb2.UpdateAgentRequest(agent=agents_pb2.Agent(id="e3", name="Other"), update_mask={"paths": ["name"]})
@@ -155,24 +154,17 @@ async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_th
         await fresh_within(http, "/api/agents/e3", "Other")
         relisted = await http.get("/api/agents", params={"domain": "ci"})
         assert relisted.content != listed.content and b"Other" in relisted.content
-    finally:
-        await other.host.stop(0)
-        await other.close()
 
 
 async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_url):
     settings = make_settings(sqlite_url)
-    sidecar = await build_sidecar(settings)
-    await sidecar.store.sync(0, 0, (), False)
-    port = await sidecar.host.start()
-    stopped = False
-    try:
-        async with running_stack(settings.replace(cache_addr=f"127.0.0.1:{port}"), with_sidecar=False) as stack:
+    async with running(await build_sidecar(settings)) as sidecar:
+        await sidecar.store.sync(0, 0, (), False)
+        async with running_stack(settings.replace(cache_addr=sidecar.address), with_sidecar=False) as stack:
             async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
                 await http.post("/api/agents", json={"id": "e4", "name": "Four", "domain": "ci"})
                 await hot(http, "/api/agents/e4")
-                await sidecar.host.stop(0)
-                stopped = True
+                await sidecar.stop(0)
                 # The stream ends with the sidecar: from then on every read goes to the service.
                 deadline = asyncio.get_running_loop().time() + 20
                 while "age" in (await http.get("/api/agents/e4")).headers:
@@ -183,10 +175,6 @@ async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_
                     answer = await http.get("/api/agents/e4")
                     assert answer.status_code == 200 and "age" not in answer.headers
                 assert handled("GetAgent") == calls + 3
-    finally:
-        if not stopped:
-            await sidecar.host.stop(0)
-        await sidecar.close()
 
 
 # --------------------------------------------------------------------------- access

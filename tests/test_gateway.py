@@ -34,6 +34,7 @@ from services.common.api import discover_services
 from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
+from services.common.telemetry.metrics import service_metrics
 from tests.support import ROOT
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -240,10 +241,10 @@ BACKEND_OPTIONS = {
 @pytest.fixture
 async def backends() -> AsyncIterator[Backends]:
     agents, cache = InMemoryAgents(), CacheDouble()
-    agents_host = GrpcHost("127.0.0.1:0")
+    agents_host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     agents_host.add(agents_pb2_grpc.add_AgentsServiceServicer_to_server, agents, "devops_hub.v1.AgentsService")
     agents_host.add(lambda _, server: server.add_generic_rpc_handlers((watch_handler(agents),)), None, WATCH_SERVICE)
-    cache_host = GrpcHost("127.0.0.1:0")
+    cache_host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     cache_host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, cache, "devops_hub.v1.CacheService")
     agents_port = await agents_host.start()
     cache_port = await cache_host.start()

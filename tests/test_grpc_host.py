@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common import event_loop
 from services.common.errors import NotFound
 from services.common.grpc_host import GrpcHost
+from services.common.telemetry.metrics import service_metrics
 from tests.support.grpc_errors import failure_of
 
 SLOW_METHOD = "/test.Slow/Sleep"
@@ -43,7 +44,7 @@ def _register_slow(release: asyncio.Event):
 @pytest.fixture
 async def host():
     release = asyncio.Event()
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     host.add(_register_slow(release), None, "test.Slow")
     port = await host.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

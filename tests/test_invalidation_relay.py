@@ -22,6 +22,7 @@ from google.protobuf import empty_pb2, field_mask_pb2
 
 from services.common.grpc_host import GrpcHost
 from services.common.invalidation_log import InvalidationLog
+from services.common.telemetry.metrics import service_metrics
 from tests.conftest import Stack, _closed_port, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
@@ -97,7 +98,7 @@ class CacheServer:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self._host = GrpcHost(self.address)
+        self._host = GrpcHost(self.address, metrics=service_metrics().grpc)
         self._host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, self.cache, "devops_hub.v1.CacheService")
         await self._host.start()
 
@@ -256,7 +257,7 @@ async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, 
         async def Invalidate(self, request, context):
             return cache_pb2.CacheInvalidateResponse()
 
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
     host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, WithoutTheLog(), "devops_hub.v1.CacheService")
     port = await host.start()
     try:

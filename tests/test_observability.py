@@ -31,10 +31,11 @@ from services.cache_sidecar.server import build as build_sidecar
 from services.common.channels import call_tracing, open_channel
 from services.common.db import connect
 from services.common.grpc_host import GrpcHost
+from services.common.process import running
 from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
-from services.common.telemetry.metrics import ServiceMetrics
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from tests.conftest import make_settings, running_stack
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
@@ -111,7 +112,7 @@ class Captured:
 
 
 def _echo_host(handlers: dict) -> GrpcHost:
-    host = GrpcHost("127.0.0.1:0")
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
 
     def register(_servicer, server) -> None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
@@ -228,30 +229,27 @@ async def test_pool_metrics_show_connections_in_use_and_waiters(database_url):
 
 async def test_cache_metrics_follow_the_sidecar_stats_and_are_served_on_metrics(sqlite_url):
     settings = make_settings(sqlite_url)
-    sidecar = await build_sidecar(settings)
-    port = await sidecar.host.start()
-    metrics = ServiceMetrics(CollectorRegistry())
-    endpoint = MetricsEndpoint(metrics=metrics, refreshers=[CacheStatsRefresher(sidecar.store, CacheMetrics(metrics.registry))])
-    try:
-        metrics_port = await endpoint.start("127.0.0.1", 0)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            cache = cache_pb2_grpc.CacheServiceStub(channel)
-            await cache.Set(cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key="agents:get:a", value=b"x")))
-            for _ in range(3):
-                await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:a"))
-            await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:missing"))
-            await cache.Get(cache_pb2.CacheGetRequest(key="workflows:get:missing"))
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
-                first = parse_samples((await http.get("/metrics")).text)
-                # Counters advance by what happened since, not by the running totals again.
-                await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:a"))
-                second = parse_samples((await http.get("/metrics")).text)
-                assert (await http.get("/other")).status_code == 404
-                assert (await http.post("/metrics")).status_code == 405
-    finally:
-        await endpoint.close()
-        await sidecar.host.stop(0)
-        await sidecar.close()
+    async with running(await build_sidecar(settings)) as sidecar:
+        metrics = ServiceMetrics(CollectorRegistry())
+        endpoint = MetricsEndpoint(metrics=metrics, refreshers=[CacheStatsRefresher(sidecar.store, CacheMetrics(metrics.registry))])
+        try:
+            metrics_port = await endpoint.start("127.0.0.1", 0)
+            async with grpc.aio.insecure_channel(sidecar.address) as channel:
+                cache = cache_pb2_grpc.CacheServiceStub(channel)
+                await cache.Set(cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key="agents:get:a", value=b"x")))
+                for _ in range(3):
+                    await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:a"))
+                await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:missing"))
+                await cache.Get(cache_pb2.CacheGetRequest(key="workflows:get:missing"))
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
+                    first = parse_samples((await http.get("/metrics")).text)
+                    # Counters advance by what happened since, not by the running totals again.
+                    await cache.Get(cache_pb2.CacheGetRequest(key="agents:get:a"))
+                    second = parse_samples((await http.get("/metrics")).text)
+                    assert (await http.get("/other")).status_code == 404
+                    assert (await http.post("/metrics")).status_code == 405
+        finally:
+            await endpoint.close()
 
     assert value(first, "devops_hub_cache_hits_total", namespace="agents") == 3
     assert value(first, "devops_hub_cache_misses_total", namespace="agents") == 1

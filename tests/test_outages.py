@@ -74,7 +74,7 @@ async def test_a_call_cut_short_by_a_stopping_backend_is_503_not_499(sqlite_url)
                 running = asyncio.ensure_future(http.post("/api/agents/builtin-control:execute", json=request))
                 await asyncio.sleep(1.0)
                 assert not running.done()
-                await stack.agents.host.stop(0.5)
+                await stack.agents.stop(0.5)
                 response = await running
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1

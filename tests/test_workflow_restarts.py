@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from google.protobuf import json_format
 
 from bench.run import free_port
 from services.common.event_repository import EventRepository
+from services.common.process import running
 from services.workflows.server import build as build_workflows
 from tests.conftest import make_settings, running_stack
 from tests.support import ROOT
@@ -43,11 +45,12 @@ async def wait_status(stub, execution_id: str, statuses: set[int], timeout: floa
     raise AssertionError(f"{execution_id} stayed {Execution.Status.Name(execution.status)}")
 
 
-async def start_workflows(settings):
-    service = await build_workflows(settings.replace(workflows_addr="127.0.0.1:0"))
-    port = await service.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return service, channel, workflows_pb2_grpc.WorkflowsServiceStub(channel)
+@contextlib.asynccontextmanager
+async def started_workflows(settings):
+    """Another workflows process on the same database, and a stub to call it."""
+    async with running(await build_workflows(settings.replace(workflows_addr="127.0.0.1:0"))) as service:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            yield service, workflows_pb2_grpc.WorkflowsServiceStub(channel)
 
 
 async def test_a_graceful_stop_fails_what_runs_with_the_reason(database_url):
@@ -56,16 +59,11 @@ async def test_a_graceful_stop_fails_what_runs_with_the_reason(database_url):
         execution = await stack.workflows_stub.ExecuteWorkflow(workflows_pb2.ExecuteWorkflowRequest(id="long"))
         await wait_status(stack.workflows_stub, execution.id, {Execution.RUNNING})
 
-        second, channel, stub = await start_workflows(stack.settings)
-        try:
+        async with started_workflows(stack.settings) as (_, stub):
             await stack.workflows.engine.stop()  # what the first process does on SIGTERM
             ended = await wait_status(stub, execution.id, {Execution.FAILED}, timeout=5)
             assert "stopped" in ended.error
             assert ended.steps[0].status == workflows_pb2.StepRun.CANCELLED
-        finally:
-            await channel.close()
-            await second.host.stop(0)
-            await second.close()
 
 
 async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
@@ -105,16 +103,11 @@ async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
             if doomed.poll() is None:
                 doomed.kill()
 
-        survivor, channel, stub = await start_workflows(stack.settings.replace(workflow_lease_ttl=1.5))
-        try:
+        async with started_workflows(stack.settings.replace(workflow_lease_ttl=1.5)) as (_, stub):
             ended = await wait_status(stub, execution.id, {Execution.FAILED}, timeout=10)
             assert "lease expired" in ended.error
             listed = await stub.ListExecutions(workflows_pb2.ListExecutionsRequest(status=Execution.RUNNING))
             assert not listed.executions
-        finally:
-            await channel.close()
-            await survivor.host.stop(0)
-            await survivor.close()
 
 
 async def test_retention_keeps_the_newest_events(sqlite_url):

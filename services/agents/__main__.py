@@ -1,4 +1,5 @@
-from services.agents.server import main
-from services.common import event_loop
+"""`python -m services.agents`: serves AgentsService and ApiKeysService on AGENTS_ADDR."""
 
-event_loop.run(main())
+from services.agents.server import main
+
+main()

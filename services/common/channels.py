@@ -28,7 +28,7 @@ import grpc
 from opentelemetry import trace
 
 from services.common.auth.call_keys import key_interceptors
-from services.common.grpc_host import MAX_MESSAGE_BYTES
+from services.common.limits import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 from services.common.telemetry import tracing
 from services.common.telemetry.grpc_client import tracing_interceptors

@@ -2,8 +2,8 @@
 
 uvloop's loop (libuv, in C) schedules callbacks and moves socket bytes for less CPU
 than asyncio's pure-Python one, and the hot path of a service is exactly that: many
-small calls. grpc.aio and uvicorn both run on it; the gateway gets it from uvicorn
-(`loop="uvloop"`), the gRPC services from run() here.
+small calls. grpc.aio and uvicorn both run on it: every process, the gateway
+included, runs its life (services/common/process.py) through run() here.
 """
 
 from __future__ import annotations

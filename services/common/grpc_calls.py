@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -24,63 +24,66 @@ from services.common.outages import PROCESS as OUTAGES
 from services.common.request_checks import check_request, tolerant
 from services.common.telemetry import context, profiling, tracing
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
-from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics, service_metrics
+from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics
 
 Metadata = tuple[tuple[str, str], ...]
+Context = grpc.aio.ServicerContext[Any, Any]
+# A string: RpcMethodHandler is generic in grpc's type stubs only.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# What a method does, as grpc.aio calls it: a coroutine function (which may also write
+# its answers with context.write()), or, for a server stream, an async generator function.
+Single = Callable[[Any, Context], Awaitable[Any]]
+Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 # Runs before every handler: raises a ServiceError to refuse the call (auth, rate
 # limits), or returns the trailing metadata an admitted call carries (its limits).
-Guard = Callable[[str, grpc.aio.ServicerContext], Awaitable[Metadata]]
-
-_UNSET: Any = object()
+Guard = Callable[[str, Context], Awaitable[Metadata]]
 
 
 class CallWrapper:
-    """Wraps method handlers; tracer and profiler default to the process's (None when
-    off), and the freshness table to the one the protos declare."""
+    """Wraps method handlers, with the process's tracer and profiler (None when off)
+    and the freshness table the protos declare."""
 
-    def __init__(
-        self,
-        guard: Guard | None = None,
-        *,
-        metrics: GrpcServerMetrics | None = None,
-        tracer=_UNSET,
-        profiler=_UNSET,
-        max_ages: Mapping[str, int] | None = None,
-    ) -> None:
+    def __init__(self, guard: Guard | None = None, *, metrics: GrpcServerMetrics) -> None:
         self._guard = guard
-        self._metrics = metrics or service_metrics().grpc
-        self._tracer = tracing.tracer() if tracer is _UNSET else tracer
-        self._profiler = profiling.profiler() if profiler is _UNSET else profiler
-        self._max_ages = freshness.max_ages() if max_ages is None else max_ages
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._metrics = metrics
+        self._tracer = tracing.tracer()
+        self._profiler = profiling.profiler()
+        self._max_ages = freshness.max_ages()
+        self._wrapped: dict[str, Handler] = {}
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         """`handler` of '/pkg.Service/Method' inside every layer, made once per method."""
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             wrapped = self._wrapped[method] = self._build(method, handler)
         return wrapped
 
-    def _build(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _build(self, method: str, handler: Handler) -> Handler:
         path = method.lstrip("/")
         service, _, name = path.rpartition("/")
         kind, factory = KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
         behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if behavior is None:
+            raise ValueError(f"{method} is registered without a behaviour")
         stats = self._metrics.method(service, name, kind)
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        # grpc's stubs type behaviours as the synchronous API's; under grpc.aio they are
+        # the async kinds that Single and Streaming name.
+        wrapped: Callable[..., Any]
         if handler.response_streaming and inspect.isasyncgenfunction(behavior):
-            wrapped = _streaming(behavior, method, stats, self._guard)
+            wrapped = _streaming(cast(Streaming, behavior), method, stats, self._guard)
             if self._tracer is not None:
                 wrapped = traced_stream(wrapped, self._tracer, path, attributes)
         else:
             # Handlers that write with context.write() (grpc.health.v1 Watch) are coroutines too.
-            max_age = self._max_ages.get(method)
-            cacheable = bool(max_age) and not handler.response_streaming
+            single = cast(Single, behavior)
+            max_age = self._max_ages.get(method, 0)
+            cacheable = max_age > 0 and not handler.response_streaming
             fresh = (freshness.cache_control(max_age),) if cacheable else ()
             if cacheable:
-                behavior = _honouring_no_cache(behavior)
-            wrapped = _single(behavior, method, stats, self._guard, fresh)
+                single = _honouring_no_cache(single)
+            wrapped = _single(single, method, stats, self._guard, fresh)
             if self._profiler is not None and not handler.response_streaming:
                 wrapped = profiled(wrapped, self._profiler, path)
             if self._tracer is not None:
@@ -90,25 +93,25 @@ class CallWrapper:
         return factory(wrapped, tolerant(handler.request_deserializer), handler.response_serializer)
 
 
-def _honouring_no_cache(behavior: Callable) -> Callable:
+def _honouring_no_cache(behavior: Single) -> Single:
     """A cacheable read whose caller sent `cache-control: no-cache` reads past every
     cache layer (freshness.py); other methods never pay for looking."""
 
-    async def handle(request, context_: grpc.aio.ServicerContext):
+    async def handle(request: Any, context_: Context) -> Any:
         with freshness.fresh_reads(freshness.asks_for_fresh(context_.invocation_metadata() or ())):
             return await behavior(request, context_)
 
     return handle
 
 
-def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata) -> Callable:
+def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata) -> Single:
     """A handler that returns (or writes) its answer: `fresh` (a cacheable method's
     max-age) goes out with a success, with the surrogate keys of its cached reads."""
 
-    async def handle(request, context_: grpc.aio.ServicerContext):
+    async def handle(request: Any, context_: Context) -> Any:
         context.bind_call(context_)
         started = time.perf_counter()
-        failure = None
+        failure: BaseException | None = None
         trailers: Metadata = ()
         # A cacheable answer names the cache keys it was read from (surrogate_keys.py).
         reads = surrogate_keys.start() if fresh else None
@@ -135,13 +138,13 @@ def _single(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard 
     return handle
 
 
-def _streaming(behavior: Callable, method: str, stats: MethodMetrics, guard: Guard | None) -> Callable:
+def _streaming(behavior: Streaming, method: str, stats: MethodMetrics, guard: Guard | None) -> Streaming:
     """A handler that yields its answers: the guard's metadata is set before the first."""
 
-    async def handle(request, context_: grpc.aio.ServicerContext):
+    async def handle(request: Any, context_: Context) -> AsyncIterator[Any]:
         context.bind_call(context_)
         started = time.perf_counter()
-        failure = None
+        failure: BaseException | None = None
         trailers: Metadata = ()
         try:
             if guard is not None:
@@ -161,7 +164,7 @@ def _streaming(behavior: Callable, method: str, stats: MethodMetrics, guard: Gua
     return handle
 
 
-async def _abort_if_translatable(context_: grpc.aio.ServicerContext, exc: BaseException, method: str, trailers: Metadata) -> None:
+async def _abort_if_translatable(context_: Context, exc: BaseException, method: str, trailers: Metadata) -> None:
     """Ends the call with the status errors.py gives `exc`; cancellation, and a handler's
     own abort, pass through as they are."""
     if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
@@ -177,7 +180,7 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
         self._inner = inner
         self._wrapper = wrapper
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
@@ -192,10 +195,10 @@ class Registrar:
         self._server = server
         self._wrapper = wrapper
 
-    def add_generic_rpc_handlers(self, handlers) -> None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrapper) for h in handlers))
 
-    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
         self._server.add_registered_method_handlers(
             service, {name: self._wrapper.wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
         )

@@ -1,17 +1,13 @@
-"""The bootstrap every gRPC service shares: one grpc.aio server with health and
-reflection, every handler inside the call wrapper (telemetry, guard, freshness, error
-translation: grpc_calls.py), started on an address and stopped gracefully.
-
-A service's server.py builds its servicers, registers them on a GrpcHost and calls
-run_until_stopped(); nothing else about serving is written twice.
+"""The host every gRPC service runs on: one grpc.aio server with health and
+reflection, every handler registered inside the call wrapper (grpc_calls.py), started
+on an address and stopped gracefully. Nothing else: what a call goes through is
+grpc_calls.py's, and the life of the process around the host is process.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -22,12 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.common.grpc_calls import CallWrapper, Guard, Registrar
-from services.common.telemetry.metrics import service_metrics
-
-log = logging.getLogger(__name__)
-
-# Messages up to 16 MiB: a full batch of 1000 agents fits with room to spare.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+from services.common.limits import MAX_MESSAGE_BYTES
+from services.common.telemetry.metrics import GrpcServerMetrics
 
 
 def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
@@ -42,11 +34,14 @@ def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
 class GrpcHost:
     """One grpc.aio server: the service's servicers plus health and reflection."""
 
-    def __init__(self, address: str, *, guard: Guard | None = None, reflection: bool = True) -> None:
+    def __init__(
+        self, address: str, *, metrics: GrpcServerMetrics, guard: Guard | None = None, reflection: bool = True
+    ) -> None:
         self.address = address
         # Server reflection lists every method to anyone who asks, key or not: handy
         # for grpcurl and ghz, off where nobody should browse (GRPC_REFLECTION=false).
         self.reflection = reflection
+        self._metrics = metrics
         # No interceptors: handlers are wrapped once, as they are registered, so a call
         # runs no interceptor chain before its handler.
         self.server = grpc.aio.server(
@@ -56,7 +51,7 @@ class GrpcHost:
                 ("grpc.so_reuseport", 1),
             ],
         )
-        self._registrar = Registrar(self.server, CallWrapper(guard))
+        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics))
         self.health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self.port: int | None = None
@@ -71,7 +66,7 @@ class GrpcHost:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.reflection:
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), self._registrar)
-        service_metrics().grpc.declare(_descriptors(names))
+        self._metrics.declare(_descriptors(names))
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")
@@ -105,26 +100,3 @@ class GrpcHost:
     def bound_address(self) -> str:
         host = self.address.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
-
-
-async def run_until_stopped(
-    host: GrpcHost,
-    name: str,
-    grace: float,
-    cleanups: Iterable[Callable[[], Awaitable[None]]] = (),
-    *,
-    pre_stop: Iterable[Callable[[], Awaitable[None]]] = (),
-) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully (running the pre_stop
-    hooks, see GrpcHost.stop) and runs the clean-ups."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await host.start()
-    print(f"{name} listening on grpc://{host.bound_address}", flush=True)
-    await stop.wait()
-    log.info("%s stopping (grace %.1fs)", name, grace)
-    await host.stop(grace, pre_stop=pre_stop)
-    for cleanup in cleanups:
-        await cleanup()

@@ -1,4 +1,5 @@
-from services.common import event_loop
+"""`python -m services.workflows`: serves WorkflowsService and EventsService on WORKFLOWS_ADDR."""
+
 from services.workflows.server import main
 
-event_loop.run(main())
+main()

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import grpc
 from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
-from services.common.auth.rate_limit import RateLimiter
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
-from services.common.auth.wiring import build_guard, build_limiter
+from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
 from services.common.channels import service_channel
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
-from services.common.grpc_host import GrpcHost, run_until_stopped
+from services.common.grpc_host import GrpcHost
 from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
+from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
-from services.common.telemetry import Telemetry
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
@@ -39,8 +37,9 @@ EVENTS_SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_na
 
 
 @dataclass
-class WorkflowsService:
+class WorkflowsService(GrpcProcess):
     host: GrpcHost
+    metrics_port: int
     db: Database
     engine: Engine
     events: EventWriter
@@ -49,15 +48,14 @@ class WorkflowsService:
     cache: CacheClient
     relay: InvalidationRelay
     agents_channel: grpc.aio.Channel
-    verifier: DatabaseVerifier
-    limiter: RateLimiter
+    access: Access
 
-    async def start(self) -> int:
-        port = await self.host.start()
+    async def start_work(self) -> None:
+        # Before the host (GrpcProcess.start): the engine fails what a dead process
+        # left RUNNING before anyone can read it or submit beside it.
         await self.engine.start()
         self.pruner.start()
         self.relay.start()
-        return port
 
     async def close(self) -> None:
         """Fails what still runs (with the reason), then flushes events and closes."""
@@ -67,8 +65,7 @@ class WorkflowsService:
         await self.feed.close()
         await self.events.close()
         await self.agents_channel.close()
-        await self.verifier.close()
-        await self.limiter.close()
+        await self.access.close()
         await self.cache.close()
         await self.db.close()
 
@@ -98,35 +95,27 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
     )
     workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
-    verifier = DatabaseVerifier(ApiKeyRepository(db))
-    limiter = build_limiter(settings)
+    access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))
     host = GrpcHost(
-        settings.workflows_addr, guard=build_guard(settings, verifier, limiter), reflection=settings.grpc_reflection
+        settings.workflows_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
     )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)
     pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
     return WorkflowsService(
-        host, db, engine, writer, feed, pruner, cache, build_relay(settings, db), agents_channel, verifier, limiter
+        host=host,
+        metrics_port=settings.workflows_metrics_port,
+        db=db,
+        engine=engine,
+        events=writer,
+        feed=feed,
+        pruner=pruner,
+        cache=cache,
+        relay=build_relay(settings, db),
+        agents_channel=agents_channel,
+        access=access,
     )
 
 
-async def main() -> None:
-    settings = Settings.from_env()
-    telemetry = Telemetry.start(settings, "workflows")
-    service = await build(settings)
-    try:
-        await service.engine.start()
-        service.pruner.start()
-        service.relay.start()
-        await telemetry.serve_metrics("workflows service", settings.workflows_addr, settings.workflows_metrics_port)
-    except BaseException:
-        await service.close()
-        raise
-    await run_until_stopped(
-        service.host, "workflows service", settings.shutdown_grace, [service.close, telemetry.close]
-    )
-
-
-if __name__ == "__main__":
-    asyncio.run(main())
+def main() -> None:
+    run(build, name="workflows service", service="workflows")

@@ -4,6 +4,7 @@ a test prefix), loaders that count, and small helpers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_status import rpc_status
 
 from services.cache_sidecar.server import CacheSidecar, build
 from services.common.cache.codecs import protobuf_content_type
+from services.common.process import running
 from services.common.settings import Settings
 
 STRING_TYPE = protobuf_content_type("google.protobuf.StringValue")
@@ -28,8 +30,9 @@ StartSidecar = Callable[..., Awaitable[CacheSidecar]]
 
 @pytest.fixture
 async def start_sidecar() -> AsyncIterator[StartSidecar]:
-    """Starts real sidecars; settings overrides and build() keywords pass through."""
-    started: list[CacheSidecar] = []
+    """Starts real sidecars as production does (services/common/process.py); settings
+    overrides and build() keywords pass through."""
+    started = contextlib.AsyncExitStack()
 
     async def start(
         *,
@@ -43,25 +46,22 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
     ) -> CacheSidecar:
         # Access rules are test_auth.py's subject; here the sidecar's behaviour is.
         settings = Settings(cache_addr="127.0.0.1:0", auth_enabled=False).replace(**overrides)
-        sidecar = await build(
+        built = await build(
             settings,
             watch_queue_size=watch_queue_size,
             heartbeat_interval=heartbeat_interval,
             redis_key_prefix=redis_key_prefix,
             redis_timeout=redis_timeout,
         )
-        started.append(sidecar)
-        await sidecar.host.start()
+        sidecar = await started.enter_async_context(running(built))
         if sidecar.relay is not None and wait_for_relay:
             await asyncio.wait_for(sidecar.relay.subscribed.wait(), READ_TIMEOUT)
         if synced:
             await sync_empty_log(sidecar.host.bound_address)
         return sidecar
 
-    yield start
-    for sidecar in started:
-        await sidecar.host.stop(0, pre_stop=[sidecar.end_streams])
-        await sidecar.close()
+    async with started:
+        yield start
 
 
 async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:

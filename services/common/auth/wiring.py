@@ -1,8 +1,9 @@
-"""What a service's server.py needs to enforce access and to call its peers with a key."""
+"""What a process needs to enforce access and to call its peers with a key."""
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from services.common.auth.call_keys import key_interceptors
 from services.common.auth.guard import AccessGuard
@@ -11,10 +12,41 @@ from services.common.auth.scopes import required_scopes
 from services.common.auth.verifier import KeyVerifier
 from services.common.settings import Settings
 
-__all__ = ["build_guard", "build_limiter", "gateway_address", "key_interceptors"]
+__all__ = ["Access", "gateway_address", "key_interceptors"]
 
 
-def build_limiter(settings: Settings) -> RateLimiter:
+@dataclass
+class Access:
+    """Who may call, and how often: the key verifier, the rate limiter and the guard
+    built on them. A process builds it once and closes it once; the guard goes to its
+    GrpcHost (or the gateway's edge cache), which admit every call through it."""
+
+    verifier: KeyVerifier
+    limiter: RateLimiter
+    guard: AccessGuard
+
+    @classmethod
+    def build(cls, settings: Settings, verifier: KeyVerifier, *, rate_limited: bool = True) -> Access:
+        """Access checked by `verifier` (which it then owns), rate limited as settings
+        say unless `rate_limited` is False (a process whose callers were limited already)."""
+        limiter = _limiter(settings) if rate_limited else RateLimiter({})
+        guard = AccessGuard(
+            required_scopes(),
+            verifier,
+            limiter,
+            auth_enabled=settings.auth_enabled,
+            allow_anonymous_read=settings.allow_anonymous_read,
+            trusted_proxies=settings.trusted_proxies or gateway_address(settings),
+            service_key=settings.service_api_key,
+        )
+        return cls(verifier, limiter, guard)
+
+    async def close(self) -> None:
+        await self.verifier.close()
+        await self.limiter.close()
+
+
+def _limiter(settings: Settings) -> RateLimiter:
     return RateLimiter(
         {
             "default": Policy(settings.rate_limit_requests, settings.rate_limit_window),
@@ -23,18 +55,6 @@ def build_limiter(settings: Settings) -> RateLimiter:
         settings.redis_url,
         prefix=f"{settings.redis_key_prefix}rl:",
         max_connections=settings.redis_max_connections,
-    )
-
-
-def build_guard(settings: Settings, verifier: KeyVerifier, limiter: RateLimiter) -> AccessGuard:
-    return AccessGuard(
-        required_scopes(),
-        verifier,
-        limiter,
-        auth_enabled=settings.auth_enabled,
-        allow_anonymous_read=settings.allow_anonymous_read,
-        trusted_proxies=settings.trusted_proxies or gateway_address(settings),
-        service_key=settings.service_api_key,
     )
 
 

@@ -1,0 +1,103 @@
+"""Wiring for the gateway: the app (app.py) served by uvicorn on its socket, as the
+Process every part of DevOps Hub is (services/common/process.py): `python -m gateway`
+runs it, and gateway/testing.py starts the same in a test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.connections import connection_options
+from services.common.process import run
+from services.common.settings import Settings
+from services.common.telemetry.endpoint import Refresher
+
+
+class Gateway:
+    """uvicorn's Server, driven step by step: start() runs the app's lifespan start-up
+    and takes connections, stop(grace) lets the requests in flight finish within
+    `grace` and runs the lifespan shut-down (which closes the app's channels), close()
+    releases the socket. SIGTERM and SIGINT are the process's (process.run), not uvicorn's."""
+
+    # GET /metrics is one of the gateway's own routes, on its own port.
+    metrics_port = 0
+
+    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
+        self._server = uvicorn.Server(config)
+        self._socket = sock
+        host, port = sock.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> str:
+        return f"http://{self.address}"
+
+    def refreshers(self) -> Sequence[Refresher]:
+        return ()
+
+    async def start(self) -> None:
+        config = self._server.config
+        config.load()
+        self._server.lifespan = config.lifespan_class(config)
+        try:
+            await self._server.startup(sockets=[self._socket])
+        except SystemExit:
+            # uvicorn exits when the app cannot start; here that is an error like any other.
+            raise RuntimeError("the gateway failed to start; uvicorn logged why") from None
+        # uvicorn's tick, which keeps the Date header current.
+        self._ticker = asyncio.create_task(self._server.main_loop())
+
+    async def stop(self, grace: float) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self._server.started:
+            # uvicorn annotates an int but hands it to asyncio.timeout(), which takes any seconds.
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
+            await self._server.shutdown(sockets=[self._socket])
+            self._server.started = False
+
+    async def close(self) -> None:
+        self._socket.close()
+
+
+async def build(settings: Settings, **app_options: Any) -> Gateway:
+    """The gateway on GATEWAY_HOST:GATEWAY_PORT (port 0 picks a free one); `app_options`
+    go to create_app (tests give it other services or registries)."""
+    config = uvicorn.Config(
+        create_app(settings, **app_options),
+        **connection_options(settings),
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        server_header=False,
+    )
+    return Gateway(config, _listening_socket(settings.gateway_host, settings.gateway_port))
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound with SO_REUSEPORT so that WORKERS processes share
+    one port and the kernel spreads connections across them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main() -> None:
+    run(build, name="gateway", service="gateway")

@@ -1,0 +1,154 @@
+"""The one shape of every process of DevOps Hub, the gRPC services and the gateway alike:
+
+    build(settings) → start() → serve until SIGTERM or SIGINT → stop(grace) → close()
+
+A process's server.py wires it in build(settings), which starts nothing; start() starts
+the work behind its handlers and then listens; stop(grace) stops taking calls, ends
+long-lived streams and gives the calls in flight `grace` seconds; close() releases what
+build() made. run() is the whole life of a process started with `python -m`, and
+running() is the part of it tests use, so a test starts and closes a service through
+exactly the code production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol, TypeVar
+
+from services.common import event_loop
+from services.common.grpc_host import GrpcHost
+from services.common.settings import Settings
+from services.common.telemetry import Telemetry
+from services.common.telemetry.endpoint import Refresher
+
+log = logging.getLogger(__name__)
+
+
+class Process(Protocol):
+    """What a server.py's build(settings) returns: wired, not yet started."""
+
+    @property
+    def address(self) -> str:
+        """host:port it listens on, once started (the real port when asked for port 0)."""
+        ...
+
+    @property
+    def listening(self) -> str:
+        """Its address as a URL, e.g. grpc://127.0.0.1:50051."""
+        ...
+
+    @property
+    def metrics_port(self) -> int:
+        """Where GET /metrics is served beside it (0: not beside it)."""
+        ...
+
+    def refreshers(self) -> Sequence[Refresher]:
+        """What brings its live gauges up to date before a scrape."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=Process)
+
+
+class GrpcProcess:
+    """A gRPC service as a Process: its work behind a GrpcHost. Subclasses (dataclasses)
+    have the host and metrics_port fields and a close(), and say what runs beside the
+    handlers (start_work) and which streams end before the grace period (end_streams)."""
+
+    host: GrpcHost
+    metrics_port: int
+
+    async def start(self) -> None:
+        # The work behind the handlers first, the host last: the process listens, and
+        # its health says SERVING, only once every call it admits can be served. The
+        # other order lets a call reach an engine whose start has not yet failed the
+        # executions a dead predecessor left, or a relay not yet running.
+        await self.start_work()
+        await self.host.start()
+
+    async def start_work(self) -> None:
+        """Starts what runs beside the handlers (engines, relays, stores); nothing here."""
+
+    async def end_streams(self) -> None:
+        """Ends long-lived streams once no new call is taken, so that they do not hold
+        the stop open for the whole grace period; none here."""
+
+    async def stop(self, grace: float) -> None:
+        await self.host.stop(grace, pre_stop=[self.end_streams])
+
+    @property
+    def address(self) -> str:
+        return self.host.bound_address
+
+    @property
+    def listening(self) -> str:
+        return f"grpc://{self.address}"
+
+    @property
+    def port(self) -> int:
+        if self.host.port is None:
+            raise RuntimeError("not started")
+        return self.host.port
+
+    def refreshers(self) -> Sequence[Refresher]:
+        return ()
+
+
+@asynccontextmanager
+async def running(process: P, grace: float = 0.0) -> AsyncIterator[P]:
+    """Starts `process`; on leaving the block stops it (within `grace`) and closes it.
+
+    A start that fails stops and closes it too: what it started before failing must
+    not keep the process from exiting."""
+    try:
+        await process.start()
+        yield process
+    finally:
+        try:
+            await process.stop(grace)
+        finally:
+            await process.close()
+
+
+def run(build: Callable[[Settings], Awaitable[Process]], *, name: str, service: str) -> None:
+    """The whole life of a process: `name` ("agents service") is what the logs and
+    the listening line call it, `service` ("agents") its name in telemetry."""
+    event_loop.run(_live(build, name, service))
+
+
+async def _live(build: Callable[[Settings], Awaitable[Process]], name: str, service: str) -> None:
+    settings = Settings.from_env()
+    # Before anything is built: what is built picks up logging and tracing from here.
+    telemetry = Telemetry.start(settings, service)
+    try:
+        stopping = _stop_on_signals()
+        process = await build(settings)
+        async with running(process, settings.shutdown_grace):
+            await telemetry.serve_metrics(name, process.address, process.metrics_port, process.refreshers())
+            # The launcher and the tests wait for this line.
+            print(f"{name} listening on {process.listening}", flush=True)
+            await stopping.wait()
+            log.info("%s stopping (grace %.1fs)", name, settings.shutdown_grace)
+    finally:
+        await telemetry.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Set by SIGTERM or SIGINT. Handled from the start, so that a signal during the
+    start-up stops the process gracefully, and the process exits 0 rather than by the
+    signal."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    return stopping
