@@ -32,7 +32,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from gateway.backends import BACKEND_OF_SERVICE
 from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.common.auth import keys
@@ -73,11 +72,11 @@ async def scenario(database_url: str) -> dict[str, Any]:
     # What a newcomer adds to services/agents/server.py's build, beside the agents' own servicers.
     agents.host.add(reports_pb2_grpc.add_ReportsServiceServicer_to_server, ReportsServicer(Reports()), SERVICE_NAME)
     seen: dict[str, Any] = {
-        "scopes": {path: scope_name(scope) for path, scope in required_scopes().items() if SERVICE_NAME in path},
-        "backend": BACKEND_OF_SERVICE.get(SERVICE_NAME),
+        "scopes": {path: scope_name(scope) for path, scope in required_scopes().items() if SERVICE_NAME in path}
     }
     async with running(agents, settings.shutdown_grace):
         seen["series_at_start"] = _grpc_series(registry)
+        # The gateway is told where the agents process listens, nothing about ReportsService.
         settings = settings.replace(agents_addr=agents.address)
         async with (
             grpc.aio.insecure_channel(agents.address) as channel,
