@@ -1,5 +1,5 @@
 """README.md and docs/ point at what exists: links stay inside the repository and
-resolve (anchors included), and the files the design guides name are there."""
+resolve (anchors included), and the files and tests they name are there."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.support import ROOT
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CODE_PATH = re.compile(r"`((?:services|gateway|protos|deploy|tests|bench|docs|scripts)/[^`\s]*)`")
-# The guides' worked examples name files that do not exist yet, by design.
+# design.md's guides' worked examples name files that do not exist yet, by design.
 GUIDE_EXAMPLES = ("reports",)
 
 
@@ -51,11 +51,21 @@ def test_links_stay_in_the_repository_and_resolve():
     assert not broken, broken
 
 
-def test_the_files_the_design_names_exist():
-    text = (ROOT / "docs" / "design.md").read_text()
-    named = {path for match in CODE_PATH.findall(text) for path in expand(match.rstrip(".,"))}
-    missing = sorted(p for p in named if not any(e in p for e in GUIDE_EXAMPLES) and not (ROOT / p).exists())
-    assert named and not missing, missing
+def test_the_files_and_tests_the_documents_name_exist():
+    """Every `path` a document names is there; `tests/x.py::test_y` names a test of x.py."""
+    missing = []
+    for document in DOCUMENTS:
+        named = {path for match in CODE_PATH.findall(document.read_text()) for path in expand(match.rstrip(".,"))}
+        assert named, f"{document.name} names no file: is CODE_PATH still right?"
+        for path in sorted(named):
+            file, _, test = path.partition("::")
+            if any(e in file for e in GUIDE_EXAMPLES):
+                continue
+            if not (ROOT / file).exists():
+                missing.append(f"{document.name}: {file}")
+            elif test and not re.search(rf"^(async )?def {re.escape(test)}\(", (ROOT / file).read_text(), re.MULTILINE):
+                missing.append(f"{document.name}: {path}")
+    assert not missing, missing
 
 
 def test_the_slugs_and_brace_expansion():
