@@ -142,7 +142,7 @@ class Result:
 
 
 def run_call(call: GhzCall, settings: Settings, *, scale: float, api_key: str | None) -> Result:
-    address = getattr(settings, f"{call.backend}_addr")
+    address = settings.backend_address(call.backend)
     metrics_port = getattr(settings, f"{call.backend}_metrics_port")
     metrics_url = f"http://{host_of(address) or '127.0.0.1'}:{metrics_port}/metrics"
     total = max(call.concurrency, round(call.total * scale))

@@ -44,12 +44,15 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 from bench import baselines, cpu, load
 from services.common.api import method_path
 from services.common.auth import keys
+from services.common.channels import service_address
+from services.common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ID = "bench-agent"
 # With the five built-in agents, a list of 14: the size of the guide's own list.
 OTHER_AGENTS = 8
 ADMIN_KEY = keys.new_key()
+AGENTS_SERVICE = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"]
 
 HUB_PROCESSES = ("gateway", "services.agents", "services.cache_sidecar", "services.workflows", "services.launcher")
 
@@ -226,11 +229,11 @@ def edge_gateway(env: dict[str, str]) -> tuple[int, dict[str, str], str]:
     return port, edge_env, "limits in Redis"
 
 
-def write_answers(gateway: str, agents_addr: str, directory: Path) -> None:
+def write_answers(gateway: str, agents: str, directory: Path) -> None:
     """What the hub answers, for the baselines to answer the same."""
     (directory / baselines.LIST_JSON).write_bytes(httpx.get(f"{gateway}/api/agents", timeout=10).content)
     (directory / baselines.AGENT_JSON).write_bytes(httpx.get(f"{gateway}/api/agents/{AGENT_ID}", timeout=10).content)
-    with grpc.insecure_channel(agents_addr) as channel:
+    with grpc.insecure_channel(agents) as channel:
         stub = agents_pb2_grpc.AgentsServiceStub(channel)
         listed = stub.ListAgents(agents_pb2.ListAgentsRequest(), timeout=10)
         agent = stub.GetAgent(agents_pb2.GetAgentRequest(id=AGENT_ID), timeout=10)
@@ -332,7 +335,8 @@ def run_bench(
     no_hey: str | None, no_h2load: str | None,
 ) -> None:
     gateway, env = stack.gateway, stack.env
-    write_answers(gateway, env["AGENTS_ADDR"], answers)
+    agents = service_address(AGENTS_SERVICE, Settings.from_env(env))
+    write_answers(gateway, agents, answers)
     ports = {name: free_port() for name in ("bare_grpc", "bare_http", "bare_json")}
     bare = {
         "bare_grpc": ["grpc"],
@@ -393,9 +397,9 @@ def run_bench(
         print(f"| gRPC rows skipped: {no_h2load} | | | | | | | |")
     else:
         body = load.grpc_frame(agents_pb2.GetAgentRequest(id=AGENT_ID))
-        method = method_path(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name["GetAgent"])
+        method = method_path(AGENTS_SERVICE.methods_by_name["GetAgent"])
         sides = [
-            Side("DevOps Hub agents service", f"http://{env['AGENTS_ADDR']}{method}", hub),
+            Side("DevOps Hub agents service", f"http://{agents}{method}", hub),
             Side("bare grpc.aio servicer", f"http://127.0.0.1:{ports['bare_grpc']}{method}",
                  lambda: [started["bare_grpc"].pid]),
         ]

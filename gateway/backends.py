@@ -2,8 +2,8 @@
 
 Each service declares its backend in its .proto (`option (backend) = "agents";`,
 options.proto); BACKEND_OF_SERVICE is read from those declarations. A backend named
-"agents" is reached at settings.agents_addr, so deployments move a backend by
-changing one variable.
+"agents" is reached at settings.agents_addr (Settings.backend_address, as every client
+of the system), so deployments move a backend by changing one variable.
 """
 
 from __future__ import annotations
@@ -23,14 +23,8 @@ BACKEND_OF_SERVICE: Mapping[str, str] = {
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
-    """Backend name → address, from the `<backend>_addr` settings."""
-    addresses: dict[str, str] = {}
-    for backend in sorted(set(backends)):
-        address = getattr(settings, f"{backend}_addr", None)
-        if not address:
-            raise ValueError(f"backend {backend!r} has no address: Settings has no {backend}_addr")
-        addresses[backend] = address
-    return addresses
+    """Backend name → address (Settings.backend_address)."""
+    return {backend: settings.backend_address(backend) for backend in sorted(set(backends))}
 
 
 class ChannelPool:

@@ -24,7 +24,8 @@ from gateway.json_body import JSON_MEDIA_TYPE
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.near_feed import NearCacheFeed
-from services.common.cache.transport import SidecarTransport
+from services.common.cache.transport import CACHE_SERVICE, SidecarTransport
+from services.common.channels import service_address
 from services.common.errors import ServiceError
 from services.common.settings import Settings
 
@@ -63,8 +64,10 @@ class Edge:
         """Starts following the sidecar's Watch (with the services' key, which it
         requires) and opens the guard's channels; on the server's event loop."""
         settings = self.settings
-        self._access = Access.build(settings, RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key))
-        self._transport = SidecarTransport(settings.cache_addr, settings.cache_timeout, api_key=settings.service_api_key)
+        self._access = Access.build(settings, RemoteVerifier.from_settings(settings))
+        self._transport = SidecarTransport(
+            service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key
+        )
         self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)
         self._feed.start()
 

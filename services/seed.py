@@ -89,8 +89,10 @@ EXAMPLE_WORKFLOWS: list[dict[str, Any]] = [
 async def seed(settings: Settings) -> list[str]:
     """Creates what is missing; returns the ids it created."""
     created = []
-    async with service_channel(settings.agents_addr, settings) as agents_channel, service_channel(
-        settings.workflows_addr, settings
+    agents_service = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"]
+    workflows_service = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"]
+    async with service_channel(agents_service, settings) as agents_channel, service_channel(
+        workflows_service, settings
     ) as workflows_channel:
         agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
         workflows = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)

@@ -7,10 +7,10 @@ import json
 
 import grpc
 import pytest
-from devops_hub.v1 import agents_pb2
+from devops_hub.v1 import agents_pb2, runtime_pb2
 from google.protobuf import json_format
 
-from gateway.backends import BACKEND_OF_SERVICE, ChannelPool
+from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
 from gateway.errors import HTTP_STATUS, http_status
 from gateway.front import GatewayFront
 from gateway.metrics import HttpMetrics
@@ -18,7 +18,9 @@ from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from gateway.templates import Found, NotAllowed, PathTemplate, Router, TemplateError
 from gateway.transcode import explain
-from services.common.api import discover_services
+from services.common.api import backend_of, discover_services
+from services.common.channels import service_address
+from services.common.settings import Settings
 
 # --------------------------------------------------------------------------- templates
 
@@ -144,6 +146,24 @@ async def test_channel_pool_opens_one_channel_per_address():
         assert pool.channel("cache") is not pool.channel("agents")
     finally:
         await pool.close()
+
+
+def test_a_service_is_reached_at_the_address_of_the_backend_it_declares():
+    settings = Settings(agents_addr="10.0.0.1:1", workflows_addr="10.0.0.2:2", cache_addr="10.0.0.3:3")
+    addresses = {s.name: service_address(s, settings) for s in discover_services() if backend_of(s)}
+
+    assert addresses["ApiKeysService"] == addresses["AgentsService"] == "10.0.0.1:1"
+    assert addresses["EventsService"] == "10.0.0.2:2" and addresses["CacheService"] == "10.0.0.3:3"
+    assert backend_addresses(settings, ["cache", "agents", "cache"]) == {"agents": "10.0.0.1:1", "cache": "10.0.0.3:3"}
+
+
+def test_a_missing_address_names_the_setting():
+    with pytest.raises(ValueError, match=r"add reports_addr \(read from REPORTS_ADDR\)"):
+        Settings().backend_address("reports")
+    with pytest.raises(ValueError, match="CACHE_ADDR is empty"):
+        Settings(cache_addr="").backend_address("cache")
+    with pytest.raises(ValueError, match="AgentRuntime declares no backend"):
+        service_address(runtime_pb2.DESCRIPTOR.services_by_name["AgentRuntime"], Settings())
 
 
 def test_discovery_scans_the_generated_package():

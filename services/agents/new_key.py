@@ -5,7 +5,7 @@
 
 Where the key goes follows the stack, so that the key works against it:
 DATABASE_URL's database when that variable is set; otherwise, when a stack answers
-at AGENTS_ADDR, through that stack's ApiKeysService with the services' key
+where its proto puts ApiKeysService (AGENTS_ADDR), through it with the services' key
 (SERVICE_API_KEY, or the one `make run` keeps in var/service.key), so it lands in
 whatever database that stack runs on; otherwise the default database. The line on
 stderr says which. Only the key's hash is stored: the printed line is the only copy.
@@ -25,15 +25,15 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 from services.agents.api_keys import ApiKeys
 from services.common.auth.keys import well_formed
 from services.common.auth.repository import ApiKeyRepository
-from services.common.auth.verifier import DatabaseVerifier
-from services.common.channels import service_channel
+from services.common.auth.verifier import API_KEYS_SERVICE, DatabaseVerifier
+from services.common.channels import service_address, service_channel
 from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.errors import ServiceError
 from services.common.settings import Settings
 from services.launcher import SERVICE_KEY_FILE
 
-# How long a stack at AGENTS_ADDR has to answer before the key goes to the database.
+# How long a running stack has to answer before the key goes to the database.
 STACK_TIMEOUT = 1.0
 
 
@@ -43,7 +43,7 @@ async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth
     if "DATABASE_URL" not in os.environ:
         created = await _through_running_stack(settings, request)
         if created is not None:
-            return created, f"through the stack running at {settings.agents_addr}, in its database"
+            return created, f"through the stack running at {service_address(API_KEYS_SERVICE, settings)}, in its database"
     db = await connect(settings.database_url, pool_size=1, max_overflow=0)
     try:
         # The first migration applied now: nothing had ever run on this database.
@@ -59,12 +59,12 @@ async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth
 
 
 async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -> auth_pb2.CreateApiKeyResponse | None:
-    """The key created by the stack answering at AGENTS_ADDR, or None when none answers
+    """The key created by the stack whose ApiKeysService answers, or None when none answers
     or it does not take the services' key."""
     service_key = settings.service_api_key or _kept_service_key()
     if not service_key:
         return None
-    async with service_channel(settings.agents_addr, settings.replace(service_api_key=service_key)) as channel:
+    async with service_channel(API_KEYS_SERVICE, settings.replace(service_api_key=service_key)) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), STACK_TIMEOUT)
         except TimeoutError:
@@ -76,7 +76,7 @@ async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise ServiceError(exc.details() or exc.code().name) from None
-            print(f"the stack at {settings.agents_addr} refused the services' key ({exc.details()}); "
+            print(f"the stack at {service_address(API_KEYS_SERVICE, settings)} refused the services' key ({exc.details()}); "
                   "writing to the database instead", file=sys.stderr)
             return None
 

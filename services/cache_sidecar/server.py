@@ -128,7 +128,7 @@ async def build(
         store = memory_backend
     # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
     # No rate limits: its callers are the services, whose clients were limited already.
-    access = Access.build(settings, RemoteVerifier(settings.agents_addr, service_key=settings.service_api_key), rate_limited=False)
+    access = Access.build(settings, RemoteVerifier.from_settings(settings), rate_limited=False)
     host = GrpcHost(
         settings.cache_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
     )

@@ -9,6 +9,10 @@ pool), and hands each call to the next one that is not failing. Each of those
 channels also balances with round_robin over whatever its address resolves to, so
 `dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
 
+Clients find a service of the system at service_address(): the address of the backend
+its proto declares. service_channel() opens the usual channel there (the services' key,
+GRPC_CONNECTIONS), so no client names an address setting.
+
 Every channel in the system is opened here, so what a call carries is decided here
 and nowhere else: the services' key when asked for (auth/call_keys.py), and, while
 tracing is on, the interceptors that give each call a CLIENT span and pass its trace
@@ -25,8 +29,10 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
+from services.common.api import backend_of
 from services.common.auth.call_keys import key_interceptors
 from services.common.limits import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
@@ -79,9 +85,21 @@ def call_tracing(address: str, tracer: trace.Tracer | None = _INSTALLED) -> list
     return tracing_interceptors(tracer, address) if tracer is not None else []
 
 
-def service_channel(address: str, settings: Settings) -> grpc.aio.Channel:
-    """A channel to a peer service that presents SERVICE_API_KEY on every call."""
-    return open_channel(address, api_key=settings.service_api_key, connections=settings.grpc_connections)
+def service_address(service: ServiceDescriptor, settings: Settings) -> str:
+    """Where `service` is served: the address of the part its proto declares (`option
+    (backend)`), so moving a service to another process is a proto change and a setting."""
+    backend = backend_of(service)
+    if not backend:
+        raise ValueError(f"{service.full_name} declares no backend (option (backend), options.proto): it has no address")
+    return settings.backend_address(backend)
+
+
+def service_channel(service: ServiceDescriptor, settings: Settings) -> grpc.aio.Channel:
+    """A channel to `service` (service_address) that presents SERVICE_API_KEY on every call
+    that carries no key of its own: how one part of the system calls another."""
+    return open_channel(
+        service_address(service, settings), api_key=settings.service_api_key, connections=settings.grpc_connections
+    )
 
 
 class _Spread(

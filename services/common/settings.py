@@ -132,6 +132,16 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def backend_address(self, backend: str) -> str:
+        """Where the part named `backend` (a service's `option (backend)`) listens: its
+        `<backend>_addr`. The one place that naming rule is written."""
+        address = getattr(self, f"{backend}_addr", None)
+        if address is None:
+            raise ValueError(f"backend {backend!r} has no address: add {backend}_addr (read from {backend.upper()}_ADDR) to Settings")
+        if not address:
+            raise ValueError(f"backend {backend!r} has no address: {backend.upper()}_ADDR is empty")
+        return str(address)
+
     @property
     def database_url_redacted(self) -> str:
         """DATABASE_URL without its password, fit for a log line."""

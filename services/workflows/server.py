@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from devops_hub.v1 import agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
@@ -79,7 +79,7 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Wo
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service carry this service's own key.
-    agents_channel = service_channel(settings.agents_addr, settings)
+    agents_channel = service_channel(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], settings)
     agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)

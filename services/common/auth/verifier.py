@@ -26,9 +26,10 @@ from google.protobuf import empty_pb2
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
 from services.common.background import spawn
-from services.common.channels import open_channel
+from services.common.channels import open_channel, service_address
 from services.common.clock import utc_now
 from services.common.errors import Unavailable
+from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ CACHE_TTL = 1.0
 CACHE_ENTRIES = 10_000
 TOUCH_INTERVAL = 60.0
 
+
+API_KEYS_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["ApiKeysService"]
 
 # Metadata carrying the services' key on a WhoAmI made to check someone else's key.
 VOUCHING_HEADER = "x-service-key"
@@ -147,11 +150,16 @@ class RemoteVerifier(_CachedVerifier):
     (VOUCHING_HEADER), the check itself takes nothing from the caller's rate-limit
     bucket: the call it is made for is counted where it is admitted."""
 
-    def __init__(self, agents_addr: str, clock: Callable[[], float] = time.monotonic, *, service_key: str = "") -> None:
+    def __init__(self, address: str, clock: Callable[[], float] = time.monotonic, *, service_key: str = "") -> None:
         super().__init__(clock)
-        self._channel = open_channel(agents_addr)
+        self._channel = open_channel(address)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
         self._vouching = ((VOUCHING_HEADER, service_key),) if service_key else ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteVerifier:
+        """Asks the ApiKeysService where its proto says it runs, vouching with SERVICE_API_KEY."""
+        return cls(service_address(API_KEYS_SERVICE, settings), service_key=settings.service_api_key)
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         try:

@@ -46,7 +46,8 @@ from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
 from services.common.cache.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
 from services.common.cache.single_flight import SingleFlight
-from services.common.cache.transport import SidecarTransport
+from services.common.cache.transport import CACHE_SERVICE, SidecarTransport
+from services.common.channels import service_address
 from services.common.freshness import fresh_reads_requested
 from services.common.settings import Settings
 from services.common.surrogate_keys import note_read
@@ -93,11 +94,12 @@ class CacheClient:
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> CacheClient:
-        """A client for settings.cache_addr; with a near-cache unless CACHE_NEAR_SIZE=0."""
+        """A client for the CacheService where its proto says it runs (CACHE_ADDR); with a
+        near-cache unless CACHE_NEAR_SIZE=0."""
         if settings.cache_near_size > 0 and "near_cache" not in options:
             options["near_cache"] = NearCache(max_entries=settings.cache_near_size, max_ttl=settings.cache_near_ttl)
         options.setdefault("api_key", settings.service_api_key)
-        return cls(settings.cache_addr, timeout=settings.cache_timeout, **options)
+        return cls(service_address(CACHE_SERVICE, settings), timeout=settings.cache_timeout, **options)
 
     @property
     def pending_invalidations(self) -> frozenset[str]:

@@ -23,6 +23,8 @@ from services.common.channels import open_channel
 
 log = logging.getLogger(__name__)
 
+CACHE_SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
+
 # Codes after which the sidecar is presumed unreachable.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
