@@ -47,11 +47,6 @@ from tests.support.cache import (
 StringValue = wrappers_pb2.StringValue
 
 
-@pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
-
-
 def near_client(sidecar: CacheSidecar, **options) -> CacheClient:
     return CacheClient(sidecar.host.bound_address, timeout=2.0, near_cache=NearCache(**options))
 

@@ -18,21 +18,15 @@ from gateway.testing import running_gateway
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.conftest import make_settings, running_stack
 from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
-    StartSidecar,
     eventually,
 )
+from tests.support.stack import make_settings, running_stack
 
 String = wrappers_pb2.StringValue
-
-
-@pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
 
 
 async def test_a_caller_after_this_process_invalidated_never_joins_an_earlier_load(sidecar: CacheSidecar) -> None:

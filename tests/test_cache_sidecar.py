@@ -29,11 +29,6 @@ from tests.support.cache import (
 
 
 @pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
-
-
-@pytest.fixture
 async def stub(sidecar: CacheSidecar) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
     async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
         yield cache_pb2_grpc.CacheServiceStub(channel)

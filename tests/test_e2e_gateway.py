@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import error_reason, field_violations
+from tests.support.stack import make_settings, running_stack
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 from devops_hub.v1 import events_pb2, events_pb2_grpc
 
 from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import failure_of
+from tests.support.stack import make_settings, running_stack
 
 WAIT = 20.0
 

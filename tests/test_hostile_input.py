@@ -12,8 +12,8 @@ import pytest
 from devops_hub.v1 import agents_pb2
 
 from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import error_reason, field_violations
+from tests.support.stack import make_settings, running_stack
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
+from tests.support.stack import make_settings, running_stack
 
 VARY = "authorization, x-api-key"
 

@@ -32,7 +32,8 @@ from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
 from gateway.testing import running_gateway
 from services.common.api import discover_services
-from tests.conftest import _fresh_schema, make_settings, running_stack
+from tests.support.databases import fresh_schema
+from tests.support.stack import make_settings, running_stack
 
 # Codes that blame the server (HTTP 5xx). DEADLINE_EXCEEDED is the caller's own deadline.
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
@@ -225,7 +226,7 @@ def stack(request, tmp_path_factory):
         url = f"sqlite:///{tmp_path_factory.mktemp('props')}/hub.db"
     else:
         url = request.getfixturevalue("pg_server_url")
-        asyncio.run(_fresh_schema(url))
+        asyncio.run(fresh_schema(url))
     running = Running(url)
     yield running
     running.close()

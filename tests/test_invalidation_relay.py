@@ -20,10 +20,11 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from bench.run import free_port
 from services.common.grpc_host import GrpcHost
 from services.common.invalidation_log import InvalidationLog
 from services.common.telemetry.metrics import service_metrics
-from tests.conftest import Stack, _closed_port, make_settings, new_agent, running_stack
+from tests.support.stack import Stack, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
 MAX_AHEAD = 1000
@@ -90,7 +91,7 @@ class CacheServer:
 
     def __init__(self, cache: PositionedCache) -> None:
         self.cache = cache
-        self.port = _closed_port()
+        self.port = free_port()
         self._host: GrpcHost | None = None
 
     @property

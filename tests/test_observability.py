@@ -36,9 +36,9 @@ from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
-from tests.conftest import make_settings, running_stack
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
+from tests.support.stack import make_settings, running_stack
 
 # --------------------------------------------------------------------------- helpers
 

@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from gateway.testing import running_gateway
-from tests.conftest import PG_ADMIN_URL, _unavailable, make_settings, running_stack
+from tests.support import unavailable
+from tests.support.databases import PG_ADMIN_URL, postgres_url
 from tests.support.grpc_errors import error_reason
+from tests.support.stack import make_settings, running_stack
 
 
 @pytest.fixture
@@ -23,10 +25,10 @@ async def own_database():
     try:
         admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        _unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
+        unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield admin, name, f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+        yield admin, name, postgres_url(name)
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -20,12 +20,12 @@ from google.protobuf import empty_pb2
 
 from gateway.testing import running_gateway
 from services.common.cache.keys import SERVICE_NAMESPACES
-from tests.conftest import make_settings, running_stack
 from tests.support.auth import ADMIN_KEY, auth_settings
 from tests.support.cache import READ_TIMEOUT, StartSidecar, entry
 from tests.support.deploy import PROMQL_WORDS, alert_rules, dashboard_exprs, metric_names
 from tests.support.metrics import scrape
 from tests.support.processes import launched_stack
+from tests.support.stack import make_settings, running_stack
 
 # --------------------------------------------------------------------------- integral numbers
 

@@ -19,9 +19,9 @@ from bench.run import free_port
 from services.common.event_repository import EventRepository
 from services.common.process import running
 from services.workflows.server import build as build_workflows
-from tests.conftest import make_settings, running_stack
 from tests.support import ROOT
 from tests.support.processes import read_until
+from tests.support.stack import create_builtin_agents, make_settings, running_stack
 
 Execution = workflows_pb2.Execution
 
@@ -68,12 +68,7 @@ async def test_a_graceful_stop_fails_what_runs_with_the_reason(database_url):
 
 async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
     async with running_stack(make_settings(database_url), with_workflows=False) as stack:
-        from devops_hub.v1 import agents_pb2
-
-        from services.agents.builtins import builtin_agent_records
-
-        for agent in builtin_agent_records():
-            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+        await create_builtin_agents(stack.stub)
         port = free_port()
         env = dict(os.environ)
         env.update(

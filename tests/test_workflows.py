@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
+from tests.support.stack import make_settings, running_stack
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 

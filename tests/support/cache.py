@@ -64,6 +64,12 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         yield start
 
 
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
+    """One real sidecar with the memory store, synced."""
+    return await start_sidecar()
+
+
 async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:
     """What a services' relay does for a new cache when their invalidation log is
     empty: gives it a position (0), so it hands out fill tokens."""
