@@ -34,14 +34,13 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
-from tests.support import ROOT
+from tests.support import ROOT, eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     CountingLoader,
     Database,
     FakeClock,
     StartSidecar,
-    eventually,
 )
 
 StringValue = wrappers_pb2.StringValue

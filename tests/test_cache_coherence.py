@@ -18,11 +18,11 @@ from gateway.testing import running_gateway
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
+from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
-    eventually,
 )
 from tests.support.stack import make_settings, running_stack
 

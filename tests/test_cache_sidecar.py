@@ -17,6 +17,7 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient, protobuf_content_type
+from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
@@ -24,7 +25,6 @@ from tests.support.cache import (
     StartSidecar,
     bad_fields,
     entry,
-    eventually,
 )
 
 

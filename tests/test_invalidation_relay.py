@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import inspect
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -24,6 +22,7 @@ from bench.run import free_port
 from services.common.grpc_host import GrpcHost
 from services.common.invalidation_log import InvalidationLog
 from services.common.telemetry.metrics import service_metrics
+from tests.support import eventually
 from tests.support.stack import Stack, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
@@ -132,17 +131,6 @@ async def positioned_stack(database_url: str) -> AsyncIterator[tuple[PositionedC
 
 def settings_for(database_url: str, server: CacheServer, **overrides):
     return make_settings(database_url, cache_addr=server.address, relay_interval=0.05, **overrides)
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        met = condition()
-        if await met if inspect.isawaitable(met) else met:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def head_of(stack: Stack) -> int:

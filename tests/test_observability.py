@@ -36,6 +36,7 @@ from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
+from tests.support import eventually
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
 from tests.support.stack import make_settings, running_stack
@@ -53,15 +54,6 @@ def value(samples: dict, name: str, **labels: str) -> float:
     multiprocess mode is summed over)."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    """Waits for `check()` to hold: a call that ends in an error status reaches its
-    client as soon as the status is sent, a moment before the server counts it."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -137,6 +129,8 @@ async def test_grpc_calls_are_counted_by_service_method_type_and_code(stack):
     with pytest.raises(grpc.aio.AioRpcError):
         await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="no-such-agent"))
 
+    # A call that ends in an error status reaches its client as soon as the status is
+    # sent, a moment before the server counts it.
     await eventually(lambda: sample("grpc_server_handling_seconds_count", **labels) == timed + 2)
     assert sample("grpc_server_handled_total", **labels, grpc_code="OK") == ok + 1
     assert sample("grpc_server_handled_total", **labels, grpc_code="NOT_FOUND") == missing + 1

@@ -102,13 +102,6 @@ def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
     raise AssertionError(f"no BadRequest detail in {status}")
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
