@@ -15,13 +15,12 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
 from gateway.edge_cache import EdgeCache, cacheable
-from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
 from services.common.process import running
 from tests.support.auth import ADMIN_KEY, READ, auth_settings
-from tests.support.stack import make_settings, running_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 NO_CACHE = {"cache-control": "no-cache"}
 
@@ -61,9 +60,8 @@ async def fresh_within(http: httpx.AsyncClient, path: str, name: str, timeout: f
 @pytest.fixture
 async def open_stack(sqlite_url):
     async with running_stack(make_settings(sqlite_url)) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                yield stack, http
+        async with gateway_client(stack.settings, timeout=10) as http:
+            yield stack, http
 
 
 async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_keys(open_stack):
@@ -158,7 +156,7 @@ async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_
     async with running(await build_sidecar(settings)) as sidecar:
         await sidecar.store.sync(0, 0, (), False)
         async with running_stack(settings.replace(cache_addr=sidecar.address), with_sidecar=False) as stack:
-            async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            async with gateway_client(stack.settings, timeout=10) as http:
                 await http.post("/api/agents", json={"id": "e4", "name": "Four", "domain": "ci"})
                 await hot(http, "/api/agents/e4")
                 await sidecar.stop(0)
@@ -184,9 +182,8 @@ async def secured_stack(sqlite_url: str, redis_url: str, limit: int):
         sqlite_url, rate_limit_requests=limit, rate_limit_window=3600, redis_url=redis_url, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
     )
     async with running_stack(settings) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
+        async with gateway_client(stack.settings, timeout=10) as http:
+            yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
 
 
 async def new_key(keys_stub, *scopes: int) -> auth_pb2.CreateApiKeyResponse:

@@ -25,7 +25,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.testing import running_gateway
 from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.channels import call_tracing, open_channel
@@ -39,7 +38,7 @@ from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from tests.support import eventually
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
-from tests.support.stack import make_settings, running_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 # --------------------------------------------------------------------------- helpers
 
@@ -350,7 +349,7 @@ async def test_one_gateway_request_is_one_trace_through_service_cache_and_databa
     async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
         await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="traced", name="T", domain="ci")))
         await stack.cache_stub.Clear(empty_pb2.Empty())
-        async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+        async with gateway_client(stack.settings) as http:
             spans.clear()
             response = await http.get("/api/agents/traced", headers={"x-request-id": "trace-me"})
             assert response.status_code == 200, response.text
@@ -392,7 +391,7 @@ async def test_one_gateway_request_is_one_trace_through_service_cache_and_databa
 async def test_a_callers_trace_context_is_continued(spans, sqlite_url):
     caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with running_stack(make_settings(sqlite_url)) as stack:
-        async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+        async with gateway_client(stack.settings) as http:
             response = await http.get("/api/agents", headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"})
             assert response.status_code == 200
             root = await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER and s.name == "GET /api/agents")
@@ -602,7 +601,7 @@ async def test_slow_http_requests_log_their_profile(slow_profiler, sqlite_url):
     slow_profiler.threshold = 0.0
     async with running_stack(make_settings(sqlite_url)) as stack:
         with Captured("devops_hub.profiling", logs.JsonFormatter("gateway")) as captured:
-            async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+            async with gateway_client(stack.settings) as http:
                 response = await http.get("/api/agents/builtin-none", headers={"x-request-id": "profiled"})
                 assert response.status_code == 404
     records = [line for line in captured.json_lines() if line.get("request") == "GET /api/agents/{id}"]

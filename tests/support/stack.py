@@ -1,5 +1,6 @@
 """The services in the test's own process, as production starts them: test settings,
-a running stack of real servers on ephemeral ports, and the agents it is seeded with."""
+a running stack of real servers on ephemeral ports, the agents it is seeded with, and
+an HTTP client to a gateway in front of it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
 from google.protobuf import empty_pb2
 
 from bench.run import free_port
+from gateway.testing import running_gateway
 from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
 from services.agents.server import build as build_agents
@@ -99,6 +102,15 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             stack.workflows_stub = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)
             stack.events_stub = events_pb2_grpc.EventsServiceStub(workflows_channel)
         yield stack
+
+
+@asynccontextmanager
+async def gateway_client(settings: Settings, **client_options) -> AsyncIterator[httpx.AsyncClient]:
+    """A real gateway (gateway/testing.py) in front of the services `settings` name, and
+    an HTTP client to it; `client_options` (timeout, headers) go to httpx."""
+    async with running_gateway(settings) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, **client_options) as http:
+            yield http
 
 
 async def create_builtin_agents(stub: agents_pb2_grpc.AgentsServiceStub, metadata: Sequence[tuple[str, str]] = ()) -> None:
