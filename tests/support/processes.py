@@ -16,6 +16,8 @@ from bench.run import free_port
 from tests.support import ROOT
 from tests.support.auth import ADMIN_KEY
 
+STOP_TIMEOUT = 15
+
 
 def _stack_env(tmp_path: Path) -> dict[str, str]:
     """This environment with the stack on free ports, a fresh SQLite file and the memory cache."""
@@ -48,6 +50,26 @@ def process_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def spawned(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`python -m <module>` from the repository's root, its output and errors as lines of
+    text on stdout. Stopped on the way out unless the test has stopped it: SIGTERM (the
+    launcher stops its children in order), then SIGKILL after STOP_TIMEOUT seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -75,16 +97,9 @@ def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overri
         LOG_LEVEL="WARNING",
     )
     env.update(env_overrides)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     lines: list[str] = [] if output is None else output
-    try:
+    with spawned("services.launcher", env) as proc:
         lines.extend(read_until(proc, "launcher: ready", timeout=90))
         yield env
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
