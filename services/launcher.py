@@ -221,6 +221,9 @@ async def _migrate(settings: Settings) -> int:
 
 
 def main() -> int:
+    # gRPC core's own log level, read by each child as it imports grpc: unset, gRPC
+    # prints its INFO lines (a "Got goaway" for every connection a stopping server cuts).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     settings = Settings.from_env()
     if settings.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
         # Workers sharing a port must share their metrics too (prometheus_client's

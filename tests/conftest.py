@@ -3,86 +3,56 @@
 PostgreSQL and Redis are the machine's own (127.0.0.1:5432, 127.0.0.1:6379). Each
 test run works in a database of its own, dropped at the end. Without PostgreSQL the
 tests that need it skip with the reason, except under CI=true where they fail.
+
+Fixtures only: the helpers they use, which test modules import too, are in
+tests/support/. The fixtures defined there beside their helpers (marked F401 below)
+are imported here, where pytest finds them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
-import grpc
 import pytest
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
-from google.protobuf import empty_pb2
 
-from services.agents.builtins import builtin_agent_records
-from services.agents.server import AgentsService
-from services.agents.server import build as build_agents
-from services.cache_sidecar.server import build as build_sidecar
-from services.common.process import running
-from services.common.settings import Settings
-from services.workflows.server import WorkflowsService
-from services.workflows.server import build as build_workflows
-
-PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from tests.support import unavailable
+from tests.support.auth import secured  # noqa: F401
+from tests.support.cache import backend, sidecar, start_sidecar  # noqa: F401
+from tests.support.databases import PG_ADMIN_URL, fresh_schema, postgres_url
+from tests.support.redis_servers import persistent_redis_server, redis_prefix, redis_server, redis_url  # noqa: F401
+from tests.support.stack import Stack, make_settings, running_stack
 
 
-def _run_aside(make_coroutine) -> None:
-    """Runs a coroutine to completion on a loop of its own, even from inside a running loop."""
+def _as_admin(statement: str) -> None:
+    """Runs one statement as the admin, on a loop of its own: a session fixture may be
+    set up from inside a test's running loop."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(lambda: asyncio.run(make_coroutine())).result()
-
-
-def _unavailable(what: str, why: Exception) -> None:
-    message = f"{what} is not reachable ({why.__class__.__name__}: {why})"
-    if IN_CI:
-        pytest.fail(f"{message}; under CI=true it must run", pytrace=False)
-    pytest.skip(message)
+        pool.submit(asyncio.run, run()).result()
 
 
 @pytest.fixture(scope="session")
-def pg_server_url() -> str:
+def pg_server_url() -> Iterator[str]:
     """A database of this test run's own on the machine's PostgreSQL."""
     name = f"dh_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
     try:
-        _run_aside(create)
+        _as_admin(f'CREATE DATABASE "{name}"')
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        _unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    _run_aside(drop)
-
-
-async def _fresh_schema(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    finally:
-        await conn.close()
+        unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
+    yield postgres_url(name)
+    _as_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -91,7 +61,7 @@ async def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/hub.db"
     url = request.getfixturevalue("pg_server_url")
-    await _fresh_schema(url)
+    await fresh_schema(url)
     return url
 
 
@@ -100,130 +70,7 @@ async def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path}/hub.db"
 
 
-def make_settings(database_url: str, **overrides) -> Settings:
-    base = Settings(
-        database_url=database_url,
-        database_pool_size=2,
-        database_max_overflow=4,
-        agents_addr="127.0.0.1:0",
-        workflows_addr="127.0.0.1:0",
-        cache_addr="127.0.0.1:0",
-        gateway_port=0,
-        shutdown_grace=1.0,
-        workflow_lease_ttl=1.5,
-        events_flush_interval=0.02,
-        events_poll_interval=0.05,
-        # Access rules have tests of their own (test_auth.py); the rest test behaviour.
-        auth_enabled=False,
-        rate_limit_requests=0,
-        rate_limit_execute_requests=0,
-    )
-    return base.replace(**overrides)
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    agents: AgentsService
-    channel: grpc.aio.Channel
-    stub: agents_pb2_grpc.AgentsServiceStub
-    cache_stub: cache_pb2_grpc.CacheServiceStub | None
-    workflows: WorkflowsService | None = None
-    workflows_stub: workflows_pb2_grpc.WorkflowsServiceStub | None = None
-    events_stub: events_pb2_grpc.EventsServiceStub | None = None
-
-
-@asynccontextmanager
-async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_workflows: bool = False) -> AsyncIterator[Stack]:
-    """The cache sidecar, the agents service and (optionally) the workflows service,
-    seeded with the built-in agents, on ephemeral ports, as real servers, each
-    started and closed as production does it (services/common/process.py).
-
-    Whatever started is stopped again, also when a later part fails to start.
-    """
-    if settings.auth_enabled and settings.agents_addr.endswith(":0"):
-        # The sidecar checks keys with the agents service, so it must know its address
-        # before either starts: reserve one now.
-        settings = settings.replace(agents_addr=f"127.0.0.1:{_closed_port()}")
-    async with contextlib.AsyncExitStack() as started:
-        cache_stub = None
-        if with_sidecar:
-            sidecar = await started.enter_async_context(running(await build_sidecar(settings)))
-            # What the services' relay does for a new cache: a position in their
-            # invalidation log (empty when a test stack starts), so it takes fills.
-            await sidecar.store.sync(0, 0, (), False)
-            settings = settings.replace(cache_addr=sidecar.address)
-            cache_channel = grpc.aio.insecure_channel(settings.cache_addr)
-            started.push_async_callback(cache_channel.close)
-            cache_stub = cache_pb2_grpc.CacheServiceStub(cache_channel)
-        elif settings.cache_addr.endswith(":0"):
-            settings = settings.replace(cache_addr=f"127.0.0.1:{_closed_port()}")
-        agents = await started.enter_async_context(running(await build_agents(settings)))
-        settings = settings.replace(agents_addr=agents.address)
-        channel = grpc.aio.insecure_channel(settings.agents_addr)
-        started.push_async_callback(channel.close)
-        stack = Stack(settings, agents, channel, agents_pb2_grpc.AgentsServiceStub(channel), cache_stub)
-        if cache_stub is not None:
-            await _positioned(cache_stub, settings)
-        if with_workflows:
-            key = settings.service_api_key or settings.bootstrap_admin_key
-            metadata = (("x-api-key", key),) if key else ()
-            for agent in builtin_agent_records():
-                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent), metadata=metadata)
-            workflows = await started.enter_async_context(running(await build_workflows(settings)))
-            stack.settings = settings = settings.replace(workflows_addr=workflows.address)
-            workflows_channel = grpc.aio.insecure_channel(settings.workflows_addr)
-            started.push_async_callback(workflows_channel.close)
-            stack.workflows = workflows
-            stack.workflows_stub = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)
-            stack.events_stub = events_pb2_grpc.EventsServiceStub(workflows_channel)
-        yield stack
-
-
-async def _positioned(cache_stub: cache_pb2_grpc.CacheServiceStub, settings: Settings, timeout: float = 20.0) -> None:
-    """Waits for the agents service's relay to give the new sidecar its position in the
-    invalidation log: until then the sidecar takes no fills, and a test that counts
-    cache hits would depend on how loaded the machine is."""
-    key = settings.service_api_key or settings.bootstrap_admin_key
-    metadata = (("x-api-key", key),) if key else ()
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (await cache_stub.GetSyncState(empty_pb2.Empty(), metadata=metadata, timeout=timeout)).fresh:
-        assert asyncio.get_running_loop().time() < deadline, "the relay never gave the sidecar a position"
-        await asyncio.sleep(0.02)
-
-
-def _closed_port() -> int:
-    """A port nothing listens on: bound, then released."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 async def stack(database_url) -> AsyncIterator[Stack]:
     async with running_stack(make_settings(database_url)) as running:
         yield running
-
-
-def new_agent(i: int | str, **fields) -> agents_pb2.Agent:
-    values = dict(
-        id=f"agent-{i}" if isinstance(i, int) else i,
-        name=f"Agent {i}",
-        version="1.0.0",
-        domain="ci",
-        type=agents_pb2.Agent.TASK,
-        status=agents_pb2.Agent.ACTIVE,
-        capabilities=["lint", "test"],
-        metadata={"team": "platform"},
-    )
-    values.update(fields)
-    return agents_pb2.Agent(**values)
-
-
-# Fixtures several test modules use: pytest finds them through this module. Imported
-# last, because tests.support.auth builds on the helpers above.
-from tests.support.auth import secured  # noqa: E402, F401
-from tests.support.cache import backend, start_sidecar  # noqa: E402, F401
-from tests.support.redis_servers import persistent_redis_server, redis_prefix, redis_server, redis_url  # noqa: E402, F401

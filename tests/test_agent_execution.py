@@ -11,8 +11,8 @@ from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb
 
 from services.common.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
-from tests.conftest import make_settings, running_stack
-from tests.support.grpc_errors import failure_of
+from tests.support.grpc_errors import expect_error
+from tests.support.stack import create_builtin_agents, make_settings, running_stack
 
 Agent = agents_pb2.Agent
 AgentResult = runtime_pb2.AgentResult
@@ -27,10 +27,7 @@ def struct(value: dict) -> struct_pb2.Struct:
 @pytest.fixture
 async def stack(sqlite_url):
     async with running_stack(make_settings(sqlite_url), with_workflows=False) as running:
-        from services.agents.builtins import builtin_agent_records
-
-        for agent in builtin_agent_records():
-            await running.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+        await create_builtin_agents(running.stub)
         yield running
 
 
@@ -94,26 +91,19 @@ async def test_deadline_bounds_the_agent(stack):
     assert result.outcome == AgentResult.TIMED_OUT
 
 
-async def expect(call, code):
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return failure_of(info.value)
-
-
 async def test_checks_before_running(stack):
-    await expect(run(stack, "ghost", "x", {}), grpc.StatusCode.NOT_FOUND)
-    missing = await expect(run(stack, "builtin-text", "teleport", {}), grpc.StatusCode.INVALID_ARGUMENT)
+    await expect_error(run(stack, "ghost", "x", {}), grpc.StatusCode.NOT_FOUND)
+    missing = await expect_error(run(stack, "builtin-text", "teleport", {}), grpc.StatusCode.INVALID_ARGUMENT)
     assert "capability" in missing.fields and "text.render" in missing.fields["capability"]
     for status, code in [(Agent.RETIRED, grpc.StatusCode.FAILED_PRECONDITION), (Agent.DEPRECATED, grpc.StatusCode.FAILED_PRECONDITION),
                          (Agent.MAINTENANCE, grpc.StatusCode.UNAVAILABLE)]:
         await stack.stub.UpdateAgent(agents_pb2.UpdateAgentRequest(
             agent=Agent(id="builtin-text", status=status), update_mask=field_mask_pb2.FieldMask(paths=["status"])))
-        failure = await expect(run(stack, "builtin-text", "text.render", {"template": "x"}), code)
+        failure = await expect_error(run(stack, "builtin-text", "text.render", {"template": "x"}), code)
         assert Agent.Status.Name(status) in failure.message
     no_endpoint = Agent(id="plain", name="Plain", domain="ci", capabilities=["work"])
     await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=no_endpoint))
-    failure = await expect(run(stack, "plain", "work", {}), grpc.StatusCode.FAILED_PRECONDITION)
+    failure = await expect_error(run(stack, "plain", "work", {}), grpc.StatusCode.FAILED_PRECONDITION)
     assert failure.reason == "AGENT_NO_ENDPOINT"
 
 

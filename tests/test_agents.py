@@ -9,8 +9,8 @@ import pytest
 from devops_hub.v1 import agents_pb2
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from tests.conftest import make_settings, new_agent, running_stack
 from tests.support.grpc_errors import expect_error
+from tests.support.stack import make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
 

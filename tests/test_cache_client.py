@@ -10,8 +10,6 @@ import datetime as dt
 import enum
 import os
 import signal
-import subprocess
-import sys
 import uuid
 
 import grpc
@@ -34,22 +32,17 @@ from services.common.cache.manager import (
 )
 from services.common.cache.near_cache import NearCache
 from services.common.settings import Settings
-from tests.support import ROOT
+from tests.support import ROOT, eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     CountingLoader,
     Database,
     FakeClock,
     StartSidecar,
-    eventually,
 )
+from tests.support.processes import spawned
 
 StringValue = wrappers_pb2.StringValue
-
-
-@pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
 
 
 def near_client(sidecar: CacheSidecar, **options) -> CacheClient:
@@ -430,9 +423,7 @@ async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_p
                AUTH_ENABLED="false", CACHE_METRICS_PORT="0")
     env.pop("REDIS_URL", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")])
-    process = subprocess.Popen([sys.executable, "-m", "services.cache_sidecar"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with spawned("services.cache_sidecar", env) as process:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = cache_pb2_grpc.CacheServiceStub(channel)
             deadline = asyncio.get_running_loop().time() + 30
@@ -452,7 +443,3 @@ async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_p
         # With a 60 s grace, exiting within 20 s means the stream did not hold it.
         code = await asyncio.to_thread(process.wait, 20)
         assert code == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

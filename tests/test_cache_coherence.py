@@ -9,30 +9,22 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import httpx
 import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 
-from gateway.testing import running_gateway
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.conftest import make_settings, running_stack
+from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
     CountingLoader,
-    StartSidecar,
-    eventually,
 )
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 String = wrappers_pb2.StringValue
-
-
-@pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
 
 
 async def test_a_caller_after_this_process_invalidated_never_joins_an_earlier_load(sidecar: CacheSidecar) -> None:
@@ -118,9 +110,8 @@ async def test_a_gap_in_the_watch_stream_clears_the_near_cache() -> None:
 @pytest.fixture
 async def stack_and_http(database_url) -> AsyncIterator[tuple]:
     async with running_stack(make_settings(database_url)) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                yield stack, http
+        async with gateway_client(stack.settings, timeout=10) as http:
+            yield stack, http
 
 
 async def test_no_cache_reads_past_every_layer_and_refills_them(stack_and_http) -> None:

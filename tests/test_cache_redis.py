@@ -16,7 +16,8 @@ from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from services.common.cache.client import CacheClient
 from services.common.cache.near_cache import NearCache
-from tests.support.cache import STRING_TYPE, CountingLoader, StartSidecar, eventually
+from tests.support import eventually
+from tests.support.cache import STRING_TYPE, CountingLoader, StartSidecar
 from tests.support.redis_servers import RedisServer
 
 

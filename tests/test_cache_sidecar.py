@@ -17,6 +17,7 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from bench.run import free_port
 from services.cache_sidecar.server import CacheSidecar
 from services.common.cache.client import CacheClient, protobuf_content_type
+from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,
     STRING_TYPE,
@@ -24,13 +25,7 @@ from tests.support.cache import (
     StartSidecar,
     bad_fields,
     entry,
-    eventually,
 )
-
-
-@pytest.fixture
-async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
-    return await start_sidecar()
 
 
 @pytest.fixture

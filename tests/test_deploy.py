@@ -35,11 +35,11 @@ from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
 from services.seed import seed
-from tests.conftest import make_settings, running_stack
 from tests.support import ROOT
 from tests.support.deploy import DEPLOY, alert_rules, dashboard, dashboard_exprs, metric_names
 from tests.support.metrics import parse_samples
 from tests.support.processes import launched_stack
+from tests.support.stack import make_settings, running_stack
 
 DEFAULTS = Settings()
 SETTING_NAMES = {field.name.upper() for field in dataclasses.fields(Settings)}

@@ -11,22 +11,18 @@ import uuid
 import grpc
 import httpx
 import pytest
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
 from gateway.edge_cache import EdgeCache, cacheable
-from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
 from services.common.process import running
-from tests.conftest import make_settings, running_stack
-from tests.support.redis_servers import REDIS_URL
+from tests.support.auth import ADMIN_KEY, READ, auth_settings
+from tests.support.stack import gateway_client, make_settings, running_stack
 
-ADMIN_KEY = keys.new_key()
-SERVICE_KEY = keys.new_key()
 NO_CACHE = {"cache-control": "no-cache"}
-READ = options_pb2.Scope.SCOPE_READ
 
 
 def handled(method: str) -> float:
@@ -64,9 +60,8 @@ async def fresh_within(http: httpx.AsyncClient, path: str, name: str, timeout: f
 @pytest.fixture
 async def open_stack(sqlite_url):
     async with running_stack(make_settings(sqlite_url)) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                yield stack, http
+        async with gateway_client(stack.settings, timeout=10) as http:
+            yield stack, http
 
 
 async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_keys(open_stack):
@@ -161,7 +156,7 @@ async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_
     async with running(await build_sidecar(settings)) as sidecar:
         await sidecar.store.sync(0, 0, (), False)
         async with running_stack(settings.replace(cache_addr=sidecar.address), with_sidecar=False) as stack:
-            async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+            async with gateway_client(stack.settings, timeout=10) as http:
                 await http.post("/api/agents", json={"id": "e4", "name": "Four", "domain": "ci"})
                 await hot(http, "/api/agents/e4")
                 await sidecar.stop(0)
@@ -180,38 +175,15 @@ async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_
 # --------------------------------------------------------------------------- access
 
 
-async def _redis_or_skip() -> None:
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception as exc:  # noqa: BLE001
-        from tests.conftest import _unavailable
-
-        _unavailable(f"Redis at {REDIS_URL}", exc)
-    finally:
-        await client.aclose()
-
-
 @contextlib.asynccontextmanager
-async def secured_stack(sqlite_url: str, limit: int):
+async def secured_stack(sqlite_url: str, redis_url: str, limit: int):
     """Keys on, anonymous reads on, `limit` requests an hour per caller, shared in Redis."""
-    await _redis_or_skip()
-    settings = make_settings(
-        sqlite_url,
-        auth_enabled=True,
-        bootstrap_admin_key=ADMIN_KEY,
-        service_api_key=SERVICE_KEY,
-        rate_limit_requests=limit,
-        rate_limit_window=3600,
-        redis_url=REDIS_URL,
-        redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:",
+    settings = auth_settings(
+        sqlite_url, rate_limit_requests=limit, rate_limit_window=3600, redis_url=redis_url, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
     )
     async with running_stack(settings) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-                yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
+        async with gateway_client(stack.settings, timeout=10) as http:
+            yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
 
 
 async def new_key(keys_stub, *scopes: int) -> auth_pb2.CreateApiKeyResponse:
@@ -238,8 +210,8 @@ async def held_for_a_reader(http: httpx.AsyncClient, keys_stub, agent_id: str):
     return reader, as_reader, await hot(http, f"/api/agents/{agent_id}", headers=as_reader)
 
 
-async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url):
-    async with secured_stack(sqlite_url, 10_000) as (stack, http, keys_stub):
+async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url, redis_url):
+    async with secured_stack(sqlite_url, redis_url, 10_000) as (stack, http, keys_stub):
         await _keys_get_what_the_service_answers(http, keys_stub)
 
 
@@ -267,8 +239,8 @@ async def _keys_get_what_the_service_answers(http: httpx.AsyncClient, keys_stub)
     assert refused.status_code == 401
 
 
-async def test_the_edge_takes_from_the_same_rate_limit_bucket_as_the_service(sqlite_url):
-    async with secured_stack(sqlite_url, 50) as (stack, http, keys_stub):
+async def test_the_edge_takes_from_the_same_rate_limit_bucket_as_the_service(sqlite_url, redis_url):
+    async with secured_stack(sqlite_url, redis_url, 50) as (stack, http, keys_stub):
         await _over_the_limit(http, keys_stub)
 
 

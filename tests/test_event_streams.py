@@ -19,9 +19,8 @@ import httpx
 import pytest
 from devops_hub.v1 import events_pb2, events_pb2_grpc
 
-from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import failure_of
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 WAIT = 20.0
 
@@ -35,9 +34,8 @@ class Hub:
 @pytest.fixture
 async def hub(database_url) -> AsyncIterator[Hub]:
     async with running_stack(make_settings(database_url), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=WAIT) as http:
-                yield Hub(stack.events_stub, http)
+        async with gateway_client(stack.settings, timeout=WAIT) as http:
+            yield Hub(stack.events_stub, http)
 
 
 async def publish(hub: Hub, source: str, type_: str) -> events_pb2.Event:

@@ -116,7 +116,7 @@ def test_services_run_their_loop_on_uvloop():
 
 async def test_reflection_can_be_turned_off(sqlite_url):
     """GRPC_REFLECTION=false (as in the Kubernetes manifests): nothing lists the methods."""
-    from tests.conftest import make_settings, running_stack
+    from tests.support.stack import make_settings, running_stack
 
     async with running_stack(make_settings(sqlite_url, grpc_reflection=False), with_sidecar=False) as stack:
         reflection = reflection_pb2_grpc.ServerReflectionStub(stack.channel)

@@ -7,21 +7,18 @@ from __future__ import annotations
 import struct
 
 import grpc
-import httpx
 import pytest
 from devops_hub.v1 import agents_pb2
 
-from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
 from tests.support.grpc_errors import error_reason, field_violations
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 
 @pytest.fixture
 async def stack_and_http(database_url):
     async with running_stack(make_settings(database_url), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-                yield stack, client
+        async with gateway_client(stack.settings, timeout=10) as client:
+            yield stack, client
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,9 @@ stays fresh, the gateway adds validators and answers conditional GETs."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 VARY = "authorization, x-api-key"
 
@@ -15,9 +13,8 @@ VARY = "authorization, x-api-key"
 @pytest.fixture
 async def http(sqlite_url):
     async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-                yield client
+        async with gateway_client(stack.settings, timeout=10) as client:
+            yield client
 
 
 async def test_a_resource_carries_its_etag_its_max_age_and_answers_304_until_it_changes(http):

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 
 from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
-from gateway.testing import running_gateway
 from services.common.api import discover_services
-from tests.conftest import _fresh_schema, make_settings, running_stack
+from tests.support.databases import fresh_schema
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 # Codes that blame the server (HTTP 5xx). DEADLINE_EXCEEDED is the caller's own deadline.
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
@@ -199,15 +199,14 @@ class Running:
 
     async def _serve(self, database_url: str, started: threading.Event) -> None:
         settings = make_settings(database_url)
-        async with running_stack(settings, with_workflows=True) as stack, running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-                self.channel, self.http = stack.channel, http
-                self.workflows_channel = grpc.aio.insecure_channel(stack.settings.workflows_addr)
-                self.cache_channel = grpc.aio.insecure_channel(stack.settings.cache_addr)
-                started.set()
-                await self._stop.wait()
-                await self.workflows_channel.close()
-                await self.cache_channel.close()
+        async with running_stack(settings, with_workflows=True) as stack, gateway_client(stack.settings, timeout=30) as http:
+            self.channel, self.http = stack.channel, http
+            self.workflows_channel = grpc.aio.insecure_channel(stack.settings.workflows_addr)
+            self.cache_channel = grpc.aio.insecure_channel(stack.settings.cache_addr)
+            started.set()
+            await self._stop.wait()
+            await self.workflows_channel.close()
+            await self.cache_channel.close()
 
     def run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return asyncio.run_coroutine_threadsafe(make(), self.loop).result(60)
@@ -225,7 +224,7 @@ def stack(request, tmp_path_factory):
         url = f"sqlite:///{tmp_path_factory.mktemp('props')}/hub.db"
     else:
         url = request.getfixturevalue("pg_server_url")
-        asyncio.run(_fresh_schema(url))
+        asyncio.run(fresh_schema(url))
     running = Running(url)
     yield running
     running.close()

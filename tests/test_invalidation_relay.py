@@ -10,20 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import inspect
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from bench.run import free_port
 from services.common.grpc_host import GrpcHost
 from services.common.invalidation_log import InvalidationLog
 from services.common.telemetry.metrics import service_metrics
-from tests.conftest import Stack, _closed_port, make_settings, new_agent, running_stack
+from tests.support import eventually
+from tests.support.stack import Stack, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
 MAX_AHEAD = 1000
@@ -90,7 +90,7 @@ class CacheServer:
 
     def __init__(self, cache: PositionedCache) -> None:
         self.cache = cache
-        self.port = _closed_port()
+        self.port = free_port()
         self._host: GrpcHost | None = None
 
     @property
@@ -131,17 +131,6 @@ async def positioned_stack(database_url: str) -> AsyncIterator[tuple[PositionedC
 
 def settings_for(database_url: str, server: CacheServer, **overrides):
     return make_settings(database_url, cache_addr=server.address, relay_interval=0.05, **overrides)
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        met = condition()
-        if await met if inspect.isawaitable(met) else met:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def head_of(stack: Stack) -> int:

@@ -25,7 +25,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.testing import running_gateway
 from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.channels import call_tracing, open_channel
@@ -36,9 +35,10 @@ from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
-from tests.conftest import make_settings, running_stack
+from tests.support import eventually
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 # --------------------------------------------------------------------------- helpers
 
@@ -53,15 +53,6 @@ def value(samples: dict, name: str, **labels: str) -> float:
     multiprocess mode is summed over)."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    """Waits for `check()` to hold: a call that ends in an error status reaches its
-    client as soon as the status is sent, a moment before the server counts it."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -137,6 +128,8 @@ async def test_grpc_calls_are_counted_by_service_method_type_and_code(stack):
     with pytest.raises(grpc.aio.AioRpcError):
         await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="no-such-agent"))
 
+    # A call that ends in an error status reaches its client as soon as the status is
+    # sent, a moment before the server counts it.
     await eventually(lambda: sample("grpc_server_handling_seconds_count", **labels) == timed + 2)
     assert sample("grpc_server_handled_total", **labels, grpc_code="OK") == ok + 1
     assert sample("grpc_server_handled_total", **labels, grpc_code="NOT_FOUND") == missing + 1
@@ -356,7 +349,7 @@ async def test_one_gateway_request_is_one_trace_through_service_cache_and_databa
     async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
         await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="traced", name="T", domain="ci")))
         await stack.cache_stub.Clear(empty_pb2.Empty())
-        async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+        async with gateway_client(stack.settings) as http:
             spans.clear()
             response = await http.get("/api/agents/traced", headers={"x-request-id": "trace-me"})
             assert response.status_code == 200, response.text
@@ -398,7 +391,7 @@ async def test_one_gateway_request_is_one_trace_through_service_cache_and_databa
 async def test_a_callers_trace_context_is_continued(spans, sqlite_url):
     caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     async with running_stack(make_settings(sqlite_url)) as stack:
-        async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+        async with gateway_client(stack.settings) as http:
             response = await http.get("/api/agents", headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"})
             assert response.status_code == 200
             root = await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER and s.name == "GET /api/agents")
@@ -608,7 +601,7 @@ async def test_slow_http_requests_log_their_profile(slow_profiler, sqlite_url):
     slow_profiler.threshold = 0.0
     async with running_stack(make_settings(sqlite_url)) as stack:
         with Captured("devops_hub.profiling", logs.JsonFormatter("gateway")) as captured:
-            async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url) as http:
+            async with gateway_client(stack.settings) as http:
                 response = await http.get("/api/agents/builtin-none", headers={"x-request-id": "profiled"})
                 assert response.status_code == 404
     records = [line for line in captured.json_lines() if line.get("request") == "GET /api/agents/{id}"]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 from tests.support import ROOT
-from tests.support.processes import ADMIN_KEY, process_env, read_until
+from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
 
 EXCLUDED_OPERATIONS = r"^(ApiKeysService_RevokeApiKey|EventsService_StreamEvents|WorkflowsService_WatchExecution)$"
 
@@ -23,10 +22,7 @@ def test_no_5xx_and_no_answer_outside_the_document(tmp_path):
     assert st, "schemathesis (st) is a dev dependency: make setup installs it"
     env = process_env(tmp_path)
     env.update(RATE_LIMIT_REQUESTS="0", RATE_LIMIT_EXECUTE_REQUESTS="0")
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
+    with spawned("services.launcher", env) as stack:
         read_until(stack, "launcher: ready")
         run = subprocess.run(
             [
@@ -49,6 +45,3 @@ def test_no_5xx_and_no_answer_outside_the_document(tmp_path):
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "API Operations" in run.stdout
-    finally:
-        stack.terminate()
-        stack.wait(timeout=15)

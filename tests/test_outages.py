@@ -9,12 +9,12 @@ import logging
 import uuid
 
 import asyncpg
-import httpx
 import pytest
 
-from gateway.testing import running_gateway
-from tests.conftest import PG_ADMIN_URL, _unavailable, make_settings, running_stack
+from tests.support import unavailable
+from tests.support.databases import PG_ADMIN_URL, postgres_url
 from tests.support.grpc_errors import error_reason
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 
 @pytest.fixture
@@ -23,10 +23,10 @@ async def own_database():
     try:
         admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        _unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
+        unavailable(f"PostgreSQL at {PG_ADMIN_URL}", exc)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield admin, name, f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+        yield admin, name, postgres_url(name)
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -41,23 +41,22 @@ async def take_down(admin: asyncpg.Connection, name: str) -> None:
 async def test_a_database_outage_is_503_with_retry_after_logged_once_each_way(own_database, caplog):
     admin, name, url = own_database
     async with running_stack(make_settings(url)) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-                assert (await http.post("/api/agents", json={"id": "up", "name": "Up", "domain": "ci"})).status_code == 200
-                caplog.clear()
-                with caplog.at_level(logging.INFO):
-                    await take_down(admin, name)
-                    for index in range(30):
-                        # A new id each time: a cache miss, so the database is asked.
-                        response = await http.get(f"/api/agents/missing-{index}")
-                        assert response.status_code == 503, response.text
-                        assert int(response.headers["retry-after"]) >= 1
-                        assert error_reason(response.json()) == "DATABASE_UNAVAILABLE"
-                    write = await http.post("/api/agents", json={"id": "down", "name": "Down", "domain": "ci"})
-                    assert write.status_code == 503, write.text
-                    await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-                    assert (await http.get("/api/agents/missing-again")).status_code == 404
-                    assert (await http.post("/api/agents", json={"id": "back", "name": "Back", "domain": "ci"})).status_code == 200
+        async with gateway_client(stack.settings, timeout=30) as http:
+            assert (await http.post("/api/agents", json={"id": "up", "name": "Up", "domain": "ci"})).status_code == 200
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                await take_down(admin, name)
+                for index in range(30):
+                    # A new id each time: a cache miss, so the database is asked.
+                    response = await http.get(f"/api/agents/missing-{index}")
+                    assert response.status_code == 503, response.text
+                    assert int(response.headers["retry-after"]) >= 1
+                    assert error_reason(response.json()) == "DATABASE_UNAVAILABLE"
+                write = await http.post("/api/agents", json={"id": "down", "name": "Down", "domain": "ci"})
+                assert write.status_code == 503, write.text
+                await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+                assert (await http.get("/api/agents/missing-again")).status_code == 404
+                assert (await http.post("/api/agents", json={"id": "back", "name": "Back", "domain": "ci"})).status_code == 200
     messages = [record.getMessage() for record in caplog.records if record.name == "services.common.outages"]
     assert len([m for m in messages if "database unavailable" in m]) == 1, messages
     assert len([m for m in messages if "database available again" in m]) == 1, messages
@@ -68,13 +67,12 @@ async def test_a_call_cut_short_by_a_stopping_backend_is_503_not_499(sqlite_url)
     """The backend stops with no grace while a call runs: the client did nothing
     wrong and should retry (503), it did not go away (499)."""
     async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-                request = {"capability": "control.wait", "input": {"seconds": 20}}
-                running = asyncio.ensure_future(http.post("/api/agents/builtin-control:execute", json=request))
-                await asyncio.sleep(1.0)
-                assert not running.done()
-                await stack.agents.stop(0.5)
-                response = await running
+        async with gateway_client(stack.settings, timeout=30) as http:
+            request = {"capability": "control.wait", "input": {"seconds": 20}}
+            running = asyncio.ensure_future(http.post("/api/agents/builtin-control:execute", json=request))
+            await asyncio.sleep(1.0)
+            assert not running.done()
+            await stack.agents.stop(0.5)
+            response = await running
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1

@@ -17,8 +17,8 @@ from google.protobuf import field_mask_pb2
 from services.agents.repository import AgentRepository
 from services.common.invalidation_log import InvalidationLog, LogEntry
 from services.common.outbox import Outbox
-from tests.conftest import make_settings, new_agent, running_stack
 from tests.support.grpc_errors import expect_error
+from tests.support.stack import make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
 

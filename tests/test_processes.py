@@ -6,15 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import ROOT
-from tests.support.processes import ADMIN_KEY, process_env, read_until
+from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
 
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
 
@@ -30,19 +28,8 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 def launcher(tmp_path):
     env = process_env(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = read_until(proc, "launcher: gateway")
-    yield proc, env, lines
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with spawned("services.launcher", env) as proc:
+        yield proc, env, read_until(proc, "launcher: gateway")
 
 
 def child_pids(lines: list[str]) -> dict[str, int]:
@@ -143,27 +130,17 @@ def test_a_crash_loop_gives_up_with_a_clear_message_and_stops_the_rest(launcher,
 
 
 def test_a_service_exits_zero_on_sigterm(tmp_path):
-    env = process_env(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.agents"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
+    with spawned("services.agents", process_env(tmp_path)) as proc:
         read_until(proc, "listening on grpc://")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 
 def test_workers_share_each_port(tmp_path):
     env = process_env(tmp_path)
     env["WORKERS"] = "2"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
+    with spawned("services.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         started = [line for line in lines if "(pid " in line]
         names = [line.removeprefix("launcher: ").split("  ")[0].strip() for line in started]
@@ -176,9 +153,6 @@ def test_workers_share_each_port(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert not any(alive(pid) for pid in pids)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def calls_served_per_pid(metrics_dir: Path, method: str) -> dict[int, float]:
@@ -206,10 +180,7 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
     # 16 connections: the kernel hashes each to one of the two workers, so all 16
     # landing on one worker has a chance of 2**-15.
     env.update(WORKERS="2", GRPC_CONNECTIONS="16", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
+    with spawned("services.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         agents_pids = {int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "agents service" in line and "(pid " in line}
         assert len(agents_pids) == 2
@@ -232,6 +203,3 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
         assert alive(restarted_pid(proc, "agents service"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()

@@ -18,14 +18,13 @@ import redis.asyncio as aioredis
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from gateway.testing import running_gateway
 from services.common.cache.keys import SERVICE_NAMESPACES
-from tests.conftest import make_settings, running_stack
 from tests.support.auth import ADMIN_KEY, auth_settings
 from tests.support.cache import READ_TIMEOUT, StartSidecar, entry
 from tests.support.deploy import PROMQL_WORDS, alert_rules, dashboard_exprs, metric_names
 from tests.support.metrics import scrape
 from tests.support.processes import launched_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 # --------------------------------------------------------------------------- integral numbers
 
@@ -33,7 +32,7 @@ from tests.support.processes import launched_stack
 async def test_integral_numbers_in_structs_come_back_as_integers(sqlite_url):
     expected = {"attempts": 1, "ratio": 0.5, "negative": -3, "nested": [2, {"n": 10}]}
     async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url, httpx.AsyncClient(base_url=base_url, timeout=20) as http:
+        async with gateway_client(stack.settings, timeout=20) as http:
             created = await http.post(
                 "/api/workflows", json={"id": "numbers", "name": "N", "steps": [{"id": "only", "type": "TRANSFORM", "input": expected}]}
             )
@@ -80,13 +79,12 @@ async def test_a_429_body_says_the_wait_its_retry_after_header_says(sqlite_url):
     # Two requests a second: the third within the second waits well under a second,
     # which the header rounds up to 1; the body must not say "0.4s".
     settings = auth_settings(sqlite_url, rate_limit_requests=2, rate_limit_window=1)
-    async with running_stack(settings) as stack, running_gateway(stack.settings) as base_url:
-        async with httpx.AsyncClient(base_url=base_url, timeout=10, headers={"x-api-key": ADMIN_KEY}) as http:
-            for _ in range(20):
-                limited = await http.get("/api/agents")
-                if limited.status_code == 429:
-                    break
-            assert limited.status_code == 429, "the limit was never reached"
+    async with running_stack(settings) as stack, gateway_client(stack.settings, timeout=10, headers={"x-api-key": ADMIN_KEY}) as http:
+        for _ in range(20):
+            limited = await http.get("/api/agents")
+            if limited.status_code == 429:
+                break
+        assert limited.status_code == 429, "the limit was never reached"
     wait = int(limited.headers["retry-after"])
     body = limited.json()
     assert f"retry in {wait}s" in body["message"]

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -19,9 +17,9 @@ from bench.run import free_port
 from services.common.event_repository import EventRepository
 from services.common.process import running
 from services.workflows.server import build as build_workflows
-from tests.conftest import make_settings, running_stack
 from tests.support import ROOT
-from tests.support.processes import read_until
+from tests.support.processes import read_until, spawned
+from tests.support.stack import create_builtin_agents, make_settings, running_stack
 
 Execution = workflows_pb2.Execution
 
@@ -68,12 +66,7 @@ async def test_a_graceful_stop_fails_what_runs_with_the_reason(database_url):
 
 async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
     async with running_stack(make_settings(database_url), with_workflows=False) as stack:
-        from devops_hub.v1 import agents_pb2
-
-        from services.agents.builtins import builtin_agent_records
-
-        for agent in builtin_agent_records():
-            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+        await create_builtin_agents(stack.stub)
         port = free_port()
         env = dict(os.environ)
         env.update(
@@ -86,9 +79,7 @@ async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
             PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
             PYTHONUNBUFFERED="1",
         )
-        doomed = subprocess.Popen([sys.executable, "-m", "services.workflows"], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
+        with spawned("services.workflows", env) as doomed:
             # In a thread: a blocking read here would stall this loop, and with it
             # the in-process agents service, in the middle of a write transaction.
             await asyncio.to_thread(read_until, doomed, "listening on grpc://")
@@ -99,9 +90,6 @@ async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
                 await wait_status(stub, execution.id, {Execution.RUNNING})
             doomed.send_signal(signal.SIGKILL)
             doomed.wait(timeout=10)
-        finally:
-            if doomed.poll() is None:
-                doomed.kill()
 
         async with started_workflows(stack.settings.replace(workflow_lease_ttl=1.5)) as (_, stub):
             ended = await wait_status(stub, execution.id, {Execution.FAILED}, timeout=10)

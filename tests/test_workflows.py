@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.testing import running_gateway
-from tests.conftest import make_settings, running_stack
+from tests.support.stack import gateway_client, make_settings, running_stack
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
@@ -24,9 +23,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 async def hub(database_url, request):
     overrides = getattr(request, "param", {})
     async with running_stack(make_settings(database_url, **overrides), with_workflows=True) as stack:
-        async with running_gateway(stack.settings) as base_url:
-            async with httpx.AsyncClient(base_url=base_url, timeout=20) as client:
-                yield client
+        async with gateway_client(stack.settings, timeout=20) as client:
+            yield client
 
 
 async def create(http: httpx.AsyncClient, workflow: dict) -> dict:

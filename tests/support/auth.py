@@ -15,7 +15,7 @@ from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 
 from services.common.auth import keys
 from services.common.settings import Settings
-from tests.conftest import Stack, make_settings, running_stack
+from tests.support.stack import Stack, make_settings, running_stack
 
 Scope = options_pb2.Scope
 READ, WRITE, EXECUTE, ADMIN = Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN

@@ -64,6 +64,12 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         yield start
 
 
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
+    """One real sidecar with the memory store, synced."""
+    return await start_sidecar()
+
+
 async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:
     """What a services' relay does for a new cache when their invalidation log is
     empty: gives it a position (0), so it hands out fill tokens."""
@@ -94,13 +100,6 @@ def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
             detail.Unpack(bad_request)
             return [violation.field for violation in bad_request.field_violations]
     raise AssertionError(f"no BadRequest detail in {status}")
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 class FakeClock:

@@ -16,9 +16,13 @@ from bench.run import free_port
 from tests.support import ROOT
 from tests.support.auth import ADMIN_KEY
 
+STOP_TIMEOUT = 15
 
-def process_env(tmp_path: Path) -> dict[str, str]:
+
+def _stack_env(tmp_path: Path) -> dict[str, str]:
+    """This environment with the stack on free ports, a fresh SQLite file and the memory cache."""
     env = dict(os.environ)
+    env.pop("REDIS_URL", None)
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
         AGENTS_ADDR=f"127.0.0.1:{free_port()}",
@@ -27,6 +31,13 @@ def process_env(tmp_path: Path) -> dict[str, str]:
         GATEWAY_PORT=str(free_port()),
         PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
         PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def process_env(tmp_path: Path) -> dict[str, str]:
+    env = _stack_env(tmp_path)
+    env.update(
         # The defaults otherwise: auth on, anonymous reads allowed; this is the first key.
         BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
         # No metrics endpoints: their fixed ports would collide with a running stack.
@@ -34,9 +45,29 @@ def process_env(tmp_path: Path) -> dict[str, str]:
         WORKFLOWS_METRICS_PORT="0",
         CACHE_METRICS_PORT="0",
     )
-    for name in ("REDIS_URL", "AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
+    for name in ("AUTH_ENABLED", "ALLOW_ANONYMOUS_READ", "SERVICE_API_KEY"):
         env.pop(name, None)
     return env
+
+
+@contextlib.contextmanager
+def spawned(module: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`python -m <module>` from the repository's root, its output and errors as lines of
+    text on stdout. Stopped on the way out unless the test has stopped it: SIGTERM (the
+    launcher stops its children in order), then SIGKILL after STOP_TIMEOUT seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
@@ -57,43 +88,18 @@ def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overri
     """`python -m services.launcher` on free ports and a fresh SQLite file; yields its
     environment once it says it is ready (its lines so far go to `output`), and checks
     it stops cleanly on SIGTERM."""
-    env = dict(os.environ)
-    env.pop("REDIS_URL", None)
+    env = _stack_env(tmp_path)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(
-        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
         AGENTS_METRICS_PORT=str(free_port()),
         WORKFLOWS_METRICS_PORT=str(free_port()),
         CACHE_METRICS_PORT=str(free_port()),
-        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
-        PYTHONUNBUFFERED="1",
         LOG_LEVEL="WARNING",
     )
     env.update(env_overrides)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     lines: list[str] = [] if output is None else output
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            if line.startswith("launcher: ready"):
-                break
-        else:
-            raise AssertionError(f"the stack never got ready: {lines}")
-        assert lines and lines[-1].startswith("launcher: ready"), lines
+    with spawned("services.launcher", env) as proc:
+        lines.extend(read_until(proc, "launcher: ready", timeout=90))
         yield env
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -15,7 +15,6 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 import redis
@@ -23,17 +22,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bench.run import free_port
+from tests.support import unavailable
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(what: str, why: str) -> NoReturn:
-    message = f"{what} is not available ({why})"
-    if IN_CI:
-        pytest.fail(f"{message}; under CI=true it must run", pytrace=False)
-    pytest.skip(message)
-
 
 
 def unlink_prefix(url: str, prefix: str) -> int:
@@ -61,7 +52,7 @@ def redis_url() -> str:
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        unavailable(f"Redis at {REDIS_URL}", f"{type(exc).__name__}: {exc}")
+        unavailable(f"Redis at {REDIS_URL}", exc)
     finally:
         client.close()
     return REDIS_URL
