@@ -5,7 +5,6 @@ runs it, and gateway/testing.py starts the same in a test's event loop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.connections import connection_options
+from services.common.background import cancel_and_wait
 from services.common.process import run
 from services.common.settings import Settings
 from services.common.telemetry.endpoint import Refresher
@@ -56,9 +56,7 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await cancel_and_wait(self._ticker)
             self._ticker = None
         if self._server.started:
             # uvicorn annotates an int but hands it to asyncio.timeout(), which takes any seconds.

@@ -8,7 +8,7 @@ import signal
 
 import grpc
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.grpc_host import GrpcHost
 from services.common.telemetry.logs import RequestContextFilter
 from services.common.telemetry.metrics import service_metrics
@@ -87,3 +87,45 @@ async def test_a_failing_background_task_is_logged_and_an_essential_one_stops_th
     assert ("ERROR", "background task helper failed") in messages
     assert ("CRITICAL", "background task maintenance failed; stopping the process so that it is restarted") in messages
     assert all(record.exc_info for record in caplog.records)
+
+
+async def test_stopping_a_task_ends_it_without_swallowing_the_stoppers_own_cancellation():
+    forever = asyncio.create_task(asyncio.sleep(3600))
+    await cancel_and_wait(forever)
+    assert forever.cancelled()
+
+    async def failing() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            raise RuntimeError("failed while stopping")
+
+    failed = asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    try:
+        await cancel_and_wait(failed)
+    except RuntimeError as error:
+        assert str(error) == "failed while stopping"
+    else:
+        raise AssertionError("the task's own error was not raised")
+
+    # A task that takes its time to end (it cleans up), stopped by a caller that is
+    # itself cancelled meanwhile: the caller's cancellation reaches the caller.
+    release = asyncio.Event()
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await release.wait()
+
+    slow = asyncio.create_task(slow_to_end())
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(cancel_and_wait(slow))
+    await asyncio.sleep(0)
+    stopper.cancel()
+    await asyncio.wait({stopper})
+    assert stopper.cancelled()
+    release.set()
+    await asyncio.wait({slow})
+    assert slow.cancelled()

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services.cache_sidecar.hub import InvalidationHub
 from services.cache_sidecar.stores.fallback import BACKEND_ERRORS
+from services.common.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class InvalidationRelay:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._client.aclose()
         await self._client.connection_pool.disconnect()
 

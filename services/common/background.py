@@ -31,6 +31,17 @@ def spawn(coroutine: Coroutine[Any, Any, T], *, name: str, essential: bool = Fal
     return task
 
 
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancels `task` and waits until it has ended. An error it ended with is raised
+    here, as `await task` would; its cancellation is not. Unlike `with
+    suppress(CancelledError): await task`, a cancellation of the caller itself, arriving
+    while it waits, is not swallowed with the task's: the caller's stop goes on."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.result()
+
+
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     return None if task.cancelled() else task.exception()
 

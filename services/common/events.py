@@ -17,7 +17,7 @@ from typing import Any
 from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.errors import Unavailable
@@ -90,8 +90,6 @@ class EventWriter:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self.flush()
 

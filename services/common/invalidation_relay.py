@@ -22,14 +22,13 @@ also prunes the log. It logs when its condition changes, never on every poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
 
 from devops_hub.v1 import cache_pb2
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.cache.client import CacheClient
 from services.common.clock import utc_now
 from services.common.db import Database
@@ -74,9 +73,7 @@ class InvalidationRelay:
     async def stop(self) -> None:
         """Stops the rounds for good and closes the relay's cache client."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self._cache.close()
 

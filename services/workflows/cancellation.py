@@ -9,10 +9,11 @@ the execution with that status and error (runner.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 from devops_hub.v1 import workflows_pb2
+
+from services.common.background import cancel_and_wait
 
 Execution = workflows_pb2.Execution
 
@@ -53,9 +54,7 @@ class LocalExecutions:
         if task is None:
             return
         self._stops[execution_id] = stop
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     async def stop_all(self, stop: Stop) -> None:
         for execution_id in self.ids():

@@ -15,7 +15,6 @@ them again, so a late commit is still delivered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from devops_hub.v1 import events_pb2
 
+from services.common.background import cancel_and_wait
 from services.common.db import Database
 from services.common.errors import ServiceError
 from services.common.event_repository import EventRepository
@@ -89,9 +89,7 @@ class EventFeed:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _poll(self) -> None:
         while self._subscribers:

@@ -10,12 +10,11 @@ executions this one runs, since that replica cannot reach their tasks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import uuid
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.clock import utc_now
 from services.common.errors import Unavailable
 from services.workflows.cancellation import BY_REQUEST, LocalExecutions
@@ -62,9 +61,7 @@ class Leases:
 
     async def stop(self) -> None:
         if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+            await cancel_and_wait(self._maintenance)
 
     async def _maintain(self) -> None:
         while True:

@@ -6,10 +6,9 @@ Pruning runs on a timer, never on the insert path (see EventRepository.prune).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.errors import Unavailable
 from services.common.event_repository import EventRepository
 
@@ -40,6 +39,4 @@ class Pruner:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -56,6 +55,7 @@ from services.cache_sidecar.stores.base import (
 from services.cache_sidecar.stores.memory import MemoryBackend
 from services.cache_sidecar.stores.position import SyncState
 from services.cache_sidecar.stores.redis import RedisStore
+from services.common.background import cancel_and_wait
 from services.common.cache.keys import escape_key
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,7 @@ class FallbackStore:
         self._closed = True
         probe, self._probe = self._probe, None
         if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            await cancel_and_wait(probe)
         if self._journal or self._must_clear:
             log.warning(
                 "cache: closing with %s never applied to Redis",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import heapq
 import random
@@ -37,6 +36,7 @@ from services.cache_sidecar.stores.base import (
     jittered,
 )
 from services.cache_sidecar.stores.position import SyncPosition, SyncState
+from services.common.background import cancel_and_wait
 from services.common.cache.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
 from services.common.errors import invalid_fields
 
@@ -550,7 +550,5 @@ class MemoryBackend:
     async def close(self) -> None:
         task, self._maintenance = self._maintenance, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 

@@ -13,14 +13,13 @@ services/common/cache_relay.py and docs/cache.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
 import grpc
 from devops_hub.v1 import cache_pb2
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.cache.keys import parse_pattern
 from services.common.cache.transport import SidecarTransport
 
@@ -95,9 +94,7 @@ class InvalidationDelivery:
     async def close(self) -> None:
         task, self._retry_task = self._retry_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._pending:
             log.warning(
                 "cache client closing with %d invalidations not applied (the invalidation log's relay delivers them): %s",

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from services.common.background import spawn
+from services.common.background import cancel_and_wait, spawn
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,7 @@ class MetricsEndpoint:
 
     async def close(self) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await cancel_and_wait(self._ticker)
             self._ticker = None
         if self._server is not None:
             self._server.close()
