@@ -217,18 +217,12 @@ def summarize_ghz(path: Path) -> str:
 def own_stack(api_key: str) -> Iterator[Settings]:
     """`python -m services.launcher` on free ports with SQLite and the memory cache,
     seeded; stopped on exit. Access rules stay on, with limits the load cannot reach."""
-    from bench.run import free_port
+    from bench.run import free_port, local_stack_env
 
     tmp = tempfile.mkdtemp(prefix="dh-loadtest-")
-    env = dict(os.environ)
-    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
+    env = local_stack_env(f"sqlite:///{tmp}/loadtest.db")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(
-        DATABASE_URL=f"sqlite:///{tmp}/loadtest.db",
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
         AGENTS_METRICS_PORT=str(free_port()),
         WORKFLOWS_METRICS_PORT=str(free_port()),
         CACHE_METRICS_PORT=str(free_port()),

@@ -70,6 +70,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def local_stack_env(database_url: str) -> dict[str, str]:
+    """This environment with the whole stack on free loopback ports, on `database_url`
+    and the memory cache (no REDIS_URL): what the bench, the load test and the tests
+    that start `python -m services.launcher` each start from."""
+    env = dict(os.environ)
+    env.pop("REDIS_URL", None)
+    env.update(
+        DATABASE_URL=database_url,
+        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
+        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
+        CACHE_ADDR=f"127.0.0.1:{free_port()}",
+        GATEWAY_PORT=str(free_port()),
+    )
+    return env
+
+
 def wait_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,14 +118,8 @@ class Stack:
 def started_stack(directory: Path) -> Iterator[Stack]:
     """The whole stack as `make run` starts it (on a database in `directory`), with the
     bench's agents created, stopped on the way out."""
-    ports = {name: free_port() for name in ("agents", "workflows", "cache", "gateway")}
-    env = dict(os.environ)
+    env = local_stack_env(f"sqlite:///{directory}/bench.db")
     env.update(
-        DATABASE_URL=f"sqlite:///{directory}/bench.db",
-        AGENTS_ADDR=f"127.0.0.1:{ports['agents']}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{ports['workflows']}",
-        CACHE_ADDR=f"127.0.0.1:{ports['cache']}",
-        GATEWAY_PORT=str(ports["gateway"]),
         LOG_LEVEL="WARNING",
         # Otherwise as `make run`: anonymous reads, key checks and the default limits.
         BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
@@ -119,12 +129,12 @@ def started_stack(directory: Path) -> Iterator[Stack]:
         WORKFLOWS_METRICS_PORT="0",
         CACHE_METRICS_PORT="0",
     )
-    for name in ("REDIS_URL", "RATE_LIMIT_REQUESTS", "RATE_LIMIT_WINDOW", "WORKERS"):
+    for name in ("RATE_LIMIT_REQUESTS", "RATE_LIMIT_WINDOW", "WORKERS"):
         env.pop(name, None)
     launcher = start([sys.executable, "-m", "services.launcher"], env)
     try:
-        wait_port(ports["gateway"], timeout=120)
-        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        wait_port(int(env["GATEWAY_PORT"]), timeout=120)
+        gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
         agents = [{"agent": {"id": AGENT_ID, "name": "Bench agent", "domain": "bench", "capabilities": ["lint", "test"]}}]
         agents += [
             {"agent": {"id": f"{AGENT_ID}-{n}", "name": f"Bench agent {n}", "domain": "bench", "capabilities": ["lint"]}}

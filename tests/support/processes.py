@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.run import free_port
+from bench.run import free_port, local_stack_env
 from tests.support import ROOT
 from tests.support.auth import ADMIN_KEY
 
@@ -21,14 +21,8 @@ STOP_TIMEOUT = 15
 
 def _stack_env(tmp_path: Path) -> dict[str, str]:
     """This environment with the stack on free ports, a fresh SQLite file and the memory cache."""
-    env = dict(os.environ)
-    env.pop("REDIS_URL", None)
+    env = local_stack_env(f"sqlite:///{tmp_path}/hub.db")
     env.update(
-        DATABASE_URL=f"sqlite:///{tmp_path}/hub.db",
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
         PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
         PYTHONUNBUFFERED="1",
     )
