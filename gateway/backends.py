@@ -1,7 +1,7 @@
 """Which backend serves each gRPC service, and the pooled channels the gateway calls them on.
 
 Each service declares its backend in its .proto (`option (backend) = "agents";`,
-options.proto); BACKEND_OF_SERVICE is read from those declarations. A backend named
+options.proto), which the routes read (routes.py). A backend named
 "agents" is reached at settings.agents_addr (Settings.backend_address, as every client
 of the system), so deployments move a backend by changing one variable.
 """
@@ -12,14 +12,8 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from services.common.api import backend_of, discover_services
 from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
-
-# Service full name → backend, for every service of the API that declares one.
-BACKEND_OF_SERVICE: Mapping[str, str] = {
-    service.full_name: backend for service in discover_services() if (backend := backend_of(service))
-}
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from gateway.json_body import JSON_MEDIA_TYPE, JsonObject, encode
 from gateway.routes import HttpRoute
 from gateway.templates import PathTemplate
 from gateway.transcode import is_map, is_scalar_like, map_entry
+from services.common.field_behavior import behaviors
 
 OPENAPI_VERSION = "3.0.3"
 _VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")
@@ -82,7 +83,7 @@ class _Schemas:
         schema = self._single(field)
         if field.is_repeated:
             schema = {"type": "array", "items": schema}
-        if _has_behavior(field, field_behavior_pb2.OUTPUT_ONLY) and "$ref" not in schema:
+        if field_behavior_pb2.OUTPUT_ONLY in behaviors(field) and "$ref" not in schema:
             schema = {**schema, "readOnly": True}
         return schema
 
@@ -220,11 +221,6 @@ def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[JsonObject]:
 
     walk(route.method.input_type, (), "", frozenset({route.method.input_type.full_name}))
     return parameters
-
-
-def _has_behavior(field: FieldDescriptor, behavior: int) -> bool:
-    options = field.GetOptions()
-    return behavior in options.Extensions[field_behavior_pb2.field_behavior]
 
 
 def _ref(name: str) -> JsonObject:

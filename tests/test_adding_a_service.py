@@ -29,8 +29,6 @@ import pytest
 
 from tests.support import ROOT
 
-pytest.importorskip("grpc_tools", reason="grpc_tools (a dev dependency) compiles the new service's proto")
-
 SCENARIO = ROOT / "tests" / "support" / "new_service"
 SERVICE = "devops_hub.v1.ReportsService"
 

@@ -104,8 +104,8 @@ async def test_the_scope_table_over_http(secured):
     weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}
     exact_keys = {scope: await new_key(keys_stub, scope) for scope in (READ, WRITE, EXECUTE, ADMIN)}
     async with gateway_client(stack.settings, timeout=10) as http:
-        from gateway.backends import BACKEND_OF_SERVICE
         from gateway.routes import build_routes
+        from tests.support.api import BACKEND_OF_SERVICE
 
         table = required_scopes()
         routes = [r for r in build_routes(discover_services(), BACKEND_OF_SERVICE) if r.method.containing_service.full_name in SERVED]

@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from bench import loadtest
 from bench.run import free_port
-from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
 from services.common.api import discover_services
 from services.common.auth import keys
@@ -36,6 +35,7 @@ from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
 from services.seed import seed
 from tests.support import ROOT
+from tests.support.api import BACKEND_OF_SERVICE
 from tests.support.deploy import DEPLOY, alert_rules, dashboard, dashboard_exprs, metric_names
 from tests.support.metrics import parse_samples
 from tests.support.processes import launched_stack

@@ -27,7 +27,6 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, json_for
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from gateway.backends import BACKEND_OF_SERVICE
 from gateway.routes import build_routes
 from gateway.testing import running_gateway
 from services.common.api import discover_services
@@ -36,6 +35,7 @@ from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry.metrics import service_metrics
 from tests.support import ROOT
+from tests.support.api import BACKEND_OF_SERVICE
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"

@@ -10,7 +10,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, runtime_pb2
 from google.protobuf import json_format
 
-from gateway.backends import BACKEND_OF_SERVICE, ChannelPool, backend_addresses
+from gateway.backends import ChannelPool, backend_addresses
 from gateway.errors import HTTP_STATUS, http_status
 from gateway.front import GatewayFront
 from gateway.metrics import HttpMetrics
@@ -21,6 +21,7 @@ from gateway.transcode import explain
 from services.common.api import backend_of, discover_services
 from services.common.channels import service_address
 from services.common.settings import Settings
+from tests.support.api import BACKEND_OF_SERVICE
 
 # --------------------------------------------------------------------------- templates
 
@@ -134,8 +135,10 @@ def test_every_generated_service_with_http_rules_has_a_backend():
 
 
 def test_a_service_without_a_backend_is_refused_at_start_up():
-    with pytest.raises(RouteError, match="AgentsService has http rules but no backend"):
+    with pytest.raises(RouteError, match="AgentsService has http rules but no backend") as refused:
         build_routes(discover_services(), {})
+    # It says what to add, and where.
+    assert "option (backend)" in str(refused.value)
 
 
 async def test_channel_pool_opens_one_channel_per_address():

@@ -3,9 +3,6 @@
 Without REDIS_URL the store is memory only. With it, the store is Redis with a
 memory fallback, and a relay brings other sidecars' invalidations to this one's
 Watch streams.
-
-Settings read with a default until they exist in Settings (see docs/cache.md):
-CACHE_NEGATIVE_TTL, CACHE_FALLBACK_TTL, REDIS_TIMEOUT.
 """
 
 from __future__ import annotations

@@ -94,12 +94,6 @@ class GrpcProcess:
     def listening(self) -> str:
         return f"grpc://{self.address}"
 
-    @property
-    def port(self) -> int:
-        if self.host.port is None:
-            raise RuntimeError("not started")
-        return self.host.port
-
     def refreshers(self) -> Sequence[Refresher]:
         return ()
 

@@ -7,7 +7,7 @@ for keys matching a pending pattern: it neither reads nor fills them, so the pro
 that acknowledged a write never reads its old value back. Other processes are
 covered by the invalidation log: whatever this process fails to deliver (it may
 also die first), the relay sends from the log once the sidecar answers (see
-services/common/cache_relay.py and docs/cache.md).
+services/common/invalidation_relay.py and docs/cache.md).
 """
 
 from __future__ import annotations

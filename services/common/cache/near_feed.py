@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Any, cast
 
 import grpc
 from devops_hub.v1 import cache_pb2
 
 from services.common.background import spawn
+from services.common.cache.fed_cache import FedCache
 from services.common.cache.transport import SidecarTransport
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,6 @@ WATCH_RETRY_MAX = 2.0
 CLOSE_TIMEOUT = 2.0
 
 
-class Fed(Protocol):
-    """What the feed keeps in step with its stream: a cache that answers only while
-    live (fed_cache.py), the near-cache or the gateway's edge cache."""
-
-    @property
-    def live(self) -> bool: ...
-
-    def set_live(self, live: bool) -> None: ...
-
-
 class StreamGap(Exception):
     """A Watch message arrived out of step: the stream cannot vouch for completeness."""
 
@@ -48,7 +39,7 @@ class NearCacheFeed:
     def __init__(
         self,
         transport: SidecarTransport,
-        near: Fed,
+        near: FedCache[Any, Any],
         on_invalidation: Callable[[str], None],
         *,
         prefixes: Sequence[str] = (),

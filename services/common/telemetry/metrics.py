@@ -17,7 +17,6 @@ building per call. docs/observability.md lists every metric with its meaning.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import weakref
 from collections.abc import Callable, Iterable
@@ -223,18 +222,19 @@ class ServiceMetrics:
         self.registry = registry
         self._groups: dict[Callable[[CollectorRegistry], object], object] = {}
 
-    @functools.cached_property
+    @property
     def grpc(self) -> GrpcServerMetrics:
-        return GrpcServerMetrics(self.registry)
+        return self.group(GrpcServerMetrics)
 
-    @functools.cached_property
+    @property
     def pools(self) -> PoolMetrics:
-        return PoolMetrics(self.registry)
+        return self.group(PoolMetrics)
 
     def group(self, make: Callable[[CollectorRegistry], G]) -> G:
-        """A domain's own metrics (the workflows', the cache's), made on this registry the first time
-        they are asked for: a registry takes each metric name once, however many times
-        the process builds its service."""
+        """A group of metrics (the calls', the pools', a domain's own such as the
+        workflows' or the cache's), made on this registry the first time it is asked
+        for: a registry takes each metric name once, however many times the process
+        builds its service."""
         group = self._groups.get(make)
         if group is None:
             group = self._groups[make] = make(self.registry)
@@ -242,7 +242,7 @@ class ServiceMetrics:
 
     def refresh(self) -> None:
         """Sets the gauges that are read from state rather than counted as things happen."""
-        if "pools" in self.__dict__:
+        if PoolMetrics in self._groups:
             self.pools.refresh()
 
 

@@ -13,17 +13,15 @@ is written to OUT.json for the test to judge.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
-from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2, reports_pb2, reports_pb2_grpc
+from devops_hub.v1 import auth_pb2_grpc, options_pb2, reports_pb2, reports_pb2_grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -32,6 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+from bench.run import free_port
 from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.common.auth import keys
@@ -40,12 +39,12 @@ from services.common.process import running
 from services.common.settings import Settings
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import ServiceMetrics
+from tests.support.auth import ADMIN_KEY, new_key
 from tests.support.grpc_errors import failure_of
 from tests.support.new_service.reports import Reports
 from tests.support.new_service.servicer import ReportsServicer
 
 SERVICE_NAME = reports_pb2.DESCRIPTOR.services_by_name["ReportsService"].full_name
-ADMIN_KEY = keys.new_key()
 # Generous: the machine may be loaded, and nothing here measures time.
 TIMEOUT = 30.0
 
@@ -58,7 +57,7 @@ async def scenario(database_url: str) -> dict[str, Any]:
         database_pool_size=2,
         agents_addr="127.0.0.1:0",
         # No sidecar: the services read the database without one.
-        cache_addr=f"127.0.0.1:{_closed_port()}",
+        cache_addr=f"127.0.0.1:{free_port()}",
         auth_enabled=True,
         allow_anonymous_read=True,
         bootstrap_admin_key=ADMIN_KEY,
@@ -83,7 +82,8 @@ async def scenario(database_url: str) -> dict[str, Any]:
             running_gateway(settings) as base_url,
             httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT) as http,
         ):
-            read_key, write_key = await _new_key(channel, options_pb2.SCOPE_READ), await _new_key(channel, options_pb2.SCOPE_WRITE)
+            keys_stub = auth_pb2_grpc.ApiKeysServiceStub(channel)
+            read_key, write_key = await new_key(keys_stub, options_pb2.SCOPE_READ), await new_key(keys_stub, options_pb2.SCOPE_WRITE)
             seen["http"] = await _over_http(http, read_key, write_key)
             seen["grpc"] = await _over_grpc(channel, write_key)
             seen["reflection"] = await _reflection(channel)
@@ -170,15 +170,6 @@ async def _spans(exporter: InMemorySpanExporter) -> list[list[str]]:
         await asyncio.sleep(0.05)
 
 
-async def _new_key(channel: grpc.aio.Channel, scope: int) -> str:
-    created = await auth_pb2_grpc.ApiKeysServiceStub(channel).CreateApiKey(
-        auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name=f"reports {scope_name(scope)}", scopes=[scope])),
-        metadata=(("x-api-key", ADMIN_KEY),),
-        timeout=TIMEOUT,
-    )
-    return str(created.key)
-
-
 def _grpc_series(registry: CollectorRegistry) -> list[list[str]]:
     """[metric sample, method, code] of every gRPC server series of the new service."""
     return sorted(
@@ -196,12 +187,6 @@ def _trace_into_memory() -> InMemorySpanExporter:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.install(provider)
     return exporter
-
-
-def _closed_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main(argv: list[str]) -> None:
