@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from starlette.responses import Response
 
 from gateway.conditional import none_match
-from gateway.edge_cache import EdgeCache, EdgeKey, cacheable
+from gateway.edge_cache import EdgeCache, EdgeKey, cacheable, invalidated
 from gateway.errors import GatewayError
 from gateway.hardening import add_rate_limit_headers
 from gateway.json_body import JSON_MEDIA_TYPE
@@ -68,7 +68,7 @@ class Edge:
         self._transport = SidecarTransport(
             service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key
         )
-        self._feed = NearCacheFeed(self._transport, self.cache, self.cache.invalidate)
+        self._feed = NearCacheFeed(self._transport, self.cache)
         self._feed.start()
 
     async def close(self) -> None:
@@ -102,7 +102,7 @@ class Edge:
         add_rate_limit_headers(response, limits)
         return response
 
-    def fill(self, key: EdgeKey, response: Response, trailers: Iterable[tuple[str, object]], since: int) -> None:
+    def fill(self, key: EdgeKey, response: Response, trailers: Iterable[tuple[str, object]]) -> None:
         """Keeps a 200 answer the service said may be kept (see edge_cache.py)."""
         said = cacheable(trailers)
         if said is None or response.status_code != 200:
@@ -110,4 +110,12 @@ class Edge:
         headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
         if "etag" in headers:
             # Starlette types a body bytes | memoryview; an Answer's is bytes, which bytes() returns as is.
-            self.cache.put(key, bytes(response.body), headers, said, since)
+            self.cache.put(key, bytes(response.body), headers, said)
+
+    def written(self, trailers: Iterable[tuple[str, object]]) -> None:
+        """A write through this gateway: exactly the answers it made stale go now."""
+        write = invalidated(trailers)
+        if write is not None:
+            position, patterns = write
+            for pattern in patterns:
+                self.cache.invalidate(pattern, position)

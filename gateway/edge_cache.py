@@ -4,18 +4,19 @@ gateway's memory, so a hot read never becomes a gRPC call.
 What it may keep, for how long and until which invalidation is said by the service
 with each answer, never by a table here: an answer is kept only when it carries
 `cache-control: max-age=N` (the method is declared cacheable in the protos, and so
-does not depend on its caller) and `surrogate-key` metadata naming the cache keys it
-was read from (services/common/surrogate_keys.py). It is kept min(N, GATEWAY_EDGE_CACHE_TTL)
+does not depend on its caller), `surrogate-key` metadata naming the cache keys it was
+read from and `cache-version`, the invalidation log position it was read at
+(services/common/surrogate_keys.py). It is kept min(N, GATEWAY_EDGE_CACHE_TTL)
 seconds, bounded by entries and bytes, and dropped by any invalidation pattern that
 matches one of its surrogate keys.
 
-Invalidations come from the same ordered stream as every other layer's: the
-sidecar's Watch, followed by the cache client's NearCacheFeed (numbered messages; a
-gap, a silent stream or a dropped one clears this cache, and it answers only while
-the stream is live). A fill takes a snapshot of the invalidation history before its
-backend call and is refused if one of its keys was invalidated since (history.py).
-A write through this gateway clears it, so that whoever wrote reads what they wrote
-without waiting for the stream's message.
+Invalidations come from the same route as every other layer's: the sidecar's Watch,
+followed by the cache client's NearCacheFeed (numbered by the log; a gap, a silent
+stream or a dropped one clears this cache, and it answers only while the stream is
+live). An answer older than an invalidation of one of its keys is refused
+(history.py). A write through this gateway names what it made stale in its answer
+(`cache-invalidated`), and exactly those answers go at once: whoever wrote reads what
+they wrote without waiting for the stream, and nothing else is lost.
 
 It mirrors the near-cache's life cycle (live while fed, cleared on either change, an
 LRU bounded by entries and bytes) but not its keys: a near-cache entry is dropped by
@@ -30,9 +31,9 @@ import time
 from collections.abc import Callable, Iterable
 
 from services.common.cache.fed_cache import FedCache
-from services.common.cache.keys import parse_pattern
+from services.common.cache.keys import GlobPattern
 from services.common.freshness import CACHE_CONTROL
-from services.common.surrogate_keys import SURROGATE_KEY
+from services.common.surrogate_keys import CACHE_INVALIDATED, CACHE_VERSION, SURROGATE_KEY
 
 EdgeKey = tuple[str, bytes]
 
@@ -47,10 +48,21 @@ class EdgeEntry:
     expires_at: float
 
 
-def cacheable(trailers: Iterable[tuple[str, object]]) -> tuple[int, tuple[str, ...]] | None:
-    """(max-age, surrogate keys) when the service said both with its answer, else None."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Said:
+    """What a service said about its answer: how long it stays fresh, the cache keys
+    it was read from and the log position it was read at."""
+
+    max_age: int
+    keys: tuple[str, ...]
+    version: int
+
+
+def cacheable(trailers: Iterable[tuple[str, object]]) -> Said | None:
+    """What the service said with its answer, when it said all of it; else None."""
     max_age = 0
     keys: tuple[str, ...] = ()
+    version: int | None = None
     for name, value in trailers or ():
         if not isinstance(value, str):
             continue
@@ -61,7 +73,19 @@ def cacheable(trailers: Iterable[tuple[str, object]]) -> tuple[int, tuple[str, .
                     max_age = int(seconds)
         elif name == SURROGATE_KEY:
             keys = tuple(value.split())
-    return (max_age, keys) if max_age > 0 and keys else None
+        elif name == CACHE_VERSION and value.isdigit():
+            version = int(value)
+    return Said(max_age, keys, version) if max_age > 0 and keys and version is not None else None
+
+
+def invalidated(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | None:
+    """(log position, patterns) of a write's answer, if it made anything stale."""
+    for name, value in trailers or ():
+        if name == CACHE_INVALIDATED and isinstance(value, str):
+            position, *patterns = value.split()
+            if position.isdigit() and patterns:
+                return int(position), patterns
+    return None
 
 
 class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
@@ -78,38 +102,30 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         """Whole seconds since the answer was stored (the Age header)."""
         return int(self._clock() - entry.stored_at)
 
-    def put(
-        self, key: EdgeKey, body: bytes, headers: dict[str, str], said: tuple[int, tuple[str, ...]], since: int
-    ) -> bool:
-        """Stores unless not live, too big, or raced by an invalidation of one of its keys after `since`."""
-        max_age, surrogate_keys = said
+    def put(self, key: EdgeKey, body: bytes, headers: dict[str, str], said: Said) -> bool:
+        """Stores unless not live, too big, or older than an invalidation of one of its keys."""
         if not self._fits(len(body)):
             return False
-        if any(self.history.raced(surrogate, since) for surrogate in surrogate_keys):
+        if any(self.history.raced(surrogate, said.version) for surrogate in said.keys):
             return False
         now = self._clock()
-        self._store(key, EdgeEntry(body, headers, surrogate_keys, now, now + min(max_age, self.max_ttl)))
-        for surrogate in surrogate_keys:
+        self._store(key, EdgeEntry(body, headers, said.keys, now, now + min(said.max_age, self.max_ttl)))
+        for surrogate in said.keys:
             self._by_key.setdefault(surrogate, set()).add(key)
         return True
 
-    def invalidate(self, pattern: str) -> None:
-        """One streamed pattern: every entry with a surrogate key it matches goes."""
-        if pattern == "*":
-            self.clear()
-            return
-        self.history.record(pattern)
-        parsed = parse_pattern(pattern)
-        if parsed.kind == "exact":
-            gone = self._by_key.get(pattern, ())
+    def _drop(self, pattern: GlobPattern) -> None:
+        """Every entry with a surrogate key the pattern matches goes."""
+        if pattern.kind == "exact":
+            gone = self._by_key.get(pattern.text, ())
         else:
             # Bounded by max_entries' distinct keys: the cache is small by design.
-            gone = {key for surrogate, keys in self._by_key.items() if parsed.matches(surrogate) for key in keys}
+            gone = {key for surrogate, keys in self._by_key.items() if pattern.matches(surrogate) for key in keys}
         for key in list(gone):
             self._remove(key)
 
-    def clear(self) -> None:
-        super().clear()
+    def clear(self, at: int) -> None:
+        super().clear(at)
         self._by_key.clear()
 
     def _weight(self, entry: EdgeEntry) -> int:

@@ -154,7 +154,6 @@ class RestGateway:
                 if held is not None:
                     await held(scope, receive, send)
                     return
-            since = edge.cache.snapshot()
         call = handler.unary(message, timeout=self._timeout, metadata=metadata)
         try:
             reply = await call
@@ -164,13 +163,11 @@ class RestGateway:
         else:
             trailers = await call.trailing_metadata()
             response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
-            if edge is not None and handler.conditional:
-                edge.fill(edge_key, response, trailers, since)
-        if edge is not None and not handler.conditional:
-            # Whoever wrote through this gateway reads their write at once, without
-            # waiting for the stream's message (whether or not the call succeeded:
-            # one that timed out may still have written).
-            edge.cache.clear()
+            if edge is not None:
+                if handler.conditional:
+                    edge.fill(edge_key, response, trailers)
+                else:
+                    edge.written(trailers)
         add_rate_limit_headers(response, trailers)
         await response(scope, receive, send)
 

@@ -9,6 +9,7 @@ import pytest
 from devops_hub.v1 import agents_pb2
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from tests.support.cache import log_delivered
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import make_settings, new_agent, running_stack
 
@@ -41,6 +42,7 @@ async def test_create_get_update_delete(stack):
 async def test_read_after_write_is_never_stale(stack):
     """Reads are cached; every write invalidates what it made stale."""
     await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+    await log_delivered(stack.cache_stub, stack.agents.db)
     await stack.agents.relay.stop()  # it reads the database on a timer: only the reads below may count
     for round in range(2):
         before = stack.agents.db.query_count
@@ -299,6 +301,7 @@ async def test_a_list_is_one_query(stack):
     batch = [agents_pb2.CreateAgentRequest(agent=new_agent(i, capabilities=[f"cap{i}", "x"])) for i in range(200)]
     await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
     db = stack.agents.db
+    await log_delivered(stack.cache_stub, db)
     await stack.agents.relay.stop()  # it reads the database on a timer: only the reads below may count
     before = db.query_count
     page = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(page_size=200, capability="x"))

@@ -60,7 +60,8 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Ag
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> AgentsService:
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
-    agents = Agents(AgentRepository(db), cache, Outbox(db, cache, "agents"))
+    relay = build_relay(settings, db)
+    agents = Agents(AgentRepository(db), cache, Outbox(db, cache, relay, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)
@@ -80,7 +81,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         metrics_port=settings.agents_metrics_port,
         db=db,
         cache=cache,
-        relay=build_relay(settings, db),
+        relay=relay,
         runtimes=runtimes,
         access=access,
     )

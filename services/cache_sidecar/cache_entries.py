@@ -1,6 +1,6 @@
 """The cache sidecar's use case: validates what CacheService is asked, has the store
 do it, and tells the Watch streams about every invalidation once the store has
-applied it.
+applied it, numbered by the invalidation log (hub.py).
 
 The store does the work (memory, Redis, or Redis with fallback: this module cannot
 tell which); the hub fans invalidations out (hub.py).
@@ -21,10 +21,11 @@ from services.common.cache.keys import escape_key, key_problem
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
 MAX_BATCH = 1000
-# Log sequences must be exact in a double (the Redis store's Lua numbers).
+# Log positions must be exact in a double (the Redis store's Lua numbers).
 MAX_SEQUENCE = 2**53 - 1
 MAX_WATCH_PREFIXES = 100
-DEFAULT_HEARTBEAT_SECONDS = 5.0
+# Followers stop trusting a stream silent for a second (near_feed.py): four heartbeats.
+DEFAULT_HEARTBEAT_SECONDS = 0.25
 
 
 class CacheEntries:
@@ -45,8 +46,8 @@ class CacheEntries:
             raise invalid_fields([("key", problem)])
         lookup = await self._store.get(key)
         if lookup.entry is None:
-            return cache_pb2.CacheGetResponse(found=False, fill_token=lookup.fill_token)
-        return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), fill_token=lookup.fill_token)
+            return cache_pb2.CacheGetResponse(found=False, position=lookup.position)
+        return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), position=lookup.position)
 
     async def get_many(self, keys: Sequence[str]) -> cache_pb2.CacheGetManyResponse:
         if len(keys) > MAX_BATCH:
@@ -60,15 +61,14 @@ class CacheEntries:
     async def set(self, request: cache_pb2.CacheSetRequest) -> cache_pb2.CacheSetResponse:
         # The entry is REQUIRED: the request path refused a Set without one.
         violations = _ttl_violations(request.ttl_seconds) + self._entry_violations("entry", request.entry)
+        violations += _sequence_violations(("entry.version", request.entry.version))
         if violations:
             raise invalid_fields(violations)
         entry = request.entry
-        stored = await self._store.set(
-            entry.key, entry.value, entry.content_type, request.ttl_seconds, request.fill_token, entry.negative
-        )
-        if not request.fill_token:
+        stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, entry.version, entry.negative)
+        if not entry.version:
             # An overwrite, not a fill: near-caches may hold the value it replaces.
-            self._hub.publish(escape_key(entry.key))
+            self._publish_outside_log([escape_key(entry.key)])
         return cache_pb2.CacheSetResponse(stored=stored)
 
     async def set_many(self, request: cache_pb2.CacheSetManyRequest) -> cache_pb2.CacheSetManyResponse:
@@ -84,34 +84,39 @@ class CacheEntries:
         entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
         stored = await self._store.set_many(entries, request.ttl_seconds)
         if entries:
-            self._hub.publish(*(escape_key(entry.key) for entry in entries))
+            self._publish_outside_log([escape_key(entry.key) for entry in entries])
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
     async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
         problem = key_problem(key)
         if problem:
             raise invalid_fields([("key", problem)])
-        deleted = await self._store.delete(key)
-        self._hub.publish(escape_key(key))
+        try:
+            deleted = await self._store.delete(key)
+        finally:
+            self._publish_outside_log([escape_key(key)])
         return cache_pb2.CacheDeleteResponse(deleted=deleted)
 
     async def invalidate(self, request: cache_pb2.CacheInvalidateRequest) -> cache_pb2.CacheInvalidateResponse:
         named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
         named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
-        violations = _pattern_violations(named) + _sequence_violations(("sequence", request.sequence))
+        violations = _pattern_violations(named)
         if violations:
             raise invalid_fields(violations)
+        patterns = [pattern for _, pattern in named]
         try:
-            removed = await self._store.invalidate_many([pattern for _, pattern in named], request.sequence)
+            removed = await self._store.invalidate_many(patterns)
         finally:
             # Even if a store failure cut the list short: an extra invalidation only
             # costs near-caches a miss.
-            self._hub.publish(*(pattern for _, pattern in named))
+            self._publish_outside_log(patterns)
         return cache_pb2.CacheInvalidateResponse(removed=removed)
 
     async def clear(self) -> cache_pb2.CacheClearResponse:
-        removed = await self._store.clear()
-        self._hub.publish("*")
+        try:
+            removed = await self._store.clear()
+        finally:
+            self._publish_outside_log(["*"])
         return cache_pb2.CacheClearResponse(removed=removed)
 
     async def get_sync_state(self) -> cache_pb2.CacheSyncState:
@@ -124,16 +129,12 @@ class CacheEntries:
             violations.append(("through", f"must not be below after ({request.after}), got {request.through}"))
         if violations:
             raise invalid_fields(violations)
-        patterns = list(request.patterns)
-        try:
-            state = await self._store.sync(request.after, request.through, patterns, request.clear)
-        finally:
-            # Published even when the position check refused the Sync: the store may
-            # have applied some patterns already, and an extra one costs a miss.
-            if request.clear:
-                self._hub.publish("*")
-            elif patterns:
-                self._hub.publish(*patterns)
+        before = await self._store.sync_state()
+        state = await self._store.sync(request.after, request.through, list(request.patterns), request.clear)
+        if before.fresh or state.applied > before.applied:
+            # A store that was fresh vouched for nothing before: its followers start over.
+            patterns = ["*"] if before.fresh or request.clear else list(request.patterns)
+            self._hub.publish(request.after, request.through, patterns)
         return _sync_state(state)
 
     async def stats(self) -> cache_pb2.CacheStats:
@@ -153,11 +154,8 @@ class CacheEntries:
         watcher = self._hub.subscribe(prefixes)
         if watcher is None:
             raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
-        # The stream's own message count: a client that sees a gap in it missed a
-        # message (cache.proto, CacheInvalidation.sequence).
-        sent = 1
         try:
-            yield cache_pb2.CacheInvalidation(pattern="", sequence=sent)
+            yield _heartbeat(self._hub.position)
             while True:
                 if watcher.ended == "overflow":
                     raise Aborted("watch stream fell behind; clear the near-cache and resubscribe", reason="WATCH_OVERFLOW")
@@ -165,14 +163,19 @@ class CacheEntries:
                     raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
                 try:
                     async with asyncio.timeout(self._heartbeat_interval):
-                        patterns = await watcher.queue.get()
+                        message = await watcher.queue.get()
                 except TimeoutError:
-                    patterns = ("",)
-                if patterns is not None:
-                    sent += 1
-                    yield cache_pb2.CacheInvalidation(pattern=patterns[0], patterns=patterns[1:], sequence=sent)
+                    yield _heartbeat(self._hub.position)
+                    continue
+                if message is not None:
+                    after, through, patterns = message
+                    yield cache_pb2.CacheInvalidation(after=after, through=through, patterns=patterns)
         finally:
             self._hub.unsubscribe(watcher)
+
+    def _publish_outside_log(self, patterns: list[str]) -> None:
+        """Streams an invalidation that the log does not number (after == through)."""
+        self._hub.publish(self._hub.position, self._hub.position, patterns)
 
     def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
         violations = [
@@ -205,7 +208,11 @@ def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:
 
 
 def _sync_state(state: SyncState) -> cache_pb2.CacheSyncState:
-    return cache_pb2.CacheSyncState(applied=state.applied, ahead=state.ahead, fresh=state.fresh)
+    return cache_pb2.CacheSyncState(applied=state.applied, fresh=state.fresh)
+
+
+def _heartbeat(position: int) -> cache_pb2.CacheInvalidation:
+    return cache_pb2.CacheInvalidation(after=position, through=position)
 
 
 def _pattern_violations(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -223,7 +230,9 @@ def _sequence_violations(*named: tuple[str, int]) -> list[tuple[str, str]]:
 
 
 def _entry(key: str, value: Value) -> cache_pb2.CacheEntry:
-    return cache_pb2.CacheEntry(key=key, value=value.value, content_type=value.content_type, negative=value.negative)
+    return cache_pb2.CacheEntry(
+        key=key, value=value.value, content_type=value.content_type, negative=value.negative, version=value.version
+    )
 
 
 def _ttl_violations(ttl: float) -> list[tuple[str, str]]:

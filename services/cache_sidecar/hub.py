@@ -1,9 +1,13 @@
-"""Fan-out of invalidations to Watch streams (the near-caches in the clients).
+"""Fan-out of invalidations to Watch streams (the near-caches and edge caches).
+
+Every message carries the invalidation log's span it covers (after, through]: the
+stream is numbered by the log itself, so a follower that finds a message starting
+past its own position knows it missed one, whichever sidecar or path dropped it. The
+hub's position is the furthest `through` it has streamed; heartbeats carry it.
 
 A watcher that cannot keep up, and every watcher when the hub can no longer vouch
-for completeness (shutdown, or the cross-sidecar relay lost), is ended rather than
-silently skipped: an ended stream tells its client to clear its near-cache, while a
-skipped invalidation would leave it serving stale data.
+for completeness (shutdown, or the Pub/Sub subscription to the other sidecars lost), is ended rather than
+silently skipped: an ended stream tells its client to clear what it holds.
 """
 
 from __future__ import annotations
@@ -19,13 +23,17 @@ log = logging.getLogger(__name__)
 DEFAULT_WATCH_QUEUE = 1024
 
 
+# (after, through, patterns): the log span a message covers, and its patterns.
+Message = tuple[int, int, tuple[str, ...]]
+
+
 class Watcher:
     """One Watch stream's queue and filter. The queue holds what one call
     invalidated together; None only wakes the stream to look at `ended`."""
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
-        self.queue: asyncio.Queue[tuple[str, ...] | None] = asyncio.Queue(queue_size)
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(queue_size)
         # Why the stream must end ("overflow", "suspended" or "shutdown"); None while healthy.
         self.ended: str | None = None
 
@@ -58,7 +66,7 @@ class InvalidationHub:
 
     publish() is synchronous; each watcher has a bounded queue, and a watcher whose
     queue is full is ended rather than buffered without limit or allowed to stall
-    the writer. While suspended (no relay from the other sidecars yet, or shutting
+    the writer. While suspended (not subscribed to the other sidecars yet, or shutting
     down) the hub takes no watchers: a near-cache fed by an incomplete stream would
     serve stale data, and a client without one just reads through the sidecar.
     """
@@ -67,6 +75,7 @@ class InvalidationHub:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1: an unbounded queue is what this prevents")
         self._queue_size = queue_size
+        self.position = 0
         self._watchers: set[Watcher] = set()
         self._accepting = accepting
         self._closed = False
@@ -75,16 +84,21 @@ class InvalidationHub:
     def accepting(self) -> bool:
         return self._accepting and not self._closed
 
-    def publish(self, *patterns: str) -> None:
-        """Streams the patterns as one message (what one call invalidated goes
-        together, so a burst of keys costs a watcher one queue slot)."""
-        if not self._watchers or not patterns:
+    def publish(self, after: int, through: int, patterns: Sequence[str]) -> None:
+        """Streams the patterns of the log span (after, through] as one message (what
+        one call invalidated goes together, so a burst of keys costs a watcher one
+        queue slot). Patterns from outside the log come with after == through."""
+        self.position = max(self.position, through)
+        if not self._watchers:
             return
+        message = (after, through, tuple(patterns))
         for watcher in list(self._watchers):
-            if not watcher.wants(patterns):
+            # A message that moves the position goes to every watcher, even with
+            # patterns it does not want: its followers must learn the new position.
+            if after == through and not watcher.wants(message[2]):
                 continue
             try:
-                watcher.queue.put_nowait(patterns)
+                watcher.queue.put_nowait(message)
             except asyncio.QueueFull:
                 log.warning("cache watcher fell %d invalidations behind; ending its stream", self._queue_size)
                 self._watchers.discard(watcher)

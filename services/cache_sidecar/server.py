@@ -1,8 +1,8 @@
-"""Wiring for the cache sidecar: stores, invalidation hub and relay, servicer, gRPC host.
+"""Wiring for the cache sidecar: stores, invalidation hub and peers, servicer, gRPC host.
 
 Without REDIS_URL the store is memory only. With it, the store is Redis with a
-memory fallback, and a relay brings other sidecars' invalidations to this one's
-Watch streams.
+memory fallback, and a Pub/Sub listener brings other sidecars' invalidations to this
+one's Watch streams.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from services.cache_sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
 from services.cache_sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
 from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
-from services.cache_sidecar.relay import InvalidationRelay
+from services.cache_sidecar.peers import Peers
 from services.cache_sidecar.servicer import CacheServicer
 from services.cache_sidecar.stores import redis as redis_store
 from services.cache_sidecar.stores.fallback import FallbackStore
@@ -41,7 +41,7 @@ MAX_REDIS_TIMEOUT = 0.25
 
 @dataclasses.dataclass
 class CacheSidecar(GrpcProcess):
-    """A built sidecar: start() starts its stores and relay, then serves."""
+    """A built sidecar: start() starts its stores and peers, then serves."""
 
     host: GrpcHost
     metrics_port: int
@@ -52,17 +52,19 @@ class CacheSidecar(GrpcProcess):
     memory: MemoryStore
     access: Access
     cache_metrics: CacheMetrics
-    relay: InvalidationRelay | None = None
+    peers: Peers | None = None
 
     async def start_work(self) -> None:
         """The stores' upkeep (expiry; with Redis, its first check and the probes
-        while it fails) and the relay of other sidecars' invalidations."""
+        while it fails), the streams' starting position, and the listener of other
+        sidecars' invalidations."""
         if isinstance(self.store, FallbackStore):
             await self.store.start()
         else:
             self.store.start()
-        if self.relay is not None:
-            self.relay.start()
+        self.hub.position = (await self.store.sync_state()).applied
+        if self.peers is not None:
+            self.peers.start()
 
     async def end_streams(self) -> None:
         """Ends the Watch streams (their clients clear and resubscribe elsewhere) and
@@ -72,8 +74,8 @@ class CacheSidecar(GrpcProcess):
     async def close(self) -> None:
         self.hub.close()
         await self.access.close()
-        if self.relay is not None:
-            await self.relay.close()
+        if self.peers is not None:
+            await self.peers.close()
         await self.store.close()
 
     def refreshers(self) -> Sequence[Refresher]:
@@ -102,7 +104,7 @@ async def build(
         negative_ttl=min(negative_ttl, settings.cache_default_ttl),
     )
     memory_backend = MemoryBackend(memory)
-    relay = None
+    peers = None
     store: FallbackStore | MemoryBackend
     if settings.redis_url:
         timeout = min(redis_timeout or settings.redis_timeout, MAX_REDIS_TIMEOUT)
@@ -116,9 +118,10 @@ async def build(
         )
         store = FallbackStore(primary, memory_backend, memory_ttl=settings.cache_fallback_ttl)
         # A connection of its own: the store's pool is reset after an outage, and
-        # that must not cut the subscription (which would end every Watch stream).
-        relay_client = redis_store.connect(settings.redis_url, max_connections=1, timeout=timeout)
-        relay = InvalidationRelay(relay_client, primary.layout.channel, primary.origin, hub)
+        # that must not cut the subscription (which would end every Watch stream). In
+        # a Redis Cluster any node hears every PUBLISH: the first one named will do.
+        peers_url = settings.redis_url.replace("?cluster=true", "").replace("&cluster=true", "")
+        peers = Peers(redis_store.connect(peers_url, max_connections=1, timeout=timeout), primary.layout.channel, primary.origin, hub)
         log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
                  settings.redis_max_connections, timeout * 1000)
     else:
@@ -145,7 +148,7 @@ async def build(
         memory=memory,
         access=access,
         cache_metrics=cache_metrics,
-        relay=relay,
+        peers=peers,
     )
 
 

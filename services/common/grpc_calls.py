@@ -113,8 +113,8 @@ def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | 
         started = time.perf_counter()
         failure: BaseException | None = None
         trailers: Metadata = ()
-        # A cacheable answer names the cache keys it was read from (surrogate_keys.py).
-        reads = surrogate_keys.start() if fresh else None
+        # An answer names the cache keys it was read from, or what it made stale (surrogate_keys.py).
+        reads = surrogate_keys.start()
         try:
             if guard is not None:
                 trailers = await guard(method, context_)
@@ -125,14 +125,12 @@ def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | 
             await _abort_if_translatable(context_, exc, method, trailers)
             raise
         else:
-            if reads is not None:
-                trailers = (*trailers, *fresh, *surrogate_keys.metadata(reads))
+            trailers = (*trailers, *fresh, *surrogate_keys.metadata(reads, cacheable=bool(fresh)))
             if trailers:
                 context_.set_trailing_metadata(trailers)
             return reply
         finally:
-            if reads is not None:
-                surrogate_keys.stop(reads)
+            surrogate_keys.stop(reads)
             stats.observe(outcome(failure, context_), time.perf_counter() - started)
 
     return handle

@@ -1,17 +1,19 @@
-"""The relay: delivers the invalidation log to the cache, whatever the fast path lost.
+"""The relay: the one route by which the invalidation log reaches the cache.
 
-Every write tells the cache what it made stale right after its commit (outbox.py);
-that call is lost when the sidecar is down, or the process dies before it. The log
-is durable, and the cache knows its position in it (CacheService.GetSyncState), so
-every process that writes runs a relay which, every RELAY_INTERVAL:
+Every write appends what it made stale to the log in its own transaction (outbox.py),
+then applies it to its own process's layers and nudges this relay, which Syncs the
+sidecar: at once, with the write's own entry when the sidecar's position is just
+before it (no database read), else with the entries after the sidecar's position,
+read from the log. The sidecar streams each Sync to every other layer (near-caches,
+edge caches), numbered by the log. Whatever a Sync misses (the sidecar down, frozen,
+restarted, or this process dying first) the next round mends: every process that
+writes runs a relay, and every RELAY_INTERVAL each reads the cache's position and the
+log's head:
 
-- asks the cache for its position (nothing to do while it cannot be reached, or
-  answers UNIMPLEMENTED: a sidecar without the log's RPCs);
 - a fresh cache (no position: new, or emptied) is given the log's head, read after
   its state, with no patterns: it held nothing that any entry up to the head could
-  make stale, and every fill after that Sync was loaded after those entries;
-- a cache behind the log is sent the patterns of the entries it missed (Sync), once
-  they have been in the log for a whole interval, so the fast path is not raced;
+  make stale, and every fill after that Sync was read after those entries;
+- a cache behind the log is sent the patterns of the entries it missed;
 - a cache behind entries that were pruned already (older than
   INVALIDATION_LOG_RETENTION) is told to clear itself.
 
@@ -25,11 +27,15 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 
+import grpc
 from devops_hub.v1 import cache_pb2
+from google.protobuf import empty_pb2
 
 from services.common.background import cancel_and_wait, spawn
-from services.common.cache.client import CacheClient
+from services.common.cache.transport import CACHE_SERVICE, SidecarTransport
+from services.common.channels import service_address
 from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.errors import Unavailable
@@ -48,21 +54,23 @@ class InvalidationRelay:
     def __init__(
         self,
         invalidation_log: InvalidationLog,
-        cache: CacheClient,
+        transport: SidecarTransport,
         *,
         interval: float,
         retention: float,
     ) -> None:
         self._log = invalidation_log
-        self._cache = cache
+        self._transport = transport
         self._interval = interval
         self._retention = retention
         # Pruning is cheap but needs no haste: a few times per retention period.
         self._prune_every = max(1.0, min(60.0, retention / 4))
         self._next_prune = 0.0
-        # The log's head one round ago: entries up to it had a whole interval to be
-        # applied by the fast path.
-        self._previous_head = 0
+        # The cache's position as its last answer gave it (None: unknown).
+        self._applied: int | None = None
+        # This process's writes not yet known applied: log position -> patterns.
+        self._pending: dict[int, Sequence[str]] = {}
+        self._nudged = asyncio.Event()
         self._condition = ""
         self._task: asyncio.Task[None] | None = None
 
@@ -71,14 +79,21 @@ class InvalidationRelay:
             self._task = spawn(self._run(), name="invalidation-relay", essential=True)
 
     async def stop(self) -> None:
-        """Stops the rounds for good and closes the relay's cache client."""
+        """Stops the rounds for good and closes the relay's channel."""
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
-        await self._cache.close()
+        await self._transport.close()
+
+    def nudge(self, position: int, patterns: Sequence[str]) -> None:
+        """A write of this process committed at `position`: send it now."""
+        self._pending[position] = patterns
+        self._nudged.set()
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the round, so a nudge during it starts the next at once.
+            self._nudged.clear()
             try:
                 again = await self._relay()
                 await self._prune_when_due()
@@ -88,27 +103,26 @@ class InvalidationRelay:
             except Exception:  # noqa: BLE001 - a round that fails is tried again
                 self._note("failing", logging.WARNING, "invalidation relay: a round failed; retrying", exc_info=True)
                 again = False
-            if not again:
-                await asyncio.sleep(self._interval)
+            if again:
+                continue
+            try:
+                await asyncio.wait_for(self._nudged.wait(), self._interval)
+            except TimeoutError:
+                self._applied = None  # read the position again: another relay may have moved it
 
     async def _relay(self) -> bool:
         """One round; True when the cache is still behind and the next round should
         follow at once."""
-        state = await self._cache.sync_state()
+        if self._pending and self._applied is not None and await self._send_own():
+            return bool(self._pending)
+        state = await self._state()
         if state is None:
-            self._note(
-                "unreachable",
-                logging.WARNING,
-                "invalidation relay: the cache sidecar cannot be reached or does not know the log (GetSyncState);"
-                " entries will be sent once it can",
-            )
             return False
         head = await self._log.head()
         if state.fresh:
             if await self._sync(0, head, [], clear=False) is not None:
                 log.info("invalidation relay: the cache had no position; it starts at the log's head %d", head)
             return False
-        previous, self._previous_head = self._previous_head, head
         if head < state.applied:
             self._note(
                 "beyond",
@@ -119,31 +133,59 @@ class InvalidationRelay:
                 head,
             )
             return False
-        target = min(head, previous)
-        if target <= state.applied:
+        if head == state.applied:
             self._note("in step", logging.INFO, "invalidation relay: the cache is in step with the log (entry %d)", head)
             return False
+        return await self._catch_up(state.applied, head)
+
+    async def _send_own(self) -> bool:
+        """The fast path: this process's own writes, when they continue the cache's
+        position, without reading the log. False when they do not."""
+        assert self._applied is not None
+        positions = sorted(p for p in self._pending if p > self._applied)
+        for p in [p for p in self._pending if p <= self._applied]:
+            del self._pending[p]
+        if not positions:
+            return True
+        if positions != list(range(self._applied + 1, positions[-1] + 1)):
+            return False
+        patterns = list(dict.fromkeys(pattern for p in positions for pattern in self._pending[p]))
+        if len(patterns) > MAX_PATTERNS_PER_SYNC:
+            return False
+        return await self._sync(self._applied, positions[-1], patterns, clear=False) is not None
+
+    async def _state(self) -> cache_pb2.CacheSyncState | None:
+        state: cache_pb2.CacheSyncState | None
+        state, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
+        if state is None:
+            self._note(
+                "unreachable",
+                logging.WARNING,
+                "invalidation relay: the cache sidecar cannot be reached or does not know the log (GetSyncState);"
+                " entries will be sent once it can",
+            )
+            self._applied = None
+            return None
+        self._applied = None if state.fresh else state.applied
+        return state
+
+    async def _catch_up(self, applied: int, head: int) -> bool:
         self._note(
             "behind",
             logging.INFO,
             "invalidation relay: the cache missed log entries after %d (the log is at %d); sending them",
-            state.applied,
+            applied,
             head,
         )
-        return await self._catch_up(state, target)
-
-    async def _catch_up(self, state: cache_pb2.CacheSyncState, target: int) -> bool:
-        applied = state.applied
         if await self._log.oldest() > applied + 1:
             # What the pruned entries invalidated is unknown: the cache empties itself.
-            if await self._sync(applied, target, [], clear=True) is not None:
+            if await self._sync(applied, head, [], clear=True) is not None:
                 log.warning("invalidation relay: entries after %d were pruned; the cache was cleared", applied)
             return False
-        entries = [entry for entry in await self._log.entries_after(applied, BATCH) if entry.seq <= target]
+        entries = [entry for entry in await self._log.entries_after(applied, BATCH) if entry.seq <= head]
         if not entries:
             return False
-        skip = set(state.ahead)
-        patterns = list(dict.fromkeys(p for entry in entries if entry.seq not in skip for p in entry.patterns))
+        patterns = list(dict.fromkeys(p for entry in entries for p in entry.patterns))
         through = entries[-1].seq
         # Every call but the last keeps the position where it is: it moves only once
         # all the patterns were applied.
@@ -151,14 +193,23 @@ class InvalidationRelay:
         for i, chunk in enumerate(chunks):
             if await self._sync(applied, through if i == len(chunks) - 1 else applied, chunk, clear=False) is None:
                 return False
-        return through < target
+        return through < head
 
     async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool) -> cache_pb2.CacheSyncState | None:
-        state, code = await self._cache.sync(after, through, patterns, clear=clear)
+        request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
+        state: cache_pb2.CacheSyncState | None
+        state, code = await self._transport.call("Sync", request, respect_backoff=False)
         if state is None:
-            # FAILED_PRECONDITION: the position moved back meanwhile; the next round
+            # FAILED_PRECONDITION: the position is not where this relay thought; it
             # reads it again. Anything else: the sidecar went away.
             log.debug("invalidation relay: Sync(%d, %d] answered %s", after, through, code.name if code else "?")
+            self._applied = None
+            if code not in (grpc.StatusCode.FAILED_PRECONDITION, None):
+                self._note("unreachable", logging.WARNING, "invalidation relay: the cache sidecar cannot be reached; retrying")
+            return None
+        self._applied = None if state.fresh else state.applied
+        for p in [p for p in self._pending if self._applied is not None and p <= self._applied]:
+            del self._pending[p]
         return state
 
     async def _prune_when_due(self) -> None:
@@ -183,10 +234,12 @@ class InvalidationRelay:
 def build_relay(settings: Settings, db: Database) -> InvalidationRelay:
     """The relay of a service that writes to `db`, as the settings configure it.
 
-    It has a cache client of its own, without a near-cache: its polls neither open a
-    Watch stream nor mix their failures into the request path's backoff and logs.
+    It has a channel of its own: its calls neither wait behind the request path's nor
+    mix their failures into its backoff and logs.
     """
-    cache = CacheClient.from_settings(settings.replace(cache_near_size=0))
+    transport = SidecarTransport(
+        service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key
+    )
     return InvalidationRelay(
-        InvalidationLog(db), cache, interval=settings.relay_interval, retention=settings.invalidation_log_retention
+        InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention
     )

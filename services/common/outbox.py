@@ -4,9 +4,10 @@ A use case opens `Outbox.write()`, runs its repositories' statements on the
 transaction it is given, and records the events and cache patterns the write
 causes. They are appended in the same transaction (the invalidation log entry
 last, see invalidation_log.py), so a write that commits always has its event and
-its log entry, and one that rolls back has neither. After the commit the patterns
-go to the cache at once (the fast path); if that fails, or the process dies first,
-the relay (invalidation_relay.py) delivers the log entry later.
+its log entry, and one that rolls back has neither. After the commit, before the
+write is acknowledged, this process stops serving what it made stale (read-your-
+writes here), the answer names it for the gateway's edge cache, and the relay
+(invalidation_relay.py) takes the entry to the cache: the one route.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common import surrogate_keys
 from services.common.cache.client import CacheClient
 from services.common.clock import utc_now
 from services.common.db import Database
 from services.common.db.database import Executor
 from services.common.event_repository import EventRepository, NewEvent
 from services.common.invalidation_log import InvalidationLog
+from services.common.invalidation_relay import InvalidationRelay
 
 
 @dataclass
@@ -45,9 +48,10 @@ class Write:
 
 
 class Outbox:
-    def __init__(self, db: Database, cache: CacheClient, source: str) -> None:
+    def __init__(self, db: Database, cache: CacheClient, relay: InvalidationRelay, source: str) -> None:
         self._db = db
         self._cache = cache
+        self._relay = relay
         self._source = source
         self._events = EventRepository(db)
         self._log = InvalidationLog(db)
@@ -65,4 +69,6 @@ class Outbox:
             patterns = list(write.patterns)
             sequence = await self._log.append(tx, patterns, write.time) if patterns else 0
         if patterns:
-            await self._cache.invalidate(*patterns, sequence=sequence)
+            self._cache.committed(sequence, patterns)
+            surrogate_keys.note_write(sequence, patterns)
+            self._relay.nudge(sequence, patterns)

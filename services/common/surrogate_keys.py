@@ -1,49 +1,70 @@
-"""The cache keys a cacheable call's answer was built from, said back as `surrogate-key`.
+"""What an answer tells the caches downstream of it (the gateway's edge cache), as
+CDNs learn it from Surrogate-Key headers.
 
-While a cacheable call runs (the call wrapper start()s it), every read through
-the cache client (CacheClient.load) notes its key here. The answer then carries them
-as `surrogate-key` trailing metadata beside its `cache-control`, so a cache
-downstream (the gateway's edge cache) knows which invalidations must drop it, as CDNs
-purge by Surrogate-Key. A read under no-cache counts (it refills the cache, and
-the key's invalidations follow); a read that bypassed the cache because the key's
-invalidation is still pending spoils the call: its answer says no keys, and nobody
-downstream may keep it.
+A cacheable read's answer says which cache keys it was built from (`surrogate-key`)
+and the oldest version among them (`cache-version`: the invalidation log position it
+was read at), so an edge cache keeps it only if none of those keys was invalidated
+after that position, and drops it when one is. A write's answer says what it made
+stale (`cache-invalidated`: its log position and patterns), so the gateway it went
+through drops those answers at once: whoever wrote reads their write.
+
+While a call runs (the call wrapper start()s it), every read through the cache client
+(CacheClient.load) notes its key and version here, and the outbox notes a write. A
+key that cannot travel in metadata spoils the read: its answer says no keys, and
+nobody downstream may keep it.
 """
 
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Sequence
 
 SURROGATE_KEY = "surrogate-key"
+CACHE_VERSION = "cache-version"
+CACHE_INVALIDATED = "cache-invalidated"
+# Past this, a write's answer says "*" instead of its patterns (a batch of a thousand
+# agents): gRPC refuses metadata over 16 KiB, and dropping everything is then cheaper.
+MAX_SAID_BYTES = 8192
 
 
 class Reads:
-    """The cache keys one call read through the cache, and whether any read went past it."""
+    """The cache keys one call read through the cache, their oldest version, whether any
+    read cannot be named, and the write it made, if any."""
 
-    __slots__ = ("keys", "spoiled", "_token")
+    __slots__ = ("keys", "version", "spoiled", "written", "_token")
 
     def __init__(self) -> None:
         self.keys: dict[str, None] = {}
+        self.version: int | None = None
         self.spoiled = False
+        self.written: tuple[int, Sequence[str]] | None = None
         self._token: contextvars.Token[Reads | None] | None = None
 
 
 _CURRENT: contextvars.ContextVar[Reads | None] = contextvars.ContextVar("surrogate_keys", default=None)
 
 
-def note_read(key: str, *, cached: bool) -> None:
-    """One read of the current call: through the cache (`cached`), or past it."""
+def note_read(key: str, version: int) -> None:
+    """One read of the current call, of a value read at log position `version`."""
     reads = _CURRENT.get()
     if reads is None:
         return
-    if not cached or " " in key or not (key.isascii() and key.isprintable()):
+    if " " in key or not (key.isascii() and key.isprintable()):
         reads.spoiled = True
     else:
         reads.keys[key] = None
+        reads.version = version if reads.version is None else min(reads.version, version)
+
+
+def note_write(position: int, patterns: Sequence[str]) -> None:
+    """The current call committed a write at log position `position`."""
+    reads = _CURRENT.get()
+    if reads is not None:
+        reads.written = (position, patterns)
 
 
 def start() -> Reads:
-    """From now on, in this context, cached reads are noted; stop() ends it."""
+    """From now on, in this context, cached reads and writes are noted; stop() ends it."""
     reads = Reads()
     reads._token = _CURRENT.set(reads)
     return reads
@@ -55,8 +76,16 @@ def stop(reads: Reads) -> None:
         reads._token = None
 
 
-def metadata(reads: Reads) -> tuple[tuple[str, str], ...]:
-    """The `surrogate-key` entry for the reads noted, or none when the answer must not be cached."""
-    if reads.spoiled or not reads.keys:
-        return ()
-    return ((SURROGATE_KEY, " ".join(reads.keys)),)
+def metadata(reads: Reads, *, cacheable: bool) -> tuple[tuple[str, str], ...]:
+    """What the answer tells downstream caches: the keys and version of a cacheable
+    read that may be kept, the log position and patterns of a write."""
+    said: tuple[tuple[str, str], ...] = ()
+    if cacheable and not reads.spoiled and reads.keys and reads.version is not None:
+        said = ((SURROGATE_KEY, " ".join(reads.keys)), (CACHE_VERSION, str(reads.version)))
+    if reads.written is not None:
+        position, patterns = reads.written
+        text = " ".join(patterns)
+        if len(text) > MAX_SAID_BYTES or not all(" " not in p and p.isascii() and p.isprintable() for p in patterns):
+            text = "*"
+        said += ((CACHE_INVALIDATED, f"{position} {text}"),)
+    return said

@@ -93,7 +93,8 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )
-    workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, "workflows"))
+    relay = build_relay(settings, db)
+    workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, relay, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
     access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))
     host = GrpcHost(
@@ -111,7 +112,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         feed=feed,
         pruner=pruner,
         cache=cache,
-        relay=build_relay(settings, db),
+        relay=relay,
         agents_channel=agents_channel,
         access=access,
     )

@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
-from google.protobuf import wrappers_pb2
+from google.protobuf import empty_pb2, wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.cache_sidecar.server import CacheSidecar, build
 from services.common.cache.codecs import protobuf_content_type
+from services.common.db import Database as Db
+from services.common.invalidation_log import InvalidationLog
 from services.common.process import running
 from services.common.settings import Settings
+from tests.support import eventually
 
 STRING_TYPE = protobuf_content_type("google.protobuf.StringValue")
 READ_TIMEOUT = 5.0
@@ -76,6 +79,18 @@ async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         return await stub.Sync(cache_pb2.CacheSyncRequest(after=0, through=0), timeout=READ_TIMEOUT)
+
+
+async def log_delivered(cache_stub: cache_pb2_grpc.CacheServiceStub, db: Db) -> None:
+    """Waits until the sidecar has applied the invalidation log through its head: the
+    relays' route has delivered every write so far."""
+    head = await InvalidationLog(db).head()
+
+    async def caught_up() -> bool:
+        state = await cache_stub.GetSyncState(empty_pb2.Empty(), timeout=READ_TIMEOUT)
+        return not state.fresh and state.applied >= head
+
+    await eventually(caught_up, f"the sidecar applies the log through {head}")
 
 
 @pytest.fixture(params=["memory", "redis"])

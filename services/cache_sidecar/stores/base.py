@@ -3,12 +3,12 @@
 A store is async because the Redis store talks to a network; the memory store is
 synchronous underneath (see memory.py for why) and wrapped to fit.
 
-Fill tokens: a Get that misses hands out a token (none while the store is fresh, see
-position.py); a Set carrying it is dropped when the key was invalidated in between,
-so a value loaded before a write never lands after that write's invalidation. Each
-store issues its own kind, told apart by the top bit, so a token can never be
-honoured by a store that did not issue it (the fallback store relies on this when it
-switches backends between a Get and its Set).
+Versions: every value carries the invalidation log's position it was read at. A Get
+that misses answers the store's position (0 while fresh, see position.py); the fill
+carries it, and a store refuses a fill of a key it invalidated after that position,
+so a value loaded before a write never lands after that write's invalidation. The
+log's sequence numbers are the only ordering number: whichever store served the Get,
+any store can check the fill.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ EVICTION_REASONS = ("size", "bytes", "ttl")
 # client inventing namespaces cannot grow the stats without bound.
 MAX_TRACKED_NAMESPACES = 256
 OTHER_NAMESPACE = "(other)"
-# Set on Redis lease tokens, never on memory tokens (which start at the wall clock in
-# nanoseconds, below 2**62 until the year 2116).
-REDIS_TOKEN_BIT = 1 << 63
 # TTLs are spread by ±10% so entries filled together do not all expire (and reload)
 # in the same instant.
 TTL_JITTER = 0.1
@@ -64,20 +61,25 @@ class Value(Protocol):
     @property
     def negative(self) -> bool: ...
 
+    @property
+    def version(self) -> int: ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Found:
     value: bytes
     content_type: str
     negative: bool = False
+    version: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lookup:
-    """A Get's answer: the entry (None on a miss) and the token for a later fill."""
+    """A Get's answer: the entry (None on a miss) and the store's position, which a
+    fill of the miss carries as its version (0: the store is fresh, do not fill)."""
 
     entry: Value | None
-    fill_token: int
+    position: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,17 +169,19 @@ class Store(Protocol):
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]: ...
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, fill_token: int = 0, negative: bool = False
-    ) -> bool: ...
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
+    ) -> bool:
+        """A fill (version > 0: refused if the key was invalidated after it, or holds a
+        newer version) or an overwrite (version 0: stored at the store's position)."""
+        ...
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int: ...
 
     async def delete(self, key: str) -> bool: ...
 
-    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
-        """Removes what the patterns match, then records log entry `sequence` (0:
-        none) as applied: only once every pattern is applied, since a position that
-        ran ahead of its patterns would tell the relays not to send them again."""
+    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+        """Removes what the patterns match: an invalidation from outside the log,
+        versioned as the log's next entry."""
         ...
 
     async def clear(self) -> int: ...
@@ -187,8 +191,8 @@ class Store(Protocol):
     async def sync_state(self) -> SyncState: ...
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the patterns (or clears) and moves the position to `through`;
-        FailedPrecondition when the position is below `after`."""
+        """Applies the patterns (or clears), versioned `through`, and moves the position
+        there; FailedPrecondition when the position is below `after`."""
         ...
 
     async def stats(self) -> StoreStats: ...

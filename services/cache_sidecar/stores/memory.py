@@ -1,9 +1,9 @@
 """The in-process store: an LRU bounded by entries and bytes, with TTLs, negative
-entries, O(1) prefix invalidation, glob invalidation and fill tokens.
+entries, O(1) prefix invalidation, glob invalidation and versioned fills.
 
 MemoryStore is synchronous on purpose. The sidecar runs one event loop, so a method
 that never awaits is atomic: an invalidation and the fills it races with cannot
-interleave half-way, which is what makes the fill-token check simple and exact.
+interleave half-way, which is what makes the version check simple and exact.
 MemoryBackend wraps it in the async Store interface.
 
 Keys live in a tree of prefix levels ("agents:" → "agents:get:"; see keys.py). A
@@ -40,7 +40,7 @@ from services.common.background import cancel_and_wait
 from services.common.cache.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
 from services.common.errors import invalid_fields
 
-# Invalidation records kept for fill-token checks; older tokens are refused.
+# Invalidations remembered for fill checks; a fill older than all of them is refused.
 DEFAULT_HISTORY = 4096
 # Dead entries reclaimed per write: more than one, so reclaiming outpaces filling.
 SWEEP_PER_WRITE = 8
@@ -72,6 +72,7 @@ class Entry:
     size: int
     node: _Node
     negative: bool = False
+    version: int = 0
 
     @property
     def alive(self) -> bool:
@@ -87,13 +88,12 @@ class Entry:
 class MemoryStore:
     """O(1) get/set/evict over an OrderedDict kept in LRU order (oldest first).
 
-    Fill tokens: every Delete/Invalidate/Clear bumps `sequence` and is remembered in a
-    bounded history. A Get hands out the current sequence; a Set carrying it is dropped
-    when a later record matches its key. Tokens older than the history (or from
-    another sidecar process: sequences start at the wall clock in nanoseconds, so an
-    earlier process's tokens are always smaller) cannot be checked and are refused.
-    While the store is fresh (no position in the invalidation log, see position.py)
-    it hands out no tokens and refuses every fill that carries one.
+    Versions: every invalidation is remembered, in a bounded history, at the log
+    position it was applied as (a Sync's `through`; the current position for one from
+    outside the log). A fill of version v is refused when a later record matches its
+    key, when v is older than the history (its floor), or when the key holds a newer
+    version. While the store is fresh (no position, see position.py) it refuses every
+    fill.
     """
 
     def __init__(
@@ -107,7 +107,6 @@ class MemoryStore:
         history: int = DEFAULT_HISTORY,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
-        initial_sequence: int | None = None,
     ) -> None:
         negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
         if max_entries < 1 or max_bytes < 1 or default_ttl <= 0 or negative_ttl <= 0 or history < 1:
@@ -130,10 +129,8 @@ class MemoryStore:
         # Bytes held, live or dead: what max_bytes bounds.
         self._bytes = 0
 
-        start = time.time_ns() if initial_sequence is None else initial_sequence
-        self._sequence = start
-        # Tokens below the floor predate what the history can vouch for.
-        self._floor = start
+        # Fills below the floor predate what the history can vouch for.
+        self._floor = 0
         self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
         self._history_limit = history
         self.position = SyncPosition()
@@ -144,10 +141,9 @@ class MemoryStore:
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
 
     @property
-    def fill_token(self) -> int:
-        """What a Get that misses hands out: the current invalidation sequence, or 0
-        (no fill) while the store is fresh."""
-        return 0 if self.position.fresh else self._sequence
+    def fill_position(self) -> int:
+        """What a Get that misses answers: the store's position, or 0 (no fill) while fresh."""
+        return 0 if self.position.fresh else self.position.applied
 
     @property
     def held(self) -> tuple[int, int]:
@@ -188,10 +184,11 @@ class MemoryStore:
         value: bytes,
         content_type: str,
         ttl: float = 0.0,
-        fill_token: int = 0,
+        version: int = 0,
         negative: bool = False,
     ) -> bool:
-        """Stores the entry; False when fill_token shows the fill raced an invalidation.
+        """Stores the entry; False when the fill (version > 0) raced an invalidation or
+        the key holds a newer version. Version 0 overwrites, at the store's position.
 
         ttl <= 0 means the default TTL; a negative entry (a cached "not found", whose
         value must be empty) lives at most negative_ttl. Raises InvalidArgument for an
@@ -202,7 +199,7 @@ class MemoryStore:
             violations.append(("value", "must be empty for a negative entry"))
         if violations:
             raise invalid_fields(violations)
-        if fill_token and (self.position.fresh or self._is_stale(key, fill_token)):
+        if version and self._refuses(key, version):
             return False
         now = self._clock()
         self._expire_due(now)
@@ -216,7 +213,8 @@ class MemoryStore:
         if old is not None:
             self._drop(key, old, None)
         node = self._node_for(key)
-        entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative)
+        version = version or self.position.applied
+        entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative, version)
         self._entries[key] = entry
         node.keys.add(key)
         self._bytes += entry.size
@@ -230,10 +228,10 @@ class MemoryStore:
         self._evict_to_fit()
         return True
 
-    def delete(self, key: str) -> bool:
-        """Removes one key; recorded even when absent, because a near-cache or an
-        in-flight fill may still hold it."""
-        self._record(key.__eq__)
+    def delete(self, key: str, at: int | None = None) -> bool:
+        """Removes one key; recorded even when absent, because an in-flight fill may
+        still hold it. `at`: the log position it is recorded at (default: the current)."""
+        self._record(key.__eq__, at)
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
@@ -241,14 +239,15 @@ class MemoryStore:
         self._drop(key, entry, None)
         return alive
 
-    def invalidate(self, pattern: str) -> int:
-        """Removes every key matching the glob; returns how many live entries went."""
+    def invalidate(self, pattern: str, at: int | None = None) -> int:
+        """Removes every key matching the glob; returns how many live entries went.
+        `at`: the log position it is recorded at (default: the current one)."""
         parsed = parse_pattern(pattern)
         if parsed.kind == "exact":
-            return int(self.delete(pattern))
+            return int(self.delete(pattern, at))
         if parsed.text == "*":
-            return self.clear()
-        self._record(parsed.matches)
+            return self.clear(at)
+        self._record(parsed.matches, at)
         level = parsed.level
         if level is not None:
             return self._detach(level)
@@ -260,12 +259,11 @@ class MemoryStore:
             removed += 1
         return removed
 
-    def clear(self) -> int:
-        """Removes everything. Every outstanding fill token becomes stale at once, so
-        the history can be dropped instead of holding a match-all record."""
+    def clear(self, at: int | None = None) -> int:
+        """Removes everything. Every fill read before it is refused: the floor moves up,
+        so the history can be dropped instead of holding a match-all record."""
         removed = self._root.entries
-        self._sequence += 1
-        self._floor = self._sequence
+        self._floor = max(self._floor, self._recorded_at(at))
         self._history.clear()
         self._invalidations += 1
         self._entries.clear()
@@ -287,12 +285,18 @@ class MemoryStore:
         when the log no longer holds them. FailedPrecondition when the position is
         below `after` (the patterns would not cover what lies between)."""
         self.position.check(after)
-        if clear:
-            self.clear()
+        if self.position.fresh:
+            # Nothing it holds can be vouched for, and no fill read before `through` may land.
+            self.clear(through)
+        elif through <= self.position.applied:
+            return self.position.state()  # another relay's Sync covered it already
+        elif clear:
+            self.clear(through)
         else:
             for pattern in patterns:
-                self.invalidate(pattern)
-        return self.position.sync(through)
+                self.invalidate(pattern, through)
+        self.position.advance(through)
+        return self.position.state()
 
     def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
         """Reclaims expired and invalidated entries (at most `budget` of the latter);
@@ -458,20 +462,28 @@ class MemoryStore:
                 del self._entries[key]
                 self._drop(key, entry, "ttl")
 
-    def _record(self, matches: Callable[[str], bool]) -> None:
-        self._sequence += 1
-        self._history.append((self._sequence, matches))
+    def _recorded_at(self, at: int | None) -> int:
+        """An invalidation from the log is recorded at its entry; one from outside it at
+        the current position: it refuses fills read before that, but is not ordered
+        against a fill read at it (only the log orders)."""
+        return self.position.applied if at is None else at
+
+    def _record(self, matches: Callable[[str], bool], at: int | None) -> None:
+        self._history.append((self._recorded_at(at), matches))
         if len(self._history) > self._history_limit:
             dropped, _ = self._history.popleft()
-            self._floor = dropped
+            self._floor = max(self._floor, dropped)
         self._invalidations += 1
 
-    def _is_stale(self, key: str, token: int) -> bool:
-        if token < self._floor or token > self._sequence:
+    def _refuses(self, key: str, version: int) -> bool:
+        if self.position.fresh or version < self._floor:
             return True
-        # Newest first: only records issued after the token matter.
-        for sequence, matches in reversed(self._history):
-            if sequence <= token:
+        held = self._entries.get(key)
+        if held is not None and held.version > version and held.alive:
+            return True
+        # Only records after the fill's version matter; the history is in order.
+        for recorded, matches in reversed(self._history):
+            if recorded <= version:
                 return False
             if matches(key):
                 return True
@@ -499,9 +511,7 @@ class MemoryBackend:
             self.store.maintain()
 
     async def get(self, key: str) -> Lookup:
-        # The token is read first: a fill is checked against everything after it.
-        token = self.store.fill_token
-        return Lookup(self.store.get(key), token)
+        return Lookup(self.store.get(key), self.store.fill_position)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
         found: dict[str, Value] = {}
@@ -512,9 +522,9 @@ class MemoryBackend:
         return found
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, fill_token: int = 0, negative: bool = False
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
     ) -> bool:
-        return self.store.set(key, value, content_type, ttl, fill_token, negative)
+        return self.store.set(key, value, content_type, ttl, version, negative)
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
         return sum(self.store.set(e.key, e.value, e.content_type, ttl, 0, e.negative) for e in entries)
@@ -522,15 +532,8 @@ class MemoryBackend:
     async def delete(self, key: str) -> bool:
         return self.store.delete(key)
 
-    async def invalidate(self, pattern: str) -> int:
-        return self.store.invalidate(pattern)
-
-    async def invalidate_many(self, patterns: Sequence[str], sequence: int = 0) -> int:
-        # No await in between: the position moves in the same step as the patterns.
-        removed = sum(self.store.invalidate(pattern) for pattern in patterns)
-        if sequence:
-            self.store.position.record(sequence)
-        return removed
+    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+        return sum(self.store.invalidate(pattern) for pattern in patterns)
 
     async def clear(self) -> int:
         return self.store.clear()

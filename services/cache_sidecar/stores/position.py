@@ -1,17 +1,18 @@
-"""A cache's position in the services' invalidation log (cache.proto, CacheSyncState).
+"""A store's position in the invalidation log: the cache's one clock (docs/cache.md).
 
-The services append every invalidation to a durable log in the transaction of the
-write that causes it; each log entry has a sequence number. A cache records which
-entries it has applied, so the services' relays can send it exactly what it missed:
+Every write appends its invalidations to the log (table cache_invalidations) in its
+own transaction; entries commit in sequence order. A store records how far it has
+applied that log:
 
     applied   every entry up to and including it has been applied
-    ahead     entries after `applied` applied out of order (an immediate invalidation
-              that overtook an earlier one), at most MAX_AHEAD, lowest dropped first
-    fresh     no position at all: the cache is new or lost its data, and cannot say
+    fresh     no position at all: the store is new or lost its data and cannot say
               which entries it missed. It refuses fills until a Sync gives it one.
 
-These are the rules for the memory store; the Redis store keeps the same ones in Lua
-(redis_position.py), atomically for every sidecar sharing that Redis.
+The services' relays send the entries after `applied` (CacheService.Sync); a Sync
+that would skip entries is refused with the store's position, and one that arrives
+after another relay's Sync covered it applies nothing new. The memory store keeps
+this in the process; the Redis store keeps the same two values in Redis, shared by
+every sidecar on it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,10 @@ import dataclasses
 
 from services.common.errors import FailedPrecondition
 
-# How many out-of-order entries are remembered. Forgetting one is safe: the relay
-# sends its patterns again, and applying an invalidation twice is harmless.
-MAX_AHEAD = 1000
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SyncState:
     applied: int = 0
-    ahead: tuple[int, ...] = ()
     fresh: bool = True
 
 
@@ -36,7 +32,7 @@ FRESH = SyncState()
 
 
 def position_behind(applied: int, after: int) -> FailedPrecondition:
-    """A Sync whose `after` is beyond the cache's position: its patterns do not cover
+    """A Sync whose `after` is beyond the store's position: its patterns do not cover
     the entries in between, so the relay must read the state again."""
     return FailedPrecondition(
         f"the cache has applied the log through {applied}, not {after}: read its sync state again",
@@ -46,59 +42,27 @@ def position_behind(applied: int, after: int) -> FailedPrecondition:
 
 
 class SyncPosition:
-    """The position of a store that lives in this process (synchronous, so each
-    method is atomic on the event loop together with the invalidation it records)."""
+    """The position of a store in this process (synchronous, so each change is atomic
+    on the event loop together with the invalidations it records)."""
 
     def __init__(self) -> None:
-        self._applied = 0
-        self._ahead: set[int] = set()
-        self._fresh = True
-
-    @property
-    def fresh(self) -> bool:
-        return self._fresh
+        self.applied = 0
+        self.fresh = True
 
     def state(self) -> SyncState:
-        if self._fresh:
-            return FRESH
-        return SyncState(self._applied, tuple(sorted(self._ahead)), False)
-
-    def record(self, sequence: int) -> None:
-        """Entry `sequence` has just been applied (an Invalidate that carried it)."""
-        if self._fresh or sequence <= self._applied:
-            return
-        if sequence == self._applied + 1:
-            self._applied = sequence
-            self._absorb()
-            return
-        self._ahead.add(sequence)
-        if len(self._ahead) > MAX_AHEAD:
-            self._ahead.remove(min(self._ahead))
+        return FRESH if self.fresh else SyncState(self.applied, False)
 
     def check(self, after: int) -> None:
         """Raises FailedPrecondition when a Sync from `after` would skip entries."""
-        if not self._fresh and after > self._applied:
-            raise position_behind(self._applied, after)
+        if not self.fresh and after > self.applied:
+            raise position_behind(self.applied, after)
 
-    def sync(self, through: int) -> SyncState:
+    def advance(self, through: int) -> None:
         """Every entry through `through` has been applied (a Sync, once checked)."""
-        if self._fresh:
-            self._fresh = False
-            self._applied = through
-            self._ahead.clear()
-        else:
-            self._applied = max(self._applied, through)
-            self._ahead = {sequence for sequence in self._ahead if sequence > self._applied}
-            self._absorb()
-        return self.state()
+        self.applied = through if self.fresh else max(self.applied, through)
+        self.fresh = False
 
     def forget(self) -> None:
         """The store can no longer vouch for what it holds: fresh again."""
-        self._fresh = True
-        self._applied = 0
-        self._ahead.clear()
-
-    def _absorb(self) -> None:
-        while self._applied + 1 in self._ahead:
-            self._applied += 1
-            self._ahead.remove(self._applied)
+        self.fresh = True
+        self.applied = 0

@@ -3,24 +3,23 @@
 Names, with the default prefix "dh:" and the logical key "agents:get:42":
 
     dh:{agents}:get:42      the entry: a string record (see below), with a TTL
-    dh:gen:{agents}         the namespace's generation hash, no TTL
-    dh:invalidations        the Pub/Sub channel that tells other sidecars
-    dh:sync:{log}           the position in the invalidation log (redis_position.py),
-    dh:sync:{log}:ahead     no TTL
+    dh:gen:{agents}         the namespace's generation hash: prefix level -> the log
+                            position it was last invalidated at ("#": the whole
+                            namespace), no TTL
+    dh:sync:{log}           the position in the invalidation log: a hash of applied
+                            and floor; missing = fresh. No TTL
+    dh:invalidations        the Pub/Sub channel that tells other sidecars' streams
 
-The namespace sits in a Redis Cluster hash tag, so an entry and its generation
-hash always share a slot: the Lua scripts that touch both stay single-slot, and a
-namespace's keys can be read with one MGET per namespace.
+The namespace sits in a Redis Cluster hash tag, so an entry and its generation hash
+always share a slot: the Lua scripts that touch both stay single-slot.
 
-Records are strings so that GetMany is a single MGET:
+Records are strings:
 
-    V<stamp>|<content type length>|<content type><value>   a value
-    N<stamp>|<content type length>|<content type>          a negative entry
-    L<stamp>|<token>                                       a lease: a miss being filled
+    V<version>|<content type length>|<content type><value>   a value
+    N<version>|<content type length>|<content type>          a negative entry
+    T<position>|                                             a tombstone: invalidated there
 
-<stamp> is "<incarnation>.<g1>.<g2>…": the generation hash's incarnation id and the
-counters of the key's prefix levels when the record was written. A record whose
-stamp differs from the current one was invalidated; it is ignored and left to its TTL.
+<version> is the log position the value was read at.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ def redis_glob_escape(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
-    kind: str  # "V", "N" or "L"
-    stamp: bytes
+    kind: str  # "V", "N" or "T"
+    version: int
     body: bytes
 
     def content(self) -> tuple[str, bytes]:
@@ -53,13 +52,13 @@ class Record:
 
 def parse_record(record: bytes) -> Record:
     bar = record.index(b"|", 1)
-    return Record(chr(record[0]), record[1:bar], record[bar + 1 :])
+    return Record(chr(record[0]), int(record[1:bar]), record[bar + 1 :])
 
 
-def value_body(content_type: str, value: bytes) -> bytes:
-    """The part of a V or N record after the stamp."""
+def record(kind: str, version: int, content_type: str, value: bytes) -> bytes:
+    """A V or N record."""
     encoded = content_type.encode()
-    return b"%d|" % len(encoded) + encoded + value
+    return b"%s%d|%d|" % (kind.encode(), version, len(encoded)) + encoded + value
 
 
 class KeyLayout:
@@ -72,7 +71,6 @@ class KeyLayout:
         self.channel = f"{prefix}invalidations"
         # Outside the data and generation names, so no clear or glob ever matches them.
         self.position = f"{prefix}sync:{{log}}"
-        self.position_ahead = f"{prefix}sync:{{log}}:ahead"
         self._data_start = f"{prefix}{{"
 
     def data_key(self, key: str) -> str:

@@ -1,4 +1,4 @@
-"""The client every service uses to read through, and invalidate, the cache sidecar.
+"""The client every service uses to read through the cache sidecar.
 
 The cache is an optimisation, never a dependency: any sidecar failure (unreachable,
 slow, erroring) degrades to calling the loader, i.e. reading the source of truth.
@@ -6,24 +6,18 @@ Nothing the sidecar does reaches the caller as an exception, and grpc reconnects
 itself once the sidecar is back.
 
 Layers, fastest first: the near-cache (in-process, only while a Watch stream feeds
-it), the sidecar, the loader. This class composes the parts, each in a module of
-its own:
+it), the sidecar, the loader. One clock orders them all: the invalidation log's
+position (docs/cache.md). Every value carries the position it was read at; this
+process records, at their positions, its own writes' invalidations (committed(),
+before the write is acknowledged) and those its stream brings; a value whose key was
+invalidated after its version is never kept, shared or served here, whichever layer
+offers it. That is read-your-writes in the writing process before the sidecar has
+heard of the write, with no list of keys to bypass.
 
-* transport.py: the channel and the one way every call goes through it;
-* single_flight.py: concurrent misses on one key share one load, never across an
-  invalidation;
-* delivery.py: invalidations sent at once, retried until accepted, and the keys
-  this process bypasses meanwhile;
-* near_feed.py: the Watch stream that keeps the near-cache live.
-
-A call under fresh_reads() (services/common/freshness.py: the caller sent
-`cache-control: no-cache`) reads past every layer and refills them.
-
-Fills carry the fill token of the Get that missed, so a value loaded before a write
-never lands after that write's invalidation; the near-cache and single-flight check
-the same invalidation history (history.py). Values are protobuf bytes or a declared
-codec's (never pickle), tagged with their content type, so a reader only decodes
-what it asked for: a mismatch is a miss.
+Values are protobuf bytes or a declared codec's (never pickle), tagged with their
+content type, so a reader only decodes what it asked for: a mismatch is a miss. A
+call under fresh_reads() (`cache-control: no-cache`) reads past every layer and
+refills them.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
-from services.common.cache.delivery import InvalidationDelivery
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
@@ -57,6 +50,10 @@ T = TypeVar("T")
 
 __all__ = ["CacheClient", "protobuf_content_type"]
 
+# A load that took longer than this is not filled: the stores' records of what was
+# invalidated (Redis tombstones) outlive it by far.
+FILL_WINDOW = 10.0
+
 
 class CacheClient:
     """A read-through client for CacheService with single-flight loads and an optional
@@ -69,25 +66,24 @@ class CacheClient:
         *,
         retry_after: float = 1.0,
         log_interval: float = 30.0,
-        max_pending_invalidations: int = 256,
         near_cache: NearCache | None = None,
         watch_prefixes: Sequence[str] = (),
         watch_liveness: float = DEFAULT_WATCH_LIVENESS,
         clock: Callable[[], float] = time.monotonic,
         api_key: str = "",
     ) -> None:
-        self._transport = SidecarTransport(
+        self.transport = SidecarTransport(
             address, timeout, retry_after=retry_after, log_interval=log_interval, clock=clock, api_key=api_key
         )
         self.near = near_cache
+        self._clock = clock
         # This process's reads: served by a cache layer, or by the loader.
         self.hits = 0
         self.misses = 0
-        self._history = near_cache.history if near_cache is not None else InvalidationHistory()
-        self._flights = SingleFlight(self._history)
-        self._delivery = InvalidationDelivery(self._transport, self._apply_locally, max_pending=max_pending_invalidations)
+        self.history = near_cache.history if near_cache is not None else InvalidationHistory()
+        self._flights = SingleFlight(self.history)
         self._feed = (
-            NearCacheFeed(self._transport, near_cache, self._apply_locally, prefixes=watch_prefixes, liveness=watch_liveness)
+            NearCacheFeed(self.transport, near_cache, prefixes=watch_prefixes, liveness=watch_liveness)
             if near_cache is not None
             else None
         )
@@ -101,11 +97,6 @@ class CacheClient:
         options.setdefault("api_key", settings.service_api_key)
         return cls(service_address(CACHE_SERVICE, settings), timeout=settings.cache_timeout, **options)
 
-    @property
-    def pending_invalidations(self) -> frozenset[str]:
-        """Patterns that failed to reach the sidecar and are being retried."""
-        return self._delivery.pending
-
     async def connect(self) -> None:
         """Opens the channel now instead of on first use (it never fails: grpc
         connects in the background and reconnects by itself), and starts feeding the
@@ -113,11 +104,10 @@ class CacheClient:
         self._start()
 
     async def close(self) -> None:
-        self._transport.closed = True
+        self.transport.closed = True
         if self._feed is not None:
             await self._feed.close()
-        await self._delivery.close()
-        await self._transport.close()
+        await self.transport.close()
 
     async def __aenter__(self) -> CacheClient:
         await self.connect()
@@ -169,9 +159,7 @@ class CacheClient:
             raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
         self._start()
         fresh = fresh_reads_requested()
-        bypassed = self._delivery.bypassed(key)
-        note_read(key, cached=not bypassed)
-        if not fresh and not bypassed:
+        if not fresh:
             # Bound, then unpacked: unpacking the call makes mypy infer T | None for the
             # codec's T (python/mypy#20219); likewise below.
             near = self._near_hit(key, codec)
@@ -189,16 +177,15 @@ class CacheClient:
         """(True, value) for a cached value of this codec, (True, None) for a negative
         entry, (False, None) for a miss or when the sidecar cannot be reached."""
         self._start()
-        if self._delivery.bypassed(key) or fresh_reads_requested():
+        if fresh_reads_requested():
             return False, None
         near = self._near_hit(key, codec)
         if near[0]:
             return near
-        since = self._history.snapshot()
-        response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key))
+        response, _ = await self.transport.call("Get", cache_pb2.CacheGetRequest(key=key))
         if response is None or not response.found:
             return False, None
-        return self._decode_hit(key, 0.0, codec, response.entry, since)
+        return self._decode_hit(key, 0.0, codec, response.entry)
 
     def _near_hit(self, key: str, codec: Codec[T]) -> tuple[bool, T | None]:
         near = self.near
@@ -208,112 +195,119 @@ class CacheClient:
         if entry is None or entry.content_type != codec.content_type:
             return False, None
         if entry.negative:
+            note_read(key, entry.version)
             return True, None
         with contextlib.suppress(CodecError):
-            return True, codec.decode(entry.value)
+            value = codec.decode(entry.value)
+            note_read(key, entry.version)
+            return True, value
         return False, None
 
     async def _load_through(
         self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], cache_none: bool, since: int, fresh: bool
     ) -> T | None:
-        if self._delivery.bypassed(key):
-            return await loader()
-        if fresh:
-            # Drop what the cache holds first, so that the Get below misses and hands
-            # out a fill token: the refill then loses to any write that races it.
-            await self._transport.call("Delete", cache_pb2.CacheDeleteRequest(key=key))
-        response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key))
-        if response is not None and response.found and not fresh:
-            hit = self._decode_hit(key, ttl, codec, response.entry, since)
+        response = None if fresh else (await self.transport.call("Get", cache_pb2.CacheGetRequest(key=key)))[0]
+        if response is not None and response.found:
+            hit = self._decode_hit(key, ttl, codec, response.entry)
             found, value = hit
             if found and (value is not None or cache_none):
                 self.hits += 1
                 return value
         self.misses += 1
+        started = self._clock()
         value = await loader()
-        # No fill without a token (the Get failed, or the store cannot vouch for one),
-        # and none for a key whose invalidation is still pending: either could plant
-        # stale data.
-        if response is None or not response.fill_token or self._delivery.bypassed(key):
-            return value
+        # The loader read at least what this process knew committed, and what the
+        # sidecar had applied when it missed: both are versions of what it read.
+        version = max(since, response.position if response is not None else 0)
+        note_read(key, version)
         if value is None and not cache_none:
             return value
-        entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None)
+        if not version or (response is None and not fresh) or (response is not None and not response.position):
+            return value  # the sidecar is away, or cannot vouch for any version yet
+        if self._clock() - started > FILL_WINDOW:
+            return value
+        entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None, version=version)
         if value is not None:
             entry.value = codec.encode(value)
-        stored, _ = await self._transport.call(
-            "Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl, fill_token=response.fill_token)
-        )
-        # Only what the sidecar accepted as current goes near: a refused fill raced a write.
+        stored, _ = await self.transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl))
+        # Only what the sidecar took as current goes near: a refused fill raced a write.
         if stored is not None and stored.stored and self.near is not None:
-            self.near.put(key, entry.content_type, entry.value, entry.negative, ttl, since)
+            self.near.put(key, entry.content_type, entry.value, entry.negative, ttl, version)
         return value
 
-    def _decode_hit(
-        self, key: str, ttl: float, codec: Codec[T], entry: cache_pb2.CacheEntry, since: int
-    ) -> tuple[bool, T | None]:
+    def _decode_hit(self, key: str, ttl: float, codec: Codec[T], entry: cache_pb2.CacheEntry) -> tuple[bool, T | None]:
         """(True, value) for a usable hit (value None for a negative entry), (False,
-        None) for one of another type or undecodable (treated as a miss)."""
-        if entry.content_type != codec.content_type:
+        None) for one of another type, undecodable, or older than an invalidation of
+        its key this process has seen (its own write the sidecar has yet to hear of)."""
+        if entry.content_type != codec.content_type or self.history.raced(key, entry.version):
             return False, None
         value = None
         if not entry.negative:
             try:
                 value = codec.decode(entry.value)
             except CodecError as exc:
-                self._transport.note_failure("decode", f"{key}: {exc}")
+                self.transport.note_failure("decode", f"{key}: {exc}")
                 return False, None
         if self.near is not None:
-            self.near.put(key, entry.content_type, entry.value, entry.negative, ttl, since)
+            self.near.put(key, entry.content_type, entry.value, entry.negative, ttl, entry.version)
+        note_read(key, entry.version)
         return True, value
 
-    # --- writes ----------------------------------------------------------------------
+    # --- this process's writes ---------------------------------------------------------
+
+    def committed(self, position: int, patterns: Sequence[str]) -> None:
+        """A write of this process committed at log position `position`: from now on no
+        layer's value of what it made stale is served here. The log's relay takes the
+        patterns to the sidecar (services/common/invalidation_relay.py)."""
+        for pattern in patterns:
+            if self.near is not None:
+                self.near.invalidate(pattern, position)
+            else:
+                self.history.record(pattern, position)
+        self.history.learn(position)
+
+    # --- outside the log: the guide's API, operators ---------------------------------
 
     async def set(self, key: str, value: T, codec: Codec[T], ttl: float = 0.0) -> bool:
-        """Stores a value unconditionally (the sidecar tells every near-cache to drop
-        its copy). False when the sidecar could not store it; never raises for that.
-        The value it replaces is then invalidated instead (retried like invalidate),
-        since the caller meant it to be gone."""
+        """Stores a value unconditionally (every near-cache drops its copy). False when
+        the sidecar could not store it; never raises for that."""
         if not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
         self._start()
-        pattern = escape_key(key)
-        self._apply_locally(pattern)
+        self._drop_locally(escape_key(key))
         entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None)
         if value is not None:
             entry.value = codec.encode(value)
-        response: cache_pb2.CacheSetResponse | None
-        response, _ = await self._transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl), respect_backoff=False)
-        self._apply_locally(pattern)
-        if response is None:
-            self._delivery.retry_later([pattern])
-            return False
-        return response.stored
+        response, _ = await self.transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl), respect_backoff=False)
+        return response is not None and bool(response.stored)
 
-    async def invalidate(self, *patterns: str, sequence: int = 0) -> bool:
-        """Removes every key matching any of the glob patterns ("*" clears everything).
-
-        `sequence` is the patterns' entry in the invalidation log, if they come from
-        one: the sidecar records it as applied. True when the sidecar applied them all;
-        False when some are queued for retry (see delivery.py). Never raises for
-        sidecar failures.
-        """
+    async def invalidate(self, *patterns: str) -> bool:
+        """Removes every key matching the glob patterns ("*" clears everything), from
+        outside the invalidation log: at once, in every layer, but not ordered against
+        fills in flight (a write that must be exact goes through the log: the outbox).
+        True when the sidecar applied them; never raises for sidecar failures."""
         if any(not pattern for pattern in patterns):
             raise ValueError("invalidation patterns must not be empty")
         if not patterns:
             return True
         self._start()
-        return await self._delivery.invalidate(patterns, sequence)
+        for pattern in patterns:
+            self._drop_locally(pattern)
+        request = cache_pb2.CacheInvalidateRequest(patterns=patterns)
+        _, code = await self.transport.call("Invalidate", request, respect_backoff=False)
+        return code is None
 
     async def delete(self, key: str) -> bool:
-        """Removes one key; True when the sidecar applied it, False when queued for retry."""
+        """Removes one key; True when the sidecar applied it."""
         if not key:
             raise ValueError("key must not be empty")
         self._start()
-        return await self._delivery.delete(key, escape_key(key))
+        self._drop_locally(escape_key(key))
+        _, code = await self.transport.call("Delete", cache_pb2.CacheDeleteRequest(key=key), respect_backoff=False)
+        return code is None
 
     async def clear(self) -> bool:
-        """Empties the whole cache (every service's); queued for retry like invalidate."""
+        """Empties the whole cache (every service's)."""
         return await self.invalidate("*")
 
     async def stats(self) -> cache_pb2.CacheStats | None:
@@ -324,35 +318,14 @@ class CacheClient:
     async def probe(self) -> tuple[cache_pb2.CacheStats | None, grpc.StatusCode | None]:
         """One Stats call: (stats, None), or (None, why it failed) - e.g. to tell an
         unreachable sidecar (the cache is optional) from a refused key (a mistake)."""
-        return await self._transport.call("Stats", empty_pb2.Empty(), respect_backoff=False)
-
-    # --- the invalidation log's relay ------------------------------------------------
-
-    async def sync_state(self) -> cache_pb2.CacheSyncState | None:
-        """The sidecar's position in the invalidation log, or None when it cannot be reached."""
-        response: cache_pb2.CacheSyncState | None
-        response, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
-        return response
-
-    async def sync(
-        self, after: int, through: int, patterns: Sequence[str], *, clear: bool = False
-    ) -> tuple[cache_pb2.CacheSyncState | None, grpc.StatusCode | None]:
-        """Applies the log entries in (after, through] (see CacheService.Sync): the new
-        state, or (None, the failure's code)."""
-        for pattern in ("*",) if clear else patterns:
-            self._apply_locally(pattern)
-        request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
-        return await self._transport.call("Sync", request, respect_backoff=False)
+        return await self.transport.call("Stats", empty_pb2.Empty(), respect_backoff=False)
 
     # --- this process's own layers ---------------------------------------------------
 
-    def _apply_locally(self, pattern: str) -> None:
-        """Every invalidation this process hears of, by any path, lands here first."""
+    def _drop_locally(self, pattern: str) -> None:
         if self.near is not None:
-            self.near.invalidate(pattern)
-        else:
-            self._history.record(pattern)
+            self.near.invalidate(pattern, None)
 
     def _start(self) -> None:
-        if self._feed is not None and not self._transport.closed:
+        if self._feed is not None and not self.transport.closed:
             self._feed.start()

@@ -2,11 +2,13 @@
 LRU that is trusted only while an invalidation stream feeds it.
 
 Live exactly while its feed (near_feed.py) is: either change of that clears it, since
-invalidations may have been missed in the dark, and a fill whose read began in the
-dark must not land. Bounded by entries and bytes (an entry over a sixteenth of the
-bytes is not kept), entries capped at max_ttl, least recently used evicted first.
-Fills check the shared invalidation history (history.py). Subclasses say what an
-entry weighs and what else goes when one is removed.
+invalidations may have been missed in the dark, and nothing read before the stream's
+position when it went live may land. `position` is how far of the invalidation log
+the stream has brought. Bounded by entries and bytes (an entry over a sixteenth of
+the bytes is not kept), entries capped at max_ttl, least recently used evicted first.
+Fills are checked against the invalidation history by version (history.py).
+Subclasses say what an entry weighs, what else goes when one is removed, and which
+entries a pattern drops.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
 from services.common.cache.history import InvalidationHistory
+from services.common.cache.keys import GlobPattern, parse_pattern
 
 
 class Expiring(Protocol):
@@ -48,6 +51,7 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._entries: collections.OrderedDict[K, E] = collections.OrderedDict()
         self._bytes = 0
         self._live = False
+        self.position = 0
         self.history = history or InvalidationHistory()
         self.hits = 0
         self.misses = 0
@@ -56,18 +60,30 @@ class FedCache(abc.ABC, Generic[K, E]):
     def live(self) -> bool:
         return self._live
 
-    def set_live(self, live: bool) -> None:
-        """Either change clears it: going dark, invalidations may be missed from now on;
-        going live, no fill whose read started in the dark (and may have missed one) may land."""
-        if live != self._live:
-            self.clear()
-        self._live = live
+    def go_live(self, position: int) -> None:
+        """The stream is at `position`: nothing read before it may land (it may have
+        missed an invalidation while dark)."""
+        self.clear(position)
+        self.position = position
+        self._live = True
+
+    def go_dark(self) -> None:
+        """Invalidations may be missed from now on."""
+        self.clear(self.history.known)
+        self._live = False
+
+    def invalidate(self, pattern: str, at: int | None) -> None:
+        """Drops what the pattern names; `at` is its log position, recorded so that a
+        fill read before it is refused (None: from outside the log, not recorded)."""
+        if pattern == "*":
+            self.clear(self.history.known if at is None else at)
+            return
+        if at is not None:
+            self.history.record(pattern, at)
+        self._drop(parse_pattern(pattern))
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def snapshot(self) -> int:
-        return self.history.snapshot()
 
     def get(self, key: K) -> E | None:
         if not self._live:
@@ -83,8 +99,8 @@ class FedCache(abc.ABC, Generic[K, E]):
         self.hits += 1
         return entry
 
-    def clear(self) -> None:
-        self.history.forget()
+    def clear(self, at: int) -> None:
+        self.history.forget(at)
         self._entries.clear()
         self._bytes = 0
 
@@ -103,6 +119,10 @@ class FedCache(abc.ABC, Generic[K, E]):
     @abc.abstractmethod
     def _weight(self, entry: E) -> int:
         """The bytes an entry counts against max_bytes."""
+
+    @abc.abstractmethod
+    def _drop(self, pattern: GlobPattern) -> None:
+        """Removes the entries the pattern names."""
 
     def _remove(self, key: K) -> E:
         entry = self._entries.pop(key)

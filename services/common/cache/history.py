@@ -1,22 +1,28 @@
-"""Which keys were invalidated after a given moment: the question both a fill and a
-shared load must answer before they may hand out what they read.
+"""Which keys this process saw invalidated after a given log position: the question a
+fill, a shared load and a hit from the sidecar must each answer before they may hand
+out what they read.
 
-A reader takes snapshot() before it reads the sidecar or the database; raced(key,
-snapshot) is then True if an invalidation matching key (or a clear) was recorded
-since, in which case what it read may predate a write and must not be cached, nor
-shared with a caller who arrived after that invalidation. The history is bounded:
-a snapshot older than what it remembers counts as raced (the safe answer).
+Positions are the invalidation log's sequence numbers, the cache's one clock. A
+value's version is the position it was read at (every entry up to it had committed
+before the read began); raced(key, version) is True when an invalidation matching the
+key was recorded after that position, so the value may predate a write and must not
+be kept, shared or served. `known` is the furthest position this process knows
+committed (its own writes, and what its stream delivered): a load that starts now
+reads at least that, which makes it the load's version.
+
+The history is bounded: a version older than what it remembers (its floor) counts as
+raced, the safe answer.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 from collections.abc import Callable
 
 from services.common.cache.keys import parse_pattern
 
-# Invalidations remembered; a snapshot older than all of them counts as raced.
-DEFAULT_HISTORY = 256
+# Invalidations remembered; a version older than all of them counts as raced.
+DEFAULT_HISTORY = 4096
 
 
 class InvalidationHistory:
@@ -24,35 +30,38 @@ class InvalidationHistory:
         if size < 1:
             raise ValueError("size must be at least 1")
         self._size = size
-        self._version = 0
-        # Snapshots below the floor cannot be checked (history dropped, or a clear).
-        self._floor = 0
-        self._entries: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
+        self.known = 0
+        # Versions below the floor cannot be checked (history dropped, or a clear).
+        self.floor = 0
+        # Kept in log order (a stream's span may arrive after this process's own later
+        # write), so a check reads only the records newer than its version.
+        self._entries: list[tuple[int, Callable[[str], bool]]] = []
 
-    def snapshot(self) -> int:
-        return self._version
-
-    def record(self, pattern: str) -> None:
-        """One invalidation: "*" (a clear) races every earlier snapshot."""
+    def record(self, pattern: str, at: int) -> None:
+        """An invalidation of log position `at` ("*", a clear, races every earlier version)."""
+        self.learn(at)
         if pattern == "*":
-            self.forget()
+            self.forget(at)
             return
-        self._version += 1
-        self._entries.append((self._version, parse_pattern(pattern).matches))
+        bisect.insort(self._entries, (at, parse_pattern(pattern).matches), key=lambda entry: entry[0])
         if len(self._entries) > self._size:
-            self._floor = self._entries.popleft()[0]
+            self.floor = max(self.floor, self._entries.pop(0)[0])
 
-    def forget(self) -> None:
-        """Every earlier snapshot counts as raced from now on."""
-        self._version += 1
-        self._floor = self._version
+    def learn(self, position: int) -> None:
+        """Every log entry up to `position` has committed."""
+        self.known = max(self.known, position)
+
+    def forget(self, at: int) -> None:
+        """Every version before `at` counts as raced from now on."""
+        self.learn(at)
+        self.floor = max(self.floor, at)
         self._entries.clear()
 
-    def raced(self, key: str, since: int) -> bool:
-        if since < self._floor:
+    def raced(self, key: str, version: int) -> bool:
+        if version < self.floor:
             return True
-        for version, matches in reversed(self._entries):
-            if version <= since:
+        for at, matches in reversed(self._entries):
+            if at <= version:
                 return False
             if matches(key):
                 return True

@@ -1,10 +1,11 @@
-"""Feeds the near-cache from the sidecar's Watch stream, for as long as the client lives.
+"""Feeds a near-cache or an edge cache from the sidecar's Watch stream, for as long as
+its owner lives.
 
-The near-cache is live exactly while the stream is, and only while the stream is
-provably complete: messages are numbered per stream (1 for the opening heartbeat,
-then one more per message), so a number out of step means something was missed and
-the near-cache is cleared, as it is when the stream ends or goes quiet for longer
-than `liveness` (the sidecar heartbeats every 5 s).
+The cache is live exactly while the stream is, and only while the stream is provably
+complete: messages carry the invalidation log's span (after, through], so one that
+starts past the cache's position means something was missed and the cache is
+cleared, as it is when the stream ends or goes quiet for longer than `liveness` (the
+sidecar heartbeats every 0.25 s; a frozen sidecar sends nothing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import grpc
@@ -24,7 +25,7 @@ from services.common.cache.transport import SidecarTransport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WATCH_LIVENESS = 15.0
+DEFAULT_WATCH_LIVENESS = 1.0
 WATCH_RETRY_INITIAL = 0.05
 WATCH_RETRY_MAX = 2.0
 # How long close() waits for the stream's task to end.
@@ -32,7 +33,7 @@ CLOSE_TIMEOUT = 2.0
 
 
 class StreamGap(Exception):
-    """A Watch message arrived out of step: the stream cannot vouch for completeness."""
+    """A Watch message starts past the follower's position: it missed one."""
 
 
 class NearCacheFeed:
@@ -40,15 +41,12 @@ class NearCacheFeed:
         self,
         transport: SidecarTransport,
         near: FedCache[Any, Any],
-        on_invalidation: Callable[[str], None],
         *,
         prefixes: Sequence[str] = (),
         liveness: float = DEFAULT_WATCH_LIVENESS,
     ) -> None:
         self._transport = transport
         self._near = near
-        # Applies one streamed pattern to this process's layers (history and near-cache).
-        self._on_invalidation = on_invalidation
         self._prefixes = list(prefixes)
         self._liveness = liveness
         self._task: asyncio.Task[None] | None = None
@@ -69,7 +67,7 @@ class NearCacheFeed:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
-        self._near.set_live(False)
+        self._near.go_dark()
 
     async def _run(self) -> None:
         delay = WATCH_RETRY_INITIAL
@@ -86,23 +84,26 @@ class NearCacheFeed:
                 log.warning("cache watch stream: %s; near-cache cleared", exc)
             finally:
                 went_live = self._near.live
-                self._near.set_live(False)
+                self._near.go_dark()
                 call.cancel()
             delay = WATCH_RETRY_INITIAL if went_live else min(delay * 2, WATCH_RETRY_MAX)
             await asyncio.sleep(delay)
 
     async def _follow(self, call: grpc.aio.UnaryStreamCall[cache_pb2.CacheWatchRequest, cache_pb2.CacheInvalidation]) -> None:
-        expected = 1
+        near = self._near
         while True:
             read = await asyncio.wait_for(call.read(), self._liveness)
             if read is grpc.aio.EOF:
                 return
             message = cast(cache_pb2.CacheInvalidation, read)
-            if message.sequence != expected:
-                raise StreamGap(f"message {message.sequence} arrived where {expected} was due")
-            expected += 1
-            for pattern in (message.pattern, *message.patterns):
-                if pattern:
-                    self._on_invalidation(pattern)
-            if not self._near.live:
-                self._near.set_live(True)  # the stream opens with a heartbeat
+            if not near.live:
+                near.go_live(message.through)  # the stream opens with a heartbeat
+                continue
+            if message.after > near.position:
+                raise StreamGap(f"a message covers the log after {message.after}, the cache is at {near.position}")
+            # A span from the log is recorded at its end; patterns from outside it only drop.
+            at = message.through if message.through > message.after else None
+            for pattern in message.patterns:
+                near.invalidate(pattern, at)
+            near.position = max(near.position, message.through)
+            near.history.learn(message.through)

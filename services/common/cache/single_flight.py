@@ -39,13 +39,14 @@ class SingleFlight:
         self, flight: Hashable, key: str, load: Callable[[int], Coroutine[Any, Any, T]], *, join: bool = True
     ) -> T:
         """load(since)'s result, shared with the callers of the same flight; `since`
-        is the history snapshot taken when the load began. join=False always starts a
-        new load (a caller asking for a fresh read)."""
+        is the log position this process knew committed when the load began, and so
+        the version of what it reads. join=False always starts a new load (a caller
+        asking for a fresh read)."""
         current = self._flights.get(flight)
         if join and current is not None and not self._history.raced(key, current.since):
             task = current.task
         else:
-            since = self._history.snapshot()
+            since = self._history.known
             task = asyncio.create_task(load(since))
             current = _Flight(task, since)
             self._flights[flight] = current

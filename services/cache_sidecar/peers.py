@@ -1,9 +1,11 @@
-"""Invalidations made through other sidecars, relayed to this one's Watch streams.
+"""Invalidations made through other sidecars, brought to this one's Watch streams.
 
-Several sidecars share one Redis (one per pod, or several worker processes). An
-invalidation reaches Redis through one of them, but every client's near-cache hangs
-off its own sidecar's Watch stream, so each sidecar must hear the others: the Redis
-store PUBLISHes each invalidation, and this relay SUBSCRIBEs and feeds the hub.
+Several sidecars share one Redis (one per pod, or several worker processes). A Sync
+reaches Redis through one of them, but every client's near-cache hangs off its own
+sidecar's Watch stream, so each sidecar must hear the others: the Redis store
+PUBLISHes what it applied with its log span, and this listener SUBSCRIBEs and feeds
+the hub. A message lost on the way shows as a gap in the log positions its
+followers see, so they clear themselves.
 
 The hub accepts watchers only while the subscription is live. When it drops (or
 stops answering pings) the hub is suspended, which ends every stream so the clients
@@ -33,10 +35,10 @@ RETRY_INITIAL = 0.1
 RETRY_MAX = 0.5
 
 
-class InvalidationRelay:
+class Peers:
     def __init__(
         self,
-        client: aioredis.Redis,  # owned: closed with the relay
+        client: aioredis.Redis,  # owned: closed with the listener
         channel: str,
         origin: str,
         hub: InvalidationHub,
@@ -67,19 +69,19 @@ class InvalidationRelay:
         delay = RETRY_INITIAL
         while True:
             try:
-                await self._relay()
+                await self._listen()
             except BACKEND_ERRORS as exc:
                 if self.subscribed.is_set():
-                    log.warning("cache relay lost its Redis subscription (%s); Watch streams end until it is back", exc)
+                    log.warning("cache peers lost its Redis subscription (%s); Watch streams end until it is back", exc)
                     delay = RETRY_INITIAL
-            except Exception:  # noqa: BLE001 - the relay must outlive any one failure
-                log.exception("cache relay failed unexpectedly; starting it again")
+            except Exception:  # noqa: BLE001 - the listener must outlive any one failure
+                log.exception("cache peers failed unexpectedly; starting it again")
             self.subscribed.clear()
             self._hub.suspend()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    async def _relay(self) -> None:
+    async def _listen(self) -> None:
         pubsub = self._client.pubsub()
         try:
             await pubsub.subscribe(self._channel)
@@ -106,13 +108,13 @@ class InvalidationRelay:
         if kind == "subscribe":
             self._hub.resume()
             self.subscribed.set()
-            log.info("cache relay subscribed to %s", self._channel)
+            log.info("cache peers subscribed to %s", self._channel)
         elif kind == "message":
             try:
-                origin, patterns = json.loads(message["data"])
+                origin, after, through, patterns = json.loads(message["data"])
             except (ValueError, TypeError):
-                log.warning("cache relay: ignoring a malformed message on %s", self._channel)
+                log.warning("cache peers: ignoring a malformed message on %s", self._channel)
                 return
-            if origin != self._origin and patterns:
-                self._hub.publish(*patterns)
+            if origin != self._origin:
+                self._hub.publish(int(after), int(through), [str(pattern) for pattern in patterns])
 
