@@ -133,8 +133,9 @@ async def test_the_near_cache_stops_reads_when_heartbeats_stop(start_sidecar: St
 
 
 async def test_no_layer_keeps_a_value_loaded_before_a_write(start_sidecar: StartSidecar, backend: dict) -> None:
-    """miss → load old value → write + invalidate → fill with the old value: the fill
-    must land neither in the sidecar nor in any near-cache."""
+    """miss → load old value → write (log entry 1) reaches the cache → fill with the old
+    value, read at position 0: the fill must land neither in the sidecar nor in any
+    near-cache."""
     sidecar = await start_sidecar(**backend)
     database = Database()
     database.values["agents:get:1"] = "old"
@@ -145,7 +146,11 @@ async def test_no_layer_keeps_a_value_loaded_before_a_write(start_sidecar: Start
         await asyncio.wait_for(slow.started.wait(), READ_TIMEOUT)  # missed; loading "old"
 
         database.values["agents:get:1"] = "new"
-        assert await writer.invalidate("agents:get:1") is True
+        writer.committed(1, ["agents:get:1"])  # what the outbox does after the commit
+        async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
+            sync = cache_pb2.CacheSyncRequest(after=0, through=1, patterns=["agents:get:1"])
+            assert (await cache_pb2_grpc.CacheServiceStub(channel).Sync(sync)).applied == 1  # the relay's route
+        await eventually(lambda: reader.near.position == 1)
         slow.release.set()
         assert (await read).value == "old"  # it started before the write: fine to return
 
@@ -158,28 +163,31 @@ async def test_no_layer_keeps_a_value_loaded_before_a_write(start_sidecar: Start
 
 
 def test_near_fills_that_raced_an_invalidation_are_refused() -> None:
+    """Values carry the log position they were read at: one read before an
+    invalidation of its key (or before the stream went live) never lands."""
     clock = FakeClock()
     near = NearCache(max_entries=10, max_ttl=5, clock=clock)
-    near.set_live(True)
-    since = near.snapshot()
-    near.invalidate("agents:list:*")
-    assert near.put("agents:get:1", "ct", b"v", False, 60, since) is True  # unrelated
-    assert near.put("agents:list:a", "ct", b"v", False, 60, since) is False  # raced
-    later = near.snapshot()
-    assert near.put("agents:list:a", "ct", b"v", False, 60, later) is True
+    near.go_live(3)
+    assert near.put("agents:get:1", "ct", b"v", False, 60, 2) is False  # read before the stream's position
+    near.invalidate("agents:list:*", 4)
+    assert near.put("agents:get:1", "ct", b"v", False, 60, 3) is True  # unrelated
+    assert near.put("agents:list:a", "ct", b"v", False, 60, 3) is False  # raced
+    assert near.put("agents:list:a", "ct", b"v", False, 60, 4) is True  # read after it
+    near.invalidate("agents:list:a", None)  # from outside the log: dropped, not recorded
+    assert near.get("agents:list:a") is None and near.put("agents:list:a", "ct", b"v", False, 60, 4) is True
     clock.now += 5.01  # TTL capped at max_ttl
     assert near.get("agents:get:1") is None
-    near.set_live(False)
-    assert len(near) == 0 and near.put("agents:get:2", "ct", b"v", False, 60, near.snapshot()) is False
+    near.go_dark()
+    assert len(near) == 0 and near.put("agents:get:2", "ct", b"v", False, 60, 9) is False
 
 
 def test_the_near_cache_is_bounded() -> None:
     near = NearCache(max_entries=3, max_bytes=1600)
-    near.set_live(True)
+    near.go_live(0)
     for i in range(10):
-        near.put(f"k:{i}", "ct", b"x" * 10, False, 60, near.snapshot())
+        near.put(f"k:{i}", "ct", b"x" * 10, False, 60, 0)
     assert len(near) == 3 and near.get("k:9") is not None and near.get("k:0") is None
-    assert near.put("big:1", "ct", b"x" * 200, False, 60, near.snapshot()) is False  # over a sixteenth of the budget
+    assert near.put("big:1", "ct", b"x" * 200, False, 60, 0) is False  # over a sixteenth of the budget
 
 
 # --- negative entries --------------------------------------------------------------------
@@ -411,9 +419,7 @@ async def test_an_unreachable_sidecar_never_fails_a_decorated_call() -> None:
         assert calls == 3
         assert await update_agent("a") == "a"
         assert await unreachable.sidecar_stats() is None
-        # A failed overwrite leaves the old value to be invalidated, never served.
         assert await unreachable.set("reports:today", {"ok": 1}) is False
-        assert {"agents:get:a", "reports:today"} <= unreachable.client.pending_invalidations
         assert not unreachable.client.near.live
 
 
@@ -435,7 +441,7 @@ async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_p
                     assert asyncio.get_running_loop().time() < deadline, "the sidecar did not start"
                     await asyncio.sleep(0.1)
             call = stub.Watch(cache_pb2.CacheWatchRequest())
-            assert (await asyncio.wait_for(call.read(), READ_TIMEOUT)).pattern == ""
+            assert not (await asyncio.wait_for(call.read(), READ_TIMEOUT)).patterns  # the opening heartbeat
             process.send_signal(signal.SIGTERM)
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await asyncio.wait_for(call.read(), READ_TIMEOUT)

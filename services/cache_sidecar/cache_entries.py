@@ -65,8 +65,9 @@ class CacheEntries:
         if violations:
             raise invalid_fields(violations)
         entry = request.entry
-        stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, entry.version, entry.negative)
-        if not entry.version:
+        version = entry.version if request.fill else None
+        stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, version, entry.negative)
+        if not request.fill:
             # An overwrite, not a fill: near-caches may hold the value it replaces.
             self._publish_outside_log([escape_key(entry.key)])
         return cache_pb2.CacheSetResponse(stored=stored)

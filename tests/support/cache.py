@@ -40,7 +40,7 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
     async def start(
         *,
         watch_queue_size: int = 1024,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = 0.25,
         redis_key_prefix: str | None = None,
         redis_timeout: float | None = TEST_REDIS_TIMEOUT,
         wait_for_relay: bool = True,
@@ -57,8 +57,8 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
             redis_timeout=redis_timeout,
         )
         sidecar = await started.enter_async_context(running(built))
-        if sidecar.relay is not None and wait_for_relay:
-            await asyncio.wait_for(sidecar.relay.subscribed.wait(), READ_TIMEOUT)
+        if sidecar.peers is not None and wait_for_relay:
+            await asyncio.wait_for(sidecar.peers.subscribed.wait(), READ_TIMEOUT)
         if synced:
             await sync_empty_log(sidecar.host.bound_address)
         return sidecar
@@ -75,7 +75,7 @@ async def sidecar(start_sidecar: StartSidecar) -> CacheSidecar:
 
 async def sync_empty_log(address: str) -> cache_pb2.CacheSyncState:
     """What a services' relay does for a new cache when their invalidation log is
-    empty: gives it a position (0), so it hands out fill tokens."""
+    empty: gives it a position (0), so it takes fills."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         return await stub.Sync(cache_pb2.CacheSyncRequest(after=0, through=0), timeout=READ_TIMEOUT)

@@ -76,7 +76,7 @@ class Found:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lookup:
     """A Get's answer: the entry (None on a miss) and the store's position, which a
-    fill of the miss carries as its version (0: the store is fresh, do not fill)."""
+    fill of the miss carries as its version."""
 
     entry: Value | None
     position: int
@@ -169,10 +169,11 @@ class Store(Protocol):
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]: ...
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill (version > 0: refused if the key was invalidated after it, or holds a
-        newer version) or an overwrite (version 0: stored at the store's position)."""
+        """A fill read at `version` (refused if the key was invalidated after it, holds a
+        newer version, or the store is fresh) or an overwrite (None: stored at the
+        store's position)."""
         ...
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int: ...

@@ -99,11 +99,11 @@ class FallbackStore:
         return await self._route(lambda: self.primary.get_many(keys), lambda: self.memory.get_many(keys))
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
         return await self._route(
             lambda: self.primary.set(key, value, content_type, ttl, version, negative),
-            lambda: self._outside_log(version == 0, self.memory.set(key, value, content_type, self._capped(ttl), version, negative)),
+            lambda: self._outside_log(version is None, self.memory.set(key, value, content_type, self._capped(ttl), version, negative)),
         )
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:

@@ -142,8 +142,8 @@ class MemoryStore:
 
     @property
     def fill_position(self) -> int:
-        """What a Get that misses answers: the store's position, or 0 (no fill) while fresh."""
-        return 0 if self.position.fresh else self.position.applied
+        """What a Get answers: the store's position (0 while fresh: fills are refused then)."""
+        return self.position.applied
 
     @property
     def held(self) -> tuple[int, int]:
@@ -184,11 +184,12 @@ class MemoryStore:
         value: bytes,
         content_type: str,
         ttl: float = 0.0,
-        version: int = 0,
+        version: int | None = None,
         negative: bool = False,
     ) -> bool:
-        """Stores the entry; False when the fill (version > 0) raced an invalidation or
-        the key holds a newer version. Version 0 overwrites, at the store's position.
+        """Stores the entry; False when the fill (read at `version`) raced an
+        invalidation, the key holds a newer version or the store is fresh. None
+        overwrites, at the store's position.
 
         ttl <= 0 means the default TTL; a negative entry (a cached "not found", whose
         value must be empty) lives at most negative_ttl. Raises InvalidArgument for an
@@ -199,7 +200,7 @@ class MemoryStore:
             violations.append(("value", "must be empty for a negative entry"))
         if violations:
             raise invalid_fields(violations)
-        if version and self._refuses(key, version):
+        if version is not None and self._refuses(key, version):
             return False
         now = self._clock()
         self._expire_due(now)
@@ -213,7 +214,7 @@ class MemoryStore:
         if old is not None:
             self._drop(key, old, None)
         node = self._node_for(key)
-        version = version or self.position.applied
+        version = self.position.applied if version is None else version
         entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative, version)
         self._entries[key] = entry
         node.keys.add(key)
@@ -522,7 +523,7 @@ class MemoryBackend:
         return found
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
         return self.store.set(key, value, content_type, ttl, version, negative)
 

@@ -212,16 +212,16 @@ class RedisStore:
         return entry_violations(key, value, content_type, self._max_value_bytes)
 
     async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int = 0, negative: bool = False
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill (version > 0, checked by the fill script) or an overwrite (stored at
-        the store's position as last read)."""
+        """A fill (read at `version`, checked by the fill script) or an overwrite (None:
+        stored at the store's position as last read)."""
         entry = NewEntry(key, value, content_type, negative)
         self._check(entry)
-        if version and self._position.fresh:
+        if version is not None and self._position.fresh:
             return False
-        ttl_ms, body = self._record(entry, ttl, version or self._position.applied)
-        if not version:
+        ttl_ms, body = self._record(entry, ttl, self._position.applied if version is None else version)
+        if version is None:
             await self.client.set(self.layout.data_key(key), body, px=ttl_ms)
             self._sets += 1
             return True

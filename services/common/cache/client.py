@@ -222,14 +222,14 @@ class CacheClient:
         note_read(key, version)
         if value is None and not cache_none:
             return value
-        if not version or (response is None and not fresh) or (response is not None and not response.position):
-            return value  # the sidecar is away, or cannot vouch for any version yet
+        if response is None and not fresh:
+            return value  # the sidecar is away
         if self._clock() - started > FILL_WINDOW:
             return value
         entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None, version=version)
         if value is not None:
             entry.value = codec.encode(value)
-        stored, _ = await self.transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl))
+        stored, _ = await self.transport.call("Set", cache_pb2.CacheSetRequest(entry=entry, ttl_seconds=ttl, fill=True))
         # Only what the sidecar took as current goes near: a refused fill raced a write.
         if stored is not None and stored.stored and self.near is not None:
             self.near.put(key, entry.content_type, entry.value, entry.negative, ttl, version)
