@@ -60,6 +60,7 @@ def create_app(
         timeout=settings.gateway_timeout,
         max_json_depth=settings.max_json_depth,
         trusted_proxies=settings.gateway_trusted_proxies,
+        service_key=settings.service_api_key,
         edge=edge,
     )
     health = HealthChecker(addresses)

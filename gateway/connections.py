@@ -8,7 +8,10 @@ sends part of it waits forever. So the gateway serves with this subclass:
 
 - the request line and headers together are at most GATEWAY_MAX_HEADER_BYTES
   (431 otherwise; also the bound on what is forwarded as gRPC metadata, which gRPC
-  itself would refuse as RESOURCE_EXHAUSTED, a misleading 429);
+  itself would refuse as RESOURCE_EXHAUSTED, a misleading 429), counted as they
+  arrive, not only once a line has ended: httptools hands a header over only when
+  its line ends, and until then appends each piece to the last (copying all of it),
+  so one endless header line would grow, quadratically, until the read timeout;
 - a connection idle for GATEWAY_KEEPALIVE_TIMEOUT, before its first request or
   between two, is closed;
 - a request whose head and body have not fully arrived GATEWAY_READ_TIMEOUT after its
@@ -38,6 +41,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
+        # Whether a request head has begun and not ended, and the bytes that arrived
+        # for it after the piece it began in (which may hold the end of an earlier request).
+        self._head_open = False
+        self._head_arrived = 0
         self._refusal: tuple[int, bytes, bytes] | None = None
         self._read_timer: asyncio.TimerHandle | None = None
 
@@ -50,9 +57,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_read_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        continued = self._head_open
+        super().data_received(data)
+        if continued and self._head_open and not self.transport.is_closing():
+            self._head_arrived += len(data)
+            if self._head_arrived > self.max_header_bytes:
+                self._send_refusal(*self._head_refusal())
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes = 0
+        self._head_bytes = self._head_arrived = 0
+        self._head_open = True
         self._stop_read_timer()
         self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
 
@@ -63,6 +79,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
         super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._stop_read_timer()
@@ -78,14 +98,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
-            self._refusal = _refusal(
-                431,
-                b"Request Header Fields Too Large",
-                InvalidArgument(
-                    f"the request line and headers exceed {self.max_header_bytes} bytes", reason="HEADERS_TOO_LARGE"
-                ),
-            )
+            self._refusal = self._head_refusal()
             raise _HeadTooLarge
+
+    def _head_refusal(self) -> tuple[int, bytes, bytes]:
+        error = InvalidArgument(f"the request line and headers exceed {self.max_header_bytes} bytes", reason="HEADERS_TOO_LARGE")
+        return _refusal(431, b"Request Header Fields Too Large", error)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None

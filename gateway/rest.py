@@ -42,7 +42,7 @@ from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
-from services.common.forwarded import TrustedProxies
+from services.common.forwarded import FORWARDER_KEY, TrustedProxies
 from services.common.limits import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
@@ -82,6 +82,7 @@ class RestGateway:
         max_body_bytes: int = MAX_MESSAGE_BYTES,
         max_json_depth: int = DEFAULT_MAX_DEPTH,
         trusted_proxies: str = "",
+        service_key: str = "",
         edge: Edge | None = None,
     ) -> None:
         index = FieldIndex(route.method.input_type for route in routes)
@@ -89,6 +90,8 @@ class RestGateway:
             _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
         ]
         self._proxies = TrustedProxies(trusted_proxies)
+        # The services believe the x-forwarded-for of a call only with their key on it.
+        self._vouching = ((FORWARDER_KEY, service_key),) if service_key else ()
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
@@ -139,7 +142,7 @@ class RestGateway:
                 _resume_from_last_event_id(message, handler.route.resume[0], scope)
             metadata, if_none_match = _metadata(scope)
             client = client_address(scope, self._proxies)
-            metadata = (*metadata, ("x-forwarded-for", client))
+            metadata = (*metadata, ("x-forwarded-for", client), *self._vouching)
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return

@@ -11,7 +11,7 @@ import uuid
 
 import grpc
 import pytest
-from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
+from devops_hub.v1 import agents_pb2, auth_pb2, auth_pb2_grpc, options_pb2, workflows_pb2
 from google.protobuf import empty_pb2, message_factory, timestamp_pb2
 
 from services.common.api import discover_services
@@ -304,26 +304,42 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies_up_to_the_rig
     assert answers == expected
 
 
-async def test_services_believe_forwarded_for_only_from_the_gateways_address(sqlite_url):
-    """The gateway listens on 127.0.0.1 here, so loopback is trusted; told the gateway
-    is elsewhere, a caller cannot pick its bucket with the header."""
-    for gateway_host, expected in (("127.0.0.1", [True, True]), ("10.9.9.9", [True, False])):
-        settings = auth_settings(
-            sqlite_url, rate_limit_requests=1, rate_limit_window=60, gateway_host=gateway_host, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
+@pytest.mark.parametrize(
+    ("trusted", "vouching", "separate_buckets"),
+    [
+        # Any local process may write the header: without the services' key it is ignored.
+        ("", None, False),
+        ("", "dh_not_the_services_key", False),
+        # The gateway's calls carry the key: each client its own bucket.
+        ("", SERVICE_KEY, True),
+        # TRUSTED_PROXIES narrows who may vouch; loopback is not 10.9.9.9.
+        ("10.9.9.9/32", SERVICE_KEY, False),
+    ],
+)
+async def test_services_believe_forwarded_for_only_on_calls_vouched_by_the_services_key(
+    sqlite_url, trusted, vouching, separate_buckets
+):
+    """Two anonymous reads from two claimed addresses, with a limit of 1 per address,
+    straight on each service port (agents, workflows)."""
+    settings = auth_settings(
+        sqlite_url, rate_limit_requests=1, rate_limit_window=60, trusted_proxies=trusted, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
+    )
+    async with running_stack(settings, with_workflows=True) as stack:
+        calls = (
+            lambda metadata: stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=metadata),
+            lambda metadata: stack.workflows_stub.ListWorkflows(workflows_pb2.ListWorkflowsRequest(), metadata=metadata),
         )
-        async with running_stack(settings) as stack:
-            from devops_hub.v1 import agents_pb2
-
+        for call in calls:
             answers = []
             for address in ("203.0.113.1", "203.0.113.2"):
-                call = stack.stub.ListAgents(agents_pb2.ListAgentsRequest(), metadata=(("x-forwarded-for", address),))
+                metadata = (("x-forwarded-for", address), *((("x-forwarder-key", vouching),) if vouching else ()))
                 try:
-                    await call
+                    await call(metadata)
                     answers.append(True)
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     answers.append(False)
-        assert answers == expected, gateway_host
+            assert answers == [True, separate_buckets]
 
 
 async def test_last_use_is_written_at_most_once_a_minute(secured):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import httpx
 
 from gateway.testing import running_gateway
 from services.common.settings import Settings
+from tests.support.processes import process_env, read_until, spawned
 
 SLOW = 1000
 
@@ -71,3 +73,102 @@ async def test_a_request_head_past_the_limit_is_431():
         async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
             # Under the limit, the same request is served.
             assert (await client.get("/health/live", headers={"x-filler": "a" * 1000})).status_code == 200
+
+
+async def test_a_head_line_that_never_ends_is_431_once_past_the_limit():
+    """httptools hands a header line over only when it ends; the limit holds before that."""
+    async with running_gateway(gateway_settings(gateway_max_header_bytes=4096, gateway_read_timeout=60)) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-endless: ")
+        for _ in range(5):  # 5 KB of one value, in pieces, its line never ended
+            await asyncio.sleep(0.05)
+            writer.write(b"a" * 1000)
+        answer = await read_all(reader, 30)  # well before the 60 s read timeout
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 "), head
+        assert json.loads(body)["details"][0]["reason"] == "HEADERS_TOO_LARGE"
+
+
+ENDLESS = 4
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+# A process of its own (so that its writing does not slow the measuring client): ENDLESS
+# connections at a time, each sending one header value without end; when the gateway
+# closes one, the next. Prints the bytes it sent.
+ATTACKER = """
+import asyncio, sys
+
+async def endless(port, deadline, sent):
+    piece = b"a" * 65536
+    while asyncio.get_running_loop().time() < deadline:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health/live HTTP/1.1\\r\\nhost: x\\r\\nx-endless: ")
+        try:
+            while not reader.at_eof() and asyncio.get_running_loop().time() < deadline:
+                writer.write(piece)
+                await writer.drain()
+                sent[0] += len(piece)
+                await asyncio.sleep(0.005)  # about 10 MB/s a connection, as in the incident
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+async def main(port, connections, seconds):
+    sent = [0]
+    deadline = asyncio.get_running_loop().time() + seconds
+    await asyncio.gather(*(endless(port, deadline, sent) for _ in range(connections)))
+    print(sent[0])
+
+asyncio.run(main(*map(int, sys.argv[1:])))
+"""
+
+
+async def _p99_ms(client: httpx.AsyncClient, seconds: float, pid: int, peak: list[float]) -> float:
+    """Another client's p99 over `seconds` of requests one after the other; the
+    gateway's largest RSS meanwhile goes to `peak`."""
+    loop = asyncio.get_running_loop()
+    latencies = []
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        started = loop.time()
+        assert (await client.get("/health/live")).status_code == 200
+        latencies.append(loop.time() - started)
+        peak[0] = max(peak[0], _rss_mb(pid))
+        await asyncio.sleep(0.01)
+    latencies.sort()
+    return latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000
+
+
+async def test_endless_header_lines_leave_the_gateway_process_small_and_others_served(tmp_path):
+    """The gateway as its own process (`python -m gateway`), its RSS read from /proc:
+    4 connections at a time each sending one header value without end are cut off at
+    the head limit; the process grows by less than 16 MB and another client's p99
+    stays where it was (before the bound: 100+ MB, and seconds)."""
+    env = process_env(tmp_path)
+    env.update(AGENTS_ADDR="127.0.0.1:1", WORKFLOWS_ADDR="127.0.0.1:1", CACHE_ADDR="127.0.0.1:1", LOG_LEVEL="WARNING")
+    port = int(env["GATEWAY_PORT"])
+    with spawned("gateway", env) as proc:
+        read_until(proc, "gateway listening")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            await _p99_ms(client, 1, proc.pid, [0.0])  # warm
+            before = [_rss_mb(proc.pid)]
+            quiet_p99 = await _p99_ms(client, 3, proc.pid, before)
+            attacker = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", ATTACKER, str(port), str(ENDLESS), "6", stdout=asyncio.subprocess.PIPE
+            )
+            peak = [0.0]
+            attacked_p99 = await _p99_ms(client, 5, proc.pid, peak)
+            sent = int((await attacker.communicate())[0])
+    grown = peak[0] - before[0]
+    assert sent > 50_000_000, f"only {sent / 1e6:.0f} MB of header were sent"
+    assert grown < 16, f"the gateway grew by {grown:.1f} MB while {sent / 1e6:.0f} MB of header were sent"
+    # Unchanged, up to the noise of a shared machine.
+    assert attacked_p99 < 3 * quiet_p99 + 100, (quiet_p99, attacked_p99)

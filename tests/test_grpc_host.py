@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 
 import grpc
 import pytest
@@ -14,8 +15,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common import event_loop
 from services.common.errors import NotFound
 from services.common.grpc_host import GrpcHost
+from services.common.limits import MAX_METADATA_BYTES
 from services.common.telemetry.metrics import service_metrics
 from tests.support.grpc_errors import failure_of
+from tests.support.processes import process_env, read_until, spawned
 
 SLOW_METHOD = "/test.Slow/Sleep"
 
@@ -124,3 +127,83 @@ async def test_reflection_can_be_turned_off(sqlite_url):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             [reply async for reply in responses]
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """An HTTP/2 frame (RFC 9113 §4.1)."""
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def _hpack_int(value: int) -> bytes:
+    """An HPACK integer with a 7-bit prefix (RFC 7541 §5.1)."""
+    if value < 127:
+        return bytes([value])
+    out, value = [127], value - 127
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    return bytes([*out, value])
+
+
+def _literal(name: bytes, value: bytes, length: int | None = None) -> bytes:
+    """A header field without indexing (RFC 7541 §6.2.2), its value's length as told."""
+    return b"\x00" + _hpack_int(len(name)) + name + _hpack_int(len(value) if length is None else length) + value
+
+
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+
+
+async def _endless_header_block(port: int) -> int:
+    """Opens a stream whose header block never ends: a HEADERS frame without END_HEADERS
+    and a header value of a terabyte, sent in CONTINUATION frames until the server
+    closes the connection. Returns the bytes sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", HEALTH_CHECK), (b":authority", b"x"), (b"te", b"trailers")]
+    block = b"".join(_literal(name, value) for name, value in fields) + _literal(b"x-endless", b"", 1 << 40)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b"") + _frame(0x1, 0, 1, block))
+    sent, piece = 0, b"a" * 16384
+    try:
+        async with asyncio.timeout(30):
+            while not reader.at_eof():
+                writer.write(_frame(0x9, 0, 1, piece))
+                await writer.drain()
+                sent += len(piece)
+                await asyncio.sleep(0)
+    except ConnectionError:
+        pass  # reset by the server: the bound at work
+    finally:
+        writer.close()
+    return sent
+
+
+async def test_service_ports_refuse_oversized_metadata_and_endless_header_blocks(tmp_path):
+    """A service as its own process: metadata up to MAX_METADATA_BYTES is always
+    taken and past it always refused (gRPC's defaults refuse at random between 8 and
+    16 KiB), and 4 header blocks without end are cut off with the process's RSS (read
+    from /proc) growing by less than 16 MB."""
+    env = process_env(tmp_path)
+    port = int(env["CACHE_ADDR"].rsplit(":", 1)[1])
+    with spawned("services.cache_sidecar", env) as proc:
+        read_until(proc, "listening")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = channel.unary_unary(HEALTH_CHECK.decode(), response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            request = health_pb2.HealthCheckRequest().SerializeToString()
+            # gRPC counts name, value and 32 bytes an entry, the pseudo-headers too.
+            under = MAX_METADATA_BYTES - 1024
+            for _ in range(20):
+                await check(request, metadata=[("x-filler", "a" * under)], timeout=10)
+            for size in (MAX_METADATA_BYTES + 1, 1_000_000):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await check(request, metadata=[("x-filler", "a" * size)], timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            before = _rss_mb(proc.pid)
+            sent = await asyncio.gather(*(_endless_header_block(port) for _ in range(4)))
+            grown = _rss_mb(proc.pid) - before
+            assert grown < 16, f"the service grew by {grown:.1f} MB on {sum(sent)} bytes of header block"
+            # And it still answers.
+            assert (await check(request, timeout=10)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))

@@ -22,6 +22,7 @@ from services.agents.agents import Agents
 from services.common.background import spawn
 from services.common.channels import open_channel
 from services.common.errors import FailedPrecondition, Unavailable, invalid_fields
+from services.common.request_checks import json_violations
 
 Agent = agents_pb2.Agent
 AgentResult = runtime_pb2.AgentResult
@@ -73,6 +74,10 @@ class AgentExecutions:
             result = await self._run_builtin(agent, request, timeout)
         else:
             result = await self._run_remote(agent, request, timeout)
+        unfit = json_violations(result.output, "output")
+        if unfit:
+            path, problem = unfit[0]
+            result = AgentResult(outcome=AgentResult.FAILED, error=f"the agent answered a value no JSON can carry: {path} {problem}")
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
         return result
 

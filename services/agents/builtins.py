@@ -8,6 +8,7 @@ object to a JSON object; raising AgentFailure makes a FAILED result with its mes
 from __future__ import annotations
 
 import asyncio
+import math
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -110,7 +111,12 @@ async def aggregate_stats(call: Call) -> Json:
         raise AgentFailure("input.values must hold only numbers")
     if not values:
         return {"count": 0, "sum": 0}
-    total = sum(values)
+    try:
+        # fsum is exact where sum() drifts, and says so when the total leaves what a
+        # double holds (sum() would return inf, which no JSON answer can carry).
+        total = math.fsum(values)
+    except OverflowError:
+        raise AgentFailure("input.values: their sum is beyond the largest number a double holds (about 1.8e308)") from None
     return {"count": len(values), "sum": total, "min": min(values), "max": max(values), "mean": total / len(values)}
 
 

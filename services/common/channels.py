@@ -34,7 +34,7 @@ from opentelemetry import trace
 
 from services.common.api import backend_of
 from services.common.auth.call_keys import key_interceptors
-from services.common.limits import MAX_MESSAGE_BYTES
+from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.settings import Settings
 from services.common.telemetry import tracing
 from services.common.telemetry.grpc_client import tracing_interceptors
@@ -42,8 +42,7 @@ from services.common.telemetry.grpc_client import tracing_interceptors
 DEFAULT_CONNECTIONS = 4
 
 BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    *GRPC_SIZE_OPTIONS,
     ("grpc.lb_policy_name", "round_robin"),
     # Each channel its own connections: with the process-wide pool, channels to one
     # address would share a single connection and so a single worker.

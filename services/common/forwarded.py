@@ -6,12 +6,22 @@ untrusted hop may have been written by the client itself; so the client is the
 rightmost address that is not a trusted proxy, read from the right, and the header
 is read at all only when the peer itself is a trusted proxy. (The leftmost entry,
 which the client chooses freely, is never believed on its own.)
+
+Between the gateway and the services an address proves nothing (any process on the
+gateway's machine, or in its network, shares it), so the gateway vouches for the
+x-forwarded-for it sends with the services' key, as FORWARDER_KEY; the services read
+the header only on a call that carries it (services.common.auth.guard).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+
+# Metadata holding the services' key on a call whose x-forwarded-for the gateway wrote.
+FORWARDER_KEY = "x-forwarder-key"
+# TRUSTED_PROXIES when unset: any address, since the key is the proof.
+ANY_ADDRESS = "0.0.0.0/0,::/0"
 
 
 class TrustedProxies:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.common.grpc_calls import CallWrapper, Guard, Registrar
-from services.common.limits import MAX_MESSAGE_BYTES
+from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.telemetry.metrics import GrpcServerMetrics
 
 
@@ -45,11 +45,7 @@ class GrpcHost:
         # No interceptors: handlers are wrapped once, as they are registered, so a call
         # runs no interceptor chain before its handler.
         self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 1),
-            ],
+            options=[*GRPC_SIZE_OPTIONS, ("grpc.so_reuseport", 1)],
         )
         self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics))
         self.health = health.aio.HealthServicer()

@@ -6,14 +6,20 @@
 - Every value the schema admits can also be stored: no string (map keys included,
   inside google.protobuf.Struct too) holds a NUL character, which PostgreSQL's text
   and jsonb refuse and SQLite would keep only to break comparisons, and no
-  floating-point number is infinite or NaN, which JSON cannot carry back out.
-  Checked once here, from the descriptors, so no field of any message is forgotten
-  and both engines refuse the same values with the same 400 naming the field.
+  floating-point number is infinite or NaN, which JSON cannot carry back out, and no
+  google.protobuf.Duration or Timestamp lies outside the range its type defines
+  (timedelta and datetime overflow on it). Checked once here, from the descriptors,
+  so no field of any message is forgotten and both engines refuse the same values
+  with the same 400 naming the field.
 - It carries every field its message marks `(google.api.field_behavior) = REQUIRED`
   (services/common/field_behavior.py), so no handler restates the annotations. The
   fields of a resource inside a create or an update are the use case's to check:
   which of them are required depends on the write (AIP-134: an update only needs
   those its mask names), and a batch names every bad entry at once.
+- Its ids (the top-level string fields named `id` or `*_id`) are at most
+  MAX_ID_LENGTH characters, the longest any resource has: a not-found answer echoes
+  the id it was asked for, and an echo past gRPC's 8 KiB metadata limit would turn
+  into a misleading RESOURCE_EXHAUSTED (HTTP 429) on the way back.
 """
 
 from __future__ import annotations
@@ -27,12 +33,18 @@ from google.protobuf.message import DecodeError, Message
 
 from services.common import field_behavior
 from services.common.errors import InvalidArgument, invalid_fields
+from services.common.limits import MAX_ID_LENGTH
 
 _STRING = FieldDescriptor.TYPE_STRING
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 # The first few are enough to fix a request; a hostile one could hold thousands.
 MAX_VIOLATIONS = 20
+# The ranges google/protobuf/duration.proto and timestamp.proto define (in seconds).
+_RANGES = {
+    "google.protobuf.Duration": (-315_576_000_000, 315_576_000_000),
+    "google.protobuf.Timestamp": (-62_135_596_800, 253_402_300_799),
+}
 
 
 class Malformed:
@@ -69,7 +81,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             request = deserializer(data)
         except (DecodeError, ValueError, TypeError, RuntimeError):
             return MALFORMED
-        if isinstance(request, Message) and (b"\x00" in data or _holds_floats(request.DESCRIPTOR)):
+        if isinstance(request, Message) and (b"\x00" in data or _walk_needed(request.DESCRIPTOR)):
             violations: list[tuple[str, str]] = []
             _walk(request, "", violations)
             if violations:
@@ -81,7 +93,8 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def check_request(request: Any) -> None:
     """Raises INVALID_ARGUMENT for a request that did not decode, holds values no
-    engine can store or leaves a REQUIRED field unset; returns for anything else."""
+    engine can store, an id too long to be one or leaves a REQUIRED field unset;
+    returns for anything else."""
     if request is MALFORMED:
         raise InvalidArgument(
             "the request is not a valid encoding of the method's request message", reason="MALFORMED_REQUEST"
@@ -89,9 +102,26 @@ def check_request(request: Any) -> None:
     if isinstance(request, Refused):
         raise invalid_fields(request.violations)
     if isinstance(request, Message):
+        too_long = [name for name in _id_fields(request.DESCRIPTOR) if len(getattr(request, name)) > MAX_ID_LENGTH]
+        if too_long:
+            raise invalid_fields([(name, f"must be at most {MAX_ID_LENGTH} characters") for name in too_long])
         missing = field_behavior.missing(request)
         if missing:
             raise invalid_fields(field_behavior.violations(missing))
+
+
+def _id_fields(descriptor: Any) -> tuple[str, ...]:
+    found = _IDS_BY_TYPE.get(descriptor.full_name)
+    if found is None:
+        found = _IDS_BY_TYPE[descriptor.full_name] = tuple(
+            field.name
+            for field in descriptor.fields
+            if field.type == _STRING and not field.is_repeated and (field.name == "id" or field.name.endswith("_id"))
+        )
+    return found
+
+
+_IDS_BY_TYPE: dict[str, tuple[str, ...]] = {}
 
 
 def _walk(message: Message, path: str, violations: list[tuple[str, str]]) -> None:
@@ -124,12 +154,24 @@ def _check_value(field: FieldDescriptor, value: Any, path: str, violations: list
         if not math.isfinite(value):
             violations.append((path, "must be a finite number"))
     elif kind == _MESSAGE:
-        _walk(value, path, violations)
+        bounds = _RANGES.get(value.DESCRIPTOR.full_name)
+        if bounds is not None and not (bounds[0] <= value.seconds <= bounds[1] and -1_000_000_000 < value.nanos < 1_000_000_000):
+            violations.append((path, f"must lie within {bounds[0]}s and {bounds[1]}s"))
+        else:
+            _walk(value, path, violations)
 
 
 # google.protobuf.Struct and its parts are JSON: their paths read as JSON paths
 # (input.services[0]), not as the wrapper messages' own fields.
 _JSON_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
+
+
+def json_violations(message: Message, path: str) -> list[tuple[str, str]]:
+    """What a Struct holds that no store or JSON answer can carry (a NUL, an infinity,
+    a NaN): an agent's output is held to the same rule as a request."""
+    violations: list[tuple[str, str]] = []
+    _walk_json(message, path, violations)
+    return violations
 
 
 def _walk_json(message: Any, path: str, violations: list[tuple[str, str]]) -> None:
@@ -153,23 +195,26 @@ def _walk_json(message: Any, path: str, violations: list[tuple[str, str]]) -> No
             _walk_json(getattr(message, which), path, violations)
 
 
-def _holds_floats(descriptor: Any, _seen: frozenset[str] = frozenset()) -> bool:
-    """Whether a message of this type can hold a double or float, at any depth."""
-    cached = _FLOATS_BY_TYPE.get(descriptor.full_name)
+def _walk_needed(descriptor: Any, _seen: frozenset[str] = frozenset()) -> bool:
+    """Whether a message of this type can hold, at any depth, a double, a float, a
+    Duration or a Timestamp: values whose range the walk checks."""
+    if descriptor.full_name in _RANGES:
+        return True
+    cached = _WALK_BY_TYPE.get(descriptor.full_name)
     if cached is not None:
         return cached
     seen = _seen | {descriptor.full_name}
     holds = any(
         field.type in _FLOATS
-        or (field.type == _MESSAGE and field.message_type.full_name not in seen and _holds_floats(field.message_type, seen))
+        or (field.type == _MESSAGE and field.message_type.full_name not in seen and _walk_needed(field.message_type, seen))
         for field in descriptor.fields
     )
     if not _seen:
-        _FLOATS_BY_TYPE[descriptor.full_name] = holds
+        _WALK_BY_TYPE[descriptor.full_name] = holds
     return holds
 
 
-_FLOATS_BY_TYPE: dict[str, bool] = {}
+_WALK_BY_TYPE: dict[str, bool] = {}
 
 
 def _join(path: str, name: str) -> str:

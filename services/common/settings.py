@@ -89,8 +89,9 @@ class Settings:
     rate_limit_window: float = 1.0
     rate_limit_execute_requests: int = 100
     rate_limit_execute_window: float = 60.0
-    # Peers whose x-forwarded-for the services believe (networks, comma separated);
-    # empty: the gateway's own address (GATEWAY_HOST) and nothing else.
+    # Peers whose x-forwarded-for the services believe (networks, comma separated),
+    # and then only on a call that carries the services' key (the gateway's calls);
+    # empty: any address.
     trusted_proxies: str = ""
     # Proxies in front of the gateway whose X-Forwarded-For it believes; empty: none,
     # and the client is the connection's peer.

@@ -34,7 +34,7 @@ class Events:
     async def list(self, request: events_pb2.ListEventsRequest) -> events_pb2.ListEventsResponse:
         size = pagination.page_size(request.page_size)
         after = pagination.decode_token(request)
-        if after is not None and not after.isdigit():
+        if after is not None and not _is_number(after):
             raise invalid_fields([("page_token", "is not a token this service issued")])
         filters = EventFilter(
             request.type,
@@ -104,6 +104,11 @@ def resume_position(after: str) -> int | None:
     """A resume position: an event id, or None when there is none."""
     if not after:
         return None
-    if not after.isdigit() or int(after) > MAX_EVENT_ID:
+    if not _is_number(after) or int(after) > MAX_EVENT_ID:
         raise invalid_fields([("after", "must be an event id, as received in Event.id")])
     return int(after)
+
+
+def _is_number(text: str) -> bool:
+    """Digits int() reads: str.isdigit also takes '³' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()

@@ -4,6 +4,7 @@ and the attempts themselves under the step's timeout and retry policy (StepRunne
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -13,6 +14,8 @@ from google.protobuf import duration_pb2, json_format
 from services.workflows import references
 from services.workflows.progress import ExecutionProgress
 from services.workflows.statuses import step_event
+
+log = logging.getLogger(__name__)
 
 Execution = workflows_pb2.Execution
 Step = workflows_pb2.Step
@@ -138,13 +141,17 @@ class StepRunner:
                     try:
                         async with asyncio.timeout(timeout):
                             output = await self._actions.attempt(step, context, attempt, execution.id, timeout)
+                        json_format.ParseDict(output if isinstance(output, dict) else {"value": output}, run.output)
                     except (TimeoutError, StepTimedOut):
                         status, error, retryable = StepRun.TIMED_OUT, f"attempt {attempt} ran past {timeout:g}s", True
                     except StepFailed as exc:
                         status, error, retryable = StepRun.FAILED, str(exc), exc.retryable
+                    except Exception as exc:  # noqa: BLE001 - recorded on the step, not lost with its task
+                        log.exception("step %r of execution %s failed unexpectedly", step.id, execution.id)
+                        run.ClearField("output")
+                        status, error, retryable = StepRun.FAILED, f"the step failed unexpectedly: {exc}", False
                     else:
                         context["steps"][step.id] = output
-                        json_format.ParseDict(output if isinstance(output, dict) else {"value": output}, run.output)
                         status, error = StepRun.SUCCEEDED, ""
                         break
                     if not retryable or attempt == attempts:

@@ -3,8 +3,9 @@
 It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks it
 against the scope the method declares in the protos, then takes a token from the
 caller's rate-limit bucket: per key, or per client address for anonymous reads.
-The client address is the peer's, or the x-forwarded-for it sends when the peer is a
-trusted proxy (the gateway; services.common.forwarded). Keys never appear in errors
+The client address is the peer's, or the x-forwarded-for the gateway sends: believed
+only on a call that carries the services' key as FORWARDER_KEY, from a peer in
+TRUSTED_PROXIES (services.common.forwarded). Keys never appear in errors
 or logs: a key is named by its id or its first characters only.
 """
 
@@ -22,7 +23,7 @@ from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
 from services.common.auth.verifier import VOUCHING_HEADER, KeyVerifier
 from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
-from services.common.forwarded import TrustedProxies, client_address
+from services.common.forwarded import FORWARDER_KEY, TrustedProxies, client_address
 
 Scope = options_pb2.Scope
 
@@ -141,4 +142,5 @@ class AccessGuard:
 
     def _client_address(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> str:
         forwarded = metadata.get("x-forwarded-for", "")
-        return client_address(peer_address(context.peer()), [forwarded] if forwarded else [], self._proxies)
+        vouched = bool(self._service_key) and same_key(metadata.get(FORWARDER_KEY, ""), self._service_key)
+        return client_address(peer_address(context.peer()), [forwarded] if forwarded and vouched else [], self._proxies)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from services.common.auth.call_keys import key_interceptors
@@ -10,9 +9,10 @@ from services.common.auth.guard import AccessGuard
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
 from services.common.auth.verifier import KeyVerifier
+from services.common.forwarded import ANY_ADDRESS
 from services.common.settings import Settings
 
-__all__ = ["Access", "gateway_address", "key_interceptors"]
+__all__ = ["Access", "key_interceptors"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Access:
             limiter,
             auth_enabled=settings.auth_enabled,
             allow_anonymous_read=settings.allow_anonymous_read,
-            trusted_proxies=settings.trusted_proxies or gateway_address(settings),
+            trusted_proxies=settings.trusted_proxies or ANY_ADDRESS,
             service_key=settings.service_api_key,
         )
         return cls(verifier, limiter, guard)
@@ -56,16 +56,3 @@ def _limiter(settings: Settings) -> RateLimiter:
         prefix=f"{settings.redis_key_prefix}rl:",
         max_connections=settings.redis_max_connections,
     )
-
-
-def gateway_address(settings: Settings) -> str:
-    """The gateway's own address, the services' default trusted proxy; none when it
-    listens on every address or under a name (then TRUSTED_PROXIES says where it is)."""
-    host = settings.gateway_host.strip("[]")
-    if host == "localhost":
-        return "127.0.0.1,::1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return ""
-    return "" if address.is_unspecified else str(address)
