@@ -16,6 +16,7 @@ from google.protobuf import descriptor_pool
 
 from services.common.api import backend_of, discover_services
 from services.common.idempotency import KEY_FIELD
+from tests.support.auth import READ, WRITE, new_key
 from tests.support.databases import fresh_schema
 from tests.support.grpc_errors import error_reason, expect_error, field_violations
 from tests.support.pg_proxy import CommitCutter
@@ -126,6 +127,16 @@ async def test_the_body_or_query_request_id_wins_over_the_header(hub):
     again = await http.post(f"/api/agents?requestId={in_query}", json=AGENT)
     assert first.status_code == again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
+
+
+async def test_a_key_is_scoped_to_the_caller_that_sent_it(secured):
+    stack, keys_stub = secured
+    alice, bob = await new_key(keys_stub, WRITE, READ), await new_key(keys_stub, WRITE, READ)
+    request = agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(name="Mine", domain="scoped"), request_id=str(uuid.uuid4()))
+    first = await stack.stub.CreateAgent(request, metadata=(("x-api-key", alice),))
+    again = await stack.stub.CreateAgent(request, metadata=(("x-api-key", alice),))
+    other = await stack.stub.CreateAgent(request, metadata=(("x-api-key", bob),))
+    assert again == first and other.id != first.id
 
 
 async def test_simultaneous_requests_with_one_key_write_once(hub):
