@@ -11,11 +11,13 @@ import uuid
 import grpc
 import httpx
 import pytest
-from devops_hub.v1 import agents_pb2, events_pb2
+from devops_hub.v1 import agents_pb2, agents_pb2_grpc, events_pb2
 from google.protobuf import descriptor_pool
 
+from services.agents.server import build as build_agents
 from services.common.api import backend_of, discover_services
 from services.common.idempotency import KEY_FIELD
+from services.common.process import running
 from tests.support.auth import READ, WRITE, new_key
 from tests.support.databases import fresh_schema
 from tests.support.grpc_errors import error_reason, expect_error, field_violations
@@ -146,6 +148,21 @@ async def test_simultaneous_requests_with_one_key_write_once(hub):
     answers = await asyncio.gather(*(stack.stub.CreateAgent(request) for _ in range(8)))
     assert len({a.id for a in answers}) == 1 and len({a.SerializeToString(deterministic=True) for a in answers}) == 1
     listed = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="raced"))
+    assert [a.id for a in listed.agents] == [answers[0].id]
+
+
+async def test_simultaneous_requests_to_two_replicas_with_one_key_write_once(hub):
+    """Two agents processes on one database (WORKERS=2, or two pods): the key's row, not
+    any process's memory, decides which request writes."""
+    stack, _ = hub
+    request_id = str(uuid.uuid4())
+    request = agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(name="Replicated", domain="replicas"), request_id=request_id)
+    async with running(await build_agents(stack.settings.replace(agents_addr="127.0.0.1:0"))) as other:
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            stubs = [stack.stub, agents_pb2_grpc.AgentsServiceStub(channel)]
+            answers = await asyncio.gather(*(stubs[i % 2].CreateAgent(request) for i in range(8)))
+    assert len({a.SerializeToString(deterministic=True) for a in answers}) == 1
+    listed = await stack.stub.ListAgents(agents_pb2.ListAgentsRequest(domain="replicas"))
     assert [a.id for a in listed.agents] == [answers[0].id]
 
 
