@@ -91,7 +91,7 @@ def cors_options(origins_setting: str) -> dict[str, Any] | None:
         # A wildcard origin must not be combined with credentials.
         "allow_credentials": "*" not in origins,
         "allow_methods": ["GET", "POST", "PATCH", "DELETE"],
-        "allow_headers": ["authorization", "x-api-key", "content-type", "x-request-id", "if-none-match", "cache-control"],
+        "allow_headers": ["authorization", "x-api-key", "content-type", "x-request-id", "if-none-match", "cache-control", "idempotency-key"],
         "expose_headers": ["x-request-id", "etag", *RATE_LIMIT_TRAILERS.values()],
         "max_age": 600,
     }

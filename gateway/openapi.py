@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.json_body import JSON_MEDIA_TYPE, JsonObject, encode
-from gateway.routes import HttpRoute
+from gateway.routes import IDEMPOTENCY_HEADER, HttpRoute
 from gateway.templates import PathTemplate
 from gateway.transcode import is_map, is_scalar_like, map_entry
 from services.common.field_behavior import behaviors
@@ -183,6 +183,17 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
         ok = {"description": description, "content": {"text/event-stream": {"schema": reply_schema}}}
     else:
         ok = {"description": "OK", "content": {JSON_MEDIA_TYPE: {"schema": reply_schema}}}
+    for header, field in route.headers:
+        if header == IDEMPOTENCY_HEADER:
+            operation["parameters"].append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "format": "uuid"},
+                    "description": f"Makes a retry safe (AIP-155): sets `{field.json_name}` unless the body or query does.",
+                }
+            )
     operation["responses"] = {"200": ok, "default": error_response}
     return operation
 

@@ -138,8 +138,8 @@ class RestGateway:
             if body:
                 require_json(scope)
             message = handler.builder.build(result.values, scope["query_string"], body)
-            if handler.route.resume is not None:
-                _resume_from_last_event_id(message, handler.route.resume[0], scope)
+            if handler.route.headers:
+                _fields_from_headers(message, handler.route.headers, scope)
             metadata, if_none_match = _metadata(scope)
             client = client_address(scope, self._proxies)
             metadata = (*metadata, ("x-forwarded-for", client), *self._vouching)
@@ -237,18 +237,16 @@ async def _events(
         yield b"event: error\ndata: " + status_body(status_of(error)) + b"\n\n"
 
 
-def _resume_from_last_event_id(message: Message, field: FieldDescriptor, scope: Scope) -> None:
-    """An EventSource reconnecting sends the last id it saw; the query, if it sets the
-    resume field, wins."""
-    if getattr(message, field.name):
-        return
+def _fields_from_headers(message: Message, headers: tuple[tuple[bytes, FieldDescriptor], ...], scope: Scope) -> None:
+    """Fields a header sets (routes.py): the last id an EventSource saw when it
+    reconnects, a retry's Idempotency-Key. The query or body, if it sets the field, wins."""
     for name, value in scope["headers"]:
-        if name == b"last-event-id":
-            text = value.decode("latin-1").strip()
-            if not (text.isascii() and text.isprintable()):
-                raise bad_request("header 'last-event-id' must be printable ASCII", field="last-event-id")
-            setattr(message, field.name, text)
-            return
+        for header, field in headers:
+            if name == header and not getattr(message, field.name):
+                text = value.decode("latin-1").strip()
+                if not (text.isascii() and text.isprintable()):
+                    raise bad_request(f"header {header.decode()!r} must be printable ASCII", field=header.decode())
+                setattr(message, field.name, text)
 
 
 def _raw_path(scope: Scope) -> str:

@@ -18,6 +18,10 @@ from google.protobuf.message import Message
 
 from gateway.templates import PathTemplate, TemplateError
 from services.common.api import backend_of
+from services.common.idempotency import KEY_FIELD
+
+# The header clients send a retry's key in (the IETF httpapi draft's name, Stripe's).
+IDEMPOTENCY_HEADER = b"idempotency-key"
 
 
 class RouteError(ValueError):
@@ -44,6 +48,9 @@ class HttpRoute:
     # A server stream's resume position, (request field, streamed message's field), from
     # the `resumes_after` option: the SSE Last-Event-ID and each event's id.
     resume: tuple[FieldDescriptor, FieldDescriptor] | None = None
+    # Request fields a header sets (lower-case name, field) when the query or body has
+    # not: Last-Event-ID the resume field, Idempotency-Key an AIP-155 request_id.
+    headers: tuple[tuple[bytes, FieldDescriptor], ...] = ()
 
     @property
     def service(self) -> str:
@@ -126,6 +133,10 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
             raise RouteError(f"{where}: response_body {rule.response_body!r} is not a field of {response_type.full_name}")
 
     resume = _resume_fields(method, where) if method.server_streaming else None
+    headers = [(b"last-event-id", resume[0])] if resume is not None else []
+    request_id = request_type.fields_by_name.get(KEY_FIELD)
+    if request_id is not None and request_id.type == FieldDescriptor.TYPE_STRING:
+        headers.append((IDEMPOTENCY_HEADER, request_id))
 
     return HttpRoute(
         http_method=http_method,
@@ -140,6 +151,7 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int, backen
         response_class=message_factory.GetMessageClass(response_type),
         binding=index,
         resume=resume,
+        headers=tuple(headers),
     )
 
 

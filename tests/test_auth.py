@@ -450,7 +450,8 @@ async def test_the_services_key_is_not_a_database_key(sqlite_url):
     db = await connect(sqlite_url)
     await migrate(db)
     stored = auth_pb2.ApiKey(id="key_old_services", name="services", scopes=[ADMIN], prefix=keys.display_prefix(SERVICE_KEY))
-    await ApiKeyRepository(db).insert(stored, keys.hash_key(SERVICE_KEY), dt.datetime.now(dt.UTC))
+    async with db.transaction() as tx:
+        await ApiKeyRepository(db).insert(tx, stored, keys.hash_key(SERVICE_KEY), dt.datetime.now(dt.UTC))
     await db.close()
 
     async with running_stack(auth_settings(sqlite_url)) as stack:

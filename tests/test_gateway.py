@@ -840,7 +840,9 @@ async def test_openapi_parameters_match_path_variables_and_query_fields(client):
     assert discover["capability"]["schema"] == {"type": "array", "items": {"type": "string"}}
 
     batch = paths["/api/agents:batchCreate"]["post"]
-    assert batch["parameters"] == []
+    # Its only parameter: the header that sets request_id (a retry's key, AIP-155).
+    assert [(p["name"], p["in"]) for p in batch["parameters"]] == [("Idempotency-Key", "header")]
+    assert "Idempotency-Key" not in {p["name"] for p in patch["parameters"]}
     assert batch["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("BatchCreateAgentsRequest")
 
 

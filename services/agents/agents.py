@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import uuid
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
-from services.common import field_behavior, freshness, pagination
+from services.common import field_behavior, freshness, idempotency, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
@@ -31,6 +31,7 @@ from services.common.etags import revision_of
 from services.common.outbox import Outbox
 
 Agent = agents_pb2.Agent
+Answer = TypeVar("Answer", Agent, agents_pb2.BatchCreateAgentsResponse)
 
 # As long as the protos' cache_max_age says the answers stay fresh.
 _METHODS = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name
@@ -103,10 +104,14 @@ class Agents:
         return agents_pb2.DiscoverAgentsResponse(agents=agents, total_size=facets.total, facets=agents_pb2.Facets(**facets.counts))
 
     async def create(self, agent: Agent) -> Agent:
-        return (await self.batch_create([agent], prefix="agent"))[0]
+        return await self._create([agent], "agent", lambda created: created[0])
 
-    async def batch_create(self, agents: Sequence[Agent], prefix: str = "requests[{i}].agent") -> builtins.list[Agent]:
-        """Creates all of `agents` or none of them."""
+    async def batch_create(self, agents: Sequence[Agent]) -> agents_pb2.BatchCreateAgentsResponse:
+        return await self._create(agents, "requests[{i}].agent", lambda created: agents_pb2.BatchCreateAgentsResponse(agents=created))
+
+    async def _create(self, agents: Sequence[Agent], prefix: str, answer: Callable[[builtins.list[Agent]], Answer]) -> Answer:
+        """Creates all of `agents` or none of them; `answer` makes the RPC's answer of
+        them, stored with them when the call carries a request_id."""
         if len(agents) > validation.MAX_BATCH:
             raise invalid_fields([("requests", f"at most {validation.MAX_BATCH} agents per call, got {len(agents)}")])
         violations: validation.Violations = []
@@ -131,11 +136,14 @@ class Agents:
         if violations:
             raise invalid_fields(violations)
         async with self._outbox.write() as write:
+            await idempotency.claim(write.tx)
             created = await self._repository.insert(write.tx, new_agents, write.time)
             write.invalidate(*_made_stale(*(a.id for a in created)))
             for agent in created:
                 write.emit("agent.created", agent.id, {"agent_id": agent.id, "domain": agent.domain})
-        return created
+            reply = answer(created)
+            await idempotency.answer(write.tx, reply)
+        return reply
 
     async def update(self, agent: Agent, mask: Sequence[str]) -> Agent:
         violations: validation.Violations = []

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common import field_behavior, pagination
+from services.common import field_behavior, idempotency, pagination
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
 from services.common.clock import utc_now
-from services.common.errors import InternalError, NotFound, Unauthenticated, invalid_fields
+from services.common.db import UniqueViolation
+from services.common.errors import NotFound, Unauthenticated, invalid_fields
 
 ApiKey = auth_pb2.ApiKey
 Scope = options_pb2.Scope
@@ -52,22 +53,24 @@ class ApiKeys:
         if violations:
             raise invalid_fields(violations)
         key = keys.new_key()
-        stored = await self._store(requested, key, now)
-        if stored is None:
-            raise InternalError("could not store the new key; try again", reason="KEY_COLLISION")
+        async with self._repository.db.transaction() as tx:
+            await idempotency.claim(tx)
+            stored = await self._repository.insert(tx, _record(requested, key), keys.hash_key(key), now)
+            # A retry's answer: the same key, without its secret, which is never stored.
+            await idempotency.answer(tx, auth_pb2.CreateApiKeyResponse(api_key=stored))
         return auth_pb2.CreateApiKeyResponse(api_key=stored, key=key)
 
     async def ensure(self, key: str, name: str, scopes: Sequence[int]) -> bool:
         """Creates `key` if it is not stored yet (bootstrap and service keys); True if it created it."""
         if not keys.well_formed(key):
             raise ValueError(f"{name}: not a DevOps Hub key (dh_ and 43 url-safe characters); make one with `make key`")
-        return await self._store(ApiKey(name=name, scopes=scopes), key, utc_now()) is not None  # type: ignore[arg-type]  # protoc's .pyi types an enum's numbers as int, its fields as the enum class
-
-    async def _store(self, requested: ApiKey, key: str, now: dt.datetime) -> ApiKey | None:
-        record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
-        if requested.HasField("expire_time"):
-            record.expire_time.CopyFrom(requested.expire_time)
-        return await self._repository.insert(record, keys.hash_key(key), now)
+        record = _record(ApiKey(name=name, scopes=scopes), key)  # type: ignore[arg-type]  # protoc's .pyi types an enum's numbers as int, its fields as the enum class
+        try:
+            async with self._repository.db.transaction() as tx:
+                await self._repository.insert(tx, record, keys.hash_key(key), utc_now())
+        except UniqueViolation:
+            return False
+        return True
 
     async def list(self, request: auth_pb2.ListApiKeysRequest) -> auth_pb2.ListApiKeysResponse:
         size = pagination.page_size(request.page_size)
@@ -96,3 +99,10 @@ class ApiKeys:
         if api_key is None:
             raise Unauthenticated("no valid API key was presented", reason="API_KEY_INVALID" if key else "API_KEY_MISSING")
         return api_key
+
+
+def _record(requested: ApiKey, key: str) -> ApiKey:
+    record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
+    if requested.HasField("expire_time"):
+        record.expire_time.CopyFrom(requested.expire_time)
+    return record

@@ -20,6 +20,8 @@ from services.common.cache.client import CacheClient
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost
+from services.common.idempotency import Idempotency
+from services.common.idempotency_repository import IdempotencyRepository
 from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.process import GrpcProcess, run
@@ -68,7 +70,11 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
     await _ensure_configured_keys(api_keys, settings)
     access = Access.build(settings, verifier)
     host = GrpcHost(
-        settings.agents_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
+        settings.agents_addr,
+        metrics=metrics.grpc,
+        guard=access.guard,
+        reflection=settings.grpc_reflection,
+        idempotency=Idempotency(IdempotencyRepository(db), settings.idempotency_retention),
     )
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,

@@ -29,8 +29,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
     async def BatchCreateAgents(
         self, request: agents_pb2.BatchCreateAgentsRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.BatchCreateAgentsResponse:
-        agents = await self._agents.batch_create([r.agent for r in request.requests])
-        return agents_pb2.BatchCreateAgentsResponse(agents=agents)
+        return await self._agents.batch_create([r.agent for r in request.requests])
 
     async def UpdateAgent(self, request: agents_pb2.UpdateAgentRequest, context: grpc.aio.ServicerContext) -> agents_pb2.Agent:
         return await self._agents.update(request.agent, list(request.update_mask.paths))

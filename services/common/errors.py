@@ -114,6 +114,17 @@ class Unimplemented(ServiceError):
     default_reason = "UNIMPLEMENTED"
 
 
+class CommitOutcomeUnknown(ServiceError):
+    """The connection was lost during COMMIT: the write may or may not have been applied.
+
+    Not UNAVAILABLE (503, "retry"): retried blindly, a write that did commit is made
+    twice. A call carrying a request_id is answered UNAVAILABLE instead (idempotency.py),
+    since its retry is safe either way."""
+
+    code = grpc.StatusCode.UNKNOWN
+    default_reason = "COMMIT_OUTCOME_UNKNOWN"
+
+
 class InternalError(ServiceError):
     code = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"

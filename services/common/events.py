@@ -17,6 +17,7 @@ from typing import Any
 from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
+from services.common import idempotency
 from services.common.background import cancel_and_wait, spawn
 from services.common.clock import utc_now
 from services.common.db import Database
@@ -47,14 +48,20 @@ class EventWriter:
         self._ensure_running()
 
     async def write_now(self, event: events_pb2.Event) -> events_pb2.Event:
-        """Writes one event at once (PublishEvent), flushing what was queued before it."""
+        """Writes one event at once (PublishEvent), after what was queued before it, in a
+        transaction of its own: one that fails is not written later behind the caller's
+        back, and the answer to its request_id commits with it (idempotency.py)."""
+        await self.flush()
         data = json_format.MessageToDict(event.data) if event.HasField("data") else {}
-        self.emit(event.type, event.subject, data, event.correlation_id, source=event.source)
-        ids = await self.flush()
+        now = utc_now()
+        new = NewEvent(event.type, event.source or self._source, event.subject, data, event.correlation_id, now)
         stored = events_pb2.Event()
         stored.CopyFrom(event)
-        stored.id = str(ids[-1])
-        stored.time.GetCurrentTime()
+        stored.time.FromDatetime(now)
+        async with self._db.transaction() as tx:
+            await idempotency.claim(tx)
+            stored.id = str((await self._repository.insert(tx, [new]))[0])
+            await idempotency.answer(tx, stored)
         return stored
 
     async def flush(self) -> list[int]:

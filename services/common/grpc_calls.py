@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
@@ -25,6 +25,9 @@ from services.common.request_checks import check_request, tolerant
 from services.common.telemetry import context, profiling, tracing
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
 from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics
+
+if TYPE_CHECKING:
+    from services.common.idempotency import Idempotency
 
 Metadata = tuple[tuple[str, str], ...]
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,11 +44,13 @@ Guard = Callable[[str, Context], Awaitable[Metadata]]
 
 
 class CallWrapper:
-    """Wraps method handlers, with the process's tracer and profiler (None when off)
-    and the freshness table the protos declare."""
+    """Wraps method handlers, with the process's tracer and profiler (None when off),
+    the freshness table the protos declare and, for a process with a database, safe
+    retries of the methods whose requests carry a request_id (idempotency.py)."""
 
-    def __init__(self, guard: Guard | None = None, *, metrics: GrpcServerMetrics) -> None:
+    def __init__(self, guard: Guard | None = None, *, metrics: GrpcServerMetrics, idempotency: Idempotency | None = None) -> None:
         self._guard = guard
+        self._idempotency = idempotency
         self._metrics = metrics
         self._tracer = tracing.tracer()
         self._profiler = profiling.profiler()
@@ -83,6 +88,8 @@ class CallWrapper:
             fresh = (freshness.cache_control(max_age),) if cacheable else ()
             if cacheable:
                 single = _honouring_no_cache(single)
+            if self._idempotency is not None and not handler.response_streaming:
+                single = self._idempotency.wrap(single, method)
             wrapped = _single(single, method, stats, self._guard, fresh)
             if self._profiler is not None and not handler.response_streaming:
                 wrapped = profiled(wrapped, self._profiler, path)

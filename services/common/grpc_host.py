@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.common.grpc_calls import CallWrapper, Guard, Registrar
+from services.common.idempotency import Idempotency
 from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.telemetry.metrics import GrpcServerMetrics
 
@@ -35,7 +36,13 @@ class GrpcHost:
     """One grpc.aio server: the service's servicers plus health and reflection."""
 
     def __init__(
-        self, address: str, *, metrics: GrpcServerMetrics, guard: Guard | None = None, reflection: bool = True
+        self,
+        address: str,
+        *,
+        metrics: GrpcServerMetrics,
+        guard: Guard | None = None,
+        reflection: bool = True,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self.address = address
         # Server reflection lists every method to anyone who asks, key or not: handy
@@ -47,7 +54,7 @@ class GrpcHost:
         self.server = grpc.aio.server(
             options=[*GRPC_SIZE_OPTIONS, ("grpc.so_reuseport", 1)],
         )
-        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics))
+        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics, idempotency=idempotency))
         self.health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self.port: int | None = None

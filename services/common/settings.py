@@ -65,6 +65,9 @@ class Settings:
     # How many events the events table keeps; older ones are pruned in the background.
     events_retention: int = 1_000_000
     events_prune_interval: float = 60.0
+    # How long (seconds) a request_id's first answer is kept for its retries (AIP-155);
+    # pruned with the events.
+    idempotency_retention: float = 86400.0
     # How often buffered events are written, and how often streams look for new ones.
     events_flush_interval: float = 0.1
     events_poll_interval: float = 0.2

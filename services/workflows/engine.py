@@ -22,9 +22,9 @@ from typing import Any
 from devops_hub.v1 import agents_pb2_grpc, workflows_pb2
 from google.protobuf import json_format
 
+from services.common import idempotency
 from services.common.background import spawn
 from services.common.clock import utc_now
-from services.common.errors import Aborted
 from services.common.events import EventWriter
 from services.workflows.cancellation import BY_REQUEST, PROCESS_STOPPING, LocalExecutions
 from services.workflows.leases import Leases
@@ -75,11 +75,8 @@ class Engine:
         await self._local.stop_all(PROCESS_STOPPING)
 
     async def submit(self, workflow: Workflow, input: Mapping[str, Any], idempotency_key: str) -> Execution:
-        """Stores a PENDING execution and starts running it; returns it at once."""
-        if idempotency_key:
-            existing = await self._executions.by_idempotency_key(workflow.id, idempotency_key)
-            if existing is not None:
-                return existing
+        """Stores a PENDING execution and starts running it; returns it at once. A call
+        whose request_id was used already is answered before it gets here (idempotency.py)."""
         execution = Execution(
             id=str(uuid.uuid4()),
             workflow_id=workflow.id,
@@ -88,13 +85,10 @@ class Engine:
             steps=[StepRun(step_id=step.id, status=StepRun.PENDING) for step in workflow.steps],
         )
         json_format.ParseDict(dict(input), execution.input)
-        created = await self._executions.create(execution, workflow, self._leases.owner, self._leases.expiry(), utc_now())
-        if created is None:
-            # The same key raced in through another request: that one is the execution.
-            existing = await self._executions.by_idempotency_key(workflow.id, idempotency_key)
-            if existing is None:
-                raise Aborted("another request with this idempotency key is being stored; retry", reason="IDEMPOTENCY_RACE")
-            return existing
+        async with self._executions.db.transaction() as tx:
+            await idempotency.claim(tx)
+            created = await self._executions.create(tx, execution, workflow, self._leases.owner, self._leases.expiry(), utc_now())
+            await idempotency.answer(tx, created)
         self._progress.emit(created, "execution.pending", {"workflow_id": workflow.id})
         definition = Workflow()
         definition.CopyFrom(workflow)

@@ -19,7 +19,6 @@ from services.workflows.statuses import ACTIVE_EXECUTION, FINAL_EXECUTION, execu
 from services.workflows.workflows import Workflows
 
 Execution = workflows_pb2.Execution
-MAX_IDEMPOTENCY_KEY = 128
 MAX_INPUT_BYTES = 1024 * 1024
 _TERMINAL_EVENTS = frozenset(execution_event(status) for status in FINAL_EXECUTION)
 
@@ -32,13 +31,8 @@ class Executions:
         self._events = events
 
     async def execute(self, workflow_id: str, input: dict[str, Any], idempotency_key: str) -> Execution:
-        violations = []
-        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            violations.append(("idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
         if len(json.dumps(input)) > MAX_INPUT_BYTES:
-            violations.append(("input", f"must be at most {MAX_INPUT_BYTES} bytes of JSON"))
-        if violations:
-            raise invalid_fields(violations)
+            raise invalid_fields([("input", f"must be at most {MAX_INPUT_BYTES} bytes of JSON")])
         workflow = await self._workflows.get(workflow_id)
         return await self._engine.submit(workflow, input, idempotency_key)
 

@@ -129,39 +129,27 @@ class ExecutionRepository:
         self.db = db
 
     async def create(
-        self, execution: Execution, definition: Workflow, owner: str, lease_until: dt.datetime, now: dt.datetime
-    ) -> Execution | None:
-        """Inserts a PENDING execution; None when its idempotency key was used already."""
-        try:
-            async with self.db.transaction() as tx:
-                await tx.execute(
-                    "INSERT INTO workflow_executions (id, workflow_id, status, input, steps, definition,"
-                    " idempotency_key, owner, lease_expires_at, create_time)"
-                    " VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $8, $9)",
-                    execution.id,
-                    execution.workflow_id,
-                    json_format.MessageToJson(execution.input, indent=None),
-                    _steps_json(execution.steps),
-                    _definition(definition),
-                    execution.idempotency_key or None,
-                    owner,
-                    lease_until,
-                    now,
-                )
-        except UniqueViolation:
-            return None
-        return await self.get(execution.id)
+        self, tx: Executor, execution: Execution, definition: Workflow, owner: str, lease_until: dt.datetime, now: dt.datetime
+    ) -> Execution:
+        """Inserts a PENDING execution on `tx`."""
+        row = await tx.fetchrow(
+            "INSERT INTO workflow_executions (id, workflow_id, status, input, steps, definition,"
+            " idempotency_key, owner, lease_expires_at, create_time)"
+            f" VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $8, $9) RETURNING {_EXECUTION_COLUMNS}",
+            execution.id,
+            execution.workflow_id,
+            json_format.MessageToJson(execution.input, indent=None),
+            _steps_json(execution.steps),
+            _definition(definition),
+            execution.idempotency_key or None,
+            owner,
+            lease_until,
+            now,
+        )
+        return _to_execution(row)
 
     async def get(self, execution_id: str) -> Execution | None:
         row = await self.db.fetchrow(f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE id = $1", execution_id)
-        return None if row is None else _to_execution(row)
-
-    async def by_idempotency_key(self, workflow_id: str, key: str) -> Execution | None:
-        row = await self.db.fetchrow(
-            f"SELECT {_EXECUTION_COLUMNS} FROM workflow_executions WHERE workflow_id = $1 AND idempotency_key = $2",
-            workflow_id,
-            key,
-        )
         return None if row is None else _to_execution(row)
 
     async def list(self, workflow_id: str, status: int, before: tuple[str, str] | None, limit: int) -> list[Execution]:

@@ -1,24 +1,31 @@
-"""Keeps the events table bounded: EVENTS_RETENTION rows, pruned in the background.
+"""Keeps the events table bounded (EVENTS_RETENTION rows) and drops the idempotency
+keys older than IDEMPOTENCY_RETENTION, in the background.
 
-Pruning runs on a timer, never on the insert path (see EventRepository.prune).
+Pruning runs on a timer, never on the insert path (see EventRepository.prune). A
+key past its retention is ignored by look-ups anyway: pruning only bounds the table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 
 from services.common.background import cancel_and_wait, spawn
+from services.common.clock import utc_now
 from services.common.errors import Unavailable
 from services.common.event_repository import EventRepository
+from services.common.idempotency_repository import IdempotencyRepository
 
 log = logging.getLogger(__name__)
 
 
 class Pruner:
-    def __init__(self, events: EventRepository, keep: int, interval: float) -> None:
+    def __init__(self, events: EventRepository, keep: int, interval: float, keys: IdempotencyRepository, key_retention: float) -> None:
         self._events = events
         self._keep = keep
+        self._keys = keys
+        self._key_retention = dt.timedelta(seconds=key_retention)
         self._interval = interval
         self._task: asyncio.Task | None = None
 
@@ -31,10 +38,13 @@ class Pruner:
                 deleted = await self._events.prune(self._keep)
                 if deleted:
                     log.info("pruned %d old events (keeping %d)", deleted, self._keep)
+                expired = await self._keys.prune(utc_now() - self._key_retention)
+                if expired:
+                    log.info("pruned %d idempotency keys older than %s", expired, self._key_retention)
             except Exception as exc:  # noqa: BLE001 - try again next round
                 # A database that is away was logged once, by services.common.outages.
                 if not isinstance(exc, Unavailable):
-                    log.exception("pruning events failed")
+                    log.exception("pruning events or idempotency keys failed")
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:

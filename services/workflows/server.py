@@ -17,6 +17,8 @@ from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
 from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost
+from services.common.idempotency import Idempotency
+from services.common.idempotency_repository import IdempotencyRepository
 from services.common.invalidation_relay import InvalidationRelay, build_relay
 from services.common.outbox import Outbox
 from services.common.process import GrpcProcess, run
@@ -97,12 +99,17 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
     workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, relay, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
     access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))
+    keys = IdempotencyRepository(db)
     host = GrpcHost(
-        settings.workflows_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
+        settings.workflows_addr,
+        metrics=metrics.grpc,
+        guard=access.guard,
+        reflection=settings.grpc_reflection,
+        idempotency=Idempotency(keys, settings.idempotency_retention),
     )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)
-    pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval)
+    pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval, keys, settings.idempotency_retention)
     return WorkflowsService(
         host=host,
         metrics_port=settings.workflows_metrics_port,

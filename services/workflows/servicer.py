@@ -48,7 +48,8 @@ class WorkflowsServicer(workflows_pb2_grpc.WorkflowsServiceServicer):
     async def ExecuteWorkflow(
         self, request: workflows_pb2.ExecuteWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> workflows_pb2.Execution:
-        return await self._executions.execute(request.id, json_format.MessageToDict(request.input), request.idempotency_key)
+        key = request.request_id or request.idempotency_key  # the second: request_id's older name
+        return await self._executions.execute(request.id, json_format.MessageToDict(request.input), key)
 
     async def ListExecutions(
         self, request: workflows_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import grpc
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
 
-from services.common import field_behavior, freshness, pagination
+from services.common import field_behavior, freshness, idempotency, pagination
 from services.common.cache.client import CacheClient
 from services.common.cache.decorators import cached
 from services.common.cache.key_builder import encode_part
@@ -95,8 +95,10 @@ class Workflows:
         await self._validate(workflow, violations)
         workflow.name = workflow.name.strip()
         async with self._outbox.write() as write:
+            await idempotency.claim(write.tx)
             created = await self._repository.insert(write.tx, workflow, write.time)
             _record(write, created.id, "workflow.created")
+            await idempotency.answer(write.tx, created)
         return created
 
     async def update(self, requested: Workflow, mask: Sequence[str]) -> Workflow:

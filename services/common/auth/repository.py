@@ -9,8 +9,8 @@ from typing import Any
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common.db import Database, UniqueViolation
-from services.common.db.database import Row, as_datetime
+from services.common.db import Database
+from services.common.db.database import Executor, Row, as_datetime
 
 ApiKey = auth_pb2.ApiKey
 _COLUMNS = "id, name, prefix, scopes, create_time, expire_time, revoke_time, last_used_time"
@@ -33,24 +33,20 @@ class ApiKeyRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def insert(self, api_key: ApiKey, key_hash: str, now: dt.datetime) -> ApiKey | None:
-        """Stores a key; None when a key with this hash exists already."""
+    async def insert(self, tx: Executor, api_key: ApiKey, key_hash: str, now: dt.datetime) -> ApiKey:
+        """Stores a key on `tx`; UniqueViolation when a key with this hash exists already."""
         expire = api_key.expire_time.ToDatetime(dt.UTC) if api_key.HasField("expire_time") else None
-        try:
-            async with self.db.transaction() as tx:
-                row = await tx.fetchrow(
-                    "INSERT INTO api_keys (id, name, key_hash, prefix, scopes, create_time, expire_time)"
-                    f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
-                    api_key.id,
-                    api_key.name,
-                    key_hash,
-                    api_key.prefix,
-                    json.dumps([options_pb2.Scope.Name(s) for s in sorted(set(api_key.scopes))]),
-                    now,
-                    expire,
-                )
-        except UniqueViolation:
-            return None
+        row = await tx.fetchrow(
+            "INSERT INTO api_keys (id, name, key_hash, prefix, scopes, create_time, expire_time)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+            api_key.id,
+            api_key.name,
+            key_hash,
+            api_key.prefix,
+            json.dumps([options_pb2.Scope.Name(s) for s in sorted(set(api_key.scopes))]),
+            now,
+            expire,
+        )
         return to_api_key(row)
 
     async def by_hash(self, key_hash: str) -> ApiKey | None:

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.errors import CommitOutcomeUnknown
 from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
@@ -89,8 +90,20 @@ class PostgresDatabase(Database):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with _Connection(self) as conn, conn.transaction():
-            yield _PgExecutor(conn, self)
+        async with _Connection(self) as conn:
+            committing = False
+            try:
+                async with conn.transaction():
+                    yield _PgExecutor(conn, self)
+                    committing = True
+            except Exception as exc:
+                # The server may have committed before the connection went: nobody knows.
+                if committing and _connection_lost(conn, exc):
+                    raise CommitOutcomeUnknown(
+                        "the database connection was lost during COMMIT, so the write may or may not have been"
+                        " applied: read before retrying, or retry with a request_id (Idempotency-Key), which is safe"
+                    ) from exc
+                raise
 
     def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
         # One array argument per column and unnest(): a single statement with a
@@ -141,14 +154,9 @@ class _Connection:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         # Whatever the statements inside raised passes here: a lost server becomes
-        # UNAVAILABLE (and one log line per outage), a success ends an outage. A
-        # connection the server ended fails in odd ways too (InternalClientError:
-        # "another operation is in progress"): what matters is that it is gone.
-        lost = isinstance(exc, Exception) and (
-            is_database_outage(exc, raised_by_database=True)
-            or isinstance(exc, asyncpg.exceptions.InternalClientError)
-            or self._conn.is_closed()
-        )
+        # UNAVAILABLE (and one log line per outage), a success ends an outage; a commit
+        # whose outcome is unknown stays that (and counts as the outage it is).
+        lost = isinstance(exc, Exception) and _connection_lost(self._conn, exc)
         try:
             await self._db._pool.release(self._conn)
         except Exception as release_failure:  # resetting a connection the server ended
@@ -156,7 +164,19 @@ class _Connection:
         if exc is None:
             PROCESS.database.succeeded()
         elif lost:
-            raise PROCESS.database.failed(exc) from exc
+            unavailable = PROCESS.database.failed(exc)
+            if not isinstance(exc, CommitOutcomeUnknown):
+                raise unavailable from exc
+
+
+def _connection_lost(conn: Any, exc: BaseException) -> bool:
+    """A connection the server ended fails in odd ways too (InternalClientError:
+    "another operation is in progress"): what matters is that it is gone."""
+    return (
+        is_database_outage(exc, raised_by_database=True)
+        or isinstance(exc, (asyncpg.exceptions.InternalClientError, CommitOutcomeUnknown))
+        or conn.is_closed()
+    )
 
 
 def _rows_changed(status: str) -> int:
