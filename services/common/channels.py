@@ -14,7 +14,8 @@ its proto declares. service_channel() opens the usual channel there (the service
 GRPC_CONNECTIONS), so no client names an address setting.
 
 Every channel in the system is opened here, so what a call carries is decided here
-and nowhere else: the services' key when asked for (auth/call_keys.py), and, while
+and nowhere else: the services' key when asked for (the client package's
+key_interceptors, which every client of DevOps Hub uses), and, while
 tracing is on, the interceptors that give each call a CLIENT span and pass its trace
 context on (telemetry/grpc_client.py). The tracer is the one tracing installed when
 the channel is opened, unless the caller passes its own (or None); gRPC itself is never
@@ -29,11 +30,11 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from devops_hub.channels import key_interceptors
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
 from services.common.api import backend_of
-from services.common.auth.call_keys import key_interceptors
 from services.common.limits import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 from services.common.telemetry import tracing

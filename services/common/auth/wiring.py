@@ -1,18 +1,17 @@
-"""What a process needs to enforce access and to call its peers with a key."""
+"""What a process needs to enforce access."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
 
-from services.common.auth.call_keys import key_interceptors
 from services.common.auth.guard import AccessGuard
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
 from services.common.auth.verifier import KeyVerifier
 from services.common.settings import Settings
 
-__all__ = ["Access", "gateway_address", "key_interceptors"]
+__all__ = ["Access", "gateway_address"]
 
 
 @dataclass
