@@ -14,13 +14,15 @@ DIST   ?= dist
 setup: $(VENV)/.installed protos
 
 # Reinstall only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CLIENT)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The client package (devops_hub: its code and the stubs `make protos` generates
-	# into it) imports from its folder: put clients/python on the venv's path.
+	# into it) imports from its folder: put clients/python on the venv's path, ahead of
+	# any older stubs; its editable install adds the devops-hub command to .venv/bin.
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "devops_hub_gen.pth").write_text(str(pathlib.Path("$(CLIENT)").resolve()) + "\n")'
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e $(CLIENT)
 	touch $@
 
 # One generation: the stubs go into the client package, where the services import

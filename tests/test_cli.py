@@ -91,6 +91,10 @@ async def test_usage_and_unreachable_services_have_their_own_exit_codes(hub):
     _, _, _, env = hub
     assert (await run_cli(COMMAND, env, "agents", "frobnicate")).code == cli.USAGE
     assert (await run_cli(COMMAND, env, "keys", "create", "k", "--scope", "everything")).code == cli.USAGE
+    # Input that is not there, or not the JSON of an Agent, is refused before any call.
+    assert (await run_cli(COMMAND, env, "agents", "create", "/nonexistent/agent.json")).code == cli.USAGE
+    unknown_field = await run_cli(COMMAND, env, "agents", "create", "-", stdin='{"colour": "red"}')
+    assert unknown_field.code == cli.USAGE and "colour" in unknown_field.err
     down = await run_cli(COMMAND, env, "agents", "list", "--agents-addr", f"127.0.0.1:{free_port()}", "--timeout", "3")
     assert down.code == cli.UNAVAILABLE, down.err
 
@@ -101,8 +105,10 @@ async def test_workflows_run_watch_prints_each_steps_progress_and_exits_by_the_o
     # By its name; --watch follows it to the end.
     run = await run_cli(COMMAND, env, "workflows", "run", DEPLOY_GATE["name"], "--input", json.dumps(DEPLOY_INPUT), "--watch")
     assert run.code == cli.OK, run.err
+    # One line a transition: time, type, subject (the step), what else its data says.
+    progress = [line.split()[1:] for line in run.lines()]
     for step in ("validate", "latency", "gate", "announce"):
-        assert any(line.split()[1] == "step.succeeded" and f"step_id={step}" in line for line in run.lines()), run.out
+        assert ["step.running", step] in progress and ["step.succeeded", step, "attempts=1"] in progress, run.out
     assert run.lines()[-1].split()[1] == "execution.succeeded"
     assert "SUCCEEDED" in run.err
 

@@ -79,8 +79,8 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Wo
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service go through the client package, on a channel that
-    # carries this service's own key.
-    agents = Client({"agents": service_channel(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], settings)})
+    # carries this service's own key; 5 s unless a call says otherwise (a step's run).
+    agents = Client({"agents": service_channel(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], settings)}, timeout=5)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
     events = Events(db, writer, feed)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ApiError as error:
         output.error(error)
         return EXIT_CODES.get(type(error), FAILED)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, json_format.ParseError) as error:
+        # A file that is missing or not the JSON of the message, a part with no address.
         print(f"devops-hub: {error}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt:
@@ -99,7 +100,9 @@ class Output:
         if self.as_json:
             self._print(json.dumps(json_format.MessageToDict(event)))
             return
-        data = " ".join(f"{k}={_cell(v, width=0)}" for k, v in json_format.MessageToDict(event.data).items())
+        # What the line says already (the subject, the execution's id) is not repeated.
+        said = {event.subject, event.correlation_id}
+        data = " ".join(f"{k}={_cell(v, width=0)}" for k, v in json_format.MessageToDict(event.data).items() if v not in said)
         self._print(f"{event.time.ToJsonString()}  {event.type:<20} {event.subject}  {data}".rstrip())
 
     def error(self, error: errors.ApiError) -> None:
@@ -119,8 +122,10 @@ class Output:
 
 
 def _values(message: Message) -> dict[str, Any]:
-    """The message as JSON, zeros included: a count of 0 is an answer too."""
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    """The message as JSON, zeros included (a count of 0 is an answer too), in the
+    proto's field order."""
+    values = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    return {f.json_name: values[f.json_name] for f in message.DESCRIPTOR.fields if f.json_name in values}
 
 
 def _plain(value: Any) -> bool:
@@ -129,6 +134,8 @@ def _plain(value: Any) -> bool:
 
 
 def _cell(value: Any, width: int = CELL_WIDTH) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a Struct's numbers are doubles: attempts=1, not 1.0
     text = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else str(value)
     return text if not width or len(text) <= width else text[: width - 1] + "…"
 
