@@ -11,7 +11,7 @@ from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
-from services.common.channels import service_channel
+from services.common.channels import service_client
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
@@ -80,7 +80,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
     # Calls to the agents service go through the client package, on a channel that
     # carries this service's own key; 5 s unless a call says otherwise (a step's run).
-    agents = Client({"agents": service_channel(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], settings)}, timeout=5)
+    agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
     events = Events(db, writer, feed)
