@@ -194,7 +194,7 @@ async def events_tail(hub: Client, args: argparse.Namespace, output: Output) -> 
         count += 1
         if count == args.count:
             break
-    await events.aclose()  # type: ignore[attr-defined]  # an async generator's
+    await events.aclose()  # ends the call
     return OK
 
 

@@ -15,7 +15,7 @@ errors.from_rpc_error() turns into an ApiError.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from functools import cached_property
 from types import TracebackType
 from typing import Any, TypeVar
@@ -99,7 +99,7 @@ class Client:
     async def get_agent(self, id: str) -> agents_pb2.Agent:
         return await self._unary(self.agents.GetAgent, agents_pb2.GetAgentRequest(id=id))
 
-    def list_agents(self, **filters: Any) -> AsyncIterator[agents_pb2.Agent]:
+    def list_agents(self, **filters: Any) -> AsyncGenerator[agents_pb2.Agent, None]:
         """Every agent that `filters` (ListAgentsRequest fields) select, page after page."""
         return self._pages(self.agents.ListAgents, agents_pb2.ListAgentsRequest(**filters), "agents")
 
@@ -130,7 +130,7 @@ class Client:
         """The new key's record and, shown this once, the key itself."""
         return await self._unary(self.api_keys.CreateApiKey, auth_pb2.CreateApiKeyRequest(api_key=api_key))
 
-    def list_api_keys(self, **filters: Any) -> AsyncIterator[auth_pb2.ApiKey]:
+    def list_api_keys(self, **filters: Any) -> AsyncGenerator[auth_pb2.ApiKey, None]:
         return self._pages(self.api_keys.ListApiKeys, auth_pb2.ListApiKeysRequest(**filters), "api_keys")
 
     async def revoke_api_key(self, id: str) -> auth_pb2.ApiKey:
@@ -140,7 +140,7 @@ class Client:
     async def get_workflow(self, id: str) -> workflows_pb2.Workflow:
         return await self._unary(self.workflows.GetWorkflow, workflows_pb2.GetWorkflowRequest(id=id))
 
-    def list_workflows(self, **filters: Any) -> AsyncIterator[workflows_pb2.Workflow]:
+    def list_workflows(self, **filters: Any) -> AsyncGenerator[workflows_pb2.Workflow, None]:
         return self._pages(self.workflows.ListWorkflows, workflows_pb2.ListWorkflowsRequest(**filters), "workflows")
 
     async def create_workflow(self, workflow: workflows_pb2.Workflow) -> workflows_pb2.Workflow:
@@ -159,24 +159,24 @@ class Client:
     async def get_execution(self, id: str) -> workflows_pb2.Execution:
         return await self._unary(self.workflows.GetExecution, workflows_pb2.GetExecutionRequest(id=id))
 
-    def list_executions(self, **filters: Any) -> AsyncIterator[workflows_pb2.Execution]:
+    def list_executions(self, **filters: Any) -> AsyncGenerator[workflows_pb2.Execution, None]:
         return self._pages(self.workflows.ListExecutions, workflows_pb2.ListExecutionsRequest(**filters), "executions")
 
     async def cancel_execution(self, id: str) -> workflows_pb2.Execution:
         return await self._unary(self.workflows.CancelExecution, workflows_pb2.CancelExecutionRequest(id=id))
 
-    def watch_execution(self, id: str, after: str = "") -> AsyncIterator[events_pb2.Event]:
+    def watch_execution(self, id: str, after: str = "") -> AsyncGenerator[events_pb2.Event, None]:
         """The execution's events (replayed after `after`, then live), ending with its final one."""
         return self._stream(self.workflows.WatchExecution, workflows_pb2.WatchExecutionRequest(id=id, after=after))
 
     # EventsService
-    def list_events(self, **filters: Any) -> AsyncIterator[events_pb2.Event]:
+    def list_events(self, **filters: Any) -> AsyncGenerator[events_pb2.Event, None]:
         return self._pages(self.events.ListEvents, events_pb2.ListEventsRequest(**filters), "events")
 
     async def publish_event(self, event: events_pb2.Event) -> events_pb2.Event:
         return await self._unary(self.events.PublishEvent, events_pb2.PublishEventRequest(event=event))
 
-    def stream_events(self, **filters: Any) -> AsyncIterator[events_pb2.Event]:
+    def stream_events(self, **filters: Any) -> AsyncGenerator[events_pb2.Event, None]:
         """Events as they are stored, from now (or after the event id `after`), until closed."""
         return self._stream(self.events.StreamEvents, events_pb2.StreamEventsRequest(**filters))
 
@@ -197,7 +197,7 @@ class Client:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def _stream(self, method: Callable[..., Any], request: Any) -> AsyncIterator[Any]:
+    async def _stream(self, method: Callable[..., Any], request: Any) -> AsyncGenerator[Any, None]:
         call = method(request)
         try:
             async for message in call:
@@ -207,7 +207,7 @@ class Client:
         finally:
             call.cancel()
 
-    async def _pages(self, method: Callable[..., Awaitable[Any]], request: Any, field: str) -> AsyncIterator[Any]:
+    async def _pages(self, method: Callable[..., Awaitable[Any]], request: Any, field: str) -> AsyncGenerator[Any, None]:
         while True:
             page = await self._unary(method, request)
             for item in getattr(page, field):
