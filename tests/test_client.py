@@ -16,8 +16,10 @@ from devops_hub.v1 import agents_pb2, auth_pb2, events_pb2, workflows_pb2
 from google.protobuf import json_format
 
 from bench.run import free_port
+from services.agents import new_key as new_key_module
 from services.agents.builtins import builtin_agent_records
-from tests.support.auth import ADMIN_KEY, READ, auth_settings, new_key
+from services.common.auth import keys
+from tests.support.auth import ADMIN, ADMIN_KEY, READ, auth_settings, new_key
 from tests.support.client import DEPLOY_GATE, DEPLOY_INPUT
 from tests.support.stack import new_agent, running_stack
 
@@ -127,3 +129,15 @@ def test_the_service_config_retries_reads_only_and_gives_streams_no_deadline():
     assert set(policy) == {(s.name, m.name) for s in SERVICES.values() for m in s.methods}
     assert all(("retryPolicy" in policy[(s.name, m.name)]) == is_read(m) for s in SERVICES.values() for m in s.methods)
 
+
+
+async def test_make_key_calls_the_running_stack_through_the_client_and_falls_back_when_refused(secured, monkeypatch, capsys):
+    stack, _ = secured
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    created, where = await new_key_module.create(stack.settings, "through-stack", [ADMIN])
+    assert created.key.startswith("dh_") and where.startswith("through the stack running at")
+    # A services' key the stack does not know: refused (UNAUTHENTICATED), so the database instead.
+    refused = stack.settings.replace(service_api_key=keys.new_key())
+    created, where = await new_key_module.create(refused, "into-db", [ADMIN])
+    assert created.key.startswith("dh_") and where.startswith("in sqlite")
+    assert "refused the services' key" in capsys.readouterr().err
