@@ -87,4 +87,4 @@ lint: setup
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) $(STUBS) $(CLIENT)/devops_hub/protos $(CLIENT)/build dist var .pytest_cache
+	rm -rf $(VENV) $(STUBS) $(CLIENT)/devops_hub/protos $(CLIENT)/build $(CLIENT)/*.egg-info dist var .pytest_cache
