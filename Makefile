@@ -5,25 +5,39 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
+CLIENT := clients/python
+STUBS  := $(CLIENT)/devops_hub/v1
+DIST   ?= dist
 
-.PHONY: setup protos run test bench bench-cache lint clean key ghz loadtest
+.PHONY: setup protos run test bench bench-cache lint clean key ghz loadtest dist
 
 setup: $(VENV)/.installed protos
 
 # Reinstall only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CLIENT)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# The generated stubs import as devops_hub.v1.*: put gen/ on the venv's path.
-	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "devops_hub_gen.pth").write_text(str(pathlib.Path("gen").resolve()) + "\n")'
+	# The client package (devops_hub: its code and the stubs `make protos` generates
+	# into it) imports from its folder: put clients/python on the venv's path, ahead of
+	# any older stubs; its editable install adds the devops-hub command to .venv/bin.
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "devops_hub_gen.pth").write_text(str(pathlib.Path("$(CLIENT)").resolve()) + "\n")'
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e $(CLIENT)
 	touch $@
 
-protos: gen/.stamp
+# One generation: the stubs go into the client package, where the services import
+# them from and where its wheel's build puts them too.
+protos: $(STUBS)/.stamp
 
-gen/.stamp: $(PROTOS) $(VENV)/.installed scripts/gen_protos.py
-	$(PY) scripts/gen_protos.py
+$(STUBS)/.stamp: $(PROTOS) $(VENV)/.installed $(CLIENT)/gen_protos.py
+	$(PY) $(CLIENT)/gen_protos.py
 	touch $@
+
+# The client's wheel (devops-hub-client: stubs, protos, asyncio client, CLI) in $(DIST)/,
+# built with the venv's setuptools and grpcio-tools (no download); docs/client.md.
+dist: setup
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(DIST) $(CLIENT)
+	@ls $(DIST)/devops_hub_client-*.whl
 
 run: setup
 	$(PY) -m services.launcher
@@ -73,4 +87,4 @@ lint: setup
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) gen var .pytest_cache
+	rm -rf $(VENV) $(STUBS) $(CLIENT)/devops_hub/protos $(CLIENT)/build $(CLIENT)/*.egg-info dist var .pytest_cache

@@ -83,7 +83,7 @@ def main() -> int:
             base_tree = Path(tmp) / "base"
             archive(args.base, base_tree)
         port = free_port()
-        env = dict(stack.env, PYTHONPATH=os.pathsep.join([str(base_tree), str(ROOT / "gen")]), AGENTS_METRICS_PORT="0")
+        env = dict(stack.env, PYTHONPATH=os.pathsep.join([str(base_tree), str(ROOT / "clients" / "python")]), AGENTS_METRICS_PORT="0")
         if args.part == "gateway":
             env["GATEWAY_PORT"] = str(port)
             ours_url, base_url = stack.gateway, f"http://127.0.0.1:{port}"

@@ -6,14 +6,15 @@ first minute. It is idempotent: what exists already is left as it is.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
-import grpc
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+from devops_hub import errors
+from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
 from services.agents.builtins import builtin_agent_records
-from services.common.channels import service_channel
+from services.common.channels import service_client
 from services.common.settings import Settings
 
 EXAMPLE_WORKFLOWS: list[dict[str, Any]] = [
@@ -89,28 +90,21 @@ EXAMPLE_WORKFLOWS: list[dict[str, Any]] = [
 async def seed(settings: Settings) -> list[str]:
     """Creates what is missing; returns the ids it created."""
     created = []
-    agents_service = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"]
-    workflows_service = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"]
-    async with service_channel(agents_service, settings) as agents_channel, service_channel(
-        workflows_service, settings
-    ) as workflows_channel:
-        agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
-        workflows = workflows_pb2_grpc.WorkflowsServiceStub(workflows_channel)
+    services = (agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"])
+    async with service_client(settings, *services, timeout=10) as hub:
         for agent in builtin_agent_records():
-            if await _create(agents.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent), timeout=10)):
+            if await _created(hub.create_agent(agent)):
                 created.append(agent.id)
         for example in EXAMPLE_WORKFLOWS:
             workflow = json_format.ParseDict(example, workflows_pb2.Workflow())
-            if await _create(workflows.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=workflow), timeout=10)):
+            if await _created(hub.create_workflow(workflow)):
                 created.append(workflow.id)
     return created
 
 
-async def _create(call) -> bool:
+async def _created(write: Awaitable[object]) -> bool:
     try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-            return False
-        raise
+        await write
+    except errors.AlreadyExists:
+        return False
     return True

@@ -6,7 +6,7 @@ and delegates, a use case, and one `host.add(...)` in the hosting process's buil
 guides say the rest is derived from the proto: the gateway route and JSON mapping, the
 OpenAPI operation, the scope check, the rate-limit bucket, the REQUIRED-field checks,
 gRPC metrics and traces, reflection and health. This proves it through the real
-interfaces, with stubs generated as `make protos` generates them (scripts/gen_protos.py)
+interfaces, with stubs generated as `make protos` generates them (clients/python/gen_protos.py)
 from the project's protos plus the new one.
 
 Importing the new stubs would add ReportsService to this process's default descriptor
@@ -37,18 +37,20 @@ SERVICE = "devops_hub.v1.ReportsService"
 def seen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """What the new service answered, once for every test of this module."""
     work = tmp_path_factory.mktemp("new_service")
-    protos, stubs, out = work / "protos", work / "gen", work / "seen.json"
-    # Guide step 1: the new .proto beside the others; then `make protos`, into a folder of our own.
+    protos, stubs, out = work / "protos", work / "client", work / "seen.json"
+    # Guide step 1: the new .proto beside the others; then `make protos`, into a copy of
+    # the client package (the stubs' home) of our own.
     shutil.copytree(ROOT / "protos", protos)
     shutil.copy(SCENARIO / "reports.proto", protos / "devops_hub" / "v1" / "reports.proto")
-    _run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--protos", str(protos), "--out", str(stubs)], work)
+    shutil.copytree(ROOT / "clients" / "python", stubs, ignore=shutil.ignore_patterns("v1", "protos", "build", "*.egg-info"))
+    _run([sys.executable, str(stubs / "gen_protos.py"), "--protos", str(protos), "--out", str(stubs)], work)
     _run([sys.executable, "-m", "tests.support.new_service", str(out), f"sqlite:///{work}/hub.db"], work, stubs)
     return json.loads(out.read_text())
 
 
 def _run(command: list[str], work: Path, stubs: Path | None = None) -> None:
     env = dict(os.environ)
-    # The new stubs before the venv's gen/ (a .pth entry, which comes after PYTHONPATH).
+    # The new stubs before the venv's clients/python (a .pth entry, which comes after PYTHONPATH).
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (stubs, ROOT) if p is not None)
     for name in ("REDIS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(name, None)

@@ -428,7 +428,7 @@ async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_p
     env = dict(os.environ, CACHE_ADDR=f"127.0.0.1:{port}", SHUTDOWN_GRACE="60", LOG_LEVEL="WARNING",
                AUTH_ENABLED="false", CACHE_METRICS_PORT="0")
     env.pop("REDIS_URL", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
     with spawned("services.cache_sidecar", env) as process:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = cache_pb2_grpc.CacheServiceStub(channel)

@@ -11,7 +11,7 @@ from tests.support import ROOT
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-CODE_PATH = re.compile(r"`((?:services|gateway|protos|deploy|tests|bench|docs|scripts)/[^`\s]*)`")
+CODE_PATH = re.compile(r"`((?:services|gateway|protos|deploy|tests|bench|docs|scripts|clients)/[^`\s]*)`")
 # design.md's guides' worked examples name files that do not exist yet, by design.
 GUIDE_EXAMPLES = ("reports",)
 

@@ -883,7 +883,7 @@ async def test_openapi_schemas_follow_the_proto3_json_mapping(client):
 async def test_python_dash_m_gateway_serves_and_exits_cleanly_on_sigterm(backends):
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")]),
         "GATEWAY_PORT": "0",
         "AGENTS_ADDR": backends.agents_addr,
         "WORKFLOWS_ADDR": backends.agents_addr,

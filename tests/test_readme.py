@@ -9,7 +9,7 @@ command reads fails here.
 
 What counts as working: no helper failed (`field` reading a missing value), every
 HTTP answer is 2xx (or the 304 a conditional GET asks for) except exactly the errors the README shows (`# {"code": N, ...`),
-and every grpcurl call succeeds.
+and every grpcurl and devops-hub command succeeds.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ HTTP_BY_CODE = {code.value[0]: status for code, status in HTTP_STATUS.items()}
 INSTRUMENTS = r"""
 curl() { command curl -w '%{stderr}@@http %{http_code}\n' "$@"; }
 grpcurl() { command grpcurl "$@"; local code=$?; echo "@@grpc $code" >&2; return $code; }
+devops-hub() { command devops-hub "$@"; local code=$?; echo "@@cli $code" >&2; return $code; }
 """
 RUN_TIMEOUT = 300
 
@@ -92,7 +93,8 @@ def test_every_readme_command_works_pasted_in_order(tmp_path):
     script = "\n".join(blocks)
     documented = Counter(HTTP_BY_CODE[int(code)] for code in DOCUMENTED_ERROR.findall(script))
     grpc_calls = len(re.findall(r"^grpcurl ", script, re.MULTILINE))
-    assert blocks and documented and grpc_calls, "the walkthrough lost its blocks, its error example or its gRPC calls"
+    cli_calls = len(re.findall(r"^devops-hub ", script, re.MULTILINE))
+    assert blocks and documented and grpc_calls and cli_calls, "the walkthrough lost its blocks, its error example, its gRPC calls or its CLI"
     with launched_stack(tmp_path) as env:
         done = run_bash(for_stack(script, env), env)
     report = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-6000:]}"
@@ -103,6 +105,7 @@ def test_every_readme_command_works_pasted_in_order(tmp_path):
     failed = Counter(status for status in statuses if not (200 <= status < 300 or status == 304))
     assert failed == documented, f"answers other than 2xx: {dict(failed)}, documented: {dict(documented)}\n{report}"
     assert outcomes(done.stderr, "grpc") == [0] * grpc_calls, report
+    assert outcomes(done.stderr, "cli") == [0] * cli_calls, report
 
 
 def test_the_launchers_hint_obtains_a_key_and_works(tmp_path):

@@ -76,7 +76,7 @@ async def test_an_execution_left_by_a_dead_process_is_failed(database_url):
             WORKFLOWS_ADDR=f"127.0.0.1:{port}",
             WORKFLOW_LEASE_TTL="1.5",
             AUTH_ENABLED="false",
-            PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+            PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
             PYTHONUNBUFFERED="1",
         )
         with spawned("services.workflows", env) as doomed:

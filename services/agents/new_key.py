@@ -19,8 +19,10 @@ import os
 import pathlib
 import sys
 
-import grpc
-from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
+from devops_hub import errors
+from devops_hub.channels import backend_of
+from devops_hub.client import Client
+from devops_hub.v1 import auth_pb2, options_pb2
 
 from services.agents.api_keys import ApiKeys
 from services.common.auth.keys import well_formed
@@ -70,15 +72,13 @@ async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -
         except TimeoutError:
             return None
         try:
-            return await auth_pb2_grpc.ApiKeysServiceStub(channel).CreateApiKey(
-                auth_pb2.CreateApiKeyRequest(api_key=api_key), timeout=10
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                raise ServiceError(exc.details() or exc.code().name) from None
-            print(f"the stack at {service_address(API_KEYS_SERVICE, settings)} refused the services' key ({exc.details()}); "
+            return await Client({backend_of(API_KEYS_SERVICE): channel}, timeout=10).create_api_key(api_key)
+        except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+            print(f"the stack at {service_address(API_KEYS_SERVICE, settings)} refused the services' key ({exc.message}); "
                   "writing to the database instead", file=sys.stderr)
             return None
+        except errors.ApiError as exc:
+            raise ServiceError(exc.message or exc.code.name) from None
 
 
 def _kept_service_key() -> str:

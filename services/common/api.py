@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from devops_hub.v1 import options_pb2
+# The part that serves a service, as its `option (backend)` declares; one reading, the client's.
+from devops_hub.channels import backend_of as backend_of
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 API_PACKAGE = "devops_hub.v1"
@@ -21,12 +22,6 @@ def discover_services(package: str = API_PACKAGE) -> list[ServiceDescriptor]:
             module = importlib.import_module(f"{package}.{info.name}")
             services.extend(module.DESCRIPTOR.services_by_name.values())
     return services
-
-
-def backend_of(service: ServiceDescriptor) -> str:
-    """The part that serves `service`, as its `option (backend)` declares ("" when it
-    declares none): its address is Settings.<backend>_addr."""
-    return str(service.GetOptions().Extensions[options_pb2.backend])  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
 
 
 def method_path(method: MethodDescriptor) -> str:

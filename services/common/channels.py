@@ -11,10 +11,12 @@ channels also balances with round_robin over whatever its address resolves to, s
 
 Clients find a service of the system at service_address(): the address of the backend
 its proto declares. service_channel() opens the usual channel there (the services' key,
-GRPC_CONNECTIONS), so no client names an address setting.
+GRPC_CONNECTIONS), so no client names an address setting; service_client() wraps such
+channels in the client package's Client.
 
 Every channel in the system is opened here, so what a call carries is decided here
-and nowhere else: the services' key when asked for (auth/call_keys.py), and, while
+and nowhere else: the services' key when asked for (the client package's
+key_interceptors, which every client of DevOps Hub uses), and, while
 tracing is on, the interceptors that give each call a CLIENT span and pass its trace
 context on (telemetry/grpc_client.py). The tracer is the one tracing installed when
 the channel is opened, unless the caller passes its own (or None); gRPC itself is never
@@ -29,11 +31,12 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from devops_hub.channels import key_interceptors
+from devops_hub.client import Client
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
 from services.common.api import backend_of
-from services.common.auth.call_keys import key_interceptors
 from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.settings import Settings
 from services.common.telemetry import tracing
@@ -99,6 +102,13 @@ def service_channel(service: ServiceDescriptor, settings: Settings) -> grpc.aio.
     return open_channel(
         service_address(service, settings), api_key=settings.service_api_key, connections=settings.grpc_connections
     )
+
+
+def service_client(settings: Settings, *services: ServiceDescriptor, timeout: float | None = None) -> Client:
+    """The client package's Client to `services`, over service_channel()s (one per part):
+    how one part of the system calls others through more than a stub."""
+    parts = {backend_of(service): service for service in services}
+    return Client({backend: service_channel(service, settings) for backend, service in parts.items()}, timeout=timeout)
 
 
 class _Spread(

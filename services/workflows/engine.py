@@ -19,7 +19,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from devops_hub.v1 import agents_pb2_grpc, workflows_pb2
+from devops_hub.client import Client
+from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
 from services.common import idempotency
@@ -45,7 +46,7 @@ class Engine:
     def __init__(
         self,
         executions: ExecutionRepository,
-        agents: agents_pb2_grpc.AgentsServiceStub,
+        agents: Client,
         events: EventWriter,
         metrics: WorkflowMetrics,
         *,

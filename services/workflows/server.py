@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+from devops_hub.client import Client
+from devops_hub.v1 import agents_pb2, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
-from services.common.channels import service_channel
+from services.common.channels import service_client
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.event_repository import EventRepository
@@ -49,7 +49,7 @@ class WorkflowsService(GrpcProcess):
     pruner: Pruner
     cache: CacheClient
     relay: InvalidationRelay
-    agents_channel: grpc.aio.Channel
+    agents: Client
     access: Access
 
     async def start_work(self) -> None:
@@ -66,7 +66,7 @@ class WorkflowsService(GrpcProcess):
         await self.relay.stop()
         await self.feed.close()
         await self.events.close()
-        await self.agents_channel.close()
+        await self.agents.close()
         await self.access.close()
         await self.cache.close()
         await self.db.close()
@@ -80,9 +80,9 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Wo
 
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
     cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
-    # Calls to the agents service carry this service's own key.
-    agents_channel = service_channel(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], settings)
-    agents = agents_pb2_grpc.AgentsServiceStub(agents_channel)
+    # Calls to the agents service go through the client package, on a channel that
+    # carries this service's own key; 5 s unless a call says otherwise (a step's run).
+    agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
     events = Events(db, writer, feed)
@@ -120,7 +120,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         pruner=pruner,
         cache=cache,
         relay=relay,
-        agents_channel=agents_channel,
+        agents=agents,
         access=access,
     )
 

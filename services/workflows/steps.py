@@ -8,7 +8,9 @@ import logging
 from typing import Any
 
 import grpc
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, runtime_pb2, workflows_pb2
+from devops_hub.client import Client
+from devops_hub.errors import ApiError
+from devops_hub.v1 import agents_pb2, runtime_pb2, workflows_pb2
 from google.protobuf import duration_pb2, json_format
 
 from services.workflows import references
@@ -56,7 +58,7 @@ class StepActions:
     """What one attempt of a step does, by the step's type: evaluate a condition,
     shape its input, wait, or call an agent (once, or once per item)."""
 
-    def __init__(self, agents: agents_pb2_grpc.AgentsServiceStub, *, max_parallel: int) -> None:
+    def __init__(self, agents: Client, *, max_parallel: int) -> None:
         self._agents = agents
         self._max_parallel = max_parallel
 
@@ -106,11 +108,11 @@ class StepActions:
         json_format.ParseDict(input, request.input)
         request.timeout.FromNanoseconds(int(timeout * 1e9))
         try:
-            result = await self._agents.ExecuteAgent(request, timeout=timeout + 1)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            result = await self._agents.execute_agent(request, timeout=timeout + 1)
+        except ApiError as exc:
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise StepTimedOut() from None
-            raise StepFailed(f"{exc.code().name}: {exc.details()}", retryable=exc.code() in _RETRYABLE) from None
+            raise StepFailed(str(exc), retryable=exc.code in _RETRYABLE) from None
         if result.outcome == AgentResult.SUCCEEDED:
             return json_format.MessageToDict(result.output)
         if result.outcome == AgentResult.TIMED_OUT:

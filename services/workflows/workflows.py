@@ -12,8 +12,9 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 
-import grpc
-from devops_hub.v1 import agents_pb2, agents_pb2_grpc, workflows_pb2
+from devops_hub import errors
+from devops_hub.client import Client
+from devops_hub.v1 import agents_pb2, workflows_pb2
 
 from services.common import field_behavior, freshness, idempotency, pagination
 from services.common.cache.client import CacheClient
@@ -46,7 +47,7 @@ class Workflows:
     def __init__(
         self,
         repository: WorkflowRepository,
-        agents: agents_pb2_grpc.AgentsServiceStub,
+        agents: Client,
         cache: CacheClient,
         outbox: Outbox,
     ) -> None:
@@ -157,12 +158,12 @@ class Workflows:
 
     async def _agent(self, agent_id: str) -> agents_pb2.Agent | None:
         try:
-            return await self._agents.GetAgent(agents_pb2.GetAgentRequest(id=agent_id), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                return None
+            return await self._agents.get_agent(agent_id)
+        except (errors.NotFound, errors.InvalidArgument):
+            return None
+        except errors.ApiError as exc:
             raise Unavailable(
-                f"cannot check agent {agent_id!r}: the agents service answered {exc.code().name}", reason="AGENTS_UNAVAILABLE"
+                f"cannot check agent {agent_id!r}: the agents service answered {exc.code.name}", reason="AGENTS_UNAVAILABLE"
             ) from None
 
 

@@ -23,7 +23,7 @@ def _stack_env(tmp_path: Path) -> dict[str, str]:
     """This environment with the stack on free ports, a fresh SQLite file and the memory cache."""
     env = local_stack_env(f"sqlite:///{tmp_path}/hub.db")
     env.update(
-        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'clients' / 'python'}",
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -1,10 +1,9 @@
-"""What a process needs to enforce access and to call its peers with a key."""
+"""What a process needs to enforce access."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.auth.call_keys import key_interceptors
 from services.common.auth.guard import AccessGuard
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
@@ -12,7 +11,7 @@ from services.common.auth.verifier import KeyVerifier
 from services.common.forwarded import ANY_ADDRESS
 from services.common.settings import Settings
 
-__all__ = ["Access", "key_interceptors"]
+__all__ = ["Access"]
 
 
 @dataclass
