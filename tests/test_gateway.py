@@ -371,6 +371,7 @@ async def test_execute_takes_the_path_id_and_the_rest_from_the_body(client, back
         "outcome": "SUCCEEDED",
         "output": {"echo": {"files": ["a.py"], "strict": True}},
         "duration": "1.500s",
+        "error": "",  # zero values are written, not left out
     }
 
 
@@ -418,7 +419,9 @@ async def test_cache_routes_reach_the_cache_backend_with_int64_as_strings(client
 
     assert invalidated.status_code == 200 and invalidated.json() == {"removed": "3"}
     assert backends.cache.patterns == ["agents:*"]
-    assert stats.json() == {"hits": "5", "misses": "5", "hitRate": 0.5, "evictions": {"lru": "2"}, "backend": "memory"}
+    # Zero values are written too: a count of 0 is "0", an empty map {}.
+    zeros = {"entries": "0", "bytes": "0", "sets": "0", "invalidations": "0", "namespaces": {}, "backendErrors": "0", "backendSwitches": "0"}
+    assert stats.json() == {"hits": "5", "misses": "5", "hitRate": 0.5, "evictions": {"lru": "2"}, "backend": "memory", **zeros}
 
 
 async def test_headers_are_forwarded_as_metadata_and_request_id_echoed(client, backends):
