@@ -352,7 +352,7 @@ def renderer(route: HttpRoute) -> Renderer:
     return lambda reply: encode(_integral_numbers(to_json(reply)))
 
 
-def _to_json(message: Message) -> object:
+def _to_json(message: Message) -> JsonObject:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
