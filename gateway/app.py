@@ -69,7 +69,7 @@ def create_app(
         ((route.http_method, route.template.text) for route in routes),
         sorted({HTTP_STATUS[code] for code in (grpc.StatusCode.OK, *SERVER_ERROR_CODES)}),
     )
-    openapi = OpenApiDocument(routes)
+    openapi = OpenApiDocument(routes, auth_enabled=settings.auth_enabled, anonymous_reads=settings.allow_anonymous_read)
 
     fixed_routes = [
         Route("/health", health.ready, methods=["GET"]),

@@ -20,6 +20,8 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "gen"
+# Inside the generated package, so whoever imports the stubs finds it beside them.
+DESCRIPTOR_SET = "devops_hub/descriptor_set.pb"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +36,7 @@ def generate(proto_dir: pathlib.Path, out_dir: pathlib.Path) -> int:
     protos = sorted(str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto"))
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    out_dir.mkdir()
+    (out_dir / "devops_hub").mkdir(parents=True)
     googleapis = pathlib.Path(google.api.__path__[0]).parent.parent
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     protoc_args = [
@@ -45,8 +47,11 @@ def generate(proto_dir: pathlib.Path, out_dir: pathlib.Path) -> int:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        f"--descriptor_set_out={out_dir / 'descriptor_set.pb'}",
+        # With the comments, which the stubs leave out: the gateway's OpenAPI document
+        # describes every operation and field in the protos' own words from it.
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
         "--include_imports",
+        "--include_source_info",
         *protos,
     ]
     if protoc.main(protoc_args) != 0:
