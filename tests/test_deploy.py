@@ -118,6 +118,8 @@ def test_alerts_cover_each_target_at_its_thresholds():
         "HttpErrorRateAboveTarget": "> 0.001", "HttpErrorRateHigh": "> 0.01",
         "CacheHitRateBelowTarget": "< 0.8", "CacheHitRateLow": "< 0.5",
         "DbPoolUseAboveTarget": "> 0.7", "DbPoolUseHigh": "> 0.9",
+        "MemoryUseAboveTarget": "> 0.7", "MemoryUseHigh": "> 0.85",
+        "CpuUseAboveTarget": "> 0.6", "CpuUseHigh": "> 0.8",
     }
     for name, comparison in thresholds.items():
         assert comparison in " ".join(rules[name]["expr"].split()), name
@@ -138,7 +140,11 @@ def test_latency_excludes_exactly_the_streaming_routes_and_errors_are_the_server
 def test_the_dashboard_has_a_panel_per_target_on_the_provisioned_datasource():
     board = dashboard()
     titles = [panel["title"] for panel in board["panels"]]
-    for target in ("gRPC p95 latency", "HTTP p95 latency", "gRPC error rate", "HTTP error rate", "Cache hit rate", "Database pool use"):
+    targets = (
+        "gRPC p95 latency", "HTTP p95 latency", "gRPC error rate", "HTTP error rate",
+        "Memory usage", "CPU usage", "Cache hit rate", "Database pool use",
+    )
+    for target in targets:
         assert any(title.startswith(target) for title in titles), target
     provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())
     uids = {source["uid"] for source in provisioned["datasources"]}
