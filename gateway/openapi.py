@@ -75,6 +75,14 @@ _WRAPPERS = frozenset(
 )
 
 
+# How every answer is written (gateway/transcode.py's renderer), once for the whole API.
+JSON_MAPPING = (
+    "Bodies are the proto3 JSON mapping: lowerCamelCase names, enums by name, 64-bit integers as strings. "
+    "Answers write zero values rather than leaving them out: a count of 0 is `0`, a false `false`, "
+    'an empty list `[]`, an empty map `{}`, an unset string `""`; only message fields (a timestamp never set) '
+    "are absent until set."
+)
+
 # Where the gateway reads a key (services/common/auth): either header.
 SECURITY_SCHEMES: JsonObject = {
     "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
@@ -180,7 +188,7 @@ def build_openapi(
         components["securitySchemes"] = SECURITY_SCHEMES
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": title, "version": ", ".join(versions) or "v1"},
+        "info": {"title": title, "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
         "tags": [schemas.described({"name": name}, full_name) for name, full_name in services.items()],
         "paths": paths,
         "components": components,

@@ -43,6 +43,8 @@ async def test_zero_values_are_written_not_left_out(http):
     assert (await http.get("/api/agents", params={"domain": "nowhere"})).json() == {"agents": [], "nextPageToken": ""}
     created = (await http.post("/api/agents", json={"id": "z1", "name": "Zero", "domain": "ci"})).json()
     assert created["capabilities"] == [] and created["metadata"] == {} and created["endpoint"] == ""
+    # And the reference says so.
+    assert "write zero values" in (await http.get("/openapi.json")).json()["info"]["description"]
 
 
 async def test_batch_create_and_pages_through_the_gateway(http):
