@@ -119,7 +119,9 @@ class StatusBoard:
         before = base.processes if base is not None else {}
 
         def delta(process: str, name: str, keep: Callable[[dict[str, str]], bool] | None = None) -> float:
-            return _sum(now_.get(process, {}), name, keep) - _sum(before.get(process, {}), name, keep)
+            # A process restarted within the window starts its counters again.
+            now_sum, before_sum = _sum(now_.get(process, {}), name, keep), _sum(before.get(process, {}), name, keep)
+            return now_sum - before_sum if now_sum >= before_sum else now_sum
 
         gateway_buckets = _subtract(self._buckets(now_["gateway"]), self._buckets(before.get("gateway", {})))
         requests = delta("gateway", "http_requests_total")
@@ -137,11 +139,12 @@ class StatusBoard:
         for name, samples in now_.items():
             if "process_cpu_seconds_total" not in samples:
                 continue
+            spent, started = _sum(samples, "process_cpu_seconds_total"), _sum(samples, "process_start_time_seconds")
             previous = before.get(name, {})
-            if "process_cpu_seconds_total" in previous and base is not None and now > base.at:
-                cpu[name] = 100 * (_sum(samples, "process_cpu_seconds_total") - _sum(previous, "process_cpu_seconds_total")) / (now - base.at)
-            elif now > _sum(samples, "process_start_time_seconds"):
-                cpu[name] = 100 * _sum(samples, "process_cpu_seconds_total") / (now - _sum(samples, "process_start_time_seconds"))
+            if base is not None and base.at > started and "process_cpu_seconds_total" in previous and now > base.at:
+                cpu[name] = 100 * (spent - _sum(previous, "process_cpu_seconds_total")) / (now - base.at)
+            elif now > started:
+                cpu[name] = 100 * spent / (now - started)
         return {
             "p95 latency": (_quantile(0.95, gateway_buckets), "gateway HTTP requests (streams excluded)"),
             "error rate": (100 * failed / requests if requests else None, "gateway HTTP requests answered 5xx"),
@@ -193,6 +196,8 @@ def _sum(samples: Samples, name: str, keep: Callable[[dict[str, str]], bool] | N
 
 
 def _subtract(now: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    if any(count < before.get(le, 0.0) for le, count in now.items()):
+        return now  # restarted: counted from zero again
     return {le: count - before.get(le, 0.0) for le, count in now.items()}
 
 

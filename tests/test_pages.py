@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from gateway import status
 from tests.support.auth import ADMIN_KEY
 from tests.support.browser import browser_page
 from tests.support.processes import launched_stack
@@ -81,8 +82,8 @@ async def test_docs_is_an_interactive_reference_that_calls_the_api(gateway, tmp_
         await page.evaluate(f"document.querySelector('{operation} .try-out__btn').click()")
         await page.wait_for(f"!!document.querySelector('{operation} .btn.execute')")
         await page.evaluate(f"document.querySelector('{operation} .btn.execute').click()")
-        status = await page.wait_for(f"document.querySelector('{operation} .live-responses-table tbody .response-col_status')?.innerText.trim()")
-        assert status == "200"
+        code = await page.wait_for(f"document.querySelector('{operation} .live-responses-table tbody .response-col_status')?.innerText.trim()")
+        assert code == "200"
         body = await page.wait_for(f"document.querySelector('{operation} .live-responses-table .microlight')?.innerText")
         assert "builtin-text" in body and '"nextPageToken"' in body
         assert any(url.startswith(f"{gateway}/api/agents") for url in page.requested)
@@ -103,3 +104,17 @@ async def test_status_page_shows_the_guide_rows_with_values_and_refreshes(gatewa
             assert value != "–" and value.split()[1] in ("ms", "%"), (metric, value)
             assert state in ("ok", "warning", "alert"), (metric, state)
         assert all(url.startswith(gateway) for url in page.requested), page.requested
+
+
+def test_rows_judge_values_against_the_guide_in_either_direction():
+    latency, hit_rate = status.GUIDE[0], status.GUIDE[4]
+    assert [latency.state(v) for v in (None, 50, 100, 300, 500, 501)] == ["no data", "ok", "warning", "warning", "warning", "alert"]
+    assert [hit_rate.state(v) for v in (95, 80, 60, 50, 49)] == ["ok", "warning", "warning", "warning", "alert"]
+
+
+def test_p95_is_interpolated_within_its_bucket_as_prometheus_does():
+    # 100 requests: 90 under 10 ms, 10 between 10 and 100 ms: the 95th is halfway up the second bucket.
+    assert status._quantile(0.95, {0.01: 90, 0.1: 100, float("inf"): 100}) == pytest.approx(55.0)
+    assert status._quantile(0.95, {0.01: 0, float("inf"): 0}) is None
+    # Beyond the last finite bucket: its bound, as histogram_quantile answers.
+    assert status._quantile(0.95, {0.5: 10, float("inf"): 100}) == pytest.approx(500.0)
