@@ -214,16 +214,17 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
         "tags": [route.method.containing_service.name],
         "parameters": _path_parameters(route, schemas, path_names) + _query_parameters(route, schemas),
     }
+    # A body or reply that is one field: its comment describes the body, not its schema.
+    body: JsonObject | None = None
     if route.body == "*":
-        body_schema = schemas.message(route.method.input_type)
+        body = {"schema": schemas.message(route.method.input_type)}
     elif route.body_field is not None:
-        body_schema = schemas.field(route.body_field)
-    else:
-        body_schema = None
-    if body_schema is not None:
-        operation["requestBody"] = {"required": True, "content": {JSON_MEDIA_TYPE: {"schema": body_schema}}}
+        body = _described_by(schemas, route.body_field)
+    if body is not None:
+        schema = body.pop("schema")
+        operation["requestBody"] = {"required": True, **body, "content": {JSON_MEDIA_TYPE: {"schema": schema}}}
     if route.response_field is not None:
-        reply_schema = schemas.field(route.response_field)
+        reply_schema = _described_by(schemas, route.response_field)["schema"]
     else:
         reply_schema = schemas.message(route.method.output_type)
     if route.server_streaming:
