@@ -61,15 +61,17 @@ bench-cache: setup
 # stack): every deploy/ghz/*.json config, resolved by server reflection, each JSON
 # report kept in $(GHZ_REPORTS). GHZ_API_KEY=<admin key> sends it with every call
 # (ExecuteWorkflow needs one); raise the target's RATE_LIMIT_REQUESTS for a load test.
+DOCKER      ?= docker
 GHZ_IMAGE   ?= ghcr.io/bojand/ghz:0.120.0
 GHZ_REPORTS ?= var/ghz
 ghz: setup
-	@command -v docker >/dev/null || { echo "make ghz needs docker; make loadtest drives the same calls with h2load"; exit 1; }
+	@command -v $(DOCKER) >/dev/null || { echo "make ghz needs docker, which is not installed: run make loadtest instead (the same calls with h2load)"; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make ghz needs a running docker daemon, and docker info reaches none: start it, or run make loadtest instead (the same calls with h2load)"; exit 1; }
 	mkdir -p $(GHZ_REPORTS)
 	@set -e; for config in deploy/ghz/*.json; do \
 	    name=$$(basename $$config .json); \
 	    echo "ghz: $$name"; \
-	    docker run --rm --network host --user $$(id -u):$$(id -g) \
+	    $(DOCKER) run --rm --network host --user $$(id -u):$$(id -g) \
 	        -v $(CURDIR)/deploy/ghz:/ghz:ro -v $(CURDIR)/$(GHZ_REPORTS):/reports \
 	        $(GHZ_IMAGE) --config /ghz/$$name.json --format json --output /reports/$$name.json \
 	        $(if $(GHZ_API_KEY),--metadata '{"x-api-key": "$(GHZ_API_KEY)"}'); \

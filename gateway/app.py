@@ -27,8 +27,10 @@ from gateway.hardening import cors_options
 from gateway.health import HealthChecker
 from gateway.metrics import HttpMetrics
 from gateway.openapi import OpenApiDocument
+from gateway.pages import page_routes
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
+from gateway.status import StatusBoard, metrics_urls
 from services.common.api import discover_services
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
@@ -70,7 +72,12 @@ def create_app(
         ((route.http_method, route.template.text) for route in routes),
         sorted({HTTP_STATUS[code] for code in (grpc.StatusCode.OK, *SERVER_ERROR_CODES)}),
     )
-    openapi = OpenApiDocument(routes)
+    status = StatusBoard(
+        metrics,
+        metrics_urls(settings, (route.backend for route in routes)),
+        streaming=(route.template.text for route in routes if route.server_streaming),
+    )
+    openapi = OpenApiDocument(routes, auth_enabled=settings.auth_enabled, anonymous_reads=settings.allow_anonymous_read)
 
     fixed_routes = [
         Route("/health", health.ready, methods=["GET"]),
@@ -78,6 +85,7 @@ def create_app(
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
+        *page_routes(status),
     ]
     for route in fixed_routes:
         if rest.router.match("GET", route.path) is not None:

@@ -67,14 +67,19 @@ class GatewayFront:
         added = (*SECURITY_HEADERS, (REQUEST_ID_HEADER, request_id.encode("ascii")))
         status = 0
 
+        own = scope["path"] in self._own_paths
+
         async def send_once_seen(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *added]
+                headers = message.get("headers", ())
+                # A page of the gateway's own may set its own policy (gateway/pages.py).
+                names = {name for name, _ in headers} if own else ()
+                message["headers"] = [*headers, *(header for header in added if header[0] not in names)]
             await send(message)
 
-        app = self.own if scope["path"] in self._own_paths else self.rest
+        app = self.own if own else self.rest
         method = scope["method"]
         try:
             if self._tracer is None:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from services.common.telemetry.metrics import LATENCY_BUCKETS, multiprocess_dir
+from services.common.telemetry.metrics import LATENCY_BUCKETS, MemoryLimit, multiprocess_dir
 
 # Set by whatever handled the request to the route template it matched.
 ROUTE_SCOPE_KEY = "devops_hub.route"
@@ -27,7 +35,13 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            # A registry of its own (several apps may live in one process, tests' do),
+            # so it needs the process_* metrics the default registry would have had.
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            registry.register(MemoryLimit())
+        self.registry = registry
         self._requests = Counter(
             "http_requests_total",
             "HTTP requests by method, route template and status code.",
@@ -64,14 +78,18 @@ class HttpMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    async def endpoint(self, request: Request) -> Response:
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus's text format: with several gateway processes,
+        every one's files summed (docs/observability.md)."""
         directory = multiprocess_dir()
         if directory:
-            # Several gateway processes: every one's files, summed (docs/observability.md).
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=directory)
-            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(self.exposition(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
 
 def route_label(scope: Scope) -> str:

@@ -3,7 +3,10 @@
 Schemas follow the proto3 JSON mapping the gateway speaks: lowerCamelCase properties,
 enums as their value names, 64-bit integers as strings, maps as objects, and the
 well-known types in their JSON forms. The error body is the JSON of google.rpc.Status,
-generated from its own descriptor like everything else.
+generated from its own descriptor like everything else. Descriptions are the protos'
+own comments (gateway/proto_comments.py); the API key is a security scheme, sent as
+`x-api-key` or as a bearer token, required by each operation as its `required_scope`
+option says.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from google.rpc import status_pb2
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import proto_comments
 from gateway.json_body import JSON_MEDIA_TYPE, JsonObject, encode
 from gateway.routes import IDEMPOTENCY_HEADER, HttpRoute
 from gateway.templates import PathTemplate
 from gateway.transcode import is_map, is_scalar_like, map_entry
+from services.common.auth.scopes import Scope, required_scope
 from services.common.field_behavior import behaviors
 
 OPENAPI_VERSION = "3.0.3"
@@ -70,22 +75,49 @@ _WRAPPERS = frozenset(
 )
 
 
+# How every answer is written (gateway/transcode.py's renderer), once for the whole API.
+JSON_MAPPING = (
+    "Bodies are the proto3 JSON mapping: lowerCamelCase names, enums by name, 64-bit integers as strings. "
+    "Answers write zero values rather than leaving them out: a count of 0 is `0`, a false `false`, "
+    'an empty list `[]`, an empty map `{}`, an unset string `""`; only message fields (a timestamp never set) '
+    "are absent until set."
+)
+
+# Where the gateway reads a key (services/common/auth): either header.
+SECURITY_SCHEMES: JsonObject = {
+    "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+    "BearerKey": {"type": "http", "scheme": "bearer", "description": "The same API key, as `Authorization: Bearer <key>`."},
+}
+_WITH_KEY: list[JsonObject] = [{name: []} for name in SECURITY_SCHEMES]
+
+
 class _Schemas:
     """components/schemas, filled on demand as routes reference messages and enums."""
 
-    def __init__(self) -> None:
+    def __init__(self, comments: dict[str, str]) -> None:
         self.components: dict[str, JsonObject] = {}
+        self.comments = comments
+
+    def described(self, schema: JsonObject, name: str) -> JsonObject:
+        """`schema` with the comment on `name`; a reference is wrapped, since OpenAPI 3.0
+        ignores what stands beside a $ref."""
+        text = self.comments.get(name)
+        if text is None:
+            return schema
+        return {"allOf": [schema], "description": text} if "$ref" in schema else {**schema, "description": text}
 
     def field(self, field: FieldDescriptor) -> JsonObject:
         entry = map_entry(field)
+        schema: JsonObject
         if entry is not None:
-            return {"type": "object", "additionalProperties": self.field(entry.fields_by_name["value"])}
-        schema = self._single(field)
-        if field.is_repeated:
-            schema = {"type": "array", "items": schema}
+            schema = {"type": "object", "additionalProperties": self.field(entry.fields_by_name["value"])}
+        elif field.is_repeated:
+            schema = {"type": "array", "items": self._single(field)}
+        else:
+            schema = self._single(field)
         if field_behavior_pb2.OUTPUT_ONLY in behaviors(field) and "$ref" not in schema:
             schema = {**schema, "readOnly": True}
-        return schema
+        return self.described(schema, field.full_name)
 
     def message(self, descriptor: Descriptor) -> JsonObject:
         name = descriptor.full_name
@@ -95,16 +127,18 @@ class _Schemas:
             return {**self._single(descriptor.fields_by_name["value"]), "nullable": True}
         if name not in self.components:
             self.components[name] = {}  # claimed first: recursive messages refer to themselves
-            self.components[name] = {
-                "type": "object",
-                "properties": {field.json_name: self.field(field) for field in descriptor.fields},
-            }
+            self.components[name] = self.described(
+                {"type": "object", "properties": {field.json_name: self.field(field) for field in descriptor.fields}}, name
+            )
         return _ref(name)
 
     def enum(self, descriptor: EnumDescriptor) -> JsonObject:
         name = descriptor.full_name
         if name not in self.components:
-            self.components[name] = {"type": "string", "enum": [value.name for value in descriptor.values]}
+            values = [(value.name, self.comments.get(f"{name}.{value.name}")) for value in descriptor.values]
+            listed = "\n".join(f"- `{value}`: {text}" for value, text in values if text)
+            text = "\n\n".join(part for part in (self.comments.get(name), listed) if part)
+            self.components[name] = {"type": "string", "enum": [value for value, _ in values], **({"description": text} if text else {})}
         return _ref(name)
 
     def _single(self, field: FieldDescriptor) -> JsonObject:
@@ -115,8 +149,17 @@ class _Schemas:
         return dict(_SCALARS[field.type])
 
 
-def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API") -> JsonObject:
-    schemas = _Schemas()
+def build_openapi(
+    routes: Sequence[HttpRoute],
+    *,
+    title: str = "DevOps Hub API",
+    comments: dict[str, str] | None = None,
+    auth_enabled: bool = True,
+    anonymous_reads: bool = True,
+) -> JsonObject:
+    """The document for `routes`; `comments` default to the generated package's
+    (proto_comments.load()); the security requirements follow the auth settings."""
+    schemas = _Schemas(proto_comments.load() if comments is None else comments)
     error_response = {
         "description": "An error: the JSON of google.rpc.Status (AIP-193).",
         "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
@@ -133,34 +176,55 @@ def build_openapi(routes: Sequence[HttpRoute], *, title: str = "DevOps Hub API")
         method = route.http_method.lower()
         operation_key = method if method in _OPERATION_KEYS else f"x-{method}"
         operation = _operation(route, schemas, error_response, [v.name for v in first.variables])
+        if auth_enabled:
+            _secure(operation, route, schemas, anonymous_reads)
         paths.setdefault(first.openapi_path, {})[operation_key] = operation
     # API versions are package suffixes (devops_hub.v1): AIP-185.
     packages = {route.method.containing_service.file.package.rsplit(".", 1)[-1] for route in routes}
     versions = sorted(p for p in packages if _VERSION.fullmatch(p))
+    services = {route.method.containing_service.name: route.method.containing_service.full_name for route in routes}
+    components: JsonObject = {"schemas": dict(sorted(schemas.components.items()))}
+    if auth_enabled:
+        components["securitySchemes"] = SECURITY_SCHEMES
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": title, "version": ", ".join(versions) or "v1"},
+        "info": {"title": title, "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
+        "tags": [schemas.described({"name": name}, full_name) for name, full_name in services.items()],
         "paths": paths,
-        "components": {"schemas": dict(sorted(schemas.components.items()))},
+        "components": components,
     }
+
+
+def _secure(operation: JsonObject, route: HttpRoute, schemas: _Schemas, anonymous_reads: bool) -> None:
+    """The key the operation needs: `security` (none required for reads when anonymous
+    reads are allowed), `x-required-scope`, and the scope's own comment."""
+    scope = Scope.Name(required_scope(route.method))
+    operation["x-required-scope"] = scope
+    anonymous = anonymous_reads and scope == Scope.Name(Scope.SCOPE_READ)
+    operation["security"] = [{}, *_WITH_KEY] if anonymous else _WITH_KEY
+    meaning = schemas.comments.get(f"{Scope.DESCRIPTOR.full_name}.{scope}")
+    note = f"Scope `{scope}`" + (f": {meaning}" if meaning else ".")
+    operation["description"] = "\n\n".join(part for part in (operation.get("description"), note) if part)
 
 
 def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, path_names: list[str]) -> JsonObject:
     operation: JsonObject = {
         "operationId": route.operation_id,
+        **schemas.described({}, route.method.full_name),
         "tags": [route.method.containing_service.name],
         "parameters": _path_parameters(route, schemas, path_names) + _query_parameters(route, schemas),
     }
+    # A body or reply that is one field: its comment describes the body, not its schema.
+    body: JsonObject | None = None
     if route.body == "*":
-        body_schema = schemas.message(route.method.input_type)
+        body = {"schema": schemas.message(route.method.input_type)}
     elif route.body_field is not None:
-        body_schema = schemas.field(route.body_field)
-    else:
-        body_schema = None
-    if body_schema is not None:
-        operation["requestBody"] = {"required": True, "content": {JSON_MEDIA_TYPE: {"schema": body_schema}}}
+        body = _described_by(schemas, route.body_field)
+    if body is not None:
+        schema = body.pop("schema")
+        operation["requestBody"] = {"required": True, **body, "content": {JSON_MEDIA_TYPE: {"schema": schema}}}
     if route.response_field is not None:
-        reply_schema = schemas.field(route.response_field)
+        reply_schema = _described_by(schemas, route.response_field)["schema"]
     else:
         reply_schema = schemas.message(route.method.output_type)
     if route.server_streaming:
@@ -201,9 +265,11 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
 def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> list[JsonObject]:
     parameters = []
     for name, variable, chain in zip(names, route.template.variables, route.path_fields):
-        parameter = {"name": name, "in": "path", "required": True, "schema": schemas.field(chain[-1])}
+        parameter = {"name": name, "in": "path", "required": True, **_described_by(schemas, chain[-1])}
         if name != variable.name:
-            parameter["description"] = f"Sets the request field `{variable.name}`."
+            parameter["description"] = "\n\n".join(
+                part for part in (parameter.get("description"), f"Sets the request field `{variable.name}`.") if part
+            )
         parameters.append(parameter)
     return parameters
 
@@ -223,7 +289,7 @@ def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[JsonObject]:
                 continue
             name = f"{json_prefix}{field.json_name}"
             if is_scalar_like(field) and not is_map(field):
-                parameter = {"name": name, "in": "query", "required": False, "schema": schemas.field(field)}
+                parameter = {"name": name, "in": "query", "required": False, **_described_by(schemas, field)}
                 if field.is_repeated:
                     parameter.update(style="form", explode=True)
                 parameters.append(parameter)
@@ -234,6 +300,15 @@ def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[JsonObject]:
     return parameters
 
 
+def _described_by(schemas: _Schemas, field: FieldDescriptor) -> JsonObject:
+    """A parameter's schema, its description beside it (where parameters keep theirs)."""
+    schema = schemas.field(field)
+    text = schema.pop("description", None)
+    if "allOf" in schema:
+        schema = schema["allOf"][0]
+    return {"schema": schema, **({"description": text} if text else {})}
+
+
 def _ref(name: str) -> JsonObject:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -241,8 +316,8 @@ def _ref(name: str) -> JsonObject:
 class OpenApiDocument:
     """The document, encoded once: it only changes when the protos do."""
 
-    def __init__(self, routes: Sequence[HttpRoute]) -> None:
-        self.document = build_openapi(routes)
+    def __init__(self, routes: Sequence[HttpRoute], *, auth_enabled: bool = True, anonymous_reads: bool = True) -> None:
+        self.document = build_openapi(routes, auth_enabled=auth_enabled, anonymous_reads=anonymous_reads)
         self._body = encode(self.document)
 
     async def endpoint(self, request: Request) -> Response:

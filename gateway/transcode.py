@@ -333,20 +333,27 @@ def explain(exc: Exception) -> tuple[str, str]:
 
 
 def renderer(route: HttpRoute) -> Renderer:
-    """Proto3 JSON of the response, or of its response_body field."""
+    """Proto3 JSON of the response, or of its response_body field: the one place the
+    gateway writes a message as JSON. Zero values are written, not left out: a count of
+    0 is `0`, an empty list `[]`, a false `false` (fields with presence, messages and
+    `optional` ones, still appear only when set)."""
     field = route.response_field
     to_json: Callable[[Message], object]
     if field is None:
-        to_json = json_format.MessageToDict
+        to_json = _to_json
     elif field.message_type is not None and not field.is_repeated:
-        to_json = lambda reply: json_format.MessageToDict(getattr(reply, field.name))  # noqa: E731
+        to_json = lambda reply: _to_json(getattr(reply, field.name))  # noqa: E731
     else:
         key = field.json_name
-        to_json = lambda reply: json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)[key]  # noqa: E731
+        to_json = lambda reply: _to_json(reply)[key]  # noqa: E731
     reaches = field.message_type if field is not None else route.method.output_type
     if reaches is None or not _reaches_struct(reaches):
         return lambda reply: encode(to_json(reply))
     return lambda reply: encode(_integral_numbers(to_json(reply)))
+
+
+def _to_json(message: Message) -> JsonObject:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
 # Struct and Value hold every JSON number as a double, so json_format prints 1 as 1.0.

@@ -118,6 +118,8 @@ def test_alerts_cover_each_target_at_its_thresholds():
         "HttpErrorRateAboveTarget": "> 0.001", "HttpErrorRateHigh": "> 0.01",
         "CacheHitRateBelowTarget": "< 0.8", "CacheHitRateLow": "< 0.5",
         "DbPoolUseAboveTarget": "> 0.7", "DbPoolUseHigh": "> 0.9",
+        "MemoryUseAboveTarget": "> 0.7", "MemoryUseHigh": "> 0.85",
+        "CpuUseAboveTarget": "> 0.6", "CpuUseHigh": "> 0.8",
     }
     for name, comparison in thresholds.items():
         assert comparison in " ".join(rules[name]["expr"].split()), name
@@ -138,7 +140,11 @@ def test_latency_excludes_exactly_the_streaming_routes_and_errors_are_the_server
 def test_the_dashboard_has_a_panel_per_target_on_the_provisioned_datasource():
     board = dashboard()
     titles = [panel["title"] for panel in board["panels"]]
-    for target in ("gRPC p95 latency", "HTTP p95 latency", "gRPC error rate", "HTTP error rate", "Cache hit rate", "Database pool use"):
+    targets = (
+        "gRPC p95 latency", "HTTP p95 latency", "gRPC error rate", "HTTP error rate",
+        "Memory usage", "CPU usage", "Cache hit rate", "Database pool use",
+    )
+    for target in targets:
         assert any(title.startswith(target) for title in titles), target
     provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())
     uids = {source["uid"] for source in provisioned["datasources"]}
@@ -483,3 +489,33 @@ def test_make_loadtest_drives_every_call_and_counts_status_codes():
         count = int(row.split("|")[2])
         assert count >= config["concurrency"]
         assert f"OK {count}" in row, row
+
+
+@pytest.mark.parametrize(
+    ("docker", "says"),
+    [("no-such-docker-command", "docker, which is not installed"), ("false", "a running docker daemon")],
+    ids=["no docker", "no daemon"],
+)
+def test_make_ghz_without_docker_or_its_daemon_says_to_run_make_loadtest(docker, says):
+    # `false` stands for a docker whose `docker info` reaches no daemon.
+    result = subprocess.run(["make", "-s", "ghz", f"DOCKER={docker}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert says in result.stdout and "run make loadtest instead" in result.stdout, result.stdout + result.stderr
+    assert "docker: " not in result.stderr  # no raw docker error
+
+
+# --------------------------------------------------------------------------- redis
+
+
+def test_deployed_redis_evicts_only_keys_with_a_ttl():
+    # Cache entries carry TTLs; the invalidation-log position keys have none and must
+    # never be evicted (docs/cache.md).
+    redis_k8s = next(o for o in k8s_objects() if o["kind"] == "Deployment" and "redis" in o["metadata"]["name"])
+    commands = {
+        "compose": compose()["services"]["redis"]["command"],
+        "k8s": redis_k8s["spec"]["template"]["spec"]["containers"][0]["args"],
+    }
+    for where, command in commands.items():
+        policy = command[command.index("--maxmemory-policy") + 1]
+        assert policy in ("volatile-lru", "volatile-ttl"), where
+        assert f"`{policy}`" in (ROOT / "docs" / "cache.md").read_text()

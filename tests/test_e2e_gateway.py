@@ -36,6 +36,17 @@ async def test_read_after_write_through_the_gateway(http):
     assert gone.status_code == 404 and error_reason(gone.json()) == "AGENT_NOT_FOUND"
 
 
+async def test_zero_values_are_written_not_left_out(http):
+    nothing = (await http.get("/api/discover", params={"capability": "no-such-capability"})).json()
+    empty_facets = {"domain": {}, "status": {}, "type": {}, "capability": {}}
+    assert nothing == {"agents": [], "totalSize": 0, "facets": empty_facets}
+    assert (await http.get("/api/agents", params={"domain": "nowhere"})).json() == {"agents": [], "nextPageToken": ""}
+    created = (await http.post("/api/agents", json={"id": "z1", "name": "Zero", "domain": "ci"})).json()
+    assert created["capabilities"] == [] and created["metadata"] == {} and created["endpoint"] == ""
+    # And the reference says so.
+    assert "write zero values" in (await http.get("/openapi.json")).json()["info"]["description"]
+
+
 async def test_batch_create_and_pages_through_the_gateway(http):
     requests = [{"agent": {"id": f"b{i:03d}", "name": f"B{i}", "domain": "ops"}} for i in range(250)]
     created = await http.post("/api/agents:batchCreate", json={"requests": requests})

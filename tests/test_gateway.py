@@ -27,9 +27,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, json_for
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
+from gateway import proto_comments
 from gateway.routes import build_routes
 from gateway.testing import running_gateway
-from services.common.api import discover_services
+from services.common.api import discover_services, method_path
+from services.common.auth.scopes import Scope, required_scopes
 from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
@@ -371,6 +373,7 @@ async def test_execute_takes_the_path_id_and_the_rest_from_the_body(client, back
         "outcome": "SUCCEEDED",
         "output": {"echo": {"files": ["a.py"], "strict": True}},
         "duration": "1.500s",
+        "error": "",  # zero values are written, not left out
     }
 
 
@@ -418,7 +421,9 @@ async def test_cache_routes_reach_the_cache_backend_with_int64_as_strings(client
 
     assert invalidated.status_code == 200 and invalidated.json() == {"removed": "3"}
     assert backends.cache.patterns == ["agents:*"]
-    assert stats.json() == {"hits": "5", "misses": "5", "hitRate": 0.5, "evictions": {"lru": "2"}, "backend": "memory"}
+    # Zero values are written too: a count of 0 is "0", an empty map {}.
+    zeros = {"entries": "0", "bytes": "0", "sets": "0", "invalidations": "0", "namespaces": {}, "backendErrors": "0", "backendSwitches": "0"}
+    assert stats.json() == {"hits": "5", "misses": "5", "hitRate": 0.5, "evictions": {"lru": "2"}, "backend": "memory", **zeros}
 
 
 async def test_headers_are_forwarded_as_metadata_and_request_id_echoed(client, backends):
@@ -846,11 +851,72 @@ async def test_openapi_parameters_match_path_variables_and_query_fields(client):
     assert batch["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("BatchCreateAgentsRequest")
 
 
+def test_every_rpc_of_the_api_has_a_comment_in_its_proto():
+    # The OpenAPI document explains an operation in its proto's words only.
+    comments = proto_comments.load()
+    missing = [m.full_name for service in discover_services() for m in service.methods if m.full_name not in comments]
+    assert not missing, f"write a comment above these rpcs in protos/: {missing}"
+
+
+async def test_openapi_describes_every_operation_and_field_in_the_protos_words(client):
+    document = (await client.get("/openapi.json")).json()
+    operations = {op["operationId"]: op for item in document["paths"].values() for op in item.values()}
+    listing = operations["AgentsService_ListAgents"]
+    # Words written in protos/devops_hub/v1/agents.proto and options.proto, nowhere else.
+    assert listing["description"].startswith("Lists agents in id order, filtered by every filter that is set.")
+    assert "Callable without a key when ALLOW_ANONYMOUS_READ is true." in listing["description"]
+    assert {p["name"]: p.get("description") for p in listing["parameters"]}["pageSize"] == "Default 50, at most 1000."
+    comments = proto_comments.load()
+    for route in build_routes(discover_services()):
+        described = operations[route.operation_id]["description"]
+        assert described.startswith(comments[route.method.full_name]), route.operation_id
+    schemas = document["components"]["schemas"]
+    assert schemas["devops_hub.v1.Facets"]["description"] == "Counts of the matching agents by each value of a field."
+    assert "- `TASK`: Runs a piece of work on demand and returns." in schemas["devops_hub.v1.Agent.Type"]["description"]
+    for name, schema in schemas.items():
+        if not name.startswith("devops_hub.") or "properties" not in schema:
+            continue
+        by_json_name = {f.json_name: f.full_name for f in _descriptor(name).fields}
+        for field_name, field in schema["properties"].items():
+            if by_json_name[field_name] in comments:
+                assert field["description"] == comments[by_json_name[field_name]], by_json_name[field_name]
+    # OpenAPI 3.0 ignores what stands beside a $ref: a described reference is wrapped.
+    facets = schemas["devops_hub.v1.DiscoverAgentsResponse"]["properties"]["facets"]
+    assert facets == {"allOf": [{"$ref": "#/components/schemas/devops_hub.v1.Facets"}], "description": comments[
+        "devops_hub.v1.DiscoverAgentsResponse.facets"
+    ]}
+    patch = document["paths"]["/api/agents/{id}"]["patch"]["requestBody"]
+    assert patch["description"] == comments["devops_hub.v1.UpdateAgentRequest.agent"]
+
+
+def _descriptor(full_name: str):
+    return descriptor_pool.Default().FindMessageTypeByName(full_name)
+
+
+async def test_openapi_declares_the_api_key_and_each_operation_s_scope(client):
+    document = (await client.get("/openapi.json")).json()
+    assert document["components"]["securitySchemes"] == {
+        "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        "BearerKey": {"type": "http", "scheme": "bearer", "description": "The same API key, as `Authorization: Bearer <key>`."},
+    }
+    with_key = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+    scopes = required_scopes(SERVICES)
+    routes = {route.operation_id: route for route in build_routes(SERVICES, BACKEND_OPTIONS["backend_of_service"])}
+    for item in document["paths"].values():
+        for operation in item.values():
+            scope = scopes[method_path(routes[operation["operationId"]].method)]
+            assert operation["x-required-scope"] == Scope.Name(scope)
+            # Reads need no key while ALLOW_ANONYMOUS_READ is true (the default).
+            assert operation["security"] == ([{}, *with_key] if scope == Scope.SCOPE_READ else with_key), operation["operationId"]
+    assert document["paths"]["/api/agents"]["post"]["x-required-scope"] == "SCOPE_WRITE"
+
+
 async def test_openapi_schemas_follow_the_proto3_json_mapping(client):
     document = (await client.get("/openapi.json")).json()
     schemas = document["components"]["schemas"]
 
-    agent = schemas["devops_hub.v1.Agent"]["properties"]
+    # Without the descriptions (the protos' comments: test_openapi_describes_...).
+    agent = {name: {k: v for k, v in schema.items() if k != "description"} for name, schema in schemas["devops_hub.v1.Agent"]["properties"].items()}
     assert agent["createTime"] == {"type": "string", "format": "date-time", "readOnly": True}
     assert agent["metadata"] == {"type": "object", "additionalProperties": {"type": "string"}}
     assert agent["capabilities"] == {"type": "array", "items": {"type": "string"}}

@@ -21,6 +21,9 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 PROTO_DIR = HERE.parent.parent / "protos"
 COPY_DIR = pathlib.Path("devops_hub", "protos")
+# With the comments, which the stubs leave out: the gateway's OpenAPI document
+# describes every operation and field in the protos' own words from it.
+DESCRIPTOR_SET = pathlib.Path("devops_hub", "descriptor_set.pb")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,9 @@ def generate(proto_dir: pathlib.Path, out_dir: pathlib.Path) -> int:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+        "--include_imports",
+        "--include_source_info",
         *map(str, protos),
     ]
     if protoc.main(protoc_args) != 0:

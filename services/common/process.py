@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
 from services.common import event_loop
+from services.common.dependencies import Unavailable, check_redis
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
@@ -126,7 +127,13 @@ async def _live(build: Callable[[Settings], Awaitable[Process]], name: str, serv
     telemetry = Telemetry.start(settings, service)
     try:
         stopping = _stop_on_signals()
-        process = await build(settings)
+        try:
+            if settings.redis_url:
+                await check_redis(settings.redis_url)
+            process = await build(settings)
+        except Unavailable as exc:
+            log.error("%s cannot start: %s", name, exc)
+            raise SystemExit(1) from None
         async with running(process, settings.shutdown_grace):
             await telemetry.serve_metrics(name, process.address, process.metrics_port, process.refreshers())
             # The launcher and the tests wait for this line.

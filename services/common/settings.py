@@ -149,12 +149,16 @@ class Settings:
     @property
     def database_url_redacted(self) -> str:
         """DATABASE_URL without its password, fit for a log line."""
-        scheme, sep, rest = self.database_url.partition("://")
-        credentials, at, location = rest.rpartition("@")
-        if not at:
-            return self.database_url
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{location}" if ":" in credentials else self.database_url
+        return redact(self.database_url)
+
+
+def redact(url: str) -> str:
+    """`url` without its password, fit for a log line."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
 
 
 def _parse(name: str, kind: Any, raw: str) -> Any:

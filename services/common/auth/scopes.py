@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from devops_hub.v1 import options_pb2
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from services.common.api import discover_services, method_path
 
@@ -21,12 +21,17 @@ _IMPLIES: dict[int, set[int]] = {Scope.SCOPE_ADMIN: {Scope.SCOPE_READ, Scope.SCO
 
 def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
     """'/pkg.Service/Method' -> the scope it requires, for every service of the API."""
-    table = {}
-    for service in discover_services() if services is None else services:
-        for method in service.methods:
-            scope: int = method.GetOptions().Extensions[options_pb2.required_scope]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
-            table[method_path(method)] = scope or Scope.SCOPE_ADMIN
-    return table
+    return {
+        method_path(method): required_scope(method)
+        for service in (discover_services() if services is None else services)
+        for method in service.methods
+    }
+
+
+def required_scope(method: MethodDescriptor) -> int:
+    """The scope `method` declares; ADMIN when it declares none."""
+    scope: int = method.GetOptions().Extensions[options_pb2.required_scope]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
+    return scope or Scope.SCOPE_ADMIN
 
 
 def allows(granted: Iterable[int], required: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
+from services.common.dependencies import postgres_unavailable
 from services.common.errors import CommitOutcomeUnknown
 from services.common.outages import PROCESS, is_database_outage
 from services.common.telemetry import tracing
@@ -70,14 +71,17 @@ class PostgresDatabase(Database):
 
     @classmethod
     async def open(cls, url: str, *, min_size: int, max_size: int, pools: PoolMetrics | None = None) -> PostgresDatabase:
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            command_timeout=30,
-            # Statements are prepared once per connection and reused.
-            statement_cache_size=256,
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=30,
+                # Statements are prepared once per connection and reused.
+                statement_cache_size=256,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise postgres_unavailable(url, exc) from exc
         return cls(pool, pools)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:

@@ -25,6 +25,8 @@ from typing import Protocol, TypeVar, cast
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 G = TypeVar("G")
@@ -211,6 +213,35 @@ class PoolMetrics:
         self._waiters.set(sum(s.waiters for s in stats))
 
 
+# --- the process's memory -----------------------------------------------------------------
+
+# cgroup v2, then v1: a container's memory limit (v1 writes a huge number for none).
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+class MemoryLimit(Collector):
+    """devops_hub_memory_limit_bytes: the memory this process may use, its container's
+    (cgroup's) limit or else the machine's. The guide's "memory usage" is
+    process_resident_memory_bytes over it (the alerts, the gateway's /status)."""
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        text = "Memory this process may use: its cgroup's limit, else the machine's."
+        yield GaugeMetricFamily("devops_hub_memory_limit_bytes", text, value=memory_limit())
+
+
+def memory_limit() -> float:
+    machine = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as limit:
+                text = limit.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(float(text), machine)
+    return machine
+
+
 # --- the process's set ----------------------------------------------------------------------
 
 
@@ -261,5 +292,6 @@ def service_metrics() -> ServiceMetrics:
     global _process_metrics
     if _process_metrics is None:
         _process_metrics = ServiceMetrics(REGISTRY)
+        REGISTRY.register(MemoryLimit())  # beside the process_* metrics the default registry has
     return _process_metrics
 

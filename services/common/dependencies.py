@@ -1,0 +1,44 @@
+"""A PostgreSQL or Redis that a process is pointed at but cannot use, said plainly.
+
+At start such a dependency is an operator's mistake to fix (a wrong URL, a database
+not created, a server not started), not a fault to ride out: the process names the URL
+(without its password) and what to do in one log line and exits non-zero, so its
+supervisor (the launcher, the kubelet) restarts it with back-off. Once running, a
+failing Redis falls back to memory and a failing database is an outage
+(docs/resilience.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from services.common.settings import redact
+
+
+class Unavailable(Exception):
+    """A dependency cannot be used; the message says which and what to do."""
+
+
+def postgres_unavailable(url: str, exc: BaseException) -> Unavailable:
+    where = redact(url)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return Unavailable(f"{exc} at {where}: create it (createdb) or point DATABASE_URL at one that exists")
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return Unavailable(f"PostgreSQL at {where} refused the login ({exc}): check the user and password in DATABASE_URL")
+    return Unavailable(f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}): start it, or set DATABASE_URL to one that answers")
+
+
+async def check_redis(url: str, timeout: float = 5.0) -> None:
+    """Raises Unavailable unless the Redis at `url` answers PING within `timeout`."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        await asyncio.wait_for(client.ping(), timeout)
+    except (RedisError, OSError, TimeoutError) as exc:
+        problem = f"cannot reach Redis at {redact(url)} ({exc or type(exc).__name__})"
+        raise Unavailable(f"{problem}: start it, or set REDIS_URL to one that answers (unset: the in-memory cache)") from None
+    finally:
+        await client.aclose()
