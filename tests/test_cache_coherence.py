@@ -1,7 +1,8 @@
 """The cache never hides an acknowledged write (the client's side of it): loads shared
-only within one invalidation epoch, near-caches that clear on any gap in their feed,
-and reads that ask for freshness (`Cache-Control: no-cache`) bypassing every layer.
-Real sidecars, services and gateway on ephemeral ports."""
+only by callers that arrived before the same log position, near-caches that clear on
+any gap in the log positions their feed brings, and reads that ask for freshness
+(`Cache-Control: no-cache`) bypassing every layer. Real sidecars, services and
+gateway on ephemeral ports."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ async def test_a_caller_after_this_process_invalidated_never_joins_an_earlier_lo
         joined = asyncio.create_task(client.get_or_load("agents:get:1", 60, String, CountingLoader("unused")))
         await asyncio.sleep(0.05)
 
-        await client.invalidate("agents:get:1")  # the write this process acknowledges
+        client.committed(1, ["agents:get:1"])  # the write this process acknowledges (the outbox's call)
         new = CountingLoader("new")
         after = await client.get_or_load("agents:get:1", 60, String, new)
         assert after.value == "new" and new.calls == 1, "a read after the write must not share the earlier load"
@@ -50,15 +51,18 @@ async def test_a_caller_after_this_process_invalidated_never_joins_an_earlier_lo
 
 async def test_a_caller_after_another_process_invalidated_never_joins_an_earlier_load(sidecar: CacheSidecar) -> None:
     address = sidecar.host.bound_address
-    async with CacheClient(address, timeout=2.0, near_cache=NearCache()) as reader, CacheClient(address, timeout=2.0) as writer:
+    async with CacheClient(address, timeout=2.0, near_cache=NearCache()) as reader:
         await eventually(lambda: reader.near.live)
         old = CountingLoader("old", hold=True)
         before = asyncio.create_task(reader.get_or_load("agents:get:2", 60, String, old))
         await asyncio.wait_for(old.started.wait(), READ_TIMEOUT)
 
-        heard = reader.near.snapshot()
-        await writer.invalidate("agents:get:2")
-        await eventually(lambda: reader.near.snapshot() > heard)  # the Watch stream brought it
+        # The write's log entry reaches the sidecar by the relay's route, and the
+        # reader by the Watch stream.
+        sync = cache_pb2.CacheSyncRequest(after=0, through=1, patterns=["agents:get:2"])
+        async with grpc.aio.insecure_channel(address) as channel:
+            await cache_pb2_grpc.CacheServiceStub(channel).Sync(sync, timeout=READ_TIMEOUT)
+        await eventually(lambda: reader.near.position == 1)
 
         new = CountingLoader("new")
         assert (await reader.get_or_load("agents:get:2", 60, String, new)).value == "new" and new.calls == 1
@@ -67,24 +71,29 @@ async def test_a_caller_after_another_process_invalidated_never_joins_an_earlier
 
 
 class _GappyCache(cache_pb2_grpc.CacheServiceServicer):
-    """A CacheService whose Watch stream skips a message number on demand: every Get
-    is a hit, so the only thing that can empty the near-cache is the gap."""
+    """A CacheService whose Watch stream skips a log span on demand: every Get is a
+    hit, so the only thing that can empty the near-cache is the gap."""
 
     def __init__(self) -> None:
         self.skip = asyncio.Event()
         self.streams = 0
 
     async def Get(self, request, context):
-        entry = cache_pb2.CacheEntry(key=request.key, value=String(value="cached").SerializeToString(), content_type=STRING_TYPE)
+        entry = cache_pb2.CacheEntry(
+            key=request.key, value=String(value="cached").SerializeToString(), content_type=STRING_TYPE, version=1
+        )
         return cache_pb2.CacheGetResponse(found=True, entry=entry)
 
     async def Watch(self, request, context):
         self.streams += 1
-        yield cache_pb2.CacheInvalidation(sequence=1)
+        yield cache_pb2.CacheInvalidation(after=1, through=1)  # the stream is at log position 1
         if self.streams == 1:
             await self.skip.wait()
-            yield cache_pb2.CacheInvalidation(pattern="workflows:get:9", sequence=3)  # 2 never came
-        await asyncio.Event().wait()
+            # (1, 2] never came: the next message covers (2, 3].
+            yield cache_pb2.CacheInvalidation(after=2, through=3, patterns=["workflows:get:9"])
+        while True:
+            await asyncio.sleep(0.2)
+            yield cache_pb2.CacheInvalidation(after=1, through=1)  # heartbeats
 
 
 async def test_a_gap_in_the_watch_stream_clears_the_near_cache() -> None:

@@ -14,7 +14,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
-from gateway.edge_cache import EdgeCache, cacheable
+from gateway.edge_cache import EdgeCache, Said, cacheable, invalidated
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
@@ -89,12 +89,16 @@ async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_
     call = stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e1"), metadata=(("cache-control", "no-cache"),))
     await call
     assert dict(await call.trailing_metadata())["surrogate-key"] == "agents:get:e1"
-    # A write is not cacheable and says nothing either.
+    assert int(said["cache-version"]) >= 1, "the log position it was read at"
+    # A write is not cacheable: it says what it made stale, at which log position.
     call = stack.stub.UpdateAgent(
         agents_pb2.UpdateAgentRequest(agent=agents_pb2.Agent(id="e1", name="One"), update_mask={"paths": ["name"]})
     )
     await call
-    assert "surrogate-key" not in dict(await call.trailing_metadata())
+    said = dict(await call.trailing_metadata())
+    assert "surrogate-key" not in said
+    position, *patterns = said["cache-invalidated"].split()
+    assert int(position) > 1 and patterns == ["agents:get:e1", "agents:list:*", "agents:discover:*"]
 
 
 async def test_no_cache_and_conditional_requests(open_stack):
@@ -121,12 +125,17 @@ async def test_no_cache_and_conditional_requests(open_stack):
 async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_the_edge(open_stack):
     stack, http = open_stack
     await http.post("/api/agents", json={"id": "e3", "name": "Zero", "domain": "ci"})
+    await http.post("/api/agents", json={"id": "e4", "name": "Bystander", "domain": "ci"})
     await hot(http, "/api/agents/e3")
+    await hot(http, "/api/agents/e4")
     await hot(http, "/api/agents", params={"domain": "ci"})
 
-    # Through the gateway: the very next read sees it.
+    # Through the gateway: the very next read sees it, and only what it made stale goes.
     patched = await http.patch("/api/agents/e3", params={"updateMask": "name"}, json={"name": "Gateway"})
     assert patched.status_code == 200
+    calls = handled("GetAgent")
+    assert (await http.get("/api/agents/e4")).headers.get("age") is not None, "another agent's answer is still held"
+    assert handled("GetAgent") == calls
     after = await http.get("/api/agents/e3")
     assert after.json()["name"] == "Gateway" and after.headers["etag"] == patched.headers["etag"]
 
@@ -265,26 +274,30 @@ def test_entries_are_bounded_and_dropped_by_any_pattern_matching_a_surrogate_key
     now = [0.0]
     cache = EdgeCache(max_entries=3, max_bytes=1 << 20, max_ttl=10, clock=lambda: now[0])
     assert cacheable([("cache-control", "max-age=60")]) is None
-    assert cacheable([("surrogate-key", "agents:get:a")]) is None
-    said = cacheable([("cache-control", "max-age=60"), ("surrogate-key", "agents:get:a agents:list:h=1")])
-    assert said == (60, ("agents:get:a", "agents:list:h=1"))
+    assert cacheable([("cache-control", "max-age=60"), ("surrogate-key", "agents:get:a")]) is None, "no version"
+    trailers = [("cache-control", "max-age=60"), ("surrogate-key", "agents:get:a agents:list:h=1"), ("cache-version", "5")]
+    said = cacheable(trailers)
+    assert said == Said(60, ("agents:get:a", "agents:list:h=1"), 5)
     headers = {"etag": '"1"'}
-    cache.put(("/a", b""), b"x", headers, said, cache.snapshot())
+    cache.put(("/a", b""), b"x", headers, said)
     assert cache.get(("/a", b"")) is None, "not live: nothing is kept"
-    cache.set_live(True)
-    since = cache.snapshot()
-    assert cache.put(("/a", b""), b"a", headers, said, since)
-    assert cache.put(("/l", b""), b"l", headers, (60, ("agents:list:h=1",)), since)
-    cache.invalidate("agents:list:*")
+    cache.go_live(5)
+    assert cache.put(("/a", b""), b"a", headers, said)
+    assert cache.put(("/l", b""), b"l", headers, Said(60, ("agents:list:h=1",), 5))
+    cache.invalidate("agents:list:*", 6)
     assert cache.get(("/a", b"")) is None and cache.get(("/l", b"")) is None
-    # A fill that raced an invalidation of one of its keys is refused.
-    assert not cache.put(("/a", b""), b"a", headers, said, since)
+    # An answer read before an invalidation of one of its keys is refused; one read after it is kept.
+    assert not cache.put(("/a", b""), b"a", headers, said)
+    assert cache.put(("/a", b""), b"a", headers, Said(60, said.keys, 6))
     for n in range(4):
-        assert cache.put((f"/{n}", b""), b"n", headers, (60, (f"agents:get:{n}",)), cache.snapshot())
+        assert cache.put((f"/{n}", b""), b"n", headers, Said(60, (f"agents:get:{n}",), 6))
     assert len(cache) == 3 and cache.get(("/0", b"")) is None
     now[0] += 10  # the cap, below the max-age
     assert cache.get(("/3", b"")) is None
-    cache.put(("/x", b""), b"x", headers, said, cache.snapshot())
-    cache.set_live(False)
-    cache.set_live(True)
+    cache.put(("/x", b""), b"x", headers, Said(60, said.keys, 6))
+    cache.go_dark()
+    cache.go_live(6)
     assert len(cache) == 0
+    # A write's answer names its position and patterns; past the metadata bound, "*".
+    assert invalidated([("cache-invalidated", "7 agents:get:a agents:list:*")]) == (7, ["agents:get:a", "agents:list:*"])
+    assert invalidated([("cache-invalidated", "8 *")]) == (8, ["*"])

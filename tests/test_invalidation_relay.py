@@ -1,8 +1,9 @@
-"""The relay delivers the invalidation log to the cache, whatever the fast path lost.
+"""The relay: the one route by which the invalidation log reaches the cache, whatever
+faults lose on the way.
 
 The services run for real (SQLite and PostgreSQL); the cache they talk to is a real
 gRPC server on an ephemeral port whose CacheService keeps a position in the log as
-CacheService's GetSyncState, Sync and Invalidate define it, over a plain dict.
+CacheService's GetSyncState and Sync define it, over a plain dict.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from tests.support import eventually
 from tests.support.stack import Stack, make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
-MAX_AHEAD = 1000
 
 
 class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
@@ -36,34 +36,16 @@ class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
         self.entries: dict[str, bytes] = {}
         self.fresh = fresh
         self.applied = applied
-        self.ahead: list[int] = []
         self.syncs: list[cache_pb2.CacheSyncRequest] = []
 
     def state(self) -> cache_pb2.CacheSyncState:
-        return cache_pb2.CacheSyncState(applied=self.applied, ahead=self.ahead, fresh=self.fresh)
+        return cache_pb2.CacheSyncState(applied=self.applied, fresh=self.fresh)
 
     def _apply(self, patterns) -> int:
         doomed = [key for key in self.entries if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
         for key in doomed:
             del self.entries[key]
         return len(doomed)
-
-    def _absorb(self) -> None:
-        while self.applied + 1 in self.ahead:
-            self.applied += 1
-            self.ahead.remove(self.applied)
-        self.ahead = [s for s in self.ahead if s > self.applied]
-
-    async def Invalidate(self, request, context):
-        removed = self._apply([p for p in (request.pattern, *request.patterns) if p])
-        s = request.sequence
-        if s and not self.fresh:
-            if s == self.applied + 1:
-                self.applied = s
-                self._absorb()
-            elif s > self.applied + 1 and s not in self.ahead:
-                self.ahead = sorted([*self.ahead, s])[-MAX_AHEAD:]
-        return cache_pb2.CacheInvalidateResponse(removed=removed)
 
     async def GetSyncState(self, request, context):
         return self.state()
@@ -74,14 +56,11 @@ class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
         self.syncs.append(request)
         if not self.fresh and request.after > self.applied:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the position went backwards")
-        if request.clear:
+        if request.clear or self.fresh:
             self.entries.clear()
         self._apply(request.patterns)
-        if self.fresh:
-            self.applied, self.ahead, self.fresh = request.through, [], False
-        else:
-            self.applied = max(self.applied, request.through)
-        self._absorb()
+        self.applied = request.through if self.fresh else max(self.applied, request.through)
+        self.fresh = False
         return self.state()
 
 
@@ -145,7 +124,7 @@ async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_
             await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
             created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
             head = await head_of(stack)
-            assert cache.applied == head, "the fast path applied the create and recorded its entry"
+            await eventually(lambda: cache.applied == head, "the relay sends the create's entry")
             cache.entries["agents:get:agent-1"] = b"the agent before the update"
 
             await server.stop()
@@ -158,12 +137,13 @@ async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_
         # The writer is gone with the invalidation it could not send.
         await server.start()
         assert "agents:get:agent-1" in cache.entries and cache.applied == head
+        before = len(cache.syncs)
 
         async with running_stack(settings, with_sidecar=False) as restarted:
             await eventually(lambda: "agents:get:agent-1" not in cache.entries, "the relay delivers the update's entry")
             assert cache.applied == await head_of(restarted) == head + 1
-            assert [list(s.patterns) for s in cache.syncs if s.patterns] == [
-                ["agents:get:agent-1", "agents:list:*", "agents:discover:*"]
+            assert [(s.after, s.through, list(s.patterns)) for s in cache.syncs[before:] if s.patterns] == [
+                (head, head + 1, ["agents:get:agent-1", "agents:list:*", "agents:discover:*"])
             ]
 
 
@@ -209,19 +189,26 @@ async def test_a_cache_behind_pruned_entries_is_cleared(database_url):
             assert (sync.after, sync.through, sync.clear) == (0, head, True)
 
 
-async def test_entries_the_cache_applied_out_of_order_are_not_sent_again(database_url):
+async def test_each_write_reaches_the_cache_as_its_own_span_of_the_log(database_url):
+    """The write's own entry, when it continues the cache's position, goes at once;
+    entries the cache missed while away go together once it answers again."""
     async with positioned_stack(database_url) as (cache, server, stack):
         start = cache.applied
-        await server.stop()
         for i in (1, 2):
             await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
-        # The second entry reached the cache out of order (it is "ahead"), the first did not.
-        cache.ahead = [start + 2]
+            await eventually(lambda: cache.applied == start + i, "the relay sends the write's entry")  # noqa: B023
+        spans = [(s.after, s.through, s.patterns[0]) for s in cache.syncs if s.patterns]
+        assert spans == [(start, start + 1, "agents:get:agent-1"), (start + 1, start + 2, "agents:get:agent-2")]
+
+        await server.stop()
+        for i in (3, 4):
+            await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
+        before = len(cache.syncs)
         await server.start()
-        await eventually(lambda: cache.applied == start + 2, "the relay closes the gap")
-        sent = [p for s in cache.syncs for p in s.patterns]
-        assert "agents:get:agent-1" in sent and "agents:get:agent-2" not in sent
-        assert cache.ahead == []
+        await eventually(lambda: cache.applied == start + 4, "the relay sends what the cache missed")
+        [caught_up] = [s for s in cache.syncs[before:] if s.patterns]
+        assert (caught_up.after, caught_up.through) == (start + 2, start + 4)
+        assert {"agents:get:agent-3", "agents:get:agent-4"} <= set(caught_up.patterns)
 
 
 async def test_a_write_of_many_patterns_is_relayed_in_syncs_of_at_most_1000(database_url):

@@ -102,7 +102,7 @@ async def test_a_write_that_fails_after_its_statements_rolls_everything_back(sta
     cached = cache_pb2.CacheEntry(key="agents:get:agent-doomed", value=b"cached before", content_type="text/plain")
     await stack.cache_stub.Set(cache_pb2.CacheSetRequest(entry=cached))
     with pytest.raises(RuntimeError):
-        async with Outbox(db, stack.agents.cache, "agents").write() as write:
+        async with Outbox(db, stack.agents.cache, stack.agents.relay, "agents").write() as write:
             await AgentRepository(db).insert(write.tx, [new_agent("doomed")], write.time)
             write.invalidate("agents:get:agent-doomed")
             write.emit("agent.created", "agent-doomed", {"agent_id": "agent-doomed"})
