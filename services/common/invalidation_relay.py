@@ -1,10 +1,12 @@
 """The relay: the one route by which the invalidation log reaches the cache.
 
 Every write appends what it made stale to the log in its own transaction (outbox.py),
-then applies it to its own process's layers and nudges this relay, which Syncs the
-sidecar: at once, with the write's own entry when the sidecar's position is just
-before it (no database read), else with the entries after the sidecar's position,
-read from the log. The sidecar streams each Sync to every other layer (near-caches,
+then applies it to its own process's layers and hands it to this relay (deliver),
+which Syncs the sidecar: at once, with the write's own entry when the sidecar's
+position is just before it (no database read), else with the entries after the
+sidecar's position, read from the log. The write is acknowledged once the sidecar
+has it, or after CACHE_TIMEOUT at most; while the sidecar has just proved silent,
+at once (no caller waits on it). The sidecar streams each Sync to every other layer (near-caches,
 edge caches), numbered by the log. Whatever a Sync misses (the sidecar down, frozen,
 restarted, or this process dying first) the next round mends: every process that
 writes runs a relay, and every RELAY_INTERVAL each reads the cache's position and the
@@ -71,6 +73,10 @@ class InvalidationRelay:
         # This process's writes not yet known applied: log position -> patterns.
         self._pending: dict[int, Sequence[str]] = {}
         self._nudged = asyncio.Event()
+        # Set (and replaced) whenever the cache's position moves: deliver() waits on it.
+        self._advanced = asyncio.Event()
+        # While the sidecar has just proved silent, deliver() does not wait for it.
+        self._silent_until = 0.0
         self._condition = ""
         self._task: asyncio.Task[None] | None = None
 
@@ -89,6 +95,22 @@ class InvalidationRelay:
         """A write of this process committed at `position`: send it now."""
         self._pending[position] = patterns
         self._nudged.set()
+
+    async def deliver(self, position: int, patterns: Sequence[str], timeout: float) -> bool:
+        """nudge(), then waits (at most `timeout`) until the cache has applied the log
+        through `position`; True when it has."""
+        self.nudge(position, patterns)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._applied is None or self._applied < position:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or loop.time() < self._silent_until:
+                return False
+            try:
+                await asyncio.wait_for(self._advanced.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     async def _run(self) -> None:
         while True:
@@ -158,6 +180,7 @@ class InvalidationRelay:
         state: cache_pb2.CacheSyncState | None
         state, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
         if state is None:
+            self._silent_until = time.monotonic() + self._transport.retry_after
             self._note(
                 "unreachable",
                 logging.WARNING,
@@ -205,9 +228,12 @@ class InvalidationRelay:
             log.debug("invalidation relay: Sync(%d, %d] answered %s", after, through, code.name if code else "?")
             self._applied = None
             if code not in (grpc.StatusCode.FAILED_PRECONDITION, None):
+                self._silent_until = time.monotonic() + self._transport.retry_after
                 self._note("unreachable", logging.WARNING, "invalidation relay: the cache sidecar cannot be reached; retrying")
             return None
         self._applied = None if state.fresh else state.applied
+        self._advanced.set()
+        self._advanced = asyncio.Event()
         for p in [p for p in self._pending if self._applied is not None and p <= self._applied]:
             del self._pending[p]
         return state

@@ -7,7 +7,9 @@ last, see invalidation_log.py), so a write that commits always has its event and
 its log entry, and one that rolls back has neither. After the commit, before the
 write is acknowledged, this process stops serving what it made stale (read-your-
 writes here), the answer names it for the gateway's edge cache, and the relay
-(invalidation_relay.py) takes the entry to the cache: the one route.
+(invalidation_relay.py) takes the entry to the cache, the one route: the write is
+acknowledged once the sidecar has it (or CACHE_TIMEOUT has passed), so a read that
+follows the acknowledgement in another process finds the sidecar current.
 """
 
 from __future__ import annotations
@@ -71,4 +73,4 @@ class Outbox:
         if patterns:
             self._cache.committed(sequence, patterns)
             surrogate_keys.note_write(sequence, patterns)
-            self._relay.nudge(sequence, patterns)
+            await self._relay.deliver(sequence, patterns, self._cache.transport.timeout)
