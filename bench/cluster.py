@@ -11,6 +11,7 @@ database), but a checker can then choose which process a read goes to.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import shutil
 import signal
@@ -67,6 +68,15 @@ class Part(abc.ABC):
         """Ends it as an operator would; a crash unless a part knows better."""
         self.kill()
 
+    def pids(self) -> list[int]:
+        """Its processes, for freezing it (SIGSTOP: alive but silent)."""
+        return []
+
+    def freeze(self, frozen: bool) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
 
 class ProcessPart(Part):
     """A child process: started from command(), killed with SIGKILL."""
@@ -100,6 +110,9 @@ class ProcessPart(Part):
             assert self.process is not None
             self.process.kill()
             self.process.wait(timeout=10)
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None and self.running else []
 
     def stop(self) -> None:
         """SIGTERM; SIGKILL if it lingers."""
@@ -162,6 +175,19 @@ class PostgresPart(Part):
     def kill(self) -> None:
         if (self.dir / "data" / "postmaster.pid").exists():
             self._pg(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend it started (they share no process group)."""
+        pid_file = self.dir / "data" / "postmaster.pid"
+        if not pid_file.exists():
+            return []
+        postmaster = int(pid_file.read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     def remove(self) -> None:
         self.kill()

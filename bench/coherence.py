@@ -250,11 +250,30 @@ def sidecar_and_writer(down_for: float = 1.0) -> Fault:
     return fault
 
 
+def freeze(name: str, frozen_for: float = 2.0) -> Fault:
+    """Stops one part with SIGSTOP (alive, its connections open, silent: the commoner
+    outage) and lets it go on again (SIGCONT)."""
+
+    async def fault(cluster: Cluster, quiet: asyncio.Event) -> None:
+        part = cluster.parts[name]
+        part.freeze(True)
+        try:
+            await asyncio.sleep(frozen_for)
+        finally:
+            part.freeze(False)
+
+    return fault
+
+
 FAULTS: dict[str, Callable[[], Fault]] = {
     "sidecar": sidecar_and_writer,
     "redis": lambda: restart("redis"),
     "agents": lambda: restart("agents-0"),
     "postgresql": lambda: restart("postgresql"),
+    "frozen-sidecar": lambda: freeze("sidecar"),
+    "frozen-redis": lambda: freeze("redis"),
+    "frozen-agents": lambda: freeze("agents-0"),
+    "frozen-postgresql": lambda: freeze("postgresql"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Faults under load: each part killed while writer/reader pairs run (bench/coherence.py,
+"""Faults under load: each part killed, or frozen, while writer/reader pairs run (bench/coherence.py,
 the staleness checker), then restarted. Nothing acknowledged may be lost, and once
 the fault has healed and SETTLE seconds have passed, no read may return a value
 older than the last acknowledged write, through any process.
@@ -29,6 +29,12 @@ RUNS = [
     ("postgresql+redis", "redis"),
     ("postgresql+redis", "agents"),
     ("postgresql+redis", "postgresql"),
+    # Frozen (SIGSTOP), not killed: alive, connections open, silent.
+    ("sqlite+memory", "frozen-sidecar"),
+    ("postgresql+redis", "frozen-sidecar"),
+    ("postgresql+redis", "frozen-redis"),
+    ("postgresql+redis", "frozen-agents"),
+    ("postgresql+redis", "frozen-postgresql"),
 ]
 
 
