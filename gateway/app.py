@@ -32,6 +32,7 @@ from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from gateway.status import StatusBoard, metrics_urls
 from services.common.api import discover_services
+from services.common.cache.consistency import ConsistencyMetrics
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 
@@ -56,7 +57,8 @@ def create_app(
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
     pool = ChannelPool(addresses, settings.grpc_connections)
-    edge = Edge.from_settings(settings)
+    metrics = HttpMetrics(registry)
+    edge = Edge.from_settings(settings, ConsistencyMetrics(metrics.registry))
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,
@@ -66,7 +68,6 @@ def create_app(
         edge=edge,
     )
     health = HealthChecker(addresses)
-    metrics = HttpMetrics(registry)
     # Success and the statuses of the server's failures, which the error-rate alerts divide.
     metrics.declare(
         ((route.http_method, route.template.text) for route in routes),

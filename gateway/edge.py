@@ -23,6 +23,7 @@ from gateway.hardening import add_rate_limit_headers
 from gateway.json_body import JSON_MEDIA_TYPE
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
+from services.common.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.common.cache.near_feed import NearCacheFeed
 from services.common.cache.transport import CACHE_SERVICE, SidecarTransport
 from services.common.channels import service_address
@@ -36,8 +37,9 @@ KEPT_HEADERS = ("etag", "cache-control", "vary")
 
 
 class Edge:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, consistency: ConsistencyMetrics) -> None:
         self.settings = settings
+        self._consistency = consistency
         self.cache = EdgeCache(
             max_entries=settings.gateway_edge_cache_size,
             max_bytes=settings.gateway_edge_cache_bytes,
@@ -45,10 +47,11 @@ class Edge:
         )
         self._transport: SidecarTransport | None = None
         self._feed: NearCacheFeed | None = None
+        self._checker: ConsistencyChecker | None = None
         self._access: Access | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Edge | None:
+    def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics) -> Edge | None:
         """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when the rate limits
         are on but kept in each process's memory (no REDIS_URL): a hit would then take
         its token from another bucket than a miss, and a caller would get more than
@@ -58,7 +61,7 @@ class Edge:
         if not settings.redis_url and (settings.rate_limit_requests > 0 or settings.rate_limit_execute_requests > 0):
             log.info("edge cache off: rate limits are on and not shared (set REDIS_URL, or turn them off)")
             return None
-        return cls(settings)
+        return cls(settings, consistency)
 
     def open(self) -> None:
         """Starts following the sidecar's Watch (with the services' key, which it
@@ -70,8 +73,12 @@ class Edge:
         )
         self._feed = NearCacheFeed(self._transport, self.cache)
         self._feed.start()
+        self._checker = ConsistencyChecker.following(self.cache, "edge", self._transport, self._consistency)
+        self._checker.start()
 
     async def close(self) -> None:
+        if self._checker is not None:
+            await self._checker.stop()
         if self._transport is not None:
             self._transport.closed = True
         if self._feed is not None:

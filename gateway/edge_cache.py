@@ -46,6 +46,7 @@ class EdgeEntry:
     surrogate_keys: tuple[str, ...]
     stored_at: float
     expires_at: float
+    version: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,10 +110,13 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         if any(self.history.raced(surrogate, said.version) for surrogate in said.keys):
             return False
         now = self._clock()
-        self._store(key, EdgeEntry(body, headers, said.keys, now, now + min(said.max_age, self.max_ttl)))
+        self._store(key, EdgeEntry(body, headers, said.keys, now, now + min(said.max_age, self.max_ttl), said.version))
         for surrogate in said.keys:
             self._by_key.setdefault(surrogate, set()).add(key)
         return True
+
+    def holds_older(self, key: str, at: int) -> bool:
+        return any(self._entries[held].version < at for held in self._by_key.get(key, ()))
 
     def _drop(self, pattern: GlobPattern) -> None:
         """Every entry with a surrogate key the pattern matches goes."""

@@ -8,7 +8,7 @@ import fnmatch
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from services.cache_sidecar.stores.memory import MemoryStore
 from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
@@ -17,7 +17,8 @@ from tests.support.cache import FakeClock
 
 
 def store(clock: FakeClock | None = None, **overrides) -> MemoryStore:
-    """A store with a position in the invalidation log, so it hands out fill tokens."""
+    """A store with a position in the invalidation log (0, as for an empty log), so it
+    takes fills."""
     options = dict(max_entries=1000, max_bytes=1 << 20, default_ttl=60.0, clock=clock or FakeClock(), rand=lambda: 0.5)
     options.update(overrides)
     memory = MemoryStore(**options)
@@ -93,25 +94,69 @@ def test_overwrites_keep_the_expiry_heap_bounded() -> None:
     assert memory.get("hot:1").value == b"19999"
 
 
-def test_fill_tokens_older_than_the_history_are_refused() -> None:
+def test_fills_older_than_the_history_are_refused() -> None:
     memory = store(history=2)
-    token = memory.fill_token
-    memory.invalidate("other:*")
-    assert memory.set("agents:1", b"x", "", fill_token=token) is True  # unrelated record: fine
-    memory.invalidate("other:*")
-    memory.invalidate("other:*")  # the record after `token` has now been forgotten
-    assert memory.set("agents:2", b"x", "", fill_token=token) is False
-    assert memory.set("agents:3", b"x", "", fill_token=memory.fill_token) is True
-    assert memory.set("agents:4", b"x", "", fill_token=memory.fill_token + 1) is False  # never issued
-    assert memory.set("agents:5", b"x", "", fill_token=0) is True  # unconditional
+    memory.sync(0, 1, ["other:*"], False)
+    assert memory.set("agents:1", b"x", "", version=0) is True  # a later record, but of other keys: fine
+    memory.sync(1, 2, ["other:*"], False)
+    memory.sync(2, 3, ["other:*"], False)  # the record at 1 is forgotten: the floor is 1
+    assert memory.set("agents:2", b"x", "", version=0) is False
+    assert memory.set("agents:3", b"x", "", version=1) is True
+    assert memory.set("agents:4", b"x", "", version=memory.fill_position) is True
+    assert memory.set("agents:5", b"x", "") is True  # an overwrite (no version) is unconditional
+    assert memory.get("agents:5").version == 3  # ...and stored at the store's position
 
 
-def test_tokens_from_an_earlier_sidecar_process_are_refused() -> None:
-    earlier = store()
-    token = earlier.fill_token
-    later = store()
-    assert later.set("agents:1", b"x", "", fill_token=token) is False
-    assert later.get("agents:1") is None
+@pytest.mark.parametrize("pattern", ["agents:get:1", "agents:*", "agents:get:*", "agents:get:?", "*:get:1", "*"])
+def test_a_fill_read_before_a_matching_invalidation_is_refused(pattern: str) -> None:
+    memory = store()
+    memory.sync(0, 4, ["other:*"], False)
+    version = memory.fill_position  # a Get misses at 4; the loader reads
+    memory.sync(4, 5, [pattern], False)  # a write's invalidation, recorded at 5
+    assert memory.set("agents:get:1", b"stale", "", version=version) is False
+    assert memory.get("agents:get:1") is None
+    assert memory.set("agents:get:1", b"new", "", version=memory.fill_position) is True  # read after it
+    assert memory.get("agents:get:1").version == 5
+
+
+def test_a_fill_read_before_an_invalidation_from_outside_the_log_is_refused() -> None:
+    memory = store()
+    version = memory.fill_position
+    memory.sync(0, 3, ["other:*"], False)
+    memory.invalidate("agents:get:*")  # an operator's: recorded at the current position, 3
+    memory.delete("workflows:get:1")
+    assert memory.set("agents:get:1", b"stale", "", version=version) is False
+    assert memory.set("workflows:get:1", b"stale", "", version=version) is False
+    assert memory.set("workflows:get:2", b"fine", "", version=version) is True  # not named by either
+
+
+def test_a_fill_is_refused_when_the_key_holds_a_newer_version() -> None:
+    memory = store()
+    memory.sync(0, 8, ["other:*"], False)
+    assert memory.set("agents:get:1", b"read at 8", "", version=8) is True
+    assert memory.set("agents:get:1", b"read at 6", "", version=6) is False
+    assert memory.get("agents:get:1").value == b"read at 8"
+    assert memory.set("agents:get:1", b"read at 8 too", "", version=8) is True  # not older: replaces
+    memory.set("agents:get:2", b"overwritten at 8", "")
+    assert memory.set("agents:get:2", b"read at 7", "", version=7) is False
+    # Once the newer entry is gone (invalidated), an old fill is judged by the history.
+    memory.invalidate("agents:get:2")
+    assert memory.set("agents:get:2", b"read at 7", "", version=7) is False  # recorded at 8 > 7
+
+
+def test_a_fresh_store_refuses_every_fill_until_a_sync_gives_it_a_position() -> None:
+    memory = MemoryStore(max_entries=10, max_bytes=1 << 20, default_ttl=60.0, clock=FakeClock())
+    assert memory.position.state().fresh and memory.fill_position == 0
+    for version in (0, 1, 12345):
+        assert memory.set("agents:get:1", b"x", "", version=version) is False
+    assert memory.set("agents:get:2", b"x", "") is True  # an overwrite is stored
+    memory.sync(0, 10, [], False)  # from fresh: cleared, position and floor 10
+    assert memory.get("agents:get:2") is None
+    assert memory.set("agents:get:1", b"x", "", version=9) is False  # below the floor
+    assert memory.set("agents:get:1", b"x", "", version=10) is True
+    memory.reset()  # lost its data: fresh again
+    assert memory.position.state().fresh and memory.get("agents:get:1") is None
+    assert memory.set("agents:get:1", b"x", "", version=10) is False
 
 
 def test_prefix_invalidation_never_looks_at_a_key() -> None:
@@ -253,18 +298,30 @@ NEGATIVE_TTL = 5.0
 
 class Model:
     """What a cache must answer: the last value set for a key, until its TTL passes or an
-    invalidation matching it runs. Entries keep their expiry and leave when invalidated."""
+    invalidation matching it runs. Entries keep their expiry and version, and leave when
+    invalidated. The position is the invalidation log's; every invalidation is recorded
+    at the position it was applied as (a Sync's `through`, or the current position for
+    one from outside the log)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[bytes, float, bool]] = {}
-        # Every invalidation pattern, in order: a fill token is the length at its miss.
-        self.invalidations: list[str] = []
+        # key -> (value, expires_at, negative, version)
+        self.entries: dict[str, tuple[bytes, float, bool, int]] = {}
+        self.position = 0
+        self.invalidations: list[tuple[int, str]] = []
 
     def live(self, key: str, now: float) -> tuple[bytes, bool] | None:
         found = self.entries.get(key)
         if found is None or found[1] <= now:
             return None
         return found[0], found[2]
+
+    def raced(self, key: str, version: int) -> bool:
+        """A fill read at `version` lost to an invalidation of its key recorded later."""
+        return any(at > version and fnmatch.fnmatchcase(key, pattern) for at, pattern in self.invalidations)
+
+    def holds_newer(self, key: str, version: int, now: float) -> bool:
+        found = self.entries.get(key)
+        return found is not None and found[1] > now and found[3] > version
 
 
 class MemoryStoreMachine(RuleBasedStateMachine):
@@ -273,8 +330,6 @@ class MemoryStoreMachine(RuleBasedStateMachine):
     max_entries = 1000
     max_bytes = 1 << 20
     exact = True
-
-    tokens = Bundle("tokens")
 
     @initialize()
     def start(self) -> None:
@@ -297,9 +352,10 @@ class MemoryStoreMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS), value=st.binary(max_size=40), ttl=st.sampled_from(TTLS), negative=st.booleans())
     def set(self, key: str, value: bytes, ttl: float, negative: bool) -> None:
+        """An overwrite (no version): always stored, at the store's position."""
         value = b"" if negative else value
-        assert self.store.set(key, value, "ct", ttl, 0, negative) is True
-        self.model.entries[key] = (value, self._expiry(ttl, negative), negative)
+        assert self.store.set(key, value, "ct", ttl, None, negative) is True
+        self.model.entries[key] = (value, self._expiry(ttl, negative), negative, self.model.position)
 
     @rule(key=st.sampled_from(KEYS))
     def get(self, key: str) -> None:
@@ -310,29 +366,50 @@ class MemoryStoreMachine(RuleBasedStateMachine):
             return
         assert (None if found is None else (found.value, found.negative)) == expected
 
-    @rule(target=tokens, key=st.sampled_from(KEYS))
-    def miss(self, key: str) -> tuple[str, int, int]:
-        """A Get's fill token, as a client holds it while it loads."""
-        return key, self.store.fill_token, len(self.model.invalidations)
-
-    @rule(token=tokens, value=st.binary(max_size=40))
-    def fill(self, token: tuple[str, int, int], value: bytes) -> None:
-        key, fill_token, seen = token
-        raced = any(fnmatch.fnmatchcase(key, pattern) for pattern in self.model.invalidations[seen:])
-        stored = self.store.set(key, value, "ct", 10, fill_token)
-        assert stored == (not raced), "a fill landed after an invalidation it raced" if stored else "a fill was refused"
+    @rule(key=st.sampled_from(KEYS), age=st.integers(min_value=0, max_value=3), value=st.binary(max_size=40))
+    def fill(self, key: str, age: int, value: bytes) -> None:
+        """A client's fill of a miss, read at the store's position then or a few
+        entries before now (its load was slow)."""
+        assert self.store.fill_position == self.model.position
+        version = max(0, self.model.position - age)
+        raced = self.model.raced(key, version)
+        newer = self.model.holds_newer(key, version, self.clock.now)
+        stored = self.store.set(key, value, "ct", 10, version)
+        if raced:
+            assert not stored, "a fill landed after an invalidation it raced"
+        elif newer and self.exact:
+            assert not stored, "a fill replaced a newer version"
+        elif not newer:
+            assert stored, "a fill was refused"
+        # (With small bounds the newer entry may have been evicted: either is right.)
         if stored:
-            self.model.entries[key] = (value, self._expiry(10, False), False)
+            self.model.entries[key] = (value, self._expiry(10, False), False, version)
 
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key: str) -> None:
-        self._invalidate(escape_key(key), self.store.delete(key))
+        self._invalidate(escape_key(key), self.store.delete(key), self.model.position)
 
     @rule(pattern=st.sampled_from(PATTERNS))
     def invalidate(self, pattern: str) -> None:
-        self._invalidate(pattern, self.store.invalidate(pattern))
+        """From outside the log: recorded at the current position."""
+        self._invalidate(pattern, self.store.invalidate(pattern), self.model.position)
 
-    def _invalidate(self, pattern: str, removed: int) -> None:
+    @rule(patterns=st.lists(st.sampled_from(PATTERNS), max_size=3), step=st.integers(min_value=1, max_value=3))
+    def sync(self, patterns: list[str], step: int) -> None:
+        """The log's entries after the position, recorded at their `through`."""
+        through = self.model.position + step
+        state = self.store.sync(self.model.position, through, patterns, False)
+        assert (state.applied, state.fresh) == (through, False)
+        self.model.position = through
+        for pattern in patterns:
+            self._forget(pattern, through)
+
+    @rule(step=st.integers(min_value=1, max_value=3))
+    def sync_elsewhere(self, step: int) -> None:
+        """Writes to keys this machine never uses: the position moves, nothing here goes."""
+        self.sync(["z:*"], step)
+
+    def _invalidate(self, pattern: str, removed: int, at: int) -> None:
         matched = [key for key in self.model.entries if fnmatch.fnmatchcase(key, pattern)]
         live = [key for key in matched if self.model.live(key, self.clock.now) is not None]
         # Entries past their TTL but not yet reclaimed may be counted, or not; with
@@ -340,9 +417,12 @@ class MemoryStoreMachine(RuleBasedStateMachine):
         assert removed <= len(matched)
         if self.exact:
             assert removed >= len(live)
-        for key in matched:
+        self._forget(pattern, at)
+
+    def _forget(self, pattern: str, at: int) -> None:
+        for key in [key for key in self.model.entries if fnmatch.fnmatchcase(key, pattern)]:
             del self.model.entries[key]
-        self.model.invalidations.append(pattern)
+        self.model.invalidations.append((at, pattern))
 
     @rule(seconds=st.sampled_from([0.5, 1, 4.9, 5, 20, 60]))
     def advance(self, seconds: float) -> None:

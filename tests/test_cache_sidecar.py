@@ -54,7 +54,7 @@ async def client(sidecar: CacheSidecar) -> AsyncIterator[CacheClient]:
 async def test_get_set_round_trip(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
     stub = either_stub
     miss = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
-    assert not miss.found and miss.fill_token > 0
+    assert not miss.found and miss.position == 0  # synced to the empty log: position 0
     stored = await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"payload", STRING_TYPE)))
     assert stored.stored
     hit = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
@@ -76,8 +76,11 @@ async def test_get_set_round_trip(either_stub: cache_pb2_grpc.CacheServiceStub) 
 async def test_short_ttl_expires_over_grpc(stub: cache_pb2_grpc.CacheServiceStub) -> None:
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("t:short"), ttl_seconds=0.05))
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("t:long"), ttl_seconds=60))
-    await asyncio.sleep(0.2)
-    assert not (await stub.Get(cache_pb2.CacheGetRequest(key="t:short"))).found
+
+    async def short_gone() -> bool:
+        return not (await stub.Get(cache_pb2.CacheGetRequest(key="t:short"))).found
+
+    await eventually(short_gone, "the 0.05 s entry expires")
     assert (await stub.Get(cache_pb2.CacheGetRequest(key="t:long"))).found
     stats = await stub.Stats(empty_pb2.Empty())
     assert stats.evictions["ttl"] == 1
@@ -120,14 +123,15 @@ async def test_lru_eviction_by_bytes(start_sidecar: StartSidecar) -> None:
         assert (await stub.Stats(empty_pb2.Empty())).entries == 2  # nothing was evicted for it
 
 
-async def test_prefix_and_glob_invalidation(either_stub: cache_pb2_grpc.CacheServiceStub, backend: dict) -> None:
+async def test_prefix_and_glob_invalidation(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
     stub = either_stub
     keys = ["agents:list:p1", "agents:list:p2", "agents:get:a1", "agents:get:b1", "agents:get:a12", "workflows:list:p1"]
     await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry(key) for key in keys]))
 
     removed = await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:list:*"))
-    # O(1) in both stores; Redis (generation counters) cannot tell how many went.
-    assert removed.removed == (-1 if backend else 2)
+    # From outside the log, Redis removes the matches themselves (SCAN + UNLINK), so it
+    # can count them; memory detaches the prefix in O(1) (test_cache_memory_store.py).
+    assert removed.removed == 2
     removed = await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:get:a?"))
     assert removed.removed == 1
 
@@ -166,7 +170,7 @@ async def test_ten_thousand_keys_invalidated_by_one_glob(start_sidecar: StartSid
         assert await found(kept) == 10_000
 
         removed = await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="bulk:*"))
-        assert removed.removed == (-1 if backend else 10_000)
+        assert removed.removed == 10_000
         assert await found(kept) == 0
         if not backend:
             stats = await stub.Stats(empty_pb2.Empty())
@@ -179,17 +183,20 @@ async def test_one_call_invalidates_many_patterns(either_stub: cache_pb2_grpc.Ca
     keys = [f"agents:get:{i}" for i in range(5)] + ["agents:list:p1", "workflows:get:1"]
     await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry(key) for key in keys]))
     watch = stub.Watch(cache_pb2.CacheWatchRequest(prefixes=["agents:"]))
-    assert (await asyncio.wait_for(watch.read(), READ_TIMEOUT)).pattern == ""
+    assert list((await asyncio.wait_for(watch.read(), READ_TIMEOUT)).patterns) == []  # subscribed
     patterns = ["agents:get:0", "agents:get:1", "agents:list:*"]
     await stub.Invalidate(cache_pb2.CacheInvalidateRequest(patterns=patterns))
     streamed = await asyncio.wait_for(watch.read(), READ_TIMEOUT)
-    assert [streamed.pattern, *streamed.patterns] == patterns  # one message for the lot
+    assert list(streamed.patterns) == patterns  # one message for the lot
+    assert streamed.after == streamed.through == 0  # from outside the log: at the position
     watch.cancel()
     left = await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=keys))
     assert sorted(e.key for e in left.entries) == ["agents:get:2", "agents:get:3", "agents:get:4", "workflows:get:1"]
 
 
 async def test_stats_count_what_happened(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    # The fixture's first Sync emptied the new store (a clear): counted before this.
+    before = await stub.Stats(empty_pb2.Empty())
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"12345", "ct")))
     await stub.Set(cache_pb2.CacheSetRequest(entry=entry("workflows:get:1", b"1")))
     for _ in range(3):
@@ -200,7 +207,7 @@ async def test_stats_count_what_happened(stub: cache_pb2_grpc.CacheServiceStub) 
     await stub.Delete(cache_pb2.CacheDeleteRequest(key="nothing:1"))
 
     stats = await stub.Stats(empty_pb2.Empty())
-    assert (stats.hits, stats.misses, stats.sets, stats.invalidations) == (3, 2, 2, 2)
+    assert (stats.hits, stats.misses, stats.sets, stats.invalidations - before.invalidations) == (3, 2, 2, 2)
     assert stats.hit_rate == pytest.approx(0.6)
     assert stats.entries == 2
     assert stats.bytes == (5 + len("agents:get:1") + 2) + (1 + len("workflows:get:1"))
@@ -211,8 +218,43 @@ async def test_stats_count_what_happened(stub: cache_pb2_grpc.CacheServiceStub) 
     assert (workflows.hits, workflows.misses, workflows.hit_rate) == (0, 1, 0.0)
 
 
+async def sync(stub: cache_pb2_grpc.CacheServiceStub, after: int, through: int, *patterns: str, clear: bool = False):
+    """What a services' relay sends: the log's entries in (after, through]."""
+    request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
+    return await stub.Sync(request, timeout=READ_TIMEOUT)
+
+
+def fill(key: str, value: bytes, version: int) -> cache_pb2.CacheSetRequest:
+    """A client's fill of a miss, read at `version` (the position the Get answered)."""
+    return cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key=key, value=value, version=version), fill=True)
+
+
 @pytest.mark.parametrize(
-    "racing_write",
+    ("patterns", "clear"),
+    [(["agents:*"], False), (["agents:get:?"], False), (["agents:get:1"], False), (["*:get:1"], False), ([], True)],
+    ids=["prefix", "glob", "exact", "glob-without-namespace", "clear"],
+)
+async def test_a_fill_read_before_a_write_in_the_log_is_refused(
+    either_stub: cache_pb2_grpc.CacheServiceStub, patterns: list[str], clear: bool
+) -> None:
+    """The stale-fill race, on both stores: miss at position p → (load old) → the
+    write's invalidation reaches the cache at p + 1 → the fill, read at p, is refused."""
+    stub = either_stub
+    miss = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert not miss.found
+    await sync(stub, miss.position, miss.position + 1, *patterns, clear=clear)
+    assert not (await stub.Set(fill("agents:get:1", b"stale", miss.position))).stored
+    assert not (await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))).found
+    # A load that began after the write (read at the new position) lands.
+    again = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert again.position == miss.position + 1
+    assert (await stub.Set(fill("agents:get:1", b"new", again.position))).stored
+    hit = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert (hit.entry.value, hit.entry.version) == (b"new", again.position)
+
+
+@pytest.mark.parametrize(
+    "outside_write",
     [
         lambda stub: stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:*")),
         lambda stub: stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:get:?")),
@@ -221,25 +263,66 @@ async def test_stats_count_what_happened(stub: cache_pb2_grpc.CacheServiceStub) 
     ],
     ids=["prefix", "glob", "delete", "clear"],
 )
-async def test_fill_that_raced_an_invalidation_is_dropped(either_stub: cache_pb2_grpc.CacheServiceStub, racing_write) -> None:
-    """The stale-fill race, on both stores: miss → (load old) → write + invalidate → fill."""
+async def test_a_fill_read_before_an_invalidation_from_outside_the_log_is_refused(
+    either_stub: cache_pb2_grpc.CacheServiceStub, outside_write
+) -> None:
+    """An operator's invalidation is recorded at the cache's current position: a fill
+    read before that position is refused."""
     stub = either_stub
     miss = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
-    assert not miss.found
-    await racing_write(stub)  # the write that made the loaded value stale
-    fill = await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"stale"), fill_token=miss.fill_token))
-    assert not fill.stored
+    await sync(stub, miss.position, miss.position + 2, "workflows:*")  # the log moves on
+    await outside_write(stub)  # recorded at miss.position + 2
+    assert not (await stub.Set(fill("agents:get:1", b"stale", miss.position))).stored
     assert not (await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))).found
 
 
-async def test_fill_after_an_unrelated_invalidation_lands(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
+async def test_a_fill_after_unrelated_invalidations_lands(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
     stub = either_stub
+    await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:0")))  # the namespace is in use
     miss = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    await sync(stub, miss.position, miss.position + 1, "workflows:*", "agents:get:2", "agents:list:*")
     await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="workflows:*"))
     await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:2"))
-    fill = await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"fresh"), fill_token=miss.fill_token))
-    assert fill.stored
+    assert (await stub.Set(fill("agents:get:1", b"fresh", miss.position))).stored
     assert (await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))).entry.value == b"fresh"
+
+
+async def test_a_fill_is_refused_when_the_key_holds_a_newer_version(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    stub = either_stub
+    await sync(stub, 0, 8, "workflows:*")
+    assert (await stub.Set(fill("agents:get:1", b"read at 8", 8))).stored
+    assert not (await stub.Set(fill("agents:get:1", b"read at 5", 5))).stored  # a slower load of older data
+    hit = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert (hit.entry.value, hit.entry.version) == (b"read at 8", 8)
+    # An overwrite (not a fill) is stored at the position, whatever the key holds.
+    assert (await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1", b"overwritten")))).stored
+    hit = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert (hit.entry.value, hit.entry.version) == (b"overwritten", 8)
+
+
+async def test_a_fresh_cache_refuses_fills_but_stores_overwrites(start_sidecar: StartSidecar, backend: dict) -> None:
+    sidecar = await start_sidecar(synced=False, **backend)
+    async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        miss = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+        assert not miss.found and miss.position == 0
+        for version in (0, 1, 12345):  # no position: it cannot tell what any version missed
+            assert not (await stub.Set(fill("agents:get:1", b"v", version))).stored
+        assert (await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:2")))).stored
+        assert (await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry("agents:get:3")]))).stored == 1
+        assert len((await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=["agents:get:2", "agents:get:3"]))).entries) == 2
+
+
+async def test_overwrites_are_stored_whatever_the_position(either_stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    """Set and SetMany without fill store unconditionally, at the cache's position:
+    also once a clear raised the floor above 0."""
+    stub = either_stub
+    await sync(stub, 0, 7, clear=True)
+    assert (await stub.Set(cache_pb2.CacheSetRequest(entry=entry("agents:get:1")))).stored
+    many = await stub.SetMany(cache_pb2.CacheSetManyRequest(entries=[entry("agents:get:2"), entry("agents:get:3")]))
+    assert many.stored == 2
+    found = await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=["agents:get:1", "agents:get:2", "agents:get:3"]))
+    assert [(e.key, e.version) for e in found.entries] == [("agents:get:1", 7), ("agents:get:2", 7), ("agents:get:3", 7)]
 
 
 BAD_REQUESTS = [
@@ -260,7 +343,8 @@ BAD_REQUESTS = [
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(pattern=""), ["pattern"]),
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=["a:*", "", ":x"]), ["patterns[1]", "patterns[2]"]),
     ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(patterns=[f"p:{i}" for i in range(1001)]), ["patterns"]),
-    ("Invalidate", lambda: cache_pb2.CacheInvalidateRequest(pattern="a:*", sequence=2**53), ["sequence"]),
+    ("Set", lambda: cache_pb2.CacheSetRequest(entry=cache_pb2.CacheEntry(key="k:1", version=2**53), fill=True),
+     ["entry.version"]),
     ("Sync", lambda: cache_pb2.CacheSyncRequest(after=5, through=4), ["through"]),
     ("Sync", lambda: cache_pb2.CacheSyncRequest(through=1, patterns=["a:*", ""]), ["patterns[1]"]),
     ("Sync", lambda: cache_pb2.CacheSyncRequest(through=1, patterns=[f"p:{i}" for i in range(1001)]), ["patterns"]),
@@ -295,33 +379,84 @@ async def test_watch_with_too_many_prefixes_is_refused(stub: cache_pb2_grpc.Cach
 # --- Watch -------------------------------------------------------------------------------
 
 
+def span(message: cache_pb2.CacheInvalidation) -> tuple[int, int, list[str]]:
+    return message.after, message.through, list(message.patterns)
+
+
+async def changes(call, count: int) -> list[tuple[int, int, list[str]]]:
+    """The next `count` messages with patterns, skipping heartbeats (a slow machine may
+    let one in between any two)."""
+    received: list[tuple[int, int, list[str]]] = []
+    while len(received) < count:
+        message = await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        if message.patterns:
+            received.append(span(message))
+    return received
+
+
 async def test_watch_streams_matching_invalidations_in_order(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    await sync(stub, 0, 2, "workflows:*")
     call = stub.Watch(cache_pb2.CacheWatchRequest(prefixes=["agents:"]))
     subscribed = await asyncio.wait_for(call.read(), READ_TIMEOUT)
-    assert subscribed.pattern == ""  # the stream opens with a heartbeat
+    assert span(subscribed) == (2, 2, [])  # the stream opens with a heartbeat at the position
 
     await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="agents:list:*"))
     await stub.Delete(cache_pb2.CacheDeleteRequest(key="workflows:get:1"))  # filtered out
+    # A span of the log reaches every stream, even one whose prefixes it does not
+    # touch: the follower must learn the new position, or it would see a gap later.
+    await sync(stub, 2, 5, "workflows:*")
     await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:7"))
     await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="workflows:*"))  # filtered out
+    await sync(stub, 5, 6, "agents:get:1", "agents:list:*")
     await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="*:get:*"))  # may touch agents:
     await stub.Clear(empty_pb2.Empty())
 
-    received = [await asyncio.wait_for(call.read(), READ_TIMEOUT) for _ in range(4)]
-    assert [message.pattern for message in received] == ["agents:list:*", "agents:get:7", "*:get:*", "*"]
-    # The stream's own message count: the filtered-out invalidations leave no gap.
-    assert [subscribed.sequence] + [message.sequence for message in received] == [1, 2, 3, 4, 5]
+    assert await changes(call, 6) == [
+        (2, 2, ["agents:list:*"]),  # from outside the log: after == through == the position
+        (2, 5, ["workflows:*"]),
+        (5, 5, ["agents:get:7"]),
+        (5, 6, ["agents:get:1", "agents:list:*"]),
+        (6, 6, ["*:get:*"]),
+        (6, 6, ["*"]),
+    ]
     call.cancel()
 
 
-async def test_watch_sends_heartbeats_when_idle(start_sidecar: StartSidecar) -> None:
+async def test_a_sync_that_moves_nothing_streams_nothing(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    await sync(stub, 0, 4, "agents:*")
+    call = stub.Watch(cache_pb2.CacheWatchRequest())
+    assert span(await asyncio.wait_for(call.read(), READ_TIMEOUT)) == (4, 4, [])
+    await sync(stub, 2, 3, "agents:get:1")  # another relay's Sync covered it already
+    await stub.Delete(cache_pb2.CacheDeleteRequest(key="agents:get:9"))  # a marker after it
+    assert await changes(call, 1) == [(4, 4, ["agents:get:9"])]
+    call.cancel()
+
+
+async def test_a_sync_of_a_fresh_cache_streams_a_clear(start_sidecar: StartSidecar, backend: dict) -> None:
+    """A fresh cache vouched for nothing: its followers must drop everything too."""
+    sidecar = await start_sidecar(synced=False, **backend)
+    async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        call = stub.Watch(cache_pb2.CacheWatchRequest(prefixes=["agents:"]))
+        assert span(await asyncio.wait_for(call.read(), READ_TIMEOUT)) == (0, 0, [])
+        await sync(stub, 3, 9, "workflows:get:1")
+        await sync(stub, 9, 12, clear=True)  # the log was pruned past the position
+        assert await changes(call, 2) == [(3, 9, ["*"]), (9, 12, ["*"])]
+        call.cancel()
+
+
+async def test_watch_sends_heartbeats_at_the_position_when_idle(start_sidecar: StartSidecar) -> None:
     sidecar = await start_sidecar(heartbeat_interval=0.05)
     async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
-        call = cache_pb2_grpc.CacheServiceStub(channel).Watch(cache_pb2.CacheWatchRequest())
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        await sync(stub, 0, 5)
+        call = stub.Watch(cache_pb2.CacheWatchRequest())
         first = await asyncio.wait_for(call.read(), READ_TIMEOUT)
         second = await asyncio.wait_for(call.read(), READ_TIMEOUT)
-        assert (first.pattern, second.pattern) == ("", "")
-        assert (first.sequence, second.sequence) == (1, 2)
+        assert (span(first), span(second)) == ((5, 5, []), (5, 5, []))
+        await sync(stub, 5, 9, "agents:*")
+        assert await changes(call, 1) == [(5, 9, ["agents:*"])]
+        assert span(await asyncio.wait_for(call.read(), READ_TIMEOUT)) == (9, 9, [])  # at the new position
         call.cancel()
     await eventually(lambda: len(sidecar.hub) == 0)  # the cancelled watcher unsubscribed
 
@@ -336,7 +471,7 @@ async def test_slow_watcher_is_cut_off_without_blocking_writers(start_sidecar: S
         # Writes arriving faster than the stream can send: without yielding to the
         # loop the stream cannot drain, and the writers must still not wait.
         for i in range(50):
-            sidecar.hub.publish(f"burst:{i}:*")
+            sidecar.hub.publish(i, i + 1, [f"burst:{i}:*"])
         assert len(sidecar.hub) == 0
 
         received = []
@@ -345,6 +480,9 @@ async def test_slow_watcher_is_cut_off_without_blocking_writers(start_sidecar: S
                 received.append(await asyncio.wait_for(call.read(), READ_TIMEOUT))
         assert ended.value.code() == grpc.StatusCode.ABORTED
         assert len(received) < 50
+        # What it did get is in order, without a gap: the cut is the stream's end.
+        spans = [(message.after, message.through) for message in received if message.patterns]
+        assert spans == [(i, i + 1) for i in range(len(spans))]
         # The sidecar keeps serving everyone else.
         assert (await stub.Invalidate(cache_pb2.CacheInvalidateRequest(pattern="burst:*"))).removed == 0
 
@@ -381,6 +519,8 @@ async def test_client_loads_on_miss_and_reads_the_sidecar_on_hit(
 
 
 async def test_client_invalidate_and_delete_force_a_reload(client: CacheClient) -> None:
+    before = await client.stats()
+    assert before is not None
     await client.get_or_load("demo:1", 60, wrappers_pb2.StringValue, CountingLoader("v1"))
     await client.get_or_load("demo:2", 60, wrappers_pb2.StringValue, CountingLoader("v1"))
     assert await client.invalidate("demo:1") is True
@@ -390,7 +530,7 @@ async def test_client_invalidate_and_delete_force_a_reload(client: CacheClient) 
     assert (await client.get_or_load("demo:2", 60, wrappers_pb2.StringValue, reload_2)).value == "v2"
     assert reload_1.calls == reload_2.calls == 1
     stats = await client.stats()
-    assert stats is not None and stats.invalidations == 2 and stats.sets == 4
+    assert stats is not None and stats.invalidations - before.invalidations == 2 and stats.sets == 4
 
 
 async def test_client_treats_another_message_type_as_a_miss(
@@ -428,7 +568,7 @@ async def test_cancelled_caller_does_not_cancel_the_shared_load(
     ]
     await asyncio.wait_for(loader.started.wait(), READ_TIMEOUT)
     callers[0].cancel()
-    await asyncio.sleep(0.01)
+    await asyncio.wait({callers[0]})
     assert callers[0].cancelled()
     assert not callers[1].done() and not callers[2].done()
     loader.release.set()
@@ -440,18 +580,21 @@ async def test_cancelled_caller_does_not_cancel_the_shared_load(
 
 async def test_loader_errors_reach_every_waiter_and_are_not_cached(client: CacheClient) -> None:
     attempts = 0
-    gate = asyncio.Event()
+    started, gate = asyncio.Event(), asyncio.Event()
 
     async def failing() -> wrappers_pb2.StringValue:
         nonlocal attempts
         attempts += 1
+        started.set()
         await gate.wait()
         raise LookupError("agent 1 not found")
 
     callers = [
         asyncio.create_task(client.get_or_load("agents:get:1", 60, wrappers_pb2.StringValue, failing)) for _ in range(5)
     ]
-    await asyncio.sleep(0.05)
+    # Every caller joined before the load began: they all ran up to their first wait
+    # in the loop step that started them, and the load starts after a Get round trip.
+    await asyncio.wait_for(started.wait(), READ_TIMEOUT)
     gate.set()
     outcomes = await asyncio.gather(*callers, return_exceptions=True)
     assert attempts == 1
@@ -468,54 +611,41 @@ async def test_client_serves_from_the_loader_when_the_sidecar_is_down(caplog: py
         assert [result.value for result in results] == ["from the database"] * 5
         assert loader.calls == 5
         assert await down.stats() is None
+        # Invalidations from outside the log are best effort, said so by False (a
+        # write's own go through the log, which the relays deliver once it is back).
         assert await down.delete("agents:get:1") is False
-        assert down.pending_invalidations == {"agents:get:1"}
+        assert await down.invalidate("agents:*") is False
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING and "failed" in record.message]
     assert len(warnings) == 1  # rate-limited: one report, not one per request
 
 
-async def test_failed_invalidation_is_retried_once_the_sidecar_is_reachable(start_sidecar: StartSidecar) -> None:
-    port = free_port()
-    async with CacheClient(f"127.0.0.1:{port}", timeout=0.5, retry_after=0.05) as client:
-        assert await client.invalidate("agents:*") is False
-        assert client.pending_invalidations == {"agents:*"}
-
-        # The sidecar was alive all along (say, behind a network blip) and holds stale data.
-        sidecar = await start_sidecar(cache_addr=f"127.0.0.1:{port}")
-        sidecar.memory.set("agents:get:1", b"stale", STRING_TYPE)
-
-        await eventually(lambda: not client.pending_invalidations)
-        assert sidecar.memory.get("agents:get:1") is None
-        assert sidecar.memory.stats().invalidations == 1
-
-
-async def test_keys_with_a_pending_invalidation_bypass_the_cache(
-    sidecar: CacheSidecar, client: CacheClient, monkeypatch: pytest.MonkeyPatch
+async def test_this_process_never_serves_what_its_own_write_made_stale(
+    sidecar: CacheSidecar, client: CacheClient, stub: cache_pb2_grpc.CacheServiceStub
 ) -> None:
+    """Read-your-writes in the writing process before the sidecar has heard of the
+    write: the outbox calls committed(), and no layer's value older than it is served."""
     stale = wrappers_pb2.StringValue(value="stale").SerializeToString()
-    sidecar.memory.set("agents:get:1", stale, STRING_TYPE)
+    sidecar.memory.set("agents:get:1", stale, STRING_TYPE)  # version 0, as the sidecar's position
     sidecar.memory.set("workflows:get:1", stale, STRING_TYPE)
-    apply_invalidation = sidecar.store.invalidate_many
+    client.committed(1, ["agents:*"])  # the write's log entry 1; no relay has synced it yet
 
-    async def broken(patterns: list[str], sequence: int = 0) -> int:
-        raise RuntimeError("store failure")
-
-    monkeypatch.setattr(sidecar.store, "invalidate_many", broken)
-    assert await client.invalidate("agents:*") is False  # INTERNAL: queued for retry
-
-    # The sidecar still answers reads and still holds the stale entry, but this
-    # process neither reads nor fills keys that its pending invalidation covers.
     loader = CountingLoader("fresh")
     assert (await client.get_or_load("agents:get:1", 60, wrappers_pb2.StringValue, loader)).value == "fresh"
     assert loader.calls == 1
-    assert sidecar.memory.get("agents:get:1").value == stale
-    # Other keys are still served from the cache.
+    # Its fill carries version 1 (what this process knew committed when it loaded).
+    held = await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))
+    assert (wrappers_pb2.StringValue.FromString(held.entry.value).value, held.entry.version) == ("fresh", 1)
+    # Keys the write did not touch are still served from the cache.
     unrelated = await client.get_or_load("workflows:get:1", 60, wrappers_pb2.StringValue, CountingLoader())
     assert unrelated.value == "stale"
 
-    monkeypatch.setattr(sidecar.store, "invalidate_many", apply_invalidation)
-    await eventually(lambda: not client.pending_invalidations)
-    assert sidecar.memory.get("agents:get:1") is None
+    # The relay's Sync then reaches the sidecar: the entry goes (it may have been read
+    # before the write, for all the store can tell) and the next read loads again.
+    await sync(stub, 0, 1, "agents:*")
+    assert not (await stub.Get(cache_pb2.CacheGetRequest(key="agents:get:1"))).found
+    again = CountingLoader("fresh")
+    assert (await client.get_or_load("agents:get:1", 60, wrappers_pb2.StringValue, again)).value == "fresh"
+    assert again.calls == 1
 
 
 async def test_client_rejects_programming_errors() -> None:

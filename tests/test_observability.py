@@ -330,6 +330,9 @@ def test_metrics_add_up_across_worker_processes(tmp_path):
             assert value(agents, "grpc_server_handled_total", grpc_service="devops_hub.v1.WorkflowsService") == 0
             http = scrape(gateway)
             assert value(http, "http_requests_total", route="/api/agents/{id}", status="200") == 20
+            # The cache's consistency checker reports from the start (services.common.cache.consistency).
+            assert ("devops_hub_cache_consistency_checked_total", frozenset({("layer", "near")})) in agents
+            assert ("devops_hub_cache_consistency_stale_total", frozenset({("layer", "sidecar"), ("after", "10s")})) in agents
 
 
 # --------------------------------------------------------------------------- traces

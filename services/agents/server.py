@@ -17,6 +17,7 @@ from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
+from services.common.cache.consistency import ConsistencyMetrics
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost
@@ -61,7 +62,9 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Ag
 
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> AgentsService:
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
-    cache = CacheClient.from_settings(settings, watch_prefixes=["agents:"])
+    cache = CacheClient.from_settings(
+        settings, watch_prefixes=["agents:"], consistency=metrics.group(ConsistencyMetrics)
+    )
     relay = build_relay(settings, db)
     agents = Agents(AgentRepository(db), cache, Outbox(db, cache, relay, "agents"))
     runtimes = RuntimeChannels()

@@ -11,6 +11,7 @@ from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
+from services.common.cache.consistency import ConsistencyMetrics
 from services.common.channels import service_client
 from services.common.db import Database
 from services.common.db.startup import build_on_database
@@ -79,7 +80,9 @@ async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> Wo
 
 
 async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
-    cache = CacheClient.from_settings(settings, watch_prefixes=["workflows:"])
+    cache = CacheClient.from_settings(
+        settings, watch_prefixes=["workflows:"], consistency=metrics.group(ConsistencyMetrics)
+    )
     # Calls to the agents service go through the client package, on a channel that
     # carries this service's own key; 5 s unless a call says otherwise (a step's run).
     agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5)

@@ -528,7 +528,8 @@ class MemoryBackend:
         return self.store.set(key, value, content_type, ttl, version, negative)
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
-        return sum(self.store.set(e.key, e.value, e.content_type, ttl, 0, e.negative) for e in entries)
+        # Overwrites (version None), like every SetMany: not fills read at position 0.
+        return sum(self.store.set(e.key, e.value, e.content_type, ttl, None, e.negative) for e in entries)
 
     async def delete(self, key: str) -> bool:
         return self.store.delete(key)

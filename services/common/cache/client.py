@@ -34,6 +34,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from services.common.cache.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
+from services.common.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.common.cache.history import InvalidationHistory
 from services.common.cache.keys import escape_key
 from services.common.cache.near_cache import NearCache
@@ -71,6 +72,7 @@ class CacheClient:
         watch_liveness: float = DEFAULT_WATCH_LIVENESS,
         clock: Callable[[], float] = time.monotonic,
         api_key: str = "",
+        consistency: ConsistencyMetrics | None = None,
     ) -> None:
         self.transport = SidecarTransport(
             address, timeout, retry_after=retry_after, log_interval=log_interval, clock=clock, api_key=api_key
@@ -85,6 +87,11 @@ class CacheClient:
         self._feed = (
             NearCacheFeed(self.transport, near_cache, prefixes=watch_prefixes, liveness=watch_liveness)
             if near_cache is not None
+            else None
+        )
+        self._checker = (
+            ConsistencyChecker.following(near_cache, "near", self.transport, consistency)
+            if near_cache is not None and consistency is not None
             else None
         )
 
@@ -105,6 +112,8 @@ class CacheClient:
 
     async def close(self) -> None:
         self.transport.closed = True
+        if self._checker is not None:
+            await self._checker.stop()
         if self._feed is not None:
             await self._feed.close()
         await self.transport.close()
@@ -329,3 +338,5 @@ class CacheClient:
     def _start(self) -> None:
         if self._feed is not None and not self.transport.closed:
             self._feed.start()
+            if self._checker is not None:
+                self._checker.start()

@@ -53,6 +53,8 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._live = False
         self.position = 0
         self.history = history or InvalidationHistory()
+        # Told of every invalidation from the log this cache applies (consistency.py).
+        self.observer: Callable[[str, int], None] | None = None
         self.hits = 0
         self.misses = 0
 
@@ -80,6 +82,8 @@ class FedCache(abc.ABC, Generic[K, E]):
             return
         if at is not None:
             self.history.record(pattern, at)
+            if self.observer is not None:
+                self.observer(pattern, at)
         self._drop(parse_pattern(pattern))
 
     def __len__(self) -> int:
@@ -123,6 +127,10 @@ class FedCache(abc.ABC, Generic[K, E]):
     @abc.abstractmethod
     def _drop(self, pattern: GlobPattern) -> None:
         """Removes the entries the pattern names."""
+
+    @abc.abstractmethod
+    def holds_older(self, key: str, at: int) -> bool:
+        """Whether it holds a value of `key` read before log position `at` (consistency.py)."""
 
     def _remove(self, key: K) -> E:
         entry = self._entries.pop(key)

@@ -58,6 +58,10 @@ class NearCache(FedCache[str, NearEntry]):
         self._store(key, NearEntry(content_type, value, negative, self._clock() + ttl, version))
         return True
 
+    def holds_older(self, key: str, at: int) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.version < at
+
     def _drop(self, pattern: GlobPattern) -> None:
         if pattern.kind == "exact":
             if pattern.text in self._entries:
