@@ -14,13 +14,19 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, events_pb2, workflows_pb2
 from google.protobuf import field_mask_pb2
 
+from services.agents.agents import _made_stale
 from services.agents.repository import AgentRepository
+from services.common.cache.decorators import every, stale
 from services.common.invalidation_log import InvalidationLog, LogEntry
 from services.common.outbox import Outbox
+from services.workflows.workflows import Workflows
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import make_settings, new_agent, running_stack
 
 Agent = agents_pb2.Agent
+
+# What a write to workflow "wf" makes stale, named by the reads' own declarations.
+WORKFLOW_WF = (stale(Workflows._stored, "wf"), every(Workflows._page))
 
 
 @pytest.fixture
@@ -44,7 +50,7 @@ async def test_agent_writes_commit_their_event_and_log_entry(stack):
     created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
     assert [e.subject for e in await events(stack, "agent.created") if e.subject == "agent-1"] == ["agent-1"]
     [entry] = await new_entries(stack, start)
-    assert entry.patterns == ("agents:get:agent-1", "agents:list:*", "agents:discover:*")
+    assert entry.patterns == _made_stale("agent-1")
 
     await stack.stub.UpdateAgent(
         agents_pb2.UpdateAgentRequest(
@@ -68,7 +74,7 @@ async def test_a_batch_create_is_one_log_entry(stack):
     batch = [agents_pb2.CreateAgentRequest(agent=new_agent(i)) for i in range(3)]
     await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
     [entry] = await new_entries(stack, start)
-    assert entry.patterns == ("agents:get:agent-0", "agents:get:agent-1", "agents:get:agent-2", "agents:list:*", "agents:discover:*")
+    assert entry.patterns == _made_stale("agent-0", "agent-1", "agent-2")
     created = {e.subject for e in await events(stack, "agent.created")}
     assert {"agent-0", "agent-1", "agent-2"} <= created
 
@@ -122,7 +128,7 @@ async def test_workflow_definition_writes_commit_their_event_and_log_entry(stack
     created = await stack.workflows_stub.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=workflow))
     assert [e.subject for e in await events(stack, "workflow.created")] == ["wf"]
     [entry] = await new_entries(stack, start)
-    assert entry.patterns == ("workflows:get:wf", "workflows:list:*")
+    assert entry.patterns == WORKFLOW_WF
 
     await expect_error(stack.workflows_stub.CreateWorkflow(workflows_pb2.CreateWorkflowRequest(workflow=workflow)), grpc.StatusCode.ALREADY_EXISTS)
     stale = workflows_pb2.Workflow(id="wf", name="Renamed", etag=str(int(created.etag) + 1))
@@ -139,7 +145,7 @@ async def test_workflow_definition_writes_commit_their_event_and_log_entry(stack
     await stack.workflows_stub.DeleteWorkflow(workflows_pb2.DeleteWorkflowRequest(id="wf"))
     assert [e.subject for e in await events(stack, "workflow.updated")] == ["wf"]
     assert [e.subject for e in await events(stack, "workflow.deleted")] == ["wf"]
-    assert [e.patterns for e in await new_entries(stack, start)] == [("workflows:get:wf", "workflows:list:*")] * 3
+    assert [e.patterns for e in await new_entries(stack, start)] == [WORKFLOW_WF] * 3
 
 
 async def test_a_reader_following_the_log_never_skips_an_entry(stack):

@@ -20,12 +20,8 @@ from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
-from services.common import field_behavior, freshness, idempotency, pagination
-from services.common.cache.client import CacheClient
-from services.common.cache.decorators import cached
-from services.common.cache.key_builder import encode_part
-from services.common.cache.keys import escape_key
-from services.common.cache.manager import CacheManager
+from services.common import field_behavior, idempotency, pagination
+from services.common.cache.decorators import CacheManager, cached, every, stale
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.etags import revision_of
 from services.common.outbox import Outbox
@@ -33,32 +29,15 @@ from services.common.outbox import Outbox
 Agent = agents_pb2.Agent
 Answer = TypeVar("Answer", Agent, agents_pb2.BatchCreateAgentsResponse)
 
-# As long as the protos' cache_max_age says the answers stay fresh.
+# Each cached read lives as long as its RPC's cache_max_age in the protos says.
 _METHODS = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name
-TTL_AGENT = float(freshness.max_age(_METHODS["GetAgent"]))
-TTL_LIST = float(freshness.max_age(_METHODS["ListAgents"]))
-TTL_DISCOVER = float(freshness.max_age(_METHODS["DiscoverAgents"]))
-
-
-def _agent_key(agent_id: str) -> str:
-    """The pattern naming exactly the key Agents._stored(agent_id) fills."""
-    return f"agents:get:{escape_key(encode_part(agent_id))}"
-
-
-# Every list and discovery page may hold any agent: they go stale together.
-_COLLECTION_PATTERNS = ("agents:list:*", "agents:discover:*")
-
-
-def _made_stale(*agent_ids: str) -> tuple[str, ...]:
-    """What a write to these agents makes stale."""
-    return (*(_agent_key(i) for i in agent_ids), *_COLLECTION_PATTERNS)
 
 
 class Agents:
-    def __init__(self, repository: AgentRepository, cache: CacheClient, outbox: Outbox) -> None:
+    def __init__(self, repository: AgentRepository, cache: CacheManager, outbox: Outbox) -> None:
         self._repository = repository
         # The @cached reads below find their manager here.
-        self.cache = CacheManager(cache)
+        self.cache = cache
         self._outbox = outbox
 
     async def get(self, agent_id: str) -> Agent:
@@ -80,12 +59,12 @@ class Agents:
 
     # The cached reads: keys from their arguments, invalidated by _made_stale().
 
-    @cached(ttl=TTL_AGENT, key_prefix="agents:get")
+    @cached(method=_METHODS["GetAgent"], key_prefix="agents:get")
     async def _stored(self, agent_id: str) -> Agent | None:
         # A "not found" is cached too (shortly): a create invalidates it like any write.
         return await self._repository.get(agent_id)
 
-    @cached(ttl=TTL_LIST, key_prefix="agents:list")
+    @cached(method=_METHODS["ListAgents"], key_prefix="agents:list")
     async def _page(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
         size = pagination.page_size(request.page_size)
         # One row more than the page tells whether another page follows.
@@ -95,7 +74,7 @@ class Agents:
             response.next_page_token = pagination.encode_token(agents[size - 1].id, request)
         return response
 
-    @cached(ttl=TTL_DISCOVER, key_prefix="agents:discover")
+    @cached(method=_METHODS["DiscoverAgents"], key_prefix="agents:discover")
     async def _discovery(self, request: agents_pb2.DiscoverAgentsRequest) -> agents_pb2.DiscoverAgentsResponse:
         filters = _discover_filter(request)
         agents, facets = await asyncio.gather(
@@ -182,6 +161,12 @@ class Agents:
                 metadata={"id": agent_id},
             )
         raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+
+
+def _made_stale(*agent_ids: str) -> tuple[str, ...]:
+    """What a write to these agents makes stale, named through the reads' own
+    declarations: their keys, and every list and discovery page (any may hold them)."""
+    return (*(stale(Agents._stored, i) for i in agent_ids), every(Agents._page), every(Agents._discovery))
 
 
 def _fields_to_update(agent: Agent, mask: Sequence[str], violations: validation.Violations) -> list[str]:

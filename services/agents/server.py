@@ -18,6 +18,7 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
 from services.common.cache.consistency import ConsistencyMetrics
+from services.common.cache.manager import CacheManager
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost
@@ -66,7 +67,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         settings, watch_prefixes=["agents:"], consistency=metrics.group(ConsistencyMetrics)
     )
     relay = build_relay(settings, db)
-    agents = Agents(AgentRepository(db), cache, Outbox(db, cache, relay, "agents"))
+    agents = Agents(AgentRepository(db), CacheManager(cache), Outbox(db, cache, relay, "agents"))
     runtimes = RuntimeChannels()
     verifier = DatabaseVerifier(ApiKeyRepository(db))
     api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)

@@ -12,6 +12,7 @@ from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.client import CacheClient
 from services.common.cache.consistency import ConsistencyMetrics
+from services.common.cache.manager import CacheManager
 from services.common.channels import service_client
 from services.common.db import Database
 from services.common.db.startup import build_on_database
@@ -99,7 +100,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         lease_ttl=settings.workflow_lease_ttl,
     )
     relay = build_relay(settings, db)
-    workflows = Workflows(WorkflowRepository(db), agents, cache, Outbox(db, cache, relay, "workflows"))
+    workflows = Workflows(WorkflowRepository(db), agents, CacheManager(cache), Outbox(db, cache, relay, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
     access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))
     keys = IdempotencyRepository(db)

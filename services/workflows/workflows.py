@@ -16,12 +16,8 @@ from devops_hub import errors
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, workflows_pb2
 
-from services.common import field_behavior, freshness, idempotency, pagination
-from services.common.cache.client import CacheClient
-from services.common.cache.decorators import cached
-from services.common.cache.key_builder import encode_part
-from services.common.cache.keys import escape_key
-from services.common.cache.manager import CacheManager
+from services.common import field_behavior, idempotency, pagination
+from services.common.cache.decorators import CacheManager, cached, every, stale
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.etags import revision_of
 from services.common.outbox import Outbox, Write
@@ -30,17 +26,10 @@ from services.workflows.repository import WorkflowRepository
 
 Workflow = workflows_pb2.Workflow
 
+# Each cached read lives as long as its RPC's cache_max_age in the protos says.
 _METHODS = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].methods_by_name
-TTL_WORKFLOW = float(freshness.max_age(_METHODS["GetWorkflow"]))
-TTL_LIST = float(freshness.max_age(_METHODS["ListWorkflows"]))
-_LIST_PATTERN = "workflows:list:*"
 # The fields a client may write through UpdateWorkflow's mask, read from the proto.
 WRITABLE = field_behavior.writable_fields(Workflow)
-
-
-def _key(workflow_id: str) -> str:
-    """The pattern naming exactly the key Workflows._stored(workflow_id) fills."""
-    return f"workflows:get:{escape_key(encode_part(workflow_id))}"
 
 
 class Workflows:
@@ -48,13 +37,13 @@ class Workflows:
         self,
         repository: WorkflowRepository,
         agents: Client,
-        cache: CacheClient,
+        cache: CacheManager,
         outbox: Outbox,
     ) -> None:
         self._repository = repository
         self._agents = agents
         # The @cached reads below find their manager here.
-        self.cache = CacheManager(cache)
+        self.cache = cache
         self._outbox = outbox
 
     async def get(self, workflow_id: str) -> Workflow:
@@ -70,11 +59,11 @@ class Workflows:
 
     # The cached reads: keys from their arguments, invalidated by _record().
 
-    @cached(ttl=TTL_WORKFLOW, key_prefix="workflows:get")
+    @cached(method=_METHODS["GetWorkflow"], key_prefix="workflows:get")
     async def _stored(self, workflow_id: str) -> Workflow | None:
         return await self._repository.get(workflow_id)
 
-    @cached(ttl=TTL_LIST, key_prefix="workflows:list")
+    @cached(method=_METHODS["ListWorkflows"], key_prefix="workflows:list")
     async def _page(self, request: workflows_pb2.ListWorkflowsRequest) -> workflows_pb2.ListWorkflowsResponse:
         size = pagination.page_size(request.page_size)
         workflows = await self._repository.list(pagination.decode_token(request), size + 1)
@@ -168,8 +157,9 @@ class Workflows:
 
 
 def _record(write: Write, workflow_id: str, event: str) -> None:
-    """What a write to one workflow makes stale, and its event."""
-    write.invalidate(_key(workflow_id), _LIST_PATTERN)
+    """What a write to one workflow makes stale (named through the reads' own
+    declarations: its key and every list page), and its event."""
+    write.invalidate(stale(Workflows._stored, workflow_id), every(Workflows._page))
     write.emit(event, workflow_id, {"workflow_id": workflow_id})
 
 

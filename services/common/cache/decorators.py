@@ -42,9 +42,15 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from google.protobuf.descriptor import MethodDescriptor
+
 from services.common.cache.codecs import JSON, Codec, codec_for
 from services.common.cache.key_builder import KeyBuilder
+from services.common.cache.keys import escape_key
 from services.common.cache.manager import CacheManager, get_cache_manager
+from services.common.freshness import max_age
+
+__all__ = ["CacheManager", "cached", "every", "invalidate_cache", "stale"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,13 +63,19 @@ def cached(
     codec: Codec[Any] | None = None,
     cache_none: bool = True,
     manager: CacheManager | None = None,
+    method: MethodDescriptor | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Caches an async function's results by its arguments.
 
-    ttl: seconds (None: the manager's default). key_prefix: the keys' start, which
-    should begin with a namespace ("agents:get"); by default see default_key_prefix().
-    The wrapper gains .cache_key(*args, **kwargs).
+    ttl: seconds (None: the manager's default, or with `method` the RPC's
+    `cache_max_age` in the protos, so a service declares a read's lifetime once).
+    key_prefix: the keys' start, which should begin with a namespace ("agents:get");
+    by default see default_key_prefix(). Writes name what they make stale through the
+    same declaration: stale(read, *args) and every(read). The wrapper gains
+    .cache_key(*args, **kwargs).
     """
+    if method is not None and ttl is None:
+        ttl = float(max_age(method))
 
     def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         if not inspect.iscoroutinefunction(function):
@@ -79,9 +91,23 @@ def cached(
             )
 
         wrapper.cache_key = lambda *args, **kwargs: keys.key(args, kwargs)  # type: ignore[attr-defined]
+        wrapper.__cache_keys__ = keys  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+def stale(read: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """The pattern naming exactly the key a @cached `read` fills for these arguments
+    (a method's without its `self`): what a write passes to write.invalidate()."""
+    keys: KeyBuilder = getattr(read, "__cache_keys__")  # noqa: B009 - set by @cached
+    return escape_key(keys.key(keys.unbound(args), kwargs))
+
+
+def every(read: Callable[..., Any]) -> str:
+    """The pattern naming every key a @cached `read` fills (an O(1) prefix invalidation)."""
+    keys: KeyBuilder = getattr(read, "__cache_keys__")  # noqa: B009 - set by @cached
+    return f"{keys.key_prefix}:*"
 
 
 # Leading verbs that name a read, not the thing read: get_agents caches "agents".

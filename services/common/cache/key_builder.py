@@ -59,6 +59,10 @@ class KeyBuilder:
             arguments.pop(self._skip, None)
         return arguments
 
+    def unbound(self, args: Sequence[Any]) -> Sequence[Any]:
+        """A method's arguments as a call passes them, for arguments named without `self`."""
+        return (None, *args) if self._skip is not None else args
+
     def key(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         parts = [encode_part(value) for value in self.bind(args, kwargs).values()]
         key = ":".join([self.key_prefix, *parts])
