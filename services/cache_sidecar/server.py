@@ -25,6 +25,7 @@ from services.cache_sidecar.stores.redis_layout import KeyLayout
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
 from services.common.cache.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
+from services.common.dependencies import redis_node_url
 from services.common.grpc_host import GrpcHost
 from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
@@ -120,8 +121,8 @@ async def build(
         # A connection of its own: the store's pool is reset after an outage, and
         # that must not cut the subscription (which would end every Watch stream). In
         # a Redis Cluster any node hears every PUBLISH: the first one named will do.
-        peers_url = settings.redis_url.replace("?cluster=true", "").replace("&cluster=true", "")
-        peers = Peers(redis_store.connect(peers_url, max_connections=1, timeout=timeout), primary.layout.channel, primary.origin, hub)
+        peers_client = redis_store.connect(redis_node_url(settings.redis_url), max_connections=1, timeout=timeout)
+        peers = Peers(peers_client, primary.layout.channel, primary.origin, hub)
         log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
                  settings.redis_max_connections, timeout * 1000)
     else:

@@ -32,9 +32,15 @@ def postgres_unavailable(url: str, exc: BaseException) -> Unavailable:
     return Unavailable(f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}): start it, or set DATABASE_URL to one that answers")
 
 
+def redis_node_url(url: str) -> str:
+    """The URL of one Redis node: the URL itself, or for a Redis Cluster
+    (`?cluster=true`) the node it names, which answers PING and hears every PUBLISH."""
+    return url.replace("?cluster=true", "").replace("&cluster=true", "")
+
+
 async def check_redis(url: str, timeout: float = 5.0) -> None:
     """Raises Unavailable unless the Redis at `url` answers PING within `timeout`."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis.Redis.from_url(redis_node_url(url), socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         await asyncio.wait_for(client.ping(), timeout)
     except (RedisError, OSError, TimeoutError) as exc:

@@ -1,6 +1,7 @@
 """Real Redis for the cache tests: the machine's (127.0.0.1:6379, or TEST_REDIS_URL),
-each test under a key prefix of its own that is removed afterwards, or a private
-redis-server on a free port for the tests that kill, freeze or restart it.
+each test under a key prefix of its own that is removed afterwards, a private
+redis-server on a free port for the tests that kill, freeze or restart it, or a
+three-master Redis Cluster of the test's own.
 
 Without Redis those tests skip and say why, except under CI=true, where they fail.
 """
@@ -12,8 +13,9 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,93 @@ def persistent_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """Writes every command to an append-only file before answering, so a SIGKILL
     loses nothing: started again, it comes back with its data (and a new run_id)."""
     yield from _own_server(("--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)))
+
+
+class RedisClusterServers:
+    """A three-master Redis Cluster of the test's own on loopback (no replicas, no
+    persistence): `url` names its first node with `?cluster=true`, as REDIS_URL does."""
+
+    def __init__(self, binary: str, directory: Path, masters: int = 3) -> None:
+        self.servers = [
+            RedisServer(binary, free_port(), (*NO_PERSISTENCE, "--dir", str(directory), "--cluster-enabled", "yes"))
+            for _ in range(masters)
+        ]
+        for server in self.servers:
+            # The bus port is named: the default (port + 10000) may not exist for a free port.
+            server.options += ("--cluster-config-file", f"nodes-{server.port}.conf", "--cluster-port", str(free_port()))
+        self.ports = [server.port for server in self.servers]
+        self.url = f"redis://127.0.0.1:{self.ports[0]}?cluster=true"
+
+    def start(self, timeout: float = 30.0) -> None:
+        deadline = self._start_nodes(timeout)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            unavailable("redis-cli", "not on PATH")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        self._wait_ok(deadline)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Starts the killed nodes again: empty (no persistence), but each remembers the
+        cluster from its config file, so they form it again."""
+        self._wait_ok(self._start_nodes(timeout))
+
+    def _start_nodes(self, timeout: float) -> float:
+        for server in self.servers:
+            server.start()
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            _wait(server.port, lambda client: client.ping(), deadline, "an answer")
+        return deadline
+
+    def _wait_ok(self, deadline: float) -> None:
+        for server in self.servers:
+            _wait(server.port, lambda client: client.cluster("INFO")["cluster_state"] == "ok", deadline, "cluster_state:ok")
+
+    def node_of(self, key: str) -> int:
+        """The port of the master that serves key's slot (CLUSTER KEYSLOT, CLUSTER SLOTS)."""
+        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        try:
+            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def stop(self) -> None:
+        """SIGKILL to every node."""
+        for server in self.servers:
+            server.kill()
+
+
+def _wait(port: int, probe: Callable[[redis.Redis], object], deadline: float, what: str) -> None:
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        while True:
+            try:
+                if probe(client):
+                    return
+            except (RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Redis Cluster node {port}: no {what}")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A three-master Redis Cluster of this test's own, torn down afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("redis-server", "not on PATH")
+    cluster = RedisClusterServers(binary, tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

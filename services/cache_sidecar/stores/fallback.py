@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.cache_sidecar.stores.base import Lookup, NewEntry, StoreStats, Value, merge_namespaces
 from services.cache_sidecar.stores.memory import MemoryBackend
@@ -40,8 +40,9 @@ T = TypeVar("T")
 State = Literal["up", "down", "recovering"]
 
 # What counts as "Redis failed" (as opposed to a bad request, which the stores raise
-# as InvalidArgument before talking to Redis).
-BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# as InvalidArgument before talking to Redis). A Redis Cluster client raises some
+# failures (no node reachable, a slot not covered) outside RedisError.
+BACKEND_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 PROBE_INITIAL = 0.1
 # Short, so a Redis that answers again is in use within a second even after a long
 # outage: a probe is one connection attempt.

@@ -50,6 +50,7 @@ from services.cache_sidecar.stores.base import (
 from services.cache_sidecar.stores.position import FRESH, SyncState, position_behind
 from services.cache_sidecar.stores.redis_layout import KeyLayout, parse_record, record
 from services.common.cache.keys import MAX_VALUE_BYTES, GlobPattern, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.common.dependencies import redis_node_url
 from services.common.errors import invalid_fields
 
 # How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
@@ -72,26 +73,40 @@ local function invalidated_after(version, generations)
   end
   return false
 end
+-- The positions of "#" and of the prefix levels in ARGV[first..]. A hash without "#"
+-- is new, or was lost (evicted, deleted) with the invalidations it recorded: "#" is
+-- set to `position` (the caller's last-read position), below which every record of
+-- the namespace counts as invalidated.
+local function generations_of(key, position, first)
+  local levels = {}
+  for i = first, #ARGV do levels[#levels + 1] = ARGV[i] end
+  local generations = redis.call('HMGET', key, '#', unpack(levels))
+  if not generations[1] then
+    redis.call('HSET', key, '#', position)
+    generations[1] = position
+  end
+  return generations
+end
 """
 
-# KEYS: entry, generations. ARGV: prefix levels… → the record when current, else false.
+# KEYS: entry, generations. ARGV: position, prefix levels… → the record when current, else false.
 _GET = _VERSION + """
+local generations = generations_of(KEYS[2], ARGV[1], 2)
 local record = redis.call('GET', KEYS[1])
 if not record or string.sub(record, 1, 1) == 'T' then return false end
-if invalidated_after(version_of(record), redis.call('HMGET', KEYS[2], '#', unpack(ARGV))) then return false end
+if invalidated_after(version_of(record), generations) then return false end
 return record
 """
 
-# KEYS: entry, generations. ARGV: version, floor, ttl ms, record, prefix levels… → 1
-# stored, 0 refused (invalidated after the version, below the floor, or newer held).
+# KEYS: entry, generations. ARGV: version, floor, ttl ms, record, position, prefix
+# levels… → 1 stored, 0 refused (invalidated after the version, below the floor, or
+# newer held).
 _FILL = _VERSION + """
 local version = tonumber(ARGV[1])
 if version < tonumber(ARGV[2]) then return 0 end
 local held = redis.call('GET', KEYS[1])
 if held and version_of(held) > version then return 0 end
-local levels = {}
-for i = 5, #ARGV do levels[#levels + 1] = ARGV[i] end
-if invalidated_after(version, redis.call('HMGET', KEYS[2], '#', unpack(levels))) then return 0 end
+if invalidated_after(version, generations_of(KEYS[2], ARGV[5], 6)) then return 0 end
 redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
 return 1
 """
@@ -126,9 +141,12 @@ def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis
     caller waits at most `timeout` for one, to connect, and for each reply. A URL
     with `?cluster=true` talks to a Redis Cluster (RedisCluster discovers its nodes)."""
     if "cluster=true" in url:
-        base = url.replace("?cluster=true", "").replace("&cluster=true", "")
         cluster = RedisCluster.from_url(
-            base, max_connections=max_connections, socket_connect_timeout=timeout, socket_timeout=timeout
+            redis_node_url(url),
+            max_connections=max_connections,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
         )
         return cluster  # type: ignore[return-value]  # the commands this store uses are the same
     pool = BlockingConnectionPool.from_url(
@@ -180,15 +198,13 @@ class RedisStore:
 
     async def get(self, key: str) -> Lookup:
         def queue(pipe: Any) -> None:
-            self._queue(pipe, "get", self._keys(key), prefix_levels(key))
+            self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
             pipe.hmget(self.layout.position, ["applied", "floor"])
 
         raw, position = await self._pipeline(queue)
         self._note_position(position)
         self._counter.count(namespace_of(key), hit=raw is not None)
-        if raw is None:
-            return Lookup(None, self._position.applied)
-        return Lookup(_found(raw), self._position.applied)
+        return Lookup(None if raw is None else _found(raw), self._position.applied)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
         """One round trip: the get script per key, pipelined."""
@@ -196,7 +212,7 @@ class RedisStore:
             return {}
         def queue(pipe: Any) -> None:
             for key in keys:
-                self._queue(pipe, "get", self._keys(key), prefix_levels(key))
+                self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
 
         records = await self._pipeline(queue)
         found: dict[str, Value] = {}
@@ -214,29 +230,33 @@ class RedisStore:
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill (read at `version`, checked by the fill script) or an overwrite (None:
-        stored at the store's position as last read)."""
+        """A fill (read at `version`, checked by the fill script) or an overwrite (None)."""
         entry = NewEntry(key, value, content_type, negative)
         self._check(entry)
-        if version is not None and self._position.fresh:
-            return False
-        ttl_ms, body = self._record(entry, ttl, self._position.applied if version is None else version)
         if version is None:
-            await self.client.set(self.layout.data_key(key), body, px=ttl_ms)
-            self._sets += 1
-            return True
-        args = [version, self._floor, ttl_ms, body, *prefix_levels(key)]
+            return bool(await self.set_many([entry], ttl))
+        if self._position.fresh:
+            return False
+        ttl_ms, body = self._record(entry, ttl, version)
+        args = [version, self._floor, ttl_ms, body, self._known(), *prefix_levels(key)]
         stored = bool(await self._eval("fill", self._keys(key), args))
         self._sets += stored
         return stored
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
-        """Overwrites in one round trip."""
+        """Overwrites, stored at the current position (read first: one cached from an
+        earlier call may be below an invalidation, which would hide them) in one round
+        trip, with "#" in each new namespace's generation hash (see generations_of)."""
         for entry in entries:
             self._check(entry)
+        if not entries:
+            return 0
+        at = (await self.sync_state()).applied
         async with self.client.pipeline(transaction=False) as pipe:
+            for namespace in {namespace_of(entry.key) for entry in entries}:
+                pipe.hsetnx(self.layout.generations_key(namespace), "#", at)
             for entry in entries:
-                ttl_ms, body = self._record(entry, ttl, self._position.applied)
+                ttl_ms, body = self._record(entry, ttl, at)
                 pipe.set(self.layout.data_key(entry.key), body, px=ttl_ms)
             await pipe.execute()
         self._sets += len(entries)
@@ -312,14 +332,26 @@ class RedisStore:
         async with self._census_lock:
             if self._census_value is not None and time.monotonic() - self._census_at < self._census_max_age:
                 return self._census_value
-            entries = size = 0
+            usages: list[Any] = []
+            names: list[Any] = []
             async for name in self.client.scan_iter(match=self.layout.data_match(""), count=SCAN_COUNT):
-                usage = await self.client.memory_usage(name)
-                if usage is not None:
-                    entries += 1
-                    size += int(usage)
-            self._census_value, self._census_at = (entries, size), time.monotonic()
+                names.append(name)
+                if len(names) >= SCAN_COUNT:
+                    usages += await self._memory_usage(names)
+                    names = []
+            usages += await self._memory_usage(names)
+            counted = [int(usage) for usage in usages if usage is not None]
+            self._census_value, self._census_at = (len(counted), sum(counted)), time.monotonic()
             return self._census_value
+
+    async def _memory_usage(self, names: list[Any]) -> list[Any]:
+        """MEMORY USAGE of each name, in one round trip (None for a name gone meanwhile)."""
+        if not names:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.memory_usage(name)
+            return list(await pipe.execute())
 
     async def ping(self) -> None:
         await self.client.ping()
@@ -344,11 +376,12 @@ class RedisStore:
         """Invalidates at log position `at`, in one round trip: a tombstone per exact
         key, the raised position of each prefix. A glob that is neither raises its
         literal prefix's deepest level (more than it names, but O(1)); one without a
-        namespace is a clear. Returns the values removed (-1 when a prefix went)."""
+        namespace is a clear from the log, and raises the floor from outside it.
+        Returns the values removed (-1 when a prefix went)."""
         patterns = list(dict.fromkeys(patterns))
         exact = [pattern for pattern in patterns if parse_pattern(pattern).kind == "exact"]
         levels = [_level(parse_pattern(pattern)) for pattern in patterns if pattern not in exact]
-        if None in levels:
+        if None in levels and not outside_log:
             return await self._clear(at, publish=publish)
         self._invalidations += len(patterns)
 
@@ -356,11 +389,14 @@ class RedisStore:
             for key in exact:
                 self._queue(pipe, "tombstone", [self.layout.data_key(key)], [at, TOMBSTONE_MS, int(outside_log)])
             for level in levels:
-                assert level is not None
-                self._queue(pipe, "raise", [self.layout.generations_key(namespace_of(level))], [level, at])
-            pipe.publish(self.layout.channel, self._message(publish, patterns))
+                if level is None:
+                    self._queue(pipe, "raise", [self.layout.position], ["floor", at])
+                else:
+                    self._queue(pipe, "raise", [self.layout.generations_key(namespace_of(level))], [level, at])
 
         results = await self._pipeline(queue)
+        # Not in the pipeline: a Redis Cluster pipeline refuses PUBLISH.
+        await self.client.publish(self.layout.channel, self._message(publish, patterns))
         removed = sum(int(gone) for gone in results[: len(exact)])
         if outside_log:
             for pattern in patterns:
@@ -382,16 +418,35 @@ class RedisStore:
         return removed
 
     async def _unlink_matching(self, pattern: GlobPattern) -> int:
-        """SCAN (never KEYS) for the records a glob matches, and UNLINK them."""
+        """SCAN (never KEYS) for the records a glob matches, and UNLINK them, a batch
+        of up to SCAN_COUNT names per command (a cluster client splits it by slot)."""
         removed = 0
+        batch: list[Any] = []
         async for name in self.client.scan_iter(match=self.layout.data_match(pattern.literal_prefix), count=SCAN_COUNT):
             key = self.layout.logical_key(name)
             if key is not None and pattern.matches(key):
-                removed += await self.client.unlink(name)
+                batch.append(name)
+            if len(batch) >= SCAN_COUNT:
+                removed += await self._unlink(batch)
+                batch = []
+        if batch:
+            removed += await self._unlink(batch)
         return removed
+
+    async def _unlink(self, names: list[Any]) -> int:
+        """UNLINKs the records; returns how many were values or negative entries (a
+        tombstone is no entry)."""
+        names = list(dict.fromkeys(names))  # SCAN may return a name twice
+        kinds = await self._pipeline(lambda pipe: [pipe.getrange(name, 0, 0) for name in names])
+        await self.client.unlink(*names)
+        return sum(kind in (b"V", b"N") for kind in kinds)
 
     def _keys(self, key: str) -> list[str]:
         return [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+
+    def _known(self) -> int:
+        """The position as last read (see generations_of)."""
+        return max(self._position.applied, self._floor)
 
     def _note_position(self, reply: list[Any]) -> None:
         applied, floor = reply

@@ -5,7 +5,8 @@ Names, with the default prefix "dh:" and the logical key "agents:get:42":
     dh:{agents}:get:42      the entry: a string record (see below), with a TTL
     dh:gen:{agents}         the namespace's generation hash: prefix level -> the log
                             position it was last invalidated at ("#": the whole
-                            namespace), no TTL
+                            namespace; without it, new or lost, the hash vouches
+                            for no record), no TTL
     dh:sync:{log}           the position in the invalidation log: a hash of applied
                             and floor; missing = fresh. No TTL
     dh:invalidations        the Pub/Sub channel that tells other sidecars' streams
