@@ -23,12 +23,17 @@ patched, so a channel opened with grpc.aio directly carries nothing.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
@@ -39,7 +44,17 @@ from services.common.settings import Settings
 from services.common.telemetry import tracing
 from services.common.telemetry.grpc_client import tracing_interceptors
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONNECTIONS = 4
+# A retryable call's first attempt waits this long at most (half the call's deadline
+# if that is shorter) before it is tried again on another connection.
+ATTEMPT_TIMEOUT = 0.5
+RETRY_ON = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+# Outlier detection: calls in a row that time out on a connection and have it replaced;
+# how long the calls still on the old one have before it is closed under them.
+REPLACE_AFTER = 2
+RETIRE_GRACE = 30.0
 
 BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -72,11 +87,10 @@ def open_channel(
     into `tracer` (by default the installed one; None: not traced)."""
     chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
     merged = [*dict([*BASE_OPTIONS, *options]).items()]
-    channels = [
-        grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
-        for _ in range(max(1, connections))
-    ]
-    return channels[0] if len(channels) == 1 else SpreadChannel(channels)
+    def open_one() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
+
+    return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
 
 
 def call_tracing(address: str, tracer: trace.Tracer | None = _INSTALLED) -> list[grpc.aio.ClientInterceptor]:
@@ -102,52 +116,186 @@ def service_channel(service: ServiceDescriptor, settings: Settings) -> grpc.aio.
     )
 
 
+def retryable(method: str) -> bool:
+    """Whether a call to `method` ('/package.Service/Method') may be sent twice: a read
+    (its google.api.http rule is a GET) or a method its proto marks idempotent
+    (`option idempotency_level = IDEMPOTENT` or NO_SIDE_EFFECTS, e.g. a create that
+    carries a request id). Methods not in the descriptor pool are not."""
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
+    except KeyError:
+        return False
+    options = descriptor.GetOptions()
+    if options.idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN:
+        return True
+    return bool(options.Extensions[annotations_pb2.http].WhichOneof("pattern") == "get")
+
+
+class _Connection:
+    """One of a SpreadChannel's channels, and what its calls have shown of it."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.timeouts = 0  # in a row: an answer resets it
+        self.answered_at = 0.0
+
+    def usable(self) -> bool:
+        # Not CONNECTING: a stopped worker's kernel completes the TCP handshake for it,
+        # but the worker never answers HTTP/2's, so a connection it got stays CONNECTING.
+        state = self.channel.get_state(try_to_connect=False)
+        return state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+
+
+class _OnEach:
+    """One method's multicallable on each of a SpreadChannel's connections, made again
+    when its connection has been replaced."""
+
+    def __init__(self, spread: SpreadChannel, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.spread = spread
+        self._kind, self._method, self._args, self._kwargs = kind, method, args, kwargs
+        self._made: dict[int, tuple[grpc.aio.Channel, Any]] = {}
+
+    def on(self, index: int) -> Any:
+        channel = self.spread.connections[index].channel
+        made = self._made.get(index)
+        if made is None or made[0] is not channel:
+            made = self._made[index] = (channel, getattr(channel, self._kind)(self._method, *self._args, **self._kwargs))
+        return made[1]
+
+
 class _Spread(
-    grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+    _OnEach,
     grpc.aio.UnaryStreamMultiCallable[Any, Any],
     grpc.aio.StreamUnaryMultiCallable[Any, Any],
     grpc.aio.StreamStreamMultiCallable[Any, Any],
 ):
-    """A multicallable (of any call type: it only forwards the call) that gives each call
-    to the next channel not in TRANSIENT_FAILURE, so a worker that just died costs no
-    calls once its connection is known to be gone."""
-
-    def __init__(self, channels: Sequence[grpc.aio.Channel], callables: Sequence[Any]) -> None:
-        self._pairs = list(zip(channels, callables))
-        self._turn = itertools.cycle(range(len(self._pairs)))
+    """A streaming multicallable (of any kind: it only forwards the call) that gives
+    each call to the next usable connection (SpreadChannel.pick)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        first = next(self._turn)
-        for step in range(len(self._pairs)):
-            channel, call = self._pairs[(first + step) % len(self._pairs)]
-            if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return call(*args, **kwargs)
-        return self._pairs[first][1](*args, **kwargs)
+        return self.on(self.spread.pick())(*args, **kwargs)
+
+
+class _UnarySpread(_OnEach, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
+    """Unary calls, from whose outcome each connection's record is kept, and of which an
+    idempotent one (retryable()) is tried again once, on another connection."""
+
+    def __init__(self, spread: SpreadChannel, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__(spread, "unary_unary", method, args, kwargs)
+        self.retryable = retryable(method)
+
+    def __call__(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return _Attempts(self, request, timeout, kwargs)
+
+
+class _Attempts:
+    """One unary call, as the caller sees it: awaited for its reply, then asked for its
+    metadata and status (which come from the attempt that ended it).
+
+    A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
+    deadline); if it times out or is refused, a second attempt gets what is left of the
+    deadline, on another connection, preferably one that has answered since the first
+    began (so it is not stuck too). That bounds what one stopped worker costs a read to
+    about ATTEMPT_TIMEOUT, as gRPC's perAttemptRecvTimeout would."""
+
+    def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
+        self._calls, self._request, self._kwargs = calls, request, kwargs
+        self._began = time.monotonic()
+        self._deadline = None if timeout is None else self._began + timeout
+        if calls.retryable:
+            timeout = ATTEMPT_TIMEOUT if timeout is None else min(ATTEMPT_TIMEOUT, timeout / 2)
+        self._attempt(calls.spread.pick(), timeout)
+
+    def _attempt(self, index: int, timeout: float | None) -> None:
+        self._index, self._channel = index, self._calls.spread.connections[index].channel
+        self.call = self._calls.on(index)(self._request, timeout=timeout, **self._kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.call, name)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._reply().__await__()
+
+    async def _reply(self) -> Any:
+        spread = self._calls.spread
+        try:
+            return await spread.outcome(self._index, self._channel, self.call)
+        except grpc.aio.AioRpcError as error:
+            left = None if self._deadline is None else self._deadline - time.monotonic()
+            if not self._calls.retryable or error.code() not in RETRY_ON or (left is not None and left <= 0):
+                raise
+        self._attempt(spread.pick(avoid=self._index, answered_since=self._began), left)
+        return await spread.outcome(self._index, self._channel, self.call)
 
 
 class SpreadChannel(grpc.aio.Channel):
     """Several channels to one address behind the grpc.aio.Channel interface, so stubs
-    and the gateway's multicallables use it unchanged."""
+    and the gateway's multicallables use it unchanged.
 
-    def __init__(self, channels: Sequence[grpc.aio.Channel]) -> None:
-        self.channels = list(channels)
+    Outlier detection, per connection, since the workers behind the address are not
+    told apart by gRPC's own (which ejects addresses): a connection on which REPLACE_AFTER
+    calls in a row time out (a stopped or wedged worker holds it) is replaced by a fresh
+    one. The kernel gives that to any worker; if it is the stopped one, the new
+    connection stays CONNECTING, and calls pass it by, until the worker answers or dies.
+    When no connection is usable, calls go round all of them rather than nowhere."""
+
+    def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
+        self._open_one = open_one
+        self.connections = [_Connection(open_one()) for _ in range(count)]
+        self._turn = itertools.cycle(range(count))
+        self._retired: set[grpc.aio.Channel] = set()
+
+    def pick(self, *, avoid: int | None = None, answered_since: float | None = None) -> int:
+        """The next usable connection but `avoid`, one that has answered since
+        `answered_since` first."""
+        first, count = next(self._turn), len(self.connections)
+        order = [i for i in ((first + step) % count for step in range(count)) if i != avoid] or [first]
+        usable = [i for i in order if self.connections[i].usable()]
+        answered = [i for i in usable if answered_since is not None and self.connections[i].answered_at > answered_since]
+        return (answered or usable or order)[0]
+
+    async def outcome(self, index: int, channel: grpc.aio.Channel, call: Any) -> Any:
+        """The reply of `call`, made on connection `index` while it was `channel`, kept
+        in that connection's record unless the connection has been replaced since."""
+        connection = self.connections[index]
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and connection.channel is channel:
+                connection.timeouts += 1
+                if connection.timeouts >= REPLACE_AFTER:
+                    self._replace(connection, index)
+            raise
+        if connection.channel is channel:
+            connection.timeouts, connection.answered_at = 0, time.monotonic()
+        return reply
+
+    def _replace(self, connection: _Connection, index: int) -> None:
+        log.warning("connection %d of %d: %d calls in a row timed out; replacing it", index, len(self.connections), REPLACE_AFTER)
+        old, connection.channel, connection.timeouts = connection.channel, self._open_one(), 0
+        connection.channel.get_state(try_to_connect=True)
+        # The calls still on the old connection keep their own deadlines; then it closes.
+        self._retired.add(old)
+        closing = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE))
+        closing.add_done_callback(lambda _: self._retired.discard(old))
 
     # The generated stubs pass keywords of their own (_registered_method), so every
     # argument is forwarded as given.
-    def _spread(self, kind: str, method: str, *args: Any, **kwargs: Any) -> _Spread:
-        return _Spread(self.channels, [getattr(c, kind)(method, *args, **kwargs) for c in self.channels])
-
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
-        return self._spread("unary_unary", method, *args, **kwargs)
+        return _UnarySpread(self, method, args, kwargs)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
-        return self._spread("unary_stream", method, *args, **kwargs)
+        return _Spread(self, "unary_stream", method, args, kwargs)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
-        return self._spread("stream_unary", method, *args, **kwargs)
+        return _Spread(self, "stream_unary", method, args, kwargs)
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
-        return self._spread("stream_stream", method, *args, **kwargs)
+        return _Spread(self, "stream_stream", method, args, kwargs)
+
+    @property
+    def channels(self) -> list[grpc.aio.Channel]:
+        return [connection.channel for connection in self.connections]
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """READY if any connection is; otherwise the first one's state."""
@@ -162,7 +310,7 @@ class SpreadChannel(grpc.aio.Channel):
             await channel.channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
-        for channel in self.channels:
+        for channel in [*self.channels, *self._retired]:
             await channel.close(grace)
 
     async def __aenter__(self) -> SpreadChannel:

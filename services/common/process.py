@@ -50,6 +50,10 @@ class Process(Protocol):
         """What brings its live gauges up to date before a scrape."""
         ...
 
+    def serve_also_on(self, unix_socket: str) -> None:
+        """Before start(): serve on the unix socket path too (HEALTH_SOCKET)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self, grace: float) -> None: ...
@@ -97,6 +101,9 @@ class GrpcProcess:
     def refreshers(self) -> Sequence[Refresher]:
         return ()
 
+    def serve_also_on(self, unix_socket: str) -> None:
+        self.host.server.add_insecure_port(f"unix:{unix_socket}")
+
 
 @asynccontextmanager
 async def running(process: P, grace: float = 0.0) -> AsyncIterator[P]:
@@ -127,6 +134,8 @@ async def _live(build: Callable[[Settings], Awaitable[Process]], name: str, serv
     try:
         stopping = _stop_on_signals()
         process = await build(settings)
+        if settings.health_socket:
+            process.serve_also_on(settings.health_socket)
         async with running(process, settings.shutdown_grace):
             await telemetry.serve_metrics(name, process.address, process.metrics_port, process.refreshers())
             # The launcher and the tests wait for this line.
