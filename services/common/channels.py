@@ -194,14 +194,13 @@ class _Attempts:
 
     A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
     deadline); if it times out or is refused, a second attempt gets what is left of the
-    deadline, on another connection, preferably one that has answered since the first
-    began (so it is not stuck too). That bounds what one stopped worker costs a read to
-    about ATTEMPT_TIMEOUT, as gRPC's perAttemptRecvTimeout would."""
+    deadline, on the other connection that answered last (so it is not stuck too).
+    That bounds what one stopped worker costs a read to about ATTEMPT_TIMEOUT, as
+    gRPC's perAttemptRecvTimeout would."""
 
     def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
         self._calls, self._request, self._kwargs = calls, request, kwargs
-        self._began = time.monotonic()
-        self._deadline = None if timeout is None else self._began + timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         if calls.retryable:
             timeout = ATTEMPT_TIMEOUT if timeout is None else min(ATTEMPT_TIMEOUT, timeout / 2)
         self._attempt(calls.spread.pick(), timeout)
@@ -224,7 +223,7 @@ class _Attempts:
             left = None if self._deadline is None else self._deadline - time.monotonic()
             if not self._calls.retryable or error.code() not in RETRY_ON or (left is not None and left <= 0):
                 raise
-        self._attempt(spread.pick(avoid=self._index, answered_since=self._began), left)
+        self._attempt(spread.pick(retrying=self._index), left)
         return await spread.outcome(self._index, self._channel, self.call)
 
 
@@ -245,14 +244,13 @@ class SpreadChannel(grpc.aio.Channel):
         self._turn = itertools.cycle(range(count))
         self._retired: set[grpc.aio.Channel] = set()
 
-    def pick(self, *, avoid: int | None = None, answered_since: float | None = None) -> int:
-        """The next usable connection but `avoid`, one that has answered since
-        `answered_since` first."""
+    def pick(self, *, retrying: int | None = None) -> int:
+        """The next usable connection; for a call that timed out on connection
+        `retrying`, the usable other one that answered last, the likeliest alive."""
         first, count = next(self._turn), len(self.connections)
-        order = [i for i in ((first + step) % count for step in range(count)) if i != avoid] or [first]
-        usable = [i for i in order if self.connections[i].usable()]
-        answered = [i for i in usable if answered_since is not None and self.connections[i].answered_at > answered_since]
-        return (answered or usable or order)[0]
+        order = [i for i in ((first + step) % count for step in range(count)) if i != retrying] or [first]
+        usable = [i for i in order if self.connections[i].usable()] or order
+        return usable[0] if retrying is None else max(usable, key=lambda i: self.connections[i].answered_at)
 
     async def outcome(self, index: int, channel: grpc.aio.Channel, call: Any) -> Any:
         """The reply of `call`, made on connection `index` while it was `channel`, kept
