@@ -139,6 +139,13 @@ class _Connection:
         self.timeouts = 0  # in a row: an answer resets it
         self.answered_at = 0.0
 
+    def promise(self, since: float) -> tuple[bool, bool, float]:
+        """How sure it is to answer now, best first: it has answered since `since`; it is
+        connected and new (a stopped worker's new connections never get that far); it
+        answered last."""
+        new = not self.answered_at and self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        return self.answered_at > since, new, self.answered_at
+
     def usable(self) -> bool:
         # Not CONNECTING: a stopped worker's kernel completes the TCP handshake for it,
         # but the worker never answers HTTP/2's, so a connection it got stays CONNECTING.
@@ -194,13 +201,14 @@ class _Attempts:
 
     A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
     deadline); if it times out or is refused, a second attempt gets what is left of the
-    deadline, on the other connection that answered last (so it is not stuck too).
+    deadline, on the other connection likeliest to answer (so it is not stuck too).
     That bounds what one stopped worker costs a read to about ATTEMPT_TIMEOUT, as
     gRPC's perAttemptRecvTimeout would."""
 
     def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
         self._calls, self._request, self._kwargs = calls, request, kwargs
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._began = time.monotonic()
+        self._deadline = None if timeout is None else self._began + timeout
         if calls.retryable:
             timeout = ATTEMPT_TIMEOUT if timeout is None else min(ATTEMPT_TIMEOUT, timeout / 2)
         self._attempt(calls.spread.pick(), timeout)
@@ -223,7 +231,7 @@ class _Attempts:
             left = None if self._deadline is None else self._deadline - time.monotonic()
             if not self._calls.retryable or error.code() not in RETRY_ON or (left is not None and left <= 0):
                 raise
-        self._attempt(spread.pick(retrying=self._index), left)
+        self._attempt(spread.pick(retrying=self._index, since=self._began), left)
         return await spread.outcome(self._index, self._channel, self.call)
 
 
@@ -244,13 +252,13 @@ class SpreadChannel(grpc.aio.Channel):
         self._turn = itertools.cycle(range(count))
         self._retired: set[grpc.aio.Channel] = set()
 
-    def pick(self, *, retrying: int | None = None) -> int:
-        """The next usable connection; for a call that timed out on connection
-        `retrying`, the usable other one that answered last, the likeliest alive."""
+    def pick(self, *, retrying: int | None = None, since: float = 0.0) -> int:
+        """The next usable connection; for a call whose first attempt, begun at `since`,
+        failed on connection `retrying`, the other one likeliest to answer (promise())."""
         first, count = next(self._turn), len(self.connections)
         order = [i for i in ((first + step) % count for step in range(count)) if i != retrying] or [first]
         usable = [i for i in order if self.connections[i].usable()] or order
-        return usable[0] if retrying is None else max(usable, key=lambda i: self.connections[i].answered_at)
+        return usable[0] if retrying is None else max(usable, key=lambda i: self.connections[i].promise(since))
 
     async def outcome(self, index: int, channel: grpc.aio.Channel, call: Any) -> Any:
         """The reply of `call`, made on connection `index` while it was `channel`, kept
