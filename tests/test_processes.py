@@ -250,9 +250,11 @@ def test_a_frozen_child_is_named_killed_and_restarted(launcher):
         time.sleep(0.2)
 
 
-async def read_under_load(base_url: str, clients: int, until: float) -> list[tuple[float, float, int]]:
-    """`clients` closed loops of reads (GetAgent and ListAgents, past the gateway's edge
-    cache) until `until` (monotonic): each read's start, latency and HTTP status (0: no answer)."""
+async def read_under_load(base_url: str, clients: int, until: float, pace: float = 0.05) -> list[tuple[float, float, int]]:
+    """`clients` loops of reads (GetAgent and ListAgents, past the gateway's edge cache),
+    each starting a read every `pace` seconds or when the last one ends if later (a load
+    bounded below what saturates the machine), until `until` (monotonic): each read's
+    start, latency and HTTP status (0: no answer)."""
     results: list[tuple[float, float, int]] = []
 
     async def loop(client: httpx.AsyncClient, n: int) -> None:
@@ -264,6 +266,7 @@ async def read_under_load(base_url: str, clients: int, until: float) -> list[tup
                 status = 0
             results.append((began, time.monotonic() - began, status))
             n += 1
+            await asyncio.sleep(began + pace - time.monotonic())
 
     async with httpx.AsyncClient(base_url=base_url, timeout=15) as client:
         await asyncio.gather(*(loop(client, n) for n in range(clients)))
@@ -284,7 +287,7 @@ def test_reads_route_around_a_frozen_worker(tmp_path):
         agents = sorted(int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "launcher: agents service" in line)
         base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
         began = time.monotonic()
-        before = asyncio.run(read_under_load(base_url, 8, began + 3))
+        before = asyncio.run(read_under_load(base_url, 8, began + 6))
         served = calls_served_per_pid(metrics_dir, "GetAgent")
         assert served.get(agents[0], 0) > 0 and served.get(agents[1], 0) > 0, served
         with frozen(agents[0]):
@@ -294,7 +297,7 @@ def test_reads_route_around_a_frozen_worker(tmp_path):
         slowest = max(latency for _, latency, _ in during)
         p99 = sorted(r[1] for r in during)[int(len(during) * 0.99)]
         print(
-            f"before: {len(before)} reads in 3 s, max {max(r[1] for r in before):.3f}s; frozen 6 s: {len(during)} reads, "
+            f"before: {len(before)} reads in 6 s, max {max(r[1] for r in before):.3f}s; frozen 6 s: {len(during)} reads, "
             f"{len(failed)} failed {sorted({r[2] for r in failed})}, max {slowest:.3f}s, p99 {p99:.3f}s"
         )
         assert len(during) > 50

@@ -50,6 +50,9 @@ DEFAULT_CONNECTIONS = 4
 # A retryable call's first attempt waits this long at most (half the call's deadline
 # if that is shorter) before it is tried again on another connection.
 ATTEMPT_TIMEOUT = 0.5
+# Attempts of a retryable call, the first included: the third only when the second went
+# where no answer had shown the way (_Attempts).
+MAX_ATTEMPTS = 3
 RETRY_ON = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 # Outlier detection: calls in a row that time out on a connection and have it replaced;
 # how long the calls still on the old one have before it is closed under them.
@@ -200,10 +203,13 @@ class _Attempts:
     metadata and status (which come from the attempt that ended it).
 
     A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
-    deadline); if it times out or is refused, a second attempt gets what is left of the
-    deadline, on the other connection likeliest to answer (so it is not stuck too).
-    That bounds what one stopped worker costs a read to about ATTEMPT_TIMEOUT, as
-    gRPC's perAttemptRecvTimeout would."""
+    deadline), as gRPC's perAttemptRecvTimeout would; if it times out or is refused,
+    the call is tried again on the other connection likeliest to answer (promise()).
+    That one gets what is left of the deadline, so a read that is merely slow still
+    gets its time, if it has shown it answers; if it has not (every other connection is
+    on the stopped worker too), it gets ATTEMPT_TIMEOUT as well, and a last attempt,
+    with what is left, goes where a fresh connection has reached a live worker by then.
+    So one stopped worker costs a read about ATTEMPT_TIMEOUT, twice at worst."""
 
     def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
         self._calls, self._request, self._kwargs = calls, request, kwargs
@@ -224,15 +230,18 @@ class _Attempts:
         return self._reply().__await__()
 
     async def _reply(self) -> Any:
-        spread = self._calls.spread
-        try:
-            return await spread.outcome(self._index, self._channel, self.call)
-        except grpc.aio.AioRpcError as error:
-            left = None if self._deadline is None else self._deadline - time.monotonic()
-            if not self._calls.retryable or error.code() not in RETRY_ON or (left is not None and left <= 0):
-                raise
-        self._attempt(spread.pick(retrying=self._index, since=self._began), left)
-        return await spread.outcome(self._index, self._channel, self.call)
+        spread, attempts, last = self._calls.spread, 1, not self._calls.retryable
+        while True:
+            try:
+                return await spread.outcome(self._index, self._channel, self.call)
+            except grpc.aio.AioRpcError as error:
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if last or error.code() not in RETRY_ON or (left is not None and left <= 0):
+                    raise
+            index = spread.pick(retrying=self._index, since=self._began)
+            attempts += 1
+            last = attempts == MAX_ATTEMPTS or any(spread.connections[index].promise(self._began)[:2])
+            self._attempt(index, left if last or left is not None and left <= ATTEMPT_TIMEOUT else ATTEMPT_TIMEOUT)
 
 
 class SpreadChannel(grpc.aio.Channel):
