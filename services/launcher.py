@@ -4,8 +4,8 @@ Each child is started in order (the cache first, the gateway last), and the laun
 waits until its port accepts connections before starting the next, printing one line
 per process. Then it supervises: a child that dies, or stops answering its health
 check, is named and restarted with an exponential back-off, the others serving
-meanwhile; a crash loop stops everything with a message that says so. Ctrl-C or SIGTERM stops them all, in reverse order,
-within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
+meanwhile; a crash loop stops everything with a message that says so. Ctrl-C or
+SIGTERM stops them all, in reverse order, within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
 (PR_SET_PDEATHSIG), so none is orphaned. In Kubernetes none of this runs: one
 process per container, and the kubelet restarts containers (README "Supervision").
 """

@@ -5,9 +5,16 @@ HTTP/2 connection per resolved address, and with WORKERS processes sharing a por
 (SO_REUSEPORT) the kernel hands that one connection to one process: every call of a
 client would land on the same worker. So open_channel() keeps `connections`
 channels to the address, each with its own connection (a channel-local subchannel
-pool), and hands each call to the next one that is not failing. Each of those
-channels also balances with round_robin over whatever its address resolves to, so
+pool), and hands each call to the next one that is usable. Each of those channels
+also balances with round_robin over whatever its address resolves to, so
 `dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
+
+The same spreading routes around a worker that is alive but does not answer (stopped,
+wedged): a call that may be sent twice (retryable(), from the protos) gets a short
+first attempt and is tried again on another connection (_Attempts), and a connection
+whose calls keep timing out is replaced (SpreadChannel). gRPC's own retryPolicy and
+outlier detection cannot do this: they work per address, and the workers share one
+(docs/resilience.md, "A slow worker is routed around").
 
 Clients find a service of the system at service_address(): the address of the backend
 its proto declares. service_channel() opens the usual channel there (the services' key,
@@ -23,7 +30,6 @@ patched, so a channel opened with grpc.aio directly carries nothing.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
@@ -39,6 +45,7 @@ from opentelemetry import trace
 
 from services.common.api import backend_of
 from services.common.auth.call_keys import key_interceptors
+from services.common.background import spawn
 from services.common.limits import MAX_MESSAGE_BYTES
 from services.common.settings import Settings
 from services.common.telemetry import tracing
@@ -188,7 +195,7 @@ class _Spread(
 
 class _UnarySpread(_OnEach, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
     """Unary calls, from whose outcome each connection's record is kept, and of which an
-    idempotent one (retryable()) is tried again once, on another connection."""
+    idempotent one (retryable()) is tried again on another connection (_Attempts)."""
 
     def __init__(self, spread: SpreadChannel, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__(spread, "unary_unary", method, args, kwargs)
@@ -291,8 +298,7 @@ class SpreadChannel(grpc.aio.Channel):
         connection.channel.get_state(try_to_connect=True)
         # The calls still on the old connection keep their own deadlines; then it closes.
         self._retired.add(old)
-        closing = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE))
-        closing.add_done_callback(lambda _: self._retired.discard(old))
+        spawn(old.close(RETIRE_GRACE), name="close a replaced connection").add_done_callback(lambda _: self._retired.discard(old))
 
     # The generated stubs pass keywords of their own (_registered_method), so every
     # argument is forwarded as given.
