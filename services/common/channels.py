@@ -57,14 +57,13 @@ DEFAULT_CONNECTIONS = 4
 # A retryable call's first attempt waits this long at most (half the call's deadline
 # if that is shorter) before it is tried again on another connection.
 ATTEMPT_TIMEOUT = 0.5
-# Attempts of a retryable call, the first included: the third only when the second went
-# where no answer had shown the way (_Attempts).
-MAX_ATTEMPTS = 3
+# Attempts of a retryable call, the first included; only those that go where no answer
+# has shown the way need more than two (_Attempts).
+MAX_ATTEMPTS = 4
 RETRY_ON = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
-# Outlier detection: calls in a row that time out on a connection and have it replaced;
-# how long the calls still on the old one have before it is closed under them.
-REPLACE_AFTER = 2
-RETIRE_GRACE = 30.0
+# How long the calls still on a replaced connection have before it is closed under
+# them: unary calls end by their deadlines; this bounds streams (a Watch).
+RETIRE_GRACE = 3600.0
 
 BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -146,7 +145,6 @@ class _Connection:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self.timeouts = 0  # in a row: an answer resets it
         self.answered_at = 0.0
 
     def promise(self, since: float) -> tuple[bool, bool, float]:
@@ -212,16 +210,16 @@ class _Attempts:
     A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
     deadline), as gRPC's perAttemptRecvTimeout would; if it times out or is refused,
     the call is tried again on the other connection likeliest to answer (promise()).
-    That one gets what is left of the deadline, so a read that is merely slow still
-    gets its time, if it has shown it answers; if it has not (every other connection is
-    on the stopped worker too), it gets ATTEMPT_TIMEOUT as well, and a last attempt,
-    with what is left, goes where a fresh connection has reached a live worker by then.
-    So one stopped worker costs a read about ATTEMPT_TIMEOUT, twice at worst."""
+    If that one has shown it answers, the attempt gets what is left of the deadline,
+    so a read that is merely slow still gets its time, and it is the last. If it has
+    not (the client's other connections are on the stopped worker too), it gets
+    ATTEMPT_TIMEOUT as well, and the next goes where a fresh connection has reached a
+    live worker by then (SpreadChannel replaces the ones that time out); the
+    MAX_ATTEMPTS-th gets what is left, wherever it goes."""
 
     def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
         self._calls, self._request, self._kwargs = calls, request, kwargs
-        self._began = time.monotonic()
-        self._deadline = None if timeout is None else self._began + timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         if calls.retryable:
             timeout = ATTEMPT_TIMEOUT if timeout is None else min(ATTEMPT_TIMEOUT, timeout / 2)
         self._attempt(calls.spread.pick(), timeout)
@@ -245,9 +243,12 @@ class _Attempts:
                 left = None if self._deadline is None else self._deadline - time.monotonic()
                 if last or error.code() not in RETRY_ON or (left is not None and left <= 0):
                     raise
-            index = spread.pick(retrying=self._index, since=self._began)
+            # Proof of life is an answer in the last half ATTEMPT_TIMEOUT: one since the
+            # call began may have come from a worker that stopped just after it.
+            since = time.monotonic() - ATTEMPT_TIMEOUT / 2
+            index = spread.pick(retrying=self._channel, since=since)
             attempts += 1
-            last = attempts == MAX_ATTEMPTS or any(spread.connections[index].promise(self._began)[:2])
+            last = attempts == MAX_ATTEMPTS or any(spread.connections[index].promise(since)[:2])
             self._attempt(index, left if last or left is not None and left <= ATTEMPT_TIMEOUT else ATTEMPT_TIMEOUT)
 
 
@@ -256,10 +257,12 @@ class SpreadChannel(grpc.aio.Channel):
     and the gateway's multicallables use it unchanged.
 
     Outlier detection, per connection, since the workers behind the address are not
-    told apart by gRPC's own (which ejects addresses): a connection on which REPLACE_AFTER
-    calls in a row time out (a stopped or wedged worker holds it) is replaced by a fresh
-    one. The kernel gives that to any worker; if it is the stopped one, the new
-    connection stays CONNECTING, and calls pass it by, until the worker answers or dies.
+    told apart by gRPC's own (which ejects addresses): a connection on which a call
+    times out (a stopped or wedged worker may hold it) is replaced by a fresh one at
+    once. Waiting for a second timeout costs a client with few calls seconds on a
+    stopped worker; a needless replacement costs one handshake. The kernel gives the
+    fresh connection to any worker; if it is the stopped one, it stays CONNECTING, and
+    calls pass it by, until the worker answers or dies.
     When no connection is usable, calls go round all of them rather than nowhere."""
 
     def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
@@ -268,11 +271,12 @@ class SpreadChannel(grpc.aio.Channel):
         self._turn = itertools.cycle(range(count))
         self._retired: set[grpc.aio.Channel] = set()
 
-    def pick(self, *, retrying: int | None = None, since: float = 0.0) -> int:
-        """The next usable connection; for a call whose first attempt, begun at `since`,
-        failed on connection `retrying`, the other one likeliest to answer (promise())."""
+    def pick(self, *, retrying: grpc.aio.Channel | None = None, since: float = 0.0) -> int:
+        """The next usable connection; for a call whose attempt failed on channel
+        `retrying`, another one, the likeliest to answer (promise(since))."""
         first, count = next(self._turn), len(self.connections)
-        order = [i for i in ((first + step) % count for step in range(count)) if i != retrying] or [first]
+        order = [i for i in ((first + step) % count for step in range(count)) if self.connections[i].channel is not retrying]
+        order = order or [first]
         usable = [i for i in order if self.connections[i].usable()] or order
         return usable[0] if retrying is None else max(usable, key=lambda i: self.connections[i].promise(since))
 
@@ -284,17 +288,15 @@ class SpreadChannel(grpc.aio.Channel):
             reply = await call
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and connection.channel is channel:
-                connection.timeouts += 1
-                if connection.timeouts >= REPLACE_AFTER:
-                    self._replace(connection, index)
+                self._replace(connection, index)
             raise
         if connection.channel is channel:
-            connection.timeouts, connection.answered_at = 0, time.monotonic()
+            connection.answered_at = time.monotonic()
         return reply
 
     def _replace(self, connection: _Connection, index: int) -> None:
-        log.warning("connection %d of %d: %d calls in a row timed out; replacing it", index, len(self.connections), REPLACE_AFTER)
-        old, connection.channel, connection.timeouts = connection.channel, self._open_one(), 0
+        log.warning("connection %d of %d: a call timed out; replacing it", index, len(self.connections))
+        old, connection.channel = connection.channel, self._open_one()
         connection.channel.get_state(try_to_connect=True)
         # The calls still on the old connection keep their own deadlines; then it closes.
         self._retired.add(old)
