@@ -1,6 +1,6 @@
 """services/common/channels.py against real gRPC servers: which calls may be sent twice
 (read from the descriptors), and a read that one worker leaves waiting is answered by
-another within about ATTEMPT_TIMEOUT, while the connections that keep timing out are
+another, while a connection on which a call timed out is
 replaced. The same with real processes and SIGSTOP: tests/test_processes.py."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_reads_and_methods_marked_idempotent_may_be_sent_twice_and_nothing_else(
 
 async def test_a_read_routes_around_a_stuck_worker_whose_connections_are_replaced(caplog):
     """Two servers share one port (SO_REUSEPORT), as WORKERS do; one stops answering.
-    Every read is still answered, none later than about ATTEMPT_TIMEOUT, and the
+    Every read is still answered, in a few ATTEMPT_TIMEOUTs at most, and the
     connections the stuck one holds are replaced."""
     _declare_test_service()
     stuck, release = asyncio.Event(), asyncio.Event()
@@ -99,7 +99,9 @@ async def test_a_read_routes_around_a_stuck_worker_whose_connections_are_replace
         with caplog.at_level(logging.WARNING, logger="services.common.channels"):
             await asyncio.gather(*(reads() for _ in range(4)))
         assert len(latencies) == 48
-        assert max(latencies) < ATTEMPT_TIMEOUT + 0.5, sorted(latencies)[-5:]
+        # The first attempt on the stuck server, then at worst two more on connections
+        # that have not yet shown they answer (a fresh one may reach the stuck server).
+        assert max(latencies) < 3 * ATTEMPT_TIMEOUT + 0.4, sorted(latencies)[-5:]
         assert sum(latency >= ATTEMPT_TIMEOUT for latency in latencies) >= 1, "no read met the stuck server"
         assert "replacing it" in caplog.text
 

@@ -210,9 +210,10 @@ class _Attempts:
     A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
     deadline), as gRPC's perAttemptRecvTimeout would; if it times out or is refused,
     the call is tried again on the other connection likeliest to answer (promise()).
-    If that one has shown it answers, the attempt gets what is left of the deadline,
-    so a read that is merely slow still gets its time, and it is the last. If it has
-    not (the client's other connections are on the stopped worker too), it gets
+    If that one has answered in the last half ATTEMPT_TIMEOUT, the attempt gets what
+    is left of the deadline, so a read that is merely slow still gets its time, and
+    it is the last. If not (the client's other connections may be on the stopped
+    worker too, or a new one on a worker that takes connections but no calls), it gets
     ATTEMPT_TIMEOUT as well, and the next goes where a fresh connection has reached a
     live worker by then (SpreadChannel replaces the ones that time out); the
     MAX_ATTEMPTS-th gets what is left, wherever it goes."""
@@ -248,7 +249,7 @@ class _Attempts:
             since = time.monotonic() - ATTEMPT_TIMEOUT / 2
             index = spread.pick(retrying=self._channel, since=since)
             attempts += 1
-            last = attempts == MAX_ATTEMPTS or any(spread.connections[index].promise(since)[:2])
+            last = attempts == MAX_ATTEMPTS or spread.connections[index].answered_at > since
             self._attempt(index, left if last or left is not None and left <= ATTEMPT_TIMEOUT else ATTEMPT_TIMEOUT)
 
 
