@@ -30,7 +30,7 @@ class Gateway:
 
     def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
         self._server = uvicorn.Server(config)
-        self._socket = sock
+        self._sockets = [sock]
         host, port = sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._ticker: asyncio.Task[None] | None = None
@@ -42,12 +42,18 @@ class Gateway:
     def refreshers(self) -> Sequence[Refresher]:
         return ()
 
+    def serve_also_on(self, unix_socket: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound, not listening: it refuses connections until uvicorn serves it.
+        sock.bind(unix_socket)
+        self._sockets.append(sock)
+
     async def start(self) -> None:
         config = self._server.config
         config.load()
         self._server.lifespan = config.lifespan_class(config)
         try:
-            await self._server.startup(sockets=[self._socket])
+            await self._server.startup(sockets=self._sockets)
         except SystemExit:
             # uvicorn exits when the app cannot start; here that is an error like any other.
             raise RuntimeError("the gateway failed to start; uvicorn logged why") from None
@@ -61,11 +67,12 @@ class Gateway:
         if self._server.started:
             # uvicorn annotates an int but hands it to asyncio.timeout(), which takes any seconds.
             self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
-            await self._server.shutdown(sockets=[self._socket])
+            await self._server.shutdown(sockets=self._sockets)
             self._server.started = False
 
     async def close(self) -> None:
-        self._socket.close()
+        for sock in self._sockets:
+            sock.close()
 
 
 async def build(settings: Settings, **app_options: Any) -> Gateway:

@@ -2,10 +2,10 @@
 
 Each child is started in order (the cache first, the gateway last), and the launcher
 waits until its port accepts connections before starting the next, printing one line
-per process. Then it supervises: a child that dies is named and restarted with an
-exponential back-off, the others serving meanwhile; a crash loop stops everything
-with a message that says so. Ctrl-C or SIGTERM stops them all, in reverse order,
-within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
+per process. Then it supervises: a child that dies, or stops answering its health
+check, is named and restarted with an exponential back-off, the others serving
+meanwhile; a crash loop stops everything with a message that says so. Ctrl-C or
+SIGTERM stops them all, in reverse order, within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
 (PR_SET_PDEATHSIG), so none is orphaned. In Kubernetes none of this runs: one
 process per container, and the kubelet restarts containers (README "Supervision").
 """
@@ -21,8 +21,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import keys
 from services.common.db import connect
@@ -43,6 +48,12 @@ MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0
 MAX_QUICK_DEATHS = 5
 _PR_SET_PDEATHSIG = 1
+# Liveness, as the Kubernetes manifests' livenessProbe (deploy/k8s): every PROBE_PERIOD
+# seconds each process is asked, on its own socket, whether it serves; PROBE_FAILURES
+# answers in a row missing for PROBE_TIMEOUT seconds, and it is killed and restarted.
+PROBE_PERIOD = 2.0
+PROBE_TIMEOUT = 1.0
+PROBE_FAILURES = 3
 
 
 @dataclass
@@ -86,6 +97,30 @@ def _wait_listening(address: str, proc: subprocess.Popen, timeout: float) -> boo
     return False
 
 
+def answers(scheme: str, path: str) -> bool:
+    """Whether the process listening on the unix socket `path` serves, within
+    PROBE_TIMEOUT: grpc.health.v1 Check says SERVING, or GET /health/live is 200.
+
+    Each process has a socket of its own (HEALTH_SOCKET) because WORKERS processes share
+    their port: a check there reaches whichever one the kernel picks. A stopped process's
+    sockets still take connections (the kernel queues them), so only an answer counts."""
+    if scheme == "grpc":
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT)
+            except grpc.RpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT)
+        try:
+            sock.connect(path)
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nhost: launcher\r\nconnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+
 @dataclass
 class Child:
     """One process of a part, and what the supervisor knows of its past."""
@@ -93,9 +128,21 @@ class Child:
     part: Part
     proc: subprocess.Popen
     started: float
+    # Its own unix socket, where it alone answers health checks (HEALTH_SOCKET).
+    socket: str
     # Deaths in a row, each soon after its start; reset once a process runs STABLE_AFTER.
     quick_deaths: int = 0
     restart_at: float | None = None
+    # Liveness: the check in flight, when the next is due, checks missed in a row, and
+    # whether it ever answered (until then it is starting, given START_TIMEOUT).
+    probe: Future[bool] | None = None
+    next_probe: float = 0.0
+    misses: int = 0
+    answered: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.part.name} (pid {self.proc.pid})"
 
 
 class Launcher:
@@ -108,11 +155,14 @@ class Launcher:
         self.settings = settings
         self.running: list[Child] = []
         self._stopping = False
+        self._sockets = tempfile.mkdtemp(prefix="devops-hub-")
+        self._probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
 
     def start(self) -> None:
         for part in parts(self.settings):
             for _ in range(part.processes):
-                child = Child(part, self._spawn(part), time.monotonic())
+                path = os.path.join(self._sockets, f"{len(self.running)}.sock")
+                child = Child(part, self._spawn(part, path), time.monotonic(), path)
                 self.running.append(child)
                 if not _wait_listening(part.address, child.proc, START_TIMEOUT):
                     code = child.proc.poll()
@@ -121,9 +171,12 @@ class Launcher:
                 print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {child.proc.pid})", flush=True)
 
     @staticmethod
-    def _spawn(part: Part) -> subprocess.Popen:
+    def _spawn(part: Part, health_socket: str) -> subprocess.Popen:
+        # A socket a killed process left would refuse the new one's bind.
+        pathlib.Path(health_socket).unlink(missing_ok=True)
         return subprocess.Popen(
             [sys.executable, "-m", part.module],
+            env={**os.environ, "HEALTH_SOCKET": health_socket},
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
             start_new_session=True,
@@ -142,12 +195,13 @@ class Launcher:
                 if code is None:
                     if child.quick_deaths and now - child.started >= STABLE_AFTER:
                         child.quick_deaths = 0
+                    self._check_liveness(child, now)
                     continue
                 if self._stopping:
                     break
                 ran = now - child.started
                 child.quick_deaths = child.quick_deaths + 1 if ran < STABLE_AFTER else 1
-                name = f"{child.part.name} (pid {child.proc.pid})"
+                name = child.name
                 if child.quick_deaths > MAX_QUICK_DEATHS:
                     print(
                         f"launcher: {name} exited with code {code}, its {child.quick_deaths}th death in a row within "
@@ -162,9 +216,32 @@ class Launcher:
             time.sleep(POLL_INTERVAL)
         return 0
 
+    def _check_liveness(self, child: Child, now: float) -> None:
+        """Starts a health check when one is due, and reads the one that has ended: the
+        third missed in a row (once the process has answered, or START_TIMEOUT after its
+        start) kills it. SIGKILL, since a stopped process never sees SIGTERM; its exit
+        then takes the restart path every death takes."""
+        if child.probe is not None and child.probe.done():
+            if child.probe.result():
+                child.answered, child.misses = True, 0
+            elif child.answered or now - child.started > START_TIMEOUT:
+                child.misses += 1
+                if child.misses == PROBE_FAILURES:
+                    print(
+                        f"launcher: {child.name} did not answer {PROBE_FAILURES} health checks in a row "
+                        f"({PROBE_TIMEOUT:.0f}s each, every {PROBE_PERIOD:.0f}s); killing it",
+                        flush=True,
+                    )
+                    child.proc.kill()
+            child.probe = None
+        if child.probe is None and now >= child.next_probe:
+            child.probe = self._probes.submit(answers, child.part.scheme, child.socket)
+            child.next_probe = now + PROBE_PERIOD
+
     def _restart(self, child: Child, now: float) -> None:
-        child.proc = self._spawn(child.part)
+        child.proc = self._spawn(child.part, child.socket)
         child.started, child.restart_at = now, None
+        child.probe, child.next_probe, child.misses, child.answered = None, now, 0, False
         print(f"launcher: {child.part.name:<18} restarted (pid {child.proc.pid})", flush=True)
 
     def request_stop(self, signum: int, _frame) -> None:
@@ -183,6 +260,8 @@ class Launcher:
                 print(f"launcher: {child.part.name} did not stop in time; killing it", flush=True)
                 child.proc.kill()
                 child.proc.wait()
+        self._probes.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._sockets, ignore_errors=True)
 
 
 def try_command(settings: Settings) -> str:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from services.common.channels import ATTEMPT_TIMEOUT
 from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
 
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
@@ -203,3 +207,102 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
         assert alive(restarted_pid(proc, "agents service"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+@contextlib.contextmanager
+def frozen(*pids: int) -> Iterator[None]:
+    """The processes stopped (SIGSTOP) for the block, and continued however it ends: a
+    stopped process that outlived the test would hold its port and never stop."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_frozen_child_is_named_killed_and_restarted(launcher):
+    """A stopped process exits no more than it answers: the launcher's health checks
+    (grpc.health.v1 on a service, /health/live on the gateway, each on the process's own
+    socket) find it, and it is killed and restarted like a dead one."""
+    proc, env, lines = launcher
+    pids = child_pids(lines)
+    read_until(proc, "launcher: ready")
+    stopped = {"workflows service": pids["workflows service"], "gateway": pids["gateway"]}
+    seen: list[str] = []
+    with frozen(*stopped.values()):
+        while sum("restarted (pid" in line for line in seen) < 2:
+            seen += read_until(proc, "restarted (pid", timeout=60)
+    for name, pid in stopped.items():
+        killed = f"launcher: {name} (pid {pid}) did not answer 3 health checks in a row"
+        restarted = next(line for line in seen if line.startswith(f"launcher: {name} ") and "restarted" in line)
+        assert any(line.startswith(killed) for line in seen), seen
+        assert alive(int(restarted.rsplit("(pid ", 1)[1].rstrip(")")))
+    gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):  # the restarted gateway may not listen yet
+            if httpx.get(f"{gateway}/health", timeout=10).status_code == 200:
+                break
+        assert time.monotonic() < deadline, "the stack never became healthy again"
+        time.sleep(0.2)
+
+
+async def read_under_load(base_url: str, clients: int, until: float, pace: float = 0.05) -> list[tuple[float, float, int]]:
+    """`clients` loops of reads (GetAgent and ListAgents, past the gateway's edge cache),
+    each starting a read every `pace` seconds or when the last one ends if later (a load
+    bounded below what saturates the machine), until `until` (monotonic): each read's
+    start, latency and HTTP status (0: no answer)."""
+    results: list[tuple[float, float, int]] = []
+
+    async def loop(client: httpx.AsyncClient, n: int) -> None:
+        paths = ("/api/agents/builtin-json", "/api/agents?page_size=5")
+        while (began := time.monotonic()) < until:
+            try:
+                status = (await client.get(paths[n % 2], headers={"cache-control": "no-cache"})).status_code
+            except httpx.HTTPError:
+                status = 0
+            results.append((began, time.monotonic() - began, status))
+            n += 1
+            await asyncio.sleep(began + pace - time.monotonic())
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=15) as client:
+        await asyncio.gather(*(loop(client, n) for n in range(clients)))
+    return results
+
+
+def test_reads_route_around_a_frozen_worker(tmp_path):
+    """With WORKERS=2, one agents worker is stopped (SIGSTOP) for 6 s under a bounded
+    load through the gateway: reads time out on its connections after ATTEMPT_TIMEOUT,
+    are tried again on a connection that answers, and its connections are replaced, so
+    at most 1 % fail and none waits 2 s (docs/resilience.md)."""
+    env = process_env(tmp_path)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env.update(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    with spawned("services.launcher", env) as proc:
+        lines = read_until(proc, "launcher: ready")
+        agents = sorted(int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "launcher: agents service" in line)
+        base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+        began = time.monotonic()
+        before = asyncio.run(read_under_load(base_url, 8, began + 6))
+        served = calls_served_per_pid(metrics_dir, "GetAgent")
+        assert served.get(agents[0], 0) > 0 and served.get(agents[1], 0) > 0, served
+        with frozen(agents[0]):
+            freeze = time.monotonic()
+            during = asyncio.run(read_under_load(base_url, 8, freeze + 6))
+        failed = [r for r in during if r[2] != 200]
+        slowest = max(latency for _, latency, _ in during)
+        p99 = sorted(r[1] for r in during)[int(len(during) * 0.99)]
+        print(
+            f"before: {len(before)} reads in 6 s, max {max(r[1] for r in before):.3f}s; frozen 6 s: {len(during)} reads, "
+            f"{len(failed)} failed {sorted({r[2] for r in failed})}, max {slowest:.3f}s, p99 {p99:.3f}s"
+        )
+        assert len(during) > 50
+        assert len(failed) <= len(during) / 100, [(round(t - freeze, 3), round(latency, 3), status) for t, latency, status in failed]
+        # The target is 2 s; on a machine so busy that reads took longer before the
+        # freeze, what the freeze may add is one ATTEMPT_TIMEOUT, well short of its 6 s.
+        noise = max(r[1] for r in before)
+        assert slowest < max(2.0, 1.5 * noise + ATTEMPT_TIMEOUT), sorted(during, key=lambda r: -r[1])[:10]

@@ -5,9 +5,16 @@ HTTP/2 connection per resolved address, and with WORKERS processes sharing a por
 (SO_REUSEPORT) the kernel hands that one connection to one process: every call of a
 client would land on the same worker. So open_channel() keeps `connections`
 channels to the address, each with its own connection (a channel-local subchannel
-pool), and hands each call to the next one that is not failing. Each of those
-channels also balances with round_robin over whatever its address resolves to, so
+pool), and hands each call to the next one that is usable. Each of those channels
+also balances with round_robin over whatever its address resolves to, so
 `dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
+
+The same spreading routes around a worker that is alive but does not answer (stopped,
+wedged): a call that may be sent twice (retryable(), from the protos) gets a short
+first attempt and is tried again on another connection (_Attempts), and a connection
+whose calls keep timing out is replaced (SpreadChannel). gRPC's own retryPolicy and
+outlier detection cannot do this: they work per address, and the workers share one
+(docs/resilience.md, "A slow worker is routed around").
 
 Clients find a service of the system at service_address(): the address of the backend
 its proto declares. service_channel() opens the usual channel there (the services' key,
@@ -26,23 +33,40 @@ patched, so a channel opened with grpc.aio directly carries nothing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 from devops_hub.channels import key_interceptors
 from devops_hub.client import Client
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
 from services.common.api import backend_of
+from services.common.background import spawn
 from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.settings import Settings
 from services.common.telemetry import tracing
 from services.common.telemetry.grpc_client import tracing_interceptors
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONNECTIONS = 4
+# A retryable call's first attempt waits this long at most (half the call's deadline
+# if that is shorter) before it is tried again on another connection.
+ATTEMPT_TIMEOUT = 0.5
+# Attempts of a retryable call, the first included; only those that go where no answer
+# has shown the way need more than two (_Attempts).
+MAX_ATTEMPTS = 4
+RETRY_ON = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+# How long the calls still on a replaced connection have before it is closed under
+# them: unary calls end by their deadlines; this bounds streams (a Watch).
+RETIRE_GRACE = 3600.0
 
 BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
     *GRPC_SIZE_OPTIONS,
@@ -74,11 +98,10 @@ def open_channel(
     into `tracer` (by default the installed one; None: not traced)."""
     chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
     merged = [*dict([*BASE_OPTIONS, *options]).items()]
-    channels = [
-        grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
-        for _ in range(max(1, connections))
-    ]
-    return channels[0] if len(channels) == 1 else SpreadChannel(channels)
+    def open_one() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
+
+    return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
 
 
 def call_tracing(address: str, tracer: trace.Tracer | None = _INSTALLED) -> list[grpc.aio.ClientInterceptor]:
@@ -111,52 +134,201 @@ def service_client(settings: Settings, *services: ServiceDescriptor, timeout: fl
     return Client({backend: service_channel(service, settings) for backend, service in parts.items()}, timeout=timeout)
 
 
+def retryable(method: str) -> bool:
+    """Whether a call to `method` ('/package.Service/Method') may be sent twice: a read
+    (its google.api.http rule is a GET) or a method its proto marks idempotent
+    (`option idempotency_level = IDEMPOTENT` or NO_SIDE_EFFECTS, e.g. a create that
+    carries a request id). Methods not in the descriptor pool are not."""
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
+    except KeyError:
+        return False
+    options = descriptor.GetOptions()
+    if options.idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN:
+        return True
+    return bool(options.Extensions[annotations_pb2.http].WhichOneof("pattern") == "get")
+
+
+class _Connection:
+    """One of a SpreadChannel's channels, and what its calls have shown of it."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.answered_at = 0.0
+
+    def promise(self, since: float) -> tuple[bool, bool, float]:
+        """How sure it is to answer now, best first: it has answered since `since`; it is
+        connected and new (a stopped worker's new connections never get that far); it
+        answered last."""
+        new = not self.answered_at and self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        return self.answered_at > since, new, self.answered_at
+
+    def usable(self) -> bool:
+        # Not CONNECTING: a stopped worker's kernel completes the TCP handshake for it,
+        # but the worker never answers HTTP/2's, so a connection it got stays CONNECTING.
+        state = self.channel.get_state(try_to_connect=False)
+        return state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+
+
+class _OnEach:
+    """One method's multicallable on each of a SpreadChannel's connections, made again
+    when its connection has been replaced."""
+
+    def __init__(self, spread: SpreadChannel, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.spread = spread
+        self._kind, self._method, self._args, self._kwargs = kind, method, args, kwargs
+        self._made: dict[int, tuple[grpc.aio.Channel, Any]] = {}
+
+    def on(self, index: int) -> Any:
+        channel = self.spread.connections[index].channel
+        made = self._made.get(index)
+        if made is None or made[0] is not channel:
+            made = self._made[index] = (channel, getattr(channel, self._kind)(self._method, *self._args, **self._kwargs))
+        return made[1]
+
+
 class _Spread(
-    grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+    _OnEach,
     grpc.aio.UnaryStreamMultiCallable[Any, Any],
     grpc.aio.StreamUnaryMultiCallable[Any, Any],
     grpc.aio.StreamStreamMultiCallable[Any, Any],
 ):
-    """A multicallable (of any call type: it only forwards the call) that gives each call
-    to the next channel not in TRANSIENT_FAILURE, so a worker that just died costs no
-    calls once its connection is known to be gone."""
-
-    def __init__(self, channels: Sequence[grpc.aio.Channel], callables: Sequence[Any]) -> None:
-        self._pairs = list(zip(channels, callables))
-        self._turn = itertools.cycle(range(len(self._pairs)))
+    """A streaming multicallable (of any kind: it only forwards the call) that gives
+    each call to the next usable connection (SpreadChannel.pick)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        first = next(self._turn)
-        for step in range(len(self._pairs)):
-            channel, call = self._pairs[(first + step) % len(self._pairs)]
-            if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return call(*args, **kwargs)
-        return self._pairs[first][1](*args, **kwargs)
+        return self.on(self.spread.pick())(*args, **kwargs)
+
+
+class _UnarySpread(_OnEach, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
+    """Unary calls, from whose outcome each connection's record is kept, and of which an
+    idempotent one (retryable()) is tried again on another connection (_Attempts)."""
+
+    def __init__(self, spread: SpreadChannel, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__(spread, "unary_unary", method, args, kwargs)
+        self.retryable = retryable(method)
+
+    def __call__(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return _Attempts(self, request, timeout, kwargs)
+
+
+class _Attempts:
+    """One unary call, as the caller sees it: awaited for its reply, then asked for its
+    metadata and status (which come from the attempt that ended it).
+
+    A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
+    deadline), as gRPC's perAttemptRecvTimeout would; if it times out or is refused,
+    the call is tried again on the other connection likeliest to answer (promise()).
+    If that one has answered in the last half ATTEMPT_TIMEOUT, the attempt gets what
+    is left of the deadline, so a read that is merely slow still gets its time, and
+    it is the last. If not (the client's other connections may be on the stopped
+    worker too, or a new one on a worker that takes connections but no calls), it gets
+    ATTEMPT_TIMEOUT as well, and the next goes where a fresh connection has reached a
+    live worker by then (SpreadChannel replaces the ones that time out); the
+    MAX_ATTEMPTS-th gets what is left, wherever it goes."""
+
+    def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
+        self._calls, self._request, self._kwargs = calls, request, kwargs
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        if calls.retryable:
+            timeout = ATTEMPT_TIMEOUT if timeout is None else min(ATTEMPT_TIMEOUT, timeout / 2)
+        self._attempt(calls.spread.pick(), timeout)
+
+    def _attempt(self, index: int, timeout: float | None) -> None:
+        self._index, self._channel = index, self._calls.spread.connections[index].channel
+        self.call = self._calls.on(index)(self._request, timeout=timeout, **self._kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.call, name)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._reply().__await__()
+
+    async def _reply(self) -> Any:
+        spread, attempts, last = self._calls.spread, 1, not self._calls.retryable
+        while True:
+            try:
+                return await spread.outcome(self._index, self._channel, self.call)
+            except grpc.aio.AioRpcError as error:
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if last or error.code() not in RETRY_ON or (left is not None and left <= 0):
+                    raise
+            # Proof of life is an answer in the last half ATTEMPT_TIMEOUT: one since the
+            # call began may have come from a worker that stopped just after it.
+            since = time.monotonic() - ATTEMPT_TIMEOUT / 2
+            index = spread.pick(retrying=self._channel, since=since)
+            attempts += 1
+            last = attempts == MAX_ATTEMPTS or spread.connections[index].answered_at > since
+            self._attempt(index, left if last or left is not None and left <= ATTEMPT_TIMEOUT else ATTEMPT_TIMEOUT)
 
 
 class SpreadChannel(grpc.aio.Channel):
     """Several channels to one address behind the grpc.aio.Channel interface, so stubs
-    and the gateway's multicallables use it unchanged."""
+    and the gateway's multicallables use it unchanged.
 
-    def __init__(self, channels: Sequence[grpc.aio.Channel]) -> None:
-        self.channels = list(channels)
+    Outlier detection, per connection, since the workers behind the address are not
+    told apart by gRPC's own (which ejects addresses): a connection on which a call
+    times out (a stopped or wedged worker may hold it) is replaced by a fresh one at
+    once. Waiting for a second timeout costs a client with few calls seconds on a
+    stopped worker; a needless replacement costs one handshake. The kernel gives the
+    fresh connection to any worker; if it is the stopped one, it stays CONNECTING, and
+    calls pass it by, until the worker answers or dies.
+    When no connection is usable, calls go round all of them rather than nowhere."""
+
+    def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
+        self._open_one = open_one
+        self.connections = [_Connection(open_one()) for _ in range(count)]
+        self._turn = itertools.cycle(range(count))
+        self._retired: set[grpc.aio.Channel] = set()
+
+    def pick(self, *, retrying: grpc.aio.Channel | None = None, since: float = 0.0) -> int:
+        """The next usable connection; for a call whose attempt failed on channel
+        `retrying`, another one, the likeliest to answer (promise(since))."""
+        first, count = next(self._turn), len(self.connections)
+        order = [i for i in ((first + step) % count for step in range(count)) if self.connections[i].channel is not retrying]
+        order = order or [first]
+        usable = [i for i in order if self.connections[i].usable()] or order
+        return usable[0] if retrying is None else max(usable, key=lambda i: self.connections[i].promise(since))
+
+    async def outcome(self, index: int, channel: grpc.aio.Channel, call: Any) -> Any:
+        """The reply of `call`, made on connection `index` while it was `channel`, kept
+        in that connection's record unless the connection has been replaced since."""
+        connection = self.connections[index]
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and connection.channel is channel:
+                self._replace(connection, index)
+            raise
+        if connection.channel is channel:
+            connection.answered_at = time.monotonic()
+        return reply
+
+    def _replace(self, connection: _Connection, index: int) -> None:
+        log.warning("connection %d of %d: a call timed out; replacing it", index, len(self.connections))
+        old, connection.channel = connection.channel, self._open_one()
+        connection.channel.get_state(try_to_connect=True)
+        # The calls still on the old connection keep their own deadlines; then it closes.
+        self._retired.add(old)
+        spawn(old.close(RETIRE_GRACE), name="close a replaced connection").add_done_callback(lambda _: self._retired.discard(old))
 
     # The generated stubs pass keywords of their own (_registered_method), so every
     # argument is forwarded as given.
-    def _spread(self, kind: str, method: str, *args: Any, **kwargs: Any) -> _Spread:
-        return _Spread(self.channels, [getattr(c, kind)(method, *args, **kwargs) for c in self.channels])
-
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
-        return self._spread("unary_unary", method, *args, **kwargs)
+        return _UnarySpread(self, method, args, kwargs)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.UnaryStreamMultiCallable[Any, Any]:
-        return self._spread("unary_stream", method, *args, **kwargs)
+        return _Spread(self, "unary_stream", method, args, kwargs)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamUnaryMultiCallable[Any, Any]:
-        return self._spread("stream_unary", method, *args, **kwargs)
+        return _Spread(self, "stream_unary", method, args, kwargs)
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> grpc.aio.StreamStreamMultiCallable[Any, Any]:
-        return self._spread("stream_stream", method, *args, **kwargs)
+        return _Spread(self, "stream_stream", method, args, kwargs)
+
+    @property
+    def channels(self) -> list[grpc.aio.Channel]:
+        return [connection.channel for connection in self.connections]
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """READY if any connection is; otherwise the first one's state."""
@@ -171,7 +343,7 @@ class SpreadChannel(grpc.aio.Channel):
             await channel.channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
-        for channel in self.channels:
+        for channel in [*self.channels, *self._retired]:
             await channel.close(grace)
 
     async def __aenter__(self) -> SpreadChannel:

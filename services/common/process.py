@@ -51,6 +51,10 @@ class Process(Protocol):
         """What brings its live gauges up to date before a scrape."""
         ...
 
+    def serve_also_on(self, unix_socket: str) -> None:
+        """Before start(): serve on the unix socket path too (HEALTH_SOCKET)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self, grace: float) -> None: ...
@@ -98,6 +102,9 @@ class GrpcProcess:
     def refreshers(self) -> Sequence[Refresher]:
         return ()
 
+    def serve_also_on(self, unix_socket: str) -> None:
+        self.host.server.add_insecure_port(f"unix:{unix_socket}")
+
 
 @asynccontextmanager
 async def running(process: P, grace: float = 0.0) -> AsyncIterator[P]:
@@ -134,6 +141,8 @@ async def _live(build: Callable[[Settings], Awaitable[Process]], name: str, serv
         except Unavailable as exc:
             log.error("%s cannot start: %s", name, exc)
             raise SystemExit(1) from None
+        if settings.health_socket:
+            process.serve_also_on(settings.health_socket)
         async with running(process, settings.shutdown_grace):
             await telemetry.serve_metrics(name, process.address, process.metrics_port, process.refreshers())
             # The launcher and the tests wait for this line.

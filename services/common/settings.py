@@ -72,6 +72,9 @@ class Settings:
     events_flush_interval: float = 0.1
     events_poll_interval: float = 0.2
     workers: int = 1
+    # A unix socket where this one process also serves (its health, for the launcher's
+    # liveness checks): WORKERS processes share their port, so each needs its own door.
+    health_socket: str = ""
     # gRPC server reflection (grpcurl, ghz without proto files); off in Kubernetes.
     grpc_reflection: bool = True
     # Connections each client keeps to each gRPC backend address; calls are spread
