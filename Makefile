@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos run test bench bench-cache lint clean key ghz loadtest
+.PHONY: setup protos run test test-fast bench bench-cache lint clean key ghz loadtest
 
 setup: $(VENV)/.installed protos
 
@@ -28,8 +28,17 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed scripts/gen_protos.py
 run: setup
 	$(PY) -m services.launcher
 
+# Everything, on TEST_WORKERS processes (pytest-xdist; each worker has a PostgreSQL
+# database of its own, and every test its own Redis prefix, ports and processes).
+# Work-stealing keeps both cores busy to the end whichever tests are slow.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+# The fast tier, to run first: the tests marked `fast` (pure unit tests, no servers,
+# databases or subprocesses), in well under a minute.
+test-fast: setup
+	$(PY) -m pytest -m fast
 
 # Prints a new admin API key, once, where the stack finds it (see README). Set-up
 # talks on stderr, so that KEY=$$(make -s key) holds the key alone.

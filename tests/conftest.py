@@ -1,8 +1,10 @@
 """Shared fixtures: real servers on ephemeral ports, real SQLite files, a real PostgreSQL.
 
 PostgreSQL and Redis are the machine's own (127.0.0.1:5432, 127.0.0.1:6379). Each
-test run works in a database of its own, dropped at the end. Without PostgreSQL the
-tests that need it skip with the reason, except under CI=true where they fail.
+test process (each pytest-xdist worker under `make test`) works in a database of its
+own, dropped at the end, and each test under a Redis key prefix of its own. Without
+PostgreSQL the tests that need it skip with the reason, except under CI=true where
+they fail.
 
 Fixtures only: the helpers they use, which test modules import too, are in
 tests/support/. The fixtures defined there beside their helpers (marked F401 below)
@@ -45,8 +47,10 @@ def _as_admin(statement: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
-    """A database of this test run's own on the machine's PostgreSQL."""
-    name = f"dh_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    """A database of this test process's own on the machine's PostgreSQL: under
+    pytest-xdist each worker has one, named after it (gw0, gw1, ...) and its pid."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"dh_test_{worker}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         _as_admin(f'CREATE DATABASE "{name}"')
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:

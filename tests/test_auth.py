@@ -38,6 +38,7 @@ WEAKER = {READ: [WRITE, EXECUTE], WRITE: [READ, EXECUTE], EXECUTE: [READ, WRITE]
 SERVED = {"devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService", "devops_hub.v1.WorkflowsService", "devops_hub.v1.EventsService"}
 
 
+@pytest.mark.fast
 def test_every_rpc_declares_its_scope():
     table = required_scopes()
     for service in discover_services():

@@ -518,6 +518,7 @@ async def test_keys_with_a_pending_invalidation_bypass_the_cache(
     assert sidecar.memory.get("agents:get:1") is None
 
 
+@pytest.mark.fast
 async def test_client_rejects_programming_errors() -> None:
     client = CacheClient("127.0.0.1:1", timeout=0.1)
     with pytest.raises(ValueError):

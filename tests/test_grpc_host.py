@@ -107,6 +107,7 @@ async def test_graceful_stop_finishes_in_flight_calls(host):
     await stopping
 
 
+@pytest.mark.fast
 def test_services_run_their_loop_on_uvloop():
     async def loop_type() -> type:
         return type(asyncio.get_running_loop())

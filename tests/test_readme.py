@@ -21,6 +21,7 @@ import subprocess
 from collections import Counter
 
 import httpx
+import pytest
 
 from gateway.errors import HTTP_STATUS
 from services.common.settings import Settings
@@ -80,6 +81,7 @@ def outcomes(stderr: str, kind: str) -> list[int]:
     return [int(code) for code in re.findall(rf"^@@{kind} (\d+)$", stderr, re.MULTILINE)]
 
 
+@pytest.mark.fast
 def test_the_walkthrough_reads_the_readme_blocks_in_order():
     text = "x\n```sh\none\n```\n<!-- not part of the walkthrough test: why -->\n```sh\nskipped\n```\n```sh\ntwo\n```\n"
     assert walkthrough_blocks(text) == ["one", "two"]
