@@ -30,10 +30,12 @@ run: setup
 
 # Everything, on TEST_WORKERS processes (pytest-xdist; each worker has a PostgreSQL
 # database of its own, and every test its own Redis prefix, ports and processes).
-# Work-stealing keeps both cores busy to the end whichever tests are slow.
+# More workers than cores: most of a test's time is waiting on the processes it
+# starts. The tests marked slow are handed out first (tests/conftest.py), one at a
+# time; an xdist_group keeps a module with a module-scoped stack on one worker.
 TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The fast tier, to run first: the tests marked `fast` (pure unit tests, no servers,
 # databases or subprocesses), in well under a minute.

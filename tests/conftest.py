@@ -45,6 +45,13 @@ def _as_admin(statement: str) -> None:
         pool.submit(asyncio.run, run()).result()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `slow` first: `make test` hands them out to its workers before
+    the short ones, so that the workers end together instead of one running a long
+    test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """A database of this test process's own on the machine's PostgreSQL: under

@@ -100,6 +100,7 @@ async def test_the_scope_table_over_grpc(secured):
         assert await call(stack, service, method, "dh_" + "x" * 43) == grpc.StatusCode.UNAUTHENTICATED, name
 
 
+@pytest.mark.slow
 async def test_the_scope_table_over_http(secured):
     stack, keys_stub = secured
     weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}

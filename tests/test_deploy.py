@@ -73,6 +73,7 @@ def test_the_promql_reader_finds_metric_names():
     }
 
 
+@pytest.mark.slow
 def test_every_metric_in_the_alerts_and_the_dashboard_is_exported_and_documented(tmp_path):
     needed = {name for rule in alert_rules() for name in metric_names(rule["expr"])}
     needed |= {name for expr in dashboard_exprs() for name in metric_names(expr)}

@@ -288,6 +288,7 @@ async def test_workflow_executions_and_steps_are_counted_by_status(sqlite_url):
 # --------------------------------------------------------------------------- several workers
 
 
+@pytest.mark.slow
 def test_metrics_add_up_across_worker_processes(tmp_path):
     """WORKERS=2 with PROMETHEUS_MULTIPROC_DIR: two processes per service on one port,
     and whichever answers a scrape gives the totals of both."""

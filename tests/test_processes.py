@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
 
+pytestmark = pytest.mark.slow
+
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
 
 

@@ -87,6 +87,7 @@ def test_the_walkthrough_reads_the_readme_blocks_in_order():
     assert walkthrough_blocks(text) == ["one", "two"]
 
 
+@pytest.mark.slow
 def test_every_readme_command_works_pasted_in_order(tmp_path):
     assert shutil.which("curl"), "the walkthrough needs curl"
     text = README.read_text()
@@ -107,6 +108,7 @@ def test_every_readme_command_works_pasted_in_order(tmp_path):
     assert outcomes(done.stderr, "grpc") == [0] * grpc_calls, report
 
 
+@pytest.mark.slow
 def test_the_launchers_hint_obtains_a_key_and_works(tmp_path):
     lines: list[str] = []
     # Auth on, as by default; make key finds the stack by AGENTS_ADDR, as the hint says.

@@ -143,6 +143,7 @@ def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bo
     return True
 
 
+@pytest.mark.slow
 def test_every_series_the_alerts_and_dashboard_select_exists_before_any_traffic(tmp_path, redis_url, redis_prefix):
     exprs = [rule["expr"] for rule in alert_rules()] + dashboard_exprs()
     # With Redis, since one alert selects the Redis backend's series (which a memory-only
