@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
+from services import launcher
 from tests.support import unavailable
 from tests.support.auth import secured  # noqa: F401
 from tests.support.cache import backend, sidecar, start_sidecar  # noqa: F401
@@ -43,6 +44,14 @@ def _as_admin(statement: str) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(asyncio.run, run()).result()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under `make test` the workers start launchers side by side, and a launcher that
+    finds no var/service.key writes one: the controller writes it first, so that no two
+    launchers race to write different keys (`make key` in test_readme reads the file)."""
+    if session.config.getoption("numprocesses", None) and not hasattr(session.config, "workerinput"):
+        launcher._local_service_key()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
