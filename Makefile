@@ -32,7 +32,8 @@ run: setup
 # database of its own, and every test its own Redis prefix, ports and processes).
 # More workers than cores: most of a test's time is waiting on the processes it
 # starts. The tests marked slow are handed out first (tests/conftest.py), one at a
-# time; an xdist_group keeps a module with a module-scoped stack on one worker.
+# time; an xdist_group keeps a module on one worker (a module-scoped stack, or the
+# fault runs of test_fault_coherence.py, one at a time as when run alone).
 TEST_WORKERS ?= 4
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup

@@ -16,7 +16,9 @@ from bench.cluster import Cluster, Unavailable
 from bench.coherence import FAULTS, Outcome, check
 from tests.support import unavailable
 
-pytestmark = pytest.mark.slow
+# One after another on one worker, as when run alone: each run loads its own cluster
+# to the full, and two at once would make each other's timing.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_coherence")]
 
 SETUPS = {
     "sqlite+memory": ("sqlite", False),
