@@ -31,9 +31,10 @@ run: setup
 # Everything, on TEST_WORKERS processes (pytest-xdist; each worker has a PostgreSQL
 # database of its own, and every test its own Redis prefix, ports and processes).
 # More workers than cores: most of a test's time is waiting on the processes it
-# starts. The tests marked slow are handed out first (tests/conftest.py), one at a
-# time; an xdist_group keeps a module on one worker (a module-scoped stack, or the
-# fault runs of test_fault_coherence.py, one at a time as when run alone).
+# starts. Tests are handed out one at a time, the ones marked slow first; the tests
+# of one xdist_group run on one worker, one after another: a module with a
+# module-scoped stack, the fault runs of test_fault_coherence.py, the tests on the
+# machine's Redis (tests/conftest.py, tests/support/xdist_groups.py).
 TEST_WORKERS ?= 4
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup

@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 
 from services import launcher
-from tests.support import unavailable
+from tests.support import unavailable, xdist_groups
 from tests.support.auth import secured  # noqa: F401
 from tests.support.cache import backend, sidecar, start_sidecar  # noqa: F401
 from tests.support.databases import PG_ADMIN_URL, fresh_schema, postgres_url
@@ -46,6 +46,19 @@ def _as_admin(statement: str) -> None:
         pool.submit(asyncio.run, run()).result()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    xdist_groups.name_the_file(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    xdist_groups.remove_the_file(config)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return xdist_groups.make_scheduler(config, log)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under `make test` the workers start launchers side by side, and a launcher that
     finds no var/service.key writes one: the controller writes it first, so that no two
@@ -54,11 +67,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         launcher._local_service_key()
 
 
+def _on_the_shared_redis(item: pytest.Item) -> bool:
+    """Whether the test uses the machine's Redis: its fixtures, or a `backend` parameter
+    of "redis" (tests/support/cache.py's fixture, test_auth's rate limits)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool({"redis_url", "redis_prefix"} & set(getattr(item, "fixturenames", ()))) or params.get("backend") == "redis"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests marked `slow` first: `make test` hands them out to its workers before
     the short ones, so that the workers end together instead of one running a long
-    test alone at the end."""
+    test alone at the end.
+
+    The tests on the machine's Redis run one at a time on one worker, as in a serial
+    run: Redis is single-threaded, and one test's 20,000 keys would make another's
+    250 ms Redis timeout (tests/support/cache.py) run out."""
+    for item in items:
+        if _on_the_shared_redis(item):
+            item.add_marker(pytest.mark.xdist_group("shared_redis"))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    xdist_groups.write_groups(items)
 
 
 @pytest.fixture(scope="session")
