@@ -79,13 +79,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     the short ones, so that the workers end together instead of one running a long
     test alone at the end.
 
-    The tests on the machine's Redis run one at a time on one worker, as in a serial
-    run: Redis is single-threaded, and one test's 20,000 keys would make another's
-    250 ms Redis timeout (tests/support/cache.py) run out."""
-    for item in items:
-        if _on_the_shared_redis(item):
-            item.add_marker(pytest.mark.xdist_group("shared_redis"))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    The tests on the machine's Redis last, one at a time on one worker, as in a serial
+    run, while the other workers run out of work: their Redis timeouts are 250 ms
+    (tests/support/cache.py), which a Redis busy with another test's 20,000 keys, or a
+    test process starved of CPU by the other workers, overruns."""
+    shared_redis = {item for item in items if _on_the_shared_redis(item)}
+    for item in shared_redis:
+        item.add_marker(pytest.mark.xdist_group("shared_redis"))
+    items.sort(key=lambda item: 2 if item in shared_redis else 0 if item.get_closest_marker("slow") else 1)
     xdist_groups.write_groups(items)
 
 
