@@ -1,6 +1,6 @@
 """`make test`'s scheduling (pytest-xdist, --dist loadgroup): the tests of one
 `xdist_group` run on one worker, one after another; every other test is handed out
-alone, the ones marked `slow` first.
+alone, in the order tests/conftest.py sorts them.
 
 pytest-xdist 3.8 groups tests by a suffix it appends to their node ids, which pytest 9
 no longer lets a plugin change: its own loadgroup then groups nothing. So the workers
@@ -49,7 +49,7 @@ def write_groups(items: list[pytest.Item]) -> None:
 
 class MarkedGroups(LoadScopeScheduling):
     """One scope per xdist_group, one per test otherwise; scopes in collection order
-    (the slow tests first), not largest first."""
+    (as tests/conftest.py sorts it), not largest first."""
 
     def __init__(self, config: pytest.Config, log: Any = None) -> None:
         super().__init__(config, log)
