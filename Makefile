@@ -33,8 +33,8 @@ run: setup
 # More workers than cores: most of a test's time is waiting on the processes it
 # starts. Tests are handed out one at a time, the ones marked slow first; the tests
 # of one xdist_group run on one worker, one after another: a module with a
-# module-scoped stack, the fault runs of test_fault_coherence.py, the tests on the
-# machine's Redis, last (tests/conftest.py, tests/support/xdist_groups.py).
+# module-scoped stack, and the tests on the machine's Redis, last (tests/conftest.py,
+# tests/support/xdist_groups.py).
 TEST_WORKERS ?= 4
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup

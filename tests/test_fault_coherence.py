@@ -16,9 +16,7 @@ from bench.cluster import Cluster, Unavailable
 from bench.coherence import FAULTS, Outcome, check
 from tests.support import unavailable
 
-# One after another on one worker, as when run alone: each run loads its own cluster
-# to the full, and two at once would make each other's timing.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_coherence")]
+pytestmark = pytest.mark.slow
 
 SETUPS = {
     "sqlite+memory": ("sqlite", False),
