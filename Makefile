@@ -9,7 +9,7 @@ CLIENT := clients/python
 STUBS  := $(CLIENT)/devops_hub/v1
 DIST   ?= dist
 
-.PHONY: setup protos run test bench bench-cache lint clean key ghz loadtest dist
+.PHONY: setup protos run test test-fast bench bench-cache lint clean key ghz loadtest dist
 
 setup: $(VENV)/.installed protos
 
@@ -42,8 +42,21 @@ dist: setup
 run: setup
 	$(PY) -m services.launcher
 
+# Everything, on TEST_WORKERS processes (pytest-xdist; each worker has a PostgreSQL
+# database of its own, and every test its own Redis prefix, ports and processes).
+# More workers than cores: most of a test's time is waiting on the processes it
+# starts. Tests are handed out one at a time, the ones marked slow first; the tests
+# of one xdist_group run on one worker, one after another: a module with a
+# module-scoped stack, and the tests on the machine's Redis, last (tests/conftest.py,
+# tests/support/xdist_groups.py).
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The fast tier, to run first: the tests marked `fast` (pure unit tests, no servers,
+# databases or subprocesses), in well under a minute.
+test-fast: setup
+	$(PY) -m pytest -m fast
 
 # Prints a new admin API key, once, where the stack finds it (see README). Set-up
 # talks on stderr, so that KEY=$$(make -s key) holds the key alone.

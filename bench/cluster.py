@@ -232,6 +232,10 @@ class Cluster:
             "RATE_LIMIT_REQUESTS": "0",
             "RATE_LIMIT_EXECUTE_REQUESTS": "0",
             "OTEL_SDK_DISABLED": "true",
+            # No metrics endpoints: on their fixed ports the agents processes would
+            # collide with each other, and with any other cluster or stack running.
+            "AGENTS_METRICS_PORT": "0",
+            "CACHE_METRICS_PORT": "0",
             **self.settings,
         }
         try:

@@ -1,8 +1,10 @@
 """Shared fixtures: real servers on ephemeral ports, real SQLite files, a real PostgreSQL.
 
 PostgreSQL and Redis are the machine's own (127.0.0.1:5432, 127.0.0.1:6379). Each
-test run works in a database of its own, dropped at the end. Without PostgreSQL the
-tests that need it skip with the reason, except under CI=true where they fail.
+test process (each pytest-xdist worker under `make test`) works in a database of its
+own, dropped at the end, and each test under a Redis key prefix of its own. Without
+PostgreSQL the tests that need it skip with the reason, except under CI=true where
+they fail.
 
 Fixtures only: the helpers they use, which test modules import too, are in
 tests/support/. The fixtures defined there beside their helpers (marked F401 below)
@@ -20,7 +22,8 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from tests.support import unavailable
+from services import launcher
+from tests.support import unavailable, xdist_groups
 from tests.support.auth import secured  # noqa: F401
 from tests.support.cache import backend, sidecar, start_sidecar  # noqa: F401
 from tests.support.databases import PG_ADMIN_URL, fresh_schema, postgres_url
@@ -43,10 +46,56 @@ def _as_admin(statement: str) -> None:
         pool.submit(asyncio.run, run()).result()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    xdist_groups.name_the_file(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    xdist_groups.remove_the_file(config)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return xdist_groups.make_scheduler(config, log)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under `make test` the workers start launchers side by side, and a launcher that
+    finds no var/service.key writes one: the controller writes it first, so that no two
+    launchers race to write different keys (`make key` in test_readme reads the file)."""
+    if session.config.getoption("numprocesses", None) and not hasattr(session.config, "workerinput"):
+        launcher._local_service_key()
+
+
+def _on_the_shared_redis(item: pytest.Item) -> bool:
+    """Whether the test uses the machine's Redis: its fixtures, or a `backend` parameter
+    of "redis" (tests/support/cache.py's fixture, test_auth's rate limits)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool({"redis_url", "redis_prefix"} & set(getattr(item, "fixturenames", ()))) or params.get("backend") == "redis"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `slow` first: `make test` hands them out to its workers before
+    the short ones, so that the workers end together instead of one running a long
+    test alone at the end.
+
+    The tests on the machine's Redis last, one at a time on one worker, as in a serial
+    run, while the other workers run out of work: their Redis timeouts are 250 ms
+    (tests/support/cache.py), which a Redis busy with another test's 20,000 keys, or a
+    test process starved of CPU by the other workers, overruns."""
+    shared_redis = {item for item in items if _on_the_shared_redis(item)}
+    for item in shared_redis:
+        item.add_marker(pytest.mark.xdist_group("shared_redis"))
+    items.sort(key=lambda item: 2 if item in shared_redis else 0 if item.get_closest_marker("slow") else 1)
+    xdist_groups.write_groups(items)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
-    """A database of this test run's own on the machine's PostgreSQL."""
-    name = f"dh_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    """A database of this test process's own on the machine's PostgreSQL: under
+    pytest-xdist each worker has one, named after it (gw0, gw1, ...) and its pid."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"dh_test_{worker}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         _as_admin(f'CREATE DATABASE "{name}"')
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:

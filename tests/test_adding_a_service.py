@@ -29,6 +29,9 @@ import pytest
 
 from tests.support import ROOT
 
+# One worker runs the module: the new service's stack is module-scoped.
+pytestmark = pytest.mark.xdist_group("adding_a_service")
+
 SCENARIO = ROOT / "tests" / "support" / "new_service"
 SERVICE = "devops_hub.v1.ReportsService"
 

@@ -38,6 +38,7 @@ WEAKER = {READ: [WRITE, EXECUTE], WRITE: [READ, EXECUTE], EXECUTE: [READ, WRITE]
 SERVED = {"devops_hub.v1.AgentsService", "devops_hub.v1.ApiKeysService", "devops_hub.v1.WorkflowsService", "devops_hub.v1.EventsService"}
 
 
+@pytest.mark.fast
 def test_every_rpc_declares_its_scope():
     table = required_scopes()
     for service in discover_services():
@@ -99,6 +100,7 @@ async def test_the_scope_table_over_grpc(secured):
         assert await call(stack, service, method, "dh_" + "x" * 43) == grpc.StatusCode.UNAUTHENTICATED, name
 
 
+@pytest.mark.slow
 async def test_the_scope_table_over_http(secured):
     stack, keys_stub = secured
     weaker_keys = {scope: await new_key(keys_stub, *others) for scope, others in WEAKER.items()}

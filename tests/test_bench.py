@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench import cpu, load
 from bench.run import module_of, own_time
 
@@ -30,6 +32,7 @@ Error distribution:
 """
 
 
+@pytest.mark.fast
 def test_hey_figures_count_every_answer_but_a_200_as_an_error():
     figures = load.hey_figures(HEY_OUTPUT, requested=10_002)
     assert figures.requests == 10_000 and round(figures.rps) == 2426
@@ -58,6 +61,7 @@ def test_a_process_is_named_by_the_module_it_runs():
         child.wait()
 
 
+@pytest.mark.fast
 def test_py_spy_stacks_become_own_time_shares():
     raw = "main;serve;send 30\nmain;serve;call 10\nmain;render;send 10\n"
     assert own_time(raw, 2) == [("send", 0.8), ("call", 0.2)]

@@ -162,6 +162,7 @@ async def test_no_layer_keeps_a_value_loaded_before_a_write(start_sidecar: Start
         assert StringValue.FromString(got.entry.value).value == "new"
 
 
+@pytest.mark.fast
 def test_near_fills_that_raced_an_invalidation_are_refused() -> None:
     """Values carry the log position they were read at: one read before an
     invalidation of its key (or before the stream went live) never lands."""
@@ -181,6 +182,7 @@ def test_near_fills_that_raced_an_invalidation_are_refused() -> None:
     assert len(near) == 0 and near.put("agents:get:2", "ct", b"v", False, 60, 9) is False
 
 
+@pytest.mark.fast
 def test_the_near_cache_is_bounded() -> None:
     near = NearCache(max_entries=3, max_bytes=1600)
     near.go_live(0)
@@ -235,6 +237,7 @@ def key_of(function, *args, **kwargs) -> str:
     return KeyBuilder("t:f", inspect.signature(function)).key(args, kwargs)
 
 
+@pytest.mark.fast
 def test_keys_are_readable_for_scalars_and_distinguish_types() -> None:
     def f(a, b=None):
         return a
@@ -248,6 +251,7 @@ def test_keys_are_readable_for_scalars_and_distinguish_types() -> None:
     assert encode_part(dt.date(2024, 1, 2)) == "t=2024-01-02"
 
 
+@pytest.mark.fast
 def test_keys_of_structured_arguments_are_deterministic() -> None:
     def f(request):
         return request
@@ -263,6 +267,7 @@ def test_keys_of_structured_arguments_are_deterministic() -> None:
     assert len(key_of(f, "x" * 5000)) < 100  # too long to be readable: hashed
 
 
+@pytest.mark.fast
 def test_keys_refuse_types_they_cannot_encode_faithfully() -> None:
     def f(thing):
         return thing
@@ -280,6 +285,7 @@ def test_keys_refuse_types_they_cannot_encode_faithfully() -> None:
     assert key_of(f, Tenant("a")) == key_of(f, Tenant("a")) != key_of(f, Tenant("b"))
 
 
+@pytest.mark.fast
 def test_methods_are_keyed_without_self() -> None:
     class Service:
         def get(self, agent_id: str) -> str:
@@ -357,6 +363,7 @@ async def test_the_manager_api(manager: CacheManager) -> None:
     assert await manager.get("reports:title", codec=TEXT) is None
 
 
+@pytest.mark.fast
 def test_cached_refuses_what_it_cannot_encode() -> None:
     with pytest.raises(TypeError, match="codec"):
 

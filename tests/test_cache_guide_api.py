@@ -96,6 +96,7 @@ async def test_the_guides_manager_as_written(guide_cache: CacheManager) -> None:
     assert sidecar is not None and sidecar.sets >= 1
 
 
+@pytest.mark.fast
 def test_missing_credentials_fail_at_start() -> None:
     settings = Settings(cache_addr="127.0.0.1:1", auth_enabled=True, service_api_key="")
     with pytest.raises(CacheCredentialsError, match="SERVICE_API_KEY"):

@@ -15,6 +15,8 @@ from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
 from services.common.errors import InvalidArgument
 from tests.support.cache import FakeClock
 
+pytestmark = pytest.mark.fast
+
 
 def store(clock: FakeClock | None = None, **overrides) -> MemoryStore:
     """A store with a position in the invalidation log (0, as for an empty log), so it

@@ -100,6 +100,7 @@ async def fill(store: RedisStore, key: str, value: bytes = b"v", **options) -> b
 # --- layout ------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("key", ["agents:get:42", "agents", "agents:list:{json}:x", "ns:[*?]:\\"])
 def test_an_entry_and_its_generation_hash_share_a_cluster_slot(key: str) -> None:
     layout = KeyLayout("dh:")
@@ -109,12 +110,14 @@ def test_an_entry_and_its_generation_hash_share_a_cluster_slot(key: str) -> None
     assert layout.logical_key(data) == key
 
 
+@pytest.mark.fast
 def test_namespaces_spread_over_slots() -> None:
     layout = KeyLayout("dh:")
     slots = {cluster_slot(layout.data_key(f"ns{i}:get:1")) for i in range(100)}
     assert len(slots) > 90  # one namespace is one slot; many namespaces use many
 
 
+@pytest.mark.fast
 def test_the_key_prefix_cannot_break_hash_tags() -> None:
     with pytest.raises(ValueError):
         KeyLayout("dh:{x}:")

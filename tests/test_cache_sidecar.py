@@ -648,6 +648,7 @@ async def test_this_process_never_serves_what_its_own_write_made_stale(
     assert again.calls == 1
 
 
+@pytest.mark.fast
 async def test_client_rejects_programming_errors() -> None:
     client = CacheClient("127.0.0.1:1", timeout=0.1)
     with pytest.raises(ValueError):

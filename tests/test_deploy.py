@@ -63,6 +63,7 @@ def label_regexes(exprs: list[str], label: str, operator: str) -> set[str]:
 # --------------------------------------------------------------------------- alert rules and dashboard
 
 
+@pytest.mark.fast
 def test_the_promql_reader_finds_metric_names():
     assert metric_names(
         'histogram_quantile(0.95, sum by (job, le) (rate(grpc_server_handling_seconds_bucket{grpc_type="unary"}[5m]))) > 0.1'
@@ -73,6 +74,7 @@ def test_the_promql_reader_finds_metric_names():
     }
 
 
+@pytest.mark.slow
 def test_every_metric_in_the_alerts_and_the_dashboard_is_exported_and_documented(tmp_path):
     needed = {name for rule in alert_rules() for name in metric_names(rule["expr"])}
     needed |= {name for expr in dashboard_exprs() for name in metric_names(expr)}
@@ -106,6 +108,7 @@ def test_every_metric_in_the_alerts_and_the_dashboard_is_exported_and_documented
     assert not undocumented, f"exported but not in docs/observability.md: {sorted(undocumented)}"
 
 
+@pytest.mark.fast
 def test_alerts_cover_each_target_at_its_thresholds():
     rules = {rule["alert"]: rule for rule in alert_rules()}
     for rule in rules.values():
@@ -128,6 +131,7 @@ def test_alerts_cover_each_target_at_its_thresholds():
         assert rules[name]["labels"]["severity"] == expected, name
 
 
+@pytest.mark.fast
 def test_latency_excludes_exactly_the_streaming_routes_and_errors_are_the_server_codes():
     exprs = [rule["expr"] for rule in alert_rules()] + dashboard_exprs()
     (streaming,) = label_regexes(exprs, "route", "!~")
@@ -138,6 +142,7 @@ def test_latency_excludes_exactly_the_streaming_routes_and_errors_are_the_server
     assert label_regexes(exprs, "grpc_type", "=") == {"unary"}
 
 
+@pytest.mark.fast
 def test_the_dashboard_has_a_panel_per_target_on_the_provisioned_datasource():
     board = dashboard()
     titles = [panel["title"] for panel in board["panels"]]
@@ -163,6 +168,7 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
 
+@pytest.mark.fast
 def test_compose_runs_every_part_with_the_code_s_ports_and_settings():
     services = compose()["services"]
     assert {"postgres", "redis", "cache", "agents", "workflows", "gateway", "prometheus", "grafana", "jaeger"} <= set(services)
@@ -200,6 +206,7 @@ def test_compose_runs_every_part_with_the_code_s_ports_and_settings():
         assert (DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]).is_file()
 
 
+@pytest.mark.fast
 def test_compose_prometheus_scrapes_every_part_and_mounts_what_exists():
     services = compose()["services"]
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -225,6 +232,7 @@ def test_compose_prometheus_scrapes_every_part_and_mounts_what_exists():
 # --------------------------------------------------------------------------- Dockerfile
 
 
+@pytest.mark.fast
 def test_the_dockerfile_is_multi_stage_non_root_and_copies_what_exists():
     text = (DEPLOY / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.MULTILINE | re.IGNORECASE)
@@ -277,6 +285,7 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
+@pytest.mark.fast
 def test_every_manifest_parses_and_is_listed():
     listed = set(yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())["resources"])
     on_disk = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
@@ -288,6 +297,7 @@ def test_every_manifest_parses_and_is_listed():
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "Secret"} <= kinds
 
 
+@pytest.mark.fast
 def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
     objects = k8s_objects()
     deployments = by_kind(objects, "Deployment")
@@ -384,6 +394,7 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
         assert budget["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.fast
 def test_kubernetes_prometheus_scrapes_the_ports_the_pods_name():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
     (job,) = config["scrape_configs"]
@@ -415,6 +426,7 @@ GHZ_KEYS = {
 }
 
 
+@pytest.mark.fast
 def test_there_is_a_ghz_config_per_main_rpc_aimed_at_the_default_address():
     configs = ghz_configs()
     calls = {config["call"] for config in configs.values()}
@@ -468,6 +480,7 @@ def _reflect(address: str, call: str):
         return pool.FindServiceByName(service).methods_by_name[method]
 
 
+@pytest.mark.fast
 def test_loadtest_prints_ghz_reports_in_its_own_shape(tmp_path):
     report = tmp_path / "get_agent.json"
     report.write_text(json.dumps({

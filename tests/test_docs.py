@@ -7,7 +7,11 @@ import itertools
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.fast
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -71,3 +75,29 @@ def test_the_files_and_tests_the_documents_name_exist():
 def test_the_slugs_and_brace_expansion():
     assert slug("Adding an RPC") == "adding-an-rpc" and slug("Caching (the heart of it)") == "caching-the-heart-of-it"
     assert expand("m/{postgresql,sqlite}/") == ["m/postgresql/", "m/sqlite/"]
+
+
+def marked_fast(file: str, test: str) -> bool:
+    """Whether `make test-fast` runs the test (or, with no test named, some test of the
+    module): its module is marked `fast`, or it is, among the decorators above it."""
+    text = (ROOT / file).read_text()
+    if re.search(r"^pytestmark = pytest\.mark\.fast$", text, re.MULTILINE):
+        return True
+    if not test:
+        return "@pytest.mark.fast\n" in text
+    decorators = re.search(rf"((?:^@.*\n)*)^(?:async )?def {re.escape(test)}\(", text, re.MULTILINE)
+    return decorators is not None and "@pytest.mark.fast\n" in decorators.group(1)
+
+
+def test_the_tests_where_a_change_goes_says_to_run_first_are_in_the_fast_tier():
+    design = (ROOT / "docs" / "design.md").read_text()
+    section = design.split("## Where a change goes", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in section.splitlines() if line.startswith("| ")]
+    header, rows = rows[0], rows[1:]
+    column = header.index("first, in the fast tier")
+    without = [row[0] for row in rows if len(row) <= column]
+    assert not without, f"rows without a fast-tier cell: {without}"
+    named = {path for row in rows for path in CODE_PATH.findall(row[column]) if path.startswith("tests/")}
+    assert named, "the fast-tier column names no test"
+    slow = [path for path in sorted(named) if not marked_fast(*path.partition("::")[::2])]
+    assert not slow, f"named to run first, but not marked fast: {slow}"

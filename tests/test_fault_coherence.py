@@ -16,6 +16,8 @@ from bench.cluster import Cluster, Unavailable
 from bench.coherence import FAULTS, Outcome, check
 from tests.support import unavailable
 
+pytestmark = pytest.mark.slow
+
 SETUPS = {
     "sqlite+memory": ("sqlite", False),
     "postgresql+redis": ("postgresql", True),

@@ -12,6 +12,8 @@ from services.common.api import backend_of, discover_services
 from services.common.errors import InvalidArgument
 from services.common.request_checks import check_request
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(
     ("request_message", "fields"),

@@ -23,6 +23,8 @@ from services.common.channels import service_address
 from services.common.settings import Settings
 from tests.support.api import BACKEND_OF_SERVICE
 
+pytestmark = pytest.mark.fast
+
 # --------------------------------------------------------------------------- templates
 
 

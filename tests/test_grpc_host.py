@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -23,7 +24,15 @@ from tests.support.processes import process_env, read_until, spawned
 SLOW_METHOD = "/test.Slow/Sleep"
 
 
-def _register_slow(release: asyncio.Event):
+@dataclass
+class SlowCalls:
+    """A slow call waits for `release`; `arrived` is set once one has reached the server."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _register_slow(calls: SlowCalls):
     async def sleep(request: bytes, context) -> bytes:
         if request == b"missing":
             raise NotFound("no such thing", reason="THING_NOT_FOUND")
@@ -31,7 +40,8 @@ def _register_slow(release: asyncio.Event):
             raise RuntimeError("secret internals")
         if request == b"not yet":
             raise NotImplementedError("what a generated servicer raises for a method it lacks")
-        await release.wait()
+        calls.arrived.set()
+        await calls.release.wait()
         return b"done:" + request
 
     handler = grpc.method_handlers_generic_handler(
@@ -46,13 +56,13 @@ def _register_slow(release: asyncio.Event):
 
 @pytest.fixture
 async def host():
-    release = asyncio.Event()
+    calls = SlowCalls()
     host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
-    host.add(_register_slow(release), None, "test.Slow")
+    host.add(_register_slow(calls), None, "test.Slow")
     port = await host.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield host, channel, release
-    release.set()
+    yield host, channel, calls
+    calls.release.set()
     await channel.close()
     await host.stop(0)
 
@@ -95,21 +105,22 @@ async def test_a_method_the_servicer_lacks_is_unimplemented_not_an_error(host, c
 
 
 async def test_graceful_stop_finishes_in_flight_calls(host):
-    server, channel, release = host
+    server, channel, calls = host
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
     in_flight = asyncio.ensure_future(channel.unary_unary(SLOW_METHOD)(b"x"))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(calls.arrived.wait(), 10)
     stopping = asyncio.ensure_future(server.stop(grace=5))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
-    release.set()
+    calls.release.set()
     assert await in_flight == b"done:x"
     await stopping
 
 
+@pytest.mark.fast
 def test_services_run_their_loop_on_uvloop():
     async def loop_type() -> type:
         return type(asyncio.get_running_loop())

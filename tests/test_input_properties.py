@@ -34,6 +34,10 @@ from tests.support.api import BACKEND_OF_SERVICE
 from tests.support.databases import fresh_schema
 from tests.support.stack import gateway_client, make_settings, running_stack
 
+# One worker runs the module (its stacks are module-scoped, one per engine), early:
+# together its tests take as long as the slowest test.
+pytestmark = [pytest.mark.xdist_group("input_properties"), pytest.mark.slow]
+
 # Codes that blame the server (HTTP 5xx). DEADLINE_EXCEEDED is the caller's own deadline.
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
                  grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE}

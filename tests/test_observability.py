@@ -288,6 +288,7 @@ async def test_workflow_executions_and_steps_are_counted_by_status(sqlite_url):
 # --------------------------------------------------------------------------- several workers
 
 
+@pytest.mark.slow
 def test_metrics_add_up_across_worker_processes(tmp_path):
     """WORKERS=2 with PROMETHEUS_MULTIPROC_DIR: two processes per service on one port,
     and whichever answers a scrape gives the totals of both."""
@@ -520,6 +521,7 @@ def test_spans_are_exported_over_otlp_http_when_asked():
     assert ("edge", "INSERT events") in _exported(request for _, request in received)
 
 
+@pytest.mark.fast
 def test_an_unknown_otlp_protocol_is_refused():
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         tracing.configure(Settings(otel_exporter_otlp_endpoint="http://collector:4317", otel_exporter_otlp_protocol="thrift"), "agents")
@@ -551,6 +553,7 @@ async def test_json_logs_carry_the_request_id_and_the_trace_id(spans):
     assert line["span_id"] == format(served.context.span_id, "016x")
 
 
+@pytest.mark.fast
 def test_log_configuration_follows_the_settings():
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import pytest
+
 from tests.support import ROOT
 from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
+
+pytestmark = pytest.mark.slow
 
 EXCLUDED_OPERATIONS = r"^(ApiKeysService_RevokeApiKey|EventsService_StreamEvents|WorkflowsService_WatchExecution)$"
 

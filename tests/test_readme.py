@@ -21,6 +21,7 @@ import subprocess
 from collections import Counter
 
 import httpx
+import pytest
 
 from gateway.errors import HTTP_STATUS
 from services.common.settings import Settings
@@ -81,11 +82,13 @@ def outcomes(stderr: str, kind: str) -> list[int]:
     return [int(code) for code in re.findall(rf"^@@{kind} (\d+)$", stderr, re.MULTILINE)]
 
 
+@pytest.mark.fast
 def test_the_walkthrough_reads_the_readme_blocks_in_order():
     text = "x\n```sh\none\n```\n<!-- not part of the walkthrough test: why -->\n```sh\nskipped\n```\n```sh\ntwo\n```\n"
     assert walkthrough_blocks(text) == ["one", "two"]
 
 
+@pytest.mark.slow
 def test_every_readme_command_works_pasted_in_order(tmp_path):
     assert shutil.which("curl"), "the walkthrough needs curl"
     text = README.read_text()
@@ -108,6 +111,7 @@ def test_every_readme_command_works_pasted_in_order(tmp_path):
     assert outcomes(done.stderr, "cli") == [0] * cli_calls, report
 
 
+@pytest.mark.slow
 def test_the_launchers_hint_obtains_a_key_and_works(tmp_path):
     lines: list[str] = []
     # Auth on, as by default; make key finds the stack by AGENTS_ADDR, as the hint says.

@@ -14,6 +14,7 @@ import re
 
 import grpc
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
@@ -142,6 +143,7 @@ def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bo
     return True
 
 
+@pytest.mark.slow
 def test_every_series_the_alerts_and_dashboard_select_exists_before_any_traffic(tmp_path, redis_url, redis_prefix):
     exprs = [rule["expr"] for rule in alert_rules()] + dashboard_exprs()
     # With Redis, since one alert selects the Redis backend's series (which a memory-only
@@ -163,6 +165,7 @@ def test_every_series_the_alerts_and_dashboard_select_exists_before_any_traffic(
     assert namespaces == set(SERVICE_NAMESPACES)
 
 
+@pytest.mark.fast
 def test_the_selector_reader_reads_names_and_matchers():
     assert selectors('sum(rate(grpc_server_handled_total{grpc_code=~"UNKNOWN|INTERNAL", grpc_type="unary"}[5m])) / up') == [
         ("grpc_server_handled_total", [("grpc_code", "=~", "UNKNOWN|INTERNAL"), ("grpc_type", "=", "unary")]),

@@ -21,6 +21,8 @@ from tests.support import ROOT
 from tests.support.processes import read_until, spawned
 from tests.support.stack import create_builtin_agents, make_settings, running_stack
 
+pytestmark = pytest.mark.slow
+
 Execution = workflows_pb2.Execution
 
 LONG = json_format.ParseDict(

@@ -7,6 +7,7 @@ workflows service and gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -198,21 +199,27 @@ async def test_watch_and_event_streams_see_every_transition_in_order(hub):
     })
     live: list[dict] = []
 
-    async def follow_stream(ready: asyncio.Event) -> None:
+    async def follow_stream(subscribed: asyncio.Event) -> None:
         async with hub.stream("GET", "/api/events:stream", params={"source": "workflows"}, timeout=20) as response:
-            ready.set()
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     event = json.loads(line[6:])
+                    if event["type"] == "probe":
+                        subscribed.set()
                     if event["type"].startswith(("execution.", "step.")):
                         live.append(event)
                     if event["type"] == "execution.succeeded":
                         return
 
-    ready = asyncio.Event()
-    streaming = asyncio.create_task(follow_stream(ready))
-    await ready.wait()
-    await asyncio.sleep(0.2)  # the stream's subscription is in place
+    # Probes until the stream shows one: from then on its subscription is surely in place.
+    subscribed = asyncio.Event()
+    streaming = asyncio.create_task(follow_stream(subscribed))
+    deadline = time.monotonic() + 20
+    while not subscribed.is_set():
+        assert time.monotonic() < deadline and not streaming.done(), "the stream never delivered a probe"
+        await hub.post("/api/events", json={"type": "probe", "source": "workflows"})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(subscribed.wait(), 0.5)
     started = await execute(hub, "chain")
     watched = [event async for event in sse(hub, f"/api/executions/{started['id']}:watch", until="execution.succeeded")]
     await asyncio.wait_for(streaming, 20)

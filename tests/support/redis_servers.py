@@ -62,8 +62,9 @@ def redis_url() -> str:
 
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own; everything under it is removed afterwards."""
-    prefix = f"dhtest:{uuid.uuid4().hex}:"
+    """A key prefix of this test's own, naming its pytest-xdist worker; everything under
+    it is removed afterwards."""
+    prefix = f"dhtest:{os.environ.get('PYTEST_XDIST_WORKER', 'main')}:{uuid.uuid4().hex}:"
     yield prefix
     unlink_prefix(redis_url, prefix)
 
