@@ -317,6 +317,8 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies_up_to_the_rig
         # TRUSTED_PROXIES narrows who may vouch; loopback is not 10.9.9.9.
         ("10.9.9.9/32", SERVICE_KEY, False),
     ],
+    # Named, not by the key (a new one each run): pytest-xdist's workers must collect the same ids.
+    ids=["no-key", "another-key", "the-services-key", "the-services-key-from-an-untrusted-proxy"],
 )
 async def test_services_believe_forwarded_for_only_on_calls_vouched_by_the_services_key(
     sqlite_url, trusted, vouching, separate_buckets
