@@ -286,7 +286,9 @@ def test_reads_route_around_a_frozen_worker(tmp_path):
     env = process_env(tmp_path)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    env.update(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    # 16 connections per address: the kernel hands each to a worker at random, and
+    # with the default 4 one worker is left without any one run in eight.
+    env.update(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), GRPC_CONNECTIONS="16")
     with spawned("services.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         agents = sorted(int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "launcher: agents service" in line)
