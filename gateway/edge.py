@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from starlette.responses import Response
 
 from gateway.conditional import none_match
-from gateway.edge_cache import EdgeCache, EdgeKey, cacheable, invalidated
+from gateway.edge_cache import EdgeCache, EdgeKey, cacheable, write_of
 from gateway.errors import GatewayError
 from gateway.hardening import add_rate_limit_headers
 from gateway.json_body import JSON_MEDIA_TYPE
@@ -121,7 +121,7 @@ class Edge:
 
     def written(self, trailers: Iterable[tuple[str, object]]) -> None:
         """A write through this gateway: exactly the answers it made stale go now."""
-        write = invalidated(trailers)
+        write = write_of(trailers)
         if write is not None:
             position, patterns = write
             for pattern in patterns:

@@ -79,7 +79,7 @@ def cacheable(trailers: Iterable[tuple[str, object]]) -> Said | None:
     return Said(max_age, keys, version) if max_age > 0 and keys and version is not None else None
 
 
-def invalidated(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | None:
+def write_of(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | None:
     """(log position, patterns) of a write's answer, if it made anything stale."""
     for name, value in trailers or ():
         if name == CACHE_INVALIDATED and isinstance(value, str):

@@ -209,7 +209,7 @@ async def test_an_invalidation_from_outside_the_log_removes_at_once_and_refuses_
     if pattern == "delete":
         assert await store.delete("agents:get:1") is True
     else:
-        assert await store.invalidate_many([pattern]) >= 1
+        assert await store.remove([pattern]) >= 1
     assert (await store.get("agents:get:1")).entry is None
     # Removed physically (a tombstone where the key was named exactly), not only hidden.
     raw = await inspector.get(store.layout.data_key("agents:get:1"))
@@ -349,7 +349,7 @@ async def test_a_glob_scans_and_unlinks_in_batches_never_keys(private_store) -> 
         await redis_store.set_many([NewEntry(f"bulk:{i}:a", b"x", "") for i in range(start, start + 1000)])
     await redis_store.set_many([NewEntry(f"bulk:{i}:b", b"x", "") for i in range(10)])
     before = await command_calls(inspector)
-    assert await redis_store.invalidate_many(["bulk:*:a"]) == 3000
+    assert await redis_store.remove(["bulk:*:a"]) == 3000
     ran = calls_between(before, await command_calls(inspector))
     assert "keys" not in ran and ran["scan"] >= 3 and 3 <= ran["unlink"] <= 4  # batches of at most 1000
     assert len(await redis_store.get_many([f"bulk:{i}:b" for i in range(10)])) == 10

@@ -14,7 +14,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
-from gateway.edge_cache import EdgeCache, Said, cacheable, invalidated
+from gateway.edge_cache import EdgeCache, Said, cacheable, write_of
 from services.agents.server import build as build_agents
 from services.cache_sidecar.server import build as build_sidecar
 from services.common.auth import keys
@@ -299,5 +299,5 @@ def test_entries_are_bounded_and_dropped_by_any_pattern_matching_a_surrogate_key
     cache.go_live(6)
     assert len(cache) == 0
     # A write's answer names its position and patterns; past the metadata bound, "*".
-    assert invalidated([("cache-invalidated", "7 agents:get:a agents:list:*")]) == (7, ["agents:get:a", "agents:list:*"])
-    assert invalidated([("cache-invalidated", "8 *")]) == (8, ["*"])
+    assert write_of([("cache-invalidated", "7 agents:get:a agents:list:*")]) == (7, ["agents:get:a", "agents:list:*"])
+    assert write_of([("cache-invalidated", "8 *")]) == (8, ["*"])

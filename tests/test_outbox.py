@@ -110,7 +110,7 @@ async def test_a_write_that_fails_after_its_statements_rolls_everything_back(sta
     with pytest.raises(RuntimeError):
         async with Outbox(db, stack.agents.cache, stack.agents.relay, "agents").write() as write:
             await AgentRepository(db).insert(write.tx, [new_agent("doomed")], write.time)
-            write.invalidate("agents:get:agent-doomed")
+            write.made_stale("agents:get:agent-doomed")
             write.emit("agent.created", "agent-doomed", {"agent_id": "agent-doomed"})
             raise RuntimeError("the use case failed after its statements")
     assert await AgentRepository(db).get("agent-doomed") is None

@@ -57,7 +57,7 @@ class Agents:
         _check_filters(_discover_filter(request))
         return await self._discovery(request)
 
-    # The cached reads: keys from their arguments, invalidated by _made_stale().
+    # The cached reads: keys from their arguments, write_of by _made_stale().
 
     @cached(method=_METHODS["GetAgent"], key_prefix="agents:get")
     async def _stored(self, agent_id: str) -> Agent | None:
@@ -117,7 +117,7 @@ class Agents:
         async with self._outbox.write() as write:
             await idempotency.claim(write.tx)
             created = await self._repository.insert(write.tx, new_agents, write.time)
-            write.invalidate(*_made_stale(*(a.id for a in created)))
+            write.made_stale(*_made_stale(*(a.id for a in created)))
             for agent in created:
                 write.emit("agent.created", agent.id, {"agent_id": agent.id, "domain": agent.domain})
             reply = answer(created)
@@ -138,7 +138,7 @@ class Agents:
         async with self._outbox.write() as write:
             updated = await self._repository.update(write.tx, agent.id, changes, fields, expected, write.time)
             if updated is not None:
-                write.invalidate(*_made_stale(agent.id))
+                write.made_stale(*_made_stale(agent.id))
                 write.emit("agent.updated", agent.id, {"agent_id": agent.id, "fields": list(fields)})
         if updated is None:
             await self._raise_missing_or_stale(agent.id, agent.etag)
@@ -148,7 +148,7 @@ class Agents:
         async with self._outbox.write() as write:
             deleted = await self._repository.delete(write.tx, agent_id, _expected_revision(etag))
             if deleted:
-                write.invalidate(*_made_stale(agent_id))
+                write.made_stale(*_made_stale(agent_id))
                 write.emit("agent.deleted", agent_id, {"agent_id": agent_id})
         if not deleted:
             await self._raise_missing_or_stale(agent_id, etag)

@@ -106,7 +106,7 @@ class CacheEntries:
             raise invalid_fields(violations)
         patterns = [pattern for _, pattern in named]
         try:
-            removed = await self._store.invalidate_many(patterns)
+            removed = await self._store.remove(patterns)
         finally:
             # Even if a store failure cut the list short: an extra invalidation only
             # costs near-caches a miss.

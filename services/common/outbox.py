@@ -41,7 +41,7 @@ class Write:
     patterns: dict[str, None] = field(default_factory=dict)
     events: list[NewEvent] = field(default_factory=list)
 
-    def invalidate(self, *patterns: str) -> None:
+    def made_stale(self, *patterns: str) -> None:
         """Cache patterns this write makes stale (glob patterns, as CacheClient.invalidate)."""
         self.patterns.update(dict.fromkeys(patterns))
 

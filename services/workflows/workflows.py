@@ -57,7 +57,7 @@ class Workflows:
         pagination.decode_token(request)
         return await self._page(request)
 
-    # The cached reads: keys from their arguments, invalidated by _record().
+    # The cached reads: keys from their arguments, write_of by _record().
 
     @cached(method=_METHODS["GetWorkflow"], key_prefix="workflows:get")
     async def _stored(self, workflow_id: str) -> Workflow | None:
@@ -159,7 +159,7 @@ class Workflows:
 def _record(write: Write, workflow_id: str, event: str) -> None:
     """What a write to one workflow makes stale (named through the reads' own
     declarations: its key and every list page), and its event."""
-    write.invalidate(stale(Workflows._stored, workflow_id), every(Workflows._page))
+    write.made_stale(stale(Workflows._stored, workflow_id), every(Workflows._page))
     write.emit(event, workflow_id, {"workflow_id": workflow_id})
 
 

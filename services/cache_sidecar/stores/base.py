@@ -180,7 +180,7 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> bool: ...
 
-    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+    async def remove(self, patterns: Sequence[str]) -> int:
         """Removes what the patterns match: an invalidation from outside the log,
         versioned as the log's next entry."""
         ...

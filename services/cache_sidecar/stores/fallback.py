@@ -116,10 +116,10 @@ class FallbackStore:
     async def delete(self, key: str) -> bool:
         return await self._route(lambda: self.primary.delete(key), lambda: self._outside_log(True, self.memory.delete(key)))
 
-    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+    async def remove(self, patterns: Sequence[str]) -> int:
         return await self._route(
-            lambda: self.primary.invalidate_many(patterns),
-            lambda: self._outside_log(True, self.memory.invalidate_many(patterns)),
+            lambda: self.primary.remove(patterns),
+            lambda: self._outside_log(True, self.memory.remove(patterns)),
         )
 
     async def clear(self) -> int:

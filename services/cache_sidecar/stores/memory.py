@@ -534,7 +534,7 @@ class MemoryBackend:
     async def delete(self, key: str) -> bool:
         return self.store.delete(key)
 
-    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+    async def remove(self, patterns: Sequence[str]) -> int:
         return sum(self.store.invalidate(pattern) for pattern in patterns)
 
     async def clear(self) -> int:

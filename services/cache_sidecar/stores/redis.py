@@ -263,9 +263,9 @@ class RedisStore:
         return len(entries)
 
     async def delete(self, key: str) -> bool:
-        return bool(await self.invalidate_many([escape_key(key)]))
+        return bool(await self.remove([escape_key(key)]))
 
-    async def invalidate_many(self, patterns: Sequence[str]) -> int:
+    async def remove(self, patterns: Sequence[str]) -> int:
         """From outside the log: recorded at the current position (fills read before it
         are refused) and removed at once, prefixes by SCAN, since a version cannot tell
         a value read just before it from one read just after."""

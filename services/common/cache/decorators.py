@@ -99,7 +99,7 @@ def cached(
 
 def stale(read: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     """The pattern naming exactly the key a @cached `read` fills for these arguments
-    (a method's without its `self`): what a write passes to write.invalidate()."""
+    (a method's without its `self`): what a write passes to write.made_stale()."""
     keys: KeyBuilder = getattr(read, "__cache_keys__")  # noqa: B009 - set by @cached
     return escape_key(keys.key(keys.unbound(args), kwargs))
 
@@ -180,7 +180,7 @@ def invalidate_cache(
             try:
                 return await function(*args, **kwargs)
             finally:
-                await _manager(manager, args).invalidate(*patterns)
+                await _manager(manager, args).client.invalidate(*patterns)
 
         return wrapper
 

@@ -105,9 +105,6 @@ class CacheManager:
     async def delete(self, key: str) -> bool:
         return await self.client.delete(key)
 
-    async def invalidate(self, *patterns: str) -> bool:
-        return await self.client.invalidate(*patterns)
-
     async def clear(self) -> bool:
         return await self.client.clear()
 
