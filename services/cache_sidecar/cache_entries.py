@@ -144,7 +144,7 @@ class CacheEntries:
     async def watch(self, prefixes: Sequence[str]) -> AsyncIterator[cache_pb2.CacheInvalidation]:
         """Streams invalidations, starting with a heartbeat that says "subscribed".
 
-        Heartbeats (pattern "") also flow whenever the stream is idle, so a client
+        Heartbeats (no patterns, the position) also flow whenever the stream is idle, so a client
         can tell a quiet stream from a dead connection. The stream ends with ABORTED
         when this watcher falls behind, and UNAVAILABLE when the sidecar shuts down or
         cannot hear the other sidecars; either way the client must clear its
@@ -218,7 +218,7 @@ def _heartbeat(position: int) -> cache_pb2.CacheInvalidation:
 
 def _pattern_violations(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Problems with (field, pattern) pairs: their number, and each one as a key (a
-    pattern is bounded like a key: it is kept in the fill-token history)."""
+    pattern is bounded like a key: a store keeps it in its history of invalidations)."""
     if len(named) > MAX_BATCH:
         return [("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")]
     return [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]

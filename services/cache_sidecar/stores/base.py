@@ -182,7 +182,7 @@ class Store(Protocol):
 
     async def remove(self, patterns: Sequence[str]) -> int:
         """Removes what the patterns match: an invalidation from outside the log,
-        versioned as the log's next entry."""
+        recorded at the store's current position."""
         ...
 
     async def clear(self) -> int: ...
