@@ -93,6 +93,10 @@ class InvalidationRelay:
 
     def nudge(self, position: int, patterns: Sequence[str]) -> None:
         """A write of this process committed at `position`: send it now."""
+        if len(self._pending) >= BATCH:
+            # The sidecar has been away a while: the log holds them all, and the next
+            # round reads them from there. Only the fast path needs them in memory.
+            self._pending.clear()
         self._pending[position] = patterns
         self._nudged.set()
 
