@@ -18,6 +18,9 @@ from tests.support import unavailable
 
 pytestmark = pytest.mark.slow
 
+# The most another process may lag behind an acknowledged write without any fault.
+CROSS_PROCESS_MS = 100.0
+
 SETUPS = {
     "sqlite+memory": ("sqlite", False),
     "postgresql+redis": ("postgresql", True),
@@ -72,5 +75,7 @@ async def test_nothing_lost_and_nothing_stale_once_healed(setup: str, fault: str
         assert outcome.stale("same", "whole run") == 0, report
     else:
         assert outcome.stale("same", "before the fault") == 0, report
-        for path in ("same", "cross"):
-            assert outcome.stale(path, "settled") == 0, report
+        assert outcome.stale("same", "settled") == 0, report
+        # Across processes the contract allows, with no fault, the propagation of one
+        # stream message (docs/cache.md: under 100 ms); once healed, nothing more.
+        assert outcome.stale("cross", "settled", allowed_ms=CROSS_PROCESS_MS) == 0, report

@@ -26,6 +26,7 @@ also prunes the log. It logs when its condition changes, never on every poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -101,14 +102,23 @@ class InvalidationRelay:
         self._nudged.set()
 
     async def deliver(self, position: int, patterns: Sequence[str], timeout: float) -> bool:
-        """nudge(), then waits (at most `timeout`) until the cache has applied the log
-        through `position`; True when it has."""
-        self.nudge(position, patterns)
+        """Waits (at most `timeout`) until the cache has applied the log through
+        `position`; True when it has. An entry that continues the cache's position is
+        sent from here, the caller's task, so a write never waits behind a round that
+        reads the database; any other is the relay's to send."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if time.monotonic() < self._silent_until:
+            self.nudge(position, patterns)
+            return False
+        if self._applied == position - 1 and len(patterns) <= MAX_PATTERNS_PER_SYNC:
+            await self._sync(position - 1, position, list(patterns), clear=False)
+        if self._applied is not None and self._applied >= position:
+            return True
+        self.nudge(position, patterns)
         while self._applied is None or self._applied < position:
             remaining = deadline - loop.time()
-            if remaining <= 0 or loop.time() < self._silent_until:
+            if remaining <= 0:
                 return False
             try:
                 await asyncio.wait_for(self._advanced.wait(), remaining)
@@ -131,10 +141,13 @@ class InvalidationRelay:
                 again = False
             if again:
                 continue
-            try:
+            # Idle rounds read the position again (another relay may have moved it), but
+            # keep the one known meanwhile: a position known too low only makes the fast
+            # path send a span the cache already has, and one too high (a cache that lost
+            # its data) is refused or taken as a fresh start, so the fast path never waits
+            # on the database, which may be the part that just came back.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), self._interval)
-            except TimeoutError:
-                self._applied = None  # read the position again: another relay may have moved it
 
     async def _relay(self) -> bool:
         """One round; True when the cache is still behind and the next round should
