@@ -173,7 +173,7 @@ class InvalidationRelay:
             )
             return False
         if head == state.applied:
-            self._note("in step", logging.INFO, "invalidation relay: the cache is in step with the log (entry %d)", head)
+            self._note("in step", logging.DEBUG, "invalidation relay: the cache is in step with the log (entry %d)", head)
             return False
         return await self._catch_up(state.applied, head)
 
@@ -210,9 +210,11 @@ class InvalidationRelay:
         return state
 
     async def _catch_up(self, applied: int, head: int) -> bool:
+        # Routine, not news: with several writing processes each relay sends the others'
+        # entries it finds first; only failures are logged above DEBUG.
         self._note(
             "behind",
-            logging.INFO,
+            logging.DEBUG,
             "invalidation relay: the cache missed log entries after %d (the log is at %d); sending them",
             applied,
             head,
