@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 BATCH = 500
 # CacheSyncRequest.patterns takes at most this many.
 MAX_PATTERNS_PER_SYNC = 1000
+# The most a write waits for the sidecar to take its entry (and a Sync's deadline):
+# longer than a read's CACHE_TIMEOUT, since a write acknowledged before the sidecar has
+# its entry can be read stale elsewhere, yet short; and a sidecar that just proved
+# silent is not waited for at all.
+DELIVER_TIMEOUT = 1.0
 
 
 class InvalidationRelay:
@@ -101,13 +106,13 @@ class InvalidationRelay:
         self._pending[position] = patterns
         self._nudged.set()
 
-    async def deliver(self, position: int, patterns: Sequence[str], timeout: float) -> bool:
-        """Waits (at most `timeout`) until the cache has applied the log through
-        `position`; True when it has. An entry that continues the cache's position is
+    async def deliver(self, position: int, patterns: Sequence[str]) -> bool:
+        """Waits (at most its channel's deadline) until the cache has applied the log
+        through `position`; True when it has. An entry that continues the cache's position is
         sent from here, the caller's task, so a write never waits behind a round that
         reads the database; any other is the relay's to send."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + self._transport.timeout
         if time.monotonic() < self._silent_until:
             self.nudge(position, patterns)
             return False
@@ -283,7 +288,7 @@ def build_relay(settings: Settings, db: Database) -> InvalidationRelay:
     mix their failures into its backoff and logs.
     """
     transport = SidecarTransport(
-        service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key
+        service_address(CACHE_SERVICE, settings), max(settings.cache_timeout, DELIVER_TIMEOUT), api_key=settings.service_api_key
     )
     return InvalidationRelay(
         InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention

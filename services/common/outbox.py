@@ -8,7 +8,7 @@ its log entry, and one that rolls back has neither. After the commit, before the
 write is acknowledged, this process stops serving what it made stale (read-your-
 writes here), the answer names it for the gateway's edge cache, and the relay
 (invalidation_relay.py) takes the entry to the cache, the one route: the write is
-acknowledged once the sidecar has it (or CACHE_TIMEOUT has passed), so a read that
+acknowledged once the sidecar has it (a second at most), so a read that
 follows the acknowledgement in another process finds the sidecar current.
 """
 
@@ -73,4 +73,4 @@ class Outbox:
         if patterns:
             self._cache.committed(sequence, patterns)
             surrogate_keys.note_write(sequence, patterns)
-            await self._relay.deliver(sequence, patterns, self._cache.transport.timeout)
+            await self._relay.deliver(sequence, patterns)

@@ -295,7 +295,10 @@ class RedisStore:
         else:
             await self._apply(patterns, through, publish=(after, through))
         await self._eval("raise", [self.layout.position], ["applied", through])
-        return await self.sync_state()
+        # The script keeps the larger: another sidecar may have moved it further, which
+        # the next read of the position shows.
+        self._position = SyncState(max(state.applied, through) if not state.fresh else through, False)
+        return self._position
 
     # --- stats and lifecycle ---------------------------------------------------------
 
