@@ -5,6 +5,7 @@ with one call made from it; /status, the performance guide's table with live val
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -29,6 +30,12 @@ def gateway(tmp_path_factory):
     with launched_stack(tmp_path_factory.mktemp("stack"), BOOTSTRAP_ADMIN_KEY=ADMIN_KEY) as env:
         base = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
         with httpx.Client(base_url=base, timeout=10) as http:
+            # A loaded machine may answer the very first calls 503 (Retry-After) while
+            # the gateway's connections come up: wait for a 200, as a client would.
+            deadline = time.monotonic() + 30
+            while http.get("/api/agents").status_code != 200:
+                assert time.monotonic() < deadline, "the stack never answered 200"
+                time.sleep(0.2)
             for _ in range(3):  # traffic for every row: HTTP, the sidecar, the pools
                 assert http.get("/api/agents").status_code == 200
                 assert http.get("/api/agents/builtin-text").status_code == 200
