@@ -21,13 +21,12 @@ import grpc
 import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from services.cache_sidecar.stores.position import SyncState
 from services.cache_sidecar.stores.redis import RedisStore, connect
 from services.cache_sidecar.stores.redis_layout import KeyLayout
 from tests.support.cache import READ_TIMEOUT, StartSidecar, entry
+from tests.support.grpc_errors import failure_of
 
 
 @pytest.fixture
@@ -59,17 +58,6 @@ async def fill(stub: cache_pb2_grpc.CacheServiceStub, key: str, version: int) ->
 async def found(stub: cache_pb2_grpc.CacheServiceStub, *keys: str) -> list[str]:
     got = await stub.GetMany(cache_pb2.CacheGetManyRequest(keys=keys), timeout=READ_TIMEOUT)
     return sorted(e.key for e in got.entries)
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no rich status"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError(f"no ErrorInfo in {status}")
 
 
 KEYS = ("agents:get:1", "agents:list:a", "workflows:get:1")
@@ -120,7 +108,7 @@ async def test_a_sync_that_would_skip_entries_is_refused_with_the_position(fresh
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await sync(stub, 11, 13, "agents:*")  # entry 11 would be skipped
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    info = error_info(error.value)
+    info = failure_of(error.value)
     assert info.reason == "SYNC_POSITION_BEHIND"
     assert (info.metadata["applied"], info.metadata["after"]) == ("10", "11")
     assert "10" in error.value.details()

@@ -16,6 +16,8 @@ class Failure:
     message: str
     reason: str
     fields: dict[str, str]
+    # The ErrorInfo's metadata.
+    metadata: dict[str, str]
 
 
 def failure_of(error: grpc.aio.AioRpcError) -> Failure:
@@ -23,18 +25,20 @@ def failure_of(error: grpc.aio.AioRpcError) -> Failure:
     assert status is not None, f"{error.code()} carried no status details"
     reason = ""
     fields: dict[str, str] = {}
+    metadata: dict[str, str] = {}
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             assert info.domain == "devops-hub"
             reason = info.reason
+            metadata = dict(info.metadata)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             fields.update({v.field: v.description for v in bad.field_violations})
     assert reason, "every error carries an ErrorInfo"
-    return Failure(error.code(), error.details(), reason, fields)
+    return Failure(error.code(), error.details(), reason, fields, metadata)
 
 
 async def expect_error(call, code: grpc.StatusCode):
