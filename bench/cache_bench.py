@@ -35,13 +35,13 @@ from google.protobuf import wrappers_pb2
 
 from bench import load
 from bench.run import free_port, wait_port
-from services.cache_sidecar.stores.base import NewEntry
-from services.cache_sidecar.stores.memory import MemoryStore
-from services.cache_sidecar.stores.redis import RedisStore, connect
-from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.cache.client.client import CacheClient
+from services.cache.client.near_cache import NearCache
+from services.cache.sidecar.stores.base import NewEntry
+from services.cache.sidecar.stores.memory import MemoryStore
+from services.cache.sidecar.stores.redis import RedisStore, connect
+from services.cache.sidecar.stores.redis_layout import KeyLayout
 from services.common.api import method_path
-from services.common.cache.client import CacheClient
-from services.common.cache.near_cache import NearCache
 
 ROOT = Path(__file__).resolve().parent.parent
 _CACHE_METHODS = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].methods_by_name
@@ -215,7 +215,7 @@ def main() -> int:
     )
     env.pop("REDIS_URL", None)
     processes = [
-        start([sys.executable, "-m", "services.cache_sidecar"], env),
+        start([sys.executable, "-m", "services.cache.sidecar"], env),
         start([sys.executable, "-m", "bench.cache_bench", "bare", "--port", str(ports["bare"])], env),
     ]
     try:

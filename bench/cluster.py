@@ -249,7 +249,7 @@ class Cluster:
                 self.parts["redis"] = redis = RedisPart()
                 redis.start()
                 env["REDIS_URL"] = redis.url
-            sidecar = ServicePart("sidecar", "services.cache_sidecar", "CACHE_ADDR", env, self.dir)
+            sidecar = ServicePart("sidecar", "services.cache.sidecar", "CACHE_ADDR", env, self.dir)
             sidecar.start()
             self.parts["sidecar"] = sidecar
             env = {key: value for key, value in env.items() if key != "REDIS_URL"}

@@ -54,7 +54,7 @@ OTHER_AGENTS = 8
 ADMIN_KEY = keys.new_key()
 AGENTS_SERVICE = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"]
 
-HUB_PROCESSES = ("gateway", "services.agents", "services.cache_sidecar", "services.workflows", "services.launcher")
+HUB_PROCESSES = ("gateway", "services.agents", "services.cache.sidecar", "services.workflows", "services.launcher")
 
 # The targets, for the last table.
 CPU_TARGET_MS = 0.30

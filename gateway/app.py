@@ -31,8 +31,8 @@ from gateway.pages import page_routes
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from gateway.status import StatusBoard, metrics_urls
+from services.cache.consistency import ConsistencyMetrics
 from services.common.api import discover_services
-from services.common.cache.consistency import ConsistencyMetrics
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 

@@ -8,7 +8,7 @@
 - A GET with `If-None-Match` naming the current ETag is answered 304 with no body,
   and the body is not even rendered.
 - `Cache-Control` is what the service said with its answer (its `cache-control`
-  metadata; services/common/freshness.py reads each read's max-age from the protos):
+  metadata; services/cache/client/freshness.py reads each read's max-age from the protos):
   the gateway keeps no table of its own. A cacheable answer `Vary`s with the
   credential headers the gateway forwards, so no shared cache hands the answer one
   caller was admitted to to another caller.
@@ -28,7 +28,7 @@ from starlette.responses import Response
 from gateway.json_body import JSON_MEDIA_TYPE
 from gateway.routes import HttpRoute
 from gateway.transcode import Renderer
-from services.common.freshness import CACHE_CONTROL
+from services.cache.client.freshness import CACHE_CONTROL
 
 NO_CACHE_METADATA = (CACHE_CONTROL, "no-cache")
 

@@ -17,15 +17,15 @@ from collections.abc import Iterable, Mapping
 from starlette.responses import Response
 
 from gateway.conditional import none_match
-from gateway.edge_cache import EdgeCache, EdgeKey, cacheable, write_of
 from gateway.errors import GatewayError
 from gateway.hardening import add_rate_limit_headers
 from gateway.json_body import JSON_MEDIA_TYPE
+from services.cache.client.near_feed import NearCacheFeed
+from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
+from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
+from services.cache.edge.store import EdgeCache, EdgeKey, cacheable, write_of
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
-from services.common.cache.consistency import ConsistencyChecker, ConsistencyMetrics
-from services.common.cache.near_feed import NearCacheFeed
-from services.common.cache.transport import CACHE_SERVICE, SidecarTransport
 from services.common.channels import service_address
 from services.common.errors import ServiceError
 from services.common.settings import Settings
@@ -110,7 +110,7 @@ class Edge:
         return response
 
     def fill(self, key: EdgeKey, response: Response, trailers: Iterable[tuple[str, object]]) -> None:
-        """Keeps a 200 answer the service said may be kept (see edge_cache.py)."""
+        """Keeps a 200 answer the service said may be kept (see services/cache/edge/store.py)."""
         said = cacheable(trailers)
         if said is None or response.status_code != 200:
             return

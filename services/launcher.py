@@ -71,7 +71,7 @@ def parts(settings: Settings) -> list[Part]:
     the cache lives in Redis."""
     workers = max(1, settings.workers)
     return [
-        Part("cache sidecar", "services.cache_sidecar", settings.cache_addr, "grpc", workers if settings.redis_url else 1),
+        Part("cache sidecar", "services.cache.sidecar", settings.cache_addr, "grpc", workers if settings.redis_url else 1),
         Part("agents service", "services.agents", settings.agents_addr, "grpc", workers),
         Part("workflows service", "services.workflows", settings.workflows_addr, "grpc", workers),
         Part("gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http", workers),

@@ -18,19 +18,19 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from bench.run import free_port
-from services.cache_sidecar.server import CacheSidecar
-from services.common.cache.client import CacheClient
-from services.common.cache.codecs import JSON, TEXT, ProtobufCodec
-from services.common.cache.decorators import cached, invalidate_cache
-from services.common.cache.key_builder import KeyBuilder, encode_part
-from services.common.cache.manager import (
+from services.cache.client.client import CacheClient
+from services.cache.client.codecs import JSON, TEXT, ProtobufCodec
+from services.cache.client.decorators import cached, invalidate_cache
+from services.cache.client.key_builder import KeyBuilder, encode_part
+from services.cache.client.manager import (
     CacheManager,
     configure,
     get_cache_manager,
     set_cache_manager,
     use_cache_manager,
 )
-from services.common.cache.near_cache import NearCache
+from services.cache.client.near_cache import NearCache
+from services.cache.sidecar.server import CacheSidecar
 from services.common.settings import Settings
 from tests.support import ROOT, eventually
 from tests.support.cache import (
@@ -436,7 +436,7 @@ async def test_sigterm_ends_watch_streams_at_once_instead_of_holding_the_grace_p
                AUTH_ENABLED="false", CACHE_METRICS_PORT="0")
     env.pop("REDIS_URL", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
-    with spawned("services.cache_sidecar", env) as process:
+    with spawned("services.cache.sidecar", env) as process:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = cache_pb2_grpc.CacheServiceStub(channel)
             deadline = asyncio.get_running_loop().time() + 30

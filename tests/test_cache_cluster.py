@@ -18,8 +18,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.cluster import Cluster, Unavailable
 from bench.coherence import check
-from services.cache_sidecar.server import CacheSidecar
-from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.cache.sidecar.server import CacheSidecar
+from services.cache.sidecar.stores.redis_layout import KeyLayout
 from tests.support import eventually, unavailable
 from tests.support.cache import StartSidecar
 from tests.support.redis_servers import RedisClusterServers, redis_cluster  # noqa: F401 - the fixture

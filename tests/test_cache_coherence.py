@@ -14,9 +14,9 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 
-from services.cache_sidecar.server import CacheSidecar
-from services.common.cache.client import CacheClient
-from services.common.cache.near_cache import NearCache
+from services.cache.client.client import CacheClient
+from services.cache.client.near_cache import NearCache
+from services.cache.sidecar.server import CacheSidecar
 from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,

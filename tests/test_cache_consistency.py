@@ -10,10 +10,10 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf.wrappers_pb2 import StringValue
 from prometheus_client import CollectorRegistry
 
-from services.cache_sidecar.server import CacheSidecar
-from services.common.cache.client import CacheClient
-from services.common.cache.consistency import ConsistencyChecker, ConsistencyMetrics
-from services.common.cache.near_cache import NearCache, NearEntry
+from services.cache.client.client import CacheClient
+from services.cache.client.near_cache import NearCache, NearEntry
+from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
+from services.cache.sidecar.server import CacheSidecar
 from tests.support import eventually
 from tests.support.cache import READ_TIMEOUT, STRING_TYPE, CountingLoader
 

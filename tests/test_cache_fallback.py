@@ -19,10 +19,10 @@ import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from services.cache_sidecar.stores.fallback import FallbackStore
-from services.cache_sidecar.stores.memory import MemoryBackend, MemoryStore
-from services.cache_sidecar.stores.redis import RedisStore, connect
-from services.cache_sidecar.stores.redis_layout import KeyLayout
+from services.cache.sidecar.stores.fallback import FallbackStore
+from services.cache.sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache.sidecar.stores.redis import RedisStore, connect
+from services.cache.sidecar.stores.redis_layout import KeyLayout
 from tests.support.cache import StartSidecar, entry
 from tests.support.redis_servers import RedisServer
 
@@ -231,7 +231,7 @@ async def test_a_fill_read_on_redis_is_refused_once_memory_serves(fallback: Fall
 async def test_invalidations_outside_the_log_while_away_clear_redis_before_use(
     fallback: FallbackStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="services.cache_sidecar.stores.fallback")
+    caplog.set_level(logging.WARNING, logger="services.cache.sidecar.stores.fallback")
     assert await fill(fallback, "agents:get:1")
     assert await fill(fallback, "workflows:get:1")
     redis_server.freeze()

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from services.cache_sidecar.server import CacheSidecar
-from services.common.cache.client import CacheClient
-from services.common.cache.decorators import cached, invalidate_cache
-from services.common.cache.manager import (
+from services.cache.client.client import CacheClient
+from services.cache.client.decorators import cached, invalidate_cache
+from services.cache.client.manager import (
     CacheCredentialsError,
     CacheManager,
     configure,
     get_cache_manager,
     set_cache_manager,
 )
-from services.common.cache.near_cache import NearCache
+from services.cache.client.near_cache import NearCache
+from services.cache.sidecar.server import CacheSidecar
 from services.common.settings import Settings
 from tests.support.auth import READ, WRITE, new_key
 from tests.support.cache import StartSidecar

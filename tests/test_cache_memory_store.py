@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from services.cache_sidecar.stores.memory import MemoryStore
-from services.common.cache.keys import MAX_PREFIX_DEPTH, escape_key
+from services.cache.client.keys import MAX_PREFIX_DEPTH, escape_key
+from services.cache.sidecar.stores.memory import MemoryStore
 from services.common.errors import InvalidArgument
 from tests.support.cache import FakeClock
 

@@ -16,11 +16,11 @@ import redis.asyncio as aioredis
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from services.cache_sidecar.stores.base import NewEntry
-from services.cache_sidecar.stores.redis import RedisStore, connect
-from services.cache_sidecar.stores.redis_layout import KeyLayout
-from services.common.cache.client import CacheClient
-from services.common.cache.near_cache import NearCache
+from services.cache.client.client import CacheClient
+from services.cache.client.near_cache import NearCache
+from services.cache.sidecar.stores.base import NewEntry
+from services.cache.sidecar.stores.redis import RedisStore, connect
+from services.cache.sidecar.stores.redis_layout import KeyLayout
 from services.common.errors import FailedPrecondition
 from tests.support import eventually
 from tests.support.cache import STRING_TYPE, CountingLoader, StartSidecar

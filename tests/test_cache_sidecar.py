@@ -15,8 +15,8 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from bench.run import free_port
-from services.cache_sidecar.server import CacheSidecar
-from services.common.cache.client import CacheClient, protobuf_content_type
+from services.cache.client.client import CacheClient, protobuf_content_type
+from services.cache.sidecar.server import CacheSidecar
 from tests.support import eventually
 from tests.support.cache import (
     READ_TIMEOUT,
@@ -604,7 +604,7 @@ async def test_loader_errors_reach_every_waiter_and_are_not_cached(client: Cache
 
 
 async def test_client_serves_from_the_loader_when_the_sidecar_is_down(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="services.common.cache.client")
+    caplog.set_level(logging.WARNING, logger="services.cache.client.client")
     async with CacheClient(f"127.0.0.1:{free_port()}", timeout=0.5, retry_after=0.0) as down:
         loader = CountingLoader("from the database")
         results = [await down.get_or_load("agents:get:1", 60, wrappers_pb2.StringValue, loader) for _ in range(5)]

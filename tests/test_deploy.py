@@ -175,7 +175,7 @@ def test_compose_runs_every_part_with_the_code_s_ports_and_settings():
     parts = {
         "agents": ("services.agents", "AGENTS_ADDR", DEFAULTS.agents_addr, "AGENTS_METRICS_PORT", DEFAULTS.agents_metrics_port),
         "workflows": ("services.workflows", "WORKFLOWS_ADDR", DEFAULTS.workflows_addr, "WORKFLOWS_METRICS_PORT", DEFAULTS.workflows_metrics_port),
-        "cache": ("services.cache_sidecar", "CACHE_ADDR", DEFAULTS.cache_addr, "CACHE_METRICS_PORT", DEFAULTS.cache_metrics_port),
+        "cache": ("services.cache.sidecar", "CACHE_ADDR", DEFAULTS.cache_addr, "CACHE_METRICS_PORT", DEFAULTS.cache_metrics_port),
     }
     for name, (module, addr_var, default_addr, metrics_var, metrics_port) in parts.items():
         service = services[name]
@@ -354,7 +354,7 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
         assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's USER
         # The cache sidecar beside the service, sharing Redis through the Secret.
         (sidecar,) = pod["initContainers"]
-        assert sidecar["restartPolicy"] == "Always" and sidecar["args"] == ["services.cache_sidecar"]
+        assert sidecar["restartPolicy"] == "Always" and sidecar["args"] == ["services.cache.sidecar"]
         cache_port = port_of(DEFAULTS.cache_addr)
         assert {e["name"]: e["value"] for e in sidecar["env"]}["CACHE_ADDR"] == f"0.0.0.0:{cache_port}"
         assert config["data"]["CACHE_ADDR"] == f"127.0.0.1:{cache_port}"

@@ -14,9 +14,9 @@ import pytest
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
-from gateway.edge_cache import EdgeCache, Said, cacheable, write_of
 from services.agents.server import build as build_agents
-from services.cache_sidecar.server import build as build_sidecar
+from services.cache.edge.store import EdgeCache, Said, cacheable, write_of
+from services.cache.sidecar.server import build as build_sidecar
 from services.common.auth import keys
 from services.common.process import running
 from tests.support.auth import ADMIN_KEY, READ, auth_settings

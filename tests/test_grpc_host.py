@@ -194,7 +194,7 @@ async def test_service_ports_refuse_oversized_metadata_and_endless_header_blocks
     from /proc) growing by less than 16 MB."""
     env = process_env(tmp_path)
     port = int(env["CACHE_ADDR"].rsplit(":", 1)[1])
-    with spawned("services.cache_sidecar", env) as proc:
+    with spawned("services.cache.sidecar", env) as proc:
         read_until(proc, "listening")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             check = channel.unary_unary(HEALTH_CHECK.decode(), response_deserializer=health_pb2.HealthCheckResponse.FromString)

@@ -21,8 +21,8 @@ from google.protobuf import empty_pb2, field_mask_pb2
 
 from bench.run import free_port
 from services.agents.agents import _made_stale
+from services.cache.log.repository import InvalidationLog
 from services.common.grpc_host import GrpcHost
-from services.common.invalidation_log import InvalidationLog
 from services.common.telemetry.metrics import service_metrics
 from tests.support import eventually
 from tests.support.stack import Stack, make_settings, new_agent, running_stack
@@ -244,7 +244,7 @@ async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, 
             await cache_pb2_grpc.CacheServiceStub(channel).GetSyncState(empty_pb2.Empty())
         await channel.close()
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        caplog.set_level(logging.INFO, logger="services.common.invalidation_relay")
+        caplog.set_level(logging.INFO, logger="services.cache.log.relay")
         settings = make_settings(database_url, cache_addr=f"127.0.0.1:{port}", relay_interval=0.02)
         async with running_stack(settings, with_sidecar=False) as stack:
             await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
@@ -252,5 +252,5 @@ async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, 
             assert (await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))).name == "Agent 1"
     finally:
         await host.stop(0)
-    relay_lines = [r for r in caplog.records if r.name == "services.common.invalidation_relay"]
+    relay_lines = [r for r in caplog.records if r.name == "services.cache.log.relay"]
     assert len(relay_lines) == 1 and "cannot be reached" in relay_lines[0].getMessage()

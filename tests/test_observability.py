@@ -25,8 +25,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from services.cache_sidecar.metrics import CacheMetrics, CacheStatsRefresher
-from services.cache_sidecar.server import build as build_sidecar
+from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
+from services.cache.sidecar.server import build as build_sidecar
 from services.common.channels import call_tracing, open_channel
 from services.common.db import connect
 from services.common.grpc_host import GrpcHost
@@ -331,7 +331,7 @@ def test_metrics_add_up_across_worker_processes(tmp_path):
             assert value(agents, "grpc_server_handled_total", grpc_service="devops_hub.v1.WorkflowsService") == 0
             http = scrape(gateway)
             assert value(http, "http_requests_total", route="/api/agents/{id}", status="200") == 20
-            # The cache's consistency checker reports from the start (services.common.cache.consistency).
+            # The cache's consistency checker reports from the start (services.cache.consistency).
             assert ("devops_hub_cache_consistency_checked_total", frozenset({("layer", "near")})) in agents
             assert ("devops_hub_cache_consistency_stale_total", frozenset({("layer", "sidecar"), ("after", "10s")})) in agents
 

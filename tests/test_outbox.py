@@ -16,9 +16,9 @@ from google.protobuf import field_mask_pb2
 
 from services.agents.agents import _made_stale
 from services.agents.repository import AgentRepository
-from services.common.cache.decorators import every, stale
-from services.common.invalidation_log import InvalidationLog, LogEntry
-from services.common.outbox import Outbox
+from services.cache.client.decorators import every, stale
+from services.cache.log.outbox import Outbox
+from services.cache.log.repository import InvalidationLog, LogEntry
 from services.workflows.workflows import Workflows
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import make_settings, new_agent, running_stack

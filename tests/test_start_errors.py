@@ -44,7 +44,7 @@ def test_an_unreachable_postgresql(tmp_path):
     assert_one_clear_line(start("services.workflows", env), "cannot reach PostgreSQL", f"postgres:***@127.0.0.1:{port}/test", "DATABASE_URL")
 
 
-@pytest.mark.parametrize("module", ["services.cache_sidecar", "gateway"])
+@pytest.mark.parametrize("module", ["services.cache.sidecar", "gateway"])
 def test_an_unreachable_redis(tmp_path, module):
     port = free_port()
     env = {**process_env(tmp_path), "REDIS_URL": f"redis://:secret@127.0.0.1:{port}/0"}

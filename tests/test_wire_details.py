@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from services.common.cache.keys import SERVICE_NAMESPACES
+from services.cache.client.keys import SERVICE_NAMESPACES
 from tests.support.auth import ADMIN_KEY, auth_settings
 from tests.support.cache import READ_TIMEOUT, StartSidecar, entry
 from tests.support.deploy import PROMQL_WORDS, alert_rules, dashboard_exprs, metric_names

@@ -3,7 +3,7 @@
 Cache rules: as long as the protos' cache_max_age says (a single agent 300 s, a
 list page 60 s, a discovery 300 s). A write invalidates exactly what it made stale: that agent's key,
 and every list and discovery page (any of them may include it). A write records
-these invalidations and its events in its own transaction (common/outbox.py); the
+these invalidations and its events in its own transaction (cache/log/outbox.py); the
 cache is told after the commit, so a read that follows the write cannot refill the
 old value from the database.
 """
@@ -20,11 +20,11 @@ from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
+from services.cache.client.decorators import CacheManager, cached, every, stale
+from services.cache.log.outbox import Outbox
 from services.common import field_behavior, idempotency, pagination
-from services.common.cache.decorators import CacheManager, cached, every, stale
 from services.common.errors import Aborted, NotFound, invalid_fields
 from services.common.etags import revision_of
-from services.common.outbox import Outbox
 
 Agent = agents_pb2.Agent
 Answer = TypeVar("Answer", Agent, agents_pb2.BatchCreateAgentsResponse)

@@ -1,6 +1,6 @@
 """All SQL about agents. Reads are single queries; batch writes are single statements.
 
-Writes run in the transaction they are given (the use case's, see common/outbox.py).
+Writes run in the transaction they are given (the use case's, see cache/log/outbox.py).
 Agents come back as Agent messages: the proto is the domain model, so no second
 field list has to be kept in step with it.
 """

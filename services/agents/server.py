@@ -13,19 +13,19 @@ from services.agents.api_keys import ApiKeys
 from services.agents.api_keys_servicer import ApiKeysServicer
 from services.agents.repository import AgentRepository
 from services.agents.servicer import AgentsServicer
+from services.cache.client.client import CacheClient
+from services.cache.client.manager import CacheManager
+from services.cache.consistency import ConsistencyMetrics
+from services.cache.log.outbox import Outbox
+from services.cache.log.relay import InvalidationRelay, build_relay
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
-from services.common.cache.client import CacheClient
-from services.common.cache.consistency import ConsistencyMetrics
-from services.common.cache.manager import CacheManager
 from services.common.db import Database
 from services.common.db.startup import build_on_database
 from services.common.grpc_host import GrpcHost
 from services.common.idempotency import Idempotency
 from services.common.idempotency_repository import IdempotencyRepository
-from services.common.invalidation_relay import InvalidationRelay, build_relay
-from services.common.outbox import Outbox
 from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics

@@ -4,7 +4,7 @@ The workflow engine emits events on its hot path (every execution and step
 transition); EventWriter only appends them to a buffer, and one background task
 writes each buffer as a single INSERT. Nothing is dropped: a full buffer is flushed
 at once, and close() flushes what is left. (Writes that change data record their
-events in their own transaction instead: services/common/outbox.py.)
+events in their own transaction instead: services/cache/log/outbox.py.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Around a handler sit telemetry (metrics, the request context for the logs, and when
 on a SERVER span and a slow-call profile), the access guard, the method's freshness
-(`cache-control` metadata, services/common/freshness.py) and the translation of
+(`cache-control` metadata, services/cache/client/freshness.py) and the translation of
 errors into statuses (services/common/errors.py). They used to be separate
 interceptors, each one more coroutine and one more lookup per call; here the layers
 a method needs are chosen when its handler is registered, and a call pays for one
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
-from services.common import freshness, surrogate_keys
+from services.cache.client import freshness
+from services.cache.edge import surrogate_keys
 from services.common.errors import grpc_status
 from services.common.outages import PROCESS as OUTAGES
 from services.common.request_checks import check_request, tolerant

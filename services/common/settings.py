@@ -53,7 +53,7 @@ class Settings:
     gateway_max_header_bytes: int = 8192
     gateway_read_timeout: float = 10.0
     gateway_keepalive_timeout: float = 5.0
-    # The gateway's edge cache of ready GET answers (gateway/edge_cache.py): entries,
+    # The gateway's edge cache of ready GET answers (services/cache/edge/store.py): entries,
     # bytes, and the longest an answer is kept whatever its max-age; 0 entries turns it off.
     gateway_edge_cache_size: int = 1024
     gateway_edge_cache_bytes: int = 32 * 1024 * 1024

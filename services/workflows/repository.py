@@ -1,7 +1,7 @@
 """All SQL about workflows and their executions.
 
 Definition writes run in the transaction they are given (the use case's, see
-common/outbox.py). Definitions and step runs are stored as the JSON of their protos,
+cache/log/outbox.py). Definitions and step runs are stored as the JSON of their protos,
 so the proto stays the one description of their shape.
 """
 

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
 
+from services.cache.client.client import CacheClient
+from services.cache.client.manager import CacheManager
+from services.cache.consistency import ConsistencyMetrics
+from services.cache.log.outbox import Outbox
+from services.cache.log.relay import InvalidationRelay, build_relay
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
-from services.common.cache.client import CacheClient
-from services.common.cache.consistency import ConsistencyMetrics
-from services.common.cache.manager import CacheManager
 from services.common.channels import service_client
 from services.common.db import Database
 from services.common.db.startup import build_on_database
@@ -21,8 +23,6 @@ from services.common.events import EventWriter
 from services.common.grpc_host import GrpcHost
 from services.common.idempotency import Idempotency
 from services.common.idempotency_repository import IdempotencyRepository
-from services.common.invalidation_relay import InvalidationRelay, build_relay
-from services.common.outbox import Outbox
 from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics

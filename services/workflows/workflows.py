@@ -3,7 +3,7 @@
 Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
 single workflow 300 s); a write invalidates that workflow's key and every list page.
 The invalidations and the event are recorded in the write's own transaction
-(common/outbox.py) and sent to the cache after it commits.
+(cache/log/outbox.py) and sent to the cache after it commits.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from devops_hub import errors
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, workflows_pb2
 
+from services.cache.client.decorators import CacheManager, cached, every, stale
+from services.cache.log.outbox import Outbox, Write
 from services.common import field_behavior, idempotency, pagination
-from services.common.cache.decorators import CacheManager, cached, every, stale
 from services.common.errors import Aborted, NotFound, Unavailable, invalid_fields
 from services.common.etags import revision_of
-from services.common.outbox import Outbox, Write
 from services.workflows import validation
 from services.workflows.repository import WorkflowRepository
 

@@ -14,10 +14,10 @@ from google.protobuf import empty_pb2, wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.cache_sidecar.server import CacheSidecar, build
-from services.common.cache.codecs import protobuf_content_type
+from services.cache.client.codecs import protobuf_content_type
+from services.cache.log.repository import InvalidationLog
+from services.cache.sidecar.server import CacheSidecar, build
 from services.common.db import Database as Db
-from services.common.invalidation_log import InvalidationLog
 from services.common.process import running
 from services.common.settings import Settings
 from tests.support import eventually

@@ -20,7 +20,7 @@ from gateway.testing import running_gateway
 from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
 from services.agents.server import build as build_agents
-from services.cache_sidecar.server import build as build_sidecar
+from services.cache.sidecar.server import build as build_sidecar
 from services.common.process import running
 from services.common.settings import Settings
 from services.workflows.server import WorkflowsService

@@ -1,7 +1,7 @@
 """Prometheus metrics every gRPC service has: its calls and its database pools.
 
 Metrics that belong to one part live with it (the cache's in
-services/cache_sidecar/metrics.py). Each group is made on a registry it is given,
+services/cache/sidecar/metrics.py). Each group is made on a registry it is given,
 and what records into it is handed the group by the wiring, so a test can give its own.
 A process keeps its metrics in prometheus_client's default registry (which also holds
 the standard process_* metrics) and serves them on its metrics port (endpoint.py).

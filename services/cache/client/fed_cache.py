@@ -1,0 +1,138 @@
+"""What the near-cache (a process's own) and the gateway's edge cache share: a small
+LRU that is trusted only while an invalidation stream feeds it.
+
+Live exactly while its feed (near_feed.py) is: either change of that clears it, since
+invalidations may have been missed in the dark, and nothing read before the stream's
+position when it went live may land. `position` is how far of the invalidation log
+the stream has brought. Bounded by entries and bytes (an entry over a sixteenth of
+the bytes is not kept), entries capped at max_ttl, least recently used evicted first.
+Fills are checked against the invalidation history by version (history.py).
+Subclasses say what an entry weighs, what else goes when one is removed, and which
+entries a pattern drops.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, Protocol, TypeVar
+
+from services.cache.client.history import InvalidationHistory
+from services.cache.client.keys import GlobPattern, parse_pattern
+
+
+class Expiring(Protocol):
+    @property
+    def expires_at(self) -> float: ...
+
+
+K = TypeVar("K", bound=Hashable)
+E = TypeVar("E", bound=Expiring)
+
+
+class FedCache(abc.ABC, Generic[K, E]):
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        max_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        history: InvalidationHistory | None = None,
+    ) -> None:
+        if max_entries < 1 or max_bytes < 1 or max_ttl <= 0:
+            raise ValueError("max_entries, max_bytes and max_ttl must be positive")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_ttl = max_ttl
+        self._clock = clock
+        self._entries: collections.OrderedDict[K, E] = collections.OrderedDict()
+        self._bytes = 0
+        self._live = False
+        self.position = 0
+        self.history = history or InvalidationHistory()
+        # Told of every invalidation from the log this cache applies (consistency.py).
+        self.observer: Callable[[str, int], None] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def go_live(self, position: int) -> None:
+        """The stream is at `position`: nothing read before it may land (it may have
+        missed an invalidation while dark)."""
+        self.clear(position)
+        self.position = position
+        self._live = True
+
+    def go_dark(self) -> None:
+        """Invalidations may be missed from now on."""
+        self.clear(self.history.known)
+        self._live = False
+
+    def invalidate(self, pattern: str, at: int | None) -> None:
+        """Drops what the pattern names; `at` is its log position, recorded so that a
+        fill read before it is refused (None: from outside the log, not recorded)."""
+        if pattern == "*":
+            self.clear(self.history.known if at is None else at)
+            return
+        if at is not None:
+            self.history.record(pattern, at)
+            if self.observer is not None:
+                self.observer(pattern, at)
+        self._drop(parse_pattern(pattern))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> E | None:
+        if not self._live:
+            return None
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at <= self._clock():
+            self._remove(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def clear(self, at: int) -> None:
+        self.history.forget(at)
+        self._entries.clear()
+        self._bytes = 0
+
+    def _fits(self, size: int) -> bool:
+        return self._live and size <= self.max_bytes // 16
+
+    def _store(self, key: K, entry: E) -> None:
+        """Keeps entry (replacing the key's), then evicts down to the bounds."""
+        if key in self._entries:
+            self._remove(key)
+        self._entries[key] = entry
+        self._bytes += self._weight(entry)
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+
+    @abc.abstractmethod
+    def _weight(self, entry: E) -> int:
+        """The bytes an entry counts against max_bytes."""
+
+    @abc.abstractmethod
+    def _drop(self, pattern: GlobPattern) -> None:
+        """Removes the entries the pattern names."""
+
+    @abc.abstractmethod
+    def holds_older(self, key: str, at: int) -> bool:
+        """Whether it holds a value of `key` read before log position `at` (consistency.py)."""
+
+    def _remove(self, key: K) -> E:
+        entry = self._entries.pop(key)
+        self._bytes -= self._weight(entry)
+        return entry

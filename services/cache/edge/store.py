@@ -1,0 +1,146 @@
+"""The edge cache: ready GET answers (status line, headers, body bytes) kept in the
+gateway's memory, so a hot read never becomes a gRPC call.
+
+What it may keep, for how long and until which invalidation is said by the service
+with each answer, never by a table here: an answer is kept only when it carries
+`cache-control: max-age=N` (the method is declared cacheable in the protos, and so
+does not depend on its caller), `surrogate-key` metadata naming the cache keys it was
+read from and `cache-version`, the invalidation log position it was read at
+(services/cache/edge/surrogate_keys.py). It is kept min(N, GATEWAY_EDGE_CACHE_TTL)
+seconds, bounded by entries and bytes, and dropped by any invalidation pattern that
+matches one of its surrogate keys.
+
+Invalidations come from the same route as every other layer's: the sidecar's Watch,
+followed by the cache client's NearCacheFeed (numbered by the log; a gap, a silent
+stream or a dropped one clears this cache, and it answers only while the stream is
+live). An answer older than an invalidation of one of its keys is refused
+(history.py). A write through this gateway names what it made stale in its answer
+(`cache-invalidated`), and exactly those answers go at once: whoever wrote reads what
+they wrote without waiting for the stream, and nothing else is lost.
+
+It mirrors the near-cache's life cycle (live while fed, cleared on either change, an
+LRU bounded by entries and bytes) but not its keys: a near-cache entry is dropped by
+patterns matching its own key, an edge entry by patterns matching any of its
+surrogate keys, hence an index from surrogate key to entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+
+from services.cache.client.fed_cache import FedCache
+from services.cache.client.freshness import CACHE_CONTROL
+from services.cache.client.keys import GlobPattern
+from services.cache.edge.surrogate_keys import CACHE_INVALIDATED, CACHE_VERSION, SURROGATE_KEY
+
+EdgeKey = tuple[str, bytes]
+
+
+@dataclasses.dataclass(slots=True)
+class EdgeEntry:
+    body: bytes
+    # The answer's own headers (ETag, Cache-Control, Vary), as the service path made them.
+    headers: dict[str, str]
+    surrogate_keys: tuple[str, ...]
+    stored_at: float
+    expires_at: float
+    version: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Said:
+    """What a service said about its answer: how long it stays fresh, the cache keys
+    it was read from and the log position it was read at."""
+
+    max_age: int
+    keys: tuple[str, ...]
+    version: int
+
+
+def cacheable(trailers: Iterable[tuple[str, object]]) -> Said | None:
+    """What the service said with its answer, when it said all of it; else None."""
+    max_age = 0
+    keys: tuple[str, ...] = ()
+    version: int | None = None
+    for name, value in trailers or ():
+        if not isinstance(value, str):
+            continue
+        if name == CACHE_CONTROL:
+            for directive in value.split(","):
+                field, _, seconds = directive.strip().partition("=")
+                if field.lower() == "max-age" and seconds.isdigit():
+                    max_age = int(seconds)
+        elif name == SURROGATE_KEY:
+            keys = tuple(value.split())
+        elif name == CACHE_VERSION and value.isdigit():
+            version = int(value)
+    return Said(max_age, keys, version) if max_age > 0 and keys and version is not None else None
+
+
+def write_of(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | None:
+    """(log position, patterns) of a write's answer, if it made anything stale."""
+    for name, value in trailers or ():
+        if name == CACHE_INVALIDATED and isinstance(value, str):
+            position, *patterns = value.split()
+            if position.isdigit() and patterns:
+                return int(position), patterns
+    return None
+
+
+class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
+    """Live while NearCacheFeed says so, as a near-cache is (fed_cache.py)."""
+
+    def __init__(
+        self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(max_entries=max_entries, max_bytes=max_bytes, max_ttl=max_ttl, clock=clock)
+        # surrogate key -> the entries it names, so an exact invalidation is one lookup.
+        self._by_key: dict[str, set[EdgeKey]] = {}
+
+    def age(self, entry: EdgeEntry) -> int:
+        """Whole seconds since the answer was stored (the Age header)."""
+        return int(self._clock() - entry.stored_at)
+
+    def put(self, key: EdgeKey, body: bytes, headers: dict[str, str], said: Said) -> bool:
+        """Stores unless not live, too big, or older than an invalidation of one of its keys."""
+        if not self._fits(len(body)):
+            return False
+        if any(self.history.raced(surrogate, said.version) for surrogate in said.keys):
+            return False
+        now = self._clock()
+        self._store(key, EdgeEntry(body, headers, said.keys, now, now + min(said.max_age, self.max_ttl), said.version))
+        for surrogate in said.keys:
+            self._by_key.setdefault(surrogate, set()).add(key)
+        return True
+
+    def holds_older(self, key: str, at: int) -> bool:
+        return any(self._entries[held].version < at for held in self._by_key.get(key, ()))
+
+    def _drop(self, pattern: GlobPattern) -> None:
+        """Every entry with a surrogate key the pattern matches goes."""
+        if pattern.kind == "exact":
+            gone = self._by_key.get(pattern.text, ())
+        else:
+            # Bounded by max_entries' distinct keys: the cache is small by design.
+            gone = {key for surrogate, keys in self._by_key.items() if pattern.matches(surrogate) for key in keys}
+        for key in list(gone):
+            self._remove(key)
+
+    def clear(self, at: int) -> None:
+        super().clear(at)
+        self._by_key.clear()
+
+    def _weight(self, entry: EdgeEntry) -> int:
+        return len(entry.body)
+
+    def _remove(self, key: EdgeKey) -> EdgeEntry:
+        entry = super()._remove(key)
+        for surrogate in entry.surrogate_keys:
+            keys = self._by_key.get(surrogate)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_key[surrogate]
+        return entry

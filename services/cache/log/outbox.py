@@ -1,0 +1,76 @@
+"""A write's unit of work: its data, its events and its invalidations commit together.
+
+A use case opens `Outbox.write()`, runs its repositories' statements on the
+transaction it is given, and records the events and cache patterns the write
+causes. They are appended in the same transaction (the invalidation log entry
+last, see log/repository.py), so a write that commits always has its event and
+its log entry, and one that rolls back has neither. After the commit, before the
+write is acknowledged, this process stops serving what it made stale (read-your-
+writes here), the answer names it for the gateway's edge cache, and the relay
+(log/relay.py) takes the entry to the cache, the one route: the write is
+acknowledged once the sidecar has it (a second at most), so a read that
+follows the acknowledgement in another process finds the sidecar current.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.cache.client.client import CacheClient
+from services.cache.edge import surrogate_keys
+from services.cache.log.relay import InvalidationRelay
+from services.cache.log.repository import InvalidationLog
+from services.common.clock import utc_now
+from services.common.db import Database
+from services.common.db.database import Executor
+from services.common.event_repository import EventRepository, NewEvent
+
+
+@dataclass
+class Write:
+    """One write in progress: its transaction, and what it causes."""
+
+    tx: Executor
+    source: str
+    time: dt.datetime
+    # In the order recorded, without repeats.
+    patterns: dict[str, None] = field(default_factory=dict)
+    events: list[NewEvent] = field(default_factory=list)
+
+    def made_stale(self, *patterns: str) -> None:
+        """Cache patterns this write makes stale (glob patterns, as CacheClient.invalidate)."""
+        self.patterns.update(dict.fromkeys(patterns))
+
+    def emit(self, type: str, subject: str, data: dict[str, Any]) -> None:
+        self.events.append(NewEvent(type, self.source, subject, data, time=self.time))
+
+
+class Outbox:
+    def __init__(self, db: Database, cache: CacheClient, relay: InvalidationRelay, source: str) -> None:
+        self._db = db
+        self._cache = cache
+        self._relay = relay
+        self._source = source
+        self._events = EventRepository(db)
+        self._log = InvalidationLog(db)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Write]:
+        """A transaction for one write; an exception out of the block rolls it all back.
+
+        A block that records nothing (no row matched, say) commits without a log entry.
+        """
+        async with self._db.transaction() as tx:
+            write = Write(tx, self._source, utc_now())
+            yield write
+            await self._events.insert(tx, write.events)
+            patterns = list(write.patterns)
+            sequence = await self._log.append(tx, patterns, write.time) if patterns else 0
+        if patterns:
+            self._cache.committed(sequence, patterns)
+            surrogate_keys.note_write(sequence, patterns)
+            await self._relay.deliver(sequence, patterns)

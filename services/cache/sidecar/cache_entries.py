@@ -1,0 +1,242 @@
+"""The cache sidecar's use case: validates what CacheService is asked, has the store
+do it, and tells the Watch streams about every invalidation once the store has
+applied it, numbered by the invalidation log (hub.py).
+
+The store does the work (memory, Redis, or Redis with fallback: this module cannot
+tell which); the hub fans invalidations out (hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+
+from devops_hub.v1 import cache_pb2
+
+from services.cache.client.keys import escape_key, key_problem
+from services.cache.sidecar.hub import InvalidationHub
+from services.cache.sidecar.stores.base import NewEntry, Store, StoreStats, Value
+from services.cache.sidecar.stores.position import SyncState
+from services.common.errors import Aborted, Unavailable, invalid_fields
+
+MAX_BATCH = 1000
+# Log positions must be exact in a double (the Redis store's Lua numbers).
+MAX_SEQUENCE = 2**53 - 1
+MAX_WATCH_PREFIXES = 100
+# Followers stop trusting a stream silent for a second (near_feed.py): four heartbeats.
+DEFAULT_HEARTBEAT_SECONDS = 0.25
+
+
+class CacheEntries:
+    def __init__(
+        self,
+        store: Store,
+        hub: InvalidationHub,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._heartbeat_interval = heartbeat_interval
+
+    async def get(self, key: str) -> cache_pb2.CacheGetResponse:
+        problem = key_problem(key)
+        if problem:
+            raise invalid_fields([("key", problem)])
+        lookup = await self._store.get(key)
+        if lookup.entry is None:
+            return cache_pb2.CacheGetResponse(found=False, position=lookup.position)
+        return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), position=lookup.position)
+
+    async def get_many(self, keys: Sequence[str]) -> cache_pb2.CacheGetManyResponse:
+        if len(keys) > MAX_BATCH:
+            raise invalid_fields([("keys", f"at most {MAX_BATCH} keys per call, got {len(keys)}")])
+        violations = [(f"keys[{i}]", problem) for i, key in enumerate(keys) if (problem := key_problem(key))]
+        if violations:
+            raise invalid_fields(violations)
+        found = await self._store.get_many(list(dict.fromkeys(keys)))
+        return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
+
+    async def set(self, request: cache_pb2.CacheSetRequest) -> cache_pb2.CacheSetResponse:
+        # The entry is REQUIRED: the request path refused a Set without one.
+        violations = _ttl_violations(request.ttl_seconds) + self._entry_violations("entry", request.entry)
+        violations += _sequence_violations(("entry.version", request.entry.version))
+        if violations:
+            raise invalid_fields(violations)
+        entry = request.entry
+        version = entry.version if request.fill else None
+        stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, version, entry.negative)
+        if not request.fill:
+            # An overwrite, not a fill: near-caches may hold the value it replaces.
+            self._publish_outside_log([escape_key(entry.key)])
+        return cache_pb2.CacheSetResponse(stored=stored)
+
+    async def set_many(self, request: cache_pb2.CacheSetManyRequest) -> cache_pb2.CacheSetManyResponse:
+        violations = _ttl_violations(request.ttl_seconds)
+        if len(request.entries) > MAX_BATCH:
+            violations.append(("entries", f"at most {MAX_BATCH} entries per call, got {len(request.entries)}"))
+        else:
+            for i, entry in enumerate(request.entries):
+                violations += self._entry_violations(f"entries[{i}]", entry)
+        if violations:
+            raise invalid_fields(violations)
+        # Validated as a whole first, so a bad entry never leaves the batch half-stored.
+        entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
+        stored = await self._store.set_many(entries, request.ttl_seconds)
+        if entries:
+            self._publish_outside_log([escape_key(entry.key) for entry in entries])
+        return cache_pb2.CacheSetManyResponse(stored=stored)
+
+    async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
+        problem = key_problem(key)
+        if problem:
+            raise invalid_fields([("key", problem)])
+        try:
+            deleted = await self._store.delete(key)
+        finally:
+            self._publish_outside_log([escape_key(key)])
+        return cache_pb2.CacheDeleteResponse(deleted=deleted)
+
+    async def invalidate(self, request: cache_pb2.CacheInvalidateRequest) -> cache_pb2.CacheInvalidateResponse:
+        named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
+        named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
+        violations = _pattern_violations(named)
+        if violations:
+            raise invalid_fields(violations)
+        patterns = [pattern for _, pattern in named]
+        try:
+            removed = await self._store.remove(patterns)
+        finally:
+            # Even if a store failure cut the list short: an extra invalidation only
+            # costs near-caches a miss.
+            self._publish_outside_log(patterns)
+        return cache_pb2.CacheInvalidateResponse(removed=removed)
+
+    async def clear(self) -> cache_pb2.CacheClearResponse:
+        try:
+            removed = await self._store.clear()
+        finally:
+            self._publish_outside_log(["*"])
+        return cache_pb2.CacheClearResponse(removed=removed)
+
+    async def get_sync_state(self) -> cache_pb2.CacheSyncState:
+        return _sync_state(await self._store.sync_state())
+
+    async def sync(self, request: cache_pb2.CacheSyncRequest) -> cache_pb2.CacheSyncState:
+        violations = _pattern_violations([(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)])
+        violations += _sequence_violations(("after", request.after), ("through", request.through))
+        if request.through < request.after:
+            violations.append(("through", f"must not be below after ({request.after}), got {request.through}"))
+        if violations:
+            raise invalid_fields(violations)
+        before = await self._store.sync_state()
+        state = await self._store.sync(request.after, request.through, list(request.patterns), request.clear)
+        if before.fresh or state.applied > before.applied:
+            # A store that was fresh vouched for nothing before: its followers start over.
+            patterns = ["*"] if before.fresh or request.clear else list(request.patterns)
+            self._hub.publish(request.after, request.through, patterns)
+        return _sync_state(state)
+
+    async def stats(self) -> cache_pb2.CacheStats:
+        return stats_message(await self._store.stats())
+
+    async def watch(self, prefixes: Sequence[str]) -> AsyncIterator[cache_pb2.CacheInvalidation]:
+        """Streams invalidations, starting with a heartbeat that says "subscribed".
+
+        Heartbeats (no patterns, the position) also flow whenever the stream is idle, so a client
+        can tell a quiet stream from a dead connection. The stream ends with ABORTED
+        when this watcher falls behind, and UNAVAILABLE when the sidecar shuts down or
+        cannot hear the other sidecars; either way the client must clear its
+        near-cache and resubscribe.
+        """
+        if len(prefixes) > MAX_WATCH_PREFIXES:
+            raise invalid_fields([("prefixes", f"at most {MAX_WATCH_PREFIXES} prefixes, got {len(prefixes)}")])
+        watcher = self._hub.subscribe(prefixes)
+        if watcher is None:
+            raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
+        try:
+            yield _heartbeat(self._hub.position)
+            while True:
+                if watcher.ended == "overflow":
+                    raise Aborted("watch stream fell behind; clear the near-cache and resubscribe", reason="WATCH_OVERFLOW")
+                if watcher.ended is not None:
+                    raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
+                try:
+                    async with asyncio.timeout(self._heartbeat_interval):
+                        message = await watcher.queue.get()
+                except TimeoutError:
+                    yield _heartbeat(self._hub.position)
+                    continue
+                if message is not None:
+                    after, through, patterns = message
+                    yield cache_pb2.CacheInvalidation(after=after, through=through, patterns=patterns)
+        finally:
+            self._hub.unsubscribe(watcher)
+
+    def _publish_outside_log(self, patterns: list[str]) -> None:
+        """Streams an invalidation that the log does not number (after == through)."""
+        self._hub.publish(self._hub.position, self._hub.position, patterns)
+
+    def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
+        violations = [
+            (f"{path}.{field}", problem)
+            for field, problem in self._store.entry_violations(entry.key, entry.value, entry.content_type)
+        ]
+        if entry.negative and entry.value:
+            violations.append((f"{path}.value", "must be empty for a negative entry"))
+        return violations
+
+
+def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:
+    return cache_pb2.CacheStats(
+        hits=stats.hits,
+        misses=stats.misses,
+        hit_rate=stats.hit_rate,
+        entries=stats.entries,
+        bytes=stats.bytes,
+        sets=stats.sets,
+        invalidations=stats.invalidations,
+        evictions=stats.evictions,
+        namespaces={
+            name: cache_pb2.NamespaceStats(hits=counts.hits, misses=counts.misses, hit_rate=counts.hit_rate)
+            for name, counts in stats.namespaces.items()
+        },
+        backend=stats.backend,
+        backend_errors=stats.backend_errors,
+        backend_switches=stats.backend_switches,
+    )
+
+
+def _sync_state(state: SyncState) -> cache_pb2.CacheSyncState:
+    return cache_pb2.CacheSyncState(applied=state.applied, fresh=state.fresh)
+
+
+def _heartbeat(position: int) -> cache_pb2.CacheInvalidation:
+    return cache_pb2.CacheInvalidation(after=position, through=position)
+
+
+def _pattern_violations(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Problems with (field, pattern) pairs: their number, and each one as a key (a
+    pattern is bounded like a key: a store keeps it in its history of invalidations)."""
+    if len(named) > MAX_BATCH:
+        return [("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")]
+    return [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]
+
+
+def _sequence_violations(*named: tuple[str, int]) -> list[tuple[str, str]]:
+    return [
+        (field, f"must be at most {MAX_SEQUENCE}, got {value}") for field, value in named if value > MAX_SEQUENCE
+    ]
+
+
+def _entry(key: str, value: Value) -> cache_pb2.CacheEntry:
+    return cache_pb2.CacheEntry(
+        key=key, value=value.value, content_type=value.content_type, negative=value.negative, version=value.version
+    )
+
+
+def _ttl_violations(ttl: float) -> list[tuple[str, str]]:
+    if not math.isfinite(ttl) or ttl < 0:
+        return [("ttl_seconds", "must be a finite number of seconds, 0 or more (0 = the default TTL)")]
+    return []

@@ -1,0 +1,138 @@
+"""Fan-out of invalidations to Watch streams (the near-caches and edge caches).
+
+Every message carries the invalidation log's span it covers (after, through]: the
+stream is numbered by the log itself, so a follower that finds a message starting
+past its own position knows it missed one, whichever sidecar or path dropped it. The
+hub's position is the furthest `through` it has streamed; heartbeats carry it.
+
+A watcher that cannot keep up, and every watcher when the hub can no longer vouch
+for completeness (shutdown, or the Pub/Sub subscription to the other sidecars lost), is ended rather than
+silently skipped: an ended stream tells its client to clear what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from services.cache.client.keys import parse_pattern
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WATCH_QUEUE = 1024
+
+
+# (after, through, patterns): the log span a message covers, and its patterns.
+Message = tuple[int, int, tuple[str, ...]]
+
+
+class Watcher:
+    """One Watch stream's queue and filter. The queue holds what one call
+    invalidated together; None only wakes the stream to look at `ended`."""
+
+    def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
+        self.prefixes = tuple(prefixes)
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(queue_size)
+        # Why the stream must end ("overflow", "suspended" or "shutdown"); None while healthy.
+        self.ended: str | None = None
+
+    def wants(self, patterns: Sequence[str]) -> bool:
+        return not self.prefixes or any(self._wants(pattern) for pattern in patterns)
+
+    def _wants(self, pattern: str) -> bool:
+        """Could the pattern remove a key under one of our prefixes? Over-approximates:
+        an extra invalidation costs a near-cache a miss, a missing one serves stale data."""
+        if pattern == "*":
+            return True
+        parsed = parse_pattern(pattern)
+        literal = parsed.literal_prefix
+        if parsed.kind == "exact":
+            return any(literal.startswith(prefix) for prefix in self.prefixes)
+        return any(literal.startswith(prefix) or prefix.startswith(literal) for prefix in self.prefixes)
+
+    def end(self, reason: str) -> None:
+        self.ended = reason
+        # Wake the stream if it is waiting on an empty queue; a full queue means the
+        # stream is blocked sending and will see `ended` when the send returns.
+        try:
+            self.queue.put_nowait(None)
+        except asyncio.QueueFull:
+            pass
+
+
+class InvalidationHub:
+    """Fans invalidations out to watchers without ever waiting on one.
+
+    publish() is synchronous; each watcher has a bounded queue, and a watcher whose
+    queue is full is ended rather than buffered without limit or allowed to stall
+    the writer. While suspended (not subscribed to the other sidecars yet, or shutting
+    down) the hub takes no watchers: a near-cache fed by an incomplete stream would
+    serve stale data, and a client without one just reads through the sidecar.
+    """
+
+    def __init__(self, queue_size: int = DEFAULT_WATCH_QUEUE, *, accepting: bool = True) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1: an unbounded queue is what this prevents")
+        self._queue_size = queue_size
+        self.position = 0
+        self._watchers: set[Watcher] = set()
+        self._accepting = accepting
+        self._closed = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and not self._closed
+
+    def publish(self, after: int, through: int, patterns: Sequence[str]) -> None:
+        """Streams the patterns of the log span (after, through] as one message (what
+        one call invalidated goes together, so a burst of keys costs a watcher one
+        queue slot). Patterns from outside the log come with after == through."""
+        self.position = max(self.position, through)
+        if not self._watchers:
+            return
+        message = (after, through, tuple(patterns))
+        for watcher in list(self._watchers):
+            # A message that moves the position goes to every watcher, even with
+            # patterns it does not want: its followers must learn the new position.
+            if after == through and not watcher.wants(message[2]):
+                continue
+            try:
+                watcher.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                log.warning("cache watcher fell %d invalidations behind; ending its stream", self._queue_size)
+                self._watchers.discard(watcher)
+                watcher.end("overflow")
+
+    def subscribe(self, prefixes: Sequence[str]) -> Watcher | None:
+        """A new watcher, or None while the hub is not accepting any."""
+        if not self.accepting:
+            return None
+        watcher = Watcher(prefixes, self._queue_size)
+        self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def suspend(self) -> None:
+        """Ends every stream and refuses new ones until resume()."""
+        self._accepting = False
+        self._end_all("suspended")
+
+    def resume(self) -> None:
+        self._accepting = True
+
+    def close(self) -> None:
+        """Ends every stream for good, so clients reconnect elsewhere and clear their
+        near-caches instead of holding the server's shutdown."""
+        self._closed = True
+        self._end_all("shutdown")
+
+    def _end_all(self, reason: str) -> None:
+        for watcher in self._watchers:
+            watcher.end(reason)
+        self._watchers.clear()
+
+    def __len__(self) -> int:
+        return len(self._watchers)

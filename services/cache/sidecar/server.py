@@ -1,0 +1,157 @@
+"""Wiring for the cache sidecar: stores, invalidation hub and peers, servicer, gRPC host.
+
+Without REDIS_URL the store is memory only. With it, the store is Redis with a
+memory fallback, and a Pub/Sub listener brings other sidecars' invalidations to this
+one's Watch streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+
+from services.cache.client.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
+from services.cache.sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
+from services.cache.sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
+from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
+from services.cache.sidecar.peers import Peers
+from services.cache.sidecar.servicer import CacheServicer
+from services.cache.sidecar.stores import redis as redis_store
+from services.cache.sidecar.stores.fallback import FallbackStore
+from services.cache.sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache.sidecar.stores.redis_layout import KeyLayout
+from services.common.auth.verifier import RemoteVerifier
+from services.common.auth.wiring import Access
+from services.common.dependencies import redis_node_url
+from services.common.grpc_host import GrpcHost
+from services.common.process import GrpcProcess, run
+from services.common.settings import Settings
+from services.common.telemetry.endpoint import Refresher
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+# Redis must answer well within the clients' deadline (CACHE_TIMEOUT, 250 ms), so a
+# failing Redis is replaced by memory inside the very call that found it failing.
+MAX_REDIS_TIMEOUT = 0.25
+
+
+@dataclasses.dataclass
+class CacheSidecar(GrpcProcess):
+    """A built sidecar: start() starts its stores and peers, then serves."""
+
+    host: GrpcHost
+    metrics_port: int
+    # A FallbackStore (Redis, and memory while it fails) or a MemoryBackend.
+    store: FallbackStore | MemoryBackend
+    hub: InvalidationHub
+    # The memory store: the whole cache without Redis, the fallback with it.
+    memory: MemoryStore
+    access: Access
+    cache_metrics: CacheMetrics
+    peers: Peers | None = None
+
+    async def start_work(self) -> None:
+        """The stores' upkeep (expiry; with Redis, its first check and the probes
+        while it fails), the streams' starting position, and the listener of other
+        sidecars' invalidations."""
+        if isinstance(self.store, FallbackStore):
+            await self.store.start()
+        else:
+            self.store.start()
+        self.hub.position = (await self.store.sync_state()).applied
+        if self.peers is not None:
+            self.peers.start()
+
+    async def end_streams(self) -> None:
+        """Ends the Watch streams (their clients clear and resubscribe elsewhere) and
+        refuses new ones."""
+        self.hub.close()
+
+    async def close(self) -> None:
+        self.hub.close()
+        await self.access.close()
+        if self.peers is not None:
+            await self.peers.close()
+        await self.store.close()
+
+    def refreshers(self) -> Sequence[Refresher]:
+        return [CacheStatsRefresher(self.store, self.cache_metrics)]
+
+
+async def build(
+    settings: Settings,
+    metrics: ServiceMetrics | None = None,
+    *,
+    watch_queue_size: int = DEFAULT_WATCH_QUEUE,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+    redis_key_prefix: str | None = None,
+    redis_timeout: float | None = None,
+) -> CacheSidecar:
+    """Builds the sidecar bound to settings.cache_addr (port 0 picks a free one). The
+    keywords override settings (tests and benchmarks use a key prefix of their own).
+    `metrics` default to the process's, in the default registry."""
+    metrics = metrics or service_metrics()
+    hub = InvalidationHub(watch_queue_size)
+    negative_ttl = settings.cache_negative_ttl
+    memory = MemoryStore(
+        max_entries=settings.cache_max_size,
+        max_bytes=settings.cache_max_bytes,
+        default_ttl=settings.cache_default_ttl,
+        negative_ttl=min(negative_ttl, settings.cache_default_ttl),
+    )
+    memory_backend = MemoryBackend(memory)
+    peers = None
+    store: FallbackStore | MemoryBackend
+    if settings.redis_url:
+        timeout = min(redis_timeout or settings.redis_timeout, MAX_REDIS_TIMEOUT)
+        client = redis_store.connect(settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout)
+        primary = redis_store.RedisStore(
+            client,
+            default_ttl=settings.cache_default_ttl,
+            negative_ttl=min(negative_ttl, settings.cache_default_ttl),
+            layout=KeyLayout(redis_key_prefix or settings.redis_key_prefix),
+            max_value_bytes=min(settings.cache_max_bytes, MAX_VALUE_BYTES),
+        )
+        store = FallbackStore(primary, memory_backend, memory_ttl=settings.cache_fallback_ttl)
+        # A connection of its own: the store's pool is reset after an outage, and
+        # that must not cut the subscription (which would end every Watch stream). In
+        # a Redis Cluster any node hears every PUBLISH: the first one named will do.
+        peers_client = redis_store.connect(redis_node_url(settings.redis_url), max_connections=1, timeout=timeout)
+        peers = Peers(peers_client, primary.layout.channel, primary.origin, hub)
+        log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
+                 settings.redis_max_connections, timeout * 1000)
+    else:
+        store = memory_backend
+    # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
+    # No rate limits: its callers are the services, whose clients were limited already.
+    access = Access.build(settings, RemoteVerifier.from_settings(settings), rate_limited=False)
+    host = GrpcHost(
+        settings.cache_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
+    )
+    host.add(
+        cache_pb2_grpc.add_CacheServiceServicer_to_server,
+        CacheServicer(CacheEntries(store, hub, heartbeat_interval=heartbeat_interval)),
+        SERVICE_NAME,
+    )
+    cache_metrics = metrics.group(CacheMetrics)
+    # Every namespace's series exist at zero from the start.
+    cache_metrics.declare(SERVICE_NAMESPACES)
+    return CacheSidecar(
+        host=host,
+        metrics_port=settings.cache_metrics_port,
+        store=store,
+        hub=hub,
+        memory=memory,
+        access=access,
+        cache_metrics=cache_metrics,
+        peers=peers,
+    )
+
+
+def main() -> None:
+    run(build, name="cache sidecar", service="cache")

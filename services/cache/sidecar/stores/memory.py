@@ -1,0 +1,559 @@
+"""The in-process store: an LRU bounded by entries and bytes, with TTLs, negative
+entries, O(1) prefix invalidation, glob invalidation and versioned fills.
+
+MemoryStore is synchronous on purpose. The sidecar runs one event loop, so a method
+that never awaits is atomic: an invalidation and the fills it races with cannot
+interleave half-way, which is what makes the version check simple and exact.
+MemoryBackend wraps it in the async Store interface.
+
+Keys live in a tree of prefix levels ("agents:" → "agents:get:"; see keys.py). A
+prefix invalidation that ends on a level detaches that subtree in O(1): its entries
+are dead from that instant (every read checks that its entry's node is still
+attached) and are reclaimed a few at a time by later writes and by maintain(),
+never by the invalidation itself, so its cost does not depend on how many keys it
+removes. Dead entries still count against max_entries and max_bytes until reclaimed,
+since they still hold memory; the live figures in stats() exclude them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import heapq
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
+from services.cache.sidecar.stores.base import (
+    EVICTION_REASONS,
+    HitCounter,
+    Lookup,
+    NewEntry,
+    StoreStats,
+    Value,
+    entry_violations,
+    jittered,
+)
+from services.cache.sidecar.stores.position import SyncPosition, SyncState
+from services.common.background import cancel_and_wait
+from services.common.errors import invalid_fields
+
+# Invalidations remembered for fill checks; a fill older than all of them is refused.
+DEFAULT_HISTORY = 4096
+# Dead entries reclaimed per write: more than one, so reclaiming outpaces filling.
+SWEEP_PER_WRITE = 8
+MAINTENANCE_INTERVAL = 1.0
+MAINTENANCE_BUDGET = 20_000
+
+
+class _Node:
+    """One prefix level. entries and bytes total the live entries of the subtree."""
+
+    __slots__ = ("parent", "segment", "children", "keys", "entries", "bytes", "dead")
+
+    def __init__(self, parent: _Node | None, segment: str) -> None:
+        self.parent = parent
+        self.segment = segment
+        self.children: dict[str, _Node] = {}
+        self.keys: set[str] = set()
+        self.entries = 0
+        self.bytes = 0
+        self.dead = False
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Entry:
+    value: bytes
+    content_type: str
+    expires_at: float
+    # What the entry costs against max_bytes: value, key and content type.
+    size: int
+    node: _Node
+    negative: bool = False
+    version: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """False once any prefix level above it was invalidated."""
+        node: _Node | None = self.node
+        while node is not None:
+            if node.dead:
+                return False
+            node = node.parent
+        return True
+
+
+class MemoryStore:
+    """O(1) get/set/evict over an OrderedDict kept in LRU order (oldest first).
+
+    Versions: every invalidation is remembered, in a bounded history, at the log
+    position it was applied as (a Sync's `through`; the current position for one from
+    outside the log). A fill of version v is refused when a later record matches its
+    key, when v is older than the history (its floor), or when the key holds a newer
+    version. While the store is fresh (no position, see position.py) it refuses every
+    fill.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        default_ttl: float,
+        negative_ttl: float | None = None,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+        history: int = DEFAULT_HISTORY,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
+        if max_entries < 1 or max_bytes < 1 or default_ttl <= 0 or negative_ttl <= 0 or history < 1:
+            raise ValueError("max_entries, max_bytes, default_ttl, negative_ttl and history must be positive")
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_value_bytes = min(max_value_bytes, max_bytes)
+        self._default_ttl = default_ttl
+        self._negative_ttl = negative_ttl
+        self._clock = clock
+        self._rand = rand
+
+        self._entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self._root = _Node(None, "")
+        # Detached subtrees whose entries are still to be reclaimed.
+        self._graveyard: collections.deque[_Node] = collections.deque()
+        # (expires_at, key) in a min-heap, so expired entries are reclaimed without a
+        # scan. Items of replaced or removed entries stay until popped or compacted.
+        self._expiry: list[tuple[float, str]] = []
+        # Bytes held, live or dead: what max_bytes bounds.
+        self._bytes = 0
+
+        # Fills below the floor predate what the history can vouch for.
+        self._floor = 0
+        self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
+        self._history_limit = history
+        self.position = SyncPosition()
+
+        self._counter = HitCounter()
+        self._sets = 0
+        self._invalidations = 0
+        self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
+
+    @property
+    def fill_position(self) -> int:
+        """What a Get answers: the store's position (0 while fresh: fills are refused then)."""
+        return self.position.applied
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """(entries, bytes) held in memory, counting dead entries not yet reclaimed."""
+        return len(self._entries), self._bytes
+
+    # --- reads -----------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        """The live entry for key, refreshed as most recently used; None on a miss."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.expires_at <= self._clock():
+                del self._entries[key]
+                self._drop(key, entry, "ttl")
+            elif not entry.alive:
+                del self._entries[key]
+                self._drop(key, entry, None)
+            else:
+                self._entries.move_to_end(key)
+                self._counter.count(namespace_of(key), hit=True)
+                return entry
+        self._counter.count(namespace_of(key), hit=False)
+        return None
+
+    # --- writes ----------------------------------------------------------------------
+
+    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
+        violations = entry_violations(key, value, content_type, self._max_value_bytes)
+        if not violations and self._entry_size(key, value, content_type) > self._max_bytes:
+            # Storing it would mean evicting everything and still not fitting.
+            violations.append(("value", f"entry is larger than the cache's {self._max_bytes}-byte budget"))
+        return violations
+
+    def set(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        ttl: float = 0.0,
+        version: int | None = None,
+        negative: bool = False,
+    ) -> bool:
+        """Stores the entry; False when the fill (read at `version`) raced an
+        invalidation, the key holds a newer version or the store is fresh. None
+        overwrites, at the store's position.
+
+        ttl <= 0 means the default TTL; a negative entry (a cached "not found", whose
+        value must be empty) lives at most negative_ttl. Raises InvalidArgument for an
+        unusable entry.
+        """
+        violations = self.entry_violations(key, value, content_type)
+        if negative and value:
+            violations.append(("value", "must be empty for a negative entry"))
+        if violations:
+            raise invalid_fields(violations)
+        if version is not None and self._refuses(key, version):
+            return False
+        now = self._clock()
+        self._expire_due(now)
+        self._sweep(SWEEP_PER_WRITE)
+        ttl = ttl if ttl > 0 else self._default_ttl
+        if negative:
+            ttl = min(ttl, self._negative_ttl)
+        expires_at = now + jittered(ttl, self._rand())
+
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._drop(key, old, None)
+        node = self._node_for(key)
+        version = self.position.applied if version is None else version
+        entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative, version)
+        self._entries[key] = entry
+        node.keys.add(key)
+        self._bytes += entry.size
+        walker: _Node | None = node
+        while walker is not None:
+            walker.entries += 1
+            walker.bytes += entry.size
+            walker = walker.parent
+        self._sets += 1
+        self._schedule_expiry(expires_at, key)
+        self._evict_to_fit()
+        return True
+
+    def delete(self, key: str, at: int | None = None) -> bool:
+        """Removes one key; recorded even when absent, because an in-flight fill may
+        still hold it. `at`: the log position it is recorded at (default: the current)."""
+        self._record(key.__eq__, at)
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        alive = entry.alive
+        self._drop(key, entry, None)
+        return alive
+
+    def invalidate(self, pattern: str, at: int | None = None) -> int:
+        """Removes every key matching the glob; returns how many live entries went.
+        `at`: the log position it is recorded at (default: the current one)."""
+        parsed = parse_pattern(pattern)
+        if parsed.kind == "exact":
+            return int(self.delete(pattern, at))
+        if parsed.text == "*":
+            return self.clear(at)
+        self._record(parsed.matches, at)
+        level = parsed.level
+        if level is not None:
+            return self._detach(level)
+        removed = 0
+        victims = [key for key in self._candidates(parsed.literal_prefix) if parsed.matches(key)]
+        for key in victims:
+            entry = self._entries.pop(key)
+            self._drop(key, entry, None)
+            removed += 1
+        return removed
+
+    def clear(self, at: int | None = None) -> int:
+        """Removes everything. Every fill read before it is refused: the floor moves up,
+        so the history can be dropped instead of holding a match-all record."""
+        removed = self._root.entries
+        self._floor = max(self._floor, self._recorded_at(at))
+        self._history.clear()
+        self._invalidations += 1
+        self._entries.clear()
+        self._root = _Node(None, "")
+        self._graveyard.clear()
+        self._expiry.clear()
+        self._bytes = 0
+        return removed
+
+    def reset(self) -> None:
+        """Empties the store and forgets its position: it starts over as new."""
+        self.clear()
+        self.position.forget()
+
+    # --- the invalidation log ----------------------------------------------------------
+
+    def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Applies the log's entries in (after, through]: their patterns, or a clear
+        when the log no longer holds them. FailedPrecondition when the position is
+        below `after` (the patterns would not cover what lies between)."""
+        self.position.check(after)
+        if self.position.fresh:
+            # Nothing it holds can be vouched for, and no fill read before `through` may land.
+            self.clear(through)
+        elif through <= self.position.applied:
+            return self.position.state()  # another relay's Sync covered it already
+        elif clear:
+            self.clear(through)
+        else:
+            for pattern in patterns:
+                self.invalidate(pattern, through)
+        self.position.advance(through)
+        return self.position.state()
+
+    def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
+        """Reclaims expired and invalidated entries (at most `budget` of the latter);
+        returns how many dead entries are still waiting. Run periodically, so memory
+        comes back even when no writes arrive."""
+        self._expire_due(self._clock())
+        self._sweep(budget)
+        return len(self._entries) - self._root.entries
+
+    # --- stats -----------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        self._expire_due(self._clock())
+        return StoreStats(
+            hits=self._counter.hits,
+            misses=self._counter.misses,
+            entries=self._root.entries,
+            bytes=self._root.bytes,
+            sets=self._sets,
+            invalidations=self._invalidations,
+            evictions=dict(self._evictions),
+            namespaces=self._counter.namespaces(),
+        )
+
+    # --- the prefix tree -------------------------------------------------------------
+
+    def _node_for(self, key: str) -> _Node:
+        node = self._root
+        start = 0
+        for _ in range(MAX_PREFIX_DEPTH):
+            colon = key.find(":", start)
+            if colon < 0:
+                break
+            segment = key[start:colon]
+            child = node.children.get(segment)
+            if child is None:
+                child = node.children[segment] = _Node(node, segment)
+            node = child
+            start = colon + 1
+        return node
+
+    def _find_level(self, level: str) -> _Node | None:
+        """The node of a prefix level such as "agents:list:", if it holds anything."""
+        node: _Node | None = self._root
+        for segment in level.split(":")[:-1]:
+            node = node.children.get(segment) if node is not None else None
+        return node
+
+    def _detach(self, level: str) -> int:
+        node = self._find_level(level)
+        if node is None or node.entries == 0:
+            return 0
+        removed, size = node.entries, node.bytes
+        node.dead = True
+        parent = node.parent
+        assert parent is not None, "the root is never a prefix level"
+        del parent.children[node.segment]
+        walker: _Node | None = parent
+        while walker is not None:
+            walker.entries -= removed
+            walker.bytes -= size
+            walker = walker.parent
+        self._prune(parent)
+        self._graveyard.append(node)
+        return removed
+
+    def _prune(self, node: _Node) -> None:
+        """Removes levels left empty, so the tree stays proportional to the live keys."""
+        while node.parent is not None and node.entries == 0 and not node.keys:
+            if node.parent.children.get(node.segment) is node:
+                del node.parent.children[node.segment]
+            node = node.parent
+
+    def _candidates(self, literal: str) -> Iterator[str]:
+        """Keys that can start with `literal`, from the one subtree that can hold them.
+
+        Whole segments of the literal pick a subtree; the partial segment left over
+        narrows its children to those whose segment starts with it.
+        """
+        node = self._root
+        segments = literal.split(":")
+        rest = segments.pop()
+        for depth, segment in enumerate(segments):
+            if depth == MAX_PREFIX_DEPTH:
+                rest = ":".join([segment, *segments[depth + 1 :], rest])
+                break
+            child = node.children.get(segment)
+            if child is None:
+                return
+            node = child
+        yield from list(node.keys)
+        starts = [child for segment, child in node.children.items() if segment.startswith(rest)]
+        while starts:
+            current = starts.pop()
+            yield from list(current.keys)
+            starts.extend(current.children.values())
+
+    # --- internals -------------------------------------------------------------------
+
+    @staticmethod
+    def _entry_size(key: str, value: bytes, content_type: str) -> int:
+        return len(value) + len(key.encode()) + len(content_type)
+
+    def _drop(self, key: str, entry: Entry, reason: str | None) -> None:
+        """Book-keeping for an entry already popped from _entries. Dead entries leave
+        quietly: being reclaimed is not an eviction."""
+        node = entry.node
+        node.keys.discard(key)
+        self._bytes -= entry.size
+        if not entry.alive:
+            return
+        walker: _Node | None = node
+        while walker is not None:
+            walker.entries -= 1
+            walker.bytes -= entry.size
+            walker = walker.parent
+        self._prune(node)
+        if reason is not None:
+            self._evictions[reason] += 1
+
+    def _sweep(self, budget: int) -> None:
+        """Reclaims up to `budget` entries of detached subtrees."""
+        graveyard = self._graveyard
+        while budget > 0 and graveyard:
+            node = graveyard[0]
+            if node.keys:
+                key = node.keys.pop()
+                entry = self._entries.get(key)
+                if entry is not None and entry.node is node:
+                    del self._entries[key]
+                    self._bytes -= entry.size
+                budget -= 1
+            elif node.children:
+                graveyard.append(node.children.popitem()[1])
+            else:
+                graveyard.popleft()
+
+    def _evict_to_fit(self) -> None:
+        # The newest entry is last and fits on its own (checked in entry_violations),
+        # so this stops before reaching it.
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            reason = "size" if len(self._entries) > self._max_entries else "bytes"
+            key, entry = self._entries.popitem(last=False)
+            self._drop(key, entry, reason)
+
+    def _schedule_expiry(self, expires_at: float, key: str) -> None:
+        heapq.heappush(self._expiry, (expires_at, key))
+        # Overwrites and deletes leave dead heap items behind; rebuilding once they
+        # outnumber the live entries keeps the heap O(entries) at amortised O(1) cost.
+        if len(self._expiry) > 2 * len(self._entries) + 1024:
+            self._expiry = [(entry.expires_at, key) for key, entry in self._entries.items()]
+            heapq.heapify(self._expiry)
+
+    def _expire_due(self, now: float) -> None:
+        """Reclaims entries whose TTL passed, so expired data does not hold memory (or
+        count in stats) until it happens to be read or pushed out by LRU."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            # The key may have been replaced by a later entry with its own heap item.
+            if entry is not None and entry.expires_at <= now:
+                del self._entries[key]
+                self._drop(key, entry, "ttl")
+
+    def _recorded_at(self, at: int | None) -> int:
+        """An invalidation from the log is recorded at its entry; one from outside it at
+        the current position: it refuses fills read before that, but is not ordered
+        against a fill read at it (only the log orders)."""
+        return self.position.applied if at is None else at
+
+    def _record(self, matches: Callable[[str], bool], at: int | None) -> None:
+        self._history.append((self._recorded_at(at), matches))
+        if len(self._history) > self._history_limit:
+            dropped, _ = self._history.popleft()
+            self._floor = max(self._floor, dropped)
+        self._invalidations += 1
+
+    def _refuses(self, key: str, version: int) -> bool:
+        if self.position.fresh or version < self._floor:
+            return True
+        held = self._entries.get(key)
+        if held is not None and held.version > version and held.alive:
+            return True
+        # Only records after the fill's version matter; the history is in order.
+        for recorded, matches in reversed(self._history):
+            if recorded <= version:
+                return False
+            if matches(key):
+                return True
+        return False
+
+
+class MemoryBackend:
+    """MemoryStore behind the async Store interface, plus the periodic maintenance
+    that reclaims dead entries when no writes arrive to do it."""
+
+    backend = "memory"
+
+    def __init__(self, store: MemoryStore, *, maintenance_interval: float = MAINTENANCE_INTERVAL) -> None:
+        self.store = store
+        self._interval = maintenance_interval
+        self._maintenance: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._maintenance is None:
+            self._maintenance = asyncio.create_task(self._maintain_forever())
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.store.maintain()
+
+    async def get(self, key: str) -> Lookup:
+        return Lookup(self.store.get(key), self.store.fill_position)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
+        found: dict[str, Value] = {}
+        for key in keys:
+            entry = self.store.get(key)
+            if entry is not None:
+                found[key] = entry
+        return found
+
+    async def set(
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
+    ) -> bool:
+        return self.store.set(key, value, content_type, ttl, version, negative)
+
+    async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
+        # Overwrites (version None), like every SetMany: not fills read at position 0.
+        return sum(self.store.set(e.key, e.value, e.content_type, ttl, None, e.negative) for e in entries)
+
+    async def delete(self, key: str) -> bool:
+        return self.store.delete(key)
+
+    async def remove(self, patterns: Sequence[str]) -> int:
+        return sum(self.store.invalidate(pattern) for pattern in patterns)
+
+    async def clear(self) -> int:
+        return self.store.clear()
+
+    async def stats(self) -> StoreStats:
+        return self.store.stats()
+
+    async def sync_state(self) -> SyncState:
+        return self.store.position.state()
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        return self.store.sync(after, through, patterns, clear)
+
+    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
+        return self.store.entry_violations(key, value, content_type)
+
+    async def close(self) -> None:
+        task, self._maintenance = self._maintenance, None
+        if task is not None:
+            await cancel_and_wait(task)
+

@@ -1,0 +1,519 @@
+"""The Redis store: shared by every sidecar process, versioned by the invalidation log,
+O(1) prefix invalidation, every script's keys in one Redis Cluster slot.
+
+Key layout and record format: redis_layout.py and docs/cache.md. In short, a record
+carries the log position it was read at (its version); an exact invalidation at log
+position s leaves a tombstone `T<s>` in the key; a prefix invalidation writes s into
+the namespace's generation hash under the prefix. A record is current when no
+tombstone replaced it and no prefix above it was invalidated after its version; a fill
+of version v is refused when either happened after v (or the store's floor, its
+position when it last lost track of the log, is above v).
+
+An entry and its namespace's generation hash share the hash tag {namespace}, so the
+scripts that read both stay in one slot. The position lives under its own tag and is
+read and written by plain commands beside them, never inside a script.
+
+Every failure of Redis (refused, timed out, OOM, …) is raised to the caller: the
+fallback store decides what to do about it. Commands are never retried here, so a
+failure surfaces within one socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.cache.sidecar.stores.base import (
+    Found,
+    HitCounter,
+    Lookup,
+    NewEntry,
+    StoreStats,
+    Value,
+    entry_violations,
+    jittered,
+)
+from services.cache.sidecar.stores.position import FRESH, SyncState, position_behind
+from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
+from services.common.dependencies import redis_node_url
+from services.common.errors import invalid_fields
+
+# How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
+CENSUS_MAX_AGE = 5.0
+# SCAN batch size: large enough that a walk of 1M keys is a few thousand round trips.
+SCAN_COUNT = 1000
+# A tombstone outlives any fill that could race it: clients fill within FILL_WINDOW
+# (services/cache/client/client.py) of their read, far below this.
+TOMBSTONE_MS = 60_000
+
+# The version of a V, N or T record: the digits between its kind and the first '|'.
+_VERSION = """
+local function version_of(record)
+  local bar = string.find(record, '|', 2, true)
+  return tonumber(string.sub(record, 2, bar - 1))
+end
+local function invalidated_after(version, generations)
+  for _, seq in ipairs(generations) do
+    if seq and tonumber(seq) > version then return true end
+  end
+  return false
+end
+-- The positions of "#" and of the prefix levels in ARGV[first..]. A hash without "#"
+-- is new, or was lost (evicted, deleted) with the invalidations it recorded: "#" is
+-- set to `position` (the caller's last-read position), below which every record of
+-- the namespace counts as invalidated.
+local function generations_of(key, position, first)
+  local levels = {}
+  for i = first, #ARGV do levels[#levels + 1] = ARGV[i] end
+  local generations = redis.call('HMGET', key, '#', unpack(levels))
+  if not generations[1] then
+    redis.call('HSET', key, '#', position)
+    generations[1] = position
+  end
+  return generations
+end
+"""
+
+# KEYS: entry, generations. ARGV: position, prefix levels… → the record when current, else false.
+_GET = _VERSION + """
+local generations = generations_of(KEYS[2], ARGV[1], 2)
+local record = redis.call('GET', KEYS[1])
+if not record or string.sub(record, 1, 1) == 'T' then return false end
+if invalidated_after(version_of(record), generations) then return false end
+return record
+"""
+
+# KEYS: entry, generations. ARGV: version, floor, ttl ms, record, position, prefix
+# levels… → 1 stored, 0 refused (invalidated after the version, below the floor, or
+# newer held).
+_FILL = _VERSION + """
+local version = tonumber(ARGV[1])
+if version < tonumber(ARGV[2]) then return 0 end
+local held = redis.call('GET', KEYS[1])
+if held and version_of(held) > version then return 0 end
+if invalidated_after(version, generations_of(KEYS[2], ARGV[5], 6)) then return 0 end
+redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: entry. ARGV: log position, ttl ms, force → 1 when a value or negative entry
+# went. A record read at or after the position is newer than an invalidation from the
+# log: it stays, unless forced (an invalidation from outside the log).
+_TOMBSTONE = _VERSION + """
+local held = redis.call('GET', KEYS[1])
+if held and ARGV[3] == '0' and version_of(held) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], 'T' .. ARGV[1] .. '|', 'PX', ARGV[2])
+if held and string.sub(held, 1, 1) ~= 'T' then return 1 end
+return 0
+"""
+
+# KEYS: generations. ARGV: field, log position: the field keeps the larger.
+_RAISE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current or tonumber(current) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+_SCRIPTS = {"get": _GET, "fill": _FILL, "tombstone": _TOMBSTONE, "raise": _RAISE}
+# EVALSHA names a script by the SHA-1 of its source, known without asking Redis; a
+# Redis that does not have it yet (first use, restart) answers NOSCRIPT, and the
+# scripts are loaded then.
+_SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SCRIPTS.items()}
+
+
+def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis:
+    """A client over a bounded, blocking pool: at most max_connections sockets, and a
+    caller waits at most `timeout` for one, to connect, and for each reply. A URL
+    with `?cluster=true` talks to a Redis Cluster (RedisCluster discovers its nodes)."""
+    if "cluster=true" in url:
+        cluster = RedisCluster.from_url(
+            redis_node_url(url),
+            max_connections=max_connections,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cluster  # type: ignore[return-value]  # the commands this store uses are the same
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        default_ttl: float,
+        negative_ttl: float | None = None,
+        layout: KeyLayout | None = None,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+        origin: str | None = None,
+        rand: Callable[[], float] = random.random,
+        census_max_age: float = CENSUS_MAX_AGE,
+    ) -> None:
+        self.client = client
+        self.layout = layout or KeyLayout()
+        # Tells this sidecar's own Pub/Sub messages from other sidecars'.
+        self.origin = origin or secrets.token_hex(8)
+        self._default_ttl = default_ttl
+        self._negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
+        self._max_value_bytes = max_value_bytes
+        self._rand = rand
+        self._counter = HitCounter()
+        self._sets = 0
+        self._invalidations = 0
+        # The position as last read: fills are checked against its floor (see _FILL).
+        self._position = FRESH
+        self._floor = 0
+        self._census_max_age = census_max_age
+        self._census_lock = asyncio.Lock()
+        self._census_value: tuple[int, int] | None = None
+        self._census_at = 0.0
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def get(self, key: str) -> Lookup:
+        def queue(pipe: Any) -> None:
+            self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
+            pipe.hmget(self.layout.position, ["applied", "floor"])
+
+        raw, position = await self._pipeline(queue)
+        self._note_position(position)
+        self._counter.count(namespace_of(key), hit=raw is not None)
+        return Lookup(None if raw is None else _found(raw), self._position.applied)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
+        """One round trip: the get script per key, pipelined."""
+        if not keys:
+            return {}
+        def queue(pipe: Any) -> None:
+            for key in keys:
+                self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
+
+        records = await self._pipeline(queue)
+        found: dict[str, Value] = {}
+        for key, raw in zip(keys, records):
+            self._counter.count(namespace_of(key), hit=raw is not None)
+            if raw is not None:
+                found[key] = _found(raw)
+        return found
+
+    # --- writes ----------------------------------------------------------------------
+
+    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
+        return entry_violations(key, value, content_type, self._max_value_bytes)
+
+    async def set(
+        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
+    ) -> bool:
+        """A fill (read at `version`, checked by the fill script) or an overwrite (None)."""
+        entry = NewEntry(key, value, content_type, negative)
+        self._check(entry)
+        if version is None:
+            return bool(await self.set_many([entry], ttl))
+        if self._position.fresh:
+            return False
+        ttl_ms, body = self._record(entry, ttl, version)
+        args = [version, self._floor, ttl_ms, body, self._known(), *prefix_levels(key)]
+        stored = bool(await self._eval("fill", self._keys(key), args))
+        self._sets += stored
+        return stored
+
+    async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
+        """Overwrites, stored at the current position (read first: one cached from an
+        earlier call may be below an invalidation, which would hide them) in one round
+        trip, with "#" in each new namespace's generation hash (see generations_of)."""
+        for entry in entries:
+            self._check(entry)
+        if not entries:
+            return 0
+        at = (await self.sync_state()).applied
+        async with self.client.pipeline(transaction=False) as pipe:
+            for namespace in {namespace_of(entry.key) for entry in entries}:
+                pipe.hsetnx(self.layout.generations_key(namespace), "#", at)
+            for entry in entries:
+                ttl_ms, body = self._record(entry, ttl, at)
+                pipe.set(self.layout.data_key(entry.key), body, px=ttl_ms)
+            await pipe.execute()
+        self._sets += len(entries)
+        return len(entries)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.remove([escape_key(key)]))
+
+    async def remove(self, patterns: Sequence[str]) -> int:
+        """From outside the log: recorded at the current position (fills read before it
+        are refused) and removed at once, prefixes by SCAN, since a version cannot tell
+        a value read just before it from one read just after."""
+        state = await self.sync_state()
+        return await self._apply(patterns, state.applied, publish=(state.applied, state.applied), outside_log=True)
+
+    async def clear(self) -> int:
+        state = await self.sync_state()
+        return await self._clear(state.applied, publish=(state.applied, state.applied))
+
+    # --- the invalidation log ---------------------------------------------------------
+
+    async def sync_state(self) -> SyncState:
+        self._note_position(await self.client.hmget(self.layout.position, ["applied", "floor"]))
+        return self._position
+
+    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Checks the shared position, applies the patterns (or clears) at `through`,
+        then moves the position there (never back: concurrent sidecars each keep the larger)."""
+        state = await self.sync_state()
+        if not state.fresh and after > state.applied:
+            raise position_behind(state.applied, after)
+        if not state.fresh and through <= state.applied:
+            return state
+        if state.fresh or clear:
+            await self._clear(through, publish=(after, through))
+        else:
+            await self._apply(patterns, through, publish=(after, through))
+        await self._eval("raise", [self.layout.position], ["applied", through])
+        # The script keeps the larger: another sidecar may have moved it further, which
+        # the next read of the position shows.
+        self._position = SyncState(max(state.applied, through) if not state.fresh else through, False)
+        return self._position
+
+    # --- stats and lifecycle ---------------------------------------------------------
+
+    def local_stats(self) -> StoreStats:
+        """What this process counted itself, with no Redis round trip (entries and
+        bytes are left at 0): the fallback store adds these up while Redis is away."""
+        return StoreStats(
+            hits=self._counter.hits,
+            misses=self._counter.misses,
+            entries=0,
+            bytes=0,
+            sets=self._sets,
+            invalidations=self._invalidations,
+            evictions={"size": 0, "bytes": 0, "ttl": 0},
+            namespaces=self._counter.namespaces(),
+            backend=self.backend,
+        )
+
+    async def stats(self) -> StoreStats:
+        """Entries and bytes are this deployment's cache records only, counted under
+        its key prefix: the Redis server may hold other applications' keys (and DevOps
+        Hub's rate-limit buckets). Records invalidated by a prefix count until their
+        TTL removes them. Redis's eviction and expiry counters are the whole server's,
+        so the store reports none of its own (see docs/cache.md)."""
+        entries, size = await self._census()
+        return dataclasses.replace(self.local_stats(), entries=entries, bytes=size)
+
+    async def _census(self) -> tuple[int, int]:
+        """(records, bytes) by SCAN and MEMORY USAGE; kept for census_max_age seconds,
+        since a walk is O(keyspace) and scrapes come often."""
+        now = time.monotonic()
+        if self._census_value is not None and now - self._census_at < self._census_max_age:
+            return self._census_value
+        async with self._census_lock:
+            if self._census_value is not None and time.monotonic() - self._census_at < self._census_max_age:
+                return self._census_value
+            usages: list[Any] = []
+            names: list[Any] = []
+            async for name in self.client.scan_iter(match=self.layout.data_match(""), count=SCAN_COUNT):
+                names.append(name)
+                if len(names) >= SCAN_COUNT:
+                    usages += await self._memory_usage(names)
+                    names = []
+            usages += await self._memory_usage(names)
+            counted = [int(usage) for usage in usages if usage is not None]
+            self._census_value, self._census_at = (len(counted), sum(counted)), time.monotonic()
+            return self._census_value
+
+    async def _memory_usage(self, names: list[Any]) -> list[Any]:
+        """MEMORY USAGE of each name, in one round trip (None for a name gone meanwhile)."""
+        if not names:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.memory_usage(name)
+            return list(await pipe.execute())
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def reset_connections(self) -> None:
+        """Drops every pooled connection, so the next commands connect afresh: after
+        an outage the pool is full of sockets to a Redis that is gone, and each would
+        fail once more (each failure a switch to memory) before being replaced."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect(inuse_connections=True)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect()
+
+    # --- internals -------------------------------------------------------------------
+
+    async def _apply(self, patterns: Sequence[str], at: int, *, publish: tuple[int, int], outside_log: bool = False) -> int:
+        """Invalidates at log position `at`, in one round trip: a tombstone per exact
+        key, the raised position of each prefix. A glob that is neither raises its
+        literal prefix's deepest level (more than it names, but O(1)); one without a
+        namespace is a clear from the log, and raises the floor from outside it.
+        Returns the values removed (-1 when a prefix went)."""
+        patterns = list(dict.fromkeys(patterns))
+        exact = [pattern for pattern in patterns if parse_pattern(pattern).kind == "exact"]
+        levels = [_level(parse_pattern(pattern)) for pattern in patterns if pattern not in exact]
+        if None in levels and not outside_log:
+            return await self._clear(at, publish=publish)
+        self._invalidations += len(patterns)
+
+        def queue(pipe: Any) -> None:
+            for key in exact:
+                self._queue(pipe, "tombstone", [self.layout.data_key(key)], [at, TOMBSTONE_MS, int(outside_log)])
+            for level in levels:
+                if level is None:
+                    self._queue(pipe, "raise", [self.layout.position], ["floor", at])
+                else:
+                    self._queue(pipe, "raise", [self.layout.generations_key(namespace_of(level))], [level, at])
+
+        results = await self._pipeline(queue)
+        # Not in the pipeline: a Redis Cluster pipeline refuses PUBLISH.
+        await self.client.publish(self.layout.channel, self._message(publish, patterns))
+        removed = sum(int(gone) for gone in results[: len(exact)])
+        if outside_log:
+            for pattern in patterns:
+                if pattern not in exact:
+                    removed += await self._unlink_matching(parse_pattern(pattern))
+            return removed
+        return -1 if levels else removed
+
+    async def _clear(self, at: int, *, publish: tuple[int, int]) -> int:
+        """Every namespace invalidated at `at`, the floor raised to it (so fills read
+        before it are refused, in namespaces not seen yet too), the records reclaimed."""
+        self._invalidations += 1
+        async for name in self.client.scan_iter(match=self.layout.generations_match(), count=SCAN_COUNT):
+            await self._eval("raise", [name.decode() if isinstance(name, bytes) else name], ["#", at])
+        await self._eval("raise", [self.layout.position], ["floor", at])
+        self._floor = max(self._floor, at)
+        removed = await self._unlink_matching(parse_pattern("*"))
+        await self.client.publish(self.layout.channel, self._message(publish, ["*"]))
+        return removed
+
+    async def _unlink_matching(self, pattern: GlobPattern) -> int:
+        """SCAN (never KEYS) for the records a glob matches, and UNLINK them, a batch
+        of up to SCAN_COUNT names per command (a cluster client splits it by slot)."""
+        removed = 0
+        batch: list[Any] = []
+        async for name in self.client.scan_iter(match=self.layout.data_match(pattern.literal_prefix), count=SCAN_COUNT):
+            key = self.layout.logical_key(name)
+            if key is not None and pattern.matches(key):
+                batch.append(name)
+            if len(batch) >= SCAN_COUNT:
+                removed += await self._unlink(batch)
+                batch = []
+        if batch:
+            removed += await self._unlink(batch)
+        return removed
+
+    async def _unlink(self, names: list[Any]) -> int:
+        """UNLINKs the records; returns how many were values or negative entries (a
+        tombstone is no entry)."""
+        names = list(dict.fromkeys(names))  # SCAN may return a name twice
+        kinds = await self._pipeline(lambda pipe: [pipe.getrange(name, 0, 0) for name in names])
+        await self.client.unlink(*names)
+        return sum(kind in (b"V", b"N") for kind in kinds)
+
+    def _keys(self, key: str) -> list[str]:
+        return [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
+
+    def _known(self) -> int:
+        """The position as last read (see generations_of)."""
+        return max(self._position.applied, self._floor)
+
+    def _note_position(self, reply: list[Any]) -> None:
+        applied, floor = reply
+        self._position = FRESH if applied is None else SyncState(int(applied), False)
+        self._floor = int(floor or 0)
+
+    def _check(self, entry: NewEntry) -> None:
+        violations = self.entry_violations(entry.key, entry.value, entry.content_type)
+        if entry.negative and entry.value:
+            violations.append(("value", "must be empty for a negative entry"))
+        if violations:
+            raise invalid_fields(violations)
+
+    def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
+        """(ttl in ms, jittered; the record) of an entry to store."""
+        ttl = ttl if ttl > 0 else self._default_ttl
+        if entry.negative:
+            ttl = min(ttl, self._negative_ttl)
+        ttl_ms = max(1, int(jittered(ttl, self._rand()) * 1000))
+        return ttl_ms, record("N" if entry.negative else "V", version, entry.content_type, entry.value)
+
+    def _message(self, span: tuple[int, int], patterns: Sequence[str]) -> str:
+        """A Pub/Sub message for the other sidecars' Watch streams: who sent it, the log
+        span (after, through) and the patterns (JSON, since a key may hold any character)."""
+        return json.dumps([self.origin, span[0], span[1], list(patterns)])
+
+    def _queue(self, pipe: Any, name: str, keys: list[str], args: Sequence[Any]) -> None:
+        pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
+
+    async def _pipeline(self, queue: Callable[[Any], object]) -> list[Any]:
+        """Runs what `queue` puts in a pipeline, in one round trip; once more after
+        loading the scripts when Redis did not have them (first use, a restart). All of
+        it is idempotent."""
+        for attempt in (1, 2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    queue(pipe)
+                    return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._load_scripts()
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def _load_scripts(self) -> None:
+        for source in _SCRIPTS.values():
+            await self.client.script_load(source)
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
+
+
+def _level(parsed: GlobPattern) -> str | None:
+    """The prefix level a non-exact pattern invalidates: its own, or its literal
+    prefix's deepest; None when it names no namespace (then it is a clear)."""
+    levels = prefix_levels(parsed.literal_prefix)
+    return parsed.level or (levels[-1] if levels else None)
+
+
+def _found(raw: bytes) -> Found:
+    parsed = parse_record(raw)
+    content_type, value = parsed.content()
+    return Found(value, content_type, parsed.kind == "N", parsed.version)
