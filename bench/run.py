@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -63,11 +64,30 @@ P95_TARGET_MS = 30.0
 GRPC_RATIO_TARGET = 0.8
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on (bound, then released); the tests use it too."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on (bound, then released); the tests use it too.
+
+    Drawn below the kernel's ephemeral range (32768 and up), where outgoing connections
+    and other programs' bind(0) take theirs, and never twice in one process: a port
+    freed by bind(0) is soon handed to someone else, and the stack that was meant to
+    listen there finds another server on it. Each pytest-xdist worker draws from a
+    range of its own."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 12000 + (worker % 8) * 2500
+    while True:
+        port = random.randrange(low, low + 2500)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def local_stack_env(database_url: str) -> dict[str, str]:
