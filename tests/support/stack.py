@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
         # before either starts: reserve one now.
         settings = settings.replace(agents_addr=f"127.0.0.1:{free_port()}")
     async with contextlib.AsyncExitStack() as started:
+        # A stack still up after 4 minutes is hung (the test's timeout is 5): say where
+        # every task waits, which the timeout's own traceback (the loop's select) cannot.
+        started.callback(asyncio.get_running_loop().call_later(240, _print_tasks).cancel)
         cache_stub = None
         if with_sidecar:
             sidecar = await started.enter_async_context(running(await build_sidecar(settings)))
@@ -148,3 +152,9 @@ def new_agent(i: int | str, **fields) -> agents_pb2.Agent:
     )
     values.update(fields)
     return agents_pb2.Agent(**values)
+
+
+def _print_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
