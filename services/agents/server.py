@@ -79,6 +79,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         guard=access.guard,
         reflection=settings.grpc_reflection,
         idempotency=Idempotency(IdempotencyRepository(db), settings.idempotency_retention),
+        outages=db.outages,
     )
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,

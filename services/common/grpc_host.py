@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from services.common.grpc_calls import CallWrapper, Guard, Registrar
 from services.common.idempotency import Idempotency
 from services.common.limits import GRPC_SIZE_OPTIONS
+from services.common.outages import Outages
 from services.common.telemetry.metrics import GrpcServerMetrics
 
 
@@ -43,6 +44,7 @@ class GrpcHost:
         guard: Guard | None = None,
         reflection: bool = True,
         idempotency: Idempotency | None = None,
+        outages: Outages | None = None,
     ) -> None:
         self.address = address
         # Server reflection lists every method to anyone who asks, key or not: handy
@@ -54,7 +56,7 @@ class GrpcHost:
         self.server = grpc.aio.server(
             options=[*GRPC_SIZE_OPTIONS, ("grpc.so_reuseport", 1)],
         )
-        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics, idempotency=idempotency))
+        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics, idempotency=idempotency, outages=outages))
         self.health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self.port: int | None = None

@@ -110,6 +110,7 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         guard=access.guard,
         reflection=settings.grpc_reflection,
         idempotency=Idempotency(keys, settings.idempotency_retention),
+        outages=db.outages,
     )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)

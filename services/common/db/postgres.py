@@ -18,7 +18,7 @@ import asyncpg
 from services.common.db.database import Database, Executor, Row, UniqueViolation
 from services.common.dependencies import postgres_unavailable
 from services.common.errors import CommitOutcomeUnknown
-from services.common.outages import PROCESS, is_database_outage
+from services.common.outages import Outages, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
@@ -60,7 +60,8 @@ class _PgExecutor(Executor):
 class PostgresDatabase(Database):
     dialect = "postgresql"
 
-    def __init__(self, pool: asyncpg.Pool, pools: PoolMetrics | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, pools: PoolMetrics | None = None, outages: Outages | None = None) -> None:
+        self.outages = Outages() if outages is None else outages
         self._pool = pool
         self.query_count = 0
         # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
@@ -70,7 +71,9 @@ class PostgresDatabase(Database):
             pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int, max_size: int, pools: PoolMetrics | None = None) -> PostgresDatabase:
+    async def open(
+        cls, url: str, *, min_size: int, max_size: int, pools: PoolMetrics | None = None, outages: Outages | None = None
+    ) -> PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -82,7 +85,7 @@ class PostgresDatabase(Database):
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise postgres_unavailable(url, exc) from exc
-        return cls(pool, pools)
+        return cls(pool, pools, outages)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         async with _Connection(self) as conn:
@@ -151,7 +154,7 @@ class _Connection:
         except Exception as exc:
             # No connection to be had, whatever the reason the server gives: refused,
             # shutting down, not accepting connections, too many clients.
-            raise PROCESS.database.failed(exc) from exc
+            raise db.outages.database.failed(exc) from exc
         finally:
             db._acquiring -= 1
         return self._conn
@@ -166,9 +169,9 @@ class _Connection:
         except Exception as release_failure:  # resetting a connection the server ended
             exc, lost = exc or release_failure, True
         if exc is None:
-            PROCESS.database.succeeded()
+            self._db.outages.database.succeeded()
         elif lost:
-            unavailable = PROCESS.database.failed(exc)
+            unavailable = self._db.outages.database.failed(exc)
             if not isinstance(exc, CommitOutcomeUnknown):
                 raise unavailable from exc
 
