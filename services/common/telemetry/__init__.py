@@ -47,7 +47,7 @@ class Telemetry:
         # No `_created` series beside every counter and histogram: they double what a
         # scrape carries, and rate() does not need them.
         disable_created_metrics()
-        prepare_multiprocess(service)
+        prepare_multiprocess()
         profiling.configure(settings)
         return cls(service, service_metrics(), provider=tracing.configure(settings, service))
 
