@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
+from opentelemetry import trace
 
 from services.cache.client import freshness
 from services.cache.edge import surrogate_keys
 from services.common.errors import grpc_status
 from services.common.outages import Outages
 from services.common.request_checks import check_request, tolerant
-from services.common.telemetry import context, profiling, tracing
+from services.common.telemetry import context
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
 from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 if TYPE_CHECKING:
     from services.common.idempotency import Idempotency
@@ -45,7 +47,7 @@ Guard = Callable[[str, Context], Awaitable[Metadata]]
 
 
 class CallWrapper:
-    """Wraps method handlers, with the process's tracer and profiler (None when off),
+    """Wraps method handlers, with the tracer and profiler it is given (None: off),
     the freshness table the protos declare and, for a process with a database, safe
     retries of the methods whose requests carry a request_id (idempotency.py) and the
     database's outages, which untranslated errors are asked about (a fresh set without)."""
@@ -57,13 +59,15 @@ class CallWrapper:
         metrics: GrpcServerMetrics,
         idempotency: Idempotency | None = None,
         outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
     ) -> None:
         self._guard = guard
         self._idempotency = idempotency
         self._outages = Outages() if outages is None else outages
         self._metrics = metrics
-        self._tracer = tracing.tracer()
-        self._profiler = profiling.profiler()
+        self._tracer = tracer
+        self._profiler = profiler
         self._max_ages = freshness.max_ages()
         self._wrapped: dict[str, Handler] = {}
 

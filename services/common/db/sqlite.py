@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiosqlite
+from opentelemetry import trace
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
 from services.common.outages import Outages, is_database_outage
@@ -55,13 +56,13 @@ class _SqliteExecutor(Executor):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
-        with _errors_translated(self._owner.outages), tracing.db_span("sqlite", sql):
+        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
             async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
                 return list(await cursor.fetchall())
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
-        with _errors_translated(self._owner.outages), tracing.db_span("sqlite", sql):
+        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
             async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
                 return cursor.rowcount
 
@@ -94,8 +95,10 @@ class SqliteDatabase(Database):
         readers: list[aiosqlite.Connection],
         pools: PoolMetrics | None = None,
         outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.outages = Outages() if outages is None else outages
+        self.tracer = tracer
         self._writer = writer
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
@@ -110,7 +113,13 @@ class SqliteDatabase(Database):
 
     @classmethod
     async def open(
-        cls, url: str, *, readers: int, pools: PoolMetrics | None = None, outages: Outages | None = None
+        cls,
+        url: str,
+        *,
+        readers: int,
+        pools: PoolMetrics | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> SqliteDatabase:
         path = url.removeprefix("sqlite://")
         # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
@@ -125,7 +134,7 @@ class SqliteDatabase(Database):
             for conn in opened:
                 await conn.close()
             raise
-        return cls(opened[0], opened[1:], pools, outages)
+        return cls(opened[0], opened[1:], pools, outages, tracer)
 
     @staticmethod
     async def _open_connection(path: str) -> aiosqlite.Connection:
