@@ -21,8 +21,9 @@ its proto declares. service_channel() opens the usual channel there (the service
 GRPC_CONNECTIONS), so no client names an address setting; service_client() wraps such
 channels in the client package's Client.
 
-Every channel in the system is opened here, so what a call carries is decided here
-and nowhere else: the services' key when asked for (the client package's
+Every channel a service or the gateway opens is opened here (only the launcher's
+health probes, on its children's unix sockets, are plain), so what a call carries is
+decided here and nowhere else: the services' key when asked for (the client package's
 key_interceptors, which every client of DevOps Hub uses), and, when the opener is
 given a tracer (the wiring hands on its Telemetry's), the interceptors that give each
 call a CLIENT span and pass its trace context on (telemetry/grpc_client.py). gRPC

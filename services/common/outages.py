@@ -5,9 +5,9 @@ same way. The caller should hear UNAVAILABLE (HTTP 503 with Retry-After) with an
 ErrorInfo reason naming the dependency, so it retries later; the operator should
 read one line when the dependency goes away and one when it is back, not a
 traceback per call. A Dependency tracks that state: the database engines call
-failed() and succeeded() around their statements; the error wrapper asks
-unavailable() about any other exception, for Redis and broken connections that
-reach it untranslated.
+failed() and succeeded() around their statements, on their Database's own Outages;
+the error wrapper, handed that same Outages by the wiring, asks unavailable() about
+any other exception, for Redis and broken connections that reach it untranslated.
 """
 
 from __future__ import annotations

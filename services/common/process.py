@@ -1,4 +1,4 @@
-"""The one shape of every process of DevOps Hub, the gRPC services and the gateway alike:
+"""The one shape of every serving process of DevOps Hub, the gRPC services and the gateway alike:
 
     build(settings) → start() → serve until SIGTERM or SIGINT → stop(grace) → close()
 

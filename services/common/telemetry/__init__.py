@@ -1,9 +1,9 @@
-"""Observability shared by every process: metrics, traces, logs and profiles.
+"""Observability shared by every serving process: metrics, traces, logs and profiles.
 
-A process's main() calls Telemetry.start() before it builds anything (logging is
-then in place for what it builds, and the Telemetry holds the tracer and the profiler
-the wiring hands to each part), serves its metrics, and closes the Telemetry last.
-docs/observability.md is the operator's side.
+A process's run() (services/common/process.py) calls Telemetry.start() before it
+builds anything (logging is then in place for what it builds, and the Telemetry holds
+the tracer and the profiler the wiring hands to each part), serves its metrics, and
+closes the Telemetry last. docs/observability.md is the operator's side.
 
     metrics.py      the Prometheus metrics every service has, and the process's set
     endpoint.py     GET /metrics of a gRPC service, on its own port

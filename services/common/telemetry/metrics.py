@@ -1,4 +1,4 @@
-"""Prometheus metrics every gRPC service has: its calls and its database pools.
+"""Prometheus metrics every gRPC service has: its calls and, with a database, its pools.
 
 Metrics that belong to one part live with it (the cache's in
 services/cache/sidecar/metrics.py). Each group is made on a registry it is given,
