@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,6 +36,7 @@ from services.cache.consistency import ConsistencyMetrics
 from services.common.api import discover_services
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 
 def create_app(
@@ -43,22 +45,25 @@ def create_app(
     services: Iterable[ServiceDescriptor] | None = None,
     backend_of_service: Mapping[str, str] | None = None,
     registry: CollectorRegistry | None = None,
+    tracer: trace.Tracer | None = None,
+    profiler: SlowRequestProfiler | None = None,
 ) -> GatewayFront:
     """The gateway for `settings`.
 
     `services` defaults to every service of the generated devops_hub.v1 package, and
     each is served by the backend its proto declares unless `backend_of_service` says
     otherwise; tests pass their own to serve extra services. `registry` defaults to a
-    fresh one owned by this app.
+    fresh one owned by this app. Requests and the calls they make are traced into
+    `tracer`, slow ones profiled by `profiler` (None: not at all).
     """
     routes = build_routes(discover_services() if services is None else services, backend_of_service)
     # Only the backends some route calls: the gateway neither connects to nor waits on
     # a backend whose protos are not there yet, so it is ready as soon as they are.
     addresses = backend_addresses(settings, (route.backend for route in routes))
 
-    pool = ChannelPool(addresses, settings.grpc_connections)
+    pool = ChannelPool(addresses, settings.grpc_connections, tracer=tracer)
     metrics = HttpMetrics(registry)
-    edge = Edge.from_settings(settings, ConsistencyMetrics(metrics.registry))
+    edge = Edge.from_settings(settings, ConsistencyMetrics(metrics.registry), tracer=tracer)
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,
@@ -121,4 +126,6 @@ def create_app(
         [route.path for route in fixed_routes],
         CORSMiddleware(rest, **cors) if cors else rest,
         metrics=metrics,
+        tracer=tracer,
+        profiler=profiler,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import grpc
+from opentelemetry import trace
 
 from services.common.channels import DEFAULT_CONNECTIONS, open_channel
 from services.common.settings import Settings
@@ -31,14 +32,17 @@ class ChannelPool:
     and closed there.
     """
 
-    def __init__(self, addresses: Mapping[str, str], connections: int = DEFAULT_CONNECTIONS) -> None:
+    def __init__(
+        self, addresses: Mapping[str, str], connections: int = DEFAULT_CONNECTIONS, *, tracer: trace.Tracer | None = None
+    ) -> None:
         self.addresses = dict(addresses)
         self.connections = connections
+        self._tracer = tracer
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def open(self) -> None:
         for address in dict.fromkeys(self.addresses.values()):
-            self._channels[address] = open_channel(address, connections=self.connections)
+            self._channels[address] = open_channel(address, connections=self.connections, tracer=self._tracer)
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         return self._channels[self.addresses[backend]]

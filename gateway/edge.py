@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
+from opentelemetry import trace
 from starlette.responses import Response
 
 from gateway.conditional import none_match
@@ -37,9 +38,10 @@ KEPT_HEADERS = ("etag", "cache-control", "vary")
 
 
 class Edge:
-    def __init__(self, settings: Settings, consistency: ConsistencyMetrics) -> None:
+    def __init__(self, settings: Settings, consistency: ConsistencyMetrics, tracer: trace.Tracer | None = None) -> None:
         self.settings = settings
         self._consistency = consistency
+        self._tracer = tracer
         self.cache = EdgeCache(
             max_entries=settings.gateway_edge_cache_size,
             max_bytes=settings.gateway_edge_cache_bytes,
@@ -51,7 +53,7 @@ class Edge:
         self._access: Access | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics) -> Edge | None:
+    def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics, *, tracer: trace.Tracer | None = None) -> Edge | None:
         """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when the rate limits
         are on but kept in each process's memory (no REDIS_URL): a hit would then take
         its token from another bucket than a miss, and a caller would get more than
@@ -61,15 +63,15 @@ class Edge:
         if not settings.redis_url and (settings.rate_limit_requests > 0 or settings.rate_limit_execute_requests > 0):
             log.info("edge cache off: rate limits are on and not shared (set REDIS_URL, or turn them off)")
             return None
-        return cls(settings, consistency)
+        return cls(settings, consistency, tracer)
 
     def open(self) -> None:
         """Starts following the sidecar's Watch (with the services' key, which it
         requires) and opens the guard's channels; on the server's event loop."""
         settings = self.settings
-        self._access = Access.build(settings, RemoteVerifier.from_settings(settings))
+        self._access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=self._tracer))
         self._transport = SidecarTransport(
-            service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key
+            service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key, tracer=self._tracer
         )
         self._feed = NearCacheFeed(self._transport, self.cache)
         self._feed.start()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
-from typing import Any
 
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,19 +24,16 @@ from gateway.metrics import KNOWN_METHODS, HttpMetrics, route_label
 from gateway.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import request_id_of
-from services.common.telemetry import asgi, context, profiling, tracing
+from services.common.telemetry import asgi, context
 from services.common.telemetry.profiling import SlowRequestProfiler
 
 log = logging.getLogger(__name__)
-
-_UNSET: Any = object()
-
 
 class GatewayFront:
     """Pure ASGI (no BaseHTTPMiddleware): it must not buffer bodies or break streaming.
 
     `own` (Starlette: lifespan, error handlers) serves the `own_paths`; `rest` every
-    other path. Tracer and profiler default to the process's (None when off)."""
+    other path. Traced into `tracer` and profiled by `profiler` (None: not at all)."""
 
     def __init__(
         self,
@@ -46,15 +42,15 @@ class GatewayFront:
         rest: ASGIApp,
         *,
         metrics: HttpMetrics,
-        tracer: trace.Tracer | None = _UNSET,
-        profiler: SlowRequestProfiler | None = _UNSET,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
     ) -> None:
         self.own = own
         self._own_paths = frozenset(own_paths)
         self.rest = rest
         self._metrics = metrics
-        self._tracer = tracing.tracer() if tracer is _UNSET else tracer
-        self._profiler = profiling.profiler() if profiler is _UNSET else profiler
+        self._tracer = tracer
+        self._profiler = profiler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

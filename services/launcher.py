@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +38,6 @@ from services.common.telemetry.metrics import MULTIPROCESS_ENV
 from services.seed import seed
 
 STOP_TIMEOUT = 8.0
-SERVICE_KEY_FILE = "var/service.key"
 START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.2
 # Restart back-off: 0.5 s, 1 s, 2 s ... up to 10 s, for deaths in a row. A process that
@@ -60,6 +60,8 @@ PROBE_FAILURES = 3
 class Part:
     name: str
     module: str
+    # Its name in telemetry, and so its subdirectory of PROMETHEUS_MULTIPROC_DIR.
+    service: str
     address: str
     scheme: str
     processes: int = 1
@@ -71,10 +73,10 @@ def parts(settings: Settings) -> list[Part]:
     the cache lives in Redis."""
     workers = max(1, settings.workers)
     return [
-        Part("cache sidecar", "services.cache.sidecar", settings.cache_addr, "grpc", workers if settings.redis_url else 1),
-        Part("agents service", "services.agents", settings.agents_addr, "grpc", workers),
-        Part("workflows service", "services.workflows", settings.workflows_addr, "grpc", workers),
-        Part("gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http", workers),
+        Part("cache sidecar", "services.cache.sidecar", "cache", settings.cache_addr, "grpc", workers if settings.redis_url else 1),
+        Part("agents service", "services.agents", "agents", settings.agents_addr, "grpc", workers),
+        Part("workflows service", "services.workflows", "workflows", settings.workflows_addr, "grpc", workers),
+        Part("gateway", "gateway", "gateway", f"{settings.gateway_host}:{settings.gateway_port}", "http", workers),
     ]
 
 
@@ -151,8 +153,10 @@ class Launcher:
     WORKERS >= 2, its siblings on the same port) keep serving. A child that keeps dying
     soon after it starts is a crash loop: the launcher says so and stops the rest."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
         self.settings = settings
+        # The children's environment; the launcher's own is left as it was given.
+        self._env = env
         self.running: list[Child] = []
         self._stopping = False
         self._sockets = tempfile.mkdtemp(prefix="devops-hub-")
@@ -170,13 +174,17 @@ class Launcher:
                     raise RuntimeError(f"{part.name} {why}")
                 print(f"launcher: {part.name:<18} {part.scheme}://{part.address}  (pid {child.proc.pid})", flush=True)
 
-    @staticmethod
-    def _spawn(part: Part, health_socket: str) -> subprocess.Popen:
+    def _spawn(self, part: Part, health_socket: str) -> subprocess.Popen:
         # A socket a killed process left would refuse the new one's bind.
         pathlib.Path(health_socket).unlink(missing_ok=True)
+        env = {**self._env, "HEALTH_SOCKET": health_socket}
+        if env.get(MULTIPROCESS_ENV):
+            # Each part its own subdirectory: one variable serves every part, and no
+            # endpoint adds up another part's metrics.
+            env[MULTIPROCESS_ENV] = os.path.join(env[MULTIPROCESS_ENV], part.service)
         return subprocess.Popen(
             [sys.executable, "-m", part.module],
-            env={**os.environ, "HEALTH_SOCKET": health_socket},
+            env=env,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
             start_new_session=True,
@@ -278,19 +286,6 @@ def try_command(settings: Settings) -> str:
     return f'KEY=$({where}make -s key) && {execute} -H "x-api-key: $KEY"'
 
 
-def _local_service_key() -> str:
-    path = pathlib.Path(SERVICE_KEY_FILE)
-    if path.exists():
-        key = path.read_text().strip()
-        if keys.well_formed(key):
-            return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = keys.new_key()
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
-    return key
-
-
 async def _migrate(settings: Settings) -> int:
     db = await connect(settings.database_url, pool_size=1, max_overflow=0)
     try:
@@ -300,23 +295,24 @@ async def _migrate(settings: Settings) -> int:
 
 
 def main() -> int:
+    settings = Settings.from_env()
+    # What the children are given beyond the launcher's environment, which is only read.
     # gRPC core's own log level, read by each child as it imports grpc: unset, gRPC
     # prints its INFO lines (a "Got goaway" for every connection a stopping server cuts).
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    settings = Settings.from_env()
-    if settings.workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
+    env = {"GRPC_VERBOSITY": "ERROR", **os.environ}
+    if settings.workers > 1 and not env.get(MULTIPROCESS_ENV):
         # Workers sharing a port must share their metrics too (prometheus_client's
         # multiprocess mode): an empty directory for this run's files.
         metrics_dir = pathlib.Path("var/metrics")
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
-        os.environ[MULTIPROCESS_ENV] = str(metrics_dir.resolve())
+        env[MULTIPROCESS_ENV] = str(metrics_dir.resolve())
     if settings.auth_enabled and not settings.service_api_key:
         # The services' key for calling each other, handed to the children through
         # their environment; kept in var/ so every run uses the same one.
-        os.environ["SERVICE_API_KEY"] = _local_service_key()
-        settings = Settings.from_env()
-    launcher = Launcher(settings)
+        settings = settings.replace(service_api_key=keys.local_service_key())
+        env["SERVICE_API_KEY"] = settings.service_api_key
+    launcher = Launcher(settings, env)
     signal.signal(signal.SIGTERM, launcher.request_stop)
     signal.signal(signal.SIGINT, launcher.request_stop)
     print(f"launcher: database {settings.database_url_redacted}, cache {'redis' if settings.redis_url else 'memory'}", flush=True)

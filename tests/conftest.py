@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from services import launcher
+from services.common.auth import keys
 from tests.support import unavailable, xdist_groups
 from tests.support.auth import secured  # noqa: F401
 from tests.support.cache import backend, sidecar, start_sidecar  # noqa: F401
@@ -64,7 +64,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     finds no var/service.key writes one: the controller writes it first, so that no two
     launchers race to write different keys (`make key` in test_readme reads the file)."""
     if session.config.getoption("numprocesses", None) and not hasattr(session.config, "workerinput"):
-        launcher._local_service_key()
+        keys.local_service_key()
 
 
 def _on_the_shared_redis(item: pytest.Item) -> bool:

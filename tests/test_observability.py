@@ -56,26 +56,31 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing into memory for the test; everything built inside it is traced."""
-    exporter = InMemorySpanExporter()
+def provider() -> Iterator[TracerProvider]:
     provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
     try:
-        yield exporter
+        yield provider
     finally:
-        tracing.uninstall()
         provider.shutdown()
 
 
 @pytest.fixture
-def slow_profiler() -> Iterator[profiling.SlowRequestProfiler]:
-    profiler = profiling.configure(Settings(profiling_enabled=True, profiling_threshold=0.2))
-    try:
-        yield profiler
-    finally:
-        profiling.configure(Settings())
+def spans(provider: TracerProvider) -> InMemorySpanExporter:
+    """What `tracer` records, in memory."""
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def tracer(provider: TracerProvider) -> trace.Tracer | None:
+    """The tracer a test hands to what it builds, as the wiring hands the process's."""
+    return tracing.tracer_of(provider)
+
+
+@pytest.fixture
+def slow_profiler() -> profiling.SlowRequestProfiler | None:
+    return profiling.configure(Settings(profiling_enabled=True, profiling_threshold=0.2))
 
 
 class Captured:
@@ -102,8 +107,8 @@ class Captured:
         return [json.loads(line) for line in self.lines() if line.startswith("{")]
 
 
-def _echo_host(handlers: dict) -> GrpcHost:
-    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc)
+def _echo_host(handlers: dict, **host_options) -> GrpcHost:
+    host = GrpcHost("127.0.0.1:0", metrics=service_metrics().grpc, **host_options)
 
     def register(_servicer, server) -> None:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
@@ -349,11 +354,11 @@ async def _wait_for_span(exporter: InMemorySpanExporter, predicate, timeout: flo
     raise AssertionError(f"no such span among {[s.name for s in exporter.get_finished_spans()]}")
 
 
-async def test_one_gateway_request_is_one_trace_through_service_cache_and_database(spans, sqlite_url):
-    async with running_stack(make_settings(sqlite_url), with_workflows=True) as stack:
+async def test_one_gateway_request_is_one_trace_through_service_cache_and_database(spans, tracer, sqlite_url):
+    async with running_stack(make_settings(sqlite_url), with_workflows=True, tracer=tracer) as stack:
         await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="traced", name="T", domain="ci")))
         await stack.cache_stub.Clear(empty_pb2.Empty())
-        async with gateway_client(stack.settings) as http:
+        async with gateway_client(stack.settings, tracer=tracer) as http:
             spans.clear()
             response = await http.get("/api/agents/traced", headers={"x-request-id": "trace-me"})
             assert response.status_code == 200, response.text
@@ -392,10 +397,10 @@ async def test_one_gateway_request_is_one_trace_through_service_cache_and_databa
     assert served.attributes["rpc.grpc.status_code"] == 0
 
 
-async def test_a_callers_trace_context_is_continued(spans, sqlite_url):
+async def test_a_callers_trace_context_is_continued(spans, tracer, sqlite_url):
     caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    async with running_stack(make_settings(sqlite_url)) as stack:
-        async with gateway_client(stack.settings) as http:
+    async with running_stack(make_settings(sqlite_url), tracer=tracer) as stack:
+        async with gateway_client(stack.settings, tracer=tracer) as http:
             response = await http.get("/api/agents", headers={"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"})
             assert response.status_code == 200
             root = await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER and s.name == "GET /api/agents")
@@ -403,7 +408,7 @@ async def test_a_callers_trace_context_is_continued(spans, sqlite_url):
     assert format(root.parent.span_id, "016x") == "00f067aa0ba902b7" and root.parent.is_remote
 
 
-async def test_the_channel_factory_traces_unary_calls_and_streams(spans):
+async def test_the_channel_factory_traces_unary_calls_and_streams(spans, tracer):
     async def echo(request: bytes, context) -> bytes:
         return request
 
@@ -412,11 +417,12 @@ async def test_the_channel_factory_traces_unary_calls_and_streams(spans):
             yield bytes([n])
 
     host = _echo_host(
-        {"Echo": grpc.unary_unary_rpc_method_handler(echo), "Ticks": grpc.unary_stream_rpc_method_handler(ticks)}
+        {"Echo": grpc.unary_unary_rpc_method_handler(echo), "Ticks": grpc.unary_stream_rpc_method_handler(ticks)},
+        tracer=tracer,
     )
     port = await host.start()
     try:
-        async with open_channel(f"127.0.0.1:{port}", connections=1) as channel:
+        async with open_channel(f"127.0.0.1:{port}", connections=1, tracer=tracer) as channel:
             assert await channel.unary_unary("/test.Echo/Echo")(b"abc") == b"abc"
             assert [tick async for tick in channel.unary_stream("/test.Echo/Ticks")(b"")] == [b"\x00", b"\x01", b"\x02"]
         called = {
@@ -427,8 +433,8 @@ async def test_the_channel_factory_traces_unary_calls_and_streams(spans):
             name: await _wait_for_span(spans, lambda s, name=name: s.name == name and s.kind == trace.SpanKind.SERVER)
             for name in called
         }
-        # A channel told not to trace adds no span of its own.
-        async with open_channel(f"127.0.0.1:{port}", connections=1, tracer=None) as channel:
+        # A channel given no tracer adds no span of its own.
+        async with open_channel(f"127.0.0.1:{port}", connections=1) as channel:
             spans.clear()
             assert await channel.unary_unary("/test.Echo/Echo")(b"x") == b"x"
             await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER)
@@ -440,12 +446,33 @@ async def test_the_channel_factory_traces_unary_calls_and_streams(spans):
         assert served[name].parent.span_id == span.context.span_id and served[name].parent.is_remote
 
 
+async def test_only_what_is_given_the_tracer_is_traced(spans, tracer):
+    """Two servers in one process, one of them given a tracer: the other's calls are not
+    traced, as nothing reads a tracer of the process's own."""
+
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    plain = _echo_host({"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    traced = _echo_host({"Echo": grpc.unary_unary_rpc_method_handler(echo)}, tracer=tracer)
+    ports = [await plain.start(), await traced.start()]
+    try:
+        for port, request in zip(ports, (b"plain", b"traced"), strict=True):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                assert await channel.unary_unary("/test.Echo/Echo")(request) == request
+        await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER)
+    finally:
+        await plain.stop(0)
+        await traced.stop(0)
+    assert [s.name for s in spans.get_finished_spans()] == ["test.Echo/Echo"]
+
+
 async def test_without_an_endpoint_nothing_is_traced_or_exported():
     assert tracing.configure(Settings(), "agents") is None
-    assert tracing.tracer() is None
-    assert not call_tracing("127.0.0.1:50051")
+    assert tracing.tracer_of(None) is None
+    assert not call_tracing("127.0.0.1:50051", None)
     # One shared no-op context: nothing is allocated per statement.
-    assert tracing.db_span("sqlite", "SELECT 1") is tracing.db_span("postgresql", "SELECT 2")
+    assert tracing.db_span(None, "sqlite", "SELECT 1") is tracing.db_span(None, "postgresql", "SELECT 2")
 
 
 class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -476,13 +503,14 @@ def test_spans_are_exported_over_otlp_grpc_when_an_endpoint_is_set():
     server.start()
     try:
         settings = Settings(otel_exporter_otlp_endpoint=f"http://127.0.0.1:{port}")
-        assert tracing.configure(settings, "agents", env={}) is not None
-        assert call_tracing("127.0.0.1:50051")
-        with tracing.db_span("postgresql", "SELECT id FROM agents WHERE id = $1"):
+        provider = tracing.configure(settings, "agents", env={})
+        assert provider is not None
+        tracer = tracing.tracer_of(provider)
+        assert call_tracing("127.0.0.1:50051", tracer)
+        with tracing.db_span(tracer, "postgresql", "SELECT id FROM agents WHERE id = $1"):
             assert trace.get_current_span().is_recording()
-        tracing.shutdown()
+        provider.shutdown()
     finally:
-        tracing.uninstall()
         server.stop(0)
     assert ("devops-hub-agents", "SELECT agents") in _exported(collector.requests)
 
@@ -510,12 +538,12 @@ def test_spans_are_exported_over_otlp_http_when_asked():
             otel_exporter_otlp_endpoint=f"http://127.0.0.1:{server.server_address[1]}",
             otel_exporter_otlp_protocol="http/protobuf",
         )
-        tracing.configure(settings, "gateway", env={"OTEL_SERVICE_NAME": "edge"})
-        with tracing.db_span("sqlite", "INSERT INTO events (id) VALUES ($1)"):
+        provider = tracing.configure(settings, "gateway", env={"OTEL_SERVICE_NAME": "edge"})
+        assert provider is not None
+        with tracing.db_span(tracing.tracer_of(provider), "sqlite", "INSERT INTO events (id) VALUES ($1)"):
             assert trace.get_current_span().is_recording()
-        tracing.shutdown()
+        provider.shutdown()
     finally:
-        tracing.uninstall()
         server.shutdown()
     assert [path for path, _ in received] and {path for path, _ in received} == {"/v1/traces"}
     assert ("edge", "INSERT events") in _exported(request for _, request in received)
@@ -525,18 +553,17 @@ def test_spans_are_exported_over_otlp_http_when_asked():
 def test_an_unknown_otlp_protocol_is_refused():
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         tracing.configure(Settings(otel_exporter_otlp_endpoint="http://collector:4317", otel_exporter_otlp_protocol="thrift"), "agents")
-    assert tracing.tracer() is None
 
 
 # --------------------------------------------------------------------------- logs and profiles
 
 
-async def test_json_logs_carry_the_request_id_and_the_trace_id(spans):
+async def test_json_logs_carry_the_request_id_and_the_trace_id(spans, tracer):
     async def echo(request: bytes, context) -> bytes:
         logging.getLogger("test.echo").warning("echoing %d bytes", len(request), extra={"echo_size": len(request)})
         return request
 
-    host = _echo_host({"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    host = _echo_host({"Echo": grpc.unary_unary_rpc_method_handler(echo)}, tracer=tracer)
     port = await host.start()
     try:
         with Captured("test.echo", logs.JsonFormatter("agents")) as captured:
@@ -587,7 +614,7 @@ async def test_slow_grpc_calls_log_their_profile(slow_profiler):
             _burn_cpu(0.4)
         return request
 
-    host = _echo_host({"Work": grpc.unary_unary_rpc_method_handler(work)})
+    host = _echo_host({"Work": grpc.unary_unary_rpc_method_handler(work)}, profiler=slow_profiler)
     port = await host.start()
     try:
         with Captured("devops_hub.profiling", logging.Formatter(logs.TEXT_FORMAT)) as captured:
@@ -607,7 +634,7 @@ async def test_slow_http_requests_log_their_profile(slow_profiler, sqlite_url):
     slow_profiler.threshold = 0.0
     async with running_stack(make_settings(sqlite_url)) as stack:
         with Captured("devops_hub.profiling", logs.JsonFormatter("gateway")) as captured:
-            async with gateway_client(stack.settings) as http:
+            async with gateway_client(stack.settings, profiler=slow_profiler) as http:
                 response = await http.get("/api/agents/builtin-none", headers={"x-request-id": "profiled"})
                 assert response.status_code == 404
     records = [line for line in captured.json_lines() if line.get("request") == "GET /api/agents/{id}"]

@@ -11,6 +11,8 @@ import uuid
 import asyncpg
 import pytest
 
+from services.common.db import connect
+from services.common.errors import Unavailable
 from tests.support import unavailable
 from tests.support.databases import PG_ADMIN_URL, postgres_url
 from tests.support.grpc_errors import error_reason
@@ -76,3 +78,28 @@ async def test_a_call_cut_short_by_a_stopping_backend_is_503_not_499(sqlite_url)
             response = await running
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_two_databases_in_one_process_have_their_own_outages(own_database, sqlite_url, caplog):
+    """One database goes down while another in the same process keeps answering: the
+    one that is down is told once, and the other's successes do not end its outage."""
+    admin, name, url = own_database
+    down = await connect(url, pool_size=1, max_overflow=0)
+    up = await connect(sqlite_url, pool_size=1, max_overflow=0)
+    try:
+        assert await down.fetchval("SELECT 1") == 1
+        await take_down(admin, name)
+        with caplog.at_level(logging.INFO, logger="services.common.outages"):
+            for _ in range(5):
+                with pytest.raises(Unavailable) as refused:
+                    await down.fetchval("SELECT 1")
+                assert refused.value.reason == "DATABASE_UNAVAILABLE"
+                assert await up.fetchval("SELECT 1") == 1
+            assert down.outages.database.down_since is not None
+            assert up.outages.database.down_since is None
+            messages = [record.getMessage() for record in caplog.records if record.name == "services.common.outages"]
+            assert [m for m in messages if "unavailable" in m] == [messages[0]], messages
+            assert not [m for m in messages if "available again" in m], messages
+    finally:
+        await down.close()
+        await up.close()

@@ -16,6 +16,7 @@ from collections import OrderedDict
 import grpc
 from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 from google.protobuf import json_format
+from opentelemetry import trace
 
 from services.agents import builtins
 from services.agents.agents import Agents
@@ -34,15 +35,16 @@ MAX_RUNTIME_CHANNELS = 256
 class RuntimeChannels:
     """One channel per agent endpoint, reused; the least recently used is closed past the bound."""
 
-    def __init__(self, limit: int = MAX_RUNTIME_CHANNELS) -> None:
+    def __init__(self, limit: int = MAX_RUNTIME_CHANNELS, *, tracer: trace.Tracer | None = None) -> None:
         self._limit = limit
+        self._tracer = tracer
         self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, runtime_pb2_grpc.AgentRuntimeStub]] = OrderedDict()
 
     def stub(self, endpoint: str) -> runtime_pb2_grpc.AgentRuntimeStub:
         if endpoint in self._stubs:
             self._stubs.move_to_end(endpoint)
             return self._stubs[endpoint][1]
-        channel = open_channel(endpoint)
+        channel = open_channel(endpoint, tracer=self._tracer)
         self._stubs[endpoint] = (channel, runtime_pb2_grpc.AgentRuntimeStub(channel))
         if len(self._stubs) > self._limit:
             _, (old, _) = self._stubs.popitem(last=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import pathlib
 import sys
 
 from devops_hub import errors
@@ -25,7 +24,7 @@ from devops_hub.client import Client
 from devops_hub.v1 import auth_pb2, options_pb2
 
 from services.agents.api_keys import ApiKeys
-from services.common.auth.keys import well_formed
+from services.common.auth.keys import kept_service_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import API_KEYS_SERVICE, DatabaseVerifier
 from services.common.channels import service_address, service_channel
@@ -33,7 +32,6 @@ from services.common.db import connect
 from services.common.db.migrate import migrate
 from services.common.errors import ServiceError
 from services.common.settings import Settings
-from services.launcher import SERVICE_KEY_FILE
 
 # How long a running stack has to answer before the key goes to the database.
 STACK_TIMEOUT = 1.0
@@ -63,7 +61,7 @@ async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth
 async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -> auth_pb2.CreateApiKeyResponse | None:
     """The key created by the stack whose ApiKeysService answers, or None when none answers
     or it does not take the services' key."""
-    service_key = settings.service_api_key or _kept_service_key()
+    service_key = settings.service_api_key or kept_service_key()
     if not service_key:
         return None
     async with service_channel(API_KEYS_SERVICE, settings.replace(service_api_key=service_key)) as channel:
@@ -79,12 +77,6 @@ async def _through_running_stack(settings: Settings, api_key: auth_pb2.ApiKey) -
             return None
         except errors.ApiError as exc:
             raise ServiceError(exc.message or exc.code.name) from None
-
-
-def _kept_service_key() -> str:
-    path = pathlib.Path(SERVICE_KEY_FILE)
-    key = path.read_text().strip() if path.exists() else ""
-    return key if well_formed(key) else ""
 
 
 def main() -> int:

@@ -21,13 +21,13 @@ its proto declares. service_channel() opens the usual channel there (the service
 GRPC_CONNECTIONS), so no client names an address setting; service_client() wraps such
 channels in the client package's Client.
 
-Every channel in the system is opened here, so what a call carries is decided here
-and nowhere else: the services' key when asked for (the client package's
-key_interceptors, which every client of DevOps Hub uses), and, while
-tracing is on, the interceptors that give each call a CLIENT span and pass its trace
-context on (telemetry/grpc_client.py). The tracer is the one tracing installed when
-the channel is opened, unless the caller passes its own (or None); gRPC itself is never
-patched, so a channel opened with grpc.aio directly carries nothing.
+Every channel a service or the gateway opens is opened here (only the launcher's
+health probes, on its children's unix sockets, are plain), so what a call carries is
+decided here and nowhere else: the services' key when asked for (the client package's
+key_interceptors, which every client of DevOps Hub uses), and, when the opener is
+given a tracer (the wiring hands on its Telemetry's), the interceptors that give each
+call a CLIENT span and pass its trace context on (telemetry/grpc_client.py). gRPC
+itself is never patched, so a channel opened with grpc.aio directly carries nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from services.common.api import backend_of
 from services.common.background import spawn
 from services.common.limits import GRPC_SIZE_OPTIONS
 from services.common.settings import Settings
-from services.common.telemetry import tracing
 from services.common.telemetry.grpc_client import tracing_interceptors
 
 log = logging.getLogger(__name__)
@@ -80,10 +79,6 @@ BASE_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
-# "Whatever tracing has installed": tracing.tracer() read when the channel is opened.
-_INSTALLED: Any = object()
-
-
 def open_channel(
     address: str,
     *,
@@ -91,11 +86,11 @@ def open_channel(
     connections: int = DEFAULT_CONNECTIONS,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-    tracer: trace.Tracer | None = _INSTALLED,
+    tracer: trace.Tracer | None = None,
 ) -> grpc.aio.Channel:
     """A channel to `address` whose calls are spread over `connections` connections,
     presenting `api_key` on every call that does not carry a key of its own, and traced
-    into `tracer` (by default the installed one; None: not traced)."""
+    into `tracer` (None: not traced)."""
     chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
     merged = [*dict([*BASE_OPTIONS, *options]).items()]
     def open_one() -> grpc.aio.Channel:
@@ -104,9 +99,8 @@ def open_channel(
     return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
 
 
-def call_tracing(address: str, tracer: trace.Tracer | None = _INSTALLED) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors that trace calls to `address`: none while tracing is off."""
-    tracer = tracing.tracer() if tracer is _INSTALLED else tracer
+def call_tracing(address: str, tracer: trace.Tracer | None) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that trace calls to `address` into `tracer`: none without one."""
     return tracing_interceptors(tracer, address) if tracer is not None else []
 
 
@@ -119,19 +113,26 @@ def service_address(service: ServiceDescriptor, settings: Settings) -> str:
     return settings.backend_address(backend)
 
 
-def service_channel(service: ServiceDescriptor, settings: Settings) -> grpc.aio.Channel:
+def service_channel(service: ServiceDescriptor, settings: Settings, *, tracer: trace.Tracer | None = None) -> grpc.aio.Channel:
     """A channel to `service` (service_address) that presents SERVICE_API_KEY on every call
-    that carries no key of its own: how one part of the system calls another."""
+    that carries no key of its own, traced into `tracer`: how one part of the system
+    calls another."""
     return open_channel(
-        service_address(service, settings), api_key=settings.service_api_key, connections=settings.grpc_connections
+        service_address(service, settings),
+        api_key=settings.service_api_key,
+        connections=settings.grpc_connections,
+        tracer=tracer,
     )
 
 
-def service_client(settings: Settings, *services: ServiceDescriptor, timeout: float | None = None) -> Client:
+def service_client(
+    settings: Settings, *services: ServiceDescriptor, timeout: float | None = None, tracer: trace.Tracer | None = None
+) -> Client:
     """The client package's Client to `services`, over service_channel()s (one per part):
     how one part of the system calls others through more than a stub."""
     parts = {backend_of(service): service for service in services}
-    return Client({backend: service_channel(service, settings) for backend, service in parts.items()}, timeout=timeout)
+    channels = {backend: service_channel(service, settings, tracer=tracer) for backend, service in parts.items()}
+    return Client(channels, timeout=timeout)
 
 
 def retryable(method: str) -> bool:

@@ -1,6 +1,6 @@
 """Errors as gRPC status codes with AIP-193 details.
 
-Domain code raises a ServiceError; every call's wrapper (grpc_host.py) hands whatever
+Domain code raises a ServiceError; every call's wrapper (grpc_calls.py) hands whatever
 a handler raised to grpc_status(), which turns it into a status whose details carry an
 ErrorInfo and, for bad fields, a BadRequest. The gateway maps that status to HTTP
 once; nothing else formats errors.

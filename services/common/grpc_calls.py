@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
+from opentelemetry import trace
 
 from services.cache.client import freshness
 from services.cache.edge import surrogate_keys
 from services.common.errors import grpc_status
-from services.common.outages import PROCESS as OUTAGES
+from services.common.outages import Outages
 from services.common.request_checks import check_request, tolerant
-from services.common.telemetry import context, profiling, tracing
+from services.common.telemetry import context
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
 from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 if TYPE_CHECKING:
     from services.common.idempotency import Idempotency
@@ -45,16 +47,27 @@ Guard = Callable[[str, Context], Awaitable[Metadata]]
 
 
 class CallWrapper:
-    """Wraps method handlers, with the process's tracer and profiler (None when off),
+    """Wraps method handlers, with the tracer and profiler it is given (None: off),
     the freshness table the protos declare and, for a process with a database, safe
-    retries of the methods whose requests carry a request_id (idempotency.py)."""
+    retries of the methods whose requests carry a request_id (idempotency.py) and the
+    database's outages, which untranslated errors are asked about (a fresh set without)."""
 
-    def __init__(self, guard: Guard | None = None, *, metrics: GrpcServerMetrics, idempotency: Idempotency | None = None) -> None:
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        metrics: GrpcServerMetrics,
+        idempotency: Idempotency | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
+    ) -> None:
         self._guard = guard
         self._idempotency = idempotency
+        self._outages = Outages() if outages is None else outages
         self._metrics = metrics
-        self._tracer = tracing.tracer()
-        self._profiler = profiling.profiler()
+        self._tracer = tracer
+        self._profiler = profiler
         self._max_ages = freshness.max_ages()
         self._wrapped: dict[str, Handler] = {}
 
@@ -78,7 +91,7 @@ class CallWrapper:
         # the async kinds that Single and Streaming name.
         wrapped: Callable[..., Any]
         if handler.response_streaming and inspect.isasyncgenfunction(behavior):
-            wrapped = _streaming(cast(Streaming, behavior), method, stats, self._guard)
+            wrapped = _streaming(cast(Streaming, behavior), method, stats, self._guard, self._outages)
             if self._tracer is not None:
                 wrapped = traced_stream(wrapped, self._tracer, path, attributes)
         else:
@@ -91,7 +104,7 @@ class CallWrapper:
                 single = _honouring_no_cache(single)
             if self._idempotency is not None and not handler.response_streaming:
                 single = self._idempotency.wrap(single, method)
-            wrapped = _single(single, method, stats, self._guard, fresh)
+            wrapped = _single(single, method, stats, self._guard, fresh, self._outages)
             if self._profiler is not None and not handler.response_streaming:
                 wrapped = profiled(wrapped, self._profiler, path)
             if self._tracer is not None:
@@ -112,7 +125,9 @@ def _honouring_no_cache(behavior: Single) -> Single:
     return handle
 
 
-def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata) -> Single:
+def _single(
+    behavior: Single, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata, outages: Outages
+) -> Single:
     """A handler that returns (or writes) its answer: `fresh` (a cacheable method's
     max-age) goes out with a success, with the surrogate keys of its cached reads."""
 
@@ -130,7 +145,7 @@ def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | 
             reply = await behavior(request, context_)
         except BaseException as exc:
             failure = exc
-            await _abort_if_translatable(context_, exc, method, trailers)
+            await _abort_if_translatable(context_, exc, method, trailers, outages)
             raise
         else:
             trailers = (*trailers, *fresh, *surrogate_keys.metadata(reads, cacheable=bool(fresh)))
@@ -144,7 +159,7 @@ def _single(behavior: Single, method: str, stats: MethodMetrics, guard: Guard | 
     return handle
 
 
-def _streaming(behavior: Streaming, method: str, stats: MethodMetrics, guard: Guard | None) -> Streaming:
+def _streaming(behavior: Streaming, method: str, stats: MethodMetrics, guard: Guard | None, outages: Outages) -> Streaming:
     """A handler that yields its answers: the guard's metadata is set before the first."""
 
     async def handle(request: Any, context_: Context) -> AsyncIterator[Any]:
@@ -162,7 +177,7 @@ def _streaming(behavior: Streaming, method: str, stats: MethodMetrics, guard: Gu
                 yield item
         except BaseException as exc:
             failure = exc
-            await _abort_if_translatable(context_, exc, method, trailers)
+            await _abort_if_translatable(context_, exc, method, trailers, outages)
             raise
         finally:
             stats.observe(outcome(failure, context_), time.perf_counter() - started)
@@ -170,12 +185,12 @@ def _streaming(behavior: Streaming, method: str, stats: MethodMetrics, guard: Gu
     return handle
 
 
-async def _abort_if_translatable(context_: Context, exc: BaseException, method: str, trailers: Metadata) -> None:
+async def _abort_if_translatable(context_: Context, exc: BaseException, method: str, trailers: Metadata, outages: Outages) -> None:
     """Ends the call with the status errors.py gives `exc`; cancellation, and a handler's
     own abort, pass through as they are."""
     if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
         # A dependency that is down (and logged once for it, outages.py), not a bug.
-        exc = OUTAGES.unavailable(exc) or exc
+        exc = outages.unavailable(exc) or exc
         await context_.abort_with_status(grpc_status(exc, method, trailers))
 
 

@@ -16,11 +16,14 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from opentelemetry import trace
 
 from services.common.grpc_calls import CallWrapper, Guard, Registrar
 from services.common.idempotency import Idempotency
 from services.common.limits import GRPC_SIZE_OPTIONS
+from services.common.outages import Outages
 from services.common.telemetry.metrics import GrpcServerMetrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 
 def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
@@ -43,6 +46,9 @@ class GrpcHost:
         guard: Guard | None = None,
         reflection: bool = True,
         idempotency: Idempotency | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
     ) -> None:
         self.address = address
         # Server reflection lists every method to anyone who asks, key or not: handy
@@ -54,7 +60,9 @@ class GrpcHost:
         self.server = grpc.aio.server(
             options=[*GRPC_SIZE_OPTIONS, ("grpc.so_reuseport", 1)],
         )
-        self._registrar = Registrar(self.server, CallWrapper(guard, metrics=metrics, idempotency=idempotency))
+        self._registrar = Registrar(self.server, CallWrapper(
+            guard, metrics=metrics, idempotency=idempotency, outages=outages, tracer=tracer, profiler=profiler
+        ))
         self.health = health.aio.HealthServicer()
         self._service_names: list[str] = []
         self.port: int | None = None

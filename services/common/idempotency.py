@@ -38,7 +38,6 @@ from services.common.db.database import Executor
 from services.common.errors import Aborted, CommitOutcomeUnknown, FailedPrecondition, invalid_fields
 from services.common.grpc_calls import Context, Single
 from services.common.idempotency_repository import IdempotencyRepository, KeyUse
-from services.common.outages import PROCESS as OUTAGES
 
 KEY_FIELD = "request_id"
 # ExecuteWorkflow's older name for it, honoured when request_id is empty, with its old
@@ -123,7 +122,7 @@ class Idempotency:
                 return replay
             except CommitOutcomeUnknown as exc:
                 # With its key, the retry is safe whatever happened: it answers what committed.
-                raise OUTAGES.database.failed(exc) from exc
+                raise self._repository.db.outages.database.failed(exc) from exc
             finally:
                 _CURRENT.reset(token)
 

@@ -5,9 +5,9 @@ same way. The caller should hear UNAVAILABLE (HTTP 503 with Retry-After) with an
 ErrorInfo reason naming the dependency, so it retries later; the operator should
 read one line when the dependency goes away and one when it is back, not a
 traceback per call. A Dependency tracks that state: the database engines call
-failed() and succeeded() around their statements; the error wrapper asks
-unavailable() about any other exception, for Redis and broken connections that
-reach it untranslated.
+failed() and succeeded() around their statements, on their Database's own Outages;
+the error wrapper, handed that same Outages by the wiring, asks unavailable() about
+any other exception, for Redis and broken connections that reach it untranslated.
 """
 
 from __future__ import annotations
@@ -92,7 +92,11 @@ class Dependency:
 
 
 class Outages:
-    """The dependencies of one process (a fresh set per Database, per test)."""
+    """The dependencies of one Database's service: the database and Redis.
+
+    Each Database has its own set (given to connect(), or a fresh one), and the wiring
+    hands that same set to the call wrapper, so an outage is told once per database and
+    two databases in one process (a test's stack) never share a state."""
 
     def __init__(self) -> None:
         self.database = Dependency("database", "DATABASE_UNAVAILABLE")
@@ -105,7 +109,3 @@ class Outages:
         if is_database_outage(exc):
             return self.database.failed(exc)
         return None
-
-
-# The error wrapper's instance, for exceptions that reach it untranslated.
-PROCESS = Outages()

@@ -1,8 +1,8 @@
-"""The one shape of every process of DevOps Hub, the gRPC services and the gateway alike:
+"""The one shape of every serving process of DevOps Hub, the gRPC services and the gateway alike:
 
     build(settings) → start() → serve until SIGTERM or SIGINT → stop(grace) → close()
 
-A process's server.py wires it in build(settings), which starts nothing; start() starts
+A process's server.py wires it in build(settings, tracer=, profiler=), which starts nothing; start() starts
 the work behind its handlers and then listens; stop(grace) stops taking calls, ends
 long-lived streams and gives the calls in flight `grace` seconds; close() releases what
 build() made. run() is the whole life of a process started with `python -m`, and
@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
+
+from opentelemetry import trace
 
 from services.common import event_loop
 from services.common.dependencies import Unavailable, check_redis
@@ -25,6 +27,7 @@ from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.common.telemetry.endpoint import Refresher
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,15 @@ class Process(Protocol):
 
 
 P = TypeVar("P", bound=Process)
+
+
+class Build(Protocol):
+    """A server.py's build: the process wired for `settings`, tracing into `tracer` and
+    profiling slow calls with `profiler` (None: off), as its Telemetry holds them."""
+
+    def __call__(
+        self, settings: Settings, *, tracer: trace.Tracer | None, profiler: SlowRequestProfiler | None
+    ) -> Awaitable[Process]: ...
 
 
 class GrpcProcess:
@@ -122,22 +134,23 @@ async def running(process: P, grace: float = 0.0) -> AsyncIterator[P]:
             await process.close()
 
 
-def run(build: Callable[[Settings], Awaitable[Process]], *, name: str, service: str) -> None:
+def run(build: Build, *, name: str, service: str) -> None:
     """The whole life of a process: `name` ("agents service") is what the logs and
     the listening line call it, `service` ("agents") its name in telemetry."""
     event_loop.run(_live(build, name, service))
 
 
-async def _live(build: Callable[[Settings], Awaitable[Process]], name: str, service: str) -> None:
+async def _live(build: Build, name: str, service: str) -> None:
     settings = Settings.from_env()
-    # Before anything is built: what is built picks up logging and tracing from here.
+    # Before anything is built: what is built logs as configured here, and is given
+    # the telemetry's tracer and profiler.
     telemetry = Telemetry.start(settings, service)
     try:
         stopping = _stop_on_signals()
         try:
             if settings.redis_url:
                 await check_redis(settings.redis_url)
-            process = await build(settings)
+            process = await build(settings, tracer=telemetry.tracer, profiler=telemetry.profiler)
         except Unavailable as exc:
             log.error("%s cannot start: %s", name, exc)
             raise SystemExit(1) from None

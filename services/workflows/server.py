@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
+from opentelemetry import trace
 
 from services.cache.client.client import CacheClient
 from services.cache.client.manager import CacheManager
@@ -26,6 +27,7 @@ from services.common.idempotency_repository import IdempotencyRepository
 from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 from services.workflows.engine import Engine
 from services.workflows.event_feed import EventFeed
 from services.workflows.events import Events
@@ -74,19 +76,30 @@ class WorkflowsService(GrpcProcess):
         await self.db.close()
 
 
-async def build(settings: Settings, metrics: ServiceMetrics | None = None) -> WorkflowsService:
-    """The service on `metrics` (by default the process's, in the default registry)."""
+async def build(
+    settings: Settings,
+    metrics: ServiceMetrics | None = None,
+    *,
+    tracer: trace.Tracer | None = None,
+    profiler: SlowRequestProfiler | None = None,
+) -> WorkflowsService:
+    """The service on `metrics` (by default the process's, in the default registry),
+    traced into `tracer` and profiled by `profiler` (None: not at all)."""
     metrics = metrics or service_metrics()
-    return await build_on_database(settings, lambda db: _assemble(settings, db, metrics), pools=metrics.pools)
+    return await build_on_database(
+        settings, lambda db: _assemble(settings, db, metrics, tracer, profiler), pools=metrics.pools, tracer=tracer
+    )
 
 
-async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -> WorkflowsService:
+async def _assemble(
+    settings: Settings, db: Database, metrics: ServiceMetrics, tracer: trace.Tracer | None, profiler: SlowRequestProfiler | None
+) -> WorkflowsService:
     cache = CacheClient.from_settings(
-        settings, watch_prefixes=["workflows:"], consistency=metrics.group(ConsistencyMetrics)
+        settings, watch_prefixes=["workflows:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
     )
     # Calls to the agents service go through the client package, on a channel that
     # carries this service's own key; 5 s unless a call says otherwise (a step's run).
-    agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5)
+    agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5, tracer=tracer)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)
     events = Events(db, writer, feed)
@@ -110,6 +123,9 @@ async def _assemble(settings: Settings, db: Database, metrics: ServiceMetrics) -
         guard=access.guard,
         reflection=settings.grpc_reflection,
         idempotency=Idempotency(keys, settings.idempotency_retention),
+        outages=db.outages,
+        tracer=tracer,
+        profiler=profiler,
     )
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)

@@ -15,6 +15,7 @@ import grpc
 import httpx
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb2_grpc, workflows_pb2_grpc
 from google.protobuf import empty_pb2
+from opentelemetry import trace
 
 from bench.run import free_port
 from gateway.testing import running_gateway
@@ -24,6 +25,7 @@ from services.agents.server import build as build_agents
 from services.cache.sidecar.server import build as build_sidecar
 from services.common.process import running
 from services.common.settings import Settings
+from services.common.telemetry.profiling import SlowRequestProfiler
 from services.workflows.server import WorkflowsService
 from services.workflows.server import build as build_workflows
 
@@ -62,10 +64,13 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_workflows: bool = False) -> AsyncIterator[Stack]:
+async def running_stack(
+    settings: Settings, *, with_sidecar: bool = True, with_workflows: bool = False, tracer: trace.Tracer | None = None
+) -> AsyncIterator[Stack]:
     """The cache sidecar, the agents service and (optionally) the workflows service,
     seeded with the built-in agents, on ephemeral ports, as real servers, each
-    started and closed as production does it (services/common/process.py).
+    started and closed as production does it (services/common/process.py), and
+    traced into `tracer` when given one.
 
     Whatever started is stopped again, also when a later part fails to start.
     """
@@ -79,7 +84,7 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
         started.callback(asyncio.get_running_loop().call_later(240, _print_tasks).cancel)
         cache_stub = None
         if with_sidecar:
-            sidecar = await started.enter_async_context(running(await build_sidecar(settings)))
+            sidecar = await started.enter_async_context(running(await build_sidecar(settings, tracer=tracer)))
             # What the services' relay does for a new cache: a position in their
             # invalidation log (empty when a test stack starts), so it takes fills.
             await sidecar.store.sync(0, 0, (), False)
@@ -89,7 +94,7 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             cache_stub = cache_pb2_grpc.CacheServiceStub(cache_channel)
         elif settings.cache_addr.endswith(":0"):
             settings = settings.replace(cache_addr=f"127.0.0.1:{free_port()}")
-        agents = await started.enter_async_context(running(await build_agents(settings)))
+        agents = await started.enter_async_context(running(await build_agents(settings, tracer=tracer)))
         settings = settings.replace(agents_addr=agents.address)
         channel = grpc.aio.insecure_channel(settings.agents_addr)
         started.push_async_callback(channel.close)
@@ -98,7 +103,7 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
             await _positioned(cache_stub, settings)
         if with_workflows:
             await create_builtin_agents(stack.stub, _key_metadata(settings))
-            workflows = await started.enter_async_context(running(await build_workflows(settings)))
+            workflows = await started.enter_async_context(running(await build_workflows(settings, tracer=tracer)))
             stack.settings = settings = settings.replace(workflows_addr=workflows.address)
             workflows_channel = grpc.aio.insecure_channel(settings.workflows_addr)
             started.push_async_callback(workflows_channel.close)
@@ -109,10 +114,13 @@ async def running_stack(settings: Settings, *, with_sidecar: bool = True, with_w
 
 
 @asynccontextmanager
-async def gateway_client(settings: Settings, **client_options) -> AsyncIterator[httpx.AsyncClient]:
-    """A real gateway (gateway/testing.py) in front of the services `settings` name, and
-    an HTTP client to it; `client_options` (timeout, headers) go to httpx."""
-    async with running_gateway(settings) as base_url:
+async def gateway_client(
+    settings: Settings, *, tracer: trace.Tracer | None = None, profiler: SlowRequestProfiler | None = None, **client_options
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A real gateway (gateway/testing.py) in front of the services `settings` name,
+    traced into `tracer` and profiled by `profiler` when given them, and an HTTP client
+    to it; `client_options` (timeout, headers) go to httpx."""
+    async with running_gateway(settings, tracer=tracer, profiler=profiler) as base_url:
         async with httpx.AsyncClient(base_url=base_url, **client_options) as http:
             yield http
 

@@ -32,6 +32,7 @@ import grpc
 from devops_hub.v1 import cache_pb2
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from services.cache.client.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
 from services.cache.client.freshness import fresh_reads_requested
@@ -73,9 +74,10 @@ class CacheClient:
         clock: Callable[[], float] = time.monotonic,
         api_key: str = "",
         consistency: ConsistencyMetrics | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.transport = SidecarTransport(
-            address, timeout, retry_after=retry_after, log_interval=log_interval, clock=clock, api_key=api_key
+            address, timeout, retry_after=retry_after, log_interval=log_interval, clock=clock, api_key=api_key, tracer=tracer
         )
         self.near = near_cache
         self._clock = clock

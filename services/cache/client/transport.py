@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from services.common.channels import open_channel
 
@@ -42,6 +43,7 @@ class SidecarTransport:
         log_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         api_key: str = "",
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -49,6 +51,7 @@ class SidecarTransport:
         self._log_interval = log_interval
         self.clock = clock
         self._api_key = api_key
+        self._tracer = tracer
         self._channel: grpc.aio.Channel | None = None
         self._stub: cache_pb2_grpc.CacheServiceStub | None = None
         self.closed = False
@@ -66,7 +69,7 @@ class SidecarTransport:
         if self._stub is None:
             # The one channel factory: the services' key on every call, quick reconnects
             # (every request goes to the database while the sidecar is away).
-            self._channel = open_channel(self.address, api_key=self._api_key)
+            self._channel = open_channel(self.address, api_key=self._api_key, tracer=self._tracer)
             self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         return self._stub
 

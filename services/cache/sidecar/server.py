@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
+from opentelemetry import trace
 
 from services.cache.client.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
 from services.cache.sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
@@ -31,6 +32,7 @@ from services.common.process import GrpcProcess, run
 from services.common.settings import Settings
 from services.common.telemetry.endpoint import Refresher
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,13 @@ async def build(
     heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
     redis_key_prefix: str | None = None,
     redis_timeout: float | None = None,
+    tracer: trace.Tracer | None = None,
+    profiler: SlowRequestProfiler | None = None,
 ) -> CacheSidecar:
     """Builds the sidecar bound to settings.cache_addr (port 0 picks a free one). The
     keywords override settings (tests and benchmarks use a key prefix of their own).
-    `metrics` default to the process's, in the default registry."""
+    `metrics` default to the process's, in the default registry; calls are traced
+    into `tracer` and profiled by `profiler` (None: not at all)."""
     metrics = metrics or service_metrics()
     hub = InvalidationHub(watch_queue_size)
     negative_ttl = settings.cache_negative_ttl
@@ -129,9 +134,14 @@ async def build(
         store = memory_backend
     # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
     # No rate limits: its callers are the services, whose clients were limited already.
-    access = Access.build(settings, RemoteVerifier.from_settings(settings), rate_limited=False)
+    access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=tracer), rate_limited=False)
     host = GrpcHost(
-        settings.cache_addr, metrics=metrics.grpc, guard=access.guard, reflection=settings.grpc_reflection
+        settings.cache_addr,
+        metrics=metrics.grpc,
+        guard=access.guard,
+        reflection=settings.grpc_reflection,
+        tracer=tracer,
+        profiler=profiler,
     )
     host.add(
         cache_pb2_grpc.add_CacheServiceServicer_to_server,

@@ -22,6 +22,7 @@ from typing import Protocol
 import grpc
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc
 from google.protobuf import empty_pb2
+from opentelemetry import trace
 
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
@@ -150,16 +151,24 @@ class RemoteVerifier(_CachedVerifier):
     (VOUCHING_HEADER), the check itself takes nothing from the caller's rate-limit
     bucket: the call it is made for is counted where it is admitted."""
 
-    def __init__(self, address: str, clock: Callable[[], float] = time.monotonic, *, service_key: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        service_key: str = "",
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         super().__init__(clock)
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, tracer=tracer)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
         self._vouching = ((VOUCHING_HEADER, service_key),) if service_key else ()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RemoteVerifier:
-        """Asks the ApiKeysService where its proto says it runs, vouching with SERVICE_API_KEY."""
-        return cls(service_address(API_KEYS_SERVICE, settings), service_key=settings.service_api_key)
+    def from_settings(cls, settings: Settings, *, tracer: trace.Tracer | None = None) -> RemoteVerifier:
+        """Asks the ApiKeysService where its proto says it runs, vouching with SERVICE_API_KEY,
+        its calls traced into `tracer`."""
+        return cls(service_address(API_KEYS_SERVICE, settings), service_key=settings.service_api_key, tracer=tracer)
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:
         try:

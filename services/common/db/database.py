@@ -13,6 +13,9 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import trace
+
+from services.common.outages import Outages
 from services.common.telemetry.metrics import PoolMetrics
 
 # An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
@@ -51,6 +54,10 @@ class Database(Executor):
     dialect: str
     #: Statements sent so far; tests read it to prove a read is one query, not N+1.
     query_count: int
+    #: Whether this database is up, as its statements have found (outages.py).
+    outages: Outages
+    #: Where its statements are traced; None: nowhere.
+    tracer: trace.Tracer | None
 
     @abc.abstractmethod
     def transaction(self) -> Any:
@@ -67,16 +74,28 @@ class Database(Executor):
     async def close(self) -> None: ...
 
 
-async def connect(url: str, *, pool_size: int = 10, max_overflow: int = 20, pools: PoolMetrics | None = None) -> Database:
+async def connect(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 20,
+    pools: PoolMetrics | None = None,
+    outages: Outages | None = None,
+    tracer: trace.Tracer | None = None,
+) -> Database:
     """Opens the engine that DATABASE_URL names: postgresql://… or sqlite:///path. A
-    service's database joins `pools`, its process's pool metrics; a short-lived
-    connection (migrations, `make key`) is left out of them."""
+    service's database joins `pools`, its process's pool metrics, and traces its
+    statements into `tracer`; a short-lived connection (migrations, `make key`) does
+    neither. Its outages are reported in `outages`, by default a set of its own."""
+    outages = Outages() if outages is None else outages
     if url.startswith(("postgresql://", "postgres://")):
         from services.common.db.postgres import PostgresDatabase
 
-        return await PostgresDatabase.open(url, min_size=pool_size, max_size=pool_size + max_overflow, pools=pools)
+        return await PostgresDatabase.open(
+            url, min_size=pool_size, max_size=pool_size + max_overflow, pools=pools, outages=outages, tracer=tracer
+        )
     if url.startswith("sqlite://"):
         from services.common.db.sqlite import SqliteDatabase
 
-        return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)), pools=pools)
+        return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)), pools=pools, outages=outages, tracer=tracer)
     raise ValueError(f"DATABASE_URL must start with postgresql:// or sqlite://, got {url.split('://')[0]!r}")

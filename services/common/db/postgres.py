@@ -3,7 +3,7 @@
 The pool holds DATABASE_POOL_SIZE connections open and grows to
 DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load. Its size, use and waiters
 are exported as metrics through the PoolMetrics the wiring hands it
-(telemetry/metrics.py); each statement is a span when tracing is on.
+(telemetry/metrics.py); each statement is a span when it is handed a tracer.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
 from services.common.dependencies import postgres_unavailable
 from services.common.errors import CommitOutcomeUnknown
-from services.common.outages import PROCESS, is_database_outage
+from services.common.outages import Outages, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
@@ -42,7 +43,7 @@ class _PgExecutor(Executor):
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
         try:
-            with tracing.db_span("postgresql", sql):
+            with tracing.db_span(self._owner.tracer, "postgresql", sql):
                 return await self._conn.fetch(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise UniqueViolation(str(exc)) from exc
@@ -50,7 +51,7 @@ class _PgExecutor(Executor):
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
         try:
-            with tracing.db_span("postgresql", sql):
+            with tracing.db_span(self._owner.tracer, "postgresql", sql):
                 status = await self._conn.execute(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise UniqueViolation(str(exc)) from exc
@@ -60,7 +61,15 @@ class _PgExecutor(Executor):
 class PostgresDatabase(Database):
     dialect = "postgresql"
 
-    def __init__(self, pool: asyncpg.Pool, pools: PoolMetrics | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        pools: PoolMetrics | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.outages = Outages() if outages is None else outages
+        self.tracer = tracer
         self._pool = pool
         self.query_count = 0
         # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
@@ -70,7 +79,16 @@ class PostgresDatabase(Database):
             pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int, max_size: int, pools: PoolMetrics | None = None) -> PostgresDatabase:
+    async def open(
+        cls,
+        url: str,
+        *,
+        min_size: int,
+        max_size: int,
+        pools: PoolMetrics | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -82,7 +100,7 @@ class PostgresDatabase(Database):
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise postgres_unavailable(url, exc) from exc
-        return cls(pool, pools)
+        return cls(pool, pools, outages, tracer)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         async with _Connection(self) as conn:
@@ -151,7 +169,7 @@ class _Connection:
         except Exception as exc:
             # No connection to be had, whatever the reason the server gives: refused,
             # shutting down, not accepting connections, too many clients.
-            raise PROCESS.database.failed(exc) from exc
+            raise db.outages.database.failed(exc) from exc
         finally:
             db._acquiring -= 1
         return self._conn
@@ -166,9 +184,9 @@ class _Connection:
         except Exception as release_failure:  # resetting a connection the server ended
             exc, lost = exc or release_failure, True
         if exc is None:
-            PROCESS.database.succeeded()
+            self._db.outages.database.succeeded()
         elif lost:
-            unavailable = PROCESS.database.failed(exc)
+            unavailable = self._db.outages.database.failed(exc)
             if not isinstance(exc, CommitOutcomeUnknown):
                 raise unavailable from exc
 

@@ -23,9 +23,10 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiosqlite
+from opentelemetry import trace
 
 from services.common.db.database import Database, Executor, Row, UniqueViolation
-from services.common.outages import PROCESS, is_database_outage
+from services.common.outages import Outages, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
@@ -55,19 +56,19 @@ class _SqliteExecutor(Executor):
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._owner.query_count += 1
-        with _errors_translated(), tracing.db_span("sqlite", sql):
+        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
             async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
                 return list(await cursor.fetchall())
 
     async def execute(self, sql: str, *args: Any) -> int:
         self._owner.query_count += 1
-        with _errors_translated(), tracing.db_span("sqlite", sql):
+        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
             async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
                 return cursor.rowcount
 
 
 @contextmanager
-def _errors_translated() -> Iterator[None]:
+def _errors_translated(outages: Outages) -> Iterator[None]:
     """UNIQUE violations for the repositories; a file that cannot be used now is an
     outage (UNAVAILABLE, logged once); a statement that works ends one."""
     try:
@@ -76,9 +77,9 @@ def _errors_translated() -> Iterator[None]:
         raise _integrity(exc) from exc
     except sqlite3.OperationalError as exc:
         if is_database_outage(exc, raised_by_database=True):
-            raise PROCESS.database.failed(exc) from exc
+            raise outages.database.failed(exc) from exc
         raise
-    PROCESS.database.succeeded()
+    outages.database.succeeded()
 
 
 def _integrity(exc: sqlite3.IntegrityError) -> Exception:
@@ -89,8 +90,15 @@ class SqliteDatabase(Database):
     dialect = "sqlite"
 
     def __init__(
-        self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection], pools: PoolMetrics | None = None
+        self,
+        writer: aiosqlite.Connection,
+        readers: list[aiosqlite.Connection],
+        pools: PoolMetrics | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self.outages = Outages() if outages is None else outages
+        self.tracer = tracer
         self._writer = writer
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
@@ -104,7 +112,15 @@ class SqliteDatabase(Database):
             pools.track(self)
 
     @classmethod
-    async def open(cls, url: str, *, readers: int, pools: PoolMetrics | None = None) -> SqliteDatabase:
+    async def open(
+        cls,
+        url: str,
+        *,
+        readers: int,
+        pools: PoolMetrics | None = None,
+        outages: Outages | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> SqliteDatabase:
         path = url.removeprefix("sqlite://")
         # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
         path = path[1:] if path.startswith("/") else path
@@ -118,7 +134,7 @@ class SqliteDatabase(Database):
             for conn in opened:
                 await conn.close()
             raise
-        return cls(opened[0], opened[1:], pools)
+        return cls(opened[0], opened[1:], pools, outages, tracer)
 
     @staticmethod
     async def _open_connection(path: str) -> aiosqlite.Connection:

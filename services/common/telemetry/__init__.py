@@ -1,8 +1,9 @@
-"""Observability shared by every process: metrics, traces, logs and profiles.
+"""Observability shared by every serving process: metrics, traces, logs and profiles.
 
-A process's main() calls Telemetry.start() before it builds anything (logging,
-tracing and profiling are then in place for what it builds), serves its metrics,
-and closes the Telemetry last. docs/observability.md is the operator's side.
+A process's run() (services/common/process.py) calls Telemetry.start() before it
+builds anything (logging is then in place for what it builds, and the Telemetry holds
+the tracer and the profiler the wiring hands to each part), serves its metrics, and
+closes the Telemetry last. docs/observability.md is the operator's side.
 
     metrics.py      the Prometheus metrics every service has, and the process's set
     endpoint.py     GET /metrics of a gRPC service, on its own port
@@ -21,6 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import TextIO
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import disable_created_metrics, multiprocess
 
@@ -28,6 +30,7 @@ from services.common.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, prepare_multiprocess, service_metrics
+from services.common.telemetry.profiling import SlowRequestProfiler
 
 __all__ = ["Telemetry"]
 
@@ -38,6 +41,9 @@ class Telemetry:
     # The process's metrics (the default registry): what serve_metrics() serves.
     metrics: ServiceMetrics
     provider: TracerProvider | None = None
+    # What the wiring hands to the parts it builds; None when off.
+    tracer: trace.Tracer | None = None
+    profiler: SlowRequestProfiler | None = None
     endpoint: MetricsEndpoint | None = None
 
     @classmethod
@@ -47,9 +53,15 @@ class Telemetry:
         # No `_created` series beside every counter and histogram: they double what a
         # scrape carries, and rate() does not need them.
         disable_created_metrics()
-        prepare_multiprocess(service)
-        profiling.configure(settings)
-        return cls(service, service_metrics(), provider=tracing.configure(settings, service))
+        prepare_multiprocess()
+        provider = tracing.configure(settings, service)
+        return cls(
+            service,
+            service_metrics(),
+            provider=provider,
+            tracer=tracing.tracer_of(provider),
+            profiler=profiling.configure(settings),
+        )
 
     async def serve_metrics(self, name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()) -> None:
         """GET /metrics on `port` (0: none) of the host the service listens on."""
@@ -65,7 +77,7 @@ class Telemetry:
         """Flushes the spans still buffered and, in multiprocess mode, retires this
         process's live gauges so the survivors' sums no longer count it."""
         if self.provider is not None:
-            tracing.shutdown()
+            self.provider.shutdown()
             self.provider = None
         directory = multiprocess_dir()
         if directory:

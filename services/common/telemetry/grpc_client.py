@@ -2,8 +2,8 @@
 (`traceparent`, `tracestate`) in the call's metadata for the server to continue.
 
 The channel factory (services/common/channels.py) puts these interceptors on every
-channel it opens while tracing is on; with tracing off it adds none, and channels are
-exactly what gRPC makes.
+channel it opens with a tracer; without one it adds none, and channels are exactly
+what gRPC makes.
 """
 
 from __future__ import annotations

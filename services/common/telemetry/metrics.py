@@ -1,4 +1,4 @@
-"""Prometheus metrics every gRPC service has: its calls and its database pools.
+"""Prometheus metrics every gRPC service has: its calls and, with a database, its pools.
 
 Metrics that belong to one part live with it (the cache's in
 services/cache/sidecar/metrics.py). Each group is made on a registry it is given,
@@ -6,9 +6,9 @@ and what records into it is handed the group by the wiring, so a test can give i
 A process keeps its metrics in prometheus_client's default registry (which also holds
 the standard process_* metrics) and serves them on its metrics port (endpoint.py).
 Several worker processes of one service add up through prometheus_client's
-multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set before the process starts,
-values live in per-process files in that directory and whichever worker answers a
-scrape sums them. Gauges say how they combine (`multiprocess_mode`).
+multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set before the process starts (the
+launcher sets it to a directory per part), values live in per-process files in that
+directory and whichever worker answers a scrape sums them. Gauges say how they combine (`multiprocess_mode`).
 
 Hot paths touch only label children bound once and kept: no label lookup, no string
 building per call. docs/observability.md lists every metric with its meaning.
@@ -55,21 +55,19 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
 
 
-def prepare_multiprocess(service: str) -> str | None:
-    """In multiprocess mode, gives this process the service's own subdirectory of
-    PROMETHEUS_MULTIPROC_DIR, so one variable serves every part of the system and no
-    endpoint adds up another part's metrics; and retires the live gauges of processes
-    that are gone (a restarted worker or container finds its predecessors' files).
+def prepare_multiprocess() -> str | None:
+    """In multiprocess mode, retires the live gauges of processes that are gone (a
+    restarted worker or container finds its predecessors' files).
 
-    Runs at start, before any metric holds a value: values open their files in the
-    directory the variable names when they are made.
+    The directory is this service's own (the launcher hands each part a subdirectory
+    of its PROMETHEUS_MULTIPROC_DIR), so no endpoint adds up another part's metrics.
+    It is read, never written: prometheus_client opens each value's file in the
+    directory the variable names when the value is made.
     """
-    base = multiprocess_dir()
-    if base is None:
+    directory = multiprocess_dir()
+    if directory is None:
         return None
-    directory = base if os.path.basename(os.path.normpath(base)) == service else os.path.join(base, service)
     os.makedirs(directory, exist_ok=True)
-    os.environ[MULTIPROCESS_ENV] = directory
     for pid in _pids_with_files(directory):
         if not _alive(pid):
             multiprocess.mark_process_dead(pid, directory)

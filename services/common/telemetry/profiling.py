@@ -61,15 +61,7 @@ class SlowRequestProfiler:
         )
 
 
-_profiler: SlowRequestProfiler | None = None
-
-
 def configure(settings: Settings) -> SlowRequestProfiler | None:
-    global _profiler
-    _profiler = SlowRequestProfiler(settings.profiling_threshold) if settings.profiling_enabled else None
-    return _profiler
-
-
-def profiler() -> SlowRequestProfiler | None:
-    """This process's profiler, or None when profiling is off."""
-    return _profiler
+    """The profiler the process's Telemetry holds and the wiring hands to each server
+    it builds; None when profiling is off."""
+    return SlowRequestProfiler(settings.profiling_threshold) if settings.profiling_enabled else None

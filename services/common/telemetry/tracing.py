@@ -2,15 +2,16 @@
 
 configure() builds a TracerProvider that exports over OTLP (gRPC, or HTTP with
 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf; the exporter reads the other OTEL_EXPORTER_*
-variables itself, the provider OTEL_TRACES_SAMPLER and OTEL_RESOURCE_ATTRIBUTES) and
-installs it here. Without an endpoint nothing is installed: tracer() is None, the
-servers' call wrappers and the gateway's front pass are built without a tracing layer, db_span() hands back
-one shared no-op context, and the channel factory adds no interceptor.
+variables itself, the provider OTEL_TRACES_SAMPLER and OTEL_RESOURCE_ATTRIBUTES). The
+process's Telemetry holds it and its tracer, and the wiring hands that tracer to each
+part it builds: a part given None (tracing off, or a test that wants none) has no
+tracing layer, its db_span() hands back one shared no-op context, and the channels it
+opens carry no interceptor.
 
 Spans cross processes as W3C trace context (`traceparent`, `tracestate`) in the gRPC
 metadata: the servers' call wrapper extracts it, and every channel the channel factory
-(services/common/channels.py) opens while tracing is installed injects it
-(grpc_client.py). The tracer is read when a part is built, never patched into gRPC.
+(services/common/channels.py) opens with a tracer injects it (grpc_client.py). gRPC
+itself is never patched.
 """
 
 from __future__ import annotations
@@ -37,32 +38,16 @@ INSTRUMENTATION_NAME = "devops_hub"
 PROTOCOLS = ("grpc", "http/protobuf")
 
 _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
-_tracer: trace.Tracer | None = None
-_provider: TracerProvider | None = None
 
 
-def tracer() -> trace.Tracer | None:
-    """The tracer of this process, or None when tracing is off."""
-    return _tracer
-
-
-def install(provider: TracerProvider) -> None:
-    """Traces this process into `provider` from now on (tests install one with an
-    in-memory exporter)."""
-    global _tracer, _provider
-    _provider = provider
-    _tracer = provider.get_tracer(INSTRUMENTATION_NAME)
-
-
-def uninstall() -> None:
-    """Stops tracing; channels opened from now on are plain again."""
-    global _tracer, _provider
-    _tracer = None
-    _provider = None
+def tracer_of(provider: TracerProvider | None) -> trace.Tracer | None:
+    """The tracer the parts are given for `provider` (tests make one with an in-memory
+    exporter); None without a provider."""
+    return None if provider is None else provider.get_tracer(INSTRUMENTATION_NAME)
 
 
 def configure(settings: Settings, service: str, env: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """Installs an OTLP-exporting provider when settings name an endpoint; None otherwise.
+    """An OTLP-exporting provider when settings name an endpoint; None otherwise.
 
     The service name is OTEL_SERVICE_NAME when set, else devops-hub-<service>.
     """
@@ -76,7 +61,6 @@ def configure(settings: Settings, service: str, env: Mapping[str, str] | None = 
     resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or f"devops-hub-{service}"})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(_exporter(endpoint, protocol)))
-    install(provider)
     log.info("tracing: exporting spans over OTLP (%s) to %s", protocol, endpoint)
     return provider
 
@@ -90,14 +74,6 @@ def _exporter(endpoint: str, protocol: str) -> Any:
 
     # The general endpoint names the collector; traces go to its /v1/traces.
     return HttpExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
-
-
-def shutdown() -> None:
-    """Exports what is still buffered and stops tracing."""
-    provider = _provider
-    uninstall()
-    if provider is not None:
-        provider.shutdown()
 
 
 # --- database spans ----------------------------------------------------------------------
@@ -115,13 +91,12 @@ def _db_span_name(sql: str) -> str:
     return f"{operation} {target.group(1)}" if target else operation
 
 
-def db_span(system: str, sql: str) -> AbstractContextManager[Any]:
+def db_span(tracer: trace.Tracer | None, system: str, sql: str) -> AbstractContextManager[Any]:
     """A CLIENT span around one statement (its SQL, never its arguments); a shared no-op
-    when tracing is off."""
-    current = _tracer
-    if current is None:
+    without a tracer."""
+    if tracer is None:
         return _NO_SPAN
-    return current.start_as_current_span(
+    return tracer.start_as_current_span(
         _db_span_name(sql),
         kind=trace.SpanKind.CLIENT,
         attributes={"db.system.name": system, "db.query.text": sql},

@@ -25,6 +25,7 @@ from devops_hub.v1 import auth_pb2_grpc, options_pb2, reports_pb2, reports_pb2_g
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -50,7 +51,7 @@ TIMEOUT = 30.0
 
 
 async def scenario(database_url: str) -> dict[str, Any]:
-    spans = _trace_into_memory()
+    spans, tracer = _trace_into_memory()
     registry = CollectorRegistry()
     settings = Settings(
         database_url=database_url,
@@ -67,7 +68,7 @@ async def scenario(database_url: str) -> dict[str, Any]:
         shutdown_grace=1.0,
         log_level="WARNING",
     )
-    agents = await build_agents(settings, ServiceMetrics(registry))
+    agents = await build_agents(settings, ServiceMetrics(registry), tracer=tracer)
     # What a newcomer adds to services/agents/server.py's build, beside the agents' own servicers.
     agents.host.add(reports_pb2_grpc.add_ReportsServiceServicer_to_server, ReportsServicer(Reports()), SERVICE_NAME)
     seen: dict[str, Any] = {
@@ -79,7 +80,7 @@ async def scenario(database_url: str) -> dict[str, Any]:
         settings = settings.replace(agents_addr=agents.address)
         async with (
             grpc.aio.insecure_channel(agents.address) as channel,
-            running_gateway(settings) as base_url,
+            running_gateway(settings, tracer=tracer) as base_url,
             httpx.AsyncClient(base_url=base_url, timeout=TIMEOUT) as http,
         ):
             keys_stub = auth_pb2_grpc.ApiKeysServiceStub(channel)
@@ -180,13 +181,12 @@ def _grpc_series(registry: CollectorRegistry) -> list[list[str]]:
     )
 
 
-def _trace_into_memory() -> InMemorySpanExporter:
-    """Tracing on, into memory, before anything is built: parts read the tracer when built."""
+def _trace_into_memory() -> tuple[InMemorySpanExporter, trace.Tracer | None]:
+    """Tracing into memory: the tracer to hand to what is built, and what it records."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    return exporter
+    return exporter, tracing.tracer_of(provider)
 
 
 def main(argv: list[str]) -> None:
