@@ -16,16 +16,17 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common import field_behavior, idempotency, pagination
+from services.common import field_behavior, idempotency, pagination, resource
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
 from services.common.clock import utc_now
 from services.common.db import UniqueViolation
-from services.common.errors import NotFound, Unauthenticated, invalid_fields
+from services.common.errors import Unauthenticated, invalid_fields
 
 ApiKey = auth_pb2.ApiKey
+LABEL = "api_key"
 Scope = options_pb2.Scope
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 # What WhoAmI calls the services' key: not a key id the API knows (see above).
@@ -42,14 +43,14 @@ class ApiKeys:
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
         now = utc_now()
         # Its REQUIRED fields (the name, at least one scope) are set, and well formed.
-        violations = field_behavior.violations(field_behavior.missing(requested), "api_key")
+        violations = field_behavior.violations(field_behavior.missing(requested), LABEL)
         if requested.name and not NAME.match(requested.name):
-            violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
+            violations.append((f"{LABEL}.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
         for i, scope in enumerate(requested.scopes):
             if scope not in GRANTABLE:
-                violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
+                violations.append((f"{LABEL}.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
         if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.UTC) <= now:
-            violations.append(("api_key.expire_time", "must be in the future"))
+            violations.append((f"{LABEL}.expire_time", "must be in the future"))
         if violations:
             raise invalid_fields(violations)
         key = keys.new_key()
@@ -73,18 +74,15 @@ class ApiKeys:
         return True
 
     async def list(self, request: auth_pb2.ListApiKeysRequest) -> auth_pb2.ListApiKeysResponse:
-        size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request)
-        found = await self._repository.list(request.show_revoked, after, size + 1)
-        response = auth_pb2.ListApiKeysResponse(api_keys=found[:size])
-        if len(found) > size:
-            response.next_page_token = pagination.encode_token(found[size - 1].id, request)
-        return response
+        found, token = await pagination.page(
+            request, lambda after, limit: self._repository.list(request.show_revoked, after, limit), lambda k: k.id
+        )
+        return auth_pb2.ListApiKeysResponse(api_keys=found, next_page_token=token)
 
     async def revoke(self, key_id: str) -> ApiKey:
         revoked = await self._repository.revoke(key_id, utc_now())
         if revoked is None:
-            raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
+            raise resource.not_found(LABEL, key_id)
         return revoked
 
     async def forget(self, key: str) -> bool:
@@ -102,7 +100,7 @@ class ApiKeys:
 
 
 def _record(requested: ApiKey, key: str) -> ApiKey:
-    record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
-    if requested.HasField("expire_time"):
-        record.expire_time.CopyFrom(requested.expire_time)
+    """The key as stored: what its client may set, with the id and prefix the service sets."""
+    record = resource.new(requested)
+    record.id, record.prefix = f"key_{secrets.token_hex(8)}", keys.display_prefix(key)
     return record

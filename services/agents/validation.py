@@ -1,4 +1,5 @@
-"""What makes an agent valid: field rules shared by create, batch create and update.
+"""What makes an agent valid, checked whole on create, batch create and update
+(services/common/resource.py).
 
 Every check adds a (field path, description) violation rather than raising at the
 first, so a client learns about every bad field of a request at once.
@@ -15,7 +16,6 @@ from services.common import field_behavior
 Agent = agents_pb2.Agent
 Violations = list[tuple[str, str]]
 
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DOMAIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CAPABILITY = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")
 METADATA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -29,28 +29,16 @@ MAX_DESCRIPTION = 4096
 MAX_CAPABILITIES = 64
 MAX_METADATA = 64
 MAX_METADATA_VALUE = 1024
-MAX_BATCH = 1000
-
-# What an update_mask may name, read from the proto's field_behavior annotations.
-WRITABLE_FIELDS = field_behavior.writable_fields(Agent)
 
 
-def check_id(value: str, field: str, violations: Violations) -> None:
-    if not value:
-        violations.append((field, "is required"))
-    elif not ID.match(value):
-        violations.append((field, "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"))
-
-
-def check_fields(agent: Agent, names: tuple[str, ...] | list[str], prefix: str, violations: Violations) -> None:
-    """Checks the named fields of `agent` (all writable ones on create, the mask's on
-    update): those the proto marks REQUIRED must be set, and set ones must be well
-    formed. `prefix` makes the paths point into the request."""
-    missing = field_behavior.missing(agent, names)
+def check_fields(agent: Agent, prefix: str, violations: Violations) -> None:
+    """Those of the agent's fields the proto marks REQUIRED must be set, and the others
+    well formed. `prefix` makes the paths point into the request."""
+    missing = field_behavior.missing(agent)
     violations.extend(field_behavior.violations(missing, prefix))
-    for name in names:
+    for name, check in _CHECKS.items():
         if name not in missing:
-            _CHECKS[name](agent, f"{prefix}.{name}", violations)
+            check(agent, f"{prefix}.{name}", violations)
 
 
 def _name(agent: Agent, field: str, violations: Violations) -> None:

@@ -20,7 +20,6 @@ Step = workflows_pb2.Step
 Agent = agents_pb2.Agent
 Violations = list[tuple[str, str]]
 
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STEPS = 200
 MAX_RETRIES = 10
