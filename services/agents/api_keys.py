@@ -26,7 +26,6 @@ from services.common.db import UniqueViolation
 from services.common.errors import Unauthenticated, invalid_fields
 
 ApiKey = auth_pb2.ApiKey
-LABEL = "api_key"
 Scope = options_pb2.Scope
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 # What WhoAmI calls the services' key: not a key id the API knows (see above).
@@ -43,14 +42,14 @@ class ApiKeys:
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
         now = utc_now()
         # Its REQUIRED fields (the name, at least one scope) are set, and well formed.
-        violations = field_behavior.violations(field_behavior.missing(requested), LABEL)
+        violations = field_behavior.violations(field_behavior.missing(requested), "api_key")
         if requested.name and not NAME.match(requested.name):
-            violations.append((f"{LABEL}.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
+            violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
         for i, scope in enumerate(requested.scopes):
             if scope not in GRANTABLE:
-                violations.append((f"{LABEL}.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
+                violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
         if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.UTC) <= now:
-            violations.append((f"{LABEL}.expire_time", "must be in the future"))
+            violations.append(("api_key.expire_time", "must be in the future"))
         if violations:
             raise invalid_fields(violations)
         key = keys.new_key()
@@ -82,7 +81,7 @@ class ApiKeys:
     async def revoke(self, key_id: str) -> ApiKey:
         revoked = await self._repository.revoke(key_id, utc_now())
         if revoked is None:
-            raise resource.not_found(LABEL, key_id)
+            raise resource.not_found("api_key", key_id)
         return revoked
 
     async def forget(self, key: str) -> bool:

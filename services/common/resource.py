@@ -1,19 +1,13 @@
-"""A resource's use cases, written once: get, list pages, create, update, delete.
+"""A resource's use cases, written once: get, create, update, delete, and what they cause.
 
-A resource (agents, workflows) subclasses Resource with what is its own: its label
-("agent": error messages, reasons, events, request paths), its rules, and its cached
-reads, each `@cached(method=<its RPC>, key_prefix=…)`: `_stored(id)` for Get, and the
-list reads named in `lists`, every page of which a write to one resource may change.
-The rest is here, the same for every resource:
-
-- ids (AIP-122): the one rule below; an empty id on create is generated.
-- a create (or batch create) checks every resource and names every bad field at once
-  (AIP-193), then inserts all or none, with its events, its invalidations and the
-  request_id's answer in one unit of work (cache/log/outbox.py).
-- an update (AIP-134) reads the resource, merges the fields its mask names, checks the
-  result whole and replaces it if its revision has not moved (AIP-154): with an etag,
-  a moved revision is ABORTED; without one, the update is read and merged again.
-- a delete removes it if the etag, when given, still matches.
+A resource subclasses Resource with what is its own: its label ("agent": its errors,
+reasons, events, request paths), its rules, and its cached reads, `_stored(id)` for
+Get and the list reads in `lists`. The rest is the same for every resource: the id
+rule (AIP-122); every bad field named at once (AIP-193); a create inserts all or none;
+an update (AIP-134) merges the mask's fields into the stored resource, checks it whole
+and replaces it if its revision has not moved (AIP-154: with an etag, a moved one is
+ABORTED; without, the update is merged again); each write commits its events, its
+invalidations and the request_id's answer in one unit of work (cache/log/outbox.py).
 """
 
 from __future__ import annotations
@@ -52,17 +46,13 @@ _ID, _ETAG = "id", "etag"
 
 
 class Store(Protocol[R]):
-    """What a resource's repository offers the template; writes run on the unit of work's `tx`."""
+    """A resource's repository; writes run on the unit of work's `tx`, `replace` and
+    `delete` only while the revision (when given) is still the one named."""
 
     async def get(self, id: str, /) -> R | None: ...
-
     async def existing(self, ids: Sequence[str], /) -> list[str]: ...
-
     async def insert(self, tx: Executor, resources: Sequence[R], now: dt.datetime, /) -> list[R]: ...
-
-    async def replace(self, tx: Executor, resource: R, revision: int, now: dt.datetime, /) -> R | None:
-        """Writes the whole resource if its revision is still `revision`; None otherwise."""
-
+    async def replace(self, tx: Executor, resource: R, revision: int, now: dt.datetime, /) -> R | None: ...
     async def delete(self, tx: Executor, id: str, revision: int | None, /) -> bool: ...
 
 
@@ -88,6 +78,7 @@ class Resource(abc.ABC, Generic[R]):
         """Adds the resource's violations, its fields' paths under `path`: its REQUIRED
         fields (field_behavior) and the rules the annotations cannot say."""
 
+    @abc.abstractmethod
     def normalise(self, resource: R) -> None:
         """Defaults and clean-ups, in place, once the resource is valid."""
 
@@ -131,7 +122,7 @@ class Resource(abc.ABC, Generic[R]):
             async with self._outbox.write() as write:
                 await idempotency.claim(write.tx)
                 created = await self._repository.insert(write.tx, resources, write.time)
-                self._record(write, "created", {_id(resource): self.event_data(resource) for resource in created})
+                self.record(write, "created", {_id(resource): self.event_data(resource) for resource in created})
                 reply = answer(created)
                 await idempotency.answer(write.tx, reply)
         except UniqueViolation:
@@ -160,14 +151,11 @@ class Resource(abc.ABC, Generic[R]):
             async with self._outbox.write() as write:
                 updated = await self._repository.replace(write.tx, current, revision, write.time)
                 if updated is not None:
-                    self._record(write, "updated", {resource_id: {"fields": fields}})
+                    self.record(write, "updated", {resource_id: {"fields": fields}})
             if updated is not None:
                 return updated
-        raise Aborted(
-            f"{self.label} {resource_id!r} kept changing while it was being updated; retry",
-            reason="ETAG_MISMATCH",
-            metadata={"id": resource_id},
-        )
+        message = f"{self.label} {resource_id!r} kept changing while it was being updated; retry"
+        raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": resource_id})
 
     async def delete(self, id: str, etag: str) -> None:
         # An etag this service never issued matches no revision (-1): the delete is refused as stale.
@@ -175,7 +163,7 @@ class Resource(abc.ABC, Generic[R]):
         async with self._outbox.write() as write:
             deleted = await self._repository.delete(write.tx, id, expected)
             if deleted:
-                self._record(write, "deleted", {id: {}})
+                self.record(write, "deleted", {id: {}})
         if not deleted:
             if etag and await self._repository.existing([id]):
                 self._stale(id, etag)
@@ -187,7 +175,7 @@ class Resource(abc.ABC, Generic[R]):
         declarations: their keys, and every page of every list read."""
         return (*(stale(cls._stored, i) for i in ids), *(every(read) for read in cls.lists))
 
-    def _record(self, write: Write, verb: str, events: dict[str, dict[str, Any]]) -> None:
+    def record(self, write: Write, verb: str, events: dict[str, dict[str, Any]]) -> None:
         """A write's invalidations and its events ("agent.created"), each resource's
         id and `data` (by id) in its event."""
         write.made_stale(*self.made_stale(*events))
@@ -198,18 +186,14 @@ class Resource(abc.ABC, Generic[R]):
         raise not_found(self.label, id)
 
     def _stale(self, id: str, etag: str) -> NoReturn:
-        raise Aborted(
-            f"{self.label} {id!r} was changed since etag {etag!r}; read it again and retry",
-            reason="ETAG_MISMATCH",
-            metadata={"id": id},
-        )
+        message = f"{self.label} {id!r} was changed since etag {etag!r}; read it again and retry"
+        raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": id})
 
     async def _exists(self, ids: list[str]) -> ServiceError:
         taken = sorted(await self._repository.existing(ids)) or ids
         shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
-        return AlreadyExists(
-            f"{self.label} id already exists: {shown}", reason=f"{self.label.upper()}_EXISTS", metadata={"ids": ",".join(taken[:100])}
-        )
+        message, reason = f"{self.label} id already exists: {shown}", f"{self.label.upper()}_EXISTS"
+        return AlreadyExists(message, reason=reason, metadata={"ids": ",".join(taken[:100])})
 
 
 def not_found(label: str, id: str) -> NotFound:
