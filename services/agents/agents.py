@@ -70,7 +70,7 @@ class Agents(Resource[Agent]):
     # The agents' rules.
 
     async def check(self, agent: Agent, path: str, violations: Violations) -> None:
-        validation.check_fields(agent, path, violations)
+        validation.check(agent, path, violations)
 
     def normalise(self, agent: Agent) -> None:
         validation.normalise(agent)

@@ -75,8 +75,8 @@ class Resource(abc.ABC, Generic[R]):
 
     @abc.abstractmethod
     async def check(self, resource: R, path: str, violations: Violations) -> None:
-        """Adds the resource's violations, its fields' paths under `path`: its REQUIRED
-        fields (field_behavior) and the rules the annotations cannot say."""
+        """Adds the resource's violations, its fields' paths under `path`: the rules
+        that its proto cannot say (the template checks REQUIRED fields and enums)."""
 
     @abc.abstractmethod
     def normalise(self, resource: R) -> None:
@@ -110,7 +110,7 @@ class Resource(abc.ABC, Generic[R]):
             at = path.format(i=i)
             resource = new(one)
             check_id(_id(resource), f"{at}.id", violations)
-            await self.check(resource, at, violations)
+            await self._check(resource, at, violations)
             if first.setdefault(_id(resource), i) != i:
                 violations.append((f"{at}.id", f"repeats the id of {path.format(i=first[_id(resource)])}"))
             resources.append(resource)
@@ -144,7 +144,7 @@ class Resource(abc.ABC, Generic[R]):
             if etag and revision_of(etag) != revision:
                 self._stale(resource_id, etag)
             field_mask_pb2.FieldMask(paths=fields).MergeMessage(changes, current, replace_message_field=True, replace_repeated_field=True)
-            await self.check(current, self.label, violations)
+            await self._check(current, self.label, violations)
             if violations:
                 raise invalid_fields(violations)
             self.normalise(current)
@@ -168,6 +168,16 @@ class Resource(abc.ABC, Generic[R]):
             if etag and await self._repository.existing([id]):
                 self._stale(id, etag)
             self._not_found(id)
+
+    async def _check(self, resource: R, path: str, violations: Violations) -> None:
+        """What the proto says (REQUIRED fields set, enums one of their values), then the resource's rules."""
+        violations.extend(field_behavior.violations(field_behavior.missing(resource), path))
+        for field in resource.DESCRIPTOR.fields:
+            value = getattr(resource, field.name)
+            if field.enum_type is not None and not field.is_repeated and value not in field.enum_type.values_by_number:
+                known = ", ".join(v.name for v in field.enum_type.values if v.number)
+                violations.append((f"{path}.{field.name}", f"unknown value {value}; one of {known}"))
+        await self.check(resource, path, violations)
 
     @classmethod
     def made_stale(cls, *ids: str) -> tuple[str, ...]:

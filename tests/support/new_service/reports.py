@@ -8,7 +8,6 @@ from __future__ import annotations
 from devops_hub.v1 import reports_pb2
 
 from services.cache.client.decorators import cached
-from services.common import field_behavior
 from services.common.resource import Resource, Violations
 from tests.support.new_service.repository import ReportRepository
 
@@ -28,9 +27,10 @@ class Reports(Resource[Report]):
         return await self._repository.get(report_id)
 
     async def check(self, report: Report, path: str, violations: Violations) -> None:
-        # A resource's REQUIRED fields are its use case's to check (request_checks.py checks
-        # only the request's own), through the same field_behavior.py.
-        violations.extend(field_behavior.violations(field_behavior.missing(report), path))
+        # Its REQUIRED title the template checks (request_checks.py checks only the
+        # request's own fields): what the proto cannot say is the reports' to check.
+        if len(report.title) > 200:
+            violations.append((f"{path}.title", "must be at most 200 characters"))
 
     def normalise(self, report: Report) -> None:
         report.title = report.title.strip()
