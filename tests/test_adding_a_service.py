@@ -2,7 +2,8 @@
 
 A newcomer writes the proto (tests/support/new_service/reports.proto: http rules,
 scopes, field_behavior, `option (backend) = "agents"`), a servicer that translates
-and delegates, a use case, and one `host.add(...)` in the hosting process's build. The
+and delegates, a use case on the resource template with its repository, and its
+wiring and one `host.add(...)` in the hosting process's build. The
 guides say the rest is derived from the proto: the gateway route and JSON mapping, the
 OpenAPI operation, the scope check, the rate-limit bucket, the REQUIRED-field checks,
 gRPC metrics and traces, reflection and health. This proves it through the real
@@ -27,7 +28,9 @@ from typing import Any
 
 import pytest
 
+from services.common import resource
 from tests.support import ROOT
+from tests.support.grpc_errors import error_reason
 
 # One worker runs the module: the new service's stack is module-scoped.
 pytestmark = pytest.mark.xdist_group("adding_a_service")
@@ -116,6 +119,15 @@ def test_required_fields_are_refused_before_the_servicer_and_named(seen):
     without_title = seen["http"]["create_without_title"]
     assert without_title["status"] == 400
     assert _violations(without_title["body"]) == {"report.title": "is required"}
+
+
+def test_the_resource_template_brings_the_id_rule_and_its_errors(seen):
+    # reports.py writes only the reports' rules; the template (services/common/resource.py) does the rest.
+    bad_id = seen["http"]["create_with_bad_id"]
+    assert bad_id["status"] == 400 and _violations(bad_id["body"]) == {"report.id": resource.ID_RULE}
+    again = seen["http"]["create_again"]
+    assert again["status"] == 409 and error_reason(again["body"]) == "REPORT_EXISTS"
+    assert error_reason(seen["http"]["get_unknown"]["body"]) == "REPORT_NOT_FOUND"
 
 
 def test_reflection_lists_it_and_health_reports_it_serving(seen):

@@ -275,6 +275,17 @@ async def test_update_rules(stack):
     assert dict(cleared.metadata) == {}
 
 
+async def test_concurrent_updates_without_an_etag_lose_no_field(stack):
+    """An update merges its fields into the agent as stored: one that raced another is
+    merged again onto the other's result, never written over it."""
+    await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+    changes = [Agent(id="agent-1", version="2.0"), Agent(id="agent-1", description="new"), Agent(id="agent-1", endpoint="host:9000")]
+    await asyncio.gather(*(stack.stub.UpdateAgent(agents_pb2.UpdateAgentRequest(agent=agent)) for agent in changes))
+    stored = await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))
+    assert (stored.version, stored.description, stored.endpoint) == ("2.0", "new", "host:9000")
+    assert stored.etag == "4"
+
+
 async def test_delete_rules(stack):
     failure = await expect_error(stack.stub.DeleteAgent(agents_pb2.DeleteAgentRequest(id="ghost")), grpc.StatusCode.NOT_FOUND)
     assert "ghost" in failure.message

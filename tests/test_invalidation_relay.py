@@ -20,7 +20,7 @@ from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from bench.run import free_port
-from services.agents.agents import _made_stale
+from services.agents.agents import Agents
 from services.cache.log.repository import InvalidationLog
 from services.common.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
@@ -144,7 +144,7 @@ async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_
             await eventually(lambda: "agents:get:agent-1" not in cache.entries, "the relay delivers the update's entry")
             assert cache.applied == await head_of(restarted) == head + 1
             assert [(s.after, s.through, list(s.patterns)) for s in cache.syncs[before:] if s.patterns] == [
-                (head, head + 1, list(_made_stale("agent-1")))
+                (head, head + 1, list(Agents.made_stale("agent-1")))
             ]
 
 

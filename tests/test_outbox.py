@@ -14,7 +14,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, events_pb2, workflows_pb2
 from google.protobuf import field_mask_pb2
 
-from services.agents.agents import _made_stale
+from services.agents.agents import Agents
 from services.agents.repository import AgentRepository
 from services.cache.client.decorators import every, stale
 from services.cache.log.outbox import Outbox
@@ -50,7 +50,7 @@ async def test_agent_writes_commit_their_event_and_log_entry(stack):
     created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
     assert [e.subject for e in await events(stack, "agent.created") if e.subject == "agent-1"] == ["agent-1"]
     [entry] = await new_entries(stack, start)
-    assert entry.patterns == _made_stale("agent-1")
+    assert entry.patterns == Agents.made_stale("agent-1")
 
     await stack.stub.UpdateAgent(
         agents_pb2.UpdateAgentRequest(
@@ -74,7 +74,7 @@ async def test_a_batch_create_is_one_log_entry(stack):
     batch = [agents_pb2.CreateAgentRequest(agent=new_agent(i)) for i in range(3)]
     await stack.stub.BatchCreateAgents(agents_pb2.BatchCreateAgentsRequest(requests=batch))
     [entry] = await new_entries(stack, start)
-    assert entry.patterns == _made_stale("agent-0", "agent-1", "agent-2")
+    assert entry.patterns == Agents.made_stale("agent-0", "agent-1", "agent-2")
     created = {e.subject for e in await events(stack, "agent.created")}
     assert {"agent-0", "agent-1", "agent-2"} <= created
 

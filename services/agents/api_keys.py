@@ -16,14 +16,14 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common import field_behavior, idempotency, pagination
+from services.common import field_behavior, idempotency, pagination, resource
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
 from services.common.clock import utc_now
 from services.common.db import UniqueViolation
-from services.common.errors import NotFound, Unauthenticated, invalid_fields
+from services.common.errors import Unauthenticated, invalid_fields
 
 ApiKey = auth_pb2.ApiKey
 Scope = options_pb2.Scope
@@ -73,18 +73,15 @@ class ApiKeys:
         return True
 
     async def list(self, request: auth_pb2.ListApiKeysRequest) -> auth_pb2.ListApiKeysResponse:
-        size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request)
-        found = await self._repository.list(request.show_revoked, after, size + 1)
-        response = auth_pb2.ListApiKeysResponse(api_keys=found[:size])
-        if len(found) > size:
-            response.next_page_token = pagination.encode_token(found[size - 1].id, request)
-        return response
+        found, token = await pagination.page(
+            request, lambda after, limit: self._repository.list(request.show_revoked, after, limit), lambda k: k.id
+        )
+        return auth_pb2.ListApiKeysResponse(api_keys=found, next_page_token=token)
 
     async def revoke(self, key_id: str) -> ApiKey:
         revoked = await self._repository.revoke(key_id, utc_now())
         if revoked is None:
-            raise NotFound(f"API key {key_id!r} not found", reason="API_KEY_NOT_FOUND", metadata={"id": key_id})
+            raise resource.not_found("api_key", key_id)
         return revoked
 
     async def forget(self, key: str) -> bool:
@@ -102,7 +99,7 @@ class ApiKeys:
 
 
 def _record(requested: ApiKey, key: str) -> ApiKey:
-    record = ApiKey(id=f"key_{secrets.token_hex(8)}", name=requested.name, scopes=requested.scopes, prefix=keys.display_prefix(key))
-    if requested.HasField("expire_time"):
-        record.expire_time.CopyFrom(requested.expire_time)
+    """The key as stored: what its client may set, with the id and prefix the service sets."""
+    record = resource.new(requested)
+    record.id, record.prefix = f"key_{secrets.token_hex(8)}", keys.display_prefix(key)
     return record

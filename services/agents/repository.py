@@ -1,8 +1,9 @@
 """All SQL about agents. Reads are single queries; batch writes are single statements.
 
 Writes run in the transaction they are given (the use case's, see cache/log/outbox.py).
-Agents come back as Agent messages: the proto is the domain model, so no second
-field list has to be kept in step with it.
+Agents come back as Agent messages, and the agents table's columns are the Agent's
+fields (its etag is the revision): both are read from the proto's descriptor below, so
+no second field list has to be kept in step with it.
 """
 
 from __future__ import annotations
@@ -12,34 +13,27 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from devops_hub.v1 import agents_pb2
 
-from services.common.db import Database, UniqueViolation
+from services.common.db import Database
 from services.common.db.database import Executor, Row, as_datetime
-from services.common.errors import AlreadyExists
+
+if TYPE_CHECKING:
+    from services.common.field_behavior import Field
 
 Agent = agents_pb2.Agent
 
-_COLUMNS = (
-    "id, name, version, description, domain, type, status, capabilities, metadata, endpoint,"
-    " revision, create_time, update_time"
+_FIELDS = Agent.DESCRIPTOR.fields
+_TIMES = tuple(f.name for f in _FIELDS if f.message_type is not None and not f.is_repeated)
+_NOT_PLAIN = ("etag", *_TIMES)
+# The table's columns, each the field of its name (etag: revision), with their types
+# for the bulk insert: enums as their names, lists and maps as JSON text.
+_COLUMN_TYPES = tuple(
+    ("revision", "bigint") if f.name == "etag" else (f.name, "timestamptz" if f.name in _TIMES else "text") for f in _FIELDS
 )
-_AGENT_COLUMN_TYPES = (
-    ("id", "text"),
-    ("name", "text"),
-    ("version", "text"),
-    ("description", "text"),
-    ("domain", "text"),
-    ("type", "text"),
-    ("status", "text"),
-    ("capabilities", "text"),
-    ("metadata", "text"),
-    ("endpoint", "text"),
-    ("revision", "bigint"),
-    ("create_time", "timestamptz"),
-    ("update_time", "timestamptz"),
-)
+_COLUMNS = ", ".join(name for name, _ in _COLUMN_TYPES)
 _CAPABILITY_COLUMN_TYPES = (("agent_id", "text"), ("capability", "text"))
 
 
@@ -74,10 +68,6 @@ class AgentFilter:
 class Facets:
     total: int
     counts: dict[str, dict[str, int]]
-
-
-def etag_of(revision: int) -> str:
-    return str(revision)
 
 
 class AgentRepository:
@@ -126,50 +116,30 @@ class AgentRepository:
                 counts[row["facet"]][row["value"]] = int(row["n"])
         return Facets(total=total, counts=counts)
 
+    async def existing(self, ids: Sequence[str]) -> builtins.list[str]:
+        placeholders = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
+        return [row["id"] for row in await self.db.fetch(f"SELECT id FROM agents WHERE id IN ({placeholders})", *ids)]
+
     async def insert(self, tx: Executor, agents: Sequence[Agent], now: dt.datetime) -> builtins.list[Agent]:
-        """Inserts every agent or none (in the caller's transaction): one statement per table."""
-        rows = [_to_row(agent, now) for agent in agents]
-        capability_rows = [(agent.id, capability) for agent in agents for capability in agent.capabilities]
-        try:
-            await _refuse_existing(tx, [agent.id for agent in agents])
-            await self._bulk_insert(tx, "agents", _AGENT_COLUMN_TYPES, rows)
-            await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
-        except UniqueViolation:
-            # Lost a race with a concurrent create of the same id.
-            raise AlreadyExists("an agent with one of these ids was created concurrently", reason="AGENT_EXISTS") from None
-        return [_to_agent(dict(zip((c for c, _ in _AGENT_COLUMN_TYPES), row))) for row in rows]
+        """Inserts every agent or none (in the caller's transaction): one statement per
+        table; UniqueViolation when an id is taken."""
+        rows = [_to_row(agent, 1, now, now) for agent in agents]
+        await self._bulk_insert(tx, "agents", _COLUMN_TYPES, rows)
+        await self._insert_capabilities(tx, agents)
+        return [_to_agent(dict(zip((c for c, _ in _COLUMN_TYPES), row))) for row in rows]
 
-    async def update(
-        self,
-        tx: Executor,
-        agent_id: str,
-        changes: Agent,
-        fields: Sequence[str],
-        expected_revision: int | None,
-        now: dt.datetime,
-    ) -> Agent | None:
-        """Writes `fields` of `changes` if the revision still matches.
-
-        Returns the updated agent, or None when no row matched: the caller tells a
-        missing agent from a stale etag.
-        """
-        values = dict(zip((c for c, _ in _AGENT_COLUMN_TYPES), _to_row(changes, now)))
-        args: list = [agent_id, now]
-        sets = ["revision = revision + 1", "update_time = $2"]
-        for name in fields:
-            args.append(values[name])
-            sets.append(f"{name} = ${len(args)}")
-        where = "id = $1"
-        if expected_revision is not None:
-            args.append(expected_revision)
-            where += f" AND revision = ${len(args)}"
-        row = await tx.fetchrow(f"UPDATE agents SET {', '.join(sets)} WHERE {where} RETURNING {_COLUMNS}", *args)
+    async def replace(self, tx: Executor, agent: Agent, revision: int, now: dt.datetime) -> Agent | None:
+        """Writes the whole agent if its revision is still `revision`; None otherwise."""
+        values = dict(zip((c for c, _ in _COLUMN_TYPES), _to_row(agent, revision + 1, None, now)))
+        del values["id"], values["create_time"]
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, start=3))
+        row = await tx.fetchrow(
+            f"UPDATE agents SET {sets} WHERE id = $1 AND revision = $2 RETURNING {_COLUMNS}", agent.id, revision, *values.values()
+        )
         if row is None:
             return None
-        if "capabilities" in fields:
-            await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent_id)
-            capability_rows = [(agent_id, capability) for capability in changes.capabilities]
-            await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, capability_rows)
+        await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent.id)
+        await self._insert_capabilities(tx, [agent])
         return _to_agent(row)
 
     async def delete(self, tx: Executor, agent_id: str, expected_revision: int | None) -> bool:
@@ -178,60 +148,35 @@ class AgentRepository:
             return await tx.execute("DELETE FROM agents WHERE id = $1", agent_id) > 0
         return await tx.execute("DELETE FROM agents WHERE id = $1 AND revision = $2", agent_id, expected_revision) > 0
 
-    async def _bulk_insert(self, tx: Executor, table: str, columns, rows: Sequence[Sequence]) -> None:
+    async def _insert_capabilities(self, tx: Executor, agents: Sequence[Agent]) -> None:
+        await self._bulk_insert(tx, "agent_capabilities", _CAPABILITY_COLUMN_TYPES, [(a.id, c) for a in agents for c in a.capabilities])
+
+    async def _bulk_insert(self, tx: Executor, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             sql, args = self.db.bulk_insert(table, columns, rows)
             await tx.execute(sql, *args)
 
-    async def exists(self, agent_id: str) -> bool:
-        return bool(await self.db.fetchval("SELECT 1 FROM agents WHERE id = $1", agent_id))
+
+def _to_row(agent: Agent, revision: int, create_time: dt.datetime | None, update_time: dt.datetime) -> tuple[Any, ...]:
+    """The agent's columns, in _COLUMN_TYPES' order."""
+    given = {"etag": revision, "create_time": create_time, "update_time": update_time}
+    return tuple(given[f.name] if f.name in given else _column(f, getattr(agent, f.name)) for f in _FIELDS)
 
 
-async def _refuse_existing(tx: Executor, ids: list[str]) -> None:
-    placeholders = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
-    rows = await tx.fetch(f"SELECT id FROM agents WHERE id IN ({placeholders})", *ids)
-    if rows:
-        taken = sorted(row["id"] for row in rows)
-        shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
-        raise AlreadyExists(
-            f"agent id already exists: {shown}",
-            reason="AGENT_EXISTS",
-            metadata={"ids": ",".join(taken[:100])},
-        )
-
-
-def _to_row(agent: Agent, now: dt.datetime) -> tuple:
-    return (
-        agent.id,
-        agent.name,
-        agent.version,
-        agent.description,
-        agent.domain,
-        Agent.Type.Name(agent.type),
-        Agent.Status.Name(agent.status),
-        json.dumps(list(agent.capabilities)),
-        json.dumps(dict(agent.metadata), sort_keys=True),
-        agent.endpoint,
-        1,
-        now,
-        now,
-    )
+def _column(f: Field, value: Any) -> Any:
+    if f.enum_type is not None:
+        return f.enum_type.values_by_number[value].name
+    if f.is_repeated:
+        return json.dumps(dict(value), sort_keys=True) if f.message_type is not None else json.dumps(list(value))
+    return value
 
 
 def _to_agent(row: Row) -> Agent:
+    # Enums by name, lists and maps as their JSON: the constructor takes them as stored.
     agent = Agent(
-        id=row["id"],
-        name=row["name"],
-        version=row["version"],
-        description=row["description"],
-        domain=row["domain"],
-        type=row["type"],
-        status=row["status"],
-        capabilities=json.loads(row["capabilities"]),
-        metadata=json.loads(row["metadata"]),
-        endpoint=row["endpoint"],
-        etag=etag_of(row["revision"]),
+        etag=str(row["revision"]),
+        **{f.name: json.loads(row[f.name]) if f.is_repeated else row[f.name] for f in _FIELDS if f.name not in _NOT_PLAIN},
     )
-    agent.create_time.FromDatetime(as_datetime(row["create_time"]))
-    agent.update_time.FromDatetime(as_datetime(row["update_time"]))
+    for name in _TIMES:
+        getattr(agent, name).FromDatetime(as_datetime(row[name]))
     return agent

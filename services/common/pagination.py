@@ -11,6 +11,8 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
@@ -18,6 +20,8 @@ from services.common.errors import invalid_fields
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+
+Item = TypeVar("Item")
 
 
 def page_size(requested: int, field: str = "page_size") -> int:
@@ -57,3 +61,14 @@ def decode_token(request: Message, field: str = "page_token") -> str | None:
     if bound_to != fingerprint(request):
         raise invalid_fields([(field, "was issued for other filters; start again without a page_token")])
     return after
+
+
+async def page(
+    request: Message, load: Callable[[str | None, int], Awaitable[list[Item]]], key: Callable[[Item], str]
+) -> tuple[list[Item], str]:
+    """One page of what `load(after, limit)` reads in key order, and the token of the
+    next page ("" on the last): the tail every List RPC shares."""
+    size = page_size(getattr(request, "page_size"))  # noqa: B009 - every List request has one (AIP-158)
+    # One item more than the page tells whether another page follows.
+    found = await load(decode_token(request), size + 1)
+    return found[:size], encode_token(key(found[size - 1]), request) if len(found) > size else ""

@@ -32,21 +32,20 @@ class Events:
         self._feed = feed
 
     async def list(self, request: events_pb2.ListEventsRequest) -> events_pb2.ListEventsResponse:
-        size = pagination.page_size(request.page_size)
-        after = pagination.decode_token(request)
-        if after is not None and not _is_number(after):
-            raise invalid_fields([("page_token", "is not a token this service issued")])
         filters = EventFilter(
             request.type,
             request.source,
             request.correlation_id,
             request.since.ToDatetime(dt.UTC) if request.HasField("since") else None,
         )
-        events = await self._repository.page(filters, None if after is None else int(after), size + 1)
-        response = events_pb2.ListEventsResponse(events=events[:size])
-        if len(events) > size:
-            response.next_page_token = pagination.encode_token(events[size - 1].id, request)
-        return response
+
+        async def load(after: str | None, limit: int) -> list[Event]:
+            if after is not None and not _is_number(after):
+                raise invalid_fields([("page_token", "is not a token this service issued")])
+            return await self._repository.page(filters, None if after is None else int(after), limit)
+
+        events, token = await pagination.page(request, load, lambda event: event.id)
+        return events_pb2.ListEventsResponse(events=events, next_page_token=token)
 
     async def publish(self, event: Event) -> Event:
         violations = field_behavior.violations(field_behavior.missing(event), "event")

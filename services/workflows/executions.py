@@ -43,17 +43,16 @@ class Executions:
         return execution
 
     async def list(self, request: workflows_pb2.ListExecutionsRequest) -> workflows_pb2.ListExecutionsResponse:
-        size = pagination.page_size(request.page_size)
         if request.status not in Execution.Status.values():
             raise invalid_fields([("status", f"unknown value {request.status}")])
-        after = pagination.decode_token(request)
-        before = _decode_position(after) if after else None
-        executions = await self._repository.list(request.workflow_id, request.status, before, size + 1)
-        response = workflows_pb2.ListExecutionsResponse(executions=executions[:size])
-        if len(executions) > size:
-            last = executions[size - 1]
-            response.next_page_token = pagination.encode_token(_encode_position(last), request)
-        return response
+        executions, token = await pagination.page(
+            request,
+            lambda after, limit: self._repository.list(
+                request.workflow_id, request.status, _decode_position(after) if after else None, limit
+            ),
+            _encode_position,
+        )
+        return workflows_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
 
     async def cancel(self, execution_id: str) -> Execution:
         current = await self.get(execution_id)

@@ -16,9 +16,8 @@ from typing import Any
 from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
-from services.common.db import Database, UniqueViolation
+from services.common.db import Database
 from services.common.db.database import Executor, Row, as_datetime
-from services.common.errors import AlreadyExists
 from services.workflows.statuses import ACTIVE_EXECUTION
 
 Workflow = workflows_pb2.Workflow
@@ -82,36 +81,35 @@ class WorkflowRepository:
         return None if row is None else _to_workflow(row)
 
     async def list(self, after_id: str | None, limit: int) -> list[Workflow]:
-        if after_id is None:
-            rows = await self.db.fetch(f"SELECT {_WORKFLOW_COLUMNS} FROM workflows ORDER BY id LIMIT $1", limit)
-        else:
-            rows = await self.db.fetch(
-                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit
-            )
+        # Every id sorts after "", the first page's start.
+        rows = await self.db.fetch(
+            f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id > $1 ORDER BY id LIMIT $2", after_id or "", limit
+        )
         return [_to_workflow(row) for row in rows]
 
-    async def insert(self, tx: Executor, workflow: Workflow, now: dt.datetime) -> Workflow:
-        try:
-            row = await tx.fetchrow(
-                f"INSERT INTO workflows (id, name, description, definition, revision, create_time, update_time)"
-                f" VALUES ($1, $2, $3, $4, 1, $5, $5) RETURNING {_WORKFLOW_COLUMNS}",
-                workflow.id, workflow.name, workflow.description, _definition(workflow), now,
-            )
-        except UniqueViolation:
-            raise AlreadyExists(f"workflow {workflow.id!r} already exists", reason="WORKFLOW_EXISTS", metadata={"id": workflow.id}) from None
-        return _to_workflow(row)
+    async def existing(self, ids: Sequence[str]) -> builtins.list[str]:
+        placeholders = ", ".join(f"${i}" for i in range(1, len(ids) + 1))
+        return [row["id"] for row in await self.db.fetch(f"SELECT id FROM workflows WHERE id IN ({placeholders})", *ids)]
 
-    async def replace(self, tx: Executor, workflow: Workflow, expected_revision: int | None, now: dt.datetime) -> Workflow | None:
-        """Writes the whole workflow if the revision still matches; None when nothing matched."""
-        args: list[Any] = [workflow.id, workflow.name, workflow.description, _definition(workflow), now]
-        where = "id = $1"
-        if expected_revision is not None:
-            args.append(expected_revision)
-            where += " AND revision = $6"
+    async def insert(self, tx: Executor, workflows: Sequence[Workflow], now: dt.datetime) -> builtins.list[Workflow]:
+        """UniqueViolation when an id is taken."""
+        return [
+            _to_workflow(
+                await tx.fetchrow(
+                    f"INSERT INTO workflows (id, name, description, definition, revision, create_time, update_time)"
+                    f" VALUES ($1, $2, $3, $4, 1, $5, $5) RETURNING {_WORKFLOW_COLUMNS}",
+                    workflow.id, workflow.name, workflow.description, _definition(workflow), now,
+                )
+            )
+            for workflow in workflows
+        ]
+
+    async def replace(self, tx: Executor, workflow: Workflow, revision: int, now: dt.datetime) -> Workflow | None:
+        """Writes the whole workflow if its revision is still `revision`; None otherwise."""
         row = await tx.fetchrow(
-            f"UPDATE workflows SET name = $2, description = $3, definition = $4, update_time = $5,"
-            f" revision = revision + 1 WHERE {where} RETURNING {_WORKFLOW_COLUMNS}",
-            *args,
+            f"UPDATE workflows SET name = $3, description = $4, definition = $5, update_time = $6,"
+            f" revision = revision + 1 WHERE id = $1 AND revision = $2 RETURNING {_WORKFLOW_COLUMNS}",
+            workflow.id, revision, workflow.name, workflow.description, _definition(workflow), now,
         )
         return None if row is None else _to_workflow(row)
 
@@ -119,9 +117,6 @@ class WorkflowRepository:
         if expected_revision is None:
             return await tx.execute("DELETE FROM workflows WHERE id = $1", workflow_id) > 0
         return await tx.execute("DELETE FROM workflows WHERE id = $1 AND revision = $2", workflow_id, expected_revision) > 0
-
-    async def exists(self, workflow_id: str) -> bool:
-        return bool(await self.db.fetchval("SELECT 1 FROM workflows WHERE id = $1", workflow_id))
 
 
 class ExecutionRepository:

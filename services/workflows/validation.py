@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
-from services.common import field_behavior
 from services.workflows import references
 
 Workflow = workflows_pb2.Workflow
@@ -20,7 +19,6 @@ Step = workflows_pb2.Step
 Agent = agents_pb2.Agent
 Violations = list[tuple[str, str]]
 
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STEPS = 200
 MAX_RETRIES = 10
@@ -31,8 +29,7 @@ _NEEDS_AGENT = (Step.AGENT, Step.PARALLEL)
 
 def check_workflow(workflow: Workflow, prefix: str, violations: Violations) -> None:
     """Shape checks that need nothing but the workflow itself, whole (as created, or
-    as an update leaves it): its REQUIRED fields set, and each field well formed."""
-    violations.extend(field_behavior.violations(field_behavior.missing(workflow), prefix))
+    as an update leaves it), beyond the REQUIRED fields the template checks."""
     if workflow.name and not workflow.name.strip():
         violations.append((f"{prefix}.name", "is required and must not be blank"))
     elif len(workflow.name) > 200:

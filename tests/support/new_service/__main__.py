@@ -2,9 +2,10 @@
 
     PYTHONPATH=<stubs generated with reports.proto>:<repository> python -m tests.support.new_service OUT.json DATABASE_URL
 
-ReportsService, written as the guide says (reports.proto, servicer.py, reports.py), is
-hosted by the agents process it names as its backend: the one line a newcomer adds to
-services/agents/server.py's build is the `host.add(...)` below. The process is built
+ReportsService, written as the guide says (reports.proto, servicer.py, reports.py,
+repository.py), is hosted by the agents process it names as its backend: what a
+newcomer adds to services/agents/server.py's build is its use case, on that process's
+database, cache and outbox, and the `host.add(...)` below. The process is built
 and started by the production code, and the gateway beside it is given nothing about
 the new service. What the real interfaces (HTTP, gRPC, metrics, traces) then answer
 is written to OUT.json for the test to judge.
@@ -34,6 +35,8 @@ from prometheus_client import CollectorRegistry
 from bench.run import free_port
 from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
+from services.cache.client.manager import CacheManager
+from services.cache.log.outbox import Outbox
 from services.common.auth import keys
 from services.common.auth.scopes import required_scopes, scope_name
 from services.common.process import running
@@ -43,6 +46,7 @@ from services.common.telemetry.metrics import ServiceMetrics
 from tests.support.auth import ADMIN_KEY, new_key
 from tests.support.grpc_errors import failure_of
 from tests.support.new_service.reports import Reports
+from tests.support.new_service.repository import SCHEMA, ReportRepository
 from tests.support.new_service.servicer import ReportsServicer
 
 SERVICE_NAME = reports_pb2.DESCRIPTOR.services_by_name["ReportsService"].full_name
@@ -69,8 +73,10 @@ async def scenario(database_url: str) -> dict[str, Any]:
         log_level="WARNING",
     )
     agents = await build_agents(settings, ServiceMetrics(registry), tracer=tracer)
+    await agents.db.execute(SCHEMA)
     # What a newcomer adds to services/agents/server.py's build, beside the agents' own servicers.
-    agents.host.add(reports_pb2_grpc.add_ReportsServiceServicer_to_server, ReportsServicer(Reports()), SERVICE_NAME)
+    reports = Reports(ReportRepository(agents.db), CacheManager(agents.cache), Outbox(agents.db, agents.cache, agents.relay, "reports"))
+    agents.host.add(reports_pb2_grpc.add_ReportsServiceServicer_to_server, ReportsServicer(reports), SERVICE_NAME)
     seen: dict[str, Any] = {
         "scopes": {path: scope_name(scope) for path, scope in required_scopes().items() if SERVICE_NAME in path}
     }
@@ -108,6 +114,10 @@ async def _over_http(http: httpx.AsyncClient, read_key: str, write_key: str) -> 
         ),
         "get": got,
         "get_unknown": await http.get("/api/reports/no-such-report"),
+        "create_with_bad_id": await http.post("/api/reports", json={**body, "id": "bad id!"}, headers={"x-api-key": write_key}),
+        "create_again": await http.post(
+            "/api/reports", json={**body, "id": created.json().get("id", "none")}, headers={"x-api-key": write_key}
+        ),
         "openapi": await http.get("/openapi.json"),
         "metrics": await http.get("/metrics"),
     }

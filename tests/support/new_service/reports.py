@@ -1,32 +1,36 @@
-"""The use case behind ReportsService: the rules the annotations cannot say, and where
-reports are kept (in memory: the guide's point is what surrounds a use case, not storage)."""
+"""The use case behind ReportsService, written as docs/design.md says a resource's is:
+the resource template (services/common/resource.py) and the reports' own rules; the
+template brings the id rule, the field-by-field errors, the unit of work with the
+report.created event, the cached Get and its NOT_FOUND."""
 
 from __future__ import annotations
 
-import uuid
-
 from devops_hub.v1 import reports_pb2
 
-from services.common import field_behavior
-from services.common.errors import NotFound, invalid_fields
+from services.cache.client.decorators import cached
+from services.common.resource import Resource, Violations
+from tests.support.new_service.repository import ReportRepository
+
+Report = reports_pb2.Report
+
+_METHODS = reports_pb2.DESCRIPTOR.services_by_name["ReportsService"].methods_by_name
 
 
-class Reports:
-    def __init__(self) -> None:
-        self._reports: dict[str, reports_pb2.Report] = {}
+class Reports(Resource[Report]):
+    label = "report"
+    _repository: ReportRepository
+    # ReportsService lists nothing: a write makes stale only the report's own key.
+    lists = ()
 
-    async def get(self, report_id: str) -> reports_pb2.Report:
-        report = self._reports.get(report_id)
-        if report is None:
-            raise NotFound(f"report {report_id!r} not found")
-        return report
+    @cached(method=_METHODS["GetReport"], key_prefix="reports:get")
+    async def _stored(self, report_id: str) -> Report | None:
+        return await self._repository.get(report_id)
 
-    async def create(self, report: reports_pb2.Report) -> reports_pb2.Report:
-        # A resource's REQUIRED fields are the create's to check (request_checks.py checks
-        # only the request's own), through the same field_behavior.py.
-        missing = field_behavior.missing(report)
-        if missing:
-            raise invalid_fields(field_behavior.violations(missing, prefix="report"))
-        created = reports_pb2.Report(id=uuid.uuid4().hex, title=report.title, agent_ids=report.agent_ids)
-        self._reports[created.id] = created
-        return created
+    async def check(self, report: Report, path: str, violations: Violations) -> None:
+        # Its REQUIRED title the template checks (request_checks.py checks only the
+        # request's own fields): what the proto cannot say is the reports' to check.
+        if len(report.title) > 200:
+            violations.append((f"{path}.title", "must be at most 200 characters"))
+
+    def normalise(self, report: Report) -> None:
+        report.title = report.title.strip()
