@@ -20,7 +20,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.cache.sidecar.stores.fallback import FallbackStore
-from services.cache.sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore, connect
 from services.cache.sidecar.stores.redis_layout import KeyLayout
 from tests.support.cache import StartSidecar, entry
@@ -122,7 +122,7 @@ async def fallback_on(redis_server: RedisServer, position: int = 10) -> AsyncIte
                          layout=KeyLayout("dh:"))
     store = FallbackStore(
         primary,
-        MemoryBackend(MemoryStore(max_entries=1000, max_bytes=1 << 20, default_ttl=60)),
+        MemoryStore(max_entries=1000, max_bytes=1 << 20, default_ttl=60),
         memory_ttl=5,
         probe_initial=0.05,
         probe_max=0.2,

@@ -104,7 +104,7 @@ def test_fills_older_than_the_history_are_refused() -> None:
     memory.sync(2, 3, ["other:*"], False)  # the record at 1 is forgotten: the floor is 1
     assert memory.set("agents:2", b"x", "", version=0) is False
     assert memory.set("agents:3", b"x", "", version=1) is True
-    assert memory.set("agents:4", b"x", "", version=memory.fill_position) is True
+    assert memory.set("agents:4", b"x", "", version=memory.position.applied) is True
     assert memory.set("agents:5", b"x", "") is True  # an overwrite (no version) is unconditional
     assert memory.get("agents:5").version == 3  # ...and stored at the store's position
 
@@ -113,17 +113,17 @@ def test_fills_older_than_the_history_are_refused() -> None:
 def test_a_fill_read_before_a_matching_invalidation_is_refused(pattern: str) -> None:
     memory = store()
     memory.sync(0, 4, ["other:*"], False)
-    version = memory.fill_position  # a Get misses at 4; the loader reads
+    version = memory.position.applied  # a Get misses at 4; the loader reads
     memory.sync(4, 5, [pattern], False)  # a write's invalidation, recorded at 5
     assert memory.set("agents:get:1", b"stale", "", version=version) is False
     assert memory.get("agents:get:1") is None
-    assert memory.set("agents:get:1", b"new", "", version=memory.fill_position) is True  # read after it
+    assert memory.set("agents:get:1", b"new", "", version=memory.position.applied) is True  # read after it
     assert memory.get("agents:get:1").version == 5
 
 
 def test_a_fill_read_before_an_invalidation_from_outside_the_log_is_refused() -> None:
     memory = store()
-    version = memory.fill_position
+    version = memory.position.applied
     memory.sync(0, 3, ["other:*"], False)
     memory.invalidate("agents:get:*")  # an operator's: recorded at the current position, 3
     memory.delete("workflows:get:1")
@@ -148,7 +148,7 @@ def test_a_fill_is_refused_when_the_key_holds_a_newer_version() -> None:
 
 def test_a_fresh_store_refuses_every_fill_until_a_sync_gives_it_a_position() -> None:
     memory = MemoryStore(max_entries=10, max_bytes=1 << 20, default_ttl=60.0, clock=FakeClock())
-    assert memory.position.state().fresh and memory.fill_position == 0
+    assert memory.position.fresh and memory.position.applied == 0
     for version in (0, 1, 12345):
         assert memory.set("agents:get:1", b"x", "", version=version) is False
     assert memory.set("agents:get:2", b"x", "") is True  # an overwrite is stored
@@ -157,7 +157,7 @@ def test_a_fresh_store_refuses_every_fill_until_a_sync_gives_it_a_position() -> 
     assert memory.set("agents:get:1", b"x", "", version=9) is False  # below the floor
     assert memory.set("agents:get:1", b"x", "", version=10) is True
     memory.reset()  # lost its data: fresh again
-    assert memory.position.state().fresh and memory.get("agents:get:1") is None
+    assert memory.position.fresh and memory.get("agents:get:1") is None
     assert memory.set("agents:get:1", b"x", "", version=10) is False
 
 
@@ -372,7 +372,7 @@ class MemoryStoreMachine(RuleBasedStateMachine):
     def fill(self, key: str, age: int, value: bytes) -> None:
         """A client's fill of a miss, read at the store's position then or a few
         entries before now (its load was slow)."""
-        assert self.store.fill_position == self.model.position
+        assert self.store.position.applied == self.model.position
         version = max(0, self.model.position - age)
         raced = self.model.raced(key, version)
         newer = self.model.holds_newer(key, version, self.clock.now)

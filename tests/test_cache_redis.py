@@ -237,8 +237,7 @@ async def test_get_many_checks_every_level(store: RedisStore) -> None:
     assert {key: value.value for key, value in found.items()} == {
         "agents:get:1": b"g", "workflows:get:1": b"w", "agents": b"root"
     }
-    stats = store.local_stats()
-    assert (stats.hits, stats.misses) == (3, 3)
+    assert (store.counts.hits, store.counts.misses) == (3, 3)
 
 
 async def test_a_lost_generation_hash_never_revives_old_entries(store: RedisStore, inspector) -> None:

@@ -4,7 +4,7 @@ position shared by every sidecar on that Redis. (The fallback store's position, 
 follows the serving store, is in test_cache_fallback.py; the relays that send the
 Syncs, in test_log/relay.py.)
 
-The rules (services/cache/sidecar/stores/position.py): a Sync(after, through) is
+The rules (SyncState in services/cache/sidecar/stores/base.py): a Sync(after, through) is
 refused when the cache's position is below `after` (it would skip entries), applies
 nothing when `through` is not past the position (another relay covered it), clears a
 fresh cache (which vouches for nothing) or one asked to clear, and otherwise applies
@@ -22,7 +22,7 @@ import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
-from services.cache.sidecar.stores.position import SyncState
+from services.cache.sidecar.stores.base import SyncState
 from services.cache.sidecar.stores.redis import RedisStore, connect
 from services.cache.sidecar.stores.redis_layout import KeyLayout
 from tests.support.cache import READ_TIMEOUT, StartSidecar, entry

@@ -1,10 +1,6 @@
 """The cache sidecar's use case: validates what CacheService is asked, has the store
-do it, and tells the Watch streams about every invalidation once the store has
-applied it, numbered by the invalidation log (hub.py).
-
-The store does the work (memory, Redis, or Redis with fallback: this module cannot
-tell which); the hub fans invalidations out (hub.py).
-"""
+do it, and tells the Watch streams (hub.py) about every invalidation once the store has
+applied it, numbered by the invalidation log."""
 
 from __future__ import annotations
 
@@ -16,8 +12,8 @@ from devops_hub.v1 import cache_pb2
 
 from services.cache.client.keys import escape_key, key_problem
 from services.cache.sidecar.hub import InvalidationHub
-from services.cache.sidecar.stores.base import NewEntry, Store, StoreStats, Value
-from services.cache.sidecar.stores.position import SyncState
+from services.cache.sidecar.stores.base import NewEntry, StoreStats, SyncState, Value
+from services.cache.sidecar.stores.fallback import FallbackStore
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
 MAX_BATCH = 1000
@@ -29,25 +25,17 @@ DEFAULT_HEARTBEAT_SECONDS = 0.25
 
 
 class CacheEntries:
-    def __init__(
-        self,
-        store: Store,
-        hub: InvalidationHub,
-        *,
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
-    ) -> None:
+    def __init__(self, store: FallbackStore, hub: InvalidationHub, *, heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
         self._store = store
         self._hub = hub
         self._heartbeat_interval = heartbeat_interval
 
     async def get(self, key: str) -> cache_pb2.CacheGetResponse:
-        problem = key_problem(key)
-        if problem:
+        if problem := key_problem(key):
             raise invalid_fields([("key", problem)])
         lookup = await self._store.get(key)
-        if lookup.entry is None:
-            return cache_pb2.CacheGetResponse(found=False, position=lookup.position)
-        return cache_pb2.CacheGetResponse(found=True, entry=_entry(key, lookup.entry), position=lookup.position)
+        entry = None if lookup.entry is None else _entry(key, lookup.entry)
+        return cache_pb2.CacheGetResponse(found=entry is not None, entry=entry, position=lookup.position)
 
     async def get_many(self, keys: Sequence[str]) -> cache_pb2.CacheGetManyResponse:
         if len(keys) > MAX_BATCH:
@@ -89,8 +77,7 @@ class CacheEntries:
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
     async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
-        problem = key_problem(key)
-        if problem:
+        if problem := key_problem(key):
             raise invalid_fields([("key", problem)])
         try:
             deleted = await self._store.delete(key)
@@ -142,14 +129,9 @@ class CacheEntries:
         return stats_message(await self._store.stats())
 
     async def watch(self, prefixes: Sequence[str]) -> AsyncIterator[cache_pb2.CacheInvalidation]:
-        """Streams invalidations, starting with a heartbeat that says "subscribed".
-
-        Heartbeats (no patterns, the position) also flow whenever the stream is idle, so a client
-        can tell a quiet stream from a dead connection. The stream ends with ABORTED
-        when this watcher falls behind, and UNAVAILABLE when the sidecar shuts down or
-        cannot hear the other sidecars; either way the client must clear its
-        near-cache and resubscribe.
-        """
+        """Streams invalidations, starting with a heartbeat (no patterns, the position)
+        that says "subscribed"; heartbeats flow whenever the stream is idle, so a client
+        can tell a quiet stream from a dead connection."""
         if len(prefixes) > MAX_WATCH_PREFIXES:
             raise invalid_fields([("prefixes", f"at most {MAX_WATCH_PREFIXES} prefixes, got {len(prefixes)}")])
         watcher = self._hub.subscribe(prefixes)
@@ -179,13 +161,8 @@ class CacheEntries:
         self._hub.publish(self._hub.position, self._hub.position, patterns)
 
     def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
-        violations = [
-            (f"{path}.{field}", problem)
-            for field, problem in self._store.entry_violations(entry.key, entry.value, entry.content_type)
-        ]
-        if entry.negative and entry.value:
-            violations.append((f"{path}.value", "must be empty for a negative entry"))
-        return violations
+        found = self._store.entry_violations(entry.key, entry.value, entry.content_type, entry.negative)
+        return [(f"{path}.{field}", problem) for field, problem in found]
 
 
 def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:

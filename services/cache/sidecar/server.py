@@ -1,9 +1,6 @@
 """Wiring for the cache sidecar: stores, invalidation hub and peers, servicer, gRPC host.
-
-Without REDIS_URL the store is memory only. With it, the store is Redis with a
-memory fallback, and a Pub/Sub listener brings other sidecars' invalidations to this
-one's Watch streams.
-"""
+With REDIS_URL, a Pub/Sub listener (peers.py) brings other sidecars' invalidations to
+this one's Watch streams."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from collections.abc import Sequence
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from opentelemetry import trace
 
-from services.cache.client.keys import MAX_VALUE_BYTES, SERVICE_NAMESPACES
+from services.cache.client.keys import SERVICE_NAMESPACES
 from services.cache.sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
 from services.cache.sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
 from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
@@ -22,7 +19,7 @@ from services.cache.sidecar.peers import Peers
 from services.cache.sidecar.servicer import CacheServicer
 from services.cache.sidecar.stores import redis as redis_store
 from services.cache.sidecar.stores.fallback import FallbackStore
-from services.cache.sidecar.stores.memory import MemoryBackend, MemoryStore
+from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis_layout import KeyLayout
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
@@ -48,10 +45,9 @@ class CacheSidecar(GrpcProcess):
 
     host: GrpcHost
     metrics_port: int
-    # A FallbackStore (Redis, and memory while it fails) or a MemoryBackend.
-    store: FallbackStore | MemoryBackend
+    store: FallbackStore
     hub: InvalidationHub
-    # The memory store: the whole cache without Redis, the fallback with it.
+    # The store's memory: the whole cache without Redis, the fallback with it.
     memory: MemoryStore
     access: Access
     cache_metrics: CacheMetrics
@@ -61,10 +57,7 @@ class CacheSidecar(GrpcProcess):
         """The stores' upkeep (expiry; with Redis, its first check and the probes
         while it fails), the streams' starting position, and the listener of other
         sidecars' invalidations."""
-        if isinstance(self.store, FallbackStore):
-            await self.store.start()
-        else:
-            self.store.start()
+        await self.store.start()
         self.hub.position = (await self.store.sync_state()).applied
         if self.peers is not None:
             self.peers.start()
@@ -102,27 +95,20 @@ async def build(
     into `tracer` and profiled by `profiler` (None: not at all)."""
     metrics = metrics or service_metrics()
     hub = InvalidationHub(watch_queue_size)
-    negative_ttl = settings.cache_negative_ttl
+    negative_ttl = min(settings.cache_negative_ttl, settings.cache_default_ttl)
     memory = MemoryStore(
         max_entries=settings.cache_max_size,
         max_bytes=settings.cache_max_bytes,
         default_ttl=settings.cache_default_ttl,
-        negative_ttl=min(negative_ttl, settings.cache_default_ttl),
+        negative_ttl=negative_ttl,
     )
-    memory_backend = MemoryBackend(memory)
-    peers = None
-    store: FallbackStore | MemoryBackend
+    primary: redis_store.RedisStore | None = None
+    peers: Peers | None = None
     if settings.redis_url:
         timeout = min(redis_timeout or settings.redis_timeout, MAX_REDIS_TIMEOUT)
         client = redis_store.connect(settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout)
-        primary = redis_store.RedisStore(
-            client,
-            default_ttl=settings.cache_default_ttl,
-            negative_ttl=min(negative_ttl, settings.cache_default_ttl),
-            layout=KeyLayout(redis_key_prefix or settings.redis_key_prefix),
-            max_value_bytes=min(settings.cache_max_bytes, MAX_VALUE_BYTES),
-        )
-        store = FallbackStore(primary, memory_backend, memory_ttl=settings.cache_fallback_ttl)
+        layout = KeyLayout(redis_key_prefix or settings.redis_key_prefix)
+        primary = redis_store.RedisStore(client, default_ttl=settings.cache_default_ttl, negative_ttl=negative_ttl, layout=layout)
         # A connection of its own: the store's pool is reset after an outage, and
         # that must not cut the subscription (which would end every Watch stream). In
         # a Redis Cluster any node hears every PUBLISH: the first one named will do.
@@ -130,8 +116,7 @@ async def build(
         peers = Peers(peers_client, primary.layout.channel, primary.origin, hub)
         log.info("cache store: Redis (pool of %d, %.0f ms timeouts), memory fallback",
                  settings.redis_max_connections, timeout * 1000)
-    else:
-        store = memory_backend
+    store = FallbackStore(primary, memory, memory_ttl=settings.cache_fallback_ttl)
     # The sidecar holds no database: keys are checked by the agents service (WhoAmI).
     # No rate limits: its callers are the services, whose clients were limited already.
     access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=tracer), rate_limited=False)

@@ -1,28 +1,17 @@
-"""The contract every store keeps, and the small pieces they share.
-
-A store is async because the Redis store talks to a network; the memory store is
-synchronous underneath (see memory.py for why) and wrapped to fit.
-
-Versions: every value carries the invalidation log's position it was read at. A Get
-that misses answers the store's position (0 while fresh, see position.py); the fill
-carries it, and a store refuses a fill of a key it invalidated after that position,
-so a value loaded before a write never lands after that write's invalidation. The
-log's sequence numbers are the only ordering number: whichever store served the Get,
-any store can check the fill.
-"""
+"""What the stores share: their position in the invalidation log, the values they
+hold, the checks on an entry and the figures they count (docs/cache.md has the model)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Protocol
 
-from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem
-from services.cache.sidecar.stores.position import SyncState
+from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
+from services.common.errors import FailedPrecondition
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
-# Per-namespace statistics are kept for this many namespaces; the rest are pooled so a
-# client inventing namespaces cannot grow the stats without bound.
+# Per-namespace figures are kept for this many namespaces; the rest are pooled so a
+# client inventing namespaces cannot grow them without bound.
 MAX_TRACKED_NAMESPACES = 256
 OTHER_NAMESPACE = "(other)"
 # TTLs are spread by ±10% so entries filled together do not all expire (and reload)
@@ -30,22 +19,55 @@ OTHER_NAMESPACE = "(other)"
 TTL_JITTER = 0.1
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncState:
+    """A store's position: every log entry through `applied` has been applied. A
+    `fresh` store (new, or it lost its data) cannot say which entries it missed, so
+    it refuses fills until a Sync gives it a position."""
+
+    applied: int = 0
+    fresh: bool = True
+
+    def moves(self, after: int, through: int) -> bool:
+        """Whether a Sync of the entries in (after, through] applies anything: not when
+        another relay's Sync covered them already. FailedPrecondition when it would skip
+        the entries between the position and `after`: the relay must read the state again."""
+        if self.fresh:
+            return True
+        if after > self.applied:
+            raise FailedPrecondition(
+                f"the cache has applied the log through {self.applied}, not {after}: read its sync state again",
+                reason="SYNC_POSITION_BEHIND",
+                metadata={"applied": str(self.applied), "after": str(after)},
+            )
+        return through > self.applied
+
+    def advanced(self, through: int) -> SyncState:
+        return SyncState(through if self.fresh else max(self.applied, through), False)
+
+
+FRESH = SyncState()
+
+
 def jittered(ttl: float, rand: float) -> float:
     """ttl spread by ±TTL_JITTER, for rand uniform in [0, 1)."""
     return ttl * (1.0 + TTL_JITTER * (2.0 * rand - 1.0))
 
 
-def entry_violations(key: str, value: bytes, content_type: str, max_value_bytes: int) -> list[tuple[str, str]]:
-    """Problems with an entry as (field, description); field names are relative
-    ("key", "value", "content_type") so the servicer can prefix its proto path."""
+def entry_violations(
+    key: str, value: bytes, content_type: str, negative: bool, max_value_bytes: int
+) -> list[tuple[str, str]]:
+    """Problems with an entry as (field, description), the fields relative ("key",
+    "value", "content_type") so the servicer can prefix its proto path."""
     violations: list[tuple[str, str]] = []
-    problem = key_problem(key)
-    if problem:
+    if problem := key_problem(key):
         violations.append(("key", problem))
     if len(content_type) > MAX_CONTENT_TYPE_CHARS:
         violations.append(("content_type", f"must be at most {MAX_CONTENT_TYPE_CHARS} characters"))
     if len(value) > max_value_bytes:
         violations.append(("value", f"must be at most {max_value_bytes} bytes, got {len(value)}"))
+    if negative and value:
+        violations.append(("value", "must be empty for a negative entry"))
     return violations
 
 
@@ -108,7 +130,7 @@ class StoreStats:
     entries: int
     bytes: int
     sets: int
-    # Delete, Invalidate and Clear calls applied (not entries removed).
+    # Delete, Invalidate and Clear calls and the patterns of Syncs applied (not entries removed).
     invalidations: int
     evictions: dict[str, int]
     namespaces: dict[str, NamespaceCounts]
@@ -118,86 +140,32 @@ class StoreStats:
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+        return NamespaceCounts(self.hits, self.misses).hit_rate
 
 
-class HitCounter:
-    """Hits and misses, overall and per namespace (bounded, see MAX_TRACKED_NAMESPACES)."""
+class Counts:
+    """What a store did. The Redis store and its memory fallback share one, so the
+    sidecar's figures add up whichever of them served."""
 
     def __init__(self) -> None:
-        self.hits = 0
-        self.misses = 0
+        self.hits = self.misses = self.sets = self.invalidations = 0
         self._by_namespace: dict[str, list[int]] = {}
 
-    def count(self, namespace: str, *, hit: bool) -> None:
+    def read(self, key: str, *, hit: bool) -> None:
+        namespace = namespace_of(key)
         counts = self._by_namespace.get(namespace)
         if counts is None:
             if len(self._by_namespace) >= MAX_TRACKED_NAMESPACES:
                 namespace = OTHER_NAMESPACE
             counts = self._by_namespace.setdefault(namespace, [0, 0])
+        counts[0 if hit else 1] += 1
         if hit:
             self.hits += 1
-            counts[0] += 1
         else:
             self.misses += 1
-            counts[1] += 1
 
-    def namespaces(self) -> dict[str, NamespaceCounts]:
-        return {name: NamespaceCounts(hits, misses) for name, (hits, misses) in self._by_namespace.items()}
-
-
-def merge_namespaces(*groups: dict[str, NamespaceCounts]) -> dict[str, NamespaceCounts]:
-    merged: dict[str, list[int]] = {}
-    for group in groups:
-        for name, counts in group.items():
-            total = merged.setdefault(name, [0, 0])
-            total[0] += counts.hits
-            total[1] += counts.misses
-    return {name: NamespaceCounts(hits, misses) for name, (hits, misses) in merged.items()}
-
-
-class Store(Protocol):
-    """The operations CacheService needs. Invalid input raises InvalidArgument;
-    anything else a store raises is a backend failure."""
-
-    @property
-    def backend(self) -> str: ...
-
-    async def get(self, key: str) -> Lookup: ...
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]: ...
-
-    async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
-    ) -> bool:
-        """A fill read at `version` (refused if the key was invalidated after it, holds a
-        newer version, or the store is fresh) or an overwrite (None: stored at the
-        store's position)."""
-        ...
-
-    async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int: ...
-
-    async def delete(self, key: str) -> bool: ...
-
-    async def remove(self, patterns: Sequence[str]) -> int:
-        """Removes what the patterns match: an invalidation from outside the log,
-        recorded at the store's current position."""
-        ...
-
-    async def clear(self) -> int: ...
-
-    # The position in the services' invalidation log (position.py).
-
-    async def sync_state(self) -> SyncState: ...
-
-    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the patterns (or clears), versioned `through`, and moves the position
-        there; FailedPrecondition when the position is below `after`."""
-        ...
-
-    async def stats(self) -> StoreStats: ...
-
-    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]: ...
-
-    async def close(self) -> None: ...
+    def stats(self, entries: int, size: int, evictions: dict[str, int], backend: str) -> StoreStats:
+        namespaces = {name: NamespaceCounts(hits, misses) for name, (hits, misses) in self._by_namespace.items()}
+        return StoreStats(
+            self.hits, self.misses, entries, size, self.sets, self.invalidations, evictions, namespaces, backend
+        )

@@ -1,4 +1,5 @@
-"""Redis first, memory when Redis fails, and back without serving what went stale.
+"""The sidecar's store: memory alone without Redis; with Redis, Redis first, memory
+when it fails, and back without serving what went stale (docs/cache.md, "Fallback").
 
     up          every call goes to Redis. A call that fails is re-run on memory at once
                 (the caller never sees the failure) and the store goes down.
@@ -6,31 +7,28 @@
                 fills until a relay's Sync gives it a position). A probe pings Redis
                 with backoff.
     recovering  Redis answers again, but it missed the log entries applied meanwhile.
-                The relays are told Redis's position (GetSyncState), so they send what
-                it missed; Syncs go to both stores, reads still to memory. Once Redis
-                has applied as much of the log as memory has, the store is up again.
+                GetSyncState reports Redis's position, so the relays send what it
+                missed; Syncs go to both stores, reads still to memory. Once Redis has
+                applied as much of the log as memory has, the store is up again.
 
-No journal: what Redis missed is in the invalidation log, and the log's relays send
-it, as they do for any store behind. Only an invalidation from outside the log (an
-operator's, the guide API's without a database) cannot be sent again: one of those
-while Redis was away clears Redis before it is used. A Redis that restarted empty is
-fresh, and its first Sync clears it; one that restarted from a snapshot has the
-snapshot's position, and is sent everything after it.
+No journal: what Redis missed is in the invalidation log, and the relays send it, as
+they do for any store behind. Only an invalidation from outside the log cannot be sent
+again: one of those while Redis was away clears Redis before it is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from services.cache.sidecar.stores.base import Lookup, NewEntry, StoreStats, Value, merge_namespaces
-from services.cache.sidecar.stores.memory import MemoryBackend
-from services.cache.sidecar.stores.position import SyncState
+from services.cache.sidecar.stores.base import Lookup, NewEntry, StoreStats, SyncState, Value
+from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore
 from services.common.background import cancel_and_wait
 
@@ -47,13 +45,15 @@ PROBE_INITIAL = 0.1
 # Short, so a Redis that answers again is in use within a second even after a long
 # outage: a probe is one connection attempt.
 PROBE_MAX = 0.5
+# How often memory reclaims dead entries when no writes arrive to do it.
+MAINTENANCE_INTERVAL = 1.0
 
 
 class FallbackStore:
     def __init__(
         self,
-        primary: RedisStore,
-        memory: MemoryBackend,
+        primary: RedisStore | None,
+        memory: MemoryStore,
         *,
         memory_ttl: float,
         probe_initial: float = PROBE_INITIAL,
@@ -63,13 +63,15 @@ class FallbackStore:
             raise ValueError("memory_ttl must be positive")
         self.primary = primary
         self.memory = memory
+        if primary is not None:
+            primary.counts = memory.counts  # one set of figures, whichever served
         self._memory_ttl = memory_ttl
         self._probe_initial = probe_initial
         self._probe_max = probe_max
-        self._state: State = "up"
+        self._state: State = "down" if primary is None else "up"
         # Set when memory took an invalidation from outside the log while Redis was away.
         self._must_clear = False
-        self._probe: asyncio.Task[None] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
         self.errors = 0
         self.switches = 0
@@ -84,176 +86,164 @@ class FallbackStore:
         return self._state
 
     async def start(self) -> None:
-        """Checks Redis once; starting while it is down starts in memory."""
-        self.memory.start()
-        try:
-            await self.primary.sync_state()
-        except BACKEND_ERRORS as exc:
-            self._go_down(exc)
+        """Starts memory's upkeep and checks Redis once (starting while it is down
+        starts in memory)."""
+        self._tasks["maintenance"] = asyncio.create_task(self._maintain_forever())
+        await self._route(lambda redis: redis.sync_state(), lambda memory: memory.position)
 
-    # --- the Store operations --------------------------------------------------------
+    # --- the operations CacheService needs -------------------------------------------
 
     async def get(self, key: str) -> Lookup:
-        return await self._route(lambda: self.primary.get(key), lambda: self.memory.get(key))
+        return await self._route(lambda redis: redis.get(key), lambda memory: Lookup(memory.get(key), memory.position.applied))
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
-        return await self._route(lambda: self.primary.get_many(keys), lambda: self.memory.get_many(keys))
+        def on_memory(memory: MemoryStore) -> dict[str, Value]:
+            return {key: entry for key in keys if (entry := memory.get(key)) is not None}
+
+        return await self._route(lambda redis: redis.get_many(keys), on_memory)
 
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
+        """A fill read at `version` (refused if the key was invalidated after it, holds a
+        newer version, or the store is fresh) or an overwrite (None: stored at the
+        store's position)."""
         return await self._route(
-            lambda: self.primary.set(key, value, content_type, ttl, version, negative),
-            lambda: self._outside_log(version is None, self.memory.set(key, value, content_type, self._capped(ttl), version, negative)),
+            lambda redis: redis.set(key, value, content_type, ttl, version, negative),
+            lambda memory: memory.set(key, value, content_type, self._capped(ttl), version, negative),
+            outside_log=version is None,
         )
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
-        return await self._route(
-            lambda: self.primary.set_many(entries, ttl),
-            lambda: self._outside_log(True, self.memory.set_many(entries, self._capped(ttl))),
-        )
+        def on_memory(memory: MemoryStore) -> int:
+            return sum(memory.set(e.key, e.value, e.content_type, self._capped(ttl), None, e.negative) for e in entries)
+
+        return await self._route(lambda redis: redis.set_many(entries, ttl), on_memory, outside_log=True)
 
     async def delete(self, key: str) -> bool:
-        return await self._route(lambda: self.primary.delete(key), lambda: self._outside_log(True, self.memory.delete(key)))
+        return await self._route(lambda redis: redis.delete(key), lambda memory: memory.delete(key), outside_log=True)
 
     async def remove(self, patterns: Sequence[str]) -> int:
+        """Removes what the patterns match: an invalidation from outside the log,
+        recorded at the store's current position."""
         return await self._route(
-            lambda: self.primary.remove(patterns),
-            lambda: self._outside_log(True, self.memory.remove(patterns)),
+            lambda redis: redis.remove(patterns),
+            lambda memory: sum(memory.invalidate(pattern) for pattern in patterns),
+            outside_log=True,
         )
 
     async def clear(self) -> int:
-        return await self._route(self.primary.clear, lambda: self._outside_log(True, self.memory.clear()))
+        return await self._route(lambda redis: redis.clear(), lambda memory: memory.clear(), outside_log=True)
 
     async def sync_state(self) -> SyncState:
-        if self._state == "recovering":
-            # What Redis has applied: the relays send it what lies after.
-            return await self._guarded(self.primary.sync_state(), self.memory.sync_state)
-        return await self._route(self.primary.sync_state, self.memory.sync_state)
+        # While recovering, what Redis has applied: the relays send it what lies after.
+        return await self._route(lambda redis: redis.sync_state(), lambda memory: memory.position, on_redis_while=("up", "recovering"))
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
+        """Applies the log's entries in (after, through] (patterns, or a clear) and moves
+        the position there; FailedPrecondition when the position is below `after`."""
         if self._state != "recovering":
             return await self._route(
-                lambda: self.primary.sync(after, through, patterns, clear),
-                lambda: self.memory.sync(after, through, patterns, clear),
+                lambda redis: redis.sync(after, through, patterns, clear),
+                lambda memory: memory.sync(after, through, patterns, clear),
             )
         # Memory may be ahead of `after` (it took the entries Redis missed): any Sync
         # continues it. Redis checks `after` against its own position.
-        ours = self.memory.store.position
-        await self.memory.sync(min(after, ours.applied), through, patterns, clear)
-        state = await self._guarded(self.primary.sync(after, through, patterns, clear), self.memory.sync_state)
-        if self._state == "recovering":
-            try:
-                await self._up_if_caught_up(state)
-            except BACKEND_ERRORS as exc:
-                self._go_down(exc)
-        return state
+        self.memory.sync(min(after, self.memory.position.applied), through, patterns, clear)
+
+        async def on_redis(redis: RedisStore) -> SyncState:
+            state = await redis.sync(after, through, patterns, clear)
+            if self._state == "recovering":
+                await self._up_if_caught_up(redis, state)
+            return state
+
+        return await self._route(on_redis, lambda memory: memory.position, on_redis_while=("recovering",))
 
     async def stats(self) -> StoreStats:
-        memory = await self.memory.stats()
-        active = memory
-        if self._state == "up":
-            try:
-                active = await self.primary.stats()
-            except BACKEND_ERRORS as exc:
-                self._go_down(exc)
-        counted = self.primary.local_stats()
-        evictions = dict(memory.evictions)
-        if active is not memory:
-            evictions = {reason: count + active.evictions.get(reason, 0) for reason, count in evictions.items()}
-        return StoreStats(
-            hits=memory.hits + counted.hits,
-            misses=memory.misses + counted.misses,
-            entries=active.entries,
-            bytes=active.bytes,
-            sets=memory.sets + counted.sets,
-            invalidations=memory.invalidations + counted.invalidations,
-            evictions=evictions,
-            namespaces=merge_namespaces(memory.namespaces, counted.namespaces),
-            backend=self.backend,
-            backend_errors=self.errors,
-            backend_switches=self.switches,
+        memory = self.memory.stats()
+        active = await self._route(lambda redis: redis.stats(), lambda _: memory)
+        # Only memory counts evictions: Redis's counters are the whole server's.
+        return dataclasses.replace(
+            active, evictions=memory.evictions, backend=self.backend, backend_errors=self.errors, backend_switches=self.switches
         )
 
-    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
+    def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
         # Memory's checks include Redis's plus its own byte budget: an entry must fit
         # both, since either may be the one to store it.
-        return self.memory.entry_violations(key, value, content_type)
+        return self.memory.entry_violations(key, value, content_type, negative)
 
     async def close(self) -> None:
         self._closed = True
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            await cancel_and_wait(probe)
-        await self.memory.close()
-        await self.primary.close()
+        for task in list(self._tasks.values()):
+            await cancel_and_wait(task)
+        if self.primary is not None:
+            await self.primary.close()
 
     # --- routing and recovery --------------------------------------------------------
 
-    async def _route(self, on_primary: Callable[[], Awaitable[T]], on_memory: Callable[[], Awaitable[T]]) -> T:
-        """Runs on Redis while it is up; on memory otherwise, including right after a
-        Redis failure in this very call."""
-        if self._state == "up":
+    async def _route(
+        self,
+        on_redis: Callable[[RedisStore], Awaitable[T]],
+        on_memory: Callable[[MemoryStore], T],
+        *,
+        on_redis_while: tuple[State, ...] = ("up",),
+        outside_log: bool = False,
+    ) -> T:
+        """Runs on Redis in the states named; on memory otherwise, including right after
+        a Redis failure in this very call."""
+        if self.primary is not None and self._state in on_redis_while:
             try:
-                return await on_primary()
+                return await on_redis(self.primary)
             except BACKEND_ERRORS as exc:
-                self._go_down(exc)
-        return await on_memory()
-
-    async def _guarded(self, on_primary: Awaitable[T], on_memory: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await on_primary
-        except BACKEND_ERRORS as exc:
-            self._go_down(exc)
-            return await on_memory()
-
-    async def _outside_log(self, outside: bool, call: Awaitable[T]) -> T:
-        """A change memory takes that the log cannot send Redis again."""
-        if outside:
-            self._must_clear = True
-        return await call
+                self._go_down(self.primary, exc)
+        # A change memory takes that the log cannot send Redis again.
+        self._must_clear |= outside_log
+        return on_memory(self.memory)
 
     def _capped(self, ttl: float) -> float:
         """Other sidecars cannot tell this one about their invalidations while Redis
         is away: that bounds how stale their entries here can get."""
+        if self.primary is None:
+            return ttl
         return min(ttl, self._memory_ttl) if ttl > 0 else self._memory_ttl
 
-    def _go_down(self, exc: BaseException) -> None:
+    def _go_down(self, redis: RedisStore, exc: BaseException) -> None:
         self.errors += 1
         if self._state == "up":
             self.switches += 1
             log.warning("cache: Redis failed (%s: %s); serving from memory until it answers again", type(exc).__name__, exc)
             # Empty and fresh: it takes fills again once a relay gives it a position.
-            self.memory.store.reset()
+            self.memory.reset()
         self._state = "down"
-        if not self._closed and (self._probe is None or self._probe.done()):
+        probe = self._tasks.get("probe")
+        if not self._closed and (probe is None or probe.done()):
             # No context of the call that failed goes along (its metadata is gone with it).
-            self._probe = asyncio.create_task(self._probe_until_recovered(), context=contextvars.Context())
+            self._tasks["probe"] = asyncio.create_task(self._probe_until_recovered(redis), context=contextvars.Context())
 
-    async def _up_if_caught_up(self, redis_state: SyncState) -> None:
+    async def _up_if_caught_up(self, redis: RedisStore, redis_state: SyncState) -> None:
         """Back to Redis once it has applied as much of the log as memory has (and
         lost what only memory was told: invalidations from outside the log)."""
-        ours = self.memory.store.position
+        ours = self.memory.position
         if not (ours.fresh or (not redis_state.fresh and redis_state.applied >= ours.applied)):
             self._state = "recovering"
             return
         if self._must_clear:
             log.warning("cache: invalidations outside the log were made while Redis was away; clearing it")
-            await self.primary.clear()
+            await redis.clear()
             self._must_clear = False
         self._state = "up"
         self.switches += 1
-        self.memory.store.reset()
+        self.memory.reset()
         log.warning("cache: Redis answers again and has caught up with the log; serving from it")
 
-    async def _probe_until_recovered(self) -> None:
+    async def _probe_until_recovered(self, redis: RedisStore) -> None:
         delay = self._probe_initial
         while not self._closed and self._state == "down":
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._probe_max)
             try:
-                await self.primary.reset_connections()
-                await self._up_if_caught_up(await self.primary.sync_state())
+                await redis.reset_connections()
+                await self._up_if_caught_up(redis, await redis.sync_state())
             except BACKEND_ERRORS as exc:
                 self._state = "down"
                 self.errors += 1
@@ -261,3 +251,8 @@ class FallbackStore:
                 continue
             if self.state == "recovering":  # the property: mypy keeps "down" narrowed on the field
                 log.warning("cache: Redis answers again but missed log entries: the relays catch it up before it is used")
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            self.memory.maintain()

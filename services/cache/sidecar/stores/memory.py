@@ -1,23 +1,19 @@
-"""The in-process store: an LRU bounded by entries and bytes, with TTLs, negative
-entries, O(1) prefix invalidation, glob invalidation and versioned fills.
+"""The in-process store (docs/cache.md, "The memory store").
 
 MemoryStore is synchronous on purpose. The sidecar runs one event loop, so a method
 that never awaits is atomic: an invalidation and the fills it races with cannot
 interleave half-way, which is what makes the version check simple and exact.
-MemoryBackend wraps it in the async Store interface.
 
-Keys live in a tree of prefix levels ("agents:" → "agents:get:"; see keys.py). A
-prefix invalidation that ends on a level detaches that subtree in O(1): its entries
+A prefix invalidation that ends on a level detaches that subtree in O(1): its entries
 are dead from that instant (every read checks that its entry's node is still
-attached) and are reclaimed a few at a time by later writes and by maintain(),
-never by the invalidation itself, so its cost does not depend on how many keys it
-removes. Dead entries still count against max_entries and max_bytes until reclaimed,
-since they still hold memory; the live figures in stats() exclude them.
+attached) and are reclaimed a few at a time by later writes and by maintain(), never
+by the invalidation itself, so its cost does not depend on how many keys it removes.
+Dead entries still count against max_entries and max_bytes until reclaimed, since
+they still hold memory; the live figures in stats() exclude them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import heapq
@@ -25,26 +21,22 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, namespace_of, parse_pattern
+from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, parse_pattern
 from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
-    HitCounter,
-    Lookup,
-    NewEntry,
+    FRESH,
+    Counts,
     StoreStats,
-    Value,
+    SyncState,
     entry_violations,
     jittered,
 )
-from services.cache.sidecar.stores.position import SyncPosition, SyncState
-from services.common.background import cancel_and_wait
 from services.common.errors import invalid_fields
 
 # Invalidations remembered for fill checks; a fill older than all of them is refused.
 DEFAULT_HISTORY = 4096
 # Dead entries reclaimed per write: more than one, so reclaiming outpaces filling.
 SWEEP_PER_WRITE = 8
-MAINTENANCE_INTERVAL = 1.0
 MAINTENANCE_BUDGET = 20_000
 
 
@@ -61,6 +53,14 @@ class _Node:
         self.entries = 0
         self.bytes = 0
         self.dead = False
+
+    def add(self, entries: int, size: int) -> None:
+        """Counts entries and bytes in this level and every level above it."""
+        node: _Node | None = self
+        while node is not None:
+            node.entries += entries
+            node.bytes += size
+            node = node.parent
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -86,14 +86,13 @@ class Entry:
 
 
 class MemoryStore:
-    """O(1) get/set/evict over an OrderedDict kept in LRU order (oldest first).
+    """An LRU (an OrderedDict, oldest first) bounded by entries and bytes.
 
-    Versions: every invalidation is remembered, in a bounded history, at the log
-    position it was applied as (a Sync's `through`; the current position for one from
-    outside the log). A fill of version v is refused when a later record matches its
-    key, when v is older than the history (its floor), or when the key holds a newer
-    version. While the store is fresh (no position, see position.py) it refuses every
-    fill.
+    Every invalidation is remembered, in a bounded history, at the log position it was
+    applied as (a Sync's `through`; the current position for one from outside the
+    log). A fill of version v is refused when a later record matches its key, when v
+    is below the history's floor, when the key holds a newer version, or while the
+    store is fresh.
     """
 
     def __init__(
@@ -103,7 +102,6 @@ class MemoryStore:
         max_bytes: int,
         default_ttl: float,
         negative_ttl: float | None = None,
-        max_value_bytes: int = MAX_VALUE_BYTES,
         history: int = DEFAULT_HISTORY,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -113,7 +111,6 @@ class MemoryStore:
             raise ValueError("max_entries, max_bytes, default_ttl, negative_ttl and history must be positive")
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._max_value_bytes = min(max_value_bytes, max_bytes)
         self._default_ttl = default_ttl
         self._negative_ttl = negative_ttl
         self._clock = clock
@@ -133,46 +130,29 @@ class MemoryStore:
         self._floor = 0
         self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
         self._history_limit = history
-        self.position = SyncPosition()
-
-        self._counter = HitCounter()
-        self._sets = 0
-        self._invalidations = 0
+        self.position = FRESH
+        self.counts = Counts()
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
-
-    @property
-    def fill_position(self) -> int:
-        """What a Get answers: the store's position (0 while fresh: fills are refused then)."""
-        return self.position.applied
 
     @property
     def held(self) -> tuple[int, int]:
         """(entries, bytes) held in memory, counting dead entries not yet reclaimed."""
         return len(self._entries), self._bytes
 
-    # --- reads -----------------------------------------------------------------------
-
     def get(self, key: str) -> Entry | None:
         """The live entry for key, refreshed as most recently used; None on a miss."""
         entry = self._entries.get(key)
-        if entry is not None:
-            if entry.expires_at <= self._clock():
-                del self._entries[key]
-                self._drop(key, entry, "ttl")
-            elif not entry.alive:
-                del self._entries[key]
-                self._drop(key, entry, None)
-            else:
-                self._entries.move_to_end(key)
-                self._counter.count(namespace_of(key), hit=True)
-                return entry
-        self._counter.count(namespace_of(key), hit=False)
-        return None
+        if entry is not None and (entry.expires_at <= self._clock() or not entry.alive):
+            del self._entries[key]
+            self._drop(key, entry, "ttl")  # a dead entry is reclaimed, not counted
+            entry = None
+        elif entry is not None:
+            self._entries.move_to_end(key)
+        self.counts.read(key, hit=entry is not None)
+        return entry
 
-    # --- writes ----------------------------------------------------------------------
-
-    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
-        violations = entry_violations(key, value, content_type, self._max_value_bytes)
+    def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
+        violations = entry_violations(key, value, content_type, negative, min(MAX_VALUE_BYTES, self._max_bytes))
         if not violations and self._entry_size(key, value, content_type) > self._max_bytes:
             # Storing it would mean evicting everything and still not fitting.
             violations.append(("value", f"entry is larger than the cache's {self._max_bytes}-byte budget"))
@@ -187,18 +167,10 @@ class MemoryStore:
         version: int | None = None,
         negative: bool = False,
     ) -> bool:
-        """Stores the entry; False when the fill (read at `version`) raced an
-        invalidation, the key holds a newer version or the store is fresh. None
-        overwrites, at the store's position.
-
-        ttl <= 0 means the default TTL; a negative entry (a cached "not found", whose
-        value must be empty) lives at most negative_ttl. Raises InvalidArgument for an
-        unusable entry.
-        """
-        violations = self.entry_violations(key, value, content_type)
-        if negative and value:
-            violations.append(("value", "must be empty for a negative entry"))
-        if violations:
+        """A fill read at `version` (False when refused, see the class) or, with None,
+        an overwrite at the store's position. ttl <= 0 means the default TTL; a
+        negative entry lives at most negative_ttl. InvalidArgument for an unusable entry."""
+        if violations := self.entry_violations(key, value, content_type, negative):
             raise invalid_fields(violations)
         if version is not None and self._refuses(key, version):
             return False
@@ -218,13 +190,9 @@ class MemoryStore:
         entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative, version)
         self._entries[key] = entry
         node.keys.add(key)
+        node.add(1, entry.size)
         self._bytes += entry.size
-        walker: _Node | None = node
-        while walker is not None:
-            walker.entries += 1
-            walker.bytes += entry.size
-            walker = walker.parent
-        self._sets += 1
+        self.counts.sets += 1
         self._schedule_expiry(expires_at, key)
         self._evict_to_fit()
         return True
@@ -241,24 +209,19 @@ class MemoryStore:
         return alive
 
     def invalidate(self, pattern: str, at: int | None = None) -> int:
-        """Removes every key matching the glob; returns how many live entries went.
-        `at`: the log position it is recorded at (default: the current one)."""
+        """Removes every key matching the glob; returns how many live entries went."""
         parsed = parse_pattern(pattern)
         if parsed.kind == "exact":
             return int(self.delete(pattern, at))
         if parsed.text == "*":
             return self.clear(at)
         self._record(parsed.matches, at)
-        level = parsed.level
-        if level is not None:
-            return self._detach(level)
-        removed = 0
+        if parsed.level is not None:
+            return self._detach(parsed.level)
         victims = [key for key in self._candidates(parsed.literal_prefix) if parsed.matches(key)]
         for key in victims:
-            entry = self._entries.pop(key)
-            self._drop(key, entry, None)
-            removed += 1
-        return removed
+            self._drop(key, self._entries.pop(key), None)
+        return len(victims)
 
     def clear(self, at: int | None = None) -> int:
         """Removes everything. Every fill read before it is refused: the floor moves up,
@@ -266,7 +229,7 @@ class MemoryStore:
         removed = self._root.entries
         self._floor = max(self._floor, self._recorded_at(at))
         self._history.clear()
-        self._invalidations += 1
+        self.counts.invalidations += 1
         self._entries.clear()
         self._root = _Node(None, "")
         self._graveyard.clear()
@@ -277,50 +240,31 @@ class MemoryStore:
     def reset(self) -> None:
         """Empties the store and forgets its position: it starts over as new."""
         self.clear()
-        self.position.forget()
-
-    # --- the invalidation log ----------------------------------------------------------
+        self.position = FRESH
 
     def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the log's entries in (after, through]: their patterns, or a clear
-        when the log no longer holds them. FailedPrecondition when the position is
-        below `after` (the patterns would not cover what lies between)."""
-        self.position.check(after)
-        if self.position.fresh:
-            # Nothing it holds can be vouched for, and no fill read before `through` may land.
-            self.clear(through)
-        elif through <= self.position.applied:
-            return self.position.state()  # another relay's Sync covered it already
-        elif clear:
-            self.clear(through)
-        else:
-            for pattern in patterns:
-                self.invalidate(pattern, through)
-        self.position.advance(through)
-        return self.position.state()
+        """Applies the log's entries in (after, through]: their patterns, or a clear when
+        the log no longer holds them or the store is fresh (it vouches for nothing it
+        holds, and no fill read before `through` may land)."""
+        if self.position.moves(after, through):
+            if self.position.fresh or clear:
+                self.clear(through)
+            else:
+                for pattern in patterns:
+                    self.invalidate(pattern, through)
+            self.position = self.position.advanced(through)
+        return self.position
 
     def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
-        """Reclaims expired and invalidated entries (at most `budget` of the latter);
-        returns how many dead entries are still waiting. Run periodically, so memory
-        comes back even when no writes arrive."""
+        """Reclaims expired and invalidated entries (at most `budget` of the latter), so
+        memory comes back even when no writes arrive; returns how many dead are left."""
         self._expire_due(self._clock())
         self._sweep(budget)
         return len(self._entries) - self._root.entries
 
-    # --- stats -----------------------------------------------------------------------
-
     def stats(self) -> StoreStats:
         self._expire_due(self._clock())
-        return StoreStats(
-            hits=self._counter.hits,
-            misses=self._counter.misses,
-            entries=self._root.entries,
-            bytes=self._root.bytes,
-            sets=self._sets,
-            invalidations=self._invalidations,
-            evictions=dict(self._evictions),
-            namespaces=self._counter.namespaces(),
-        )
+        return self.counts.stats(self._root.entries, self._root.bytes, dict(self._evictions), "memory")
 
     # --- the prefix tree -------------------------------------------------------------
 
@@ -339,28 +283,18 @@ class MemoryStore:
             start = colon + 1
         return node
 
-    def _find_level(self, level: str) -> _Node | None:
-        """The node of a prefix level such as "agents:list:", if it holds anything."""
+    def _detach(self, level: str) -> int:
+        """Detaches the subtree of a prefix level such as "agents:list:"."""
         node: _Node | None = self._root
         for segment in level.split(":")[:-1]:
             node = node.children.get(segment) if node is not None else None
-        return node
-
-    def _detach(self, level: str) -> int:
-        node = self._find_level(level)
-        if node is None or node.entries == 0:
+        if node is None or node.parent is None or node.entries == 0:
             return 0
-        removed, size = node.entries, node.bytes
+        removed = node.entries
         node.dead = True
-        parent = node.parent
-        assert parent is not None, "the root is never a prefix level"
-        del parent.children[node.segment]
-        walker: _Node | None = parent
-        while walker is not None:
-            walker.entries -= removed
-            walker.bytes -= size
-            walker = walker.parent
-        self._prune(parent)
+        del node.parent.children[node.segment]
+        node.parent.add(-removed, -node.bytes)
+        self._prune(node.parent)
         self._graveyard.append(node)
         return removed
 
@@ -372,11 +306,9 @@ class MemoryStore:
             node = node.parent
 
     def _candidates(self, literal: str) -> Iterator[str]:
-        """Keys that can start with `literal`, from the one subtree that can hold them.
-
-        Whole segments of the literal pick a subtree; the partial segment left over
-        narrows its children to those whose segment starts with it.
-        """
+        """Keys that can start with `literal`, from the one subtree that can hold them:
+        whole segments of the literal pick a subtree; the partial segment left over
+        narrows its children to those whose segment starts with it."""
         node = self._root
         segments = literal.split(":")
         rest = segments.pop()
@@ -404,19 +336,13 @@ class MemoryStore:
     def _drop(self, key: str, entry: Entry, reason: str | None) -> None:
         """Book-keeping for an entry already popped from _entries. Dead entries leave
         quietly: being reclaimed is not an eviction."""
-        node = entry.node
-        node.keys.discard(key)
+        entry.node.keys.discard(key)
         self._bytes -= entry.size
-        if not entry.alive:
-            return
-        walker: _Node | None = node
-        while walker is not None:
-            walker.entries -= 1
-            walker.bytes -= entry.size
-            walker = walker.parent
-        self._prune(node)
-        if reason is not None:
-            self._evictions[reason] += 1
+        if entry.alive:
+            entry.node.add(-1, -entry.size)
+            self._prune(entry.node)
+            if reason is not None:
+                self._evictions[reason] += 1
 
     def _sweep(self, budget: int) -> None:
         """Reclaims up to `budget` entries of detached subtrees."""
@@ -474,7 +400,7 @@ class MemoryStore:
         if len(self._history) > self._history_limit:
             dropped, _ = self._history.popleft()
             self._floor = max(self._floor, dropped)
-        self._invalidations += 1
+        self.counts.invalidations += 1
 
     def _refuses(self, key: str, version: int) -> bool:
         if self.position.fresh or version < self._floor:
@@ -489,71 +415,3 @@ class MemoryStore:
             if matches(key):
                 return True
         return False
-
-
-class MemoryBackend:
-    """MemoryStore behind the async Store interface, plus the periodic maintenance
-    that reclaims dead entries when no writes arrive to do it."""
-
-    backend = "memory"
-
-    def __init__(self, store: MemoryStore, *, maintenance_interval: float = MAINTENANCE_INTERVAL) -> None:
-        self.store = store
-        self._interval = maintenance_interval
-        self._maintenance: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._maintenance is None:
-            self._maintenance = asyncio.create_task(self._maintain_forever())
-
-    async def _maintain_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            self.store.maintain()
-
-    async def get(self, key: str) -> Lookup:
-        return Lookup(self.store.get(key), self.store.fill_position)
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
-        found: dict[str, Value] = {}
-        for key in keys:
-            entry = self.store.get(key)
-            if entry is not None:
-                found[key] = entry
-        return found
-
-    async def set(
-        self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
-    ) -> bool:
-        return self.store.set(key, value, content_type, ttl, version, negative)
-
-    async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
-        # Overwrites (version None), like every SetMany: not fills read at position 0.
-        return sum(self.store.set(e.key, e.value, e.content_type, ttl, None, e.negative) for e in entries)
-
-    async def delete(self, key: str) -> bool:
-        return self.store.delete(key)
-
-    async def remove(self, patterns: Sequence[str]) -> int:
-        return sum(self.store.invalidate(pattern) for pattern in patterns)
-
-    async def clear(self) -> int:
-        return self.store.clear()
-
-    async def stats(self) -> StoreStats:
-        return self.store.stats()
-
-    async def sync_state(self) -> SyncState:
-        return self.store.position.state()
-
-    async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        return self.store.sync(after, through, patterns, clear)
-
-    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
-        return self.store.entry_violations(key, value, content_type)
-
-    async def close(self) -> None:
-        task, self._maintenance = self._maintenance, None
-        if task is not None:
-            await cancel_and_wait(task)
-

@@ -1,33 +1,26 @@
 """The Redis store: shared by every sidecar process, versioned by the invalidation log,
-O(1) prefix invalidation, every script's keys in one Redis Cluster slot.
+O(1) prefix invalidation, every script's keys in one Redis Cluster slot (docs/cache.md,
+"The Redis store"; the record format in redis_layout.py).
 
-Key layout and record format: redis_layout.py and docs/cache.md. In short, a record
-carries the log position it was read at (its version); an exact invalidation at log
-position s leaves a tombstone `T<s>` in the key; a prefix invalidation writes s into
-the namespace's generation hash under the prefix. A record is current when no
-tombstone replaced it and no prefix above it was invalidated after its version; a fill
-of version v is refused when either happened after v (or the store's floor, its
-position when it last lost track of the log, is above v).
+A record is current when no tombstone replaced it and no prefix above it was
+invalidated after its version; a fill of version v is refused when either happened
+after v, or when the store's floor (its position when it last lost track of the log)
+is above v. The position lives under its own hash tag and is read and written by plain
+commands beside the scripts, never inside one.
 
-An entry and its namespace's generation hash share the hash tag {namespace}, so the
-scripts that read both stay in one slot. The position lives under its own tag and is
-read and written by plain commands beside them, never inside a script.
-
-Every failure of Redis (refused, timed out, OOM, …) is raised to the caller: the
-fallback store decides what to do about it. Commands are never retried here, so a
-failure surfaces within one socket timeout.
+Every failure of Redis is raised to the caller: the fallback store decides what to do
+about it. Commands are never retried here, so a failure surfaces within one timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,16 +32,17 @@ from redis.exceptions import NoScriptError
 
 from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, escape_key, namespace_of, parse_pattern, prefix_levels
 from services.cache.sidecar.stores.base import (
-    Found,
-    HitCounter,
+    EVICTION_REASONS,
+    FRESH,
+    Counts,
     Lookup,
     NewEntry,
     StoreStats,
+    SyncState,
     Value,
     entry_violations,
     jittered,
 )
-from services.cache.sidecar.stores.position import FRESH, SyncState, position_behind
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
 from services.common.dependencies import redis_node_url
 from services.common.errors import invalid_fields
@@ -170,31 +164,19 @@ class RedisStore:
         default_ttl: float,
         negative_ttl: float | None = None,
         layout: KeyLayout | None = None,
-        max_value_bytes: int = MAX_VALUE_BYTES,
-        origin: str | None = None,
-        rand: Callable[[], float] = random.random,
-        census_max_age: float = CENSUS_MAX_AGE,
     ) -> None:
         self.client = client
         self.layout = layout or KeyLayout()
         # Tells this sidecar's own Pub/Sub messages from other sidecars'.
-        self.origin = origin or secrets.token_hex(8)
+        self.origin = secrets.token_hex(8)
         self._default_ttl = default_ttl
         self._negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
-        self._max_value_bytes = max_value_bytes
-        self._rand = rand
-        self._counter = HitCounter()
-        self._sets = 0
-        self._invalidations = 0
+        self.counts = Counts()
         # The position as last read: fills are checked against its floor (see _FILL).
         self._position = FRESH
         self._floor = 0
-        self._census_max_age = census_max_age
         self._census_lock = asyncio.Lock()
-        self._census_value: tuple[int, int] | None = None
-        self._census_at = 0.0
-
-    # --- reads -----------------------------------------------------------------------
+        self._census: tuple[float, int, int] | None = None  # (when, records, bytes)
 
     async def get(self, key: str) -> Lookup:
         def queue(pipe: Any) -> None:
@@ -203,44 +185,38 @@ class RedisStore:
 
         raw, position = await self._pipeline(queue)
         self._note_position(position)
-        self._counter.count(namespace_of(key), hit=raw is not None)
-        return Lookup(None if raw is None else _found(raw), self._position.applied)
+        self.counts.read(key, hit=raw is not None)
+        return Lookup(None if raw is None else parse_record(raw), self._position.applied)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
         """One round trip: the get script per key, pipelined."""
-        if not keys:
-            return {}
-        def queue(pipe: Any) -> None:
-            for key in keys:
-                self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
-
-        records = await self._pipeline(queue)
+        records = await self._for_each(
+            keys, lambda pipe, key: self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
+        )
         found: dict[str, Value] = {}
         for key, raw in zip(keys, records):
-            self._counter.count(namespace_of(key), hit=raw is not None)
+            self.counts.read(key, hit=raw is not None)
             if raw is not None:
-                found[key] = _found(raw)
+                found[key] = parse_record(raw)
         return found
 
-    # --- writes ----------------------------------------------------------------------
-
-    def entry_violations(self, key: str, value: bytes, content_type: str) -> list[tuple[str, str]]:
-        return entry_violations(key, value, content_type, self._max_value_bytes)
+    def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
+        return entry_violations(key, value, content_type, negative, MAX_VALUE_BYTES)
 
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
         """A fill (read at `version`, checked by the fill script) or an overwrite (None)."""
         entry = NewEntry(key, value, content_type, negative)
-        self._check(entry)
         if version is None:
             return bool(await self.set_many([entry], ttl))
+        self._check(entry)
         if self._position.fresh:
             return False
         ttl_ms, body = self._record(entry, ttl, version)
         args = [version, self._floor, ttl_ms, body, self._known(), *prefix_levels(key)]
         stored = bool(await self._eval("fill", self._keys(key), args))
-        self._sets += stored
+        self.counts.sets += stored
         return stored
 
     async def set_many(self, entries: Sequence[NewEntry], ttl: float = 0.0) -> int:
@@ -252,14 +228,16 @@ class RedisStore:
         if not entries:
             return 0
         at = (await self.sync_state()).applied
-        async with self.client.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Any) -> None:
             for namespace in {namespace_of(entry.key) for entry in entries}:
                 pipe.hsetnx(self.layout.generations_key(namespace), "#", at)
             for entry in entries:
                 ttl_ms, body = self._record(entry, ttl, at)
                 pipe.set(self.layout.data_key(entry.key), body, px=ttl_ms)
-            await pipe.execute()
-        self._sets += len(entries)
+
+        await self._pipeline(queue)
+        self.counts.sets += len(entries)
         return len(entries)
 
     async def delete(self, key: str) -> bool:
@@ -269,14 +247,12 @@ class RedisStore:
         """From outside the log: recorded at the current position (fills read before it
         are refused) and removed at once, prefixes by SCAN, since a version cannot tell
         a value read just before it from one read just after."""
-        state = await self.sync_state()
-        return await self._apply(patterns, state.applied, publish=(state.applied, state.applied), outside_log=True)
+        at = (await self.sync_state()).applied
+        return await self._apply(patterns, at, publish=(at, at), outside_log=True)
 
     async def clear(self) -> int:
-        state = await self.sync_state()
-        return await self._clear(state.applied, publish=(state.applied, state.applied))
-
-    # --- the invalidation log ---------------------------------------------------------
+        at = (await self.sync_state()).applied
+        return await self._clear(at, publish=(at, at))
 
     async def sync_state(self) -> SyncState:
         self._note_position(await self.client.hmget(self.layout.position, ["applied", "floor"]))
@@ -286,78 +262,32 @@ class RedisStore:
         """Checks the shared position, applies the patterns (or clears) at `through`,
         then moves the position there (never back: concurrent sidecars each keep the larger)."""
         state = await self.sync_state()
-        if not state.fresh and after > state.applied:
-            raise position_behind(state.applied, after)
-        if not state.fresh and through <= state.applied:
-            return state
-        if state.fresh or clear:
-            await self._clear(through, publish=(after, through))
-        else:
-            await self._apply(patterns, through, publish=(after, through))
-        await self._eval("raise", [self.layout.position], ["applied", through])
-        # The script keeps the larger: another sidecar may have moved it further, which
-        # the next read of the position shows.
-        self._position = SyncState(max(state.applied, through) if not state.fresh else through, False)
+        if state.moves(after, through):
+            if state.fresh or clear:
+                await self._clear(through, publish=(after, through))
+            else:
+                await self._apply(patterns, through, publish=(after, through))
+            await self._eval("raise", [self.layout.position], ["applied", through])
+            # The script keeps the larger: another sidecar may have moved it further,
+            # which the next read of the position shows.
+            self._position = state.advanced(through)
         return self._position
 
-    # --- stats and lifecycle ---------------------------------------------------------
-
-    def local_stats(self) -> StoreStats:
-        """What this process counted itself, with no Redis round trip (entries and
-        bytes are left at 0): the fallback store adds these up while Redis is away."""
-        return StoreStats(
-            hits=self._counter.hits,
-            misses=self._counter.misses,
-            entries=0,
-            bytes=0,
-            sets=self._sets,
-            invalidations=self._invalidations,
-            evictions={"size": 0, "bytes": 0, "ttl": 0},
-            namespaces=self._counter.namespaces(),
-            backend=self.backend,
-        )
-
     async def stats(self) -> StoreStats:
-        """Entries and bytes are this deployment's cache records only, counted under
-        its key prefix: the Redis server may hold other applications' keys (and DevOps
-        Hub's rate-limit buckets). Records invalidated by a prefix count until their
-        TTL removes them. Redis's eviction and expiry counters are the whole server's,
-        so the store reports none of its own (see docs/cache.md)."""
-        entries, size = await self._census()
-        return dataclasses.replace(self.local_stats(), entries=entries, bytes=size)
-
-    async def _census(self) -> tuple[int, int]:
-        """(records, bytes) by SCAN and MEMORY USAGE; kept for census_max_age seconds,
-        since a walk is O(keyspace) and scrapes come often."""
-        now = time.monotonic()
-        if self._census_value is not None and now - self._census_at < self._census_max_age:
-            return self._census_value
+        """Entries and bytes are this deployment's records only, counted under its key
+        prefix (SCAN and MEMORY USAGE, reused for CENSUS_MAX_AGE, since a walk is
+        O(keyspace) and scrapes come often). Records invalidated by a prefix count
+        until their TTL removes them. Redis's eviction counters are the whole
+        server's, so the store reports none of its own."""
         async with self._census_lock:
-            if self._census_value is not None and time.monotonic() - self._census_at < self._census_max_age:
-                return self._census_value
-            usages: list[Any] = []
-            names: list[Any] = []
-            async for name in self.client.scan_iter(match=self.layout.data_match(""), count=SCAN_COUNT):
-                names.append(name)
-                if len(names) >= SCAN_COUNT:
-                    usages += await self._memory_usage(names)
-                    names = []
-            usages += await self._memory_usage(names)
-            counted = [int(usage) for usage in usages if usage is not None]
-            self._census_value, self._census_at = (len(counted), sum(counted)), time.monotonic()
-            return self._census_value
-
-    async def _memory_usage(self, names: list[Any]) -> list[Any]:
-        """MEMORY USAGE of each name, in one round trip (None for a name gone meanwhile)."""
-        if not names:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.memory_usage(name)
-            return list(await pipe.execute())
-
-    async def ping(self) -> None:
-        await self.client.ping()
+            if self._census is None or time.monotonic() - self._census[0] >= CENSUS_MAX_AGE:
+                records = size = 0
+                async for names in self._scan(self.layout.data_match("")):
+                    usages = await self._for_each(names, lambda pipe, name: pipe.memory_usage(name))
+                    counted = [int(usage) for usage in usages if usage is not None]  # None: gone meanwhile
+                    records, size = records + len(counted), size + sum(counted)
+                self._census = (time.monotonic(), records, size)
+        return self.counts.stats(self._census[1], self._census[2], dict.fromkeys(EVICTION_REASONS, 0), self.backend)
 
     async def reset_connections(self) -> None:
         """Drops every pooled connection, so the next commands connect afresh: after
@@ -386,7 +316,7 @@ class RedisStore:
         levels = [_level(parse_pattern(pattern)) for pattern in patterns if pattern not in exact]
         if None in levels and not outside_log:
             return await self._clear(at, publish=publish)
-        self._invalidations += len(patterns)
+        self.counts.invalidations += len(patterns)
 
         def queue(pipe: Any) -> None:
             for key in exact:
@@ -411,9 +341,9 @@ class RedisStore:
     async def _clear(self, at: int, *, publish: tuple[int, int]) -> int:
         """Every namespace invalidated at `at`, the floor raised to it (so fills read
         before it are refused, in namespaces not seen yet too), the records reclaimed."""
-        self._invalidations += 1
-        async for name in self.client.scan_iter(match=self.layout.generations_match(), count=SCAN_COUNT):
-            await self._eval("raise", [name.decode() if isinstance(name, bytes) else name], ["#", at])
+        self.counts.invalidations += 1
+        async for names in self._scan(self.layout.generations_match()):
+            await self._for_each(names, lambda pipe, name: self._queue(pipe, "raise", [name], ["#", at]))
         await self._eval("raise", [self.layout.position], ["floor", at])
         self._floor = max(self._floor, at)
         removed = await self._unlink_matching(parse_pattern("*"))
@@ -421,28 +351,28 @@ class RedisStore:
         return removed
 
     async def _unlink_matching(self, pattern: GlobPattern) -> int:
-        """SCAN (never KEYS) for the records a glob matches, and UNLINK them, a batch
-        of up to SCAN_COUNT names per command (a cluster client splits it by slot)."""
+        """UNLINKs the records a glob matches; returns how many were values or negative
+        entries (a tombstone is no entry)."""
         removed = 0
-        batch: list[Any] = []
-        async for name in self.client.scan_iter(match=self.layout.data_match(pattern.literal_prefix), count=SCAN_COUNT):
-            key = self.layout.logical_key(name)
-            if key is not None and pattern.matches(key):
-                batch.append(name)
-            if len(batch) >= SCAN_COUNT:
-                removed += await self._unlink(batch)
-                batch = []
-        if batch:
-            removed += await self._unlink(batch)
+        async for scanned in self._scan(self.layout.data_match(pattern.literal_prefix)):
+            names = [name for name in scanned if (key := self.layout.logical_key(name)) is not None and pattern.matches(key)]
+            if names:
+                kinds = await self._for_each(names, lambda pipe, name: pipe.getrange(name, 0, 0))
+                await self.client.unlink(*names)
+                removed += sum(kind in (b"V", b"N") for kind in kinds)
         return removed
 
-    async def _unlink(self, names: list[Any]) -> int:
-        """UNLINKs the records; returns how many were values or negative entries (a
-        tombstone is no entry)."""
-        names = list(dict.fromkeys(names))  # SCAN may return a name twice
-        kinds = await self._pipeline(lambda pipe: [pipe.getrange(name, 0, 0) for name in names])
-        await self.client.unlink(*names)
-        return sum(kind in (b"V", b"N") for kind in kinds)
+    async def _scan(self, match: str) -> AsyncIterator[list[Any]]:
+        """SCAN (never KEYS), in batches of up to SCAN_COUNT distinct names (a cluster
+        client splits a command on a batch by slot)."""
+        batch: dict[Any, None] = {}  # SCAN may return a name twice
+        async for name in self.client.scan_iter(match=match, count=SCAN_COUNT):
+            batch[name] = None
+            if len(batch) >= SCAN_COUNT:
+                yield list(batch)
+                batch = {}
+        if batch:
+            yield list(batch)
 
     def _keys(self, key: str) -> list[str]:
         return [self.layout.data_key(key), self.layout.generations_key(namespace_of(key))]
@@ -457,10 +387,7 @@ class RedisStore:
         self._floor = int(floor or 0)
 
     def _check(self, entry: NewEntry) -> None:
-        violations = self.entry_violations(entry.key, entry.value, entry.content_type)
-        if entry.negative and entry.value:
-            violations.append(("value", "must be empty for a negative entry"))
-        if violations:
+        if violations := self.entry_violations(entry.key, entry.value, entry.content_type, entry.negative):
             raise invalid_fields(violations)
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
@@ -468,7 +395,7 @@ class RedisStore:
         ttl = ttl if ttl > 0 else self._default_ttl
         if entry.negative:
             ttl = min(ttl, self._negative_ttl)
-        ttl_ms = max(1, int(jittered(ttl, self._rand()) * 1000))
+        ttl_ms = max(1, int(jittered(ttl, random.random()) * 1000))
         return ttl_ms, record("N" if entry.negative else "V", version, entry.content_type, entry.value)
 
     def _message(self, span: tuple[int, int], patterns: Sequence[str]) -> str:
@@ -479,31 +406,29 @@ class RedisStore:
     def _queue(self, pipe: Any, name: str, keys: list[str], args: Sequence[Any]) -> None:
         pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
 
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return (await self._pipeline(lambda pipe: self._queue(pipe, name, keys, args)))[0]
+
+    async def _for_each(self, items: Sequence[Any], queue_one: Callable[[Any, Any], object]) -> list[Any]:
+        """One command (or script) per item, in one pipeline: one round trip."""
+        return await self._pipeline(lambda pipe: [queue_one(pipe, item) for item in items])
+
     async def _pipeline(self, queue: Callable[[Any], object]) -> list[Any]:
         """Runs what `queue` puts in a pipeline, in one round trip; once more after
         loading the scripts when Redis did not have them (first use, a restart). All of
         it is idempotent."""
-        for attempt in (1, 2):
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    queue(pipe)
-                    return list(await pipe.execute())
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                await self._load_scripts()
-        raise AssertionError("unreachable: the loop returns or raises")
 
-    async def _load_scripts(self) -> None:
-        for source in _SCRIPTS.values():
-            await self.client.script_load(source)
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                return list(await pipe.execute())
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
+            return await run()
         except NoScriptError:
-            await self._load_scripts()
-            return await self.client.evalsha(_SHAS[name], len(keys), *keys, *args)
+            for source in _SCRIPTS.values():
+                await self.client.script_load(source)
+            return await run()
 
 
 def _level(parsed: GlobPattern) -> str | None:
@@ -511,9 +436,3 @@ def _level(parsed: GlobPattern) -> str | None:
     prefix's deepest; None when it names no namespace (then it is a clear)."""
     levels = prefix_levels(parsed.literal_prefix)
     return parsed.level or (levels[-1] if levels else None)
-
-
-def _found(raw: bytes) -> Found:
-    parsed = parse_record(raw)
-    content_type, value = parsed.content()
-    return Found(value, content_type, parsed.kind == "N", parsed.version)

@@ -1,33 +1,18 @@
-"""How cache keys and entries are laid out in Redis (docs/cache.md has the picture).
+"""How cache keys and entries are laid out in Redis (docs/cache.md, "The Redis store",
+has the names). The namespace sits in a Redis Cluster hash tag, so an entry and its
+generation hash always share a slot: the Lua scripts that touch both stay single-slot.
 
-Names, with the default prefix "dh:" and the logical key "agents:get:42":
-
-    dh:{agents}:get:42      the entry: a string record (see below), with a TTL
-    dh:gen:{agents}         the namespace's generation hash: prefix level -> the log
-                            position it was last invalidated at ("#": the whole
-                            namespace; without it, new or lost, the hash vouches
-                            for no record), no TTL
-    dh:sync:{log}           the position in the invalidation log: a hash of applied
-                            and floor; missing = fresh. No TTL
-    dh:invalidations        the Pub/Sub channel that tells other sidecars' streams
-
-The namespace sits in a Redis Cluster hash tag, so an entry and its generation hash
-always share a slot: the Lua scripts that touch both stay single-slot.
-
-Records are strings:
+Records are strings, <version> being the log position the value was read at:
 
     V<version>|<content type length>|<content type><value>   a value
     N<version>|<content type length>|<content type>          a negative entry
     T<position>|                                             a tombstone: invalidated there
-
-<version> is the log position the value was read at.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from services.cache.client.keys import namespace_of
+from services.cache.sidecar.stores.base import Found
 
 _REDIS_GLOB_SPECIALS = frozenset("*?[]\\")
 
@@ -37,29 +22,19 @@ def redis_glob_escape(text: str) -> str:
     return "".join("\\" + c if c in _REDIS_GLOB_SPECIALS else c for c in text)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Record:
-    kind: str  # "V", "N" or "T"
-    version: int
-    body: bytes
-
-    def content(self) -> tuple[str, bytes]:
-        """(content_type, value) of a V or N record."""
-        bar = self.body.index(b"|")
-        length = int(self.body[:bar])
-        start = bar + 1
-        return self.body[start : start + length].decode(), self.body[start + length :]
-
-
-def parse_record(record: bytes) -> Record:
-    bar = record.index(b"|", 1)
-    return Record(chr(record[0]), int(record[1:bar]), record[bar + 1 :])
-
-
 def record(kind: str, version: int, content_type: str, value: bytes) -> bytes:
     """A V or N record."""
     encoded = content_type.encode()
     return b"%s%d|%d|" % (kind.encode(), version, len(encoded)) + encoded + value
+
+
+def parse_record(raw: bytes) -> Found:
+    """A V or N record's entry."""
+    version_end = raw.index(b"|", 1)
+    length_end = raw.index(b"|", version_end + 1)
+    start = length_end + 1
+    end = start + int(raw[version_end + 1 : length_end])
+    return Found(raw[end:], raw[start:end].decode(), raw[:1] == b"N", int(raw[1:version_end]))
 
 
 class KeyLayout:
@@ -93,8 +68,7 @@ class KeyLayout:
     def data_match(self, literal_prefix: str) -> str:
         """A SCAN MATCH pattern covering every data key whose cache key starts with
         literal_prefix (a superset: results are filtered with the exact glob)."""
-        colon = literal_prefix.find(":")
-        if colon < 0:
+        if ":" not in literal_prefix:
             return redis_glob_escape(self._data_start + literal_prefix) + "*"
         return redis_glob_escape(self.data_key(literal_prefix)) + "*"
 
