@@ -12,7 +12,7 @@ from devops_hub.v1 import cache_pb2
 
 from services.cache.client.keys import escape_key, key_problem
 from services.cache.sidecar.hub import InvalidationHub
-from services.cache.sidecar.stores.base import NewEntry, StoreStats, SyncState, Value
+from services.cache.sidecar.stores.base import Found, NewEntry, StoreStats, SyncState
 from services.cache.sidecar.stores.fallback import FallbackStore
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
@@ -207,7 +207,7 @@ def _sequence_violations(*named: tuple[str, int]) -> list[tuple[str, str]]:
     ]
 
 
-def _entry(key: str, value: Value) -> cache_pb2.CacheEntry:
+def _entry(key: str, value: Found) -> cache_pb2.CacheEntry:
     return cache_pb2.CacheEntry(
         key=key, value=value.value, content_type=value.content_type, negative=value.negative, version=value.version
     )

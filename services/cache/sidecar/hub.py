@@ -1,13 +1,15 @@
 """Fan-out of invalidations to Watch streams (the near-caches and edge caches).
 
-Every message carries the invalidation log's span it covers (after, through]: the
-stream is numbered by the log itself, so a follower that finds a message starting
-past its own position knows it missed one, whichever sidecar or path dropped it. The
-hub's position is the furthest `through` it has streamed; heartbeats carry it.
+Every message carries the log span it covers, (after, through], so a follower that
+finds a message starting past its own position knows it missed one, whichever sidecar
+or path dropped it. The hub's position is the furthest `through` it has streamed;
+heartbeats carry it.
 
-A watcher that cannot keep up, and every watcher when the hub can no longer vouch
-for completeness (shutdown, or the Pub/Sub subscription to the other sidecars lost), is ended rather than
-silently skipped: an ended stream tells its client to clear what it holds.
+publish() never waits on a watcher: each has a bounded queue, and one that cannot keep
+up is ended rather than buffered without limit or allowed to stall the writer. While
+the hub cannot vouch for completeness (shutting down, or not subscribed to the other
+sidecars) it ends every stream and takes none: a near-cache fed by an incomplete stream
+would serve stale data, and a client without one just reads through the sidecar.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_QUEUE = 1024
 
-
 # (after, through, patterns): the log span a message covers, and its patterns.
 Message = tuple[int, int, tuple[str, ...]]
 
 
 class Watcher:
-    """One Watch stream's queue and filter. The queue holds what one call
-    invalidated together; None only wakes the stream to look at `ended`."""
+    """One Watch stream's queue and filter. The queue holds what one call invalidated
+    together; None only wakes the stream to look at `ended`."""
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
@@ -38,59 +39,41 @@ class Watcher:
         self.ended: str | None = None
 
     def wants(self, patterns: Sequence[str]) -> bool:
-        return not self.prefixes or any(self._wants(pattern) for pattern in patterns)
-
-    def _wants(self, pattern: str) -> bool:
-        """Could the pattern remove a key under one of our prefixes? Over-approximates:
-        an extra invalidation costs a near-cache a miss, a missing one serves stale data."""
-        if pattern == "*":
+        """Could a pattern remove a key under one of our prefixes? Over-approximates: an
+        extra invalidation costs a near-cache a miss, a missing one serves stale data."""
+        if not self.prefixes or "*" in patterns:
             return True
-        parsed = parse_pattern(pattern)
-        literal = parsed.literal_prefix
-        if parsed.kind == "exact":
-            return any(literal.startswith(prefix) for prefix in self.prefixes)
-        return any(literal.startswith(prefix) or prefix.startswith(literal) for prefix in self.prefixes)
+        for pattern in patterns:
+            parsed = parse_pattern(pattern)
+            literal = parsed.literal_prefix
+            for prefix in self.prefixes:
+                if literal.startswith(prefix) or (parsed.kind != "exact" and prefix.startswith(literal)):
+                    return True
+        return False
 
     def end(self, reason: str) -> None:
         self.ended = reason
         # Wake the stream if it is waiting on an empty queue; a full queue means the
         # stream is blocked sending and will see `ended` when the send returns.
-        try:
+        if not self.queue.full():
             self.queue.put_nowait(None)
-        except asyncio.QueueFull:
-            pass
 
 
 class InvalidationHub:
-    """Fans invalidations out to watchers without ever waiting on one.
-
-    publish() is synchronous; each watcher has a bounded queue, and a watcher whose
-    queue is full is ended rather than buffered without limit or allowed to stall
-    the writer. While suspended (not subscribed to the other sidecars yet, or shutting
-    down) the hub takes no watchers: a near-cache fed by an incomplete stream would
-    serve stale data, and a client without one just reads through the sidecar.
-    """
-
-    def __init__(self, queue_size: int = DEFAULT_WATCH_QUEUE, *, accepting: bool = True) -> None:
+    def __init__(self, queue_size: int = DEFAULT_WATCH_QUEUE) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1: an unbounded queue is what this prevents")
         self._queue_size = queue_size
         self.position = 0
         self._watchers: set[Watcher] = set()
-        self._accepting = accepting
+        self._suspended = False
         self._closed = False
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting and not self._closed
-
     def publish(self, after: int, through: int, patterns: Sequence[str]) -> None:
-        """Streams the patterns of the log span (after, through] as one message (what
-        one call invalidated goes together, so a burst of keys costs a watcher one
-        queue slot). Patterns from outside the log come with after == through."""
+        """Streams the patterns of the log span (after, through] as one message (a burst
+        of keys costs a watcher one queue slot). Patterns from outside the log come
+        with after == through."""
         self.position = max(self.position, through)
-        if not self._watchers:
-            return
         message = (after, through, tuple(patterns))
         for watcher in list(self._watchers):
             # A message that moves the position goes to every watcher, even with
@@ -105,8 +88,8 @@ class InvalidationHub:
                 watcher.end("overflow")
 
     def subscribe(self, prefixes: Sequence[str]) -> Watcher | None:
-        """A new watcher, or None while the hub is not accepting any."""
-        if not self.accepting:
+        """A new watcher, or None while the hub takes none."""
+        if self._suspended or self._closed:
             return None
         watcher = Watcher(prefixes, self._queue_size)
         self._watchers.add(watcher)
@@ -117,11 +100,11 @@ class InvalidationHub:
 
     def suspend(self) -> None:
         """Ends every stream and refuses new ones until resume()."""
-        self._accepting = False
+        self._suspended = True
         self._end_all("suspended")
 
     def resume(self) -> None:
-        self._accepting = True
+        self._suspended = False
 
     def close(self) -> None:
         """Ends every stream for good, so clients reconnect elsewhere and clear their

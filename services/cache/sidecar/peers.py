@@ -1,15 +1,11 @@
 """Invalidations made through other sidecars, brought to this one's Watch streams.
 
-Several sidecars share one Redis (one per pod, or several worker processes). A Sync
-reaches Redis through one of them, but every client's near-cache hangs off its own
-sidecar's Watch stream, so each sidecar must hear the others: the Redis store
-PUBLISHes what it applied with its log span, and this listener SUBSCRIBEs and feeds
-the hub. A message lost on the way shows as a gap in the log positions its
-followers see, so they clear themselves.
-
-The hub accepts watchers only while the subscription is live. When it drops (or
-stops answering pings) the hub is suspended, which ends every stream so the clients
-clear their near-caches: whatever was published meanwhile is lost to us.
+Several sidecars share one Redis; a Sync reaches it through one of them, but each
+client's near-cache hangs off its own sidecar's stream. The Redis store PUBLISHes what
+it applied with its log span; this listener SUBSCRIBEs and feeds the hub. A message
+lost on the way shows as a gap in the positions its followers see. While the
+subscription is down (or stops answering pings) the hub is suspended: whatever was
+published meanwhile is lost to us, so every stream ends and its clients clear.
 """
 
 from __future__ import annotations
@@ -37,20 +33,11 @@ RETRY_MAX = 0.5
 
 
 class Peers:
-    def __init__(
-        self,
-        client: aioredis.Redis,  # owned: closed with the listener
-        channel: str,
-        origin: str,
-        hub: InvalidationHub,
-        *,
-        ping_interval: float = PING_INTERVAL,
-    ) -> None:
-        self._client = client
+    def __init__(self, client: aioredis.Redis, channel: str, origin: str, hub: InvalidationHub) -> None:
+        self._client = client  # owned: closed with the listener
         self._channel = channel
         self._origin = origin
         self._hub = hub
-        self._ping_interval = ping_interval
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -90,14 +77,14 @@ class Peers:
             heard = loop.time()
             pinged = heard
             while True:
-                message = await pubsub.get_message(timeout=self._ping_interval)
+                message = await pubsub.get_message(timeout=PING_INTERVAL)
                 now = loop.time()
                 if message is not None:
                     heard = now
                     self._handle(message)
-                if now - heard > SILENCE_LIMIT * self._ping_interval:
+                if now - heard > SILENCE_LIMIT * PING_INTERVAL:
                     raise ConnectionError(f"no answer from Redis for {now - heard:.1f}s")
-                if now - pinged >= self._ping_interval:
+                if now - pinged >= PING_INTERVAL:
                     await pubsub.ping()
                     pinged = now
         finally:

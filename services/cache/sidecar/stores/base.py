@@ -4,7 +4,6 @@ hold, the checks on an entry and the figures they count (docs/cache.md has the m
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
 
 from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
 from services.common.errors import FailedPrecondition
@@ -71,28 +70,14 @@ def entry_violations(
     return violations
 
 
-class Value(Protocol):
-    """What a hit carries. A negative entry is a cached "not found" (empty value)."""
-
-    @property
-    def value(self) -> bytes: ...
-
-    @property
-    def content_type(self) -> str: ...
-
-    @property
-    def negative(self) -> bool: ...
-
-    @property
-    def version(self) -> int: ...
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Found:
+    """What a hit carries. A negative entry is a cached "not found" (empty value)."""
+
     value: bytes
     content_type: str
-    negative: bool = False
-    version: int = 0
+    negative: bool
+    version: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,7 +85,7 @@ class Lookup:
     """A Get's answer: the entry (None on a miss) and the store's position, which a
     fill of the miss carries as its version."""
 
-    entry: Value | None
+    entry: Found | None
     position: int
 
 

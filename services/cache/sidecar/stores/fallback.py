@@ -27,7 +27,7 @@ from typing import Literal, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from services.cache.sidecar.stores.base import Lookup, NewEntry, StoreStats, SyncState, Value
+from services.cache.sidecar.stores.base import Found, Lookup, NewEntry, StoreStats, SyncState
 from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore
 from services.common.background import cancel_and_wait
@@ -96,8 +96,8 @@ class FallbackStore:
     async def get(self, key: str) -> Lookup:
         return await self._route(lambda redis: redis.get(key), lambda memory: Lookup(memory.get(key), memory.position.applied))
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
-        def on_memory(memory: MemoryStore) -> dict[str, Value]:
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Found]:
+        def on_memory(memory: MemoryStore) -> dict[str, Found]:
             return {key: entry for key in keys if (entry := memory.get(key)) is not None}
 
         return await self._route(lambda redis: redis.get_many(keys), on_memory)

@@ -26,6 +26,7 @@ from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
     FRESH,
     Counts,
+    Found,
     StoreStats,
     SyncState,
     entry_violations,
@@ -63,16 +64,12 @@ class _Node:
             node = node.parent
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class Entry:
-    value: bytes
-    content_type: str
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Entry(Found):
     expires_at: float
     # What the entry costs against max_bytes: value, key and content type.
     size: int
     node: _Node
-    negative: bool = False
-    version: int = 0
 
     @property
     def alive(self) -> bool:
@@ -187,7 +184,7 @@ class MemoryStore:
             self._drop(key, old, None)
         node = self._node_for(key)
         version = self.position.applied if version is None else version
-        entry = Entry(value, content_type, expires_at, self._entry_size(key, value, content_type), node, negative, version)
+        entry = Entry(value, content_type, negative, version, expires_at, self._entry_size(key, value, content_type), node)
         self._entries[key] = entry
         node.keys.add(key)
         node.add(1, entry.size)

@@ -35,11 +35,11 @@ from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
     FRESH,
     Counts,
+    Found,
     Lookup,
     NewEntry,
     StoreStats,
     SyncState,
-    Value,
     entry_violations,
     jittered,
 )
@@ -134,24 +134,16 @@ def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis
     """A client over a bounded, blocking pool: at most max_connections sockets, and a
     caller waits at most `timeout` for one, to connect, and for each reply. A URL
     with `?cluster=true` talks to a Redis Cluster (RedisCluster discovers its nodes)."""
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
     if "cluster=true" in url:
-        cluster = RedisCluster.from_url(
-            redis_node_url(url),
-            max_connections=max_connections,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        cluster = RedisCluster.from_url(redis_node_url(url), **options)
         return cluster  # type: ignore[return-value]  # the commands this store uses are the same
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis(connection_pool=BlockingConnectionPool.from_url(url, timeout=timeout, **options))
 
 
 class RedisStore:
@@ -180,7 +172,7 @@ class RedisStore:
 
     async def get(self, key: str) -> Lookup:
         def queue(pipe: Any) -> None:
-            self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
+            self._queue_get(pipe, key)
             pipe.hmget(self.layout.position, ["applied", "floor"])
 
         raw, position = await self._pipeline(queue)
@@ -188,12 +180,10 @@ class RedisStore:
         self.counts.read(key, hit=raw is not None)
         return Lookup(None if raw is None else parse_record(raw), self._position.applied)
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Value]:
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Found]:
         """One round trip: the get script per key, pipelined."""
-        records = await self._for_each(
-            keys, lambda pipe, key: self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
-        )
-        found: dict[str, Value] = {}
+        records = await self._for_each(keys, self._queue_get)
+        found: dict[str, Found] = {}
         for key, raw in zip(keys, records):
             self.counts.read(key, hit=raw is not None)
             if raw is not None:
@@ -405,6 +395,9 @@ class RedisStore:
 
     def _queue(self, pipe: Any, name: str, keys: list[str], args: Sequence[Any]) -> None:
         pipe.evalsha(_SHAS[name], len(keys), *keys, *args)
+
+    def _queue_get(self, pipe: Any, key: str) -> None:
+        self._queue(pipe, "get", self._keys(key), [self._known(), *prefix_levels(key)])
 
     async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return (await self._pipeline(lambda pipe: self._queue(pipe, name, keys, args)))[0]
