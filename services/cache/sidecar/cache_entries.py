@@ -12,7 +12,7 @@ from devops_hub.v1 import cache_pb2
 
 from services.cache.client.keys import escape_key, key_problem
 from services.cache.sidecar.hub import InvalidationHub
-from services.cache.sidecar.stores.base import Found, NewEntry, StoreStats, SyncState
+from services.cache.sidecar.stores.base import Found, NewEntry, SyncState
 from services.cache.sidecar.stores.fallback import FallbackStore
 from services.common.errors import Aborted, Unavailable, invalid_fields
 
@@ -31,27 +31,20 @@ class CacheEntries:
         self._heartbeat_interval = heartbeat_interval
 
     async def get(self, key: str) -> cache_pb2.CacheGetResponse:
-        if problem := key_problem(key):
-            raise invalid_fields([("key", problem)])
+        _check(_key_violations([("key", key)]))
         lookup = await self._store.get(key)
         entry = None if lookup.entry is None else _entry(key, lookup.entry)
         return cache_pb2.CacheGetResponse(found=entry is not None, entry=entry, position=lookup.position)
 
     async def get_many(self, keys: Sequence[str]) -> cache_pb2.CacheGetManyResponse:
-        if len(keys) > MAX_BATCH:
-            raise invalid_fields([("keys", f"at most {MAX_BATCH} keys per call, got {len(keys)}")])
-        violations = [(f"keys[{i}]", problem) for i, key in enumerate(keys) if (problem := key_problem(key))]
-        if violations:
-            raise invalid_fields(violations)
+        _check(_key_violations([(f"keys[{i}]", key) for i, key in enumerate(keys)], "keys"))
         found = await self._store.get_many(list(dict.fromkeys(keys)))
         return cache_pb2.CacheGetManyResponse(entries=[_entry(key, value) for key, value in found.items()])
 
     async def set(self, request: cache_pb2.CacheSetRequest) -> cache_pb2.CacheSetResponse:
         # The entry is REQUIRED: the request path refused a Set without one.
         violations = _ttl_violations(request.ttl_seconds) + self._entry_violations("entry", request.entry)
-        violations += _sequence_violations(("entry.version", request.entry.version))
-        if violations:
-            raise invalid_fields(violations)
+        _check(violations + _sequence_violations(("entry.version", request.entry.version)))
         entry = request.entry
         version = entry.version if request.fill else None
         stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, version, entry.negative)
@@ -67,8 +60,7 @@ class CacheEntries:
         else:
             for i, entry in enumerate(request.entries):
                 violations += self._entry_violations(f"entries[{i}]", entry)
-        if violations:
-            raise invalid_fields(violations)
+        _check(violations)
         # Validated as a whole first, so a bad entry never leaves the batch half-stored.
         entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
         stored = await self._store.set_many(entries, request.ttl_seconds)
@@ -77,8 +69,7 @@ class CacheEntries:
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
     async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
-        if problem := key_problem(key):
-            raise invalid_fields([("key", problem)])
+        _check(_key_violations([("key", key)]))
         try:
             deleted = await self._store.delete(key)
         finally:
@@ -88,9 +79,7 @@ class CacheEntries:
     async def invalidate(self, request: cache_pb2.CacheInvalidateRequest) -> cache_pb2.CacheInvalidateResponse:
         named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
         named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
-        violations = _pattern_violations(named)
-        if violations:
-            raise invalid_fields(violations)
+        _check(_key_violations(named, "patterns"))
         patterns = [pattern for _, pattern in named]
         try:
             removed = await self._store.remove(patterns)
@@ -111,12 +100,11 @@ class CacheEntries:
         return _sync_state(await self._store.sync_state())
 
     async def sync(self, request: cache_pb2.CacheSyncRequest) -> cache_pb2.CacheSyncState:
-        violations = _pattern_violations([(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)])
+        violations = _key_violations([(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)], "patterns")
         violations += _sequence_violations(("after", request.after), ("through", request.through))
         if request.through < request.after:
             violations.append(("through", f"must not be below after ({request.after}), got {request.through}"))
-        if violations:
-            raise invalid_fields(violations)
+        _check(violations)
         before = await self._store.sync_state()
         state = await self._store.sync(request.after, request.through, list(request.patterns), request.clear)
         if before.fresh or state.applied > before.applied:
@@ -126,7 +114,7 @@ class CacheEntries:
         return _sync_state(state)
 
     async def stats(self) -> cache_pb2.CacheStats:
-        return stats_message(await self._store.stats())
+        return await self._store.stats()
 
     async def watch(self, prefixes: Sequence[str]) -> AsyncIterator[cache_pb2.CacheInvalidation]:
         """Streams invalidations, starting with a heartbeat (no patterns, the position)
@@ -165,26 +153,6 @@ class CacheEntries:
         return [(f"{path}.{field}", problem) for field, problem in found]
 
 
-def stats_message(stats: StoreStats) -> cache_pb2.CacheStats:
-    return cache_pb2.CacheStats(
-        hits=stats.hits,
-        misses=stats.misses,
-        hit_rate=stats.hit_rate,
-        entries=stats.entries,
-        bytes=stats.bytes,
-        sets=stats.sets,
-        invalidations=stats.invalidations,
-        evictions=stats.evictions,
-        namespaces={
-            name: cache_pb2.NamespaceStats(hits=counts.hits, misses=counts.misses, hit_rate=counts.hit_rate)
-            for name, counts in stats.namespaces.items()
-        },
-        backend=stats.backend,
-        backend_errors=stats.backend_errors,
-        backend_switches=stats.backend_switches,
-    )
-
-
 def _sync_state(state: SyncState) -> cache_pb2.CacheSyncState:
     return cache_pb2.CacheSyncState(applied=state.applied, fresh=state.fresh)
 
@@ -193,12 +161,17 @@ def _heartbeat(position: int) -> cache_pb2.CacheInvalidation:
     return cache_pb2.CacheInvalidation(after=position, through=position)
 
 
-def _pattern_violations(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Problems with (field, pattern) pairs: their number, and each one as a key (a
-    pattern is bounded like a key: a store keeps it in its history of invalidations)."""
+def _check(violations: list[tuple[str, str]]) -> None:
+    if violations:
+        raise invalid_fields(violations)
+
+
+def _key_violations(named: list[tuple[str, str]], batch: str = "") -> list[tuple[str, str]]:
+    """Problems with (field, key) pairs: their number, and each one. A pattern is
+    bounded like a key: a store keeps it in its history of invalidations."""
     if len(named) > MAX_BATCH:
-        return [("patterns", f"at most {MAX_BATCH} patterns per call, got {len(named)}")]
-    return [(field, problem) for field, pattern in named if (problem := key_problem(pattern))]
+        return [(batch, f"at most {MAX_BATCH} {batch} per call, got {len(named)}")]
+    return [(field, problem) for field, key in named if (problem := key_problem(key))]
 
 
 def _sequence_violations(*named: tuple[str, int]) -> list[tuple[str, str]]:

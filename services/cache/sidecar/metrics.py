@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from devops_hub.v1 import cache_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.cache.sidecar.stores.base import StoreStats
 from services.cache.sidecar.stores.fallback import FallbackStore
 
 # The counters, each following one of the store's running totals: name, help, label.
@@ -51,7 +51,7 @@ class CacheMetrics:
             self._counters["hits"].labels(namespace)
             self._counters["misses"].labels(namespace)
 
-    def update(self, stats: StoreStats) -> None:
+    def update(self, stats: cache_pb2.CacheStats) -> None:
         """Applies a snapshot of the store's running totals."""
         for namespace, counts in stats.namespaces.items():
             self._advance("hits", counts.hits, namespace)

@@ -54,18 +54,13 @@ class CacheSidecar(GrpcProcess):
     peers: Peers | None = None
 
     async def start_work(self) -> None:
-        """The stores' upkeep (expiry; with Redis, its first check and the probes
-        while it fails), the streams' starting position, and the listener of other
-        sidecars' invalidations."""
         await self.store.start()
         self.hub.position = (await self.store.sync_state()).applied
         if self.peers is not None:
             self.peers.start()
 
     async def end_streams(self) -> None:
-        """Ends the Watch streams (their clients clear and resubscribe elsewhere) and
-        refuses new ones."""
-        self.hub.close()
+        self.hub.close()  # the followers clear and resubscribe elsewhere
 
     async def close(self) -> None:
         self.hub.close()

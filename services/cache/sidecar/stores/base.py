@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from devops_hub.v1 import cache_pb2
+
 from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
 from services.common.errors import FailedPrecondition
 
@@ -97,40 +99,9 @@ class NewEntry:
     negative: bool = False
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NamespaceCounts:
-    hits: int
-    misses: int
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StoreStats:
-    hits: int
-    misses: int
-    entries: int
-    bytes: int
-    sets: int
-    # Delete, Invalidate and Clear calls and the patterns of Syncs applied (not entries removed).
-    invalidations: int
-    evictions: dict[str, int]
-    namespaces: dict[str, NamespaceCounts]
-    backend: str = "memory"
-    backend_errors: int = 0
-    backend_switches: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return NamespaceCounts(self.hits, self.misses).hit_rate
-
-
 class Counts:
-    """What a store did. The Redis store and its memory fallback share one, so the
-    sidecar's figures add up whichever of them served."""
+    """What a store did, for CacheService.Stats. The Redis store and its memory
+    fallback share one, so the sidecar's figures add up whichever of them served."""
 
     def __init__(self) -> None:
         self.hits = self.misses = self.sets = self.invalidations = 0
@@ -149,8 +120,24 @@ class Counts:
         else:
             self.misses += 1
 
-    def stats(self, entries: int, size: int, evictions: dict[str, int], backend: str) -> StoreStats:
-        namespaces = {name: NamespaceCounts(hits, misses) for name, (hits, misses) in self._by_namespace.items()}
-        return StoreStats(
-            self.hits, self.misses, entries, size, self.sets, self.invalidations, evictions, namespaces, backend
+    def stats(self, entries: int, size: int, evictions: dict[str, int], backend: str) -> cache_pb2.CacheStats:
+        namespaces = {
+            name: cache_pb2.NamespaceStats(hits=hits, misses=misses, hit_rate=_rate(hits, misses))
+            for name, (hits, misses) in self._by_namespace.items()
+        }
+        return cache_pb2.CacheStats(
+            hits=self.hits,
+            misses=self.misses,
+            hit_rate=_rate(self.hits, self.misses),
+            entries=entries,
+            bytes=size,
+            sets=self.sets,
+            invalidations=self.invalidations,
+            evictions=evictions,
+            namespaces=namespaces,
+            backend=backend,
         )
+
+
+def _rate(hits: int, misses: int) -> float:
+    return hits / (hits + misses) if hits + misses else 0.0

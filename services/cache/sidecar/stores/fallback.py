@@ -1,33 +1,26 @@
 """The sidecar's store: memory alone without Redis; with Redis, Redis first, memory
 when it fails, and back without serving what went stale (docs/cache.md, "Fallback").
 
-    up          every call goes to Redis. A call that fails is re-run on memory at once
-                (the caller never sees the failure) and the store goes down.
-    down        every call goes to memory, which starts empty and fresh (it refuses
-                fills until a relay's Sync gives it a position). A probe pings Redis
-                with backoff.
-    recovering  Redis answers again, but it missed the log entries applied meanwhile.
-                GetSyncState reports Redis's position, so the relays send what it
-                missed; Syncs go to both stores, reads still to memory. Once Redis has
-                applied as much of the log as memory has, the store is up again.
-
-No journal: what Redis missed is in the invalidation log, and the relays send it, as
-they do for any store behind. Only an invalidation from outside the log cannot be sent
-again: one of those while Redis was away clears Redis before it is used.
+    up          every call goes to Redis; one that fails is re-run on memory at once.
+    down        every call goes to memory, which starts empty and fresh; a probe pings
+                Redis with backoff.
+    recovering  Redis answers again: GetSyncState reports its position so the relays
+                send what it missed; Syncs go to both, reads still to memory until
+                Redis has applied as much of the log as memory has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
+from devops_hub.v1 import cache_pb2
 from redis.exceptions import RedisClusterException, RedisError
 
-from services.cache.sidecar.stores.base import Found, Lookup, NewEntry, StoreStats, SyncState
+from services.cache.sidecar.stores.base import Found, Lookup, NewEntry, SyncState
 from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore
 from services.common.background import cancel_and_wait
@@ -159,13 +152,13 @@ class FallbackStore:
 
         return await self._route(on_redis, lambda memory: memory.position, on_redis_while=("recovering",))
 
-    async def stats(self) -> StoreStats:
+    async def stats(self) -> cache_pb2.CacheStats:
         memory = self.memory.stats()
-        active = await self._route(lambda redis: redis.stats(), lambda _: memory)
+        stats = await self._route(lambda redis: redis.stats(), lambda _: memory)
         # Only memory counts evictions: Redis's counters are the whole server's.
-        return dataclasses.replace(
-            active, evictions=memory.evictions, backend=self.backend, backend_errors=self.errors, backend_switches=self.switches
-        )
+        stats.evictions.update(memory.evictions)
+        stats.backend, stats.backend_errors, stats.backend_switches = self.backend, self.errors, self.switches
+        return stats
 
     def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
         # Memory's checks include Redis's plus its own byte budget: an entry must fit

@@ -21,13 +21,14 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from devops_hub.v1 import cache_pb2
+
 from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, parse_pattern
 from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
     FRESH,
     Counts,
     Found,
-    StoreStats,
     SyncState,
     entry_violations,
     jittered,
@@ -259,7 +260,7 @@ class MemoryStore:
         self._sweep(budget)
         return len(self._entries) - self._root.entries
 
-    def stats(self) -> StoreStats:
+    def stats(self) -> cache_pb2.CacheStats:
         self._expire_due(self._clock())
         return self.counts.stats(self._root.entries, self._root.bytes, dict(self._evictions), "memory")
 

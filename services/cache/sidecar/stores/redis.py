@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from devops_hub.v1 import cache_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
@@ -32,13 +33,11 @@ from redis.exceptions import NoScriptError
 
 from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, escape_key, namespace_of, parse_pattern, prefix_levels
 from services.cache.sidecar.stores.base import (
-    EVICTION_REASONS,
     FRESH,
     Counts,
     Found,
     Lookup,
     NewEntry,
-    StoreStats,
     SyncState,
     entry_violations,
     jittered,
@@ -263,12 +262,11 @@ class RedisStore:
             self._position = state.advanced(through)
         return self._position
 
-    async def stats(self) -> StoreStats:
+    async def stats(self) -> cache_pb2.CacheStats:
         """Entries and bytes are this deployment's records only, counted under its key
         prefix (SCAN and MEMORY USAGE, reused for CENSUS_MAX_AGE, since a walk is
         O(keyspace) and scrapes come often). Records invalidated by a prefix count
-        until their TTL removes them. Redis's eviction counters are the whole
-        server's, so the store reports none of its own."""
+        until their TTL removes them. Evictions: none (Redis's counters are the whole server's)."""
         async with self._census_lock:
             if self._census is None or time.monotonic() - self._census[0] >= CENSUS_MAX_AGE:
                 records = size = 0
@@ -277,7 +275,7 @@ class RedisStore:
                     counted = [int(usage) for usage in usages if usage is not None]  # None: gone meanwhile
                     records, size = records + len(counted), size + sum(counted)
                 self._census = (time.monotonic(), records, size)
-        return self.counts.stats(self._census[1], self._census[2], dict.fromkeys(EVICTION_REASONS, 0), self.backend)
+        return self.counts.stats(self._census[1], self._census[2], {}, self.backend)
 
     async def reset_connections(self) -> None:
         """Drops every pooled connection, so the next commands connect afresh: after
