@@ -126,7 +126,7 @@ class CacheEntries:
         if watcher is None:
             raise Unavailable("invalidations cannot be streamed right now; retry later", reason="WATCH_UNAVAILABLE")
         try:
-            yield _heartbeat(self._hub.position)
+            yield self._heartbeat()
             while True:
                 if watcher.ended == "overflow":
                     raise Aborted("watch stream fell behind; clear the near-cache and resubscribe", reason="WATCH_OVERFLOW")
@@ -136,13 +136,14 @@ class CacheEntries:
                     async with asyncio.timeout(self._heartbeat_interval):
                         message = await watcher.queue.get()
                 except TimeoutError:
-                    yield _heartbeat(self._hub.position)
-                    continue
+                    message = self._heartbeat()
                 if message is not None:
-                    after, through, patterns = message
-                    yield cache_pb2.CacheInvalidation(after=after, through=through, patterns=patterns)
+                    yield message
         finally:
             self._hub.unsubscribe(watcher)
+
+    def _heartbeat(self) -> cache_pb2.CacheInvalidation:
+        return cache_pb2.CacheInvalidation(after=self._hub.position, through=self._hub.position)
 
     def _publish_outside_log(self, patterns: list[str]) -> None:
         """Streams an invalidation that the log does not number (after == through)."""
@@ -155,10 +156,6 @@ class CacheEntries:
 
 def _sync_state(state: SyncState) -> cache_pb2.CacheSyncState:
     return cache_pb2.CacheSyncState(applied=state.applied, fresh=state.fresh)
-
-
-def _heartbeat(position: int) -> cache_pb2.CacheInvalidation:
-    return cache_pb2.CacheInvalidation(after=position, through=position)
 
 
 def _check(violations: list[tuple[str, str]]) -> None:

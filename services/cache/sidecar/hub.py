@@ -18,14 +18,13 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from devops_hub.v1 import cache_pb2
+
 from services.cache.client.keys import parse_pattern
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_QUEUE = 1024
-
-# (after, through, patterns): the log span a message covers, and its patterns.
-Message = tuple[int, int, tuple[str, ...]]
 
 
 class Watcher:
@@ -34,7 +33,7 @@ class Watcher:
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
-        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(queue_size)
+        self.queue: asyncio.Queue[cache_pb2.CacheInvalidation | None] = asyncio.Queue(queue_size)
         # Why the stream must end ("overflow", "suspended" or "shutdown"); None while healthy.
         self.ended: str | None = None
 
@@ -74,11 +73,11 @@ class InvalidationHub:
         of keys costs a watcher one queue slot). Patterns from outside the log come
         with after == through."""
         self.position = max(self.position, through)
-        message = (after, through, tuple(patterns))
+        message = cache_pb2.CacheInvalidation(after=after, through=through, patterns=patterns)
         for watcher in list(self._watchers):
             # A message that moves the position goes to every watcher, even with
             # patterns it does not want: its followers must learn the new position.
-            if after == through and not watcher.wants(message[2]):
+            if after == through and not watcher.wants(patterns):
                 continue
             try:
                 watcher.queue.put_nowait(message)

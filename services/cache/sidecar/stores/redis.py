@@ -1,12 +1,6 @@
-"""The Redis store: shared by every sidecar process, versioned by the invalidation log,
-O(1) prefix invalidation, every script's keys in one Redis Cluster slot (docs/cache.md,
-"The Redis store"; the record format in redis_layout.py).
-
-A record is current when no tombstone replaced it and no prefix above it was
-invalidated after its version; a fill of version v is refused when either happened
-after v, or when the store's floor (its position when it last lost track of the log)
-is above v. The position lives under its own hash tag and is read and written by plain
-commands beside the scripts, never inside one.
+"""The Redis store, shared by every sidecar on one Redis (docs/cache.md, "The Redis
+store"; the record format in redis_layout.py). The position lives under its own hash
+tag and is read and written by plain commands beside the scripts, never inside one.
 
 Every failure of Redis is raised to the caller: the fallback store decides what to do
 about it. Commands are never retried here, so a failure surfaces within one timeout.
@@ -188,9 +182,6 @@ class RedisStore:
             if raw is not None:
                 found[key] = parse_record(raw)
         return found
-
-    def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
-        return entry_violations(key, value, content_type, negative, MAX_VALUE_BYTES)
 
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
@@ -375,7 +366,7 @@ class RedisStore:
         self._floor = int(floor or 0)
 
     def _check(self, entry: NewEntry) -> None:
-        if violations := self.entry_violations(entry.key, entry.value, entry.content_type, entry.negative):
+        if violations := entry_violations(entry.key, entry.value, entry.content_type, entry.negative, MAX_VALUE_BYTES):
             raise invalid_fields(violations)
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
