@@ -130,7 +130,9 @@ class FallbackStore:
 
     async def sync_state(self) -> SyncState:
         # While recovering, what Redis has applied: the relays send it what lies after.
-        return await self._route(lambda redis: redis.sync_state(), lambda memory: memory.position, on_redis_while=("up", "recovering"))
+        return await self._route(
+            lambda redis: redis.sync_state(), lambda memory: memory.position, on_redis_while=("up", "recovering")
+        )
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
         """Applies the log's entries in (after, through] (patterns, or a clear) and moves
