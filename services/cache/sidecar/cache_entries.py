@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
 
 from devops_hub.v1 import cache_pb2
 
@@ -15,6 +16,8 @@ from services.cache.sidecar.hub import InvalidationHub
 from services.cache.sidecar.stores.base import Found, NewEntry, SyncState
 from services.cache.sidecar.stores.fallback import FallbackStore
 from services.common.errors import Aborted, Unavailable, invalid_fields
+
+T = TypeVar("T")
 
 MAX_BATCH = 1000
 # Log positions must be exact in a double (the Redis store's Lua numbers).
@@ -47,10 +50,9 @@ class CacheEntries:
         _check(violations + _sequence_violations(("entry.version", request.entry.version)))
         entry = request.entry
         version = entry.version if request.fill else None
-        stored = await self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, version, entry.negative)
-        if not request.fill:
-            # An overwrite, not a fill: near-caches may hold the value it replaces.
-            self._publish_outside_log([escape_key(entry.key)])
+        store = self._store.set(entry.key, entry.value, entry.content_type, request.ttl_seconds, version, entry.negative)
+        # An overwrite, not a fill: near-caches may hold the value it replaces.
+        stored = await (store if request.fill else self._outside_log([escape_key(entry.key)], store))
         return cache_pb2.CacheSetResponse(stored=stored)
 
     async def set_many(self, request: cache_pb2.CacheSetManyRequest) -> cache_pb2.CacheSetManyResponse:
@@ -63,38 +65,23 @@ class CacheEntries:
         _check(violations)
         # Validated as a whole first, so a bad entry never leaves the batch half-stored.
         entries = [NewEntry(e.key, e.value, e.content_type, e.negative) for e in request.entries]
-        stored = await self._store.set_many(entries, request.ttl_seconds)
-        if entries:
-            self._publish_outside_log([escape_key(entry.key) for entry in entries])
+        stored = await self._outside_log([escape_key(e.key) for e in entries], self._store.set_many(entries, request.ttl_seconds))
         return cache_pb2.CacheSetManyResponse(stored=stored)
 
     async def delete(self, key: str) -> cache_pb2.CacheDeleteResponse:
         _check(_key_violations([("key", key)]))
-        try:
-            deleted = await self._store.delete(key)
-        finally:
-            self._publish_outside_log([escape_key(key)])
-        return cache_pb2.CacheDeleteResponse(deleted=deleted)
+        patterns = [escape_key(key)]
+        return cache_pb2.CacheDeleteResponse(deleted=bool(await self._outside_log(patterns, self._store.remove(patterns))))
 
     async def invalidate(self, request: cache_pb2.CacheInvalidateRequest) -> cache_pb2.CacheInvalidateResponse:
         named = [("pattern", request.pattern)] if request.pattern or not request.patterns else []
         named += [(f"patterns[{i}]", pattern) for i, pattern in enumerate(request.patterns)]
         _check(_key_violations(named, "patterns"))
         patterns = [pattern for _, pattern in named]
-        try:
-            removed = await self._store.remove(patterns)
-        finally:
-            # Even if a store failure cut the list short: an extra invalidation only
-            # costs near-caches a miss.
-            self._publish_outside_log(patterns)
-        return cache_pb2.CacheInvalidateResponse(removed=removed)
+        return cache_pb2.CacheInvalidateResponse(removed=await self._outside_log(patterns, self._store.remove(patterns)))
 
     async def clear(self) -> cache_pb2.CacheClearResponse:
-        try:
-            removed = await self._store.clear()
-        finally:
-            self._publish_outside_log(["*"])
-        return cache_pb2.CacheClearResponse(removed=removed)
+        return cache_pb2.CacheClearResponse(removed=await self._outside_log(["*"], self._store.clear()))
 
     async def get_sync_state(self) -> cache_pb2.CacheSyncState:
         return _sync_state(await self._store.sync_state())
@@ -145,9 +132,15 @@ class CacheEntries:
     def _heartbeat(self) -> cache_pb2.CacheInvalidation:
         return cache_pb2.CacheInvalidation(after=self._hub.position, through=self._hub.position)
 
-    def _publish_outside_log(self, patterns: list[str]) -> None:
-        """Streams an invalidation that the log does not number (after == through)."""
-        self._hub.publish(self._hub.position, self._hub.position, patterns)
+    async def _outside_log(self, patterns: list[str], change: Awaitable[T]) -> T:
+        """Makes a change the log does not number, then streams its patterns at the
+        hub's position (after == through): even when a store failure cut it short,
+        since an extra invalidation only costs near-caches a miss."""
+        try:
+            return await change
+        finally:
+            if patterns:
+                self._hub.publish(self._hub.position, self._hub.position, patterns)
 
     def _entry_violations(self, path: str, entry: cache_pb2.CacheEntry) -> list[tuple[str, str]]:
         found = self._store.entry_violations(entry.key, entry.value, entry.content_type, entry.negative)

@@ -113,9 +113,6 @@ class FallbackStore:
 
         return await self._route(lambda redis: redis.set_many(entries, ttl), on_memory, outside_log=True)
 
-    async def delete(self, key: str) -> bool:
-        return await self._route(lambda redis: redis.delete(key), lambda memory: memory.delete(key), outside_log=True)
-
     async def remove(self, patterns: Sequence[str]) -> int:
         """Removes what the patterns match: an invalidation from outside the log,
         recorded at the store's current position."""
