@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.cache.sidecar.hub import InvalidationHub
-from services.cache.sidecar.stores.fallback import BACKEND_ERRORS
+from services.cache.sidecar.stores.fallback import BACKEND_ERRORS, PROBE_INITIAL, PROBE_MAX
 from services.common.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ PING_INTERVAL = 1.0
 # Silence for this many ping intervals means the connection is dead, even if TCP
 # has not said so (a partition sends no reset).
 SILENCE_LIMIT = 3
-RETRY_INITIAL = 0.1
-RETRY_MAX = 0.5
 
 
 class Peers:
@@ -54,20 +52,20 @@ class Peers:
         await self._client.connection_pool.disconnect()
 
     async def _run(self) -> None:
-        delay = RETRY_INITIAL
+        delay = PROBE_INITIAL
         while True:
             try:
                 await self._listen()
             except BACKEND_ERRORS as exc:
                 if self.subscribed.is_set():
                     log.warning("cache peers lost its Redis subscription (%s); Watch streams end until it is back", exc)
-                    delay = RETRY_INITIAL
+                    delay = PROBE_INITIAL
             except Exception:  # noqa: BLE001 - the listener must outlive any one failure
                 log.exception("cache peers failed unexpectedly; starting it again")
             self.subscribed.clear()
             self._hub.suspend()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+            delay = min(delay * 2, PROBE_MAX)
 
     async def _listen(self) -> None:
         pubsub = self._client.pubsub()

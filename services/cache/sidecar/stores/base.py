@@ -4,6 +4,7 @@ hold, the checks on an entry and the figures they count (docs/cache.md has the m
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from devops_hub.v1 import cache_pb2
 
@@ -50,8 +51,10 @@ class SyncState:
 FRESH = SyncState()
 
 
-def jittered(ttl: float, rand: float) -> float:
-    """ttl spread by ±TTL_JITTER, for rand uniform in [0, 1)."""
+def lifetime(ttl: float, negative: bool, default_ttl: float, negative_ttl: float, rand: float) -> float:
+    """How long an entry lives: `ttl` (0: the default), at most negative_ttl for a
+    negative entry, spread by ±TTL_JITTER (rand uniform in [0, 1))."""
+    ttl = min(ttl if ttl > 0 else default_ttl, negative_ttl if negative else math.inf)
     return ttl * (1.0 + TTL_JITTER * (2.0 * rand - 1.0))
 
 

@@ -217,6 +217,8 @@ class FallbackStore:
         lost what only memory was told: invalidations from outside the log)."""
         ours = self.memory.position
         if not (ours.fresh or (not redis_state.fresh and redis_state.applied >= ours.applied)):
+            if self._state == "down":
+                log.warning("cache: Redis answers again but missed log entries: the relays catch it up before it is used")
             self._state = "recovering"
             return
         if self._must_clear:
@@ -240,9 +242,6 @@ class FallbackStore:
                 self._state = "down"
                 self.errors += 1
                 log.debug("cache: Redis still unavailable: %s", exc)
-                continue
-            if self.state == "recovering":  # the property: mypy keeps "down" narrowed on the field
-                log.warning("cache: Redis answers again but missed log entries: the relays catch it up before it is used")
 
     async def _maintain_forever(self) -> None:
         while True:

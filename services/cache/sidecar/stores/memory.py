@@ -31,7 +31,7 @@ from services.cache.sidecar.stores.base import (
     Found,
     SyncState,
     entry_violations,
-    jittered,
+    lifetime,
 )
 from services.common.errors import invalid_fields
 
@@ -175,10 +175,7 @@ class MemoryStore:
         now = self._clock()
         self._expire_due(now)
         self._sweep(SWEEP_PER_WRITE)
-        ttl = ttl if ttl > 0 else self._default_ttl
-        if negative:
-            ttl = min(ttl, self._negative_ttl)
-        expires_at = now + jittered(ttl, self._rand())
+        expires_at = now + lifetime(ttl, negative, self._default_ttl, self._negative_ttl, self._rand())
 
         old = self._entries.pop(key, None)
         if old is not None:

@@ -34,7 +34,7 @@ from services.cache.sidecar.stores.base import (
     NewEntry,
     SyncState,
     entry_violations,
-    jittered,
+    lifetime,
 )
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
 from services.common.dependencies import redis_node_url
@@ -371,10 +371,7 @@ class RedisStore:
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
         """(ttl in ms, jittered; the record) of an entry to store."""
-        ttl = ttl if ttl > 0 else self._default_ttl
-        if entry.negative:
-            ttl = min(ttl, self._negative_ttl)
-        ttl_ms = max(1, int(jittered(ttl, random.random()) * 1000))
+        ttl_ms = max(1, int(lifetime(ttl, entry.negative, self._default_ttl, self._negative_ttl, random.random()) * 1000))
         return ttl_ms, record("N" if entry.negative else "V", version, entry.content_type, entry.value)
 
     def _message(self, span: tuple[int, int], patterns: Sequence[str]) -> str:
