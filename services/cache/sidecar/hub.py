@@ -1,15 +1,12 @@
 """Fan-out of invalidations to Watch streams (the near-caches and edge caches).
 
-Every message carries the log span it covers, (after, through], so a follower that
-finds a message starting past its own position knows it missed one, whichever sidecar
-or path dropped it. The hub's position is the furthest `through` it has streamed;
-heartbeats carry it.
-
-publish() never waits on a watcher: each has a bounded queue, and one that cannot keep
-up is ended rather than buffered without limit or allowed to stall the writer. While
-the hub cannot vouch for completeness (shutting down, or not subscribed to the other
-sidecars) it ends every stream and takes none: a near-cache fed by an incomplete stream
-would serve stale data, and a client without one just reads through the sidecar.
+Each message carries the log span it covers, (after, through], so a follower finds a
+gap whichever sidecar or path dropped a message; heartbeats carry the hub's position,
+the furthest `through` streamed. publish() never waits: a watcher that cannot keep up
+is ended rather than buffered without limit or allowed to stall the writer. While the
+hub cannot vouch for completeness (shutting down, or not subscribed to the other
+sidecars) it ends every stream and takes none: a near-cache fed by an incomplete
+stream would serve stale data, and a client without one reads through the sidecar.
 """
 
 from __future__ import annotations
