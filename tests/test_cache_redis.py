@@ -17,6 +17,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from services.cache.client.client import CacheClient
+from services.cache.client.keys import escape_key
 from services.cache.client.near_cache import NearCache
 from services.cache.sidecar.stores.base import NewEntry
 from services.cache.sidecar.stores.redis import RedisStore, connect
@@ -141,7 +142,7 @@ async def test_a_fill_carries_its_version_and_every_record_has_a_ttl(store: Redi
     # An overwrite (not a fill) and a tombstone expire too.
     await store.set_many([NewEntry("agents:get:2", b"o", "")], ttl=100)
     assert 90_000 <= await inspector.pttl(store.layout.data_key("agents:get:2")) <= 110_000
-    assert await store.delete("agents:get:1") is True
+    assert await store.remove([escape_key("agents:get:1")]) == 1  # a Delete: an exact pattern
     assert 0 < await inspector.pttl(store.layout.data_key("agents:get:1")) <= 60_000
     # The generation and position hashes alone have no TTL: losing them loses invalidations.
     await store.sync(1, 2, ["agents:list:*"], False)
@@ -207,7 +208,7 @@ async def test_an_invalidation_from_outside_the_log_removes_at_once_and_refuses_
         assert await fill(store, key, b"old")
     await store.sync(1, 2, (), False)  # moves on: an outside invalidation is recorded at 2
     if pattern == "delete":
-        assert await store.delete("agents:get:1") is True
+        assert await store.remove([escape_key("agents:get:1")]) == 1
     else:
         assert await store.remove([pattern]) >= 1
     assert (await store.get("agents:get:1")).entry is None

@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, escape_key, namespace_of, parse_pattern, prefix_levels
+from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, namespace_of, parse_pattern, prefix_levels
 from services.cache.sidecar.stores.base import (
     FRESH,
     Counts,
@@ -219,9 +219,6 @@ class RedisStore:
         await self._pipeline(queue)
         self.counts.sets += len(entries)
         return len(entries)
-
-    async def delete(self, key: str) -> bool:
-        return bool(await self.remove([escape_key(key)]))
 
     async def remove(self, patterns: Sequence[str]) -> int:
         """From outside the log: recorded at the current position (fills read before it
