@@ -20,7 +20,7 @@ from devops_hub.v1 import agents_pb2
 
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
-from services.cache.client.decorators import CacheManager, cached, every, stale
+from services.cache.client.decorators import CacheManager, cached, encoded, every, stale
 from services.cache.log.outbox import Outbox
 from services.common import field_behavior, idempotency, pagination
 from services.common.errors import Aborted, NotFound, invalid_fields
@@ -43,7 +43,14 @@ class Agents:
     async def get(self, agent_id: str) -> Agent:
         agent = await self._stored(agent_id)
         if agent is None:
-            raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+            raise _not_found(agent_id)
+        return agent
+
+    async def get_encoded(self, agent_id: str) -> bytes:
+        """get() as the Agent's wire bytes: a hot GetAgent answers the cached bytes."""
+        agent = await encoded(self._stored, agent_id)
+        if agent is None:
+            raise _not_found(agent_id)
         return agent
 
     async def list(self, request: agents_pb2.ListAgentsRequest) -> agents_pb2.ListAgentsResponse:
@@ -160,7 +167,11 @@ class Agents:
                 reason="ETAG_MISMATCH",
                 metadata={"id": agent_id},
             )
-        raise NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
+        raise _not_found(agent_id)
+
+
+def _not_found(agent_id: str) -> NotFound:
+    return NotFound(f"agent {agent_id!r} not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
 
 
 def _made_stale(*agent_ids: str) -> tuple[str, ...]:
