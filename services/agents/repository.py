@@ -10,8 +10,9 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from devops_hub.v1 import agents_pb2
 
@@ -153,11 +154,10 @@ class AgentRepository:
         Returns the updated agent, or None when no row matched: the caller tells a
         missing agent from a stale etag.
         """
-        values = dict(zip((c for c, _ in _AGENT_COLUMN_TYPES), _to_row(changes, now)))
         args: list = [agent_id, now]
         sets = ["revision = revision + 1", "update_time = $2"]
         for name in fields:
-            args.append(values[name])
+            args.append(_WRITABLE_COLUMNS[name](changes))
             sets.append(f"{name} = ${len(args)}")
         where = "id = $1"
         if expected_revision is not None:
@@ -200,22 +200,23 @@ async def _refuse_existing(tx: Executor, ids: list[str]) -> None:
         )
 
 
+# Each column an agent's fields fill, as stored: an update computes only those it sets.
+_WRITABLE_COLUMNS: dict[str, Callable[[Agent], Any]] = {
+    "name": lambda agent: agent.name,
+    "version": lambda agent: agent.version,
+    "description": lambda agent: agent.description,
+    "domain": lambda agent: agent.domain,
+    "type": lambda agent: Agent.Type.Name(agent.type),
+    "status": lambda agent: Agent.Status.Name(agent.status),
+    "capabilities": lambda agent: json.dumps(list(agent.capabilities)),
+    "metadata": lambda agent: json.dumps(dict(agent.metadata), sort_keys=True),
+    "endpoint": lambda agent: agent.endpoint,
+}
+
+
 def _to_row(agent: Agent, now: dt.datetime) -> tuple:
-    return (
-        agent.id,
-        agent.name,
-        agent.version,
-        agent.description,
-        agent.domain,
-        Agent.Type.Name(agent.type),
-        Agent.Status.Name(agent.status),
-        json.dumps(list(agent.capabilities)),
-        json.dumps(dict(agent.metadata), sort_keys=True),
-        agent.endpoint,
-        1,
-        now,
-        now,
-    )
+    """Values in _AGENT_COLUMN_TYPES' order: id, the writable columns, revision 1, create and update time."""
+    return (agent.id, *(column(agent) for column in _WRITABLE_COLUMNS.values()), 1, now, now)
 
 
 def _to_agent(row: Row) -> Agent:
