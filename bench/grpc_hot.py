@@ -30,6 +30,7 @@ from bench import load
 from bench.run import (
     AGENT_ID,
     AGENTS_SERVICE,
+    HUB_PROCESSES,
     Side,
     compare,
     free_port,
@@ -122,6 +123,9 @@ def compare_sides(args: argparse.Namespace) -> None:
             print("|---|---|---|---|---|---|---|---|")
             for side, result in zip(sides, (ours, floor)):
                 print(row(side.name, result))
+            print("\n| the hub's CPU ms per call, by process | " + " | ".join(HUB_PROCESSES) + " |")
+            print("|---|" + "---|" * len(HUB_PROCESSES))
+            print("| hot GetAgent | " + " | ".join(f"{ours.by_process.get(name, 0.0):.3f}" for name in HUB_PROCESSES) + " |")
             ratio = ours.figures.rps / floor.figures.rps
             print("\n| figure | measured | target |\n|---|---|---|")
             print(f"| req/s, hub / bare | {ratio:.2f} | ≥ {RATIO_TARGET} ({'met' if ratio >= RATIO_TARGET else '**missed**'}) |")
