@@ -9,6 +9,7 @@ import pytest
 from devops_hub.v1 import agents_pb2
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from tests.support import eventually
 from tests.support.cache import log_delivered
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import make_settings, new_agent, running_stack
@@ -352,3 +353,29 @@ async def test_cacheable_reads_say_how_long_they_stay_fresh(stack):
     assert (await trailers(stack.stub.ListAgents(agents_pb2.ListAgentsRequest())))["cache-control"] == "max-age=60"
     assert (await trailers(stack.stub.DiscoverAgents(agents_pb2.DiscoverAgentsRequest())))["cache-control"] == "max-age=300"
     assert "cache-control" not in await trailers(stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="missing")))
+
+
+async def test_a_hot_get_answers_the_cached_bytes_as_they_are(stack):
+    """A GetAgent served by the near-cache sends the bytes the cache holds, neither
+    decoded nor encoded again: the Agent's own serialization, with the cache trailers."""
+    created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1, description="lints")))
+    near = stack.agents.cache.near
+    await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))  # the first read starts the stream
+    await eventually(lambda: near.live, "the near-cache's stream is live")
+    # No response deserializer: the call answers the bytes that came over the wire.
+    get_raw = stack.channel.unary_unary(
+        "/devops_hub.v1.AgentsService/GetAgent", request_serializer=agents_pb2.GetAgentRequest.SerializeToString
+    )
+    request = agents_pb2.GetAgentRequest(id="agent-1")
+    cold = await get_raw(request)
+    hits = near.hits
+    call = get_raw(request)
+    hot = await call
+    assert near.hits == hits + 1, "the second read is the near-cache's"
+    agent = Agent.FromString(hot)
+    assert agent == created and hot == agent.SerializeToString() == cold
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["cache-control"] == "max-age=300" and trailers["surrogate-key"] == "agents:get:agent-1"
+    missing = await expect_error(stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-2")), grpc.StatusCode.NOT_FOUND)
+    assert missing.reason == "AGENT_NOT_FOUND"
+

@@ -20,6 +20,7 @@ from services.cache.client.decorators import every, stale
 from services.cache.log.outbox import Outbox
 from services.cache.log.repository import InvalidationLog, LogEntry
 from services.workflows.workflows import Workflows
+from tests.support import eventually
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import make_settings, new_agent, running_stack
 
@@ -67,6 +68,28 @@ async def test_agent_writes_commit_their_event_and_log_entry(stack):
     assert [e.seq for e in entries] == sorted(e.seq for e in entries) and len(entries) == 3
     assert all(e.patterns[0] == "agents:get:agent-1" for e in entries)
     assert entries[-1].seq == await log.head()
+
+
+async def test_a_write_is_applied_once_in_its_own_process(stack):
+    """Its commit applies what it made stale to the writing process's near-cache; the
+    stream bringing that log entry back is not applied a second time."""
+    near = stack.agents.cache.near
+    created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+    await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="agent-1"))  # the first read starts the stream
+    await eventually(lambda: near.live, "the near-cache's stream is live")
+    start = await InvalidationLog(stack.agents.db).head()
+    await eventually(lambda: near.position >= start, "the stream brought the create back")
+    applied: list[tuple[str, int]] = []
+    near.observer = lambda pattern, at: applied.append((pattern, at))
+    await stack.stub.UpdateAgent(
+        agents_pb2.UpdateAgentRequest(
+            agent=Agent(id="agent-1", description="new", etag=created.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+        )
+    )
+    [entry] = await new_entries(stack, start)
+    await eventually(lambda: near.position >= entry.seq, "the stream brought the update back")
+    assert applied == [(pattern, entry.seq) for pattern in entry.patterns]
 
 
 async def test_a_batch_create_is_one_log_entry(stack):

@@ -20,8 +20,9 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
     ) -> agents_pb2.ListAgentsResponse:
         return await self._agents.list(request)
 
-    async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext) -> agents_pb2.Agent:
-        return await self._agents.get(request.id)
+    async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext) -> bytes:
+        # The Agent's wire bytes, as cached: the host sends bytes as they are (grpc_calls.py).
+        return await self._agents.get_encoded(request.id)
 
     async def CreateAgent(self, request: agents_pb2.CreateAgentRequest, context: grpc.aio.ServicerContext) -> agents_pb2.Agent:
         return await self._agents.create(request.agent)

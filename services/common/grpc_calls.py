@@ -111,7 +111,20 @@ class CallWrapper:
                 wrapped = traced(wrapped, self._tracer, path, attributes)
         # Bytes that do not decode, or hold what no engine stores, are answered as
         # INVALID_ARGUMENT once the guard has admitted the call (request_checks.py).
-        return factory(wrapped, tolerant(handler.request_deserializer), handler.response_serializer)
+        return factory(wrapped, tolerant(handler.request_deserializer), _passing_bytes(handler.response_serializer))
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The method's serializer, except that an answer already in wire form (bytes: a
+    cached reply, CacheClient.load_encoded) goes out as it is, not decoded and encoded
+    again on every hit."""
+    if serialize is None:
+        return None
+
+    def serialize_unless_bytes(reply: Any) -> bytes:
+        return reply if type(reply) is bytes else serialize(reply)
+
+    return serialize_unless_bytes
 
 
 def _honouring_no_cache(behavior: Single) -> Single:
@@ -119,7 +132,9 @@ def _honouring_no_cache(behavior: Single) -> Single:
     cache layer (freshness.py); other methods never pay for looking."""
 
     async def handle(request: Any, context_: Context) -> Any:
-        with freshness.fresh_reads(freshness.asks_for_fresh(context_.invocation_metadata() or ())):
+        if not freshness.asks_for_fresh(context_.invocation_metadata() or ()):
+            return await behavior(request, context_)
+        with freshness.fresh_reads():
             return await behavior(request, context_)
 
     return handle

@@ -23,7 +23,7 @@ from google.api import field_behavior_pb2
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
-from services.cache.client.decorators import CacheManager, every, stale
+from services.cache.client.decorators import CacheManager, encoded, every, stale
 from services.cache.log.outbox import Outbox, Write
 from services.common import field_behavior, idempotency
 from services.common.db import UniqueViolation
@@ -90,6 +90,13 @@ class Resource(abc.ABC, Generic[R]):
 
     async def get(self, id: str) -> R:
         resource = await self._stored(id)
+        if resource is None:
+            self._not_found(id)
+        return resource
+
+    async def get_encoded(self, id: str) -> bytes:
+        """get() as the resource's wire bytes: a hot Get answers the cached bytes as they are."""
+        resource = await encoded(self._stored, id)
         if resource is None:
             self._not_found(id)
         return resource

@@ -38,7 +38,7 @@ from services.cache.client.codecs import Codec, CodecError, protobuf_codec, prot
 from services.cache.client.freshness import fresh_reads_requested
 from services.cache.client.history import InvalidationHistory
 from services.cache.client.keys import escape_key
-from services.cache.client.near_cache import NearCache
+from services.cache.client.near_cache import NearCache, NearEntry
 from services.cache.client.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
 from services.cache.client.single_flight import SingleFlight
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
@@ -166,8 +166,7 @@ class CacheClient:
         """get_or_load for any codec. With cache_none, a None from loader is cached
         as a negative entry and returned as None on later reads. Under fresh_reads()
         (a request's `cache-control: no-cache`) every layer is bypassed and refilled."""
-        if not math.isfinite(ttl) or ttl < 0:
-            raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
+        _check_ttl(ttl)
         self._start()
         fresh = fresh_reads_requested()
         if not fresh:
@@ -178,6 +177,38 @@ class CacheClient:
             if found and (value is not None or cache_none):
                 self.hits += 1
                 return value
+        return await self._load_far(key, ttl, codec, loader, cache_none, fresh)
+
+    async def load_encoded(
+        self,
+        key: str,
+        ttl: float,
+        codec: Codec[T],
+        loader: Callable[[], Awaitable[T | None]],
+        *,
+        cache_none: bool = False,
+    ) -> bytes | None:
+        """load(), answering the value as the codec's bytes (None for a negative entry or
+        a None from loader): a near-cache hit hands over the bytes it holds, decoded
+        nowhere, for an answer that goes out in that same encoding (a gRPC reply of
+        the cached message, passed through by grpc_calls.py). Every value the
+        near-cache holds was decoded or encoded once on its way in."""
+        _check_ttl(ttl)
+        self._start()
+        fresh = fresh_reads_requested()
+        if not fresh:
+            entry = self._near_entry(key, codec)
+            if entry is not None and (cache_none or not entry.negative):
+                self.hits += 1
+                note_read(key, entry.version)
+                return None if entry.negative else entry.value
+        value = await self._load_far(key, ttl, codec, loader, cache_none, fresh)
+        return None if value is None else codec.encode(value)
+
+    async def _load_far(
+        self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], cache_none: bool, fresh: bool
+    ) -> T | None:
+        """The sidecar, then the loader, past the near-cache: one load per key at a time."""
 
         async def load_through(since: int) -> T | None:
             return await self._load_through(key, ttl, codec, loader, cache_none, since, fresh)
@@ -198,12 +229,18 @@ class CacheClient:
             return False, None
         return self._decode_hit(key, 0.0, codec, response.entry)
 
-    def _near_hit(self, key: str, codec: Codec[T]) -> tuple[bool, T | None]:
+    def _near_entry(self, key: str, codec: Codec[Any]) -> NearEntry | None:
         near = self.near
         if near is None or not near.live:
-            return False, None
+            return None
         entry = near.get(key)
         if entry is None or entry.content_type != codec.content_type:
+            return None
+        return entry
+
+    def _near_hit(self, key: str, codec: Codec[T]) -> tuple[bool, T | None]:
+        entry = self._near_entry(key, codec)
+        if entry is None:
             return False, None
         if entry.negative:
             note_read(key, entry.version)
@@ -270,20 +307,22 @@ class CacheClient:
         """A write of this process committed at log position `position`: from now on no
         layer's value of what it made stale is served here. The log's relay takes the
         patterns to the sidecar (services/cache/log/relay.py)."""
+        near = self.near
         for pattern in patterns:
-            if self.near is not None:
-                self.near.invalidate(pattern, position)
+            if near is not None:
+                near.invalidate(pattern, position)
             else:
                 self.history.record(pattern, position)
         self.history.learn(position)
+        if near is not None and near.live:
+            near.applied_own(position)
 
     # --- outside the log: the guide's API, operators ---------------------------------
 
     async def set(self, key: str, value: T, codec: Codec[T], ttl: float = 0.0) -> bool:
         """Stores a value unconditionally (every near-cache drops its copy). False when
         the sidecar could not store it; never raises for that."""
-        if not math.isfinite(ttl) or ttl < 0:
-            raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
+        _check_ttl(ttl)
         self._start()
         self._drop_locally(escape_key(key))
         entry = cache_pb2.CacheEntry(key=key, content_type=codec.content_type, negative=value is None)
@@ -342,3 +381,8 @@ class CacheClient:
             self._feed.start()
             if self._checker is not None:
                 self._checker.start()
+
+
+def _check_ttl(ttl: float) -> None:
+    if not math.isfinite(ttl) or ttl < 0:
+        raise ValueError(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")

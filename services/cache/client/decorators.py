@@ -50,7 +50,7 @@ from services.cache.client.key_builder import KeyBuilder
 from services.cache.client.keys import escape_key
 from services.cache.client.manager import CacheManager, get_cache_manager
 
-__all__ = ["CacheManager", "cached", "every", "invalidate_cache", "stale"]
+__all__ = ["CacheManager", "cached", "encoded", "every", "invalidate_cache", "stale"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,11 +90,28 @@ def cached(
                 key, lambda: function(*args, **kwargs), ttl=ttl, codec=chosen, cache_none=cache_none
             )
 
+        async def load_encoded(*args: Any, **kwargs: Any) -> bytes | None:
+            return await _manager(manager, args).get_or_load_encoded(
+                keys.key(args, kwargs), lambda: function(*args, **kwargs), ttl=ttl, codec=chosen, cache_none=cache_none
+            )
+
         wrapper.cache_key = lambda *args, **kwargs: keys.key(args, kwargs)  # type: ignore[attr-defined]
+        wrapper.__cache_encoded__ = load_encoded  # type: ignore[attr-defined]
         wrapper.__cache_keys__ = keys  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+async def encoded(read: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes | None:
+    """What a @cached `read` (a method's bound to its object) answers for these
+    arguments, as its codec's bytes; None for a None. A near-cache hit hands over the
+    bytes it holds without decoding them: for an answer that goes out encoded, as a
+    gRPC reply of the cached message does (grpc_calls.py passes bytes through)."""
+    load: Callable[..., Awaitable[bytes | None]] = getattr(read, "__cache_encoded__")  # noqa: B009 - set by @cached
+    if inspect.ismethod(read):
+        args = (read.__self__, *args)
+    return await load(*args, **kwargs)
 
 
 def stale(read: Callable[..., Any], *args: Any, **kwargs: Any) -> str:

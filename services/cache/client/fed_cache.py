@@ -57,6 +57,9 @@ class FedCache(abc.ABC, Generic[K, E]):
         self.observer: Callable[[str, int], None] | None = None
         self.hits = 0
         self.misses = 0
+        # Log entries this process applied at its own commits (CacheClient.committed),
+        # until the stream brings them back: they are not applied a second time.
+        self._own: set[int] = set()
 
     @property
     def live(self) -> bool:
@@ -103,10 +106,25 @@ class FedCache(abc.ABC, Generic[K, E]):
         self.hits += 1
         return entry
 
+    def applied_own(self, position: int) -> None:
+        """This process applied log entry `position` itself, before its stream brings it."""
+        self._own.add(position)
+
+    def took_own(self, after: int, through: int) -> bool:
+        """Whether the stream's span (after, through] is one entry applied_own() already
+        applied; entries the stream has passed are forgotten either way."""
+        own = self._own
+        if not own:
+            return False
+        mine = through == after + 1 and through in own
+        self._own = {position for position in own if position > through}
+        return mine
+
     def clear(self, at: int) -> None:
         self.history.forget(at)
         self._entries.clear()
         self._bytes = 0
+        self._own.clear()
 
     def _fits(self, size: int) -> bool:
         return self._live and size <= self.max_bytes // 16

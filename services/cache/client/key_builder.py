@@ -50,8 +50,19 @@ class KeyBuilder:
         self.signature = signature
         parameters = list(signature.parameters)
         self._skip = parameters[0] if parameters and parameters[0] in ("self", "cls") else None
+        # A call that passes every parameter by position (a cached read's usual call)
+        # binds them in order, without inspect's per-call work.
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        simple = all(p.kind in positional for p in signature.parameters.values())
+        self._positional = tuple(parameters) if simple else None
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        names = self._positional
+        if names is not None and not kwargs and len(args) == len(names):
+            arguments = dict(zip(names, args))
+            if self._skip is not None:
+                del arguments[self._skip]
+            return arguments
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)

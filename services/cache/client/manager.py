@@ -102,6 +102,18 @@ class CacheManager:
     ) -> T:
         return await self.client.load(key, self._ttl(ttl), codec or self.codec, loader, cache_none=cache_none)
 
+    async def get_or_load_encoded(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
+        codec: Codec[Any] | None = None,
+        cache_none: bool = True,
+    ) -> bytes | None:
+        """get_or_load(), answering the codec's bytes (CacheClient.load_encoded)."""
+        return await self.client.load_encoded(key, self._ttl(ttl), codec or self.codec, loader, cache_none=cache_none)
+
     async def delete(self, key: str) -> bool:
         return await self.client.delete(key)
 

@@ -11,7 +11,8 @@ value just before a write elsewhere was invalidated): every value carries its
 version, the log position it was read at, and is refused if an invalidation matching
 its key (or a clear) was recorded after it (history.py; the client shares one
 history between its near-cache and its single-flight loads). Values are kept as bytes
-and decoded per hit, so callers never share a mutable object through the cache.
+and decoded per hit, so callers never share a mutable object through the cache; a
+caller whose answer goes out encoded takes the bytes as they are (load_encoded).
 """
 
 from __future__ import annotations

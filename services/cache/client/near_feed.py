@@ -103,7 +103,9 @@ class NearCacheFeed:
                 raise StreamGap(f"a message covers the log after {message.after}, the cache is at {near.position}")
             # A span from the log is recorded at its end; patterns from outside it only drop.
             at = message.through if message.through > message.after else None
-            for pattern in message.patterns:
-                near.invalidate(pattern, at)
+            # This process's own write came back: its commit applied it already.
+            if at is None or not near.took_own(message.after, message.through) or "*" in message.patterns:
+                for pattern in message.patterns:
+                    near.invalidate(pattern, at)
             near.position = max(near.position, message.through)
             near.history.learn(message.through)

@@ -67,7 +67,7 @@ class Outbox:
         async with self._db.transaction() as tx:
             write = Write(tx, self._source, utc_now())
             yield write
-            await self._events.insert(tx, write.events)
+            await self._events.append(tx, write.events)
             patterns = list(write.patterns)
             sequence = await self._log.append(tx, patterns, write.time) if patterns else 0
         if patterns:
