@@ -144,7 +144,7 @@ def _parse_segments(pattern: str, template: str) -> list[str]:
     return parts
 
 
-class Found(NamedTuple, Generic[T]):
+class RouteMatch(NamedTuple, Generic[T]):
     target: T
     values: tuple[str, ...]
 
@@ -203,7 +203,7 @@ class Router(Generic[T]):
             bucket.sort(key=lambda s: s.order)
         self._verbs = frozenset(verb for _, verb in shapes if verb)
 
-    def match(self, http_method: str, path: str) -> Found[T] | NotAllowed | None:
+    def match(self, http_method: str, path: str) -> RouteMatch[T] | NotAllowed | None:
         """`path` is the raw (still percent-encoded) path: an encoded '/' or ':' stays data."""
         segments = path[1:].split("/") if len(path) > 1 else []
         if segments:
@@ -216,18 +216,18 @@ class Router(Generic[T]):
                     return result
         return self._lookup(http_method, segments, "")
 
-    def _lookup(self, http_method: str, segments: list[str], verb: str) -> Found[T] | NotAllowed | None:
+    def _lookup(self, http_method: str, segments: list[str], verb: str) -> RouteMatch[T] | NotAllowed | None:
         allowed: set[str] = set()
         for shape in self._fixed.get((verb, len(segments)), ()):
             if shape.matches(segments):
                 hit = shape.targets.get(http_method)
                 if hit is not None:
-                    return Found(hit[1], hit[0].values(segments))
+                    return RouteMatch(hit[1], hit[0].values(segments))
                 allowed.update(shape.targets)
         for shape in self._multi.get(verb, ()):
             if len(segments) >= shape.prefix_len and shape.matches(segments):
                 hit = shape.targets.get(http_method)
                 if hit is not None:
-                    return Found(hit[1], hit[0].values(segments))
+                    return RouteMatch(hit[1], hit[0].values(segments))
                 allowed.update(shape.targets)
         return NotAllowed(tuple(sorted(allowed))) if allowed else None

@@ -332,7 +332,7 @@ async def test_cached_and_invalidate_cache_agree_on_keys(manager: CacheManager, 
     await update_agent("a1", "second")
     assert (await get_agent("a1")).value == "second"
     assert reads == 3
-    stored = sidecar.memory.get("agents:get:a1")
+    stored = sidecar.store.memory.get("agents:get:a1")
     assert stored is not None and stored.content_type == "application/x-protobuf; type=google.protobuf.StringValue"
 
 

@@ -625,8 +625,8 @@ async def test_this_process_never_serves_what_its_own_write_made_stale(
     """Read-your-writes in the writing process before the sidecar has heard of the
     write: the outbox calls committed(), and no layer's value older than it is served."""
     stale = wrappers_pb2.StringValue(value="stale").SerializeToString()
-    sidecar.memory.set("agents:get:1", stale, STRING_TYPE)  # version 0, as the sidecar's position
-    sidecar.memory.set("workflows:get:1", stale, STRING_TYPE)
+    sidecar.store.memory.set("agents:get:1", stale, STRING_TYPE)  # version 0, as the sidecar's position
+    sidecar.store.memory.set("workflows:get:1", stale, STRING_TYPE)
     client.committed(1, ["agents:*"])  # the write's log entry 1; no relay has synced it yet
 
     loader = CountingLoader("fresh")

@@ -16,7 +16,7 @@ from gateway.front import GatewayFront
 from gateway.metrics import HttpMetrics
 from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
-from gateway.templates import Found, NotAllowed, PathTemplate, Router, TemplateError
+from gateway.templates import NotAllowed, PathTemplate, RouteMatch, Router, TemplateError
 from gateway.transcode import explain
 from services.common.api import backend_of, discover_services
 from services.common.channels import service_address
@@ -85,25 +85,25 @@ def test_router_keeps_the_verb_out_of_the_variable():
     execute = AGENT_ROUTES.match("POST", "/api/agents/x:execute")
     wrong = AGENT_ROUTES.match("GET", "/api/agents/x:execute")
 
-    assert get == Found("GET /api/agents/{id}", ("x",))
-    assert execute == Found("POST /api/agents/{id}:execute", ("x",))
+    assert get == RouteMatch("GET /api/agents/{id}", ("x",))
+    assert execute == RouteMatch("POST /api/agents/{id}:execute", ("x",))
     assert wrong == NotAllowed(("POST",))
 
 
 def test_router_shares_shapes_across_variable_names():
-    assert AGENT_ROUTES.match("PATCH", "/api/agents/x") == Found("PATCH /api/agents/{agent.id}", ("x",))
+    assert AGENT_ROUTES.match("PATCH", "/api/agents/x") == RouteMatch("PATCH /api/agents/{agent.id}", ("x",))
     assert AGENT_ROUTES.match("DELETE", "/api/agents/x") == NotAllowed(("GET", "PATCH"))
 
 
 def test_router_prefers_literals_but_falls_back_by_method():
-    assert AGENT_ROUTES.match("GET", "/api/agents/stats") == Found("GET /api/agents/stats", ())
+    assert AGENT_ROUTES.match("GET", "/api/agents/stats") == RouteMatch("GET /api/agents/stats", ())
     # No PATCH on the literal: the variable route still takes it.
-    assert AGENT_ROUTES.match("PATCH", "/api/agents/stats") == Found("PATCH /api/agents/{agent.id}", ("stats",))
+    assert AGENT_ROUTES.match("PATCH", "/api/agents/stats") == RouteMatch("PATCH /api/agents/{agent.id}", ("stats",))
 
 
 def test_router_unknown_verbs_and_encoded_characters_stay_in_values():
-    assert AGENT_ROUTES.match("GET", "/api/agents/a:b") == Found("GET /api/agents/{id}", ("a:b",))
-    assert AGENT_ROUTES.match("GET", "/api/agents/a%2Fb%3Aexecute") == Found("GET /api/agents/{id}", ("a/b:execute",))
+    assert AGENT_ROUTES.match("GET", "/api/agents/a:b") == RouteMatch("GET /api/agents/{id}", ("a:b",))
+    assert AGENT_ROUTES.match("GET", "/api/agents/a%2Fb%3Aexecute") == RouteMatch("GET /api/agents/{id}", ("a/b:execute",))
 
 
 def test_router_not_found_cases():
@@ -114,9 +114,9 @@ def test_router_not_found_cases():
 def test_router_multi_segment_captures():
     routes = router(("GET", "/v1/{name=projects/*/agents/*}"), ("GET", "/files/{path=**}"))
 
-    assert routes.match("GET", "/v1/projects/p1/agents/a1") == Found("GET /v1/{name=projects/*/agents/*}", ("projects/p1/agents/a1",))
+    assert routes.match("GET", "/v1/projects/p1/agents/a1") == RouteMatch("GET /v1/{name=projects/*/agents/*}", ("projects/p1/agents/a1",))
     assert routes.match("GET", "/v1/projects/p1/other/a1") is None
-    assert routes.match("GET", "/files/a/b/c.txt") == Found("GET /files/{path=**}", ("a/b/c.txt",))
+    assert routes.match("GET", "/files/a/b/c.txt") == RouteMatch("GET /files/{path=**}", ("a/b/c.txt",))
 
 
 def test_router_refuses_two_bindings_of_one_method_and_shape():

@@ -12,8 +12,9 @@ import re
 
 from devops_hub.v1 import agents_pb2
 
+from services.common.resource import Violations
+
 Agent = agents_pb2.Agent
-Violations = list[tuple[str, str]]
 
 DOMAIN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CAPABILITY = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,127}$")

@@ -1,6 +1,6 @@
 """The cache, in one home (docs/cache.md tells the whole model).
 
-client/      what a service links: CacheClient, the one face (@cached, stale, every),
+client/      what a service links: CacheClient, the one face (@cached, stale, every, encoded),
              the near-cache that follows the sidecar's stream, the guide's CacheManager
 sidecar/     the shared cache service: stores (memory, Redis, the fallback between),
              the Watch hub, peers between sidecars

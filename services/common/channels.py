@@ -150,7 +150,7 @@ def retryable(method: str) -> bool:
     return bool(options.Extensions[annotations_pb2.http].WhichOneof("pattern") == "get")
 
 
-class _Connection:
+class _SpreadConnection:
     """One of a SpreadChannel's channels, and what its calls have shown of it."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -278,7 +278,7 @@ class SpreadChannel(grpc.aio.Channel):
 
     def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
         self._open_one = open_one
-        self.connections = [_Connection(open_one()) for _ in range(count)]
+        self.connections = [_SpreadConnection(open_one()) for _ in range(count)]
         self._turn = itertools.cycle(range(count))
         self._retired: set[grpc.aio.Channel] = set()
 
@@ -305,7 +305,7 @@ class SpreadChannel(grpc.aio.Channel):
             connection.answered_at = time.monotonic()
         return reply
 
-    def _replace(self, connection: _Connection, index: int) -> None:
+    def _replace(self, connection: _SpreadConnection, index: int) -> None:
         log.warning("connection %d of %d: a call timed out; replacing it", index, len(self.connections))
         old, connection.channel = connection.channel, self._open_one()
         connection.channel.get_state(try_to_connect=True)

@@ -19,17 +19,18 @@ from redis.exceptions import RedisError
 from services.common.settings import redact
 
 
-class Unavailable(Exception):
+class DependencyUnavailable(Exception):
     """A dependency cannot be used; the message says which and what to do."""
 
 
-def postgres_unavailable(url: str, exc: BaseException) -> Unavailable:
+def postgres_unavailable(url: str, exc: BaseException) -> DependencyUnavailable:
     where = redact(url)
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return Unavailable(f"{exc} at {where}: create it (createdb) or point DATABASE_URL at one that exists")
+        return DependencyUnavailable(f"{exc} at {where}: create it (createdb) or point DATABASE_URL at one that exists")
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-        return Unavailable(f"PostgreSQL at {where} refused the login ({exc}): check the user and password in DATABASE_URL")
-    return Unavailable(f"cannot reach PostgreSQL at {where} ({exc or type(exc).__name__}): start it, or set DATABASE_URL to one that answers")
+        return DependencyUnavailable(f"PostgreSQL at {where} refused the login ({exc}): check the user and password in DATABASE_URL")
+    problem = exc or type(exc).__name__
+    return DependencyUnavailable(f"cannot reach PostgreSQL at {where} ({problem}): start it, or set DATABASE_URL to one that answers")
 
 
 def redis_node_url(url: str) -> str:
@@ -39,12 +40,12 @@ def redis_node_url(url: str) -> str:
 
 
 async def check_redis(url: str, timeout: float = 5.0) -> None:
-    """Raises Unavailable unless the Redis at `url` answers PING within `timeout`."""
+    """Raises DependencyUnavailable unless the Redis at `url` answers PING within `timeout`."""
     client = redis.Redis.from_url(redis_node_url(url), socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         await asyncio.wait_for(client.ping(), timeout)
     except (RedisError, OSError, TimeoutError) as exc:
         problem = f"cannot reach Redis at {redact(url)} ({exc or type(exc).__name__})"
-        raise Unavailable(f"{problem}: start it, or set REDIS_URL to one that answers (unset: the in-memory cache)") from None
+        raise DependencyUnavailable(f"{problem}: start it, or set REDIS_URL to one that answers (unset: the in-memory cache)") from None
     finally:
         await client.aclose()

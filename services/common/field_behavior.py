@@ -53,18 +53,10 @@ def required_fields(message: Message) -> tuple[Field, ...]:
 _REQUIRED: dict[str, tuple[Field, ...]] = {}
 
 
-def missing(message: Message, names: Iterable[str] | None = None) -> list[str]:
-    """The REQUIRED fields of `message` (only those among `names`, when given) it leaves unset.
-
-    A request carries all of its own; a resource being created all of its own; a
-    resource being updated those its update_mask names (AIP-134), which `names` says.
-    """
-    wanted = None if names is None else set(names)
-    return [
-        field.name
-        for field in required_fields(message)
-        if (wanted is None or field.name in wanted) and not _holds_value(message, field)
-    ]
+def missing(message: Message) -> list[str]:
+    """The REQUIRED fields of `message` it leaves unset (a request, or a resource being
+    created or, once merged, updated: all of its own)."""
+    return [field.name for field in required_fields(message) if not _holds_value(message, field)]
 
 
 def is_set(message: Message, name: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 from opentelemetry import trace
 
 from services.common import event_loop
-from services.common.dependencies import Unavailable, check_redis
+from services.common.dependencies import DependencyUnavailable, check_redis
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
@@ -151,7 +151,7 @@ async def _live(build: Build, name: str, service: str) -> None:
             if settings.redis_url:
                 await check_redis(settings.redis_url)
             process = await build(settings, tracer=telemetry.tracer, profiler=telemetry.profiler)
-        except Unavailable as exc:
+        except DependencyUnavailable as exc:
             log.error("%s cannot start: %s", name, exc)
             raise SystemExit(1) from None
         if settings.health_socket:

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
+from services.common.resource import Violations
 from services.workflows import references
 
 Workflow = workflows_pb2.Workflow
 Step = workflows_pb2.Step
 Agent = agents_pb2.Agent
-Violations = list[tuple[str, str]]
 
 STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STEPS = 200

@@ -70,6 +70,8 @@ class InvalidationHub:
         of keys costs a watcher one queue slot). Patterns from outside the log come
         with after == through."""
         self.position = max(self.position, through)
+        if not self._watchers:
+            return
         message = cache_pb2.CacheInvalidation(after=after, through=through, patterns=patterns)
         for watcher in list(self._watchers):
             # A message that moves the position goes to every watcher, even with

@@ -47,8 +47,6 @@ class CacheSidecar(GrpcProcess):
     metrics_port: int
     store: FallbackStore
     hub: InvalidationHub
-    # The store's memory: the whole cache without Redis, the fallback with it.
-    memory: MemoryStore
     access: Access
     cache_metrics: CacheMetrics
     peers: Peers | None = None
@@ -136,7 +134,6 @@ async def build(
         metrics_port=settings.cache_metrics_port,
         store=store,
         hub=hub,
-        memory=memory,
         access=access,
         cache_metrics=cache_metrics,
         peers=peers,

@@ -81,7 +81,8 @@ class FallbackStore:
     async def start(self) -> None:
         """Starts memory's upkeep and checks Redis once (starting while it is down
         starts in memory)."""
-        self._tasks["maintenance"] = asyncio.create_task(self._maintain_forever())
+        if "maintenance" not in self._tasks:
+            self._tasks["maintenance"] = asyncio.create_task(self._maintain_forever())
         await self._route(lambda redis: redis.sync_state(), lambda memory: memory.position)
 
     # --- the operations CacheService needs -------------------------------------------
