@@ -21,7 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from gateway.backends import ChannelPool, backend_addresses
-from gateway.edge import Edge
+from gateway.edge import Edge, gateway_limits
 from gateway.errors import HTTP_STATUS, http_exception_handler, unhandled_error_handler
 from gateway.front import GatewayFront
 from gateway.hardening import cors_options
@@ -34,6 +34,8 @@ from gateway.routes import RouteError, build_routes
 from gateway.status import StatusBoard, metrics_urls
 from services.cache.consistency import ConsistencyMetrics
 from services.common.api import discover_services
+from services.common.auth.verifier import RemoteVerifier
+from services.common.auth.wiring import Access
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 from services.common.telemetry.profiling import SlowRequestProfiler
@@ -64,6 +66,7 @@ def create_app(
     pool = ChannelPool(addresses, settings.grpc_connections, tracer=tracer)
     metrics = HttpMetrics(registry)
     edge = Edge.from_settings(settings, ConsistencyMetrics(metrics.registry), tracer=tracer)
+    limiting = gateway_limits(settings)
     rest = RestGateway(
         routes,
         timeout=settings.gateway_timeout,
@@ -102,6 +105,11 @@ def create_app(
         pool.open()
         rest.bind(pool)
         health.bind(pool)
+        # The services' own guard, for the edge's hits and, when the gateway limits, for every call.
+        access = None
+        if edge is not None or limiting:
+            access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=tracer), rate_limited=limiting)
+            rest.admit_with(access.guard, limiting=limiting)
         if edge is not None:
             edge.open()
         try:
@@ -109,6 +117,8 @@ def create_app(
         finally:
             if edge is not None:
                 await edge.close()
+            if access is not None:
+                await access.close()
             await pool.close(grace=settings.shutdown_grace)
 
     cors = cors_options(settings.cors_origins)

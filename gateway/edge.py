@@ -1,40 +1,43 @@
-"""The edge layer around the edge cache: its invalidation feed and its access check.
+"""The edge cache's life in the gateway (its store, its invalidation feed, its checker)
+and how a held answer is written.
 
-A held answer is served only to a request the services' own guard admits
-(services/common/auth/guard.py, built by the same wiring as theirs): the scope the
-proto requires, the key verified with the agents service's WhoAmI (RemoteVerifier,
-as the sidecar does: cached a second, so revocation holds within it), and one token
-from the caller's bucket in the shared rate limiter, with the same X-RateLimit-*
-headers. A refusal is the error the service would have answered. Everything else
-(misses, `Cache-Control: no-cache`, a stream that is not live) goes to the service.
+A hot hit is decided before anything else the request could cost (gateway/rest.py):
+the route is matched, the headers read once, the answer looked up by path and query,
+and the caller admitted by the services' own guard (services/common/auth/guard.py,
+built by the same wiring as theirs): the scope the proto requires, the key verified
+with the agents service's WhoAmI (RemoteVerifier, cached a second, so revocation
+holds within it), and one token from the caller's bucket. No gRPC request is built,
+and the answer goes out as two ASGI messages whose header lines were made when it was
+kept. The gateway takes that token from the same bucket for every request that comes
+through it, hits and misses alike (gateway_limits); a refusal is the error the
+service would have answered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from opentelemetry import trace
 from starlette.responses import Response
+from starlette.types import Send
 
 from gateway.conditional import none_match
-from gateway.errors import GatewayError
-from gateway.hardening import add_rate_limit_headers
-from gateway.json_body import JSON_MEDIA_TYPE
 from services.cache.client.near_feed import NearCacheFeed
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
-from services.cache.edge.store import EdgeCache, EdgeKey, cacheable, write_of
-from services.common.auth.verifier import RemoteVerifier
-from services.common.auth.wiring import Access
+from services.cache.edge.store import EdgeCache, EdgeEntry, cacheable, write_of
 from services.common.channels import service_address
-from services.common.errors import ServiceError
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The answer's own headers an edge hit repeats (rate limits and request ids are per request).
-KEPT_HEADERS = ("etag", "cache-control", "vary")
+
+def gateway_limits(settings: Settings) -> bool:
+    """Whether the gateway is the rate limiter of what comes through it: when a limit
+    is on and it can tell the services so (SERVICE_API_KEY, sent as x-forwarder-key),
+    so that they take no second token. Otherwise the services keep their own."""
+    return bool(settings.service_api_key) and (settings.rate_limit_requests > 0 or settings.rate_limit_execute_requests > 0)
 
 
 class Edge:
@@ -50,26 +53,23 @@ class Edge:
         self._transport: SidecarTransport | None = None
         self._feed: NearCacheFeed | None = None
         self._checker: ConsistencyChecker | None = None
-        self._access: Access | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics, *, tracer: trace.Tracer | None = None) -> Edge | None:
-        """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when the rate limits
-        are on but kept in each process's memory (no REDIS_URL): a hit would then take
-        its token from another bucket than a miss, and a caller would get more than
-        the service allows."""
+        """None when GATEWAY_EDGE_CACHE_SIZE or _BYTES is 0, and when reads are rate
+        limited but not by the gateway (no SERVICE_API_KEY): a hit would then take its
+        token from another bucket than a miss."""
         if settings.gateway_edge_cache_size <= 0 or settings.gateway_edge_cache_bytes <= 0:
             return None
-        if not settings.redis_url and (settings.rate_limit_requests > 0 or settings.rate_limit_execute_requests > 0):
-            log.info("edge cache off: rate limits are on and not shared (set REDIS_URL, or turn them off)")
+        if settings.rate_limit_requests > 0 and not gateway_limits(settings):
+            log.info("edge cache off: reads are rate limited by the services, the gateway cannot vouch for its calls without SERVICE_API_KEY")
             return None
         return cls(settings, consistency, tracer)
 
     def open(self) -> None:
         """Starts following the sidecar's Watch (with the services' key, which it
-        requires) and opens the guard's channels; on the server's event loop."""
+        requires); on the server's event loop."""
         settings = self.settings
-        self._access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=self._tracer))
         self._transport = SidecarTransport(
             service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key, tracer=self._tracer
         )
@@ -87,39 +87,28 @@ class Edge:
             await self._feed.close()
         if self._transport is not None:
             await self._transport.close()
-        if self._access is not None:
-            await self._access.close()
 
-    async def serve(
-        self, method: str, key: EdgeKey, metadata: Mapping[str, str], client: str, if_none_match: bytes | None
-    ) -> Response | None:
-        """The held answer to this request, or the guard's refusal; None on a miss."""
-        entry = self.cache.get(key)
-        if entry is None or self._access is None:
-            return None
-        try:
-            limits = await self._access.guard.admit(method, metadata, lambda: client)
-        except ServiceError as refused:
-            response = GatewayError(refused).response()
-            add_rate_limit_headers(response, refused.trailing_metadata)
-            return response
-        headers = {**entry.headers, "Age": str(self.cache.age(entry))}
-        if if_none_match is not None and none_match(if_none_match, entry.headers["etag"]):
-            response = Response(status_code=304, headers=headers)
-        else:
-            response = Response(entry.body, media_type=JSON_MEDIA_TYPE, headers=headers)
-        add_rate_limit_headers(response, limits)
-        return response
+    async def send(
+        self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send
+    ) -> None:
+        """The held answer (a 304 when If-None-Match names its ETag), with its Age and
+        the caller's X-RateLimit-* headers."""
+        per_request = [(b"age", str(self.cache.age(entry)).encode()), *((name.encode(), value.encode()) for name, value in limits)]
+        if if_none_match is not None and none_match(if_none_match, entry.etag):
+            await send({"type": "http.response.start", "status": 304, "headers": [*entry.validators, *per_request]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [*entry.head, *per_request]})
+        await send({"type": "http.response.body", "body": entry.body})
 
-    def fill(self, key: EdgeKey, response: Response, trailers: Iterable[tuple[str, object]]) -> None:
-        """Keeps a 200 answer the service said may be kept (see services/cache/edge/store.py)."""
+    def fill(self, key: tuple[str, bytes], response: Response, trailers: Iterable[tuple[str, object]]) -> None:
+        """Keeps a 200 answer the service said may be kept (see services/cache/edge/store.py),
+        with the header lines it has before any per-request one is added."""
         said = cacheable(trailers)
         if said is None or response.status_code != 200:
             return
-        headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
-        if "etag" in headers:
-            # Starlette types a body bytes | memoryview; an Answer's is bytes, which bytes() returns as is.
-            self.cache.put(key, bytes(response.body), headers, said)
+        # Starlette types a body bytes | memoryview; an Answer's is bytes, which bytes() returns as is.
+        self.cache.put(key, bytes(response.body), response.raw_headers, said)
 
     def written(self, trailers: Iterable[tuple[str, object]]) -> None:
         """A write through this gateway: exactly the answers it made stale go now."""

@@ -42,6 +42,8 @@ from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
+from services.common.auth.guard import AccessGuard
+from services.common.errors import ServiceError, Unavailable
 from services.common.forwarded import FORWARDER_KEY, TrustedProxies
 from services.common.limits import MAX_MESSAGE_BYTES
 
@@ -57,7 +59,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "unary", "stream")
+    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "kept", "unary", "stream")
 
     # The gRPC multicallable of the route's kind; bound in the lifespan, when the channels exist.
     unary: grpc.aio.UnaryUnaryMultiCallable[Message, Message]
@@ -71,6 +73,8 @@ class _Handler:
         # The response may depend on the credentials forwarded: a cacheable one varies with them.
         self.answer = Answer(route, render, (name.decode("ascii") for name in sorted(FORWARDED_HEADERS)))
         self.conditional = route.http_method == "GET"
+        # What the edge cache may hold: a unary GET's answer, keyed by path and query alone.
+        self.kept = self.conditional and not route.server_streaming and not route.headers
 
 
 class RestGateway:
@@ -90,8 +94,10 @@ class RestGateway:
             _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
         ]
         self._proxies = TrustedProxies(trusted_proxies)
-        # The services believe the x-forwarded-for of a call only with their key on it.
+        # On a call the gateway admitted and limited: the services take no token of their own.
         self._vouching = ((FORWARDER_KEY, service_key),) if service_key else ()
+        self._guard: AccessGuard | None = None
+        self._limiting = False
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
@@ -115,6 +121,13 @@ class RestGateway:
                     unary[key] = channel.unary_unary(route.grpc_path, serialize, deserialize)
                 handler.unary = unary[key]
 
+    def admit_with(self, guard: AccessGuard, *, limiting: bool) -> None:
+        """The guard that admits the edge cache's hits and, when `limiting`, every call
+        (gateway_limits): the gateway then takes each caller's token, and tells the
+        services so with their key (FORWARDER_KEY), so that they take none."""
+        self._guard = guard
+        self._limiting = limiting
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         http_method: str = scope["method"]
         path = _raw_path(scope)
@@ -132,6 +145,27 @@ class RestGateway:
         scope[ROUTE_SCOPE_KEY] = handler.template
         try:
             refuse_query_credentials(scope["query_string"])
+            metadata, if_none_match = _metadata(scope)
+        except GatewayError as error:
+            await error.response()(scope, receive, send)
+            return
+        # A hot hit first: before the request is read or built, with nothing but the
+        # caller's admission between the lookup and the answer.
+        admitted: tuple[tuple[str, str], ...] | None = None
+        edge = self._edge
+        edge_key = (path, scope["query_string"])
+        if edge is not None and handler.kept and NO_CACHE_METADATA not in metadata:
+            entry = edge.cache.get(edge_key)
+            if entry is not None:
+                try:
+                    admitted = await self._admit(handler, metadata, scope)
+                except ServiceError as refused:
+                    await _refusal(refused)(scope, receive, send)
+                    return
+                if admitted is not None:
+                    await edge.send(entry, if_none_match, admitted, send)
+                    return
+        try:
             body = await self._read_body(scope, receive) if handler.builder.reads_body else b""
             if body is None:
                 return  # the client hung up before sending its body; nobody to answer
@@ -140,23 +174,21 @@ class RestGateway:
             message = handler.builder.build(result.values, scope["query_string"], body)
             if handler.route.headers:
                 _fields_from_headers(message, handler.route.headers, scope)
-            metadata, if_none_match = _metadata(scope)
-            client = client_address(scope, self._proxies)
-            metadata = (*metadata, ("x-forwarded-for", client), *self._vouching)
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
+        if self._limiting and admitted is None:
+            try:
+                admitted = await self._admit(handler, metadata, scope)
+            except ServiceError as refused:
+                await _refusal(refused)(scope, receive, send)
+                return
+        if admitted is not None:
+            metadata = (*metadata, *self._vouching)
+        limits = admitted or ()
         if handler.route.server_streaming:
-            await self._stream(handler, message, metadata, scope, receive, send)
+            await self._stream(handler, message, metadata, limits, scope, receive, send)
             return
-        edge = self._edge
-        if edge is not None and handler.conditional:
-            edge_key = (path, scope["query_string"])
-            if NO_CACHE_METADATA not in metadata:
-                held = await edge.serve(handler.route.grpc_path, edge_key, dict(metadata), client, if_none_match)
-                if held is not None:
-                    await held(scope, receive, send)
-                    return
         call = handler.unary(message, timeout=self._timeout, metadata=metadata)
         try:
             reply = await call
@@ -167,12 +199,32 @@ class RestGateway:
             trailers = await call.trailing_metadata()
             response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
             if edge is not None:
-                if handler.conditional:
+                if handler.kept:
                     edge.fill(edge_key, response, trailers)
-                else:
+                elif not handler.conditional:
                     edge.written(trailers)
         add_rate_limit_headers(response, trailers)
+        add_rate_limit_headers(response, limits)
         await response(scope, receive, send)
+
+    async def _admit(
+        self, handler: _Handler, metadata: tuple[tuple[str, str], ...], scope: Scope
+    ) -> tuple[tuple[str, str], ...] | None:
+        """The caller's rate-limit figures once the guard admits it (a ServiceError
+        when it refuses); None when its key cannot be checked now (the agents service
+        unreachable): the call then goes to its service unvouched, which checks and
+        limits it itself."""
+        if self._guard is None:
+            return None
+        try:
+            return await self._guard.admit(
+                handler.route.grpc_path,
+                dict(metadata),
+                lambda: client_address(scope, self._proxies),
+                limited=self._limiting,
+            )
+        except Unavailable:
+            return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self._max_body_bytes
@@ -198,6 +250,7 @@ class RestGateway:
         handler: _Handler,
         message: Message,
         metadata: tuple[tuple[str, str], ...],
+        limits: tuple[tuple[str, str], ...],
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -214,6 +267,7 @@ class RestGateway:
                 response = StreamingResponse(
                     _events(call, first, handler.render, event_id), media_type="text/event-stream", headers=SSE_HEADERS
                 )
+            add_rate_limit_headers(response, limits)
             await response(scope, receive, send)
         finally:
             # Also reached when the client disconnects mid-stream: stop the backend's work.
@@ -247,6 +301,13 @@ def _fields_from_headers(message: Message, headers: tuple[tuple[bytes, FieldDesc
                 if not (text.isascii() and text.isprintable()):
                     raise bad_request(f"header {header.decode()!r} must be printable ASCII", field=header.decode())
                 setattr(message, field.name, text)
+
+
+def _refusal(refused: ServiceError) -> Response:
+    """The guard's refusal as the service would have answered it, rate-limit headers included."""
+    response = GatewayError(refused).response()
+    add_rate_limit_headers(response, refused.trailing_metadata)
+    return response
 
 
 def _raw_path(scope: Scope) -> str:

@@ -307,24 +307,24 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies_up_to_the_rig
 
 
 @pytest.mark.parametrize(
-    ("trusted", "vouching", "separate_buckets"),
+    ("trusted", "vouching", "limited"),
     [
-        # Any local process may write the header: without the services' key it is ignored.
-        ("", None, False),
-        ("", "dh_not_the_services_key", False),
-        # The gateway's calls carry the key: each client its own bucket.
-        ("", SERVICE_KEY, True),
+        # Any local process may write the header: without the services' key it is a direct caller.
+        ("", None, True),
+        ("", "dh_not_the_services_key", True),
+        # The gateway's calls carry the key: it took their tokens, the service takes none.
+        ("", SERVICE_KEY, False),
         # TRUSTED_PROXIES narrows who may vouch; loopback is not 10.9.9.9.
-        ("10.9.9.9/32", SERVICE_KEY, False),
+        ("10.9.9.9/32", SERVICE_KEY, True),
     ],
     # Named, not by the key (a new one each run): pytest-xdist's workers must collect the same ids.
     ids=["no-key", "another-key", "the-services-key", "the-services-key-from-an-untrusted-proxy"],
 )
-async def test_services_believe_forwarded_for_only_on_calls_vouched_by_the_services_key(
-    sqlite_url, trusted, vouching, separate_buckets
-):
-    """Two anonymous reads from two claimed addresses, with a limit of 1 per address,
-    straight on each service port (agents, workflows)."""
+async def test_services_take_no_token_for_calls_the_gateway_vouches_for(sqlite_url, trusted, vouching, limited):
+    """Two anonymous reads claiming two addresses, with a limit of 1 per address,
+    straight on each service port (agents, workflows): a direct caller is limited by
+    its peer's address whatever x-forwarded-for says; a call the gateway admitted
+    (and limited, tests/test_edge_cache.py) is not limited again."""
     settings = auth_settings(
         sqlite_url, rate_limit_requests=1, rate_limit_window=60, trusted_proxies=trusted, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
     )
@@ -343,7 +343,7 @@ async def test_services_believe_forwarded_for_only_on_calls_vouched_by_the_servi
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     answers.append(False)
-            assert answers == [True, separate_buckets]
+            assert answers == [True, not limited]
 
 
 async def test_last_use_is_written_at_most_once_a_minute(secured):

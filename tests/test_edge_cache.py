@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import uuid
 
 import grpc
@@ -14,11 +16,14 @@ import pytest
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
+from gateway.errors import rpc_error_response
+from gateway.hardening import add_rate_limit_headers
 from services.agents.server import build as build_agents
 from services.cache.edge.store import EdgeCache, Said, cacheable, write_of
 from services.cache.sidecar.server import build as build_sidecar
 from services.common.auth import keys
 from services.common.process import running
+from services.common.settings import Settings
 from tests.support.auth import ADMIN_KEY, READ, auth_settings
 from tests.support.stack import gateway_client, make_settings, running_stack
 
@@ -186,13 +191,20 @@ async def test_the_edge_is_cleared_and_bypassed_while_its_stream_is_down(sqlite_
 
 @contextlib.asynccontextmanager
 async def secured_stack(sqlite_url: str, redis_url: str, limit: int):
-    """Keys on, anonymous reads on, `limit` requests an hour per caller, shared in Redis."""
+    """Keys on, anonymous reads on, `limit` requests an hour per caller: shared in
+    Redis with `redis_url`, else in each process's memory, as a plain `make run`."""
     settings = auth_settings(
         sqlite_url, rate_limit_requests=limit, rate_limit_window=3600, redis_url=redis_url, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:"
     )
     async with running_stack(settings) as stack:
         async with gateway_client(stack.settings, timeout=10) as http:
             yield stack, http, auth_pb2_grpc.ApiKeysServiceStub(stack.channel)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limits_in(request) -> str:
+    """REDIS_URL for the rate limits: none (each process's memory) or the machine's Redis."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else ""
 
 
 async def new_key(keys_stub, *scopes: int) -> auth_pb2.CreateApiKeyResponse:
@@ -202,12 +214,20 @@ async def new_key(keys_stub, *scopes: int) -> auth_pb2.CreateApiKeyResponse:
     )
 
 
-def same_refusal(edge: httpx.Response, service: httpx.Response) -> None:
-    assert edge.status_code == service.status_code
-    a, b = edge.json(), service.json()
-    assert a["code"] == b["code"] and [d["@type"] for d in a["details"]] == [d["@type"] for d in b["details"]]
-    reasons = [d.get("reason") for d in a["details"]], [d.get("reason") for d in b["details"]]
-    assert reasons[0] == reasons[1]
+async def service_refusal(call) -> tuple[int, dict, dict[str, str]]:
+    """What the service itself answers to a direct gRPC call it refuses, as the gateway
+    renders any service's refusal over HTTP: status, JSON body, rate-limit headers."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    response = rpc_error_response(refused.value)
+    add_rate_limit_headers(response, refused.value.trailing_metadata())
+    return response.status_code, json.loads(response.body), {k.lower(): v for k, v in response.headers.items()}
+
+
+def _seconds_apart(body: dict) -> str:
+    """A 429's body with its waits ("retry in 57s", RetryInfo's "57s") taken out: two
+    buckets' waits may differ by the second between two refusals."""
+    return re.sub(r"\b\d+(\.\d+)?s\b", "Ns", json.dumps(body, sort_keys=True))
 
 
 async def held_for_a_reader(http: httpx.AsyncClient, keys_stub, agent_id: str):
@@ -219,52 +239,87 @@ async def held_for_a_reader(http: httpx.AsyncClient, keys_stub, agent_id: str):
     return reader, as_reader, await hot(http, f"/api/agents/{agent_id}", headers=as_reader)
 
 
-async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url, redis_url):
-    async with secured_stack(sqlite_url, redis_url, 10_000) as (stack, http, keys_stub):
-        await _keys_get_what_the_service_answers(http, keys_stub)
+async def test_the_edge_answers_on_a_default_stack(sqlite_url):
+    """As `make run`: keys checked, the default rate limits, each process's memory, no Redis."""
+    defaults = Settings()
+    settings = auth_settings(
+        sqlite_url, rate_limit_requests=defaults.rate_limit_requests, rate_limit_execute_requests=defaults.rate_limit_execute_requests
+    )
+    async with running_stack(settings) as stack, gateway_client(stack.settings, timeout=10) as http:
+        await http.post("/api/agents", json={"id": "d1", "name": "D", "domain": "ci"}, headers={"x-api-key": ADMIN_KEY})
+        held = await hot(http, "/api/agents/d1")
+        calls = handled("GetAgent")
+        for _ in range(3):
+            again = await http.get("/api/agents/d1")
+            assert again.status_code == 200 and again.content == held.content and "age" in again.headers
+            assert again.headers["x-ratelimit-limit"] == str(defaults.rate_limit_requests)
+        assert handled("GetAgent") == calls
 
 
-async def _keys_get_what_the_service_answers(http: httpx.AsyncClient, keys_stub) -> None:
-    reader, as_reader, held = await held_for_a_reader(http, keys_stub, "e5")
-    assert held.status_code == 200 and held.headers["x-ratelimit-limit"] == "10000"
+async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url, limits_in):
+    async with secured_stack(sqlite_url, limits_in, 10_000) as (stack, http, keys_stub):
+        reader, as_reader, held = await held_for_a_reader(http, keys_stub, "e5")
+        assert held.status_code == 200 and held.headers["x-ratelimit-limit"] == "10000"
 
-    calls = handled("GetAgent")
-    # A key the service does not know: 401, from the edge, as from the service.
-    unknown = {"x-api-key": keys.new_key()}
-    same_refusal(await http.get("/api/agents/e5", headers=unknown), await http.get("/api/agents/e5", headers={**unknown, **NO_CACHE}))
-    assert (await http.get("/api/agents/e5", headers=unknown)).status_code == 401
-    # No key, with anonymous reads on: served, from the client address's bucket.
-    anonymous = await http.get("/api/agents/e5")
-    assert anonymous.status_code == 200 and "age" in anonymous.headers and anonymous.headers["x-ratelimit-limit"] == "10000"
-    assert handled("GetAgent") == calls + 1  # only the no-cache request reached the service
+        def directly(key: str):
+            return stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e5"), metadata=(("x-api-key", key),))
 
-    # Revoked: refused within a second, as by the service's own guard.
-    await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=reader.api_key.id), metadata=(("x-api-key", ADMIN_KEY),))
-    deadline = asyncio.get_running_loop().time() + 5
-    while (refused := await http.get("/api/agents/e5", headers=as_reader)).status_code == 200:
-        assert asyncio.get_running_loop().time() < deadline, "a revoked key was still served from the edge"
-        await asyncio.sleep(0.05)
-    same_refusal(refused, await http.get("/api/agents/e5", headers={**as_reader, **NO_CACHE}))
-    assert refused.status_code == 401
+        calls = handled("GetAgent")
+        # A key the service does not know: 401, from the edge, as from the service.
+        unknown = keys.new_key()
+        refused = await http.get("/api/agents/e5", headers={"x-api-key": unknown})
+        assert (refused.status_code, refused.json()) == (await service_refusal(directly(unknown)))[:2]
+        # No key, with anonymous reads on: served, from the client address's bucket.
+        anonymous = await hot(http, "/api/agents/e5")
+        assert anonymous.status_code == 200 and anonymous.headers["x-ratelimit-limit"] == "10000"
+        assert handled("GetAgent") == calls + 1  # only the direct call reached the service
 
-
-async def test_the_edge_takes_from_the_same_rate_limit_bucket_as_the_service(sqlite_url, redis_url):
-    async with secured_stack(sqlite_url, redis_url, 50) as (stack, http, keys_stub):
-        await _over_the_limit(http, keys_stub)
+        # Revoked: refused within a second, as by the service's own guard.
+        await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=reader.api_key.id), metadata=(("x-api-key", ADMIN_KEY),))
+        deadline = asyncio.get_running_loop().time() + 5
+        while (refused := await http.get("/api/agents/e5", headers=as_reader)).status_code == 200:
+            assert asyncio.get_running_loop().time() < deadline, "a revoked key was still served from the edge"
+            await asyncio.sleep(0.05)
+        assert refused.status_code == 401
+        assert (refused.status_code, refused.json()) == (await service_refusal(directly(reader.key)))[:2]
 
 
-async def _over_the_limit(http: httpx.AsyncClient, keys_stub) -> None:
-    _, as_reader, held = await held_for_a_reader(http, keys_stub, "e6")
-    left = int(held.headers["x-ratelimit-remaining"])
-    calls = handled("GetAgent")
-    answers = [await http.get("/api/agents/e6", headers=as_reader) for _ in range(left + 1)]
-    assert [a.status_code for a in answers] == [200] * left + [429]
-    assert [int(a.headers["x-ratelimit-remaining"]) for a in answers[:left]] == list(range(left - 1, -1, -1))
-    assert handled("GetAgent") == calls, "the edge answered every one of them"
-    limited = answers[-1]
-    assert 1 <= int(limited.headers["retry-after"]) <= 3600 // 50 and limited.headers["x-ratelimit-remaining"] == "0"
-    # The service, asked past the edge, refuses from the same bucket, in the same words.
-    same_refusal(limited, await http.get("/api/agents/e6", headers={**as_reader, **NO_CACHE}))
+async def test_hits_and_misses_of_one_caller_draw_on_one_bucket(sqlite_url, limits_in):
+    """The gateway takes every caller's token, hit or miss; the services take none
+    for what it admitted, and limit direct callers with the same rules and words."""
+    async with secured_stack(sqlite_url, limits_in, 12) as (stack, http, keys_stub):
+        reader, as_reader, held = await held_for_a_reader(http, keys_stub, "e6")
+        left = int(held.headers["x-ratelimit-remaining"])
+        assert left >= 4, "hot() should have taken a few tokens at most"
+        calls = handled("GetAgent")
+        answers = [
+            await http.get("/api/agents/e6", headers={**as_reader, **(NO_CACHE if n % 2 else {})}) for n in range(left + 1)
+        ]
+        assert [a.status_code for a in answers] == [200] * left + [429]
+        assert [int(a.headers["x-ratelimit-remaining"]) for a in answers[:left]] == list(range(left - 1, -1, -1))
+        assert any("age" in a.headers for a in answers[:left]), "some were hits"
+        assert handled("GetAgent") == calls + left // 2, "the no-cache ones, and only they, were misses"
+        limited = answers[-1]
+        assert 1 <= int(limited.headers["retry-after"]) <= 3600 // 12 and limited.headers["x-ratelimit-remaining"] == "0"
+        # A miss past the limit is refused from the same bucket, before any call.
+        assert (await http.get("/api/agents/e6", headers={**as_reader, **NO_CACHE})).status_code == 429
+        assert handled("GetAgent") == calls + left // 2
+
+        # The service refuses a direct caller over its limit in the same words: at once
+        # when the bucket is shared in Redis, after its own 12 when it is its memory's.
+        for _ in range(13):
+            try:
+                await stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e6"), metadata=(("x-api-key", reader.key),))
+            except grpc.aio.AioRpcError:
+                break
+        status, body, headers = await service_refusal(
+            stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e6"), metadata=(("x-api-key", reader.key),))
+        )
+        assert status == limited.status_code == 429
+        assert _seconds_apart(limited.json()) == _seconds_apart(body)
+        for name in ("x-ratelimit-limit", "x-ratelimit-remaining"):
+            assert limited.headers[name] == headers[name]
+        assert "retry-after" in headers
 
 
 # --------------------------------------------------------------------------- the cache itself
@@ -278,11 +333,15 @@ def test_entries_are_bounded_and_dropped_by_any_pattern_matching_a_surrogate_key
     trailers = [("cache-control", "max-age=60"), ("surrogate-key", "agents:get:a agents:list:h=1"), ("cache-version", "5")]
     said = cacheable(trailers)
     assert said == Said(60, ("agents:get:a", "agents:list:h=1"), 5)
-    headers = {"etag": '"1"'}
+    headers = ((b"content-length", b"1"), (b"etag", b'"1"'), (b"cache-control", b"max-age=60"))
+    assert not cache.put(("/a", b""), b"x", headers[:1], said), "no ETag: nothing to answer a conditional GET with"
     cache.put(("/a", b""), b"x", headers, said)
     assert cache.get(("/a", b"")) is None, "not live: nothing is kept"
     cache.go_live(5)
     assert cache.put(("/a", b""), b"a", headers, said)
+    held = cache.get(("/a", b""))
+    assert held is not None and held.etag == '"1"' and held.head == headers
+    assert held.validators == ((b"etag", b'"1"'), (b"cache-control", b"max-age=60")), "what a 304 says"
     assert cache.put(("/l", b""), b"l", headers, Said(60, ("agents:list:h=1",), 5))
     cache.invalidate("agents:list:*", 6)
     assert cache.get(("/a", b"")) is None and cache.get(("/l", b"")) is None

@@ -7,10 +7,13 @@ rightmost address that is not a trusted proxy, read from the right, and the head
 is read at all only when the peer itself is a trusted proxy. (The leftmost entry,
 which the client chooses freely, is never believed on its own.)
 
-Between the gateway and the services an address proves nothing (any process on the
-gateway's machine, or in its network, shares it), so the gateway vouches for the
-x-forwarded-for it sends with the services' key, as FORWARDER_KEY; the services read
-the header only on a call that carries it (services.common.auth.guard).
+The gateway reads it (GATEWAY_TRUSTED_PROXIES) for its own rate limits: it is the
+limiter of everything that comes through it. Between the gateway and the services
+an address proves nothing (any process on the gateway's machine, or in its network,
+shares it), so what the gateway sends is its word, with the services' key, as
+FORWARDER_KEY: "admitted, token taken"; the services then take none (from a peer in
+TRUSTED_PROXIES), and limit every other caller by its key or its peer's address
+(services.common.auth.guard).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-# Metadata holding the services' key on a call whose x-forwarded-for the gateway wrote.
+# Metadata holding the services' key on a call the gateway admitted (and limited).
 FORWARDER_KEY = "x-forwarder-key"
 # TRUSTED_PROXIES when unset: any address, since the key is the proof.
 ANY_ADDRESS = "0.0.0.0/0,::/0"

@@ -1,5 +1,5 @@
-"""The edge cache: ready GET answers (status line, headers, body bytes) kept in the
-gateway's memory, so a hot read never becomes a gRPC call.
+"""The edge cache: ready GET answers (header lines and body bytes, as the gateway
+writes them) kept in the gateway's memory, so a hot read never becomes a gRPC call.
 
 What it may keep, for how long and until which invalidation is said by the service
 with each answer, never by a table here: an answer is kept only when it carries
@@ -36,13 +36,22 @@ from services.cache.client.keys import GlobPattern
 from services.cache.edge.surrogate_keys import CACHE_INVALIDATED, CACHE_VERSION, SURROGATE_KEY
 
 EdgeKey = tuple[str, bytes]
+# What a 304 leaves out of a 200's header lines.
+_CONTENT_HEADERS = frozenset({b"content-type", b"content-length"})
+
+
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
 @dataclasses.dataclass(slots=True)
 class EdgeEntry:
     body: bytes
-    # The answer's own headers (ETag, Cache-Control, Vary), as the service path made them.
-    headers: dict[str, str]
+    # The answer's header lines as ASGI sends them, made once when it is kept: all of
+    # them for a 200 (Content-Type, Content-Length, ETag, Cache-Control, Vary), and
+    # the validators alone for a 304, which has no body.
+    head: Headers
+    validators: Headers
+    etag: str
     surrogate_keys: tuple[str, ...]
     stored_at: float
     expires_at: float
@@ -103,14 +112,21 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         """Whole seconds since the answer was stored (the Age header)."""
         return int(self._clock() - entry.stored_at)
 
-    def put(self, key: EdgeKey, body: bytes, headers: dict[str, str], said: Said) -> bool:
-        """Stores unless not live, too big, or older than an invalidation of one of its keys."""
+    def put(self, key: EdgeKey, body: bytes, head: Iterable[tuple[bytes, bytes]], said: Said) -> bool:
+        """Stores a 200 answer (its body and header lines, which name its ETag) unless
+        not live, too big, without an ETag, or older than an invalidation of one of its keys."""
         if not self._fits(len(body)):
             return False
         if any(self.history.raced(surrogate, said.version) for surrogate in said.keys):
             return False
+        head = tuple(head)
+        etag = next((value.decode("latin-1") for name, value in head if name == b"etag"), None)
+        if etag is None:
+            return False
+        validators = tuple((name, value) for name, value in head if name not in _CONTENT_HEADERS)
         now = self._clock()
-        self._store(key, EdgeEntry(body, headers, said.keys, now, now + min(said.max_age, self.max_ttl), said.version))
+        entry = EdgeEntry(body, head, validators, etag, said.keys, now, now + min(said.max_age, self.max_ttl), said.version)
+        self._store(key, entry)
         for surrogate in said.keys:
             self._by_key.setdefault(surrogate, set()).add(key)
         return True

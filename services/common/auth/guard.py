@@ -3,10 +3,14 @@
 It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks it
 against the scope the method declares in the protos, then takes a token from the
 caller's rate-limit bucket: per key, or per client address for anonymous reads.
-The client address is the peer's, or the x-forwarded-for the gateway sends: believed
-only on a call that carries the services' key as FORWARDER_KEY, from a peer in
-TRUSTED_PROXIES (services.common.forwarded). Keys never appear in errors
-or logs: a key is named by its id or its first characters only.
+
+The gateway admits every call that comes through it with this same guard, hits of
+its edge cache and misses alike, so that one caller's HTTP requests draw on one
+bucket; it says so by sending the services' key as FORWARDER_KEY, and a service
+then takes no token of its own for the call (from a peer in TRUSTED_PROXIES: any by
+default, the key being the proof). Direct gRPC callers are limited here, by key or
+by their peer's address. Keys never appear in errors or logs: a key is named by its
+id or its first characters only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
 from services.common.auth.verifier import VOUCHING_HEADER, KeyVerifier
 from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
-from services.common.forwarded import FORWARDER_KEY, TrustedProxies, client_address
+from services.common.forwarded import FORWARDER_KEY, TrustedProxies
 
 Scope = options_pb2.Scope
 
@@ -82,19 +86,21 @@ class AccessGuard:
         """Refuses the call with a ServiceError, or admits it and returns the trailing
         metadata its answer carries (the caller's rate-limit figures)."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        return await self.admit(method, metadata, lambda: self._client_address(metadata, context))
+        peer = peer_address(context.peer())
+        return await self.admit(method, metadata, lambda: peer, limited=not self._admitted_by_gateway(metadata, peer))
 
     async def admit(
-        self, method: str, metadata: Mapping[str, str], client: Callable[[], str]
+        self, method: str, metadata: Mapping[str, str], client: Callable[[], str], *, limited: bool = True
     ) -> tuple[tuple[str, str], ...]:
         """The check itself, for a call described by its metadata and its client's
-        address (asked for only when the bucket is the address's): the gateway's edge
-        cache admits the answers it holds through here, by the same rules."""
+        address (asked for only when the bucket is the address's): the gateway admits
+        what comes through it here, by the same rules. `limited` False: scopes and
+        key only, no token (the gateway took it)."""
         required = self._required.get(method)
         if required is None:
             return ()  # health and reflection: open to probes and tools
         bucket = await self._authorise(method, required, metadata, client)
-        if bucket is None:
+        if bucket is None or not limited:
             return ()
         kind = "execute" if required == Scope.SCOPE_EXECUTE else "default"
         decision = await self._limiter.take(bucket, kind)
@@ -140,7 +146,6 @@ class AccessGuard:
             return None  # a process checking this key for its own guard (RemoteVerifier)
         return f"key:{api_key.id}"
 
-    def _client_address(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        forwarded = metadata.get("x-forwarded-for", "")
-        vouched = bool(self._service_key) and same_key(metadata.get(FORWARDER_KEY, ""), self._service_key)
-        return client_address(peer_address(context.peer()), [forwarded] if forwarded and vouched else [], self._proxies)
+    def _admitted_by_gateway(self, metadata: Mapping[str, str], peer: str) -> bool:
+        vouching = metadata.get(FORWARDER_KEY)
+        return bool(vouching and self._service_key and same_key(vouching, self._service_key) and peer in self._proxies)
