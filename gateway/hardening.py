@@ -2,10 +2,12 @@
 
 - Credentials in the query string are refused: URLs end up in logs and histories.
 - A request body must be JSON (415 otherwise).
-- The client's address goes to the services as x-forwarded-for, for their per-address
-  rate limits; an incoming X-Forwarded-For is believed only from GATEWAY_TRUSTED_PROXIES
-  (none by default), and then only up to its rightmost untrusted hop.
-- The services' rate-limit figures come back as X-RateLimit-* and Retry-After headers.
+- The client's address is an anonymous caller's rate-limit bucket, which the gateway
+  keeps (gateway/rest.py); an incoming X-Forwarded-For is believed only from
+  GATEWAY_TRUSTED_PROXIES (none by default), and then only up to its rightmost
+  untrusted hop.
+- The rate-limit figures (the gateway's, or a service's) go out as X-RateLimit-* and
+  Retry-After headers.
 - Every response carries the usual security headers; CORS only for CORS_ORIGINS, and
   never a wildcard together with credentials.
 """
@@ -68,7 +70,7 @@ def require_json(scope: Scope) -> None:
 
 
 def client_address(scope: Scope, proxies: TrustedProxies) -> str:
-    """The client's address, sent on to the services as the only x-forwarded-for hop."""
+    """The client's address: the peer, or the rightmost untrusted X-Forwarded-For hop."""
     peer = scope["client"][0] if scope.get("client") else ""
     forwarded = [value.decode("latin-1") for name, value in scope["headers"] if name == b"x-forwarded-for"]
     return forwarded_client(peer, forwarded, proxies)

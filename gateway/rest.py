@@ -1,7 +1,11 @@
 """The ASGI app behind every google.api.http route: match, transcode, one gRPC call, render.
 
 Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
-does only the work that depends on it. Unary calls carry the gateway's deadline, and
+does only the work that depends on it. A GET the edge cache holds is answered first,
+right after the match (gateway/edge.py). The gateway is the rate limiter of what
+comes through it (gateway_limits): it admits each call with the services' own guard
+and takes the caller's token, hit or miss, and its calls carry the services' key as
+x-forwarder-key so that the service takes none. Unary calls carry the gateway's deadline, and
 their answers follow HTTP caching (ETag, If-None-Match, Cache-Control: conditional.py).
 Server-streaming methods are served as server-sent events (one `data: <json>` per
 message, with an `id:` when the method can resume: a reconnecting client's

@@ -87,6 +87,8 @@ class Settings:
     # The key the services present to each other; `make run` makes one when unset.
     service_api_key: str = dataclasses.field(default="", repr=False)
     # Token buckets per key (per client address for anonymous reads); 0 turns one off.
+    # The gateway limits what comes through it, the services their direct callers;
+    # shared through Redis with REDIS_URL (docs/resilience.md, "Rate limits").
     # A bucket holds `requests` tokens and refills them over `window` seconds. Per
     # second, and above what one gateway process serves (README "Rate limits"): one
     # caller cannot take more than a server's worth, and a load test from one address
@@ -95,9 +97,8 @@ class Settings:
     rate_limit_window: float = 1.0
     rate_limit_execute_requests: int = 100
     rate_limit_execute_window: float = 60.0
-    # Peers whose x-forwarded-for the services believe (networks, comma separated),
-    # and then only on a call that carries the services' key (the gateway's calls);
-    # empty: any address.
+    # Peers from which the services accept x-forwarder-key, the services' key on a
+    # call the gateway admitted and limited (networks, comma separated); empty: any.
     trusted_proxies: str = ""
     # Proxies in front of the gateway whose X-Forwarded-For it believes; empty: none,
     # and the client is the connection's peer.
