@@ -304,8 +304,11 @@ def test_metrics_add_up_across_worker_processes(tmp_path):
         # Seeding made calls of its own: what follows is measured from here.
         got_before = value(scrape(env["AGENTS_METRICS_PORT"]), "grpc_server_handled_total", grpc_method="GetAgent")
         for _ in range(20):
-            # New connections, so the kernel spreads them over both gateway workers.
-            response = httpx.get(f"http://127.0.0.1:{gateway}/api/agents/builtin-text", headers={"connection": "close"}, timeout=10)
+            # New connections, so the kernel spreads them over both gateway workers; past
+            # the gateways' edge caches, so that each reaches an agents worker.
+            response = httpx.get(
+                f"http://127.0.0.1:{gateway}/api/agents/builtin-text", headers={"connection": "close", "cache-control": "no-cache"}, timeout=10
+            )
             assert response.status_code == 200, response.text
 
         async def list_on_fresh_channels() -> None:

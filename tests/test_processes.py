@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 
 AS_ADMIN = {"x-api-key": ADMIN_KEY}
 
+NO_CACHE = {"cache-control": "no-cache"}
+
 
 def alive(pid: int) -> bool:
     try:
@@ -194,7 +196,8 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
         agents_pids = {int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "agents service" in line and "(pid " in line}
         assert len(agents_pids) == 2
         before = calls_served_per_pid(metrics_dir, "GetAgent")
-        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+        # Past the gateways' edge caches, so that every call reaches an agents worker.
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10, headers=NO_CACHE) as client:
             for _ in range(64):
                 assert client.get("/api/agents/builtin-json").status_code == 200
         after = calls_served_per_pid(metrics_dir, "GetAgent")
@@ -206,7 +209,7 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
         stopped = min(agents_pids)
         os.kill(stopped, signal.SIGTERM)
         read_until(proc, f"agents service (pid {stopped}) exited")
-        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['GATEWAY_PORT']}", timeout=10, headers=NO_CACHE) as client:
             answers = [client.get("/api/agents/builtin-json").status_code for _ in range(30)]
         assert answers == [200] * 30
         assert alive(restarted_pid(proc, "agents service"))
