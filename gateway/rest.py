@@ -156,11 +156,13 @@ class RestGateway:
         # A hot hit first: before the request is read or built, with nothing but the
         # caller's admission between the lookup and the answer.
         admitted: tuple[tuple[str, str], ...] | None = None
+        checked = False
         edge = self._edge
         edge_key = (path, scope["query_string"])
         if edge is not None and handler.kept and NO_CACHE_METADATA not in metadata:
             entry = edge.cache.get(edge_key)
             if entry is not None:
+                checked = True
                 try:
                     admitted = await self._admit(handler, metadata, scope)
                 except ServiceError as refused:
@@ -181,7 +183,7 @@ class RestGateway:
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
-        if self._limiting and admitted is None:
+        if self._limiting and not checked:
             try:
                 admitted = await self._admit(handler, metadata, scope)
             except ServiceError as refused:

@@ -504,3 +504,18 @@ async def test_processes_sharing_a_bucket_in_redis_over_admit_at_most_their_quot
         assert [(await down.take("key:k", "default")).allowed for _ in range(3)] == [True, True, False]
     finally:
         await down.close()
+
+
+async def test_a_key_the_gateway_cannot_check_goes_to_its_service_which_checks_and_limits_it(sqlite_url):
+    """The gateway checks keys with the agents service's WhoAmI: while that is down, a
+    workflows call is not refused for it but sent on without x-forwarder-key, and the
+    workflows service checks the key in its database and takes the token itself."""
+    settings = auth_settings(sqlite_url, rate_limit_requests=2, rate_limit_window=60, redis_key_prefix=f"dhtest:{uuid.uuid4().hex}:")
+    async with running_stack(settings, with_workflows=True) as stack, gateway_client(stack.settings, timeout=10) as http:
+        key = await new_key(auth_pb2_grpc.ApiKeysServiceStub(stack.channel), READ)
+        await stack.agents.stop(0)
+        answers = [await http.get("/api/workflows", headers={"x-api-key": key}) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert answers[0].headers["x-ratelimit-limit"] == "2" and answers[0].headers["x-ratelimit-remaining"] == "1"
+        unknown = await http.get("/api/workflows", headers={"x-api-key": keys.new_key()})
+        assert unknown.status_code == 401 and unknown.json()["details"][0]["reason"] == "API_KEY_INVALID"
