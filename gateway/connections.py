@@ -16,12 +16,16 @@ sends part of it waits forever. So the gateway serves with this subclass:
   between two, is closed;
 - a request whose head and body have not fully arrived GATEWAY_READ_TIMEOUT after its
   first byte is answered 408 and its connection closed.
+
+And one thing uvicorn does at a cost: it writes each ASGI message to the socket as it
+comes, so an ordinary answer (its head, then its body) is two send() calls and two
+TCP segments; what is written in one step of the event loop goes out as one here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -32,6 +36,41 @@ from services.common.settings import Settings
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head past the limit."""
+
+
+class _CoalescedWrites:
+    """The connection's transport, whose writes of one event-loop step go out as one
+    send at the end of it; everything else is the transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -49,7 +88,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # Duck-typed: the protocol (and its cycles) use the transport through these names only.
+        super().connection_made(cast(asyncio.Transport, _CoalescedWrites(transport, self.loop)))
         # Idle from the start: the same timer uvicorn arms between requests.
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
