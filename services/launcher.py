@@ -307,9 +307,10 @@ def main() -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         env[MULTIPROCESS_ENV] = str(metrics_dir.resolve())
-    if settings.auth_enabled and not settings.service_api_key:
+    if not settings.service_api_key:
         # The services' key for calling each other, handed to the children through
-        # their environment; kept in var/ so every run uses the same one.
+        # their environment; kept in var/ so every run uses the same one. Also with
+        # AUTH_ENABLED=false: with it the gateway is its callers' rate limiter.
         settings = settings.replace(service_api_key=keys.local_service_key())
         env["SERVICE_API_KEY"] = settings.service_api_key
     launcher = Launcher(settings, env)
