@@ -151,6 +151,13 @@ async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_th
     )
     await fresh_within(http, "/api/agents/e3", "Direct")
 
+    # Through another gateway (another worker of `make run`): within one Watch message.
+    await hot(http, "/api/agents/e3")
+    async with gateway_client(stack.settings, timeout=10) as other_gateway:
+        patched = await other_gateway.patch("/api/agents/e3", params={"updateMask": "name"}, json={"name": "Elsewhere"})
+        assert patched.status_code == 200
+    await fresh_within(http, "/api/agents/e3", "Elsewhere")
+
     # Through another agents process on the same database and sidecar.
     await hot(http, "/api/agents/e3")
     listed = await hot(http, "/api/agents", params={"domain": "ci"})
