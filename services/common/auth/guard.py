@@ -86,8 +86,8 @@ class AccessGuard:
         """Refuses the call with a ServiceError, or admits it and returns the trailing
         metadata its answer carries (the caller's rate-limit figures)."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        peer = peer_address(context.peer())
-        return await self.admit(method, metadata, lambda: peer, limited=not self._admitted_by_gateway(metadata, peer))
+        limited = not self._admitted_by_gateway(metadata, context)
+        return await self.admit(method, metadata, lambda: peer_address(context.peer()), limited=limited)
 
     async def admit(
         self, method: str, metadata: Mapping[str, str], client: Callable[[], str], *, limited: bool = True
@@ -146,6 +146,8 @@ class AccessGuard:
             return None  # a process checking this key for its own guard (RemoteVerifier)
         return f"key:{api_key.id}"
 
-    def _admitted_by_gateway(self, metadata: Mapping[str, str], peer: str) -> bool:
+    def _admitted_by_gateway(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         vouching = metadata.get(FORWARDER_KEY)
-        return bool(vouching and self._service_key and same_key(vouching, self._service_key) and peer in self._proxies)
+        if not vouching or not self._service_key or not same_key(vouching, self._service_key):
+            return False
+        return peer_address(context.peer()) in self._proxies
