@@ -271,15 +271,15 @@ async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_ur
         def directly(key: str):
             return stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e5"), metadata=(("x-api-key", key),))
 
-        calls = handled("GetAgent")
-        # A key the service does not know: 401, from the edge, as from the service.
+        # A key the service does not know: 401, from the gateway, as from the service.
         unknown = keys.new_key()
+        calls = handled("GetAgent")
         refused = await http.get("/api/agents/e5", headers={"x-api-key": unknown})
+        assert handled("GetAgent") == calls, "refused before any call"
         assert (refused.status_code, refused.json()) == (await service_refusal(directly(unknown)))[:2]
         # No key, with anonymous reads on: served, from the client address's bucket.
         anonymous = await hot(http, "/api/agents/e5")
         assert anonymous.status_code == 200 and anonymous.headers["x-ratelimit-limit"] == "10000"
-        assert handled("GetAgent") == calls + 1  # only the direct call reached the service
 
         # Revoked: refused within a second, as by the service's own guard.
         await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=reader.api_key.id), metadata=(("x-api-key", ADMIN_KEY),))
@@ -304,13 +304,16 @@ async def test_hits_and_misses_of_one_caller_draw_on_one_bucket(sqlite_url, limi
         ]
         assert [a.status_code for a in answers] == [200] * left + [429]
         assert [int(a.headers["x-ratelimit-remaining"]) for a in answers[:left]] == list(range(left - 1, -1, -1))
-        assert any("age" in a.headers for a in answers[:left]), "some were hits"
-        assert handled("GetAgent") == calls + left // 2, "the no-cache ones, and only they, were misses"
+        # Every admitted one was a hit or a miss (a plain GET misses too if the edge
+        # was cleared meanwhile, by a second of silence on its stream).
+        hits, misses = sum("age" in a.headers for a in answers[:left]), handled("GetAgent") - calls
+        assert hits >= 1 and misses >= left // 2 and hits + misses == left
+        calls += misses
         limited = answers[-1]
         assert 1 <= int(limited.headers["retry-after"]) <= 3600 // 12 and limited.headers["x-ratelimit-remaining"] == "0"
         # A miss past the limit is refused from the same bucket, before any call.
         assert (await http.get("/api/agents/e6", headers={**as_reader, **NO_CACHE})).status_code == 429
-        assert handled("GetAgent") == calls + left // 2
+        assert handled("GetAgent") == calls
 
         # The service refuses a direct caller over its limit in the same words: at once
         # when the bucket is shared in Redis, after its own 12 when it is its memory's.
