@@ -17,6 +17,8 @@ Scope = options_pb2.Scope
 
 # What holding a scope grants besides itself.
 _IMPLIES: dict[int, set[int]] = {Scope.SCOPE_ADMIN: {Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE}}
+# Read once, not per call: an enum wrapper's attribute is a Python-level __getattr__.
+_AUTHENTICATED = Scope.SCOPE_AUTHENTICATED
 
 
 def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
@@ -36,7 +38,7 @@ def required_scope(method: MethodDescriptor) -> int:
 
 def allows(granted: Iterable[int], required: int) -> bool:
     granted = set(granted)
-    if required == Scope.SCOPE_AUTHENTICATED:
+    if required == _AUTHENTICATED:
         return True
     return required in granted or any(required in _IMPLIES.get(g, ()) for g in granted)
 
