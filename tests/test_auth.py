@@ -478,29 +478,35 @@ async def test_the_services_key_is_not_a_database_key(sqlite_url):
         assert created.key
 
 
-async def test_processes_sharing_a_bucket_in_redis_over_admit_at_most_their_quotas(redis_url):
+async def test_processes_sharing_a_bucket_in_redis_over_admit_at_most_their_quotas(redis_url, caplog):
     """Two processes' limiters on one Redis bucket of 300 (quota 3 each: 1% of the
     limit), taking as fast as they can side by side: the limit holds within their
     quotas, what they took reaches Redis, and a third process finds the bucket empty.
     Without Redis the same calls are limited in memory."""
-    prefix = f"dhtest:{uuid.uuid4().hex}:rl:"
     policy = {"default": Policy(300, 3600)}
-    one, two, three = (RateLimiter(policy, redis_url, prefix=prefix) for _ in range(3))
 
     async def admitted(limiter: RateLimiter) -> int:
         decisions = await asyncio.gather(*(limiter.take("key:k", "default") for _ in range(250)))
         return sum(decision is not None and decision.allowed for decision in decisions)
 
-    try:
-        taken = sum(await asyncio.gather(admitted(one), admitted(two)))
-        assert 300 <= taken <= 300 + 2 * policy["default"].quota
-        await asyncio.sleep(0.3)  # both report what they took within 100 ms
-        refused = await three.take("key:k", "default")
-        assert refused is not None and not refused.allowed and refused.remaining == 0
-        assert 1 <= refused.retry_after <= 12 * (1 + 2 * policy["default"].quota), "one token every 12 s, and any debt first"
-    finally:
-        for limiter in (one, two, three):
-            await limiter.close()
+    # A Redis that misses its 0.25 s deadline (a loaded machine) is a fall back to
+    # memory, which this test is not about: then it runs again, on a bucket of its own.
+    for _ in range(3):
+        caplog.clear()
+        prefix = f"dhtest:{uuid.uuid4().hex}:rl:"
+        one, two, three = (RateLimiter(policy, redis_url, prefix=prefix) for _ in range(3))
+        try:
+            taken = sum(await asyncio.gather(admitted(one), admitted(two)))
+            await asyncio.sleep(0.3)  # both report what they took within 100 ms
+            refused = await three.take("key:k", "default")
+        finally:
+            for limiter in (one, two, three):
+                await limiter.close()
+        if "fall back to memory" not in caplog.text:
+            break
+    assert 300 <= taken <= 300 + 2 * policy["default"].quota
+    assert refused is not None and not refused.allowed and refused.remaining == 0
+    assert 1 <= refused.retry_after <= 12 * (1 + 2 * policy["default"].quota), "one token every 12 s, and any debt first"
 
     down = RateLimiter({"default": Policy(2, 60)}, "redis://127.0.0.1:1", prefix=prefix)
     try:
