@@ -65,7 +65,7 @@ async def test_a_hot_key_is_served_without_leaving_the_process(sidecar: CacheSid
         values = [(await client.get_or_load("agents:get:1", 60, StringValue, loader)).value for _ in range(100)]
         assert values == ["hot"] * 100 and loader.calls == 1
         assert await sidecar_hits(sidecar) == hits  # not one of them reached the sidecar
-        assert client.near.hits == 100
+        assert (client.hits, client.misses) == (100, 1)
         # Callers get their own copies: changing one does not change the cache.
         values_seen = await client.get_or_load("agents:get:1", 60, StringValue, loader)
         values_seen.value = "mutated"
@@ -207,14 +207,14 @@ async def test_not_found_is_cached_as_a_negative_entry(start_sidecar: StartSidec
     async with near_client(sidecar) as client:
         await eventually(lambda: client.near.live)
         for _ in range(3):
-            assert await client.get_or_load_optional("agents:get:gone", 60, StringValue, missing) is None
+            assert await client.load("agents:get:gone", 60, ProtobufCodec(StringValue), missing, cache_none=True) is None
         assert calls == 1
         # A plain get_or_load does not take a negative entry for a value.
         found = await client.get_or_load("agents:get:gone", 60, StringValue, CountingLoader("now here"))
         assert found.value == "now here"
         # Creating it invalidates the negative entry like any other.
         await client.invalidate("agents:get:gone")
-        assert await client.get_or_load_optional("agents:get:gone", 60, StringValue, missing) is None
+        assert await client.load("agents:get:gone", 60, ProtobufCodec(StringValue), missing, cache_none=True) is None
         assert calls == 2
 
 

@@ -1,17 +1,9 @@
-"""Freshness, both ways: how long an answer stays fresh, and a caller asking for a
-fresh one.
-
-The freshness table is read once from the `cache_max_age` option of every RPC. A read
-RPC declares in its .proto how long its answer may be reused. The service's own
-caches keep it that long, and every successful response says it as
-`cache-control: max-age=N` metadata, which the gateway passes on as the HTTP header:
-so whoever caches an answer downstream learns its lifetime from the service, never
-from a table of its own.
-
-A caller that sends `cache-control: no-cache` (the gateway forwards the HTTP header)
-asks for an answer from the source of truth: the call wrapper (grpc_calls.py) sets
-fresh_reads() for that call, and every cached read it makes (the cache client's
-load) bypasses every cache layer and refills them.
+"""Freshness, both ways. A read RPC declares in its .proto (`cache_max_age`) how long
+its answer may be reused: the service's caches keep it that long and every answer
+says it as `cache-control: max-age=N`, so whoever caches downstream learns its
+lifetime from the service, never from a table of its own. A caller that sends
+`cache-control: no-cache` gets, under fresh_reads() (set by grpc_calls.py), reads
+that bypass every cache layer and refill them.
 """
 
 from __future__ import annotations
