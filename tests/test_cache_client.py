@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2, wrappers_pb2
 
 from bench.run import free_port
 from services.cache.client.client import CacheClient
-from services.cache.client.codecs import JSON, TEXT, ProtobufCodec
+from services.cache.client.codecs import JSON, TEXT, protobuf_codec
 from services.cache.client.decorators import cached, invalidate_cache
 from services.cache.client.key_builder import KeyBuilder, encode_part
 from services.cache.client.manager import (
@@ -90,7 +90,7 @@ async def test_a_write_through_another_client_reaches_the_near_cache(
         assert (await reader.get_or_load("agents:get:1", 60, StringValue, load)).value == "v2"
 
         # An overwrite (a Set without a fill token) reaches it too.
-        assert await writer.set("agents:get:1", StringValue(value="v3"), ProtobufCodec(StringValue)) is True
+        assert await writer.set("agents:get:1", StringValue(value="v3"), protobuf_codec(StringValue)) is True
         await eventually(lambda: len(reader.near) == 0)
         assert (await reader.get_or_load("agents:get:1", 60, StringValue, load)).value == "v3"
 
@@ -207,14 +207,14 @@ async def test_not_found_is_cached_as_a_negative_entry(start_sidecar: StartSidec
     async with near_client(sidecar) as client:
         await eventually(lambda: client.near.live)
         for _ in range(3):
-            assert await client.load("agents:get:gone", 60, ProtobufCodec(StringValue), missing, cache_none=True) is None
+            assert await client.load("agents:get:gone", 60, protobuf_codec(StringValue), missing, cache_none=True) is None
         assert calls == 1
         # A plain get_or_load does not take a negative entry for a value.
         found = await client.get_or_load("agents:get:gone", 60, StringValue, CountingLoader("now here"))
         assert found.value == "now here"
         # Creating it invalidates the negative entry like any other.
         await client.invalidate("agents:get:gone")
-        assert await client.load("agents:get:gone", 60, ProtobufCodec(StringValue), missing, cache_none=True) is None
+        assert await client.load("agents:get:gone", 60, protobuf_codec(StringValue), missing, cache_none=True) is None
         assert calls == 2
 
 
