@@ -1,14 +1,7 @@
-"""The cache measuring its own consistency, off the request path.
-
-Every layer that follows the invalidation stream (a service's near-cache, the
-gateway's edge cache) samples the invalidations of exact keys it applies, with the
-log position of each, and checks 1 s and 10 s later that neither it nor the sidecar
-still holds a value of that key read before that position: a value older than an
-acknowledged write, which the one-clock rules say no layer may keep. What it finds is
-counted on /metrics (`devops_hub_cache_consistency_checked_total{layer}` and
-`devops_hub_cache_consistency_stale_total{layer,after}`), drawn on the dashboard and
-alerted on (deploy/prometheus), as large caches watch theirs with an observer apart
-from the write path.
+"""The cache measuring its own consistency, off the request path (docs/cache.md, point
+12; the metrics in docs/observability.md): a following layer samples the exact-key
+invalidations it applies and checks 1 s and 10 s later that neither it nor the sidecar
+still holds a value read before them, which the one-clock rules say no layer may keep.
 """
 
 from __future__ import annotations

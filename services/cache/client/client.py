@@ -274,7 +274,8 @@ class CacheClient:
         the sidecar could not store it; never raises for that."""
         _check_ttl(ttl)
         self._start()
-        self._drop_locally(escape_key(key))
+        if self.near is not None:
+            self.near.invalidate(escape_key(key), None)
         request = cache_pb2.CacheSetRequest(entry=_entry(key, codec, value, 0), ttl_seconds=ttl)
         response, _ = await self.transport.call("Set", request, respect_backoff=False)
         return response is not None and bool(response.stored)
@@ -288,19 +289,15 @@ class CacheClient:
         if not patterns:
             return True
         self._start()
-        for pattern in patterns:
-            self._drop_locally(pattern)
+        if self.near is not None:
+            for pattern in patterns:
+                self.near.invalidate(pattern, None)
         _, code = await self.transport.call("Invalidate", cache_pb2.CacheInvalidateRequest(patterns=patterns), respect_backoff=False)
         return code is None
 
     async def delete(self, key: str) -> bool:
         """Removes one key; True when the sidecar applied it."""
-        if not key:
-            raise ValueError("key must not be empty")
-        self._start()
-        self._drop_locally(escape_key(key))
-        _, code = await self.transport.call("Delete", cache_pb2.CacheDeleteRequest(key=key), respect_backoff=False)
-        return code is None
+        return await self.invalidate(escape_key(key))
 
     async def clear(self) -> bool:
         """Empties the whole cache (every service's)."""
@@ -314,10 +311,6 @@ class CacheClient:
         """One Stats call: (stats, None), or (None, why it failed), to tell an
         unreachable sidecar (the cache is optional) from a refused key (a mistake)."""
         return await self.transport.call("Stats", empty_pb2.Empty(), respect_backoff=False)
-
-    def _drop_locally(self, pattern: str) -> None:
-        if self.near is not None:
-            self.near.invalidate(pattern, None)
 
     def _start(self) -> None:
         if self._feed is not None and not self.transport.closed:

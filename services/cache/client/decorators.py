@@ -41,7 +41,7 @@ def cached(
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Caches an async function's results by its arguments, for ttl seconds (None: the
     manager's default, or with `method` the RPC's `cache_max_age` in the protos, so a
-    service declares a read's lifetime once). The wrapper gains .cache_key(*args, **kwargs)."""
+    service declares a read's lifetime once)."""
     if method is not None and ttl is None:
         ttl = float(max_age(method))
 
@@ -61,7 +61,6 @@ def cached(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             return cast(R, await load(args, kwargs, False))
 
-        wrapper.cache_key = lambda *args, **kwargs: keys.key(args, kwargs)  # type: ignore[attr-defined]
         wrapper.__cache_encoded__ = lambda *args, **kwargs: load(args, kwargs, True)  # type: ignore[attr-defined]
         wrapper.__cache_keys__ = keys  # type: ignore[attr-defined]
         return wrapper

@@ -1,14 +1,8 @@
-"""What the near-cache (a process's own) and the gateway's edge cache share: a small
-LRU that is trusted only while an invalidation stream feeds it.
-
-Live exactly while its feed (near_feed.py) is: either change of that clears it, since
-invalidations may have been missed in the dark, and nothing read before the stream's
-position when it went live may land. `position` is how far of the invalidation log
-the stream has brought. Bounded by entries and bytes (an entry over a sixteenth of
-the bytes is not kept), entries capped at max_ttl, least recently used evicted first.
-Fills are checked against the invalidation history by version (history.py).
-Subclasses say what an entry weighs, what else goes when one is removed, and which
-entries a pattern drops.
+"""What the near-cache and the gateway's edge cache share: a small LRU trusted only
+while an invalidation stream feeds it (near_feed.py; docs/cache.md, "The near-cache,
+the edge cache and Watch"). Going live or dark clears it, since invalidations may have
+been missed in the dark; `position` is how far of the log the stream has brought; fills
+are checked by version (history.py). An entry over a sixteenth of the bytes is not kept.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import contextvars
 from collections.abc import Iterable, Iterator
 
 from devops_hub.v1 import options_pb2
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 
 from services.common.api import discover_services, method_path
 
@@ -26,15 +26,10 @@ def max_age(method: MethodDescriptor) -> int:
     return max_age
 
 
-def max_ages(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
+def max_ages() -> dict[str, int]:
     """'/pkg.Service/Method' -> seconds, for every cacheable method of the API."""
-    table = {}
-    for service in discover_services() if services is None else services:
-        for method in service.methods:
-            seconds = max_age(method)
-            if seconds:
-                table[method_path(method)] = seconds
-    return table
+    methods = (method for service in discover_services() for method in service.methods)
+    return {method_path(method): max_age(method) for method in methods if max_age(method)}
 
 
 def cache_control(seconds: int) -> tuple[str, str]:
@@ -50,9 +45,9 @@ def fresh_reads_requested() -> bool:
 
 
 @contextlib.contextmanager
-def fresh_reads(fresh: bool = True) -> Iterator[None]:
+def fresh_reads() -> Iterator[None]:
     """Within the block, cached reads bypass the cache (and refill it)."""
-    token = _FRESH.set(fresh)
+    token = _FRESH.set(True)
     try:
         yield
     finally:

@@ -47,12 +47,10 @@ class KeyBuilder:
         names = self._positional
         if names is not None and not kwargs and len(args) == len(names):
             arguments = dict(zip(names, args))
-            if self._skip is not None:
-                del arguments[self._skip]
-            return arguments
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
+        else:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
         if self._skip is not None:
             arguments.pop(self._skip, None)
         return arguments

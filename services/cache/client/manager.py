@@ -31,13 +31,12 @@ class CacheCredentialsError(RuntimeError):
 
 
 class CacheManager:
-    """A CacheClient with defaults: a TTL and a codec (JSON unless told otherwise).
+    """A CacheClient with defaults: a TTL, and JSON values unless a call names a codec.
     Like the client, it never raises for a sidecar failure."""
 
-    def __init__(self, client: CacheClient, *, default_ttl: float = 0.0, codec: Codec[Any] = JSON) -> None:
+    def __init__(self, client: CacheClient, *, default_ttl: float = 0.0) -> None:
         self.client = client
         self.default_ttl = default_ttl
-        self.codec = codec
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CacheManager:
@@ -64,12 +63,12 @@ class CacheManager:
 
     async def get(self, key: str, *, codec: Codec[Any] | None = None, default: Any = None) -> Any:
         """The cached value, None for a cached "not found", default on a miss."""
-        found, value = await self.client.get(key, codec or self.codec)
+        found, value = await self.client.get(key, codec or JSON)
         return value if found else default
 
     async def set(self, key: str, value: Any, *, ttl: float | None = None, codec: Codec[Any] | None = None) -> bool:
         """Stores value (None stores a "not found"). False if the sidecar is unreachable."""
-        return await self.client.set(key, value, codec or self.codec, self.default_ttl if ttl is None else ttl)
+        return await self.client.set(key, value, codec or JSON, self.default_ttl if ttl is None else ttl)
 
     async def delete(self, key: str) -> bool:
         return await self.client.delete(key)
