@@ -12,7 +12,6 @@ before the sidecar has heard of the write, with no list of keys to bypass.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import math
 import time
@@ -47,10 +46,8 @@ __all__ = ["CacheClient", "protobuf_content_type"]
 FILL_WINDOW = 10.0
 
 
-@dataclasses.dataclass(slots=True)
-class _Flight:
-    task: asyncio.Task[Any]
-    since: int  # the log position this process knew committed when the load began
+# A shared load, and the log position this process knew committed when it began.
+_Flight = tuple[asyncio.Task[Any], int]
 
 
 class CacheClient:
@@ -211,19 +208,19 @@ class CacheClient:
         fresh = fresh_reads_requested()
         name = (key, codec.content_type, cache_none)
         flight = self._flights.get(name)
-        if fresh or flight is None or self.history.raced(key, flight.since):
+        if fresh or flight is None or self.history.raced(key, flight[1]):
             since = self.history.known
-            flight = _Flight(asyncio.create_task(self._load_through(key, ttl, codec, loader, cache_none, since, fresh)), since)
-            self._flights[name] = flight
-            flight.task.add_done_callback(functools.partial(self._landed, name, flight))
-        return cast("T | None", await asyncio.shield(flight.task))
+            load = self._load_through(key, ttl, codec, loader, cache_none, since, fresh)
+            flight = self._flights[name] = (asyncio.create_task(load), since)
+            flight[0].add_done_callback(functools.partial(self._landed, name, flight))
+        return cast("T | None", await asyncio.shield(flight[0]))
 
-    def _landed(self, name: Hashable, flight: _Flight, _done: asyncio.Task[Any]) -> None:
+    def _landed(self, name: Hashable, flight: _Flight, task: asyncio.Task[Any]) -> None:
         if self._flights.get(name) is flight:
             del self._flights[name]
         # Mark the exception retrieved: if every waiter was cancelled, nobody else will.
-        if not flight.task.cancelled():
-            flight.task.exception()
+        if not task.cancelled():
+            task.exception()
 
     async def _load_through(
         self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], cache_none: bool, since: int, fresh: bool
@@ -292,7 +289,8 @@ class CacheClient:
         if self.near is not None:
             for pattern in patterns:
                 self.near.invalidate(pattern, None)
-        _, code = await self.transport.call("Invalidate", cache_pb2.CacheInvalidateRequest(patterns=patterns), respect_backoff=False)
+        request = cache_pb2.CacheInvalidateRequest(patterns=patterns)
+        _, code = await self.transport.call("Invalidate", request, respect_backoff=False)
         return code is None
 
     async def delete(self, key: str) -> bool:

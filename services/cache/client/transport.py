@@ -92,7 +92,9 @@ class SidecarTransport:
             self._suppressed += 1
             return
         suppressed = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
-        log.warning("cache sidecar %s: %s failed (%s); serving from the source of truth%s", self.address, what, detail, suppressed)
+        log.warning(
+            "cache sidecar %s: %s failed (%s); serving from the source of truth%s", self.address, what, detail, suppressed
+        )
         self._last_logged = now
         self._suppressed = 0
 
