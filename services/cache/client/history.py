@@ -17,7 +17,7 @@ from collections.abc import Callable
 from services.cache.client.keys import parse_pattern
 
 # Invalidations remembered; a version older than all of them counts as raced.
-DEFAULT_HISTORY = 4096
+HISTORY_SIZE = 4096
 
 
 class InvalidationHistory:
@@ -36,7 +36,7 @@ class InvalidationHistory:
             self.forget(at)
             return
         bisect.insort(self._entries, (at, parse_pattern(pattern).matches), key=lambda entry: entry[0])
-        if len(self._entries) > DEFAULT_HISTORY:
+        if len(self._entries) > HISTORY_SIZE:
             self.floor = max(self.floor, self._entries.pop(0)[0])
 
     def learn(self, position: int) -> None:
