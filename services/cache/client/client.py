@@ -2,11 +2,9 @@
 
 The cache is an optimisation, never a dependency: any sidecar failure degrades to
 calling the loader, and nothing the sidecar does reaches the caller as an exception.
-Layers, fastest first: the near-cache (only while its Watch stream feeds it), the
-sidecar, the loader. A value whose key this process saw invalidated after its version
-(its own writes, from committed(), and what its stream brings) is never kept, shared
-or served here, whichever layer offers it: read-your-writes in the writing process
-before the sidecar has heard of the write, with no list of keys to bypass.
+A value whose key this process saw invalidated after its version (its own writes, from
+committed(), and what its stream brings) is never kept, shared or served here, from
+whichever layer: read-your-writes before the sidecar has heard of the write.
 """
 
 from __future__ import annotations
