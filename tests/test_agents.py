@@ -368,10 +368,11 @@ async def test_a_hot_get_answers_the_cached_bytes_as_they_are(stack):
     )
     request = agents_pb2.GetAgentRequest(id="agent-1")
     cold = await get_raw(request)
-    hits = near.hits
+    client = stack.agents.cache
+    hits, sidecar_hits = client.hits, (await client.stats()).hits
     call = get_raw(request)
     hot = await call
-    assert near.hits == hits + 1, "the second read is the near-cache's"
+    assert client.hits == hits + 1 and (await client.stats()).hits == sidecar_hits, "the second read is the near-cache's"
     agent = Agent.FromString(hot)
     assert agent == created and hot == agent.SerializeToString() == cold
     trailers = dict(await call.trailing_metadata())

@@ -19,8 +19,8 @@ from google.protobuf import empty_pb2, wrappers_pb2
 
 from bench.run import free_port
 from services.cache.client.client import CacheClient
-from services.cache.client.codecs import JSON, TEXT, ProtobufCodec
-from services.cache.client.decorators import cached, invalidate_cache
+from services.cache.client.codecs import JSON, TEXT, protobuf_codec
+from services.cache.client.decorators import cached, invalidate_cache, stale
 from services.cache.client.key_builder import KeyBuilder, encode_part
 from services.cache.client.manager import (
     CacheManager,
@@ -65,7 +65,7 @@ async def test_a_hot_key_is_served_without_leaving_the_process(sidecar: CacheSid
         values = [(await client.get_or_load("agents:get:1", 60, StringValue, loader)).value for _ in range(100)]
         assert values == ["hot"] * 100 and loader.calls == 1
         assert await sidecar_hits(sidecar) == hits  # not one of them reached the sidecar
-        assert client.near.hits == 100
+        assert (client.hits, client.misses) == (100, 1)
         # Callers get their own copies: changing one does not change the cache.
         values_seen = await client.get_or_load("agents:get:1", 60, StringValue, loader)
         values_seen.value = "mutated"
@@ -90,7 +90,7 @@ async def test_a_write_through_another_client_reaches_the_near_cache(
         assert (await reader.get_or_load("agents:get:1", 60, StringValue, load)).value == "v2"
 
         # An overwrite (a Set without a fill token) reaches it too.
-        assert await writer.set("agents:get:1", StringValue(value="v3"), ProtobufCodec(StringValue)) is True
+        assert await writer.set("agents:get:1", StringValue(value="v3"), protobuf_codec(StringValue)) is True
         await eventually(lambda: len(reader.near) == 0)
         assert (await reader.get_or_load("agents:get:1", 60, StringValue, load)).value == "v3"
 
@@ -207,14 +207,14 @@ async def test_not_found_is_cached_as_a_negative_entry(start_sidecar: StartSidec
     async with near_client(sidecar) as client:
         await eventually(lambda: client.near.live)
         for _ in range(3):
-            assert await client.get_or_load_optional("agents:get:gone", 60, StringValue, missing) is None
+            assert await client.load("agents:get:gone", 60, protobuf_codec(StringValue), missing, cache_none=True) is None
         assert calls == 1
         # A plain get_or_load does not take a negative entry for a value.
         found = await client.get_or_load("agents:get:gone", 60, StringValue, CountingLoader("now here"))
         assert found.value == "now here"
         # Creating it invalidates the negative entry like any other.
         await client.invalidate("agents:get:gone")
-        assert await client.get_or_load_optional("agents:get:gone", 60, StringValue, missing) is None
+        assert await client.load("agents:get:gone", 60, protobuf_codec(StringValue), missing, cache_none=True) is None
         assert calls == 2
 
 
@@ -322,7 +322,7 @@ async def test_cached_and_invalidate_cache_agree_on_keys(manager: CacheManager, 
     async def update_agent(agent_id: str, value: str) -> None:
         database[agent_id] = value
 
-    assert get_agent.cache_key("a1") == "agents:get:a1"
+    assert stale(get_agent, "a1") == "agents:get:a1"  # the key it fills, as a write names it
     assert (await get_agent("a1")).value == "first"
     assert (await get_agent(agent_id="a1")).value == "first"
     assert reads == 1

@@ -8,10 +8,12 @@ miss, never an exception to the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -34,80 +36,48 @@ class Codec(Protocol[T]):
         ...
 
 
+@dataclasses.dataclass(slots=True)
+class _Codec(Generic[T]):
+    content_type: str
+    encode: Callable[[T], bytes]
+    _decode: Callable[[bytes], T]
+
+    def decode(self, data: bytes) -> T:
+        try:
+            return self._decode(data)
+        except (ValueError, DecodeError) as exc:  # UnicodeDecodeError and JSON's errors are ValueErrors
+            raise CodecError(str(exc)) from exc
+
+
 def protobuf_content_type(full_name: str) -> str:
     """The content_type for a serialized message of this type."""
     return f"application/x-protobuf; type={full_name}"
 
 
-class ProtobufCodec(Generic[M]):
-    def __init__(self, message_type: type[M]) -> None:
-        self.message_type = message_type
-        self.content_type = protobuf_content_type(message_type.DESCRIPTOR.full_name)
-
-    def encode(self, value: M) -> bytes:
-        if not isinstance(value, self.message_type):
-            raise TypeError(f"expected {self.message_type.DESCRIPTOR.full_name}, got {type(value).__name__}")
-        return value.SerializeToString()
-
-    def decode(self, data: bytes) -> M:
-        try:
-            return self.message_type.FromString(data)
-        except DecodeError as exc:
-            raise CodecError(str(exc)) from exc
-
-
-def protobuf_codec(message_type: type[M]) -> ProtobufCodec[M]:
+def protobuf_codec(message_type: type[M]) -> Codec[M]:
     """One codec per message type, built once (the read path asks for it per call)."""
     # mypy takes a class for unhashable when its instances are (python/mypy#11470).
     return _protobuf_codec(message_type)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=256)
-def _protobuf_codec(message_type: type[Message]) -> ProtobufCodec[Any]:
-    return ProtobufCodec(message_type)
+def _protobuf_codec(message_type: type[Message]) -> Codec[Any]:
+    def encode(value: Message) -> bytes:
+        if not isinstance(value, message_type):
+            raise TypeError(f"expected {message_type.DESCRIPTOR.full_name}, got {type(value).__name__}")
+        return value.SerializeToString()
+
+    return _Codec(protobuf_content_type(message_type.DESCRIPTOR.full_name), encode, message_type.FromString)
 
 
-class JsonCodec:
+def _json(value: Any) -> bytes:
     """JSON values (dict, list, str, int, float, bool, None), written canonically."""
-
-    content_type = "application/json"
-
-    def encode(self, value: Any) -> bytes:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-    def decode(self, data: bytes) -> Any:
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CodecError(str(exc)) from exc
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-class BytesCodec:
-    content_type = "application/octet-stream"
-
-    def encode(self, value: bytes) -> bytes:
-        return bytes(value)
-
-    def decode(self, data: bytes) -> bytes:
-        return data
-
-
-class TextCodec:
-    content_type = "text/plain; charset=utf-8"
-
-    def encode(self, value: str) -> bytes:
-        return value.encode()
-
-    def decode(self, data: bytes) -> str:
-        try:
-            return data.decode()
-        except UnicodeDecodeError as exc:
-            raise CodecError(str(exc)) from exc
-
-
-JSON = JsonCodec()
-BYTES = BytesCodec()
-TEXT = TextCodec()
+JSON: Codec[Any] = _Codec("application/json", _json, json.loads)
+BYTES: Codec[bytes] = _Codec("application/octet-stream", bytes, bytes)
+TEXT: Codec[str] = _Codec("text/plain; charset=utf-8", str.encode, bytes.decode)
 
 
 def codec_for(annotation: Any) -> Codec[Any] | None:

@@ -1,14 +1,8 @@
-"""What the near-cache (a process's own) and the gateway's edge cache share: a small
-LRU that is trusted only while an invalidation stream feeds it.
-
-Live exactly while its feed (near_feed.py) is: either change of that clears it, since
-invalidations may have been missed in the dark, and nothing read before the stream's
-position when it went live may land. `position` is how far of the invalidation log
-the stream has brought. Bounded by entries and bytes (an entry over a sixteenth of
-the bytes is not kept), entries capped at max_ttl, least recently used evicted first.
-Fills are checked against the invalidation history by version (history.py).
-Subclasses say what an entry weighs, what else goes when one is removed, and which
-entries a pattern drops.
+"""What the near-cache and the gateway's edge cache share: a small LRU trusted only
+while an invalidation stream feeds it (near_feed.py; docs/cache.md, "The near-cache,
+the edge cache and Watch"). Going live or dark clears it, since invalidations may have
+been missed in the dark; `position` is how far of the log the stream has brought; fills
+are checked by version (history.py). An entry over a sixteenth of the bytes is not kept.
 """
 
 from __future__ import annotations
@@ -36,11 +30,10 @@ class FedCache(abc.ABC, Generic[K, E]):
     def __init__(
         self,
         *,
-        max_entries: int,
-        max_bytes: int,
-        max_ttl: float,
+        max_entries: int = 1024,
+        max_bytes: int = 32 * 1024 * 1024,
+        max_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
-        history: InvalidationHistory | None = None,
     ) -> None:
         if max_entries < 1 or max_bytes < 1 or max_ttl <= 0:
             raise ValueError("max_entries, max_bytes and max_ttl must be positive")
@@ -50,32 +43,26 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._clock = clock
         self._entries: collections.OrderedDict[K, E] = collections.OrderedDict()
         self._bytes = 0
-        self._live = False
+        self.live = False
         self.position = 0
-        self.history = history or InvalidationHistory()
+        self.history = InvalidationHistory()
         # Told of every invalidation from the log this cache applies (consistency.py).
         self.observer: Callable[[str, int], None] | None = None
-        self.hits = 0
-        self.misses = 0
         # Log entries this process applied at its own commits (CacheClient.committed),
         # until the stream brings them back: they are not applied a second time.
         self._own: set[int] = set()
-
-    @property
-    def live(self) -> bool:
-        return self._live
 
     def go_live(self, position: int) -> None:
         """The stream is at `position`: nothing read before it may land (it may have
         missed an invalidation while dark)."""
         self.clear(position)
         self.position = position
-        self._live = True
+        self.live = True
 
     def go_dark(self) -> None:
         """Invalidations may be missed from now on."""
         self.clear(self.history.known)
-        self._live = False
+        self.live = False
 
     def invalidate(self, pattern: str, at: int | None) -> None:
         """Drops what the pattern names; `at` is its log position, recorded so that a
@@ -93,17 +80,13 @@ class FedCache(abc.ABC, Generic[K, E]):
         return len(self._entries)
 
     def get(self, key: K) -> E | None:
-        if not self._live:
-            return None
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires_at <= self._clock():
-            self._remove(key)
-            entry = None
+        entry = self._entries.get(key) if self.live else None
         if entry is None:
-            self.misses += 1
+            return None
+        if entry.expires_at <= self._clock():
+            self._remove(key)
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
         return entry
 
     def applied_own(self, position: int) -> None:
@@ -114,10 +97,9 @@ class FedCache(abc.ABC, Generic[K, E]):
         """Whether the stream's span (after, through] is one entry applied_own() already
         applied; entries the stream has passed are forgotten either way."""
         own = self._own
-        if not own:
-            return False
         mine = through == after + 1 and through in own
-        self._own = {position for position in own if position > through}
+        if own:
+            self._own = {position for position in own if position > through}
         return mine
 
     def clear(self, at: int) -> None:
@@ -127,7 +109,7 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._own.clear()
 
     def _fits(self, size: int) -> bool:
-        return self._live and size <= self.max_bytes // 16
+        return self.live and size <= self.max_bytes // 16
 
     def _store(self, key: K, entry: E) -> None:
         """Keeps entry (replacing the key's), then evicts down to the bounds."""
@@ -137,6 +119,11 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._bytes += self._weight(entry)
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: K) -> E:
+        entry = self._entries.pop(key)
+        self._bytes -= self._weight(entry)
+        return entry
 
     @abc.abstractmethod
     def _weight(self, entry: E) -> int:
@@ -149,8 +136,3 @@ class FedCache(abc.ABC, Generic[K, E]):
     @abc.abstractmethod
     def holds_older(self, key: str, at: int) -> bool:
         """Whether it holds a value of `key` read before log position `at` (consistency.py)."""
-
-    def _remove(self, key: K) -> E:
-        entry = self._entries.pop(key)
-        self._bytes -= self._weight(entry)
-        return entry

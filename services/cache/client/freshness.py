@@ -1,17 +1,9 @@
-"""Freshness, both ways: how long an answer stays fresh, and a caller asking for a
-fresh one.
-
-The freshness table is read once from the `cache_max_age` option of every RPC. A read
-RPC declares in its .proto how long its answer may be reused. The service's own
-caches keep it that long, and every successful response says it as
-`cache-control: max-age=N` metadata, which the gateway passes on as the HTTP header:
-so whoever caches an answer downstream learns its lifetime from the service, never
-from a table of its own.
-
-A caller that sends `cache-control: no-cache` (the gateway forwards the HTTP header)
-asks for an answer from the source of truth: the call wrapper (grpc_calls.py) sets
-fresh_reads() for that call, and every cached read it makes (the cache client's
-load) bypasses every cache layer and refills them.
+"""Freshness, both ways. A read RPC declares in its .proto (`cache_max_age`) how long
+its answer may be reused: the service's caches keep it that long and every answer
+says it as `cache-control: max-age=N`, so whoever caches downstream learns its
+lifetime from the service, never from a table of its own. A caller that sends
+`cache-control: no-cache` gets, under fresh_reads() (set by grpc_calls.py), reads
+that bypass every cache layer and refill them.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ import contextvars
 from collections.abc import Iterable, Iterator
 
 from devops_hub.v1 import options_pb2
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 
 from services.common.api import discover_services, method_path
 
@@ -34,15 +26,10 @@ def max_age(method: MethodDescriptor) -> int:
     return max_age
 
 
-def max_ages(services: Iterable[ServiceDescriptor] | None = None) -> dict[str, int]:
+def max_ages() -> dict[str, int]:
     """'/pkg.Service/Method' -> seconds, for every cacheable method of the API."""
-    table = {}
-    for service in discover_services() if services is None else services:
-        for method in service.methods:
-            seconds = max_age(method)
-            if seconds:
-                table[method_path(method)] = seconds
-    return table
+    methods = (method for service in discover_services() for method in service.methods)
+    return {method_path(method): max_age(method) for method in methods if max_age(method)}
 
 
 def cache_control(seconds: int) -> tuple[str, str]:
@@ -58,9 +45,9 @@ def fresh_reads_requested() -> bool:
 
 
 @contextlib.contextmanager
-def fresh_reads(fresh: bool = True) -> Iterator[None]:
+def fresh_reads() -> Iterator[None]:
     """Within the block, cached reads bypass the cache (and refill it)."""
-    token = _FRESH.set(fresh)
+    token = _FRESH.set(True)
     try:
         yield
     finally:

@@ -1,17 +1,12 @@
 """Which keys this process saw invalidated after a given log position: the question a
 fill, a shared load and a hit from the sidecar must each answer before they may hand
-out what they read.
+out what they read (docs/cache.md, the rule).
 
-Positions are the invalidation log's sequence numbers, the cache's one clock. A
-value's version is the position it was read at (every entry up to it had committed
-before the read began); raced(key, version) is True when an invalidation matching the
-key was recorded after that position, so the value may predate a write and must not
-be kept, shared or served. `known` is the furthest position this process knows
-committed (its own writes, and what its stream delivered): a load that starts now
-reads at least that, which makes it the load's version.
-
-The history is bounded: a version older than what it remembers (its floor) counts as
-raced, the safe answer.
+raced(key, version) is True when an invalidation matching the key was recorded after
+that position, so the value may predate a write. `known` is the furthest position
+this process knows committed (its own writes, and what its stream delivered): a load
+that starts now reads at least that, which makes it the load's version. Bounded: a
+version older than what it remembers (its floor) counts as raced, the safe answer.
 """
 
 from __future__ import annotations
@@ -22,14 +17,11 @@ from collections.abc import Callable
 from services.cache.client.keys import parse_pattern
 
 # Invalidations remembered; a version older than all of them counts as raced.
-DEFAULT_HISTORY = 4096
+HISTORY_SIZE = 4096
 
 
 class InvalidationHistory:
-    def __init__(self, size: int = DEFAULT_HISTORY) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
-        self._size = size
+    def __init__(self) -> None:
         self.known = 0
         # Versions below the floor cannot be checked (history dropped, or a clear).
         self.floor = 0
@@ -44,7 +36,7 @@ class InvalidationHistory:
             self.forget(at)
             return
         bisect.insort(self._entries, (at, parse_pattern(pattern).matches), key=lambda entry: entry[0])
-        if len(self._entries) > self._size:
+        if len(self._entries) > HISTORY_SIZE:
             self.floor = max(self.floor, self._entries.pop(0)[0])
 
     def learn(self, position: int) -> None:

@@ -1,20 +1,7 @@
-"""Cache keys built from a function's arguments: deterministic, readable where it
-costs nothing, and never derived from str() or repr() of an object (those change
-with memory addresses, dict order or a library's formatting).
-
-A key is "<key_prefix>:<part>:<part>…", one part per argument in signature order,
-defaults applied, so f(1) and f(x=1) share a key. Scalars stay readable, which
-lets a pattern such as "agents:get:{agent_id}" name one key:
-
-    "py-linter"     a str, percent-encoded (':' and '=' never appear raw)
-    "i=42"          an int (tagged, so 42 and "42" differ)
-    "f=1.5" "b=1" "n=" "e=Status.ACTIVE" "u=<uuid>" "t=<iso time>" "d=<decimal>"
-    "h=<sha256/128>" anything else: protobuf messages (deterministic serialization),
-                    bytes, lists, tuples, sets, dicts, dataclasses, or an object's
-                    own __cache_key__(), hashed from a type-tagged canonical form
-
-Any other type raises TypeError at call time instead of producing a key that is
-silently wrong.
+"""Cache keys built from a function's arguments (docs/cache.md, "Keys"): deterministic,
+readable where it costs nothing, and never derived from str() or repr() of an object
+(those change with memory addresses, dict order or a library's formatting). Any other
+type raises TypeError at call time instead of producing a key that is silently wrong.
 """
 
 from __future__ import annotations
@@ -60,12 +47,10 @@ class KeyBuilder:
         names = self._positional
         if names is not None and not kwargs and len(args) == len(names):
             arguments = dict(zip(names, args))
-            if self._skip is not None:
-                del arguments[self._skip]
-            return arguments
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
+        else:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
         if self._skip is not None:
             arguments.pop(self._skip, None)
         return arguments
@@ -90,6 +75,13 @@ class KeyBuilder:
 
 
 def encode_part(value: Any) -> str:
+    """A scalar's readable part (tagged, so 42 and "42" differ; a str percent-encoded, so
+    ':', '=' and globs never appear raw), or a hash of anything else's canonical form."""
+    readable = _readable(value)
+    return readable if readable is not None else "h=" + hashlib.sha256(canonical(value)).hexdigest()[:_DIGEST_CHARS]
+
+
+def _readable(value: Any) -> str | None:
     if value is None:
         return "n="
     if isinstance(value, bool):
@@ -108,24 +100,15 @@ def encode_part(value: Any) -> str:
         return f"t={quote(value.isoformat(), safe='')}"
     if isinstance(value, decimal.Decimal):
         return f"d={value}"
-    return "h=" + hashlib.sha256(canonical(value)).hexdigest()[:_DIGEST_CHARS]
+    return None
 
 
 def canonical(value: Any) -> bytes:
     """A type-tagged, length-prefixed encoding: equal values give equal bytes, and
-    values of different types never do (1, 1.0, True and "1" all differ)."""
-    if value is None:
-        return b"n"
-    if isinstance(value, bool):
-        return b"b1" if value else b"b0"
-    if isinstance(value, enum.Enum):
-        return b"e" + _lp(type(value).__qualname__.encode()) + canonical(value.value)
-    if isinstance(value, int):
-        return b"i" + _lp(str(int(value)).encode())
-    if isinstance(value, float):
-        return b"f" + _lp(repr(float(value)).encode())
-    if isinstance(value, str):
-        return b"s" + _lp(value.encode())
+    values of different types never do (scalars' readable parts are tagged already)."""
+    readable = _readable(value)
+    if readable is not None:
+        return b"p" + _lp(readable.encode())
     if isinstance(value, (bytes, bytearray, memoryview)):
         return b"y" + _lp(bytes(value))
     if isinstance(value, Message):
@@ -137,8 +120,6 @@ def canonical(value: Any) -> bytes:
         return b"l" + _lp(b"".join(_lp(canonical(item)) for item in value))
     if isinstance(value, (set, frozenset)):
         return b"t" + _lp(b"".join(sorted(_lp(canonical(item)) for item in value)))
-    if isinstance(value, (uuid.UUID, dt.datetime, dt.date, dt.time, decimal.Decimal)):
-        return b"p" + _lp(encode_part(value).encode())
     cache_key = getattr(value, "__cache_key__", None)
     if callable(cache_key):
         return b"k" + _lp(type(value).__qualname__.encode()) + canonical(cache_key())

@@ -1,13 +1,6 @@
-"""What a cache key is, and how glob patterns over keys are parsed and applied.
-
-Shared by both stores, the servicer and the client, so that "which keys does this
-pattern remove" has one answer everywhere.
-
-Keys are namespaced by their first ':' ("agents:get:42" lives in namespace "agents").
-Each further ':' opens a deeper *prefix level* ("agents:", "agents:get:"). A prefix
-invalidation that ends on a level ("agents:list:*") is O(1) in both stores: the
-memory store detaches a subtree, the Redis store bumps a generation counter. Other
-patterns scan, bounded by their literal prefix.
+"""What a cache key is, and how glob patterns over keys are parsed and applied: one
+answer to "which keys does this pattern remove" for both stores, the servicer and the
+client (docs/cache.md, "Keys, namespaces and invalidation").
 """
 
 from __future__ import annotations
@@ -78,14 +71,9 @@ def key_problem(key: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GlobPattern:
-    """A parsed fnmatch pattern and the cheapest way to apply it.
-
-    kind is "exact" (no glob characters), "prefix" (literal text then one final '*')
-    or "glob". literal_prefix is the text before the first glob character: every
-    matching key starts with it, which bounds the keys a scan must look at.
-    level is set when the pattern is a prefix ending on a prefix level, i.e. one the
-    stores invalidate in O(1).
-    """
+    """A parsed fnmatch pattern. kind: "exact" (no glob characters), "prefix" (literal
+    text then one final '*') or "glob"; every matching key starts with literal_prefix,
+    which bounds a scan; level is set for a prefix the stores invalidate in O(1)."""
 
     text: str
     kind: Literal["exact", "prefix", "glob"]

@@ -1,34 +1,19 @@
 """The cache manager services import, and how a process (or a test) chooses it.
 
-    cache = await get_cache_manager()             # connected, its key checked
-    await cache.set("reports:today", {"ok": 3}, ttl=60)
-    await cache.get("reports:today")              # {"ok": 3}, or None on a miss
-    await cache.delete("reports:today"); await cache.clear()
-    cache.stats                                   # {"hits": …, "hit_rate": "87.5%", …}
-
-get_cache_manager() may also be called without await (the decorators do): the
-manager then connects on first use.
-
-Which manager get_cache_manager() returns, first match wins:
-
-1. the one installed for the current context by `with use_cache_manager(m):` (a
-   context variable: tests, or one request, can use their own without touching
-   anyone else's);
-2. the process default installed by configure(settings) or set_cache_manager(m),
-   which a service's server.py does once at start;
-3. otherwise one built from Settings.from_env() on first use (CACHE_ADDR,
-   CACHE_TIMEOUT, CACHE_DEFAULT_TTL, CACHE_NEAR_SIZE, CACHE_NEAR_TTL) and installed
-   as the process default.
-
-Nothing is built at import time, and every one of these can be replaced.
+get_cache_manager() returns, first match wins: the one installed for the current
+context by `with use_cache_manager(m):` (a context variable, so a test or a request
+uses its own without touching anyone else's); the process default installed by
+configure() or set_cache_manager(); one built from Settings.from_env() on first use.
+It may be called without await (the decorators do): the manager then connects on
+first use. Nothing is built at import time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Generator, Iterator
-from typing import Any, TypeVar
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import grpc
 from devops_hub.v1 import cache_pb2
@@ -36,8 +21,6 @@ from devops_hub.v1 import cache_pb2
 from services.cache.client.client import CacheClient
 from services.cache.client.codecs import JSON, Codec
 from services.common.settings import Settings
-
-T = TypeVar("T")
 
 _REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
@@ -48,16 +31,12 @@ class CacheCredentialsError(RuntimeError):
 
 
 class CacheManager:
-    """A CacheClient with defaults: a TTL and a codec (JSON unless told otherwise).
+    """A CacheClient with defaults: a TTL, and JSON values unless a call names a codec.
+    Like the client, it never raises for a sidecar failure."""
 
-    Like the client, it never raises for a sidecar failure: reads miss, writes
-    report False, stats() returns None.
-    """
-
-    def __init__(self, client: CacheClient, *, default_ttl: float = 0.0, codec: Codec[Any] = JSON) -> None:
+    def __init__(self, client: CacheClient, *, default_ttl: float = 0.0) -> None:
         self.client = client
         self.default_ttl = default_ttl
-        self.codec = codec
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CacheManager:
@@ -84,35 +63,12 @@ class CacheManager:
 
     async def get(self, key: str, *, codec: Codec[Any] | None = None, default: Any = None) -> Any:
         """The cached value, None for a cached "not found", default on a miss."""
-        found, value = await self.client.get(key, codec or self.codec)
+        found, value = await self.client.get(key, codec or JSON)
         return value if found else default
 
     async def set(self, key: str, value: Any, *, ttl: float | None = None, codec: Codec[Any] | None = None) -> bool:
         """Stores value (None stores a "not found"). False if the sidecar is unreachable."""
-        return await self.client.set(key, value, codec or self.codec, self._ttl(ttl))
-
-    async def get_or_load(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[T]],
-        *,
-        ttl: float | None = None,
-        codec: Codec[Any] | None = None,
-        cache_none: bool = True,
-    ) -> T:
-        return await self.client.load(key, self._ttl(ttl), codec or self.codec, loader, cache_none=cache_none)
-
-    async def get_or_load_encoded(
-        self,
-        key: str,
-        loader: Callable[[], Awaitable[Any]],
-        *,
-        ttl: float | None = None,
-        codec: Codec[Any] | None = None,
-        cache_none: bool = True,
-    ) -> bytes | None:
-        """get_or_load(), answering the codec's bytes (CacheClient.load_encoded)."""
-        return await self.client.load_encoded(key, self._ttl(ttl), codec or self.codec, loader, cache_none=cache_none)
+        return await self.client.set(key, value, codec or JSON, self.default_ttl if ttl is None else ttl)
 
     async def delete(self, key: str) -> bool:
         return await self.client.delete(key)
@@ -151,13 +107,9 @@ class CacheManager:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _ttl(self, ttl: float | None) -> float:
-        return self.default_ttl if ttl is None else ttl
-
 
 class _ProcessDefault:
-    """The process-wide default, in an object rather than a bare global so that it is
-    replaced only through configure()/set_cache_manager()."""
+    """Replaced only through configure() and set_cache_manager()."""
 
     manager: CacheManager | None = None
 
@@ -167,24 +119,12 @@ _current: contextvars.ContextVar[CacheManager | None] = contextvars.ContextVar("
 
 
 def get_cache_manager() -> CacheManager:
-    manager = _current.get()
-    if manager is not None:
-        return manager
-    if _default.manager is None:
-        configure()
-    assert _default.manager is not None
-    return _default.manager
+    return _current.get() or _default.manager or configure()
 
 
-def configure(settings: Settings | None = None, *, client: CacheClient | None = None) -> CacheManager:
-    """Builds the process default from settings (or around an existing client, e.g.
-    the one the service already made) and installs it. Returns it."""
-    settings = settings or Settings.from_env()
-    if client is None:
-        manager = CacheManager.from_settings(settings)
-    else:
-        manager = CacheManager(client, default_ttl=settings.cache_default_ttl)
-    _default.manager = manager
+def configure(settings: Settings | None = None) -> CacheManager:
+    """Builds the process default from settings (default: the environment) and installs it."""
+    manager = _default.manager = CacheManager.from_settings(settings or Settings.from_env())
     return manager
 
 

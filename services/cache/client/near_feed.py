@@ -32,10 +32,6 @@ WATCH_RETRY_MAX = 2.0
 CLOSE_TIMEOUT = 2.0
 
 
-class StreamGap(Exception):
-    """A Watch message starts past the follower's position: it missed one."""
-
-
 class NearCacheFeed:
     def __init__(
         self,
@@ -75,13 +71,8 @@ class NearCacheFeed:
             call = self._call = self._transport.watch(self._prefixes)
             try:
                 await self._follow(call)
-                log.debug("cache watch stream ended by the sidecar; near-cache cleared")
-            except grpc.aio.AioRpcError as exc:
-                log.debug("cache watch stream ended (%s); near-cache cleared", exc.code().name)
-            except TimeoutError:
-                log.debug("cache watch stream sent no heartbeat; near-cache cleared")
-            except StreamGap as exc:
-                log.warning("cache watch stream: %s; near-cache cleared", exc)
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:  # ended, or silent past liveness
+                log.debug("cache watch stream ended (%r); cache cleared", exc)
             finally:
                 went_live = self._near.live
                 self._near.go_dark()
@@ -100,7 +91,8 @@ class NearCacheFeed:
                 near.go_live(message.through)  # the stream opens with a heartbeat
                 continue
             if message.after > near.position:
-                raise StreamGap(f"a message covers the log after {message.after}, the cache is at {near.position}")
+                log.warning("cache watch stream: a gap after %d, the cache is at %d; cleared", message.after, near.position)
+                return
             # A span from the log is recorded at its end; patterns from outside it only drop.
             at = message.through if message.through > message.after else None
             # This process's own write came back: its commit applied it already.

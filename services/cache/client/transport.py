@@ -1,7 +1,7 @@
 """The gRPC channel to the cache sidecar and the one way every call goes through it.
 
 A failed call never raises: it answers (None, status code) and is logged at most
-once per log_interval, because the cache is an optimisation and its failures must
+once per LOG_INTERVAL, because the cache is an optimisation and its failures must
 not flood the log of a service that is busy serving from the database instead.
 Once the sidecar looks unreachable, reads skip it for retry_after seconds rather
 than add a timeout to every request; invalidations always try.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,8 +25,7 @@ log = logging.getLogger(__name__)
 
 CACHE_SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"]
 
-# Codes after which the sidecar is presumed unreachable.
-UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+LOG_INTERVAL = 30.0
 
 
 class SidecarTransport:
@@ -40,16 +38,12 @@ class SidecarTransport:
         timeout: float,
         *,
         retry_after: float = 1.0,
-        log_interval: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
         api_key: str = "",
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.retry_after = retry_after
-        self._log_interval = log_interval
-        self.clock = clock
         self._api_key = api_key
         self._tracer = tracer
         self._channel: grpc.aio.Channel | None = None
@@ -59,11 +53,6 @@ class SidecarTransport:
         self._skip_until = -math.inf
         self._last_logged = -math.inf
         self._suppressed = 0
-
-    @property
-    def skipping(self) -> bool:
-        """True while the sidecar just proved unreachable."""
-        return self.clock() < self._skip_until
 
     def stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub is None:
@@ -81,34 +70,30 @@ class SidecarTransport:
         """(response, None) on success, (None, code) on any failure."""
         if self.closed:
             return None, grpc.StatusCode.CANCELLED
-        if respect_backoff and self.skipping:
+        if respect_backoff and time.monotonic() < self._skip_until:
             return None, grpc.StatusCode.UNAVAILABLE
         try:
             response = await getattr(self.stub(), method)(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if code in UNREACHABLE:
-                self._skip_until = self.clock() + self.retry_after
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._skip_until = time.monotonic() + self.retry_after
             self.note_failure(method, f"{code.name}: {exc.details()}")
             return None, code
         except Exception as exc:  # noqa: BLE001 - the cache must never fail a request
-            self._skip_until = self.clock() + self.retry_after
+            self._skip_until = time.monotonic() + self.retry_after
             self.note_failure(method, repr(exc))
             return None, grpc.StatusCode.UNKNOWN
         return response, None
 
     def note_failure(self, what: str, detail: str) -> None:
-        now = self.clock()
-        if now - self._last_logged < self._log_interval:
+        now = time.monotonic()
+        if now - self._last_logged < LOG_INTERVAL:
             self._suppressed += 1
             return
         suppressed = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
         log.warning(
-            "cache sidecar %s: %s failed (%s); serving from the source of truth%s",
-            self.address,
-            what,
-            detail,
-            suppressed,
+            "cache sidecar %s: %s failed (%s); serving from the source of truth%s", self.address, what, detail, suppressed
         )
         self._last_logged = now
         self._suppressed = 0
