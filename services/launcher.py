@@ -295,6 +295,10 @@ async def _migrate(settings: Settings) -> int:
 
 
 def main() -> int:
+    # A line goes out in one write, even under PYTHONUNBUFFERED (which writes print's
+    # text and its newline apart): the children write to the same terminal.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(write_through=False, line_buffering=True)  # type: ignore[union-attr]
     settings = Settings.from_env()
     # What the children are given beyond the launcher's environment, which is only read.
     # gRPC core's own log level, read by each child as it imports grpc: unset, gRPC

@@ -159,7 +159,7 @@ async def _live(build: Build, name: str, service: str) -> None:
         async with running(process, settings.shutdown_grace):
             await telemetry.serve_metrics(name, process.address, process.metrics_port, process.refreshers())
             # The launcher and the tests wait for this line.
-            print(f"{name} listening on {process.listening}", flush=True)
+            print(f"{name} listening on {process.listening}\n", end="", flush=True)
             await stopping.wait()
             log.info("%s stopping (grace %.1fs)", name, settings.shutdown_grace)
     finally:

@@ -150,5 +150,5 @@ async def serve_metrics(
     bound = await endpoint.start(host_of(address), port)
     if bound is None:
         return None
-    print(f"{name} metrics on http://{host_of(address) or '0.0.0.0'}:{bound}/metrics", flush=True)
+    print(f"{name} metrics on http://{host_of(address) or '0.0.0.0'}:{bound}/metrics\n", end="", flush=True)
     return endpoint
