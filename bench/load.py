@@ -17,7 +17,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -35,6 +35,7 @@ class Figures:
     # 2 s timeout): hey and h2load count those among `errors`.
     socket_errors: int = 0
     timeouts: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # answers by HTTP status
 
 
 # The Debian package each tool comes in.
@@ -129,17 +130,27 @@ def hey_figures(output: str, requested: int) -> Figures:
     statuses = {int(code): int(count) for code, count in _HEY_STATUS.findall(output)}
     answered = sum(statuses.values())
     return Figures(
-        answered, float(rate.group(1)), percentiles[50], percentiles[95], percentiles[99], requested - statuses.get(200, 0)
+        answered, float(rate.group(1)), percentiles[50], percentiles[95], percentiles[99], requested - statuses.get(200, 0),
+        statuses=statuses,
     )
 
 
-# wrk's `done` hook: the figures its summary leaves out, on one line (microseconds).
+# wrk's hooks: each thread counts its answers by status; `done` prints, on one line, the
+# figures wrk's summary leaves out (microseconds) and those counts ("200:9990,429:10").
 WRK_REPORT = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("BENCH %d %d %.0f %.0f %.0f %d %d %d %d %d\\n", summary.requests, summary.duration,
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local e, counts, parts = summary.errors, {}, {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do counts[status] = (counts[status] or 0) + n end
+  end
+  for status, n in pairs(counts) do table.insert(parts, status .. ":" .. n) end
+  io.write(string.format("BENCH %d %d %.0f %.0f %.0f %d %d %d %d %d %s\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    e.status, e.connect, e.read, e.write, e.timeout))
+    e.status, e.connect, e.read, e.write, e.timeout, table.concat(parts, ",")))
 end
 """
 
@@ -158,8 +169,11 @@ def wrk_figures(output: str) -> Figures:
     line = next((line for line in output.splitlines() if line.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no report:\n{output}")
-    requests, micros, p50, p95, p99, status, connect, read, write, timeout = (float(x) for x in line.split()[1:])
+    fields = line.split()
+    requests, micros, p50, p95, p99, status, connect, read, write, timeout = (float(x) for x in fields[1:11])
+    counts = (pair.partition(":") for pair in fields[11].split(",")) if len(fields) > 11 else ()
     return Figures(
         int(requests), requests / (micros / 1e6), p50 / 1000, p95 / 1000, p99 / 1000, int(status),
         socket_errors=int(connect + read + write), timeouts=int(timeout),
+        statuses={int(code): int(n) for code, _, n in counts},
     )

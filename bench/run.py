@@ -39,6 +39,7 @@ import datetime
 import functools
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -261,6 +262,7 @@ def median(runs: list[Measured]) -> Measured:
         errors=sum(r.figures.errors for r in runs),
         socket_errors=sum(r.figures.socket_errors for r in runs),
         timeouts=sum(r.figures.timeouts for r in runs),
+        statuses=dict(sum((Counter(r.figures.statuses) for r in runs), Counter())),
     )
     names = {name for r in runs for name in r.by_process}
     return Measured(
@@ -384,6 +386,12 @@ def grpc_pair(config: str, agents: str, port: int, hub_pids: Callable[[], list[i
     return Pair(config, command, "gRPC GetAgent", "grpc", hub, bare, "bare grpc.aio servicer")
 
 
+def failures(figures: load.Figures) -> str:
+    """The answers other than a 200 (and those never answered), with their statuses."""
+    others = ", ".join(f"{code} × {n:,}" for code, n in sorted(figures.statuses.items()) if code != 200)
+    return f"{figures.errors:,}" + (f" ({others})" if others else "")
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
@@ -465,13 +473,41 @@ def process_label(pid: int) -> str:
     return module_of(pid).split(" ")[0]
 
 
+def innermost_own_code(raw: str, top: int) -> list[tuple[str, float]]:
+    """py-spy's collapsed stacks -> the hub's own functions (gateway/, services/), each
+    with all it calls into libraries, by share: every sample goes to the innermost of
+    them on its stack, or to EVENT_LOOP when none is (the loop, gRPC's and uvicorn's
+    own callbacks, threads)."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not (stack and count.isdigit()):
+            continue
+        ours = [frame for frame in stack.split(";") if _OWN_CODE.search(frame) and not _LOOP_RUNNER.search(frame)]
+        counts[_LINE.sub(")", ours[-1]) if ours else EVENT_LOOP] += int(count)
+    total = sum(counts.values()) or 1
+    return [(frame, n / total) for frame, n in counts.most_common(top)]
+
+
+_OWN_CODE = re.compile(r"\((gateway|services)/")
+# What runs the loop, under every stack of it: not a function a request spends time in.
+_LOOP_RUNNER = re.compile(r"\(services/common/(event_loop|process)\.py")
+_LINE = re.compile(r":\d+\)$")
+EVENT_LOOP = "(none of the hub's functions on the stack)"
+
+
 def profile(hub_pids: list[int], gateway: str, options: Options) -> list[str]:
     """py-spy on the gateway and the agents service (the first process of each, with
-    WORKERS) while hey loads each path once more: the frames the CPU time goes to."""
+    WORKERS) while hey loads each path once more: the frames the CPU time goes to, as
+    shares of each process's samples and as CPU ms per request (the share times what
+    the process used per request meanwhile). py-spy sees Python frames: time in C
+    (uvloop, gRPC's core, httptools) counts to the Python frame that called it, or to
+    the loop's own frame when a callback began in C."""
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         return ["No profile: py-spy is not installed (pip install py-spy; it is in the dev extra)."]
     targets = {name: process_named(hub_pids, module) for name, module in (("gateway", "gateway"), ("agents service", "services.agents"))}
+    pids = {name: pid for name, pid in targets.items() if pid is not None}
     lines = []
     for path in PATHS:
         log(f"  profile: py-spy, {options.profile_seconds}s of GET {path}")
@@ -482,24 +518,30 @@ def profile(hub_pids: list[int], gateway: str, options: Options) -> list[str]:
                      "--output", f"{tmp}/{pid}.txt", "--duration", str(options.profile_seconds)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
-                for pid in targets.values() if pid is not None
+                for pid in pids.values()
             ]
             time.sleep(1)
-            deadline = time.monotonic() + options.profile_seconds - 1
+            before = {name: cpu.cpu_seconds([pid]) for name, pid in pids.items()}
+            requests = 0
+            deadline = time.monotonic() + options.profile_seconds - 2
             while time.monotonic() < deadline:
-                load.hey(f"{gateway}{path}", requests=2000, clients=options.concurrency)
+                requests += load.hey(f"{gateway}{path}", requests=1000, clients=options.concurrency).requests
+            per_request = {name: (cpu.cpu_seconds([pid]) - before[name]) * 1000 / max(1, requests) for name, pid in pids.items()}
             for recorder in recorders:
                 recorder.wait(timeout=60)
-            lines.append(f"GET {path} under hey -c {options.concurrency}, {options.profile_seconds}s sampled:\n")
-            lines.append("| process | share of its samples | frame (own time) |\n|---|---|---|")
-            for name, pid in targets.items():
-                raw = Path(f"{tmp}/{pid}.txt")
-                if pid is None or not raw.exists():
-                    lines.append(f"| {name} | | no profile recorded (py-spy needs ptrace rights) |")
-                    continue
-                for frame, share in own_time(raw.read_text(), options.profile_top):
-                    lines.append(f"| {name} | {share:.1%} | `{frame}` |")
-            lines.append("")
+            lines.append(f"GET {path} under hey -c {options.concurrency}, {options.profile_seconds}s sampled; CPU ms per request "
+                         "meanwhile: " + ", ".join(f"{name} {ms:.3f}" for name, ms in per_request.items()) + ".\n")
+            for title, reader in (("the frame on CPU (own time)", own_time),
+                                  ("the hub's innermost function on the stack, with what it calls", innermost_own_code)):
+                lines.append(f"| process | {title} | share of its samples | ≈ ms / request |\n|---|---|---|---|")
+                for name, pid in targets.items():
+                    raw = Path(f"{tmp}/{pid}.txt")
+                    if pid is None or not raw.exists():
+                        lines.append(f"| {name} | no profile recorded (py-spy needs ptrace rights) | | |")
+                        continue
+                    for frame, share in reader(raw.read_text(), options.profile_top):
+                        lines.append(f"| {name} | `{frame}` | {share:.1%} | {share * per_request[name]:.3f} |")
+                lines.append("")
     return lines
 
 
@@ -521,7 +563,7 @@ def report(results: list[ConfigResult], options: Options, command: str, chart_pa
             for side, m in (("DevOps Hub", pair.hub), (pair.bare_name, pair.bare)):
                 f = m.figures
                 out.append(f"| {result.name} | {pair.load} | {side} | {f.requests:,} | {f.rps:,.0f} | {f.p50_ms:.1f} "
-                           f"| {f.p95_ms:.1f} | {f.p99_ms:.1f} | {f.errors} | {f.socket_errors} | {f.timeouts} | {m.cpu_ms:.3f} |")
+                           f"| {f.p95_ms:.1f} | {f.p99_ms:.1f} | {failures(f)} | {f.socket_errors} | {f.timeouts} | {m.cpu_ms:.3f} |")
     out += ["", "| configuration | target | measured | goal | |", "|---|---|---|---|---|"]
     for result in results:
         for what, measured, goal, met in targets(result):
@@ -578,7 +620,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16, help="h2load connections for the gRPC rows")
     parser.add_argument("--streams", type=int, default=8, help="h2load concurrent streams per connection")
     parser.add_argument("--profile-seconds", type=int, help="py-spy's sampling per path where a target is missed; 0: none")
-    parser.add_argument("--profile-top", type=int, default=8)
+    parser.add_argument("--profile-top", type=int, default=6)
     parser.add_argument("--chart", type=Path, help="where the PNG goes (bench/results.png; --quick: var/bench-quick.png)")
     args = parser.parse_args()
     quick = args.quick
@@ -592,7 +634,7 @@ def main() -> int:
         grpc_requests=args.grpc_requests or (2000 if quick else 10000),
         clients=args.clients,
         streams=args.streams,
-        profile_seconds=args.profile_seconds if args.profile_seconds is not None else (0 if quick else 8),
+        profile_seconds=args.profile_seconds if args.profile_seconds is not None else (0 if quick else 6),
         profile_top=args.profile_top,
     )
     configs = [name for name in args.configs.split(",") if name]

@@ -12,7 +12,18 @@ import httpx
 import pytest
 
 from bench import baselines, chart, cpu, load
-from bench.run import ConfigResult, Measured, Pair, free_port, module_of, own_time, targets, wait_port
+from bench.run import (
+    EVENT_LOOP,
+    ConfigResult,
+    Measured,
+    Pair,
+    free_port,
+    innermost_own_code,
+    module_of,
+    own_time,
+    targets,
+    wait_port,
+)
 
 HEY_OUTPUT = """
 Summary:
@@ -40,6 +51,7 @@ def test_hey_figures_count_every_answer_but_a_200_as_an_error():
     assert figures.requests == 10_000 and round(figures.rps) == 2426
     assert (round(figures.p50_ms, 1), round(figures.p95_ms, 1), round(figures.p99_ms, 1)) == (37.1, 70.2, 91.4)
     assert figures.errors == 12  # ten 429s and two requests that got no answer
+    assert figures.statuses == {200: 9990, 429: 10}
 
 
 def test_cpu_time_is_read_for_a_process_and_its_descendants():
@@ -69,6 +81,16 @@ def test_py_spy_stacks_become_own_time_shares():
     assert own_time(raw, 2) == [("send", 0.8), ("call", 0.2)]
 
 
+@pytest.mark.fast
+def test_py_spy_stacks_go_to_the_hubs_innermost_function_with_what_it_calls():
+    raw = (
+        "run (asyncio/runners.py:118);__call__ (gateway/front.py:90);render (gateway/rest.py:12);dumps (json/__init__.py:231) 6\n"
+        "run (asyncio/runners.py:118);__call__ (gateway/front.py:95);send (uvicorn/protocols/http/httptools_impl.py:522) 3\n"
+        "run (services/common/event_loop.py:21);run (asyncio/runners.py:118) 1\n"
+    )
+    assert innermost_own_code(raw, 3) == [("render (gateway/rest.py)", 0.6), ("__call__ (gateway/front.py)", 0.3), (EVENT_LOOP, 0.1)]
+
+
 WRK_OUTPUT = """Running 30s test @ http://127.0.0.1:8100/api/agents
   12 threads and 400 connections
   Latency Distribution
@@ -78,7 +100,7 @@ WRK_OUTPUT = """Running 30s test @ http://127.0.0.1:8100/api/agents
   Socket errors: connect 0, read 2, write 0, timeout 7
   Non-2xx or 3xx responses: 3
 Requests/sec:    800.00
-BENCH 24000 30000000 38000 95500 150000 3 0 2 0 7
+BENCH 24000 30000000 38000 95500 150000 3 0 2 0 7 200:23995,429:3
 """
 
 
@@ -87,6 +109,7 @@ def test_wrk_figures_come_from_the_report_hook():
     figures = load.wrk_figures(WRK_OUTPUT)
     assert (figures.requests, round(figures.rps), figures.p95_ms) == (24000, 800, 95.5)
     assert (figures.errors, figures.socket_errors, figures.timeouts) == (3, 2, 7)
+    assert figures.statuses == {200: 23995, 429: 3}
 
 
 def measured(rps: float, cpu_ms: float, *, errors: int = 0, timeouts: int = 0) -> Measured:
