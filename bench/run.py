@@ -27,7 +27,8 @@ Every load also reads, from /proc, the CPU time all the processes of its side us
 (the launcher and every process below it, and the hub's Redis), per request. It prints
 the tables bench/RESULTS.md records, checks the issue's targets, writes the chart
 (bench/chart.py), and, where a target is missed, profiles the hub's gateway and agents
-service with py-spy during one more hey run per path. A full run takes about ten
+service with py-spy during one more hey run per path (plain and redis; workers2 runs
+plain's code). Each ratio is the median of the rounds' ratios. A full run takes about ten
 minutes; --quick is a smoke run of a minute or two (small loads, one round, no profile).
 """
 
@@ -207,6 +208,7 @@ class Measured:
     figures: load.Figures
     cpu_ms: float  # CPU milliseconds per request, every process of the side together
     by_process: dict[str, float]  # the same, per process kind (the module it runs)
+    round_rps: list[float] = field(default_factory=list)  # each round's req/s, in order
 
 
 @dataclass
@@ -223,7 +225,10 @@ class Pair:
 
     @property
     def ratio(self) -> float:
-        return self.hub.figures.rps / self.bare.figures.rps if self.bare.figures.rps else 0.0
+        """The median of each round's hub / bare ratio: the two runs of a round are next to
+        each other in time, so a swing in the machine's load moves both."""
+        pairs = list(zip(self.hub.round_rps, self.bare.round_rps)) or [(self.hub.figures.rps, self.bare.figures.rps)]
+        return statistics.median(hub / bare if bare else 0.0 for hub, bare in pairs)
 
 
 @dataclass
@@ -248,7 +253,7 @@ def measure(pids: Callable[[], list[int]], run: Callable[[], load.Figures]) -> M
         # A process gone meanwhile reads as 0: count nothing rather than less than nothing.
         used = max(0.0, cpu.cpu_seconds([pid]) - seconds)
         by_process[names[pid]] = by_process.get(names[pid], 0.0) + used * per_request
-    return Measured(figures, sum(by_process.values()), by_process)
+    return Measured(figures, sum(by_process.values()), by_process, [figures.rps])
 
 
 def median(runs: list[Measured]) -> Measured:
@@ -269,6 +274,7 @@ def median(runs: list[Measured]) -> Measured:
         figures,
         statistics.median(r.cpu_ms for r in runs),
         {name: statistics.median(r.by_process.get(name, 0.0) for r in runs) for name in sorted(names)},
+        [rps for r in runs for rps in r.round_rps],
     )
 
 
@@ -362,7 +368,8 @@ def bench_config(result: ConfigResult, stack: Stack, extra_pids: list[int], answ
                                    "--answers", str(answers)], env))
             wait_port(grpc_port)
             result.pairs.append(grpc_pair(config, agents, grpc_port, hub_pids, servicer[0], options))
-        if options.profile_seconds and any(not met for *_, met in targets(result)):
+        # workers2 runs plain's code in twice the processes: its profile would be plain's.
+        if options.profile_seconds and config != "workers2" and any(not met for *_, met in targets(result)):
             result.profile = profile(stack.pids, stack.gateway, options)
     finally:
         stop(bare + servicer)
@@ -483,15 +490,18 @@ def innermost_own_code(raw: str, top: int) -> list[tuple[str, float]]:
         stack, _, count = line.rpartition(" ")
         if not (stack and count.isdigit()):
             continue
-        ours = [frame for frame in stack.split(";") if _OWN_CODE.search(frame) and not _LOOP_RUNNER.search(frame)]
+        frames = stack.split(";")
+        # Only what the loop runs: the frames above it are the process's start (main, run).
+        loop = max((index for index, frame in enumerate(frames) if _LOOP_RUNNER.search(frame)), default=-1)
+        ours = [frame for frame in frames[loop + 1 :] if _OWN_CODE.search(frame)]
         counts[_LINE.sub(")", ours[-1]) if ours else EVENT_LOOP] += int(count)
     total = sum(counts.values()) or 1
     return [(frame, n / total) for frame, n in counts.most_common(top)]
 
 
 _OWN_CODE = re.compile(r"\((gateway|services)/")
-# What runs the loop, under every stack of it: not a function a request spends time in.
-_LOOP_RUNNER = re.compile(r"\(services/common/(event_loop|process)\.py")
+# The loop's own frame, under every callback it runs.
+_LOOP_RUNNER = re.compile(r"\(asyncio/runners\.py")
 _LINE = re.compile(r":\d+\)$")
 EVENT_LOOP = "(none of the hub's functions on the stack)"
 
@@ -551,7 +561,8 @@ def report(results: list[ConfigResult], options: Options, command: str, chart_pa
         "## Fast by default (issue 18)\n",
         f"Command: `{command}`, {datetime.date.today():%Y-%m-%d}, {os.cpu_count()} cores, load average "
         f"{loads[0]} before and {loads[1]} after; {seconds / 60:.1f} minutes. Medians of {options.rounds} alternating "
-        f"rounds per side for hey and h2load, one wrk run per side; CPU ms per request is the user + system time "
+        f"rounds per side for hey and h2load (each ratio: the median of the rounds' ratios), one wrk run per side; "
+        "CPU ms per request is the user + system time "
         "(/proc) of every process of the side, divided by its requests.\n",
     ]
     for result in results:

@@ -84,9 +84,11 @@ def test_py_spy_stacks_become_own_time_shares():
 @pytest.mark.fast
 def test_py_spy_stacks_go_to_the_hubs_innermost_function_with_what_it_calls():
     raw = (
-        "run (asyncio/runners.py:118);__call__ (gateway/front.py:90);render (gateway/rest.py:12);dumps (json/__init__.py:231) 6\n"
-        "run (asyncio/runners.py:118);__call__ (gateway/front.py:95);send (uvicorn/protocols/http/httptools_impl.py:522) 3\n"
-        "run (services/common/event_loop.py:21);run (asyncio/runners.py:118) 1\n"
+        "main (gateway/server.py:9);run (asyncio/runners.py:118);__call__ (gateway/front.py:90);render (gateway/rest.py:12);"
+        "dumps (json/__init__.py:231) 6\n"
+        "main (gateway/server.py:9);run (asyncio/runners.py:118);__call__ (gateway/front.py:95);"
+        "send (uvicorn/protocols/http/httptools_impl.py:522) 3\n"
+        "main (gateway/server.py:9);run (services/common/event_loop.py:21);run (asyncio/runners.py:118) 1\n"
     )
     assert innermost_own_code(raw, 3) == [("render (gateway/rest.py)", 0.6), ("__call__ (gateway/front.py)", 0.3), (EVENT_LOOP, 0.1)]
 
@@ -125,6 +127,13 @@ def test_a_target_is_missed_by_one_answer_other_than_a_200_or_one_timeout():
     assert verdicts["CPU per request, every hub process"] and verdicts["req/s, hub / bare ASGI app"] and verdicts["p95"]
     assert not verdicts["answers, all rounds"]
     assert not verdicts["timeouts, socket errors, non-2xx"]
+
+
+@pytest.mark.fast
+def test_a_ratio_is_the_median_of_the_rounds_ratios():
+    hub, bare = measured(200, 1.0), measured(400, 0.05)
+    hub.round_rps, bare.round_rps = [100, 300, 200], [1000, 400, 400]
+    assert Pair("plain", "hey", "hey", "hey", hub, bare, "bare").ratio == 0.5  # of 0.1, 0.75 and 0.5
 
 
 def test_the_chart_is_a_png(tmp_path):
