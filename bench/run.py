@@ -595,7 +595,8 @@ def report(results: list[ConfigResult], options: Options, command: str, chart_pa
 
 def chart_bars(results: list[ConfigResult]) -> list[chart.Bar]:
     return [
-        chart.Bar(f"{result.name}\n{pair.short}", pair.hub.figures.rps, pair.bare.figures.rps, pair.hub.cpu_ms, pair.bare.cpu_ms)
+        chart.Bar(f"{result.name}\n{pair.short}", pair.hub.figures.rps, pair.bare.figures.rps, pair.hub.cpu_ms, pair.bare.cpu_ms,
+                  pair.ratio)
         for result in results for pair in result.pairs
     ]
 

@@ -138,7 +138,7 @@ def test_a_ratio_is_the_median_of_the_rounds_ratios():
 
 def test_the_chart_is_a_png(tmp_path):
     path = tmp_path / "results.png"
-    bars = [chart.Bar("plain\nhey GET /api/agents", 900, 4000, 1.1, 0.06), chart.Bar("redis\nhey GET /api/agents", 1500, 4200, 0.3, 0.06)]
+    bars = [chart.Bar("plain\nhey GET /api/agents", 900, 4000, 1.1, 0.06, 0.22), chart.Bar("redis\nhey GET /api/agents", 1500, 4200, 0.3, 0.06, 0.36)]
     chart.write(path, bars, title="bench", cpu_target_ms=0.1, ratio_target=0.5)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and path.stat().st_size > 10_000
 
