@@ -430,9 +430,10 @@ def targets(result: ConfigResult) -> list[tuple[str, str, str, bool]]:
 
 
 def edge_gateway(env: dict[str, str]) -> tuple[int, dict[str, str], str]:
-    """A second gateway on the stack's services with the edge cache on: its rate
-    limits shared in Redis (BENCH_REDIS_URL, default the local one) as the edge cache
-    requires, or, without a Redis, its limits off (the services keep theirs)."""
+    """A second gateway on the stack's services with the edge cache on (for
+    bench/edge_writes.py): its rate limits shared in Redis (BENCH_REDIS_URL, default the
+    local one) as the edge cache requires, or, without a Redis, its limits off (the
+    services keep theirs)."""
     port = free_port()
     edge_env = dict(env, GATEWAY_PORT=str(port), GATEWAY_EDGE_CACHE_SIZE="1024")
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -558,7 +559,7 @@ def profile(hub_pids: list[int], gateway: str, options: Options) -> list[str]:
 def report(results: list[ConfigResult], options: Options, command: str, chart_path: Path | None, seconds: float,
            loads: tuple[str, str]) -> str:
     out = [
-        "## Fast by default (issue 18)\n",
+        "## make bench: the hub beside a bare ASGI app\n",
         f"Command: `{command}`, {datetime.date.today():%Y-%m-%d}, {os.cpu_count()} cores, load average "
         f"{loads[0]} before and {loads[1]} after; {seconds / 60:.1f} minutes. Medians of {options.rounds} alternating "
         f"rounds per side for hey and h2load (each ratio: the median of the rounds' ratios), one wrk run per side; "
