@@ -5,10 +5,10 @@
 For each configuration it starts the hub as `make run` does (services.launcher: SQLite,
 the default access rules and limits) with that configuration's environment:
 
-- `plain`: nothing more (the memory cache; the edge cache off, as the limits are kept
-  in each process's memory);
+- `plain`: nothing more (the memory cache, the limits in each process's memory, the
+  gateway's edge cache on);
 - `redis`: REDIS_URL set, to a redis-server of the bench's own on a free port (whose
-  CPU counts as the hub's): the cache and the limits in Redis, the edge cache on;
+  CPU counts as the hub's): the cache and the limits' reports in Redis;
 - `workers2`: WORKERS=2, two processes of each part on one port.
 
 Beside it runs the bare side (bench/baselines.py): a raw ASGI callable on uvicorn with
@@ -289,6 +289,33 @@ def alternate(
             log(f"  {what}, round {number + 1}/{rounds}, {name}: {measured.figures.rps:,.0f} req/s, "
                 f"{measured.cpu_ms:.3f} CPU ms/request")
     return [median(runs) for runs in results]
+
+
+# The hub's processes, the by-process columns of bench/grpc_hot.py and bench/write_cpu.py.
+HUB_PROCESSES = ("gateway", "services.agents", "services.cache.sidecar", "services.workflows", "services.launcher")
+
+
+@dataclass
+class Side:
+    """One side of a comparison by compare(): what to load, and the processes whose CPU
+    time its requests cost."""
+
+    name: str
+    url: str
+    pids: Callable[[], list[int]]
+
+
+def compare(sides: list[Side], run: Callable[[str], load.Figures], rounds: int, warm_up: Callable[[str], object]) -> list[Measured]:
+    """Each side warmed up, then loaded by run(its url) in alternating rounds."""
+    for side in sides:
+        warm_up(side.url)
+    return alternate([(side.name, side.pids) for side in sides], lambda index: run(sides[index].url), rounds, "compare")
+
+
+def row(name: str, m: Measured) -> str:
+    f = m.figures
+    return (f"| {name} | {f.requests} | {f.rps:,.0f} | {f.p50_ms:.2f} | {f.p95_ms:.2f} | {f.p99_ms:.2f} "
+            f"| {f.errors} | {m.cpu_ms:.3f} |")
 
 
 def write_answers(gateway: str, agents: str, directory: Path) -> None:
@@ -668,7 +695,7 @@ def main() -> int:
         for name in configs:
             extra_env: dict[str, str] = {}
             extra_pids: list[int] = []
-            environment = "as `make run`: SQLite, the memory cache, limits in memory (so the edge cache off)"
+            environment = "as `make run`: SQLite, the memory cache, limits in each process's memory, the edge cache on"
             if name == "redis":
                 if redis is None:
                     log("[redis] skipped: redis-server is not installed (apt-get install redis-server)")
@@ -677,7 +704,7 @@ def main() -> int:
                 extra_env = {"REDIS_URL": url, "REDIS_KEY_PREFIX": f"dhbench:{os.getpid()}:"}
                 extra_pids = [pid]
                 environment = ("REDIS_URL to the bench's own redis-server (its CPU counted as the hub's): "
-                               "the cache and the limits in Redis, the edge cache on")
+                               "the cache and the limits shared through Redis, the edge cache on")
             elif name == "workers2":
                 extra_env = {"WORKERS": "2"}
                 environment = "WORKERS=2: two processes of each part (the sidecar one: its memory store is state); two bare processes"
