@@ -64,8 +64,11 @@ key:
 	@$(MAKE) --no-print-directory setup >&2
 	@$(PY) -m services.agents.new_key
 
+# The hub beside a bare ASGI app, side by side, in three configurations (plain, REDIS_URL,
+# WORKERS=2): tables on stdout, the chart in bench/results.png; about ten minutes.
+# BENCH_ARGS=--quick is a smoke run of a minute or two (python -m bench.run --help).
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 bench-cache: setup
 	$(PY) -m bench.cache_bench

@@ -1,32 +1,43 @@
-"""The yardsticks the real services are measured against, each in its own process, all
-on uvloop, all serving the very answers the hub gave (files written by bench/run.py).
+"""The yardsticks the hub is measured against, each in its own process, serving the very
+answers the hub gave (files bench/run.py writes into --answers).
 
+`asgi`: a raw ASGI callable (no Starlette, no routing table, no middleware) that sends
+the hub's own bytes and headers for GET /api/agents and /api/agents/{id}, served as
+the gateway serves: uvicorn with the gateway's connection options (its httptools
+protocol with the head and read limits, keep-alive, no Server header, no access log),
+on a SO_REUSEPORT socket bound as the gateway binds its own, on uvloop. bench/run.py
+starts as many of these processes on one port as the hub has gateway processes
+(WORKERS), so that only the work behind the socket differs between the two sides.
 `grpc`: a bare grpc.aio AgentsService whose GetAgent and ListAgents return constant
 messages: the cost of gRPC itself in Python, with no cache, database or wrapper.
-`http`: a bare uvicorn ASGI handler that makes one gRPC call to that servicer and
-returns its JSON: the cost of an HTTP hop plus one gRPC call, with no routing table,
-transcoding or middleware.
-`json`: a bare uvicorn ASGI handler returning constant bytes: the physical floor of
-the HTTP front, with no work at all behind it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvicorn
 import uvloop
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
-from google.protobuf import json_format
 
-# The answers, as bench/run.py writes them into the --answers directory.
+from gateway.connections import connection_options
+from gateway.server import _listening_socket
+from services.common.settings import Settings
+
+# The answers, as bench/run.py writes them into the --answers directory: the gRPC
+# messages, and each HTTP answer's body and headers.
 AGENT_PB, LIST_PB = "agent.pb", "list.pb"
 AGENT_JSON, LIST_JSON = "agent.json", "list.json"
+HEADERS = "headers.json"
 LIST_PATH, AGENT_PREFIX = "/api/agents", "/api/agents/"
-
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+# uvicorn adds its own Date (as it does for the gateway); the request id is new on
+# every answer, here as in the hub, so each side pays for making one.
+OWN_HEADERS = ("date", "x-request-id")
 
 
 class ConstantAgents(agents_pb2_grpc.AgentsServiceServicer):
@@ -50,74 +61,68 @@ async def serve_grpc(port: int, answers: Path) -> None:
     agents_pb2_grpc.add_AgentsServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"bare grpc listening on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 
 
-async def _respond(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
-    await send({"type": "http.response.body", "body": body})
+def write_answer(answers: Path, name: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """Keeps one of the hub's HTTP answers for asgi_app: its body, and its headers but
+    OWN_HEADERS (which asgi_app makes per answer, as the hub does)."""
+    (answers / name).write_bytes(body)
+    path = answers / HEADERS
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    own = {header.encode() for header in OWN_HEADERS}
+    kept[name] = [[key.decode("latin-1"), value.decode("latin-1")] for key, value in headers if key.lower() not in own]
+    path.write_text(json.dumps(kept))
 
 
-def hop_app(grpc_target: str):
-    """GET /api/agents and /api/agents/{id}, each one gRPC call to `grpc_target`."""
-    state: dict[str, agents_pb2_grpc.AgentsServiceStub] = {}
+def asgi_app(answers: Path):
+    """GET /api/agents and /api/agents/{id}: the hub's own answers, bytes and headers."""
+    kept = json.loads((answers / HEADERS).read_text())
 
-    async def app(scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        stub = state.get("stub")
-        if stub is None:
-            stub = state["stub"] = agents_pb2_grpc.AgentsServiceStub(grpc.aio.insecure_channel(grpc_target))
-        path = scope["path"]
-        if path == LIST_PATH:
-            reply = await stub.ListAgents(agents_pb2.ListAgentsRequest(), timeout=10)
-        elif path.startswith(AGENT_PREFIX):
-            reply = await stub.GetAgent(agents_pb2.GetAgentRequest(id=path[len(AGENT_PREFIX) :]), timeout=10)
-        else:
-            await _respond(send, 404, b"{}")
-            return
-        await _respond(send, 200, json_format.MessageToJson(reply, indent=None).encode())
+    def answer(name: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in kept[name]], (answers / name).read_bytes()
 
-    return app
+    listed, agent = answer(LIST_JSON), answer(AGENT_JSON)
+    not_found: tuple[list[tuple[bytes, bytes]], bytes] = ([(b"content-type", b"application/json"), (b"content-length", b"2")], b"{}")
 
-
-def constant_app(answers: Path):
-    """GET /api/agents and /api/agents/{id}: the hub's own answers, as constant bytes."""
-    listed, agent = (answers / LIST_JSON).read_bytes(), (answers / AGENT_JSON).read_bytes()
-
-    async def app(scope, receive, send) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         path = scope["path"]
         if path == LIST_PATH:
-            await _respond(send, 200, listed)
+            status, (headers, body) = 200, listed
         elif path.startswith(AGENT_PREFIX):
-            await _respond(send, 200, agent)
+            status, (headers, body) = 200, agent
         else:
-            await _respond(send, 404, b"{}")
+            status, (headers, body) = 404, not_found
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"x-request-id", os.urandom(16).hex().encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     return app
 
 
-def serve_http(app, port: int, name: str) -> None:
-    print(f"bare {name} listening on 127.0.0.1:{port}", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="uvloop", http="httptools")
+async def serve_asgi(port: int, answers: Path) -> None:
+    settings = Settings.from_env()
+    config = uvicorn.Config(
+        asgi_app(answers),
+        **connection_options(settings),
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+        server_header=False,
+    )
+    await uvicorn.Server(config).serve(sockets=[_listening_socket("127.0.0.1", port)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["grpc", "http", "json"])
+    parser.add_argument("kind", choices=["asgi", "grpc"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--answers", type=Path, required=True, help="the directory bench/run.py wrote the answers to")
-    parser.add_argument("--grpc-target", default="")
     args = parser.parse_args()
-    if args.kind == "grpc":
-        uvloop.run(serve_grpc(args.port, args.answers))
-    elif args.kind == "http":
-        serve_http(hop_app(args.grpc_target), args.port, "http -> grpc hop")
-    else:
-        serve_http(constant_app(args.answers), args.port, "json")
+    uvloop.run((serve_asgi if args.kind == "asgi" else serve_grpc)(args.port, args.answers))
 
 
 if __name__ == "__main__":

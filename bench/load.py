@@ -3,7 +3,9 @@
 h2load speaks HTTP/2, so with a gRPC-framed body and the gRPC headers it loads a
 gRPC server as ghz would; its percentiles come from its per-request log, not from its
 summary (which has none). hey is the performance guide's own HTTP/1.1 test
-(`hey -n 10000 -c 100`), run exactly so; its summary has the percentiles.
+(`hey -n 10000 -c 100`), run exactly so; its summary has the percentiles. wrk holds
+many more connections for a fixed time (`wrk -t12 -c400 -d30s`); its summary has no
+p95 and no status counts, so a Lua `done` hook prints them (WRK_REPORT).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -28,11 +30,16 @@ class Figures:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    errors: int
+    errors: int  # answers other than a 200 (other than a 2xx or 3xx for wrk), and requests never answered
+    # Connections wrk could not open, read or write, and requests it gave up on (its
+    # 2 s timeout): hey and h2load count those among `errors`.
+    socket_errors: int = 0
+    timeouts: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # answers by HTTP status
 
 
 # The Debian package each tool comes in.
-PACKAGES = {"h2load": "nghttp2-client", "hey": "hey"}
+PACKAGES = {"h2load": "nghttp2-client", "hey": "hey", "wrk": "wrk"}
 
 
 def missing(tool: str) -> str | None:
@@ -123,5 +130,50 @@ def hey_figures(output: str, requested: int) -> Figures:
     statuses = {int(code): int(count) for code, count in _HEY_STATUS.findall(output)}
     answered = sum(statuses.values())
     return Figures(
-        answered, float(rate.group(1)), percentiles[50], percentiles[95], percentiles[99], requested - statuses.get(200, 0)
+        answered, float(rate.group(1)), percentiles[50], percentiles[95], percentiles[99], requested - statuses.get(200, 0),
+        statuses=statuses,
+    )
+
+
+# wrk's hooks: each thread counts its answers by status; `done` prints, on one line, the
+# figures wrk's summary leaves out (microseconds) and those counts ("200:9990,429:10").
+WRK_REPORT = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local e, counts, parts = summary.errors, {}, {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do counts[status] = (counts[status] or 0) + n end
+  end
+  for status, n in pairs(counts) do table.insert(parts, status .. ":" .. n) end
+  io.write(string.format("BENCH %d %d %.0f %.0f %.0f %d %d %d %d %d %s\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    e.status, e.connect, e.read, e.write, e.timeout, table.concat(parts, ",")))
+end
+"""
+
+
+def wrk(url: str, *, threads: int, connections: int, seconds: int) -> Figures:
+    """`wrk -t threads -c connections -dNs --latency url`, with WRK_REPORT's figures read."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "report.lua"
+        script.write_text(WRK_REPORT)
+        command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+        output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
+    return wrk_figures(output)
+
+
+def wrk_figures(output: str) -> Figures:
+    line = next((line for line in output.splitlines() if line.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no report:\n{output}")
+    fields = line.split()
+    requests, micros, p50, p95, p99, status, connect, read, write, timeout = (float(x) for x in fields[1:11])
+    counts = (pair.partition(":") for pair in fields[11].split(",")) if len(fields) > 11 else ()
+    return Figures(
+        int(requests), requests / (micros / 1e6), p50 / 1000, p95 / 1000, p99 / 1000, int(status),
+        socket_errors=int(connect + read + write), timeouts=int(timeout),
+        statuses={int(code): int(n) for code, _, n in counts},
     )
