@@ -133,7 +133,12 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _commit(conn: sqlite3.Connection) -> None:
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        # A COMMIT that failed leaves the transaction open, and the write lock held.
+        _rollback(conn)
+        raise
 
 
 async def _on_thread(conn: aiosqlite.Connection, work: Callable[..., T], *args: Any) -> T:
