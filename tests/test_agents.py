@@ -287,6 +287,15 @@ async def test_concurrent_updates_without_an_etag_lose_no_field(stack):
     assert stored.etag == "4"
 
 
+async def test_many_concurrent_updates_without_an_etag_all_succeed(stack):
+    """Updates of one agent in one process take turns rather than race: none gives up
+    ABORTED after losing its attempts to the others."""
+    await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+    updates = [agents_pb2.UpdateAgentRequest(agent=Agent(id="agent-1", description=f"take {i}")) for i in range(12)]
+    answers = await asyncio.gather(*(stack.stub.UpdateAgent(update) for update in updates))
+    assert sorted(int(answer.etag) for answer in answers) == list(range(2, 14))
+
+
 async def test_delete_rules(stack):
     failure = await expect_error(stack.stub.DeleteAgent(agents_pb2.DeleteAgentRequest(id="ghost")), grpc.StatusCode.NOT_FOUND)
     assert "ghost" in failure.message

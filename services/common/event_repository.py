@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from services.common.clock import utc_now
 from services.common.db import Database
-from services.common.db.database import Executor, Row, as_datetime
+from services.common.db.database import Executor, Row, Statement, as_datetime
 
 Event = events_pb2.Event
 
@@ -81,12 +81,10 @@ class EventRepository:
         rows = await executor.fetch(sql + " RETURNING id", *args)
         return sorted(int(row["id"]) for row in rows)
 
-    async def append(self, executor: Executor, events: Sequence[NewEvent]) -> None:
-        """insert() for a caller that needs no ids (a write's own events): nothing is
-        read back, one round trip to the database fewer."""
-        if events:
-            sql, args = self._db.bulk_insert("events", _COLUMNS, [event.row() for event in events])
-            await executor.execute(sql, *args)
+    def appending(self, events: Sequence[NewEvent]) -> list[Statement]:
+        """The statements that append `events` for a caller that needs no ids (a write's
+        own events, run with the rest of its transaction's end: Executor.finish)."""
+        return [self._db.bulk_insert("events", _COLUMNS, [event.row() for event in events])] if events else []
 
     async def page(self, filters: EventFilter, before_id: int | None, limit: int) -> list[Event]:
         """Newest first, ids below `before_id` (the previous page's last)."""

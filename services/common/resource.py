@@ -13,10 +13,12 @@ invalidations and the request_id's answer in one unit of work (cache/log/outbox.
 from __future__ import annotations
 
 import abc
+import asyncio
 import datetime as dt
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Generic, NoReturn, Protocol, TypeVar
 
 from google.api import field_behavior_pb2
@@ -66,6 +68,8 @@ class Resource(abc.ABC, Generic[R]):
         # The @cached reads find their manager here.
         self.cache = cache
         self._outbox = outbox
+        # Per resource id being updated: its turn's lock, and how many updates hold or wait for it.
+        self._updates: dict[str, tuple[asyncio.Lock, int]] = {}
 
     # What each resource writes: its cached Get, and its rules.
 
@@ -143,26 +147,46 @@ class Resource(abc.ABC, Generic[R]):
         fields = _fields_to_update(changes, mask, self.label, violations)
         if violations:
             raise invalid_fields(violations)
-        for _ in range(_UPDATE_ATTEMPTS):
-            current = await self._repository.get(resource_id)
-            if current is None:
-                self._not_found(resource_id)
-            revision = int(_etag(current))
-            if etag and revision_of(etag) != revision:
-                self._stale(resource_id, etag)
-            field_mask_pb2.FieldMask(paths=fields).MergeMessage(changes, current, replace_message_field=True, replace_repeated_field=True)
-            await self._check(current, self.label, violations)
-            if violations:
-                raise invalid_fields(violations)
-            self.normalise(current)
-            async with self._outbox.write() as write:
-                updated = await self._repository.replace(write.tx, current, revision, write.time)
+        async with self._updating(resource_id):
+            for _ in range(_UPDATE_ATTEMPTS):
+                current = await self._repository.get(resource_id)
+                if current is None:
+                    self._not_found(resource_id)
+                revision = int(_etag(current))
+                if etag and revision_of(etag) != revision:
+                    self._stale(resource_id, etag)
+                merged = field_mask_pb2.FieldMask(paths=fields)
+                merged.MergeMessage(changes, current, replace_message_field=True, replace_repeated_field=True)
+                await self._check(current, self.label, violations)
+                if violations:
+                    raise invalid_fields(violations)
+                self.normalise(current)
+                async with self._outbox.write() as write:
+                    updated = await self._repository.replace(write.tx, current, revision, write.time)
+                    if updated is not None:
+                        self.record(write, "updated", {resource_id: {"fields": fields}})
                 if updated is not None:
-                    self.record(write, "updated", {resource_id: {"fields": fields}})
-            if updated is not None:
-                return updated
+                    return updated
         message = f"{self.label} {resource_id!r} kept changing while it was being updated; retry"
         raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": resource_id})
+
+    @asynccontextmanager
+    async def _updating(self, id: str) -> AsyncIterator[None]:
+        """This process's updates of one resource take turns: run side by side, all but
+        one would read a revision that the first replaces, and merge again (or give up,
+        ABORTED, after _UPDATE_ATTEMPTS). Other processes' updates still can race: the
+        revision check catches those."""
+        lock, users = self._updates.get(id, (asyncio.Lock(), 0))
+        self._updates[id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._updates[id][1] - 1
+            if users:
+                self._updates[id] = (lock, users)
+            else:
+                del self._updates[id]
 
     async def delete(self, id: str, etag: str) -> None:
         # An etag this service never issued matches no revision (-1): the delete is refused as stale.

@@ -67,9 +67,11 @@ class Outbox:
         async with self._db.transaction() as tx:
             write = Write(tx, self._source, utc_now())
             yield write
-            await self._events.append(tx, write.events)
             patterns = list(write.patterns)
-            sequence = await self._log.append(tx, patterns, write.time) if patterns else 0
+            entry = self._log.appending(patterns, write.time) if patterns else []
+            # One trip with the COMMIT where the engine allows it (SQLite).
+            results = await tx.finish(self._events.appending(write.events) + entry)
+            sequence = int(results[-1][0][0]) if patterns else 0
         if patterns:
             self._cache.committed(sequence, patterns)
             surrogate_keys.note_write(sequence, patterns)

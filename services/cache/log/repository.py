@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.db import Database
-from services.common.db.database import Executor
+from services.common.db.database import Statement
 
 # Any constant works; it only has to be the same in every process (and differ from
 # the migrations' lock).
@@ -33,17 +33,12 @@ class InvalidationLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def append(self, tx: Executor, patterns: Sequence[str], now: dt.datetime) -> int:
-        """Appends one entry inside `tx`, as its last statement; returns its seq."""
-        if self._db.dialect == "postgresql":
-            await tx.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK_ID)
-        return int(
-            await tx.fetchval(
-                "INSERT INTO cache_invalidations (patterns, time) VALUES ($1, $2) RETURNING seq",
-                json.dumps(list(patterns)),
-                now,
-            )
-        )
+    def appending(self, patterns: Sequence[str], now: dt.datetime) -> list[Statement]:
+        """The statements that append one entry, the last of its transaction (run by
+        Executor.finish); the last one's row is the entry's seq."""
+        lock = [("SELECT pg_advisory_xact_lock($1)", [_APPEND_LOCK_ID])] if self._db.dialect == "postgresql" else []
+        insert = "INSERT INTO cache_invalidations (patterns, time) VALUES ($1, $2) RETURNING seq"
+        return [*lock, (insert, [json.dumps(list(patterns)), now])]
 
     async def head(self) -> int:
         """The newest entry's seq; 0 for an empty log."""

@@ -20,6 +20,8 @@ from services.common.telemetry.metrics import PoolMetrics
 
 # An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
 Row = Any
+# A statement to run later: its SQL and its arguments.
+Statement = tuple[str, Sequence[Any]]
 
 
 def as_datetime(value: dt.datetime | str) -> dt.datetime:
@@ -48,6 +50,11 @@ class Executor(abc.ABC):
     async def fetchval(self, sql: str, *args: Any) -> Any:
         row = await self.fetchrow(sql, *args)
         return None if row is None else row[0]
+
+    async def finish(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """A transaction's last statements, in order; each one's rows. Nothing may follow
+        them: an engine may commit with them (SQLite does, in one trip to its thread)."""
+        return [await self.fetch(sql, *args) for sql, args in statements]
 
 
 class Database(Executor):

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import itertools
 import json
 import pathlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from opentelemetry import trace
@@ -30,6 +31,7 @@ from services.common.outages import Outages, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
+T = TypeVar("T")
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -39,6 +41,7 @@ _PRAGMAS = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def _translate(sql: str) -> str:
     # `$1` (PostgreSQL) and `?1` (SQLite) are both numbered parameters.
     return _PLACEHOLDER.sub(r"?\1", sql)
@@ -50,21 +53,102 @@ def _adapt(args: Sequence[Any]) -> list[Any]:
 
 
 class _SqliteExecutor(Executor):
+    """Statements on one connection. Each is one trip to the connection's thread
+    (aiosqlite's execute, fetch and close would be three): a write's cost is mostly
+    those trips, each a thread switch and a wake-up of the event loop."""
+
     def __init__(self, conn: aiosqlite.Connection, owner: SqliteDatabase) -> None:
         self._conn = conn
         self._owner = owner
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        self._owner.query_count += 1
-        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
-            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                return list(await cursor.fetchall())
+        return (await self._run([(sql, args)]))[0][0]
 
     async def execute(self, sql: str, *args: Any) -> int:
-        self._owner.query_count += 1
-        with _errors_translated(self._owner.outages), tracing.db_span(self._owner.tracer, "sqlite", sql):
-            async with self._conn.execute(_translate(sql), _adapt(args)) as cursor:
-                return cursor.rowcount
+        return (await self._run([(sql, args)]))[0][1]
+
+    async def _run(self, statements: Sequence[tuple[str, Sequence[Any]]], *, commit: bool = False) -> list[_Result]:
+        owner = self._owner
+        owner.query_count += len(statements)
+        work = [(_translate(sql), _adapt(args)) for sql, args in statements]
+        with _errors_translated(owner.outages), tracing.db_span(owner.tracer, "sqlite", ";\n".join(sql for sql, _ in statements)):
+            return await _on_thread(self._conn, _steps, self._begin(), work, commit)
+
+    def _begin(self) -> bool:
+        """Whether the next trip must begin the transaction first: never outside one."""
+        return False
+
+
+class _SqliteTransaction(_SqliteExecutor):
+    """One transaction on the writer. BEGIN goes with its first statement and COMMIT
+    with its last ones (finish): one trip to the thread for each, not three."""
+
+    def __init__(self, conn: aiosqlite.Connection, owner: SqliteDatabase) -> None:
+        super().__init__(conn, owner)
+        self.begun = False
+        self.finished = False
+
+    def _begin(self) -> bool:
+        if self.finished:
+            raise RuntimeError("the transaction was finished: no statement may follow")
+        # Set before the trip: a caller cancelled during it must still roll it back.
+        begin, self.begun = not self.begun, True
+        return begin
+
+    async def finish(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        if not self.begun and not statements:
+            self.finished = True
+            return []
+        # The COMMIT runs in the thread whatever happens to the awaiting task: it waits
+        # for the outcome before its cancellation goes through.
+        results = await _to_the_end(self._run(statements, commit=True))
+        self.finished = True
+        return [rows for rows, _ in results]
+
+
+# A statement's rows and the number of rows it changed.
+_Result = tuple[list[Row], int]
+
+
+def _steps(conn: sqlite3.Connection, begin: bool, statements: list[tuple[str, list[Any]]], commit: bool) -> list[_Result]:
+    """In the connection's thread: BEGIN when asked, the statements, COMMIT when asked."""
+    if begin:
+        conn.execute("BEGIN IMMEDIATE")
+    results = []
+    for sql, args in statements:
+        cursor = conn.execute(sql, args)
+        try:
+            results.append((cursor.fetchall(), cursor.rowcount))
+        finally:
+            cursor.close()
+    if commit:
+        conn.execute("COMMIT")
+    return results
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # Nothing to undo when BEGIN failed, or the COMMIT went through.
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        # A COMMIT that failed leaves the transaction open, and the write lock held.
+        _rollback(conn)
+        raise
+
+
+async def _on_thread(conn: aiosqlite.Connection, work: Callable[..., T], *args: Any) -> T:
+    """Runs `work(sqlite3 connection, *args)` in the connection's thread, one trip.
+
+    aiosqlite's public calls each make one trip of a single sqlite3 call; its
+    `_execute` (the queue they all use) takes any function.
+    """
+    result: T = await conn._execute(work, conn._conn, *args)  # type: ignore[no-untyped-call]
+    return result
 
 
 @contextmanager
@@ -164,21 +248,19 @@ class SqliteDatabase(Database):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
         async with _WriterTurn(self):
-            # IMMEDIATE takes the write lock up front, so a transaction never fails
-            # half-way on a lock it could not upgrade.
+            # BEGIN IMMEDIATE (with the first statement) takes the write lock up front,
+            # so a transaction never fails half-way on a lock it could not upgrade.
+            tx = _SqliteTransaction(self._writer, self)
             try:
-                await _to_the_end(self._writer.execute("BEGIN IMMEDIATE"))
-            except asyncio.CancelledError:
-                # BEGIN ran all the same (in aiosqlite's thread): undo it, or the
-                # connection would hold the write lock for good.
-                await _to_the_end(self._writer.execute("ROLLBACK"))
-                raise
-            try:
-                yield _SqliteExecutor(self._writer, self)
+                yield tx
             except BaseException:
-                await _to_the_end(self._writer.execute("ROLLBACK"))
+                if tx.begun:
+                    # Queued behind any statement still running in the thread for a
+                    # cancelled caller, or the connection would keep the write lock.
+                    await _to_the_end(_on_thread(self._writer, _rollback))
                 raise
-            await _to_the_end(self._writer.execute("COMMIT"))
+            if tx.begun and not tx.finished:
+                await _to_the_end(_on_thread(self._writer, _commit))
 
     def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
         # One JSON argument read by json_each(): a single statement, however many rows,
@@ -205,7 +287,7 @@ class SqliteDatabase(Database):
             await conn.close()
 
 
-async def _to_the_end(operation: Awaitable[Any]) -> None:
+async def _to_the_end(operation: Awaitable[T]) -> T:
     """Awaits a statement that must complete even if the caller is cancelled meanwhile.
 
     The statement runs in aiosqlite's thread whatever happens to the awaiting task, so
@@ -213,7 +295,7 @@ async def _to_the_end(operation: Awaitable[Any]) -> None:
     """
     task = asyncio.ensure_future(operation)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
