@@ -79,7 +79,7 @@ async def _assemble(
     cache = CacheClient.from_settings(
         settings, watch_prefixes=["agents:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
     )
-    relay = build_relay(settings, db)
+    relay = build_relay(settings, db, tracer)
     agents = Agents(AgentRepository(db), CacheManager(cache), Outbox(db, cache, relay, "agents"))
     runtimes = RuntimeChannels(tracer=tracer)
     verifier = DatabaseVerifier(ApiKeyRepository(db))

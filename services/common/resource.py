@@ -7,7 +7,7 @@ rule (AIP-122); every bad field named at once (AIP-193); a create inserts all or
 an update (AIP-134) merges the mask's fields into the stored resource, checks it whole
 and replaces it if its revision has not moved (AIP-154: with an etag, a moved one is
 ABORTED; without, the update is merged again); each write commits its events, its
-invalidations and the request_id's answer in one unit of work (cache/log/outbox.py).
+invalidations and (a create's) the request_id's answer in one unit of work (cache/log/outbox.py).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ async def _assemble(
         max_parallel=settings.workflow_max_parallel,
         lease_ttl=settings.workflow_lease_ttl,
     )
-    relay = build_relay(settings, db)
+    relay = build_relay(settings, db, tracer)
     workflows = Workflows(WorkflowRepository(db), agents, CacheManager(cache), Outbox(db, cache, relay, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
     access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import grpc
 from devops_hub.v1 import cache_pb2
 from google.protobuf import empty_pb2
+from opentelemetry import trace
 
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.log.repository import InvalidationLog
@@ -281,14 +282,17 @@ class InvalidationRelay:
             self._condition = condition
 
 
-def build_relay(settings: Settings, db: Database) -> InvalidationRelay:
-    """The relay of a service that writes to `db`, as the settings configure it.
+def build_relay(settings: Settings, db: Database, tracer: trace.Tracer | None = None) -> InvalidationRelay:
+    """The relay of a service that writes to `db`, as the settings configure it; its
+    Syncs, which a write waits on, traced into `tracer`.
 
     It has a channel of its own: its calls neither wait behind the request path's nor
     mix their failures into its backoff and logs.
     """
     transport = SidecarTransport(
-        service_address(CACHE_SERVICE, settings), max(settings.cache_timeout, DELIVER_TIMEOUT), api_key=settings.service_api_key
+        service_address(CACHE_SERVICE, settings), max(settings.cache_timeout, DELIVER_TIMEOUT),
+        api_key=settings.service_api_key,
+        tracer=tracer,
     )
     return InvalidationRelay(
         InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention
