@@ -40,7 +40,7 @@ dist: setup
 	@ls $(DIST)/devops_hub_client-*.whl
 
 run: setup
-	$(PY) -m services.launcher
+	$(PY) -m devstack.launcher
 
 # Everything, on TEST_WORKERS processes (pytest-xdist; each worker has a PostgreSQL
 # database of its own, and every test its own Redis prefix, ports and processes).

@@ -30,7 +30,8 @@ from pathlib import Path
 from devops_hub.v1 import agents_pb2
 
 from bench import cpu, load
-from bench.run import AGENT_ID, ROOT, free_port, process_named, start, started_stack, wait_port
+from bench.run import AGENT_ID, ROOT, process_named, start, started_stack
+from devstack.ports import free_port, wait_for_port
 from services.common.api import method_path
 
 GET_AGENT = method_path(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name["GetAgent"])
@@ -92,7 +93,7 @@ def main() -> int:
             env["AGENTS_ADDR"] = f"127.0.0.1:{port}"
         base = start([sys.executable, "-m", module], env, cwd=base_tree)
         try:
-            wait_port(port)
+            wait_for_port(port)
             ours_pid = process_named(stack.pids, module)
             if ours_pid is None:
                 raise SystemExit(f"no {module} process in the stack started")

@@ -34,7 +34,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import wrappers_pb2
 
 from bench import load
-from bench.run import free_port, wait_port
+from devstack.ports import free_port, wait_for_port
 from services.cache.client.client import CacheClient
 from services.cache.client.near_cache import NearCache
 from services.cache.sidecar.stores.base import NewEntry
@@ -220,7 +220,7 @@ def main() -> int:
     ]
     try:
         for port in ports.values():
-            wait_port(port)
+            wait_for_port(port)
         sidecar = f"127.0.0.1:{ports['sidecar']}"
         many_keys = [f"bench:many:{i}" for i in range(100)]
         asyncio.run(fill_sidecar(sidecar, many_keys))

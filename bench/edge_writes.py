@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 
 from bench import load
-from bench.run import ADMIN_KEY, AGENT_ID, edge_gateway, start, started_stack, stop, wait_port
+from bench.run import ADMIN_KEY, AGENT_ID, edge_gateway, start, started_stack, stop
+from devstack.ports import wait_for_port
 
 WRITTEN = f"{AGENT_ID}-1"
 
@@ -60,7 +61,7 @@ def main() -> int:
         port, env, how = edge_gateway(stack.env)
         gateway = start([sys.executable, "-m", "gateway"], env)
         try:
-            wait_port(port, timeout=60)
+            wait_for_port(port, timeout=60)
             edge = f"http://127.0.0.1:{port}"
             hot = f"{edge}/api/agents/{AGENT_ID}"
             for _ in range(50):

@@ -33,15 +33,14 @@ from bench.run import (
     HUB_PROCESSES,
     Side,
     compare,
-    free_port,
     own_time,
     process_named,
     row,
     start,
     started_stack,
     stop,
-    wait_port,
 )
+from devstack.ports import free_port, wait_for_port
 from services.common.api import method_path
 from services.common.channels import service_address
 from services.common.settings import Settings
@@ -102,7 +101,7 @@ def compare_sides(args: argparse.Namespace) -> None:
             port = free_port()
             bare = start([sys.executable, "-m", "bench.grpc_hot", "bare", "--port", str(port),
                           "--answer", str(directory / "agent.pb")], stack.env)
-            wait_port(port)
+            wait_for_port(port)
             body = load.grpc_frame(agents_pb2.GetAgentRequest(id=AGENT_ID))
             method = method_path(GET_AGENT)
             bare_pid = bare.pid

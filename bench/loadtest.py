@@ -215,9 +215,9 @@ def summarize_ghz(path: Path) -> str:
 
 @contextmanager
 def own_stack(api_key: str) -> Iterator[Settings]:
-    """`python -m services.launcher` on free ports with SQLite and the memory cache,
+    """`python -m devstack.launcher` on free ports with SQLite and the memory cache,
     seeded; stopped on exit. Access rules stay on, with limits the load cannot reach."""
-    from bench.run import free_port, local_stack_env
+    from devstack.ports import free_port, local_stack_env
 
     tmp = tempfile.mkdtemp(prefix="dh-loadtest-")
     env = local_stack_env(f"sqlite:///{tmp}/loadtest.db")
@@ -234,7 +234,7 @@ def own_stack(api_key: str) -> Iterator[Settings]:
     # Its output goes to a file: a pipe nobody reads would fill and block the children.
     output = Path(tmp) / "stack.log"
     with output.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "services.launcher"], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "devstack.launcher"], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         _wait_ready(proc, output)
         yield Settings.from_env(env)

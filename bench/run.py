@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick] [--configs plain,redis,workers2] [--chart bench/results.png]
 
-For each configuration it starts the hub as `make run` does (services.launcher: SQLite,
+For each configuration it starts the hub as `make run` does (devstack.launcher: SQLite,
 the default access rules and limits) with that configuration's environment:
 
 - `plain`: nothing more (the memory cache, the limits in each process's memory, the
@@ -39,7 +39,6 @@ import contextlib
 import datetime
 import functools
 import os
-import random
 import re
 import shutil
 import signal
@@ -59,6 +58,7 @@ import httpx
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 from bench import baselines, chart, cpu, load
+from devstack.ports import free_port, local_stack_env, wait_for_port
 from services.common.api import method_path
 from services.common.auth import keys
 from services.common.channels import service_address
@@ -81,59 +81,6 @@ CPU_TARGET_MS = 0.10
 RATIO_TARGET = 0.5
 P95_TARGET_MS = 20.0
 WRK_P95_TARGET_MS = 100.0
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released); the tests use it too.
-
-    Drawn below the kernel's ephemeral range (32768 and up), where outgoing connections
-    and other programs' bind(0) take theirs, and never twice in one process: a port
-    freed by bind(0) is soon handed to someone else, and the stack that was meant to
-    listen there finds another server on it. Each pytest-xdist worker draws from a
-    range of its own."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    low = 12000 + (worker % 8) * 2500
-    while True:
-        port = random.randrange(low, low + 2500)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-
-
-def local_stack_env(database_url: str) -> dict[str, str]:
-    """This environment with the whole stack on free loopback ports, on `database_url`
-    and the memory cache (no REDIS_URL): what the bench, the load test and the tests
-    that start `python -m services.launcher` each start from."""
-    env = dict(os.environ)
-    env.pop("REDIS_URL", None)
-    env.update(
-        DATABASE_URL=database_url,
-        AGENTS_ADDR=f"127.0.0.1:{free_port()}",
-        WORKFLOWS_ADDR=f"127.0.0.1:{free_port()}",
-        CACHE_ADDR=f"127.0.0.1:{free_port()}",
-        GATEWAY_PORT=str(free_port()),
-    )
-    return env
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def start(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
@@ -176,9 +123,9 @@ def started_stack(directory: Path, extra_env: Mapping[str, str] | None = None) -
     for name in ("RATE_LIMIT_REQUESTS", "RATE_LIMIT_WINDOW", "WORKERS"):
         env.pop(name, None)
     env.update(extra_env or {})
-    launcher = start([sys.executable, "-m", "services.launcher"], env)
+    launcher = start([sys.executable, "-m", "devstack.launcher"], env)
     try:
-        wait_port(int(env["GATEWAY_PORT"]), timeout=120)
+        wait_for_port(int(env["GATEWAY_PORT"]), timeout=120)
         gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
         agents = [{"agent": {"id": AGENT_ID, "name": "Bench agent", "domain": "bench", "capabilities": ["lint", "test"]}}]
         agents += [
@@ -292,7 +239,7 @@ def alternate(
 
 
 # The hub's processes, the by-process columns of bench/grpc_hot.py and bench/write_cpu.py.
-HUB_PROCESSES = ("gateway", "services.agents", "services.cache.sidecar", "services.workflows", "services.launcher")
+HUB_PROCESSES = ("gateway", "services.agents", "services.cache.sidecar", "services.workflows", "devstack.launcher")
 
 
 @dataclass
@@ -359,7 +306,7 @@ def bench_config(result: ConfigResult, stack: Stack, extra_pids: list[int], answ
             for _ in range(max(1, settings.workers))]
     servicer: list[subprocess.Popen] = []
     try:
-        wait_port(bare_port)
+        wait_for_port(bare_port)
         bare_url = f"http://127.0.0.1:{bare_port}"
 
         def hub_pids() -> list[int]:
@@ -393,7 +340,7 @@ def bench_config(result: ConfigResult, stack: Stack, extra_pids: list[int], answ
             grpc_port = free_port()
             servicer.append(start([sys.executable, "-m", "bench.baselines", "grpc", "--port", str(grpc_port),
                                    "--answers", str(answers)], env))
-            wait_port(grpc_port)
+            wait_for_port(grpc_port)
             result.pairs.append(grpc_pair(config, agents, grpc_port, hub_pids, servicer[0], options))
         # workers2 runs plain's code in twice the processes: its profile would be plain's.
         if options.profile_seconds and config != "workers2" and any(not met for *_, met in targets(result)):
@@ -641,7 +588,7 @@ def own_redis() -> Iterator[tuple[str, int] | None]:
     port = free_port()
     server = start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], dict(os.environ))
     try:
-        wait_port(port)
+        wait_for_port(port)
         yield f"redis://127.0.0.1:{port}/0", server.pid
     finally:
         stop([server])

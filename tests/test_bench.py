@@ -12,18 +12,8 @@ import httpx
 import pytest
 
 from bench import baselines, chart, cpu, load
-from bench.run import (
-    EVENT_LOOP,
-    ConfigResult,
-    Measured,
-    Pair,
-    free_port,
-    innermost_own_code,
-    module_of,
-    own_time,
-    targets,
-    wait_port,
-)
+from bench.run import EVENT_LOOP, ConfigResult, Measured, Pair, innermost_own_code, module_of, own_time, targets
+from devstack.ports import free_port, wait_for_port
 
 HEY_OUTPUT = """
 Summary:
@@ -151,7 +141,7 @@ def test_the_bare_app_answers_the_hubs_bytes_and_headers(tmp_path):
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-m", "bench.baselines", "asgi", "--port", str(port), "--answers", str(tmp_path)])
     try:
-        wait_port(port)
+        wait_for_port(port)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             first, second = http.get("/api/agents/bench-agent"), http.get("/api/agents/bench-agent")
         assert first.status_code == 200 and first.content == b"{}"

@@ -17,7 +17,7 @@ import pytest
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from bench.run import free_port
+from devstack.ports import free_port
 from services.cache.client.client import CacheClient
 from services.cache.client.codecs import JSON, TEXT, protobuf_codec
 from services.cache.client.decorators import cached, invalidate_cache, stale

@@ -16,8 +16,8 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 from redis.asyncio.cluster import RedisCluster
 
-from bench.cluster import Cluster, Unavailable
-from bench.coherence import check
+from devstack.cluster import Cluster, Unavailable
+from devstack.coherence import check
 from services.cache.sidecar.server import CacheSidecar
 from services.cache.sidecar.stores.redis_layout import KeyLayout
 from tests.support import eventually, unavailable
@@ -232,7 +232,7 @@ async def test_a_sidecar_started_while_the_cluster_is_down_uses_it_once_it_answe
 async def test_no_stale_read_under_writes_with_the_sidecar_on_the_cluster(
     redis_cluster: RedisClusterServers,  # noqa: F811
 ) -> None:
-    """bench/coherence.py's checker: real agents processes and a sidecar process on the
+    """devstack/coherence.py's checker: real agents processes and a sidecar process on the
     cluster; nothing acknowledged is lost, and the writing process never reads back a
     value older than its acknowledged write."""
     cluster = Cluster("sqlite", redis=False, agents_processes=2,

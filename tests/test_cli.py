@@ -14,7 +14,7 @@ from devops_hub.client import Client
 from devops_hub.v1 import events_pb2, workflows_pb2
 from google.protobuf import json_format
 
-from bench.run import free_port
+from devstack.ports import free_port
 from services.agents.builtins import builtin_agent_records
 from tests.support.auth import ADMIN_KEY, READ, new_key
 from tests.support.client import DEPLOY_GATE, DEPLOY_INPUT, cli_env, run_cli

@@ -15,7 +15,7 @@ from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, auth_pb2, events_pb2, workflows_pb2
 from google.protobuf import json_format
 
-from bench.run import free_port
+from devstack.ports import free_port
 from services.agents import new_key as new_key_module
 from services.agents.builtins import builtin_agent_records
 from services.common.auth import keys

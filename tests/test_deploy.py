@@ -26,14 +26,14 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from bench import loadtest
-from bench.run import free_port
+from devstack.launcher import PROBE_FAILURES, PROBE_PERIOD, PROBE_TIMEOUT
+from devstack.ports import free_port
 from gateway.routes import build_routes
 from services.common.api import discover_services
 from services.common.auth import keys
 from services.common.grpc_host import GrpcHost
 from services.common.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
-from services.launcher import PROBE_FAILURES, PROBE_PERIOD, PROBE_TIMEOUT
 from services.seed import seed
 from tests.support import ROOT
 from tests.support.api import BACKEND_OF_SERVICE
@@ -371,7 +371,7 @@ def test_kubernetes_agrees_with_the_code_s_ports_settings_and_probes():
             assert all(is_known_variable(e["name"]) for e in container.get("env", []))
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert "memory" in container["resources"]["limits"] and "cpu" in container["resources"]["requests"]
-            # The kubelet's liveness checks are the launcher's (services/launcher.py): a
+            # The kubelet's liveness checks are the launcher's (devstack/launcher.py): a
             # process that stops answering is restarted within the same bound.
             liveness = container["livenessProbe"]
             assert (liveness["periodSeconds"], liveness["timeoutSeconds"], liveness["failureThreshold"]) == (

@@ -1,9 +1,9 @@
-"""Faults under load: each part killed, or frozen, while writer/reader pairs run (bench/coherence.py,
+"""Faults under load: each part killed, or frozen, while writer/reader pairs run (devstack/coherence.py,
 the staleness checker), then restarted. Nothing acknowledged may be lost, and once
 the fault has healed and SETTLE seconds have passed, no read may return a value
 older than the last acknowledged write, through any process.
 
-Each run has a PostgreSQL, a Redis and services of its own (bench/cluster.py), never
+Each run has a PostgreSQL, a Redis and services of its own (devstack/cluster.py), never
 the machine's shared servers. Without redis-server or PostgreSQL's binaries these
 tests skip, except under CI=true.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cluster import Cluster, Unavailable
-from bench.coherence import FAULTS, Outcome, check
+from devstack.cluster import Cluster, Unavailable
+from devstack.coherence import FAULTS, Outcome, check
 from tests.support import unavailable
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, field_mask_pb2
 
-from bench.run import free_port
+from devstack.ports import free_port
 from services.agents.agents import Agents
 from services.cache.log.repository import InvalidationLog
 from services.common.grpc_host import GrpcHost

@@ -26,7 +26,7 @@ def test_no_5xx_and_no_answer_outside_the_document(tmp_path):
     assert st, "schemathesis (st) is a dev dependency: make setup installs it"
     env = process_env(tmp_path)
     env.update(RATE_LIMIT_REQUESTS="0", RATE_LIMIT_EXECUTE_REQUESTS="0")
-    with spawned("services.launcher", env) as stack:
+    with spawned("devstack.launcher", env) as stack:
         read_until(stack, "launcher: ready")
         run = subprocess.run(
             [

@@ -36,7 +36,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture
 def launcher(tmp_path):
     env = process_env(tmp_path)
-    with spawned("services.launcher", env) as proc:
+    with spawned("devstack.launcher", env) as proc:
         yield proc, env, read_until(proc, "launcher: gateway")
 
 
@@ -151,7 +151,7 @@ def test_a_service_exits_zero_on_sigterm(tmp_path):
 def test_workers_share_each_port(tmp_path):
     env = process_env(tmp_path)
     env["WORKERS"] = "2"
-    with spawned("services.launcher", env) as proc:
+    with spawned("devstack.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         started = [line for line in lines if "(pid " in line]
         names = [line.removeprefix("launcher: ").split("  ")[0].strip() for line in started]
@@ -191,7 +191,7 @@ def test_one_keep_alive_client_reaches_every_worker_and_survives_one_restarting(
     # 16 connections: the kernel hashes each to one of the two workers, so all 16
     # landing on one worker has a chance of 2**-15.
     env.update(WORKERS="2", GRPC_CONNECTIONS="16", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    with spawned("services.launcher", env) as proc:
+    with spawned("devstack.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         agents_pids = {int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "agents service" in line and "(pid " in line}
         assert len(agents_pids) == 2
@@ -292,7 +292,7 @@ def test_reads_route_around_a_frozen_worker(tmp_path):
     # 16 connections per address: the kernel hands each to a worker at random, and
     # with the default 4 one worker is left without any one run in eight.
     env.update(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), GRPC_CONNECTIONS="16")
-    with spawned("services.launcher", env) as proc:
+    with spawned("devstack.launcher", env) as proc:
         lines = read_until(proc, "launcher: ready")
         agents = sorted(int(line.rsplit("(pid ", 1)[1].rstrip(")")) for line in lines if "launcher: agents service" in line)
         base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"

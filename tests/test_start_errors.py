@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.run import free_port
+from devstack.ports import free_port
 from tests.support import ROOT
 from tests.support.databases import postgres_url
 from tests.support.processes import process_env

@@ -13,7 +13,7 @@ import pytest
 from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import json_format
 
-from bench.run import free_port
+from devstack.ports import free_port
 from services.common.event_repository import EventRepository
 from services.common.process import running
 from services.workflows.server import build as build_workflows

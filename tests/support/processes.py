@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.run import free_port, local_stack_env
+from devstack.ports import free_port, local_stack_env
 from tests.support import ROOT
 from tests.support.auth import ADMIN_KEY
 
@@ -79,7 +79,7 @@ def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list
 
 @contextlib.contextmanager
 def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overrides: str) -> Iterator[dict[str, str]]:
-    """`python -m services.launcher` on free ports and a fresh SQLite file; yields its
+    """`python -m devstack.launcher` on free ports and a fresh SQLite file; yields its
     environment once it says it is ready (its lines so far go to `output`), and checks
     it stops cleanly on SIGTERM."""
     env = _stack_env(tmp_path)
@@ -92,7 +92,7 @@ def launched_stack(tmp_path: Path, output: list[str] | None = None, **env_overri
     )
     env.update(env_overrides)
     lines: list[str] = [] if output is None else output
-    with spawned("services.launcher", env) as proc:
+    with spawned("devstack.launcher", env) as proc:
         lines.extend(read_until(proc, "launcher: ready", timeout=90))
         yield env
         proc.send_signal(signal.SIGTERM)

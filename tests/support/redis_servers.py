@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bench.run import free_port
+from devstack.ports import free_port
 from tests.support import unavailable
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

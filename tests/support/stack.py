@@ -17,7 +17,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, cache_pb2_grpc, events_pb
 from google.protobuf import empty_pb2
 from opentelemetry import trace
 
-from bench.run import free_port
+from devstack.ports import free_port
 from gateway.testing import running_gateway
 from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService

@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from bench.run import free_port
+from devstack.ports import free_port
 from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.cache.client.manager import CacheManager

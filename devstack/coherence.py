@@ -12,8 +12,8 @@ agent (GetAgent and ListAgents, alternately) through the writer's process ("same
 and through another ("cross"). A read is **stale** when it started after the write of
 a newer number was acknowledged; its **lag** is how long after that acknowledgement.
 
-    python -m bench.coherence                         # SQLite + memory cache, no fault
-    python -m bench.coherence --database postgresql --redis --fault redis
+    python -m devstack.coherence                         # SQLite + memory cache, no fault
+    python -m devstack.coherence --database postgresql --redis --fault redis
 
 prints, per window of the run (before the fault, during it, the first 2 s after it
 healed, and after that), the reads, the stale ones and the lag distribution, and
@@ -37,7 +37,7 @@ import grpc
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 from google.protobuf import field_mask_pb2
 
-from bench.cluster import Cluster
+from devstack.cluster import Cluster
 
 Agent = agents_pb2.Agent
 SETTLE = 2.0  # after a fault heals, reads must be fresh once this has passed

@@ -2,7 +2,7 @@
 on its own port, a redis-server and a PostgreSQL cluster of its own (never the
 machine's shared ones), each of which can be killed and started again.
 
-Used by bench/coherence.py (the staleness checker) and tests/test_fault_coherence.py.
+Used by devstack/coherence.py (the staleness checker) and tests/test_fault_coherence.py.
 The agents service runs as several processes on separate ports rather than WORKERS
 processes on one: the same thing to the cache (several processes, one sidecar, one
 database), but a checker can then choose which process a read goes to.
@@ -15,16 +15,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import free_port
+from devstack.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -33,20 +31,6 @@ START_TIMEOUT = 30.0
 class Unavailable(RuntimeError):
     """A part this machine cannot run (no redis-server, no PostgreSQL binaries, not root)."""
 
-
-
-def wait_for_port(port: int, timeout: float = START_TIMEOUT, *, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"process exited with {process.returncode} before listening on {port}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s") from None
-            time.sleep(0.05)
 
 
 class Part(abc.ABC):
