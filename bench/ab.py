@@ -32,7 +32,7 @@ from devops_hub.v1 import agents_pb2
 from bench import cpu, load
 from bench.run import AGENT_ID, ROOT, process_named, start, started_stack
 from devstack.ports import free_port, wait_for_port
-from services.common.api import method_path
+from services.common.contract.api import method_path
 
 GET_AGENT = method_path(agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name["GetAgent"])
 

@@ -27,7 +27,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 from gateway.connections import connection_options
 from gateway.server import _listening_socket
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 
 # The answers, as bench/run.py writes them into the --answers directory: the gRPC
 # messages, and each HTTP answer's body and headers.

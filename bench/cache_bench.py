@@ -41,7 +41,7 @@ from services.cache.sidecar.stores.base import NewEntry
 from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore, connect
 from services.cache.sidecar.stores.redis_layout import KeyLayout
-from services.common.api import method_path
+from services.common.contract.api import method_path
 
 ROOT = Path(__file__).resolve().parent.parent
 _CACHE_METHODS = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].methods_by_name

@@ -41,9 +41,9 @@ from bench.run import (
     stop,
 )
 from devstack.ports import free_port, wait_for_port
-from services.common.api import method_path
-from services.common.channels import service_address
-from services.common.settings import Settings
+from services.common.contract.api import method_path
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 
 RATIO_TARGET = 0.85
 GET_AGENT = AGENTS_SERVICE.methods_by_name["GetAgent"]

@@ -44,9 +44,9 @@ from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load
-from services.common.api import backend_of, discover_services, method_path
 from services.common.auth import keys
-from services.common.settings import Settings
+from services.common.contract.api import backend_of, discover_services, method_path
+from services.common.foundation.settings import Settings
 from services.common.telemetry.endpoint import host_of
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -59,10 +59,10 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc
 
 from bench import baselines, chart, cpu, load
 from devstack.ports import free_port, local_stack_env, wait_for_port
-from services.common.api import method_path
 from services.common.auth import keys
-from services.common.channels import service_address
-from services.common.settings import Settings
+from services.common.contract.api import method_path
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ID = "bench-agent"

@@ -197,6 +197,14 @@ class ServicePart(ProcessPart):
     def log_file(self) -> Any:
         return open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
 
+    def start(self) -> None:
+        try:
+            super().start()
+        except RuntimeError as exc:
+            # The service says why it stopped in its log, not in its exit code.
+            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"{self.name}: {exc}; its log ends:\n" + "\n".join(tail)) from None
+
 
 @dataclass
 class Cluster:

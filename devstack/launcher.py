@@ -31,9 +31,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import keys
-from services.common.db import connect
-from services.common.db.migrate import migrate
-from services.common.settings import Settings
+from services.common.data.db import connect
+from services.common.data.db.migrate import migrate
+from services.common.foundation.settings import Settings
 from services.common.telemetry.metrics import MULTIPROCESS_ENV
 from services.seed import seed
 

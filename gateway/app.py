@@ -33,10 +33,10 @@ from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from gateway.status import StatusBoard, metrics_urls
 from services.cache.consistency import ConsistencyMetrics
-from services.common.api import discover_services
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
-from services.common.settings import Settings
+from services.common.contract.api import discover_services
+from services.common.foundation.settings import Settings
 from services.common.telemetry.metrics import SERVER_ERROR_CODES
 from services.common.telemetry.profiling import SlowRequestProfiler
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 import grpc
 from opentelemetry import trace
 
-from services.common.channels import DEFAULT_CONNECTIONS, open_channel
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import DEFAULT_CONNECTIONS, open_channel
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
@@ -27,7 +27,7 @@ class ChannelPool:
 
     A channel multiplexes any number of concurrent calls and reconnects on its own, so
     per-request channels would only add handshakes; it spreads calls over `connections`
-    connections (services.common.channels), so every worker behind the address takes a
+    connections (services.common.transport.channels), so every worker behind the address takes a
     share. Channels are opened in the app's lifespan (they belong to its event loop)
     and closed there.
     """

@@ -30,8 +30,8 @@ from typing import Any, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError, status_body
-from services.common.errors import InvalidArgument, ServiceError
-from services.common.settings import Settings
+from services.common.contract.errors import InvalidArgument, ServiceError
+from services.common.foundation.settings import Settings
 
 
 class _HeadTooLarge(Exception):

@@ -27,8 +27,8 @@ from services.cache.client.near_feed import NearCacheFeed
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.cache.edge.store import EdgeCache, EdgeEntry, cacheable, write_of
-from services.common.channels import service_address
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 
 log = logging.getLogger(__name__)
 

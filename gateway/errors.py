@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.json_body import JSON_MEDIA_TYPE, encode
-from services.common.errors import InternalError, InvalidArgument, NotFound, ServiceError
+from services.common.contract.errors import InternalError, InvalidArgument, NotFound, ServiceError
 
 HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,

@@ -22,8 +22,8 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
-from services.common.forwarded import TrustedProxies
-from services.common.forwarded import client_address as forwarded_client
+from services.common.contract.forwarded import TrustedProxies
+from services.common.contract.forwarded import client_address as forwarded_client
 
 CREDENTIAL_PARAMETERS = frozenset({"api_key", "apikey", "api-key", "x-api-key", "key", "token", "access_token", "authorization"})
 RATE_LIMIT_TRAILERS = {

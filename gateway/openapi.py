@@ -26,7 +26,7 @@ from gateway.routes import IDEMPOTENCY_HEADER, HttpRoute
 from gateway.templates import PathTemplate
 from gateway.transcode import is_map, is_scalar_like, map_entry
 from services.common.auth.scopes import Scope, required_scope
-from services.common.field_behavior import behaviors
+from services.common.contract.field_behavior import behaviors
 
 OPENAPI_VERSION = "3.0.3"
 _VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")

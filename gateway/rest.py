@@ -47,9 +47,9 @@ from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
 from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
 from services.common.auth.guard import AccessGuard
-from services.common.errors import ServiceError, Unavailable
-from services.common.forwarded import FORWARDER_KEY, TrustedProxies
-from services.common.limits import MAX_MESSAGE_BYTES
+from services.common.contract.errors import ServiceError, Unavailable
+from services.common.contract.forwarded import FORWARDER_KEY, TrustedProxies
+from services.common.contract.limits import MAX_MESSAGE_BYTES
 
 # Headers a backend needs to authenticate and trace the caller, forwarded as metadata.
 FORWARDED_HEADERS = frozenset({b"authorization", b"x-api-key"})

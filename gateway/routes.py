@@ -17,8 +17,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 
 from gateway.templates import PathTemplate, TemplateError
-from services.common.api import backend_of
-from services.common.idempotency import KEY_FIELD
+from services.common.contract.api import backend_of
+from services.common.runtime.idempotency import KEY_FIELD
 
 # The header clients send a retry's key in (the IETF httpapi draft's name, Stripe's).
 IDEMPOTENCY_HEADER = b"idempotency-key"

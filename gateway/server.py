@@ -1,5 +1,5 @@
 """Wiring for the gateway: the app (app.py) served by uvicorn on its socket, as the
-Process every part of DevOps Hub is (services/common/process.py): `python -m gateway`
+Process every part of DevOps Hub is (services/common/runtime/process.py): `python -m gateway`
 runs it, and gateway/testing.py starts the same in a test's event loop."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.connections import connection_options
-from services.common.background import cancel_and_wait
-from services.common.process import run
-from services.common.settings import Settings
+from services.common.foundation.background import cancel_and_wait
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import run
 from services.common.telemetry.endpoint import Refresher
 
 

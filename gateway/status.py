@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from gateway.metrics import NO_STORE, HttpMetrics
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from services.common.telemetry.endpoint import host_of
 
 WINDOW = 60.0

@@ -5,7 +5,7 @@
             ...
 
 The gateway is built, started and stopped as `python -m gateway` does it
-(gateway/server.py, services/common/process.py): real uvicorn on a real socket in
+(gateway/server.py, services/common/runtime/process.py): real uvicorn on a real socket in
 the caller's event loop, so tests see exactly what clients see (status lines,
 headers, streaming), with no port races.
 """
@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.server import build
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import running
 
 
 @contextlib.asynccontextmanager

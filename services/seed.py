@@ -14,8 +14,8 @@ from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
 from services.agents.builtins import builtin_agent_records
-from services.common.channels import service_client
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_client
 
 EXAMPLE_WORKFLOWS: list[dict[str, Any]] = [
     {

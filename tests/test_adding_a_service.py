@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from services.common import resource
+from services.common.usecases import resource
 from tests.support import ROOT
 from tests.support.grpc_errors import error_reason
 
@@ -122,7 +122,7 @@ def test_required_fields_are_refused_before_the_servicer_and_named(seen):
 
 
 def test_the_resource_template_brings_the_id_rule_and_its_errors(seen):
-    # reports.py writes only the reports' rules; the template (services/common/resource.py) does the rest.
+    # reports.py writes only the reports' rules; the template (services/common/usecases/resource.py) does the rest.
     bad_id = seen["http"]["create_with_bad_id"]
     assert bad_id["status"] == 400 and _violations(bad_id["body"]) == {"report.id": resource.ID_RULE}
     again = seen["http"]["create_again"]

@@ -9,7 +9,7 @@ import pytest
 from devops_hub.v1 import agents_pb2, runtime_pb2, runtime_pb2_grpc
 from google.protobuf import duration_pb2, field_mask_pb2, json_format, struct_pb2
 
-from services.common.grpc_host import GrpcHost
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support.grpc_errors import expect_error
 from tests.support.stack import create_builtin_agents, make_settings, running_stack

@@ -14,11 +14,11 @@ import pytest
 from devops_hub.v1 import agents_pb2, auth_pb2, auth_pb2_grpc, options_pb2, workflows_pb2
 from google.protobuf import empty_pb2, message_factory, timestamp_pb2
 
-from services.common.api import discover_services
 from services.common.auth import keys
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
-from services.common.settings import Settings
+from services.common.contract.api import discover_services
+from services.common.foundation.settings import Settings
 from tests.support.auth import (
     ADMIN,
     ADMIN_KEY,
@@ -451,8 +451,8 @@ async def test_the_services_key_is_not_a_database_key(sqlite_url):
     copy an earlier version stored is deleted at start, so nothing the API shows or
     revokes disagrees with what the guard honours."""
     from services.common.auth.repository import ApiKeyRepository
-    from services.common.db import connect
-    from services.common.db.migrate import migrate
+    from services.common.data.db import connect
+    from services.common.data.db.migrate import migrate
 
     db = await connect(sqlite_url)
     await migrate(db)

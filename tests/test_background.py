@@ -8,8 +8,8 @@ import signal
 
 import grpc
 
-from services.common.background import cancel_and_wait, spawn
-from services.common.grpc_host import GrpcHost
+from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.logs import RequestContextFilter
 from services.common.telemetry.metrics import service_metrics
 
@@ -73,7 +73,7 @@ async def test_a_failing_background_task_is_logged_and_an_essential_one_stops_th
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopped.set)
     try:
-        with caplog.at_level(logging.ERROR, logger="services.common.background"):
+        with caplog.at_level(logging.ERROR, logger="services.common.foundation.background"):
             task = spawn(fails(), name="helper")
             await asyncio.gather(task, return_exceptions=True)
             await asyncio.sleep(0)

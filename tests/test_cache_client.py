@@ -31,7 +31,7 @@ from services.cache.client.manager import (
 )
 from services.cache.client.near_cache import NearCache
 from services.cache.sidecar.server import CacheSidecar
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from tests.support import ROOT, eventually
 from tests.support.cache import (
     READ_TIMEOUT,

@@ -18,7 +18,7 @@ from services.cache.client.manager import (
 )
 from services.cache.client.near_cache import NearCache
 from services.cache.sidecar.server import CacheSidecar
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from tests.support.auth import READ, WRITE, new_key
 from tests.support.cache import StartSidecar
 

@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from services.cache.client.keys import MAX_PREFIX_DEPTH, escape_key
 from services.cache.sidecar.stores.memory import MemoryStore
-from services.common.errors import InvalidArgument
+from services.common.contract.errors import InvalidArgument
 from tests.support.cache import FakeClock
 
 pytestmark = pytest.mark.fast

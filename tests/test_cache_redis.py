@@ -22,7 +22,7 @@ from services.cache.client.near_cache import NearCache
 from services.cache.sidecar.stores.base import NewEntry
 from services.cache.sidecar.stores.redis import RedisStore, connect
 from services.cache.sidecar.stores.redis_layout import KeyLayout
-from services.common.errors import FailedPrecondition
+from services.common.contract.errors import FailedPrecondition
 from tests.support import eventually
 from tests.support.cache import STRING_TYPE, CountingLoader, StartSidecar
 from tests.support.redis_servers import RedisServer

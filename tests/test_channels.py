@@ -1,4 +1,4 @@
-"""services/common/channels.py against real gRPC servers: which calls may be sent twice
+"""services/common/transport/channels.py against real gRPC servers: which calls may be sent twice
 (read from the descriptors), and a read that one worker leaves waiting is answered by
 another, while a connection on which a call timed out is
 replaced. The same with real processes and SIGSTOP: tests/test_processes.py."""
@@ -12,8 +12,8 @@ import time
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from services.common.api import discover_services
-from services.common.channels import ATTEMPT_TIMEOUT, open_channel, retryable
+from services.common.contract.api import discover_services
+from services.common.transport.channels import ATTEMPT_TIMEOUT, open_channel, retryable
 
 SERVICE = "grey.test.v1.Idempotent"
 
@@ -96,7 +96,7 @@ async def test_a_read_routes_around_a_stuck_worker_whose_connections_are_replace
                 assert await put(b"%d" % n, timeout=10) == b"%d" % n
                 latencies.append(time.monotonic() - began)
 
-        with caplog.at_level(logging.WARNING, logger="services.common.channels"):
+        with caplog.at_level(logging.WARNING, logger="services.common.transport.channels"):
             await asyncio.gather(*(reads() for _ in range(4)))
         assert len(latencies) == 48
         # The first attempt on the stuck server, then at worst two more on connections

@@ -29,10 +29,10 @@ from bench import loadtest
 from devstack.launcher import PROBE_FAILURES, PROBE_PERIOD, PROBE_TIMEOUT
 from devstack.ports import free_port
 from gateway.routes import build_routes
-from services.common.api import discover_services
 from services.common.auth import keys
-from services.common.grpc_host import GrpcHost
-from services.common.settings import Settings
+from services.common.contract.api import discover_services
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
 from services.seed import seed
 from tests.support import ROOT

@@ -22,8 +22,8 @@ from services.agents.server import build as build_agents
 from services.cache.edge.store import EdgeCache, Said, cacheable, write_of
 from services.cache.sidecar.server import build as build_sidecar
 from services.common.auth import keys
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import running
 from tests.support.auth import ADMIN_KEY, READ, auth_settings
 from tests.support.stack import gateway_client, make_settings, running_stack
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.db import connect
-from services.common.db.migrate import migrate
-from services.common.events import EventWriter
+from services.common.data.db import connect
+from services.common.data.db.migrate import migrate
+from services.common.usecases.events import EventWriter
 
 
 async def test_many_events_are_one_insert(database_url):

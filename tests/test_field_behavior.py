@@ -7,10 +7,10 @@ import pytest
 from devops_hub.v1 import agents_pb2, cache_pb2, workflows_pb2
 from google.api import annotations_pb2
 
-from services.common import field_behavior
-from services.common.api import backend_of, discover_services
-from services.common.errors import InvalidArgument
-from services.common.request_checks import check_request
+from services.common.contract import field_behavior
+from services.common.contract.api import backend_of, discover_services
+from services.common.contract.errors import InvalidArgument
+from services.common.contract.request_checks import check_request
 
 pytestmark = pytest.mark.fast
 

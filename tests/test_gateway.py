@@ -30,11 +30,11 @@ from google.protobuf.message import Message
 from gateway import proto_comments
 from gateway.routes import build_routes
 from gateway.testing import running_gateway
-from services.common.api import discover_services, method_path
 from services.common.auth.scopes import Scope, required_scopes
-from services.common.errors import Aborted, AlreadyExists, NotFound, invalid_fields
-from services.common.grpc_host import GrpcHost
-from services.common.settings import Settings
+from services.common.contract.api import discover_services, method_path
+from services.common.contract.errors import Aborted, AlreadyExists, NotFound, invalid_fields
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support import ROOT
 from tests.support.api import BACKEND_OF_SERVICE

@@ -11,7 +11,7 @@ import sys
 import httpx
 
 from gateway.testing import running_gateway
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from tests.support.processes import process_env, read_until, spawned
 
 SLOW = 1000

@@ -18,9 +18,9 @@ from gateway.rest import RestGateway
 from gateway.routes import RouteError, build_routes
 from gateway.templates import NotAllowed, PathTemplate, RouteMatch, Router, TemplateError
 from gateway.transcode import explain
-from services.common.api import backend_of, discover_services
-from services.common.channels import service_address
-from services.common.settings import Settings
+from services.common.contract.api import backend_of, discover_services
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 from tests.support.api import BACKEND_OF_SERVICE
 
 pytestmark = pytest.mark.fast

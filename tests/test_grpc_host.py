@@ -13,10 +13,10 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.common import event_loop
-from services.common.errors import NotFound
-from services.common.grpc_host import GrpcHost
-from services.common.limits import MAX_METADATA_BYTES
+from services.common.contract.errors import NotFound
+from services.common.contract.limits import MAX_METADATA_BYTES
+from services.common.foundation import event_loop
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support.grpc_errors import failure_of
 from tests.support.processes import process_env, read_until, spawned

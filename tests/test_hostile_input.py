@@ -10,7 +10,7 @@ import grpc
 import pytest
 from devops_hub.v1 import agents_pb2, events_pb2, runtime_pb2, runtime_pb2_grpc, workflows_pb2
 
-from services.common.grpc_host import GrpcHost
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support import eventually
 from tests.support.grpc_errors import error_reason, expect_error, field_violations

@@ -1,7 +1,7 @@
 """Safe retries (AIP-155): every create and execute RPC takes a request_id, over HTTP
 the Idempotency-Key header; a retry with it gets the first answer and writes nothing
 more, on SQLite and PostgreSQL, across a restart, under concurrency, and when the
-first answer was lost to a connection cut during COMMIT (services/common/idempotency.py)."""
+first answer was lost to a connection cut during COMMIT (services/common/runtime/idempotency.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, events_pb2
 from google.protobuf import descriptor_pool
 
 from services.agents.server import build as build_agents
-from services.common.api import backend_of, discover_services
-from services.common.idempotency import KEY_FIELD
-from services.common.process import running
+from services.common.contract.api import backend_of, discover_services
+from services.common.runtime.idempotency import KEY_FIELD
+from services.common.runtime.process import running
 from tests.support.auth import READ, WRITE, new_key
 from tests.support.databases import fresh_schema
 from tests.support.grpc_errors import error_reason, expect_error, field_violations

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.routes import build_routes
-from services.common.api import discover_services
+from services.common.contract.api import discover_services
 from tests.support.api import BACKEND_OF_SERVICE
 from tests.support.databases import fresh_schema
 from tests.support.stack import gateway_client, make_settings, running_stack

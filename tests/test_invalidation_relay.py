@@ -22,7 +22,7 @@ from google.protobuf import empty_pb2, field_mask_pb2
 from devstack.ports import free_port
 from services.agents.agents import Agents
 from services.cache.log.repository import InvalidationLog
-from services.common.grpc_host import GrpcHost
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support import eventually
 from tests.support.stack import Stack, make_settings, new_agent, running_stack

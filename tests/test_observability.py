@@ -27,14 +27,14 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache.sidecar.server import build as build_sidecar
-from services.common.channels import call_tracing, open_channel
-from services.common.db import connect
-from services.common.grpc_host import GrpcHost
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.data.db import connect
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
+from services.common.runtime.process import running
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
+from services.common.transport.channels import call_tracing, open_channel
 from tests.support import eventually
 from tests.support.metrics import parse_samples, scrape
 from tests.support.processes import launched_stack

@@ -11,8 +11,8 @@ import uuid
 import asyncpg
 import pytest
 
-from services.common.db import connect
-from services.common.errors import Unavailable
+from services.common.contract.errors import Unavailable
+from services.common.data.db import connect
 from tests.support import unavailable
 from tests.support.databases import PG_ADMIN_URL, postgres_url
 from tests.support.grpc_errors import error_reason
@@ -59,7 +59,7 @@ async def test_a_database_outage_is_503_with_retry_after_logged_once_each_way(ow
                 await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
                 assert (await http.get("/api/agents/missing-again")).status_code == 404
                 assert (await http.post("/api/agents", json={"id": "back", "name": "Back", "domain": "ci"})).status_code == 200
-    messages = [record.getMessage() for record in caplog.records if record.name == "services.common.outages"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "services.common.data.outages"]
     assert len([m for m in messages if "database unavailable" in m]) == 1, messages
     assert len([m for m in messages if "database available again" in m]) == 1, messages
     assert not [record for record in caplog.records if record.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
@@ -89,7 +89,7 @@ async def test_two_databases_in_one_process_have_their_own_outages(own_database,
     try:
         assert await down.fetchval("SELECT 1") == 1
         await take_down(admin, name)
-        with caplog.at_level(logging.INFO, logger="services.common.outages"):
+        with caplog.at_level(logging.INFO, logger="services.common.data.outages"):
             for _ in range(5):
                 with pytest.raises(Unavailable) as refused:
                     await down.fetchval("SELECT 1")
@@ -97,7 +97,7 @@ async def test_two_databases_in_one_process_have_their_own_outages(own_database,
                 assert await up.fetchval("SELECT 1") == 1
             assert down.outages.database.down_since is not None
             assert up.outages.database.down_since is None
-            messages = [record.getMessage() for record in caplog.records if record.name == "services.common.outages"]
+            messages = [record.getMessage() for record in caplog.records if record.name == "services.common.data.outages"]
             assert [m for m in messages if "unavailable" in m] == [messages[0]], messages
             assert not [m for m in messages if "available again" in m], messages
     finally:

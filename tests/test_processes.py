@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.channels import ATTEMPT_TIMEOUT
+from services.common.transport.channels import ATTEMPT_TIMEOUT
 from tests.support.processes import ADMIN_KEY, process_env, read_until, spawned
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from gateway.errors import HTTP_STATUS
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from tests.support import ROOT
 from tests.support.processes import launched_stack
 

@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from services.common.db import UniqueViolation, connect
-from services.common.db.migrate import migrate
+from services.common.data.db import UniqueViolation, connect
+from services.common.data.db.migrate import migrate
 
 
 async def test_a_cancelled_transaction_leaves_no_lock_behind(sqlite_url):

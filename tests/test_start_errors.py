@@ -1,5 +1,5 @@
 """A process pointed at a PostgreSQL or Redis it cannot use says so in one line and
-exits non-zero, with no traceback (services/common/dependencies.py)."""
+exits non-zero, with no traceback (services/common/foundation/dependencies.py)."""
 
 from __future__ import annotations
 

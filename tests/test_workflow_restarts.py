@@ -14,8 +14,8 @@ from devops_hub.v1 import events_pb2, workflows_pb2, workflows_pb2_grpc
 from google.protobuf import json_format
 
 from devstack.ports import free_port
-from services.common.event_repository import EventRepository
-from services.common.process import running
+from services.common.data.event_repository import EventRepository
+from services.common.runtime.process import running
 from services.workflows.server import build as build_workflows
 from tests.support import ROOT
 from tests.support.processes import read_until, spawned

@@ -20,10 +20,10 @@ from opentelemetry import trace
 
 from services.agents import builtins
 from services.agents.agents import Agents
-from services.common.background import spawn
-from services.common.channels import open_channel
-from services.common.errors import FailedPrecondition, Unavailable, invalid_fields
-from services.common.request_checks import json_violations
+from services.common.contract.errors import FailedPrecondition, Unavailable, invalid_fields
+from services.common.contract.request_checks import json_violations
+from services.common.foundation.background import spawn
+from services.common.transport.channels import open_channel
 
 Agent = agents_pb2.Agent
 AgentResult = runtime_pb2.AgentResult

@@ -1,4 +1,4 @@
-"""The agents use cases: the resource template (services/common/resource.py) with the
+"""The agents use cases: the resource template (services/common/usecases/resource.py) with the
 agents' rules, their list and discovery reads, and batch create.
 
 Cache rules: as long as the protos' cache_max_age says (a single agent 300 s, a list
@@ -16,9 +16,9 @@ from devops_hub.v1 import agents_pb2
 from services.agents import validation
 from services.agents.repository import AgentFilter, AgentRepository
 from services.cache.client.decorators import cached
-from services.common import pagination
-from services.common.errors import invalid_fields
-from services.common.resource import Resource, Violations
+from services.common.contract import pagination
+from services.common.contract.errors import invalid_fields
+from services.common.usecases.resource import Resource, Violations
 
 Agent = agents_pb2.Agent
 

@@ -16,14 +16,16 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common import field_behavior, idempotency, pagination, resource
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
-from services.common.clock import utc_now
-from services.common.db import UniqueViolation
-from services.common.errors import Unauthenticated, invalid_fields
+from services.common.contract import field_behavior, pagination
+from services.common.contract.errors import Unauthenticated, invalid_fields
+from services.common.data.db import UniqueViolation
+from services.common.foundation.clock import utc_now
+from services.common.runtime import idempotency
+from services.common.usecases import resource
 
 ApiKey = auth_pb2.ApiKey
 Scope = options_pb2.Scope

@@ -18,7 +18,7 @@ import jsonschema
 from devops_hub.v1 import agents_pb2
 
 from services.agents.validation import BUILTIN_ENDPOINT
-from services.common.json_paths import PathNotFound, walk
+from services.common.contract.json_paths import PathNotFound, walk
 
 Agent = agents_pb2.Agent
 MAX_WAIT_SECONDS = 300.0

@@ -27,11 +27,11 @@ from services.agents.api_keys import ApiKeys
 from services.common.auth.keys import kept_service_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import API_KEYS_SERVICE, DatabaseVerifier
-from services.common.channels import service_address, service_channel
-from services.common.db import connect
-from services.common.db.migrate import migrate
-from services.common.errors import ServiceError
-from services.common.settings import Settings
+from services.common.contract.errors import ServiceError
+from services.common.data.db import connect
+from services.common.data.db.migrate import migrate
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address, service_channel
 
 # How long a running stack has to answer before the key goes to the database.
 STACK_TIMEOUT = 1.0

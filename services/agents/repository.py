@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from devops_hub.v1 import agents_pb2
 
-from services.common.db import Database
-from services.common.db.database import Executor, Row, as_datetime
+from services.common.data.db import Database
+from services.common.data.db.database import Executor, Row, as_datetime
 
 if TYPE_CHECKING:
-    from services.common.field_behavior import Field
+    from services.common.contract.field_behavior import Field
 
 Agent = agents_pb2.Agent
 

@@ -22,13 +22,13 @@ from services.cache.log.relay import InvalidationRelay, build_relay
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
-from services.common.db import Database
-from services.common.db.startup import build_on_database
-from services.common.grpc_host import GrpcHost
-from services.common.idempotency import Idempotency
-from services.common.idempotency_repository import IdempotencyRepository
-from services.common.process import GrpcProcess, run
-from services.common.settings import Settings
+from services.common.data.db import Database
+from services.common.data.db.startup import build_on_database
+from services.common.data.idempotency_repository import IdempotencyRepository
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
+from services.common.runtime.idempotency import Idempotency
+from services.common.runtime.process import GrpcProcess, run
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 

@@ -1,5 +1,5 @@
 """What makes an agent valid beyond what its proto says, checked whole on create,
-batch create and update (the template, services/common/resource.py, checks the
+batch create and update (the template, services/common/usecases/resource.py, checks the
 REQUIRED fields and the enums first).
 
 Every check adds a (field path, description) violation rather than raising at the
@@ -12,7 +12,7 @@ import re
 
 from devops_hub.v1 import agents_pb2
 
-from services.common.resource import Violations
+from services.common.usecases.resource import Violations
 
 Agent = agents_pb2.Agent
 

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from services.cache.client.fed_cache import FedCache
 from services.cache.client.keys import parse_pattern
 from services.cache.client.transport import SidecarTransport
-from services.common.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn
 
 # One in this many exact invalidations is sampled; the checks wait this long after it.
 SAMPLE_EVERY = 10

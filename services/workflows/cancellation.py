@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from devops_hub.v1 import workflows_pb2
 
-from services.common.background import cancel_and_wait
+from services.common.foundation.background import cancel_and_wait
 
 Execution = workflows_pb2.Execution
 

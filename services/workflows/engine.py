@@ -23,10 +23,10 @@ from devops_hub.client import Client
 from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
-from services.common import idempotency
-from services.common.background import spawn
-from services.common.clock import utc_now
-from services.common.events import EventWriter
+from services.common.foundation.background import spawn
+from services.common.foundation.clock import utc_now
+from services.common.runtime import idempotency
+from services.common.usecases.events import EventWriter
 from services.workflows.cancellation import BY_REQUEST, PROCESS_STOPPING, LocalExecutions
 from services.workflows.leases import Leases
 from services.workflows.metrics import WorkflowMetrics

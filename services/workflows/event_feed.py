@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import grpc
 from devops_hub.v1 import events_pb2
 
-from services.common.background import cancel_and_wait
-from services.common.db import Database
-from services.common.errors import ServiceError
-from services.common.event_repository import EventRepository
+from services.common.contract.errors import ServiceError
+from services.common.data.db import Database
+from services.common.data.event_repository import EventRepository
+from services.common.foundation.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 from devops_hub.v1 import events_pb2
 
-from services.common import field_behavior, pagination
-from services.common.db import Database
-from services.common.errors import invalid_fields
-from services.common.event_repository import EventFilter, EventRepository
-from services.common.events import EventWriter
+from services.common.contract import field_behavior, pagination
+from services.common.contract.errors import invalid_fields
+from services.common.data.db import Database
+from services.common.data.event_repository import EventFilter, EventRepository
+from services.common.usecases.events import EventWriter
 from services.workflows.event_feed import EventFeed
 
 Event = events_pb2.Event

@@ -10,8 +10,8 @@ from typing import Any
 
 from devops_hub.v1 import events_pb2, workflows_pb2
 
-from services.common import pagination
-from services.common.errors import FailedPrecondition, NotFound, invalid_fields
+from services.common.contract import pagination
+from services.common.contract.errors import FailedPrecondition, NotFound, invalid_fields
 from services.workflows.engine import Engine
 from services.workflows.events import Events, resume_position
 from services.workflows.repository import ExecutionRepository

@@ -14,9 +14,9 @@ import datetime as dt
 import logging
 import uuid
 
-from services.common.background import cancel_and_wait, spawn
-from services.common.clock import utc_now
-from services.common.errors import Unavailable
+from services.common.contract.errors import Unavailable
+from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.clock import utc_now
 from services.workflows.cancellation import BY_REQUEST, LocalExecutions
 from services.workflows.metrics import WorkflowMetrics
 from services.workflows.progress import ExecutionProgress
@@ -72,7 +72,7 @@ class Leases:
                     await self._local.stop(execution_id, BY_REQUEST)
                 await self._reap()
             except Exception as exc:  # noqa: BLE001 - try again next round
-                # A database that is away was logged once, by services.common.outages.
+                # A database that is away was logged once, by services.common.data.outages.
                 if not isinstance(exc, Unavailable):
                     log.exception("execution maintenance failed")
 

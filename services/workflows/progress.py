@@ -10,7 +10,7 @@ from typing import Any
 
 from devops_hub.v1 import workflows_pb2
 
-from services.common.events import EventWriter
+from services.common.usecases.events import EventWriter
 from services.workflows.cancellation import LocalExecutions
 from services.workflows.repository import ExecutionRepository
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.json_paths import PathNotFound, walk
+from services.common.contract.json_paths import PathNotFound, walk
 
 PREFIX = "$."
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")

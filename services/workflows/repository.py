@@ -16,8 +16,8 @@ from typing import Any
 from devops_hub.v1 import workflows_pb2
 from google.protobuf import json_format
 
-from services.common.db import Database
-from services.common.db.database import Executor, Row, as_datetime
+from services.common.data.db import Database
+from services.common.data.db.database import Executor, Row, as_datetime
 from services.workflows.statuses import ACTIVE_EXECUTION
 
 Workflow = workflows_pb2.Workflow

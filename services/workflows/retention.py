@@ -11,11 +11,11 @@ import asyncio
 import datetime as dt
 import logging
 
-from services.common.background import cancel_and_wait, spawn
-from services.common.clock import utc_now
-from services.common.errors import Unavailable
-from services.common.event_repository import EventRepository
-from services.common.idempotency_repository import IdempotencyRepository
+from services.common.contract.errors import Unavailable
+from services.common.data.event_repository import EventRepository
+from services.common.data.idempotency_repository import IdempotencyRepository
+from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Pruner:
                 if expired:
                     log.info("pruned %d idempotency keys older than %s", expired, self._key_retention)
             except Exception as exc:  # noqa: BLE001 - try again next round
-                # A database that is away was logged once, by services.common.outages.
+                # A database that is away was logged once, by services.common.data.outages.
                 if not isinstance(exc, Unavailable):
                     log.exception("pruning events or idempotency keys failed")
             await asyncio.sleep(self._interval)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from devops_hub.v1 import agents_pb2, workflows_pb2
 from google.protobuf import json_format
 
-from services.common.resource import Violations
+from services.common.usecases.resource import Violations
 from services.workflows import references
 
 Workflow = workflows_pb2.Workflow

@@ -1,4 +1,4 @@
-"""Workflow definitions: the resource template (services/common/resource.py) with the
+"""Workflow definitions: the resource template (services/common/usecases/resource.py) with the
 workflows' rules, which check the steps' agents against the live agents service.
 
 Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
@@ -15,9 +15,9 @@ from devops_hub.v1 import agents_pb2, workflows_pb2
 
 from services.cache.client.decorators import CacheManager, cached
 from services.cache.log.outbox import Outbox
-from services.common import pagination
-from services.common.errors import Unavailable
-from services.common.resource import Resource, Violations
+from services.common.contract import pagination
+from services.common.contract.errors import Unavailable
+from services.common.usecases.resource import Resource, Violations
 from services.workflows import validation
 from services.workflows.repository import WorkflowRepository
 

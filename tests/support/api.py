@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from services.common.api import backend_of, discover_services
+from services.common.contract.api import backend_of, discover_services
 
 # Service full name → backend (`option (backend)`), for every service that declares one:
 # what the gateway routes when no table of its own is given.

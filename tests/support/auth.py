@@ -14,7 +14,7 @@ import pytest
 from devops_hub.v1 import auth_pb2, auth_pb2_grpc, options_pb2
 
 from services.common.auth import keys
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from tests.support.stack import Stack, make_settings, running_stack
 
 Scope = options_pb2.Scope

@@ -17,9 +17,9 @@ from grpc_status import rpc_status
 from services.cache.client.codecs import protobuf_content_type
 from services.cache.log.repository import InvalidationLog
 from services.cache.sidecar.server import CacheSidecar, build
-from services.common.db import Database as Db
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.data.db import Database as Db
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import running
 from tests.support import eventually
 
 STRING_TYPE = protobuf_content_type("google.protobuf.StringValue")
@@ -33,7 +33,7 @@ StartSidecar = Callable[..., Awaitable[CacheSidecar]]
 
 @pytest.fixture
 async def start_sidecar() -> AsyncIterator[StartSidecar]:
-    """Starts real sidecars as production does (services/common/process.py); settings
+    """Starts real sidecars as production does (services/common/runtime/process.py); settings
     overrides and build() keywords pass through."""
     started = contextlib.AsyncExitStack()
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from services.seed import EXAMPLE_WORKFLOWS
 
 # A seeded example: agent steps (validate, latency, announce) behind a CONDITIONAL gate.

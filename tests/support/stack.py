@@ -23,8 +23,8 @@ from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
 from services.agents.server import build as build_agents
 from services.cache.sidecar.server import build as build_sidecar
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import running
 from services.common.telemetry.profiling import SlowRequestProfiler
 from services.workflows.server import WorkflowsService
 from services.workflows.server import build as build_workflows
@@ -69,7 +69,7 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """The cache sidecar, the agents service and (optionally) the workflows service,
     seeded with the built-in agents, on ephemeral ports, as real servers, each
-    started and closed as production does it (services/common/process.py), and
+    started and closed as production does it (services/common/runtime/process.py), and
     traced into `tracer` when given one.
 
     Whatever started is stopped again, also when a later part fails to start.

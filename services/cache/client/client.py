@@ -31,8 +31,8 @@ from services.cache.client.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFee
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.cache.edge.surrogate_keys import note_read
-from services.common.channels import service_address
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")

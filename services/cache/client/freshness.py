@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from devops_hub.v1 import options_pb2
 from google.protobuf.descriptor import MethodDescriptor
 
-from services.common.api import discover_services, method_path
+from services.common.contract.api import discover_services, method_path
 
 CACHE_CONTROL = "cache-control"
 

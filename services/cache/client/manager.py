@@ -20,7 +20,7 @@ from devops_hub.v1 import cache_pb2
 
 from services.cache.client.client import CacheClient
 from services.cache.client.codecs import JSON, Codec
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 
 _REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 

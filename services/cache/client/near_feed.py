@@ -21,7 +21,7 @@ from devops_hub.v1 import cache_pb2
 
 from services.cache.client.fed_cache import FedCache
 from services.cache.client.transport import SidecarTransport
-from services.common.background import spawn
+from services.common.foundation.background import spawn
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from services.common.channels import open_channel
+from services.common.transport.channels import open_channel
 
 log = logging.getLogger(__name__)
 

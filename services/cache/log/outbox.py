@@ -24,10 +24,10 @@ from services.cache.client.client import CacheClient
 from services.cache.edge import surrogate_keys
 from services.cache.log.relay import InvalidationRelay
 from services.cache.log.repository import InvalidationLog
-from services.common.clock import utc_now
-from services.common.db import Database
-from services.common.db.database import Executor
-from services.common.event_repository import EventRepository, NewEvent
+from services.common.data.db import Database
+from services.common.data.db.database import Executor
+from services.common.data.event_repository import EventRepository, NewEvent
+from services.common.foundation.clock import utc_now
 
 
 @dataclass

@@ -39,12 +39,12 @@ from opentelemetry import trace
 
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.log.repository import InvalidationLog
-from services.common.background import cancel_and_wait, spawn
-from services.common.channels import service_address
-from services.common.clock import utc_now
-from services.common.db import Database
-from services.common.errors import Unavailable
-from services.common.settings import Settings
+from services.common.contract.errors import Unavailable
+from services.common.data.db import Database
+from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.clock import utc_now
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import service_address
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class InvalidationRelay:
                 again = await self._relay()
                 await self._prune_when_due()
             except Unavailable:
-                # The database is away: services.common.outages logged it, once.
+                # The database is away: services.common.data.outages logged it, once.
                 again = False
             except Exception:  # noqa: BLE001 - a round that fails is tried again
                 self._note("failing", logging.WARNING, "invalidation relay: a round failed; retrying", exc_info=True)

@@ -15,8 +15,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.common.db import Database
-from services.common.db.database import Statement
+from services.common.data.db import Database
+from services.common.data.db.database import Statement
 
 # Any constant works; it only has to be the same in every process (and differ from
 # the migrations' lock).

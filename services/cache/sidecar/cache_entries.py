@@ -15,7 +15,7 @@ from services.cache.client.keys import escape_key, key_problem
 from services.cache.sidecar.hub import InvalidationHub
 from services.cache.sidecar.stores.base import Found, NewEntry, SyncState
 from services.cache.sidecar.stores.fallback import FallbackStore
-from services.common.errors import Aborted, Unavailable, invalid_fields
+from services.common.contract.errors import Aborted, Unavailable, invalid_fields
 
 T = TypeVar("T")
 

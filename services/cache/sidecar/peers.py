@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from services.cache.sidecar.hub import InvalidationHub
 from services.cache.sidecar.stores.fallback import BACKEND_ERRORS, PROBE_INITIAL, PROBE_MAX
-from services.common.background import cancel_and_wait
+from services.common.foundation.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis_layout import KeyLayout
 from services.common.auth.verifier import RemoteVerifier
 from services.common.auth.wiring import Access
-from services.common.dependencies import redis_node_url
-from services.common.grpc_host import GrpcHost
-from services.common.process import GrpcProcess, run
-from services.common.settings import Settings
+from services.common.foundation.dependencies import redis_node_url
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
+from services.common.runtime.process import GrpcProcess, run
 from services.common.telemetry.endpoint import Refresher
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler

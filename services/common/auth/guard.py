@@ -26,8 +26,8 @@ from services.common.auth.keys import same_key
 from services.common.auth.rate_limit import Decision, RateLimiter
 from services.common.auth.scopes import allows, scope_name
 from services.common.auth.verifier import VOUCHING_HEADER, KeyVerifier
-from services.common.errors import PermissionDenied, RateLimited, Unauthenticated
-from services.common.forwarded import FORWARDER_KEY, TrustedProxies
+from services.common.contract.errors import PermissionDenied, RateLimited, Unauthenticated
+from services.common.contract.forwarded import FORWARDER_KEY, TrustedProxies
 
 Scope = options_pb2.Scope
 # Read once: an attribute of a protobuf enum wrapper is a Python-level __getattr__,

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from services.common.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
-from services.common.db import Database
-from services.common.db.database import Executor, Row, as_datetime
+from services.common.data.db import Database
+from services.common.data.db.database import Executor, Row, as_datetime
 
 ApiKey = auth_pb2.ApiKey
 _COLUMNS = "id, name, prefix, scopes, create_time, expire_time, revoke_time, last_used_time"

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from devops_hub.v1 import options_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from services.common.api import discover_services, method_path
+from services.common.contract.api import discover_services, method_path
 
 Scope = options_pb2.Scope
 

@@ -26,11 +26,11 @@ from opentelemetry import trace
 
 from services.common.auth import keys
 from services.common.auth.repository import ApiKeyRepository
-from services.common.background import spawn
-from services.common.channels import open_channel, service_address
-from services.common.clock import utc_now
-from services.common.errors import Unavailable
-from services.common.settings import Settings
+from services.common.contract.errors import Unavailable
+from services.common.foundation.background import spawn
+from services.common.foundation.clock import utc_now
+from services.common.foundation.settings import Settings
+from services.common.transport.channels import open_channel, service_address
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from services.common.auth.guard import AccessGuard
 from services.common.auth.rate_limit import Policy, RateLimiter
 from services.common.auth.scopes import required_scopes
 from services.common.auth.verifier import KeyVerifier
-from services.common.forwarded import ANY_ADDRESS
-from services.common.settings import Settings
+from services.common.contract.forwarded import ANY_ADDRESS
+from services.common.foundation.settings import Settings
 
 __all__ = ["Access"]
 

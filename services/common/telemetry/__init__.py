@@ -1,6 +1,6 @@
 """Observability shared by every serving process: metrics, traces, logs and profiles.
 
-A process's run() (services/common/process.py) calls Telemetry.start() before it
+A process's run() (services/common/runtime/process.py) calls Telemetry.start() before it
 builds anything (logging is then in place for what it builds, and the Telemetry holds
 the tracer and the profiler the wiring hands to each part), serves its metrics, and
 closes the Telemetry last. docs/observability.md is the operator's side.
@@ -8,7 +8,7 @@ closes the Telemetry last. docs/observability.md is the operator's side.
     metrics.py      the Prometheus metrics every service has, and the process's set
     endpoint.py     GET /metrics of a gRPC service, on its own port
     grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
-    grpc_client.py  trace context on outgoing gRPC calls (services/common/channels.py adds it)
+    grpc_client.py  trace context on outgoing gRPC calls (services/common/transport/channels.py adds it)
     asgi.py         the gateway's SERVER span, for its front pass
     tracing.py      OpenTelemetry set-up and database spans
     logs.py         text or JSON logs with request and trace ids
@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import disable_created_metrics, multiprocess
 
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, prepare_multiprocess, service_metrics

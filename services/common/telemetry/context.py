@@ -3,7 +3,7 @@
 The gRPC call wrapper binds the call's context (its x-request-id is read from the
 metadata only when something actually logs) and the gateway's front pass binds the
 id itself. Every RPC and every HTTP request runs in a task of its own, and work that
-outlives a request runs in tasks started by services.common.background.spawn, in an
+outlives a request runs in tasks started by services.common.foundation.background.spawn, in an
 empty context, so a binding never outlives the request that made it.
 """
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from services.common.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir
 
 log = logging.getLogger(__name__)

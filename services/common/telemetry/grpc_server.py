@@ -1,5 +1,5 @@
 """What every gRPC server records about every call, as layers for the call wrapper
-(services/common/grpc_calls.py): the status a call ended with as its client sees it,
+(services/common/runtime/grpc_calls.py): the status a call ended with as its client sees it,
 and (when on) a SERVER span continuing the caller's trace and a profile of slow calls.
 
 The wrapper picks layers once per method: with tracing and profiling off, a call pays

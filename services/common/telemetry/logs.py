@@ -15,7 +15,7 @@ from typing import TextIO
 
 from opentelemetry import trace
 
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 from services.common.telemetry import context
 
 FORMATS = ("text", "json")

@@ -15,7 +15,7 @@ import io
 import logging
 import pstats
 
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 
 log = logging.getLogger("devops_hub.profiling")
 

@@ -10,7 +10,7 @@ opens carry no interceptor.
 
 Spans cross processes as W3C trace context (`traceparent`, `tracestate`) in the gRPC
 metadata: the servers' call wrapper extracts it, and every channel the channel factory
-(services/common/channels.py) opens with a tracer injects it (grpc_client.py). gRPC
+(services/common/transport/channels.py) opens with a tracer injects it (grpc_client.py). gRPC
 itself is never patched.
 """
 
@@ -30,7 +30,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from services.cache.client.manager import CacheManager
 from services.cache.log.outbox import Outbox
 from services.common.auth import keys
 from services.common.auth.scopes import required_scopes, scope_name
-from services.common.process import running
-from services.common.settings import Settings
+from services.common.foundation.settings import Settings
+from services.common.runtime.process import running
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import ServiceMetrics
 from tests.support.auth import ADMIN_KEY, new_key

@@ -1,5 +1,5 @@
 """The use case behind ReportsService, written as docs/design.md says a resource's is:
-the resource template (services/common/resource.py) and the reports' own rules; the
+the resource template (services/common/usecases/resource.py) and the reports' own rules; the
 template brings the id rule, the field-by-field errors, the unit of work with the
 report.created event, the cached Get and its NOT_FOUND."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from devops_hub.v1 import reports_pb2
 
 from services.cache.client.decorators import cached
-from services.common.resource import Resource, Violations
+from services.common.usecases.resource import Resource, Violations
 from tests.support.new_service.repository import ReportRepository
 
 Report = reports_pb2.Report

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from devops_hub.v1 import reports_pb2
 from google.protobuf import json_format
 
-from services.common.db import Database
-from services.common.db.database import Executor
+from services.common.data.db import Database
+from services.common.data.db.database import Executor
 
 Report = reports_pb2.Report
 
-# Its migration: a numbered file in services/common/migrations/{postgresql,sqlite}/ in a
+# Its migration: a numbered file in services/common/data/migrations/{postgresql,sqlite}/ in a
 # real service, applied here by the scenario so that the project's own stay as they are.
 SCHEMA = "CREATE TABLE reports (id TEXT PRIMARY KEY, body TEXT NOT NULL)"
 

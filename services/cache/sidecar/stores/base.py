@@ -9,7 +9,7 @@ import math
 from devops_hub.v1 import cache_pb2
 
 from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
-from services.common.errors import FailedPrecondition
+from services.common.contract.errors import FailedPrecondition
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
 # Per-namespace figures are kept for this many namespaces; the rest are pooled so a

@@ -23,7 +23,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from services.cache.sidecar.stores.base import Found, Lookup, NewEntry, SyncState
 from services.cache.sidecar.stores.memory import MemoryStore
 from services.cache.sidecar.stores.redis import RedisStore
-from services.common.background import cancel_and_wait
+from services.common.foundation.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

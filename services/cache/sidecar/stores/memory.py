@@ -33,7 +33,7 @@ from services.cache.sidecar.stores.base import (
     entry_violations,
     lifetime,
 )
-from services.common.errors import invalid_fields
+from services.common.contract.errors import invalid_fields
 
 # Invalidations remembered for fill checks; a fill older than all of them is refused.
 DEFAULT_HISTORY = 4096

@@ -37,8 +37,8 @@ from services.cache.sidecar.stores.base import (
     lifetime,
 )
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
-from services.common.dependencies import redis_node_url
-from services.common.errors import invalid_fields
+from services.common.contract.errors import invalid_fields
+from services.common.foundation.dependencies import redis_node_url
 
 # How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
 CENSUS_MAX_AGE = 5.0

@@ -27,11 +27,12 @@ from google.protobuf.message import Message
 
 from services.cache.client.decorators import CacheManager, encoded, every, stale
 from services.cache.log.outbox import Outbox, Write
-from services.common import field_behavior, idempotency
-from services.common.db import UniqueViolation
-from services.common.db.database import Executor
-from services.common.errors import Aborted, AlreadyExists, NotFound, ServiceError, invalid_fields
-from services.common.etags import revision_of
+from services.common.contract import field_behavior
+from services.common.contract.errors import Aborted, AlreadyExists, NotFound, ServiceError, invalid_fields
+from services.common.contract.etags import revision_of
+from services.common.data.db import UniqueViolation
+from services.common.data.db.database import Executor
+from services.common.runtime import idempotency
 
 R = TypeVar("R", bound=Message)
 Answer = TypeVar("Answer", bound=Message)

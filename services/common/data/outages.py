@@ -21,7 +21,7 @@ import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.errors import Unavailable
+from services.common.contract.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry import trace
 
-from services.common.api import backend_of
-from services.common.background import spawn
-from services.common.limits import GRPC_SIZE_OPTIONS
-from services.common.settings import Settings
+from services.common.contract.api import backend_of
+from services.common.contract.limits import GRPC_SIZE_OPTIONS
+from services.common.foundation.background import spawn
+from services.common.foundation.settings import Settings
 from services.common.telemetry.grpc_client import tracing_interceptors
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from services.common.settings import redact
+from services.common.foundation.settings import redact
 
 
 class DependencyUnavailable(Exception):

@@ -33,11 +33,11 @@ from google.protobuf.message import Message
 
 from services.common.auth.guard import presented_key
 from services.common.auth.keys import hash_key
-from services.common.clock import utc_now
-from services.common.db.database import Executor
-from services.common.errors import Aborted, CommitOutcomeUnknown, FailedPrecondition, invalid_fields
-from services.common.grpc_calls import Context, Single
-from services.common.idempotency_repository import IdempotencyRepository, KeyUse
+from services.common.contract.errors import Aborted, CommitOutcomeUnknown, FailedPrecondition, invalid_fields
+from services.common.data.db.database import Executor
+from services.common.data.idempotency_repository import IdempotencyRepository, KeyUse
+from services.common.foundation.clock import utc_now
+from services.common.runtime.grpc_calls import Context, Single
 
 KEY_FIELD = "request_id"
 # ExecuteWorkflow's older name for it, honoured when request_id is empty, with its old

@@ -1,6 +1,6 @@
 """Versioned migrations, applied at start by every service that owns tables.
 
-Files live in services/common/migrations/<dialect>/NNNN_name.sql and are applied in
+Files live in services/common/data/migrations/<dialect>/NNNN_name.sql and are applied in
 order, each in its own transaction, recorded in schema_migrations. Several processes
 starting at once is safe: PostgreSQL takes an advisory lock, SQLite's BEGIN IMMEDIATE
 serialises writers, and each process re-reads what is applied once it holds the lock.
@@ -14,8 +14,8 @@ import logging
 import pathlib
 import re
 
-from services.common.db.database import Database, Executor, connect
-from services.common.settings import Settings
+from services.common.data.db.database import Database, Executor, connect
+from services.common.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
-from services.common import event_loop
-from services.common.dependencies import DependencyUnavailable, check_redis
-from services.common.grpc_host import GrpcHost
-from services.common.settings import Settings
+from services.common.foundation import event_loop
+from services.common.foundation.dependencies import DependencyUnavailable, check_redis
+from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry import Telemetry
 from services.common.telemetry.endpoint import Refresher
 from services.common.telemetry.profiling import SlowRequestProfiler

@@ -7,9 +7,9 @@ from typing import TypeVar
 
 from opentelemetry import trace
 
-from services.common.db.database import Database, connect
-from services.common.db.migrate import migrate
-from services.common.settings import Settings
+from services.common.data.db.database import Database, connect
+from services.common.data.db.migrate import migrate
+from services.common.foundation.settings import Settings
 from services.common.telemetry.metrics import PoolMetrics
 
 T = TypeVar("T")

@@ -12,7 +12,7 @@
   so no field of any message is forgotten and both engines refuse the same values
   with the same 400 naming the field.
 - It carries every field its message marks `(google.api.field_behavior) = REQUIRED`
-  (services/common/field_behavior.py), so no handler restates the annotations. The
+  (services/common/contract/field_behavior.py), so no handler restates the annotations. The
   fields of a resource inside a create or an update are the use case's to check:
   which of them are required depends on the write (AIP-134: an update only needs
   those its mask names), and a batch names every bad entry at once.
@@ -31,9 +31,9 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from services.common import field_behavior
-from services.common.errors import InvalidArgument, invalid_fields
-from services.common.limits import MAX_ID_LENGTH
+from services.common.contract import field_behavior
+from services.common.contract.errors import InvalidArgument, invalid_fields
+from services.common.contract.limits import MAX_ID_LENGTH
 
 _STRING = FieldDescriptor.TYPE_STRING
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)

@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.common.outages import Outages
+from services.common.data.outages import Outages
 from services.common.telemetry.metrics import PoolMetrics
 
 # An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
@@ -96,13 +96,13 @@ async def connect(
     neither. Its outages are reported in `outages`, by default a set of its own."""
     outages = Outages() if outages is None else outages
     if url.startswith(("postgresql://", "postgres://")):
-        from services.common.db.postgres import PostgresDatabase
+        from services.common.data.db.postgres import PostgresDatabase
 
         return await PostgresDatabase.open(
             url, min_size=pool_size, max_size=pool_size + max_overflow, pools=pools, outages=outages, tracer=tracer
         )
     if url.startswith("sqlite://"):
-        from services.common.db.sqlite import SqliteDatabase
+        from services.common.data.db.sqlite import SqliteDatabase
 
         return await SqliteDatabase.open(url, readers=max(1, min(pool_size, 8)), pools=pools, outages=outages, tracer=tracer)
     raise ValueError(f"DATABASE_URL must start with postgresql:// or sqlite://, got {url.split('://')[0]!r}")

@@ -17,9 +17,9 @@ from typing import Any
 from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from services.common.clock import utc_now
-from services.common.db import Database
-from services.common.db.database import Executor, Row, Statement, as_datetime
+from services.common.data.db import Database
+from services.common.data.db.database import Executor, Row, Statement, as_datetime
+from services.common.foundation.clock import utc_now
 
 Event = events_pb2.Event
 

@@ -16,17 +16,17 @@ from typing import Any
 import asyncpg
 from opentelemetry import trace
 
-from services.common.db.database import Database, Executor, Row, UniqueViolation
-from services.common.dependencies import postgres_unavailable
-from services.common.errors import CommitOutcomeUnknown
-from services.common.outages import Outages, is_database_outage
+from services.common.contract.errors import CommitOutcomeUnknown
+from services.common.data.db.database import Database, Executor, Row, UniqueViolation
+from services.common.data.outages import Outages, is_database_outage
+from services.common.foundation.dependencies import postgres_unavailable
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
 
 class _PoolRefillNoise(logging.Filter):
     """asyncpg logs a traceback each time it fails to refill the pool, several a
-    second while the server is away; the outage has its one line (services.common.outages)."""
+    second while the server is away; the outage has its one line (services.common.data.outages)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to restore the pool connection floor")

@@ -3,7 +3,7 @@
 uvloop's loop (libuv, in C) schedules callbacks and moves socket bytes for less CPU
 than asyncio's pure-Python one, and the hot path of a service is exactly that: many
 small calls. grpc.aio and uvicorn both run on it: every service, the gateway
-included, runs its life (services/common/process.py) through run() here. The
+included, runs its life (services/common/runtime/process.py) through run() here. The
 launcher and `make key` serve nothing and use plain asyncio.run().
 """
 

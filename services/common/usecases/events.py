@@ -17,12 +17,12 @@ from typing import Any
 from devops_hub.v1 import events_pb2
 from google.protobuf import json_format
 
-from services.common import idempotency
-from services.common.background import cancel_and_wait, spawn
-from services.common.clock import utc_now
-from services.common.db import Database
-from services.common.errors import Unavailable
-from services.common.event_repository import EventRepository, NewEvent
+from services.common.contract.errors import Unavailable
+from services.common.data.db import Database
+from services.common.data.event_repository import EventRepository, NewEvent
+from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.clock import utc_now
+from services.common.runtime import idempotency
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class EventWriter:
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - kept for the next round, not lost
-                # A database that is away was logged once, by services.common.outages.
+                # A database that is away was logged once, by services.common.data.outages.
                 if not isinstance(exc, Unavailable):
                     log.exception("writing %d events failed; will retry", len(self._buffer))
                 await asyncio.sleep(min(5.0, self._flush_interval * 10))

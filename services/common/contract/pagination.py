@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from services.common.errors import invalid_fields
+from services.common.contract.errors import invalid_fields
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import aiosqlite
 from opentelemetry import trace
 
-from services.common.db.database import Database, Executor, Row, UniqueViolation
-from services.common.outages import Outages, is_database_outage
+from services.common.data.db.database import Database, Executor, Row, UniqueViolation
+from services.common.data.outages import Outages, is_database_outage
 from services.common.telemetry import tracing
 from services.common.telemetry.metrics import PoolMetrics, PoolStats
 

@@ -18,10 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry import trace
 
-from services.common.grpc_calls import CallWrapper, Guard, Registrar
-from services.common.idempotency import Idempotency
-from services.common.limits import GRPC_SIZE_OPTIONS
-from services.common.outages import Outages
+from services.common.contract.limits import GRPC_SIZE_OPTIONS
+from services.common.data.outages import Outages
+from services.common.runtime.grpc_calls import CallWrapper, Guard, Registrar
+from services.common.runtime.idempotency import Idempotency
 from services.common.telemetry.metrics import GrpcServerMetrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 

@@ -1,12 +1,12 @@
-"""All SQL about idempotency keys (services/common/idempotency.py says why they exist)."""
+"""All SQL about idempotency keys (services/common/runtime/idempotency.py says why they exist)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
 
-from services.common.db import Database, UniqueViolation
-from services.common.db.database import Executor
+from services.common.data.db import Database, UniqueViolation
+from services.common.data.db.database import Executor
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Around a handler sit telemetry (metrics, the request context for the logs, and when
 on a SERVER span and a slow-call profile), the access guard, the method's freshness
 (`cache-control` metadata, services/cache/client/freshness.py) and the translation of
-errors into statuses (services/common/errors.py). They used to be separate
+errors into statuses (services/common/contract/errors.py). They used to be separate
 interceptors, each one more coroutine and one more lookup per call; here the layers
 a method needs are chosen when its handler is registered, and a call pays for one
 function around its handler and nothing else.
@@ -21,16 +21,16 @@ from opentelemetry import trace
 
 from services.cache.client import freshness
 from services.cache.edge import surrogate_keys
-from services.common.errors import grpc_status
-from services.common.outages import Outages
-from services.common.request_checks import check_request, tolerant
+from services.common.contract.errors import grpc_status
+from services.common.contract.request_checks import check_request, tolerant
+from services.common.data.outages import Outages
 from services.common.telemetry import context
 from services.common.telemetry.grpc_server import KINDS, outcome, profiled, traced, traced_stream
 from services.common.telemetry.metrics import GrpcServerMetrics, MethodMetrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 
 if TYPE_CHECKING:
-    from services.common.idempotency import Idempotency
+    from services.common.runtime.idempotency import Idempotency
 
 Metadata = tuple[tuple[str, str], ...]
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -1,0 +1,1 @@
+"""The database (one interface over two engines), its migrations, outages, and the shared repositories."""

@@ -1,0 +1,1 @@
+"""The one way any part opens a gRPC channel to another part."""

@@ -1,0 +1,1 @@
+"""Templates a service's handlers are written with: the resource use case and the events writer."""
