@@ -1,25 +1,9 @@
-"""What one HTTP connection may hold of the gateway: bytes of request head, time.
-(And uvicorn's own X-Forwarded-For handling, which is turned off.)
-
-uvicorn's httptools protocol enforces none of it: a request head may grow without
-bound, a connection that never sends a byte stays open for good (its keep-alive
-timer only starts after a first response), and a request that declares a body and
-sends part of it waits forever. So the gateway serves with this subclass:
-
-- the request line and headers together are at most GATEWAY_MAX_HEADER_BYTES
-  (431 otherwise; also the bound on what is forwarded as gRPC metadata, which gRPC
-  itself would refuse as RESOURCE_EXHAUSTED, a misleading 429), counted as they
-  arrive, not only once a line has ended: httptools hands a header over only when
-  its line ends, and until then appends each piece to the last (copying all of it),
-  so one endless header line would grow, quadratically, until the read timeout;
-- a connection idle for GATEWAY_KEEPALIVE_TIMEOUT, before its first request or
-  between two, is closed;
-- a request whose head and body have not fully arrived GATEWAY_READ_TIMEOUT after its
-  first byte is answered 408 and its connection closed.
-
-And one thing uvicorn does at a cost: it writes each ASGI message to the socket as it
-comes, so an ordinary answer (its head, then its body) is two send() calls and two
-TCP segments; what is written in one step of the event loop goes out as one here.
+"""What one HTTP connection may hold of the gateway, which uvicorn's httptools protocol
+bounds none of (docs/resilience.md): bytes of request head (431), counted as they
+arrive since httptools hands a header over only once its line ends; time idle before
+and between requests; time for a request to arrive (408). uvicorn's X-Forwarded-For
+handling is turned off. And what is written in one step of the event loop goes out
+as one send(): uvicorn would write a response's head and body as two TCP segments.
 """
 
 from __future__ import annotations

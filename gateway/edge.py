@@ -1,15 +1,7 @@
 """The edge cache's life in the gateway (its store, its invalidation feed, its checker)
-and how a held answer is written.
-
-A hot hit is decided before anything else the request could cost (gateway/rest.py):
-the route is matched, the headers read once, the answer looked up by path and query,
-and the caller admitted by the services' own guard (services/common/auth/guard.py,
-built by the same wiring as theirs): the scope the proto requires, the key verified
-with the agents service's WhoAmI (RemoteVerifier, cached a second, so revocation
-holds within it), and one token from the caller's bucket. No gRPC request is built,
-and the answer goes out as two ASGI messages whose header lines were made when it was
-kept. The gateway takes that token from the same bucket for every request that comes
-through it, hits and misses alike (gateway_limits); a refusal is the error the
+and how a held answer is written: the prepared header lines and body as two ASGI
+messages, once gateway/rest.py has matched the route and the services' own guard has
+admitted the caller (docs/design.md, "A cached read"). A refusal is the error the
 service would have answered.
 """
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.json_body import JSON_MEDIA_TYPE, encode
-from services.common.errors import InternalError, InvalidArgument, NotFound, ServiceError
+from services.common.errors import InternalError, InvalidArgument, NotFound, RateLimited, ServiceError, Unimplemented
 
 HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -57,32 +57,12 @@ def http_status(code: int) -> int:
     return _HTTP_BY_NUMBER.get(code, 500)
 
 
-class MethodNotAllowed(ServiceError):
-    """The path exists for other HTTP methods (HTTP 405, carried as UNIMPLEMENTED)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "METHOD_NOT_ALLOWED"
-
-
-class PayloadTooLarge(ServiceError):
-    """The request body exceeds what a backend would accept (HTTP 413)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "PAYLOAD_TOO_LARGE"
-
-
-class UnsupportedMediaType(ServiceError):
-    """A request body that is not JSON (HTTP 415)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "UNSUPPORTED_MEDIA_TYPE"
-
-
-# HTTP statuses the table cannot produce, for failures that only exist in HTTP.
-_GATEWAY_ONLY: Mapping[int, type[ServiceError]] = {
-    405: MethodNotAllowed,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
+# Failures that only exist in HTTP, which the table cannot produce: the code and
+# reason their body carries.
+_HTTP_ONLY: Mapping[int, tuple[type[ServiceError], str]] = {
+    405: (Unimplemented, "METHOD_NOT_ALLOWED"),
+    413: (RateLimited, "PAYLOAD_TOO_LARGE"),
+    415: (InvalidArgument, "UNSUPPORTED_MEDIA_TYPE"),
 }
 
 
@@ -111,20 +91,14 @@ def bad_request(message: str, *, field: str = "", description: str = "", reason:
     return GatewayError(InvalidArgument(message, reason=reason, violations=violations))
 
 
+def http_only(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> GatewayError:
+    """A 405, 413 or 415 (_HTTP_ONLY), in the same body shape as every other failure."""
+    error_class, reason = _HTTP_ONLY[status_code]
+    return GatewayError(error_class(message, reason=reason), status_code=status_code, headers=headers)
+
+
 def route_not_found(http_method: str, path: str) -> GatewayError:
     return GatewayError(NotFound(f"no route for {http_method} {path}", reason="ROUTE_NOT_FOUND"))
-
-
-def method_not_allowed(http_method: str, path: str, allowed: tuple[str, ...]) -> GatewayError:
-    return GatewayError(
-        MethodNotAllowed(f"{http_method} is not allowed on {path}; allowed: {', '.join(allowed)}"),
-        status_code=405,
-        headers={"Allow": ", ".join(allowed)},
-    )
-
-
-def payload_too_large(limit: int) -> GatewayError:
-    return GatewayError(PayloadTooLarge(f"request body exceeds {limit} bytes"), status_code=413)
 
 
 def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -175,13 +149,10 @@ def _detail(packed: any_pb2.Any) -> dict[str, Any]:
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405s (e.g. POST /health) in the same body shape as the rest."""
     assert isinstance(exc, HTTPException)
-    error_class = _GATEWAY_ONLY.get(exc.status_code)
-    if error_class is not None:
-        status = error_class(exc.detail).to_status()
-    else:
-        code = _CODE_BY_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
-        status = status_pb2.Status(code=code.value[0], message=exc.detail)
-    return status_response(status, exc.status_code, exc.headers)
+    if exc.status_code in _HTTP_ONLY:
+        return http_only(exc.status_code, exc.detail, exc.headers).response()
+    code = _CODE_BY_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+    return status_response(status_pb2.Status(code=code.value[0], message=exc.detail), exc.status_code, exc.headers)
 
 
 def internal_error_response() -> Response:

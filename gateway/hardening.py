@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
+from gateway.errors import bad_request, http_only
 from services.common.forwarded import TrustedProxies
 from services.common.forwarded import client_address as forwarded_client
 
@@ -64,9 +64,7 @@ def require_json(scope: Scope) -> None:
             break
     else:
         shown = "none"
-    raise GatewayError(
-        UnsupportedMediaType(f"request bodies must be application/json, not {shown}"), status_code=415
-    )
+    raise http_only(415, f"request bodies must be application/json, not {shown}")
 
 
 def client_address(scope: Scope, proxies: TrustedProxies) -> str:
@@ -76,11 +74,12 @@ def client_address(scope: Scope, proxies: TrustedProxies) -> str:
     return forwarded_client(peer, forwarded, proxies)
 
 
+def rate_limit_headers(trailers: Iterable[tuple[str, object]] | None) -> dict[str, str]:
+    return {RATE_LIMIT_TRAILERS[key]: value for key, value in trailers or () if key in RATE_LIMIT_TRAILERS and isinstance(value, str)}
+
+
 def add_rate_limit_headers(response: Response, trailers: Iterable[tuple[str, object]] | None) -> None:
-    for key, value in trailers or ():
-        header = RATE_LIMIT_TRAILERS.get(key)
-        if header is not None and isinstance(value, str):
-            response.headers[header] = value
+    response.headers.update(rate_limit_headers(trailers))
 
 
 def cors_options(origins_setting: str) -> dict[str, Any] | None:

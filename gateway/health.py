@@ -26,29 +26,18 @@ SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthChe
 
 
 class HealthChecker:
-    def __init__(self, addresses: Mapping[str, str], *, timeout: float = CHECK_TIMEOUT) -> None:
+    def __init__(self, addresses: Mapping[str, str]) -> None:
         self._addresses = dict(addresses)
-        self._timeout = timeout
         self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
     def bind(self, pool: ChannelPool) -> None:
         """Called in the lifespan, once the pool's channels exist."""
         self._stubs = {backend: health_pb2_grpc.HealthStub(pool.channel(backend)) for backend in self._addresses}
 
-    async def check(self) -> tuple[bool, dict[str, Any]]:
-        names = list(self._stubs)
-        results = await asyncio.gather(*(self._check_one(name) for name in names))
-        backends = dict(zip(names, results))
-        failing = [name for name, result in backends.items() if result["status"] != SERVING]
-        report: dict[str, Any] = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
-        if failing:
-            report["failing"] = failing
-        return not failing, report
-
     async def _check_one(self, backend: str) -> dict[str, str]:
         result = {"address": self._addresses[backend]}
         try:
-            reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
+            reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             result["status"] = exc.code().name
             result["error"] = exc.details() or exc.code().name
@@ -60,8 +49,13 @@ class HealthChecker:
 
     async def ready(self, request: Request) -> Response:
         """/health and /health/ready: 200 only when every backend is SERVING, never cached."""
-        healthy, report = await self.check()
-        return Response(encode(report), status_code=200 if healthy else 503, media_type=JSON_MEDIA_TYPE, headers=NO_STORE)
+        names = list(self._stubs)
+        backends = dict(zip(names, await asyncio.gather(*(self._check_one(name) for name in names))))
+        failing = [name for name, result in backends.items() if result["status"] != SERVING]
+        report: dict[str, Any] = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
+        if failing:
+            report["failing"] = failing
+        return Response(encode(report), status_code=503 if failing else 200, media_type=JSON_MEDIA_TYPE, headers=NO_STORE)
 
     async def live(self, request: Request) -> Response:
         """/health/live: the process answers; restarting it would not fix a backend."""

@@ -149,17 +149,9 @@ class _Schemas:
         return dict(_SCALARS[field.type])
 
 
-def build_openapi(
-    routes: Sequence[HttpRoute],
-    *,
-    title: str = "DevOps Hub API",
-    comments: dict[str, str] | None = None,
-    auth_enabled: bool = True,
-    anonymous_reads: bool = True,
-) -> JsonObject:
-    """The document for `routes`; `comments` default to the generated package's
-    (proto_comments.load()); the security requirements follow the auth settings."""
-    schemas = _Schemas(proto_comments.load() if comments is None else comments)
+def build_openapi(routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_reads: bool) -> JsonObject:
+    """The document for `routes`; the security requirements follow the auth settings."""
+    schemas = _Schemas(proto_comments.load())
     error_response = {
         "description": "An error: the JSON of google.rpc.Status (AIP-193).",
         "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
@@ -188,7 +180,7 @@ def build_openapi(
         components["securitySchemes"] = SECURITY_SCHEMES
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": title, "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
+        "info": {"title": "DevOps Hub API", "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
         "tags": [schemas.described({"name": name}, full_name) for name, full_name in services.items()],
         "paths": paths,
         "components": components,
@@ -235,29 +227,15 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
         if route.resume is not None:
             request_field, event_field = route.resume
             description += f" Each event's `id:` is the message's `{event_field.json_name}`."
-            operation["parameters"].append(
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": f"Resumes after that event: sets `{request_field.json_name}` unless the query does.",
-                }
-            )
+            resumes = f"Resumes after that event: sets `{request_field.json_name}` unless the query does."
+            operation["parameters"].append(_header("Last-Event-ID", {"type": "string"}, resumes))
         ok = {"description": description, "content": {"text/event-stream": {"schema": reply_schema}}}
     else:
         ok = {"description": "OK", "content": {JSON_MEDIA_TYPE: {"schema": reply_schema}}}
     for header, field in route.headers:
         if header == IDEMPOTENCY_HEADER:
-            operation["parameters"].append(
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "format": "uuid"},
-                    "description": f"Makes a retry safe (AIP-155): sets `{field.json_name}` unless the body or query does.",
-                }
-            )
+            safe = f"Makes a retry safe (AIP-155): sets `{field.json_name}` unless the body or query does."
+            operation["parameters"].append(_header("Idempotency-Key", {"type": "string", "format": "uuid"}, safe))
     operation["responses"] = {"200": ok, "default": error_response}
     return operation
 
@@ -309,6 +287,10 @@ def _described_by(schemas: _Schemas, field: FieldDescriptor) -> JsonObject:
     return {"schema": schema, **({"description": text} if text else {})}
 
 
+def _header(name: str, schema: JsonObject, description: str) -> JsonObject:
+    return {"name": name, "in": "header", "required": False, "schema": schema, "description": description}
+
+
 def _ref(name: str) -> JsonObject:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -316,9 +298,8 @@ def _ref(name: str) -> JsonObject:
 class OpenApiDocument:
     """The document, encoded once: it only changes when the protos do."""
 
-    def __init__(self, routes: Sequence[HttpRoute], *, auth_enabled: bool = True, anonymous_reads: bool = True) -> None:
-        self.document = build_openapi(routes, auth_enabled=auth_enabled, anonymous_reads=anonymous_reads)
-        self._body = encode(self.document)
+    def __init__(self, routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_reads: bool) -> None:
+        self._body = encode(build_openapi(routes, auth_enabled=auth_enabled, anonymous_reads=anonymous_reads))
 
     async def endpoint(self, request: Request) -> Response:
         return Response(self._body, media_type=JSON_MEDIA_TYPE)

@@ -19,6 +19,7 @@ matching whenever some template declares that verb, so `{id}` never swallows it:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Iterable
 from typing import Generic, NamedTuple, TypeVar
@@ -158,10 +159,9 @@ class NotAllowed(NamedTuple):
 class _Shape(Generic[T]):
     """Every binding that shares one shape, keyed by HTTP method."""
 
-    __slots__ = ("segments", "literals", "singles", "prefix_len", "multi", "targets", "order")
+    __slots__ = ("literals", "singles", "prefix_len", "multi", "targets", "order")
 
     def __init__(self, segments: tuple[str, ...]) -> None:
-        self.segments = segments
         self.multi = bool(segments) and segments[-1] == MULTI
         self.prefix_len = len(segments) - 1 if self.multi else len(segments)
         fixed = segments[: self.prefix_len]
@@ -172,6 +172,8 @@ class _Shape(Generic[T]):
         self.order = tuple(0 if s not in (SINGLE, MULTI) else 1 if s == SINGLE else 2 for s in segments)
 
     def matches(self, segments: list[str]) -> bool:
+        if self.multi and len(segments) < self.prefix_len:
+            return False
         for i, literal in self.literals:
             if segments[i] != literal:
                 return False
@@ -218,14 +220,8 @@ class Router(Generic[T]):
 
     def _lookup(self, http_method: str, segments: list[str], verb: str) -> RouteMatch[T] | NotAllowed | None:
         allowed: set[str] = set()
-        for shape in self._fixed.get((verb, len(segments)), ()):
+        for shape in itertools.chain(self._fixed.get((verb, len(segments)), ()), self._multi.get(verb, ())):
             if shape.matches(segments):
-                hit = shape.targets.get(http_method)
-                if hit is not None:
-                    return RouteMatch(hit[1], hit[0].values(segments))
-                allowed.update(shape.targets)
-        for shape in self._multi.get(verb, ()):
-            if len(segments) >= shape.prefix_len and shape.matches(segments):
                 hit = shape.targets.get(http_method)
                 if hit is not None:
                     return RouteMatch(hit[1], hit[0].values(segments))
