@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.errors import GatewayError, status_body
+from gateway.errors import status_body
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.settings import Settings
 
@@ -68,7 +68,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # for it after the piece it began in (which may hold the end of an earlier request).
         self._head_open = False
         self._head_arrived = 0
-        self._refusal: tuple[int, bytes, bytes] | None = None
+        self._head_too_large = False
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -87,7 +87,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if continued and self._head_open and not self.transport.is_closing():
             self._head_arrived += len(data)
             if self._head_arrived > self.max_header_bytes:
-                self._send_refusal(*self._head_refusal())
+                self._refuse_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -114,37 +114,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; the head limit's error is one of those."""
-        if self._refusal is None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
             super().send_400_response(msg)
-            return
-        self._send_refusal(*self._refusal)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
-            self._refusal = self._head_refusal()
+            self._head_too_large = True
             raise _HeadTooLarge
 
-    def _head_refusal(self) -> tuple[int, bytes, bytes]:
+    def _refuse_head(self) -> None:
         error = InvalidArgument(f"the request line and headers exceed {self.max_header_bytes} bytes", reason="HEADERS_TOO_LARGE")
-        return _refusal(431, b"Request Header Fields Too Large", error)
+        self._send_refusal(431, b"Request Header Fields Too Large", error)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
         if self.transport.is_closing():
             return
         if self.cycle is None or not self.cycle.response_started:
-            error = InvalidArgument(
-                f"the request did not arrive within {self.read_timeout:g}s", reason="REQUEST_TIMEOUT"
-            )
-            self._send_refusal(*_refusal(408, b"Request Timeout", error))
+            error = InvalidArgument(f"the request did not arrive within {self.read_timeout:g}s", reason="REQUEST_TIMEOUT")
+            self._send_refusal(408, b"Request Timeout", error)
         else:
             self.transport.close()
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
 
-    def _send_refusal(self, status: int, phrase: bytes, body: bytes) -> None:
+    def _send_refusal(self, status: int, phrase: bytes, error: ServiceError) -> None:
+        body = status_body(error.to_status())
         head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
@@ -156,10 +155,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
-
-
-def _refusal(status: int, phrase: bytes, error: ServiceError) -> tuple[int, bytes, bytes]:
-    return status, phrase, status_body(GatewayError(error, status_code=status).status)
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:

@@ -33,6 +33,11 @@ def gateway_limits(settings: Settings) -> bool:
 
 
 class Edge:
+    # Made in open(), on the server's event loop; close() follows it in the lifespan.
+    _transport: SidecarTransport
+    _feed: NearCacheFeed
+    _checker: ConsistencyChecker
+
     def __init__(self, settings: Settings, consistency: ConsistencyMetrics, tracer: trace.Tracer | None = None) -> None:
         self.settings = settings
         self._consistency = consistency
@@ -42,9 +47,6 @@ class Edge:
             max_bytes=settings.gateway_edge_cache_bytes,
             max_ttl=settings.gateway_edge_cache_ttl,
         )
-        self._transport: SidecarTransport | None = None
-        self._feed: NearCacheFeed | None = None
-        self._checker: ConsistencyChecker | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics, *, tracer: trace.Tracer | None = None) -> Edge | None:
@@ -71,14 +73,10 @@ class Edge:
         self._checker.start()
 
     async def close(self) -> None:
-        if self._checker is not None:
-            await self._checker.stop()
-        if self._transport is not None:
-            self._transport.closed = True
-        if self._feed is not None:
-            await self._feed.close()
-        if self._transport is not None:
-            await self._transport.close()
+        await self._checker.stop()
+        self._transport.closed = True
+        await self._feed.close()
+        await self._transport.close()
 
     async def send(
         self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send

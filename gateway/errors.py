@@ -69,13 +69,7 @@ _HTTP_ONLY: Mapping[int, tuple[type[ServiceError], str]] = {
 class GatewayError(Exception):
     """A failure found by the gateway before or instead of a backend call."""
 
-    def __init__(
-        self,
-        error: ServiceError,
-        *,
-        status_code: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, error: ServiceError, *, status_code: int | None = None, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(error.message)
         self.status = error.to_status()
         self.status_code = status_code or http_status(self.status.code)

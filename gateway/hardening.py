@@ -1,15 +1,8 @@
-"""What the gateway refuses or adds for safety, in one place.
-
-- Credentials in the query string are refused: URLs end up in logs and histories.
-- A request body must be JSON (415 otherwise).
-- The client's address is an anonymous caller's rate-limit bucket, which the gateway
-  keeps (gateway/rest.py); an incoming X-Forwarded-For is believed only from
-  GATEWAY_TRUSTED_PROXIES (none by default), and then only up to its rightmost
-  untrusted hop.
-- The rate-limit figures (the gateway's, or a service's) go out as X-RateLimit-* and
-  Retry-After headers.
-- Every response carries the usual security headers; CORS only for CORS_ORIGINS, and
-  never a wildcard together with credentials.
+"""What the gateway refuses or adds for safety, in one place: credentials in the query
+string are refused (URLs end up in logs and histories); a body must be JSON; the
+client's address, an anonymous caller's rate-limit bucket, believes X-Forwarded-For
+only from GATEWAY_TRUSTED_PROXIES; rate-limit figures go out as X-RateLimit-* and
+Retry-After; every response carries the security headers; CORS only for CORS_ORIGINS.
 """
 
 from __future__ import annotations

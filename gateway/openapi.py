@@ -137,7 +137,7 @@ class _Schemas:
         if name not in self.components:
             values = [(value.name, self.comments.get(f"{name}.{value.name}")) for value in descriptor.values]
             listed = "\n".join(f"- `{value}`: {text}" for value, text in values if text)
-            text = "\n\n".join(part for part in (self.comments.get(name), listed) if part)
+            text = _paragraphs(self.comments.get(name), listed)
             self.components[name] = {"type": "string", "enum": [value for value, _ in values], **({"description": text} if text else {})}
         return _ref(name)
 
@@ -196,7 +196,7 @@ def _secure(operation: JsonObject, route: HttpRoute, schemas: _Schemas, anonymou
     operation["security"] = [{}, *_WITH_KEY] if anonymous else _WITH_KEY
     meaning = schemas.comments.get(f"{Scope.DESCRIPTOR.full_name}.{scope}")
     note = f"Scope `{scope}`" + (f": {meaning}" if meaning else ".")
-    operation["description"] = "\n\n".join(part for part in (operation.get("description"), note) if part)
+    operation["description"] = _paragraphs(operation.get("description"), note)
 
 
 def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, path_names: list[str]) -> JsonObject:
@@ -245,9 +245,7 @@ def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> l
     for name, variable, chain in zip(names, route.template.variables, route.path_fields):
         parameter = {"name": name, "in": "path", "required": True, **_described_by(schemas, chain[-1])}
         if name != variable.name:
-            parameter["description"] = "\n\n".join(
-                part for part in (parameter.get("description"), f"Sets the request field `{variable.name}`.") if part
-            )
+            parameter["description"] = _paragraphs(parameter.get("description"), f"Sets the request field `{variable.name}`.")
         parameters.append(parameter)
     return parameters
 
@@ -285,6 +283,10 @@ def _described_by(schemas: _Schemas, field: FieldDescriptor) -> JsonObject:
     if "allOf" in schema:
         schema = schema["allOf"][0]
     return {"schema": schema, **({"description": text} if text else {})}
+
+
+def _paragraphs(*texts: str | None) -> str:
+    return "\n\n".join(text for text in texts if text)
 
 
 def _header(name: str, schema: JsonObject, description: str) -> JsonObject:

@@ -163,13 +163,13 @@ class StatusBoard:
         return buckets
 
 
-def metrics_urls(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
+def metrics_urls(settings: Settings, addresses: Mapping[str, str]) -> dict[str, str]:
     """Each backend's metrics endpoint: its `<backend>_metrics_port` on its address's
     host (one replica's, where several serve one address); none where the port is 0."""
     urls = {}
-    for backend in sorted(set(backends)):
+    for backend, address in addresses.items():
         port = getattr(settings, f"{backend}_metrics_port", 0)
-        host = host_of(settings.backend_address(backend))
+        host = host_of(address)
         if port:
             urls[backend] = f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{port}/metrics"
     return urls

@@ -1,19 +1,10 @@
-"""google.api.http path templates, parsed once at start-up and matched per request.
+"""google.api.http path templates (their grammar: google/api/http.proto), parsed once
+at start-up and matched per request.
 
-Grammar (google/api/http.proto):
-
-    Template = "/" Segments [ Verb ] ;
-    Segments = Segment { "/" Segment } ;
-    Segment  = "*" | "**" | LITERAL | Variable ;
-    Variable = "{" FieldPath [ "=" Segments ] "}" ;
-    Verb     = ":" LITERAL ;
-
-Matching is done on path segments with string compares only (no regex): templates are
-bucketed by (verb, segment count), so a request only looks at the handful of templates
-that could possibly match it. A `:verb` suffix is split off the last segment before
-matching whenever some template declares that verb, so `{id}` never swallows it:
-`GET /api/agents/x` and `POST /api/agents/x:execute` reach different routes, and
-`GET /api/agents/x:execute` is a 405 rather than a GetAgent for the id "x:execute".
+Matching compares path segments, no regex: templates are bucketed by (verb, segment
+count), so a request only looks at the few that could match it. A `:verb` suffix is
+split off the last segment whenever some template declares that verb, so `{id}` never
+swallows it: `GET /api/agents/x:execute` is a 405, not a GetAgent for "x:execute".
 """
 
 from __future__ import annotations
