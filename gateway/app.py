@@ -1,9 +1,6 @@
-"""create_app: the HTTP gateway as one ASGI app, built entirely at start-up.
-
-Route table, request builders, renderers and the OpenAPI document are derived from
-the proto descriptors here, before the first request; the gRPC channels are opened in
-the lifespan, on the server's event loop, and closed when it stops.
-"""
+"""create_app: the HTTP gateway as one ASGI app, all derived from the proto descriptors
+before the first request; the gRPC channels are opened in the lifespan, on the server's
+event loop, and closed when it stops."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.errors import bad_request, http_only
@@ -69,10 +68,6 @@ def client_address(scope: Scope, proxies: TrustedProxies) -> str:
 
 def rate_limit_headers(trailers: Iterable[tuple[str, object]] | None) -> dict[str, str]:
     return {RATE_LIMIT_TRAILERS[key]: value for key, value in trailers or () if key in RATE_LIMIT_TRAILERS and isinstance(value, str)}
-
-
-def add_rate_limit_headers(response: Response, trailers: Iterable[tuple[str, object]] | None) -> None:
-    response.headers.update(rate_limit_headers(trailers))
 
 
 def cors_options(origins_setting: str) -> dict[str, Any] | None:

@@ -1,10 +1,7 @@
-"""/health, /health/live and /health/ready: the gateway is only as ready as its backends
-(those its routes call).
-
-Each backend's grpc.health.v1 Check (overall status, service "") is called concurrently
-on the pooled channels with a short deadline, so one hung backend costs a second, not
-the probe's whole timeout, and the probe exercises the same connections requests use.
-"""
+"""/health, /health/live and /health/ready: the gateway is only as ready as the backends
+its routes call. Their grpc.health.v1 Checks run concurrently on the pooled channels
+with a short deadline, so one hung backend costs a second, not the probe's timeout, and
+the probe exercises the connections requests use."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """OpenAPI 3.0 from the same route table the gateway serves, so the two cannot disagree.
 
-Schemas follow the proto3 JSON mapping the gateway speaks: lowerCamelCase properties,
-enums as their value names, 64-bit integers as strings, maps as objects, and the
-well-known types in their JSON forms. The error body is the JSON of google.rpc.Status,
-generated from its own descriptor like everything else. Descriptions are the protos'
-own comments (gateway/proto_comments.py); the API key is a security scheme, sent as
-`x-api-key` or as a bearer token, required by each operation as its `required_scope`
-option says.
+Schemas follow the proto3 JSON mapping the gateway speaks, the error body is the JSON
+of google.rpc.Status from its own descriptor, descriptions are the protos' comments
+(proto_comments.py), and each operation requires the key its `required_scope` says.
 """
 
 from __future__ import annotations
@@ -33,20 +29,15 @@ _VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")
 _OPERATION_KEYS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 _T = FieldDescriptor
+# Copied on use (_Schemas._single): the types that share an entry share one dict here.
 _SCALARS: dict[int, JsonObject] = {
     _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
     _T.TYPE_FLOAT: {"type": "number", "format": "float"},
-    _T.TYPE_INT32: {"type": "integer", "format": "int32"},
-    _T.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    _T.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
-    _T.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
-    _T.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    **dict.fromkeys((_T.TYPE_INT32, _T.TYPE_SINT32, _T.TYPE_SFIXED32), {"type": "integer", "format": "int32"}),
+    **dict.fromkeys((_T.TYPE_UINT32, _T.TYPE_FIXED32), {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295}),
     # proto3 JSON writes 64-bit integers as strings: JavaScript numbers lose precision.
-    _T.TYPE_INT64: {"type": "string", "format": "int64"},
-    _T.TYPE_SINT64: {"type": "string", "format": "int64"},
-    _T.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    _T.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    _T.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    **dict.fromkeys((_T.TYPE_INT64, _T.TYPE_SINT64, _T.TYPE_SFIXED64), {"type": "string", "format": "int64"}),
+    **dict.fromkeys((_T.TYPE_UINT64, _T.TYPE_FIXED64), {"type": "string", "format": "uint64"}),
     _T.TYPE_BOOL: {"type": "boolean"},
     _T.TYPE_STRING: {"type": "string"},
     _T.TYPE_BYTES: {"type": "string", "format": "byte"},

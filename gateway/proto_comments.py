@@ -23,11 +23,11 @@ _ENUM_VALUE, _METHOD = 2, 2
 Path = tuple[int, ...]
 
 
-def load(package: str = "devops_hub") -> dict[str, str]:
+def load() -> dict[str, str]:
     """Comment by full name (`devops_hub.v1.Agent.domain`, `devops_hub.v1.AgentsService.GetAgent`;
     an enum value under its enum: `devops_hub.v1.Agent.Type.TASK`). Empty when the
     stubs were generated without the descriptor set."""
-    resource = importlib.resources.files(package) / DESCRIPTOR_SET
+    resource = importlib.resources.files("devops_hub") / DESCRIPTOR_SET
     if not resource.is_file():
         return {}
     files = descriptor_pb2.FileDescriptorSet.FromString(resource.read_bytes())

@@ -25,7 +25,7 @@ from gateway.backends import ChannelPool
 from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
 from gateway.edge import Edge
 from gateway.errors import GatewayError, bad_request, http_only, route_not_found, rpc_error_response, status_body, status_of
-from gateway.hardening import add_rate_limit_headers, client_address, rate_limit_headers, refuse_query_credentials, require_json
+from gateway.hardening import client_address, rate_limit_headers, refuse_query_credentials, require_json
 from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
@@ -173,8 +173,7 @@ class RestGateway:
                     edge.fill(edge_key, response, trailers)
                 elif not handler.conditional:
                     edge.written(trailers)
-        add_rate_limit_headers(response, trailers)
-        add_rate_limit_headers(response, limits)
+        response.headers.update({**rate_limit_headers(trailers), **rate_limit_headers(limits)})
         await response(scope, receive, send)
 
     async def _admit(
@@ -239,7 +238,7 @@ class RestGateway:
                 response = StreamingResponse(
                     _events(call, first, handler.render, event_id), media_type="text/event-stream", headers=SSE_HEADERS
                 )
-            add_rate_limit_headers(response, limits)
+            response.headers.update(rate_limit_headers(limits))
             await response(scope, receive, send)
         finally:
             # Also reached when the client disconnects mid-stream: stop the backend's work.

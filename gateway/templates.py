@@ -96,11 +96,6 @@ class PathTemplate:
         return cls(text, tuple(segments), verb, tuple(variables))
 
     @property
-    def shape(self) -> tuple[tuple[str, ...], str]:
-        """Templates with equal shapes match exactly the same paths, whatever their variables."""
-        return self.segments, self.verb
-
-    @property
     def openapi_path(self) -> str:
         """The OpenAPI spelling: each variable becomes `{field.path}`, whatever it spans."""
         parts: list[str] = []
@@ -114,14 +109,11 @@ class PathTemplate:
 
     def values(self, segments: list[str]) -> tuple[str, ...]:
         """The percent-decoded value of each variable, in template order."""
-        if len(self.variables) == 1:  # the common case ({id}) without the generator
-            v = self.variables[0]
+        values = []
+        for v in self.variables:
             raw = segments[v.start] if v.stop == v.start + 1 else "/".join(segments[v.start : v.stop])
-            return (unquote(raw) if "%" in raw else raw,)
-        return tuple(
-            unquote(segments[v.start]) if v.stop == v.start + 1 else unquote("/".join(segments[v.start : v.stop]))
-            for v in self.variables
-        )
+            values.append(unquote(raw) if "%" in raw else raw)
+        return tuple(values)
 
 
 def _is_literal(text: str) -> bool:
@@ -180,7 +172,8 @@ class Router(Generic[T]):
     def __init__(self, bindings: Iterable[tuple[str, PathTemplate, T]]) -> None:
         shapes: dict[tuple[tuple[str, ...], str], _Shape[T]] = {}
         for http_method, template, target in bindings:
-            shape = shapes.setdefault(template.shape, _Shape(template.segments))
+            # Templates of one shape match exactly the same paths, whatever their variables.
+            shape = shapes.setdefault((template.segments, template.verb), _Shape(template.segments))
             if http_method in shape.targets:
                 other = shape.targets[http_method][0].text
                 raise TemplateError(f"{http_method} {template.text} is ambiguous with {http_method} {other}")
