@@ -65,6 +65,7 @@ def create_app(
         max_json_depth=settings.max_json_depth,
         trusted_proxies=settings.gateway_trusted_proxies,
         service_key=settings.service_api_key,
+        limiting=limiting,
         edge=edge,
     )
     health = HealthChecker(addresses)
@@ -101,7 +102,7 @@ def create_app(
         access = None
         if edge is not None or limiting:
             access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=tracer), rate_limited=limiting)
-            rest.admit_with(access.guard, limiting=limiting)
+            rest.guard = access.guard
         if edge is not None:
             edge.open()
         try:

@@ -78,9 +78,7 @@ class Edge:
         await self._feed.close()
         await self._transport.close()
 
-    async def send(
-        self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send
-    ) -> None:
+    async def send(self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send) -> None:
         """The held answer (a 304 when If-None-Match names its ETag), with its Age and
         the caller's X-RateLimit-* headers."""
         per_request = [(b"age", str(self.cache.age(entry)).encode()), *((name.encode(), value.encode()) for name, value in limits)]

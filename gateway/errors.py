@@ -1,10 +1,7 @@
-"""gRPC status → HTTP: the one table, and the one error body every failure uses.
-
-Backends fail with a google.rpc.Status (AIP-193: code, message, details). The gateway
-renders that Status as JSON, with each detail decoded from the grpc-status-details-bin
-trailer, and picks the HTTP status from HTTP_STATUS. Failures the gateway detects
-itself (bad JSON, unknown path) are built as the same kind of Status, so a client parses
-exactly one error shape whoever found the problem.
+"""gRPC status → HTTP: the one table, and the one error body every failure uses: the
+google.rpc.Status (AIP-193) as JSON, each detail decoded. Failures the gateway finds
+itself (bad JSON, unknown path) are built as the same kind of Status, so a client
+parses exactly one error shape whoever found the problem.
 """
 
 from __future__ import annotations
@@ -101,9 +98,7 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
         rich = rpc_status.from_call(error)
     except ValueError:  # a trailer that contradicts the call's own status: trust the call
         rich = None
-    if rich is not None:
-        return rich
-    return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
+    return rich if rich is not None else status_pb2.Status(code=error.code().value[0], message=error.details() or "")
 
 
 def rpc_error_response(error: grpc.aio.AioRpcError) -> Response:

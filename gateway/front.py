@@ -26,10 +26,8 @@ from services.common.telemetry.profiling import SlowRequestProfiler
 log = logging.getLogger(__name__)
 
 class GatewayFront:
-    """Pure ASGI (no BaseHTTPMiddleware): it must not buffer bodies or break streaming.
-
-    `own` (Starlette: lifespan, error handlers) serves the `own_paths`; `rest` every
-    other path. Traced into `tracer` and profiled by `profiler` (None: not at all)."""
+    """Pure ASGI (no BaseHTTPMiddleware, which would buffer bodies and break streaming):
+    `own` (Starlette: lifespan, error handlers) serves the `own_paths`, `rest` the rest."""
 
     def __init__(
         self,

@@ -94,7 +94,4 @@ class HttpMetrics:
 
 def route_label(scope: Scope) -> str:
     route: str | None = scope.get(ROUTE_SCOPE_KEY)
-    if route is not None:
-        return route
-    starlette_route = scope.get("route")
-    return getattr(starlette_route, "path", UNMATCHED_ROUTE)
+    return route if route is not None else str(getattr(scope.get("route"), "path", UNMATCHED_ROUTE))

@@ -206,10 +206,8 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
     if body is not None:
         schema = body.pop("schema")
         operation["requestBody"] = {"required": True, **body, "content": {JSON_MEDIA_TYPE: {"schema": schema}}}
-    if route.response_field is not None:
-        reply_schema = _described_by(schemas, route.response_field)["schema"]
-    else:
-        reply_schema = schemas.message(route.method.output_type)
+    reply = route.response_field
+    reply_schema = schemas.message(route.method.output_type) if reply is None else _described_by(schemas, reply)["schema"]
     if route.server_streaming:
         description = (
             "Server-sent events: one `data:` line per message, JSON as below; "

@@ -77,17 +77,18 @@ class RestGateway:
         max_json_depth: int = DEFAULT_MAX_DEPTH,
         trusted_proxies: str = "",
         service_key: str = "",
+        limiting: bool = False,
         edge: Edge | None = None,
     ) -> None:
         index = FieldIndex(route.method.input_type for route in routes)
-        self._handlers = [
-            _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
-        ]
+        self._handlers = [_Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes]
         self._proxies = TrustedProxies(trusted_proxies)
-        # On a call the gateway admitted and limited: the services take no token of their own.
+        # When `limiting` (gateway_limits), the gateway takes each caller's token and tells
+        # the services so with their key: on a call it admitted, they take none of their own.
         self._vouching = ((FORWARDER_KEY, service_key),) if service_key else ()
-        self._guard: AccessGuard | None = None
-        self._limiting = False
+        self._limiting = limiting
+        # The services' guard, set in the lifespan: it admits the edge cache's hits and, when limiting, every call.
+        self.guard: AccessGuard | None = None
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
@@ -103,13 +104,6 @@ class RestGateway:
                 handler.stream = channel.unary_stream(route.grpc_path, serialize, deserialize)
             else:
                 handler.unary = channel.unary_unary(route.grpc_path, serialize, deserialize)
-
-    def admit_with(self, guard: AccessGuard, *, limiting: bool) -> None:
-        """The guard that admits the edge cache's hits and, when `limiting`, every call
-        (gateway_limits): the gateway then takes each caller's token, and tells the
-        services so with their key (FORWARDER_KEY), so that they take none."""
-        self._guard = guard
-        self._limiting = limiting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         http_method: str = scope["method"]
@@ -183,10 +177,10 @@ class RestGateway:
         service would have answered it, when it does not); None when its key cannot be
         checked now (the agents service unreachable): the call then goes to its service
         unvouched, which checks and limits it itself."""
-        if self._guard is None:
+        if self.guard is None:
             return None
         try:
-            return await self._guard.admit(
+            return await self.guard.admit(
                 handler.route.grpc_path,
                 dict(metadata),
                 lambda: client_address(scope, self._proxies),
