@@ -54,8 +54,8 @@ def http_status(code: int) -> int:
     return _HTTP_BY_NUMBER.get(code, 500)
 
 
-# Failures that only exist in HTTP, which the table cannot produce: the code and
-# reason their body carries.
+# Failures that only exist in HTTP, which the table cannot produce: the class gives the
+# gRPC code their body carries, beside their own reason.
 _HTTP_ONLY: Mapping[int, tuple[type[ServiceError], str]] = {
     405: (Unimplemented, "METHOD_NOT_ALLOWED"),
     413: (RateLimited, "PAYLOAD_TOO_LARGE"),

@@ -67,7 +67,8 @@ def client_address(scope: Scope, proxies: TrustedProxies) -> str:
 
 
 def rate_limit_headers(trailers: Iterable[tuple[str, object]] | None) -> dict[str, str]:
-    return {RATE_LIMIT_TRAILERS[key]: value for key, value in trailers or () if key in RATE_LIMIT_TRAILERS and isinstance(value, str)}
+    pairs = trailers or ()
+    return {RATE_LIMIT_TRAILERS[key]: value for key, value in pairs if key in RATE_LIMIT_TRAILERS and isinstance(value, str)}
 
 
 def cors_options(origins_setting: str) -> dict[str, Any] | None:

@@ -32,17 +32,13 @@ class HealthChecker:
         self._stubs = {backend: health_pb2_grpc.HealthStub(pool.channel(backend)) for backend in self._addresses}
 
     async def _check_one(self, backend: str) -> dict[str, str]:
-        result = {"address": self._addresses[backend]}
+        address = self._addresses[backend]
         try:
             reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            result["status"] = exc.code().name
-            result["error"] = exc.details() or exc.code().name
-            return result
-        result["status"] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            result["error"] = f"backend reports {result['status']}"
-        return result
+            return {"address": address, "status": exc.code().name, "error": exc.details() or exc.code().name}
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return {"address": address, "status": status, **({} if status == SERVING else {"error": f"backend reports {status}"})}
 
     async def ready(self, request: Request) -> Response:
         """/health and /health/ready: 200 only when every backend is SERVING, never cached."""

@@ -34,7 +34,9 @@ _SCALARS: dict[int, JsonObject] = {
     _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
     _T.TYPE_FLOAT: {"type": "number", "format": "float"},
     **dict.fromkeys((_T.TYPE_INT32, _T.TYPE_SINT32, _T.TYPE_SFIXED32), {"type": "integer", "format": "int32"}),
-    **dict.fromkeys((_T.TYPE_UINT32, _T.TYPE_FIXED32), {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295}),
+    **dict.fromkeys(
+        (_T.TYPE_UINT32, _T.TYPE_FIXED32), {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295}
+    ),
     # proto3 JSON writes 64-bit integers as strings: JavaScript numbers lose precision.
     **dict.fromkeys((_T.TYPE_INT64, _T.TYPE_SINT64, _T.TYPE_SFIXED64), {"type": "string", "format": "int64"}),
     **dict.fromkeys((_T.TYPE_UINT64, _T.TYPE_FIXED64), {"type": "string", "format": "uint64"}),

@@ -1,9 +1,6 @@
-"""The protos' own comments, by the full name of what they describe.
-
-Generated Python modules drop the comments (source_code_info) from their descriptors,
-so clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs
-(devops_hub/descriptor_set.pb): the OpenAPI document explains each operation, message,
-field and enum value in the words written above it in the .proto, and nowhere else.
+"""The protos' own comments, by the full name of what they describe, for the OpenAPI
+document. Generated modules drop them (source_code_info) from their descriptors, so
+clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs.
 """
 
 from __future__ import annotations

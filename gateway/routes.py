@@ -97,7 +97,8 @@ def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapp
                 )
             if method.client_streaming:
                 raise RouteError(f"{service.full_name}.{method.name}: client streaming cannot be mapped to HTTP")
-            routes.extend(_route(method, binding, index, backend) for index, binding in enumerate([rule, *rule.additional_bindings]))
+            bindings = [rule, *rule.additional_bindings]
+            routes.extend(_route(method, binding, index, backend) for index, binding in enumerate(bindings))
     return routes
 
 
