@@ -1,9 +1,6 @@
-"""create_app: the HTTP gateway as one ASGI app, built entirely at start-up.
-
-Route table, request builders, renderers and the OpenAPI document are derived from
-the proto descriptors here, before the first request; the gRPC channels are opened in
-the lifespan, on the server's event loop, and closed when it stops.
-"""
+"""create_app: the HTTP gateway as one ASGI app, all derived from the proto descriptors
+before the first request; the gRPC channels are opened in the lifespan, on the server's
+event loop, and closed when it stops."""
 
 from __future__ import annotations
 
@@ -50,14 +47,9 @@ def create_app(
     tracer: trace.Tracer | None = None,
     profiler: SlowRequestProfiler | None = None,
 ) -> GatewayFront:
-    """The gateway for `settings`.
-
-    `services` defaults to every service of the generated devops_hub.v1 package, and
-    each is served by the backend its proto declares unless `backend_of_service` says
-    otherwise; tests pass their own to serve extra services. `registry` defaults to a
-    fresh one owned by this app. Requests and the calls they make are traced into
-    `tracer`, slow ones profiled by `profiler` (None: not at all).
-    """
+    """The gateway for `settings`. Tests pass `services` (default: the generated package's)
+    and `backend_of_service` (default: each proto's `option (backend)`) to serve their
+    own; `registry` defaults to one of this app's own."""
     routes = build_routes(discover_services() if services is None else services, backend_of_service)
     # Only the backends some route calls: the gateway neither connects to nor waits on
     # a backend whose protos are not there yet, so it is ready as soon as they are.
@@ -73,6 +65,7 @@ def create_app(
         max_json_depth=settings.max_json_depth,
         trusted_proxies=settings.gateway_trusted_proxies,
         service_key=settings.service_api_key,
+        limiting=limiting,
         edge=edge,
     )
     health = HealthChecker(addresses)
@@ -83,7 +76,7 @@ def create_app(
     )
     status = StatusBoard(
         metrics,
-        metrics_urls(settings, (route.backend for route in routes)),
+        metrics_urls(settings, addresses),
         streaming=(route.template.text for route in routes if route.server_streaming),
     )
     openapi = OpenApiDocument(routes, auth_enabled=settings.auth_enabled, anonymous_reads=settings.allow_anonymous_read)
@@ -109,7 +102,7 @@ def create_app(
         access = None
         if edge is not None or limiting:
             access = Access.build(settings, RemoteVerifier.from_settings(settings, tracer=tracer), rate_limited=limiting)
-            rest.admit_with(access.guard, limiting=limiting)
+            rest.guard = access.guard
         if edge is not None:
             edge.open()
         try:

@@ -1,10 +1,6 @@
-"""Which backend serves each gRPC service, and the pooled channels the gateway calls them on.
-
-Each service declares its backend in its .proto (`option (backend) = "agents";`,
-options.proto), which the routes read (routes.py). A backend named
-"agents" is reached at settings.agents_addr (Settings.backend_address, as every client
-of the system), so deployments move a backend by changing one variable.
-"""
+"""The pooled channels the gateway calls its backends on. Each service declares its
+backend in its .proto (`option (backend) = "agents";`, read by routes.py), reached at
+settings.agents_addr (Settings.backend_address, as every client of the system)."""
 
 from __future__ import annotations
 
@@ -23,14 +19,10 @@ def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, 
 
 
 class ChannelPool:
-    """One channel per distinct address, shared by every call to it.
-
-    A channel multiplexes any number of concurrent calls and reconnects on its own, so
-    per-request channels would only add handshakes; it spreads calls over `connections`
-    connections (services.common.transport.channels), so every worker behind the address takes a
-    share. Channels are opened in the app's lifespan (they belong to its event loop)
-    and closed there.
-    """
+    """One channel per distinct address, shared by every call to it (a channel
+    multiplexes calls and reconnects on its own), spread over `connections` connections
+    so that every worker behind the address takes a share. Opened and closed in the
+    app's lifespan: channels belong to its event loop."""
 
     def __init__(
         self, addresses: Mapping[str, str], connections: int = DEFAULT_CONNECTIONS, *, tracer: trace.Tracer | None = None

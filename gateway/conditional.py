@@ -1,24 +1,20 @@
-"""HTTP caching semantics for REST answers: validators, conditional GETs, freshness.
+"""HTTP caching for REST answers: validators, conditional GETs, freshness.
 
-- Every successful answer carries an `ETag`: the resource's own etag when the
-  rendered message has an `etag` field (AIP-154), otherwise a weak one digesting the
-  answer's deterministic protobuf encoding. Weak, because it names the content, not
-  the bytes: a map's JSON keys may come out in another order for the same content,
-  which would make a digest of the body change when nothing did.
-- A GET with `If-None-Match` naming the current ETag is answered 304 with no body,
-  and the body is not even rendered.
-- `Cache-Control` is what the service said with its answer (its `cache-control`
-  metadata; services/cache/client/freshness.py reads each read's max-age from the protos):
-  the gateway keeps no table of its own. A cacheable answer `Vary`s with the
-  credential headers the gateway forwards, so no shared cache hands the answer one
-  caller was admitted to to another caller.
-- A request's `Cache-Control: no-cache` travels to the service as
-  `cache-control: no-cache` metadata, so the service's caches are bypassed as well.
+Every successful answer carries an `ETag`: the resource's own (AIP-154) when the
+rendered message has an `etag` field, otherwise a weak one digesting its deterministic
+protobuf encoding (weak: it names the content, not the bytes, and a map's JSON keys may
+come out in another order for the same content). A GET whose If-None-Match names it is
+a 304, its body not even rendered. `Cache-Control` is what the service said (its
+`cache-control` metadata): the gateway keeps no table of its own. A cacheable answer
+`Vary`s with the credential headers forwarded, so no shared cache hands one caller's
+answer to another. A request's `Cache-Control: no-cache` goes on as metadata, so the
+service's caches are bypassed as well.
 """
 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Iterable
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -59,21 +55,14 @@ def none_match(if_none_match: bytes, etag: str) -> bool:
 def _etag_reader(route: HttpRoute) -> Callable[[Message], str] | None:
     """The resource's own etag, if the message the route renders has one."""
     field = route.response_field
-    if field is None:
-        rendered = route.method.output_type
-    elif field.message_type is None or field.is_repeated:
+    rendered = route.method.output_type if field is None else field.message_type
+    if rendered is None or (field is not None and field.is_repeated):
         return None
-    else:
-        rendered = field.message_type
     etag_field = rendered.fields_by_name.get("etag")
     if etag_field is None or etag_field.type != FieldDescriptor.TYPE_STRING or etag_field.is_repeated:
         return None
     # Messages of any type: their fields are read by the names the descriptors give.
-    etag = etag_field.name
-    if field is None:
-        return lambda reply: getattr(reply, etag)
-    name = field.name
-    return lambda reply: getattr(getattr(reply, name), etag)
+    return operator.attrgetter("etag" if field is None else f"{field.name}.etag")
 
 
 def _quoted(etag: str) -> str | None:

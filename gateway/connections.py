@@ -1,25 +1,9 @@
-"""What one HTTP connection may hold of the gateway: bytes of request head, time.
-(And uvicorn's own X-Forwarded-For handling, which is turned off.)
-
-uvicorn's httptools protocol enforces none of it: a request head may grow without
-bound, a connection that never sends a byte stays open for good (its keep-alive
-timer only starts after a first response), and a request that declares a body and
-sends part of it waits forever. So the gateway serves with this subclass:
-
-- the request line and headers together are at most GATEWAY_MAX_HEADER_BYTES
-  (431 otherwise; also the bound on what is forwarded as gRPC metadata, which gRPC
-  itself would refuse as RESOURCE_EXHAUSTED, a misleading 429), counted as they
-  arrive, not only once a line has ended: httptools hands a header over only when
-  its line ends, and until then appends each piece to the last (copying all of it),
-  so one endless header line would grow, quadratically, until the read timeout;
-- a connection idle for GATEWAY_KEEPALIVE_TIMEOUT, before its first request or
-  between two, is closed;
-- a request whose head and body have not fully arrived GATEWAY_READ_TIMEOUT after its
-  first byte is answered 408 and its connection closed.
-
-And one thing uvicorn does at a cost: it writes each ASGI message to the socket as it
-comes, so an ordinary answer (its head, then its body) is two send() calls and two
-TCP segments; what is written in one step of the event loop goes out as one here.
+"""What one HTTP connection may hold of the gateway, which uvicorn's httptools protocol
+bounds none of (docs/resilience.md): bytes of request head (431), counted as they
+arrive since httptools hands a header over only once its line ends; time idle before
+and between requests; time for a request to arrive (408). uvicorn's X-Forwarded-For
+handling is turned off. And what is written in one step of the event loop goes out
+as one send(): uvicorn would write a response's head and body as two TCP segments.
 """
 
 from __future__ import annotations
@@ -29,7 +13,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.errors import GatewayError, status_body
+from gateway.errors import status_body
 from services.common.contract.errors import InvalidArgument, ServiceError
 from services.common.foundation.settings import Settings
 
@@ -84,7 +68,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # for it after the piece it began in (which may hold the end of an earlier request).
         self._head_open = False
         self._head_arrived = 0
-        self._refusal: tuple[int, bytes, bytes] | None = None
+        self._head_too_large = False
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -103,7 +87,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if continued and self._head_open and not self.transport.is_closing():
             self._head_arrived += len(data)
             if self._head_arrived > self.max_header_bytes:
-                self._send_refusal(*self._head_refusal())
+                self._refuse_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -130,37 +114,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; the head limit's error is one of those."""
-        if self._refusal is None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
             super().send_400_response(msg)
-            return
-        self._send_refusal(*self._refusal)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
-            self._refusal = self._head_refusal()
+            self._head_too_large = True
             raise _HeadTooLarge
 
-    def _head_refusal(self) -> tuple[int, bytes, bytes]:
+    def _refuse_head(self) -> None:
         error = InvalidArgument(f"the request line and headers exceed {self.max_header_bytes} bytes", reason="HEADERS_TOO_LARGE")
-        return _refusal(431, b"Request Header Fields Too Large", error)
+        self._send_refusal(431, b"Request Header Fields Too Large", error)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
         if self.transport.is_closing():
             return
         if self.cycle is None or not self.cycle.response_started:
-            error = InvalidArgument(
-                f"the request did not arrive within {self.read_timeout:g}s", reason="REQUEST_TIMEOUT"
-            )
-            self._send_refusal(*_refusal(408, b"Request Timeout", error))
+            error = InvalidArgument(f"the request did not arrive within {self.read_timeout:g}s", reason="REQUEST_TIMEOUT")
+            self._send_refusal(408, b"Request Timeout", error)
         else:
             self.transport.close()
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
 
-    def _send_refusal(self, status: int, phrase: bytes, body: bytes) -> None:
+    def _send_refusal(self, status: int, phrase: bytes, error: ServiceError) -> None:
+        body = status_body(error.to_status())
         head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
@@ -172,10 +155,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
-
-
-def _refusal(status: int, phrase: bytes, error: ServiceError) -> tuple[int, bytes, bytes]:
-    return status, phrase, status_body(GatewayError(error, status_code=status).status)
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:

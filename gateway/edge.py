@@ -1,15 +1,7 @@
 """The edge cache's life in the gateway (its store, its invalidation feed, its checker)
-and how a held answer is written.
-
-A hot hit is decided before anything else the request could cost (gateway/rest.py):
-the route is matched, the headers read once, the answer looked up by path and query,
-and the caller admitted by the services' own guard (services/common/auth/guard.py,
-built by the same wiring as theirs): the scope the proto requires, the key verified
-with the agents service's WhoAmI (RemoteVerifier, cached a second, so revocation
-holds within it), and one token from the caller's bucket. No gRPC request is built,
-and the answer goes out as two ASGI messages whose header lines were made when it was
-kept. The gateway takes that token from the same bucket for every request that comes
-through it, hits and misses alike (gateway_limits); a refusal is the error the
+and how a held answer is written: the prepared header lines and body as two ASGI
+messages, once gateway/rest.py has matched the route and the services' own guard has
+admitted the caller (docs/design.md, "A cached read"). A refusal is the error the
 service would have answered.
 """
 
@@ -41,6 +33,11 @@ def gateway_limits(settings: Settings) -> bool:
 
 
 class Edge:
+    # Made in open(), on the server's event loop; close() follows it in the lifespan.
+    _transport: SidecarTransport
+    _feed: NearCacheFeed
+    _checker: ConsistencyChecker
+
     def __init__(self, settings: Settings, consistency: ConsistencyMetrics, tracer: trace.Tracer | None = None) -> None:
         self.settings = settings
         self._consistency = consistency
@@ -50,9 +47,6 @@ class Edge:
             max_bytes=settings.gateway_edge_cache_bytes,
             max_ttl=settings.gateway_edge_cache_ttl,
         )
-        self._transport: SidecarTransport | None = None
-        self._feed: NearCacheFeed | None = None
-        self._checker: ConsistencyChecker | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics, *, tracer: trace.Tracer | None = None) -> Edge | None:
@@ -79,18 +73,12 @@ class Edge:
         self._checker.start()
 
     async def close(self) -> None:
-        if self._checker is not None:
-            await self._checker.stop()
-        if self._transport is not None:
-            self._transport.closed = True
-        if self._feed is not None:
-            await self._feed.close()
-        if self._transport is not None:
-            await self._transport.close()
+        await self._checker.stop()
+        self._transport.closed = True
+        await self._feed.close()
+        await self._transport.close()
 
-    async def send(
-        self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send
-    ) -> None:
+    async def send(self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send) -> None:
         """The held answer (a 304 when If-None-Match names its ETag), with its Age and
         the caller's X-RateLimit-* headers."""
         per_request = [(b"age", str(self.cache.age(entry)).encode()), *((name.encode(), value.encode()) for name, value in limits)]

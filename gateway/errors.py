@@ -1,10 +1,7 @@
-"""gRPC status → HTTP: the one table, and the one error body every failure uses.
-
-Backends fail with a google.rpc.Status (AIP-193: code, message, details). The gateway
-renders that Status as JSON, with each detail decoded from the grpc-status-details-bin
-trailer, and picks the HTTP status from HTTP_STATUS. Failures the gateway detects
-itself (bad JSON, unknown path) are built as the same kind of Status, so a client parses
-exactly one error shape whoever found the problem.
+"""gRPC status → HTTP: the one table, and the one error body every failure uses: the
+google.rpc.Status (AIP-193) as JSON, each detail decoded. Failures the gateway finds
+itself (bad JSON, unknown path) are built as the same kind of Status, so a client
+parses exactly one error shape whoever found the problem.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.json_body import JSON_MEDIA_TYPE, encode
-from services.common.contract.errors import InternalError, InvalidArgument, NotFound, ServiceError
+from services.common.contract.errors import InternalError, InvalidArgument, NotFound, RateLimited, ServiceError, Unimplemented
 
 HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -57,45 +54,19 @@ def http_status(code: int) -> int:
     return _HTTP_BY_NUMBER.get(code, 500)
 
 
-class MethodNotAllowed(ServiceError):
-    """The path exists for other HTTP methods (HTTP 405, carried as UNIMPLEMENTED)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "METHOD_NOT_ALLOWED"
-
-
-class PayloadTooLarge(ServiceError):
-    """The request body exceeds what a backend would accept (HTTP 413)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "PAYLOAD_TOO_LARGE"
-
-
-class UnsupportedMediaType(ServiceError):
-    """A request body that is not JSON (HTTP 415)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "UNSUPPORTED_MEDIA_TYPE"
-
-
-# HTTP statuses the table cannot produce, for failures that only exist in HTTP.
-_GATEWAY_ONLY: Mapping[int, type[ServiceError]] = {
-    405: MethodNotAllowed,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
+# Failures that only exist in HTTP, which the table cannot produce: the class gives the
+# gRPC code their body carries, beside their own reason.
+_HTTP_ONLY: Mapping[int, tuple[type[ServiceError], str]] = {
+    405: (Unimplemented, "METHOD_NOT_ALLOWED"),
+    413: (RateLimited, "PAYLOAD_TOO_LARGE"),
+    415: (InvalidArgument, "UNSUPPORTED_MEDIA_TYPE"),
 }
 
 
 class GatewayError(Exception):
     """A failure found by the gateway before or instead of a backend call."""
 
-    def __init__(
-        self,
-        error: ServiceError,
-        *,
-        status_code: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, error: ServiceError, *, status_code: int | None = None, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(error.message)
         self.status = error.to_status()
         self.status_code = status_code or http_status(self.status.code)
@@ -111,20 +82,14 @@ def bad_request(message: str, *, field: str = "", description: str = "", reason:
     return GatewayError(InvalidArgument(message, reason=reason, violations=violations))
 
 
+def http_only(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> GatewayError:
+    """A 405, 413 or 415 (_HTTP_ONLY), in the same body shape as every other failure."""
+    error_class, reason = _HTTP_ONLY[status_code]
+    return GatewayError(error_class(message, reason=reason), status_code=status_code, headers=headers)
+
+
 def route_not_found(http_method: str, path: str) -> GatewayError:
     return GatewayError(NotFound(f"no route for {http_method} {path}", reason="ROUTE_NOT_FOUND"))
-
-
-def method_not_allowed(http_method: str, path: str, allowed: tuple[str, ...]) -> GatewayError:
-    return GatewayError(
-        MethodNotAllowed(f"{http_method} is not allowed on {path}; allowed: {', '.join(allowed)}"),
-        status_code=405,
-        headers={"Allow": ", ".join(allowed)},
-    )
-
-
-def payload_too_large(limit: int) -> GatewayError:
-    return GatewayError(PayloadTooLarge(f"request body exceeds {limit} bytes"), status_code=413)
 
 
 def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -133,9 +98,7 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
         rich = rpc_status.from_call(error)
     except ValueError:  # a trailer that contradicts the call's own status: trust the call
         rich = None
-    if rich is not None:
-        return rich
-    return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
+    return rich if rich is not None else status_pb2.Status(code=error.code().value[0], message=error.details() or "")
 
 
 def rpc_error_response(error: grpc.aio.AioRpcError) -> Response:
@@ -175,13 +138,10 @@ def _detail(packed: any_pb2.Any) -> dict[str, Any]:
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405s (e.g. POST /health) in the same body shape as the rest."""
     assert isinstance(exc, HTTPException)
-    error_class = _GATEWAY_ONLY.get(exc.status_code)
-    if error_class is not None:
-        status = error_class(exc.detail).to_status()
-    else:
-        code = _CODE_BY_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
-        status = status_pb2.Status(code=code.value[0], message=exc.detail)
-    return status_response(status, exc.status_code, exc.headers)
+    if exc.status_code in _HTTP_ONLY:
+        return http_only(exc.status_code, exc.detail, exc.headers).response()
+    code = _CODE_BY_HTTP.get(exc.status_code, grpc.StatusCode.UNKNOWN)
+    return status_response(status_pb2.Status(code=code.value[0], message=exc.detail), exc.status_code, exc.headers)
 
 
 def internal_error_response() -> Response:

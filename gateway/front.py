@@ -1,12 +1,8 @@
-"""The one pass every HTTP request makes around its route: the gateway's ASGI app.
-
-Request id, logging context, metrics, the trace's SERVER span, the slow-request
-profile, the security headers and the dispatch used to be five middlewares and
-Starlette's router, each one more coroutine or one more `send` wrapper per request;
-here they are one: a request is entered once, its response start is seen once
-(status, added headers), and the figures are recorded once when it ends. A REST call
-goes straight to the proto-derived router; only the gateway's own endpoints
-(/health, /metrics, /openapi.json) and the lifespan go through Starlette.
+"""The one pass every HTTP request makes around its route: request id, logging context,
+metrics, the trace's SERVER span, the slow-request profile and the security headers,
+in one coroutine and one `send` wrapper rather than a middleware each. A REST call goes
+straight to the proto-derived router; only the gateway's own endpoints (/health,
+/metrics, /openapi.json, the pages) and the lifespan go through Starlette.
 """
 
 from __future__ import annotations
@@ -30,10 +26,8 @@ from services.common.telemetry.profiling import SlowRequestProfiler
 log = logging.getLogger(__name__)
 
 class GatewayFront:
-    """Pure ASGI (no BaseHTTPMiddleware): it must not buffer bodies or break streaming.
-
-    `own` (Starlette: lifespan, error handlers) serves the `own_paths`; `rest` every
-    other path. Traced into `tracer` and profiled by `profiler` (None: not at all)."""
+    """Pure ASGI (no BaseHTTPMiddleware, which would buffer bodies and break streaming):
+    `own` (Starlette: lifespan, error handlers) serves the `own_paths`, `rest` the rest."""
 
     def __init__(
         self,

@@ -1,15 +1,8 @@
-"""What the gateway refuses or adds for safety, in one place.
-
-- Credentials in the query string are refused: URLs end up in logs and histories.
-- A request body must be JSON (415 otherwise).
-- The client's address is an anonymous caller's rate-limit bucket, which the gateway
-  keeps (gateway/rest.py); an incoming X-Forwarded-For is believed only from
-  GATEWAY_TRUSTED_PROXIES (none by default), and then only up to its rightmost
-  untrusted hop.
-- The rate-limit figures (the gateway's, or a service's) go out as X-RateLimit-* and
-  Retry-After headers.
-- Every response carries the usual security headers; CORS only for CORS_ORIGINS, and
-  never a wildcard together with credentials.
+"""What the gateway refuses or adds for safety, in one place: credentials in the query
+string are refused (URLs end up in logs and histories); a body must be JSON; the
+client's address, an anonymous caller's rate-limit bucket, believes X-Forwarded-For
+only from GATEWAY_TRUSTED_PROXIES; rate-limit figures go out as X-RateLimit-* and
+Retry-After; every response carries the security headers; CORS only for CORS_ORIGINS.
 """
 
 from __future__ import annotations
@@ -18,10 +11,9 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.errors import GatewayError, UnsupportedMediaType, bad_request
+from gateway.errors import bad_request, http_only
 from services.common.contract.forwarded import TrustedProxies
 from services.common.contract.forwarded import client_address as forwarded_client
 
@@ -64,9 +56,7 @@ def require_json(scope: Scope) -> None:
             break
     else:
         shown = "none"
-    raise GatewayError(
-        UnsupportedMediaType(f"request bodies must be application/json, not {shown}"), status_code=415
-    )
+    raise http_only(415, f"request bodies must be application/json, not {shown}")
 
 
 def client_address(scope: Scope, proxies: TrustedProxies) -> str:
@@ -76,11 +66,9 @@ def client_address(scope: Scope, proxies: TrustedProxies) -> str:
     return forwarded_client(peer, forwarded, proxies)
 
 
-def add_rate_limit_headers(response: Response, trailers: Iterable[tuple[str, object]] | None) -> None:
-    for key, value in trailers or ():
-        header = RATE_LIMIT_TRAILERS.get(key)
-        if header is not None and isinstance(value, str):
-            response.headers[header] = value
+def rate_limit_headers(trailers: Iterable[tuple[str, object]] | None) -> dict[str, str]:
+    pairs = trailers or ()
+    return {RATE_LIMIT_TRAILERS[key]: value for key, value in pairs if key in RATE_LIMIT_TRAILERS and isinstance(value, str)}
 
 
 def cors_options(origins_setting: str) -> dict[str, Any] | None:

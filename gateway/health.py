@@ -1,10 +1,7 @@
-"""/health, /health/live and /health/ready: the gateway is only as ready as its backends
-(those its routes call).
-
-Each backend's grpc.health.v1 Check (overall status, service "") is called concurrently
-on the pooled channels with a short deadline, so one hung backend costs a second, not
-the probe's whole timeout, and the probe exercises the same connections requests use.
-"""
+"""/health, /health/live and /health/ready: the gateway is only as ready as the backends
+its routes call. Their grpc.health.v1 Checks run concurrently on the pooled channels
+with a short deadline, so one hung backend costs a second, not the probe's timeout, and
+the probe exercises the connections requests use."""
 
 from __future__ import annotations
 
@@ -26,42 +23,32 @@ SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthChe
 
 
 class HealthChecker:
-    def __init__(self, addresses: Mapping[str, str], *, timeout: float = CHECK_TIMEOUT) -> None:
+    def __init__(self, addresses: Mapping[str, str]) -> None:
         self._addresses = dict(addresses)
-        self._timeout = timeout
         self._stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
     def bind(self, pool: ChannelPool) -> None:
         """Called in the lifespan, once the pool's channels exist."""
         self._stubs = {backend: health_pb2_grpc.HealthStub(pool.channel(backend)) for backend in self._addresses}
 
-    async def check(self) -> tuple[bool, dict[str, Any]]:
+    async def _check_one(self, backend: str) -> dict[str, str]:
+        address = self._addresses[backend]
+        try:
+            reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            return {"address": address, "status": exc.code().name, "error": exc.details() or exc.code().name}
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return {"address": address, "status": status, **({} if status == SERVING else {"error": f"backend reports {status}"})}
+
+    async def ready(self, request: Request) -> Response:
+        """/health and /health/ready: 200 only when every backend is SERVING, never cached."""
         names = list(self._stubs)
-        results = await asyncio.gather(*(self._check_one(name) for name in names))
-        backends = dict(zip(names, results))
+        backends = dict(zip(names, await asyncio.gather(*(self._check_one(name) for name in names))))
         failing = [name for name, result in backends.items() if result["status"] != SERVING]
         report: dict[str, Any] = {"status": "NOT_SERVING" if failing else SERVING, "backends": backends}
         if failing:
             report["failing"] = failing
-        return not failing, report
-
-    async def _check_one(self, backend: str) -> dict[str, str]:
-        result = {"address": self._addresses[backend]}
-        try:
-            reply = await self._stubs[backend].Check(health_pb2.HealthCheckRequest(service=""), timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            result["status"] = exc.code().name
-            result["error"] = exc.details() or exc.code().name
-            return result
-        result["status"] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            result["error"] = f"backend reports {result['status']}"
-        return result
-
-    async def ready(self, request: Request) -> Response:
-        """/health and /health/ready: 200 only when every backend is SERVING, never cached."""
-        healthy, report = await self.check()
-        return Response(encode(report), status_code=200 if healthy else 503, media_type=JSON_MEDIA_TYPE, headers=NO_STORE)
+        return Response(encode(report), status_code=503 if failing else 200, media_type=JSON_MEDIA_TYPE, headers=NO_STORE)
 
     async def live(self, request: Request) -> Response:
         """/health/live: the process answers; restarting it would not fix a backend."""

@@ -64,19 +64,19 @@ class HttpMetrics:
         statuses = list(statuses)
         for method, route in routes:
             for status in statuses:
-                self._children[(method, route, status)] = (
-                    self._requests.labels(method, route, str(status)),
-                    self._latency.labels(method, route),
-                )
+                self._labelled(method, route, status)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (self._requests.labels(method, route, str(status)), self._latency.labels(method, route))
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        requests, latency = self._children.get((method, route, status)) or self._labelled(method, route, status)
+        requests.inc()
+        latency.observe(seconds)
+
+    def _labelled(self, method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+        children = self._children[(method, route, status)] = (
+            self._requests.labels(method, route, str(status)),
+            self._latency.labels(method, route),
+        )
+        return children
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format: with several gateway processes,
@@ -94,7 +94,4 @@ class HttpMetrics:
 
 def route_label(scope: Scope) -> str:
     route: str | None = scope.get(ROUTE_SCOPE_KEY)
-    if route is not None:
-        return route
-    starlette_route = scope.get("route")
-    return getattr(starlette_route, "path", UNMATCHED_ROUTE)
+    return route if route is not None else str(getattr(scope.get("route"), "path", UNMATCHED_ROUTE))

@@ -1,12 +1,8 @@
 """OpenAPI 3.0 from the same route table the gateway serves, so the two cannot disagree.
 
-Schemas follow the proto3 JSON mapping the gateway speaks: lowerCamelCase properties,
-enums as their value names, 64-bit integers as strings, maps as objects, and the
-well-known types in their JSON forms. The error body is the JSON of google.rpc.Status,
-generated from its own descriptor like everything else. Descriptions are the protos'
-own comments (gateway/proto_comments.py); the API key is a security scheme, sent as
-`x-api-key` or as a bearer token, required by each operation as its `required_scope`
-option says.
+Schemas follow the proto3 JSON mapping the gateway speaks, the error body is the JSON
+of google.rpc.Status from its own descriptor, descriptions are the protos' comments
+(proto_comments.py), and each operation requires the key its `required_scope` says.
 """
 
 from __future__ import annotations
@@ -33,20 +29,17 @@ _VERSION = re.compile(r"v\d+(?:(?:alpha|beta)\d*)?")
 _OPERATION_KEYS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 _T = FieldDescriptor
+# Copied on use (_Schemas._single): the types that share an entry share one dict here.
 _SCALARS: dict[int, JsonObject] = {
     _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
     _T.TYPE_FLOAT: {"type": "number", "format": "float"},
-    _T.TYPE_INT32: {"type": "integer", "format": "int32"},
-    _T.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    _T.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
-    _T.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
-    _T.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295},
+    **dict.fromkeys((_T.TYPE_INT32, _T.TYPE_SINT32, _T.TYPE_SFIXED32), {"type": "integer", "format": "int32"}),
+    **dict.fromkeys(
+        (_T.TYPE_UINT32, _T.TYPE_FIXED32), {"type": "integer", "format": "int64", "minimum": 0, "maximum": 4294967295}
+    ),
     # proto3 JSON writes 64-bit integers as strings: JavaScript numbers lose precision.
-    _T.TYPE_INT64: {"type": "string", "format": "int64"},
-    _T.TYPE_SINT64: {"type": "string", "format": "int64"},
-    _T.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    _T.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    _T.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    **dict.fromkeys((_T.TYPE_INT64, _T.TYPE_SINT64, _T.TYPE_SFIXED64), {"type": "string", "format": "int64"}),
+    **dict.fromkeys((_T.TYPE_UINT64, _T.TYPE_FIXED64), {"type": "string", "format": "uint64"}),
     _T.TYPE_BOOL: {"type": "boolean"},
     _T.TYPE_STRING: {"type": "string"},
     _T.TYPE_BYTES: {"type": "string", "format": "byte"},
@@ -137,7 +130,7 @@ class _Schemas:
         if name not in self.components:
             values = [(value.name, self.comments.get(f"{name}.{value.name}")) for value in descriptor.values]
             listed = "\n".join(f"- `{value}`: {text}" for value, text in values if text)
-            text = "\n\n".join(part for part in (self.comments.get(name), listed) if part)
+            text = _paragraphs(self.comments.get(name), listed)
             self.components[name] = {"type": "string", "enum": [value for value, _ in values], **({"description": text} if text else {})}
         return _ref(name)
 
@@ -149,17 +142,9 @@ class _Schemas:
         return dict(_SCALARS[field.type])
 
 
-def build_openapi(
-    routes: Sequence[HttpRoute],
-    *,
-    title: str = "DevOps Hub API",
-    comments: dict[str, str] | None = None,
-    auth_enabled: bool = True,
-    anonymous_reads: bool = True,
-) -> JsonObject:
-    """The document for `routes`; `comments` default to the generated package's
-    (proto_comments.load()); the security requirements follow the auth settings."""
-    schemas = _Schemas(proto_comments.load() if comments is None else comments)
+def build_openapi(routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_reads: bool) -> JsonObject:
+    """The document for `routes`; the security requirements follow the auth settings."""
+    schemas = _Schemas(proto_comments.load())
     error_response = {
         "description": "An error: the JSON of google.rpc.Status (AIP-193).",
         "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
@@ -188,7 +173,7 @@ def build_openapi(
         components["securitySchemes"] = SECURITY_SCHEMES
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": title, "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
+        "info": {"title": "DevOps Hub API", "version": ", ".join(versions) or "v1", "description": JSON_MAPPING},
         "tags": [schemas.described({"name": name}, full_name) for name, full_name in services.items()],
         "paths": paths,
         "components": components,
@@ -204,7 +189,7 @@ def _secure(operation: JsonObject, route: HttpRoute, schemas: _Schemas, anonymou
     operation["security"] = [{}, *_WITH_KEY] if anonymous else _WITH_KEY
     meaning = schemas.comments.get(f"{Scope.DESCRIPTOR.full_name}.{scope}")
     note = f"Scope `{scope}`" + (f": {meaning}" if meaning else ".")
-    operation["description"] = "\n\n".join(part for part in (operation.get("description"), note) if part)
+    operation["description"] = _paragraphs(operation.get("description"), note)
 
 
 def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, path_names: list[str]) -> JsonObject:
@@ -223,10 +208,8 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
     if body is not None:
         schema = body.pop("schema")
         operation["requestBody"] = {"required": True, **body, "content": {JSON_MEDIA_TYPE: {"schema": schema}}}
-    if route.response_field is not None:
-        reply_schema = _described_by(schemas, route.response_field)["schema"]
-    else:
-        reply_schema = schemas.message(route.method.output_type)
+    reply = route.response_field
+    reply_schema = schemas.message(route.method.output_type) if reply is None else _described_by(schemas, reply)["schema"]
     if route.server_streaming:
         description = (
             "Server-sent events: one `data:` line per message, JSON as below; "
@@ -235,29 +218,15 @@ def _operation(route: HttpRoute, schemas: _Schemas, error_response: JsonObject, 
         if route.resume is not None:
             request_field, event_field = route.resume
             description += f" Each event's `id:` is the message's `{event_field.json_name}`."
-            operation["parameters"].append(
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                    "description": f"Resumes after that event: sets `{request_field.json_name}` unless the query does.",
-                }
-            )
+            resumes = f"Resumes after that event: sets `{request_field.json_name}` unless the query does."
+            operation["parameters"].append(_header("Last-Event-ID", {"type": "string"}, resumes))
         ok = {"description": description, "content": {"text/event-stream": {"schema": reply_schema}}}
     else:
         ok = {"description": "OK", "content": {JSON_MEDIA_TYPE: {"schema": reply_schema}}}
     for header, field in route.headers:
         if header == IDEMPOTENCY_HEADER:
-            operation["parameters"].append(
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "format": "uuid"},
-                    "description": f"Makes a retry safe (AIP-155): sets `{field.json_name}` unless the body or query does.",
-                }
-            )
+            safe = f"Makes a retry safe (AIP-155): sets `{field.json_name}` unless the body or query does."
+            operation["parameters"].append(_header("Idempotency-Key", {"type": "string", "format": "uuid"}, safe))
     operation["responses"] = {"200": ok, "default": error_response}
     return operation
 
@@ -267,9 +236,7 @@ def _path_parameters(route: HttpRoute, schemas: _Schemas, names: list[str]) -> l
     for name, variable, chain in zip(names, route.template.variables, route.path_fields):
         parameter = {"name": name, "in": "path", "required": True, **_described_by(schemas, chain[-1])}
         if name != variable.name:
-            parameter["description"] = "\n\n".join(
-                part for part in (parameter.get("description"), f"Sets the request field `{variable.name}`.") if part
-            )
+            parameter["description"] = _paragraphs(parameter.get("description"), f"Sets the request field `{variable.name}`.")
         parameters.append(parameter)
     return parameters
 
@@ -309,6 +276,14 @@ def _described_by(schemas: _Schemas, field: FieldDescriptor) -> JsonObject:
     return {"schema": schema, **({"description": text} if text else {})}
 
 
+def _paragraphs(*texts: str | None) -> str:
+    return "\n\n".join(text for text in texts if text)
+
+
+def _header(name: str, schema: JsonObject, description: str) -> JsonObject:
+    return {"name": name, "in": "header", "required": False, "schema": schema, "description": description}
+
+
 def _ref(name: str) -> JsonObject:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -316,9 +291,8 @@ def _ref(name: str) -> JsonObject:
 class OpenApiDocument:
     """The document, encoded once: it only changes when the protos do."""
 
-    def __init__(self, routes: Sequence[HttpRoute], *, auth_enabled: bool = True, anonymous_reads: bool = True) -> None:
-        self.document = build_openapi(routes, auth_enabled=auth_enabled, anonymous_reads=anonymous_reads)
-        self._body = encode(self.document)
+    def __init__(self, routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_reads: bool) -> None:
+        self._body = encode(build_openapi(routes, auth_enabled=auth_enabled, anonymous_reads=anonymous_reads))
 
     async def endpoint(self, request: Request) -> Response:
         return Response(self._body, media_type=JSON_MEDIA_TYPE)

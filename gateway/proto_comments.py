@@ -1,9 +1,6 @@
-"""The protos' own comments, by the full name of what they describe.
-
-Generated Python modules drop the comments (source_code_info) from their descriptors,
-so clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs
-(devops_hub/descriptor_set.pb): the OpenAPI document explains each operation, message,
-field and enum value in the words written above it in the .proto, and nowhere else.
+"""The protos' own comments, by the full name of what they describe, for the OpenAPI
+document. Generated modules drop them (source_code_info) from their descriptors, so
+clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs.
 """
 
 from __future__ import annotations
@@ -23,11 +20,11 @@ _ENUM_VALUE, _METHOD = 2, 2
 Path = tuple[int, ...]
 
 
-def load(package: str = "devops_hub") -> dict[str, str]:
+def load() -> dict[str, str]:
     """Comment by full name (`devops_hub.v1.Agent.domain`, `devops_hub.v1.AgentsService.GetAgent`;
     an enum value under its enum: `devops_hub.v1.Agent.Type.TASK`). Empty when the
     stubs were generated without the descriptor set."""
-    resource = importlib.resources.files(package) / DESCRIPTOR_SET
+    resource = importlib.resources.files("devops_hub") / DESCRIPTOR_SET
     if not resource.is_file():
         return {}
     files = descriptor_pb2.FileDescriptorSet.FromString(resource.read_bytes())

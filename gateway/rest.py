@@ -1,12 +1,7 @@
-"""The ASGI app behind every google.api.http route: match, transcode, one gRPC call, render.
+"""The ASGI app behind every google.api.http route: match, transcode, one gRPC call,
+render (docs/design.md walks a write and a cached read through it).
 
-Handlers (builder, renderer, gRPC multicallable) are made once per route; a request
-does only the work that depends on it. A GET the edge cache holds is answered first,
-right after the match (gateway/edge.py). The gateway is the rate limiter of what
-comes through it (gateway_limits): it admits each call with the services' own guard
-and takes the caller's token, hit or miss, and its calls carry the services' key as
-x-forwarder-key so that the service takes none. Unary calls carry the gateway's deadline, and
-their answers follow HTTP caching (ETag, If-None-Match, Cache-Control: conditional.py).
+Handlers are made once per route; a request does only the work that depends on it.
 Server-streaming methods are served as server-sent events (one `data: <json>` per
 message, with an `id:` when the method can resume: a reconnecting client's
 Last-Event-ID sets its resume field); they carry no deadline, since a watch lives as
@@ -29,17 +24,8 @@ from starlette.types import Receive, Scope, Send
 from gateway.backends import ChannelPool
 from gateway.conditional import NO_CACHE_METADATA, Answer, requests_no_cache
 from gateway.edge import Edge
-from gateway.errors import (
-    GatewayError,
-    bad_request,
-    method_not_allowed,
-    payload_too_large,
-    route_not_found,
-    rpc_error_response,
-    status_body,
-    status_of,
-)
-from gateway.hardening import add_rate_limit_headers, client_address, refuse_query_credentials, require_json
+from gateway.errors import GatewayError, bad_request, http_only, route_not_found, rpc_error_response, status_body, status_of
+from gateway.hardening import client_address, rate_limit_headers, refuse_query_credentials, require_json
 from gateway.metrics import ROUTE_SCOPE_KEY, UNMATCHED_ROUTE
 from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
@@ -91,46 +77,33 @@ class RestGateway:
         max_json_depth: int = DEFAULT_MAX_DEPTH,
         trusted_proxies: str = "",
         service_key: str = "",
+        limiting: bool = False,
         edge: Edge | None = None,
     ) -> None:
         index = FieldIndex(route.method.input_type for route in routes)
-        self._handlers = [
-            _Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes
-        ]
+        self._handlers = [_Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes]
         self._proxies = TrustedProxies(trusted_proxies)
-        # On a call the gateway admitted and limited: the services take no token of their own.
+        # When `limiting` (gateway_limits), the gateway takes each caller's token and tells
+        # the services so with their key: on a call it admitted, they take none of their own.
         self._vouching = ((FORWARDER_KEY, service_key),) if service_key else ()
-        self._guard: AccessGuard | None = None
-        self._limiting = False
+        self._limiting = limiting
+        # The services' guard, set in the lifespan: it admits the edge cache's hits and, when limiting, every call.
+        self.guard: AccessGuard | None = None
         self.router: Router[_Handler] = Router((h.route.http_method, h.route.template, h) for h in self._handlers)
         self._timeout = timeout
         self._max_body_bytes = max_body_bytes
         self._edge = edge
 
     def bind(self, pool: ChannelPool) -> None:
-        """One multicallable per (backend, RPC), shared by every binding of that RPC."""
-        unary: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = {}
-        streams: dict[tuple[str, str], grpc.aio.UnaryStreamMultiCallable[Message, Message]] = {}
+        """Each route's multicallable, on its backend's pooled channel."""
         for handler in self._handlers:
             route = handler.route
-            key = (route.backend, route.grpc_path)
             channel = pool.channel(route.backend)
             serialize, deserialize = route.request_class.SerializeToString, route.response_class.FromString
             if route.server_streaming:
-                if key not in streams:
-                    streams[key] = channel.unary_stream(route.grpc_path, serialize, deserialize)
-                handler.stream = streams[key]
+                handler.stream = channel.unary_stream(route.grpc_path, serialize, deserialize)
             else:
-                if key not in unary:
-                    unary[key] = channel.unary_unary(route.grpc_path, serialize, deserialize)
-                handler.unary = unary[key]
-
-    def admit_with(self, guard: AccessGuard, *, limiting: bool) -> None:
-        """The guard that admits the edge cache's hits and, when `limiting`, every call
-        (gateway_limits): the gateway then takes each caller's token, and tells the
-        services so with their key (FORWARDER_KEY), so that they take none."""
-        self._guard = guard
-        self._limiting = limiting
+                handler.unary = channel.unary_unary(route.grpc_path, serialize, deserialize)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         http_method: str = scope["method"]
@@ -138,40 +111,29 @@ class RestGateway:
         result = self.router.match(http_method, path)
         if result is None or isinstance(result, NotAllowed):
             scope[ROUTE_SCOPE_KEY] = UNMATCHED_ROUTE
-            error = (
-                route_not_found(http_method, path)
-                if result is None
-                else method_not_allowed(http_method, path, result.allowed)
-            )
+            if result is None:
+                error = route_not_found(http_method, path)
+            else:
+                allowed = ", ".join(result.allowed)
+                error = http_only(405, f"{http_method} is not allowed on {path}; allowed: {allowed}", {"Allow": allowed})
             await error.response()(scope, receive, send)
             return
         handler = result.target
         scope[ROUTE_SCOPE_KEY] = handler.template
+        edge = self._edge
+        edge_key = (path, scope["query_string"])
         try:
             refuse_query_credentials(scope["query_string"])
             metadata, if_none_match = _metadata(scope)
-        except GatewayError as error:
-            await error.response()(scope, receive, send)
-            return
-        # A hot hit first: before the request is read or built, with nothing but the
-        # caller's admission between the lookup and the answer.
-        admitted: tuple[tuple[str, str], ...] | None = None
-        checked = False
-        edge = self._edge
-        edge_key = (path, scope["query_string"])
-        if edge is not None and handler.kept and NO_CACHE_METADATA not in metadata:
-            entry = edge.cache.get(edge_key)
-            if entry is not None:
-                checked = True
-                try:
-                    admitted = await self._admit(handler, metadata, scope)
-                except ServiceError as refused:
-                    await _refusal(refused)(scope, receive, send)
-                    return
-                if admitted is not None:
-                    await edge.send(entry, if_none_match, admitted, send)
-                    return
-        try:
+            # A hot hit first: before the request is read or built, with nothing but the
+            # caller's admission between the lookup and the answer.
+            entry = None
+            if edge is not None and handler.kept and NO_CACHE_METADATA not in metadata:
+                entry = edge.cache.get(edge_key)
+            admitted = await self._admit(handler, metadata, scope) if entry is not None else None
+            if edge is not None and entry is not None and admitted is not None:
+                await edge.send(entry, if_none_match, admitted, send)
+                return
             body = await self._read_body(scope, receive) if handler.builder.reads_body else b""
             if body is None:
                 return  # the client hung up before sending its body; nobody to answer
@@ -180,15 +142,11 @@ class RestGateway:
             message = handler.builder.build(result.values, scope["query_string"], body)
             if handler.route.headers:
                 _fields_from_headers(message, handler.route.headers, scope)
+            if self._limiting and entry is None:
+                admitted = await self._admit(handler, metadata, scope)
         except GatewayError as error:
             await error.response()(scope, receive, send)
             return
-        if self._limiting and not checked:
-            try:
-                admitted = await self._admit(handler, metadata, scope)
-            except ServiceError as refused:
-                await _refusal(refused)(scope, receive, send)
-                return
         if admitted is not None:
             metadata = (*metadata, *self._vouching)
         limits = admitted or ()
@@ -209,21 +167,20 @@ class RestGateway:
                     edge.fill(edge_key, response, trailers)
                 elif not handler.conditional:
                     edge.written(trailers)
-        add_rate_limit_headers(response, trailers)
-        add_rate_limit_headers(response, limits)
+        response.headers.update({**rate_limit_headers(trailers), **rate_limit_headers(limits)})
         await response(scope, receive, send)
 
     async def _admit(
         self, handler: _Handler, metadata: tuple[tuple[str, str], ...], scope: Scope
     ) -> tuple[tuple[str, str], ...] | None:
-        """The caller's rate-limit figures once the guard admits it (a ServiceError
-        when it refuses); None when its key cannot be checked now (the agents service
-        unreachable): the call then goes to its service unvouched, which checks and
-        limits it itself."""
-        if self._guard is None:
+        """The caller's rate-limit figures once the guard admits it (its refusal, as the
+        service would have answered it, when it does not); None when its key cannot be
+        checked now (the agents service unreachable): the call then goes to its service
+        unvouched, which checks and limits it itself."""
+        if self.guard is None:
             return None
         try:
-            return await self._guard.admit(
+            return await self.guard.admit(
                 handler.route.grpc_path,
                 dict(metadata),
                 lambda: client_address(scope, self._proxies),
@@ -231,12 +188,14 @@ class RestGateway:
             )
         except Unavailable:
             return None
+        except ServiceError as refused:
+            raise GatewayError(refused, headers=rate_limit_headers(refused.trailing_metadata)) from None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self._max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise payload_too_large(limit)
+                raise http_only(413, f"request body exceeds {limit} bytes")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -246,7 +205,7 @@ class RestGateway:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise payload_too_large(limit)
+                raise http_only(413, f"request body exceeds {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -273,7 +232,7 @@ class RestGateway:
                 response = StreamingResponse(
                     _events(call, first, handler.render, event_id), media_type="text/event-stream", headers=SSE_HEADERS
                 )
-            add_rate_limit_headers(response, limits)
+            response.headers.update(rate_limit_headers(limits))
             await response(scope, receive, send)
         finally:
             # Also reached when the client disconnects mid-stream: stop the backend's work.
@@ -303,17 +262,7 @@ def _fields_from_headers(message: Message, headers: tuple[tuple[bytes, FieldDesc
     for name, value in scope["headers"]:
         for header, field in headers:
             if name == header and not getattr(message, field.name):
-                text = value.decode("latin-1").strip()
-                if not (text.isascii() and text.isprintable()):
-                    raise bad_request(f"header {header.decode()!r} must be printable ASCII", field=header.decode())
-                setattr(message, field.name, text)
-
-
-def _refusal(refused: ServiceError) -> Response:
-    """The guard's refusal as the service would have answered it, rate-limit headers included."""
-    response = GatewayError(refused).response()
-    add_rate_limit_headers(response, refused.trailing_metadata)
-    return response
+                setattr(message, field.name, _printable(name, value.decode("latin-1").strip()))
 
 
 def _raw_path(scope: Scope) -> str:
@@ -332,14 +281,17 @@ def _metadata(scope: Scope) -> tuple[tuple[tuple[str, str], ...], bytes | None]:
     if_none_match = None
     for name, value in scope["headers"]:
         if name in FORWARDED_HEADERS:
-            text = value.decode("latin-1")
-            if not (text.isascii() and text.isprintable()):
-                header = name.decode("ascii")
-                raise bad_request(f"header {header!r} must be printable ASCII", field=header)
-            metadata.append((name.decode("ascii"), text))
+            metadata.append((name.decode("ascii"), _printable(name, value.decode("latin-1"))))
         elif name == b"cache-control":
             if requests_no_cache(value):
                 metadata.append(NO_CACHE_METADATA)
         elif name == b"if-none-match":
             if_none_match = value
     return tuple(metadata), if_none_match
+
+
+def _printable(name: bytes, text: str) -> str:
+    """A header's value that may go on as gRPC metadata or a string field."""
+    if not (text.isascii() and text.isprintable()):
+        raise bad_request(f"header {name.decode()!r} must be printable ASCII", field=name.decode())
+    return text

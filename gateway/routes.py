@@ -8,7 +8,7 @@ rule the gateway could not serve, so a broken proto never becomes a half-working
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from devops_hub.v1 import options_pb2
 from google.api import annotations_pb2, http_pb2
@@ -97,9 +97,8 @@ def build_routes(services: Iterable[ServiceDescriptor], backend_of_service: Mapp
                 )
             if method.client_streaming:
                 raise RouteError(f"{service.full_name}.{method.name}: client streaming cannot be mapped to HTTP")
-            bindings: Sequence[http_pb2.HttpRule] = [rule, *rule.additional_bindings]
-            for index, binding in enumerate(bindings):
-                routes.append(_route(method, binding, index, backend))
+            bindings = [rule, *rule.additional_bindings]
+            routes.extend(_route(method, binding, index, backend) for index, binding in enumerate(bindings))
     return routes
 
 

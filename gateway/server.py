@@ -33,11 +33,8 @@ class Gateway:
         self._sockets = [sock]
         host, port = sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.listening = f"http://{self.address}"
         self._ticker: asyncio.Task[None] | None = None
-
-    @property
-    def listening(self) -> str:
-        return f"http://{self.address}"
 
     def refreshers(self) -> Sequence[Refresher]:
         return ()

@@ -1,11 +1,9 @@
 """GET /status.json: the performance guide's "Metrics to Monitor" table, live.
 
-Each row is computed from the running system's own Prometheus metrics, as the alerts in
-deploy/prometheus/alerts.yml compute it: the gateway's (HTTP latency and errors, its
-process), and what each backend's metrics port says (its process, the cache sidecar's
-hits and misses, the services' database pools). Rates are over the last WINDOW seconds
-of polls (since each process started at the first poll). /status is the page that
-polls it (gateway/static/status.html).
+Each row is computed from the Prometheus metrics of the gateway and of each backend's
+metrics port, as deploy/prometheus/alerts.yml computes it. Rates are over the last
+WINDOW seconds of polls (since each process started, at the first poll). /status is
+the page that polls it (gateway/static/status.html).
 """
 
 from __future__ import annotations
@@ -50,6 +48,18 @@ class Row:
             return "alert"
         return "ok" if sign * value < sign * self.target else "warning"
 
+    def shown(self, value: float | None, source: str) -> dict[str, object]:
+        better, worse = (">", "<") if self.higher_is_better else ("<", ">")
+        return {
+            "metric": self.metric,
+            "unit": self.unit,
+            "value": None if value is None else round(value, 3),
+            "source": source,
+            "target": f"{better} {self.target:g} {self.unit}",
+            "alert": f"{worse} {self.alert:g} {self.unit}",
+            "state": self.state(value),
+        }
+
 
 # The performance guide's table (docs/observability.md, the alerts use the same numbers).
 GUIDE = (
@@ -79,9 +89,6 @@ class StatusBoard:
         self._polls: deque[_Poll] = deque()
 
     async def endpoint(self, request: Request) -> JSONResponse:
-        return JSONResponse(await self.report(), headers=NO_STORE)
-
-    async def report(self) -> dict[str, object]:
         texts = await asyncio.gather(*(asyncio.to_thread(_scrape, url) for url in self._sources.values()))
         processes = {"gateway": _parse(self._metrics.exposition().decode())}
         processes.update((name, _parse(text)) for name, text in zip(self._sources, texts) if text is not None)
@@ -97,23 +104,10 @@ class StatusBoard:
             for metric, (value, _) in values.items():
                 if value is None and since_start[metric][0] is not None:
                     values[metric] = (since_start[metric][0], f"{since_start[metric][1]}, since start")
-        rows = []
-        for row in GUIDE:
-            value, source = values[row.metric]
-            rows.append(
-                {
-                    "metric": row.metric,
-                    "unit": row.unit,
-                    "value": None if value is None else round(value, 3),
-                    "source": source,
-                    "target": f"{'>' if row.higher_is_better else '<'} {row.target:g} {row.unit}",
-                    "alert": f"{'<' if row.higher_is_better else '>'} {row.alert:g} {row.unit}",
-                    "state": row.state(value),
-                }
-            )
+        rows = [row.shown(*values[row.metric]) for row in GUIDE]
         unreachable = sorted(name for name, text in zip(self._sources, texts) if text is None)
         window = f"last {now - base.at:.0f} s" if base is not None else "since each process started"
-        return {"window": window, "rows": rows, "unreachable": unreachable}
+        return JSONResponse({"window": window, "rows": rows, "unreachable": unreachable}, headers=NO_STORE)
 
     def _values(self, now_: dict[str, Samples], base: _Poll | None, now: float) -> dict[str, tuple[float | None, str]]:
         before = base.processes if base is not None else {}
@@ -163,13 +157,13 @@ class StatusBoard:
         return buckets
 
 
-def metrics_urls(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
+def metrics_urls(settings: Settings, addresses: Mapping[str, str]) -> dict[str, str]:
     """Each backend's metrics endpoint: its `<backend>_metrics_port` on its address's
     host (one replica's, where several serve one address); none where the port is 0."""
     urls = {}
-    for backend in sorted(set(backends)):
+    for backend, address in addresses.items():
         port = getattr(settings, f"{backend}_metrics_port", 0)
-        host = host_of(settings.backend_address(backend))
+        host = host_of(address)
         if port:
             urls[backend] = f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{port}/metrics"
     return urls

@@ -1,24 +1,16 @@
-"""google.api.http path templates, parsed once at start-up and matched per request.
+"""google.api.http path templates (their grammar: google/api/http.proto), parsed once
+at start-up and matched per request.
 
-Grammar (google/api/http.proto):
-
-    Template = "/" Segments [ Verb ] ;
-    Segments = Segment { "/" Segment } ;
-    Segment  = "*" | "**" | LITERAL | Variable ;
-    Variable = "{" FieldPath [ "=" Segments ] "}" ;
-    Verb     = ":" LITERAL ;
-
-Matching is done on path segments with string compares only (no regex): templates are
-bucketed by (verb, segment count), so a request only looks at the handful of templates
-that could possibly match it. A `:verb` suffix is split off the last segment before
-matching whenever some template declares that verb, so `{id}` never swallows it:
-`GET /api/agents/x` and `POST /api/agents/x:execute` reach different routes, and
-`GET /api/agents/x:execute` is a 405 rather than a GetAgent for the id "x:execute".
+Matching compares path segments, no regex: templates are bucketed by (verb, segment
+count), so a request only looks at the few that could match it. A `:verb` suffix is
+split off the last segment whenever some template declares that verb, so `{id}` never
+swallows it: `GET /api/agents/x:execute` is a 405, not a GetAgent for "x:execute".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Iterable
 from typing import Generic, NamedTuple, TypeVar
@@ -104,11 +96,6 @@ class PathTemplate:
         return cls(text, tuple(segments), verb, tuple(variables))
 
     @property
-    def shape(self) -> tuple[tuple[str, ...], str]:
-        """Templates with equal shapes match exactly the same paths, whatever their variables."""
-        return self.segments, self.verb
-
-    @property
     def openapi_path(self) -> str:
         """The OpenAPI spelling: each variable becomes `{field.path}`, whatever it spans."""
         parts: list[str] = []
@@ -122,14 +109,11 @@ class PathTemplate:
 
     def values(self, segments: list[str]) -> tuple[str, ...]:
         """The percent-decoded value of each variable, in template order."""
-        if len(self.variables) == 1:  # the common case ({id}) without the generator
-            v = self.variables[0]
+        values = []
+        for v in self.variables:
             raw = segments[v.start] if v.stop == v.start + 1 else "/".join(segments[v.start : v.stop])
-            return (unquote(raw) if "%" in raw else raw,)
-        return tuple(
-            unquote(segments[v.start]) if v.stop == v.start + 1 else unquote("/".join(segments[v.start : v.stop]))
-            for v in self.variables
-        )
+            values.append(unquote(raw) if "%" in raw else raw)
+        return tuple(values)
 
 
 def _is_literal(text: str) -> bool:
@@ -158,10 +142,9 @@ class NotAllowed(NamedTuple):
 class _Shape(Generic[T]):
     """Every binding that shares one shape, keyed by HTTP method."""
 
-    __slots__ = ("segments", "literals", "singles", "prefix_len", "multi", "targets", "order")
+    __slots__ = ("literals", "singles", "prefix_len", "multi", "targets", "order")
 
     def __init__(self, segments: tuple[str, ...]) -> None:
-        self.segments = segments
         self.multi = bool(segments) and segments[-1] == MULTI
         self.prefix_len = len(segments) - 1 if self.multi else len(segments)
         fixed = segments[: self.prefix_len]
@@ -172,6 +155,8 @@ class _Shape(Generic[T]):
         self.order = tuple(0 if s not in (SINGLE, MULTI) else 1 if s == SINGLE else 2 for s in segments)
 
     def matches(self, segments: list[str]) -> bool:
+        if self.multi and len(segments) < self.prefix_len:
+            return False
         for i, literal in self.literals:
             if segments[i] != literal:
                 return False
@@ -187,7 +172,8 @@ class Router(Generic[T]):
     def __init__(self, bindings: Iterable[tuple[str, PathTemplate, T]]) -> None:
         shapes: dict[tuple[tuple[str, ...], str], _Shape[T]] = {}
         for http_method, template, target in bindings:
-            shape = shapes.setdefault(template.shape, _Shape(template.segments))
+            # Templates of one shape match exactly the same paths, whatever their variables.
+            shape = shapes.setdefault((template.segments, template.verb), _Shape(template.segments))
             if http_method in shape.targets:
                 other = shape.targets[http_method][0].text
                 raise TemplateError(f"{http_method} {template.text} is ambiguous with {http_method} {other}")
@@ -218,14 +204,8 @@ class Router(Generic[T]):
 
     def _lookup(self, http_method: str, segments: list[str], verb: str) -> RouteMatch[T] | NotAllowed | None:
         allowed: set[str] = set()
-        for shape in self._fixed.get((verb, len(segments)), ()):
+        for shape in itertools.chain(self._fixed.get((verb, len(segments)), ()), self._multi.get(verb, ())):
             if shape.matches(segments):
-                hit = shape.targets.get(http_method)
-                if hit is not None:
-                    return RouteMatch(hit[1], hit[0].values(segments))
-                allowed.update(shape.targets)
-        for shape in self._multi.get(verb, ()):
-            if len(segments) >= shape.prefix_len and shape.matches(segments):
                 hit = shape.targets.get(http_method)
                 if hit is not None:
                     return RouteMatch(hit[1], hit[0].values(segments))

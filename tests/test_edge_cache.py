@@ -17,7 +17,7 @@ from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from prometheus_client import REGISTRY
 
 from gateway.errors import rpc_error_response
-from gateway.hardening import add_rate_limit_headers
+from gateway.hardening import rate_limit_headers
 from services.agents.server import build as build_agents
 from services.cache.edge.store import EdgeCache, Said, cacheable, write_of
 from services.cache.sidecar.server import build as build_sidecar
@@ -227,7 +227,7 @@ async def service_refusal(call) -> tuple[int, dict, dict[str, str]]:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call
     response = rpc_error_response(refused.value)
-    add_rate_limit_headers(response, refused.value.trailing_metadata())
+    response.headers.update(rate_limit_headers(refused.value.trailing_metadata()))
     return response.status_code, json.loads(response.body), {k.lower(): v for k, v in response.headers.items()}
 
 
