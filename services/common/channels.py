@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any
 
@@ -84,17 +84,15 @@ def open_channel(
     *,
     api_key: str = "",
     connections: int = DEFAULT_CONNECTIONS,
-    options: Sequence[tuple[str, Any]] = (),
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     tracer: trace.Tracer | None = None,
 ) -> grpc.aio.Channel:
     """A channel to `address` whose calls are spread over `connections` connections,
     presenting `api_key` on every call that does not carry a key of its own, and traced
     into `tracer` (None: not traced)."""
-    chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
-    merged = [*dict([*BASE_OPTIONS, *options]).items()]
+    chosen = [*key_interceptors(api_key), *call_tracing(address, tracer)]
+
     def open_one() -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
+        return grpc.aio.insecure_channel(address, options=BASE_OPTIONS, interceptors=chosen or None)
 
     return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
 

@@ -15,18 +15,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
 from services.common import event_loop
+from services.common.db import Database
+from services.common.db.startup import build_on_database
 from services.common.dependencies import DependencyUnavailable, check_redis
+from services.common.grpc_calls import Guard
 from services.common.grpc_host import GrpcHost
+from services.common.idempotency import Idempotency
+from services.common.idempotency_repository import IdempotencyRepository
 from services.common.settings import Settings
 from services.common.telemetry import Telemetry
 from services.common.telemetry.endpoint import Refresher
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 
 log = logging.getLogger(__name__)
@@ -116,6 +123,51 @@ class GrpcProcess:
 
     def serve_also_on(self, unix_socket: str) -> None:
         self.host.server.add_insecure_port(f"unix:{unix_socket}")
+
+
+@dataclass(frozen=True)
+class OnDatabase:
+    """What the wiring of a service that owns tables is given (on_database)."""
+
+    settings: Settings
+    db: Database
+    metrics: ServiceMetrics
+    tracer: trace.Tracer | None
+    profiler: SlowRequestProfiler | None
+
+    def host(self, address: str, guard: Guard) -> GrpcHost:
+        """The service's host, retrying calls safely by request_id and telling the
+        database's outages from bugs."""
+        return GrpcHost(
+            address,
+            metrics=self.metrics.grpc,
+            guard=guard,
+            reflection=self.settings.grpc_reflection,
+            idempotency=Idempotency(IdempotencyRepository(self.db), self.settings.idempotency_retention),
+            outages=self.db.outages,
+            tracer=self.tracer,
+            profiler=self.profiler,
+        )
+
+
+def on_database(assemble: Callable[[OnDatabase], Awaitable[P]]) -> Callable[..., Awaitable[P]]:
+    """A server.py's build(settings, metrics=None, *, tracer=None, profiler=None) for a
+    service that owns tables: `assemble` wires it on the migrated database, on `metrics`
+    (by default the process's, in the default registry)."""
+
+    async def build(
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+        *,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
+    ) -> P:
+        metrics = metrics or service_metrics()
+        return await build_on_database(
+            settings, lambda db: assemble(OnDatabase(settings, db, metrics, tracer, profiler)), pools=metrics.pools, tracer=tracer
+        )
+
+    return build
 
 
 @asynccontextmanager

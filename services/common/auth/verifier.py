@@ -53,52 +53,30 @@ class KeyVerifier(Protocol):
     async def close(self) -> None: ...
 
 
-def usable(api_key: ApiKey | None, now: dt.datetime) -> ApiKey | None:
-    if api_key is None or api_key.HasField("revoke_time"):
-        return None
-    if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= now:
-        return None
-    return api_key
-
-
-class _Cache:
-    """key hash -> (record or None, monotonic expiry), bounded, oldest evicted first."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
-
-    def get(self, key_hash: str) -> tuple[bool, ApiKey | None]:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] <= self._clock():
-            return False, None
-        return True, entry[0]
-
-    def put(self, key_hash: str, api_key: ApiKey | None) -> None:
-        self._entries[key_hash] = (api_key, self._clock() + CACHE_TTL)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > CACHE_ENTRIES:
-            self._entries.popitem(last=False)
-
-
 class _CachedVerifier(abc.ABC):
-    """The shared part: format check, the one-second cache, expiry and revocation."""
+    """The shared part: format check, the one-second cache (key hash -> record or None,
+    monotonic expiry; bounded, oldest evicted first), expiry and revocation."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._cache = _Cache(clock)
+        self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
 
     async def verify(self, key: str) -> ApiKey | None:
         if not keys.well_formed(key):
             return None
         key_hash = keys.hash_key(key)
-        found, api_key = self._cache.get(key_hash)
-        if not found:
-            api_key = await self._fetch(key, key_hash)
-            self._cache.put(key_hash, api_key)
-        api_key = usable(api_key, utc_now())
-        if api_key is not None:
-            self._used(api_key)
+        entry = self._cache.get(key_hash)
+        if entry is None or entry[1] <= self._clock():
+            entry = self._cache[key_hash] = (await self._fetch(key, key_hash), self._clock() + CACHE_TTL)
+            self._cache.move_to_end(key_hash)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        api_key = entry[0]
+        if api_key is None or api_key.HasField("revoke_time"):
+            return None
+        if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= utc_now():
+            return None
+        self._used(api_key)
         return api_key
 
     @abc.abstractmethod

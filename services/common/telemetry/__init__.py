@@ -71,11 +71,8 @@ class Telemetry:
         if self.endpoint is not None:
             await self.endpoint.close()
             self.endpoint = None
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        """Flushes the spans still buffered and, in multiprocess mode, retires this
-        process's live gauges so the survivors' sums no longer count it."""
+        # The spans still buffered are flushed; in multiprocess mode this process's live
+        # gauges retire, so the survivors' sums no longer count it.
         if self.provider is not None:
             self.provider.shutdown()
             self.provider = None
