@@ -82,7 +82,8 @@ class GrpcHost:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")
         await self.server.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace: float, *, pre_stop: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
@@ -102,10 +103,6 @@ class GrpcHost:
                 await hook()
         finally:
             await stopping
-
-    async def _set_health(self, status: int) -> None:
-        for name in ["", *self._service_names]:
-            await self.health.set(name, status)
 
     @property
     def bound_address(self) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +80,9 @@ async def answer(tx: Executor, reply: Message) -> None:
 
 
 class Idempotency:
-    def __init__(self, repository: IdempotencyRepository, retention: float, clock: Callable[[], dt.datetime] = utc_now) -> None:
+    def __init__(self, repository: IdempotencyRepository, retention: float) -> None:
         self._repository = repository
         self._retention = dt.timedelta(seconds=retention)
-        self._clock = clock
 
     def wrap(self, behavior: Single, method: str) -> Single:
         """`behavior` made safe to retry when the request of '/pkg.Service/Method' has a
@@ -101,7 +100,7 @@ class Idempotency:
             key = _key(request, key_fields)
             if not key:
                 return await behavior(request, context_)
-            now = self._clock()
+            now = utc_now()
             use = KeyUse(_caller(context_), method, key, _fingerprint(request, key_fields))
             call = _Call(use, self._repository, now, now - self._retention)
             replay = await self._replay(call, reply_class)

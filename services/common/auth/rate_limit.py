@@ -90,16 +90,6 @@ class Decision(NamedTuple):
     retry_after: float
 
 
-def _decide(policy: Policy, allowed: bool, tokens: float) -> Decision:
-    return Decision(
-        allowed=allowed,
-        limit=policy.requests,
-        remaining=max(0, math.floor(tokens)),
-        reset_after=(policy.requests - tokens) / policy.rate,
-        retry_after=0.0 if allowed else (1 - tokens) / policy.rate,
-    )
-
-
 class _Bucket:
     """This process's view of one bucket: its tokens as of `at`, and what it took that
     Redis has not counted yet (`taken`; `sending` of them on their way)."""
@@ -142,11 +132,6 @@ class RateLimiter:
             )
             self._script = self._redis.register_script(_SCRIPT)
 
-    @property
-    def limits(self) -> bool:
-        """Whether any policy is on."""
-        return bool(self._policies)
-
     async def take(self, bucket: str, kind: str) -> Decision | None:
         """Takes one token from `bucket` under the `kind` policy; None when unlimited."""
         policy = self._policies.get(kind)
@@ -176,7 +161,13 @@ class RateLimiter:
                 if self._reporter is None:
                     self._reporter = spawn(self._report_every_interval(), name="rate-limit-reports")
         state.tokens, state.at = tokens, now
-        return _decide(policy, allowed, tokens)
+        return Decision(
+            allowed=allowed,
+            limit=policy.requests,
+            remaining=max(0, math.floor(tokens)),
+            reset_after=(policy.requests - tokens) / policy.rate,
+            retry_after=0.0 if allowed else (1 - tokens) / policy.rate,
+        )
 
     def _shared(self) -> bool:
         return self._script is not None and self._clock() >= self._redis_down_until

@@ -23,10 +23,8 @@ TOP_FUNCTIONS = 30
 
 
 class SlowRequestProfiler:
-    def __init__(self, threshold: float, *, top: int = TOP_FUNCTIONS, logger: logging.Logger = log) -> None:
+    def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._top = top
-        self._log = logger
         self._active: cProfile.Profile | None = None
 
     def begin(self) -> cProfile.Profile | None:
@@ -50,8 +48,8 @@ class SlowRequestProfiler:
         if seconds < self.threshold:
             return
         text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats(pstats.SortKey.CUMULATIVE).print_stats(self._top)
-        self._log.warning(
+        pstats.Stats(profile, stream=text).sort_stats(pstats.SortKey.CUMULATIVE).print_stats(TOP_FUNCTIONS)
+        log.warning(
             "slow request %s took %.1f ms (threshold %.1f ms); profile:\n%s",
             what,
             seconds * 1000,
