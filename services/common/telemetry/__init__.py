@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import TextIO
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -47,9 +46,9 @@ class Telemetry:
     endpoint: MetricsEndpoint | None = None
 
     @classmethod
-    def start(cls, settings: Settings, service: str, *, log_stream: TextIO | None = None) -> Telemetry:
+    def start(cls, settings: Settings, service: str) -> Telemetry:
         """Logging, tracing and profiling for this process, as settings say."""
-        logs.configure(settings, service, log_stream)
+        logs.configure(settings, service)
         # No `_created` series beside every counter and histogram: they double what a
         # scrape carries, and rate() does not need them.
         disable_created_metrics()
