@@ -108,7 +108,9 @@ class MetricsEndpoint:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            method, target = _request_line(head)
+            if len(head) > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            method, target, _version = head.split(b"\r\n", 1)[0].split(b" ", 2)
             if target.split(b"?", 1)[0] != b"/metrics":
                 status, body, kind = b"404 Not Found", b"only /metrics is served here\n", b"text/plain"
             elif method not in (b"GET", b"HEAD"):
@@ -129,13 +131,6 @@ class MetricsEndpoint:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-
-
-def _request_line(head: bytes) -> tuple[bytes, bytes]:
-    if len(head) > MAX_REQUEST_BYTES:
-        raise ValueError("request too large")
-    method, target, _version = head.split(b"\r\n", 1)[0].split(b" ", 2)
-    return method, target
 
 
 async def serve_metrics(

@@ -1,18 +1,12 @@
 """Prometheus metrics every gRPC service has: its calls and, with a database, its pools.
 
-Metrics that belong to one part live with it (the cache's in
-services/cache/sidecar/metrics.py). Each group is made on a registry it is given,
-and what records into it is handed the group by the wiring, so a test can give its own.
-A process keeps its metrics in prometheus_client's default registry (which also holds
-the standard process_* metrics) and serves them on its metrics port (endpoint.py).
-Several worker processes of one service add up through prometheus_client's
-multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set before the process starts (the
-launcher sets it to a directory per part), values live in per-process files in that
-directory and whichever worker answers a scrape sums them. Gauges say how they combine (`multiprocess_mode`).
-
-Hot paths touch only label children bound once and kept: no label lookup, no string
-building per call. docs/observability.md lists every metric with its meaning.
+Each group is made on a registry it is given and handed to what records into it by
+the wiring, so a test can give its own. Worker processes of one service add up
+through prometheus_client's multiprocess mode (docs/observability.md, "Several worker
+processes"). Hot paths touch only label children bound once and kept: no label
+lookup, no string building per call.
 """
+
 
 from __future__ import annotations
 
