@@ -7,7 +7,6 @@ and a stop in reverse order. Children get SIGTERM if the launcher itself is kill
 (PR_SET_PDEATHSIG), so none is orphaned.
 """
 
-
 from __future__ import annotations
 
 import asyncio

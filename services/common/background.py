@@ -7,7 +7,6 @@ with its traceback; an essential task that fails stops the process, so that its
 supervisor starts a healthy one rather than leaving it half alive.
 """
 
-
 from __future__ import annotations
 
 import asyncio

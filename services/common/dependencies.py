@@ -6,7 +6,6 @@ exits non-zero, and its supervisor restarts it with back-off (docs/resilience.md
 "Supervision").
 """
 
-
 from __future__ import annotations
 
 import asyncio

@@ -1,13 +1,9 @@
 """A dependency that is down is UNAVAILABLE, said once in the log, not once per call.
 
-When PostgreSQL, SQLite's file or Redis fails, every call that needs it fails the
-same way. The caller should hear UNAVAILABLE (HTTP 503 with Retry-After) with an
-ErrorInfo reason naming the dependency, so it retries later; the operator should
-read one line when the dependency goes away and one when it is back, not a
-traceback per call. A Dependency tracks that state: the database engines call
-failed() and succeeded() around their statements, on their Database's own Outages;
-the error wrapper, handed that same Outages by the wiring, asks unavailable() about
-any other exception, for Redis and broken connections that reach it untranslated.
+The database engines call failed() and succeeded() around their statements, on their
+Database's own Outages; the error wrapper, handed that same Outages by the wiring,
+asks unavailable() about any other exception, for Redis and broken connections that
+reach it untranslated (docs/resilience.md, "Honest errors").
 """
 
 from __future__ import annotations

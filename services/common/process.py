@@ -2,12 +2,9 @@
 
     build(settings) → start() → serve until SIGTERM or SIGINT → stop(grace) → close()
 
-A process's server.py wires it in build(settings, tracer=, profiler=), which starts nothing; start() starts
-the work behind its handlers and then listens; stop(grace) stops taking calls, ends
-long-lived streams and gives the calls in flight `grace` seconds; close() releases what
-build() made. run() is the whole life of a process started with `python -m`, and
-running() is the part of it tests use, so a test starts and closes a service through
-exactly the code production does.
+(docs/design.md, "One shape for every process"). run() is the whole life of a process
+started with `python -m`, and running() is the part of it tests use, so a test starts
+and closes a service through exactly the code production does.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@
   a misleading RESOURCE_EXHAUSTED.
 """
 
-
 from __future__ import annotations
 
 import math

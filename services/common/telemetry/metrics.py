@@ -7,7 +7,6 @@ processes"). Hot paths touch only label children bound once and kept: no label
 lookup, no string building per call.
 """
 
-
 from __future__ import annotations
 
 import dataclasses

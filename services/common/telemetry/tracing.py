@@ -6,7 +6,6 @@ has no tracing layer, its db_span() hands back one shared no-op context, and the
 channels it opens carry no interceptor.
 """
 
-
 from __future__ import annotations
 
 import contextlib
