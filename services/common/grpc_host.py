@@ -1,7 +1,6 @@
 """The host every gRPC service runs on: one grpc.aio server with health and
 reflection, every handler registered inside the call wrapper (grpc_calls.py), started
-on an address and stopped gracefully. Nothing else: what a call goes through is
-grpc_calls.py's, and the life of the process around the host is process.py's.
+on an address and stopped gracefully.
 """
 
 from __future__ import annotations

@@ -40,10 +40,8 @@ _RANGES = {
 }
 
 
-class Malformed:
-    """What a request that did not decode is replaced by, so the wrapper can refuse it."""
-
-    __slots__ = ()
+# What a request that did not decode is replaced by, so the wrapper can refuse it.
+MALFORMED = object()
 
 
 class Refused:
@@ -53,9 +51,6 @@ class Refused:
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         self.violations = violations
-
-
-MALFORMED = Malformed()
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

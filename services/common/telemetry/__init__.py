@@ -3,16 +3,8 @@
 A process's run() (services/common/process.py) calls Telemetry.start() before it
 builds anything (logging is then in place for what it builds, and the Telemetry holds
 the tracer and the profiler the wiring hands to each part), serves its metrics, and
-closes the Telemetry last. docs/observability.md is the operator's side.
-
-    metrics.py      the Prometheus metrics every service has, and the process's set
-    endpoint.py     GET /metrics of a gRPC service, on its own port
-    grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
-    grpc_client.py  trace context on outgoing gRPC calls (services/common/channels.py adds it)
-    asgi.py         the gateway's SERVER span, for its front pass
-    tracing.py      OpenTelemetry set-up and database spans
-    logs.py         text or JSON logs with request and trace ids
-    profiling.py    profiles of slow requests
+closes the Telemetry last. docs/observability.md is the operator's side; each module's
+first line says what it holds.
 """
 
 from __future__ import annotations

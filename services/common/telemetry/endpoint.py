@@ -1,10 +1,9 @@
 """The Prometheus endpoint of a gRPC service: `GET /metrics` on a port of its own.
 
 It is served by the service's own event loop (asyncio streams, no thread), so the
-gauges read from live state (pools, the cache's statistics) are brought up to date by
-awaiting them right before each scrape is answered. In multiprocess mode the same
-refresh also runs every REFRESH_INTERVAL in every worker, since a scrape reaches only
-one of them, and the answer sums every worker's files.
+gauges read from live state are brought up to date right before each scrape; in
+multiprocess mode also every REFRESH_INTERVAL in every worker, since a scrape reaches
+only one of them (docs/observability.md, "Where the metrics are").
 """
 
 from __future__ import annotations

@@ -61,20 +61,12 @@ def prepare_multiprocess() -> str | None:
     if directory is None:
         return None
     os.makedirs(directory, exist_ok=True)
-    for pid in _pids_with_files(directory):
+    # prometheus_client names its files <kind>[_<mode>]_<pid>.db.
+    parts = (name.removesuffix(".db").rpartition("_") for name in os.listdir(directory))
+    for pid in {int(pid) for stem, _, pid in parts if stem and pid.isdigit()}:
         if not _alive(pid):
             multiprocess.mark_process_dead(pid, directory)
     return directory
-
-
-def _pids_with_files(directory: str) -> set[int]:
-    # prometheus_client names its files <kind>[_<mode>]_<pid>.db.
-    pids = set()
-    for name in os.listdir(directory):
-        stem, _, pid = name.removesuffix(".db").rpartition("_")
-        if stem and pid.isdigit():
-            pids.add(int(pid))
-    return pids
 
 
 def _alive(pid: int) -> bool:

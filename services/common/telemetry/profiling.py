@@ -1,11 +1,8 @@
 """PROFILING_ENABLED=true: each request slower than PROFILING_THRESHOLD has its profile logged.
 
-cProfile profiles a thread, not a task, and only one profiler runs at a time. So a
-request is profiled when no other is being profiled at its start (under load that is
-a sample of the requests, not all of them), and its profile holds everything the
-event loop ran while it was in flight: the request's own work and whatever else
-delayed it, which is what a slow request needs explained. The profile (top functions
-by cumulative time) goes to the log at WARNING, with the request's id and trace id.
+cProfile profiles a thread, not a task, and only one profiler runs at a time, so a
+request is profiled when no other is at its start, and its profile holds everything
+the event loop ran meanwhile (docs/observability.md, "Profiles of slow requests").
 """
 
 from __future__ import annotations
