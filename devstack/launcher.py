@@ -1,13 +1,10 @@
 """`make run`: starts every part of DevOps Hub as its own process and watches them.
 
-Each child is started in order (the cache first, the gateway last), and the launcher
-waits until its port accepts connections before starting the next, printing one line
-per process. Then it supervises: a child that dies, or stops answering its health
-check, is named and restarted with an exponential back-off, the others serving
-meanwhile; a crash loop stops everything with a message that says so. Ctrl-C or
-SIGTERM stops them all, in reverse order, within STOP_TIMEOUT seconds. Children get SIGTERM if the launcher itself is killed
-(PR_SET_PDEATHSIG), so none is orphaned. In Kubernetes none of this runs: one
-process per container, and the kubelet restarts containers (README "Supervision").
+Parts start in order (the cache first, the gateway last), each once its predecessor's
+port accepts connections; then the launcher supervises them as docs/resilience.md,
+"Supervision", says: restarts with back-off, liveness checks, crash-loop detection,
+and a stop in reverse order. Children get SIGTERM if the launcher itself is killed
+(PR_SET_PDEATHSIG), so none is orphaned.
 """
 
 from __future__ import annotations

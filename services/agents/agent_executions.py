@@ -35,8 +35,7 @@ MAX_RUNTIME_CHANNELS = 256
 class RuntimeChannels:
     """One channel per agent endpoint, reused; the least recently used is closed past the bound."""
 
-    def __init__(self, limit: int = MAX_RUNTIME_CHANNELS, *, tracer: trace.Tracer | None = None) -> None:
-        self._limit = limit
+    def __init__(self, *, tracer: trace.Tracer | None = None) -> None:
         self._tracer = tracer
         self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, runtime_pb2_grpc.AgentRuntimeStub]] = OrderedDict()
 
@@ -46,7 +45,7 @@ class RuntimeChannels:
             return self._stubs[endpoint][1]
         channel = open_channel(endpoint, tracer=self._tracer)
         self._stubs[endpoint] = (channel, runtime_pb2_grpc.AgentRuntimeStub(channel))
-        if len(self._stubs) > self._limit:
+        if len(self._stubs) > MAX_RUNTIME_CHANNELS:
             _, (old, _) = self._stubs.popitem(last=False)
             spawn(old.close(grace=5), name="runtime-channel-close")
         return self._stubs[endpoint][1]

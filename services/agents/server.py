@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 from devops_hub.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc, options_pb2
-from opentelemetry import trace
 
 from services.agents.agent_executions import AgentExecutions, RuntimeChannels
 from services.agents.agents import Agents
@@ -23,14 +22,9 @@ from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.data.db import Database
-from services.common.data.db.startup import build_on_database
-from services.common.data.idempotency_repository import IdempotencyRepository
 from services.common.foundation.settings import Settings
 from services.common.runtime.grpc_host import GrpcHost
-from services.common.runtime.idempotency import Idempotency
-from services.common.runtime.process import GrpcProcess, run
-from services.common.telemetry.metrics import ServiceMetrics, service_metrics
-from services.common.telemetry.profiling import SlowRequestProfiler
+from services.common.runtime.process import GrpcProcess, OnDatabase, on_database, run
 
 SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].full_name
 KEYS_SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["ApiKeysService"].full_name
@@ -57,24 +51,8 @@ class AgentsService(GrpcProcess):
         await self.db.close()
 
 
-async def build(
-    settings: Settings,
-    metrics: ServiceMetrics | None = None,
-    *,
-    tracer: trace.Tracer | None = None,
-    profiler: SlowRequestProfiler | None = None,
-) -> AgentsService:
-    """The service on `metrics` (by default the process's, in the default registry),
-    traced into `tracer` and profiled by `profiler` (None: not at all)."""
-    metrics = metrics or service_metrics()
-    return await build_on_database(
-        settings, lambda db: _assemble(settings, db, metrics, tracer, profiler), pools=metrics.pools, tracer=tracer
-    )
-
-
-async def _assemble(
-    settings: Settings, db: Database, metrics: ServiceMetrics, tracer: trace.Tracer | None, profiler: SlowRequestProfiler | None
-) -> AgentsService:
+async def _assemble(wiring: OnDatabase) -> AgentsService:
+    settings, db, metrics, tracer = wiring.settings, wiring.db, wiring.metrics, wiring.tracer
     # With its near-cache (fed by the sidecar's Watch) and the services' key.
     cache = CacheClient.from_settings(
         settings, watch_prefixes=["agents:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
@@ -86,16 +64,7 @@ async def _assemble(
     api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)
     await _ensure_configured_keys(api_keys, settings)
     access = Access.build(settings, verifier)
-    host = GrpcHost(
-        settings.agents_addr,
-        metrics=metrics.grpc,
-        guard=access.guard,
-        reflection=settings.grpc_reflection,
-        idempotency=Idempotency(IdempotencyRepository(db), settings.idempotency_retention),
-        outages=db.outages,
-        tracer=tracer,
-        profiler=profiler,
-    )
+    host = wiring.host(settings.agents_addr, access.guard)
     host.add(
         agents_pb2_grpc.add_AgentsServiceServicer_to_server,
         AgentsServicer(agents, AgentExecutions(agents, runtimes)),
@@ -111,6 +80,9 @@ async def _assemble(
         runtimes=runtimes,
         access=access,
     )
+
+
+build = on_database(_assemble)
 
 
 async def _ensure_configured_keys(api_keys: ApiKeys, settings: Settings) -> None:

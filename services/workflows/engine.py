@@ -1,15 +1,7 @@
 """Runs workflow executions: takes them in, cancels them, and keeps them owned.
 
-The Engine coordinates the parts that do the work, one job each:
-
-    runner.py        one execution from RUNNING to its final status, under its timeout
-    scheduler.py     which step of the DAG runs when (max_parallel, skips, fail fast)
-    steps.py         one step's attempts, retries and timeouts, and what each type does
-    progress.py      each transition saved, then emitted as an event, in order
-    cancellation.py  the executions this process runs, and stopping one with a reason
-    leases.py        renewing this process's leases, reaping expired ones, remote cancels
-    metrics.py       executions and steps counted when they end
-
+The Engine builds and coordinates the parts that do the work, one job each (runner,
+scheduler, steps, progress, cancellation, leases, metrics: docs/design.md, "Layout").
 One asyncio task per execution; a graceful stop fails the local ones with a reason.
 """
 

@@ -1,11 +1,8 @@
 """Live events for StreamEvents and WatchExecution, read from the shared events table.
 
-Events are written by every replica of every service, so a stream cannot be fed
-from one process's memory. One poller per process reads new rows by id and fans
-them out to the subscribers' bounded queues; it runs only while someone listens.
-Each subscription starts at the newest event stored when it opened: one that joins a
-running poller skips what the poller has yet to deliver from before, and a poller
-that starts again starts from now, not from where the last one stopped.
+Events are written by every replica of every service, so one poller per process reads
+new rows by id and fans them out to the subscribers' bounded queues, only while someone
+listens. Each subscription starts at the newest event stored when it opened.
 
 PostgreSQL hands out ids before commit, so a transaction can commit a lower id after
 a higher one was read. The poller keeps such holes open for a few seconds and reads

@@ -1,10 +1,9 @@
 """Leases: no execution outlives the process that runs it silently.
 
-Each process holds a lease on every execution it runs (its `owner` id on the row,
-with an expiry) and renews all of them in one statement every lease_ttl/3. Any
-replica fails the active executions whose lease ran out: their runner died without
-a graceful stop. The same round picks up cancels that another replica wrote for
-executions this one runs, since that replica cannot reach their tasks.
+Each process holds a lease (its `owner` id and an expiry) on every execution it runs
+and renews them all in one statement every lease_ttl/3. Any replica fails the active
+executions whose lease ran out, and picks up cancels another replica wrote for the
+executions it runs, since that replica cannot reach their tasks.
 """
 
 from __future__ import annotations

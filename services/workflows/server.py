@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, events_pb2, events_pb2_grpc, workflows_pb2, workflows_pb2_grpc
-from opentelemetry import trace
 
 from services.cache.client.client import CacheClient
 from services.cache.client.manager import CacheManager
@@ -17,15 +16,10 @@ from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import DatabaseVerifier
 from services.common.auth.wiring import Access
 from services.common.data.db import Database
-from services.common.data.db.startup import build_on_database
 from services.common.data.event_repository import EventRepository
 from services.common.data.idempotency_repository import IdempotencyRepository
-from services.common.foundation.settings import Settings
 from services.common.runtime.grpc_host import GrpcHost
-from services.common.runtime.idempotency import Idempotency
-from services.common.runtime.process import GrpcProcess, run
-from services.common.telemetry.metrics import ServiceMetrics, service_metrics
-from services.common.telemetry.profiling import SlowRequestProfiler
+from services.common.runtime.process import GrpcProcess, OnDatabase, on_database, run
 from services.common.transport.channels import service_client
 from services.common.usecases.events import EventWriter
 from services.workflows.engine import Engine
@@ -76,24 +70,8 @@ class WorkflowsService(GrpcProcess):
         await self.db.close()
 
 
-async def build(
-    settings: Settings,
-    metrics: ServiceMetrics | None = None,
-    *,
-    tracer: trace.Tracer | None = None,
-    profiler: SlowRequestProfiler | None = None,
-) -> WorkflowsService:
-    """The service on `metrics` (by default the process's, in the default registry),
-    traced into `tracer` and profiled by `profiler` (None: not at all)."""
-    metrics = metrics or service_metrics()
-    return await build_on_database(
-        settings, lambda db: _assemble(settings, db, metrics, tracer, profiler), pools=metrics.pools, tracer=tracer
-    )
-
-
-async def _assemble(
-    settings: Settings, db: Database, metrics: ServiceMetrics, tracer: trace.Tracer | None, profiler: SlowRequestProfiler | None
-) -> WorkflowsService:
+async def _assemble(wiring: OnDatabase) -> WorkflowsService:
+    settings, db, metrics, tracer = wiring.settings, wiring.db, wiring.metrics, wiring.tracer
     cache = CacheClient.from_settings(
         settings, watch_prefixes=["workflows:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
     )
@@ -116,20 +94,12 @@ async def _assemble(
     workflows = Workflows(WorkflowRepository(db), agents, CacheManager(cache), Outbox(db, cache, relay, "workflows"))
     executions = Executions(workflows, executions_repository, engine, events)
     access = Access.build(settings, DatabaseVerifier(ApiKeyRepository(db)))
-    keys = IdempotencyRepository(db)
-    host = GrpcHost(
-        settings.workflows_addr,
-        metrics=metrics.grpc,
-        guard=access.guard,
-        reflection=settings.grpc_reflection,
-        idempotency=Idempotency(keys, settings.idempotency_retention),
-        outages=db.outages,
-        tracer=tracer,
-        profiler=profiler,
-    )
+    host = wiring.host(settings.workflows_addr, access.guard)
     host.add(workflows_pb2_grpc.add_WorkflowsServiceServicer_to_server, WorkflowsServicer(workflows, executions), WORKFLOWS_SERVICE)
     host.add(events_pb2_grpc.add_EventsServiceServicer_to_server, EventsServicer(events), EVENTS_SERVICE)
-    pruner = Pruner(EventRepository(db), settings.events_retention, settings.events_prune_interval, keys, settings.idempotency_retention)
+    pruner = Pruner(
+        EventRepository(db), settings.events_retention, settings.events_prune_interval, IdempotencyRepository(db), settings.idempotency_retention
+    )
     return WorkflowsService(
         host=host,
         metrics_port=settings.workflows_metrics_port,
@@ -143,6 +113,9 @@ async def _assemble(
         agents=agents,
         access=access,
     )
+
+
+build = on_database(_assemble)
 
 
 def main() -> None:

@@ -2,15 +2,9 @@
 
 It reads the caller's key (`x-api-key`, or `authorization: Bearer …`), checks it
 against the scope the method declares in the protos, then takes a token from the
-caller's rate-limit bucket: per key, or per client address for anonymous reads.
-
-The gateway admits every call that comes through it with this same guard, hits of
-its edge cache and misses alike, so that one caller's HTTP requests draw on one
-bucket; it says so by sending the services' key as FORWARDER_KEY, and a service
-then takes no token of its own for the call (from a peer in TRUSTED_PROXIES: any by
-default, the key being the proof). Direct gRPC callers are limited here, by key or
-by their peer's address. Keys never appear in errors or logs: a key is named by its
-id or its first characters only.
+caller's rate-limit bucket: per key, or per client address for anonymous reads. A
+call the gateway admitted (FORWARDER_KEY) takes no second token (docs/resilience.md,
+"Rate limits"). Keys never appear in errors or logs, only their ids or prefixes.
 """
 
 from __future__ import annotations

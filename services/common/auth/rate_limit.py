@@ -1,23 +1,11 @@
 """Token buckets per caller: taken in this process's memory, counted in Redis when shared.
 
-A bucket holds up to `requests` tokens and refills at requests/window per second, so
-a caller may burst to the limit and then goes at the window's pace.
-
-Every token is taken here, in memory, with no round trip: a hot call must not wait
-on Redis. With REDIS_URL the buckets are shared by every process, local-plus-global:
-each process reports the tokens it took to Redis, where one Lua script (Redis's
-clock, no races or skew) refills the shared bucket, subtracts them and answers what
-is left, which becomes this process's view of the bucket. Reports go every
-SYNC_INTERVAL in one pipelined round trip for every bucket used meanwhile, at once
-(in the background) when a bucket has taken half its quota, and a call waits for one
-only when its bucket has taken its whole quota unreported, or on the bucket's first
-use in this process. The quota is SYNC_SHARE of the limit (at least one token), so
-each process sharing a bucket admits at most that many tokens Redis has not counted:
-G processes over-admit by at most G × quota (1% of the limit each; with a limit
-under 200, one token each, and every call waits for Redis). What is over-admitted is
-owed: the shared bucket goes below zero and refills from there, so over a window the
-rate holds exactly. When Redis fails, buckets stay in this process's memory (limits
-then hold per process) and Redis is tried again after RETRY_AFTER seconds.
+A bucket holds up to `requests` tokens and refills at requests/window per second. A
+hot call never waits on Redis: with REDIS_URL each process reports the tokens it took
+(every SYNC_INTERVAL, or at once past half its quota of SYNC_SHARE of the limit) and
+one Lua script answers what is left of the shared bucket; when Redis fails, buckets
+stay in memory for RETRY_AFTER seconds. docs/resilience.md, "Rate limits", has the
+bounds this gives.
 """
 
 from __future__ import annotations
@@ -90,16 +78,6 @@ class Decision(NamedTuple):
     retry_after: float
 
 
-def _decide(policy: Policy, allowed: bool, tokens: float) -> Decision:
-    return Decision(
-        allowed=allowed,
-        limit=policy.requests,
-        remaining=max(0, math.floor(tokens)),
-        reset_after=(policy.requests - tokens) / policy.rate,
-        retry_after=0.0 if allowed else (1 - tokens) / policy.rate,
-    )
-
-
 class _Bucket:
     """This process's view of one bucket: its tokens as of `at`, and what it took that
     Redis has not counted yet (`taken`; `sending` of them on their way)."""
@@ -142,11 +120,6 @@ class RateLimiter:
             )
             self._script = self._redis.register_script(_SCRIPT)
 
-    @property
-    def limits(self) -> bool:
-        """Whether any policy is on."""
-        return bool(self._policies)
-
     async def take(self, bucket: str, kind: str) -> Decision | None:
         """Takes one token from `bucket` under the `kind` policy; None when unlimited."""
         policy = self._policies.get(kind)
@@ -176,7 +149,13 @@ class RateLimiter:
                 if self._reporter is None:
                     self._reporter = spawn(self._report_every_interval(), name="rate-limit-reports")
         state.tokens, state.at = tokens, now
-        return _decide(policy, allowed, tokens)
+        return Decision(
+            allowed=allowed,
+            limit=policy.requests,
+            remaining=max(0, math.floor(tokens)),
+            reset_after=(policy.requests - tokens) / policy.rate,
+            retry_after=0.0 if allowed else (1 - tokens) / policy.rate,
+        )
 
     def _shared(self) -> bool:
         return self._script is not None and self._clock() >= self._redis_down_until

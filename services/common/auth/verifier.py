@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -53,52 +52,29 @@ class KeyVerifier(Protocol):
     async def close(self) -> None: ...
 
 
-def usable(api_key: ApiKey | None, now: dt.datetime) -> ApiKey | None:
-    if api_key is None or api_key.HasField("revoke_time"):
-        return None
-    if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= now:
-        return None
-    return api_key
-
-
-class _Cache:
-    """key hash -> (record or None, monotonic expiry), bounded, oldest evicted first."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
-
-    def get(self, key_hash: str) -> tuple[bool, ApiKey | None]:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] <= self._clock():
-            return False, None
-        return True, entry[0]
-
-    def put(self, key_hash: str, api_key: ApiKey | None) -> None:
-        self._entries[key_hash] = (api_key, self._clock() + CACHE_TTL)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > CACHE_ENTRIES:
-            self._entries.popitem(last=False)
-
-
 class _CachedVerifier(abc.ABC):
-    """The shared part: format check, the one-second cache, expiry and revocation."""
+    """The shared part: format check, the one-second cache (key hash -> record or None,
+    monotonic expiry; bounded, oldest evicted first), expiry and revocation."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._cache = _Cache(clock)
+    def __init__(self) -> None:
+        self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
 
     async def verify(self, key: str) -> ApiKey | None:
         if not keys.well_formed(key):
             return None
         key_hash = keys.hash_key(key)
-        found, api_key = self._cache.get(key_hash)
-        if not found:
-            api_key = await self._fetch(key, key_hash)
-            self._cache.put(key_hash, api_key)
-        api_key = usable(api_key, utc_now())
-        if api_key is not None:
-            self._used(api_key)
+        entry = self._cache.get(key_hash)
+        if entry is None or entry[1] <= time.monotonic():
+            entry = self._cache[key_hash] = (await self._fetch(key, key_hash), time.monotonic() + CACHE_TTL)
+            self._cache.move_to_end(key_hash)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        api_key = entry[0]
+        if api_key is None or api_key.HasField("revoke_time"):
+            return None
+        if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= utc_now():
+            return None
+        self._used(api_key)
         return api_key
 
     @abc.abstractmethod
@@ -112,8 +88,8 @@ class _CachedVerifier(abc.ABC):
 class DatabaseVerifier(_CachedVerifier):
     """For the services that hold the database (agents, workflows)."""
 
-    def __init__(self, repository: ApiKeyRepository, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(clock)
+    def __init__(self, repository: ApiKeyRepository) -> None:
+        super().__init__()
         self._repository = repository
         self._touched: dict[str, float] = {}
         self._to_touch: set[str] = set()
@@ -123,7 +99,7 @@ class DatabaseVerifier(_CachedVerifier):
         return await self._repository.by_hash(key_hash)
 
     def _used(self, api_key: ApiKey) -> None:
-        now = self._clock()
+        now = time.monotonic()
         if now - self._touched.get(api_key.id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
             return
         self._touched[api_key.id] = now
@@ -151,15 +127,8 @@ class RemoteVerifier(_CachedVerifier):
     (VOUCHING_HEADER), the check itself takes nothing from the caller's rate-limit
     bucket: the call it is made for is counted where it is admitted."""
 
-    def __init__(
-        self,
-        address: str,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        service_key: str = "",
-        tracer: trace.Tracer | None = None,
-    ) -> None:
-        super().__init__(clock)
+    def __init__(self, address: str, *, service_key: str = "", tracer: trace.Tracer | None = None) -> None:
+        super().__init__()
         self._channel = open_channel(address, tracer=tracer)
         self._stub = auth_pb2_grpc.ApiKeysServiceStub(self._channel)
         self._vouching = ((VOUCHING_HEADER, service_key),) if service_key else ()

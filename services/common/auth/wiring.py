@@ -28,7 +28,17 @@ class Access:
     def build(cls, settings: Settings, verifier: KeyVerifier, *, rate_limited: bool = True) -> Access:
         """Access checked by `verifier` (which it then owns), rate limited as settings
         say unless `rate_limited` is False (a process whose callers were limited already)."""
-        limiter = _limiter(settings) if rate_limited else RateLimiter({})
+        policies = {
+            "default": Policy(settings.rate_limit_requests, settings.rate_limit_window),
+            "execute": Policy(settings.rate_limit_execute_requests, settings.rate_limit_execute_window),
+        }
+        # Without policies the limiter limits nothing and opens no Redis connection.
+        limiter = RateLimiter(
+            policies if rate_limited else {},
+            settings.redis_url,
+            prefix=f"{settings.redis_key_prefix}rl:",
+            max_connections=settings.redis_max_connections,
+        )
         guard = AccessGuard(
             required_scopes(),
             verifier,
@@ -44,14 +54,3 @@ class Access:
         await self.verifier.close()
         await self.limiter.close()
 
-
-def _limiter(settings: Settings) -> RateLimiter:
-    return RateLimiter(
-        {
-            "default": Policy(settings.rate_limit_requests, settings.rate_limit_window),
-            "execute": Policy(settings.rate_limit_execute_requests, settings.rate_limit_execute_window),
-        },
-        settings.redis_url,
-        prefix=f"{settings.redis_key_prefix}rl:",
-        max_connections=settings.redis_max_connections,
-    )

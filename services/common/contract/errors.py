@@ -25,7 +25,8 @@ ERROR_DOMAIN = "devops-hub"
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    default_reason: str = "INTERNAL"
+    # ErrorInfo's reason when the raiser gives none; empty: the code's name.
+    default_reason: str = ""
 
     def __init__(
         self,
@@ -39,7 +40,7 @@ class ServiceError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
+        self.reason = reason or self.default_reason or self.code.name
         self.metadata = dict(metadata or {})
         self.violations = list(violations)
         self.retry_after = retry_after
@@ -47,56 +48,43 @@ class ServiceError(Exception):
         self.trailing_metadata = tuple(trailing_metadata)
 
     def to_status(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
-        details = [_pack(info)]
+        details: list[Message] = [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)]
         if self.violations:
-            bad_request = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-                    for field, description in self.violations
-                ]
-            )
-            details.append(_pack(bad_request))
+            violations = [error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.violations]
+            details.append(error_details_pb2.BadRequest(field_violations=violations))
         if self.retry_after is not None:
             retry = error_details_pb2.RetryInfo()
             retry.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
-            details.append(_pack(retry))
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+            details.append(retry)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=[_pack(d) for d in details])
 
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
 
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
 
 
 class Aborted(ServiceError):
     code = grpc.StatusCode.ABORTED
-    default_reason = "ABORTED"
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
 
 
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
 
 
 class RateLimited(ServiceError):
@@ -106,12 +94,10 @@ class RateLimited(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
 
 
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "UNIMPLEMENTED"
 
 
 class CommitOutcomeUnknown(ServiceError):
@@ -127,7 +113,6 @@ class CommitOutcomeUnknown(ServiceError):
 
 class InternalError(ServiceError):
     code = grpc.StatusCode.INTERNAL
-    default_reason = "INTERNAL"
 
 
 def invalid_fields(violations: list[tuple[str, str]]) -> InvalidArgument:
@@ -150,7 +135,7 @@ def grpc_status(exc: Exception, method: str, trailing_metadata: Iterable[tuple[s
         exc = Unimplemented(f"{method} is not implemented by this server")
     if not isinstance(exc, ServiceError):
         log.error("unexpected error in %s", method, exc_info=exc)
-        exc = InternalError("internal error; the service log has the details", reason="INTERNAL")
+        exc = InternalError("internal error; the service log has the details")
     status: grpc.Status = rpc_status.to_status(exc.to_status())
     extra = (*trailing_metadata, *exc.trailing_metadata)
     if extra:

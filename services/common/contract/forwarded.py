@@ -1,19 +1,10 @@
 """Who the client is, when a proxy stands between: X-Forwarded-For, believed only so far.
 
-Each proxy appends the address it received the request from, so the header reads
-`client, proxy1, proxy2` and the peer is the last proxy. Anything left of an
-untrusted hop may have been written by the client itself; so the client is the
-rightmost address that is not a trusted proxy, read from the right, and the header
-is read at all only when the peer itself is a trusted proxy. (The leftmost entry,
-which the client chooses freely, is never believed on its own.)
-
-The gateway reads it (GATEWAY_TRUSTED_PROXIES) for its own rate limits: it is the
-limiter of everything that comes through it. Between the gateway and the services
-an address proves nothing (any process on the gateway's machine, or in its network,
-shares it), so what the gateway sends is its word, with the services' key, as
-FORWARDER_KEY: "admitted, token taken"; the services then take none (from a peer in
-TRUSTED_PROXIES), and limit every other caller by its key or its peer's address
-(services.common.auth.guard).
+The client is the rightmost address that is not a trusted proxy, and the header is
+read at all only when the peer itself is one: anything left of an untrusted hop may
+have been written by the client. Between the gateway and the services an address
+proves nothing, so the gateway vouches with the services' key as FORWARDER_KEY
+(docs/resilience.md, "X-Forwarded-For" and "Rate limits").
 """
 
 from __future__ import annotations

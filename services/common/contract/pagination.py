@@ -24,9 +24,9 @@ MAX_PAGE_SIZE = 1000
 Item = TypeVar("Item")
 
 
-def page_size(requested: int, field: str = "page_size") -> int:
+def page_size(requested: int) -> int:
     if requested < 0:
-        raise invalid_fields([(field, f"must not be negative, got {requested}")])
+        raise invalid_fields([("page_size", f"must not be negative, got {requested}")])
     if requested == 0:
         return DEFAULT_PAGE_SIZE
     return min(requested, MAX_PAGE_SIZE)
@@ -46,9 +46,9 @@ def encode_token(after: str, request: Message) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(request: Message, field: str = "page_token") -> str | None:
+def decode_token(request: Message) -> str | None:
     """The key to read after, or None for the first page."""
-    token = getattr(request, field)
+    token: str = getattr(request, "page_token")  # noqa: B009 - every List request has one (AIP-158)
     if not token:
         return None
     try:
@@ -57,9 +57,9 @@ def decode_token(request: Message, field: str = "page_token") -> str | None:
         if not isinstance(after, str):
             raise TypeError
     except (binascii.Error, ValueError, KeyError, TypeError):
-        raise invalid_fields([(field, "is not a token this service issued")]) from None
+        raise invalid_fields([("page_token", "is not a token this service issued")]) from None
     if bound_to != fingerprint(request):
-        raise invalid_fields([(field, "was issued for other filters; start again without a page_token")])
+        raise invalid_fields([("page_token", "was issued for other filters; start again without a page_token")])
     return after
 
 

@@ -1,25 +1,18 @@
 """What every request must be before any handler sees it, whatever the method.
 
-- Its bytes decode as the method's request message. grpc would otherwise answer
-  garbage with UNKNOWN and a Python class name; the error wrapper answers
-  INVALID_ARGUMENT, naming nothing internal.
-- Every value the schema admits can also be stored: no string (map keys included,
-  inside google.protobuf.Struct too) holds a NUL character, which PostgreSQL's text
-  and jsonb refuse and SQLite would keep only to break comparisons, and no
-  floating-point number is infinite or NaN, which JSON cannot carry back out, and no
-  google.protobuf.Duration or Timestamp lies outside the range its type defines
-  (timedelta and datetime overflow on it). Checked once here, from the descriptors,
-  so no field of any message is forgotten and both engines refuse the same values
-  with the same 400 naming the field.
-- It carries every field its message marks `(google.api.field_behavior) = REQUIRED`
-  (services/common/contract/field_behavior.py), so no handler restates the annotations. The
-  fields of a resource inside a create or an update are the use case's to check:
-  which of them are required depends on the write (AIP-134: an update only needs
-  those its mask names), and a batch names every bad entry at once.
-- Its ids (the top-level string fields named `id` or `*_id`) are at most
-  MAX_ID_LENGTH characters, the longest any resource has: a not-found answer echoes
-  the id it was asked for, and an echo past gRPC's 8 KiB metadata limit would turn
-  into a misleading RESOURCE_EXHAUSTED (HTTP 429) on the way back.
+- Its bytes decode as the method's request message (grpc would answer garbage with
+  UNKNOWN and a Python class name; this answers INVALID_ARGUMENT).
+- Every value can be stored and answered: no NUL in any string (PostgreSQL refuses
+  it), no infinite or NaN number (JSON cannot carry it), no Duration or Timestamp
+  outside its type's range (timedelta and datetime overflow). Checked here, from the
+  descriptors, so no field is forgotten (docs/resilience.md, "Every input the schema
+  admits is answered").
+- Every `(google.api.field_behavior) = REQUIRED` field is set (field_behavior.py). A
+  resource's own fields in a create or update are the use case's to check: which are
+  required depends on the write (AIP-134).
+- Its ids (top-level `id` and `*_id` strings) are at most MAX_ID_LENGTH: a not-found
+  answer echoes the id, and an echo past gRPC's 8 KiB metadata limit would turn into
+  a misleading RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -47,10 +40,8 @@ _RANGES = {
 }
 
 
-class Malformed:
-    """What a request that did not decode is replaced by, so the wrapper can refuse it."""
-
-    __slots__ = ()
+# What a request that did not decode is replaced by, so the wrapper can refuse it.
+MALFORMED = object()
 
 
 class Refused:
@@ -60,9 +51,6 @@ class Refused:
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         self.violations = violations
-
-
-MALFORMED = Malformed()
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

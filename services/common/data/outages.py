@@ -1,13 +1,9 @@
 """A dependency that is down is UNAVAILABLE, said once in the log, not once per call.
 
-When PostgreSQL, SQLite's file or Redis fails, every call that needs it fails the
-same way. The caller should hear UNAVAILABLE (HTTP 503 with Retry-After) with an
-ErrorInfo reason naming the dependency, so it retries later; the operator should
-read one line when the dependency goes away and one when it is back, not a
-traceback per call. A Dependency tracks that state: the database engines call
-failed() and succeeded() around their statements, on their Database's own Outages;
-the error wrapper, handed that same Outages by the wiring, asks unavailable() about
-any other exception, for Redis and broken connections that reach it untranslated.
+The database engines call failed() and succeeded() around their statements, on their
+Database's own Outages; the error wrapper, handed that same Outages by the wiring,
+asks unavailable() about any other exception, for Redis and broken connections that
+reach it untranslated (docs/resilience.md, "Honest errors").
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
 
 import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -57,17 +52,16 @@ def is_redis_outage(exc: BaseException) -> bool:
 class Dependency:
     """Up or down, with the transitions logged once each."""
 
-    def __init__(self, name: str, reason: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
-        self._clock = clock
         self.down_since: float | None = None
         self._last_failure = 0.0
         self._failures = 0
 
     def failed(self, exc: BaseException) -> Unavailable:
         """Records a failure and returns the error the call should end with."""
-        now = self._clock()
+        now = time.monotonic()
         if self.down_since is not None and now - self._last_failure > QUIET_PERIOD:
             self.succeeded()  # no word for a while: the last outage is over
         if self.down_since is None:
@@ -86,7 +80,7 @@ class Dependency:
     def succeeded(self) -> None:
         if self.down_since is not None:
             log.warning("%s available again after %.1fs (%d call(s) refused meanwhile)",
-                        self.name, self._clock() - self.down_since, self._failures)
+                        self.name, time.monotonic() - self.down_since, self._failures)
             self.down_since = None
             self._failures = 0
 

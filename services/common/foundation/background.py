@@ -1,13 +1,10 @@
 """Tasks that outlive the request that happened to start them.
 
 asyncio copies the creating task's context into a new task, so a task started while
-serving a call would carry that call's request binding (telemetry.context) and trace
-for its whole life, long after the call ended: its log lines would name a finished
-request, and reading that request's metadata then fails. spawn() starts every
-background task in an empty context instead, and makes sure none dies silently: a
-failure is logged with its traceback, and when the task is essential to the process
-(a maintenance loop), the process stops, so that its supervisor (the launcher, or
-the kubelet) starts a healthy one rather than leaving a process half alive.
+serving a call would carry that call's request binding and trace for its whole life.
+spawn() starts every background task in an empty context instead, and logs a failure
+with its traceback; an essential task that fails stops the process, so that its
+supervisor starts a healthy one rather than leaving it half alive.
 """
 
 from __future__ import annotations

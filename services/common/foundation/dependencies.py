@@ -1,11 +1,9 @@
 """A PostgreSQL or Redis that a process is pointed at but cannot use, said plainly.
 
-At start such a dependency is an operator's mistake to fix (a wrong URL, a database
-not created, a server not started), not a fault to ride out: the process names the URL
-(without its password) and what to do in one log line and exits non-zero, so its
-supervisor (the launcher, the kubelet) restarts it with back-off. Once running, a
-failing Redis falls back to memory and a failing database is an outage
-(docs/resilience.md).
+At start such a dependency is an operator's mistake to fix, not a fault to ride out:
+the process names the URL (without its password) and what to do in one log line and
+exits non-zero, and its supervisor restarts it with back-off (docs/resilience.md,
+"Supervision").
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The host every gRPC service runs on: one grpc.aio server with health and
 reflection, every handler registered inside the call wrapper (grpc_calls.py), started
-on an address and stopped gracefully. Nothing else: what a call goes through is
-grpc_calls.py's, and the life of the process around the host is process.py's.
+on an address and stopped gracefully.
 """
 
 from __future__ import annotations
@@ -82,7 +81,8 @@ class GrpcHost:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.address}")
         await self.server.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace: float, *, pre_stop: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
@@ -102,10 +102,6 @@ class GrpcHost:
                 await hook()
         finally:
             await stopping
-
-    async def _set_health(self, status: int) -> None:
-        for name in ["", *self._service_names]:
-            await self.health.set(name, status)
 
     @property
     def bound_address(self) -> str:

@@ -1,21 +1,12 @@
 """Safe retries (AIP-155): a create or execute call that carries a request_id is done once.
 
-A client whose answer was lost (a timeout, a 503, a dropped connection) cannot tell
-whether its write happened, and a retry without a key may write twice (a second
-agent). With a request_id, the first call's answer commits in the same transaction as
-its write, so a retry by the same caller, for the same method, within
-IDEMPOTENCY_RETENTION gets that answer back and writes nothing, even when the first
-answer never reached the client. The same key with a different request is refused.
-
-How a call goes. The layer (Idempotency.wrap, given to every method whose request has
-a request_id field, found from the descriptors) looks the key up: a stored answer is
-replayed. Otherwise the handler runs with the key in a context variable, and the use
-case calls claim(tx) first and answer(tx, reply) last in its write's transaction. A
-second request with the same key that passed the look-up meanwhile finds the row at
-claim() (on PostgreSQL it waits there for the first transaction to end): its
-transaction rolls back and it replays the first answer. A method with no transaction
-of its own (ExecuteAgent: the runtime's work is outside the database) has its answer
-stored once the handler returns.
+The layer (Idempotency.wrap, on every method whose request has a request_id field)
+replays a stored answer; otherwise the handler runs with the key in a context
+variable, and the use case calls claim(tx) first and answer(tx, reply) last in its
+write's transaction, so the answer commits with the write. A second request that
+finds the key taken at claim() rolls back and replays the first answer. A method with
+no transaction of its own (ExecuteAgent) has its answer stored once the handler
+returns. docs/resilience.md, "Safe retries", has the rules a client sees.
 """
 
 from __future__ import annotations
@@ -23,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +71,9 @@ async def answer(tx: Executor, reply: Message) -> None:
 
 
 class Idempotency:
-    def __init__(self, repository: IdempotencyRepository, retention: float, clock: Callable[[], dt.datetime] = utc_now) -> None:
+    def __init__(self, repository: IdempotencyRepository, retention: float) -> None:
         self._repository = repository
         self._retention = dt.timedelta(seconds=retention)
-        self._clock = clock
 
     def wrap(self, behavior: Single, method: str) -> Single:
         """`behavior` made safe to retry when the request of '/pkg.Service/Method' has a
@@ -101,7 +91,7 @@ class Idempotency:
             key = _key(request, key_fields)
             if not key:
                 return await behavior(request, context_)
-            now = self._clock()
+            now = utc_now()
             use = KeyUse(_caller(context_), method, key, _fingerprint(request, key_fields))
             call = _Call(use, self._repository, now, now - self._retention)
             replay = await self._replay(call, reply_class)

@@ -2,12 +2,9 @@
 
     build(settings) → start() → serve until SIGTERM or SIGINT → stop(grace) → close()
 
-A process's server.py wires it in build(settings, tracer=, profiler=), which starts nothing; start() starts
-the work behind its handlers and then listens; stop(grace) stops taking calls, ends
-long-lived streams and gives the calls in flight `grace` seconds; close() releases what
-build() made. run() is the whole life of a process started with `python -m`, and
-running() is the part of it tests use, so a test starts and closes a service through
-exactly the code production does.
+(docs/design.md, "One shape for every process"). run() is the whole life of a process
+started with `python -m`, and running() is the part of it tests use, so a test starts
+and closes a service through exactly the code production does.
 """
 
 from __future__ import annotations
@@ -15,18 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
+from services.common.data.db import Database
+from services.common.data.db.startup import build_on_database
+from services.common.data.idempotency_repository import IdempotencyRepository
 from services.common.foundation import event_loop
 from services.common.foundation.dependencies import DependencyUnavailable, check_redis
 from services.common.foundation.settings import Settings
+from services.common.runtime.grpc_calls import Guard
 from services.common.runtime.grpc_host import GrpcHost
+from services.common.runtime.idempotency import Idempotency
 from services.common.telemetry import Telemetry
 from services.common.telemetry.endpoint import Refresher
+from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,51 @@ class GrpcProcess:
 
     def serve_also_on(self, unix_socket: str) -> None:
         self.host.server.add_insecure_port(f"unix:{unix_socket}")
+
+
+@dataclass(frozen=True)
+class OnDatabase:
+    """What the wiring of a service that owns tables is given (on_database)."""
+
+    settings: Settings
+    db: Database
+    metrics: ServiceMetrics
+    tracer: trace.Tracer | None
+    profiler: SlowRequestProfiler | None
+
+    def host(self, address: str, guard: Guard) -> GrpcHost:
+        """The service's host, retrying calls safely by request_id and telling the
+        database's outages from bugs."""
+        return GrpcHost(
+            address,
+            metrics=self.metrics.grpc,
+            guard=guard,
+            reflection=self.settings.grpc_reflection,
+            idempotency=Idempotency(IdempotencyRepository(self.db), self.settings.idempotency_retention),
+            outages=self.db.outages,
+            tracer=self.tracer,
+            profiler=self.profiler,
+        )
+
+
+def on_database(assemble: Callable[[OnDatabase], Awaitable[P]]) -> Callable[..., Awaitable[P]]:
+    """A server.py's build(settings, metrics=None, *, tracer=None, profiler=None) for a
+    service that owns tables: `assemble` wires it on the migrated database, on `metrics`
+    (by default the process's, in the default registry)."""
+
+    async def build(
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+        *,
+        tracer: trace.Tracer | None = None,
+        profiler: SlowRequestProfiler | None = None,
+    ) -> P:
+        metrics = metrics or service_metrics()
+        return await build_on_database(
+            settings, lambda db: assemble(OnDatabase(settings, db, metrics, tracer, profiler)), pools=metrics.pools, tracer=tracer
+        )
+
+    return build
 
 
 @asynccontextmanager

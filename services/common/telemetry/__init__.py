@@ -3,16 +3,8 @@
 A process's run() (services/common/runtime/process.py) calls Telemetry.start() before it
 builds anything (logging is then in place for what it builds, and the Telemetry holds
 the tracer and the profiler the wiring hands to each part), serves its metrics, and
-closes the Telemetry last. docs/observability.md is the operator's side.
-
-    metrics.py      the Prometheus metrics every service has, and the process's set
-    endpoint.py     GET /metrics of a gRPC service, on its own port
-    grpc_server.py  the layers of the call wrapper every GrpcHost puts around handlers
-    grpc_client.py  trace context on outgoing gRPC calls (services/common/transport/channels.py adds it)
-    asgi.py         the gateway's SERVER span, for its front pass
-    tracing.py      OpenTelemetry set-up and database spans
-    logs.py         text or JSON logs with request and trace ids
-    profiling.py    profiles of slow requests
+closes the Telemetry last. docs/observability.md is the operator's side; each module's
+first line says what it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import TextIO
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -47,9 +38,9 @@ class Telemetry:
     endpoint: MetricsEndpoint | None = None
 
     @classmethod
-    def start(cls, settings: Settings, service: str, *, log_stream: TextIO | None = None) -> Telemetry:
+    def start(cls, settings: Settings, service: str) -> Telemetry:
         """Logging, tracing and profiling for this process, as settings say."""
-        logs.configure(settings, service, log_stream)
+        logs.configure(settings, service)
         # No `_created` series beside every counter and histogram: they double what a
         # scrape carries, and rate() does not need them.
         disable_created_metrics()
@@ -71,11 +62,8 @@ class Telemetry:
         if self.endpoint is not None:
             await self.endpoint.close()
             self.endpoint = None
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        """Flushes the spans still buffered and, in multiprocess mode, retires this
-        process's live gauges so the survivors' sums no longer count it."""
+        # The spans still buffered are flushed; in multiprocess mode this process's live
+        # gauges retire, so the survivors' sums no longer count it.
         if self.provider is not None:
             self.provider.shutdown()
             self.provider = None

@@ -1,10 +1,8 @@
 """Which request the running code serves, for the log formatter.
 
-The gRPC call wrapper binds the call's context (its x-request-id is read from the
-metadata only when something actually logs) and the gateway's front pass binds the
-id itself. Every RPC and every HTTP request runs in a task of its own, and work that
-outlives a request runs in tasks started by services.common.foundation.background.spawn, in an
-empty context, so a binding never outlives the request that made it.
+The gRPC call wrapper binds the call's context (its x-request-id is read only when
+something logs), the gateway's front pass the id itself; work that outlives a request
+runs in an empty context (docs/resilience.md, "Request context stays with its request").
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The Prometheus endpoint of a gRPC service: `GET /metrics` on a port of its own.
 
 It is served by the service's own event loop (asyncio streams, no thread), so the
-gauges read from live state (pools, the cache's statistics) are brought up to date by
-awaiting them right before each scrape is answered. In multiprocess mode the same
-refresh also runs every REFRESH_INTERVAL in every worker, since a scrape reaches only
-one of them, and the answer sums every worker's files.
+gauges read from live state are brought up to date right before each scrape; in
+multiprocess mode also every REFRESH_INTERVAL in every worker, since a scrape reaches
+only one of them (docs/observability.md, "Where the metrics are").
 """
 
 from __future__ import annotations
@@ -108,7 +107,9 @@ class MetricsEndpoint:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            method, target = _request_line(head)
+            if len(head) > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            method, target, _version = head.split(b"\r\n", 1)[0].split(b" ", 2)
             if target.split(b"?", 1)[0] != b"/metrics":
                 status, body, kind = b"404 Not Found", b"only /metrics is served here\n", b"text/plain"
             elif method not in (b"GET", b"HEAD"):
@@ -129,13 +130,6 @@ class MetricsEndpoint:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-
-
-def _request_line(head: bytes) -> tuple[bytes, bytes]:
-    if len(head) > MAX_REQUEST_BYTES:
-        raise ValueError("request too large")
-    method, target, _version = head.split(b"\r\n", 1)[0].split(b" ", 2)
-    return method, target
 
 
 async def serve_metrics(

@@ -1,9 +1,6 @@
 """Trace context on outgoing gRPC calls: a CLIENT span per call, and its W3C context
 (`traceparent`, `tracestate`) in the call's metadata for the server to continue.
-
-The channel factory (services/common/transport/channels.py) puts these interceptors on every
-channel it opens with a tracer; without one it adds none, and channels are exactly
-what gRPC makes.
+channels.py puts these interceptors on every channel it opens with a tracer.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -79,50 +79,38 @@ def profiled(behavior: Behavior, profiler: SlowRequestProfiler, path: str) -> Be
     return handle
 
 
-def _server_span(tracer: trace.Tracer, path: str, attributes: Attributes, context_: Context) -> AbstractContextManager[trace.Span]:
+@contextmanager
+def _server_span(tracer: trace.Tracer, path: str, attributes: Attributes, context_: Context) -> Iterator[None]:
+    """A SERVER span continuing the caller's trace, ended with the call's status."""
     parent = propagate.extract(context_.invocation_metadata() or grpc.aio.Metadata(), getter=_GETTER)
-    return tracer.start_as_current_span(
-        path,
-        context=parent,
-        kind=trace.SpanKind.SERVER,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    )
-
-
-def _close_span(span: trace.Span, code: grpc.StatusCode) -> None:
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in SERVER_ERROR_CODES:
-        span.set_status(Status(StatusCode.ERROR, code.name))
+    with tracer.start_as_current_span(
+        path, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        failure = None
+        try:
+            yield
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            code = outcome(failure, context_)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, code.name))
 
 
 def traced(behavior: Behavior, tracer: trace.Tracer, path: str, attributes: Attributes) -> Behavior:
     async def handle(request: Any, context_: Context) -> Any:
-        with _server_span(tracer, path, attributes, context_) as span:
-            failure = None
-            try:
-                return await behavior(request, context_)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                _close_span(span, outcome(failure, context_))
+        with _server_span(tracer, path, attributes, context_):
+            return await behavior(request, context_)
 
     return handle
 
 
 def traced_stream(behavior: StreamBehavior, tracer: trace.Tracer, path: str, attributes: Attributes) -> StreamBehavior:
     async def handle(request: Any, context_: Context) -> AsyncIterator[Any]:
-        with _server_span(tracer, path, attributes, context_) as span:
-            failure = None
-            try:
-                async for item in behavior(request, context_):
-                    yield item
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                _close_span(span, outcome(failure, context_))
+        with _server_span(tracer, path, attributes, context_):
+            async for item in behavior(request, context_):
+                yield item
 
     return handle

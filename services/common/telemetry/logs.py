@@ -1,8 +1,6 @@
-"""Process logging: LOG_LEVEL, and LOG_FORMAT=text (for people) or json (for collectors).
-
-JSON lines carry the service, the request id (x-request-id, forwarded by the gateway
-to every backend) and, while a span is active, the trace and span ids, so a log line
-leads to its trace and a trace to its log lines. Text lines carry the request id too.
+"""Process logging: LOG_LEVEL, and LOG_FORMAT=text (for people) or json (for collectors),
+with the request id and, while a span is active, the trace and span ids
+(docs/observability.md, "Logs").
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Prometheus metrics every gRPC service has: its calls and, with a database, its pools.
 
-Metrics that belong to one part live with it (the cache's in
-services/cache/sidecar/metrics.py). Each group is made on a registry it is given,
-and what records into it is handed the group by the wiring, so a test can give its own.
-A process keeps its metrics in prometheus_client's default registry (which also holds
-the standard process_* metrics) and serves them on its metrics port (endpoint.py).
-Several worker processes of one service add up through prometheus_client's
-multiprocess mode: with PROMETHEUS_MULTIPROC_DIR set before the process starts (the
-launcher sets it to a directory per part), values live in per-process files in that
-directory and whichever worker answers a scrape sums them. Gauges say how they combine (`multiprocess_mode`).
-
-Hot paths touch only label children bound once and kept: no label lookup, no string
-building per call. docs/observability.md lists every metric with its meaning.
+Each group is made on a registry it is given and handed to what records into it by
+the wiring, so a test can give its own. Worker processes of one service add up
+through prometheus_client's multiprocess mode (docs/observability.md, "Several worker
+processes"). Hot paths touch only label children bound once and kept: no label
+lookup, no string building per call.
 """
 
 from __future__ import annotations
@@ -68,20 +61,12 @@ def prepare_multiprocess() -> str | None:
     if directory is None:
         return None
     os.makedirs(directory, exist_ok=True)
-    for pid in _pids_with_files(directory):
+    # prometheus_client names its files <kind>[_<mode>]_<pid>.db.
+    parts = (name.removesuffix(".db").rpartition("_") for name in os.listdir(directory))
+    for pid in {int(pid) for stem, _, pid in parts if stem and pid.isdigit()}:
         if not _alive(pid):
             multiprocess.mark_process_dead(pid, directory)
     return directory
-
-
-def _pids_with_files(directory: str) -> set[int]:
-    # prometheus_client names its files <kind>[_<mode>]_<pid>.db.
-    pids = set()
-    for name in os.listdir(directory):
-        stem, _, pid = name.removesuffix(".db").rpartition("_")
-        if stem and pid.isdigit():
-            pids.add(int(pid))
-    return pids
 
 
 def _alive(pid: int) -> bool:

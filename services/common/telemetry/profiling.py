@@ -1,11 +1,8 @@
 """PROFILING_ENABLED=true: each request slower than PROFILING_THRESHOLD has its profile logged.
 
-cProfile profiles a thread, not a task, and only one profiler runs at a time. So a
-request is profiled when no other is being profiled at its start (under load that is
-a sample of the requests, not all of them), and its profile holds everything the
-event loop ran while it was in flight: the request's own work and whatever else
-delayed it, which is what a slow request needs explained. The profile (top functions
-by cumulative time) goes to the log at WARNING, with the request's id and trace id.
+cProfile profiles a thread, not a task, and only one profiler runs at a time, so a
+request is profiled when no other is at its start, and its profile holds everything
+the event loop ran meanwhile (docs/observability.md, "Profiles of slow requests").
 """
 
 from __future__ import annotations
@@ -23,10 +20,8 @@ TOP_FUNCTIONS = 30
 
 
 class SlowRequestProfiler:
-    def __init__(self, threshold: float, *, top: int = TOP_FUNCTIONS, logger: logging.Logger = log) -> None:
+    def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._top = top
-        self._log = logger
         self._active: cProfile.Profile | None = None
 
     def begin(self) -> cProfile.Profile | None:
@@ -50,8 +45,8 @@ class SlowRequestProfiler:
         if seconds < self.threshold:
             return
         text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats(pstats.SortKey.CUMULATIVE).print_stats(self._top)
-        self._log.warning(
+        pstats.Stats(profile, stream=text).sort_stats(pstats.SortKey.CUMULATIVE).print_stats(TOP_FUNCTIONS)
+        log.warning(
             "slow request %s took %.1f ms (threshold %.1f ms); profile:\n%s",
             what,
             seconds * 1000,

@@ -1,17 +1,9 @@
 """OpenTelemetry tracing: on when OTEL_EXPORTER_OTLP_ENDPOINT is set, free when it is not.
 
-configure() builds a TracerProvider that exports over OTLP (gRPC, or HTTP with
-OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf; the exporter reads the other OTEL_EXPORTER_*
-variables itself, the provider OTEL_TRACES_SAMPLER and OTEL_RESOURCE_ATTRIBUTES). The
-process's Telemetry holds it and its tracer, and the wiring hands that tracer to each
-part it builds: a part given None (tracing off, or a test that wants none) has no
-tracing layer, its db_span() hands back one shared no-op context, and the channels it
-opens carry no interceptor.
-
-Spans cross processes as W3C trace context (`traceparent`, `tracestate`) in the gRPC
-metadata: the servers' call wrapper extracts it, and every channel the channel factory
-(services/common/transport/channels.py) opens with a tracer injects it (grpc_client.py). gRPC
-itself is never patched.
+configure() builds a TracerProvider exporting over OTLP (docs/observability.md,
+"Traces"); the wiring hands its tracer to each part it builds, and a part given None
+has no tracing layer, its db_span() hands back one shared no-op context, and the
+channels it opens carry no interceptor.
 """
 
 from __future__ import annotations

@@ -1,33 +1,14 @@
 """The one way any part of DevOps Hub opens a gRPC channel to another part.
 
-Calls are spread per call, not per connection. A single grpc.aio channel holds one
-HTTP/2 connection per resolved address, and with WORKERS processes sharing a port
-(SO_REUSEPORT) the kernel hands that one connection to one process: every call of a
-client would land on the same worker. So open_channel() keeps `connections`
-channels to the address, each with its own connection (a channel-local subchannel
-pool), and hands each call to the next one that is usable. Each of those channels
-also balances with round_robin over whatever its address resolves to, so
-`dns:///agents-headless:50051` (a Kubernetes headless Service) reaches every pod.
-
-The same spreading routes around a worker that is alive but does not answer (stopped,
-wedged): a call that may be sent twice (retryable(), from the protos) gets a short
-first attempt and is tried again on another connection (_Attempts), and a connection
-whose calls keep timing out is replaced (SpreadChannel). gRPC's own retryPolicy and
-outlier detection cannot do this: they work per address, and the workers share one
-(docs/resilience.md, "A slow worker is routed around").
-
-Clients find a service of the system at service_address(): the address of the backend
-its proto declares. service_channel() opens the usual channel there (the services' key,
-GRPC_CONNECTIONS), so no client names an address setting; service_client() wraps such
-channels in the client package's Client.
-
-Every channel a service or the gateway opens is opened here (only the launcher's
-health probes, on its children's unix sockets, are plain), so what a call carries is
-decided here and nowhere else: the services' key when asked for (the client package's
-key_interceptors, which every client of DevOps Hub uses), and, when the opener is
-given a tracer (the wiring hands on its Telemetry's), the interceptors that give each
-call a CLIENT span and pass its trace context on (telemetry/grpc_client.py). gRPC
-itself is never patched, so a channel opened with grpc.aio directly carries nothing.
+open_channel() keeps `connections` channels to an address, each with its own
+connection, and hands each call to the next usable one, so WORKERS processes sharing a
+port (SO_REUSEPORT) all take calls; a retryable call gets a short first attempt and is
+tried again on another connection (_Attempts), and a connection whose call times out
+is replaced (SpreadChannel). Why gRPC's own retries and outlier detection cannot do
+this: docs/resilience.md, "Calls are spread per call" and "A slow worker is routed
+around". Every channel a service or the gateway opens is opened here, so what a call
+carries is decided here: the services' key when asked for, and the tracing
+interceptors when given a tracer (telemetry/grpc_client.py).
 """
 
 from __future__ import annotations
@@ -35,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any
 
@@ -84,17 +65,15 @@ def open_channel(
     *,
     api_key: str = "",
     connections: int = DEFAULT_CONNECTIONS,
-    options: Sequence[tuple[str, Any]] = (),
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     tracer: trace.Tracer | None = None,
 ) -> grpc.aio.Channel:
     """A channel to `address` whose calls are spread over `connections` connections,
     presenting `api_key` on every call that does not carry a key of its own, and traced
     into `tracer` (None: not traced)."""
-    chosen = [*key_interceptors(api_key), *interceptors, *call_tracing(address, tracer)]
-    merged = [*dict([*BASE_OPTIONS, *options]).items()]
+    chosen = [*key_interceptors(api_key), *call_tracing(address, tracer)]
+
     def open_one() -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(address, options=merged, interceptors=chosen or None)
+        return grpc.aio.insecure_channel(address, options=BASE_OPTIONS, interceptors=chosen or None)
 
     return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
 
@@ -215,18 +194,11 @@ class _UnarySpread(_OnEach, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
 
 class _Attempts:
     """One unary call, as the caller sees it: awaited for its reply, then asked for its
-    metadata and status (which come from the attempt that ended it).
-
-    A retryable call's first attempt gets ATTEMPT_TIMEOUT (at most half the call's
-    deadline), as gRPC's perAttemptRecvTimeout would; if it times out or is refused,
-    the call is tried again on the other connection likeliest to answer (promise()).
-    If that one has answered in the last half ATTEMPT_TIMEOUT, the attempt gets what
-    is left of the deadline, so a read that is merely slow still gets its time, and
-    it is the last. If not (the client's other connections may be on the stopped
-    worker too, or a new one on a worker that takes connections but no calls), it gets
-    ATTEMPT_TIMEOUT as well, and the next goes where a fresh connection has reached a
-    live worker by then (SpreadChannel replaces the ones that time out); the
-    MAX_ATTEMPTS-th gets what is left, wherever it goes."""
+    metadata and status (which come from the attempt that ended it). A retryable call's
+    first attempt gets ATTEMPT_TIMEOUT (at most half the call's deadline); a retry on a
+    connection that answered in the last half ATTEMPT_TIMEOUT gets the rest of the
+    deadline and is the last, otherwise ATTEMPT_TIMEOUT again, up to MAX_ATTEMPTS
+    (docs/resilience.md, "A slow worker is routed around")."""
 
     def __init__(self, calls: _UnarySpread, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> None:
         self._calls, self._request, self._kwargs = calls, request, kwargs
@@ -265,16 +237,10 @@ class _Attempts:
 
 class SpreadChannel(grpc.aio.Channel):
     """Several channels to one address behind the grpc.aio.Channel interface, so stubs
-    and the gateway's multicallables use it unchanged.
-
-    Outlier detection, per connection, since the workers behind the address are not
-    told apart by gRPC's own (which ejects addresses): a connection on which a call
-    times out (a stopped or wedged worker may hold it) is replaced by a fresh one at
-    once. Waiting for a second timeout costs a client with few calls seconds on a
-    stopped worker; a needless replacement costs one handshake. The kernel gives the
-    fresh connection to any worker; if it is the stopped one, it stays CONNECTING, and
-    calls pass it by, until the worker answers or dies.
-    When no connection is usable, calls go round all of them rather than nowhere."""
+    and the gateway's multicallables use it unchanged. A connection on which a call
+    times out is replaced at once: per connection, since gRPC's own outlier detection
+    ejects addresses, which the workers share. When no connection is usable, calls go
+    round all of them rather than nowhere."""
 
     def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
         self._open_one = open_one
