@@ -7,7 +7,6 @@ still holds a value read before them, which the one-clock rules say no layer may
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
@@ -19,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 from services.cache.client.fed_cache import FedCache
 from services.cache.client.keys import parse_pattern
 from services.cache.client.transport import SidecarTransport
-from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 
 # One in this many exact invalidations is sampled; the checks wait this long after it.
 SAMPLE_EVERY = 10
@@ -106,8 +105,7 @@ class ConsistencyChecker:
             wait = self._due[0][0] - time.monotonic() if self._due else None
             if wait is None or wait > 0:
                 self._woken.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), wait)
+                await wait_set(self._woken, wait)
                 continue
             _, _, key, at, delay = heapq.heappop(self._due)
             for layer in (self._layer, "sidecar"):

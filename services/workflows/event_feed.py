@@ -1,6 +1,6 @@
 """Live events for StreamEvents and WatchExecution, read from the shared events table.
 
-Events are written by every replica of every service, so one poller per process reads
+Events are written by every replica of the agents and workflows services, so one poller per process reads
 new rows by id and fans them out to the subscribers' bounded queues, only while someone
 listens. Each subscription starts at the newest event stored when it opened.
 

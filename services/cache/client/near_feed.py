@@ -83,7 +83,8 @@ class NearCacheFeed:
     async def _follow(self, call: grpc.aio.UnaryStreamCall[cache_pb2.CacheWatchRequest, cache_pb2.CacheInvalidation]) -> None:
         near = self._near
         while True:
-            read = await asyncio.wait_for(call.read(), self._liveness)
+            async with asyncio.timeout(self._liveness):  # not wait_for: see background.wait_set
+                read = await call.read()
             if read is grpc.aio.EOF:
                 return
             message = cast(cache_pb2.CacheInvalidation, read)

@@ -26,7 +26,6 @@ also prunes the log. It logs when its condition changes, never on every poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -41,7 +40,7 @@ from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.log.repository import InvalidationLog
 from services.common.contract.errors import Unavailable
 from services.common.data.db import Database
-from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 from services.common.foundation.clock import utc_now
 from services.common.foundation.settings import Settings
 from services.common.transport.channels import service_address
@@ -126,9 +125,7 @@ class InvalidationRelay:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            try:
-                await asyncio.wait_for(self._advanced.wait(), remaining)
-            except TimeoutError:
+            if not await wait_set(self._advanced, remaining):
                 return False
         return True
 
@@ -152,8 +149,7 @@ class InvalidationRelay:
             # path send a span the cache already has, and one too high (a cache that lost
             # its data) is refused or taken as a fresh start, so the fast path never waits
             # on the database, which may be the part that just came back.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudged.wait(), self._interval)
+            await wait_set(self._nudged, self._interval)
 
     async def _relay(self) -> bool:
         """One round; True when the cache is still behind and the next round should

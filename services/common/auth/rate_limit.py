@@ -22,7 +22,7 @@ from typing import NamedTuple
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ class RateLimiter:
     async def _report_every_interval(self) -> None:
         try:
             while self._unreported:
-                try:
-                    await asyncio.wait_for(self._report_now.wait(), SYNC_INTERVAL)
-                except TimeoutError:
-                    pass
+                await wait_set(self._report_now, SYNC_INTERVAL)
                 self._report_now.clear()
                 names, self._unreported = self._unreported, set()
                 await self._report(names)

@@ -1,6 +1,6 @@
 """All SQL about the events table: appends, pages, the live feed's reads, pruning.
 
-Every service writes events (agents and workflow definitions in their writes' own
+The agents and workflows services write events (agents and workflow definitions in their writes' own
 transactions, the workflow engine in batches), and the workflows service reads them;
 they all go through this one repository.
 """

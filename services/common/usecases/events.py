@@ -10,7 +10,6 @@ events in their own transaction instead: services/cache/log/outbox.py.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -20,7 +19,7 @@ from google.protobuf import json_format
 from services.common.contract.errors import Unavailable
 from services.common.data.db import Database
 from services.common.data.event_repository import EventRepository, NewEvent
-from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 from services.common.foundation.clock import utc_now
 from services.common.runtime import idempotency
 
@@ -84,8 +83,7 @@ class EventWriter:
 
     async def _run(self) -> None:
         while self._buffer:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            await wait_set(self._wake, self._flush_interval)
             self._wake.clear()
             try:
                 await self.flush()
