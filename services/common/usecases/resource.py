@@ -2,7 +2,9 @@
 
 A resource subclasses Resource with what is its own: its label ("agent": its errors,
 reasons, events, request paths), its rules, and its cached reads, `_stored(id)` for
-Get and the list reads in `lists`. The rest is the same for every resource: the id
+Get and the list reads in `lists`. A resource that is created and then only read
+(API keys: no update, no delete, no cached reads) subclasses ResourceBase, the part
+without them. The rest is the same for every resource: the id
 rule (AIP-122); every bad field named at once (AIP-193); a create inserts all or none;
 an update (AIP-134) merges the mask's fields into the stored resource, checks it whole
 and replaces it if its revision has not moved (AIP-154: with an etag, a moved one is
@@ -35,6 +37,7 @@ from services.common.data.db.database import Executor
 from services.common.runtime import idempotency
 
 R = TypeVar("R", bound=Message)
+R_co = TypeVar("R_co", bound=Message, covariant=True)
 Answer = TypeVar("Answer", bound=Message)
 Violations = list[tuple[str, str]]
 
@@ -48,43 +51,50 @@ _UPDATE_ATTEMPTS = 3
 _ID, _ETAG = "id", "etag"
 
 
-class Store(Protocol[R]):
+# How a create stores its checked resources on the unit of work's transaction.
+Insert = Callable[[Executor, Sequence[R], dt.datetime], Awaitable[list[R]]]
+
+
+class Records(Protocol[R_co]):
+    """What ResourceBase reads of a resource's repository."""
+
+    async def get(self, id: str, /) -> R_co | None: ...
+    async def existing(self, ids: Sequence[str], /) -> list[str]: ...
+
+
+class Store(Records[R], Protocol[R]):
     """A resource's repository; writes run on the unit of work's `tx`, `replace` and
     `delete` only while the revision (when given) is still the one named."""
 
-    async def get(self, id: str, /) -> R | None: ...
-    async def existing(self, ids: Sequence[str], /) -> list[str]: ...
     async def insert(self, tx: Executor, resources: Sequence[R], now: dt.datetime, /) -> list[R]: ...
     async def replace(self, tx: Executor, resource: R, revision: int, now: dt.datetime, /) -> R | None: ...
     async def delete(self, tx: Executor, id: str, revision: int | None, /) -> bool: ...
 
 
-class Resource(abc.ABC, Generic[R]):
+class ResourceBase(abc.ABC, Generic[R]):
+    """Get, create and a write's record (its events and invalidations): the template
+    without update and delete, for a resource that has neither."""
+
     label: ClassVar[str]
     # The list reads (@cached) whose every page a write to one resource may change.
-    lists: ClassVar[tuple[Callable[..., Any], ...]]
+    lists: ClassVar[tuple[Callable[..., Any], ...]] = ()
 
-    def __init__(self, repository: Store[R], cache: CacheManager, outbox: Outbox) -> None:
+    def __init__(self, repository: Records[R], outbox: Outbox) -> None:
         self._repository = repository
-        # The @cached reads find their manager here.
-        self.cache = cache
         self._outbox = outbox
-        # Per resource id being updated: its turn's lock, and how many updates hold or wait for it.
-        self._updates: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    # What each resource writes: its cached Get, and its rules.
+    # What each resource writes: its Get, and its rules.
 
     @abc.abstractmethod
     def _stored(self, id: str) -> Awaitable[R | None]:
-        """The stored resource or None, through @cached(method=<its Get RPC>, …)."""
+        """The stored resource or None (Resource's: through @cached(method=<its Get RPC>, …))."""
 
     @abc.abstractmethod
     async def check(self, resource: R, path: str, violations: Violations) -> None:
         """Adds the resource's violations, its fields' paths under `path`: the rules
         that its proto cannot say (the template checks REQUIRED fields and enums)."""
 
-    @abc.abstractmethod
-    def normalise(self, resource: R) -> None:
+    def normalise(self, resource: R) -> None:  # noqa: B027 - a hook that a resource without defaults leaves as it is
         """Defaults and clean-ups, in place, once the resource is valid."""
 
     def event_data(self, resource: R) -> dict[str, Any]:
@@ -99,20 +109,13 @@ class Resource(abc.ABC, Generic[R]):
             self._not_found(id)
         return resource
 
-    async def get_encoded(self, id: str) -> bytes:
-        """get() as the resource's wire bytes: a hot Get answers the cached bytes as they are."""
-        resource = await encoded(self._stored, id)
-        if resource is None:
-            self._not_found(id)
-        return resource
-
-    async def create(self, requested: R) -> R:
-        return await self.create_all([requested], self.label, lambda created: created[0])
-
-    async def create_all(self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer]) -> Answer:
+    async def _create_all(
+        self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer], made: Callable[[R], R], insert: Insert[R]
+    ) -> Answer:
         """Creates all of `requested` or none; `path` ("requests[{i}].agent") points into
-        the request; `answer` makes the RPC's answer of them, stored with them when the
-        call carries a request_id."""
+        the request; `made` makes each requested resource the one to check and store
+        (new(), or with what else the service sets); `insert` stores them; `answer`
+        makes the RPC's answer of them, stored with them when the call carries a request_id."""
         if len(requested) > MAX_BATCH:
             raise invalid_fields([("requests", f"at most {MAX_BATCH} per call, got {len(requested)}")])
         violations: Violations = []
@@ -120,7 +123,7 @@ class Resource(abc.ABC, Generic[R]):
         resources = []
         for i, one in enumerate(requested):
             at = path.format(i=i)
-            resource = new(one)
+            resource = made(one)
             check_id(_id(resource), f"{at}.id", violations)
             await self._check(resource, at, violations)
             if first.setdefault(_id(resource), i) != i:
@@ -133,13 +136,71 @@ class Resource(abc.ABC, Generic[R]):
         try:
             async with self._outbox.write() as write:
                 await idempotency.claim(write.tx)
-                created = await self._repository.insert(write.tx, resources, write.time)
+                created = await insert(write.tx, resources, write.time)
                 self.record(write, "created", {_id(resource): self.event_data(resource) for resource in created})
                 reply = answer(created)
                 await idempotency.answer(write.tx, reply)
         except UniqueViolation:
             raise await self._exists([_id(resource) for resource in resources]) from None
         return reply
+
+    async def _check(self, resource: R, path: str, violations: Violations) -> None:
+        """What the proto says (REQUIRED fields set, enums one of their values), then the resource's rules."""
+        violations.extend(field_behavior.violations(field_behavior.missing(resource), path))
+        for field in resource.DESCRIPTOR.fields:
+            value = getattr(resource, field.name)
+            if field.enum_type is not None and not field.is_repeated and value not in field.enum_type.values_by_number:
+                known = ", ".join(v.name for v in field.enum_type.values if v.number)
+                violations.append((f"{path}.{field.name}", f"unknown value {value}; one of {known}"))
+        await self.check(resource, path, violations)
+
+    @classmethod
+    def made_stale(cls, *ids: str) -> tuple[str, ...]:
+        """What a write to these resources makes stale: every page of every list read."""
+        return tuple(every(read) for read in cls.lists)
+
+    def record(self, write: Write, verb: str, events: dict[str, dict[str, Any]]) -> None:
+        """A write's invalidations and its events ("agent.created"), each resource's
+        id and `data` (by id) in its event."""
+        write.made_stale(*self.made_stale(*events))
+        for id, data in events.items():
+            write.emit(f"{self.label}.{verb}", id, {f"{self.label}_id": id, **data})
+
+    def _not_found(self, id: str) -> NoReturn:
+        raise not_found(self.label, id)
+
+    async def _exists(self, ids: list[str]) -> ServiceError:
+        taken = sorted(await self._repository.existing(ids)) or ids
+        shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
+        message, reason = f"{self.label} id already exists: {shown}", f"{self.label.upper()}_EXISTS"
+        return AlreadyExists(message, reason=reason, metadata={"ids": ",".join(taken[:100])})
+
+
+class Resource(ResourceBase[R]):
+    """The whole template: ResourceBase with a cached Get, update and delete."""
+
+    _repository: Store[R]
+
+    def __init__(self, repository: Store[R], cache: CacheManager, outbox: Outbox) -> None:
+        super().__init__(repository, outbox)
+        # The @cached reads find their manager here.
+        self.cache = cache
+        # Per resource id being updated: its turn's lock, and how many updates hold or wait for it.
+        self._updates: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def get_encoded(self, id: str) -> bytes:
+        """get() as the resource's wire bytes: a hot Get answers the cached bytes as they are."""
+        resource = await encoded(self._stored, id)
+        if resource is None:
+            self._not_found(id)
+        return resource
+
+    async def create(self, requested: R) -> R:
+        return await self.create_all([requested], self.label, lambda created: created[0])
+
+    async def create_all(self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer]) -> Answer:
+        """Creates all of `requested` or none (ResourceBase._create_all), each as new() makes it."""
+        return await self._create_all(requested, path, answer, new, self._repository.insert)
 
     async def update(self, changes: R, mask: Sequence[str]) -> R:
         resource_id, etag = _id(changes), _etag(changes)
@@ -201,41 +262,15 @@ class Resource(abc.ABC, Generic[R]):
                 self._stale(id, etag)
             self._not_found(id)
 
-    async def _check(self, resource: R, path: str, violations: Violations) -> None:
-        """What the proto says (REQUIRED fields set, enums one of their values), then the resource's rules."""
-        violations.extend(field_behavior.violations(field_behavior.missing(resource), path))
-        for field in resource.DESCRIPTOR.fields:
-            value = getattr(resource, field.name)
-            if field.enum_type is not None and not field.is_repeated and value not in field.enum_type.values_by_number:
-                known = ", ".join(v.name for v in field.enum_type.values if v.number)
-                violations.append((f"{path}.{field.name}", f"unknown value {value}; one of {known}"))
-        await self.check(resource, path, violations)
-
     @classmethod
     def made_stale(cls, *ids: str) -> tuple[str, ...]:
         """What a write to these resources makes stale, named through the reads' own
         declarations: their keys, and every page of every list read."""
-        return (*(stale(cls._stored, i) for i in ids), *(every(read) for read in cls.lists))
-
-    def record(self, write: Write, verb: str, events: dict[str, dict[str, Any]]) -> None:
-        """A write's invalidations and its events ("agent.created"), each resource's
-        id and `data` (by id) in its event."""
-        write.made_stale(*self.made_stale(*events))
-        for id, data in events.items():
-            write.emit(f"{self.label}.{verb}", id, {f"{self.label}_id": id, **data})
-
-    def _not_found(self, id: str) -> NoReturn:
-        raise not_found(self.label, id)
+        return (*(stale(cls._stored, i) for i in ids), *super().made_stale(*ids))
 
     def _stale(self, id: str, etag: str) -> NoReturn:
         message = f"{self.label} {id!r} was changed since etag {etag!r}; read it again and retry"
         raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": id})
-
-    async def _exists(self, ids: list[str]) -> ServiceError:
-        taken = sorted(await self._repository.existing(ids)) or ids
-        shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
-        message, reason = f"{self.label} id already exists: {shown}", f"{self.label.upper()}_EXISTS"
-        return AlreadyExists(message, reason=reason, metadata={"ids": ",".join(taken[:100])})
 
 
 def not_found(label: str, id: str) -> NotFound:
