@@ -11,7 +11,7 @@ import uuid
 
 import grpc
 import pytest
-from devops_hub.v1 import agents_pb2, auth_pb2, auth_pb2_grpc, options_pb2, workflows_pb2
+from devops_hub.v1 import agents_pb2, auth_pb2, auth_pb2_grpc, events_pb2, options_pb2, workflows_pb2
 from google.protobuf import empty_pb2, message_factory, timestamp_pb2
 
 from services.common.auth import keys
@@ -161,6 +161,28 @@ async def test_keys_are_shown_once_and_listed_without_secrets(secured):
     assert created.key not in str(listed)
     bad = await _error(keys_stub.CreateApiKey(auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="", scopes=[])), metadata=admin))
     assert {"api_key.name", "api_key.scopes"} <= set(failure_of(bad).fields)
+
+
+async def test_a_key_is_created_and_revoked_each_with_its_event_once(secured):
+    """Create and revoke commit their event with the row: a retried create (same
+    request_id) answers the key without its secret and stores one key, one event; a
+    second revoke answers the key as the first left it, without a second event."""
+    stack, keys_stub = secured
+    admin = (("x-api-key", ADMIN_KEY),)
+    request = auth_pb2.CreateApiKeyRequest(api_key=auth_pb2.ApiKey(name="evented", scopes=[READ]), request_id=str(uuid.uuid4()))
+    first = await keys_stub.CreateApiKey(request, metadata=admin)
+    retried = await keys_stub.CreateApiKey(request, metadata=admin)
+    assert keys.well_formed(first.key) and retried.key == "" and retried.api_key == first.api_key
+    revoked = await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=first.api_key.id), metadata=admin)
+    again = await keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id=first.api_key.id), metadata=admin)
+    assert revoked.HasField("revoke_time") and again == revoked
+    for type in ("api_key.created", "api_key.revoked"):
+        page = await stack.events_stub.ListEvents(events_pb2.ListEventsRequest(type=type, page_size=1000), metadata=admin)
+        mine = [e for e in page.events if e.subject == first.api_key.id]
+        assert [(e.source, e.data["api_key_id"]) for e in mine] == [("agents", first.api_key.id)], type
+        assert first.key not in str(mine)
+    missing = await _error(keys_stub.RevokeApiKey(auth_pb2.RevokeApiKeyRequest(id="key_0000000000000000"), metadata=admin))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND and failure_of(missing).reason == "API_KEY_NOT_FOUND"
 
 
 async def _error(call) -> grpc.aio.AioRpcError:

@@ -1,5 +1,10 @@
 """API key use cases: create (shown once), list, revoke, who-am-I, and bootstrap keys.
 
+Create and revoke are the resource template's (services/common/usecases/resource.py,
+ResourceBase): its checks, the request_id's claim and answer, and the write's event
+(api_key.created, api_key.revoked) in one unit of work. API keys have no cached
+reads: the guard's verifier keeps each look-up a second at most (auth/verifier.py).
+
 The services' own key (SERVICE_API_KEY) is not one of them: it is a secret of the
 deployment, compared by the guard, never stored, so it can be neither listed nor
 revoked through the API (an admin key could otherwise cut the services off from each
@@ -12,20 +17,22 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from devops_hub.v1 import auth_pb2, options_pb2
 
+from services.cache.log.outbox import Outbox
 from services.common.auth import keys
 from services.common.auth.keys import same_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import KeyVerifier
-from services.common.contract import field_behavior, pagination
-from services.common.contract.errors import Unauthenticated, invalid_fields
+from services.common.contract import pagination
+from services.common.contract.errors import Unauthenticated
 from services.common.data.db import UniqueViolation
+from services.common.data.db.database import Executor
 from services.common.foundation.clock import utc_now
-from services.common.runtime import idempotency
 from services.common.usecases import resource
+from services.common.usecases.resource import ResourceBase, Violations
 
 ApiKey = auth_pb2.ApiKey
 Scope = options_pb2.Scope
@@ -35,32 +42,28 @@ SERVICES_KEY_ID = "services"
 GRANTABLE = (Scope.SCOPE_READ, Scope.SCOPE_WRITE, Scope.SCOPE_EXECUTE, Scope.SCOPE_ADMIN)
 
 
-class ApiKeys:
-    def __init__(self, repository: ApiKeyRepository, verifier: KeyVerifier, service_key: str = "") -> None:
-        self._repository = repository
+class ApiKeys(ResourceBase[ApiKey]):
+    label = "api_key"
+    _repository: ApiKeyRepository
+
+    def __init__(self, repository: ApiKeyRepository, outbox: Outbox, verifier: KeyVerifier, service_key: str = "") -> None:
+        super().__init__(repository, outbox)
         self._verifier = verifier
         self._service_key = service_key
 
     async def create(self, requested: ApiKey) -> auth_pb2.CreateApiKeyResponse:
-        now = utc_now()
-        # Its REQUIRED fields (the name, at least one scope) are set, and well formed.
-        violations = field_behavior.violations(field_behavior.missing(requested), "api_key")
-        if requested.name and not NAME.match(requested.name):
-            violations.append(("api_key.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
-        for i, scope in enumerate(requested.scopes):
-            if scope not in GRANTABLE:
-                violations.append((f"api_key.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
-        if requested.HasField("expire_time") and requested.expire_time.ToDatetime(dt.UTC) <= now:
-            violations.append(("api_key.expire_time", "must be in the future"))
-        if violations:
-            raise invalid_fields(violations)
         key = keys.new_key()
-        async with self._repository.db.transaction() as tx:
-            await idempotency.claim(tx)
-            stored = await self._repository.insert(tx, _record(requested, key), keys.hash_key(key), now)
-            # A retry's answer: the same key, without its secret, which is never stored.
-            await idempotency.answer(tx, auth_pb2.CreateApiKeyResponse(api_key=stored))
-        return auth_pb2.CreateApiKeyResponse(api_key=stored, key=key)
+
+        async def insert(tx: Executor, records: Sequence[ApiKey], now: dt.datetime) -> list[ApiKey]:
+            # One key per create: its one record is stored with the key's hash.
+            (record,) = records
+            return [await self._repository.insert(tx, record, keys.hash_key(key), now)]
+
+        # A retry's answer (the template stores it): the same key, without its secret, which is never stored.
+        created = await self._create_all(
+            [requested], "api_key", lambda stored: auth_pb2.CreateApiKeyResponse(api_key=stored[0]), lambda r: _record(r, key), insert
+        )
+        return auth_pb2.CreateApiKeyResponse(api_key=created.api_key, key=key)
 
     async def ensure(self, key: str, name: str, scopes: Sequence[int]) -> bool:
         """Creates `key` if it is not stored yet (bootstrap and service keys); True if it created it."""
@@ -81,15 +84,31 @@ class ApiKeys:
         return auth_pb2.ListApiKeysResponse(api_keys=found, next_page_token=token)
 
     async def revoke(self, key_id: str) -> ApiKey:
-        revoked = await self._repository.revoke(key_id, utc_now())
-        if revoked is None:
-            raise resource.not_found("api_key", key_id)
-        return revoked
+        async with self._outbox.write() as write:
+            revoked = await self._repository.revoke(write.tx, key_id, write.time)
+            if revoked is not None:
+                self.record(write, "revoked", {key_id: {}})
+        # Not revoked now: revoked already (answered as it is), or NOT_FOUND.
+        return revoked if revoked is not None else await self.get(key_id)
 
     async def forget(self, key: str) -> bool:
         """Deletes a stored copy of `key` (the services' key, stored by earlier
         versions); True if there was one."""
         return await self._repository.forget(keys.hash_key(key)) > 0
+
+    def _stored(self, key_id: str) -> Awaitable[ApiKey | None]:
+        return self._repository.get(key_id)
+
+    # The keys' rules: what their proto cannot say.
+
+    async def check(self, api_key: ApiKey, path: str, violations: Violations) -> None:
+        if api_key.name and not NAME.match(api_key.name):
+            violations.append((f"{path}.name", "must be 1-100 letters, digits, spaces, '.', '_' or '-'"))
+        for i, scope in enumerate(api_key.scopes):
+            if scope not in GRANTABLE:
+                violations.append((f"{path}.scopes[{i}]", "must be SCOPE_READ, SCOPE_WRITE, SCOPE_EXECUTE or SCOPE_ADMIN"))
+        if api_key.HasField("expire_time") and api_key.expire_time.ToDatetime(dt.UTC) <= utc_now():
+            violations.append((f"{path}.expire_time", "must be in the future"))
 
     async def who_am_i(self, key: str | None) -> ApiKey:
         if key and self._service_key and same_key(key, self._service_key):

@@ -24,6 +24,9 @@ from devops_hub.client import Client
 from devops_hub.v1 import auth_pb2, options_pb2
 
 from services.agents.api_keys import ApiKeys
+from services.cache.client.client import CacheClient
+from services.cache.log.outbox import Outbox
+from services.cache.log.relay import build_relay
 from services.common.auth.keys import kept_service_key
 from services.common.auth.repository import ApiKeyRepository
 from services.common.auth.verifier import API_KEYS_SERVICE, DatabaseVerifier
@@ -49,7 +52,14 @@ async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth
         # The first migration applied now: nothing had ever run on this database.
         fresh = 1 in await migrate(db)
         repository = ApiKeyRepository(db)
-        created = await ApiKeys(repository, DatabaseVerifier(repository)).create(request)
+        # The services' unit of work, event included; a key makes nothing stale, so the
+        # cache client and the relay it needs are never called here.
+        cache, relay = CacheClient.from_settings(settings, near_cache=None), build_relay(settings, db)
+        try:
+            created = await ApiKeys(repository, Outbox(db, cache, relay, "agents"), DatabaseVerifier(repository)).create(request)
+        finally:
+            await relay.stop()
+            await cache.close()
     finally:
         await db.close()
     where = f"in {settings.database_url_redacted}"

@@ -58,10 +58,11 @@ async def _assemble(wiring: OnDatabase) -> AgentsService:
         settings, watch_prefixes=["agents:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
     )
     relay = build_relay(settings, db, tracer)
-    agents = Agents(AgentRepository(db), CacheManager(cache), Outbox(db, cache, relay, "agents"))
+    outbox = Outbox(db, cache, relay, "agents")
+    agents = Agents(AgentRepository(db), CacheManager(cache), outbox)
     runtimes = RuntimeChannels(tracer=tracer)
     verifier = DatabaseVerifier(ApiKeyRepository(db))
-    api_keys = ApiKeys(ApiKeyRepository(db), verifier, settings.service_api_key)
+    api_keys = ApiKeys(ApiKeyRepository(db), outbox, verifier, settings.service_api_key)
     await _ensure_configured_keys(api_keys, settings)
     access = Access.build(settings, verifier)
     host = wiring.host(settings.agents_addr, access.guard)

@@ -49,6 +49,14 @@ class ApiKeyRepository:
         )
         return to_api_key(row)
 
+    async def get(self, key_id: str) -> ApiKey | None:
+        row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+        return None if row is None else to_api_key(row)
+
+    async def existing(self, key_ids: Sequence[str]) -> list[str]:
+        placeholders = ", ".join(f"${i}" for i in range(1, len(key_ids) + 1))
+        return [row["id"] for row in await self.db.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders})", *key_ids)]
+
     async def by_hash(self, key_hash: str) -> ApiKey | None:
         row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash)
         return None if row is None else to_api_key(row)
@@ -66,13 +74,11 @@ class ApiKeyRepository:
         rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM api_keys WHERE {where} ORDER BY id LIMIT ${len(args)}", *args)
         return [to_api_key(row) for row in rows]
 
-    async def revoke(self, key_id: str, now: dt.datetime) -> ApiKey | None:
-        async with self.db.transaction() as tx:
-            row = await tx.fetchrow(
-                "UPDATE api_keys SET revoke_time = COALESCE(revoke_time, $2) WHERE id = $1" f" RETURNING {_COLUMNS}",
-                key_id,
-                now,
-            )
+    async def revoke(self, tx: Executor, key_id: str, now: dt.datetime) -> ApiKey | None:
+        """Revokes the key on `tx`; None when there is no such key or it is revoked already."""
+        row = await tx.fetchrow(
+            f"UPDATE api_keys SET revoke_time = $2 WHERE id = $1 AND revoke_time IS NULL RETURNING {_COLUMNS}", key_id, now
+        )
         return None if row is None else to_api_key(row)
 
     async def forget(self, key_hash: str) -> int:
