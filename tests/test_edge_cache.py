@@ -51,6 +51,21 @@ async def hot(http: httpx.AsyncClient, path: str, timeout: float = 20.0, **optio
         await asyncio.sleep(0.05)
 
 
+async def held_steadily(http: httpx.AsyncClient, path: str, times: int, timeout: float = 20.0, **options) -> list[httpx.Response]:
+    """`times` GETs in a row all answered by the edge cache with no GetAgent call: the
+    first answers the edge keeps may still be dropped by a Watch message of the write
+    that made the resource (on a loaded machine it can come after the first hit), so
+    the run is tried again until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        await hot(http, path, timeout, **options)
+        calls = handled("GetAgent")
+        run = [await http.get(path, **options) for _ in range(times)]
+        if all("age" in answer.headers for answer in run) and handled("GetAgent") == calls:
+            return run
+        assert asyncio.get_running_loop().time() < deadline, f"{path} was not held by the edge cache {times} times in a row"
+
+
 async def fresh_within(http: httpx.AsyncClient, path: str, name: str, timeout: float = 10.0) -> httpx.Response:
     """GETs until the answer shows `name` (a write elsewhere reaches the gateway in one Watch message)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -72,14 +87,11 @@ async def open_stack(sqlite_url):
 async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_keys(open_stack):
     stack, http = open_stack
     assert (await http.post("/api/agents", json={"id": "e1", "name": "One", "domain": "ci"})).status_code == 200
-    first = await hot(http, "/api/agents/e1")
-    calls = handled("GetAgent")
-    for _ in range(5):
-        again = await http.get("/api/agents/e1")
-        assert again.status_code == 200 and again.content == first.content and "age" in again.headers
+    first, *run = await held_steadily(http, "/api/agents/e1", 6)
+    for again in run:
+        assert again.status_code == 200 and again.content == first.content
         assert again.headers["etag"] == first.headers["etag"] and again.headers["cache-control"] == "max-age=300"
         assert "x-request-id" in again.headers
-    assert handled("GetAgent") == calls
     listed = await hot(http, "/api/agents", params={"domain": "ci"})
     calls = handled("ListAgents")
     assert (await http.get("/api/agents", params={"domain": "ci"})).content == listed.content
@@ -254,13 +266,10 @@ async def test_the_edge_answers_on_a_default_stack(sqlite_url):
     )
     async with running_stack(settings) as stack, gateway_client(stack.settings, timeout=10) as http:
         await http.post("/api/agents", json={"id": "d1", "name": "D", "domain": "ci"}, headers={"x-api-key": ADMIN_KEY})
-        held = await hot(http, "/api/agents/d1")
-        calls = handled("GetAgent")
-        for _ in range(3):
-            again = await http.get("/api/agents/d1")
-            assert again.status_code == 200 and again.content == held.content and "age" in again.headers
+        held, *run = await held_steadily(http, "/api/agents/d1", 4)
+        for again in run:
+            assert again.status_code == 200 and again.content == held.content
             assert again.headers["x-ratelimit-limit"] == str(defaults.rate_limit_requests)
-        assert handled("GetAgent") == calls
 
 
 async def test_keys_get_from_the_edge_exactly_what_the_service_answers(sqlite_url, limits_in):

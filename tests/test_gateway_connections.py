@@ -170,5 +170,6 @@ async def test_endless_header_lines_leave_the_gateway_process_small_and_others_s
     grown = peak[0] - before[0]
     assert sent > 50_000_000, f"only {sent / 1e6:.0f} MB of header were sent"
     assert grown < 16, f"the gateway grew by {grown:.1f} MB while {sent / 1e6:.0f} MB of header were sent"
-    # Unchanged, up to the noise of a shared machine.
-    assert attacked_p99 < 3 * quiet_p99 + 100, (quiet_p99, attacked_p99)
+    # Unchanged, up to the noise of a shared machine (make test runs 4 workers on 2
+    # cores, and the attacker takes its share of them): before the bound, seconds.
+    assert attacked_p99 < 3 * quiet_p99 + 500, (quiet_p99, attacked_p99)
