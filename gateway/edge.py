@@ -69,7 +69,7 @@ class Edge:
         )
         self._feed = NearCacheFeed(self._transport, self.cache)
         self._feed.start()
-        self._checker = ConsistencyChecker.following(self.cache, "edge", self._transport, self._consistency)
+        self._checker = ConsistencyChecker(self.cache, "edge", self._transport, self._consistency)
         self._checker.start()
 
     async def close(self) -> None:

@@ -36,14 +36,7 @@ StepRun = workflows_pb2.StepRun
 
 class Engine:
     def __init__(
-        self,
-        executions: ExecutionRepository,
-        agents: Client,
-        events: EventWriter,
-        metrics: WorkflowMetrics,
-        *,
-        max_parallel: int,
-        lease_ttl: float,
+        self, executions: ExecutionRepository, agents: Client, events: EventWriter, metrics: WorkflowMetrics, *, max_parallel: int, lease_ttl: float
     ) -> None:
         # The parts are built here, not in server.py: they share one LocalExecutions
         # and one ExecutionProgress, and nothing outside the engine calls them.

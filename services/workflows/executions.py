@@ -75,7 +75,7 @@ class Executions:
             newest = (await self._events.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
             if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:
                 return
-        async for event in self._events.follow(execution_id, position or 0):
+        async for event in self._events.follow({"correlation_id": execution_id}, position or 0):
             yield event
             if event.type in _TERMINAL_EVENTS:
                 return

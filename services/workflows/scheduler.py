@@ -47,14 +47,10 @@ class DagScheduler:
                         continue
                     pending.remove(step_id)
                     if verdict == "skip":
-                        run = runs[step_id]
-                        run.status = StepRun.SKIPPED
+                        runs[step_id].status = StepRun.SKIPPED
                         await self._progress.save(execution, "step.skipped", {"step_id": step_id}, step_id)
                     else:
-                        task = asyncio.get_running_loop().create_task(
-                            self._steps.run(execution, steps[step_id], runs[step_id], context, gate)
-                        )
-                        running[task] = step_id
+                        running[asyncio.create_task(self._steps.run(execution, steps[step_id], runs[step_id], context, gate))] = step_id
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

@@ -1,17 +1,10 @@
 """What an answer tells the caches downstream of it (the gateway's edge cache), as
-CDNs learn it from Surrogate-Key headers.
-
-A cacheable read's answer says which cache keys it was built from (`surrogate-key`)
-and the oldest version among them (`cache-version`: the invalidation log position it
-was read at), so an edge cache keeps it only if none of those keys was invalidated
-after that position, and drops it when one is. A write's answer says what it made
-stale (`cache-invalidated`: its log position and patterns), so the gateway it went
-through drops those answers at once: whoever wrote reads their write.
-
-While a call runs (the call wrapper start()s it), every read through the cache client
-(CacheClient.load) notes its key and version here, and the outbox notes a write. A
-key that cannot travel in metadata spoils the read: its answer says no keys, and
-nobody downstream may keep it.
+CDNs learn it from Surrogate-Key headers: a cacheable read's keys (`surrogate-key`)
+and the log position it was read at (`cache-version`), a write's position and
+patterns (`cache-invalidated`), so the gateway it went through drops those answers
+at once. While a call runs (the call wrapper start()s it), CacheClient.load notes
+each read here and the outbox notes a write; a key that cannot travel in metadata
+spoils the read: its answer says no keys, and nobody downstream may keep it.
 """
 
 from __future__ import annotations

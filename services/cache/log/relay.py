@@ -1,26 +1,11 @@
-"""The relay: the one route by which the invalidation log reaches the cache.
+"""The relay: the one route by which the invalidation log reaches the cache
+(docs/cache.md, "The invalidation log and the relay").
 
-Every write appends what it made stale to the log in its own transaction (outbox.py),
-then applies it to its own process's layers and hands it to this relay (deliver),
-which Syncs the sidecar: at once, with the write's own entry when the sidecar's
-position is just before it (no database read), else with the entries after the
-sidecar's position, read from the log. The write is acknowledged once the sidecar
-has it, or after CACHE_TIMEOUT at most; while the sidecar has just proved silent,
-at once (no caller waits on it). The sidecar streams each Sync to every other layer (near-caches,
-edge caches), numbered by the log. Whatever a Sync misses (the sidecar down, frozen,
-restarted, or this process dying first) the next round mends: every process that
-writes runs a relay, and every RELAY_INTERVAL each reads the cache's position and the
-log's head:
-
-- a fresh cache (no position: new, or emptied) is given the log's head, read after
-  its state, with no patterns: it held nothing that any entry up to the head could
-  make stale, and every fill after that Sync was read after those entries;
-- a cache behind the log is sent the patterns of the entries it missed;
-- a cache behind entries that were pruned already (older than
-  INVALIDATION_LOG_RETENTION) is told to clear itself.
-
-Idle, that is one GetSyncState and one indexed `max(seq)` per interval. The relay
-also prunes the log. It logs when its condition changes, never on every poll.
+A write hands its committed entry to deliver(), which Syncs it at once when it
+continues the sidecar's position. Every RELAY_INTERVAL each writing process's relay
+also compares the sidecar's position with the log's head and sends what a Sync
+missed (the sidecar down, restarted, or a process dying first), and prunes the log.
+It logs when its condition changes, never on every poll.
 """
 
 from __future__ import annotations
@@ -59,14 +44,7 @@ DELIVER_TIMEOUT = 1.0
 
 
 class InvalidationRelay:
-    def __init__(
-        self,
-        invalidation_log: InvalidationLog,
-        transport: SidecarTransport,
-        *,
-        interval: float,
-        retention: float,
-    ) -> None:
+    def __init__(self, invalidation_log: InvalidationLog, transport: SidecarTransport, *, interval: float, retention: float) -> None:
         self._log = invalidation_log
         self._transport = transport
         self._interval = interval
@@ -123,9 +101,7 @@ class InvalidationRelay:
         self.nudge(position, patterns)
         while self._applied is None or self._applied < position:
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            if not await wait_set(self._advanced, remaining):
+            if remaining <= 0 or not await wait_set(self._advanced, remaining):
                 return False
         return True
 
@@ -165,14 +141,8 @@ class InvalidationRelay:
                 log.info("invalidation relay: the cache had no position; it starts at the log's head %d", head)
             return False
         if head < state.applied:
-            self._note(
-                "beyond",
-                logging.WARNING,
-                "invalidation relay: the cache has applied entry %d, past this database's newest %d:"
-                " it serves another database, or the log was reset",
-                state.applied,
-                head,
-            )
+            message = "invalidation relay: the cache has applied entry %d, past this database's newest %d: another database's, or a reset log"
+            self._note("beyond", logging.WARNING, message, state.applied, head)
             return False
         if head == state.applied:
             self._note("in step", logging.DEBUG, "invalidation relay: the cache is in step with the log (entry %d)", head)
@@ -200,12 +170,8 @@ class InvalidationRelay:
         state, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
         if state is None:
             self._silent_until = time.monotonic() + self._transport.retry_after
-            self._note(
-                "unreachable",
-                logging.WARNING,
-                "invalidation relay: the cache sidecar cannot be reached or does not know the log (GetSyncState);"
-                " entries will be sent once it can",
-            )
+            message = "invalidation relay: the cache sidecar cannot be reached or does not know the log; entries will be sent once it can"
+            self._note("unreachable", logging.WARNING, message)
             self._applied = None
             return None
         self._applied = None if state.fresh else state.applied
@@ -214,13 +180,7 @@ class InvalidationRelay:
     async def _catch_up(self, applied: int, head: int) -> bool:
         # Routine, not news: with several writing processes each relay sends the others'
         # entries it finds first; only failures are logged above DEBUG.
-        self._note(
-            "behind",
-            logging.DEBUG,
-            "invalidation relay: the cache missed log entries after %d (the log is at %d); sending them",
-            applied,
-            head,
-        )
+        self._note("behind", logging.DEBUG, "invalidation relay: the cache missed entries after %d (the log is at %d); sending them", applied, head)
         if await self._log.oldest() > applied + 1:
             # What the pruned entries invalidated is unknown: the cache empties itself.
             if await self._sync(applied, head, [], clear=True) is not None:
@@ -285,11 +245,6 @@ def build_relay(settings: Settings, db: Database, tracer: trace.Tracer | None = 
     It has a channel of its own: its calls neither wait behind the request path's nor
     mix their failures into its backoff and logs.
     """
-    transport = SidecarTransport(
-        service_address(CACHE_SERVICE, settings), max(settings.cache_timeout, DELIVER_TIMEOUT),
-        api_key=settings.service_api_key,
-        tracer=tracer,
-    )
-    return InvalidationRelay(
-        InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention
-    )
+    address = service_address(CACHE_SERVICE, settings)
+    transport = SidecarTransport(address, max(settings.cache_timeout, DELIVER_TIMEOUT), api_key=settings.service_api_key, tracer=tracer)
+    return InvalidationRelay(InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention)
