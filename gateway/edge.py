@@ -43,9 +43,7 @@ class Edge:
         self._consistency = consistency
         self._tracer = tracer
         self.cache = EdgeCache(
-            max_entries=settings.gateway_edge_cache_size,
-            max_bytes=settings.gateway_edge_cache_bytes,
-            max_ttl=settings.gateway_edge_cache_ttl,
+            max_entries=settings.gateway_edge_cache_size, max_bytes=settings.gateway_edge_cache_bytes, max_ttl=settings.gateway_edge_cache_ttl
         )
 
     @classmethod

@@ -35,8 +35,7 @@ class ConsistencyMetrics:
         self.stale = Counter(
             "devops_hub_cache_consistency_stale",
             "Sampled invalidations after which a cache layer still held an older value, by layer and delay (1s, 10s).",
-            ["layer", "after"],
-            registry=registry,
+            ["layer", "after"], registry=registry,
         )
 
 

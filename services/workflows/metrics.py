@@ -3,15 +3,11 @@ the process's registry by server.py (their meaning: docs/observability.md)."""
 
 from __future__ import annotations
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, Step, StepRun
 from google.protobuf.descriptor import EnumDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.workflows.statuses import FINAL_EXECUTION, FINAL_STEP
-
-Execution = workflows_pb2.Execution
-Step = workflows_pb2.Step
-StepRun = workflows_pb2.StepRun
 
 # Workflow executions run from milliseconds (transforms) to their one-hour default limit.
 WORKFLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, StepRun, Workflow
 from google.protobuf import json_format
 
 from services.workflows.cancellation import LocalExecutions
@@ -20,10 +20,6 @@ from services.workflows.progress import ExecutionProgress
 from services.workflows.scheduler import DagScheduler, end_unfinished
 from services.workflows.statuses import execution_event
 from services.workflows.steps import Context, seconds
-
-Execution = workflows_pb2.Execution
-Workflow = workflows_pb2.Workflow
-StepRun = workflows_pb2.StepRun
 
 DEFAULT_WORKFLOW_TIMEOUT = 3600.0
 

@@ -11,18 +11,11 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, Step, StepRun, Workflow
 
 from services.workflows.progress import ExecutionProgress
 from services.workflows.statuses import FINAL_STEP
 from services.workflows.steps import Context, StepRunner
-
-Execution = workflows_pb2.Execution
-Workflow = workflows_pb2.Workflow
-Step = workflows_pb2.Step
-StepRun = workflows_pb2.StepRun
-
-Readiness = Literal["run", "skip", "wait"]
 
 
 class DagScheduler:
@@ -69,7 +62,7 @@ class DagScheduler:
                 await asyncio.gather(*running, return_exceptions=True)
 
 
-def _readiness(step: Step, steps: Mapping[str, Step], runs: Mapping[str, StepRun], context: Context) -> Readiness:
+def _readiness(step: Step, steps: Mapping[str, Step], runs: Mapping[str, StepRun], context: Context) -> Literal["run", "skip", "wait"]:
     """"run", "skip" (a dependency was skipped or its condition is false) or "wait"."""
     for dependency in step.depends_on:
         run = runs[dependency]

@@ -10,6 +10,7 @@ spoils the read: its answer says no keys, and nobody downstream may keep it.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Sequence
 
 SURROGATE_KEY = "surrogate-key"
@@ -20,18 +21,16 @@ CACHE_INVALIDATED = "cache-invalidated"
 MAX_SAID_BYTES = 8192
 
 
+@dataclasses.dataclass(slots=True)
 class Reads:
     """The cache keys one call read through the cache, their oldest version, whether any
     read cannot be named, and the write it made, if any."""
 
-    __slots__ = ("keys", "version", "spoiled", "written", "_token")
-
-    def __init__(self) -> None:
-        self.keys: dict[str, None] = {}
-        self.version: int | None = None
-        self.spoiled = False
-        self.written: tuple[int, Sequence[str]] | None = None
-        self._token: contextvars.Token[Reads | None] | None = None
+    keys: dict[str, None] = dataclasses.field(default_factory=dict)
+    version: int | None = None
+    spoiled: bool = False
+    written: tuple[int, Sequence[str]] | None = None
+    _token: contextvars.Token[Reads | None] | None = None
 
 
 _CURRENT: contextvars.ContextVar[Reads | None] = contextvars.ContextVar("surrogate_keys", default=None)

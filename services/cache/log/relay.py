@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import grpc
 from devops_hub.v1 import cache_pb2
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from opentelemetry import trace
 
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
@@ -95,7 +96,7 @@ class InvalidationRelay:
             self.nudge(position, patterns)
             return False
         if self._applied == position - 1 and len(patterns) <= MAX_PATTERNS_PER_SYNC:
-            await self._sync(position - 1, position, list(patterns), clear=False)
+            await self._sync(position - 1, position, list(patterns))
         if self._applied is not None and self._applied >= position:
             return True
         self.nudge(position, patterns)
@@ -137,7 +138,7 @@ class InvalidationRelay:
             return False
         head = await self._log.head()
         if state.fresh:
-            if await self._sync(0, head, [], clear=False) is not None:
+            if await self._sync(0, head, []) is not None:
                 log.info("invalidation relay: the cache had no position; it starts at the log's head %d", head)
             return False
         if head < state.applied:
@@ -163,19 +164,10 @@ class InvalidationRelay:
         patterns = list(dict.fromkeys(pattern for p in positions for pattern in self._pending[p]))
         if len(patterns) > MAX_PATTERNS_PER_SYNC:
             return False
-        return await self._sync(self._applied, positions[-1], patterns, clear=False) is not None
+        return await self._sync(self._applied, positions[-1], patterns) is not None
 
     async def _state(self) -> cache_pb2.CacheSyncState | None:
-        state: cache_pb2.CacheSyncState | None
-        state, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
-        if state is None:
-            self._silent_until = time.monotonic() + self._transport.retry_after
-            message = "invalidation relay: the cache sidecar cannot be reached or does not know the log; entries will be sent once it can"
-            self._note("unreachable", logging.WARNING, message)
-            self._applied = None
-            return None
-        self._applied = None if state.fresh else state.applied
-        return state
+        return await self._call("GetSyncState", empty_pb2.Empty())
 
     async def _catch_up(self, applied: int, head: int) -> bool:
         # Routine, not news: with several writing processes each relay sends the others'
@@ -195,22 +187,26 @@ class InvalidationRelay:
         # all the patterns were applied.
         chunks = [patterns[i : i + MAX_PATTERNS_PER_SYNC] for i in range(0, len(patterns), MAX_PATTERNS_PER_SYNC)] or [[]]
         for i, chunk in enumerate(chunks):
-            if await self._sync(applied, through if i == len(chunks) - 1 else applied, chunk, clear=False) is None:
+            if await self._sync(applied, through if i == len(chunks) - 1 else applied, chunk) is None:
                 return False
         return through < head
 
-    async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool) -> cache_pb2.CacheSyncState | None:
-        request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
+    async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool = False) -> cache_pb2.CacheSyncState | None:
+        return await self._call("Sync", cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear))
+
+    async def _call(self, method: str, request: Message) -> cache_pb2.CacheSyncState | None:
+        """GetSyncState or Sync; the cache's position as it answers, None when it does not."""
         state: cache_pb2.CacheSyncState | None
-        state, code = await self._transport.call("Sync", request, respect_backoff=False)
+        state, code = await self._transport.call(method, request, respect_backoff=False)
         if state is None:
-            # FAILED_PRECONDITION: the position is not where this relay thought; it
-            # reads it again. Anything else: the sidecar went away.
-            log.debug("invalidation relay: Sync(%d, %d] answered %s", after, through, code.name if code else "?")
             self._applied = None
-            if code not in (grpc.StatusCode.FAILED_PRECONDITION, None):
+            if method == "Sync" and code == grpc.StatusCode.FAILED_PRECONDITION:
+                # The position is not where this relay thought: it reads it again.
+                log.debug("invalidation relay: a Sync was refused; reading the cache's position again")
+            else:
                 self._silent_until = time.monotonic() + self._transport.retry_after
-                self._note("unreachable", logging.WARNING, "invalidation relay: the cache sidecar cannot be reached; retrying")
+                message = "invalidation relay: the cache sidecar cannot be reached (%s); entries will be sent once it can"
+                self._note("unreachable", logging.WARNING, message, method)
             return None
         self._applied = None if state.fresh else state.applied
         self._advanced.set()
