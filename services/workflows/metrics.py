@@ -43,9 +43,7 @@ class WorkflowMetrics:
             label = enum_label(Execution.Status.DESCRIPTOR, status)
             self._executions.labels(label)
             self._execution_seconds.labels(label)
-        for kind in Step.Type.values():
-            if kind == Step.TYPE_UNSPECIFIED:
-                continue
+        for kind in set(Step.Type.values()) - {Step.TYPE_UNSPECIFIED}:
             for step_status in FINAL_STEP:
                 labels = (enum_label(Step.Type.DESCRIPTOR, kind), enum_label(StepRun.Status.DESCRIPTOR, step_status))
                 self._steps.labels(*labels)

@@ -9,7 +9,6 @@ reader never sees an ended execution with a step still running.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from devops_hub.v1.workflows_pb2 import Execution, StepRun, Workflow
 from google.protobuf import json_format
@@ -55,8 +54,7 @@ class ExecutionRunner:
             outcome = (stop.status, stop.error)
             end_unfinished(runs, StepRun.CANCELLED)
         execution.status, execution.error = outcome
-        outputs: dict[str, Any] = context["steps"]
-        for step_id, output in outputs.items():
+        for step_id, output in context["steps"].items():
             execution.output.get_or_create_struct(step_id).update(output if isinstance(output, dict) else {"value": output})
         execution.end_time.GetCurrentTime()
         # Every step is final now too (end_unfinished): count them all, once.

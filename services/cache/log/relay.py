@@ -85,26 +85,23 @@ class InvalidationRelay:
         self._pending[position] = patterns
         self._nudged.set()
 
-    async def deliver(self, position: int, patterns: Sequence[str]) -> bool:
+    async def deliver(self, position: int, patterns: Sequence[str]) -> None:
         """Waits (at most its channel's deadline) until the cache has applied the log
-        through `position`; True when it has. An entry that continues the cache's position is
-        sent from here, the caller's task, so a write never waits behind a round that
-        reads the database; any other is the relay's to send."""
+        through `position`. An entry that continues the cache's position is sent from
+        here, the caller's task, so a write never waits behind a round that reads the
+        database; any other is the relay's to send."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._transport.timeout
         if time.monotonic() < self._silent_until:
             self.nudge(position, patterns)
-            return False
+            return
         if self._applied == position - 1 and len(patterns) <= MAX_PATTERNS_PER_SYNC:
             await self._sync(position - 1, position, list(patterns))
         if self._applied is not None and self._applied >= position:
-            return True
+            return
         self.nudge(position, patterns)
-        while self._applied is None or self._applied < position:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or not await wait_set(self._advanced, remaining):
-                return False
-        return True
+        while (self._applied is None or self._applied < position) and (remaining := deadline - loop.time()) > 0:
+            await wait_set(self._advanced, remaining)
 
     async def _run(self) -> None:
         while True:
