@@ -43,9 +43,7 @@ class Edge:
         self._consistency = consistency
         self._tracer = tracer
         self.cache = EdgeCache(
-            max_entries=settings.gateway_edge_cache_size,
-            max_bytes=settings.gateway_edge_cache_bytes,
-            max_ttl=settings.gateway_edge_cache_ttl,
+            max_entries=settings.gateway_edge_cache_size, max_bytes=settings.gateway_edge_cache_bytes, max_ttl=settings.gateway_edge_cache_ttl
         )
 
     @classmethod
@@ -69,7 +67,7 @@ class Edge:
         )
         self._feed = NearCacheFeed(self._transport, self.cache)
         self._feed.start()
-        self._checker = ConsistencyChecker.following(self.cache, "edge", self._transport, self._consistency)
+        self._checker = ConsistencyChecker(self.cache, "edge", self._transport, self._consistency)
         self._checker.start()
 
     async def close(self) -> None:

@@ -27,7 +27,7 @@ async def test_a_planted_stale_entry_is_counted_and_a_healthy_cache_is_not(sidec
     async with CacheClient(sidecar.host.bound_address, timeout=2.0, near_cache=NearCache()) as client:
         near = client.near
         assert near is not None
-        checker = ConsistencyChecker.following(
+        checker = ConsistencyChecker(
             near, "near", client.transport, ConsistencyMetrics(registry), sample_every=1, delays=(0.2, 0.5)
         )
         checker.start()

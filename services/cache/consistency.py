@@ -30,16 +30,12 @@ MAX_PENDING = 1024
 class ConsistencyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.checked = Counter(
-            "devops_hub_cache_consistency_checked",
-            "Invalidations the consistency checker sampled, by cache layer.",
-            ["layer"],
-            registry=registry,
+            "devops_hub_cache_consistency_checked", "Invalidations the consistency checker sampled, by cache layer.", ["layer"], registry=registry
         )
         self.stale = Counter(
             "devops_hub_cache_consistency_stale",
             "Sampled invalidations after which a cache layer still held an older value, by layer and delay (1s, 10s).",
-            ["layer", "after"],
-            registry=registry,
+            ["layer", "after"], registry=registry,
         )
 
 
@@ -47,14 +43,8 @@ class ConsistencyChecker:
     """Checks a following cache (named `layer`) and the sidecar, sampling what the cache applies."""
 
     def __init__(
-        self,
-        cache: FedCache[Any, Any],
-        layer: str,
-        transport: SidecarTransport,
-        metrics: ConsistencyMetrics,
-        *,
-        sample_every: int = SAMPLE_EVERY,
-        delays: tuple[float, ...] = DELAYS,
+        self, cache: FedCache[Any, Any], layer: str, transport: SidecarTransport, metrics: ConsistencyMetrics,
+        *, sample_every: int = SAMPLE_EVERY, delays: tuple[float, ...] = DELAYS,
     ) -> None:
         self._cache = cache
         self._layer = layer
@@ -72,12 +62,6 @@ class ConsistencyChecker:
             for delay in delays:
                 metrics.stale.labels(name, f"{delay:g}s")
         cache.observer = self.observe
-
-    @classmethod
-    def following(
-        cls, cache: FedCache[Any, Any], layer: str, transport: SidecarTransport, metrics: ConsistencyMetrics, **options: Any
-    ) -> ConsistencyChecker:
-        return cls(cache, layer, transport, metrics, **options)
 
     def observe(self, pattern: str, at: int) -> None:
         """An invalidation of log position `at` that the cache applied."""

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution
 
 from services.common.foundation.background import cancel_and_wait
-
-Execution = workflows_pb2.Execution
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,6 @@ class LocalExecutions:
             return
         self._stops[execution_id] = stop
         await cancel_and_wait(task)
-
-    async def stop_all(self, stop: Stop) -> None:
-        for execution_id in self.ids():
-            await self.stop(execution_id, stop)
 
     def abandon(self, execution_id: str) -> None:
         """Stops working on an execution that ended elsewhere (cancelled or reaped by

@@ -1,9 +1,6 @@
-"""Runs workflow executions: takes them in, cancels them, and keeps them owned.
-
-The Engine builds and coordinates the parts that do the work, one job each (runner,
-scheduler, steps, progress, cancellation, leases, metrics: docs/design.md, "Layout").
-One asyncio task per execution; a graceful stop fails the local ones with a reason.
-"""
+"""Runs workflow executions, one asyncio task each: takes them in, cancels them, and
+keeps them owned; a graceful stop fails the local ones with a reason. The parts that
+do the work, one job each, are listed in docs/design.md, "Layout"."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from devops_hub.client import Client
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, StepRun, Workflow
 from google.protobuf import json_format
 
 from services.common.foundation.background import spawn
@@ -29,21 +26,10 @@ from services.workflows.scheduler import DagScheduler
 from services.workflows.statuses import execution_event
 from services.workflows.steps import StepActions, StepRunner
 
-Workflow = workflows_pb2.Workflow
-Execution = workflows_pb2.Execution
-StepRun = workflows_pb2.StepRun
-
 
 class Engine:
     def __init__(
-        self,
-        executions: ExecutionRepository,
-        agents: Client,
-        events: EventWriter,
-        metrics: WorkflowMetrics,
-        *,
-        max_parallel: int,
-        lease_ttl: float,
+        self, executions: ExecutionRepository, agents: Client, events: EventWriter, metrics: WorkflowMetrics, *, max_parallel: int, lease_ttl: float
     ) -> None:
         # The parts are built here, not in server.py: they share one LocalExecutions
         # and one ExecutionProgress, and nothing outside the engine calls them.
@@ -65,7 +51,8 @@ class Engine:
     async def stop(self) -> None:
         """Fails what this process still runs, with the reason, before it exits."""
         await self._leases.stop()
-        await self._local.stop_all(PROCESS_STOPPING)
+        for execution_id in self._local.ids():
+            await self._local.stop(execution_id, PROCESS_STOPPING)
 
     async def submit(self, workflow: Workflow, input: Mapping[str, Any], idempotency_key: str) -> Execution:
         """Stores a PENDING execution and starts running it; returns it at once. A call

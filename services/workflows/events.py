@@ -63,19 +63,12 @@ class Events:
             raise invalid_fields(violations)
         return await self._writer.write_now(event)
 
-    async def stream(self, request: events_pb2.StreamEventsRequest) -> AsyncIterator[Event]:
+    def stream(self, request: events_pb2.StreamEventsRequest) -> AsyncIterator[Event]:
         """Matching events from now on, or from just after `request.after`."""
         wanted = {name: getattr(request, name) for name in FILTERS if getattr(request, name)}
-        async for event in self._replay_then_live(wanted, resume_position(request.after)):
-            yield event
+        return self.follow(wanted, resume_position(request.after))
 
-    async def follow(self, correlation_id: str, after: int = 0) -> AsyncIterator[Event]:
-        """Every event of one correlation id after the event `after` (0: all): those
-        stored already, then live ones, each once."""
-        async for event in self._replay_then_live({"correlation_id": correlation_id}, after):
-            yield event
-
-    async def _replay_then_live(self, wanted: dict[str, str], after: int | None) -> AsyncIterator[Event]:
+    async def follow(self, wanted: dict[str, str], after: int | None) -> AsyncIterator[Event]:
         """The stored events after `after` that match `wanted` (none when it is None),
         then the live ones. Subscribing first and replaying up to where the
         subscription starts leaves no gap and no repeat between the two."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from devops_hub.v1 import events_pb2, workflows_pb2
@@ -45,13 +45,10 @@ class Executions:
     async def list(self, request: workflows_pb2.ListExecutionsRequest) -> workflows_pb2.ListExecutionsResponse:
         if request.status not in Execution.Status.values():
             raise invalid_fields([("status", f"unknown value {request.status}")])
-        executions, token = await pagination.page(
-            request,
-            lambda after, limit: self._repository.list(
-                request.workflow_id, request.status, _decode_position(after) if after else None, limit
-            ),
-            _encode_position,
-        )
+        def load(after: str | None, limit: int) -> Awaitable[list[Execution]]:
+            return self._repository.list(request.workflow_id, request.status, _decode_position(after) if after else None, limit)
+
+        executions, token = await pagination.page(request, load, _encode_position)
         return workflows_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
 
     async def cancel(self, execution_id: str) -> Execution:
@@ -75,7 +72,7 @@ class Executions:
             newest = (await self._events.list(events_pb2.ListEventsRequest(correlation_id=execution_id, page_size=1))).events
             if newest and newest[0].type in _TERMINAL_EVENTS and int(newest[0].id) <= position:
                 return
-        async for event in self._events.follow(execution_id, position or 0):
+        async for event in self._events.follow({"correlation_id": execution_id}, position or 0):
             yield event
             if event.type in _TERMINAL_EVENTS:
                 return

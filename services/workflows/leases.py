@@ -28,13 +28,7 @@ EXPIRED = "the service running this execution stopped (its lease expired)"
 
 class Leases:
     def __init__(
-        self,
-        repository: ExecutionRepository,
-        local: LocalExecutions,
-        progress: ExecutionProgress,
-        metrics: WorkflowMetrics,
-        *,
-        ttl: float,
+        self, repository: ExecutionRepository, local: LocalExecutions, progress: ExecutionProgress, metrics: WorkflowMetrics, *, ttl: float
     ) -> None:
         self._repository = repository
         self._local = local

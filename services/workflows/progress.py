@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution
 
 from services.common.usecases.events import EventWriter
 from services.workflows.cancellation import LocalExecutions
 from services.workflows.repository import ExecutionRepository
-
-Execution = workflows_pb2.Execution
 
 
 class ExecutionProgress:

@@ -9,9 +9,8 @@ reader never sees an ended execution with a step still running.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, StepRun, Workflow
 from google.protobuf import json_format
 
 from services.workflows.cancellation import LocalExecutions
@@ -20,10 +19,6 @@ from services.workflows.progress import ExecutionProgress
 from services.workflows.scheduler import DagScheduler, end_unfinished
 from services.workflows.statuses import execution_event
 from services.workflows.steps import Context, seconds
-
-Execution = workflows_pb2.Execution
-Workflow = workflows_pb2.Workflow
-StepRun = workflows_pb2.StepRun
 
 DEFAULT_WORKFLOW_TIMEOUT = 3600.0
 
@@ -59,8 +54,7 @@ class ExecutionRunner:
             outcome = (stop.status, stop.error)
             end_unfinished(runs, StepRun.CANCELLED)
         execution.status, execution.error = outcome
-        outputs: dict[str, Any] = context["steps"]
-        for step_id, output in outputs.items():
+        for step_id, output in context["steps"].items():
             execution.output.get_or_create_struct(step_id).update(output if isinstance(output, dict) else {"value": output})
         execution.end_time.GetCurrentTime()
         # Every step is final now too (end_unfinished): count them all, once.

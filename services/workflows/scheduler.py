@@ -11,18 +11,11 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
-from devops_hub.v1 import workflows_pb2
+from devops_hub.v1.workflows_pb2 import Execution, Step, StepRun, Workflow
 
 from services.workflows.progress import ExecutionProgress
 from services.workflows.statuses import FINAL_STEP
 from services.workflows.steps import Context, StepRunner
-
-Execution = workflows_pb2.Execution
-Workflow = workflows_pb2.Workflow
-Step = workflows_pb2.Step
-StepRun = workflows_pb2.StepRun
-
-Readiness = Literal["run", "skip", "wait"]
 
 
 class DagScheduler:
@@ -47,14 +40,10 @@ class DagScheduler:
                         continue
                     pending.remove(step_id)
                     if verdict == "skip":
-                        run = runs[step_id]
-                        run.status = StepRun.SKIPPED
+                        runs[step_id].status = StepRun.SKIPPED
                         await self._progress.save(execution, "step.skipped", {"step_id": step_id}, step_id)
                     else:
-                        task = asyncio.get_running_loop().create_task(
-                            self._steps.run(execution, steps[step_id], runs[step_id], context, gate)
-                        )
-                        running[task] = step_id
+                        running[asyncio.create_task(self._steps.run(execution, steps[step_id], runs[step_id], context, gate))] = step_id
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -73,7 +62,7 @@ class DagScheduler:
                 await asyncio.gather(*running, return_exceptions=True)
 
 
-def _readiness(step: Step, steps: Mapping[str, Step], runs: Mapping[str, StepRun], context: Context) -> Readiness:
+def _readiness(step: Step, steps: Mapping[str, Step], runs: Mapping[str, StepRun], context: Context) -> Literal["run", "skip", "wait"]:
     """"run", "skip" (a dependency was skipped or its condition is false) or "wait"."""
     for dependency in step.depends_on:
         run = runs[dependency]

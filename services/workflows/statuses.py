@@ -7,10 +7,7 @@ holds a final status, and nothing writes over a final status.
 
 from __future__ import annotations
 
-from devops_hub.v1 import workflows_pb2
-
-Execution = workflows_pb2.Execution
-StepRun = workflows_pb2.StepRun
+from devops_hub.v1.workflows_pb2 import Execution, StepRun
 
 ACTIVE_EXECUTION = frozenset({Execution.PENDING, Execution.RUNNING})
 FINAL_EXECUTION = frozenset({Execution.SUCCEEDED, Execution.FAILED, Execution.CANCELLED, Execution.TIMED_OUT})

@@ -10,7 +10,9 @@ from typing import Any
 import grpc
 from devops_hub.client import Client
 from devops_hub.errors import ApiError
-from devops_hub.v1 import agents_pb2, runtime_pb2, workflows_pb2
+from devops_hub.v1 import agents_pb2
+from devops_hub.v1.runtime_pb2 import AgentResult
+from devops_hub.v1.workflows_pb2 import Execution, Step, StepRun
 from google.protobuf import duration_pb2, json_format
 
 from services.workflows import references
@@ -19,10 +21,6 @@ from services.workflows.statuses import step_event
 
 log = logging.getLogger(__name__)
 
-Execution = workflows_pb2.Execution
-Step = workflows_pb2.Step
-StepRun = workflows_pb2.StepRun
-AgentResult = runtime_pb2.AgentResult
 
 DEFAULT_STEP_TIMEOUT = 30.0
 DEFAULT_BACKOFF = 1.0
@@ -42,10 +40,6 @@ class StepFailed(Exception):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class StepTimedOut(Exception):
-    """An attempt ran past its deadline."""
 
 
 def seconds(duration: duration_pb2.Duration, default: float) -> float:
@@ -111,12 +105,12 @@ class StepActions:
             result = await self._agents.execute_agent(request, timeout=timeout + 1)
         except ApiError as exc:
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise StepTimedOut() from None
+                raise TimeoutError() from None
             raise StepFailed(str(exc), retryable=exc.code in _RETRYABLE) from None
         if result.outcome == AgentResult.SUCCEEDED:
             return json_format.MessageToDict(result.output)
         if result.outcome == AgentResult.TIMED_OUT:
-            raise StepTimedOut()
+            raise TimeoutError()
         raise StepFailed(result.error or "the agent failed", retryable=True)
 
 
@@ -144,7 +138,7 @@ class StepRunner:
                         async with asyncio.timeout(timeout):
                             output = await self._actions.attempt(step, context, attempt, execution.id, timeout)
                         json_format.ParseDict(output if isinstance(output, dict) else {"value": output}, run.output)
-                    except (TimeoutError, StepTimedOut):
+                    except TimeoutError:  # the step's deadline here, or the agent's
                         status, error, retryable = StepRun.TIMED_OUT, f"attempt {attempt} ran past {timeout:g}s", True
                     except StepFailed as exc:
                         status, error, retryable = StepRun.FAILED, str(exc), exc.retryable

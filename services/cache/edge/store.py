@@ -1,27 +1,12 @@
 """The edge cache: ready GET answers (header lines and body bytes, as the gateway
-writes them) kept in the gateway's memory, so a hot read never becomes a gRPC call.
+writes them) kept in the gateway's memory, so a hot read never becomes a gRPC call
+(docs/cache.md, "The near-cache, the edge cache and Watch").
 
 What it may keep, for how long and until which invalidation is said by the service
-with each answer, never by a table here: an answer is kept only when it carries
-`cache-control: max-age=N` (the method is declared cacheable in the protos, and so
-does not depend on its caller), `surrogate-key` metadata naming the cache keys it was
-read from and `cache-version`, the invalidation log position it was read at
-(services/cache/edge/surrogate_keys.py). It is kept min(N, GATEWAY_EDGE_CACHE_TTL)
-seconds, bounded by entries and bytes, and dropped by any invalidation pattern that
-matches one of its surrogate keys.
-
-Invalidations come from the same route as every other layer's: the sidecar's Watch,
-followed by the cache client's NearCacheFeed (numbered by the log; a gap, a silent
-stream or a dropped one clears this cache, and it answers only while the stream is
-live). An answer older than an invalidation of one of its keys is refused
-(history.py). A write through this gateway names what it made stale in its answer
-(`cache-invalidated`), and exactly those answers go at once: whoever wrote reads what
-they wrote without waiting for the stream, and nothing else is lost.
-
-It mirrors the near-cache's life cycle (live while fed, cleared on either change, an
-LRU bounded by entries and bytes) but not its keys: a near-cache entry is dropped by
-patterns matching its own key, an edge entry by patterns matching any of its
-surrogate keys, hence an index from surrogate key to entries.
+with each answer (surrogate_keys.py), never by a table here. It follows the sidecar's
+Watch as a near-cache does (fed_cache.py), but a pattern drops every entry with a
+surrogate key it matches, not one with its own key: hence an index from surrogate
+key to entries.
 """
 
 from __future__ import annotations
@@ -36,11 +21,9 @@ from services.cache.client.keys import GlobPattern
 from services.cache.edge.surrogate_keys import CACHE_INVALIDATED, CACHE_VERSION, SURROGATE_KEY
 
 EdgeKey = tuple[str, bytes]
+Headers = tuple[tuple[bytes, bytes], ...]
 # What a 304 leaves out of a 200's header lines.
 _CONTENT_HEADERS = frozenset({b"content-type", b"content-length"})
-
-
-Headers = tuple[tuple[bytes, bytes], ...]
 
 
 @dataclasses.dataclass(slots=True)

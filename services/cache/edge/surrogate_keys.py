@@ -1,22 +1,16 @@
 """What an answer tells the caches downstream of it (the gateway's edge cache), as
-CDNs learn it from Surrogate-Key headers.
-
-A cacheable read's answer says which cache keys it was built from (`surrogate-key`)
-and the oldest version among them (`cache-version`: the invalidation log position it
-was read at), so an edge cache keeps it only if none of those keys was invalidated
-after that position, and drops it when one is. A write's answer says what it made
-stale (`cache-invalidated`: its log position and patterns), so the gateway it went
-through drops those answers at once: whoever wrote reads their write.
-
-While a call runs (the call wrapper start()s it), every read through the cache client
-(CacheClient.load) notes its key and version here, and the outbox notes a write. A
-key that cannot travel in metadata spoils the read: its answer says no keys, and
-nobody downstream may keep it.
+CDNs learn it from Surrogate-Key headers: a cacheable read's keys (`surrogate-key`)
+and the log position it was read at (`cache-version`), a write's position and
+patterns (`cache-invalidated`), so the gateway it went through drops those answers
+at once. While a call runs (the call wrapper start()s it), CacheClient.load notes
+each read here and the outbox notes a write; a key that cannot travel in metadata
+spoils the read: its answer says no keys, and nobody downstream may keep it.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Sequence
 
 SURROGATE_KEY = "surrogate-key"
@@ -27,18 +21,16 @@ CACHE_INVALIDATED = "cache-invalidated"
 MAX_SAID_BYTES = 8192
 
 
+@dataclasses.dataclass(slots=True)
 class Reads:
     """The cache keys one call read through the cache, their oldest version, whether any
     read cannot be named, and the write it made, if any."""
 
-    __slots__ = ("keys", "version", "spoiled", "written", "_token")
-
-    def __init__(self) -> None:
-        self.keys: dict[str, None] = {}
-        self.version: int | None = None
-        self.spoiled = False
-        self.written: tuple[int, Sequence[str]] | None = None
-        self._token: contextvars.Token[Reads | None] | None = None
+    keys: dict[str, None] = dataclasses.field(default_factory=dict)
+    version: int | None = None
+    spoiled: bool = False
+    written: tuple[int, Sequence[str]] | None = None
+    _token: contextvars.Token[Reads | None] | None = None
 
 
 _CURRENT: contextvars.ContextVar[Reads | None] = contextvars.ContextVar("surrogate_keys", default=None)

@@ -1,15 +1,11 @@
-"""A write's unit of work: its data, its events and its invalidations commit together.
+"""A write's unit of work: its data, its events and its invalidations commit together
+(docs/cache.md, "The invalidation log and the relay").
 
-A use case opens `Outbox.write()`, runs its repositories' statements on the
-transaction it is given, and records the events and cache patterns the write
-causes. They are appended in the same transaction (the invalidation log entry
-last, see log/repository.py), so a write that commits always has its event and
-its log entry, and one that rolls back has neither. After the commit, before the
-write is acknowledged, this process stops serving what it made stale (read-your-
-writes here), the answer names it for the gateway's edge cache, and the relay
-(log/relay.py) takes the entry to the cache, the one route: the write is
-acknowledged once the sidecar has it (a second at most), so a read that
-follows the acknowledgement in another process finds the sidecar current.
+A write that commits always has its event and its log entry, one that rolls back has
+neither. After the commit, before the write is acknowledged, this process stops
+serving what it made stale, the answer names it for the gateway's edge cache, and
+the relay takes the entry to the cache (a second at most), so a read that follows
+the acknowledgement in another process finds the sidecar current.
 """
 
 from __future__ import annotations

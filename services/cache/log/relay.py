@@ -1,26 +1,11 @@
-"""The relay: the one route by which the invalidation log reaches the cache.
+"""The relay: the one route by which the invalidation log reaches the cache
+(docs/cache.md, "The invalidation log and the relay").
 
-Every write appends what it made stale to the log in its own transaction (outbox.py),
-then applies it to its own process's layers and hands it to this relay (deliver),
-which Syncs the sidecar: at once, with the write's own entry when the sidecar's
-position is just before it (no database read), else with the entries after the
-sidecar's position, read from the log. The write is acknowledged once the sidecar
-has it, or after CACHE_TIMEOUT at most; while the sidecar has just proved silent,
-at once (no caller waits on it). The sidecar streams each Sync to every other layer (near-caches,
-edge caches), numbered by the log. Whatever a Sync misses (the sidecar down, frozen,
-restarted, or this process dying first) the next round mends: every process that
-writes runs a relay, and every RELAY_INTERVAL each reads the cache's position and the
-log's head:
-
-- a fresh cache (no position: new, or emptied) is given the log's head, read after
-  its state, with no patterns: it held nothing that any entry up to the head could
-  make stale, and every fill after that Sync was read after those entries;
-- a cache behind the log is sent the patterns of the entries it missed;
-- a cache behind entries that were pruned already (older than
-  INVALIDATION_LOG_RETENTION) is told to clear itself.
-
-Idle, that is one GetSyncState and one indexed `max(seq)` per interval. The relay
-also prunes the log. It logs when its condition changes, never on every poll.
+A write hands its committed entry to deliver(), which Syncs it at once when it
+continues the sidecar's position. Every RELAY_INTERVAL each writing process's relay
+also compares the sidecar's position with the log's head and sends what a Sync
+missed (the sidecar down, restarted, or a process dying first), and prunes the log.
+It logs when its condition changes, never on every poll.
 """
 
 from __future__ import annotations
@@ -34,6 +19,7 @@ from collections.abc import Sequence
 import grpc
 from devops_hub.v1 import cache_pb2
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from opentelemetry import trace
 
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
@@ -59,14 +45,7 @@ DELIVER_TIMEOUT = 1.0
 
 
 class InvalidationRelay:
-    def __init__(
-        self,
-        invalidation_log: InvalidationLog,
-        transport: SidecarTransport,
-        *,
-        interval: float,
-        retention: float,
-    ) -> None:
+    def __init__(self, invalidation_log: InvalidationLog, transport: SidecarTransport, *, interval: float, retention: float) -> None:
         self._log = invalidation_log
         self._transport = transport
         self._interval = interval
@@ -106,28 +85,23 @@ class InvalidationRelay:
         self._pending[position] = patterns
         self._nudged.set()
 
-    async def deliver(self, position: int, patterns: Sequence[str]) -> bool:
+    async def deliver(self, position: int, patterns: Sequence[str]) -> None:
         """Waits (at most its channel's deadline) until the cache has applied the log
-        through `position`; True when it has. An entry that continues the cache's position is
-        sent from here, the caller's task, so a write never waits behind a round that
-        reads the database; any other is the relay's to send."""
+        through `position`. An entry that continues the cache's position is sent from
+        here, the caller's task, so a write never waits behind a round that reads the
+        database; any other is the relay's to send."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._transport.timeout
         if time.monotonic() < self._silent_until:
             self.nudge(position, patterns)
-            return False
+            return
         if self._applied == position - 1 and len(patterns) <= MAX_PATTERNS_PER_SYNC:
-            await self._sync(position - 1, position, list(patterns), clear=False)
+            await self._sync(position - 1, position, list(patterns))
         if self._applied is not None and self._applied >= position:
-            return True
+            return
         self.nudge(position, patterns)
-        while self._applied is None or self._applied < position:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            if not await wait_set(self._advanced, remaining):
-                return False
-        return True
+        while (self._applied is None or self._applied < position) and (remaining := deadline - loop.time()) > 0:
+            await wait_set(self._advanced, remaining)
 
     async def _run(self) -> None:
         while True:
@@ -161,18 +135,12 @@ class InvalidationRelay:
             return False
         head = await self._log.head()
         if state.fresh:
-            if await self._sync(0, head, [], clear=False) is not None:
+            if await self._sync(0, head, []) is not None:
                 log.info("invalidation relay: the cache had no position; it starts at the log's head %d", head)
             return False
         if head < state.applied:
-            self._note(
-                "beyond",
-                logging.WARNING,
-                "invalidation relay: the cache has applied entry %d, past this database's newest %d:"
-                " it serves another database, or the log was reset",
-                state.applied,
-                head,
-            )
+            message = "invalidation relay: the cache has applied entry %d, past this database's newest %d: another database's, or a reset log"
+            self._note("beyond", logging.WARNING, message, state.applied, head)
             return False
         if head == state.applied:
             self._note("in step", logging.DEBUG, "invalidation relay: the cache is in step with the log (entry %d)", head)
@@ -193,34 +161,15 @@ class InvalidationRelay:
         patterns = list(dict.fromkeys(pattern for p in positions for pattern in self._pending[p]))
         if len(patterns) > MAX_PATTERNS_PER_SYNC:
             return False
-        return await self._sync(self._applied, positions[-1], patterns, clear=False) is not None
+        return await self._sync(self._applied, positions[-1], patterns) is not None
 
     async def _state(self) -> cache_pb2.CacheSyncState | None:
-        state: cache_pb2.CacheSyncState | None
-        state, _ = await self._transport.call("GetSyncState", empty_pb2.Empty(), respect_backoff=False)
-        if state is None:
-            self._silent_until = time.monotonic() + self._transport.retry_after
-            self._note(
-                "unreachable",
-                logging.WARNING,
-                "invalidation relay: the cache sidecar cannot be reached or does not know the log (GetSyncState);"
-                " entries will be sent once it can",
-            )
-            self._applied = None
-            return None
-        self._applied = None if state.fresh else state.applied
-        return state
+        return await self._call("GetSyncState", empty_pb2.Empty())
 
     async def _catch_up(self, applied: int, head: int) -> bool:
         # Routine, not news: with several writing processes each relay sends the others'
         # entries it finds first; only failures are logged above DEBUG.
-        self._note(
-            "behind",
-            logging.DEBUG,
-            "invalidation relay: the cache missed log entries after %d (the log is at %d); sending them",
-            applied,
-            head,
-        )
+        self._note("behind", logging.DEBUG, "invalidation relay: the cache missed entries after %d (the log is at %d); sending them", applied, head)
         if await self._log.oldest() > applied + 1:
             # What the pruned entries invalidated is unknown: the cache empties itself.
             if await self._sync(applied, head, [], clear=True) is not None:
@@ -235,22 +184,26 @@ class InvalidationRelay:
         # all the patterns were applied.
         chunks = [patterns[i : i + MAX_PATTERNS_PER_SYNC] for i in range(0, len(patterns), MAX_PATTERNS_PER_SYNC)] or [[]]
         for i, chunk in enumerate(chunks):
-            if await self._sync(applied, through if i == len(chunks) - 1 else applied, chunk, clear=False) is None:
+            if await self._sync(applied, through if i == len(chunks) - 1 else applied, chunk) is None:
                 return False
         return through < head
 
-    async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool) -> cache_pb2.CacheSyncState | None:
-        request = cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear)
+    async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool = False) -> cache_pb2.CacheSyncState | None:
+        return await self._call("Sync", cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear))
+
+    async def _call(self, method: str, request: Message) -> cache_pb2.CacheSyncState | None:
+        """GetSyncState or Sync; the cache's position as it answers, None when it does not."""
         state: cache_pb2.CacheSyncState | None
-        state, code = await self._transport.call("Sync", request, respect_backoff=False)
+        state, code = await self._transport.call(method, request, respect_backoff=False)
         if state is None:
-            # FAILED_PRECONDITION: the position is not where this relay thought; it
-            # reads it again. Anything else: the sidecar went away.
-            log.debug("invalidation relay: Sync(%d, %d] answered %s", after, through, code.name if code else "?")
             self._applied = None
-            if code not in (grpc.StatusCode.FAILED_PRECONDITION, None):
+            if method == "Sync" and code == grpc.StatusCode.FAILED_PRECONDITION:
+                # The position is not where this relay thought: it reads it again.
+                log.debug("invalidation relay: a Sync was refused; reading the cache's position again")
+            else:
                 self._silent_until = time.monotonic() + self._transport.retry_after
-                self._note("unreachable", logging.WARNING, "invalidation relay: the cache sidecar cannot be reached; retrying")
+                message = "invalidation relay: the cache sidecar cannot be reached (%s); entries will be sent once it can"
+                self._note("unreachable", logging.WARNING, message, method)
             return None
         self._applied = None if state.fresh else state.applied
         self._advanced.set()
@@ -285,11 +238,6 @@ def build_relay(settings: Settings, db: Database, tracer: trace.Tracer | None = 
     It has a channel of its own: its calls neither wait behind the request path's nor
     mix their failures into its backoff and logs.
     """
-    transport = SidecarTransport(
-        service_address(CACHE_SERVICE, settings), max(settings.cache_timeout, DELIVER_TIMEOUT),
-        api_key=settings.service_api_key,
-        tracer=tracer,
-    )
-    return InvalidationRelay(
-        InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention
-    )
+    address = service_address(CACHE_SERVICE, settings)
+    transport = SidecarTransport(address, max(settings.cache_timeout, DELIVER_TIMEOUT), api_key=settings.service_api_key, tracer=tracer)
+    return InvalidationRelay(InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention)

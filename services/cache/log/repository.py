@@ -1,11 +1,9 @@
 """All SQL about the invalidation log (table cache_invalidations).
 
-A write appends the cache patterns it made stale in its own transaction (see
-outbox.py); the relay (log/relay.py) reads what the cache has not applied
-yet. Readers must never skip an entry that commits later with a lower seq, so
-entries commit in seq order: on PostgreSQL the append takes a transaction-scoped advisory lock before
-it takes its seq, and is the last statement of its transaction, so the lock is held
-only for the commit; SQLite runs one write transaction at a time anyway.
+Readers must never skip an entry that commits later with a lower seq, so entries
+commit in seq order: on PostgreSQL the append takes a transaction-scoped advisory
+lock before it takes its seq, as the last statement of its transaction, so the lock
+is held only for the commit; SQLite runs one write transaction at a time anyway.
 """
 
 from __future__ import annotations
