@@ -25,20 +25,9 @@ from gateway.routes import HttpRoute
 # Well-known types whose proto3 JSON form is a single string or number, so one query
 # parameter can carry them (?update_mask=name,domain, ?after=2024-01-01T00:00:00Z).
 SCALAR_WELL_KNOWN_TYPES = frozenset(
-    {
-        "google.protobuf.Timestamp",
-        "google.protobuf.Duration",
-        "google.protobuf.FieldMask",
-        "google.protobuf.DoubleValue",
-        "google.protobuf.FloatValue",
-        "google.protobuf.Int64Value",
-        "google.protobuf.UInt64Value",
-        "google.protobuf.Int32Value",
-        "google.protobuf.UInt32Value",
-        "google.protobuf.BoolValue",
-        "google.protobuf.StringValue",
-        "google.protobuf.BytesValue",
-    }
+    f"google.protobuf.{name}"
+    for name in "Timestamp Duration FieldMask BoolValue StringValue BytesValue DoubleValue FloatValue Int64Value UInt64Value"
+    " Int32Value UInt32Value".split()
 )
 
 _RESOLVED_LIMIT = 256
@@ -122,7 +111,7 @@ class RequestBuilder:
         self._new = route.request_class
         self._descriptor = route.method.input_type
         self._bound = route.bound_paths
-        self._reads_body = bool(route.body)
+        self.reads_body = bool(route.body)
         self._body_key = route.body_field.json_name if route.body_field is not None else None
         self._body_needs_object = route.body == "*" or (
             route.body_field is not None
@@ -137,15 +126,11 @@ class RequestBuilder:
             _path_setter(chain, variable.name) for chain, variable in zip(route.path_fields, route.template.variables)
         )
 
-    @property
-    def reads_body(self) -> bool:
-        return self._reads_body
-
     def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
         message = self._new()
         document: JsonObject = {}
         origins: dict[str, str] = {}
-        if self._reads_body and body:
+        if self.reads_body and body:
             document = self._body_document(body)
         if query:
             self._add_query(document, origins, query)
@@ -158,11 +143,12 @@ class RequestBuilder:
     def _body_document(self, body: bytes) -> JsonObject:
         try:
             value = json.loads(body)
+            too_deep = _depth_exceeds(value, self._max_depth)
         except ValueError as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", reason="MALFORMED_JSON") from None
         except RecursionError:
-            raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP") from None
-        if _depth_exceeds(value, self._max_depth):
+            too_deep = True
+        if too_deep:
             raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP")
         if self._body_needs_object and not isinstance(value, dict):
             where = "request body" if self._body_key is None else f"request body (field {self._route.body})"
@@ -280,25 +266,20 @@ def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
     parents = tuple(field.name for field in chain[:-1])
     leaf = chain[-1]
 
-    if leaf.type == FieldDescriptor.TYPE_STRING:
-        # The common case (ids) skips json_format entirely.
-        def set_string(message: Message, value: str) -> None:
-            for parent in parents:
-                message = getattr(message, parent)
-            setattr(message, leaf.name, value)
-
-        return set_string
-
-    def set_converted(message: Message, value: str) -> None:
+    def set_value(message: Message, value: str) -> None:
         for parent in parents:
             message = getattr(message, parent)
+        if leaf.type == FieldDescriptor.TYPE_STRING:
+            # The common case (ids) skips json_format entirely.
+            setattr(message, leaf.name, value)
+            return
         try:
             json_format.ParseDict({leaf.json_name: _scalar_json(leaf, value, name)}, message)
         except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
             _, reason = explain(exc)
             raise bad_request(f"invalid path parameter {name!r}: {reason}", field=name, description=reason) from None
 
-    return set_converted
+    return set_value
 
 
 def _parse_into(document: JsonObject, message: Message, origins: dict[str, str]) -> None:

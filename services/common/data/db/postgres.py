@@ -64,19 +64,14 @@ class PostgresDatabase(Database):
     def __init__(
         self,
         pool: asyncpg.Pool,
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> None:
-        self.outages = Outages() if outages is None else outages
-        self.tracer = tracer
+        super().__init__(pools, outages, tracer)
         self._pool = pool
-        self.query_count = 0
         # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
         self._acquiring = 0
-        self._pools = pools
-        if pools is not None:
-            pools.track(self)
 
     @classmethod
     async def open(
@@ -85,9 +80,9 @@ class PostgresDatabase(Database):
         *,
         min_size: int,
         max_size: int,
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
@@ -147,8 +142,7 @@ class PostgresDatabase(Database):
         )
 
     async def close(self) -> None:
-        if self._pools is not None:
-            self._pools.untrack(self)
+        self._untrack()
         await self._pool.close()
 
 
