@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from google.protobuf import json_format
@@ -57,24 +57,27 @@ def is_scalar_like(field: FieldDescriptor) -> bool:
     return field.message_type is None or field.message_type.full_name in SCALAR_WELL_KNOWN_TYPES
 
 
+def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
+    """Every message type reachable from the roots through their fields, once each."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        descriptor = pending.pop()
+        if descriptor.full_name not in seen:
+            seen.add(descriptor.full_name)
+            yield descriptor
+            pending.extend(f.message_type for f in descriptor.fields if f.message_type is not None)
+
+
 class FieldIndex:
     """Field lookup by proto name or JSON name for every message reachable from some roots,
     built once so query parameters in either spelling resolve with one dict hit each."""
 
     def __init__(self, roots: Iterable[Descriptor]) -> None:
-        self._fields: dict[str, dict[str, FieldDescriptor]] = {}
-        pending = list(roots)
-        while pending:
-            descriptor = pending.pop()
-            if descriptor.full_name in self._fields:
-                continue
-            names: dict[str, FieldDescriptor] = {}
-            for field in descriptor.fields:
-                names[field.name] = field
-                names[field.json_name] = field
-                if field.message_type is not None:
-                    pending.append(field.message_type)
-            self._fields[descriptor.full_name] = names
+        self._fields = {
+            descriptor.full_name: {name: f for f in descriptor.fields for name in (f.name, f.json_name)}
+            for descriptor in _reachable(roots)
+        }
 
     def field(self, descriptor: Descriptor, name: str) -> FieldDescriptor | None:
         return self._fields[descriptor.full_name].get(name)
@@ -328,7 +331,7 @@ def renderer(route: HttpRoute) -> Renderer:
         key = field.json_name
         to_json = lambda reply: _to_json(reply)[key]  # noqa: E731
     reaches = field.message_type if field is not None else route.method.output_type
-    if reaches is None or not _reaches_struct(reaches):
+    if reaches is None or not any(d.full_name in STRUCT_TYPES for d in _reachable([reaches])):
         return lambda reply: encode(to_json(reply))
     return lambda reply: encode(_integral_numbers(to_json(reply)))
 
@@ -341,21 +344,6 @@ def _to_json(message: Message) -> JsonObject:
 STRUCT_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 # Integers a double holds exactly: larger ones stay as json_format prints them.
 _EXACT_INTEGERS = 2**53
-
-
-def _reaches_struct(descriptor: Descriptor) -> bool:
-    """Whether a message of this type can hold a Struct, Value or ListValue anywhere."""
-    seen: set[str] = set()
-    pending = [descriptor]
-    while pending:
-        current = pending.pop()
-        if current.full_name in STRUCT_TYPES:
-            return True
-        if current.full_name in seen:
-            continue
-        seen.add(current.full_name)
-        pending.extend(f.message_type for f in current.fields if f.message_type is not None)
-    return False
 
 
 def _integral_numbers(value: object) -> object:
