@@ -168,12 +168,8 @@ class RequestBuilder:
             grouped.setdefault(name, []).append(raw)
         if grouped and self._route.body == "*":
             name = next(iter(grouped))
-            raise bad_request(
-                f"query parameter {name!r} is not accepted: the request body carries every field",
-                field=name,
-                description="not accepted: the request body carries every field",
-                reason="UNKNOWN_FIELD",
-            )
+            description = "not accepted: the request body carries every field"
+            raise _unknown(name, f"query parameter {name!r} is {description}", description)
         for name, raw_values in grouped.items():
             resolved = self._resolved.get(name)
             if resolved is None:
@@ -212,12 +208,7 @@ class RequestBuilder:
         for position, part in enumerate(parts, start=1):
             field = self._index.field(descriptor, part)
             if field is None:
-                raise bad_request(
-                    f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}",
-                    field=name,
-                    description="unknown field",
-                    reason="UNKNOWN_FIELD",
-                )
+                raise _unknown(name, f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}")
             json_path.append(field.json_name)
             proto_path.append(field.name)
             if tuple(proto_path) in self._bound:
@@ -229,12 +220,7 @@ class RequestBuilder:
             last = position == len(parts)
             if is_scalar_like(field) and not is_map(field):
                 if not last:
-                    raise bad_request(
-                        f"unknown query parameter {name!r}: {part!r} has no fields",
-                        field=name,
-                        description="unknown field",
-                        reason="UNKNOWN_FIELD",
-                    )
+                    raise _unknown(name, f"unknown query parameter {name!r}: {part!r} has no fields")
                 return tuple(json_path), field
             if last or field.is_repeated:
                 raise bad_request(
@@ -246,6 +232,10 @@ class RequestBuilder:
             assert field.message_type is not None
             descriptor = field.message_type
         raise AssertionError("unreachable: the loop returns or raises on the last part")
+
+
+def _unknown(name: str, message: str, description: str = "unknown field") -> Exception:
+    return bad_request(message, field=name, description=description, reason="UNKNOWN_FIELD")
 
 
 def _scalar_json(field: FieldDescriptor, raw: str, name: str) -> object:
