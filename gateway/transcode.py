@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
 from google.protobuf import json_format
@@ -25,20 +25,9 @@ from gateway.routes import HttpRoute
 # Well-known types whose proto3 JSON form is a single string or number, so one query
 # parameter can carry them (?update_mask=name,domain, ?after=2024-01-01T00:00:00Z).
 SCALAR_WELL_KNOWN_TYPES = frozenset(
-    {
-        "google.protobuf.Timestamp",
-        "google.protobuf.Duration",
-        "google.protobuf.FieldMask",
-        "google.protobuf.DoubleValue",
-        "google.protobuf.FloatValue",
-        "google.protobuf.Int64Value",
-        "google.protobuf.UInt64Value",
-        "google.protobuf.Int32Value",
-        "google.protobuf.UInt32Value",
-        "google.protobuf.BoolValue",
-        "google.protobuf.StringValue",
-        "google.protobuf.BytesValue",
-    }
+    f"google.protobuf.{name}"
+    for name in "Timestamp Duration FieldMask BoolValue StringValue BytesValue DoubleValue FloatValue Int64Value UInt64Value"
+    " Int32Value UInt32Value".split()
 )
 
 _RESOLVED_LIMIT = 256
@@ -68,24 +57,27 @@ def is_scalar_like(field: FieldDescriptor) -> bool:
     return field.message_type is None or field.message_type.full_name in SCALAR_WELL_KNOWN_TYPES
 
 
+def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
+    """Every message type reachable from the roots through their fields, once each."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        descriptor = pending.pop()
+        if descriptor.full_name not in seen:
+            seen.add(descriptor.full_name)
+            yield descriptor
+            pending.extend(f.message_type for f in descriptor.fields if f.message_type is not None)
+
+
 class FieldIndex:
     """Field lookup by proto name or JSON name for every message reachable from some roots,
     built once so query parameters in either spelling resolve with one dict hit each."""
 
     def __init__(self, roots: Iterable[Descriptor]) -> None:
-        self._fields: dict[str, dict[str, FieldDescriptor]] = {}
-        pending = list(roots)
-        while pending:
-            descriptor = pending.pop()
-            if descriptor.full_name in self._fields:
-                continue
-            names: dict[str, FieldDescriptor] = {}
-            for field in descriptor.fields:
-                names[field.name] = field
-                names[field.json_name] = field
-                if field.message_type is not None:
-                    pending.append(field.message_type)
-            self._fields[descriptor.full_name] = names
+        self._fields = {
+            descriptor.full_name: {name: f for f in descriptor.fields for name in (f.name, f.json_name)}
+            for descriptor in _reachable(roots)
+        }
 
     def field(self, descriptor: Descriptor, name: str) -> FieldDescriptor | None:
         return self._fields[descriptor.full_name].get(name)
@@ -122,7 +114,7 @@ class RequestBuilder:
         self._new = route.request_class
         self._descriptor = route.method.input_type
         self._bound = route.bound_paths
-        self._reads_body = bool(route.body)
+        self.reads_body = bool(route.body)
         self._body_key = route.body_field.json_name if route.body_field is not None else None
         self._body_needs_object = route.body == "*" or (
             route.body_field is not None
@@ -137,15 +129,11 @@ class RequestBuilder:
             _path_setter(chain, variable.name) for chain, variable in zip(route.path_fields, route.template.variables)
         )
 
-    @property
-    def reads_body(self) -> bool:
-        return self._reads_body
-
     def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
         message = self._new()
         document: JsonObject = {}
         origins: dict[str, str] = {}
-        if self._reads_body and body:
+        if self.reads_body and body:
             document = self._body_document(body)
         if query:
             self._add_query(document, origins, query)
@@ -158,11 +146,12 @@ class RequestBuilder:
     def _body_document(self, body: bytes) -> JsonObject:
         try:
             value = json.loads(body)
+            too_deep = _depth_exceeds(value, self._max_depth)
         except ValueError as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", reason="MALFORMED_JSON") from None
         except RecursionError:
-            raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP") from None
-        if _depth_exceeds(value, self._max_depth):
+            too_deep = True
+        if too_deep:
             raise bad_request(f"request body nests deeper than {self._max_depth} levels", reason="JSON_TOO_DEEP")
         if self._body_needs_object and not isinstance(value, dict):
             where = "request body" if self._body_key is None else f"request body (field {self._route.body})"
@@ -179,12 +168,8 @@ class RequestBuilder:
             grouped.setdefault(name, []).append(raw)
         if grouped and self._route.body == "*":
             name = next(iter(grouped))
-            raise bad_request(
-                f"query parameter {name!r} is not accepted: the request body carries every field",
-                field=name,
-                description="not accepted: the request body carries every field",
-                reason="UNKNOWN_FIELD",
-            )
+            description = "not accepted: the request body carries every field"
+            raise _unknown(name, f"query parameter {name!r} is {description}", description)
         for name, raw_values in grouped.items():
             resolved = self._resolved.get(name)
             if resolved is None:
@@ -223,12 +208,7 @@ class RequestBuilder:
         for position, part in enumerate(parts, start=1):
             field = self._index.field(descriptor, part)
             if field is None:
-                raise bad_request(
-                    f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}",
-                    field=name,
-                    description="unknown field",
-                    reason="UNKNOWN_FIELD",
-                )
+                raise _unknown(name, f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}")
             json_path.append(field.json_name)
             proto_path.append(field.name)
             if tuple(proto_path) in self._bound:
@@ -240,12 +220,7 @@ class RequestBuilder:
             last = position == len(parts)
             if is_scalar_like(field) and not is_map(field):
                 if not last:
-                    raise bad_request(
-                        f"unknown query parameter {name!r}: {part!r} has no fields",
-                        field=name,
-                        description="unknown field",
-                        reason="UNKNOWN_FIELD",
-                    )
+                    raise _unknown(name, f"unknown query parameter {name!r}: {part!r} has no fields")
                 return tuple(json_path), field
             if last or field.is_repeated:
                 raise bad_request(
@@ -257,6 +232,10 @@ class RequestBuilder:
             assert field.message_type is not None
             descriptor = field.message_type
         raise AssertionError("unreachable: the loop returns or raises on the last part")
+
+
+def _unknown(name: str, message: str, description: str = "unknown field") -> Exception:
+    return bad_request(message, field=name, description=description, reason="UNKNOWN_FIELD")
 
 
 def _scalar_json(field: FieldDescriptor, raw: str, name: str) -> object:
@@ -280,25 +259,20 @@ def _path_setter(chain: tuple[FieldDescriptor, ...], name: str) -> PathSetter:
     parents = tuple(field.name for field in chain[:-1])
     leaf = chain[-1]
 
-    if leaf.type == FieldDescriptor.TYPE_STRING:
-        # The common case (ids) skips json_format entirely.
-        def set_string(message: Message, value: str) -> None:
-            for parent in parents:
-                message = getattr(message, parent)
-            setattr(message, leaf.name, value)
-
-        return set_string
-
-    def set_converted(message: Message, value: str) -> None:
+    def set_value(message: Message, value: str) -> None:
         for parent in parents:
             message = getattr(message, parent)
+        if leaf.type == FieldDescriptor.TYPE_STRING:
+            # The common case (ids) skips json_format entirely.
+            setattr(message, leaf.name, value)
+            return
         try:
             json_format.ParseDict({leaf.json_name: _scalar_json(leaf, value, name)}, message)
         except (json_format.ParseError, ValueError, TypeError, OverflowError) as exc:
             _, reason = explain(exc)
             raise bad_request(f"invalid path parameter {name!r}: {reason}", field=name, description=reason) from None
 
-    return set_converted
+    return set_value
 
 
 def _parse_into(document: JsonObject, message: Message, origins: dict[str, str]) -> None:
@@ -347,7 +321,7 @@ def renderer(route: HttpRoute) -> Renderer:
         key = field.json_name
         to_json = lambda reply: _to_json(reply)[key]  # noqa: E731
     reaches = field.message_type if field is not None else route.method.output_type
-    if reaches is None or not _reaches_struct(reaches):
+    if reaches is None or not any(d.full_name in STRUCT_TYPES for d in _reachable([reaches])):
         return lambda reply: encode(to_json(reply))
     return lambda reply: encode(_integral_numbers(to_json(reply)))
 
@@ -360,21 +334,6 @@ def _to_json(message: Message) -> JsonObject:
 STRUCT_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 # Integers a double holds exactly: larger ones stay as json_format prints them.
 _EXACT_INTEGERS = 2**53
-
-
-def _reaches_struct(descriptor: Descriptor) -> bool:
-    """Whether a message of this type can hold a Struct, Value or ListValue anywhere."""
-    seen: set[str] = set()
-    pending = [descriptor]
-    while pending:
-        current = pending.pop()
-        if current.full_name in STRUCT_TYPES:
-            return True
-        if current.full_name in seen:
-            continue
-        seen.add(current.full_name)
-        pending.extend(f.message_type for f in current.fields if f.message_type is not None)
-    return False
 
 
 def _integral_numbers(value: object) -> object:

@@ -126,8 +126,7 @@ async def schema_validate(call: Call) -> Json:
     An invalid document is a successful validation with valid=false; a broken schema fails.
     """
     schema = _require(call, "schema", dict)
-    if "document" not in call.input:
-        raise AgentFailure("input.document is required")
+    document = _require(call, "document", object)
     try:
         validator_class = jsonschema.validators.validator_for(schema)
         validator_class.check_schema(schema)
@@ -135,7 +134,7 @@ async def schema_validate(call: Call) -> Json:
         raise AgentFailure(f"input.schema is not a valid JSON Schema: {exc.message}") from None
     errors = [
         {"path": "/".join(str(p) for p in error.absolute_path), "message": error.message}
-        for error in validator_class(schema).iter_errors(call.input["document"])
+        for error in validator_class(schema).iter_errors(document)
     ]
     return {"valid": not errors, "errors": errors}
 

@@ -86,9 +86,7 @@ class AgentRepository:
             args.append(after_id)
             where += f" AND id > ${len(args)}"
         args.append(limit)
-        rows = await self.db.fetch(
-            f"SELECT {_COLUMNS} FROM agents WHERE {where} ORDER BY id LIMIT ${len(args)}", *args
-        )
+        rows = await self.db.fetch(f"SELECT {_COLUMNS} FROM agents WHERE {where} ORDER BY id LIMIT ${len(args)}", *args)
         return [_to_agent(row) for row in rows]
 
     async def facets(self, filters: AgentFilter) -> Facets:

@@ -27,9 +27,7 @@ StepRun = workflows_pb2.StepRun
 # An active execution, as SQL: one whose status is still to change.
 _ACTIVE = "status IN ({})".format(", ".join(sorted(f"'{Execution.Status.Name(status)}'" for status in ACTIVE_EXECUTION)))
 _WORKFLOW_COLUMNS = "id, name, description, definition, revision, create_time, update_time"
-_EXECUTION_COLUMNS = (
-    "id, workflow_id, status, input, output, error, steps, idempotency_key, create_time, start_time, end_time"
-)
+_EXECUTION_COLUMNS = "id, workflow_id, status, input, output, error, steps, idempotency_key, create_time, start_time, end_time"
 
 
 def _definition(workflow: Workflow) -> str:

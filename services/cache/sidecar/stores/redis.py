@@ -275,9 +275,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
-        pool = getattr(self.client, "connection_pool", None)
-        if pool is not None:
-            await pool.disconnect()
+        await self.reset_connections()
 
     # --- internals -------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry import trace
 
 from services.common.data.outages import Outages
-from services.common.telemetry.metrics import PoolMetrics
+from services.common.telemetry.metrics import PoolMetrics, PoolStats
 
 # An sqlite3.Row or an asyncpg.Record: both read by column name and by position.
 Row = Any
@@ -65,6 +65,21 @@ class Database(Executor):
     outages: Outages
     #: Where its statements are traced; None: nowhere.
     tracer: trace.Tracer | None
+
+    def __init__(self, pools: PoolMetrics | None, outages: Outages, tracer: trace.Tracer | None) -> None:
+        self.outages = outages
+        self.tracer = tracer
+        self.query_count = 0
+        self._pools = pools
+        if pools is not None:
+            pools.track(self)
+
+    def _untrack(self) -> None:
+        if self._pools is not None:
+            self._pools.untrack(self)
+
+    @abc.abstractmethod
+    def pool_stats(self) -> PoolStats: ...
 
     @abc.abstractmethod
     def transaction(self) -> Any:

@@ -14,7 +14,7 @@ import logging
 import pathlib
 import re
 
-from services.common.data.db.database import Database, Executor, connect
+from services.common.data.db.database import Database, connect
 from services.common.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ async def migrate(db: Database) -> list[int]:
     applied_now = []
     for version, path in wanted:
         async with db.transaction() as tx:
-            await _lock(db, tx)
+            if db.dialect == "postgresql":
+                await tx.execute("SELECT pg_advisory_xact_lock($1)", _ADVISORY_LOCK_ID)
             if await tx.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", version):
                 continue
             for statement in _statements(path.read_text()):
@@ -78,11 +79,6 @@ async def _applied(db: Database) -> set[int]:
         return {int(row["version"]) for row in await db.fetch("SELECT version FROM schema_migrations")}
     except Exception:  # noqa: BLE001 - no table yet: nothing is applied
         return set()
-
-
-async def _lock(db: Database, tx: Executor) -> None:
-    if db.dialect == "postgresql":
-        await tx.execute("SELECT pg_advisory_xact_lock($1)", _ADVISORY_LOCK_ID)
 
 
 async def _main() -> None:

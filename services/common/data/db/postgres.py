@@ -9,7 +9,7 @@ are exported as metrics through the PoolMetrics the wiring hands it
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,21 +41,18 @@ class _PgExecutor(Executor):
         self._owner = owner
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        self._owner.query_count += 1
-        try:
-            with tracing.db_span(self._owner.tracer, "postgresql", sql):
-                return await self._conn.fetch(sql, *args)
-        except asyncpg.UniqueViolationError as exc:
-            raise UniqueViolation(str(exc)) from exc
+        return await self._run(self._conn.fetch, sql, args)  # type: ignore[no-any-return]
 
     async def execute(self, sql: str, *args: Any) -> int:
+        return _rows_changed(await self._run(self._conn.execute, sql, args))
+
+    async def _run(self, call: Callable[..., Awaitable[Any]], sql: str, args: Sequence[Any]) -> Any:
         self._owner.query_count += 1
         try:
             with tracing.db_span(self._owner.tracer, "postgresql", sql):
-                status = await self._conn.execute(sql, *args)
+                return await call(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             raise UniqueViolation(str(exc)) from exc
-        return _rows_changed(status)
 
 
 class PostgresDatabase(Database):
@@ -64,19 +61,14 @@ class PostgresDatabase(Database):
     def __init__(
         self,
         pool: asyncpg.Pool,
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> None:
-        self.outages = Outages() if outages is None else outages
-        self.tracer = tracer
+        super().__init__(pools, outages, tracer)
         self._pool = pool
-        self.query_count = 0
         # Callers inside acquire(): asyncpg does not count the ones waiting for a connection.
         self._acquiring = 0
-        self._pools = pools
-        if pools is not None:
-            pools.track(self)
 
     @classmethod
     async def open(
@@ -85,9 +77,9 @@ class PostgresDatabase(Database):
         *,
         min_size: int,
         max_size: int,
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
@@ -147,8 +139,7 @@ class PostgresDatabase(Database):
         )
 
     async def close(self) -> None:
-        if self._pools is not None:
-            self._pools.untrack(self)
+        self._untrack()
         await self._pool.close()
 
 

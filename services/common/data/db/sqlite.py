@@ -177,23 +177,18 @@ class SqliteDatabase(Database):
         self,
         writer: aiosqlite.Connection,
         readers: list[aiosqlite.Connection],
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> None:
-        self.outages = Outages() if outages is None else outages
-        self.tracer = tracer
+        super().__init__(pools, outages, tracer)
         self._writer = writer
         self._readers = readers
         self._next_reader = itertools.cycle(readers)
         self._write_lock = asyncio.Lock()
-        self.query_count = 0
         # For pool_stats(): reads running, and writers queued for the lock.
         self._reads = 0
         self._writers_waiting = 0
-        self._pools = pools
-        if pools is not None:
-            pools.track(self)
 
     @classmethod
     async def open(
@@ -201,9 +196,9 @@ class SqliteDatabase(Database):
         url: str,
         *,
         readers: int,
-        pools: PoolMetrics | None = None,
-        outages: Outages | None = None,
-        tracer: trace.Tracer | None = None,
+        pools: PoolMetrics | None,
+        outages: Outages,
+        tracer: trace.Tracer | None,
     ) -> SqliteDatabase:
         path = url.removeprefix("sqlite://")
         # sqlite:///var/x.db is the relative path var/x.db; sqlite:////abs/x.db is absolute.
@@ -281,8 +276,7 @@ class SqliteDatabase(Database):
         )
 
     async def close(self) -> None:
-        if self._pools is not None:
-            self._pools.untrack(self)
+        self._untrack()
         for conn in [self._writer, *self._readers]:
             await conn.close()
 
