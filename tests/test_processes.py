@@ -70,7 +70,9 @@ def test_launcher_starts_everything_and_stops_on_sigterm(launcher):
     health = httpx.get(f"http://127.0.0.1:{env['GATEWAY_PORT']}/health", timeout=10)
     assert health.status_code == 200, health.text
 
-    # The examples are seeded, and one runs to the end in the first minute.
+    # The examples are seeded (after the gateway starts: ready says they all are), and
+    # one runs to the end in the first minute.
+    read_until(proc, "launcher: ready")
     gateway = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
     examples = httpx.get(f"{gateway}/api/workflows", timeout=10).json()["workflows"]
     assert {"deploy-gate", "fan-out-greetings"} <= {w["id"] for w in examples}
