@@ -35,6 +35,7 @@ from bench.run import (
     compare,
     own_time,
     process_named,
+    record_profile,
     row,
     start,
     started_stack,
@@ -73,11 +74,7 @@ def profile(pid: int, url: str, body: bytes, args: argparse.Namespace) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "agents.txt"
-        recorder = subprocess.Popen(
-            [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
-             "--output", str(output), "--duration", str(args.profile_seconds)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        recorder = record_profile(py_spy, pid, output, args.profile_seconds)
         time.sleep(1)
         deadline = time.monotonic() + args.profile_seconds - 1
         while time.monotonic() < deadline:

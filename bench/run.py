@@ -481,6 +481,16 @@ _LINE = re.compile(r":\d+\)$")
 EVENT_LOOP = "(none of the hub's functions on the stack)"
 
 
+def record_profile(py_spy: str, pid: int, output: Path, seconds: int) -> subprocess.Popen:
+    """py-spy sampling `pid` for `seconds` into `output`, in the raw format own_time() and
+    innermost_own_code() read; the caller loads the process meanwhile, then waits."""
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
+         "--output", str(output), "--duration", str(seconds)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 def profile(hub_pids: list[int], gateway: str, options: Options) -> list[str]:
     """py-spy on the gateway and the agents service (the first process of each, with
     WORKERS) while hey loads each path once more: the frames the CPU time goes to, as
@@ -497,14 +507,7 @@ def profile(hub_pids: list[int], gateway: str, options: Options) -> list[str]:
     for path in PATHS:
         log(f"  profile: py-spy, {options.profile_seconds}s of GET {path}")
         with tempfile.TemporaryDirectory() as tmp:
-            recorders = [
-                subprocess.Popen(
-                    [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
-                     "--output", f"{tmp}/{pid}.txt", "--duration", str(options.profile_seconds)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
-                for pid in pids.values()
-            ]
+            recorders = [record_profile(py_spy, pid, Path(f"{tmp}/{pid}.txt"), options.profile_seconds) for pid in pids.values()]
             time.sleep(1)
             before = {name: cpu.cpu_seconds([pid]) for name, pid in pids.items()}
             requests = 0

@@ -29,7 +29,18 @@ import time
 from pathlib import Path
 
 from bench import load
-from bench.run import ADMIN_KEY, AGENT_ID, HUB_PROCESSES, Measured, Side, compare, own_time, process_named, started_stack
+from bench.run import (
+    ADMIN_KEY,
+    AGENT_ID,
+    HUB_PROCESSES,
+    Measured,
+    Side,
+    compare,
+    own_time,
+    process_named,
+    record_profile,
+    started_stack,
+)
 
 CPU_TARGET_MS = 1.5
 # A change that touches a column, so every PATCH really writes (and emits its event).
@@ -55,12 +66,7 @@ def profile(pids: list[int], url: str, args: argparse.Namespace) -> None:
     targets = {module: process_named(pids, module) for module in HUB_PROCESSES[:3]}
     with tempfile.TemporaryDirectory() as tmp:
         recorders = [
-            subprocess.Popen(
-                [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
-                 "--output", f"{tmp}/{pid}.txt", "--duration", str(args.profile_seconds)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            for pid in targets.values() if pid is not None
+            record_profile(py_spy, pid, Path(f"{tmp}/{pid}.txt"), args.profile_seconds) for pid in targets.values() if pid is not None
         ]
         time.sleep(1)
         deadline = time.monotonic() + args.profile_seconds - 1
