@@ -379,3 +379,25 @@ def test_entries_are_bounded_and_dropped_by_any_pattern_matching_a_surrogate_key
     # A write's answer names its position and patterns; past the metadata bound, "*".
     assert write_of([("cache-invalidated", "7 agents:get:a agents:list:*")]) == (7, ["agents:get:a", "agents:list:*"])
     assert write_of([("cache-invalidated", "8 *")]) == (8, ["*"])
+
+
+def test_a_hot_answer_is_refreshed_by_one_reader_before_it_expires():
+    """In the last tenth of its life an answer sends its first reader upstream, whose
+    answer replaces it, while every other reader is still answered from it: under load
+    it never expires, and concurrent readers never all miss at once."""
+    now = [0.0]
+    cache = EdgeCache(max_entries=8, max_bytes=1 << 20, max_ttl=10, clock=lambda: now[0])
+    cache.go_live(1)
+    headers = ((b"content-length", b"1"), (b"etag", b'"1"'))
+    said = Said(60, ("agents:get:a",), 1)
+    assert cache.put(("/a", b""), b"a", headers, said)
+    now[0] = 8.9
+    assert cache.get(("/a", b"")) is not None
+    now[0] = 9.0
+    assert cache.get(("/a", b"")) is None, "the first reader of the last tenth refreshes it"
+    assert [cache.get(("/a", b"")) is not None for _ in range(3)] == [True] * 3, "the others are still answered"
+    assert cache.put(("/a", b""), b"b", headers, said)
+    now[0] = 17.5
+    assert cache.get(("/a", b"")).body == b"b", "the refreshed answer lives its own ten seconds"
+    now[0] = 20.0
+    assert cache.get(("/a", b"")) is None, "nothing is answered past its lifetime, refreshed or not"

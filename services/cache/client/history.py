@@ -21,7 +21,10 @@ HISTORY_SIZE = 4096
 
 
 class InvalidationHistory:
-    def __init__(self) -> None:
+    def __init__(self, size: int = HISTORY_SIZE) -> None:
+        if size < 1:
+            raise ValueError("the history must hold at least one invalidation")
+        self._size = size
         self.known = 0
         # Versions below the floor cannot be checked (history dropped, or a clear).
         self.floor = 0
@@ -36,7 +39,7 @@ class InvalidationHistory:
             self.forget(at)
             return
         bisect.insort(self._entries, (at, parse_pattern(pattern).matches), key=lambda entry: entry[0])
-        if len(self._entries) > HISTORY_SIZE:
+        if len(self._entries) > self._size:
             self.floor = max(self.floor, self._entries.pop(0)[0])
 
     def learn(self, position: int) -> None:

@@ -24,6 +24,10 @@ EdgeKey = tuple[str, bytes]
 Headers = tuple[tuple[bytes, bytes], ...]
 # What a 304 leaves out of a 200's header lines.
 _CONTENT_HEADERS = frozenset({b"content-type", b"content-length"})
+# The last tenth of an entry's life: its first reader then refreshes it while the
+# others are still answered from it, so a hot answer never expires under load (where
+# every concurrent reader would miss at once and render the same answer upstream).
+REFRESH_AHEAD = 0.1
 
 
 @dataclasses.dataclass(slots=True)
@@ -39,6 +43,8 @@ class EdgeEntry:
     stored_at: float
     expires_at: float
     version: int
+    refresh_at: float
+    refreshing: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +97,13 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         # surrogate key -> the entries it names, so an exact invalidation is one lookup.
         self._by_key: dict[str, set[EdgeKey]] = {}
 
+    def get(self, key: EdgeKey) -> EdgeEntry | None:
+        entry = super().get(key)
+        if entry is not None and not entry.refreshing and self._clock() >= entry.refresh_at:
+            entry.refreshing = True
+            return None  # this reader's answer replaces it
+        return entry
+
     def age(self, entry: EdgeEntry) -> int:
         """Whole seconds since the answer was stored (the Age header)."""
         return int(self._clock() - entry.stored_at)
@@ -108,7 +121,8 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
             return False
         validators = tuple((name, value) for name, value in head if name not in _CONTENT_HEADERS)
         now = self._clock()
-        entry = EdgeEntry(body, head, validators, etag, said.keys, now, now + min(said.max_age, self.max_ttl), said.version)
+        ttl = min(said.max_age, self.max_ttl)
+        entry = EdgeEntry(body, head, validators, etag, said.keys, now, now + ttl, said.version, now + ttl * (1 - REFRESH_AHEAD))
         self._store(key, entry)
         for surrogate in said.keys:
             self._by_key.setdefault(surrogate, set()).add(key)

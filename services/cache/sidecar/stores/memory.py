@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from devops_hub.v1 import cache_pb2
 
-from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, parse_pattern
+from services.cache.client.history import HISTORY_SIZE, InvalidationHistory
+from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, escape_key, parse_pattern
 from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
     FRESH,
@@ -35,8 +36,6 @@ from services.cache.sidecar.stores.base import (
 )
 from services.common.contract.errors import invalid_fields
 
-# Invalidations remembered for fill checks; a fill older than all of them is refused.
-DEFAULT_HISTORY = 4096
 # Dead entries reclaimed per write: more than one, so reclaiming outpaces filling.
 SWEEP_PER_WRITE = 8
 MAINTENANCE_BUDGET = 20_000
@@ -100,7 +99,7 @@ class MemoryStore:
         max_bytes: int,
         default_ttl: float,
         negative_ttl: float | None = None,
-        history: int = DEFAULT_HISTORY,
+        history: int = HISTORY_SIZE,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -124,10 +123,7 @@ class MemoryStore:
         # Bytes held, live or dead: what max_bytes bounds.
         self._bytes = 0
 
-        # Fills below the floor predate what the history can vouch for.
-        self._floor = 0
-        self._history: collections.deque[tuple[int, Callable[[str], bool]]] = collections.deque()
-        self._history_limit = history
+        self._history = InvalidationHistory(history)
         self.position = FRESH
         self.counts = Counts()
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
@@ -195,7 +191,7 @@ class MemoryStore:
     def delete(self, key: str, at: int | None = None) -> bool:
         """Removes one key; recorded even when absent, because an in-flight fill may
         still hold it. `at`: the log position it is recorded at (default: the current)."""
-        self._record(key.__eq__, at)
+        self._record(escape_key(key), at)
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
@@ -210,7 +206,7 @@ class MemoryStore:
             return int(self.delete(pattern, at))
         if parsed.text == "*":
             return self.clear(at)
-        self._record(parsed.matches, at)
+        self._record(pattern, at)
         if parsed.level is not None:
             return self._detach(parsed.level)
         victims = [key for key in self._candidates(parsed.literal_prefix) if parsed.matches(key)]
@@ -219,11 +215,10 @@ class MemoryStore:
         return len(victims)
 
     def clear(self, at: int | None = None) -> int:
-        """Removes everything. Every fill read before it is refused: the floor moves up,
-        so the history can be dropped instead of holding a match-all record."""
+        """Removes everything. Every fill read before it is refused: the history's
+        floor moves up, so it holds no match-all record."""
         removed = self._root.entries
-        self._floor = max(self._floor, self._recorded_at(at))
-        self._history.clear()
+        self._history.forget(self._recorded_at(at))
         self.counts.invalidations += 1
         self._entries.clear()
         self._root = _Node(None, "")
@@ -390,23 +385,12 @@ class MemoryStore:
         against a fill read at it (only the log orders)."""
         return self.position.applied if at is None else at
 
-    def _record(self, matches: Callable[[str], bool], at: int | None) -> None:
-        self._history.append((self._recorded_at(at), matches))
-        if len(self._history) > self._history_limit:
-            dropped, _ = self._history.popleft()
-            self._floor = max(self._floor, dropped)
+    def _record(self, pattern: str, at: int | None) -> None:
+        self._history.record(pattern, self._recorded_at(at))
         self.counts.invalidations += 1
 
     def _refuses(self, key: str, version: int) -> bool:
-        if self.position.fresh or version < self._floor:
+        if self.position.fresh:
             return True
         held = self._entries.get(key)
-        if held is not None and held.version > version and held.alive:
-            return True
-        # Only records after the fill's version matter; the history is in order.
-        for recorded, matches in reversed(self._history):
-            if recorded <= version:
-                return False
-            if matches(key):
-                return True
-        return False
+        return (held is not None and held.version > version and held.alive) or self._history.raced(key, version)
