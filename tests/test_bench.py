@@ -78,7 +78,7 @@ def test_py_spy_stacks_go_to_the_hubs_innermost_function_with_what_it_calls():
         "dumps (json/__init__.py:231) 6\n"
         "main (gateway/server.py:9);run (asyncio/runners.py:118);__call__ (gateway/front.py:95);"
         "send (uvicorn/protocols/http/httptools_impl.py:522) 3\n"
-        "main (gateway/server.py:9);run (services/common/foundation/event_loop.py:21);run (asyncio/runners.py:118) 1\n"
+        "main (gateway/server.py:9);run (services/common/runtime/process.py:190);run (asyncio/runners.py:118) 1\n"
     )
     assert innermost_own_code(raw, 3) == [("render (gateway/rest.py)", 0.6), ("__call__ (gateway/front.py)", 0.3), (EVENT_LOOP, 0.1)]
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.contract.errors import NotFound
 from services.common.contract.limits import MAX_METADATA_BYTES
-from services.common.foundation import event_loop
+from services.common.runtime import process
 from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support.grpc_errors import failure_of
@@ -121,11 +121,15 @@ async def test_graceful_stop_finishes_in_flight_calls(host):
 
 
 @pytest.mark.fast
-def test_services_run_their_loop_on_uvloop():
-    async def loop_type() -> type:
-        return type(asyncio.get_running_loop())
+def test_services_run_their_loop_on_uvloop(monkeypatch):
+    seen = []
 
-    assert event_loop.run(loop_type()) is uvloop.Loop
+    async def live(*_: object) -> None:
+        seen.append(type(asyncio.get_running_loop()))
+
+    monkeypatch.setattr(process, "_live", live)
+    process.run(build=None, name="test", service="test")  # type: ignore[arg-type]
+    assert seen == [uvloop.Loop]
 
 
 async def test_reflection_can_be_turned_off(sqlite_url):

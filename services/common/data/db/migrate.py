@@ -8,14 +8,11 @@ serialises writers, and each process re-reads what is applied once it holds the 
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import pathlib
 import re
 
-from services.common.data.db.database import Database, connect
-from services.common.foundation.settings import Settings
+from services.common.data.db.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +76,3 @@ async def _applied(db: Database) -> set[int]:
         return {int(row["version"]) for row in await db.fetch("SELECT version FROM schema_migrations")}
     except Exception:  # noqa: BLE001 - no table yet: nothing is applied
         return set()
-
-
-async def _main() -> None:
-    parser = argparse.ArgumentParser(description="Apply the database migrations for DATABASE_URL.")
-    parser.parse_args()
-    settings = Settings.from_env()
-    db = await connect(settings.database_url, pool_size=1, max_overflow=0)
-    try:
-        applied = await migrate(db)
-    finally:
-        await db.close()
-    print(f"database {settings.database_url_redacted}: {len(applied)} migration(s) applied")
-
-
-if __name__ == "__main__":
-    asyncio.run(_main())
