@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.seed import seed
 from services.common.auth import keys
 from services.common.data.db import connect
 from services.common.data.db.migrate import migrate
 from services.common.foundation.settings import Settings
 from services.common.telemetry.metrics import MULTIPROCESS_ENV
-from services.seed import seed
 
 STOP_TIMEOUT = 8.0
 START_TIMEOUT = 30.0

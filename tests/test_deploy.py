@@ -28,13 +28,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from bench import loadtest
 from devstack.launcher import PROBE_FAILURES, PROBE_PERIOD, PROBE_TIMEOUT
 from devstack.ports import free_port
+from devstack.seed import seed
 from gateway.routes import build_routes
 from services.common.auth import keys
 from services.common.contract.api import discover_services
 from services.common.foundation.settings import Settings
 from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import SERVER_ERROR_CODES, service_metrics
-from services.seed import seed
 from tests.support import ROOT
 from tests.support.api import BACKEND_OF_SERVICE
 from tests.support.deploy import DEPLOY, alert_rules, dashboard, dashboard_exprs, metric_names

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from devstack.seed import EXAMPLE_WORKFLOWS
 from services.common.foundation.settings import Settings
-from services.seed import EXAMPLE_WORKFLOWS
 
 # A seeded example: agent steps (validate, latency, announce) behind a CONDITIONAL gate.
 DEPLOY_GATE = next(w for w in EXAMPLE_WORKFLOWS if w["id"] == "deploy-gate")
