@@ -1,6 +1,6 @@
 """Wiring for the gateway: the app (app.py) served by uvicorn on its socket, as the
 Process every serving part of DevOps Hub is (services/common/runtime/process.py): `python -m gateway`
-runs it, and gateway/testing.py starts the same in a test's event loop."""
+runs it, and tests/support/stack.py starts the same in a test's event loop."""
 
 from __future__ import annotations
 

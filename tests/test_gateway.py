@@ -29,7 +29,6 @@ from google.protobuf.message import Message
 
 from gateway import proto_comments
 from gateway.routes import build_routes
-from gateway.testing import running_gateway
 from services.common.auth.scopes import Scope, required_scopes
 from services.common.contract.api import discover_services, method_path
 from services.common.contract.errors import Aborted, AlreadyExists, NotFound, invalid_fields
@@ -38,6 +37,7 @@ from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.metrics import service_metrics
 from tests.support import ROOT
 from tests.support.api import BACKEND_OF_SERVICE
+from tests.support.stack import running_gateway
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"

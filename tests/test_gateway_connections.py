@@ -10,9 +10,9 @@ import sys
 
 import httpx
 
-from gateway.testing import running_gateway
 from services.common.foundation.settings import Settings
 from tests.support.processes import process_env, read_until, spawned
+from tests.support.stack import running_gateway
 
 SLOW = 1000
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
@@ -18,7 +19,7 @@ from google.protobuf import empty_pb2
 from opentelemetry import trace
 
 from devstack.ports import free_port
-from gateway.testing import running_gateway
+from gateway.server import build as build_gateway
 from services.agents.builtins import builtin_agent_records
 from services.agents.server import AgentsService
 from services.agents.server import build as build_agents
@@ -114,10 +115,20 @@ async def running_stack(
 
 
 @asynccontextmanager
+async def running_gateway(settings: Settings, **app_options: Any) -> AsyncIterator[str]:
+    """The base URL (`http://127.0.0.1:PORT`) of the real gateway, built, started and
+    stopped as `python -m gateway` does it (real uvicorn on a real socket, in the
+    test's event loop), on an ephemeral port; `app_options` go to create_app."""
+    gateway = await build_gateway(settings.replace(gateway_host="127.0.0.1", gateway_port=0), **app_options)
+    async with running(gateway, settings.shutdown_grace):
+        yield gateway.listening
+
+
+@asynccontextmanager
 async def gateway_client(
     settings: Settings, *, tracer: trace.Tracer | None = None, profiler: SlowRequestProfiler | None = None, **client_options
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A real gateway (gateway/testing.py) in front of the services `settings` name,
+    """A real gateway (running_gateway) in front of the services `settings` name,
     traced into `tracer` and profiled by `profiler` when given them, and an HTTP client
     to it; `client_options` (timeout, headers) go to httpx."""
     async with running_gateway(settings, tracer=tracer, profiler=profiler) as base_url:

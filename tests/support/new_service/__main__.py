@@ -33,7 +33,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from devstack.ports import free_port
-from gateway.testing import running_gateway
 from services.agents.server import build as build_agents
 from services.cache.client.manager import CacheManager
 from services.cache.log.outbox import Outbox
@@ -48,6 +47,7 @@ from tests.support.grpc_errors import failure_of
 from tests.support.new_service.reports import Reports
 from tests.support.new_service.repository import SCHEMA, ReportRepository
 from tests.support.new_service.servicer import ReportsServicer
+from tests.support.stack import running_gateway
 
 SERVICE_NAME = reports_pb2.DESCRIPTOR.services_by_name["ReportsService"].full_name
 # Generous: the machine may be loaded, and nothing here measures time.
