@@ -210,7 +210,7 @@ class Resource(ResourceBase[R]):
         fields = _fields_to_update(changes, mask, self.label, violations)
         if violations:
             raise invalid_fields(violations)
-        async with self._updating(resource_id):
+        async with self._updating(resource_id) as end_turn:
             for _ in range(_UPDATE_ATTEMPTS):
                 stored = await self._repository.get(resource_id)
                 if stored is None:
@@ -226,7 +226,7 @@ class Resource(ResourceBase[R]):
                 if violations:
                     raise invalid_fields(violations)
                 self.normalise(current)
-                async with self._outbox.write() as write:
+                async with self._outbox.write(end_turn) as write:
                     updated = await self._repository.replace(write.tx, current, stored, write.time)
                     if updated is not None:
                         self.record(write, "updated", {resource_id: {"fields": fields}})
@@ -236,17 +236,28 @@ class Resource(ResourceBase[R]):
         raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": resource_id})
 
     @asynccontextmanager
-    async def _updating(self, id: str) -> AsyncIterator[None]:
+    async def _updating(self, id: str) -> AsyncIterator[Callable[[], None]]:
         """This process's updates of one resource take turns: run side by side, all but
         one would read a revision that the first replaces, and merge again (or give up,
         ABORTED, after _UPDATE_ATTEMPTS). Other processes' updates still can race: the
-        revision check catches those."""
+        revision check catches those. Yields what ends the turn early, once the update
+        has committed: the next one reads it while this one waits for its delivery."""
         lock, users = self._updates.get(id, (asyncio.Lock(), 0))
         self._updates[id] = (lock, users + 1)
+        held = False
+
+        def end_turn() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lock.release()
+
         try:
-            async with lock:
-                yield
+            await lock.acquire()
+            held = True
+            yield end_turn
         finally:
+            end_turn()
             users = self._updates[id][1] - 1
             if users:
                 self._updates[id] = (lock, users)
