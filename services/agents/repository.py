@@ -35,6 +35,11 @@ _COLUMN_TYPES = tuple(
 )
 _COLUMNS = ", ".join(name for name, _ in _COLUMN_TYPES)
 _CAPABILITY_COLUMN_TYPES = (("agent_id", "text"), ("capability", "text"))
+# A replace writes every column but the id and create_time (positions in _COLUMN_TYPES).
+_REPLACED = tuple(i for i, (name, _) in enumerate(_COLUMN_TYPES) if name not in ("id", "create_time"))
+_REPLACE = "UPDATE agents SET {} WHERE id = $1 AND revision = $2".format(
+    ", ".join(f"{_COLUMN_TYPES[i][0]} = ${n}" for n, i in enumerate(_REPLACED, start=3))
+)
 
 
 @dataclass
@@ -126,19 +131,20 @@ class AgentRepository:
         await self._insert_capabilities(tx, agents)
         return [_to_agent(dict(zip((c for c, _ in _COLUMN_TYPES), row))) for row in rows]
 
-    async def replace(self, tx: Executor, agent: Agent, revision: int, now: dt.datetime) -> Agent | None:
-        """Writes the whole agent if its revision is still `revision`; None otherwise."""
-        values = dict(zip((c for c, _ in _COLUMN_TYPES), _to_row(agent, revision + 1, None, now)))
-        del values["id"], values["create_time"]
-        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, start=3))
-        row = await tx.fetchrow(
-            f"UPDATE agents SET {sets} WHERE id = $1 AND revision = $2 RETURNING {_COLUMNS}", agent.id, revision, *values.values()
-        )
-        if row is None:
+    async def replace(self, tx: Executor, agent: Agent, stored: Agent, now: dt.datetime) -> Agent | None:
+        """Writes the whole agent if its revision is still `stored`'s; None otherwise. Its
+        capability rows are rewritten only when its capabilities changed; the answer is
+        the agent as written, not read back."""
+        revision = int(stored.etag)
+        values = _to_row(agent, revision + 1, None, now)
+        if not await tx.execute(_REPLACE, agent.id, revision, *(values[i] for i in _REPLACED)):
             return None
-        await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent.id)
-        await self._insert_capabilities(tx, [agent])
-        return _to_agent(row)
+        if agent.capabilities != stored.capabilities:
+            await tx.execute("DELETE FROM agent_capabilities WHERE agent_id = $1", agent.id)
+            await self._insert_capabilities(tx, [agent])
+        agent.etag = str(revision + 1)
+        agent.update_time.FromDatetime(now)
+        return agent
 
     async def delete(self, tx: Executor, agent_id: str, expected_revision: int | None) -> bool:
         # agent_capabilities rows go with the agent (ON DELETE CASCADE).

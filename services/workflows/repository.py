@@ -102,8 +102,9 @@ class WorkflowRepository:
             for workflow in workflows
         ]
 
-    async def replace(self, tx: Executor, workflow: Workflow, revision: int, now: dt.datetime) -> Workflow | None:
-        """Writes the whole workflow if its revision is still `revision`; None otherwise."""
+    async def replace(self, tx: Executor, workflow: Workflow, stored: Workflow, now: dt.datetime) -> Workflow | None:
+        """Writes the whole workflow if its revision is still `stored`'s; None otherwise."""
+        revision = int(stored.etag)
         row = await tx.fetchrow(
             f"UPDATE workflows SET name = $3, description = $4, definition = $5, update_time = $6,"
             f" revision = revision + 1 WHERE id = $1 AND revision = $2 RETURNING {_WORKFLOW_COLUMNS}",

@@ -11,7 +11,7 @@ the acknowledgement in another process finds the sidecar current.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,10 +55,12 @@ class Outbox:
         self._log = InvalidationLog(db)
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[Write]:
+    async def write(self, delivering: Callable[[], None] = lambda: None) -> AsyncIterator[Write]:
         """A transaction for one write; an exception out of the block rolls it all back.
 
         A block that records nothing (no row matched, say) commits without a log entry.
+        `delivering` is called once a write that recorded something has committed,
+        before it waits for the relay (Resource.update ends its turn there).
         """
         async with self._db.transaction() as tx:
             write = Write(tx, self._source, utc_now())
@@ -71,4 +73,5 @@ class Outbox:
         if patterns:
             self._cache.committed(sequence, patterns)
             surrogate_keys.note_write(sequence, patterns)
+            delivering()
             await self._relay.deliver(sequence, patterns)

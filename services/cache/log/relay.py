@@ -58,8 +58,10 @@ class InvalidationRelay:
         # This process's writes not yet known applied: log position -> patterns.
         self._pending: dict[int, Sequence[str]] = {}
         self._nudged = asyncio.Event()
-        # Set (and replaced) whenever the cache's position moves: deliver() waits on it.
+        # Set (and replaced) whenever a call to the cache ends: deliver() waits on it.
         self._advanced = asyncio.Event()
+        # Whether a Sync is on its way: one at a time, what commits meanwhile waits for the next.
+        self._sending = False
         # While the sidecar has just proved silent, deliver() does not wait for it.
         self._silent_until = 0.0
         self._condition = ""
@@ -78,30 +80,36 @@ class InvalidationRelay:
 
     def nudge(self, position: int, patterns: Sequence[str]) -> None:
         """A write of this process committed at `position`: send it now."""
-        if len(self._pending) >= BATCH:
-            # The sidecar has been away a while: the log holds them all, and the next
-            # round reads them from there. Only the fast path needs them in memory.
-            self._pending.clear()
-        self._pending[position] = patterns
+        self._hold(position, patterns)
         self._nudged.set()
 
     async def deliver(self, position: int, patterns: Sequence[str]) -> None:
         """Waits (at most its channel's deadline) until the cache has applied the log
-        through `position`. An entry that continues the cache's position is sent from
-        here, the caller's task, so a write never waits behind a round that reads the
-        database; any other is the relay's to send."""
+        through `position`. This process's entries that continue the cache's position
+        are sent from here, the writers' tasks: those committed while a Sync was on its
+        way go together in the next, so a write never waits behind a round that reads
+        the database, nor sends a Sync of its own behind one that is under way. Any
+        other entry is the relay's to send."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._transport.timeout
         if time.monotonic() < self._silent_until:
             self.nudge(position, patterns)
             return
-        if self._applied == position - 1 and len(patterns) <= MAX_PATTERNS_PER_SYNC:
-            await self._sync(position - 1, position, list(patterns))
-        if self._applied is not None and self._applied >= position:
-            return
-        self.nudge(position, patterns)
+        self._hold(position, patterns)
         while (self._applied is None or self._applied < position) and (remaining := deadline - loop.time()) > 0:
+            if not self._sending:
+                # (Not once dropped from _pending, see _hold: _send_own would have nothing to send.)
+                if self._applied is not None and position in self._pending and await self._send_own():
+                    continue
+                self._nudged.set()
             await wait_set(self._advanced, remaining)
+
+    def _hold(self, position: int, patterns: Sequence[str]) -> None:
+        if len(self._pending) >= BATCH:
+            # The sidecar has been away a while: the log holds them all, and the next
+            # round reads them from there. Only the fast path needs them in memory.
+            self._pending.clear()
+        self._pending[position] = patterns
 
     async def _run(self) -> None:
         while True:
@@ -128,6 +136,9 @@ class InvalidationRelay:
     async def _relay(self) -> bool:
         """One round; True when the cache is still behind and the next round should
         follow at once."""
+        if self._sending:
+            # A writer's Sync is on its way; its writers nudge again if it fails.
+            return False
         if self._pending and self._applied is not None and await self._send_own():
             return bool(self._pending)
         state = await self._state()
@@ -189,12 +200,18 @@ class InvalidationRelay:
         return through < head
 
     async def _sync(self, after: int, through: int, patterns: list[str], *, clear: bool = False) -> cache_pb2.CacheSyncState | None:
-        return await self._call("Sync", cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear))
+        self._sending = True
+        try:
+            return await self._call("Sync", cache_pb2.CacheSyncRequest(after=after, through=through, patterns=patterns, clear=clear))
+        finally:
+            self._sending = False
 
     async def _call(self, method: str, request: Message) -> cache_pb2.CacheSyncState | None:
         """GetSyncState or Sync; the cache's position as it answers, None when it does not."""
         state: cache_pb2.CacheSyncState | None
         state, code = await self._transport.call(method, request, respect_backoff=False)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
         if state is None:
             self._applied = None
             if method == "Sync" and code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -206,8 +223,6 @@ class InvalidationRelay:
                 self._note("unreachable", logging.WARNING, message, method)
             return None
         self._applied = None if state.fresh else state.applied
-        self._advanced.set()
-        self._advanced = asyncio.Event()
         for p in [p for p in self._pending if self._applied is not None and p <= self._applied]:
             del self._pending[p]
         return state

@@ -123,7 +123,9 @@ class CacheEntries:
                     async with asyncio.timeout(self._heartbeat_interval):
                         message = await watcher.queue.get()
                 except TimeoutError:
-                    message = self._heartbeat()
+                    # A message put as the wait timed out goes first: a heartbeat never
+                    # carries a position past what the stream has sent (gateway/edge.py relies on it).
+                    message = self._heartbeat() if watcher.queue.empty() else watcher.queue.get_nowait()
                 if message is not None:
                     yield message
         finally:

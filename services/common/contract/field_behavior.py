@@ -34,9 +34,17 @@ def behaviors(field: Field) -> frozenset[int]:
 
 def writable_fields(resource: type[Message]) -> tuple[str, ...]:
     """The fields of a resource a client may write, in declaration order: what an
-    update_mask may name."""
-    fields = resource.DESCRIPTOR.fields
-    return tuple(field.name for field in fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE)
+    update_mask may name. Read once per type, not on every update."""
+    descriptor = resource.DESCRIPTOR
+    found = _WRITABLE.get(descriptor.full_name)
+    if found is None:
+        found = _WRITABLE[descriptor.full_name] = tuple(
+            field.name for field in descriptor.fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE
+        )
+    return found
+
+
+_WRITABLE: dict[str, tuple[str, ...]] = {}
 
 
 def required_fields(message: Message) -> tuple[Field, ...]:

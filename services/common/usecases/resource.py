@@ -64,10 +64,11 @@ class Records(Protocol[R_co]):
 
 class Store(Records[R], Protocol[R]):
     """A resource's repository; writes run on the unit of work's `tx`, `replace` and
-    `delete` only while the revision (when given) is still the one named."""
+    `delete` only while the revision (when given) is still the one named: for `replace`,
+    `stored`'s, the resource as read before `resource` was made of it."""
 
     async def insert(self, tx: Executor, resources: Sequence[R], now: dt.datetime, /) -> list[R]: ...
-    async def replace(self, tx: Executor, resource: R, revision: int, now: dt.datetime, /) -> R | None: ...
+    async def replace(self, tx: Executor, resource: R, stored: R, now: dt.datetime, /) -> R | None: ...
     async def delete(self, tx: Executor, id: str, revision: int | None, /) -> bool: ...
 
 
@@ -209,22 +210,24 @@ class Resource(ResourceBase[R]):
         fields = _fields_to_update(changes, mask, self.label, violations)
         if violations:
             raise invalid_fields(violations)
-        async with self._updating(resource_id):
+        async with self._updating(resource_id) as end_turn:
             for _ in range(_UPDATE_ATTEMPTS):
-                current = await self._repository.get(resource_id)
-                if current is None:
+                stored = await self._repository.get(resource_id)
+                if stored is None:
                     self._not_found(resource_id)
-                revision = int(_etag(current))
-                if etag and revision_of(etag) != revision:
+                if etag and revision_of(etag) != int(_etag(stored)):
                     self._stale(resource_id, etag)
-                merged = field_mask_pb2.FieldMask(paths=fields)
-                merged.MergeMessage(changes, current, replace_message_field=True, replace_repeated_field=True)
+                current = type(stored)()
+                current.CopyFrom(stored)
+                field_mask_pb2.FieldMask(paths=fields).MergeMessage(
+                    changes, current, replace_message_field=True, replace_repeated_field=True
+                )
                 await self._check(current, self.label, violations)
                 if violations:
                     raise invalid_fields(violations)
                 self.normalise(current)
-                async with self._outbox.write() as write:
-                    updated = await self._repository.replace(write.tx, current, revision, write.time)
+                async with self._outbox.write(end_turn) as write:
+                    updated = await self._repository.replace(write.tx, current, stored, write.time)
                     if updated is not None:
                         self.record(write, "updated", {resource_id: {"fields": fields}})
                 if updated is not None:
@@ -233,17 +236,28 @@ class Resource(ResourceBase[R]):
         raise Aborted(message, reason="ETAG_MISMATCH", metadata={"id": resource_id})
 
     @asynccontextmanager
-    async def _updating(self, id: str) -> AsyncIterator[None]:
+    async def _updating(self, id: str) -> AsyncIterator[Callable[[], None]]:
         """This process's updates of one resource take turns: run side by side, all but
         one would read a revision that the first replaces, and merge again (or give up,
         ABORTED, after _UPDATE_ATTEMPTS). Other processes' updates still can race: the
-        revision check catches those."""
+        revision check catches those. Yields what ends the turn early, once the update
+        has committed: the next one reads it while this one waits for its delivery."""
         lock, users = self._updates.get(id, (asyncio.Lock(), 0))
         self._updates[id] = (lock, users + 1)
+        held = False
+
+        def end_turn() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lock.release()
+
         try:
-            async with lock:
-                yield
+            await lock.acquire()
+            held = True
+            yield end_turn
         finally:
+            end_turn()
             users = self._updates[id][1] - 1
             if users:
                 self._updates[id] = (lock, users)
