@@ -7,11 +7,12 @@ check reads them from the descriptors here, so adding an annotation is the whole
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from google.api import field_behavior_pb2
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 if TYPE_CHECKING:
@@ -35,16 +36,12 @@ def behaviors(field: Field) -> frozenset[int]:
 def writable_fields(resource: type[Message]) -> tuple[str, ...]:
     """The fields of a resource a client may write, in declaration order: what an
     update_mask may name. Read once per type, not on every update."""
-    descriptor = resource.DESCRIPTOR
-    found = _WRITABLE.get(descriptor.full_name)
-    if found is None:
-        found = _WRITABLE[descriptor.full_name] = tuple(
-            field.name for field in descriptor.fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE
-        )
-    return found
+    return _writable(resource.DESCRIPTOR)
 
 
-_WRITABLE: dict[str, tuple[str, ...]] = {}
+@functools.cache
+def _writable(descriptor: Descriptor) -> tuple[str, ...]:
+    return tuple(field.name for field in descriptor.fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE)
 
 
 def required_fields(message: Message) -> tuple[Field, ...]:
