@@ -183,6 +183,22 @@ def test_near_fills_that_raced_an_invalidation_are_refused() -> None:
 
 
 @pytest.mark.fast
+def test_a_span_of_this_process_s_own_writes_is_not_applied_again() -> None:
+    """Its writes applied their patterns at commit, and entries read after them were
+    kept since: a span of the stream that holds only those writes (the relay sends
+    writes that commit together in one Sync) is skipped; one with another's is not."""
+    near = NearCache()
+    near.go_live(0)
+    near.applied_own(1)
+    near.applied_own(2)
+    assert near.took_own(0, 2) is True
+    near.applied_own(3)
+    assert near.took_own(2, 4) is False, "entry 4 is another process's"
+    assert near.took_own(4, 4) is False, "a span from outside the log"
+    assert near._own == set(), "entries the stream has passed are forgotten"
+
+
+@pytest.mark.fast
 def test_the_near_cache_is_bounded() -> None:
     near = NearCache(max_entries=3, max_bytes=1600)
     near.go_live(0)

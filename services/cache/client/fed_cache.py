@@ -94,10 +94,11 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._own.add(position)
 
     def took_own(self, after: int, through: int) -> bool:
-        """Whether the stream's span (after, through] is one entry applied_own() already
-        applied; entries the stream has passed are forgotten either way."""
+        """Whether the stream's span (after, through] holds only entries applied_own()
+        already applied (the relay sends writes that commit together in one span);
+        entries the stream has passed are forgotten either way."""
         own = self._own
-        mine = through == after + 1 and through in own
+        mine = through > after and all(position in own for position in range(after + 1, through + 1))
         if own:
             self._own = {position for position in own if position > through}
         return mine
