@@ -12,7 +12,6 @@ returns. docs/resilience.md, "Safe retries", has the rules a client sees.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -25,6 +24,7 @@ from google.protobuf.message import Message
 from services.common.auth.guard import presented_key
 from services.common.auth.keys import hash_key
 from services.common.contract.errors import Aborted, CommitOutcomeUnknown, FailedPrecondition, invalid_fields
+from services.common.contract.pagination import fingerprint
 from services.common.data.db.database import Executor
 from services.common.data.idempotency_repository import IdempotencyRepository, KeyUse
 from services.common.foundation.clock import utc_now
@@ -92,7 +92,7 @@ class Idempotency:
             if not key:
                 return await behavior(request, context_)
             now = utc_now()
-            use = KeyUse(_caller(context_), method, key, _fingerprint(request, key_fields))
+            use = KeyUse(_caller(context_), method, key, fingerprint(request, key_fields))
             call = _Call(use, self._repository, now, now - self._retention)
             replay = await self._replay(call, reply_class)
             if replay is not None:
@@ -150,11 +150,3 @@ def _caller(context_: Context) -> str:
     key = presented_key(metadata)
     return hash_key(key) if key else "anonymous"
 
-
-def _fingerprint(request: Message, key_fields: Sequence[str]) -> str:
-    """What tells 'the same request again' from 'another request with the same key'."""
-    bare = type(request)()
-    bare.CopyFrom(request)
-    for name in key_fields:
-        bare.ClearField(name)
-    return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
