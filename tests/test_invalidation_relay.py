@@ -254,3 +254,28 @@ async def test_a_cache_without_the_log_rpcs_is_waited_for_quietly(database_url, 
         await host.stop(0)
     relay_lines = [r for r in caplog.records if r.name == "services.cache.log.relay"]
     assert len(relay_lines) == 1 and "cannot be reached" in relay_lines[0].getMessage()
+
+
+async def test_a_write_while_the_cache_is_down_does_not_keep_calling_it(database_url, monkeypatch):
+    """A sidecar that refuses connections fails each call at once: a write waits for it
+    no longer than one attempt proves it away, instead of calling it again and again
+    until its deadline."""
+    async with positioned_stack(database_url) as (cache, server, stack):
+        created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
+        transport = stack.agents.relay._transport
+        calls = []
+        call = transport.call
+
+        async def counted(method, request, **options):
+            calls.append(method)
+            return await call(method, request, **options)
+
+        monkeypatch.setattr(transport, "call", counted)
+        await server.stop()
+        await stack.stub.UpdateAgent(
+            agents_pb2.UpdateAgentRequest(
+                agent=Agent(id="agent-1", description="new", etag=created.etag),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            )
+        )
+        assert len(calls) <= 3, calls

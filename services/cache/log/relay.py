@@ -92,11 +92,13 @@ class InvalidationRelay:
         other entry is the relay's to send."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._transport.timeout
-        if time.monotonic() < self._silent_until:
-            self.nudge(position, patterns)
-            return
         self._hold(position, patterns)
         while (self._applied is None or self._applied < position) and (remaining := deadline - loop.time()) > 0:
+            if time.monotonic() < self._silent_until:
+                # It just proved silent (or refuses connections, which fails every call at
+                # once): the relay's rounds send the entry once it answers.
+                self._nudged.set()
+                return
             if not self._sending:
                 # (Not once dropped from _pending, see _hold: _send_own would have nothing to send.)
                 if self._applied is not None and position in self._pending and await self._send_own():
