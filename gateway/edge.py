@@ -7,8 +7,10 @@ service would have answered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import trace
 from starlette.responses import Response
@@ -18,7 +20,7 @@ from gateway.conditional import none_match
 from services.cache.client.near_feed import NearCacheFeed
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
-from services.cache.edge.store import EdgeCache, EdgeEntry, cacheable, write_of
+from services.cache.edge.store import EdgeCache, EdgeEntry, EdgeKey, cacheable, write_of
 from services.common.foundation.settings import Settings
 from services.common.transport.channels import service_address
 
@@ -45,6 +47,8 @@ class Edge:
         self.cache = EdgeCache(
             max_entries=settings.gateway_edge_cache_size, max_bytes=settings.gateway_edge_cache_bytes, max_ttl=settings.gateway_edge_cache_ttl
         )
+        # Misses on their way upstream, each with what its readers who missed meanwhile wait on.
+        self._loading: dict[EdgeKey, asyncio.Future[None]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, consistency: ConsistencyMetrics, *, tracer: trace.Tracer | None = None) -> Edge | None:
@@ -86,6 +90,32 @@ class Edge:
             return
         await send({"type": "http.response.start", "status": 200, "headers": [*entry.head, *per_request]})
         await send({"type": "http.response.body", "body": entry.body})
+
+    @contextlib.contextmanager
+    def loading(self, key: EdgeKey) -> Iterator[None]:
+        """A miss of `key` on its way upstream: readers who miss it meanwhile wait for its
+        answer (landed()) rather than all asking the service at once, as they would when
+        a hot answer is not held yet (a burst on a cold key)."""
+        if key in self._loading:
+            yield  # another reader's miss is on its way: this one does not replace it
+            return
+        done = self._loading[key] = asyncio.get_running_loop().create_future()
+        try:
+            yield
+        finally:
+            del self._loading[key]
+            done.set_result(None)
+
+    async def landed(self, key: EdgeKey, timeout: float) -> EdgeEntry | None:
+        """The answer of a miss of `key` already on its way, once it is kept; None when
+        none is on its way, or its answer was not kept (an error, say)."""
+        loading = self._loading.get(key)
+        if loading is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(loading)
+        return self.cache.get(key)
 
     def fill(self, key: tuple[str, bytes], response: Response, trailers: Iterable[tuple[str, object]]) -> None:
         """Keeps a 200 answer the service said may be kept (see services/cache/edge/store.py),

@@ -12,6 +12,7 @@ goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import cast
 
@@ -128,8 +129,16 @@ class RestGateway:
             # A hot hit first: before the request is read or built, with nothing but the
             # caller's admission between the lookup and the answer.
             entry = None
+            timeout = self._timeout
             if edge is not None and handler.kept and NO_CACHE_METADATA not in metadata:
                 entry = edge.cache.get(edge_key)
+                if entry is None:
+                    # Another reader's miss of it may be on its way: its answer, when kept,
+                    # is this one's too; what the wait took comes off this one's deadline.
+                    loop = asyncio.get_running_loop()
+                    began = loop.time()
+                    entry = await edge.landed(edge_key, timeout)
+                    timeout -= loop.time() - began
             admitted = await self._admit(handler, metadata, scope) if entry is not None else None
             if edge is not None and entry is not None and admitted is not None:
                 await edge.send(entry, if_none_match, admitted, send)
@@ -153,20 +162,23 @@ class RestGateway:
         if handler.route.server_streaming:
             await self._stream(handler, message, metadata, limits, scope, receive, send)
             return
-        call = handler.unary(message, timeout=self._timeout, metadata=metadata)
-        try:
-            reply = await call
-        except grpc.aio.AioRpcError as error:
-            response = rpc_error_response(error)
-            trailers = error.trailing_metadata()
-        else:
-            trailers = await call.trailing_metadata()
-            response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
-            if edge is not None:
-                if handler.kept:
-                    edge.fill(edge_key, response, trailers)
-                elif not handler.conditional:
-                    edge.written(trailers)
+        # An unconditional miss of a kept route leads: readers who miss it meanwhile wait for its answer.
+        leading = edge is not None and handler.kept and if_none_match is None
+        with edge.loading(edge_key) if edge is not None and leading else contextlib.nullcontext():
+            call = handler.unary(message, timeout=timeout, metadata=metadata)
+            try:
+                reply = await call
+            except grpc.aio.AioRpcError as error:
+                response = rpc_error_response(error)
+                trailers = error.trailing_metadata()
+            else:
+                trailers = await call.trailing_metadata()
+                response = handler.answer.response(reply, trailers, if_none_match if handler.conditional else None)
+                if edge is not None:
+                    if handler.kept:
+                        edge.fill(edge_key, response, trailers)
+                    elif not handler.conditional:
+                        edge.written(trailers)
         response.headers.update({**rate_limit_headers(trailers), **rate_limit_headers(limits)})
         await response(scope, receive, send)
 

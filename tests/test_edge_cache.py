@@ -401,3 +401,22 @@ def test_a_hot_answer_is_refreshed_by_one_reader_before_it_expires():
     assert cache.get(("/a", b"")).body == b"b", "the refreshed answer lives its own ten seconds"
     now[0] = 20.0
     assert cache.get(("/a", b"")) is None, "nothing is answered past its lifetime, refreshed or not"
+
+
+async def test_a_burst_of_readers_on_a_cold_answer_asks_the_service_once(open_stack):
+    """Readers who miss an answer while another reader's miss of it is on its way wait
+    for that one's answer and are then answered as hits, each admitted on its own: a
+    burst on a cold key (a new agent, or one no one read for a while) is one call
+    upstream, not one per reader."""
+    stack, http = open_stack
+    assert (await http.post("/api/agents", json={"id": "burst", "name": "Burst", "domain": "ci"})).status_code == 200
+    await hot(http, "/api/agents", timeout=20)  # the edge is live
+    calls = handled("GetAgent")
+    answers = await asyncio.gather(*(http.get("/api/agents/burst") for _ in range(20)))
+    assert {answer.status_code for answer in answers} == {200}
+    assert len({answer.content for answer in answers}) == 1
+    assert handled("GetAgent") - calls == 1, "one reader asked the service; the others waited for its answer"
+    assert sum("age" in answer.headers for answer in answers) == 19
+    # A miss whose answer is not kept (an error) lets each waiting reader ask for itself.
+    missing = await asyncio.gather(*(http.get("/api/agents/no-such-agent") for _ in range(5)))
+    assert {answer.status_code for answer in missing} == {404}
