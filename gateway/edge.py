@@ -127,17 +127,9 @@ class Edge:
         self.cache.put(key, bytes(response.body), response.raw_headers, said)
 
     def written(self, trailers: Iterable[tuple[str, object]]) -> None:
-        """A write through this gateway: exactly the answers it made stale go now, once.
-        Its entry is often streamed before its answer comes (the write waits for the
-        sidecar to take it): then it was applied already; else the stream need not."""
+        """A write through this gateway: exactly the answers it made stale go now, once
+        (its entry is often streamed before its answer comes: the write waits for the
+        sidecar to take it)."""
         write = write_of(trailers)
-        if write is None:
-            return
-        position, patterns = write
-        cache = self.cache
-        if cache.live and position <= cache.position:
-            return
-        for pattern in patterns:
-            cache.invalidate(pattern, position)
-        if cache.live:
-            cache.applied_own(position)
+        if write is not None:
+            self.cache.applied_own(*write)

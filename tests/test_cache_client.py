@@ -189,10 +189,10 @@ def test_a_span_of_this_process_s_own_writes_is_not_applied_again() -> None:
     writes that commit together in one Sync) is skipped; one with another's is not."""
     near = NearCache()
     near.go_live(0)
-    near.applied_own(1)
-    near.applied_own(2)
+    near.applied_own(1, ["agents:get:1"])
+    near.applied_own(2, ["agents:get:2"])
     assert near.took_own(0, 2) is True
-    near.applied_own(3)
+    near.applied_own(3, ["agents:get:3"])
     assert near.took_own(2, 4) is False, "entry 4 is another process's"
     assert near.took_own(4, 4) is False, "a span from outside the log"
     assert near._own == set(), "entries the stream has passed are forgotten"

@@ -252,15 +252,12 @@ class CacheClient:
         """A write of this process committed at log position `position`: from now on no
         layer's value of what it made stale is served here. The log's relay takes the
         patterns to the sidecar (services/cache/log/relay.py)."""
-        near = self.near
-        for pattern in patterns:
-            if near is not None:
-                near.invalidate(pattern, position)
-            else:
+        if self.near is not None:
+            self.near.applied_own(position, patterns)
+        else:
+            for pattern in patterns:
                 self.history.record(pattern, position)
         self.history.learn(position)
-        if near is not None and near.live:
-            near.applied_own(position)
 
     # --- outside the log: the guide's API, operators ---------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import collections
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from services.cache.client.history import InvalidationHistory
@@ -89,9 +89,16 @@ class FedCache(abc.ABC, Generic[K, E]):
         self._entries.move_to_end(key)
         return entry
 
-    def applied_own(self, position: int) -> None:
-        """This process applied log entry `position` itself, before its stream brings it."""
-        self._own.add(position)
+    def applied_own(self, position: int, patterns: Sequence[str]) -> None:
+        """A write of this process committed at log entry `position`: its patterns apply
+        here now, and its stream's copy of them is skipped (took_own()); nothing is
+        applied when the stream has brought them already."""
+        if self.live and position <= self.position:
+            return
+        for pattern in patterns:
+            self.invalidate(pattern, position)
+        if self.live:
+            self._own.add(position)
 
     def took_own(self, after: int, through: int) -> bool:
         """Whether the stream's span (after, through] holds only entries applied_own()
