@@ -31,7 +31,7 @@ from devstack.seed import seed
 from services.common.auth import keys
 from services.common.data.db import connect
 from services.common.data.db.migrate import migrate
-from services.common.foundation.settings import Settings
+from services.common.foundation.settings import Settings, redact
 from services.common.telemetry.metrics import MULTIPROCESS_ENV
 
 STOP_TIMEOUT = 8.0
@@ -317,7 +317,7 @@ def main() -> int:
     launcher = Launcher(settings, env)
     signal.signal(signal.SIGTERM, launcher.request_stop)
     signal.signal(signal.SIGINT, launcher.request_stop)
-    print(f"launcher: database {settings.database_url_redacted}, cache {'redis' if settings.redis_url else 'memory'}", flush=True)
+    print(f"launcher: database {redact(settings.database_url)}, cache {'redis' if settings.redis_url else 'memory'}", flush=True)
     # Migrate once up front, so services starting side by side never race on the schema.
     applied = asyncio.run(_migrate(settings))
     print(f"launcher: database migrated ({applied} new migration(s))", flush=True)

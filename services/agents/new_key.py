@@ -33,7 +33,7 @@ from services.common.auth.verifier import API_KEYS_SERVICE, DatabaseVerifier
 from services.common.contract.errors import ServiceError
 from services.common.data.db import connect
 from services.common.data.db.migrate import migrate
-from services.common.foundation.settings import Settings
+from services.common.foundation.settings import Settings, redact
 from services.common.transport.channels import service_address, service_channel
 
 # How long a running stack has to answer before the key goes to the database.
@@ -62,7 +62,7 @@ async def create(settings: Settings, name: str, scopes: list[int]) -> tuple[auth
             await cache.close()
     finally:
         await db.close()
-    where = f"in {settings.database_url_redacted}"
+    where = f"in {redact(settings.database_url)}"
     if fresh:
         where += " (a database no stack had used yet: start the stack with the same DATABASE_URL)"
     return created, where

@@ -10,6 +10,7 @@ from devops_hub.v1 import events_pb2
 
 from services.common.contract import field_behavior, pagination
 from services.common.contract.errors import invalid_fields
+from services.common.contract.etags import revision_of
 from services.common.data.db import Database
 from services.common.data.event_repository import EventFilter, EventRepository
 from services.common.usecases.events import EventWriter
@@ -22,7 +23,6 @@ MAX_DATA_BYTES = 64 * 1024
 REPLAY_BATCH = 1000
 # The filters StreamEvents may set, each an exact match on the event's field.
 FILTERS = ("type", "source", "subject", "correlation_id")
-MAX_EVENT_ID = 2**63 - 1
 
 
 class Events:
@@ -40,7 +40,7 @@ class Events:
         )
 
         async def load(after: str | None, limit: int) -> list[Event]:
-            if after is not None and not _is_number(after):
+            if after is not None and revision_of(after) is None:
                 raise invalid_fields([("page_token", "is not a token this service issued")])
             return await self._repository.page(filters, None if after is None else int(after), limit)
 
@@ -96,11 +96,7 @@ def resume_position(after: str) -> int | None:
     """A resume position: an event id, or None when there is none."""
     if not after:
         return None
-    if not _is_number(after) or int(after) > MAX_EVENT_ID:
+    position = revision_of(after)
+    if position is None:
         raise invalid_fields([("after", "must be an event id, as received in Event.id")])
-    return int(after)
-
-
-def _is_number(text: str) -> bool:
-    """Digits int() reads: str.isdigit also takes '³' and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
+    return position

@@ -11,7 +11,8 @@ from typing import Any
 from devops_hub.v1 import events_pb2, workflows_pb2
 
 from services.common.contract import pagination
-from services.common.contract.errors import FailedPrecondition, NotFound, invalid_fields
+from services.common.contract.errors import FailedPrecondition, invalid_fields
+from services.common.usecases.resource import not_found
 from services.workflows.engine import Engine
 from services.workflows.events import Events, resume_position
 from services.workflows.repository import ExecutionRepository
@@ -39,7 +40,7 @@ class Executions:
     async def get(self, execution_id: str) -> Execution:
         execution = await self._repository.get(execution_id)
         if execution is None:
-            raise NotFound(f"execution {execution_id!r} not found", reason="EXECUTION_NOT_FOUND", metadata={"id": execution_id})
+            raise not_found("execution", execution_id)
         return execution
 
     async def list(self, request: workflows_pb2.ListExecutionsRequest) -> workflows_pb2.ListExecutionsResponse:

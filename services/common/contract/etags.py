@@ -1,15 +1,16 @@
-"""Etags are revisions written as decimal text: the one reading of them."""
+"""Etags (revisions) and event ids are BIGINT columns written as decimal text: the one reading of them."""
 
 from __future__ import annotations
 
-# Revisions are BIGINT columns: a longer number names no revision and must not reach SQL.
-_MAX_REVISION = 2**63 - 1
+# A longer number names no row and must not reach SQL.
+_MAX_BIGINT = 2**63 - 1
 
 
-def revision_of(etag: str) -> int | None:
-    """The revision an etag names, or None for one this service never issued (not
-    ASCII digits, or beyond what a revision column holds)."""
-    if not (etag.isascii() and etag.isdigit()):
+def revision_of(text: str) -> int | None:
+    """The revision (or event id) `text` names, or None for one this service never
+    issued: not ASCII digits (str.isdigit also takes '³', which int() refuses), or
+    beyond what a BIGINT column holds."""
+    if not (text.isascii() and text.isdigit()):
         return None
-    revision = int(etag)
-    return revision if revision <= _MAX_REVISION else None
+    number = int(text)
+    return number if number <= _MAX_BIGINT else None

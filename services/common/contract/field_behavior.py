@@ -44,24 +44,15 @@ def _writable(descriptor: Descriptor) -> tuple[str, ...]:
     return tuple(field.name for field in descriptor.fields if field.name != _ETAG and not behaviors(field) & _NOT_WRITABLE)
 
 
-def required_fields(message: Message) -> tuple[Field, ...]:
-    """The fields of `message`'s type annotated REQUIRED, read once per type."""
-    descriptor = message.DESCRIPTOR
-    found = _REQUIRED.get(descriptor.full_name)
-    if found is None:
-        found = _REQUIRED[descriptor.full_name] = tuple(
-            field for field in descriptor.fields if field_behavior_pb2.REQUIRED in behaviors(field)
-        )
-    return found
-
-
-_REQUIRED: dict[str, tuple[Field, ...]] = {}
+@functools.cache
+def _required(descriptor: Descriptor) -> tuple[Field, ...]:
+    return tuple(field for field in descriptor.fields if field_behavior_pb2.REQUIRED in behaviors(field))
 
 
 def missing(message: Message) -> list[str]:
     """The REQUIRED fields of `message` it leaves unset (a request, or a resource being
     created or, once merged, updated: all of its own)."""
-    return [field.name for field in required_fields(message) if not _holds_value(message, field)]
+    return [field.name for field in _required(message.DESCRIPTOR) if not _holds_value(message, field)]
 
 
 def is_set(message: Message, name: str) -> bool:

@@ -17,11 +17,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from services.common.contract import field_behavior
@@ -98,18 +99,13 @@ def check_request(request: Any) -> None:
             raise invalid_fields(field_behavior.violations(missing))
 
 
-def _id_fields(descriptor: Any) -> tuple[str, ...]:
-    found = _IDS_BY_TYPE.get(descriptor.full_name)
-    if found is None:
-        found = _IDS_BY_TYPE[descriptor.full_name] = tuple(
-            field.name
-            for field in descriptor.fields
-            if field.type == _STRING and not field.is_repeated and (field.name == "id" or field.name.endswith("_id"))
-        )
-    return found
-
-
-_IDS_BY_TYPE: dict[str, tuple[str, ...]] = {}
+@functools.cache
+def _id_fields(descriptor: Descriptor) -> tuple[str, ...]:
+    return tuple(
+        field.name
+        for field in descriptor.fields
+        if field.type == _STRING and not field.is_repeated and (field.name == "id" or field.name.endswith("_id"))
+    )
 
 
 def _walk(message: Message, path: str, violations: list[tuple[str, str]]) -> None:

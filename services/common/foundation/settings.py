@@ -111,11 +111,6 @@ class Settings:
             raise ValueError(f"backend {backend!r} has no address: {backend.upper()}_ADDR is empty")
         return str(address)
 
-    @property
-    def database_url_redacted(self) -> str:
-        """DATABASE_URL without its password, fit for a log line."""
-        return redact(self.database_url)
-
 
 def redact(url: str) -> str:
     """`url` without its password, fit for a log line."""

@@ -19,7 +19,7 @@ from prometheus_client import disable_created_metrics, multiprocess
 
 from services.common.foundation.settings import Settings
 from services.common.telemetry import logs, profiling, tracing
-from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, serve_metrics
+from services.common.telemetry.endpoint import MetricsEndpoint, Refresher, host_of
 from services.common.telemetry.metrics import ServiceMetrics, multiprocess_dir, prepare_multiprocess, service_metrics
 from services.common.telemetry.profiling import SlowRequestProfiler
 
@@ -55,8 +55,15 @@ class Telemetry:
         )
 
     async def serve_metrics(self, name: str, address: str, port: int, refreshers: Sequence[Refresher] = ()) -> None:
-        """GET /metrics on `port` (0: none) of the host the service listens on."""
-        self.endpoint = await serve_metrics(name, address, port, self.metrics, refreshers)
+        """GET /metrics on `port` (0: none) of the host the service listens on, said like
+        the service's own listening line; none either when the port is taken."""
+        if port == 0:
+            return
+        endpoint = MetricsEndpoint(metrics=self.metrics, refreshers=refreshers)
+        bound = await endpoint.start(host_of(address), port)
+        if bound is not None:
+            self.endpoint = endpoint
+            print(f"{name} metrics on http://{host_of(address) or '0.0.0.0'}:{bound}/metrics\n", end="", flush=True)
 
     async def close(self) -> None:
         if self.endpoint is not None:

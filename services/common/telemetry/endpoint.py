@@ -39,7 +39,6 @@ class MetricsEndpoint:
         `refreshers` (which read other state into metrics of that registry)."""
         self._metrics = metrics
         self._refreshers = list(refreshers)
-        self._registry: CollectorRegistry = metrics.registry
         self._multiprocess = multiprocess_dir()
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -96,7 +95,7 @@ class MetricsEndpoint:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._multiprocess)
             return generate_latest(registry)
-        return generate_latest(self._registry)
+        return generate_latest(self._metrics.registry)
 
     async def _tick(self) -> None:
         while True:
@@ -131,18 +130,3 @@ class MetricsEndpoint:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-
-async def serve_metrics(
-    name: str, address: str, port: int, metrics: ServiceMetrics, refreshers: Sequence[Refresher] = ()
-) -> MetricsEndpoint | None:
-    """Starts this process's endpoint on the host of the service's `address` and says
-    where, like the service's own listening line; None when `port` is 0 (metrics
-    turned off) or taken."""
-    if port == 0:
-        return None
-    endpoint = MetricsEndpoint(metrics=metrics, refreshers=refreshers)
-    bound = await endpoint.start(host_of(address), port)
-    if bound is None:
-        return None
-    print(f"{name} metrics on http://{host_of(address) or '0.0.0.0'}:{bound}/metrics\n", end="", flush=True)
-    return endpoint

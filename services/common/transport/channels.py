@@ -17,7 +17,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Generator
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -316,7 +315,5 @@ class SpreadChannel(grpc.aio.Channel):
     async def __aenter__(self) -> SpreadChannel:
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close(None)

@@ -38,9 +38,9 @@ class EventWriter:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
-    def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "", *, source: str = "") -> None:
+    def emit(self, type: str, subject: str = "", data: dict[str, Any] | None = None, correlation_id: str = "") -> None:
         """Queues one event; returns at once."""
-        event = NewEvent(type, source or self._source, subject, data, correlation_id, utc_now())
+        event = NewEvent(type, self._source, subject, data, correlation_id, utc_now())
         self._buffer.append(event)
         if len(self._buffer) >= self._max_batch:
             self._wake.set()

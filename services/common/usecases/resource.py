@@ -107,7 +107,7 @@ class ResourceBase(abc.ABC, Generic[R]):
     async def get(self, id: str) -> R:
         resource = await self._stored(id)
         if resource is None:
-            self._not_found(id)
+            raise not_found(self.label, id)
         return resource
 
     async def _create_all(
@@ -167,9 +167,6 @@ class ResourceBase(abc.ABC, Generic[R]):
         for id, data in events.items():
             write.emit(f"{self.label}.{verb}", id, {f"{self.label}_id": id, **data})
 
-    def _not_found(self, id: str) -> NoReturn:
-        raise not_found(self.label, id)
-
     async def _exists(self, ids: list[str]) -> ServiceError:
         taken = sorted(await self._repository.existing(ids)) or ids
         shown = ", ".join(taken[:10]) + (f" and {len(taken) - 10} more" if len(taken) > 10 else "")
@@ -193,7 +190,7 @@ class Resource(ResourceBase[R]):
         """get() as the resource's wire bytes: a hot Get answers the cached bytes as they are."""
         resource = await encoded(self._stored, id)
         if resource is None:
-            self._not_found(id)
+            raise not_found(self.label, id)
         return resource
 
     async def create(self, requested: R) -> R:
@@ -214,7 +211,7 @@ class Resource(ResourceBase[R]):
             for _ in range(_UPDATE_ATTEMPTS):
                 stored = await self._repository.get(resource_id)
                 if stored is None:
-                    self._not_found(resource_id)
+                    raise not_found(self.label, resource_id)
                 if etag and revision_of(etag) != int(_etag(stored)):
                     self._stale(resource_id, etag)
                 current = type(stored)()
@@ -274,7 +271,7 @@ class Resource(ResourceBase[R]):
         if not deleted:
             if etag and await self._repository.existing([id]):
                 self._stale(id, etag)
-            self._not_found(id)
+            raise not_found(self.label, id)
 
     @classmethod
     def made_stale(cls, *ids: str) -> tuple[str, ...]:

@@ -158,16 +158,14 @@ def _errors_translated(outages: Outages) -> Iterator[None]:
     try:
         yield
     except sqlite3.IntegrityError as exc:
-        raise _integrity(exc) from exc
+        if "UNIQUE" in str(exc):
+            raise UniqueViolation(str(exc)) from exc
+        raise
     except sqlite3.OperationalError as exc:
         if is_database_outage(exc, raised_by_database=True):
             raise outages.database.failed(exc) from exc
         raise
     outages.database.succeeded()
-
-
-def _integrity(exc: sqlite3.IntegrityError) -> Exception:
-    return UniqueViolation(str(exc)) if "UNIQUE" in str(exc) else exc
 
 
 class SqliteDatabase(Database):
@@ -229,6 +227,19 @@ class SqliteDatabase(Database):
             raise
         return conn
 
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """The write lock, counting the writers that queue for it."""
+        self._writers_waiting += 1
+        try:
+            await self._write_lock.acquire()
+        finally:
+            self._writers_waiting -= 1
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         self._reads += 1
         try:
@@ -237,12 +248,12 @@ class SqliteDatabase(Database):
             self._reads -= 1
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with _WriterTurn(self):
+        async with self._writer_turn():
             return await _SqliteExecutor(self._writer, self).execute(sql, *args)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
-        async with _WriterTurn(self):
+        async with self._writer_turn():
             # BEGIN IMMEDIATE (with the first statement) takes the write lock up front,
             # so a transaction never fails half-way on a lock it could not upgrade.
             tx = _SqliteTransaction(self._writer, self)
@@ -294,22 +305,3 @@ async def _to_the_end(operation: Awaitable[T]) -> T:
         await asyncio.wait([task])
         raise
 
-
-class _WriterTurn:
-    """The write lock, counting the writers that queue for it."""
-
-    __slots__ = ("_db",)
-
-    def __init__(self, db: SqliteDatabase) -> None:
-        self._db = db
-
-    async def __aenter__(self) -> None:
-        db = self._db
-        db._writers_waiting += 1
-        try:
-            await db._write_lock.acquire()
-        finally:
-            db._writers_waiting -= 1
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._db._write_lock.release()
