@@ -92,12 +92,9 @@ class CacheEntries:
         if request.through < request.after:
             violations.append(("through", f"must not be below after ({request.after}), got {request.through}"))
         _check(violations)
-        before = await self._store.sync_state()
         state = await self._store.sync(request.after, request.through, list(request.patterns), request.clear)
-        if before.fresh or state.applied > before.applied:
-            # A store that was fresh vouched for nothing before: its followers start over.
-            patterns = ["*"] if before.fresh or request.clear else list(request.patterns)
-            self._hub.publish(request.after, request.through, patterns)
+        if state.changed is not None:
+            self._hub.publish(request.after, request.through, list(state.changed))
         return _sync_state(state)
 
     async def stats(self) -> cache_pb2.CacheStats:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from devops_hub.v1 import cache_pb2
 
@@ -29,20 +30,26 @@ class SyncState:
 
     applied: int = 0
     fresh: bool = True
+    # Only on a Sync's answer, and no part of the position: the patterns it applied,
+    # for the Watch streams; None when another relay's Sync had covered them.
+    changed: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
-    def moves(self, after: int, through: int) -> bool:
-        """Whether a Sync of the entries in (after, through] applies anything: not when
-        another relay's Sync covered them already. FailedPrecondition when it would skip
-        the entries between the position and `after`: the relay must read the state again."""
-        if self.fresh:
-            return True
-        if after > self.applied:
-            raise FailedPrecondition(
-                f"the cache has applied the log through {self.applied}, not {after}: read its sync state again",
-                reason="SYNC_POSITION_BEHIND",
-                metadata={"applied": str(self.applied), "after": str(after)},
-            )
-        return through > self.applied
+    def changes(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> list[str] | None:
+        """What a Sync of the entries in (after, through] applies: its patterns, or a
+        clear when the log no longer holds them or the store is fresh (it vouched for
+        nothing, and no fill read before `through` may land); None when another relay's
+        Sync covered them already. FailedPrecondition when it would skip the entries
+        between the position and `after`: the relay must read the state again."""
+        if not self.fresh:
+            if after > self.applied:
+                raise FailedPrecondition(
+                    f"the cache has applied the log through {self.applied}, not {after}: read its sync state again",
+                    reason="SYNC_POSITION_BEHIND",
+                    metadata={"applied": str(self.applied), "after": str(after)},
+                )
+            if through <= self.applied:
+                return None
+        return ["*"] if self.fresh or clear else list(patterns)
 
     def advanced(self, through: int) -> SyncState:
         return SyncState(through if self.fresh else max(self.applied, through), False)

@@ -142,7 +142,7 @@ class FallbackStore:
             )
         # Memory may be ahead of `after` (it took the entries Redis missed): any Sync
         # continues it. Redis checks `after` against its own position.
-        self.memory.sync(min(after, self.memory.position.applied), through, patterns, clear)
+        on_memory = self.memory.sync(min(after, self.memory.position.applied), through, patterns, clear)
 
         async def on_redis(redis: RedisStore) -> SyncState:
             state = await redis.sync(after, through, patterns, clear)
@@ -150,7 +150,7 @@ class FallbackStore:
                 await self._up_if_caught_up(redis, state)
             return state
 
-        return await self._route(on_redis, lambda memory: memory.position, on_redis_while=("recovering",))
+        return await self._route(on_redis, lambda _: on_memory, on_redis_while=("recovering",))
 
     async def stats(self) -> cache_pb2.CacheStats:
         memory = self.memory.stats()

@@ -233,17 +233,13 @@ class MemoryStore:
         self.position = FRESH
 
     def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the log's entries in (after, through]: their patterns, or a clear when
-        the log no longer holds them or the store is fresh (it vouches for nothing it
-        holds, and no fill read before `through` may land)."""
-        if self.position.moves(after, through):
-            if self.position.fresh or clear:
-                self.clear(through)
-            else:
-                for pattern in patterns:
-                    self.invalidate(pattern, through)
-            self.position = self.position.advanced(through)
-        return self.position
+        """Applies the log's entries in (after, through] (see SyncState.changes)."""
+        if (changed := self.position.changes(after, through, patterns, clear)) is None:
+            return self.position
+        for pattern in changed:
+            self.invalidate(pattern, through)
+        self.position = self.position.advanced(through)
+        return dataclasses.replace(self.position, changed=tuple(changed))
 
     def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
         """Reclaims expired and invalidated entries (at most `budget` of the latter), so

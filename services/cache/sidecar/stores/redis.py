@@ -9,6 +9,7 @@ about it. Commands are never retried here, so a failure surfaces within one time
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import random
@@ -236,19 +237,16 @@ class RedisStore:
         return self._position
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Checks the shared position, applies the patterns (or clears) at `through`,
-        then moves the position there (never back: concurrent sidecars each keep the larger)."""
+        """Applies the log's entries in (after, through] (see SyncState.changes) at the
+        shared position, then moves it there (never back: concurrent sidecars each
+        keep the larger, which the next read of the position shows)."""
         state = await self.sync_state()
-        if state.moves(after, through):
-            if state.fresh or clear:
-                await self._clear(through, publish=(after, through))
-            else:
-                await self._apply(patterns, through, publish=(after, through))
-            await self._eval("raise", [self.layout.position], ["applied", through])
-            # The script keeps the larger: another sidecar may have moved it further,
-            # which the next read of the position shows.
-            self._position = state.advanced(through)
-        return self._position
+        if (changed := state.changes(after, through, patterns, clear)) is None:
+            return state
+        await self._apply(changed, through, publish=(after, through))
+        await self._eval("raise", [self.layout.position], ["applied", through])
+        self._position = state.advanced(through)
+        return dataclasses.replace(self._position, changed=tuple(changed))
 
     async def stats(self) -> cache_pb2.CacheStats:
         """Entries and bytes are this deployment's records only, counted under its key
