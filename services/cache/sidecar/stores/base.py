@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from devops_hub.v1 import cache_pb2
 
-from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
+from services.cache.client.keys import namespace_of
 from services.common.contract.errors import FailedPrecondition
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
@@ -63,23 +63,6 @@ def lifetime(ttl: float, negative: bool, default_ttl: float, negative_ttl: float
     negative entry, spread by ±TTL_JITTER (rand uniform in [0, 1))."""
     ttl = min(ttl if ttl > 0 else default_ttl, negative_ttl if negative else math.inf)
     return ttl * (1.0 + TTL_JITTER * (2.0 * rand - 1.0))
-
-
-def entry_violations(
-    key: str, value: bytes, content_type: str, negative: bool, max_value_bytes: int
-) -> list[tuple[str, str]]:
-    """Problems with an entry as (field, description), the fields relative ("key",
-    "value", "content_type") so the servicer can prefix its proto path."""
-    violations: list[tuple[str, str]] = []
-    if problem := key_problem(key):
-        violations.append(("key", problem))
-    if len(content_type) > MAX_CONTENT_TYPE_CHARS:
-        violations.append(("content_type", f"must be at most {MAX_CONTENT_TYPE_CHARS} characters"))
-    if len(value) > max_value_bytes:
-        violations.append(("value", f"must be at most {max_value_bytes} bytes, got {len(value)}"))
-    if negative and value:
-        violations.append(("value", "must be empty for a negative entry"))
-    return violations
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

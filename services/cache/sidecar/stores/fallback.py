@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 State = Literal["up", "down", "recovering"]
 
-# What counts as "Redis failed" (as opposed to a bad request, which the stores raise
-# as InvalidArgument before talking to Redis). A Redis Cluster client raises some
-# failures (no node reachable, a slot not covered) outside RedisError.
+# What counts as "Redis failed" (a bad request is refused before any store sees it). A
+# Redis Cluster client raises some failures (no node reachable, a slot not covered)
+# outside RedisError.
 BACKEND_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 PROBE_INITIAL = 0.1
 # Short, so a Redis that answers again is in use within a second even after a long

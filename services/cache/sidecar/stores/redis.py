@@ -4,6 +4,7 @@ tag and is read and written by plain commands beside the scripts, never inside o
 
 Every failure of Redis is raised to the caller: the fallback store decides what to do
 about it. Commands are never retried here, so a failure surfaces within one timeout.
+Entries are checked before they reach it (CacheEntries, by memory's stricter rules).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, namespace_of, parse_pattern, prefix_levels
+from services.cache.client.keys import GlobPattern, namespace_of, parse_pattern, prefix_levels
 from services.cache.sidecar.stores.base import (
     FRESH,
     Counts,
@@ -34,11 +35,9 @@ from services.cache.sidecar.stores.base import (
     Lookup,
     NewEntry,
     SyncState,
-    entry_violations,
     lifetime,
 )
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
-from services.common.contract.errors import invalid_fields
 from services.common.foundation.dependencies import redis_node_url
 
 # How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
@@ -191,7 +190,6 @@ class RedisStore:
         entry = NewEntry(key, value, content_type, negative)
         if version is None:
             return bool(await self.set_many([entry], ttl))
-        self._check(entry)
         if self._position.fresh:
             return False
         ttl_ms, body = self._record(entry, ttl, version)
@@ -204,8 +202,6 @@ class RedisStore:
         """Overwrites, stored at the current position (read first: one cached from an
         earlier call may be below an invalidation, which would hide them) in one round
         trip, with "#" in each new namespace's generation hash (see generations_of)."""
-        for entry in entries:
-            self._check(entry)
         if not entries:
             return 0
         at = (await self.sync_state()).applied
@@ -357,10 +353,6 @@ class RedisStore:
         applied, floor = reply
         self._position = FRESH if applied is None else SyncState(int(applied), False)
         self._floor = int(floor or 0)
-
-    def _check(self, entry: NewEntry) -> None:
-        if violations := entry_violations(entry.key, entry.value, entry.content_type, entry.negative, MAX_VALUE_BYTES):
-            raise invalid_fields(violations)
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
         """(ttl in ms, jittered; the record) of an entry to store."""
