@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.cache.sidecar.cache_entries import CacheEntries
-
-# The context's request and response types differ per method; no method reads them.
-Context = grpc.aio.ServicerContext[Any, Any]
+from services.common.runtime.grpc_calls import Context
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -22,27 +18,19 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Get(self, request: cache_pb2.CacheGetRequest, context: Context) -> cache_pb2.CacheGetResponse:
         return await self._entries.get(request.key)
 
-    async def GetMany(
-        self, request: cache_pb2.CacheGetManyRequest, context: Context
-    ) -> cache_pb2.CacheGetManyResponse:
+    async def GetMany(self, request: cache_pb2.CacheGetManyRequest, context: Context) -> cache_pb2.CacheGetManyResponse:
         return await self._entries.get_many(request.keys)
 
     async def Set(self, request: cache_pb2.CacheSetRequest, context: Context) -> cache_pb2.CacheSetResponse:
         return await self._entries.set(request)
 
-    async def SetMany(
-        self, request: cache_pb2.CacheSetManyRequest, context: Context
-    ) -> cache_pb2.CacheSetManyResponse:
+    async def SetMany(self, request: cache_pb2.CacheSetManyRequest, context: Context) -> cache_pb2.CacheSetManyResponse:
         return await self._entries.set_many(request)
 
-    async def Delete(
-        self, request: cache_pb2.CacheDeleteRequest, context: Context
-    ) -> cache_pb2.CacheDeleteResponse:
+    async def Delete(self, request: cache_pb2.CacheDeleteRequest, context: Context) -> cache_pb2.CacheDeleteResponse:
         return await self._entries.delete(request.key)
 
-    async def Invalidate(
-        self, request: cache_pb2.CacheInvalidateRequest, context: Context
-    ) -> cache_pb2.CacheInvalidateResponse:
+    async def Invalidate(self, request: cache_pb2.CacheInvalidateRequest, context: Context) -> cache_pb2.CacheInvalidateResponse:
         return await self._entries.invalidate(request)
 
     async def Clear(self, request: empty_pb2.Empty, context: Context) -> cache_pb2.CacheClearResponse:
@@ -57,8 +45,6 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Stats(self, request: empty_pb2.Empty, context: Context) -> cache_pb2.CacheStats:
         return await self._entries.stats()
 
-    async def Watch(
-        self, request: cache_pb2.CacheWatchRequest, context: Context
-    ) -> AsyncIterator[cache_pb2.CacheInvalidation]:
+    async def Watch(self, request: cache_pb2.CacheWatchRequest, context: Context) -> AsyncIterator[cache_pb2.CacheInvalidation]:
         async for invalidation in self._entries.watch(request.prefixes):
             yield invalidation
