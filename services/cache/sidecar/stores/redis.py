@@ -4,7 +4,7 @@ tag and is read and written by plain commands beside the scripts, never inside o
 
 Every failure of Redis is raised to the caller: the fallback store decides what to do
 about it. Commands are never retried here, so a failure surfaces within one timeout.
-Entries are checked before they reach it (CacheEntries, by memory's stricter rules).
+Entries are checked before they reach it (the servicer, by memory's stricter rules).
 """
 
 from __future__ import annotations
