@@ -72,7 +72,6 @@ class InvalidationRelay:
             self._task = spawn(self._run(), name="invalidation-relay", essential=True)
 
     async def stop(self) -> None:
-        """Stops the rounds for good and closes the relay's channel."""
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None

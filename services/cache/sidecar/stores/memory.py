@@ -62,7 +62,6 @@ class _Node:
         self.dead = False
 
     def add(self, entries: int, size: int) -> None:
-        """Counts entries and bytes in this level and every level above it."""
         node: _Node | None = self
         while node is not None:
             node.entries += entries
@@ -345,7 +344,6 @@ class MemoryStore:
                 self._evictions[reason] += 1
 
     def _sweep(self, budget: int) -> None:
-        """Reclaims up to `budget` entries of detached subtrees."""
         graveyard = self._graveyard
         while budget > 0 and graveyard:
             node = graveyard[0]

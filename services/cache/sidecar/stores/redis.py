@@ -174,7 +174,6 @@ class RedisStore:
         return Lookup(None if raw is None else parse_record(raw), self._position.applied)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Found]:
-        """One round trip: the get script per key, pipelined."""
         records = await self._for_each(keys, self._queue_get)
         found: dict[str, Found] = {}
         for key, raw in zip(keys, records):
