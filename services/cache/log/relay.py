@@ -72,16 +72,10 @@ class InvalidationRelay:
             self._task = spawn(self._run(), name="invalidation-relay", essential=True)
 
     async def stop(self) -> None:
-        """Stops the rounds for good and closes the relay's channel."""
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
         await self._transport.close()
-
-    def nudge(self, position: int, patterns: Sequence[str]) -> None:
-        """A write of this process committed at `position`: send it now."""
-        self._hold(position, patterns)
-        self._nudged.set()
 
     async def deliver(self, position: int, patterns: Sequence[str]) -> None:
         """Waits (at most its channel's deadline) until the cache has applied the log
@@ -143,7 +137,7 @@ class InvalidationRelay:
             return False
         if self._pending and self._applied is not None and await self._send_own():
             return bool(self._pending)
-        state = await self._state()
+        state = await self._call("GetSyncState", empty_pb2.Empty())
         if state is None:
             return False
         head = await self._log.head()
@@ -175,9 +169,6 @@ class InvalidationRelay:
         if len(patterns) > MAX_PATTERNS_PER_SYNC:
             return False
         return await self._sync(self._applied, positions[-1], patterns) is not None
-
-    async def _state(self) -> cache_pb2.CacheSyncState | None:
-        return await self._call("GetSyncState", empty_pb2.Empty())
 
     async def _catch_up(self, applied: int, head: int) -> bool:
         # Routine, not news: with several writing processes each relay sends the others'

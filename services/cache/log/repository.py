@@ -47,7 +47,6 @@ class InvalidationLog:
         return int(await self._db.fetchval("SELECT COALESCE(MIN(seq), 0) FROM cache_invalidations"))
 
     async def entries_after(self, seq: int, limit: int) -> list[LogEntry]:
-        """The entries after `seq`, in order."""
         rows = await self._db.fetch(
             "SELECT seq, patterns FROM cache_invalidations WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
         )

@@ -52,7 +52,6 @@ class CacheMetrics:
             self._counters["misses"].labels(namespace)
 
     def update(self, stats: cache_pb2.CacheStats) -> None:
-        """Applies a snapshot of the store's running totals."""
         for namespace, counts in stats.namespaces.items():
             self._advance("hits", counts.hits, namespace)
             self._advance("misses", counts.misses, namespace)

@@ -12,11 +12,10 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from opentelemetry import trace
 
 from services.cache.client.keys import SERVICE_NAMESPACES
-from services.cache.sidecar.cache_entries import DEFAULT_HEARTBEAT_SECONDS, CacheEntries
 from services.cache.sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
 from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache.sidecar.peers import Peers
-from services.cache.sidecar.servicer import CacheServicer
+from services.cache.sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServicer
 from services.cache.sidecar.stores import redis as redis_store
 from services.cache.sidecar.stores.fallback import FallbackStore
 from services.cache.sidecar.stores.memory import MemoryStore
@@ -123,7 +122,7 @@ async def build(
     )
     host.add(
         cache_pb2_grpc.add_CacheServiceServicer_to_server,
-        CacheServicer(CacheEntries(store, hub, heartbeat_interval=heartbeat_interval)),
+        CacheServicer(store, hub, heartbeat_interval=heartbeat_interval),
         SERVICE_NAME,
     )
     cache_metrics = metrics.group(CacheMetrics)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from devops_hub.v1 import cache_pb2
 
-from services.cache.client.keys import MAX_CONTENT_TYPE_CHARS, key_problem, namespace_of
+from services.cache.client.keys import namespace_of
 from services.common.contract.errors import FailedPrecondition
 
 EVICTION_REASONS = ("size", "bytes", "ttl")
@@ -29,20 +30,26 @@ class SyncState:
 
     applied: int = 0
     fresh: bool = True
+    # Only on a Sync's answer, and no part of the position: the patterns it applied,
+    # for the Watch streams; None when another relay's Sync had covered them.
+    changed: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
-    def moves(self, after: int, through: int) -> bool:
-        """Whether a Sync of the entries in (after, through] applies anything: not when
-        another relay's Sync covered them already. FailedPrecondition when it would skip
-        the entries between the position and `after`: the relay must read the state again."""
-        if self.fresh:
-            return True
-        if after > self.applied:
-            raise FailedPrecondition(
-                f"the cache has applied the log through {self.applied}, not {after}: read its sync state again",
-                reason="SYNC_POSITION_BEHIND",
-                metadata={"applied": str(self.applied), "after": str(after)},
-            )
-        return through > self.applied
+    def changes(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> list[str] | None:
+        """What a Sync of the entries in (after, through] applies: its patterns, or a
+        clear when the log no longer holds them or the store is fresh (it vouched for
+        nothing, and no fill read before `through` may land); None when another relay's
+        Sync covered them already. FailedPrecondition when it would skip the entries
+        between the position and `after`: the relay must read the state again."""
+        if not self.fresh:
+            if after > self.applied:
+                raise FailedPrecondition(
+                    f"the cache has applied the log through {self.applied}, not {after}: read its sync state again",
+                    reason="SYNC_POSITION_BEHIND",
+                    metadata={"applied": str(self.applied), "after": str(after)},
+                )
+            if through <= self.applied:
+                return None
+        return ["*"] if self.fresh or clear else list(patterns)
 
     def advanced(self, through: int) -> SyncState:
         return SyncState(through if self.fresh else max(self.applied, through), False)
@@ -56,23 +63,6 @@ def lifetime(ttl: float, negative: bool, default_ttl: float, negative_ttl: float
     negative entry, spread by ±TTL_JITTER (rand uniform in [0, 1))."""
     ttl = min(ttl if ttl > 0 else default_ttl, negative_ttl if negative else math.inf)
     return ttl * (1.0 + TTL_JITTER * (2.0 * rand - 1.0))
-
-
-def entry_violations(
-    key: str, value: bytes, content_type: str, negative: bool, max_value_bytes: int
-) -> list[tuple[str, str]]:
-    """Problems with an entry as (field, description), the fields relative ("key",
-    "value", "content_type") so the servicer can prefix its proto path."""
-    violations: list[tuple[str, str]] = []
-    if problem := key_problem(key):
-        violations.append(("key", problem))
-    if len(content_type) > MAX_CONTENT_TYPE_CHARS:
-        violations.append(("content_type", f"must be at most {MAX_CONTENT_TYPE_CHARS} characters"))
-    if len(value) > max_value_bytes:
-        violations.append(("value", f"must be at most {max_value_bytes} bytes, got {len(value)}"))
-    if negative and value:
-        violations.append(("value", "must be empty for a negative entry"))
-    return violations
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 State = Literal["up", "down", "recovering"]
 
-# What counts as "Redis failed" (as opposed to a bad request, which the stores raise
-# as InvalidArgument before talking to Redis). A Redis Cluster client raises some
-# failures (no node reachable, a slot not covered) outside RedisError.
+# What counts as "Redis failed" (a bad request is refused before any store sees it). A
+# Redis Cluster client raises some failures (no node reachable, a slot not covered)
+# outside RedisError.
 BACKEND_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 PROBE_INITIAL = 0.1
 # Short, so a Redis that answers again is in use within a second even after a long
@@ -61,7 +61,7 @@ class FallbackStore:
         self._memory_ttl = memory_ttl
         self._probe_initial = probe_initial
         self._probe_max = probe_max
-        self._state: State = "down" if primary is None else "up"
+        self.state: State = "down" if primary is None else "up"
         # Set when memory took an invalidation from outside the log while Redis was away.
         self._must_clear = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -72,18 +72,12 @@ class FallbackStore:
     @property
     def backend(self) -> str:
         """The backend serving reads now: the gauge operators watch."""
-        return "redis" if self._state == "up" else "memory"
-
-    @property
-    def state(self) -> State:
-        return self._state
+        return "redis" if self.state == "up" else "memory"
 
     async def start(self) -> None:
-        """Starts memory's upkeep and checks Redis once (starting while it is down
-        starts in memory)."""
+        """Starts memory's upkeep. (The first call finds out whether Redis answers.)"""
         if "maintenance" not in self._tasks:
             self._tasks["maintenance"] = asyncio.create_task(self._maintain_forever())
-        await self._route(lambda redis: redis.sync_state(), lambda memory: memory.position)
 
     # --- the operations CacheService needs -------------------------------------------
 
@@ -99,9 +93,7 @@ class FallbackStore:
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill read at `version` (refused if the key was invalidated after it, holds a
-        newer version, or the store is fresh) or an overwrite (None: stored at the
-        store's position)."""
+        """A fill read at `version`, or an overwrite (None: outside the log)."""
         return await self._route(
             lambda redis: redis.set(key, value, content_type, ttl, version, negative),
             lambda memory: memory.set(key, value, content_type, self._capped(ttl), version, negative),
@@ -115,8 +107,7 @@ class FallbackStore:
         return await self._route(lambda redis: redis.set_many(entries, ttl), on_memory, outside_log=True)
 
     async def remove(self, patterns: Sequence[str]) -> int:
-        """Removes what the patterns match: an invalidation from outside the log,
-        recorded at the store's current position."""
+        """An invalidation from outside the log, recorded at the current position."""
         return await self._route(
             lambda redis: redis.remove(patterns),
             lambda memory: sum(memory.invalidate(pattern) for pattern in patterns),
@@ -133,24 +124,22 @@ class FallbackStore:
         )
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the log's entries in (after, through] (patterns, or a clear) and moves
-        the position there; FailedPrecondition when the position is below `after`."""
-        if self._state != "recovering":
+        if self.state != "recovering":
             return await self._route(
                 lambda redis: redis.sync(after, through, patterns, clear),
                 lambda memory: memory.sync(after, through, patterns, clear),
             )
         # Memory may be ahead of `after` (it took the entries Redis missed): any Sync
         # continues it. Redis checks `after` against its own position.
-        self.memory.sync(min(after, self.memory.position.applied), through, patterns, clear)
+        on_memory = self.memory.sync(min(after, self.memory.position.applied), through, patterns, clear)
 
         async def on_redis(redis: RedisStore) -> SyncState:
             state = await redis.sync(after, through, patterns, clear)
-            if self._state == "recovering":
+            if self.state == "recovering":
                 await self._up_if_caught_up(redis, state)
             return state
 
-        return await self._route(on_redis, lambda memory: memory.position, on_redis_while=("recovering",))
+        return await self._route(on_redis, lambda _: on_memory, on_redis_while=("recovering",))
 
     async def stats(self) -> cache_pb2.CacheStats:
         memory = self.memory.stats()
@@ -184,7 +173,7 @@ class FallbackStore:
     ) -> T:
         """Runs on Redis in the states named; on memory otherwise, including right after
         a Redis failure in this very call."""
-        if self.primary is not None and self._state in on_redis_while:
+        if self.primary is not None and self.state in on_redis_while:
             try:
                 return await on_redis(self.primary)
             except BACKEND_ERRORS as exc:
@@ -202,12 +191,12 @@ class FallbackStore:
 
     def _go_down(self, redis: RedisStore, exc: BaseException) -> None:
         self.errors += 1
-        if self._state == "up":
+        if self.state == "up":
             self.switches += 1
             log.warning("cache: Redis failed (%s: %s); serving from memory until it answers again", type(exc).__name__, exc)
             # Empty and fresh: it takes fills again once a relay gives it a position.
             self.memory.reset()
-        self._state = "down"
+        self.state = "down"
         probe = self._tasks.get("probe")
         if not self._closed and (probe is None or probe.done()):
             # No context of the call that failed goes along (its metadata is gone with it).
@@ -218,29 +207,29 @@ class FallbackStore:
         lost what only memory was told: invalidations from outside the log)."""
         ours = self.memory.position
         if not (ours.fresh or (not redis_state.fresh and redis_state.applied >= ours.applied)):
-            if self._state == "down":
+            if self.state == "down":
                 log.warning("cache: Redis answers again but missed log entries: the relays catch it up before it is used")
-            self._state = "recovering"
+            self.state = "recovering"
             return
         if self._must_clear:
             log.warning("cache: invalidations outside the log were made while Redis was away; clearing it")
             await redis.clear()
             self._must_clear = False
-        self._state = "up"
+        self.state = "up"
         self.switches += 1
         self.memory.reset()
         log.warning("cache: Redis answers again and has caught up with the log; serving from it")
 
     async def _probe_until_recovered(self, redis: RedisStore) -> None:
         delay = self._probe_initial
-        while not self._closed and self._state == "down":
+        while not self._closed and self.state == "down":
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._probe_max)
             try:
                 await redis.reset_connections()
                 await self._up_if_caught_up(redis, await redis.sync_state())
             except BACKEND_ERRORS as exc:
-                self._state = "down"
+                self.state = "down"
                 self.errors += 1
                 log.debug("cache: Redis still unavailable: %s", exc)
 

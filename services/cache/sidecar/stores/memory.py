@@ -24,14 +24,20 @@ from collections.abc import Callable, Iterator, Sequence
 from devops_hub.v1 import cache_pb2
 
 from services.cache.client.history import HISTORY_SIZE, InvalidationHistory
-from services.cache.client.keys import MAX_PREFIX_DEPTH, MAX_VALUE_BYTES, escape_key, parse_pattern
+from services.cache.client.keys import (
+    MAX_CONTENT_TYPE_CHARS,
+    MAX_PREFIX_DEPTH,
+    MAX_VALUE_BYTES,
+    escape_key,
+    key_problem,
+    parse_pattern,
+)
 from services.cache.sidecar.stores.base import (
     EVICTION_REASONS,
     FRESH,
     Counts,
     Found,
     SyncState,
-    entry_violations,
     lifetime,
 )
 from services.common.contract.errors import invalid_fields
@@ -56,7 +62,6 @@ class _Node:
         self.dead = False
 
     def add(self, entries: int, size: int) -> None:
-        """Counts entries and bytes in this level and every level above it."""
         node: _Node | None = self
         while node is not None:
             node.entries += entries
@@ -146,7 +151,15 @@ class MemoryStore:
         return entry
 
     def entry_violations(self, key: str, value: bytes, content_type: str, negative: bool) -> list[tuple[str, str]]:
-        violations = entry_violations(key, value, content_type, negative, min(MAX_VALUE_BYTES, self._max_bytes))
+        """Problems with an entry as (field, description), the fields relative ("key",
+        "value", "content_type") so the servicer can prefix its proto path."""
+        violations = [("key", problem)] if (problem := key_problem(key)) else []
+        if len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            violations.append(("content_type", f"must be at most {MAX_CONTENT_TYPE_CHARS} characters"))
+        if len(value) > (most := min(MAX_VALUE_BYTES, self._max_bytes)):
+            violations.append(("value", f"must be at most {most} bytes, got {len(value)}"))
+        if negative and value:
+            violations.append(("value", "must be empty for a negative entry"))
         if not violations and self._entry_size(key, value, content_type) > self._max_bytes:
             # Storing it would mean evicting everything and still not fitting.
             violations.append(("value", f"entry is larger than the cache's {self._max_bytes}-byte budget"))
@@ -233,17 +246,13 @@ class MemoryStore:
         self.position = FRESH
 
     def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Applies the log's entries in (after, through]: their patterns, or a clear when
-        the log no longer holds them or the store is fresh (it vouches for nothing it
-        holds, and no fill read before `through` may land)."""
-        if self.position.moves(after, through):
-            if self.position.fresh or clear:
-                self.clear(through)
-            else:
-                for pattern in patterns:
-                    self.invalidate(pattern, through)
-            self.position = self.position.advanced(through)
-        return self.position
+        """Applies the log's entries in (after, through] (see SyncState.changes)."""
+        if (changed := self.position.changes(after, through, patterns, clear)) is None:
+            return self.position
+        for pattern in changed:
+            self.invalidate(pattern, through)
+        self.position = self.position.advanced(through)
+        return dataclasses.replace(self.position, changed=tuple(changed))
 
     def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
         """Reclaims expired and invalidated entries (at most `budget` of the latter), so
@@ -335,7 +344,6 @@ class MemoryStore:
                 self._evictions[reason] += 1
 
     def _sweep(self, budget: int) -> None:
-        """Reclaims up to `budget` entries of detached subtrees."""
         graveyard = self._graveyard
         while budget > 0 and graveyard:
             node = graveyard[0]

@@ -4,11 +4,13 @@ tag and is read and written by plain commands beside the scripts, never inside o
 
 Every failure of Redis is raised to the caller: the fallback store decides what to do
 about it. Commands are never retried here, so a failure surfaces within one timeout.
+Entries are checked before they reach it (the servicer, by memory's stricter rules).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import random
@@ -25,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from services.cache.client.keys import MAX_VALUE_BYTES, GlobPattern, namespace_of, parse_pattern, prefix_levels
+from services.cache.client.keys import GlobPattern, namespace_of, parse_pattern, prefix_levels
 from services.cache.sidecar.stores.base import (
     FRESH,
     Counts,
@@ -33,11 +35,9 @@ from services.cache.sidecar.stores.base import (
     Lookup,
     NewEntry,
     SyncState,
-    entry_violations,
     lifetime,
 )
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
-from services.common.contract.errors import invalid_fields
 from services.common.foundation.dependencies import redis_node_url
 
 # How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
@@ -174,7 +174,6 @@ class RedisStore:
         return Lookup(None if raw is None else parse_record(raw), self._position.applied)
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Found]:
-        """One round trip: the get script per key, pipelined."""
         records = await self._for_each(keys, self._queue_get)
         found: dict[str, Found] = {}
         for key, raw in zip(keys, records):
@@ -190,7 +189,6 @@ class RedisStore:
         entry = NewEntry(key, value, content_type, negative)
         if version is None:
             return bool(await self.set_many([entry], ttl))
-        self._check(entry)
         if self._position.fresh:
             return False
         ttl_ms, body = self._record(entry, ttl, version)
@@ -203,8 +201,6 @@ class RedisStore:
         """Overwrites, stored at the current position (read first: one cached from an
         earlier call may be below an invalidation, which would hide them) in one round
         trip, with "#" in each new namespace's generation hash (see generations_of)."""
-        for entry in entries:
-            self._check(entry)
         if not entries:
             return 0
         at = (await self.sync_state()).applied
@@ -236,19 +232,16 @@ class RedisStore:
         return self._position
 
     async def sync(self, after: int, through: int, patterns: Sequence[str], clear: bool) -> SyncState:
-        """Checks the shared position, applies the patterns (or clears) at `through`,
-        then moves the position there (never back: concurrent sidecars each keep the larger)."""
+        """Applies the log's entries in (after, through] (see SyncState.changes) at the
+        shared position, then moves it there (never back: concurrent sidecars each
+        keep the larger, which the next read of the position shows)."""
         state = await self.sync_state()
-        if state.moves(after, through):
-            if state.fresh or clear:
-                await self._clear(through, publish=(after, through))
-            else:
-                await self._apply(patterns, through, publish=(after, through))
-            await self._eval("raise", [self.layout.position], ["applied", through])
-            # The script keeps the larger: another sidecar may have moved it further,
-            # which the next read of the position shows.
-            self._position = state.advanced(through)
-        return self._position
+        if (changed := state.changes(after, through, patterns, clear)) is None:
+            return state
+        await self._apply(changed, through, publish=(after, through))
+        await self._eval("raise", [self.layout.position], ["applied", through])
+        self._position = state.advanced(through)
+        return dataclasses.replace(self._position, changed=tuple(changed))
 
     async def stats(self) -> cache_pb2.CacheStats:
         """Entries and bytes are this deployment's records only, counted under its key
@@ -359,10 +352,6 @@ class RedisStore:
         applied, floor = reply
         self._position = FRESH if applied is None else SyncState(int(applied), False)
         self._floor = int(floor or 0)
-
-    def _check(self, entry: NewEntry) -> None:
-        if violations := entry_violations(entry.key, entry.value, entry.content_type, entry.negative, MAX_VALUE_BYTES):
-            raise invalid_fields(violations)
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
         """(ttl in ms, jittered; the record) of an entry to store."""
