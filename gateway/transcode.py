@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
-from google.protobuf import json_format
+from google.protobuf import json_format, wrappers_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -22,13 +22,11 @@ from gateway.errors import bad_request
 from gateway.json_body import JsonObject, encode
 from gateway.routes import HttpRoute
 
+# google.protobuf's wrappers (Int32Value, BoolValue, ...), as their own file declares them.
+WRAPPERS = frozenset(message.full_name for message in wrappers_pb2.DESCRIPTOR.message_types_by_name.values())
 # Well-known types whose proto3 JSON form is a single string or number, so one query
 # parameter can carry them (?update_mask=name,domain, ?after=2024-01-01T00:00:00Z).
-SCALAR_WELL_KNOWN_TYPES = frozenset(
-    f"google.protobuf.{name}"
-    for name in "Timestamp Duration FieldMask BoolValue StringValue BytesValue DoubleValue FloatValue Int64Value UInt64Value"
-    " Int32Value UInt32Value".split()
-)
+SCALAR_WELL_KNOWN_TYPES = WRAPPERS | {f"google.protobuf.{name}" for name in ("Timestamp", "Duration", "FieldMask")}
 
 _RESOLVED_LIMIT = 256
 
@@ -48,12 +46,9 @@ def map_entry(field: FieldDescriptor) -> Descriptor | None:
     return entry if entry is not None and entry.GetOptions().map_entry else None
 
 
-def is_map(field: FieldDescriptor) -> bool:
-    return map_entry(field) is not None
-
-
 def is_scalar_like(field: FieldDescriptor) -> bool:
-    """Whether one JSON string or number is the whole value (what a query parameter holds)."""
+    """Whether one JSON string or number is the whole value (what a query parameter holds):
+    never for a map, whose entry type is a message."""
     return field.message_type is None or field.message_type.full_name in SCALAR_WELL_KNOWN_TYPES
 
 
@@ -218,7 +213,7 @@ class RequestBuilder:
                     description="set by the path or the body",
                 )
             last = position == len(parts)
-            if is_scalar_like(field) and not is_map(field):
+            if is_scalar_like(field):
                 if not last:
                     raise _unknown(name, f"unknown query parameter {name!r}: {part!r} has no fields")
                 return tuple(json_path), field
