@@ -32,7 +32,7 @@ from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
-from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
+from gateway.transcode import DEFAULT_MAX_DEPTH, Renderer, RequestBuilder, renderer
 from services.common.auth.guard import AccessGuard
 from services.common.contract.errors import ServiceError, Unavailable
 from services.common.contract.forwarded import FORWARDER_KEY, TrustedProxies
@@ -81,8 +81,7 @@ class RestGateway:
         limiting: bool = False,
         edge: Edge | None = None,
     ) -> None:
-        index = FieldIndex(route.method.input_type for route in routes)
-        self._handlers = [_Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes]
+        self._handlers = [_Handler(route, RequestBuilder(route, max_json_depth), renderer(route)) for route in routes]
         self._proxies = TrustedProxies(trusted_proxies)
         # When `limiting` (gateway_limits), the gateway takes each caller's token and tells
         # the services so with their key: on a call it admitted, they take none of their own.

@@ -64,18 +64,10 @@ def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
             pending.extend(f.message_type for f in descriptor.fields if f.message_type is not None)
 
 
-class FieldIndex:
-    """Field lookup by proto name or JSON name for every message reachable from some roots,
-    built once so query parameters in either spelling resolve with one dict hit each."""
-
-    def __init__(self, roots: Iterable[Descriptor]) -> None:
-        self._fields = {
-            descriptor.full_name: {name: f for f in descriptor.fields for name in (f.name, f.json_name)}
-            for descriptor in _reachable(roots)
-        }
-
-    def field(self, descriptor: Descriptor, name: str) -> FieldDescriptor | None:
-        return self._fields[descriptor.full_name].get(name)
+def _field_named(descriptor: Descriptor, name: str) -> FieldDescriptor | None:
+    """A field by its proto name or its JSON name: a query parameter may spell it either way."""
+    field = descriptor.fields_by_name.get(name)
+    return field if field is not None else next((f for f in descriptor.fields if f.json_name == name), None)
 
 
 DEFAULT_MAX_DEPTH = 32
@@ -102,9 +94,8 @@ def _depth_exceeds(value: object, limit: int) -> bool:
 class RequestBuilder:
     """Builds one route's request message from path values, query string and body."""
 
-    def __init__(self, route: HttpRoute, index: FieldIndex, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    def __init__(self, route: HttpRoute, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._route = route
-        self._index = index
         self._max_depth = max_depth
         self._new = route.request_class
         self._descriptor = route.method.input_type
@@ -201,7 +192,7 @@ class RequestBuilder:
         proto_path: list[str] = []
         parts = name.split(".")
         for position, part in enumerate(parts, start=1):
-            field = self._index.field(descriptor, part)
+            field = _field_named(descriptor, part)
             if field is None:
                 raise _unknown(name, f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}")
             json_path.append(field.json_name)
