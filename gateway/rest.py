@@ -50,7 +50,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "kept", "unary", "stream")
+    __slots__ = ("route", "builder", "render", "answer", "conditional", "kept", "unary", "stream")
 
     # The gRPC multicallable of the route's kind; bound in the lifespan, when the channels exist.
     unary: grpc.aio.UnaryUnaryMultiCallable[Message, Message]
@@ -58,7 +58,6 @@ class _Handler:
 
     def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
         self.route = route
-        self.template = route.template.text
         self.builder = builder
         self.render = render
         # The response may depend on the credentials forwarded: a cacheable one varies with them.
@@ -119,7 +118,7 @@ class RestGateway:
             await error.response()(scope, receive, send)
             return
         handler = result.target
-        scope[ROUTE_SCOPE_KEY] = handler.template
+        scope[ROUTE_SCOPE_KEY] = handler.route.template.text
         edge = self._edge
         edge_key = (path, scope["query_string"])
         try:

@@ -97,16 +97,12 @@ class RequestBuilder:
     def __init__(self, route: HttpRoute, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._route = route
         self._max_depth = max_depth
-        self._new = route.request_class
-        self._descriptor = route.method.input_type
         self._bound = route.bound_paths
         self.reads_body = bool(route.body)
-        self._body_key = route.body_field.json_name if route.body_field is not None else None
+        body_field = route.body_field
+        self._body_key = body_field.json_name if body_field is not None else None
         self._body_needs_object = route.body == "*" or (
-            route.body_field is not None
-            and not route.body_field.is_repeated
-            and route.body_field.message_type is not None
-            and not is_scalar_like(route.body_field)
+            body_field is not None and not body_field.is_repeated and not is_scalar_like(body_field)
         )
         # Query names seen before → their resolution; bounded, since recursive messages
         # make the set of valid names (a.parent.parent...) unbounded.
@@ -116,7 +112,7 @@ class RequestBuilder:
         )
 
     def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
-        message = self._new()
+        message = self._route.request_class()
         document: JsonObject = {}
         origins: dict[str, str] = {}
         if self.reads_body and body:
@@ -187,7 +183,7 @@ class RequestBuilder:
 
     def _resolve(self, name: str) -> tuple[tuple[str, ...], FieldDescriptor]:
         """`agent.create_time` or `agent.createTime` → JSON path and leaf field, or a 400."""
-        descriptor = self._descriptor
+        descriptor = self._route.method.input_type
         json_path: list[str] = []
         proto_path: list[str] = []
         parts = name.split(".")
