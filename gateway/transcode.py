@@ -162,22 +162,15 @@ class RequestBuilder:
             if field.is_repeated:
                 value: object = [_scalar_json(field, raw, name) for raw in raw_values]
             elif len(raw_values) > 1:
-                raise bad_request(
-                    f"query parameter {name!r} is given {len(raw_values)} times but is not repeated",
-                    field=name,
-                    description="given more than once but not repeated",
-                )
+                given = f"is given {len(raw_values)} times but is not repeated"
+                raise _refused(name, given, "given more than once but not repeated")
             else:
                 value = _scalar_json(field, raw_values[0], name)
             node = document
             for key in json_path[:-1]:
                 node = node.setdefault(key, {})
             if json_path[-1] in node:
-                raise bad_request(
-                    f"query parameter {name!r} sets a field that is already set",
-                    field=name,
-                    description="set more than once",
-                )
+                raise _refused(name, "sets a field that is already set", "set more than once")
             node[json_path[-1]] = value
             origins[".".join(json_path)] = name
 
@@ -194,22 +187,16 @@ class RequestBuilder:
             json_path.append(field.json_name)
             proto_path.append(field.name)
             if tuple(proto_path) in self._bound:
-                raise bad_request(
-                    f"query parameter {name!r} sets a field that the path or body of {self._route.template.text} sets",
-                    field=name,
-                    description="set by the path or the body",
-                )
+                where = self._route.template.text
+                raise _refused(name, f"sets a field that the path or body of {where} sets", "set by the path or the body")
             last = position == len(parts)
             if is_scalar_like(field):
                 if not last:
                     raise _unknown(name, f"unknown query parameter {name!r}: {part!r} has no fields")
                 return tuple(json_path), field
             if last or field.is_repeated:
-                raise bad_request(
-                    f"query parameter {name!r} cannot be set from the query string; send it in a request body",
-                    field=name,
-                    description="not settable from the query string",
-                )
+                problem = "cannot be set from the query string; send it in a request body"
+                raise _refused(name, problem, "not settable from the query string")
             # A message field: is_scalar_like() holds for every field without a message type.
             assert field.message_type is not None
             descriptor = field.message_type
@@ -218,6 +205,11 @@ class RequestBuilder:
 
 def _unknown(name: str, message: str, description: str = "unknown field") -> Exception:
     return bad_request(message, field=name, description=description, reason="UNKNOWN_FIELD")
+
+
+def _refused(name: str, problem: str, description: str) -> Exception:
+    """A 400 for query parameter `name`: the message ends with `problem`, its FieldViolation says `description`."""
+    return bad_request(f"query parameter {name!r} {problem}", field=name, description=description)
 
 
 def _scalar_json(field: FieldDescriptor, raw: str, name: str) -> object:
