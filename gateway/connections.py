@@ -68,7 +68,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # for it after the piece it began in (which may hold the end of an earlier request).
         self._head_open = False
         self._head_arrived = 0
-        self._head_too_large = False
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -114,7 +113,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; the head limit's error is one of those."""
-        if self._head_too_large:
+        if self._head_bytes > self.max_header_bytes:
             self._refuse_head()
         else:
             super().send_400_response(msg)
@@ -122,7 +121,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
-            self._head_too_large = True
             raise _HeadTooLarge
 
     def _refuse_head(self) -> None:

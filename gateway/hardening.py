@@ -85,6 +85,3 @@ def cors_options(origins_setting: str) -> dict[str, Any] | None:
         "expose_headers": ["x-request-id", "etag", *RATE_LIMIT_TRAILERS.values()],
         "max_age": 600,
     }
-
-
-

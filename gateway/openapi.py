@@ -20,7 +20,7 @@ from gateway import proto_comments
 from gateway.json_body import JSON_MEDIA_TYPE, JsonObject, encode
 from gateway.routes import IDEMPOTENCY_HEADER, HttpRoute
 from gateway.templates import PathTemplate
-from gateway.transcode import is_map, is_scalar_like, map_entry
+from gateway.transcode import WRAPPERS, is_scalar_like, map_entry
 from services.common.auth.scopes import Scope, required_scope
 from services.common.contract.field_behavior import behaviors
 
@@ -62,10 +62,6 @@ _WELL_KNOWN: dict[str, JsonObject] = {
         "additionalProperties": True,
     },
 }
-_WRAPPERS = frozenset(
-    f"google.protobuf.{name}Value"
-    for name in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
-)
 
 
 # How every answer is written (gateway/transcode.py's renderer), once for the whole API.
@@ -116,7 +112,7 @@ class _Schemas:
         name = descriptor.full_name
         if name in _WELL_KNOWN:
             return dict(_WELL_KNOWN[name])
-        if name in _WRAPPERS:
+        if name in WRAPPERS:
             return {**self._single(descriptor.fields_by_name["value"]), "nullable": True}
         if name not in self.components:
             self.components[name] = {}  # claimed first: recursive messages refer to themselves
@@ -255,7 +251,7 @@ def _query_parameters(route: HttpRoute, schemas: _Schemas) -> list[JsonObject]:
             if proto_path in bound:
                 continue
             name = f"{json_prefix}{field.json_name}"
-            if is_scalar_like(field) and not is_map(field):
+            if is_scalar_like(field):
                 parameter = {"name": name, "in": "query", "required": False, **_described_by(schemas, field)}
                 if field.is_repeated:
                     parameter.update(style="form", explode=True)

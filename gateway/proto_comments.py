@@ -9,13 +9,9 @@ import importlib.resources
 from collections.abc import Iterator
 
 from google.protobuf import descriptor_pb2
+from google.protobuf.message import Message
 
 DESCRIPTOR_SET = "descriptor_set.pb"
-
-# FileDescriptorProto / DescriptorProto / ... field numbers, as source_code_info paths use them.
-_MESSAGE, _ENUM, _SERVICE = 4, 5, 6
-_FIELD, _NESTED, _NESTED_ENUM = 2, 3, 4
-_ENUM_VALUE, _METHOD = 2, 2
 
 Path = tuple[int, ...]
 
@@ -30,7 +26,7 @@ def load() -> dict[str, str]:
     files = descriptor_pb2.FileDescriptorSet.FromString(resource.read_bytes())
     comments: dict[str, str] = {}
     for file in files.file:
-        names = dict(_names(file))
+        names = dict(_names((), file.package, file))
         for location in file.source_code_info.location:
             name = names.get(tuple(location.path))
             text = location.leading_comments or location.trailing_comments
@@ -39,29 +35,14 @@ def load() -> dict[str, str]:
     return comments
 
 
-def _names(file: descriptor_pb2.FileDescriptorProto) -> Iterator[tuple[Path, str]]:
-    scope = file.package
-    for i, message in enumerate(file.message_type):
-        yield from _message((_MESSAGE, i), f"{scope}.{message.name}", message)
-    for i, enum in enumerate(file.enum_type):
-        yield from _enum((_ENUM, i), f"{scope}.{enum.name}", enum)
-    for i, service in enumerate(file.service):
-        yield (_SERVICE, i), f"{scope}.{service.name}"
-        for j, method in enumerate(service.method):
-            yield (_SERVICE, i, _METHOD, j), f"{scope}.{service.name}.{method.name}"
-
-
-def _message(path: Path, name: str, message: descriptor_pb2.DescriptorProto) -> Iterator[tuple[Path, str]]:
-    yield path, name
-    for i, field in enumerate(message.field):
-        yield (*path, _FIELD, i), f"{name}.{field.name}"
-    for i, nested in enumerate(message.nested_type):
-        yield from _message((*path, _NESTED, i), f"{name}.{nested.name}", nested)
-    for i, enum in enumerate(message.enum_type):
-        yield from _enum((*path, _NESTED_ENUM, i), f"{name}.{enum.name}", enum)
-
-
-def _enum(path: Path, name: str, enum: descriptor_pb2.EnumDescriptorProto) -> Iterator[tuple[Path, str]]:
-    yield path, name
-    for i, value in enumerate(enum.value):
-        yield (*path, _ENUM_VALUE, i), f"{name}.{value.name}"
+def _names(path: Path, scope: str, proto: Message) -> Iterator[tuple[Path, str]]:
+    """Everything named inside `proto` (messages, fields, enums and their values, services,
+    methods; oneofs and extensions too) at its source_code_info path, whose numbers are
+    descriptor.proto's own field numbers: read from its descriptors, not written out here."""
+    for field, value in proto.ListFields():
+        if not field.is_repeated or field.message_type is None or "name" not in field.message_type.fields_by_name:
+            continue
+        for i, element in enumerate(value):
+            name = f"{scope}.{element.name}"
+            yield (*path, field.number, i), name
+            yield from _names((*path, field.number, i), name, element)

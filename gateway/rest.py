@@ -32,7 +32,7 @@ from gateway.request_id import SCOPE_KEY as REQUEST_ID_SCOPE_KEY
 from gateway.request_id import new_request_id
 from gateway.routes import HttpRoute
 from gateway.templates import NotAllowed, Router
-from gateway.transcode import DEFAULT_MAX_DEPTH, FieldIndex, Renderer, RequestBuilder, renderer
+from gateway.transcode import DEFAULT_MAX_DEPTH, Renderer, RequestBuilder, renderer
 from services.common.auth.guard import AccessGuard
 from services.common.contract.errors import ServiceError, Unavailable
 from services.common.contract.forwarded import FORWARDER_KEY, TrustedProxies
@@ -50,7 +50,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _Handler:
-    __slots__ = ("route", "template", "builder", "render", "answer", "conditional", "kept", "unary", "stream")
+    __slots__ = ("route", "builder", "render", "answer", "conditional", "kept", "unary", "stream")
 
     # The gRPC multicallable of the route's kind; bound in the lifespan, when the channels exist.
     unary: grpc.aio.UnaryUnaryMultiCallable[Message, Message]
@@ -58,7 +58,6 @@ class _Handler:
 
     def __init__(self, route: HttpRoute, builder: RequestBuilder, render: Renderer) -> None:
         self.route = route
-        self.template = route.template.text
         self.builder = builder
         self.render = render
         # The response may depend on the credentials forwarded: a cacheable one varies with them.
@@ -81,8 +80,7 @@ class RestGateway:
         limiting: bool = False,
         edge: Edge | None = None,
     ) -> None:
-        index = FieldIndex(route.method.input_type for route in routes)
-        self._handlers = [_Handler(route, RequestBuilder(route, index, max_json_depth), renderer(route)) for route in routes]
+        self._handlers = [_Handler(route, RequestBuilder(route, max_json_depth), renderer(route)) for route in routes]
         self._proxies = TrustedProxies(trusted_proxies)
         # When `limiting` (gateway_limits), the gateway takes each caller's token and tells
         # the services so with their key: on a call it admitted, they take none of their own.
@@ -120,7 +118,7 @@ class RestGateway:
             await error.response()(scope, receive, send)
             return
         handler = result.target
-        scope[ROUTE_SCOPE_KEY] = handler.template
+        scope[ROUTE_SCOPE_KEY] = handler.route.template.text
         edge = self._edge
         edge_key = (path, scope["query_string"])
         try:

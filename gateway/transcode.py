@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import parse_qsl
 
-from google.protobuf import json_format
+from google.protobuf import json_format, wrappers_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -22,13 +22,11 @@ from gateway.errors import bad_request
 from gateway.json_body import JsonObject, encode
 from gateway.routes import HttpRoute
 
+# google.protobuf's wrappers (Int32Value, BoolValue, ...), as their own file declares them.
+WRAPPERS = frozenset(message.full_name for message in wrappers_pb2.DESCRIPTOR.message_types_by_name.values())
 # Well-known types whose proto3 JSON form is a single string or number, so one query
 # parameter can carry them (?update_mask=name,domain, ?after=2024-01-01T00:00:00Z).
-SCALAR_WELL_KNOWN_TYPES = frozenset(
-    f"google.protobuf.{name}"
-    for name in "Timestamp Duration FieldMask BoolValue StringValue BytesValue DoubleValue FloatValue Int64Value UInt64Value"
-    " Int32Value UInt32Value".split()
-)
+SCALAR_WELL_KNOWN_TYPES = WRAPPERS | {f"google.protobuf.{name}" for name in ("Timestamp", "Duration", "FieldMask")}
 
 _RESOLVED_LIMIT = 256
 
@@ -48,12 +46,9 @@ def map_entry(field: FieldDescriptor) -> Descriptor | None:
     return entry if entry is not None and entry.GetOptions().map_entry else None
 
 
-def is_map(field: FieldDescriptor) -> bool:
-    return map_entry(field) is not None
-
-
 def is_scalar_like(field: FieldDescriptor) -> bool:
-    """Whether one JSON string or number is the whole value (what a query parameter holds)."""
+    """Whether one JSON string or number is the whole value (what a query parameter holds):
+    never for a map, whose entry type is a message."""
     return field.message_type is None or field.message_type.full_name in SCALAR_WELL_KNOWN_TYPES
 
 
@@ -69,18 +64,10 @@ def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
             pending.extend(f.message_type for f in descriptor.fields if f.message_type is not None)
 
 
-class FieldIndex:
-    """Field lookup by proto name or JSON name for every message reachable from some roots,
-    built once so query parameters in either spelling resolve with one dict hit each."""
-
-    def __init__(self, roots: Iterable[Descriptor]) -> None:
-        self._fields = {
-            descriptor.full_name: {name: f for f in descriptor.fields for name in (f.name, f.json_name)}
-            for descriptor in _reachable(roots)
-        }
-
-    def field(self, descriptor: Descriptor, name: str) -> FieldDescriptor | None:
-        return self._fields[descriptor.full_name].get(name)
+def _field_named(descriptor: Descriptor, name: str) -> FieldDescriptor | None:
+    """A field by its proto name or its JSON name: a query parameter may spell it either way."""
+    field = descriptor.fields_by_name.get(name)
+    return field if field is not None else next((f for f in descriptor.fields if f.json_name == name), None)
 
 
 DEFAULT_MAX_DEPTH = 32
@@ -107,20 +94,15 @@ def _depth_exceeds(value: object, limit: int) -> bool:
 class RequestBuilder:
     """Builds one route's request message from path values, query string and body."""
 
-    def __init__(self, route: HttpRoute, index: FieldIndex, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    def __init__(self, route: HttpRoute, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._route = route
-        self._index = index
         self._max_depth = max_depth
-        self._new = route.request_class
-        self._descriptor = route.method.input_type
         self._bound = route.bound_paths
         self.reads_body = bool(route.body)
-        self._body_key = route.body_field.json_name if route.body_field is not None else None
+        body_field = route.body_field
+        self._body_key = body_field.json_name if body_field is not None else None
         self._body_needs_object = route.body == "*" or (
-            route.body_field is not None
-            and not route.body_field.is_repeated
-            and route.body_field.message_type is not None
-            and not is_scalar_like(route.body_field)
+            body_field is not None and not body_field.is_repeated and not is_scalar_like(body_field)
         )
         # Query names seen before → their resolution; bounded, since recursive messages
         # make the set of valid names (a.parent.parent...) unbounded.
@@ -130,7 +112,7 @@ class RequestBuilder:
         )
 
     def build(self, values: tuple[str, ...], query: bytes, body: bytes) -> Message:
-        message = self._new()
+        message = self._route.request_class()
         document: JsonObject = {}
         origins: dict[str, str] = {}
         if self.reads_body and body:
@@ -180,54 +162,41 @@ class RequestBuilder:
             if field.is_repeated:
                 value: object = [_scalar_json(field, raw, name) for raw in raw_values]
             elif len(raw_values) > 1:
-                raise bad_request(
-                    f"query parameter {name!r} is given {len(raw_values)} times but is not repeated",
-                    field=name,
-                    description="given more than once but not repeated",
-                )
+                given = f"is given {len(raw_values)} times but is not repeated"
+                raise _refused(name, given, "given more than once but not repeated")
             else:
                 value = _scalar_json(field, raw_values[0], name)
             node = document
             for key in json_path[:-1]:
                 node = node.setdefault(key, {})
             if json_path[-1] in node:
-                raise bad_request(
-                    f"query parameter {name!r} sets a field that is already set",
-                    field=name,
-                    description="set more than once",
-                )
+                raise _refused(name, "sets a field that is already set", "set more than once")
             node[json_path[-1]] = value
             origins[".".join(json_path)] = name
 
     def _resolve(self, name: str) -> tuple[tuple[str, ...], FieldDescriptor]:
         """`agent.create_time` or `agent.createTime` → JSON path and leaf field, or a 400."""
-        descriptor = self._descriptor
+        descriptor = self._route.method.input_type
         json_path: list[str] = []
         proto_path: list[str] = []
         parts = name.split(".")
         for position, part in enumerate(parts, start=1):
-            field = self._index.field(descriptor, part)
+            field = _field_named(descriptor, part)
             if field is None:
                 raise _unknown(name, f"unknown query parameter {name!r}: {descriptor.full_name} has no field {part!r}")
             json_path.append(field.json_name)
             proto_path.append(field.name)
             if tuple(proto_path) in self._bound:
-                raise bad_request(
-                    f"query parameter {name!r} sets a field that the path or body of {self._route.template.text} sets",
-                    field=name,
-                    description="set by the path or the body",
-                )
+                where = self._route.template.text
+                raise _refused(name, f"sets a field that the path or body of {where} sets", "set by the path or the body")
             last = position == len(parts)
-            if is_scalar_like(field) and not is_map(field):
+            if is_scalar_like(field):
                 if not last:
                     raise _unknown(name, f"unknown query parameter {name!r}: {part!r} has no fields")
                 return tuple(json_path), field
             if last or field.is_repeated:
-                raise bad_request(
-                    f"query parameter {name!r} cannot be set from the query string; send it in a request body",
-                    field=name,
-                    description="not settable from the query string",
-                )
+                problem = "cannot be set from the query string; send it in a request body"
+                raise _refused(name, problem, "not settable from the query string")
             # A message field: is_scalar_like() holds for every field without a message type.
             assert field.message_type is not None
             descriptor = field.message_type
@@ -236,6 +205,11 @@ class RequestBuilder:
 
 def _unknown(name: str, message: str, description: str = "unknown field") -> Exception:
     return bad_request(message, field=name, description=description, reason="UNKNOWN_FIELD")
+
+
+def _refused(name: str, problem: str, description: str) -> Exception:
+    """A 400 for query parameter `name`: the message ends with `problem`, its FieldViolation says `description`."""
+    return bad_request(f"query parameter {name!r} {problem}", field=name, description=description)
 
 
 def _scalar_json(field: FieldDescriptor, raw: str, name: str) -> object:
