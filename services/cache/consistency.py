@@ -15,8 +15,8 @@ from typing import Any
 from devops_hub.v1 import cache_pb2
 from prometheus_client import CollectorRegistry, Counter
 
-from services.cache.client.fed_cache import FedCache
 from services.cache.client.keys import parse_pattern
+from services.cache.client.near_cache import FedCache
 from services.cache.client.transport import SidecarTransport
 from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 

@@ -26,8 +26,7 @@ from services.cache.client.codecs import Codec, CodecError, protobuf_codec, prot
 from services.cache.client.freshness import fresh_reads_requested
 from services.cache.client.history import InvalidationHistory
 from services.cache.client.keys import escape_key
-from services.cache.client.near_cache import NearCache, NearEntry
-from services.cache.client.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
+from services.cache.client.near_cache import DEFAULT_WATCH_LIVENESS, NearCache, NearCacheFeed, NearEntry
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.cache.edge.surrogate_keys import note_read
