@@ -22,7 +22,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from services.cache.client.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
+from services.cache.client.codecs import Codec, CodecError, protobuf_codec
 from services.cache.client.freshness import fresh_reads_requested
 from services.cache.client.history import InvalidationHistory
 from services.cache.client.keys import escape_key
@@ -35,8 +35,6 @@ from services.common.transport.channels import service_address
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
-
-__all__ = ["CacheClient", "protobuf_content_type"]
 
 # A load that took longer than this is not filled: the stores' records of what was
 # invalidated (Redis tombstones) outlive it by far.
