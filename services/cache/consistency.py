@@ -99,7 +99,6 @@ class ConsistencyChecker:
                     self._metrics.stale.labels(layer, f"{delay:g}s").inc()
 
     async def _holds_older(self, layer: str, key: str, at: int) -> bool:
-        """Whether the layer holds a value of `key` read before log position `at`."""
         if layer != "sidecar":
             return self._cache.holds_older(key, at)
         response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key), respect_backoff=False)

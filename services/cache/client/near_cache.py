@@ -149,7 +149,6 @@ class FedCache(abc.ABC, Generic[K, E]):
         return self.live and size <= self.max_bytes // 16
 
     def _store(self, key: K, entry: E) -> None:
-        """Keeps entry (replacing the key's), then evicts down to the bounds."""
         if key in self._entries:
             self._remove(key)
         self._entries[key] = entry

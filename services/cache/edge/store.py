@@ -88,8 +88,6 @@ def write_of(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | 
 
 
 class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
-    """Live while NearCacheFeed says so, as a near-cache is."""
-
     def __init__(
         self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -132,7 +130,6 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         return any(self._entries[held].version < at for held in self._by_key.get(key, ()))
 
     def _drop(self, pattern: GlobPattern) -> None:
-        """Every entry with a surrogate key the pattern matches goes."""
         if pattern.kind == "exact":
             gone = self._by_key.get(pattern.text, ())
         else:
