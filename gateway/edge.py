@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from gateway.conditional import none_match
-from services.cache.client.near_feed import NearCacheFeed
+from services.cache.client.near_cache import NearCacheFeed
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.cache.edge.store import EdgeCache, EdgeEntry, EdgeKey, cacheable, write_of

@@ -15,7 +15,8 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from devstack.ports import free_port
-from services.cache.client.client import CacheClient, protobuf_content_type
+from services.cache.client.client import CacheClient
+from services.cache.client.codecs import protobuf_content_type
 from services.cache.sidecar.server import CacheSidecar
 from tests.support import eventually
 from tests.support.cache import (

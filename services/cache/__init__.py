@@ -10,6 +10,6 @@ edge/        the gateway's cache of HTTP answers and the surrogate keys answers 
 consistency  the checker that samples acknowledged writes and counts stale layers
 
 Nothing outside this package imports below these parts' public modules:
-client.{client,decorators,manager,freshness,transport,near_feed}, sidecar.server,
+client.{client,decorators,manager,freshness,transport,near_cache}, sidecar.server,
 log.{outbox,relay}, edge.{store,surrogate_keys}, consistency.
 """

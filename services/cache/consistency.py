@@ -15,8 +15,8 @@ from typing import Any
 from devops_hub.v1 import cache_pb2
 from prometheus_client import CollectorRegistry, Counter
 
-from services.cache.client.fed_cache import FedCache
 from services.cache.client.keys import parse_pattern
+from services.cache.client.near_cache import FedCache
 from services.cache.client.transport import SidecarTransport
 from services.common.foundation.background import cancel_and_wait, spawn, wait_set
 
@@ -99,7 +99,6 @@ class ConsistencyChecker:
                     self._metrics.stale.labels(layer, f"{delay:g}s").inc()
 
     async def _holds_older(self, layer: str, key: str, at: int) -> bool:
-        """Whether the layer holds a value of `key` read before log position `at`."""
         if layer != "sidecar":
             return self._cache.holds_older(key, at)
         response, _ = await self._transport.call("Get", cache_pb2.CacheGetRequest(key=key), respect_backoff=False)

@@ -22,12 +22,11 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from opentelemetry import trace
 
-from services.cache.client.codecs import Codec, CodecError, protobuf_codec, protobuf_content_type
+from services.cache.client.codecs import Codec, CodecError, protobuf_codec
 from services.cache.client.freshness import fresh_reads_requested
 from services.cache.client.history import InvalidationHistory
 from services.cache.client.keys import escape_key
-from services.cache.client.near_cache import NearCache, NearEntry
-from services.cache.client.near_feed import DEFAULT_WATCH_LIVENESS, NearCacheFeed
+from services.cache.client.near_cache import DEFAULT_WATCH_LIVENESS, NearCache, NearCacheFeed, NearEntry
 from services.cache.client.transport import CACHE_SERVICE, SidecarTransport
 from services.cache.consistency import ConsistencyChecker, ConsistencyMetrics
 from services.cache.edge.surrogate_keys import note_read
@@ -36,8 +35,6 @@ from services.common.transport.channels import service_address
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
-
-__all__ = ["CacheClient", "protobuf_content_type"]
 
 # A load that took longer than this is not filled: the stores' records of what was
 # invalidated (Redis tombstones) outlive it by far.

@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -26,23 +26,14 @@ class CodecError(ValueError):
     """The bytes are not a value of this codec."""
 
 
-class Codec(Protocol[T]):
-    content_type: str
-
-    def encode(self, value: T) -> bytes: ...
-
-    def decode(self, data: bytes) -> T:
-        """Raises CodecError for bytes that are not a value of this codec."""
-        ...
-
-
 @dataclasses.dataclass(slots=True)
-class _Codec(Generic[T]):
+class Codec(Generic[T]):
     content_type: str
     encode: Callable[[T], bytes]
     _decode: Callable[[bytes], T]
 
     def decode(self, data: bytes) -> T:
+        """Raises CodecError for bytes that are not a value of this codec."""
         try:
             return self._decode(data)
         except (ValueError, DecodeError) as exc:  # UnicodeDecodeError and JSON's errors are ValueErrors
@@ -67,7 +58,7 @@ def _protobuf_codec(message_type: type[Message]) -> Codec[Any]:
             raise TypeError(f"expected {message_type.DESCRIPTOR.full_name}, got {type(value).__name__}")
         return value.SerializeToString()
 
-    return _Codec(protobuf_content_type(message_type.DESCRIPTOR.full_name), encode, message_type.FromString)
+    return Codec(protobuf_content_type(message_type.DESCRIPTOR.full_name), encode, message_type.FromString)
 
 
 def _json(value: Any) -> bytes:
@@ -75,9 +66,9 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-JSON: Codec[Any] = _Codec("application/json", _json, json.loads)
-BYTES: Codec[bytes] = _Codec("application/octet-stream", bytes, bytes)
-TEXT: Codec[str] = _Codec("text/plain; charset=utf-8", str.encode, bytes.decode)
+JSON: Codec[Any] = Codec("application/json", _json, json.loads)
+BYTES: Codec[bytes] = Codec("application/octet-stream", bytes, bytes)
+TEXT: Codec[str] = Codec("text/plain; charset=utf-8", str.encode, bytes.decode)
 
 
 def codec_for(annotation: Any) -> Codec[Any] | None:

@@ -4,7 +4,7 @@ writes them) kept in the gateway's memory, so a hot read never becomes a gRPC ca
 
 What it may keep, for how long and until which invalidation is said by the service
 with each answer (surrogate_keys.py), never by a table here. It follows the sidecar's
-Watch as a near-cache does (fed_cache.py), but a pattern drops every entry with a
+Watch as a near-cache does (client/near_cache.py), but a pattern drops every entry with a
 surrogate key it matches, not one with its own key: hence an index from surrogate
 key to entries.
 """
@@ -15,9 +15,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
-from services.cache.client.fed_cache import FedCache
 from services.cache.client.freshness import CACHE_CONTROL
 from services.cache.client.keys import GlobPattern
+from services.cache.client.near_cache import FedCache
 from services.cache.edge.surrogate_keys import CACHE_INVALIDATED, CACHE_VERSION, SURROGATE_KEY
 
 EdgeKey = tuple[str, bytes]
@@ -88,8 +88,6 @@ def write_of(trailers: Iterable[tuple[str, object]]) -> tuple[int, list[str]] | 
 
 
 class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
-    """Live while NearCacheFeed says so, as a near-cache is (fed_cache.py)."""
-
     def __init__(
         self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -132,7 +130,6 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         return any(self._entries[held].version < at for held in self._by_key.get(key, ()))
 
     def _drop(self, pattern: GlobPattern) -> None:
-        """Every entry with a surrogate key the pattern matches goes."""
         if pattern.kind == "exact":
             gone = self._by_key.get(pattern.text, ())
         else:
