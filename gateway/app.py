@@ -1,6 +1,5 @@
 """create_app: the HTTP gateway as one ASGI app, all derived from the proto descriptors
-before the first request; the gRPC channels are opened in the lifespan, on the server's
-event loop, and closed when it stops."""
+before the first request."""
 
 from __future__ import annotations
 
@@ -47,9 +46,8 @@ def create_app(
     tracer: trace.Tracer | None = None,
     profiler: SlowRequestProfiler | None = None,
 ) -> GatewayFront:
-    """The gateway for `settings`. Tests pass `services` (default: the generated package's)
-    and `backend_of_service` (default: each proto's `option (backend)`) to serve their
-    own; `registry` defaults to one of this app's own."""
+    """Tests pass `services` (default: the generated package's), `backend_of_service`
+    (default: each proto's `option (backend)`) and `registry` (default: the app's own)."""
     routes = build_routes(discover_services() if services is None else services, backend_of_service)
     # Only the backends some route calls: the gateway neither connects to nor waits on
     # a backend whose protos are not there yet, so it is ready as soon as they are.
@@ -122,8 +120,6 @@ def create_app(
         lifespan=lifespan,
     )
     own.router.redirect_slashes = False
-    # Whatever the fixed routes do not claim is a REST call: the proto-derived router
-    # decides between route, 404 and 405 in one pass.
     return GatewayFront(
         own,
         [route.path for route in fixed_routes],

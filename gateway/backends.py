@@ -1,6 +1,5 @@
-"""The pooled channels the gateway calls its backends on. Each service declares its
-backend in its .proto (`option (backend) = "agents";`, read by routes.py), reached at
-settings.agents_addr (Settings.backend_address, as every client of the system)."""
+"""The pooled channels the gateway calls its backends on: each service names its backend
+in its .proto (`option (backend)`, read by routes.py), found at Settings.backend_address."""
 
 from __future__ import annotations
 
@@ -14,15 +13,13 @@ from services.common.transport.channels import DEFAULT_CONNECTIONS, open_channel
 
 
 def backend_addresses(settings: Settings, backends: Iterable[str]) -> dict[str, str]:
-    """Backend name → address (Settings.backend_address)."""
     return {backend: settings.backend_address(backend) for backend in sorted(set(backends))}
 
 
 class ChannelPool:
-    """One channel per distinct address, shared by every call to it (a channel
-    multiplexes calls and reconnects on its own), spread over `connections` connections
-    so that every worker behind the address takes a share. Opened and closed in the
-    app's lifespan: channels belong to its event loop."""
+    """One channel per address (it multiplexes calls and reconnects on its own), over
+    `connections` connections so that every worker behind the address takes a share.
+    Opened and closed in the app's lifespan: channels belong to its event loop."""
 
     def __init__(
         self, addresses: Mapping[str, str], connections: int = DEFAULT_CONNECTIONS, *, tracer: trace.Tracer | None = None

@@ -1,15 +1,10 @@
-"""HTTP caching for REST answers: validators, conditional GETs, freshness.
-
-Every successful answer carries an `ETag`: the resource's own (AIP-154) when the
-rendered message has an `etag` field, otherwise a weak one digesting its deterministic
-protobuf encoding (weak: it names the content, not the bytes, and a map's JSON keys may
-come out in another order for the same content). A GET whose If-None-Match names it is
-a 304, its body not even rendered. `Cache-Control` is what the service said (its
-`cache-control` metadata): the gateway keeps no table of its own. A cacheable answer
-`Vary`s with the credential headers forwarded, so no shared cache hands one caller's
-answer to another. A request's `Cache-Control: no-cache` goes on as metadata, so the
-service's caches are bypassed as well.
-"""
+"""HTTP caching for REST answers. Every successful answer has an `ETag`: the resource's
+own (AIP-154) when the rendered message has an `etag` field, otherwise a weak one over
+its deterministic protobuf encoding (weak: a map's JSON keys may come out in another
+order for the same content); a matching If-None-Match is a 304, its body not rendered.
+`Cache-Control` is what the service said: the gateway keeps no table of its own. A
+cacheable answer `Vary`s with the credential headers forwarded, so no shared cache hands
+one caller's answer to another. A request's `no-cache` goes on, bypassing the service's caches."""
 
 from __future__ import annotations
 
@@ -33,7 +28,6 @@ _ETAG_CHARACTERS = frozenset(range(0x21, 0x7F)) - {0x22}
 
 
 def requests_no_cache(cache_control: bytes) -> bool:
-    """Whether a request's Cache-Control asks for an answer no cache has stored."""
     return any(
         directive.split(b"=", 1)[0].strip().lower() == b"no-cache" for directive in cache_control.split(b",")
     )
@@ -53,7 +47,6 @@ def none_match(if_none_match: bytes, etag: str) -> bool:
 
 
 def _etag_reader(route: HttpRoute) -> Callable[[Message], str] | None:
-    """The resource's own etag, if the message the route renders has one."""
     field = route.response_field
     rendered = route.method.output_type if field is None else field.message_type
     if rendered is None or (field is not None and field.is_repeated):
@@ -61,7 +54,6 @@ def _etag_reader(route: HttpRoute) -> Callable[[Message], str] | None:
     etag_field = rendered.fields_by_name.get("etag")
     if etag_field is None or etag_field.type != FieldDescriptor.TYPE_STRING or etag_field.is_repeated:
         return None
-    # Messages of any type: their fields are read by the names the descriptors give.
     return operator.attrgetter("etag" if field is None else f"{field.name}.etag")
 
 

@@ -1,10 +1,8 @@
 """What one HTTP connection may hold of the gateway, which uvicorn's httptools protocol
-bounds none of (docs/resilience.md): bytes of request head (431), counted as they
-arrive since httptools hands a header over only once its line ends; time idle before
-and between requests; time for a request to arrive (408). uvicorn's X-Forwarded-For
-handling is turned off. And what is written in one step of the event loop goes out
-as one send(): uvicorn would write a response's head and body as two TCP segments.
-"""
+bounds none of (docs/resilience.md): head bytes, counted as they arrive (httptools hands
+a header over only once its line ends), idle time, time for a request to arrive. What
+is written in one event-loop step goes out as one send(): uvicorn would write a
+response's head and body as two TCP segments."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ class _HeadTooLarge(Exception):
 
 
 class _CoalescedWrites:
-    """The connection's transport, whose writes of one event-loop step go out as one
-    send at the end of it; everything else is the transport's own."""
+    """The connection's transport, its writes of one event-loop step sent as one at its end."""
 
     __slots__ = ("_transport", "_loop", "_pending")
 
@@ -156,8 +153,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn.Config options that bound connections, for `python -m gateway` and
-    the in-process test server alike."""
+    """The uvicorn.Config options that bound connections."""
     protocol = type(
         "GatewayHttpProtocol",
         (BoundedHttpToolsProtocol,),

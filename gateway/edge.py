@@ -1,9 +1,5 @@
-"""The edge cache's life in the gateway (its store, its invalidation feed, its checker)
-and how a held answer is written: the prepared header lines and body as two ASGI
-messages, once gateway/rest.py has matched the route and the services' own guard has
-admitted the caller (docs/design.md, "A cached read"). A refusal is the error the
-service would have answered.
-"""
+"""The edge cache's life in the gateway (its store, invalidation feed and checker) and how
+a held answer is written (docs/design.md, "A cached read"; docs/cache.md)."""
 
 from __future__ import annotations
 
@@ -63,8 +59,7 @@ class Edge:
         return cls(settings, consistency, tracer)
 
     def open(self) -> None:
-        """Starts following the sidecar's Watch (with the services' key, which it
-        requires); on the server's event loop."""
+        """Follows the sidecar's Watch, with the services' key, which it requires."""
         settings = self.settings
         self._transport = SidecarTransport(
             service_address(CACHE_SERVICE, settings), settings.cache_timeout, api_key=settings.service_api_key, tracer=self._tracer
@@ -81,8 +76,7 @@ class Edge:
         await self._transport.close()
 
     async def send(self, entry: EdgeEntry, if_none_match: bytes | None, limits: Iterable[tuple[str, str]], send: Send) -> None:
-        """The held answer (a 304 when If-None-Match names its ETag), with its Age and
-        the caller's X-RateLimit-* headers."""
+        """The held answer, or a 304 when If-None-Match names its ETag, with Age and X-RateLimit-*."""
         per_request = [(b"age", str(self.cache.age(entry)).encode()), *((name.encode(), value.encode()) for name, value in limits)]
         if if_none_match is not None and none_match(if_none_match, entry.etag):
             await send({"type": "http.response.start", "status": 304, "headers": [*entry.validators, *per_request]})
@@ -94,8 +88,7 @@ class Edge:
     @contextlib.contextmanager
     def loading(self, key: EdgeKey) -> Iterator[None]:
         """A miss of `key` on its way upstream: readers who miss it meanwhile wait for its
-        answer (landed()) rather than all asking the service at once, as they would when
-        a hot answer is not held yet (a burst on a cold key)."""
+        answer (landed()), so a burst on a cold key is one call to the service."""
         if key in self._loading:
             yield  # another reader's miss is on its way: this one does not replace it
             return
@@ -118,8 +111,8 @@ class Edge:
         return self.cache.get(key)
 
     def fill(self, key: tuple[str, bytes], response: Response, trailers: Iterable[tuple[str, object]]) -> None:
-        """Keeps a 200 answer the service said may be kept (see services/cache/edge/store.py),
-        with the header lines it has before any per-request one is added."""
+        """Keeps a 200 answer the service said may be kept (services/cache/edge/store.py),
+        with its header lines from before any per-request one is added."""
         said = cacheable(trailers)
         if said is None or response.status_code != 200:
             return

@@ -1,8 +1,6 @@
-"""gRPC status → HTTP: the one table, and the one error body every failure uses: the
-google.rpc.Status (AIP-193) as JSON, each detail decoded. Failures the gateway finds
-itself (bad JSON, unknown path) are built as the same kind of Status, so a client
-parses exactly one error shape whoever found the problem.
-"""
+"""gRPC status → HTTP: the one table, and the one error body every failure uses, the
+google.rpc.Status (AIP-193) as JSON, details decoded; the gateway's own failures (bad
+JSON, unknown path) too, so a client parses one error shape whoever found the problem."""
 
 from __future__ import annotations
 
@@ -77,13 +75,11 @@ class GatewayError(Exception):
 
 
 def bad_request(message: str, *, field: str = "", description: str = "", reason: str = "INVALID_REQUEST") -> GatewayError:
-    """HTTP 400 with a BadRequest detail naming the field, when there is one."""
     violations = [(field, description or message)] if field else []
     return GatewayError(InvalidArgument(message, reason=reason, violations=violations))
 
 
 def http_only(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> GatewayError:
-    """A 405, 413 or 415 (_HTTP_ONLY), in the same body shape as every other failure."""
     error_class, reason = _HTTP_ONLY[status_code]
     return GatewayError(error_class(message, reason=reason), status_code=status_code, headers=headers)
 

@@ -1,9 +1,7 @@
-"""The one pass every HTTP request makes around its route: request id, logging context,
-metrics, the trace's SERVER span, the slow-request profile and the security headers,
-in one coroutine and one `send` wrapper rather than a middleware each. A REST call goes
-straight to the proto-derived router; only the gateway's own endpoints (/health,
-/metrics, /openapi.json, the pages) and the lifespan go through Starlette.
-"""
+"""The one pass every HTTP request makes around its route (docs/design.md, "A write"), in
+one coroutine and one `send` wrapper rather than a middleware each. A REST call goes
+straight to the proto-derived router; only the gateway's own endpoints and the lifespan
+go through Starlette."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""What the gateway refuses or adds for safety, in one place: credentials in the query
-string are refused (URLs end up in logs and histories); a body must be JSON; the
-client's address, an anonymous caller's rate-limit bucket, believes X-Forwarded-For
-only from GATEWAY_TRUSTED_PROXIES; rate-limit figures go out as X-RateLimit-* and
-Retry-After; every response carries the security headers; CORS only for CORS_ORIGINS.
-"""
+"""What the gateway refuses or adds for safety: no credentials in the query string (URLs
+end up in logs and histories), JSON bodies only, X-Forwarded-For believed only from
+GATEWAY_TRUSTED_PROXIES (the client's address is an anonymous caller's rate-limit
+bucket), X-RateLimit-* and Retry-After, the security headers, CORS for CORS_ORIGINS."""
 
 from __future__ import annotations
 
@@ -72,7 +70,6 @@ def rate_limit_headers(trailers: Iterable[tuple[str, object]] | None) -> dict[st
 
 
 def cors_options(origins_setting: str) -> dict[str, Any] | None:
-    """CORSMiddleware options for CORS_ORIGINS, or None when it is empty."""
     origins = [o.strip() for o in origins_setting.split(",") if o.strip()]
     if not origins:
         return None

@@ -41,7 +41,6 @@ class HealthChecker:
         return {"address": address, "status": status, **({} if status == SERVING else {"error": f"backend reports {status}"})}
 
     async def ready(self, request: Request) -> Response:
-        """/health and /health/ready: 200 only when every backend is SERVING, never cached."""
         names = list(self._stubs)
         backends = dict(zip(names, await asyncio.gather(*(self._check_one(name) for name in names))))
         failing = [name for name, result in backends.items() if result["status"] != SERVING]

@@ -7,7 +7,6 @@ from typing import Any
 
 JSON_MEDIA_TYPE = "application/json"
 
-# A JSON object as json.loads gives it and encode() takes it: values of any JSON kind.
 JsonObject = dict[str, Any]
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

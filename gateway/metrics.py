@@ -1,9 +1,5 @@
-"""Prometheus metrics for the HTTP side, in a registry the app owns.
-
-Routes are labelled by their template (`/api/agents/{id}`), never by the raw path:
-ids in a label would make one time series per agent and exhaust Prometheus. Latency
-runs to the last byte sent, so for a server-sent-events route it is the stream's life.
-"""
+"""Prometheus metrics for the HTTP side, in a registry the app owns, by route template
+(docs/observability.md): ids in a label would make one time series per agent."""
 
 from __future__ import annotations
 
@@ -79,8 +75,7 @@ class HttpMetrics:
         return children
 
     def exposition(self) -> bytes:
-        """The metrics in Prometheus's text format: with several gateway processes,
-        every one's files summed (docs/observability.md)."""
+        """With several gateway processes, every one's files summed."""
         directory = multiprocess_dir()
         if directory:
             registry = CollectorRegistry()

@@ -1,9 +1,6 @@
-"""OpenAPI 3.0 from the same route table the gateway serves, so the two cannot disagree.
-
-Schemas follow the proto3 JSON mapping the gateway speaks, the error body is the JSON
-of google.rpc.Status from its own descriptor, descriptions are the protos' comments
-(proto_comments.py), and each operation requires the key its `required_scope` says.
-"""
+"""OpenAPI 3.0 from the same route table the gateway serves, so the two cannot disagree:
+schemas in the proto3 JSON mapping, the error body from google.rpc.Status's descriptor,
+descriptions from the protos' comments, the key each `required_scope` asks for."""
 
 from __future__ import annotations
 
@@ -139,16 +136,14 @@ class _Schemas:
 
 
 def build_openapi(routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_reads: bool) -> JsonObject:
-    """The document for `routes`; the security requirements follow the auth settings."""
     schemas = _Schemas(proto_comments.load())
     error_response = {
         "description": "An error: the JSON of google.rpc.Status (AIP-193).",
         "content": {JSON_MEDIA_TYPE: {"schema": schemas.message(status_pb2.Status.DESCRIPTOR)}},
     }
     paths: dict[str, JsonObject] = {}
-    # OpenAPI forbids two paths differing only in parameter names (/agents/{id} and
-    # /agents/{agent.id}): templates that match the same URLs share one path, spelled
-    # as the first of them, and later ones name their parameters after it.
+    # OpenAPI forbids two paths differing only in parameter names (/agents/{id}, /agents/{agent.id}):
+    # templates that match the same URLs share one path and the first one's parameter names.
     spelling: dict[tuple[tuple[str, ...], str, tuple[tuple[int, int | None], ...]], PathTemplate] = {}
     for route in routes:
         template = route.template
@@ -177,8 +172,6 @@ def build_openapi(routes: Sequence[HttpRoute], *, auth_enabled: bool, anonymous_
 
 
 def _secure(operation: JsonObject, route: HttpRoute, schemas: _Schemas, anonymous_reads: bool) -> None:
-    """The key the operation needs: `security` (none required for reads when anonymous
-    reads are allowed), `x-required-scope`, and the scope's own comment."""
     scope = Scope.Name(required_scope(route.method))
     operation["x-required-scope"] = scope
     anonymous = anonymous_reads and scope == Scope.Name(Scope.SCOPE_READ)

@@ -1,8 +1,6 @@
-"""The gateway's pages for people, beside the API: `/docs`, an interactive reference
-(Swagger UI over /openapi.json, its files from the swagger-ui-bundle package: nothing
-is fetched from another host), `/status`, the performance guide's table kept live
-from /status.json (gateway/status.py), and `/`, which leads to /docs.
-"""
+"""The gateway's pages for people: `/docs`, Swagger UI over /openapi.json (its files from
+the swagger-ui-bundle package: nothing is fetched from another host), `/status`, the
+performance guide's table live from /status.json (status.py), and `/`, which leads to /docs."""
 
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ from gateway.status import StatusBoard
 
 STATIC = pathlib.Path(__file__).parent / "static"
 SWAGGER_UI = pathlib.Path(str(swagger_ui_path))
-# The API's own policy (gateway/hardening.py) forbids everything; a page needs its own
-# scripts, styles and calls, from this origin only (Swagger UI styles inline and draws
-# data: images).
+# The API's policy (hardening.py) forbids everything; a page needs its own scripts, styles
+# and calls, from this origin only (Swagger UI styles inline and draws data: images).
 PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'"

@@ -1,7 +1,6 @@
 """The protos' own comments, by the full name of what they describe, for the OpenAPI
 document. Generated modules drop them (source_code_info) from their descriptors, so
-clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs.
-"""
+clients/python/gen_protos.py writes a descriptor set that keeps them beside the stubs."""
 
 from __future__ import annotations
 
@@ -36,9 +35,8 @@ def load() -> dict[str, str]:
 
 
 def _names(path: Path, scope: str, proto: Message) -> Iterator[tuple[Path, str]]:
-    """Everything named inside `proto` (messages, fields, enums and their values, services,
-    methods; oneofs and extensions too) at its source_code_info path, whose numbers are
-    descriptor.proto's own field numbers: read from its descriptors, not written out here."""
+    """Everything named inside `proto`, at its source_code_info path: the numbers are
+    descriptor.proto's own field numbers, read from its descriptors, not written out here."""
     for field, value in proto.ListFields():
         if not field.is_repeated or field.message_type is None or "name" not in field.message_type.fields_by_name:
             continue

@@ -21,7 +21,6 @@ def new_request_id() -> str:
 
 
 def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The client's x-request-id when it is usable, a new one otherwise."""
     for name, value in headers:
         if name == HEADER:
             if _USABLE.fullmatch(value):

@@ -1,13 +1,7 @@
 """The ASGI app behind every google.api.http route: match, transcode, one gRPC call,
-render (docs/design.md walks a write and a cached read through it).
-
-Handlers are made once per route; a request does only the work that depends on it.
-Server-streaming methods are served as server-sent events (one `data: <json>` per
-message, with an `id:` when the method can resume: a reconnecting client's
-Last-Event-ID sets its resume field); they carry no deadline, since a watch lives as
-long as its client listens, and the backend call is cancelled as soon as the client
-goes away.
-"""
+render (docs/design.md walks a write and a cached read through it). Handlers are made
+once per route; a request does only the work that depends on it. Server streams are
+server-sent events with no deadline: a watch lives as long as its client listens."""
 
 from __future__ import annotations
 
@@ -94,7 +88,6 @@ class RestGateway:
         self._edge = edge
 
     def bind(self, pool: ChannelPool) -> None:
-        """Each route's multicallable, on its backend's pooled channel."""
         for handler in self._handlers:
             route = handler.route
             channel = pool.channel(route.backend)
@@ -183,10 +176,9 @@ class RestGateway:
     async def _admit(
         self, handler: _Handler, metadata: tuple[tuple[str, str], ...], scope: Scope
     ) -> tuple[tuple[str, str], ...] | None:
-        """The caller's rate-limit figures once the guard admits it (its refusal, as the
-        service would have answered it, when it does not); None when its key cannot be
-        checked now (the agents service unreachable): the call then goes to its service
-        unvouched, which checks and limits it itself."""
+        """The caller's rate-limit figures once the guard admits it (else its refusal, as the
+        service would answer it); None when its key cannot be checked now (the agents
+        service unreachable): the call goes unvouched, and its service checks and limits it."""
         if self.guard is None:
             return None
         try:
@@ -267,8 +259,7 @@ async def _events(
 
 
 def _fields_from_headers(message: Message, headers: tuple[tuple[bytes, FieldDescriptor], ...], scope: Scope) -> None:
-    """Fields a header sets (routes.py): the last id an EventSource saw when it
-    reconnects, a retry's Idempotency-Key. The query or body, if it sets the field, wins."""
+    """The fields HttpRoute.headers names, from their headers; the query or body, if it sets one, wins."""
     for name, value in scope["headers"]:
         for header, field in headers:
             if name == header and not getattr(message, field.name):

@@ -1,9 +1,6 @@
-"""The route table: every google.api.http rule of every generated service, resolved once.
-
-The protos are the contract: this module reads paths, bodies and field names from the
-descriptors and nothing else, and refuses at start-up (not on the first request) any
-rule the gateway could not serve, so a broken proto never becomes a half-working route.
-"""
+"""The route table: every google.api.http rule of every generated service, read from the
+descriptors alone and resolved once. A rule the gateway could not serve is refused at
+start-up, not on the first request, so a broken proto never becomes a half-working route."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Wiring for the gateway: the app (app.py) served by uvicorn on its socket, as the
-Process every serving part of DevOps Hub is (services/common/runtime/process.py): `python -m gateway`
-runs it, and tests/support/stack.py starts the same in a test's event loop."""
+"""The gateway (app.py) served by uvicorn on its socket, as the Process every serving part
+of DevOps Hub is (services/common/runtime/process.py), in `python -m gateway` and tests alike."""
 
 from __future__ import annotations
 
@@ -27,10 +26,8 @@ DESCRIPTOR_TABLE = 4096
 
 
 class Gateway:
-    """uvicorn's Server, driven step by step: start() runs the app's lifespan start-up
-    and takes connections, stop(grace) lets the requests in flight finish within
-    `grace` and runs the lifespan shut-down (which closes the app's channels), close()
-    releases the socket. SIGTERM and SIGINT are the process's (process.run), not uvicorn's."""
+    """uvicorn's Server, driven step by step through the Process calls; SIGTERM and SIGINT are
+    the process's (process.run), not uvicorn's."""
 
     # GET /metrics is one of the gateway's own routes, on its own port.
     metrics_port = 0
@@ -80,8 +77,7 @@ class Gateway:
 
 
 async def build(settings: Settings, **app_options: Any) -> Gateway:
-    """The gateway on GATEWAY_HOST:GATEWAY_PORT (port 0 picks a free one); `app_options`
-    go to create_app (tests give it other services or registries)."""
+    """`app_options` go to create_app (tests give it other services or registries)."""
     config = uvicorn.Config(
         create_app(settings, **app_options),
         **connection_options(settings),
@@ -110,12 +106,10 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def grow_descriptor_table(fd: int) -> None:
-    """Grows the process's descriptor table to DESCRIPTOR_TABLE entries now. The kernel
-    grows it as connections come, and in a process with threads (grpc's, here) each
-    growth waits out an RCU grace period with the event loop stopped in accept(): a
-    fresh gateway's first burst of 400 connections had answers waiting 1 to 2 s
-    (bench/RESULTS.md). F_DUPFD takes the lowest free descriptor from there up, so
-    none in use is touched."""
+    """Grows the descriptor table now, not as connections come: with threads (grpc's) each
+    growth stops accept() for an RCU grace period, 1 to 2 s for a fresh gateway's first
+    400 connections (docs/resilience.md, bench/RESULTS.md). F_DUPFD takes the lowest free
+    descriptor from there up, so none in use is touched."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     size = DESCRIPTOR_TABLE if soft == resource.RLIM_INFINITY else min(soft, DESCRIPTOR_TABLE)
     with contextlib.suppress(OSError):  # every descriptor from there up is taken: nothing to grow

@@ -1,10 +1,6 @@
-"""GET /status.json: the performance guide's "Metrics to Monitor" table, live.
-
-Each row is computed from the Prometheus metrics of the gateway and of each backend's
-metrics port, as deploy/prometheus/alerts.yml computes it. Rates are over the last
-WINDOW seconds of polls (since each process started, at the first poll). /status is
-the page that polls it (gateway/static/status.html).
-"""
+"""GET /status.json: the performance guide's "Metrics to Monitor" table, live, from the
+metrics of the gateway and each backend as deploy/prometheus/alerts.yml computes it
+(docs/observability.md). Rates are over the last WINDOW seconds of polls."""
 
 from __future__ import annotations
 

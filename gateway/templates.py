@@ -1,11 +1,9 @@
-"""google.api.http path templates (their grammar: google/api/http.proto), parsed once
-at start-up and matched per request.
+"""google.api.http path templates (grammar: google/api/http.proto), parsed at start-up.
 
-Matching compares path segments, no regex: templates are bucketed by (verb, segment
-count), so a request only looks at the few that could match it. A `:verb` suffix is
-split off the last segment whenever some template declares that verb, so `{id}` never
-swallows it: `GET /api/agents/x:execute` is a 405, not a GetAgent for "x:execute".
-"""
+Matching compares segments, no regex: templates are bucketed by (verb, segment count),
+so a request looks only at the few that could match it. A `:verb` suffix some template
+declares is split off the last segment, so `{id}` never swallows it:
+`GET /api/agents/x:execute` is a 405, not a GetAgent for "x:execute"."""
 
 from __future__ import annotations
 

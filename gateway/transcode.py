@@ -1,11 +1,9 @@
 """HTTP ↔ message for one route: path variables, JSON body and query string in; JSON out.
 
-Everything that depends only on the route (field chains, setters, which fields the
-query may set, how to render the response) is worked out when the gateway starts; a
-request pays for a dict walk per query parameter and at most two json_format calls.
-The JSON mapping is protobuf's own proto3 mapping (json_format), strict about unknown
-fields, so a typo in a field name is a 400 rather than a silently ignored value.
-"""
+What depends only on the route is worked out at start; a request pays for a dict walk
+per query parameter and at most two json_format calls. The mapping is protobuf's own
+(json_format), strict about unknown fields: a typo in a field name is a 400, not a
+silently ignored value."""
 
 from __future__ import annotations
 
@@ -41,7 +39,6 @@ Renderer = Callable[[Message], bytes]
 
 
 def map_entry(field: FieldDescriptor) -> Descriptor | None:
-    """The entry message of a map field (its key and value), None for any other field."""
     entry = field.message_type
     return entry if entry is not None and entry.GetOptions().map_entry else None
 
@@ -53,7 +50,6 @@ def is_scalar_like(field: FieldDescriptor) -> bool:
 
 
 def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
-    """Every message type reachable from the roots through their fields, once each."""
     seen: set[str] = set()
     pending = list(roots)
     while pending:
@@ -92,8 +88,6 @@ def _depth_exceeds(value: object, limit: int) -> bool:
 
 
 class RequestBuilder:
-    """Builds one route's request message from path values, query string and body."""
-
     def __init__(self, route: HttpRoute, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._route = route
         self._max_depth = max_depth
@@ -208,7 +202,6 @@ def _unknown(name: str, message: str, description: str = "unknown field") -> Exc
 
 
 def _refused(name: str, problem: str, description: str) -> Exception:
-    """A 400 for query parameter `name`: the message ends with `problem`, its FieldViolation says `description`."""
     return bad_request(f"query parameter {name!r} {problem}", field=name, description=description)
 
 
@@ -262,11 +255,8 @@ def _parse_into(document: JsonObject, message: Message, origins: dict[str, str])
 
 
 def explain(exc: Exception) -> tuple[str, str]:
-    """json_format's nested message → (dotted field path, reason).
-
-    json_format reports `Failed to parse agent field: Failed to parse name field: ...`;
-    clients need `agent.name` and the innermost reason, for a BadRequest FieldViolation.
-    """
+    """json_format's `Failed to parse agent field: Failed to parse name field: ...` →
+    (`agent.name`, the innermost reason), as a BadRequest FieldViolation needs them."""
     text = str(exc).split("\n", 1)[0]
     path: list[str] = []
     while (match := _PARSE_PREFIX.match(text)) is not None:
@@ -282,9 +272,8 @@ def explain(exc: Exception) -> tuple[str, str]:
 
 def renderer(route: HttpRoute) -> Renderer:
     """Proto3 JSON of the response, or of its response_body field: the one place the
-    gateway writes a message as JSON. Zero values are written, not left out: a count of
-    0 is `0`, an empty list `[]`, a false `false` (fields with presence, messages and
-    `optional` ones, still appear only when set)."""
+    gateway writes a message as JSON. Zero values are written; fields with presence
+    (messages, `optional` ones) appear only when set."""
     field = route.response_field
     to_json: Callable[[Message], object]
     if field is None:
