@@ -1,9 +1,8 @@
 """The agents use cases: the resource template (services/common/usecases/resource.py) with the
 agents' rules, their list and discovery reads, and batch create.
 
-Cache rules: as long as the protos' cache_max_age says (a single agent 300 s, a list
-page 60 s, a discovery 300 s); a write makes stale that agent's key and every list
-and discovery page (any of them may include it).
+Each cached read lives as long as its RPC's cache_max_age in the protos says; a write
+makes stale that agent's key and every list and discovery page (any may include it).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from services.common.usecases.resource import Resource, Violations
 
 Agent = agents_pb2.Agent
 
-# Each cached read lives as long as its RPC's cache_max_age in the protos says.
 _METHODS = agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].methods_by_name
 
 

@@ -1,9 +1,8 @@
 """API key use cases: create (shown once), list, revoke, who-am-I, and bootstrap keys.
 
 Create and revoke are the resource template's (services/common/usecases/resource.py,
-ResourceBase): its checks, the request_id's claim and answer, and the write's event
-(api_key.created, api_key.revoked) in one unit of work. API keys have no cached
-reads: the guard's verifier keeps each look-up a second at most (auth/verifier.py).
+ResourceBase). API keys have no cached reads: the guard's verifier keeps each look-up
+a second at most (auth/verifier.py).
 
 The services' own key (SERVICE_API_KEY) is not one of them: it is a secret of the
 deployment, compared by the guard, never stored, so it can be neither listed nor
@@ -92,8 +91,7 @@ class ApiKeys(ResourceBase[ApiKey]):
         return revoked if revoked is not None else await self.get(key_id)
 
     async def forget(self, key: str) -> bool:
-        """Deletes a stored copy of `key` (the services' key, stored by earlier
-        versions); True if there was one."""
+        """For the services' key, which earlier versions stored."""
         return await self._repository.forget(keys.hash_key(key)) > 0
 
     def _stored(self, key_id: str) -> Awaitable[ApiKey | None]:

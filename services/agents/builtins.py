@@ -149,11 +149,8 @@ async def control_wait(call: Call) -> Json:
 
 
 async def control_fail(call: Call) -> Json:
-    """Fails on the first `fail_attempts` attempts, then succeeds: for testing retries.
-
-    {"fail_attempts": 2, "message": "flaky"} fails attempts 1 and 2 and returns
-    {"attempt": 3} on the third. Deterministic: it depends only on the attempt number.
-    """
+    """{"fail_attempts": 2, "message": "flaky"} fails attempts 1 and 2, then returns
+    {"attempt": 3}: for testing retries."""
     fail_attempts = call.input.get("fail_attempts", 1)
     if not isinstance(fail_attempts, (int, float)) or fail_attempts < 0:
         raise AgentFailure("input.fail_attempts must be a number >= 0")

@@ -52,7 +52,6 @@ class AgentFilter:
     capabilities: Sequence[str] = field(default_factory=tuple)
 
     def where(self, args: list) -> str:
-        """A WHERE clause for these filters; appends its arguments to `args`."""
         clauses = []
         if self.domain:
             args.append(self.domain)
@@ -132,8 +131,7 @@ class AgentRepository:
         return [_to_agent(dict(zip((c for c, _ in _COLUMN_TYPES), row))) for row in rows]
 
     async def replace(self, tx: Executor, agent: Agent, stored: Agent, now: dt.datetime) -> Agent | None:
-        """Writes the whole agent if its revision is still `stored`'s; None otherwise. Its
-        capability rows are rewritten only when its capabilities changed; the answer is
+        """Capability rows are rewritten only when the capabilities changed; the answer is
         the agent as written, not read back."""
         revision = int(stored.etag)
         values = _to_row(agent, revision + 1, None, now)

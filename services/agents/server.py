@@ -87,9 +87,8 @@ build = on_database(_assemble)
 
 
 async def _ensure_configured_keys(api_keys: ApiKeys, settings: Settings) -> None:
-    """BOOTSTRAP_ADMIN_KEY (an install's first key) exists as an admin key once the
-    agents service runs. SERVICE_API_KEY is never stored (services/agents/api_keys.py):
-    a copy an earlier version stored is deleted, so the API cannot list or revoke it."""
+    """BOOTSTRAP_ADMIN_KEY (an install's first key) is stored as an admin key; a copy of
+    SERVICE_API_KEY an earlier version stored is deleted (services/agents/api_keys.py)."""
     log = logging.getLogger(__name__)
     if settings.bootstrap_admin_key and await api_keys.ensure(settings.bootstrap_admin_key, "bootstrap admin", [options_pb2.SCOPE_ADMIN]):
         log.info("created the bootstrap admin key from the environment")

@@ -1,9 +1,6 @@
 """What makes an agent valid beyond what its proto says, checked whole on create,
 batch create and update (the template, services/common/usecases/resource.py, checks the
 REQUIRED fields and the enums first).
-
-Every check adds a (field path, description) violation rather than raising at the
-first, so a client learns about every bad field of a request at once.
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ def check(agent: Agent, prefix: str, violations: Violations) -> None:
 
 
 def normalise(agent: Agent) -> None:
-    """Defaults for unset enums and a duplicate-free capability list, in place."""
     if agent.type == Agent.TYPE_UNSPECIFIED:
         agent.type = Agent.TASK
     if agent.status == Agent.STATUS_UNSPECIFIED:

@@ -18,8 +18,6 @@ from services.common.foundation.background import cancel_and_wait
 
 @dataclass(frozen=True)
 class Stop:
-    """Why a running execution is being cancelled: its final status and error."""
-
     status: Execution.Status
     error: str
 

@@ -49,14 +49,12 @@ class Engine:
         await self._leases.start()
 
     async def stop(self) -> None:
-        """Fails what this process still runs, with the reason, before it exits."""
         await self._leases.stop()
         for execution_id in self._local.ids():
             await self._local.stop(execution_id, PROCESS_STOPPING)
 
     async def submit(self, workflow: Workflow, input: Mapping[str, Any], idempotency_key: str) -> Execution:
-        """Stores a PENDING execution and starts running it; returns it at once. A call
-        whose request_id was used already is answered before it gets here (idempotency.py)."""
+        """Returns at once. A call whose request_id was used already never gets here (idempotency.py)."""
         execution = Execution(
             id=str(uuid.uuid4()),
             workflow_id=workflow.id,

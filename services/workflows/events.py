@@ -93,7 +93,6 @@ class Events:
 
 
 def resume_position(after: str) -> int | None:
-    """A resume position: an event id, or None when there is none."""
     if not after:
         return None
     position = revision_of(after)

@@ -41,7 +41,6 @@ class Leases:
         self._maintenance: asyncio.Task[None] | None = None
 
     def expiry(self) -> dt.datetime:
-        """When a lease taken or renewed now runs out."""
         return utc_now() + dt.timedelta(seconds=self._ttl)
 
     async def start(self) -> None:

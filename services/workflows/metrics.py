@@ -14,7 +14,6 @@ WORKFLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 
 
 def enum_label(enum: EnumDescriptor, number: int) -> str:
-    """The enum value's name in lower case, as the proto spells it."""
     value = enum.values_by_number.get(number)
     return value.name.lower() if value is not None else "unknown"
 
@@ -50,11 +49,9 @@ class WorkflowMetrics:
                 self._step_seconds.labels(*labels)
 
     def execution_ended(self, execution: Execution) -> None:
-        """Counts an execution that reached its final status (and times it, if it started)."""
         _count(self._executions, self._execution_seconds, execution, enum_label(Execution.Status.DESCRIPTOR, execution.status))
 
     def step_ended(self, step: Step, run: StepRun) -> None:
-        """Counts a run of `step` that reached its final status (and times it, if it started)."""
         labels = (enum_label(Step.Type.DESCRIPTOR, step.type), enum_label(StepRun.Status.DESCRIPTOR, run.status))
         _count(self._steps, self._step_seconds, run, *labels)
 

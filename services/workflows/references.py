@@ -67,8 +67,7 @@ def references_in(value: Any) -> Iterator[Reference]:
 
 
 def resolve(value: Any, context: dict[str, Any]) -> Any:
-    """`value` with every reference replaced by what it names in `context` ("input",
-    "steps": step id -> output, and in a PARALLEL item "item")."""
+    """`value` with every reference replaced by what it names in `context` (steps.Context)."""
     if is_reference(value):
         return lookup(parse(value), context)
     if isinstance(value, dict):

@@ -103,7 +103,6 @@ class WorkflowRepository:
         ]
 
     async def replace(self, tx: Executor, workflow: Workflow, stored: Workflow, now: dt.datetime) -> Workflow | None:
-        """Writes the whole workflow if its revision is still `stored`'s; None otherwise."""
         revision = int(stored.etag)
         row = await tx.fetchrow(
             f"UPDATE workflows SET name = $3, description = $4, definition = $5, update_time = $6,"
@@ -125,7 +124,6 @@ class ExecutionRepository:
     async def create(
         self, tx: Executor, execution: Execution, definition: Workflow, owner: str, lease_until: dt.datetime, now: dt.datetime
     ) -> Execution:
-        """Inserts a PENDING execution on `tx`."""
         row = await tx.fetchrow(
             "INSERT INTO workflow_executions (id, workflow_id, status, input, steps, definition,"
             " idempotency_key, owner, lease_expires_at, create_time)"
@@ -170,13 +168,8 @@ class ExecutionRepository:
         return [_to_execution(row) for row in rows]
 
     async def save(self, execution: Execution) -> bool:
-        """Writes status, steps and output, unless the execution already ended otherwise.
-
-        The write goes through while the row is active, or when it already holds the
-        status being written (a runner recording its steps after a cancel that another
-        replica wrote). It returns False when refused: a runner never overwrites a
-        final status with another.
-        """
+        """False when refused: a runner never overwrites a final status with another. It may
+        write the one the row holds (its steps, after a cancel that another replica wrote)."""
         status = Execution.Status.Name(execution.status)
         changed = await self.db.execute(
             "UPDATE workflow_executions SET status = $2, steps = $3, output = $4, error = $5,"

@@ -58,7 +58,6 @@ class WorkflowsService(GrpcProcess):
         self.relay.start()
 
     async def close(self) -> None:
-        """Fails what still runs (with the reason), then flushes events and closes."""
         await self.engine.stop()
         await self.pruner.stop()
         await self.relay.stop()
@@ -75,8 +74,7 @@ async def _assemble(wiring: OnDatabase) -> WorkflowsService:
     cache = CacheClient.from_settings(
         settings, watch_prefixes=["workflows:"], consistency=metrics.group(ConsistencyMetrics), tracer=tracer
     )
-    # Calls to the agents service go through the client package, on a channel that
-    # carries this service's own key; 5 s unless a call says otherwise (a step's run).
+    # 5 s unless a call says otherwise (a step's run).
     agents = service_client(settings, agents_pb2.DESCRIPTOR.services_by_name["AgentsService"], timeout=5, tracer=tracer)
     writer = EventWriter(db, "workflows", flush_interval=settings.events_flush_interval)
     feed = EventFeed(db, poll_interval=settings.events_poll_interval)

@@ -49,9 +49,6 @@ def seconds(duration: duration_pb2.Duration, default: float) -> float:
 
 
 class StepActions:
-    """What one attempt of a step does, by the step's type: evaluate a condition,
-    shape its input, wait, or call an agent (once, or once per item)."""
-
     def __init__(self, agents: Client, *, max_parallel: int) -> None:
         self._agents = agents
         self._max_parallel = max_parallel
@@ -115,8 +112,7 @@ class StepActions:
 
 
 class StepRunner:
-    """Runs a step to its final status: attempts under its timeout, retries with
-    backoff while the failure may pass, each transition saved as it happens."""
+    """Each transition is saved as it happens."""
 
     def __init__(self, actions: StepActions, progress: ExecutionProgress) -> None:
         self._actions = actions

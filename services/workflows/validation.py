@@ -28,8 +28,7 @@ _NEEDS_AGENT = (Step.AGENT, Step.PARALLEL)
 
 
 def check_workflow(workflow: Workflow, prefix: str, violations: Violations) -> None:
-    """Shape checks that need nothing but the workflow itself, whole (as created, or
-    as an update leaves it), beyond the REQUIRED fields the template checks."""
+    """Checks that need nothing but the workflow, whole (as created, or as an update leaves it)."""
     if workflow.name and not workflow.name.strip():
         violations.append((f"{prefix}.name", "is required and must not be blank"))
     elif len(workflow.name) > 200:

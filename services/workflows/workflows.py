@@ -1,8 +1,8 @@
 """Workflow definitions: the resource template (services/common/usecases/resource.py) with the
 workflows' rules, which check the steps' agents against the live agents service.
 
-Cache rules: as long as the protos' cache_max_age says (the workflow list 60 s, a
-single workflow 300 s); a write makes stale that workflow's key and every list page.
+Each cached read lives as long as its RPC's cache_max_age in the protos says; a write
+makes stale that workflow's key and every list page.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from services.workflows.repository import WorkflowRepository
 
 Workflow = workflows_pb2.Workflow
 
-# Each cached read lives as long as its RPC's cache_max_age in the protos says.
 _METHODS = workflows_pb2.DESCRIPTOR.services_by_name["WorkflowsService"].methods_by_name
 
 

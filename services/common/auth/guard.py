@@ -80,8 +80,6 @@ class AccessGuard:
 
     # Any: one guard stands before every method, whatever its request and response messages.
     async def __call__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
-        """Refuses the call with a ServiceError, or admits it and returns the trailing
-        metadata its answer carries (the caller's rate-limit figures)."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         limited = not self._admitted_by_gateway(metadata, context)
         return await self.admit(method, metadata, lambda: peer_address(context.peer()), limited=limited)
@@ -89,10 +87,8 @@ class AccessGuard:
     async def admit(
         self, method: str, metadata: Mapping[str, str], client: Callable[[], str], *, limited: bool = True
     ) -> tuple[tuple[str, str], ...]:
-        """The check itself, for a call described by its metadata and its client's
-        address (asked for only when the bucket is the address's): the gateway admits
-        what comes through it here, by the same rules. `limited` False: scopes and
-        key only, no token (the gateway took it)."""
+        """The check itself: the gateway admits what comes through it here, by the same
+        rules. `limited` False: no token (the gateway took it)."""
         required = self._required.get(method)
         if required is None:
             return ()  # health and reflection: open to probes and tools

@@ -44,7 +44,6 @@ def display_prefix(key: str) -> str:
 
 
 def kept_service_key() -> str:
-    """The services' key SERVICE_KEY_FILE holds; empty when it holds none."""
     path = pathlib.Path(SERVICE_KEY_FILE)
     key = path.read_text().strip() if path.exists() else ""
     return key if well_formed(key) else ""

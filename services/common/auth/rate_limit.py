@@ -79,8 +79,7 @@ class Decision(NamedTuple):
 
 
 class _Bucket:
-    """This process's view of one bucket: its tokens as of `at`, and what it took that
-    Redis has not counted yet (`taken`; `sending` of them on their way)."""
+    """This process's view of one bucket: its tokens as of `at`, and what it took that Redis has not counted yet."""
 
     __slots__ = ("policy", "tokens", "at", "taken", "synced", "report")
 
@@ -161,7 +160,6 @@ class RateLimiter:
         return self._script is not None and self._clock() >= self._redis_down_until
 
     async def _report_of(self, name: str, state: _Bucket) -> None:
-        """Waits for the bucket's report on its way, or makes one."""
         if state.report is not None:
             await asyncio.shield(state.report)
         else:

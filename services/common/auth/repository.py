@@ -82,7 +82,6 @@ class ApiKeyRepository:
         return None if row is None else to_api_key(row)
 
     async def forget(self, key_hash: str) -> int:
-        """Deletes the record of a key outright; the number of records deleted."""
         return await self.db.execute("DELETE FROM api_keys WHERE key_hash = $1", key_hash)
 
     async def touch(self, key_ids: Sequence[str], now: dt.datetime) -> None:

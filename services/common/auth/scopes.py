@@ -31,7 +31,6 @@ def required_scopes(services: Iterable[ServiceDescriptor] | None = None) -> dict
 
 
 def required_scope(method: MethodDescriptor) -> int:
-    """The scope `method` declares; ADMIN when it declares none."""
     scope: int = method.GetOptions().Extensions[options_pb2.required_scope]  # type: ignore[index]  # protoc's .pyi types extensions as plain FieldDescriptors
     return scope or Scope.SCOPE_ADMIN
 

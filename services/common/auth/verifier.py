@@ -53,8 +53,7 @@ class KeyVerifier(Protocol):
 
 
 class _CachedVerifier(abc.ABC):
-    """The shared part: format check, the one-second cache (key hash -> record or None,
-    monotonic expiry; bounded, oldest evicted first), expiry and revocation."""
+    """The shared part: format check, the cache, expiry and revocation."""
 
     def __init__(self) -> None:
         self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
@@ -135,8 +134,6 @@ class RemoteVerifier(_CachedVerifier):
 
     @classmethod
     def from_settings(cls, settings: Settings, *, tracer: trace.Tracer | None = None) -> RemoteVerifier:
-        """Asks the ApiKeysService where its proto says it runs, vouching with SERVICE_API_KEY,
-        its calls traced into `tracer`."""
         return cls(service_address(API_KEYS_SERVICE, settings), service_key=settings.service_api_key, tracer=tracer)
 
     async def _fetch(self, key: str, key_hash: str) -> ApiKey | None:

@@ -16,9 +16,8 @@ __all__ = ["Access"]
 
 @dataclass
 class Access:
-    """Who may call, and how often: the key verifier, the rate limiter and the guard
-    built on them. A process builds it once and closes it once; the guard goes to its
-    GrpcHost (or the gateway's edge cache), which admit every call through it."""
+    """A process builds it once and closes it once; the guard goes to its GrpcHost (or the
+    gateway's edge cache)."""
 
     verifier: KeyVerifier
     limiter: RateLimiter

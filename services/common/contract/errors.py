@@ -101,9 +101,7 @@ class Unimplemented(ServiceError):
 
 
 class CommitOutcomeUnknown(ServiceError):
-    """The connection was lost during COMMIT: the write may or may not have been applied.
-
-    Not UNAVAILABLE (503, "retry"): retried blindly, a write that did commit is made
+    """Not UNAVAILABLE (503, "retry"): retried blindly, a write that did commit is made
     twice. A call carrying a request_id is answered UNAVAILABLE instead (idempotency.py),
     since its retry is safe either way."""
 

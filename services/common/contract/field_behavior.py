@@ -56,8 +56,6 @@ def missing(message: Message) -> list[str]:
 
 
 def is_set(message: Message, name: str) -> bool:
-    """Whether a field holds a value: present for a field with presence, non-empty for
-    a list or map, other than its zero value for a plain proto3 scalar."""
     return _holds_value(message, message.DESCRIPTOR.fields_by_name[name])
 
 
@@ -71,5 +69,4 @@ def _holds_value(message: Message, field: Field) -> bool:
 
 
 def violations(names: Iterable[str], prefix: str = "") -> list[tuple[str, str]]:
-    """(path, "is required") for each missing field, its path under `prefix`."""
     return [(f"{prefix}.{name}" if prefix else name, IS_REQUIRED) for name in names]

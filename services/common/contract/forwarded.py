@@ -48,8 +48,7 @@ class TrustedProxies:
 
 
 def client_address(peer: str, forwarded: Sequence[str], proxies: TrustedProxies) -> str:
-    """The client's address: `peer` unless it is a trusted proxy, else the rightmost
-    untrusted hop of the X-Forwarded-For values (all of them, in order)."""
+    """`forwarded`: all the X-Forwarded-For values, in order."""
     if not proxies or not forwarded or peer not in proxies:
         return peer
     hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]

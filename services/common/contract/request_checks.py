@@ -55,13 +55,9 @@ class Refused:
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """The method's deserializer, returning MALFORMED or Refused instead of raising,
-    for check_request to answer once the caller is known to be allowed to ask.
-
-    A NUL in a string is a zero byte on the wire, so a request without one, of a
-    message that cannot hold a floating-point number (a NaN needs no zero byte), has
-    nothing to find: most requests skip the walk.
-    """
+    """Returns MALFORMED or Refused instead of raising, for check_request to answer once
+    the caller is admitted. A NUL is a zero byte on the wire, so a request without one, of a
+    message that cannot hold a float (a NaN needs no zero byte), skips the walk."""
     if deserializer is None:
         return None
 
@@ -81,9 +77,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def check_request(request: Any) -> None:
-    """Raises INVALID_ARGUMENT for a request that did not decode, holds values no
-    engine can store, an id too long to be one or leaves a REQUIRED field unset;
-    returns for anything else."""
+    """Raises INVALID_ARGUMENT for a request that breaks a rule of the module docstring."""
     if request is MALFORMED:
         raise InvalidArgument(
             "the request is not a valid encoding of the method's request message", reason="MALFORMED_REQUEST"
@@ -159,7 +153,6 @@ def json_violations(message: Message, path: str) -> list[tuple[str, str]]:
 
 
 def _walk_json(message: Any, path: str, violations: list[tuple[str, str]]) -> None:
-    """message is a Struct, a Value or a ListValue; which one, its descriptor says."""
     kind = message.DESCRIPTOR.full_name
     if kind == "google.protobuf.Struct":
         for key, item in message.fields.items():

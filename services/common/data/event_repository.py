@@ -73,8 +73,7 @@ class EventRepository:
         self._db = db
 
     async def insert(self, executor: Executor, events: Sequence[NewEvent]) -> list[int]:
-        """Appends `events` as one statement on `executor` (a transaction, or the pool);
-        returns their ids in order."""
+        """One statement on `executor` (a transaction, or the pool); the ids in order."""
         if not events:
             return []
         sql, args = self._db.bulk_insert("events", _COLUMNS, [event.row() for event in events])
@@ -115,20 +114,15 @@ class EventRepository:
         return [_to_event(row) for row in rows]
 
     async def after(self, after_id: int, limit: int) -> list[Event]:
-        """The events with ids above `after_id`, oldest first."""
         rows = await self._db.fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT {int(limit)}", after_id)
         return [_to_event(row) for row in rows]
 
     async def newest_id(self) -> int:
-        """The highest id stored, 0 for an empty table."""
         return int(await self._db.fetchval("SELECT COALESCE(MAX(id), 0) FROM events"))
 
     async def prune(self, keep: int) -> int:
-        """Deletes the events older than the newest `keep`; returns how many it deleted.
-
-        Ids only grow, so "older than the newest N" is a range, deleted in batches
-        with requests let through in between.
-        """
+        """Ids only grow, so "older than the newest `keep`" is a range, deleted in batches
+        with requests let through in between."""
         cutoff = await self.newest_id() - keep
         deleted = 0
         while cutoff > 0:

@@ -86,18 +86,14 @@ class Dependency:
 
 
 class Outages:
-    """The dependencies of one Database's service: the database and Redis.
-
-    Each Database has its own set (given to connect(), or a fresh one), and the wiring
-    hands that same set to the call wrapper, so an outage is told once per database and
-    two databases in one process (a test's stack) never share a state."""
+    """One set per Database, so an outage is told once per database and two databases in
+    one process (a test's stack) never share a state."""
 
     def __init__(self) -> None:
         self.database = Dependency("database", "DATABASE_UNAVAILABLE")
         self.redis = Dependency("Redis", "REDIS_UNAVAILABLE")
 
     def unavailable(self, exc: BaseException) -> Unavailable | None:
-        """The UNAVAILABLE error for an exception that means a dependency is down, else None."""
         if is_redis_outage(exc):
             return self.redis.failed(exc)
         if is_database_outage(exc):

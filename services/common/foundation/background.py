@@ -40,10 +40,9 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
 
 
 async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
-    """Waits up to `timeout` seconds for `event`; True once it is set. A background
-    loop's pause: on Python 3.11 asyncio.wait_for swallows a cancellation that arrives
-    just as what it waits for completes, so a loop pausing with it may never end and
-    cancel_and_wait() waits forever; asyncio.timeout() lets the cancellation through."""
+    """A background loop's pause: on Python 3.11 asyncio.wait_for swallows a cancellation
+    that arrives just as what it waits for completes, so a loop pausing with it may never
+    end and cancel_and_wait() waits forever; asyncio.timeout() lets it through."""
     try:
         async with asyncio.timeout(timeout):
             await event.wait()

@@ -38,7 +38,6 @@ def redis_node_url(url: str) -> str:
 
 
 async def check_redis(url: str, timeout: float = 5.0) -> None:
-    """Raises DependencyUnavailable unless the Redis at `url` answers PING within `timeout`."""
     client = redis.Redis.from_url(redis_node_url(url), socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         await asyncio.wait_for(client.ping(), timeout)

@@ -47,10 +47,7 @@ Guard = Callable[[str, Context], Awaitable[Metadata]]
 
 
 class CallWrapper:
-    """Wraps method handlers, with the tracer and profiler it is given (None: off),
-    the freshness table the protos declare and, for a process with a database, safe
-    retries of the methods whose requests carry a request_id (idempotency.py) and the
-    database's outages, which untranslated errors are asked about (a fresh set without)."""
+    """Untranslated errors are asked about `outages`: the database's, or a fresh set without one."""
 
     def __init__(
         self,
@@ -143,8 +140,7 @@ def _honouring_no_cache(behavior: Single) -> Single:
 def _single(
     behavior: Single, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata, outages: Outages
 ) -> Single:
-    """A handler that returns (or writes) its answer: `fresh` (a cacheable method's
-    max-age) goes out with a success, with the surrogate keys of its cached reads."""
+    """`fresh` (a cacheable method's max-age) goes out with a success."""
 
     async def handle(request: Any, context_: Context) -> Any:
         context.bind_call(context_)
@@ -210,8 +206,6 @@ async def _abort_if_translatable(context_: Context, exc: BaseException, method: 
 
 
 class _WrappedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose method handlers come out wrapped (once per method)."""
-
     def __init__(self, inner: grpc.GenericRpcHandler, wrapper: CallWrapper) -> None:
         self._inner = inner
         self._wrapper = wrapper

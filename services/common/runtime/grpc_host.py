@@ -35,8 +35,6 @@ def _descriptors(names: Iterable[str]) -> list[ServiceDescriptor]:
 
 
 class GrpcHost:
-    """One grpc.aio server: the service's servicers plus health and reflection."""
-
     def __init__(
         self,
         address: str,
@@ -86,12 +84,8 @@ class GrpcHost:
         return self.port
 
     async def stop(self, grace: float, *, pre_stop: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
-        """Health goes NOT_SERVING first so balancers stop sending, then in-flight calls finish.
-
-        pre_stop hooks run once the server has stopped taking new calls and before the
-        grace period is waited out: the place to end long-lived streams (Watch), which
-        would otherwise hold the stop open for the whole grace period.
-        """
+        """Health goes NOT_SERVING first so balancers stop sending, then in-flight calls
+        finish; `pre_stop` runs once no new call is taken (GrpcProcess.end_streams)."""
         # Every service reads NOT_SERVING from here on, whatever sets it later.
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace))

@@ -74,8 +74,7 @@ P = TypeVar("P", bound=Process)
 
 
 class Build(Protocol):
-    """A server.py's build: the process wired for `settings`, tracing into `tracer` and
-    profiling slow calls with `profiler` (None: off), as its Telemetry holds them."""
+    """A server.py's build: the process wired, with its Telemetry's tracer and profiler (None: off)."""
 
     def __call__(
         self, settings: Settings, *, tracer: trace.Tracer | None, profiler: SlowRequestProfiler | None
@@ -134,8 +133,6 @@ class OnDatabase:
     profiler: SlowRequestProfiler | None
 
     def host(self, address: str, guard: Guard) -> GrpcHost:
-        """The service's host, retrying calls safely by request_id and telling the
-        database's outages from bugs."""
         return GrpcHost(
             address,
             metrics=self.metrics.grpc,
@@ -149,9 +146,8 @@ class OnDatabase:
 
 
 def on_database(assemble: Callable[[OnDatabase], Awaitable[P]]) -> Callable[..., Awaitable[P]]:
-    """A server.py's build(settings, metrics=None, *, tracer=None, profiler=None) for a
-    service that owns tables: `assemble` wires it on the migrated database, on `metrics`
-    (by default the process's, in the default registry)."""
+    """A server.py's build for a service that owns tables: `assemble` wires it on the
+    migrated database."""
 
     async def build(
         settings: Settings,
@@ -182,10 +178,8 @@ def on_database(assemble: Callable[[OnDatabase], Awaitable[P]]) -> Callable[...,
 
 @asynccontextmanager
 async def running(process: P, grace: float = 0.0) -> AsyncIterator[P]:
-    """Starts `process`; on leaving the block stops it (within `grace`) and closes it.
-
-    A start that fails stops and closes it too: what it started before failing must
-    not keep the process from exiting."""
+    """Starts `process`; on leaving the block, or if the start fails (what it started
+    must not keep the process from exiting), stops it and closes it."""
     try:
         await process.start()
         yield process
@@ -206,8 +200,7 @@ def run(build: Build, *, name: str, service: str) -> None:
 
 async def _live(build: Build, name: str, service: str) -> None:
     settings = Settings.from_env()
-    # Before anything is built: what is built logs as configured here, and is given
-    # the telemetry's tracer and profiler.
+    # Before anything is built, so that what is built logs as configured.
     telemetry = Telemetry.start(settings, service)
     try:
         stopping = _stop_on_signals()
@@ -235,9 +228,8 @@ async def _live(build: Build, name: str, service: str) -> None:
 
 
 def _stop_on_signals() -> asyncio.Event:
-    """Set by SIGTERM or SIGINT. Handled from the start, so that a signal during the
-    start-up stops the process gracefully, and the process exits 0 rather than by the
-    signal."""
+    """Handled from the start, so that a signal during the start-up stops the process
+    gracefully, and the process exits 0 rather than by the signal."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

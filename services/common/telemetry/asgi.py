@@ -34,7 +34,6 @@ _GETTER = _HeaderGetter()
 
 
 def server_span(tracer: trace.Tracer, scope: Scope, request_id: str) -> AbstractContextManager[trace.Span]:
-    """The request's span, as a context manager that makes it current."""
     method = scope["method"]
     return tracer.start_as_current_span(
         method,

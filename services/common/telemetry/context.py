@@ -37,7 +37,6 @@ def unbind(token: Binding) -> None:
 
 
 def request_id() -> str | None:
-    """The id of the request being served, or None outside of one."""
     bound = _current.get()
     if bound is None or isinstance(bound, str):
         return bound

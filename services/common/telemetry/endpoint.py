@@ -47,8 +47,7 @@ class MetricsEndpoint:
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> int | None:
-        """Listens on host:port and returns the port; None (with the reason logged) when
-        the port is taken. Metrics are worth a log line, not the service."""
+        """None when the port is taken: metrics are worth a log line, not the service."""
         try:
             self._server = await asyncio.start_server(
                 self._serve,

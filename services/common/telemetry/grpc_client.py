@@ -96,7 +96,6 @@ class _TracingUnaryStream(_Tracing, grpc.aio.UnaryStreamClientInterceptor):
 
 
 def tracing_interceptors(tracer: trace.Tracer, target: str) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors that trace a channel's calls to `target` into `tracer`."""
     return [_TracingUnaryUnary(tracer, target), _TracingUnaryStream(tracer, target)]
 
 

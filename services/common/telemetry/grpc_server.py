@@ -81,7 +81,6 @@ def profiled(behavior: Behavior, profiler: SlowRequestProfiler, path: str) -> Be
 
 @contextmanager
 def _server_span(tracer: trace.Tracer, path: str, attributes: Attributes, context_: Context) -> Iterator[None]:
-    """A SERVER span continuing the caller's trace, ended with the call's status."""
     parent = propagate.extract(context_.invocation_metadata() or grpc.aio.Metadata(), getter=_GETTER)
     with tracer.start_as_current_span(
         path, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes, record_exception=False, set_status_on_exception=False

@@ -70,7 +70,6 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(settings: Settings, service: str, stream: TextIO | None = None) -> logging.Handler:
-    """Replaces the root logger's handlers with one writing to `stream` (stderr)."""
     if settings.log_format not in FORMATS:
         raise ValueError(f"LOG_FORMAT must be one of {', '.join(FORMATS)}, got {settings.log_format!r}")
     handler = logging.StreamHandler(stream or sys.stderr)

@@ -44,19 +44,13 @@ SERVER_ERROR_CODES = frozenset(
 
 
 def multiprocess_dir() -> str | None:
-    """The multiprocess directory when this process runs in that mode."""
     return os.environ.get(MULTIPROCESS_ENV) or None
 
 
 def prepare_multiprocess() -> str | None:
     """In multiprocess mode, retires the live gauges of processes that are gone (a
-    restarted worker or container finds its predecessors' files).
-
-    The directory is this service's own (the launcher hands each part a subdirectory
-    of its PROMETHEUS_MULTIPROC_DIR), so no endpoint adds up another part's metrics.
-    It is read, never written: prometheus_client opens each value's file in the
-    directory the variable names when the value is made.
-    """
+    restarted worker or container finds its predecessors' files). It only reads the
+    directory: prometheus_client writes there when each value is made."""
     directory = multiprocess_dir()
     if directory is None:
         return None
@@ -162,11 +156,8 @@ class HasPool(Protocol):
 
 
 class PoolMetrics:
-    """The database pools open in this process, summed (one per service in production).
-
-    Pools register themselves when they open and leave when they close; the gauges are
-    set from them whenever metrics are collected, never on the query path.
-    """
+    """The database pools open in this process, summed (one per service in production);
+    the gauges are set when metrics are collected, never on the query path."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         def gauge(name: str, text: str) -> Gauge:
@@ -203,9 +194,8 @@ CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memo
 
 
 class MemoryLimit(Collector):
-    """devops_hub_memory_limit_bytes: the memory this process may use, its container's
-    (cgroup's) limit or else the machine's. The guide's "memory usage" is
-    process_resident_memory_bytes over it (the alerts, the gateway's /status)."""
+    """The guide's "memory usage" is process_resident_memory_bytes over this limit (the
+    alerts, the gateway's /status)."""
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         text = "Memory this process may use: its cgroup's limit, else the machine's."
@@ -245,10 +235,8 @@ class ServiceMetrics:
         return self.group(PoolMetrics)
 
     def group(self, make: Callable[[CollectorRegistry], G]) -> G:
-        """A group of metrics (the calls', the pools', a domain's own such as the
-        workflows' or the cache's), made on this registry the first time it is asked
-        for: a registry takes each metric name once, however many times the process
-        builds its service."""
+        """A group (such as the workflows' or the cache's), made the first time it is asked
+        for: a registry takes each metric name once, however often the process builds its service."""
         group = self._groups.get(make)
         if group is None:
             group = self._groups[make] = make(self.registry)
@@ -264,14 +252,10 @@ _process_metrics: ServiceMetrics | None = None
 
 
 def service_metrics() -> ServiceMetrics:
-    """This process's metrics, in the default registry: the one place they are made.
-
-    Process-wide because that registry is: it is what multiprocess mode writes to
-    files and the metrics endpoint serves, and it takes each metric name once, so the
-    services built in one process (the tests build several) share one set. Only
-    wiring calls this (a server.py's build(), Telemetry.start()); what it builds is
-    handed its group, and a test passes a ServiceMetrics of its own registry instead.
-    """
+    """This process's metrics, in the default registry: process-wide because that registry
+    is (multiprocess mode writes it, the endpoint serves it, it takes each name once), so
+    the services built in one process share one set. Only wiring calls this; a test
+    passes a ServiceMetrics of its own registry instead."""
     global _process_metrics
     if _process_metrics is None:
         _process_metrics = ServiceMetrics(REGISTRY)

@@ -57,6 +57,4 @@ class SlowRequestProfiler:
 
 
 def configure(settings: Settings) -> SlowRequestProfiler | None:
-    """The profiler the process's Telemetry holds and the wiring hands to each server
-    it builds; None when profiling is off."""
     return SlowRequestProfiler(settings.profiling_threshold) if settings.profiling_enabled else None

@@ -33,16 +33,11 @@ _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 def tracer_of(provider: TracerProvider | None) -> trace.Tracer | None:
-    """The tracer the parts are given for `provider` (tests make one with an in-memory
-    exporter); None without a provider."""
+    """Apart from configure(): tests make a provider with an in-memory exporter."""
     return None if provider is None else provider.get_tracer(INSTRUMENTATION_NAME)
 
 
 def configure(settings: Settings, service: str, env: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """An OTLP-exporting provider when settings name an endpoint; None otherwise.
-
-    The service name is OTEL_SERVICE_NAME when set, else devops-hub-<service>.
-    """
     endpoint = settings.otel_exporter_otlp_endpoint
     if not endpoint:
         return None
@@ -84,8 +79,7 @@ def _db_span_name(sql: str) -> str:
 
 
 def db_span(tracer: trace.Tracer | None, system: str, sql: str) -> AbstractContextManager[Any]:
-    """A CLIENT span around one statement (its SQL, never its arguments); a shared no-op
-    without a tracer."""
+    """A CLIENT span around one statement: its SQL, never its arguments."""
     if tracer is None:
         return _NO_SPAN
     return tracer.start_as_current_span(

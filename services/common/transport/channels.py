@@ -66,9 +66,7 @@ def open_channel(
     connections: int = DEFAULT_CONNECTIONS,
     tracer: trace.Tracer | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to `address` whose calls are spread over `connections` connections,
-    presenting `api_key` on every call that does not carry a key of its own, and traced
-    into `tracer` (None: not traced)."""
+    """`api_key` goes on every call that does not carry a key of its own."""
     chosen = [*key_interceptors(api_key), *call_tracing(address, tracer)]
 
     def open_one() -> grpc.aio.Channel:
@@ -78,7 +76,6 @@ def open_channel(
 
 
 def call_tracing(address: str, tracer: trace.Tracer | None) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors that trace calls to `address` into `tracer`: none without one."""
     return tracing_interceptors(tracer, address) if tracer is not None else []
 
 
@@ -92,9 +89,7 @@ def service_address(service: ServiceDescriptor, settings: Settings) -> str:
 
 
 def service_channel(service: ServiceDescriptor, settings: Settings, *, tracer: trace.Tracer | None = None) -> grpc.aio.Channel:
-    """A channel to `service` (service_address) that presents SERVICE_API_KEY on every call
-    that carries no key of its own, traced into `tracer`: how one part of the system
-    calls another."""
+    """How one part of the system calls another: with SERVICE_API_KEY."""
     return open_channel(
         service_address(service, settings),
         api_key=settings.service_api_key,
@@ -106,18 +101,15 @@ def service_channel(service: ServiceDescriptor, settings: Settings, *, tracer: t
 def service_client(
     settings: Settings, *services: ServiceDescriptor, timeout: float | None = None, tracer: trace.Tracer | None = None
 ) -> Client:
-    """The client package's Client to `services`, over service_channel()s (one per part):
-    how one part of the system calls others through more than a stub."""
+    """How one part of the system calls others through more than a stub."""
     parts = {backend_of(service): service for service in services}
     channels = {backend: service_channel(service, settings, tracer=tracer) for backend, service in parts.items()}
     return Client(channels, timeout=timeout)
 
 
 def retryable(method: str) -> bool:
-    """Whether a call to `method` ('/package.Service/Method') may be sent twice: a read
-    (its google.api.http rule is a GET) or a method its proto marks idempotent
-    (`option idempotency_level = IDEMPOTENT` or NO_SIDE_EFFECTS, e.g. a create that
-    carries a request id). Methods not in the descriptor pool are not."""
+    """Whether a call to `method` may be sent twice: a GET, or marked idempotent in its
+    proto (e.g. a create that carries a request id)."""
     try:
         descriptor = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
     except KeyError:

@@ -64,7 +64,6 @@ class EventWriter:
         return stored
 
     async def flush(self) -> list[int]:
-        """Writes everything queued as one statement; returns the new ids."""
         async with self._flush_lock:
             if not self._buffer:
                 return []

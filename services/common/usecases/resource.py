@@ -73,9 +73,6 @@ class Store(Records[R], Protocol[R]):
 
 
 class ResourceBase(abc.ABC, Generic[R]):
-    """Get, create and a write's record (its events and invalidations): the template
-    without update and delete, for a resource that has neither."""
-
     label: ClassVar[str]
     # The list reads (@cached) whose every page a write to one resource may change.
     lists: ClassVar[tuple[Callable[..., Any], ...]] = ()
@@ -113,10 +110,8 @@ class ResourceBase(abc.ABC, Generic[R]):
     async def _create_all(
         self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer], made: Callable[[R], R], insert: Insert[R]
     ) -> Answer:
-        """Creates all of `requested` or none; `path` ("requests[{i}].agent") points into
-        the request; `made` makes each requested resource the one to check and store
-        (new(), or with what else the service sets); `insert` stores them; `answer`
-        makes the RPC's answer of them, stored with them when the call carries a request_id."""
+        """`made` makes each requested resource the one to check and store (new(), or with
+        what else the service sets); `answer` is stored with them when the call carries a request_id."""
         if len(requested) > MAX_BATCH:
             raise invalid_fields([("requests", f"at most {MAX_BATCH} per call, got {len(requested)}")])
         violations: Violations = []
@@ -146,7 +141,6 @@ class ResourceBase(abc.ABC, Generic[R]):
         return reply
 
     async def _check(self, resource: R, path: str, violations: Violations) -> None:
-        """What the proto says (REQUIRED fields set, enums one of their values), then the resource's rules."""
         violations.extend(field_behavior.violations(field_behavior.missing(resource), path))
         for field in resource.DESCRIPTOR.fields:
             value = getattr(resource, field.name)
@@ -161,8 +155,7 @@ class ResourceBase(abc.ABC, Generic[R]):
         return tuple(every(read) for read in cls.lists)
 
     def record(self, write: Write, verb: str, events: dict[str, dict[str, Any]]) -> None:
-        """A write's invalidations and its events ("agent.created"), each resource's
-        id and `data` (by id) in its event."""
+        """A write's invalidations and its events ("agent.created")."""
         write.made_stale(*self.made_stale(*events))
         for id, data in events.items():
             write.emit(f"{self.label}.{verb}", id, {f"{self.label}_id": id, **data})
@@ -175,8 +168,6 @@ class ResourceBase(abc.ABC, Generic[R]):
 
 
 class Resource(ResourceBase[R]):
-    """The whole template: ResourceBase with a cached Get, update and delete."""
-
     _repository: Store[R]
 
     def __init__(self, repository: Store[R], cache: CacheManager, outbox: Outbox) -> None:
@@ -197,7 +188,6 @@ class Resource(ResourceBase[R]):
         return await self.create_all([requested], self.label, lambda created: created[0])
 
     async def create_all(self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer]) -> Answer:
-        """Creates all of `requested` or none (ResourceBase._create_all), each as new() makes it."""
         return await self._create_all(requested, path, answer, new, self._repository.insert)
 
     async def update(self, changes: R, mask: Sequence[str]) -> R:
@@ -275,8 +265,7 @@ class Resource(ResourceBase[R]):
 
     @classmethod
     def made_stale(cls, *ids: str) -> tuple[str, ...]:
-        """What a write to these resources makes stale, named through the reads' own
-        declarations: their keys, and every page of every list read."""
+        """Also each resource's cached Get, named through the read's own declaration."""
         return (*(stale(cls._stored, i) for i in ids), *super().made_stale(*ids))
 
     def _stale(self, id: str, etag: str) -> NoReturn:

@@ -63,7 +63,6 @@ class Database(Executor):
     query_count: int
     #: Whether this database is up, as its statements have found (outages.py).
     outages: Outages
-    #: Where its statements are traced; None: nowhere.
     tracer: trace.Tracer | None
 
     def __init__(self, pools: PoolMetrics | None, outages: Outages, tracer: trace.Tracer | None) -> None:
@@ -87,10 +86,7 @@ class Database(Executor):
 
     @abc.abstractmethod
     def bulk_insert(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
-        """One INSERT statement for many rows, whatever their number.
-
-        `columns` are (name, postgres type) pairs. Returns the SQL and its arguments.
-        """
+        """One INSERT for many rows, whatever their number; `columns` are (name, postgres type)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -105,10 +101,7 @@ async def connect(
     outages: Outages | None = None,
     tracer: trace.Tracer | None = None,
 ) -> Database:
-    """Opens the engine that DATABASE_URL names: postgresql://… or sqlite:///path. A
-    service's database joins `pools`, its process's pool metrics, and traces its
-    statements into `tracer`; a short-lived connection (migrations, `make key`) does
-    neither. Its outages are reported in `outages`, by default a set of its own."""
+    """A short-lived connection (migrations, `make key`) joins no `pools` and has no `tracer`."""
     outages = Outages() if outages is None else outages
     if url.startswith(("postgresql://", "postgres://")):
         from services.common.data.db.postgres import PostgresDatabase

@@ -40,11 +40,8 @@ def _statements(sql: str) -> list[str]:
 
 
 async def migrate(db: Database) -> list[int]:
-    """Applies the missing migrations and returns the versions it applied.
-
-    A schema that is up to date is found with reads alone, so the services starting
-    beside each other (or beside a running one) take no write lock for nothing.
-    """
+    """A schema that is up to date is found with reads alone, so the services starting
+    beside each other (or beside a running one) take no write lock for nothing."""
     wanted = available(db.dialect)
     if {version for version, _ in wanted} <= await _applied(db):
         return []

@@ -1,10 +1,5 @@
-"""PostgreSQL through an asyncpg pool.
-
-The pool holds DATABASE_POOL_SIZE connections open and grows to
-DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load. Its size, use and waiters
-are exported as metrics through the PoolMetrics the wiring hands it
-(telemetry/metrics.py); each statement is a span when it is handed a tracer.
-"""
+"""PostgreSQL through an asyncpg pool: DATABASE_POOL_SIZE connections, growing to
+DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW under load."""
 
 from __future__ import annotations
 

@@ -99,8 +99,6 @@ class _SqliteTransaction(_SqliteExecutor):
         if not self.begun and not statements:
             self.finished = True
             return []
-        # The COMMIT runs in the thread whatever happens to the awaiting task: it waits
-        # for the outcome before its cancellation goes through.
         results = await _to_the_end(self._run(statements, commit=True))
         self.finished = True
         return [rows for rows, _ in results]
@@ -111,7 +109,6 @@ _Result = tuple[list[Row], int]
 
 
 def _steps(conn: sqlite3.Connection, begin: bool, statements: list[tuple[str, list[Any]]], commit: bool) -> list[_Result]:
-    """In the connection's thread: BEGIN when asked, the statements, COMMIT when asked."""
     if begin:
         conn.execute("BEGIN IMMEDIATE")
     results = []
@@ -142,11 +139,8 @@ def _commit(conn: sqlite3.Connection) -> None:
 
 
 async def _on_thread(conn: aiosqlite.Connection, work: Callable[..., T], *args: Any) -> T:
-    """Runs `work(sqlite3 connection, *args)` in the connection's thread, one trip.
-
-    aiosqlite's public calls each make one trip of a single sqlite3 call; its
-    `_execute` (the queue they all use) takes any function.
-    """
+    """One trip: aiosqlite's public calls each make one of a single sqlite3 call; its
+    `_execute` (the queue they all use) takes any function."""
     result: T = await conn._execute(work, conn._conn, *args)  # type: ignore[no-untyped-call]
     return result
 
@@ -229,7 +223,6 @@ class SqliteDatabase(Database):
 
     @asynccontextmanager
     async def _writer_turn(self) -> AsyncIterator[None]:
-        """The write lock, counting the writers that queue for it."""
         self._writers_waiting += 1
         try:
             await self._write_lock.acquire()
@@ -293,11 +286,8 @@ class SqliteDatabase(Database):
 
 
 async def _to_the_end(operation: Awaitable[T]) -> T:
-    """Awaits a statement that must complete even if the caller is cancelled meanwhile.
-
-    The statement runs in aiosqlite's thread whatever happens to the awaiting task, so
-    the task waits for it and only then lets its cancellation through.
-    """
+    """A statement runs in aiosqlite's thread whatever happens to the awaiting task, so
+    the task waits for its outcome and only then lets its cancellation through."""
     task = asyncio.ensure_future(operation)
     try:
         return await asyncio.shield(task)
