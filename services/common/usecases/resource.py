@@ -73,6 +73,8 @@ class Store(Records[R], Protocol[R]):
 
 
 class ResourceBase(abc.ABC, Generic[R]):
+    """The template without update and delete, for a resource that has neither."""
+
     label: ClassVar[str]
     # The list reads (@cached) whose every page a write to one resource may change.
     lists: ClassVar[tuple[Callable[..., Any], ...]] = ()
@@ -110,7 +112,7 @@ class ResourceBase(abc.ABC, Generic[R]):
     async def _create_all(
         self, requested: Sequence[R], path: str, answer: Callable[[list[R]], Answer], made: Callable[[R], R], insert: Insert[R]
     ) -> Answer:
-        """`made` makes each requested resource the one to check and store (new(), or with
+        """All of `requested` or none. `made` makes each requested resource the one to check and store (new(), or with
         what else the service sets); `answer` is stored with them when the call carries a request_id."""
         if len(requested) > MAX_BATCH:
             raise invalid_fields([("requests", f"at most {MAX_BATCH} per call, got {len(requested)}")])
