@@ -21,7 +21,7 @@ from services.cache.client.keys import parse_pattern
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WATCH_QUEUE = 1024
+WATCH_QUEUE = 1024
 
 
 class Watcher:
@@ -56,10 +56,7 @@ class Watcher:
 
 
 class InvalidationHub:
-    def __init__(self, queue_size: int = DEFAULT_WATCH_QUEUE) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1: an unbounded queue is what this prevents")
-        self._queue_size = queue_size
+    def __init__(self) -> None:
         self.position = 0
         self._watchers: set[Watcher] = set()
         self._suspended = False
@@ -81,7 +78,7 @@ class InvalidationHub:
             try:
                 watcher.queue.put_nowait(message)
             except asyncio.QueueFull:
-                log.warning("cache watcher fell %d invalidations behind; ending its stream", self._queue_size)
+                log.warning("cache watcher fell %d invalidations behind; ending its stream", WATCH_QUEUE)
                 self._watchers.discard(watcher)
                 watcher.end("overflow")
 
@@ -89,7 +86,7 @@ class InvalidationHub:
         """A new watcher, or None while the hub takes none."""
         if self._suspended or self._closed:
             return None
-        watcher = Watcher(prefixes, self._queue_size)
+        watcher = Watcher(prefixes, WATCH_QUEUE)
         self._watchers.add(watcher)
         return watcher
 
@@ -114,6 +111,3 @@ class InvalidationHub:
         for watcher in self._watchers:
             watcher.end(reason)
         self._watchers.clear()
-
-    def __len__(self) -> int:
-        return len(self._watchers)

@@ -27,14 +27,13 @@ MAX_BATCH = 1000
 MAX_SEQUENCE = 2**53 - 1
 MAX_WATCH_PREFIXES = 100
 # Followers stop trusting a stream silent for a second (near_feed.py): four heartbeats.
-DEFAULT_HEARTBEAT_SECONDS = 0.25
+HEARTBEAT_SECONDS = 0.25
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, store: FallbackStore, hub: InvalidationHub, *, heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
+    def __init__(self, store: FallbackStore, hub: InvalidationHub) -> None:
         self._store = store
         self._hub = hub
-        self._heartbeat_interval = heartbeat_interval
 
     async def Get(self, request: cache_pb2.CacheGetRequest, context: Context) -> cache_pb2.CacheGetResponse:
         _check(_key_violations([("key", request.key)]))
@@ -120,7 +119,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if watcher.ended is not None:
                     raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
                 try:
-                    async with asyncio.timeout(self._heartbeat_interval):
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
                         message = await watcher.queue.get()
                 except TimeoutError:
                     # A message put as the wait timed out goes first: a heartbeat never

@@ -43,15 +43,7 @@ MAINTENANCE_INTERVAL = 1.0
 
 
 class FallbackStore:
-    def __init__(
-        self,
-        primary: RedisStore | None,
-        memory: MemoryStore,
-        *,
-        memory_ttl: float,
-        probe_initial: float = PROBE_INITIAL,
-        probe_max: float = PROBE_MAX,
-    ) -> None:
+    def __init__(self, primary: RedisStore | None, memory: MemoryStore, *, memory_ttl: float) -> None:
         if memory_ttl <= 0:
             raise ValueError("memory_ttl must be positive")
         self.primary = primary
@@ -59,8 +51,6 @@ class FallbackStore:
         if primary is not None:
             primary.counts = memory.counts  # one set of figures, whichever served
         self._memory_ttl = memory_ttl
-        self._probe_initial = probe_initial
-        self._probe_max = probe_max
         self.state: State = "down" if primary is None else "up"
         # Set when memory took an invalidation from outside the log while Redis was away.
         self._must_clear = False
@@ -221,10 +211,10 @@ class FallbackStore:
         log.warning("cache: Redis answers again and has caught up with the log; serving from it")
 
     async def _probe_until_recovered(self, redis: RedisStore) -> None:
-        delay = self._probe_initial
+        delay = PROBE_INITIAL
         while not self._closed and self.state == "down":
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self._probe_max)
+            delay = min(delay * 2, PROBE_MAX)
             try:
                 await redis.reset_connections()
                 await self._up_if_caught_up(redis, await redis.sync_state())

@@ -133,11 +133,6 @@ class MemoryStore:
         self.counts = Counts()
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
 
-    @property
-    def held(self) -> tuple[int, int]:
-        """(entries, bytes) held in memory, counting dead entries not yet reclaimed."""
-        return len(self._entries), self._bytes
-
     def get(self, key: str) -> Entry | None:
         """The live entry for key, refreshed as most recently used; None on a miss."""
         entry = self._entries.get(key)

@@ -148,10 +148,10 @@ class RedisStore:
         *,
         default_ttl: float,
         negative_ttl: float | None = None,
-        layout: KeyLayout | None = None,
+        layout: KeyLayout,
     ) -> None:
         self.client = client
-        self.layout = layout or KeyLayout()
+        self.layout = layout
         # Tells this sidecar's own Pub/Sub messages from other sidecars'.
         self.origin = secrets.token_hex(8)
         self._default_ttl = default_ttl
