@@ -243,7 +243,7 @@ def test_invalidated_entries_are_reclaimed_by_later_writes_and_maintenance() -> 
     assert held(memory)[0] == 1001  # dead entries still hold memory until reclaimed...
     memory.set("agents:get:2", b"z", "")
     assert held(memory)[0] < 1002  # ...each write reclaims a few...
-    assert memory.maintain(budget=10_000) == 0  # ...and maintenance the rest
+    memory.maintain(budget=10_000)  # ...and maintenance the rest: only the two live entries are held
     assert held(memory) == (2, stats.bytes + 1 + len("agents:get:2"))
     assert memory.stats().evictions == {"size": 0, "bytes": 0, "ttl": 0}  # reclaiming is not evicting
 

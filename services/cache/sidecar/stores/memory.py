@@ -249,12 +249,11 @@ class MemoryStore:
         self.position = self.position.advanced(through)
         return dataclasses.replace(self.position, changed=tuple(changed))
 
-    def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
+    def maintain(self, budget: int = MAINTENANCE_BUDGET) -> None:
         """Reclaims expired and invalidated entries (at most `budget` of the latter), so
-        memory comes back even when no writes arrive; returns how many dead are left."""
+        memory comes back even when no writes arrive."""
         self._expire_due(self._clock())
         self._sweep(budget)
-        return len(self._entries) - self._root.entries
 
     def stats(self) -> cache_pb2.CacheStats:
         self._expire_due(self._clock())
