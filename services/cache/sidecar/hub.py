@@ -25,8 +25,7 @@ WATCH_QUEUE = 1024
 
 
 class Watcher:
-    """One Watch stream's queue and filter. The queue holds what one call invalidated
-    together; None only wakes the stream to look at `ended`."""
+    """One Watch stream's queue and filter; None in the queue only wakes it to look at `ended`."""
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
@@ -83,7 +82,6 @@ class InvalidationHub:
                 watcher.end("overflow")
 
     def subscribe(self, prefixes: Sequence[str]) -> Watcher | None:
-        """A new watcher, or None while the hub takes none."""
         if self._suspended or self._closed:
             return None
         watcher = Watcher(prefixes, WATCH_QUEUE)
@@ -94,7 +92,6 @@ class InvalidationHub:
         self._watchers.discard(watcher)
 
     def suspend(self) -> None:
-        """Ends every stream and refuses new ones until resume()."""
         self._suspended = True
         self._end_all("suspended")
 
@@ -102,8 +99,7 @@ class InvalidationHub:
         self._suspended = False
 
     def close(self) -> None:
-        """Ends every stream for good, so clients reconnect elsewhere and clear their
-        near-caches instead of holding the server's shutdown."""
+        """Ends every stream for good, so clients clear and reconnect elsewhere rather than hold up the shutdown."""
         self._closed = True
         self._end_all("shutdown")
 

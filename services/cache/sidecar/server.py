@@ -1,6 +1,4 @@
-"""Wiring for the cache sidecar: stores, invalidation hub and peers, servicer, gRPC host.
-With REDIS_URL, a Pub/Sub listener (peers.py) brings other sidecars' invalidations to
-this one's Watch streams."""
+"""Wiring for the cache sidecar: stores, Watch hub, peers (with REDIS_URL), servicer, gRPC host."""
 
 from __future__ import annotations
 
@@ -40,8 +38,6 @@ MAX_REDIS_TIMEOUT = 0.25
 
 @dataclasses.dataclass
 class CacheSidecar(GrpcProcess):
-    """A built sidecar: start() starts its stores and peers, then serves."""
-
     host: GrpcHost
     metrics_port: int
     store: FallbackStore
@@ -116,7 +112,6 @@ async def build(
     )
     host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(store, hub), SERVICE_NAME)
     cache_metrics = metrics.group(CacheMetrics)
-    # Every namespace's series exist at zero from the start.
     cache_metrics.declare(SERVICE_NAMESPACES)
     return CacheSidecar(
         host=host,

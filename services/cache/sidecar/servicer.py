@@ -1,7 +1,6 @@
-"""CacheService over gRPC: checks what it is asked, has the store do it, and tells the
-Watch streams (hub.py) about every invalidation once the store has applied it,
-numbered by the invalidation log. Its RPCs are its use case, so no layer of its own
-stands between them and the store."""
+"""CacheService over gRPC. Its RPCs are its use case, so no layer of its own stands
+between them and the store; an invalidation goes to the Watch streams (hub.py) once the
+store has applied it."""
 
 from __future__ import annotations
 
@@ -158,8 +157,7 @@ def _check(violations: list[tuple[str, str]]) -> None:
 
 
 def _key_violations(named: list[tuple[str, str]], batch: str = "") -> list[tuple[str, str]]:
-    """Problems with (field, key) pairs: their number, and each one. A pattern is
-    bounded like a key: a store keeps it in its history of invalidations."""
+    """A pattern is bounded like a key: a store keeps it in its history of invalidations."""
     if len(named) > MAX_BATCH:
         return [(batch, f"at most {MAX_BATCH} {batch} per call, got {len(named)}")]
     return [(field, problem) for field, key in named if (problem := key_problem(key))]

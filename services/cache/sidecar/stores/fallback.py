@@ -1,13 +1,6 @@
 """The sidecar's store: memory alone without Redis; with Redis, Redis first, memory
-when it fails, and back without serving what went stale (docs/cache.md, "Fallback").
-
-    up          every call goes to Redis; one that fails is re-run on memory at once.
-    down        every call goes to memory, which starts empty and fresh; a probe pings
-                Redis with backoff.
-    recovering  Redis answers again: GetSyncState reports its position so the relays
-                send what it missed; Syncs go to both, reads still to memory until
-                Redis has applied as much of the log as memory has.
-"""
+when it fails, and back without serving what went stale (docs/cache.md, "Fallback",
+has its states: up, down, recovering)."""
 
 from __future__ import annotations
 
@@ -61,7 +54,6 @@ class FallbackStore:
 
     @property
     def backend(self) -> str:
-        """The backend serving reads now: the gauge operators watch."""
         return "redis" if self.state == "up" else "memory"
 
     async def start(self) -> None:
@@ -83,7 +75,6 @@ class FallbackStore:
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill read at `version`, or an overwrite (None: outside the log)."""
         return await self._route(
             lambda redis: redis.set(key, value, content_type, ttl, version, negative),
             lambda memory: memory.set(key, value, content_type, self._capped(ttl), version, negative),
@@ -97,7 +88,6 @@ class FallbackStore:
         return await self._route(lambda redis: redis.set_many(entries, ttl), on_memory, outside_log=True)
 
     async def remove(self, patterns: Sequence[str]) -> int:
-        """An invalidation from outside the log, recorded at the current position."""
         return await self._route(
             lambda redis: redis.remove(patterns),
             lambda memory: sum(memory.invalidate(pattern) for pattern in patterns),
