@@ -121,8 +121,9 @@ async def test_the_near_cache_is_cleared_when_the_stream_drops(start_sidecar: St
         assert again.calls == 1
 
 
-async def test_the_near_cache_stops_reads_when_heartbeats_stop(start_sidecar: StartSidecar) -> None:
-    sidecar = await start_sidecar(heartbeat_interval=30.0)
+async def test_the_near_cache_stops_reads_when_heartbeats_stop(start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.cache.sidecar.servicer.HEARTBEAT_SECONDS", 30.0)
+    sidecar = await start_sidecar()
     client = CacheClient(sidecar.host.bound_address, timeout=2.0, near_cache=NearCache(), watch_liveness=0.3)
     async with client:
         await eventually(lambda: client.near.live)

@@ -120,19 +120,17 @@ async def fallback_on(redis_server: RedisServer, position: int = 10) -> AsyncIte
     await redis_server.wait_ready()
     primary = RedisStore(connect(redis_server.url, max_connections=8, timeout=REDIS_TIMEOUT), default_ttl=60,
                          layout=KeyLayout("dh:"))
-    store = FallbackStore(
-        primary,
-        MemoryStore(max_entries=1000, max_bytes=1 << 20, default_ttl=60),
-        memory_ttl=5,
-        probe_initial=0.05,
-        probe_max=0.2,
-    )
-    await store.start()
-    await store.sync(0, position, (), False)
-    try:
-        yield store
-    finally:
-        await store.close()
+    store = FallbackStore(primary, MemoryStore(max_entries=1000, max_bytes=1 << 20, default_ttl=60), memory_ttl=5)
+    with pytest.MonkeyPatch.context() as patch:
+        # Probes quicker than production's, for the tests' patience.
+        patch.setattr("services.cache.sidecar.stores.fallback.PROBE_INITIAL", 0.05)
+        patch.setattr("services.cache.sidecar.stores.fallback.PROBE_MAX", 0.2)
+        await store.start()
+        await store.sync(0, position, (), False)
+        try:
+            yield store
+        finally:
+            await store.close()
 
 
 async def fill(store: FallbackStore, key: str, value: bytes = b"v") -> bool:

@@ -446,8 +446,13 @@ async def test_a_sync_of_a_fresh_cache_streams_a_clear(start_sidecar: StartSidec
         call.cancel()
 
 
-async def test_watch_sends_heartbeats_at_the_position_when_idle(start_sidecar: StartSidecar) -> None:
-    sidecar = await start_sidecar(heartbeat_interval=0.05)
+def watchers(sidecar: CacheSidecar) -> int:
+    return len(sidecar.hub._watchers)
+
+
+async def test_watch_sends_heartbeats_at_the_position_when_idle(start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.cache.sidecar.servicer.HEARTBEAT_SECONDS", 0.05)
+    sidecar = await start_sidecar()
     async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         await sync(stub, 0, 5)
@@ -459,21 +464,22 @@ async def test_watch_sends_heartbeats_at_the_position_when_idle(start_sidecar: S
         assert await changes(call, 1) == [(5, 9, ["agents:*"])]
         assert span(await asyncio.wait_for(call.read(), READ_TIMEOUT)) == (9, 9, [])  # at the new position
         call.cancel()
-    await eventually(lambda: len(sidecar.hub) == 0)  # the cancelled watcher unsubscribed
+    await eventually(lambda: watchers(sidecar) == 0)  # the cancelled watcher unsubscribed
 
 
-async def test_slow_watcher_is_cut_off_without_blocking_writers(start_sidecar: StartSidecar) -> None:
-    sidecar = await start_sidecar(watch_queue_size=8)
+async def test_slow_watcher_is_cut_off_without_blocking_writers(start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.cache.sidecar.hub.WATCH_QUEUE", 8)
+    sidecar = await start_sidecar()
     async with grpc.aio.insecure_channel(sidecar.host.bound_address) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         call = stub.Watch(cache_pb2.CacheWatchRequest())
         await asyncio.wait_for(call.read(), READ_TIMEOUT)
-        assert len(sidecar.hub) == 1
+        assert watchers(sidecar) == 1
         # Writes arriving faster than the stream can send: without yielding to the
         # loop the stream cannot drain, and the writers must still not wait.
         for i in range(50):
             sidecar.hub.publish(i, i + 1, [f"burst:{i}:*"])
-        assert len(sidecar.hub) == 0
+        assert watchers(sidecar) == 0
 
         received = []
         with pytest.raises(grpc.aio.AioRpcError) as ended:

@@ -34,28 +34,13 @@ StartSidecar = Callable[..., Awaitable[CacheSidecar]]
 @pytest.fixture
 async def start_sidecar() -> AsyncIterator[StartSidecar]:
     """Starts real sidecars as production does (services/common/runtime/process.py); settings
-    overrides and build() keywords pass through."""
+    overrides pass through."""
     started = contextlib.AsyncExitStack()
 
-    async def start(
-        *,
-        watch_queue_size: int = 1024,
-        heartbeat_interval: float = 0.25,
-        redis_key_prefix: str | None = None,
-        redis_timeout: float | None = TEST_REDIS_TIMEOUT,
-        wait_for_relay: bool = True,
-        synced: bool = True,
-        **overrides,
-    ) -> CacheSidecar:
+    async def start(*, wait_for_relay: bool = True, synced: bool = True, **overrides) -> CacheSidecar:
         # Access rules are test_auth.py's subject; here the sidecar's behaviour is.
-        settings = Settings(cache_addr="127.0.0.1:0", auth_enabled=False).replace(**overrides)
-        built = await build(
-            settings,
-            watch_queue_size=watch_queue_size,
-            heartbeat_interval=heartbeat_interval,
-            redis_key_prefix=redis_key_prefix,
-            redis_timeout=redis_timeout,
-        )
+        settings = Settings(cache_addr="127.0.0.1:0", auth_enabled=False, redis_timeout=TEST_REDIS_TIMEOUT)
+        built = await build(settings.replace(**overrides))
         sidecar = await started.enter_async_context(running(built))
         if sidecar.peers is not None and wait_for_relay:
             await asyncio.wait_for(sidecar.peers.subscribed.wait(), READ_TIMEOUT)

@@ -1,11 +1,10 @@
 """A write's unit of work: its data, its events and its invalidations commit together
 (docs/cache.md, "The invalidation log and the relay").
 
-A write that commits always has its event and its log entry, one that rolls back has
-neither. After the commit, before the write is acknowledged, this process stops
-serving what it made stale, the answer names it for the gateway's edge cache, and
-the relay takes the entry to the cache (a second at most), so a read that follows
-the acknowledgement in another process finds the sidecar current.
+After the commit, before the write is acknowledged, this process stops serving what
+it made stale, the answer names it for the gateway's edge cache, and the relay takes
+the entry to the cache (a second at most), so a read that follows the acknowledgement
+in another process finds the sidecar current.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from services.common.foundation.clock import utc_now
 
 @dataclass
 class Write:
-    """One write in progress: its transaction, and what it causes."""
-
     tx: Executor
     source: str
     time: dt.datetime
@@ -56,12 +53,9 @@ class Outbox:
 
     @asynccontextmanager
     async def write(self, delivering: Callable[[], None] = lambda: None) -> AsyncIterator[Write]:
-        """A transaction for one write; an exception out of the block rolls it all back.
-
-        A block that records nothing (no row matched, say) commits without a log entry.
+        """A block that records nothing (no row matched, say) commits without a log entry.
         `delivering` is called once a write that recorded something has committed,
-        before it waits for the relay (Resource.update ends its turn there).
-        """
+        before it waits for the relay (Resource.update ends its turn there)."""
         async with self._db.transaction() as tx:
             write = Write(tx, self._source, utc_now())
             yield write

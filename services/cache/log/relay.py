@@ -1,11 +1,7 @@
 """The relay: the one route by which the invalidation log reaches the cache
-(docs/cache.md, "The invalidation log and the relay").
-
-A write hands its committed entry to deliver(), which Syncs it at once when it
-continues the sidecar's position. Every RELAY_INTERVAL each writing process's relay
-also compares the sidecar's position with the log's head and sends what a Sync
-missed (the sidecar down, restarted, or a process dying first), and prunes the log.
-It logs when its condition changes, never on every poll.
+(docs/cache.md, "The invalidation log and the relay"). Besides the writes' own
+entries (deliver), its rounds send what a Sync missed: the sidecar down or
+restarted, or a process dying first.
 """
 
 from __future__ import annotations
@@ -240,12 +236,8 @@ class InvalidationRelay:
 
 
 def build_relay(settings: Settings, db: Database, tracer: trace.Tracer | None = None) -> InvalidationRelay:
-    """The relay of a service that writes to `db`, as the settings configure it; its
-    Syncs, which a write waits on, traced into `tracer`.
-
-    It has a channel of its own: its calls neither wait behind the request path's nor
-    mix their failures into its backoff and logs.
-    """
+    """The relay has a channel of its own: its calls neither wait behind the request
+    path's nor mix their failures into its backoff and logs."""
     address = service_address(CACHE_SERVICE, settings)
     transport = SidecarTransport(address, max(settings.cache_timeout, DELIVER_TIMEOUT), api_key=settings.service_api_key, tracer=tracer)
     return InvalidationRelay(InvalidationLog(db), transport, interval=settings.relay_interval, retention=settings.invalidation_log_retention)

@@ -39,11 +39,9 @@ class InvalidationLog:
         return [*lock, (insert, [json.dumps(list(patterns)), now])]
 
     async def head(self) -> int:
-        """The newest entry's seq; 0 for an empty log."""
         return int(await self._db.fetchval("SELECT COALESCE(MAX(seq), 0) FROM cache_invalidations"))
 
     async def oldest(self) -> int:
-        """The oldest entry still kept; 0 for an empty log."""
         return int(await self._db.fetchval("SELECT COALESCE(MIN(seq), 0) FROM cache_invalidations"))
 
     async def entries_after(self, seq: int, limit: int) -> list[LogEntry]:

@@ -21,12 +21,11 @@ from services.cache.client.keys import parse_pattern
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WATCH_QUEUE = 1024
+WATCH_QUEUE = 1024
 
 
 class Watcher:
-    """One Watch stream's queue and filter. The queue holds what one call invalidated
-    together; None only wakes the stream to look at `ended`."""
+    """One Watch stream's queue and filter; None in the queue only wakes it to look at `ended`."""
 
     def __init__(self, prefixes: Sequence[str], queue_size: int) -> None:
         self.prefixes = tuple(prefixes)
@@ -56,10 +55,7 @@ class Watcher:
 
 
 class InvalidationHub:
-    def __init__(self, queue_size: int = DEFAULT_WATCH_QUEUE) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1: an unbounded queue is what this prevents")
-        self._queue_size = queue_size
+    def __init__(self) -> None:
         self.position = 0
         self._watchers: set[Watcher] = set()
         self._suspended = False
@@ -81,15 +77,14 @@ class InvalidationHub:
             try:
                 watcher.queue.put_nowait(message)
             except asyncio.QueueFull:
-                log.warning("cache watcher fell %d invalidations behind; ending its stream", self._queue_size)
+                log.warning("cache watcher fell %d invalidations behind; ending its stream", WATCH_QUEUE)
                 self._watchers.discard(watcher)
                 watcher.end("overflow")
 
     def subscribe(self, prefixes: Sequence[str]) -> Watcher | None:
-        """A new watcher, or None while the hub takes none."""
         if self._suspended or self._closed:
             return None
-        watcher = Watcher(prefixes, self._queue_size)
+        watcher = Watcher(prefixes, WATCH_QUEUE)
         self._watchers.add(watcher)
         return watcher
 
@@ -97,7 +92,6 @@ class InvalidationHub:
         self._watchers.discard(watcher)
 
     def suspend(self) -> None:
-        """Ends every stream and refuses new ones until resume()."""
         self._suspended = True
         self._end_all("suspended")
 
@@ -105,8 +99,7 @@ class InvalidationHub:
         self._suspended = False
 
     def close(self) -> None:
-        """Ends every stream for good, so clients reconnect elsewhere and clear their
-        near-caches instead of holding the server's shutdown."""
+        """Ends every stream for good, so clients clear and reconnect elsewhere rather than hold up the shutdown."""
         self._closed = True
         self._end_all("shutdown")
 
@@ -114,6 +107,3 @@ class InvalidationHub:
         for watcher in self._watchers:
             watcher.end(reason)
         self._watchers.clear()
-
-    def __len__(self) -> int:
-        return len(self._watchers)

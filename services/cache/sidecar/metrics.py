@@ -75,8 +75,6 @@ class CacheMetrics:
 
 
 class CacheStatsRefresher:
-    """Reads a store's statistics into CacheMetrics; the metrics endpoint awaits it."""
-
     def __init__(self, store: FallbackStore, metrics: CacheMetrics) -> None:
         self._store = store
         self._metrics = metrics

@@ -1,6 +1,4 @@
-"""Wiring for the cache sidecar: stores, invalidation hub and peers, servicer, gRPC host.
-With REDIS_URL, a Pub/Sub listener (peers.py) brings other sidecars' invalidations to
-this one's Watch streams."""
+"""Wiring for the cache sidecar: stores, Watch hub, peers (with REDIS_URL), servicer, gRPC host."""
 
 from __future__ import annotations
 
@@ -12,10 +10,10 @@ from devops_hub.v1 import cache_pb2, cache_pb2_grpc
 from opentelemetry import trace
 
 from services.cache.client.keys import SERVICE_NAMESPACES
-from services.cache.sidecar.hub import DEFAULT_WATCH_QUEUE, InvalidationHub
+from services.cache.sidecar.hub import InvalidationHub
 from services.cache.sidecar.metrics import CacheMetrics, CacheStatsRefresher
 from services.cache.sidecar.peers import Peers
-from services.cache.sidecar.servicer import DEFAULT_HEARTBEAT_SECONDS, CacheServicer
+from services.cache.sidecar.servicer import CacheServicer
 from services.cache.sidecar.stores import redis as redis_store
 from services.cache.sidecar.stores.fallback import FallbackStore
 from services.cache.sidecar.stores.memory import MemoryStore
@@ -40,8 +38,6 @@ MAX_REDIS_TIMEOUT = 0.25
 
 @dataclasses.dataclass
 class CacheSidecar(GrpcProcess):
-    """A built sidecar: start() starts its stores and peers, then serves."""
-
     host: GrpcHost
     metrics_port: int
     store: FallbackStore
@@ -74,19 +70,13 @@ async def build(
     settings: Settings,
     metrics: ServiceMetrics | None = None,
     *,
-    watch_queue_size: int = DEFAULT_WATCH_QUEUE,
-    heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
-    redis_key_prefix: str | None = None,
-    redis_timeout: float | None = None,
     tracer: trace.Tracer | None = None,
     profiler: SlowRequestProfiler | None = None,
 ) -> CacheSidecar:
-    """Builds the sidecar bound to settings.cache_addr (port 0 picks a free one). The
-    keywords override settings (tests and benchmarks use a key prefix of their own).
-    `metrics` default to the process's, in the default registry; calls are traced
-    into `tracer` and profiled by `profiler` (None: not at all)."""
+    """Builds the sidecar bound to settings.cache_addr (port 0 picks a free one); `metrics`
+    default to the process's, in the default registry."""
     metrics = metrics or service_metrics()
-    hub = InvalidationHub(watch_queue_size)
+    hub = InvalidationHub()
     negative_ttl = min(settings.cache_negative_ttl, settings.cache_default_ttl)
     memory = MemoryStore(
         max_entries=settings.cache_max_size,
@@ -97,9 +87,9 @@ async def build(
     primary: redis_store.RedisStore | None = None
     peers: Peers | None = None
     if settings.redis_url:
-        timeout = min(redis_timeout or settings.redis_timeout, MAX_REDIS_TIMEOUT)
+        timeout = min(settings.redis_timeout, MAX_REDIS_TIMEOUT)
         client = redis_store.connect(settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout)
-        layout = KeyLayout(redis_key_prefix or settings.redis_key_prefix)
+        layout = KeyLayout(settings.redis_key_prefix)
         primary = redis_store.RedisStore(client, default_ttl=settings.cache_default_ttl, negative_ttl=negative_ttl, layout=layout)
         # A connection of its own: the store's pool is reset after an outage, and
         # that must not cut the subscription (which would end every Watch stream). In
@@ -120,13 +110,8 @@ async def build(
         tracer=tracer,
         profiler=profiler,
     )
-    host.add(
-        cache_pb2_grpc.add_CacheServiceServicer_to_server,
-        CacheServicer(store, hub, heartbeat_interval=heartbeat_interval),
-        SERVICE_NAME,
-    )
+    host.add(cache_pb2_grpc.add_CacheServiceServicer_to_server, CacheServicer(store, hub), SERVICE_NAME)
     cache_metrics = metrics.group(CacheMetrics)
-    # Every namespace's series exist at zero from the start.
     cache_metrics.declare(SERVICE_NAMESPACES)
     return CacheSidecar(
         host=host,

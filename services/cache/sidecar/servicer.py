@@ -1,7 +1,6 @@
-"""CacheService over gRPC: checks what it is asked, has the store do it, and tells the
-Watch streams (hub.py) about every invalidation once the store has applied it,
-numbered by the invalidation log. Its RPCs are its use case, so no layer of its own
-stands between them and the store."""
+"""CacheService over gRPC. Its RPCs are its use case, so no layer of its own stands
+between them and the store; an invalidation goes to the Watch streams (hub.py) once the
+store has applied it."""
 
 from __future__ import annotations
 
@@ -27,14 +26,13 @@ MAX_BATCH = 1000
 MAX_SEQUENCE = 2**53 - 1
 MAX_WATCH_PREFIXES = 100
 # Followers stop trusting a stream silent for a second (near_feed.py): four heartbeats.
-DEFAULT_HEARTBEAT_SECONDS = 0.25
+HEARTBEAT_SECONDS = 0.25
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, store: FallbackStore, hub: InvalidationHub, *, heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS) -> None:
+    def __init__(self, store: FallbackStore, hub: InvalidationHub) -> None:
         self._store = store
         self._hub = hub
-        self._heartbeat_interval = heartbeat_interval
 
     async def Get(self, request: cache_pb2.CacheGetRequest, context: Context) -> cache_pb2.CacheGetResponse:
         _check(_key_violations([("key", request.key)]))
@@ -120,7 +118,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if watcher.ended is not None:
                     raise Unavailable(f"watch stream ended ({watcher.ended}); resubscribe", reason="WATCH_ENDED")
                 try:
-                    async with asyncio.timeout(self._heartbeat_interval):
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
                         message = await watcher.queue.get()
                 except TimeoutError:
                     # A message put as the wait timed out goes first: a heartbeat never
@@ -159,8 +157,7 @@ def _check(violations: list[tuple[str, str]]) -> None:
 
 
 def _key_violations(named: list[tuple[str, str]], batch: str = "") -> list[tuple[str, str]]:
-    """Problems with (field, key) pairs: their number, and each one. A pattern is
-    bounded like a key: a store keeps it in its history of invalidations."""
+    """A pattern is bounded like a key: a store keeps it in its history of invalidations."""
     if len(named) > MAX_BATCH:
         return [(batch, f"at most {MAX_BATCH} {batch} per call, got {len(named)}")]
     return [(field, problem) for field, key in named if (problem := key_problem(key))]

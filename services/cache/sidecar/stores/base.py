@@ -59,8 +59,7 @@ FRESH = SyncState()
 
 
 def lifetime(ttl: float, negative: bool, default_ttl: float, negative_ttl: float, rand: float) -> float:
-    """How long an entry lives: `ttl` (0: the default), at most negative_ttl for a
-    negative entry, spread by ±TTL_JITTER (rand uniform in [0, 1))."""
+    """`rand`: uniform in [0, 1)."""
     ttl = min(ttl if ttl > 0 else default_ttl, negative_ttl if negative else math.inf)
     return ttl * (1.0 + TTL_JITTER * (2.0 * rand - 1.0))
 
@@ -77,8 +76,7 @@ class Found:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lookup:
-    """A Get's answer: the entry (None on a miss) and the store's position, which a
-    fill of the miss carries as its version."""
+    """A Get's answer; `position` is what a fill of the miss carries as its version."""
 
     entry: Found | None
     position: int

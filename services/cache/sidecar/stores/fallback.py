@@ -1,13 +1,6 @@
 """The sidecar's store: memory alone without Redis; with Redis, Redis first, memory
-when it fails, and back without serving what went stale (docs/cache.md, "Fallback").
-
-    up          every call goes to Redis; one that fails is re-run on memory at once.
-    down        every call goes to memory, which starts empty and fresh; a probe pings
-                Redis with backoff.
-    recovering  Redis answers again: GetSyncState reports its position so the relays
-                send what it missed; Syncs go to both, reads still to memory until
-                Redis has applied as much of the log as memory has.
-"""
+when it fails, and back without serving what went stale (docs/cache.md, "Fallback",
+has its states: up, down, recovering)."""
 
 from __future__ import annotations
 
@@ -43,15 +36,7 @@ MAINTENANCE_INTERVAL = 1.0
 
 
 class FallbackStore:
-    def __init__(
-        self,
-        primary: RedisStore | None,
-        memory: MemoryStore,
-        *,
-        memory_ttl: float,
-        probe_initial: float = PROBE_INITIAL,
-        probe_max: float = PROBE_MAX,
-    ) -> None:
+    def __init__(self, primary: RedisStore | None, memory: MemoryStore, *, memory_ttl: float) -> None:
         if memory_ttl <= 0:
             raise ValueError("memory_ttl must be positive")
         self.primary = primary
@@ -59,8 +44,6 @@ class FallbackStore:
         if primary is not None:
             primary.counts = memory.counts  # one set of figures, whichever served
         self._memory_ttl = memory_ttl
-        self._probe_initial = probe_initial
-        self._probe_max = probe_max
         self.state: State = "down" if primary is None else "up"
         # Set when memory took an invalidation from outside the log while Redis was away.
         self._must_clear = False
@@ -71,7 +54,6 @@ class FallbackStore:
 
     @property
     def backend(self) -> str:
-        """The backend serving reads now: the gauge operators watch."""
         return "redis" if self.state == "up" else "memory"
 
     async def start(self) -> None:
@@ -93,7 +75,6 @@ class FallbackStore:
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill read at `version`, or an overwrite (None: outside the log)."""
         return await self._route(
             lambda redis: redis.set(key, value, content_type, ttl, version, negative),
             lambda memory: memory.set(key, value, content_type, self._capped(ttl), version, negative),
@@ -107,7 +88,6 @@ class FallbackStore:
         return await self._route(lambda redis: redis.set_many(entries, ttl), on_memory, outside_log=True)
 
     async def remove(self, patterns: Sequence[str]) -> int:
-        """An invalidation from outside the log, recorded at the current position."""
         return await self._route(
             lambda redis: redis.remove(patterns),
             lambda memory: sum(memory.invalidate(pattern) for pattern in patterns),
@@ -221,10 +201,10 @@ class FallbackStore:
         log.warning("cache: Redis answers again and has caught up with the log; serving from it")
 
     async def _probe_until_recovered(self, redis: RedisStore) -> None:
-        delay = self._probe_initial
+        delay = PROBE_INITIAL
         while not self._closed and self.state == "down":
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self._probe_max)
+            delay = min(delay * 2, PROBE_MAX)
             try:
                 await redis.reset_connections()
                 await self._up_if_caught_up(redis, await redis.sync_state())

@@ -78,7 +78,6 @@ class Entry(Found):
 
     @property
     def alive(self) -> bool:
-        """False once any prefix level above it was invalidated."""
         node: _Node | None = self.node
         while node is not None:
             if node.dead:
@@ -88,14 +87,10 @@ class Entry(Found):
 
 
 class MemoryStore:
-    """An LRU (an OrderedDict, oldest first) bounded by entries and bytes.
-
-    Every invalidation is remembered, in a bounded history, at the log position it was
-    applied as (a Sync's `through`; the current position for one from outside the
-    log). A fill of version v is refused when a later record matches its key, when v
-    is below the history's floor, when the key holds a newer version, or while the
-    store is fresh.
-    """
+    """An LRU (an OrderedDict, oldest first) bounded by entries and bytes. A fill of
+    version v is refused when a later invalidation in the (bounded) history matches its
+    key, when v is below the history's floor, when the key holds a newer version, or
+    while the store is fresh."""
 
     def __init__(
         self,
@@ -133,13 +128,7 @@ class MemoryStore:
         self.counts = Counts()
         self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
 
-    @property
-    def held(self) -> tuple[int, int]:
-        """(entries, bytes) held in memory, counting dead entries not yet reclaimed."""
-        return len(self._entries), self._bytes
-
     def get(self, key: str) -> Entry | None:
-        """The live entry for key, refreshed as most recently used; None on a miss."""
         entry = self._entries.get(key)
         if entry is not None and (entry.expires_at <= self._clock() or not entry.alive):
             del self._entries[key]
@@ -175,8 +164,7 @@ class MemoryStore:
         negative: bool = False,
     ) -> bool:
         """A fill read at `version` (False when refused, see the class) or, with None,
-        an overwrite at the store's position. ttl <= 0 means the default TTL; a
-        negative entry lives at most negative_ttl. InvalidArgument for an unusable entry."""
+        an overwrite at the store's position. InvalidArgument for an unusable entry."""
         if violations := self.entry_violations(key, value, content_type, negative):
             raise invalid_fields(violations)
         if version is not None and self._refuses(key, version):
@@ -202,8 +190,7 @@ class MemoryStore:
         return True
 
     def delete(self, key: str, at: int | None = None) -> bool:
-        """Removes one key; recorded even when absent, because an in-flight fill may
-        still hold it. `at`: the log position it is recorded at (default: the current)."""
+        """Removes one key; recorded even when absent, because an in-flight fill may still hold it."""
         self._record(escape_key(key), at)
         entry = self._entries.pop(key, None)
         if entry is None:
@@ -241,7 +228,6 @@ class MemoryStore:
         return removed
 
     def reset(self) -> None:
-        """Empties the store and forgets its position: it starts over as new."""
         self.clear()
         self.position = FRESH
 
@@ -254,12 +240,11 @@ class MemoryStore:
         self.position = self.position.advanced(through)
         return dataclasses.replace(self.position, changed=tuple(changed))
 
-    def maintain(self, budget: int = MAINTENANCE_BUDGET) -> int:
+    def maintain(self, budget: int = MAINTENANCE_BUDGET) -> None:
         """Reclaims expired and invalidated entries (at most `budget` of the latter), so
-        memory comes back even when no writes arrive; returns how many dead are left."""
+        memory comes back even when no writes arrive."""
         self._expire_due(self._clock())
         self._sweep(budget)
-        return len(self._entries) - self._root.entries
 
     def stats(self) -> cache_pb2.CacheStats:
         self._expire_due(self._clock())
@@ -283,7 +268,6 @@ class MemoryStore:
         return node
 
     def _detach(self, level: str) -> int:
-        """Detaches the subtree of a prefix level such as "agents:list:"."""
         node: _Node | None = self._root
         for segment in level.split(":")[:-1]:
             node = node.children.get(segment) if node is not None else None

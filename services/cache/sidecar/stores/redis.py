@@ -1,6 +1,5 @@
 """The Redis store, shared by every sidecar on one Redis (docs/cache.md, "The Redis
-store"; the record format in redis_layout.py). The position lives under its own hash
-tag and is read and written by plain commands beside the scripts, never inside one.
+store"; the record format in redis_layout.py).
 
 Every failure of Redis is raised to the caller: the fallback store decides what to do
 about it. Commands are never retried here, so a failure surfaces within one timeout.
@@ -40,7 +39,8 @@ from services.cache.sidecar.stores.base import (
 from services.cache.sidecar.stores.redis_layout import KeyLayout, parse_record, record
 from services.common.foundation.dependencies import redis_node_url
 
-# How long a count of the store's records and bytes (a SCAN of the keyspace) is reused.
+# How long a count of the store's records and bytes is reused: a SCAN is O(keyspace),
+# and scrapes come often.
 CENSUS_MAX_AGE = 5.0
 # SCAN batch size: large enough that a walk of 1M keys is a few thousand round trips.
 SCAN_COUNT = 1000
@@ -148,10 +148,10 @@ class RedisStore:
         *,
         default_ttl: float,
         negative_ttl: float | None = None,
-        layout: KeyLayout | None = None,
+        layout: KeyLayout,
     ) -> None:
         self.client = client
-        self.layout = layout or KeyLayout()
+        self.layout = layout
         # Tells this sidecar's own Pub/Sub messages from other sidecars'.
         self.origin = secrets.token_hex(8)
         self._default_ttl = default_ttl
@@ -185,7 +185,6 @@ class RedisStore:
     async def set(
         self, key: str, value: bytes, content_type: str, ttl: float = 0.0, version: int | None = None, negative: bool = False
     ) -> bool:
-        """A fill (read at `version`, checked by the fill script) or an overwrite (None)."""
         entry = NewEntry(key, value, content_type, negative)
         if version is None:
             return bool(await self.set_many([entry], ttl))
@@ -244,10 +243,7 @@ class RedisStore:
         return dataclasses.replace(self._position, changed=tuple(changed))
 
     async def stats(self) -> cache_pb2.CacheStats:
-        """Entries and bytes are this deployment's records only, counted under its key
-        prefix (SCAN and MEMORY USAGE, reused for CENSUS_MAX_AGE, since a walk is
-        O(keyspace) and scrapes come often). Records invalidated by a prefix count
-        until their TTL removes them. Evictions: none (Redis's counters are the whole server's)."""
+        """Records invalidated by a prefix count until their TTL removes them."""
         async with self._census_lock:
             if self._census is None or time.monotonic() - self._census[0] >= CENSUS_MAX_AGE:
                 records = size = 0
@@ -354,13 +350,11 @@ class RedisStore:
         self._floor = int(floor or 0)
 
     def _record(self, entry: NewEntry, ttl: float, version: int) -> tuple[int, bytes]:
-        """(ttl in ms, jittered; the record) of an entry to store."""
         ttl_ms = max(1, int(lifetime(ttl, entry.negative, self._default_ttl, self._negative_ttl, random.random()) * 1000))
         return ttl_ms, record("N" if entry.negative else "V", version, entry.content_type, entry.value)
 
     def _message(self, span: tuple[int, int], patterns: Sequence[str]) -> str:
-        """A Pub/Sub message for the other sidecars' Watch streams: who sent it, the log
-        span (after, through) and the patterns (JSON, since a key may hold any character)."""
+        """For the other sidecars' Watch streams; JSON, since a key may hold any character."""
         return json.dumps([self.origin, span[0], span[1], list(patterns)])
 
     def _queue(self, pipe: Any, name: str, keys: list[str], args: Sequence[Any]) -> None:
@@ -373,7 +367,6 @@ class RedisStore:
         return (await self._pipeline(lambda pipe: self._queue(pipe, name, keys, args)))[0]
 
     async def _for_each(self, items: Sequence[Any], queue_one: Callable[[Any, Any], object]) -> list[Any]:
-        """One command (or script) per item, in one pipeline: one round trip."""
         return await self._pipeline(lambda pipe: [queue_one(pipe, item) for item in items])
 
     async def _pipeline(self, queue: Callable[[Any], object]) -> list[Any]:

@@ -18,7 +18,6 @@ _REDIS_GLOB_SPECIALS = frozenset("*?[]\\")
 
 
 def redis_glob_escape(text: str) -> str:
-    """text as a literal in a Redis MATCH pattern."""
     return "".join("\\" + c if c in _REDIS_GLOB_SPECIALS else c for c in text)
 
 
