@@ -25,7 +25,7 @@ MAX_BATCH = 1000
 # Log positions must be exact in a double (the Redis store's Lua numbers).
 MAX_SEQUENCE = 2**53 - 1
 MAX_WATCH_PREFIXES = 100
-# Followers stop trusting a stream silent for a second (near_feed.py): four heartbeats.
+# Followers stop trusting a stream silent for a second (NearCacheFeed, client/near_cache.py): four heartbeats.
 HEARTBEAT_SECONDS = 0.25
 
 
