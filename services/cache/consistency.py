@@ -40,8 +40,6 @@ class ConsistencyMetrics:
 
 
 class ConsistencyChecker:
-    """Checks a following cache (named `layer`) and the sidecar, sampling what the cache applies."""
-
     def __init__(
         self, cache: FedCache[Any, Any], layer: str, transport: SidecarTransport, metrics: ConsistencyMetrics,
         *, sample_every: int = SAMPLE_EVERY, delays: tuple[float, ...] = DELAYS,
@@ -64,7 +62,6 @@ class ConsistencyChecker:
         cache.observer = self.observe
 
     def observe(self, pattern: str, at: int) -> None:
-        """An invalidation of log position `at` that the cache applied."""
         if parse_pattern(pattern).kind != "exact":
             return
         self._seen += 1

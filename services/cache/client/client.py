@@ -1,10 +1,9 @@
 """The client every service uses to read through the cache sidecar (docs/cache.md).
 
 The cache is an optimisation, never a dependency: any sidecar failure degrades to
-calling the loader, and nothing the sidecar does reaches the caller as an exception.
-A value whose key this process saw invalidated after its version (its own writes, from
-committed(), and what its stream brings) is never kept, shared or served here, from
-whichever layer: read-your-writes before the sidecar has heard of the write.
+calling the loader. A value whose key this process saw invalidated after its version
+(its own writes, from committed(), and what its stream brings) is never kept, shared or
+served here, from whichever layer: read-your-writes before the sidecar has heard of the write.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ _Flight = tuple[asyncio.Task[Any], int]
 
 
 class CacheClient:
-    """A read-through client for CacheService with single-flight loads and an optional
-    near-cache. One instance per process and sidecar address; it owns its channel."""
+    """One instance per process and sidecar address; it owns its channel."""
 
     def __init__(
         self,
@@ -64,7 +62,6 @@ class CacheClient:
     ) -> None:
         self.transport = SidecarTransport(address, timeout, retry_after=retry_after, api_key=api_key, tracer=tracer)
         self.near = near_cache
-        # This process's reads: served by a cache layer, or by the loader.
         self.hits = 0
         self.misses = 0
         self.history = near_cache.history if near_cache is not None else InvalidationHistory()
@@ -78,8 +75,7 @@ class CacheClient:
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> CacheClient:
-        """A client for the CacheService where its proto says it runs (CACHE_ADDR); with a
-        near-cache unless CACHE_NEAR_SIZE=0."""
+        """At the address the proto gives CacheService (CACHE_ADDR)."""
         if settings.cache_near_size > 0 and "near_cache" not in options:
             options["near_cache"] = NearCache(max_entries=settings.cache_near_size, max_ttl=settings.cache_near_ttl)
         options.setdefault("api_key", settings.service_api_key)
@@ -115,9 +111,8 @@ class CacheClient:
     async def load(
         self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], *, cache_none: bool = False
     ) -> T | None:
-        """get_or_load for any codec. With cache_none, a None from loader is cached as a
-        negative entry. Under fresh_reads() (`cache-control: no-cache`) every layer is
-        bypassed and refilled."""
+        """get_or_load for any codec; with cache_none, a None from loader is cached as a
+        negative entry."""
         entry = self._near_entry(key, ttl, cache_none)
         if entry is not None:
             # Bound, then unpacked: unpacking the call makes mypy infer T | None for the
@@ -133,8 +128,7 @@ class CacheClient:
         self, key: str, ttl: float, codec: Codec[T], loader: Callable[[], Awaitable[T | None]], *, cache_none: bool = False
     ) -> bytes | None:
         """load(), answering the codec's bytes (None for None): a near-cache hit hands over
-        the bytes it holds, decoded nowhere, for an answer that goes out in that encoding
-        (a gRPC reply of the cached message, passed through by grpc_calls.py)."""
+        the bytes it holds undecoded, for a reply that goes out as they are (grpc_calls.py)."""
         entry = self._near_entry(key, ttl, cache_none)
         if entry is not None and entry.content_type == codec.content_type:
             self.hits += 1
@@ -159,8 +153,6 @@ class CacheClient:
         return self._far_hit(key, 0.0, codec, response.entry)
 
     def _near_entry(self, key: str, ttl: float, cache_none: bool) -> NearEntry | None:
-        """The near-cache's entry for this read, if it may answer it (a live stream, no
-        fresh_reads()); checks ttl and starts the feed on the way."""
         _check_ttl(ttl)
         self._start()
         if self.near is None or fresh_reads_requested():
@@ -169,8 +161,6 @@ class CacheClient:
         return entry if entry is not None and (cache_none or not entry.negative) else None
 
     def _take(self, key: str, codec: Codec[T], entry: NearEntry | cache_pb2.CacheEntry) -> tuple[bool, T | None]:
-        """(True, value) for an entry of this codec (value None for a negative entry),
-        (False, None) for one of another type or undecodable."""
         if entry.content_type != codec.content_type:
             return False, None
         try:
@@ -246,9 +236,8 @@ class CacheClient:
     # --- this process's writes ---------------------------------------------------------
 
     def committed(self, position: int, patterns: Sequence[str]) -> None:
-        """A write of this process committed at log position `position`: from now on no
-        layer's value of what it made stale is served here. The log's relay takes the
-        patterns to the sidecar (services/cache/log/relay.py)."""
+        """A write of this process committed at log position `position` (read-your-writes
+        here); the log's relay takes its patterns to the sidecar (services/cache/log/relay.py)."""
         if self.near is not None:
             self.near.applied_own(position, patterns)
         else:

@@ -33,7 +33,6 @@ class Codec(Generic[T]):
     _decode: Callable[[bytes], T]
 
     def decode(self, data: bytes) -> T:
-        """Raises CodecError for bytes that are not a value of this codec."""
         try:
             return self._decode(data)
         except (ValueError, DecodeError) as exc:  # UnicodeDecodeError and JSON's errors are ValueErrors
@@ -41,7 +40,6 @@ class Codec(Generic[T]):
 
 
 def protobuf_content_type(full_name: str) -> str:
-    """The content_type for a serialized message of this type."""
     return f"application/x-protobuf; type={full_name}"
 
 
@@ -62,7 +60,6 @@ def _protobuf_codec(message_type: type[Message]) -> Codec[Any]:
 
 
 def _json(value: Any) -> bytes:
-    """JSON values (dict, list, str, int, float, bool, None), written canonically."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
@@ -72,9 +69,8 @@ TEXT: Codec[str] = Codec("text/plain; charset=utf-8", str.encode, bytes.decode)
 
 
 def codec_for(annotation: Any) -> Codec[Any] | None:
-    """The codec a return annotation implies: a protobuf message type, bytes, str, or
-    a JSON-native type, each optionally "| None"; None when it implies none (declare
-    codec= then)."""
+    """The codec a return annotation implies (a protobuf message type, bytes, str or a
+    JSON-native type, each optionally "| None"); None: the caller declares codec=."""
     if isinstance(annotation, type):
         if issubclass(annotation, Message):
             return protobuf_codec(annotation)

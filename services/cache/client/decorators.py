@@ -1,7 +1,6 @@
 """The one face of the cache: the performance guide's @cached and @invalidate_cache
-(docs/cache.md, "Using it from a service"), and what a write names with the same
-declaration: stale(read, *args), every(read); encoded(read, *args) for an answer that
-goes out as the cached bytes.
+(docs/cache.md, "Using it from a service"), and stale(), every() and encoded() over the
+same declaration.
 
 The manager is chosen at call time (manager=, else a method's object's `cache`, else
 get_cache_manager()), so tests and processes choose it without re-decorating anything.

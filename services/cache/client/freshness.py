@@ -33,7 +33,6 @@ def max_ages() -> dict[str, int]:
 
 
 def cache_control(seconds: int) -> tuple[str, str]:
-    """The metadata entry a response carries to say how long it stays fresh."""
     return (CACHE_CONTROL, f"max-age={seconds}")
 
 
@@ -46,7 +45,6 @@ def fresh_reads_requested() -> bool:
 
 @contextlib.contextmanager
 def fresh_reads() -> Iterator[None]:
-    """Within the block, cached reads bypass the cache (and refill it)."""
     token = _FRESH.set(True)
     try:
         yield

@@ -1,12 +1,11 @@
-"""Which keys this process saw invalidated after a given log position: the question a
-fill, a shared load and a hit from the sidecar must each answer before they may hand
-out what they read (docs/cache.md, the rule).
+"""Which keys this process saw invalidated after a given log position (raced()): the
+question a fill, a shared load and a hit from the sidecar must each answer before they
+may hand out what they read, as the value may predate a write (docs/cache.md, the rule).
 
-raced(key, version) is True when an invalidation matching the key was recorded after
-that position, so the value may predate a write. `known` is the furthest position
-this process knows committed (its own writes, and what its stream delivered): a load
-that starts now reads at least that, which makes it the load's version. Bounded: a
-version older than what it remembers (its floor) counts as raced, the safe answer.
+`known` is the furthest position this process knows committed (its own writes, and what
+its stream delivered): a load that starts now reads at least that, which makes it the
+load's version. Bounded: a version older than what it remembers (its floor, raised too
+by a clear) counts as raced, the safe answer.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from collections.abc import Callable
 
 from services.cache.client.keys import parse_pattern
 
-# Invalidations remembered; a version older than all of them counts as raced.
 HISTORY_SIZE = 4096
 
 
@@ -26,7 +24,6 @@ class InvalidationHistory:
             raise ValueError("the history must hold at least one invalidation")
         self._size = size
         self.known = 0
-        # Versions below the floor cannot be checked (history dropped, or a clear).
         self.floor = 0
         # Kept in log order (a stream's span may arrive after this process's own later
         # write), so a check reads only the records newer than its version.

@@ -27,14 +27,12 @@ _GLOB_CHAR_RE = re.compile(r"([*?\[])")
 
 
 def namespace_of(key: str) -> str:
-    """The part of the key before the first ':'; the whole key when it has none."""
     colon = key.find(":")
     return key if colon < 0 else key[:colon]
 
 
 def prefix_levels(key: str) -> list[str]:
-    """The O(1)-invalidatable prefixes of a key, shortest first:
-    "agents:get:1" → ["agents:", "agents:get:"]."""
+    """The O(1)-invalidatable prefixes of a key: "agents:get:1" → ["agents:", "agents:get:"]."""
     levels: list[str] = []
     position = key.find(":")
     while position >= 0 and len(levels) < MAX_PREFIX_DEPTH:
@@ -49,12 +47,9 @@ def escape_key(key: str) -> str:
 
 
 def key_problem(key: str) -> str | None:
-    """Why a key (or a pattern) is unusable, or None. Cheap enough for the Get hot path.
-
-    The namespace must be non-empty and free of '{' and '}': the Redis store wraps it
-    in a Cluster hash tag ("{agents}"), which must be non-empty and unambiguous so a
-    namespace's keys and its generation counters share a slot.
-    """
+    """Why a key (or a pattern) is unusable, or None; cheap enough for the Get hot path.
+    The Redis store wraps the namespace in a Cluster hash tag ("{agents}"), which must be
+    non-empty and unambiguous so a namespace's keys and its generation counters share a slot."""
     if not key:
         return "must not be empty"
     # A str of n characters has at most 4n UTF-8 bytes: short keys skip the encode.

@@ -40,7 +40,6 @@ class CacheManager:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CacheManager:
-        """Refuses, at once, settings with access control on and no SERVICE_API_KEY."""
         if settings.auth_enabled and not settings.service_api_key:
             raise CacheCredentialsError(
                 "the cache sidecar serves the services' admin key only: set SERVICE_API_KEY "
@@ -94,7 +93,6 @@ class CacheManager:
         }
 
     async def sidecar_stats(self) -> cache_pb2.CacheStats | None:
-        """The sidecar's statistics, or None when it cannot be reached."""
         return await self.client.stats()
 
     async def close(self) -> None:

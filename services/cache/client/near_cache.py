@@ -1,20 +1,15 @@
 """The caches that follow the sidecar's Watch stream: the near-cache in every service
-process and, through FedCache, the gateway's edge cache (edge/store.py): small LRUs
-trusted only while the stream feeds them (docs/cache.md, "The near-cache, the edge
-cache and Watch").
+process and, through FedCache, the gateway's edge cache (edge/store.py); docs/cache.md,
+"The near-cache, the edge cache and Watch".
 
-A cache is live exactly while its stream is, and only while the stream is provably
-complete: messages carry the invalidation log's span (after, through], so one that
-starts past the cache's position means something was missed and the cache is
-cleared, as it is when the stream ends or goes quiet for longer than `liveness` (the
-sidecar heartbeats every 0.25 s; a frozen sidecar sends nothing). Going live or dark
-clears it, since invalidations may have been missed in the dark; fills are checked by
-version (history.py). An entry over a sixteenth of the bytes is not kept.
+A cache is live only while its stream is provably complete: a message whose log span
+(after, through] starts past the cache's position means one was missed, and a stream
+that ends or is silent past `liveness` (the sidecar heartbeats every 0.25 s; a frozen
+one sends nothing) may have missed any. Going dark or live again clears the cache.
 
-Near-cache entries live at most max_ttl whatever their TTL in the sidecar, as a bound
-on any staleness nobody anticipated. Values are kept as bytes and decoded per hit, so
-callers never share a mutable object through the cache; an answer that goes out
-encoded takes the bytes as they are (CacheClient.load_encoded).
+Near-cache entries live at most max_ttl whatever their TTL in the sidecar, a bound on
+any staleness nobody anticipated. Values are kept as bytes and decoded per hit, so
+callers never share a mutable object through the cache.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_WATCH_LIVENESS = 1.0
 WATCH_RETRY_INITIAL = 0.05
 WATCH_RETRY_MAX = 2.0
-# How long close() waits for the stream's task to end.
 CLOSE_TIMEOUT = 2.0
 
 
@@ -77,8 +71,7 @@ class FedCache(abc.ABC, Generic[K, E]):
         self.history = InvalidationHistory()
         # Told of every invalidation from the log this cache applies (consistency.py).
         self.observer: Callable[[str, int], None] | None = None
-        # Log entries this process applied at its own commits (CacheClient.committed),
-        # until the stream brings them back: they are not applied a second time.
+        # Log entries applied at this process's own commits, until the stream brings them back.
         self._own: set[int] = set()
 
     def go_live(self, position: int) -> None:
@@ -185,7 +178,6 @@ class NearEntry:
 
 class NearCache(FedCache[str, NearEntry]):
     def put(self, key: str, content_type: str, value: bytes, negative: bool, ttl: float, version: int) -> bool:
-        """Stores unless not live, too big, or raced by an invalidation after `version`."""
         if not self._fits(len(value)) or self.history.raced(key, version):
             return False
         ttl = min(ttl, self.max_ttl) if ttl > 0 else self.max_ttl

@@ -29,8 +29,7 @@ LOG_INTERVAL = 30.0
 
 
 class SidecarTransport:
-    """One channel per client; every unary call carries `timeout` as its deadline and
-    the services' key (the sidecar serves the admin key only)."""
+    """One channel per client; `timeout` is every unary call's deadline."""
 
     def __init__(
         self,
@@ -49,15 +48,14 @@ class SidecarTransport:
         self._channel: grpc.aio.Channel | None = None
         self._stub: cache_pb2_grpc.CacheServiceStub | None = None
         self.closed = False
-        # While the sidecar looks unreachable, reads skip it until this instant.
         self._skip_until = -math.inf
         self._last_logged = -math.inf
         self._suppressed = 0
 
     def stub(self) -> cache_pb2_grpc.CacheServiceStub:
         if self._stub is None:
-            # The one channel factory: the services' key on every call, quick reconnects
-            # (every request goes to the database while the sidecar is away).
+            # The one channel factory: the services' key on every call (the sidecar serves the
+            # admin key only), quick reconnects (every request goes to the database meanwhile).
             self._channel = open_channel(self.address, api_key=self._api_key, tracer=self._tracer)
             self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         return self._stub
@@ -67,7 +65,6 @@ class SidecarTransport:
         return self.stub().Watch(cache_pb2.CacheWatchRequest(prefixes=prefixes))
 
     async def call(self, method: str, request: Message, *, respect_backoff: bool = True) -> tuple[Any, grpc.StatusCode | None]:
-        """(response, None) on success, (None, code) on any failure."""
         if self.closed:
             return None, grpc.StatusCode.CANCELLED
         if respect_backoff and time.monotonic() < self._skip_until:

@@ -1,12 +1,11 @@
-"""The edge cache: ready GET answers (header lines and body bytes, as the gateway
-writes them) kept in the gateway's memory, so a hot read never becomes a gRPC call
-(docs/cache.md, "The near-cache, the edge cache and Watch").
+"""The edge cache: ready GET answers (header lines and body bytes, as the gateway writes
+them) kept in the gateway's memory, so a hot read never becomes a gRPC call (docs/cache.md,
+"The near-cache, the edge cache and Watch").
 
-What it may keep, for how long and until which invalidation is said by the service
-with each answer (surrogate_keys.py), never by a table here. It follows the sidecar's
-Watch as a near-cache does (client/near_cache.py), but a pattern drops every entry with a
-surrogate key it matches, not one with its own key: hence an index from surrogate
-key to entries.
+The service says with each answer what may be kept, for how long and until which
+invalidation (surrogate_keys.py), never a table here. A pattern drops every entry with a
+surrogate key it matches, not the one with its own key: hence an index from surrogate key
+to entries.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ EdgeKey = tuple[str, bytes]
 Headers = tuple[tuple[bytes, bytes], ...]
 # What a 304 leaves out of a 200's header lines.
 _CONTENT_HEADERS = frozenset({b"content-type", b"content-length"})
-# The last tenth of an entry's life: its first reader then refreshes it while the
-# others are still answered from it, so a hot answer never expires under load (where
-# every concurrent reader would miss at once and render the same answer upstream).
+# The last tenth of an entry's life, when its first reader refreshes it and the others are
+# still answered from it: a hot answer never expires under load (docs/cache.md).
 REFRESH_AHEAD = 0.1
 
 
@@ -34,8 +32,7 @@ REFRESH_AHEAD = 0.1
 class EdgeEntry:
     body: bytes
     # The answer's header lines as ASGI sends them, made once when it is kept: all of
-    # them for a 200 (Content-Type, Content-Length, ETag, Cache-Control, Vary), and
-    # the validators alone for a 304, which has no body.
+    # them for a 200, the validators alone for a 304, which has no body.
     head: Headers
     validators: Headers
     etag: str
@@ -49,8 +46,7 @@ class EdgeEntry:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Said:
-    """What a service said about its answer: how long it stays fresh, the cache keys
-    it was read from and the log position it was read at."""
+    """What a service said about its answer: max-age, the cache keys it read, the log position it read them at."""
 
     max_age: int
     keys: tuple[str, ...]
@@ -92,7 +88,6 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         self, *, max_entries: int, max_bytes: int, max_ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__(max_entries=max_entries, max_bytes=max_bytes, max_ttl=max_ttl, clock=clock)
-        # surrogate key -> the entries it names, so an exact invalidation is one lookup.
         self._by_key: dict[str, set[EdgeKey]] = {}
 
     def get(self, key: EdgeKey) -> EdgeEntry | None:
@@ -107,8 +102,7 @@ class EdgeCache(FedCache[EdgeKey, EdgeEntry]):
         return int(self._clock() - entry.stored_at)
 
     def put(self, key: EdgeKey, body: bytes, head: Iterable[tuple[bytes, bytes]], said: Said) -> bool:
-        """Stores a 200 answer (its body and header lines, which name its ETag) unless
-        not live, too big, without an ETag, or older than an invalidation of one of its keys."""
+        """Stores a 200 answer, whose header lines name its ETag."""
         if not self._fits(len(body)):
             return False
         if any(self.history.raced(surrogate, said.version) for surrogate in said.keys):

@@ -37,7 +37,6 @@ _CURRENT: contextvars.ContextVar[Reads | None] = contextvars.ContextVar("surroga
 
 
 def note_read(key: str, version: int) -> None:
-    """One read of the current call, of a value read at log position `version`."""
     reads = _CURRENT.get()
     if reads is None:
         return
@@ -49,14 +48,12 @@ def note_read(key: str, version: int) -> None:
 
 
 def note_write(position: int, patterns: Sequence[str]) -> None:
-    """The current call committed a write at log position `position`."""
     reads = _CURRENT.get()
     if reads is not None:
         reads.written = (position, patterns)
 
 
 def start() -> Reads:
-    """From now on, in this context, cached reads and writes are noted; stop() ends it."""
     reads = Reads()
     reads._token = _CURRENT.set(reads)
     return reads
@@ -69,8 +66,6 @@ def stop(reads: Reads) -> None:
 
 
 def metadata(reads: Reads, *, cacheable: bool) -> tuple[tuple[str, str], ...]:
-    """What the answer tells downstream caches: the keys and version of a cacheable
-    read that may be kept, the log position and patterns of a write."""
     said: tuple[tuple[str, str], ...] = ()
     if cacheable and not reads.spoiled and reads.keys and reads.version is not None:
         said = ((SURROGATE_KEY, " ".join(reads.keys)), (CACHE_VERSION, str(reads.version)))
