@@ -148,7 +148,7 @@ async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_
             ]
 
 
-async def test_a_fresh_cache_is_synced_to_the_head_without_patterns(database_url):
+async def test_a_fresh_cache_is_synced_to_the_head_with_a_clear(database_url):
     cache = PositionedCache()
     async with cache_server(cache, running=False) as server:
         async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
@@ -161,7 +161,39 @@ async def test_a_fresh_cache_is_synced_to_the_head_without_patterns(database_url
             await server.start()
             await eventually(lambda: not cache.fresh, "the relay gives the fresh cache a position")
             assert cache.applied == head
-            assert [(s.after, s.through, list(s.patterns), s.clear) for s in cache.syncs] == [(0, head, [], False)]
+            assert [(s.after, s.through, list(s.patterns), s.clear) for s in cache.syncs] == [(0, head, [], True)]
+
+
+class PositionedMeanwhile(PositionedCache):
+    """Answers that it is fresh, then is given a position by another relay, and a fill
+    read there, before this relay's Sync arrives."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__()
+        self.position = position
+
+    async def GetSyncState(self, request, context):
+        state = self.state()
+        if self.fresh:
+            self.fresh, self.applied = False, self.position
+            self.entries["agents:get:a1"] = b"read at the other relay's position"
+        return state
+
+
+async def test_a_cache_positioned_after_it_said_fresh_misses_no_entry(database_url):
+    cache = PositionedMeanwhile(position=1)
+    async with cache_server(cache, running=False) as server:
+        async with running_stack(settings_for(database_url, server), with_sidecar=False) as stack:
+            for i in range(3):
+                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(i)))
+            head = await head_of(stack)
+            assert head > cache.position
+
+            await server.start()
+            await eventually(lambda: cache.applied == head, "the relay moves the cache to the head")
+            # The entries after the other relay's position were never applied: only a
+            # clear keeps the fill read there from being served after them.
+            assert cache.entries == {}
 
 
 async def test_a_cache_behind_pruned_entries_is_cleared(database_url):

@@ -138,7 +138,9 @@ class InvalidationRelay:
             return False
         head = await self._log.head()
         if state.fresh:
-            if await self._sync(0, head, []) is not None:
+            # With a clear: another relay may have positioned the cache since it answered,
+            # and a Sync without one would then skip the entries after that position.
+            if await self._sync(0, head, [], clear=True) is not None:
                 log.info("invalidation relay: the cache had no position; it starts at the log's head %d", head)
             return False
         if head < state.applied:
