@@ -66,6 +66,21 @@ async def held_steadily(http: httpx.AsyncClient, path: str, times: int, timeout:
         assert asyncio.get_running_loop().time() < deadline, f"{path} was not held by the edge cache {times} times in a row"
 
 
+async def from_the_edge(http: httpx.AsyncClient, path: str, timeout: float = 20.0, **options) -> httpx.Response:
+    """A GET of `path` (with `options`, e.g. conditional headers) answered by the edge
+    cache with no GetAgent call. The edge lets go of what it holds whenever its sidecar
+    proves slow (a call past its deadline on a loaded machine) or a late Watch message
+    names it, so the answer is held again and asked for again until it comes from the hold."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        await held_steadily(http, path, 1, timeout)
+        calls = handled("GetAgent")
+        answer = await http.get(path, **options)
+        if "age" in answer.headers and handled("GetAgent") == calls:
+            return answer
+        assert asyncio.get_running_loop().time() < deadline, f"{path} {options} never came from the edge cache"
+
+
 async def fresh_within(http: httpx.AsyncClient, path: str, name: str, timeout: float = 10.0) -> httpx.Response:
     """GETs until the answer shows `name` (a write elsewhere reaches the gateway in one Watch message)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -121,16 +136,14 @@ async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_
 async def test_no_cache_and_conditional_requests(open_stack):
     stack, http = open_stack
     await http.post("/api/agents", json={"id": "e2", "name": "Two", "domain": "ci"})
-    # Held steadily: the create's own Watch message may drop the first answer kept.
-    held = (await held_steadily(http, "/api/agents/e2", 2))[-1]
+    held = await from_the_edge(http, "/api/agents/e2")
     etag = held.headers["etag"]
-    calls = handled("GetAgent")
-    unchanged = await http.get("/api/agents/e2", headers={"if-none-match": etag})
+    unchanged = await from_the_edge(http, "/api/agents/e2", headers={"if-none-match": etag})
     assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["etag"] == etag
-    assert "age" in unchanged.headers and handled("GetAgent") == calls
-    other = await http.get("/api/agents/e2", headers={"if-none-match": '"other"'})
-    assert other.status_code == 200 and other.content == held.content and handled("GetAgent") == calls
+    other = await from_the_edge(http, "/api/agents/e2", headers={"if-none-match": '"other"'})
+    assert other.status_code == 200 and other.content == held.content
 
+    calls = handled("GetAgent")
     bypassed = await http.get("/api/agents/e2", headers=NO_CACHE)
     assert bypassed.status_code == 200 and "age" not in bypassed.headers
     assert handled("GetAgent") == calls + 1
