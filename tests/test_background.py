@@ -8,7 +8,7 @@ import signal
 
 import grpc
 
-from services.common.foundation.background import cancel_and_wait, spawn
+from services.common.foundation.background import cancel_and_wait, end_if_cancelled, spawn
 from services.common.runtime.grpc_host import GrpcHost
 from services.common.telemetry.logs import RequestContextFilter
 from services.common.telemetry.metrics import service_metrics
@@ -129,3 +129,27 @@ async def test_stopping_a_task_ends_it_without_swallowing_the_stoppers_own_cance
     release.set()
     await asyncio.wait({slow})
     assert slow.cancelled()
+
+
+async def test_a_loop_whose_cancellation_a_library_swallowed_still_ends():
+    """As redis-py's PubSub read sometimes does: the CancelledError never reaches the
+    loop, which would go on reading for ever and hold its stopper with it."""
+    reads = 0
+
+    async def read_swallowing_cancellation() -> None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
+
+    async def loop() -> None:
+        nonlocal reads
+        while True:
+            end_if_cancelled()
+            await read_swallowing_cancellation()
+            reads += 1
+
+    task = asyncio.get_running_loop().create_task(loop())
+    await asyncio.sleep(0.12)
+    await asyncio.wait_for(cancel_and_wait(task), timeout=5)
+    assert task.cancelled() and reads >= 1

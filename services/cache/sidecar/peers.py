@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from services.cache.sidecar.hub import InvalidationHub
 from services.cache.sidecar.stores.fallback import BACKEND_ERRORS, PROBE_INITIAL, PROBE_MAX
-from services.common.foundation.background import cancel_and_wait
+from services.common.foundation.background import cancel_and_wait, end_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Peers:
                 log.exception("cache peers failed unexpectedly; starting it again")
             self.subscribed.clear()
             self._hub.suspend()
+            end_if_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, PROBE_MAX)
 
@@ -75,6 +76,7 @@ class Peers:
             heard = loop.time()
             pinged = heard
             while True:
+                end_if_cancelled()
                 message = await pubsub.get_message(timeout=PING_INTERVAL)
                 now = loop.time()
                 if message is not None:

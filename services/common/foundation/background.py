@@ -51,6 +51,15 @@ async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
     return True
 
 
+def end_if_cancelled() -> None:
+    """Ends a background loop whose cancellation a library swallowed (redis-py's PubSub
+    read, about one stop in eight): the task still says it is being cancelled, and
+    cancel_and_wait() would otherwise wait for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     return None if task.cancelled() else task.exception()
 
