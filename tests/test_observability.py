@@ -359,16 +359,24 @@ async def _wait_for_span(exporter: InMemorySpanExporter, predicate, timeout: flo
 
 async def test_one_gateway_request_is_one_trace_through_service_cache_and_database(spans, tracer, sqlite_url):
     async with running_stack(make_settings(sqlite_url), with_workflows=True, tracer=tracer) as stack:
-        await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agents_pb2.Agent(id="traced", name="T", domain="ci")))
-        await stack.cache_stub.Clear(empty_pb2.Empty())
         async with gateway_client(stack.settings, tracer=tracer) as http:
-            spans.clear()
-            response = await http.get("/api/agents/traced", headers={"x-request-id": "trace-me"})
-            assert response.status_code == 200, response.text
-            root = await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER and s.name.startswith("GET "))
+            # A cold read each time (an agent no layer holds). On a loaded machine the
+            # sidecar can miss the client's 0.25 s deadline, and the read is served
+            # from the database without it: that trace has no sidecar span, so the
+            # read is made again, a few times at most.
+            for attempt in range(5):
+                agent = agents_pb2.Agent(id=f"traced-{attempt}", name="T", domain="ci")
+                await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=agent))
+                await stack.cache_stub.Clear(empty_pb2.Empty())
+                spans.clear()
+                response = await http.get(f"/api/agents/{agent.id}", headers={"x-request-id": "trace-me"})
+                assert response.status_code == 200, response.text
+                root = await _wait_for_span(spans, lambda s: s.kind == trace.SpanKind.SERVER and s.name.startswith("GET "))
+                in_trace = [s for s in spans.get_finished_spans() if s.context.trace_id == root.context.trace_id]
+                if any(s.name == "devops_hub.v1.CacheService/Get" and s.kind == trace.SpanKind.SERVER for s in in_trace):
+                    break
 
-    trace_id = root.context.trace_id
-    in_trace = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+    in_trace = [s for s in spans.get_finished_spans() if s.context.trace_id == root.context.trace_id]
     by_id = {s.context.span_id: s for s in in_trace}
 
     assert root.name == "GET /api/agents/{id}" and root.parent is None
