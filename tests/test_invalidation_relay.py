@@ -38,6 +38,7 @@ class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
         self.fresh = fresh
         self.applied = applied
         self.syncs: list[cache_pb2.CacheSyncRequest] = []
+        self.state_reads = 0
 
     def state(self) -> cache_pb2.CacheSyncState:
         return cache_pb2.CacheSyncState(applied=self.applied, fresh=self.fresh)
@@ -49,7 +50,15 @@ class PositionedCache(cache_pb2_grpc.CacheServiceServicer):
         return len(doomed)
 
     async def GetSyncState(self, request, context):
+        self.state_reads += 1
         return self.state()
+
+    async def rounds_settled(self) -> None:
+        """Waits for a relay round that began after now: one under way may still send a
+        span again (it read the position before the writer's own Sync moved it), and
+        the cache applies a span's patterns again, as a real one does."""
+        reads = self.state_reads
+        await eventually(lambda: self.state_reads > reads, "the relay begins another round")
 
     async def Sync(self, request, context):
         if len(request.patterns) > 1000:
@@ -126,6 +135,7 @@ async def test_an_invalidation_lost_with_its_writer_is_delivered_when_the_cache_
             created = await stack.stub.CreateAgent(agents_pb2.CreateAgentRequest(agent=new_agent(1)))
             head = await head_of(stack)
             await eventually(lambda: cache.applied == head, "the relay sends the create's entry")
+            await cache.rounds_settled()
             cache.entries["agents:get:agent-1"] = b"the agent before the update"
 
             await server.stop()
