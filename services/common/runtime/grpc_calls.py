@@ -97,8 +97,6 @@ class CallWrapper:
             max_age = self._max_ages.get(method, 0)
             cacheable = max_age > 0 and not handler.response_streaming
             fresh = (freshness.cache_control(max_age),) if cacheable else ()
-            if cacheable:
-                single = _honouring_no_cache(single)
             if self._idempotency is not None and not handler.response_streaming:
                 single = self._idempotency.wrap(single, method)
             wrapped = _single(single, method, stats, self._guard, fresh, self._outages)
@@ -124,23 +122,12 @@ def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], 
     return serialize_unless_bytes
 
 
-def _honouring_no_cache(behavior: Single) -> Single:
-    """A cacheable read whose caller sent `cache-control: no-cache` reads past every
-    cache layer (freshness.py); other methods never pay for looking."""
-
-    async def handle(request: Any, context_: Context) -> Any:
-        if not freshness.asks_for_fresh(context_.invocation_metadata() or ()):
-            return await behavior(request, context_)
-        with freshness.fresh_reads():
-            return await behavior(request, context_)
-
-    return handle
-
-
 def _single(
     behavior: Single, method: str, stats: MethodMetrics, guard: Guard | None, fresh: Metadata, outages: Outages
 ) -> Single:
-    """`fresh` (a cacheable method's max-age) goes out with a success."""
+    """`fresh` (a cacheable method's max-age) goes out with a success. A cacheable read
+    whose caller sent `cache-control: no-cache` reads past every cache layer
+    (freshness.py); other methods never pay for looking."""
 
     async def handle(request: Any, context_: Context) -> Any:
         context.bind_call(context_)
@@ -153,7 +140,11 @@ def _single(
             if guard is not None:
                 trailers = await guard(method, context_)
             check_request(request)
-            reply = await behavior(request, context_)
+            if fresh and freshness.asks_for_fresh(context_.invocation_metadata() or ()):
+                with freshness.fresh_reads():
+                    reply = await behavior(request, context_)
+            else:
+                reply = await behavior(request, context_)
         except BaseException as exc:
             failure = exc
             await _abort_if_translatable(context_, exc, method, trailers, outages)
