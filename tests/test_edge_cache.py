@@ -51,32 +51,36 @@ async def hot(http: httpx.AsyncClient, path: str, timeout: float = 20.0, **optio
         await asyncio.sleep(0.05)
 
 
-async def held_steadily(http: httpx.AsyncClient, path: str, times: int, timeout: float = 20.0, **options) -> list[httpx.Response]:
+async def held_steadily(
+    http: httpx.AsyncClient, path: str, times: int, timeout: float = 20.0, method: str = "GetAgent", **options
+) -> list[httpx.Response]:
     """`times` GETs in a row all answered by the edge cache with no GetAgent call: the
     first answers the edge keeps may still be dropped by a Watch message of the write
     that made the resource (on a loaded machine it can come after the first hit), so
-    the run is tried again until it holds."""
+    the run is tried again until it holds. `method`: the RPC the path would call."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         await hot(http, path, timeout, **options)
-        calls = handled("GetAgent")
+        calls = handled(method)
         run = [await http.get(path, **options) for _ in range(times)]
-        if all("age" in answer.headers for answer in run) and handled("GetAgent") == calls:
+        if all("age" in answer.headers for answer in run) and handled(method) == calls:
             return run
         assert asyncio.get_running_loop().time() < deadline, f"{path} was not held by the edge cache {times} times in a row"
 
 
-async def from_the_edge(http: httpx.AsyncClient, path: str, timeout: float = 20.0, **options) -> httpx.Response:
+async def from_the_edge(
+    http: httpx.AsyncClient, path: str, timeout: float = 20.0, method: str = "GetAgent", **options
+) -> httpx.Response:
     """A GET of `path` (with `options`, e.g. conditional headers) answered by the edge
     cache with no GetAgent call. The edge lets go of what it holds whenever its sidecar
     proves slow (a call past its deadline on a loaded machine) or a late Watch message
     names it, so the answer is held again and asked for again until it comes from the hold."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        await held_steadily(http, path, 1, timeout)
-        calls = handled("GetAgent")
+        await held_steadily(http, path, 1, timeout, method)
+        calls = handled(method)
         answer = await http.get(path, **options)
-        if "age" in answer.headers and handled("GetAgent") == calls:
+        if "age" in answer.headers and handled(method) == calls:
             return answer
         assert asyncio.get_running_loop().time() < deadline, f"{path} {options} never came from the edge cache"
 
@@ -108,9 +112,7 @@ async def test_a_hot_get_is_answered_without_a_grpc_call_and_says_its_surrogate_
         assert again.headers["etag"] == first.headers["etag"] and again.headers["cache-control"] == "max-age=300"
         assert "x-request-id" in again.headers
     listed = await hot(http, "/api/agents", params={"domain": "ci"})
-    calls = handled("ListAgents")
-    assert (await http.get("/api/agents", params={"domain": "ci"})).content == listed.content
-    assert handled("ListAgents") == calls
+    assert (await from_the_edge(http, "/api/agents?domain=ci", method="ListAgents")).content == listed.content
 
     # What the gateway keeps by: the service says it with the answer.
     call = stack.stub.GetAgent(agents_pb2.GetAgentRequest(id="e1"))
@@ -161,14 +163,23 @@ async def test_writes_through_the_gateway_grpc_and_another_process_invalidate_th
     await hot(http, "/api/agents/e4")
     await hot(http, "/api/agents", params={"domain": "ci"})
 
-    # Through the gateway: the very next read sees it, and only what it made stale goes.
-    patched = await http.patch("/api/agents/e3", params={"updateMask": "name"}, json={"name": "Gateway"})
-    assert patched.status_code == 200
-    calls = handled("GetAgent")
-    assert (await http.get("/api/agents/e4")).headers.get("age") is not None, "another agent's answer is still held"
-    assert handled("GetAgent") == calls
-    after = await http.get("/api/agents/e3")
-    assert after.json()["name"] == "Gateway" and after.headers["etag"] == patched.headers["etag"]
+    # Through the gateway: the very next read sees it, and only what it made stale goes:
+    # another agent's answer is still held. (Written again if the edge let go of all it
+    # held meanwhile, as it does when its sidecar proves slow on a loaded machine; a
+    # gateway that empties itself on every write never keeps it.)
+    for attempt in range(20):
+        await hot(http, "/api/agents/e4")
+        name = f"Gateway {attempt}"
+        patched = await http.patch("/api/agents/e3", params={"updateMask": "name"}, json={"name": name})
+        assert patched.status_code == 200
+        calls = handled("GetAgent")
+        held = "age" in (await http.get("/api/agents/e4")).headers and handled("GetAgent") == calls
+        after = await http.get("/api/agents/e3")
+        assert after.json()["name"] == name and after.headers["etag"] == patched.headers["etag"]
+        if held:
+            break
+    else:
+        raise AssertionError("a write through the gateway dropped another agent's answer every time")
 
     # Through gRPC directly: within one Watch message.
     await hot(http, "/api/agents/e3")
