@@ -309,7 +309,7 @@ async def test_a_write_while_the_cache_is_down_does_not_keep_calling_it(database
         call = transport.call
 
         async def counted(method, request, **options):
-            calls.append(method)
+            calls.append((asyncio.current_task().get_name(), method))
             return await call(method, request, **options)
 
         monkeypatch.setattr(transport, "call", counted)
@@ -320,4 +320,6 @@ async def test_a_write_while_the_cache_is_down_does_not_keep_calling_it(database
                 update_mask=field_mask_pb2.FieldMask(paths=["description"]),
             )
         )
-        assert len(calls) <= 3, calls
+        # The relay's own rounds go on at their interval meanwhile (more of them the
+        # slower the write on a loaded machine); the write itself tries once.
+        assert len([method for task, method in calls if task != "invalidation-relay"]) <= 1, calls
