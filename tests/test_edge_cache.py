@@ -434,14 +434,23 @@ async def test_a_burst_of_readers_on_a_cold_answer_asks_the_service_once(open_st
     burst on a cold key (a new agent, or one no one read for a while) is one call
     upstream, not one per reader."""
     stack, http = open_stack
-    assert (await http.post("/api/agents", json={"id": "burst", "name": "Burst", "domain": "ci"})).status_code == 200
-    await hot(http, "/api/agents", timeout=20)  # the edge is live
-    calls = handled("GetAgent")
-    answers = await asyncio.gather(*(http.get("/api/agents/burst") for _ in range(20)))
-    assert {answer.status_code for answer in answers} == {200}
-    assert len({answer.content for answer in answers}) == 1
-    assert handled("GetAgent") - calls == 1, "one reader asked the service; the others waited for its answer"
-    assert sum("age" in answer.headers for answer in answers) == 19
+    # Each try on an agent of its own: the Watch message of the write that made it may
+    # reach the edge after the first answer and drop it (on a loaded machine), and then
+    # every reader rightly asks for itself; readers who never waited would do so every time.
+    for attempt in range(10):
+        path = f"/api/agents/burst-{attempt}"
+        created = await http.post("/api/agents", json={"id": f"burst-{attempt}", "name": "Burst", "domain": "ci"})
+        assert created.status_code == 200
+        await hot(http, "/api/agents", timeout=20)  # the edge is live
+        calls = handled("GetAgent")
+        answers = await asyncio.gather(*(http.get(path) for _ in range(20)))
+        assert {answer.status_code for answer in answers} == {200}
+        assert len({answer.content for answer in answers}) == 1
+        if sum("age" in answer.headers for answer in answers) == 19:
+            assert handled("GetAgent") - calls == 1, "one reader asked the service; the others waited for its answer"
+            break
+    else:
+        raise AssertionError("in no burst did the readers wait for the first one's answer")
     # A miss whose answer is not kept (an error) lets each waiting reader ask for itself.
     missing = await asyncio.gather(*(http.get("/api/agents/no-such-agent") for _ in range(5)))
     assert {answer.status_code for answer in missing} == {404}
