@@ -33,6 +33,7 @@ from services.common.runtime.grpc_host import GrpcHost
 from services.common.runtime.process import running
 from services.common.telemetry import logs, profiling, tracing
 from services.common.telemetry.endpoint import MetricsEndpoint
+from services.common.telemetry.grpc_server import outcome
 from services.common.telemetry.metrics import ServiceMetrics, service_metrics
 from services.common.transport.channels import call_tracing, open_channel
 from tests.support import eventually
@@ -193,6 +194,23 @@ async def test_streams_deadlines_and_crashes_get_the_code_the_client_sees():
     finally:
         release.set()
         await host.stop(0)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("remaining", "code"),
+    [(None, "CANCELLED"), (5.0, "CANCELLED"), (0.0005, "DEADLINE_EXCEEDED"), (0.0, "DEADLINE_EXCEEDED"), (-1.0, "DEADLINE_EXCEEDED")],
+)
+def test_a_cancelled_call_is_a_deadline_when_its_deadline_has_come(remaining, code):
+    """The client's cancellation at its deadline can reach the server just before the
+    server's own deadline (it runs from receipt): a call cancelled then counts as the
+    client saw it; one cancelled with time to spare, or without a deadline, does not."""
+
+    class Cancelled:
+        def time_remaining(self):
+            return remaining
+
+    assert outcome(asyncio.CancelledError(), Cancelled()).name == code
 
 
 # --------------------------------------------------------------------------- pool metrics
