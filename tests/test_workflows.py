@@ -255,6 +255,28 @@ async def test_idempotency_key_returns_the_same_execution(hub):
     assert [e["id"] for e in listed] == [third["id"], first["id"]]
 
 
+async def test_executions_page_newest_first_and_tokens_are_checked(hub):
+    await create(hub, {"id": "paged", "name": "Paged", "steps": [{"id": "only", "type": "TRANSFORM", "input": {"a": 1}}]})
+    started = [(await execute(hub, "paged", {"n": n}))["id"] for n in range(5)]
+    seen, token, pages = [], "", 0
+    while True:
+        params = {"workflow_id": "paged", "pageSize": 2, **({"pageToken": token} if token else {})}
+        page = (await hub.get("/api/executions", params=params)).json()
+        seen += [e["id"] for e in page["executions"]]
+        pages += 1
+        token = page.get("nextPageToken", "")
+        if not token:
+            break
+    assert pages == 3
+    assert seen == started[::-1]
+    first = (await hub.get("/api/executions", params={"workflow_id": "paged", "pageSize": 2})).json()["nextPageToken"]
+    # A token is bound to the filters it was issued for (AIP-158).
+    for params in ({"workflow_id": "paged", "pageToken": "not-a-token"}, {"workflow_id": "other", "pageToken": first}):
+        refused = await hub.get("/api/executions", params=params)
+        assert refused.status_code == 400, refused.text
+        assert "page_token" in refused.text
+
+
 @pytest.mark.parametrize(
     ("steps", "field", "words"),
     [
