@@ -98,12 +98,11 @@ class MemoryStore:
         max_entries: int,
         max_bytes: int,
         default_ttl: float,
-        negative_ttl: float | None = None,
+        negative_ttl: float = float("inf"),
         history: int = HISTORY_SIZE,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
         if max_entries < 1 or max_bytes < 1 or default_ttl <= 0 or negative_ttl <= 0 or history < 1:
             raise ValueError("max_entries, max_bytes, default_ttl, negative_ttl and history must be positive")
         self._max_entries = max_entries

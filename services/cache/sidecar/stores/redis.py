@@ -147,7 +147,7 @@ class RedisStore:
         client: aioredis.Redis,
         *,
         default_ttl: float,
-        negative_ttl: float | None = None,
+        negative_ttl: float = float("inf"),
         layout: KeyLayout,
     ) -> None:
         self.client = client
@@ -155,7 +155,7 @@ class RedisStore:
         # Tells this sidecar's own Pub/Sub messages from other sidecars'.
         self.origin = secrets.token_hex(8)
         self._default_ttl = default_ttl
-        self._negative_ttl = min(default_ttl, 30.0) if negative_ttl is None else negative_ttl
+        self._negative_ttl = negative_ttl
         self.counts = Counts()
         # The position as last read: fills are checked against its floor (see _FILL).
         self._position = FRESH
