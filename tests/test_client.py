@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 
 import pytest
@@ -19,8 +20,9 @@ from devstack.ports import free_port
 from services.agents import new_key as new_key_module
 from services.agents.builtins import builtin_agent_records
 from services.common.auth import keys
+from tests.support import ROOT
 from tests.support.auth import ADMIN, ADMIN_KEY, READ, auth_settings, new_key
-from tests.support.client import DEPLOY_GATE, DEPLOY_INPUT
+from tests.support.client import DEPLOY_GATE, DEPLOY_INPUT, cli_env, run_cli
 from tests.support.stack import new_agent, running_stack
 
 
@@ -141,3 +143,17 @@ async def test_make_key_calls_the_running_stack_through_the_client_and_falls_bac
     created, where = await new_key_module.create(refused, "into-db", [ADMIN])
     assert created.key.startswith("dh_") and where.startswith("in sqlite")
     assert "refused the services' key" in capsys.readouterr().err
+
+
+async def test_the_guides_example_runs_as_written(secured, client):
+    """docs/client.md's asyncio example, its key the only change, against a stack
+    holding the example workflow it runs (`make run` loads it)."""
+    stack, _ = secured
+    guide = (ROOT / "docs" / "client.md").read_text()
+    example = guide.split("## The asyncio client", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'api_key="dh_..."' in example
+    await client.create_workflow(json_format.ParseDict(DEPLOY_GATE, workflows_pb2.Workflow()))
+    ran = await run_cli([sys.executable, "-c", example.replace('api_key="dh_..."', f'api_key="{ADMIN_KEY}"')], cli_env(stack.settings))
+    assert ran.code == 0, ran.err
+    assert "INVALID_FIELDS [('agent.id'" in ran.out and "('agent.name', 'is required')" in ran.out, ran.out
+    assert ran.lines()[-1].startswith("execution.succeeded"), ran.out
