@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import uuid
 
@@ -126,6 +127,23 @@ async def test_workflows_run_watch_prints_each_steps_progress_and_exits_by_the_o
     assert failed.code == cli.FAILED and "FAILED" in failed.err, failed.out
     missing = await run_cli(COMMAND, env, "workflows", "run", "no-such-workflow")
     assert missing.code == cli.NOT_FOUND
+
+    # Without --watch: the execution as it started, a nested field as JSON.
+    started = await run_cli(COMMAND, env, "workflows", "run", DEPLOY_GATE["id"], "--input", json.dumps(DEPLOY_INPUT))
+    assert started.code == cli.OK, started.err
+    lines = dict(line.split(": ", 1) for line in started.lines())
+    assert lines["status"] in ("PENDING", "RUNNING") and json.loads(lines["input"]) == DEPLOY_INPUT, started.out
+    assert {step["stepId"] for step in json.loads(lines["steps"])} == {"validate", "latency", "gate", "announce"}, started.out
+
+
+async def test_output_closed_early_ends_quietly_with_the_sigpipe_code(hub):
+    _, _, _, env = hub
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head`) is gone before the first line
+    proc = await asyncio.create_subprocess_exec(*COMMAND, "agents", "list", env=env, stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == cli.PIPE_CLOSED and err == b"", err
 
 
 async def test_events_tail_follows_new_events(hub):

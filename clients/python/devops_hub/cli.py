@@ -27,7 +27,7 @@ from devops_hub.channels import DEFAULT_TIMEOUT, addresses_from_env
 from devops_hub.client import Client
 from devops_hub.v1 import agents_pb2, auth_pb2, events_pb2, options_pb2, workflows_pb2
 
-OK, FAILED, USAGE, NOT_FOUND, PERMISSION, UNAVAILABLE, CONFLICT, RATE_LIMITED, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 7, 130
+OK, FAILED, USAGE, NOT_FOUND, PERMISSION, UNAVAILABLE, CONFLICT, RATE_LIMITED, INTERRUPTED, PIPE_CLOSED = 0, 1, 2, 3, 4, 5, 6, 7, 130, 141
 # The exit code of each failure; any other error is FAILED.
 EXIT_CODES: dict[type[errors.ApiError], int] = {
     errors.InvalidArgument: USAGE,
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ApiError as error:
         output.error(error)
         return EXIT_CODES.get(type(error), FAILED)
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): end as a program killed by
+        # SIGPIPE would, silently, and without Python's complaint when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
     except (ValueError, OSError, json_format.ParseError) as error:
         # A file that is missing or not the JSON of the message, a part with no address.
         print(f"devops-hub: {error}", file=sys.stderr)
@@ -136,7 +141,10 @@ def _plain(value: Any) -> bool:
 def _cell(value: Any, width: int = CELL_WIDTH) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a Struct's numbers are doubles: attempts=1, not 1.0
-    text = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else str(value)
+    if isinstance(value, list) and not any(isinstance(item, dict) for item in value):
+        text = ",".join(map(str, value))
+    else:
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     return text if not width or len(text) <= width else text[: width - 1] + "…"
 
 
