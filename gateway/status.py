@@ -22,6 +22,9 @@ from services.common.foundation.settings import Settings
 from services.common.telemetry.endpoint import host_of
 
 WINDOW = 60.0
+# Fewer cache reads than this say nothing of a hit rate (a just-started cache misses
+# every first read): the row has no data, as the alert fires only with traffic.
+MIN_CACHE_READS = 60
 SCRAPE_TIMEOUT = 1.0
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -140,7 +143,7 @@ class StatusBoard:
             "error rate": (100 * failed / requests if requests else None, "gateway HTTP requests answered 5xx"),
             "memory usage": _highest(memory, "resident memory of the memory limit"),
             "CPU usage": _highest(cpu, "CPU time of one core (one event loop)"),
-            "cache hit rate": (100 * hits / (hits + misses) if hits + misses else None, "cache sidecar reads"),
+            "cache hit rate": (100 * hits / (hits + misses) if hits + misses >= MIN_CACHE_READS else None, "cache sidecar reads"),
             "connection pool usage": (100 * in_use / most if most else None, "database connections in use"),
         }
 

@@ -40,6 +40,9 @@ def gateway(tmp_path_factory):
                 assert http.get("/api/agents").status_code == 200
                 assert http.get("/api/agents/builtin-text").status_code == 200
                 assert http.get("/api/workflows").status_code == 200
+            # Enough reads of the sidecar for a hit rate (status.MIN_CACHE_READS): each a first read.
+            for i in range(status.MIN_CACHE_READS):
+                assert http.get(f"/api/agents/absent-{i}").status_code == 404
         yield base
 
 
@@ -117,6 +120,16 @@ def test_rows_judge_values_against_the_guide_in_either_direction():
     latency, hit_rate = status.GUIDE[0], status.GUIDE[4]
     assert [latency.state(v) for v in (None, 50, 100, 300, 500, 501)] == ["no data", "ok", "warning", "warning", "warning", "alert"]
     assert [hit_rate.state(v) for v in (95, 80, 60, 50, 49)] == ["ok", "warning", "warning", "warning", "alert"]
+
+
+def test_a_hit_rate_needs_enough_reads_to_be_judged():
+    def hit_rate(hits: float, misses: float) -> float | None:
+        cache = {"devops_hub_cache_hits_total": [({}, hits)], "devops_hub_cache_misses_total": [({}, misses)]}
+        board = status.StatusBoard(None, {}, ())  # type: ignore[arg-type]  # its metrics serve endpoint() only
+        return board._values({"gateway": {}, "cache": cache}, None, time.time())["cache hit rate"][0]
+
+    assert hit_rate(0, 5) is None  # a fresh stack's first reads: no data, not an alert
+    assert hit_rate(0, status.MIN_CACHE_READS) == 0 and hit_rate(45, 15) == 75
 
 
 def test_p95_is_interpolated_within_its_bucket_as_prometheus_does():
