@@ -72,7 +72,7 @@ def open_channel(
     def open_one() -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(address, options=BASE_OPTIONS, interceptors=chosen or None)
 
-    return open_one() if connections <= 1 else SpreadChannel(open_one, connections)
+    return open_one() if connections <= 1 else SpreadChannel(open_one, connections, address)
 
 
 def call_tracing(address: str, tracer: trace.Tracer | None) -> list[grpc.aio.ClientInterceptor]:
@@ -233,8 +233,9 @@ class SpreadChannel(grpc.aio.Channel):
     ejects addresses, which the workers share. When no connection is usable, calls go
     round all of them rather than nowhere."""
 
-    def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int) -> None:
+    def __init__(self, open_one: Callable[[], grpc.aio.Channel], count: int, address: str) -> None:
         self._open_one = open_one
+        self._address = address
         self.connections = [_SpreadConnection(open_one()) for _ in range(count)]
         self._turn = itertools.cycle(range(count))
         self._retired: set[grpc.aio.Channel] = set()
@@ -263,7 +264,7 @@ class SpreadChannel(grpc.aio.Channel):
         return reply
 
     def _replace(self, connection: _SpreadConnection, index: int) -> None:
-        log.warning("connection %d of %d: a call timed out; replacing it", index, len(self.connections))
+        log.warning("connection %d of %d to %s: a call timed out; replacing it", index, len(self.connections), self._address)
         old, connection.channel = connection.channel, self._open_one()
         connection.channel.get_state(try_to_connect=True)
         # The calls still on the old connection keep their own deadlines; then it closes.
