@@ -133,18 +133,20 @@ def _values(message: Message) -> dict[str, Any]:
     return {f.json_name: values[f.json_name] for f in message.DESCRIPTOR.fields if f.json_name in values}
 
 
+def _nested(value: Any) -> bool:
+    """A message or a list of them (as JSON: a dict, or a list holding dicts)."""
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
 def _plain(value: Any) -> bool:
-    """A value worth a column: set, and neither a message nor a list of them."""
-    return value not in (None, "", []) and not isinstance(value, dict) and not (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+    """A value worth a column: set, and not nested."""
+    return value not in (None, "", []) and not _nested(value)
 
 
 def _cell(value: Any, width: int = CELL_WIDTH) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a Struct's numbers are doubles: attempts=1, not 1.0
-    if isinstance(value, list) and not any(isinstance(item, dict) for item in value):
-        text = ",".join(map(str, value))
-    else:
-        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    text = json.dumps(value) if _nested(value) else ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return text if not width or len(text) <= width else text[: width - 1] + "…"
 
 
